@@ -1,0 +1,1 @@
+"""csi_cloud: the service. Ingest, reconstruction, joint classification, API, datasets, training."""

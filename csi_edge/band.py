@@ -1,0 +1,197 @@
+"""Which subcarriers carry signal: standard 802.11 tone layouts and energy-based detection.
+
+A receiver tuned wider than the transmitted frame (Fition: 80 MHz receiver, 20 MHz frames)
+reports every FFT bin, but only the bins of the transmitted channel carry signal; the rest is
+noise floor. :func:`detect_band` compares per-bin energy against every standard layout that
+fits in the receiver bandwidth and picks the one that matches the occupied bins best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LAYOUTS", "Band", "ToneLayout", "candidate_bands", "declared_band", "detect_band"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToneLayout:
+    """Data and pilot subcarrier numbers of one channel width, relative to its own centre."""
+
+    name: str
+    bandwidth_mhz: int
+    data: tuple[int, ...]
+    pilots: tuple[int, ...]
+
+    @property
+    def tones(self) -> tuple[int, ...]:
+        return tuple(sorted(self.data + self.pilots))
+
+
+def _layout(name: str, bandwidth: int, edge: int, inner: int, pilots: tuple[int, ...]) -> ToneLayout:
+    tones = [k for k in range(-edge, edge + 1) if abs(k) >= inner]
+    pilot_set = {p for q in pilots for p in (q, -q)}
+    return ToneLayout(
+        name=name,
+        bandwidth_mhz=bandwidth,
+        data=tuple(k for k in tones if k not in pilot_set),
+        pilots=tuple(sorted(pilot_set)),
+    )
+
+
+# IEEE 802.11-2020: 11a/g (Table 17-5), HT20/VHT20 (19.3.11.10), HT40/VHT40, VHT80 (21.3.10.10).
+LAYOUTS: dict[str, ToneLayout] = {
+    layout.name: layout
+    for layout in (
+        _layout("legacy-20", 20, 26, 1, (7, 21)),
+        _layout("ht-20", 20, 28, 1, (7, 21)),
+        _layout("ht-40", 40, 58, 2, (11, 25, 53)),
+        _layout("vht-80", 80, 122, 2, (11, 39, 75, 103)),
+    )
+}
+_BINS_PER_20MHZ = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Band:
+    """The occupied part of a receiver's subcarriers."""
+
+    layout: str  # a LAYOUTS key, or a declared name for pre-grouped formats ("intel5300-20")
+    bandwidth_mhz: int  # width of the transmitted channel
+    centre: int  # its centre, as a subcarrier number of the receiver
+    subcarriers: tuple[int, ...]  # receiver subcarrier numbers kept, ascending
+    pilots: tuple[int, ...]  # the pilot subcarriers among them
+    method: str  # "energy" (detected) or "declared" (the format fixes the layout)
+    contrast_db: float | None = None  # median in-band over out-of-band amplitude
+    match: float | None = None  # Jaccard overlap of the occupied bins with the layout
+
+    @property
+    def data_subcarriers(self) -> int:
+        return len(self.subcarriers) - len(self.pilots)
+
+    def describe(self) -> str:
+        where = "" if self.centre == 0 else f" centred at subcarrier {self.centre:+d}"
+        return f"{self.layout} ({self.bandwidth_mhz} MHz){where}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "layout": self.layout,
+            "bandwidth_mhz": self.bandwidth_mhz,
+            "centre": self.centre,
+            "subcarriers": len(self.subcarriers),
+            "pilots": len(self.pilots),
+            "data_subcarriers": self.data_subcarriers,
+            "method": self.method,
+            "contrast_db": None if self.contrast_db is None else round(self.contrast_db, 1),
+            "match": None if self.match is None else round(self.match, 3),
+            "description": self.describe(),
+        }
+
+
+def candidate_bands(receiver_bandwidth_mhz: int) -> list[Band]:
+    """Every standard layout placed on every aligned sub-channel of the receiver's band."""
+    n_bins = receiver_bandwidth_mhz // 20 * _BINS_PER_20MHZ
+    out: list[Band] = []
+    for layout in LAYOUTS.values():
+        if layout.bandwidth_mhz > receiver_bandwidth_mhz:
+            continue
+        width = layout.bandwidth_mhz // 20 * _BINS_PER_20MHZ
+        for start in range(-n_bins // 2, n_bins // 2, width):
+            centre = start + width // 2
+            out.append(
+                Band(
+                    layout=layout.name,
+                    bandwidth_mhz=layout.bandwidth_mhz,
+                    centre=centre,
+                    subcarriers=tuple(centre + k for k in layout.tones),
+                    pilots=tuple(centre + k for k in layout.pilots),
+                    method="energy",
+                )
+            )
+    return out
+
+
+def declared_band(name: str, bandwidth_mhz: int, subcarriers: tuple[int, ...]) -> Band:
+    """A band fixed by the format itself (every reported column carries signal)."""
+    return Band(
+        layout=name,
+        bandwidth_mhz=bandwidth_mhz,
+        centre=0,
+        subcarriers=tuple(sorted(subcarriers)),
+        pilots=(),
+        method="declared",
+    )
+
+
+def _otsu_threshold(values: np.ndarray) -> float:
+    """Split a 1-D sample into two classes by maximum between-class variance."""
+    v = np.sort(values)
+    n = v.size
+    cumsum = np.cumsum(v)
+    k = np.arange(1, n)
+    w0 = k / n
+    mu0 = cumsum[:-1] / k
+    mu1 = (cumsum[-1] - cumsum[:-1]) / (n - k)
+    between = w0 * (1 - w0) * (mu0 - mu1) ** 2
+    i = int(np.argmax(between))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def detect_band(
+    amplitude: np.ndarray,
+    subcarriers: tuple[int, ...],
+    receiver_bandwidth_mhz: int,
+    min_contrast_db: float = 10.0,
+) -> Band:
+    """Find the standard layout whose tones are the occupied bins.
+
+    ``amplitude`` is ``(frames, antennas, subcarriers)`` or ``(subcarriers,)`` (a per-bin
+    level). Bins are split into occupied / floor by Otsu on log median amplitude; the layout
+    with the highest Jaccard overlap wins, ties going to the wider one. When no layout stands
+    ``min_contrast_db`` above the rest, the whole receiver band is taken as occupied.
+    """
+    level = amplitude if amplitude.ndim == 1 else np.median(amplitude, axis=(0, 1))
+    level = np.asarray(level, dtype=np.float64)
+    column_of = {int(s): i for i, s in enumerate(subcarriers)}
+    log_level = np.log10(np.maximum(level, 1e-6))
+    occupied = set(
+        int(subcarriers[i]) for i in np.flatnonzero(log_level > _otsu_threshold(log_level))
+    )
+
+    best: Band | None = None
+    best_key: tuple[float, int] = (-1.0, 0)
+    for cand in candidate_bands(receiver_bandwidth_mhz):
+        tones = set(cand.subcarriers)
+        if not tones <= column_of.keys():
+            continue
+        match = len(tones & occupied) / len(tones | occupied)
+        key = (round(match, 6), cand.bandwidth_mhz)
+        if key > best_key:
+            best, best_key = cand, key
+    if best is None:
+        raise ValueError(
+            f"no standard layout fits {len(subcarriers)} subcarriers at "
+            f"{receiver_bandwidth_mhz} MHz"
+        )
+    inside = np.array([column_of[s] for s in best.subcarriers])
+    outside = np.setdiff1d(np.arange(level.size), inside)
+    contrast = (
+        20 * np.log10(np.median(level[inside]) / max(np.median(level[outside]), 1e-6))
+        if outside.size
+        else float("inf")
+    )
+    band = Band(**{**_fields(best), "contrast_db": float(contrast), "match": best_key[0]})
+    if contrast < min_contrast_db:
+        # Nothing stands out: treat the receiver's full layout as occupied.
+        full = [c for c in candidate_bands(receiver_bandwidth_mhz)
+                if c.bandwidth_mhz == receiver_bandwidth_mhz
+                and set(c.subcarriers) <= column_of.keys()]
+        if full:
+            f = full[-1]
+            band = Band(**{**_fields(f), "contrast_db": float(contrast), "match": None})
+    return band
+
+
+def _fields(band: Band) -> dict[str, object]:
+    return {name: getattr(band, name) for name in Band.__slots__}

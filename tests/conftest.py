@@ -1,0 +1,37 @@
+"""Shared fixtures: the committed samples and, where present, the full recordings in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "datasets" / "samples"
+SHARED_DATA = Path(os.environ.get("CSI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _shared(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.is_dir():
+        if IN_CI:
+            pytest.fail(f"CI=true but the shared recordings are missing: {path}")
+        pytest.skip(f"needs the full recordings at {path} (absent on this machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def shared_fition() -> Path:
+    return _shared("fition")
+
+
+@pytest.fixture(scope="session")
+def shared_wiar() -> Path:
+    return _shared("wiar/height_90")
