@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "Band", "ToneLayout", "candidate_bands", "declared_band", "detect_band"]
+__all__ = [
+    "LAYOUTS",
+    "Band",
+    "ToneLayout",
+    "candidate_bands",
+    "declared_band",
+    "detect_band",
+    "stream_band",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +163,11 @@ def detect_band(
     level = np.asarray(level, dtype=np.float64)
     column_of = {int(s): i for i, s in enumerate(subcarriers)}
     log_level = np.log10(np.maximum(level, 1e-6))
-    occupied = set(
-        int(subcarriers[i]) for i in np.flatnonzero(log_level > _otsu_threshold(log_level))
-    )
+    # Bins that are exactly zero are nulls the hardware zeroed, not noise floor: leaving them in
+    # would make the split "zero versus everything else" (seen in some Fition sessions).
+    nonzero = level > 0
+    threshold = _otsu_threshold(log_level[nonzero]) if nonzero.sum() > 2 else np.inf
+    occupied = set(int(subcarriers[i]) for i in np.flatnonzero(log_level > threshold))
 
     best: Band | None = None
     best_key: tuple[float, int] = (-1.0, 0)
@@ -195,3 +205,14 @@ def detect_band(
 
 def _fields(band: Band) -> dict[str, object]:
     return {name: getattr(band, name) for name in Band.__slots__}
+
+
+def stream_band(amplitude: np.ndarray, subcarriers: tuple[int, ...], bandwidth_mhz: int | None,
+                device: str) -> Band:
+    """The occupied band of a stream: detected where the source reports every FFT bin of its
+    receiver bandwidth (Nexmon, ESP32), declared where it reports a fixed subset that all
+    carries signal (Intel 5300 grouping, NTU-Fi's 114 tones)."""
+    if bandwidth_mhz and len(subcarriers) == bandwidth_mhz // 20 * _BINS_PER_20MHZ:
+        return detect_band(amplitude, subcarriers, bandwidth_mhz)
+    return declared_band(f"{device}-{bandwidth_mhz or '?'}mhz-grouped", bandwidth_mhz or 0,
+                         subcarriers)

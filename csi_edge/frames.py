@@ -16,7 +16,16 @@ __all__ = ["CSIFrames", "DropCounter", "RadioInfo"]
 
 
 class DropCounter(Counter[str]):
-    """Frames or records left out, by reason. Every reader and stage reports into one."""
+    """Frames or records left out, by reason. Every reader and stage reports into one.
+
+    Zero counts are never stored, so the keys are exactly the reasons that happened.
+    """
+
+    def __setitem__(self, reason: str, count: int) -> None:
+        if count:
+            super().__setitem__(reason, count)
+        elif reason in self:
+            del self[reason]
 
     def as_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in sorted(self.items()) if v}
