@@ -37,7 +37,9 @@ class ToneLayout:
         return tuple(sorted(self.data + self.pilots))
 
 
-def _layout(name: str, bandwidth: int, edge: int, inner: int, pilots: tuple[int, ...]) -> ToneLayout:
+def _layout(
+    name: str, bandwidth: int, edge: int, inner: int, pilots: tuple[int, ...]
+) -> ToneLayout:
     tones = [k for k in range(-edge, edge + 1) if abs(k) >= inner]
     pilot_set = {p for q in pilots for p in (q, -q)}
     return ToneLayout(

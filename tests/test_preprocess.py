@@ -113,7 +113,7 @@ def test_spec_refuses_a_stream_that_cannot_fit(samples: Path) -> None:
     frames = read_recording(samples / FITION)
     spec = fition_spec(frames)
     wiar = read_recording(samples / "wiar/height_90/csi_a1_1.dat")
-    with pytest.raises(SpecMismatchError, match="intel5300.*nexmon"):
+    with pytest.raises(SpecMismatchError, match=r"intel5300.*nexmon"):
         Preprocessor(spec).process(wiar)
     narrow = replace(frames, info=frames.info.with_subcarriers(tuple(range(256))))
     with pytest.raises(SpecMismatchError, match="lacks 56 of the spec's 56 subcarriers"):

@@ -80,7 +80,7 @@ def scan_records(buf: bytes) -> tuple[list[tuple[int, int]], DropCounter]:
         if code == BFEE_CODE and off + 2 + length > n and _consistent_length(buf, off, length):
             dropped["truncated_record"] += 1  # the log stops mid-record
             break
-        if code != BFEE_CODE and 1 <= length and off + 2 + length <= n and good:
+        if code != BFEE_CODE and length >= 1 and off + 2 + length <= n and good:
             # A well-framed record of another kind (other CSI Tool message types).
             dropped["non_csi_record"] += 1
             off += 2 + length
