@@ -30,6 +30,7 @@ from ..frames import CSIFrames, DropCounter, RadioInfo
 from ._pcap import read_udp_payloads
 
 __all__ = [
+    "LiveStreamFilter",
     "NexmonPackets",
     "StreamKey",
     "decode_payload",
@@ -285,3 +286,45 @@ def read_nexmon_pcap(
         return packets_to_frames(packets, idx, key, "nexmon-pcap", str(path), dropped)
     except ValueError as exc:
         raise FormatError(path, str(exc)) from exc
+
+
+class LiveStreamFilter:
+    """Keeps one stream out of packets arriving over time (a UDP socket).
+
+    With no explicit key, the first ``warmup`` packets are held back and the majority stream
+    among them is chosen (as :func:`select_stream` does for a whole file); from then on packets
+    pass straight through. Retransmissions are recognised over the same short window of
+    sequence numbers as in files, so a live stream and its capture give the same frames.
+    """
+
+    def __init__(self, key: StreamKey | None = None, warmup: int = 100, source: str = "") -> None:
+        self.key = key
+        self.warmup = warmup
+        self.source = source
+        self.dropped = DropCounter()
+        self._held: list[tuple[bytes, float]] = []
+        self._recent: list[int] = []
+
+    def push(self, packets: NexmonPackets, payloads: list[bytes]) -> CSIFrames | None:
+        """Feed decoded packets (and their raw payloads); return the kept stream's new frames."""
+        self.dropped.update(packets.dropped)
+        if self.key is None:
+            self._held.extend(zip(payloads, packets.timestamp.tolist(), strict=True))
+            if len(self._held) < self.warmup:
+                return None
+            held_payloads, held_ts = zip(*self._held, strict=True)
+            self._held = []
+            packets = decode_payloads(list(held_payloads), list(held_ts))
+        if len(packets) == 0:
+            return None
+        idx, self.key, dropped = select_stream(packets, self.key)
+        # Retransmissions of frames already passed on in an earlier call.
+        seq = packets.header["seq"][idx]
+        fresh = np.array([s not in self._recent for s in seq.tolist()], dtype=bool)
+        dropped["retransmission"] += int((~fresh).sum())
+        idx = idx[fresh]
+        self._recent = (self._recent + packets.header["seq"][idx].tolist())[-_RETRANSMIT_WINDOW:]
+        self.dropped.update(dropped)
+        if idx.size == 0:
+            return None
+        return packets_to_frames(packets, idx, self.key, "nexmon-udp", self.source, DropCounter())
