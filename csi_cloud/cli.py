@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from csi_edge._errors import CSIError
 from csi_edge.cli import app as edge_app
 from csi_edge.cli import fail
+
+if TYPE_CHECKING:
+    from .datasets import DatasetSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -32,14 +35,14 @@ def datasets_list(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """List the registered datasets."""
-    from .datasets import list_datasets
+    from .datasets import get_dataset, list_datasets
 
-    specs = list_datasets()
+    specs = [get_dataset(name) for name in list_datasets()]
     if as_json:
         typer.echo(json.dumps([_spec_dict(s) for s in specs], indent=2))
         return
     for spec in specs:
-        typer.echo(f"{spec.name:16s} {spec.description}")
+        typer.echo(f"{spec.name:16s} {spec.title}: {spec.format}, labels: {spec.label_key}")
 
 
 @datasets_app.command("summary")
@@ -63,10 +66,10 @@ def datasets_summary(
     _print_summary(summary)
 
 
-def _spec_dict(spec: object) -> dict[str, object]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(spec) if is_dataclass(spec) else dict(vars(spec))  # type: ignore[arg-type]
+def _spec_dict(spec: DatasetSpec) -> dict[str, object]:
+    keys = ("name", "title", "description", "source_url", "license", "citation", "format",
+            "label_key", "labels", "label_meaning", "layout", "how_to_get")
+    return {key: getattr(spec, key) for key in keys}
 
 
 def _print_summary(summary: dict[str, object]) -> None:

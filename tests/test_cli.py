@@ -113,3 +113,38 @@ def test_inspect_every_file_of_the_issue_folder(shared_fition: Path) -> None:
 def test_inspect_a_wiar_file(shared_wiar: Path) -> None:
     out = json.loads(csi("inspect", str(shared_wiar / "csi_a5_7.dat")).stdout)
     assert (out["antennas"], out["subcarriers"]) == (3, 30) and 29 < out["rate_hz"] < 31
+
+
+def test_datasets_list_and_summary(samples: Path) -> None:
+    listed = csi("datasets", "list")
+    assert listed.returncode == 0, listed.stderr
+    for name in ("fition", "wiar", "ntu-fi-har", "ntu-fi-humanid", "recordings"):
+        assert name in listed.stdout
+    specs = json.loads(csi("datasets", "list", "--json").stdout)
+    assert {s["name"] for s in specs} >= {"fition", "wiar"} and all(s["license"] for s in specs)
+    run = csi("datasets", "summary", "fition", "--data", str(samples / "fition"), "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["dataset"] == "fition" and out["total"] == 8
+    assert sum(out["classes"].values()) == 8
+    assert sum(sum(s.values()) for s in out["splits"].values()) == 8
+    table = csi("datasets", "summary", "wiar", "--data", str(samples / "wiar"))
+    assert table.returncode == 0 and "16 recordings" in table.stdout
+
+
+def test_datasets_summary_bad_input(tmp_path: Path) -> None:
+    unknown = csi("datasets", "summary", "nope", "--data", str(tmp_path))
+    assert unknown.returncode == 2 and "nope" in unknown.stderr and "fition" in unknown.stderr
+    empty = csi("datasets", "summary", "fition", "--data", str(tmp_path))
+    assert empty.returncode == 2 and str(tmp_path) in empty.stderr
+    assert "Traceback" not in empty.stderr + unknown.stderr
+
+
+@pytest.mark.shared_data
+def test_datasets_summary_full_data(shared_fition: Path, shared_wiar: Path) -> None:
+    fition = json.loads(csi("datasets", "summary", "fition", "--data", str(shared_fition),
+                            "--json").stdout)
+    assert fition["total"] == 420 == sum(fition["classes"].values())
+    wiar = json.loads(csi("datasets", "summary", "wiar", "--data", str(shared_wiar),
+                          "--json").stdout)
+    assert wiar["total"] == 480 == sum(wiar["classes"].values()) and len(wiar["classes"]) == 16
