@@ -98,5 +98,7 @@ def read_recording(path: str | Path, format: str | None = None, **options: objec
     path = Path(path)
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
-        raise UnsupportedFormatError(path, f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+        raise UnsupportedFormatError(
+            path, f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}"
+        )
     return FORMATS[fmt](path, **options)
