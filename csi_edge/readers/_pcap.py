@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .._errors import FormatError
 from ..frames import DropCounter
+from ._files import read_file_bytes
 
 __all__ = ["PcapPayloads", "read_udp_payloads"]
 
@@ -82,12 +83,7 @@ def _udp_payload(data: bytes, linktype: int, port: int | None) -> bytes | str:
 def read_udp_payloads(path: str | Path, port: int | None = 5500) -> PcapPayloads:
     """Every UDP payload (to ``port``) in a pcap file, with capture timestamps."""
     path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as exc:
-        raise FormatError(path, f"cannot read file: {exc.strerror or exc}") from exc
-    if not buf:
-        raise FormatError(path, "empty file (0 bytes), not a pcap capture")
+    buf = read_file_bytes(path, "a pcap capture")
     if len(buf) < 24 or buf[:4] not in _MAGICS:
         raise FormatError(path, f"not a libpcap file (magic {buf[:4].hex() or 'missing'})")
     endian, tick = _MAGICS[buf[:4]]

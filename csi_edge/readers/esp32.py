@@ -71,6 +71,7 @@ import numpy as np
 
 from .._errors import EmptyRecordingError, FormatError, MalformedPacketError
 from ..frames import CSIFrames, DropCounter, RadioInfo
+from ._files import read_file_bytes
 
 if TYPE_CHECKING:
     import serial
@@ -421,10 +422,7 @@ def frames_from_records(
 def read_esp32_csv(path: str | Path, mac: str | None = None) -> CSIFrames:
     """One ESP32 stream from an ESP32-CSI-Tool capture (majority transmitter unless ``mac``)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FormatError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    raw = read_file_bytes(path, "an ESP32-CSI-Tool capture")
     if not raw.strip():
         raise EmptyRecordingError(path, "empty file (no lines)")
     parser = Esp32LineParser()

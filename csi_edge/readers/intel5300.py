@@ -23,6 +23,7 @@ import numpy as np
 
 from .._errors import EmptyRecordingError, FormatError
 from ..frames import CSIFrames, DropCounter, RadioInfo
+from ._files import read_file_bytes
 
 __all__ = ["SUBCARRIERS_20MHZ", "SUBCARRIERS_40MHZ", "read_intel5300_dat", "scan_records"]
 
@@ -113,12 +114,7 @@ def read_intel5300_dat(path: str | Path) -> CSIFrames:
     import csiread
 
     path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as exc:
-        raise FormatError(path, f"cannot read file: {exc.strerror or exc}") from exc
-    if not buf:
-        raise FormatError(path, "empty file (0 bytes), not an Intel 5300 CSI log")
+    buf = read_file_bytes(path, "an Intel 5300 CSI log")
     records, dropped = scan_records(buf)
     if not records:
         raise EmptyRecordingError(
