@@ -1,0 +1,144 @@
+"""Training data: labelled recordings -> preprocessed segments -> context windows.
+
+Segments are cut exactly as the edge cuts them (``csi_edge.preprocess.Preprocessor``), one
+recording at a time, so training sees what the cloud will receive. A window is the last
+``N`` segment slots of a recording up to some segment; slots whose segment is missing (a gap
+in the capture, a low-quality segment) are masked, never filled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from csi_edge import CSIError, read_recording
+from csi_edge.band import stream_band
+from csi_edge.frames import DropCounter
+from csi_edge.preprocess import InputSpec, Preprocessor
+
+from ..datasets import Example
+
+__all__ = ["NOMINAL_RATES", "SegmentData", "input_spec_for", "load_segments", "windows"]
+
+# The model grid per source kind: near each device's measured packet rate.
+NOMINAL_RATES = {"nexmon": 50.0, "intel5300": 30.0, "esp32": 50.0, "ntu-fi": 500.0,
+                 "recording": 50.0}
+
+
+def input_spec_for(examples: list[Example], segment_s: float = 1.0, probe: int = 12,
+                   **options: object) -> InputSpec:
+    """The input spec of a dataset: the band most of its first recordings occupy."""
+    bands: Counter[tuple[int, ...]] = Counter()
+    first = None
+    described = {}
+    for example in examples[:probe]:
+        frames = read_recording(example.path)
+        band = stream_band(frames.amplitude(), frames.info.subcarriers, frames.info.bandwidth_mhz,
+                           frames.info.device)
+        bands[band.subcarriers] += 1
+        described[band.subcarriers] = band
+        first = first or frames
+    if first is None:
+        raise ValueError("no example to derive an input spec from")
+    band = described[bands.most_common(1)[0][0]]
+    rate = NOMINAL_RATES.get(first.info.device, round(first.rate_hz))
+    return InputSpec.for_stream(first, band, nominal_rate_hz=rate, segment_s=segment_s,
+                                **{"normalisation": "log", **options})
+
+
+@dataclass(slots=True)
+class SegmentData:
+    """Every segment of a set of recordings, grouped by recording (in index order)."""
+
+    x: np.ndarray  # (M, L, A, S) float32, log1p amplitude
+    recording: np.ndarray  # (M,) recording number
+    slot: np.ndarray  # (M,) segment index within its recording
+    start: np.ndarray  # (R,) first row of each recording in x
+    count: np.ndarray  # (R,) rows of each recording
+    slots: np.ndarray  # (R,) highest segment index + 1
+    activity: np.ndarray  # (R,) label index
+    identity: np.ndarray  # (R,) label index, -1 where unknown
+    examples: list[Example]
+    dropped: DropCounter = field(default_factory=DropCounter)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it was left out
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_segments(examples: list[Example], spec: InputSpec, activities: list[str],
+                  identities: list[str]) -> SegmentData:
+    """Preprocess every recording; recordings that cannot be read are skipped and reported."""
+    xs: list[np.ndarray] = []
+    rec: list[np.ndarray] = []
+    slot: list[np.ndarray] = []
+    kept: list[Example] = []
+    dropped = DropCounter()
+    skipped: dict[str, str] = {}
+    act_index = {a: i for i, a in enumerate(activities)}
+    id_index = {a: i for i, a in enumerate(identities)}
+    for example in examples:
+        try:
+            frames = read_recording(example.path)
+            batch = Preprocessor(spec).process(frames)
+        except CSIError as exc:
+            skipped[str(example.path)] = str(exc)
+            continue
+        dropped.update(batch.dropped)
+        good = batch.ok
+        dropped["low_quality_segment"] += int((~good).sum())
+        if not good.any():
+            skipped[str(example.path)] = "no segment of sufficient quality"
+            continue
+        xs.append(batch.data[good])
+        slot.append(batch.index[good])
+        rec.append(np.full(int(good.sum()), len(kept)))
+        kept.append(example)
+    if not kept:
+        raise ValueError(f"none of {len(examples)} recordings gave a segment ({skipped})")
+    counts = np.array([len(s) for s in slot])
+    return SegmentData(
+        x=np.concatenate(xs).astype(np.float32),
+        recording=np.concatenate(rec),
+        slot=np.concatenate(slot),
+        start=np.concatenate([[0], np.cumsum(counts)[:-1]]),
+        count=counts,
+        slots=np.array([int(s.max()) + 1 for s in slot]),
+        activity=np.array([act_index[e.activity] for e in kept]),
+        identity=np.array([id_index.get(e.identity, -1) if e.identity else -1 for e in kept]),
+        examples=kept,
+        dropped=dropped,
+        skipped=skipped,
+    )
+
+
+def windows(data: SegmentData, recordings: np.ndarray, context: int,
+            rng: np.random.Generator | None = None, per_recording: int = 1) -> tuple[
+                np.ndarray, np.ndarray]:
+    """Rows of ``data.x`` for windows of ``context`` slots (-1 = missing), and their recording.
+
+    With ``rng`` None each recording gives one window ending at its last segment (what the
+    service predicts once the recording has streamed); otherwise ``per_recording`` windows end
+    at random segments, so the classifier also learns from partial contexts.
+    """
+    rows: list[np.ndarray] = []
+    owners: list[int] = []
+    for r in recordings.tolist():
+        start, count = int(data.start[r]), int(data.count[r])
+        lookup = np.full(int(data.slots[r]), -1)
+        lookup[data.slot[start : start + count]] = np.arange(start, start + count)
+        ends = (
+            [int(data.slots[r]) - 1] if rng is None
+            else rng.integers(min(context // 2, int(data.slots[r]) - 1), int(data.slots[r]),
+                              per_recording).tolist()
+        )
+        for end in ends:
+            first = end - context + 1
+            window = np.full(context, -1)
+            lo = max(first, 0)
+            window[lo - first :] = lookup[lo : end + 1]
+            rows.append(window)
+            owners.append(r)
+    return np.stack(rows), np.array(owners)

@@ -1,0 +1,92 @@
+"""Export the encoder for the edge: ONNX graph, then int8 static quantization (QDQ).
+
+The exported graph maps a preprocessed segment (B, L, A, S) to
+  - ``latent``: the FSQ-bounded latent (B, D, T) in [-half, half], rounded on the edge;
+  - ``profile``: the profile's PCA coefficients in quantization steps (B, K), rounded and
+    clipped on the edge.
+Only the convolution stack is quantized to int8 (per-channel weights, calibrated on real
+training segments); the tiny profile projection stays float so its rounding matches the cloud.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .network import CSICodecNet
+from .quantizers import FSQ
+
+__all__ = ["EdgeGraph", "export_edge_encoder"]
+
+
+class EdgeGraph(nn.Module):
+    """What the edge runs: encoder, FSQ bound and profile projection (no rounding)."""
+
+    def __init__(self, net: CSICodecNet) -> None:
+        super().__init__()
+        if not isinstance(net.quantizer, FSQ):
+            raise ValueError(f"edge export needs the FSQ quantizer, not {net.cfg.quantizer!r}")
+        self.encoder = net.encoder
+        self.half = float(net.quantizer.half)
+        self.register_buffer("profile_mean", net.profile_mean.clone())
+        self.register_buffer("profile_basis", net.profile_basis.clone())
+        self.register_buffer("profile_step", net.profile_step.clone())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z, profile = self.encoder(x)
+        latent = torch.tanh(z) * self.half
+        coeff = (profile - self.profile_mean) @ self.profile_basis.T / self.profile_step
+        return latent, coeff
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over real segments."""
+
+    def __init__(self, segments: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([segments[i : i + batch] for i in range(0, len(segments), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self._batches, None)
+        return None if chunk is None else {"segment": chunk.astype(np.float32)}
+
+
+def export_edge_encoder(net: CSICodecNet, calibration: np.ndarray, out: Path,
+                        int8: bool = True) -> Path:
+    """Write the edge encoder to ``out`` (int8 QDQ unless ``int8`` is False)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    graph = EdgeGraph(net).eval()
+    cfg = net.cfg
+    example = torch.zeros(1, cfg.segment_frames, cfg.antennas, cfg.subcarriers)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "encoder.onnx"
+        torch.onnx.export(
+            graph, (example,), str(float_path), input_names=["segment"],
+            output_names=["latent", "profile"], dynamic_axes={"segment": {0: "batch"},
+                                                              "latent": {0: "batch"},
+                                                              "profile": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+        if not int8:
+            out.write_bytes(float_path.read_bytes())
+            return out
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        import onnx
+
+        model = onnx.load(str(prepared))
+        keep_float = [n.name for n in model.graph.node if n.op_type not in ("Conv",)]
+        quantize_static(
+            str(prepared), str(out), _Calibration(calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
+            nodes_to_exclude=keep_float,
+            extra_options={"ActivationSymmetric": True},
+        )
+    return out

@@ -1,0 +1,260 @@
+"""The compression network: encoder -> quantizer -> (decoder, joint context classifier).
+
+Shapes (B batch, L frames per segment, A antennas, S subcarriers, C = A*S, D latent channels,
+T latent steps, N context segments, G symbol groups):
+
+- input segment ``x``: (B, L, A, S), the preprocessed log1p amplitude (InputSpec
+  normalisation ``log``);
+- :class:`Encoder`: standardises with the training statistics (per-channel mean, one global
+  scale), splits the segment into its static *profile* ``p`` (B, C) (the time mean, which is
+  mostly the room and session) and its *dynamics* ``x - p`` (B, C, L), and encodes only the
+  dynamics into ``z`` (B, D, T). The classifier therefore never sees the session fingerprint
+  through the codes.
+- quantizer: ``z`` -> ``z_q`` (B, D, T), ``symbols`` (B, G, T);
+- rate levels: level ``l`` transmits the first ``level_groups[l]`` symbol groups (the rest of
+  ``z_q`` is zero at the decoder) and ``profile_components[l]`` PCA coefficients of the profile;
+- :class:`Decoder`: ``z_q`` -> dynamics (B, C, L); the reconstruction adds the decoded profile;
+- :class:`ContextClassifier`: the last N segments' ``z_q`` (B, N, D, T) and decoded profiles
+  (B, N, C), with a mask (B, N) of segments that arrived -> activity logits (from the dynamics
+  only, which is what carries across rooms and sessions) and identity logits (dynamics and
+  profile: who is in the room shows in how the static channel looks too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .quantizers import FSQ, EMAVectorQuantizer, QuantizerOutput
+
+__all__ = ["CSICodecNet", "ContextClassifier", "Decoder", "Encoder", "ModelConfig"]
+
+
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters; stored in every bundle."""
+
+    model_config = ConfigDict(frozen=True)
+
+    antennas: int
+    subcarriers: int
+    segment_frames: int
+    context_segments: int = 8
+    latent_channels: int = 16
+    hidden: int = 64
+    quantizer: Literal["fsq", "vq", "none"] = "fsq"
+    fsq_levels: int = 5
+    vq_dim: int = 2
+    vq_size: int = 25
+    level_groups: tuple[int, ...] = (2, 4, 8, 16)
+    profile_components: tuple[int, ...] = (4, 8, 16, 32)
+    profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
+    embed: int = 64
+    activities: int = Field(ge=2)
+    identities: int = 0  # 0: no identity head
+
+    @property
+    def channels(self) -> int:
+        return self.antennas * self.subcarriers
+
+    @property
+    def levels(self) -> int:
+        return len(self.level_groups)
+
+    def latent_steps(self) -> int:
+        t = self.segment_frames
+        for kernel, stride, pad in Encoder.STAGES:
+            t = (t + 2 * pad - kernel) // stride + 1
+        return t
+
+
+class Encoder(nn.Module):
+    """(B, L, A, S) log amplitude -> latent (B, D, T) and profile (B, C)."""
+
+    STAGES = ((5, 2, 2), (5, 2, 2), (3, 2, 1))  # (kernel, stride, padding) of the conv stack
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h = cfg.channels, cfg.hidden
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("scale", torch.ones(()))
+        layers: list[nn.Module] = []
+        width = c
+        for kernel, stride, pad in self.STAGES:
+            layers += [nn.Conv1d(width, h, kernel, stride, pad), nn.GELU()]
+            width = h
+        layers.append(nn.Conv1d(h, cfg.latent_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def standardise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L, A, S) -> dynamics (B, C, L) and profile (B, C), standardised."""
+        b, length = x.shape[:2]
+        xs = (x.reshape(b, length, -1) - self.mean) / self.scale
+        xs = xs.transpose(1, 2)
+        profile = xs.mean(dim=-1)
+        return xs - profile.unsqueeze(-1), profile
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dynamics, profile = self.standardise(x)
+        return self.net(dynamics), profile
+
+
+class Decoder(nn.Module):
+    """z_q (B, D, T) -> dynamics (B, C, L)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.length = cfg.segment_frames
+        self.net = nn.Sequential(
+            nn.Conv1d(cfg.latent_channels, h, 3, padding=1), nn.GELU(),
+            nn.Upsample(scale_factor=2), nn.Conv1d(h, h, 3, padding=1), nn.GELU(),
+            nn.Upsample(scale_factor=2), nn.Conv1d(h, h, 5, padding=2), nn.GELU(),
+            nn.Upsample(scale_factor=2), nn.Conv1d(h, h, 5, padding=2), nn.GELU(),
+            nn.Conv1d(h, cfg.channels, 1),
+        )
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        y = self.net(z_q)
+        return F.interpolate(y, size=self.length, mode="linear", align_corners=False)
+
+
+class ContextClassifier(nn.Module):
+    """Joint activity / identity heads over the last N segments' quantized latents."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e = cfg.embed
+        self.segment = nn.Sequential(
+            nn.Conv1d(cfg.latent_channels, e, 3, padding=1), nn.GELU(),
+            nn.Conv1d(e, e, 3, padding=1), nn.GELU(),
+        )
+        self.project = nn.Linear(2 * e, e)
+        self.level = nn.Embedding(cfg.levels + 1, e)  # last index: unquantized
+        self.position = nn.Parameter(torch.zeros(cfg.context_segments, e))
+        self.mixer = nn.TransformerEncoderLayer(e, nhead=4, dim_feedforward=2 * e, dropout=0.1,
+                                                batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(e)
+        self.activity = nn.Linear(e, cfg.activities)
+        self.profile = nn.Sequential(nn.Linear(cfg.channels, e), nn.GELU(), nn.Linear(e, e))
+        self.identity = nn.Linear(2 * e, cfg.identities) if cfg.identities else None
+        self.dropout = nn.Dropout(0.2)
+
+    def embed(self, z_q: Tensor) -> Tensor:
+        """(B, N, D, T) -> (B, N, E): one vector per segment."""
+        b, n, d, t = z_q.shape
+        h = self.segment(z_q.reshape(b * n, d, t))
+        pooled = torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=-1)
+        return self.project(pooled).view(b, n, -1)
+
+    def forward(self, z_q: Tensor, profile: Tensor, present: Tensor,
+                level: Tensor) -> tuple[Tensor, Tensor | None]:
+        """z_q (B,N,D,T); profile (B,N,C); present (B,N) bool; level (B,) int -> logits."""
+        n = z_q.shape[1]
+        h = self.embed(z_q) + self.position[-n:] + self.level(level).unsqueeze(1)
+        # Missing segments are masked out of attention and pooling, never filled in.
+        any_present = present.any(dim=1, keepdim=True)
+        safe = present | ~any_present
+        h = self.mixer(h, src_key_padding_mask=~safe)
+        w = safe.float().unsqueeze(-1)
+        count = w.sum(dim=1).clamp_min(1.0)
+        pooled = self.dropout(self.norm((h * w).sum(dim=1) / count))
+        identity = None
+        if self.identity is not None:
+            static = (self.profile(profile) * w).sum(dim=1) / count
+            identity = self.identity(torch.cat([pooled, self.dropout(static)], dim=-1))
+        return self.activity(pooled), identity
+
+
+class CSICodecNet(nn.Module):
+    """Encoder, quantizer, decoder and context classifier with nested rate levels."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        if cfg.quantizer == "vq":
+            self.quantizer: FSQ | EMAVectorQuantizer | None = EMAVectorQuantizer(
+                cfg.latent_channels, cfg.vq_dim, cfg.vq_size)
+        elif cfg.quantizer == "fsq":
+            self.quantizer = FSQ(cfg.latent_channels, cfg.fsq_levels)
+        else:
+            self.quantizer = None
+        self.decoder = Decoder(cfg)
+        self.classifier = ContextClassifier(cfg)
+        kmax = max(cfg.profile_components)
+        self.register_buffer("profile_mean", torch.zeros(cfg.channels))
+        self.register_buffer("profile_basis", torch.zeros(kmax, cfg.channels))
+        self.register_buffer("profile_step", torch.ones(kmax))
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg.vq_dim if self.cfg.quantizer == "vq" else 1
+
+    def channel_mask(self, level: Tensor) -> Tensor:
+        """(B,) level -> (B, D, 1) float mask of the channels a level transmits."""
+        groups = torch.tensor(self.cfg.level_groups, device=level.device)
+        kept = groups[level.clamp_max(self.cfg.levels - 1)] * self.group_size
+        mask = torch.arange(self.cfg.latent_channels, device=level.device) < kept.unsqueeze(-1)
+        unquantized = level >= self.cfg.levels
+        mask = mask | unquantized.unsqueeze(-1)
+        return mask.float().unsqueeze(-1)
+
+    def quantize(self, z: Tensor) -> QuantizerOutput:
+        if self.quantizer is None:
+            zero = z.new_zeros(())
+            return QuantizerOutput(torch.tanh(z), z.new_zeros(z.shape, dtype=torch.long), zero,
+                                   z.new_zeros(z.shape[1]))
+        return self.quantizer(z)
+
+    def bypass(self, z: Tensor) -> Tensor:
+        """The latent as the decoder would see it with the quantizer bypassed."""
+        if isinstance(self.quantizer, FSQ):
+            return self.quantizer.bound(z) / self.quantizer.half
+        return z if self.quantizer is not None else torch.tanh(z)
+
+    def profile_codes(self, profile: Tensor, level: int) -> Tensor:
+        """(B, C) standardised profile -> (B, K) integer PCA coefficients for a level."""
+        k = self.cfg.profile_components[level]
+        coeff = (profile - self.profile_mean) @ self.profile_basis[:k].T / self.profile_step[:k]
+        r = self.cfg.profile_range
+        return torch.round(coeff).clamp(-r, r).long()
+
+    def profile_decode(self, codes: Tensor) -> Tensor:
+        """(B, K) codes -> (B, C) profile (the training mean when K = 0)."""
+        k = codes.shape[1]
+        recon = (codes.float() * self.profile_step[:k]) @ self.profile_basis[:k]
+        return self.profile_mean + recon
+
+    def profile_quantized(self, profile: Tensor, level: Tensor) -> Tensor:
+        """(B, C) profile -> what the decoder gets back at each segment's level (B, C)."""
+        out = torch.empty_like(profile)
+        for lv in level.unique().tolist():
+            rows = level == lv
+            k_level = min(lv, self.cfg.levels - 1)
+            out[rows] = self.profile_decode(self.profile_codes(profile[rows], k_level))
+        return out
+
+    def classify(self, z_q: Tensor, profile: Tensor, present: Tensor,
+                 level: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.classifier(z_q, profile, present, level)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _check() -> None:  # pragma: no cover - quick shape check while developing
+    cfg = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=6, identities=4)
+    net = CSICodecNet(cfg)
+    x = torch.randn(3 * 8, 50, 1, 56)
+    z, p = net.encoder(x)
+    print(z.shape, cfg.latent_steps(), p.shape, param_count(net.encoder), math.prod(z.shape[1:]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _check()
