@@ -1,0 +1,145 @@
+"""The model contract: ``compress(segments) -> bytes`` and ``decompress(bytes) -> codes,
+reconstruction``, plus classification over a context of decoded segments.
+
+The bytes are a complete wire payload (csi_edge.codec). The decoder sees nothing but them:
+the latent symbols and profile coefficients are entropy-decoded from the payload, and the
+reconstruction is ``decoder(latent) + decoded profile``, in the standardised log-amplitude
+domain of the encoder (``(log1p|H| - mean) / scale``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from csi_edge.bundle import (
+    BundleManifest,
+    SegmentCodes,
+    decode_segment_codes,
+    encode_segment_codes,
+)
+from csi_edge.codec import (
+    Payload,
+    PayloadError,
+    SegmentRecord,
+    decode_payload,
+    encode_payload,
+    model_id_prefix,
+)
+
+from .bundle import load_network
+from .network import CSICodecNet
+
+__all__ = ["CloudModel", "DecodedSegment"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedSegment:
+    seq: int
+    timestamp_ms: int
+    quality: float
+    codes: SegmentCodes
+    z_q: np.ndarray  # (D, T) what the classifier sees (zeros beyond the level's channels)
+    profile: np.ndarray  # (C,) decoded standardised profile
+    reconstruction: np.ndarray  # (L, A, S) standardised log amplitude
+
+
+class CloudModel:
+    """A loaded bundle: float compress (reference path), decompress and classify."""
+
+    def __init__(self, manifest: BundleManifest, net: CSICodecNet) -> None:
+        self.manifest = manifest
+        self.net = net.eval()
+        self.tables = manifest.tables()
+        self.model_id = model_id_prefix(manifest.id)
+        self.segment_ms = round(manifest.input_spec.segment_s * 1000)
+
+    @classmethod
+    def load(cls, folder: str | Path, verify: bool = True) -> CloudModel:
+        manifest, net = load_network(Path(folder), verify=verify)
+        return cls(manifest, net)
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @torch.no_grad()
+    def encode(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float reference encoder: (B, L, A, S) -> symbols (B, G, T), profile codes (B, Kmax)."""
+        z, profile = self.net.encoder(torch.from_numpy(segments.astype(np.float32)))
+        symbols = self.net.quantize(z).symbols.numpy()
+        return symbols, self.net.profile_codes(profile, self.net.cfg.levels - 1).numpy()
+
+    def compress(self, segments: np.ndarray, *, level: int, first_seq: int = 0, epoch: int = 0,
+                 timestamp_ms: int = 0, quality: list[float] | None = None) -> bytes:
+        symbols, profile = self.encode(segments)
+        spec = self.manifest.level(level)
+        blobs = [
+            encode_segment_codes(
+                SegmentCodes(level, s[: spec.groups], p[: spec.profile_components]),
+                self.manifest, self.tables)
+            for s, p in zip(symbols, profile, strict=True)
+        ]
+        quality = quality or [1.0] * len(blobs)
+        return encode_payload(Payload(level, self.model_id, epoch, first_seq, timestamp_ms,
+                                      tuple(SegmentRecord(q, b)
+                                            for q, b in zip(quality, blobs, strict=True))))
+
+    def decompress(self, data: bytes) -> list[DecodedSegment]:
+        """A wire payload -> its segments' codes and reconstructions."""
+        payload = decode_payload(data)
+        if payload.model_id != self.model_id:
+            raise PayloadError("unknown_model", f"model id {payload.model_id.hex()} is not "
+                               f"{self.model_id.hex()} ({self.manifest.name})")
+        codes = [decode_segment_codes(s.codes, payload.level, self.manifest, self.tables)
+                 for s in payload.segments]
+        z_q, profile, recon = self.reconstruct(codes)
+        return [
+            DecodedSegment(payload.seq(i), payload.start_ms(i, self.segment_ms), s.quality,
+                           codes[i], z_q[i], profile[i], recon[i])
+            for i, s in enumerate(payload.segments)
+        ]
+
+    @torch.no_grad()
+    def reconstruct(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+        """Codes -> z_q (B, D, T), profile (B, C), reconstruction (B, L, A, S)."""
+        cfg = self.net.cfg
+        t = int(self.manifest.quantizer["latent_steps"])
+        groups = self.net.quantizer.groups
+        symbols = torch.full((len(codes), groups, t), self.net.quantizer.half
+                             if hasattr(self.net.quantizer, "half") else 0, dtype=torch.long)
+        mask = torch.zeros(len(codes), cfg.latent_channels, 1)
+        profiles = []
+        for i, c in enumerate(codes):
+            g = c.latent.shape[0]
+            symbols[i, :g] = torch.from_numpy(c.latent)
+            mask[i, : g * self.net.group_size] = 1.0
+            profiles.append(self.net.profile_decode(torch.from_numpy(c.profile)[None])[0])
+        z_q = self.net.quantizer.dequantize(symbols) * mask
+        profile = torch.stack(profiles)
+        dynamics = self.net.decoder(z_q)
+        recon = (dynamics + profile.unsqueeze(-1)).transpose(1, 2)
+        shape = (len(codes), cfg.segment_frames, cfg.antennas, cfg.subcarriers)
+        return z_q.numpy(), profile.numpy(), recon.reshape(shape).numpy()
+
+    @torch.no_grad()
+    def classify(self, z_q: np.ndarray, profile: np.ndarray, present: np.ndarray,
+                 level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities."""
+        activity, identity = self.net.classify(
+            torch.from_numpy(z_q).float(), torch.from_numpy(profile).float(),
+            torch.from_numpy(present), torch.from_numpy(level).long())
+        p_act = torch.softmax(activity, dim=-1).numpy()
+        p_id = torch.softmax(identity, dim=-1).numpy() if identity is not None else None
+        return p_act, p_id
+
+    def standardise(self, segments: np.ndarray) -> np.ndarray:
+        """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""
+        enc = self.net.encoder
+        b, length = segments.shape[:2]
+        xs = (torch.from_numpy(segments.astype(np.float32)).reshape(b, length, -1) - enc.mean)
+        return (xs / enc.scale).reshape(segments.shape).numpy()

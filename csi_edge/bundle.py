@@ -1,0 +1,244 @@
+"""Model bundles on the edge: the manifest, the per-segment code layout, and the int8 encoder.
+
+A bundle folder holds ``bundle.json`` (the :class:`BundleManifest`), ``edge.onnx`` (the int8
+encoder, run here with ONNX Runtime, no torch) and ``cloud.npz`` (decoder and classifier
+weights, used by the cloud). The bundle id is the sha256 of everything that decides what the
+model does: both weight files and the canonical JSON of the manifest's behavioural fields.
+
+Codes of one segment at rate level ``l`` (entropy coded as ONE stream, see csi_edge.entropy):
+  1. latent symbols of the first ``groups`` symbol groups, group-major (group 0 at every
+     latent step, then group 1, ...), each coded with its group's row of the ``latent`` table;
+  2. the first ``profile_components`` profile coefficients, each offset by ``profile_range``
+     to be non-negative, coded with their rows of the ``profile`` table.
+The wire payload around the codes is csi_edge.codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import entropy
+from ._errors import CSIError, SpecMismatchError
+from .codec import Payload, SegmentRecord, encode_payload, model_id_prefix
+from .preprocess import InputSpec
+
+__all__ = [
+    "BundleError",
+    "BundleManifest",
+    "EdgeEncoder",
+    "FileEntry",
+    "RateLevel",
+    "SegmentCodes",
+    "bundle_id",
+    "decode_segment_codes",
+    "encode_segment_codes",
+    "load_manifest",
+]
+
+SCHEMA_VERSION = 1
+
+
+class BundleError(CSIError):
+    """A bundle folder is missing, malformed, or does not match its own id."""
+
+
+class RateLevel(BaseModel):
+    """One operating point: how much of the latent and the profile a segment carries."""
+
+    model_config = ConfigDict(frozen=True)
+
+    level: int = Field(ge=0, le=3)
+    groups: int = Field(ge=1, description="latent symbol groups transmitted")
+    profile_components: int = Field(ge=0, description="profile PCA coefficients transmitted")
+    segments_per_message: int = Field(default=1, ge=1, le=255,
+                                      description="segments batched into one MQTT message")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class BundleManifest(BaseModel):
+    """``bundle.json``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    name: str
+    created: str
+    input_spec: InputSpec
+    model: dict[str, Any]
+    quantizer: dict[str, Any]  # kind, alphabet, half, groups, latent_steps
+    levels: list[RateLevel]
+    profile_range: int
+    entropy: dict[str, dict[str, Any]]  # "latent", "profile": EntropyTable.to_dict()
+    labels: dict[str, list[str] | None]  # "activity", "identity"
+    files: dict[str, FileEntry]  # "edge", "cloud"
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+
+    def behaviour(self) -> dict[str, Any]:
+        """The fields (besides the weight files) that the id covers."""
+        return {
+            "schema_version": self.schema_version,
+            "input_spec": self.input_spec.model_dump(mode="json"),
+            "model": self.model,
+            "quantizer": self.quantizer,
+            "levels": [lv.model_dump() for lv in self.levels],
+            "profile_range": self.profile_range,
+            "entropy": self.entropy,
+            "labels": self.labels,
+            "calibration": self.calibration,
+        }
+
+    def level(self, level: int) -> RateLevel:
+        if not 0 <= level < len(self.levels):
+            raise SpecMismatchError(
+                f"rate level {level} not in bundle {self.name!r} (levels 0..{len(self.levels) - 1})"
+            )
+        return self.levels[level]
+
+    def tables(self) -> tuple[entropy.EntropyTable, entropy.EntropyTable]:
+        return (entropy.EntropyTable.from_dict(self.entropy["latent"]),
+                entropy.EntropyTable.from_dict(self.entropy["profile"]))
+
+
+def bundle_id(manifest: BundleManifest, folder: Path) -> str:
+    """sha256 over both weight files and the canonical behaviour JSON."""
+    digest = hashlib.sha256()
+    for key in sorted(manifest.files):
+        digest.update((folder / manifest.files[key].path).read_bytes())
+    digest.update(json.dumps(manifest.behaviour(), sort_keys=True,
+                             separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def load_manifest(folder: str | Path, verify: bool = True) -> BundleManifest:
+    """Read and check ``bundle.json`` (schema, file hashes, id)."""
+    folder = Path(folder)
+    path = folder / "bundle.json"
+    try:
+        manifest = BundleManifest.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise BundleError(f"{folder}: no readable bundle.json ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise BundleError(f"{path}: not a valid bundle manifest: {exc}") from exc
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema version {manifest.schema_version}, "
+                          f"this software reads {SCHEMA_VERSION}")
+    if verify:
+        for key, entry in manifest.files.items():
+            file = folder / entry.path
+            if not file.is_file():
+                raise BundleError(f"{folder}: {key} weights {entry.path!r} are missing")
+            actual = hashlib.sha256(file.read_bytes()).hexdigest()
+            if actual != entry.sha256:
+                raise BundleError(f"{file}: sha256 {actual[:12]}… does not match the manifest's "
+                                  f"{entry.sha256[:12]}…")
+        actual_id = bundle_id(manifest, folder)
+        if actual_id != manifest.id:
+            raise BundleError(f"{path}: content hashes to id {actual_id[:12]}…, manifest says "
+                              f"{manifest.id[:12]}…")
+    return manifest
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCodes:
+    """The integer codes of one segment at one rate level."""
+
+    level: int
+    latent: np.ndarray  # (groups, T) int, symbols in [0, alphabet)
+    profile: np.ndarray  # (K,) int, coefficients in [-R, R]
+
+
+def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
+                         tables: tuple[entropy.EntropyTable, entropy.EntropyTable]) -> bytes:
+    latent_table, profile_table = tables
+    g, t = codes.latent.shape
+    groups = [(codes.latent.reshape(-1).astype(np.int32), np.repeat(np.arange(g), t),
+               latent_table)]
+    k = codes.profile.shape[0]
+    if k:
+        groups.append(((codes.profile + manifest.profile_range).astype(np.int32), np.arange(k),
+                       profile_table))
+    return entropy.encode(groups)
+
+
+def decode_segment_codes(data: bytes, level: int, manifest: BundleManifest,
+                         tables: tuple[entropy.EntropyTable, entropy.EntropyTable]
+                         ) -> SegmentCodes:
+    latent_table, profile_table = tables
+    spec = manifest.level(level)
+    t = int(manifest.quantizer["latent_steps"])
+    groups = [(np.repeat(np.arange(spec.groups), t), latent_table)]
+    if spec.profile_components:
+        groups.append((np.arange(spec.profile_components), profile_table))
+    decoded = entropy.decode(data, groups)
+    profile = (decoded[1] - manifest.profile_range if spec.profile_components
+               else np.zeros(0, dtype=np.int64))
+    return SegmentCodes(level, decoded[0].reshape(spec.groups, t).astype(np.int64),
+                        profile.astype(np.int64))
+
+
+class EdgeEncoder:
+    """The int8 encoder of a bundle, run with ONNX Runtime on one thread."""
+
+    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder, verify=verify)
+        self.tables = self.manifest.tables()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(self.folder / self.manifest.files["edge"].path), options,
+            providers=["CPUExecutionProvider"])
+        self.half = int(self.manifest.quantizer["half"])
+        self.model_id = model_id_prefix(self.manifest.id)
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.manifest.input_spec
+
+    def encode(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L, A, S) preprocessed segments -> latent symbols (B, G, T), profile (B, K)."""
+        latent, coeff = self.session.run(None, {"segment": segments.astype(np.float32)})
+        symbols = np.clip(np.rint(latent), -self.half, self.half).astype(np.int64) + self.half
+        r = self.manifest.profile_range
+        profile = np.clip(np.rint(coeff), -r, r).astype(np.int64)
+        return symbols, profile
+
+    def codes(self, symbols: np.ndarray, profile: np.ndarray, level: int) -> SegmentCodes:
+        """One segment's codes at a level (symbols (G, T), profile (K,))."""
+        spec = self.manifest.level(level)
+        return SegmentCodes(level, symbols[: spec.groups], profile[: spec.profile_components])
+
+    def compress_codes(self, segments: np.ndarray, level: int) -> list[bytes]:
+        """Entropy-coded codes of each segment (no wire header)."""
+        symbols, profile = self.encode(segments)
+        return [encode_segment_codes(self.codes(s, p, level), self.manifest, self.tables)
+                for s, p in zip(symbols, profile, strict=True)]
+
+    def compress(self, segments: np.ndarray, *, level: int, first_seq: int, epoch: int,
+                 timestamp_ms: int, quality: list[float] | None = None) -> bytes:
+        """The model contract on the edge: consecutive segments -> one wire payload."""
+        blobs = self.compress_codes(segments, level)
+        quality = quality or [1.0] * len(blobs)
+        return encode_payload(Payload(
+            level=level, model_id=self.model_id, epoch=epoch, first_seq=first_seq,
+            timestamp_ms=timestamp_ms,
+            segments=tuple(SegmentRecord(q, b) for q, b in zip(quality, blobs, strict=True)),
+        ))
