@@ -66,6 +66,143 @@ def datasets_summary(
     _print_summary(summary)
 
 
+models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Trained model bundles.")
+app.add_typer(models_app, name="models")
+
+
+@app.command("train")
+def train_command(
+    dataset: Annotated[str, typer.Option(help="registered dataset name")],
+    data: Annotated[Path, typer.Option(help="folder holding the dataset", exists=True,
+                                       file_okay=False)],
+    out: Annotated[Path, typer.Option(help="bundle folder to write, e.g. models/NAME")],
+    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 60,
+    seed: Annotated[int, typer.Option(help="seed of the split and the training")] = 0,
+    batch: Annotated[int, typer.Option(help="context windows per batch")] = 32,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
+    patience: Annotated[int, typer.Option(help="early stopping patience (epochs)")] = 15,
+    recon_weight: Annotated[float, typer.Option(help="reconstruction loss weight")] = 1.0,
+    activity_weight: Annotated[float, typer.Option(help="activity loss weight")] = 1.0,
+    identity_weight: Annotated[float, typer.Option(help="identity loss weight")] = 0.5,
+    quantizer_weight: Annotated[float, typer.Option(help="quantizer loss weight")] = 1.0,
+    quantizer: Annotated[str, typer.Option(help="fsq (default) or vq")] = "fsq",
+    threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+) -> None:
+    """Train a bundle: split by recording, train with early stopping, freeze the entropy
+    tables, export the int8 edge encoder, evaluate the held-out recordings, write report.md."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .model.pipeline import train_bundle
+    from .model.train import TrainOptions
+
+    opts = TrainOptions(epochs=epochs, seed=seed, batch=batch, lr=lr, patience=patience,
+                        recon_weight=recon_weight, activity_weight=activity_weight,
+                        identity_weight=identity_weight, quantizer_weight=quantizer_weight,
+                        threads=threads)
+    if quantizer not in ("fsq", "vq"):
+        raise fail(f"--quantizer must be fsq or vq, not {quantizer!r}")
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task("", total=epochs)
+
+        def progress(log: object) -> None:
+            bar.update(task, advance=1, description=(
+                f"epoch {log.epoch} loss {log.loss:.3f} val activity {log.val_activity:.3f}"))
+
+        try:
+            manifest, evaluation = train_bundle(dataset, data, out, opts,
+                                                model={"quantizer": quantizer},
+                                                progress=progress)
+        except (CSIError, KeyError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+    typer.echo(json.dumps({"bundle": str(out), "id": manifest.id,
+                           "test_split": evaluation.summary}, indent=2))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option(help="bundle folder", exists=True, file_okay=False)],
+    dataset: Annotated[str, typer.Option(help="registered dataset name")],
+    data: Annotated[Path, typer.Option(help="folder in that dataset's layout", exists=True,
+                                       file_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Evaluate a bundle on every recording of a folder, per rate level, through real payloads."""
+    from .model.pipeline import evaluate_folder
+
+    try:
+        evaluation = evaluate_folder(model, dataset, data)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    summary = evaluation.summary
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']} on {summary['dataset']}: "
+                        f"{summary['examples']} recordings")
+    keys = ["level", "payload_bytes_per_s", "compression_ratio", "activity_accuracy",
+            "activity_macro_f1", "identity_accuracy", "nmse_db", "encoder_ms_per_segment"]
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for row in [{**summary["unquantized"], "level": "unquantized"}, *summary["levels"]]:
+        table.add_row(*("-" if row.get(k) is None else
+                        f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
+                        for k in keys))
+    Console().print(table)
+
+
+@models_app.command("list")
+def models_list(
+    root: Annotated[Path, typer.Option(help="folder of bundles")] = Path("models"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List the bundles under a folder."""
+    from csi_edge.bundle import BundleError, load_manifest
+
+    rows = []
+    for folder in sorted(p.parent for p in root.glob("*/bundle.json")):
+        try:
+            m = load_manifest(folder)
+        except BundleError as exc:
+            rows.append({"name": folder.name, "error": str(exc)})
+            continue
+        rows.append({"name": m.name, "id": m.id, "created": m.created,
+                     "source": m.input_spec.source_kind, "levels": len(m.levels),
+                     "activities": len(m.labels["activity"] or []),
+                     "identities": len(m.labels["identity"] or [])})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:16s} {r.get('id', '')[:12]}  " + (
+            r["error"] if "error" in r else
+            f"{r['source']}, {r['levels']} rate levels, {r['activities']} activities, "
+            f"{r['identities']} identities"))
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="bundle name under --root, or a folder")],
+    root: Annotated[Path, typer.Option(help="folder of bundles")] = Path("models"),
+) -> None:
+    """Print a bundle's manifest (without the entropy tables) as JSON."""
+    from csi_edge.bundle import BundleError, load_manifest
+
+    folder = Path(name) if Path(name).is_dir() else root / name
+    try:
+        manifest = load_manifest(folder)
+    except BundleError as exc:
+        raise fail(str(exc)) from exc
+    data = manifest.model_dump(mode="json")
+    data["entropy"] = {k: {"rows": len(v["counts"]), "alphabet": len(v["counts"][0])}
+                       for k, v in data["entropy"].items()}
+    typer.echo(json.dumps(data, indent=2))
+
+
 def _spec_dict(spec: DatasetSpec) -> dict[str, object]:
     keys = ("name", "title", "description", "source_url", "license", "citation", "format",
             "label_key", "labels", "label_meaning", "layout", "how_to_get")

@@ -15,7 +15,7 @@ import numpy as np
 
 from csi_edge import CSIError, read_recording
 from csi_edge.band import stream_band
-from csi_edge.frames import DropCounter
+from csi_edge.frames import CSIFrames, DropCounter
 from csi_edge.preprocess import InputSpec, Preprocessor
 
 from ..datasets import Example
@@ -61,11 +61,25 @@ class SegmentData:
     activity: np.ndarray  # (R,) label index
     identity: np.ndarray  # (R,) label index, -1 where unknown
     examples: list[Example]
+    native_bytes_per_s: np.ndarray  # (R,) the raw CSI stream the AP would otherwise send
     dropped: DropCounter = field(default_factory=DropCounter)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it was left out
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def native_bytes_per_packet(frames: CSIFrames) -> int:
+    """Bytes one packet of the native CSI stream carries.
+
+    Nexmon: every reported subcarrier as int16 I/Q (256 x 4 bytes at 80 MHz); Intel 5300: the
+    bfee record (20-byte header + 8-bit I/Q per antenna and group + 3 framing bytes); other
+    sources: int16 I/Q of every reported subcarrier and antenna.
+    """
+    subcarriers = len(frames.info.subcarriers)
+    if frames.info.device == "intel5300":
+        return 3 + 20 + (30 * (frames.antennas * 16 + 3) + 7) // 8
+    return 4 * subcarriers * frames.antennas
 
 
 def load_segments(examples: list[Example], spec: InputSpec, activities: list[str],
@@ -75,6 +89,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
     rec: list[np.ndarray] = []
     slot: list[np.ndarray] = []
     kept: list[Example] = []
+    native: list[float] = []
     dropped = DropCounter()
     skipped: dict[str, str] = {}
     act_index = {a: i for i, a in enumerate(activities)}
@@ -92,6 +107,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
         if not good.any():
             skipped[str(example.path)] = "no segment of sufficient quality"
             continue
+        native.append(native_bytes_per_packet(frames) * frames.rate_hz)
         xs.append(batch.data[good])
         slot.append(batch.index[good])
         rec.append(np.full(int(good.sum()), len(kept)))
@@ -109,6 +125,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
         activity=np.array([act_index[e.activity] for e in kept]),
         identity=np.array([id_index.get(e.identity, -1) if e.identity else -1 for e in kept]),
         examples=kept,
+        native_bytes_per_s=np.array(native),
         dropped=dropped,
         skipped=skipped,
     )
