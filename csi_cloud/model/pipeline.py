@@ -128,7 +128,13 @@ def evaluate_folder(bundle: Path, dataset: str, data_dir: Path) -> Evaluation:
     from csi_edge import read_recording
 
     frames = read_recording(first.path)
-    spec.check(frames.info, frames.antennas)  # refuses a dataset the bundle cannot read
+    try:
+        spec.check(frames.info, frames.antennas)
+    except SpecMismatchError as exc:
+        raise SpecMismatchError(
+            f"bundle {manifest.name!r} expects {spec.source_kind} CSI with "
+            f"{len(spec.subcarriers)} subcarriers x {spec.antennas} antennas ({spec.band}); "
+            f"dataset {dataset!r} at {data_dir} does not fit: {exc}") from exc
     activities = manifest.labels["activity"] or []
     unknown = sorted({e.activity for e in examples} - set(activities))
     if unknown:

@@ -1,0 +1,214 @@
+"""The network, quantizers, bundles and the compress/decompress contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.network import CSICodecNet, ModelConfig
+from csi_cloud.model.pipeline import fit, prepare
+from csi_cloud.model.quantizers import FSQ, EMAVectorQuantizer
+from csi_cloud.model.train import TrainOptions, forward_windows
+from csi_edge.bundle import BundleError, EdgeEncoder, load_manifest
+from csi_edge.codec import PayloadError, decode_payload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**kw: object) -> ModelConfig:
+    return ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=6,
+                       identities=4, **kw)
+
+
+def test_fsq_indices_codes_indices_round_trip() -> None:
+    fsq = FSQ(channels=6, levels=5)
+    symbols = torch.randint(0, 5, (4, 6, 7))
+    codes = fsq.dequantize(symbols)  # values in [-1, 1]
+    assert codes.abs().max() <= 1
+    again = fsq(_inverse_bound(fsq, codes))
+    assert torch.equal(again.symbols, symbols)
+    assert torch.allclose(again.z_q, codes)
+
+
+def _inverse_bound(fsq: FSQ, codes: torch.Tensor) -> torch.Tensor:
+    """A pre-activation whose bounded value is exactly at each code's level."""
+    return torch.atanh(codes * (1 - 1e-6))
+
+
+def test_vq_indices_codes_indices_round_trip() -> None:
+    vq = EMAVectorQuantizer(channels=8, dim=2, size=25).eval()
+    symbols = torch.randint(0, 25, (3, 4, 7))
+    codes = vq.dequantize(symbols)
+    assert torch.equal(vq(codes).symbols, symbols)
+
+
+def test_vq_restarts_dead_codes() -> None:
+    torch.manual_seed(0)
+    vq = EMAVectorQuantizer(channels=2, dim=2, size=8, dead_after=3).train()
+    z = torch.randn(16, 2, 5) * 0.01 + 3.0  # every vector near one point: most codes unused
+    before = vq.codebook.clone()
+    for _ in range(5):
+        vq(z)
+    moved = (vq.codebook - before).norm(dim=-1) > 1.0
+    assert moved.sum() >= 2, "dead codes must jump to encoder outputs"
+    assert int(vq.unused_steps.max()) < 3
+
+
+def test_straight_through_passes_gradients_unchanged() -> None:
+    """Fails if `.detach()` is missing (gradient 0) or misplaced (gradient 0 or doubled)."""
+    fsq = FSQ(channels=4, levels=5)
+    z = torch.randn(2, 4, 7, requires_grad=True)
+    weight = torch.randn(2, 4, 7)
+    (fsq(z).z_q * weight).sum().backward()
+    through_quantizer = z.grad.clone()
+    z.grad = None
+    ((torch.tanh(z) * fsq.half / fsq.half) * weight).sum().backward()
+    assert torch.allclose(through_quantizer, z.grad)
+    assert through_quantizer.abs().sum() > 0
+
+
+def test_task_losses_reach_the_encoder() -> None:
+    torch.manual_seed(0)
+    net = CSICodecNet(small_config())
+    x = torch.randn(2 * 8, 50, 1, 56) * 0.3 + 6
+    present = torch.ones(2, 8, dtype=torch.bool)
+    out = forward_windows(net, x, present, torch.tensor([0, 3]))
+    loss = torch.nn.functional.cross_entropy(out["activity"], torch.tensor([1, 2]))
+    loss.backward()
+    first_conv = net.encoder.net[0].weight.grad
+    assert first_conv is not None and first_conv.abs().sum() > 0
+    assert net.decoder.net[0].weight.grad is None  # only the classification path was used
+
+
+def test_levels_mask_latent_channels() -> None:
+    net = CSICodecNet(small_config())
+    mask = net.channel_mask(torch.tensor([0, 1, 2, 3, 4]))[..., 0]
+    assert mask.sum(dim=1).tolist() == [2, 4, 8, 16, 16]  # level 4 = unquantized: all
+
+
+def test_encoder_is_small() -> None:
+    net = CSICodecNet(small_config())
+    assert sum(p.numel() for p in net.encoder.parameters()) <= 100_000
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Path:
+    """A bundle trained for a few epochs on the committed samples."""
+    data, spec, activities, identities = prepare("fition", samples / "fition")
+    recs = np.arange(len(data))
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    fit(data, spec, activities, identities, recs, recs, TrainOptions(epochs=2, threads=1), out,
+        name="tiny")
+    return out
+
+
+def test_bundle_files_and_id(trained: Path) -> None:
+    manifest = load_manifest(trained)
+    assert {p.name for p in trained.iterdir()} >= {"bundle.json", "edge.onnx", "cloud.npz"}
+    assert (trained / "edge.onnx").stat().st_size <= 100_000
+    assert len(manifest.levels) == 4 and manifest.labels["identity"]
+    with np.load(trained / "cloud.npz", allow_pickle=False) as arrays:  # no pickle anywhere
+        assert "encoder.mean" in arrays.files
+
+
+def test_tampered_bundle_is_refused(trained: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    edge = bytearray((copy / "edge.onnx").read_bytes())
+    edge[-10] ^= 0xFF
+    (copy / "edge.onnx").write_bytes(bytes(edge))
+    with pytest.raises(BundleError, match="sha256"):
+        load_manifest(copy)
+    shutil.copy(trained / "edge.onnx", copy / "edge.onnx")
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["entropy"]["latent"]["counts"][0][0] += 1
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="hashes to id"):
+        load_manifest(copy)
+
+
+def test_compress_decompress_round_trip(trained: Path, samples: Path) -> None:
+    data, *_ = prepare("fition", samples / "fition")
+    edge, cloud = EdgeEncoder(trained), CloudModel.load(trained)
+    segments = data.x[:4]
+    symbols, profile = edge.encode(segments)
+    for level in range(4):
+        payload = edge.compress(segments, level=level, first_seq=2**32 - 2, epoch=9,
+                                timestamp_ms=1_764_000_000_000, quality=[1, 0.5, 0.25, 0])
+        header = decode_payload(payload)
+        assert (header.level, header.epoch, len(header.segments)) == (level, 9, 4)
+        decoded = cloud.decompress(payload)
+        assert [d.seq for d in decoded] == [2**32 - 2, 2**32 - 1, 0, 1]
+        assert [d.timestamp_ms for d in decoded] == [1_764_000_000_000 + 1000 * i
+                                                     for i in range(4)]
+        spec = edge.manifest.level(level)
+        for i, d in enumerate(decoded):
+            assert np.array_equal(d.codes.latent, symbols[i, : spec.groups])
+            assert np.array_equal(d.codes.profile, profile[i, : spec.profile_components])
+            assert d.reconstruction.shape == (50, 1, 56)
+    # the float reference path gives the same payload bytes when the codes agree
+    assert cloud.compress(segments[:1], level=0) == edge.compress(
+        segments[:1], level=0, first_seq=0, epoch=0, timestamp_ms=0) or not np.array_equal(
+        cloud.encode(segments[:1])[0], symbols[:1])
+
+
+def test_decompress_rejects_foreign_model(trained: Path, samples: Path, tmp_path: Path) -> None:
+    data, *_ = prepare("fition", samples / "fition")
+    edge = EdgeEncoder(trained)
+    payload = bytearray(edge.compress(data.x[:1], level=0, first_seq=0, epoch=0,
+                                      timestamp_ms=0))
+    payload[1] ^= 0x01  # model id, then fix the CRC so only the id is wrong
+    from csi_edge.codec import crc16
+
+    payload[-2:] = crc16(bytes(payload[:-2])).to_bytes(2, "big")
+    with pytest.raises(PayloadError, match="model id"):
+        CloudModel.load(trained).decompress(bytes(payload))
+
+
+def test_int8_edge_codes_match_float_codes(trained: Path, samples: Path) -> None:
+    data, *_ = prepare("fition", samples / "fition")
+    edge, cloud = EdgeEncoder(trained), CloudModel.load(trained)
+    int8_symbols, int8_profile = edge.encode(data.x)
+    float_symbols, float_profile = cloud.encode(data.x)
+    assert (int8_symbols == float_symbols).mean() >= 0.99
+    assert (int8_profile == float_profile).mean() >= 0.99
+
+
+def csi(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("csi")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "csi_cloud.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "tiny"
+    run = csi("train", "--dataset", "fition", "--data", str(samples / "fition"), "--out",
+              str(out), "--epochs", "2", "--threads", "1")
+    assert run.returncode == 0, run.stderr
+    assert (out / "report.md").is_file() and (out / "rate_accuracy.png").is_file()
+    evaluation = csi("evaluate", "--model", str(out), "--dataset", "fition", "--data",
+                     str(samples / "fition"), "--json")
+    assert evaluation.returncode == 0, evaluation.stderr
+    summary = json.loads(evaluation.stdout)
+    assert {"model", "dataset", "examples", "unquantized", "levels"} <= summary.keys()
+    keys = {"level", "payload_bytes_per_s", "payload_bytes_per_segment", "compression_ratio",
+            "activity_accuracy", "activity_macro_f1", "identity_accuracy", "identity_macro_f1",
+            "nmse_db", "encoder_ms_per_segment"}
+    assert all(keys <= set(level) for level in summary["levels"])
+    assert keys - {"level"} <= set(summary["unquantized"])
+    rates = [lv["payload_bytes_per_s"] for lv in summary["levels"]]
+    assert rates == sorted(rates) and rates[0] <= 32
+    listed = csi("models", "list", "--root", str(tmp_path / "models"), "--json")
+    assert json.loads(listed.stdout)[0]["name"] == "tiny"
+    refused = csi("evaluate", "--model", str(out), "--dataset", "wiar", "--data",
+                  str(samples / "wiar"))
+    assert refused.returncode == 2
+    assert "'tiny'" in refused.stderr and "'wiar'" in refused.stderr
