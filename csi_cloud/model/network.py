@@ -232,11 +232,11 @@ class CSICodecNet(nn.Module):
 
     def profile_quantized(self, profile: Tensor, level: Tensor) -> Tensor:
         """(B, C) profile -> what the decoder gets back at each segment's level (B, C)."""
-        out = torch.empty_like(profile)
+        out = profile.clone()  # unquantized (level >= levels): the exact profile
         for lv in level.unique().tolist():
-            rows = level == lv
-            k_level = min(lv, self.cfg.levels - 1)
-            out[rows] = self.profile_decode(self.profile_codes(profile[rows], k_level))
+            if lv < self.cfg.levels:
+                rows = level == lv
+                out[rows] = self.profile_decode(self.profile_codes(profile[rows], lv))
         return out
 
     def classify(self, z_q: Tensor, profile: Tensor, present: Tensor,
