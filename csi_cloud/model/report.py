@@ -84,17 +84,17 @@ def _rate_curve(summary: dict[str, Any], path: Path) -> None:
 
 def _heatmap(x: np.ndarray, x_hat: np.ndarray, level: int, path: Path) -> None:
     plt = _plt()
-    real = x.reshape(x.shape[0] * x.shape[1], -1)[:400].T
-    recon = x_hat.reshape(x_hat.shape[0] * x_hat.shape[1], -1)[:400].T
+    real = x.reshape(x.shape[0] * x.shape[1], -1)[:300].T
+    recon = x_hat.reshape(x_hat.shape[0] * x_hat.shape[1], -1)[:300].T
     vmin, vmax = np.percentile(real, [1, 99])
-    fig, ax = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
+    fig, ax = plt.subplots(2, 1, figsize=(7, 3.6), sharex=True)
     ax[0].imshow(real, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
     ax[0].set_title("real CSI (standardised log amplitude), subcarrier x frame")
     ax[1].imshow(recon, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
     ax[1].set_title(f"reconstructed from the level-{level} payload")
     ax[1].set_xlabel("frame")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

@@ -120,8 +120,14 @@ def forward_windows(net: CSICodecNet, x: torch.Tensor, present: torch.Tensor,
     w, n = present.shape
     z, profile = net.encoder(x)
     q = net.quantize(z)
-    z_q = net.bypass(z) if bypass else q.z_q
     seg_level = level.repeat_interleave(n)
+    if bypass:
+        z_q = net.bypass(z)
+    else:
+        # Level ``levels`` is the unquantized operating point (the quantizer bypassed); it is
+        # trained too, so the "unquantized" evaluation measures a trained path.
+        unquantized = (seg_level >= net.cfg.levels).view(-1, 1, 1)
+        z_q = torch.where(unquantized, net.bypass(z), q.z_q) if unquantized.any() else q.z_q
     z_q = z_q * net.channel_mask(seg_level)
     dynamics_hat = net.decoder(z_q)
     dynamics, _ = net.encoder.standardise(x)
@@ -208,7 +214,7 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
         optimiser, max_lr=opts.lr, total_steps=opts.epochs * (
             -(-len(train_recs) * opts.windows_per_recording // opts.batch)))
     unquantized = cfg.quantizer == "none"
-    levels = [cfg.levels] if unquantized else list(range(cfg.levels))
+    levels = [cfg.levels] if unquantized else list(range(cfg.levels + 1))
     result = TrainResult(net=net)
     best_score, best_state, stale = -1.0, None, 0
     started = time.perf_counter()
@@ -239,7 +245,7 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
                      losses["identity"].item(), out["perplexity"].mean().item()]
             batches += 1
         val_act, val_id = [], []
-        for level in levels:
+        for level in levels if unquantized else levels[:-1]:
             a, b = _score(evaluate_windows(net, data, val_recs, level))
             val_act.append(a)
             if b is not None:
