@@ -33,32 +33,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from efficientfi import EfficientFiReference  # noqa: E402
 
-from csi_cloud.datasets import cross_session_splits, kfold  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData, windows  # noqa: E402
 from csi_cloud.model.evaluate import evaluate_bundle, macro_f1  # noqa: E402
 from csi_cloud.model.network import ModelConfig  # noqa: E402
-from csi_cloud.model.pipeline import _indices, fit, prepare  # noqa: E402
+from csi_cloud.model.pipeline import fit, prepare  # noqa: E402
+from csi_cloud.model.protocols import aggregate, split_tasks  # noqa: E402
 from csi_cloud.model.train import TrainOptions, evaluate_windows, train  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
-
-
-def split_tasks(data: SegmentData, protocol: str, folds: int, seed: int
-                ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(name, train, val, test) recording indices."""
-    rng = np.random.default_rng(seed)
-    tasks = []
-    if protocol == "random":
-        for i, (tr, te) in enumerate(kfold(data.examples, folds, seed)):
-            train_recs = rng.permutation(_indices(data, tr))
-            n_val = max(1, len(train_recs) // 8)
-            tasks.append((f"fold{i}", train_recs[n_val:], train_recs[:n_val], _indices(data, te)))
-    else:
-        for name, tr, te in cross_session_splits(data.examples):
-            train_recs = rng.permutation(_indices(data, tr))
-            n_val = max(1, len(train_recs) // 6)
-            tasks.append((name, train_recs[n_val:], train_recs[:n_val], _indices(data, te)))
-    return tasks
 
 
 def run_ours(data, spec, acts, ids, tr, va, te, opts, with_identity):  # type: ignore[no-untyped-def]
@@ -166,16 +148,6 @@ def zstd_rates(data: SegmentData) -> dict[str, float]:
     return {"native_bytes_per_s": raw / seconds, "zstd19_bytes_per_s": packed / seconds}
 
 
-def _aggregate(runs: list[dict]) -> dict:  # type: ignore[type-arg]
-    out: dict = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
-        if values and len(values) == len(runs):
-            out[key] = {"mean": round(float(np.mean(values)), 4),
-                        "std": round(float(np.std(values)), 4)}
-    return out
-
-
 def _ours_rows(summary: dict) -> list[dict]:  # type: ignore[type-arg]
     return [{**lv} for lv in summary["levels"]]
 
@@ -223,16 +195,16 @@ def main() -> None:
         section: dict = {}
         if "ours" in per_method:
             levels = list(zip(*[_ours_rows(s) for s in per_method["ours"]], strict=True))
-            section["ours"] = {"levels": [{"level": i, **_aggregate(list(rows))}
+            section["ours"] = {"levels": [{**aggregate(list(rows)), "level": i}
                                           for i, rows in enumerate(levels)],
-                               "unquantized": _aggregate([s["unquantized"]
+                               "unquantized": aggregate([s["unquantized"]
                                                           for s in per_method["ours"]])}
         for method in ("ceiling", "efficientfi"):
             if method in per_method:
-                section[method] = _aggregate(per_method[method])
+                section[method] = aggregate(per_method[method])
         section["per_task"] = {
-            name: {m: (_aggregate([r["levels"][0] for r in rs]) if m == "ours"
-                       else _aggregate(rs)) for m, rs in methods_.items()}
+            name: {m: (aggregate([r["levels"][0] for r in rs]) if m == "ours"
+                       else aggregate(rs)) for m, rs in methods_.items()}
             for name, methods_ in per_task.items()}
         report["protocols"][protocol] = section
     report["targets"] = targets(report)

@@ -88,6 +88,11 @@ def train_command(
     quantizer_weight: Annotated[float, typer.Option(help="quantizer loss weight")] = 1.0,
     quantizer: Annotated[str, typer.Option(help="fsq (default) or vq")] = "fsq",
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    protocols: Annotated[str, typer.Option(
+        help="also run these protocols for the report: random (k-fold by recording), "
+             "cross-session (Fition); comma-separated, empty for none")] = "",
+    folds: Annotated[int, typer.Option(help="folds of the random protocol")] = 5,
+    protocol_seeds: Annotated[int, typer.Option(help="seeds per protocol")] = 1,
 ) -> None:
     """Train a bundle: split by recording, train with early stopping, freeze the entropy
     tables, export the int8 edge encoder, evaluate the held-out recordings, write report.md."""
@@ -111,9 +116,11 @@ def train_command(
                 f"epoch {log.epoch} loss {log.loss:.3f} val activity {log.val_activity:.3f}"))
 
         try:
-            manifest, evaluation = train_bundle(dataset, data, out, opts,
-                                                model={"quantizer": quantizer},
-                                                progress=progress)
+            manifest, evaluation = train_bundle(
+                dataset, data, out, opts, model={"quantizer": quantizer}, progress=progress,
+                protocols=[p for p in protocols.split(",") if p] or None,
+                protocol_folds=folds, protocol_seeds=protocol_seeds,
+                log=lambda line: bar.console.print(line))
         except (CSIError, KeyError, ValueError) as exc:
             raise fail(str(exc)) from exc
     typer.echo(json.dumps({"bundle": str(out), "id": manifest.id,

@@ -73,8 +73,13 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
 def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
                  model: dict[str, Any] | None = None, val: float = 0.15, test: float = 0.15,
                  progress: Callable[[EpochLog], None] | None = None,
-                 protocols: dict[str, Any] | None = None) -> tuple[Any, Evaluation]:
-    """The ``csi train`` command: split by recording, train, bundle, evaluate, report."""
+                 protocols: list[str] | None = None, protocol_folds: int = 5,
+                 protocol_seeds: int = 1,
+                 log: Callable[[str], None] | None = None) -> tuple[Any, Evaluation]:
+    """The ``csi train`` command: split by recording, train, bundle, evaluate, report; with
+    ``protocols``, also the cross-validated protocols (extra trainings) for the report."""
+    from .protocols import run_protocols
+
     started = time.perf_counter()
     data, spec, activities, identities = prepare(dataset, data_dir)
     split = random_split(data.examples, seed=opts.seed, val=val, test=test)
@@ -96,9 +101,14 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
                                progress=progress)
         evaluation = evaluate_bundle(CloudModel.load(staging), EdgeEncoder(staging), data,
                                      test_recs, dataset=dataset)
+        training["seconds_bundle"] = round(time.perf_counter() - started, 1)
+        protocol_results = (
+            run_protocols(data, spec, activities, identities, protocols, opts,
+                          folds=protocol_folds, seeds=protocol_seeds, model=model, log=log)
+            if protocols else None)
         training["seconds_total"] = round(time.perf_counter() - started, 1)
-        manifest.metrics = {"test_split": evaluation.summary, **({"protocols": protocols}
-                                                                 if protocols else {})}
+        manifest.metrics = {"test_split": evaluation.summary,
+                            **({"protocols": protocol_results} if protocol_results else {})}
         manifest.training = {**manifest.training, **training}
         # Metrics are not part of the id (it covers weights and behaviour only).
         (staging / "bundle.json").write_text(
@@ -111,7 +121,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
                          "session. Cross-session activity accuracy is the honest number.")
         write_report(staging, manifest=manifest.model_dump(mode="json"),
                      history=[asdict(h) for h in result.history], evaluation=evaluation,
-                     protocols=protocols, notes=notes)
+                     protocols=protocol_results, notes=notes)
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)

@@ -170,8 +170,20 @@ def write_report(folder: Path, *, manifest: dict[str, Any], history: list[dict[s
         lines.append("![identity confusion](confusion_identity.png)")
     lines += ["![real vs reconstructed](reconstruction.png)", ""]
     if protocols:
-        lines += ["## Protocols (cross-validated)", "",
-                  "```json", json.dumps(protocols, indent=1)[:6000], "```", ""]
+        lines += ["## Protocols (cross-validated)", ""]
+        for name, result in protocols.items():
+            lines += [f"### {name}: {result['tasks']} train/test tasks x {result['seeds']} "
+                      "seed(s), mean (std)", ""]
+            rows = [{"level": "unquantized", **result["unquantized"]}, *result["levels"]]
+            lines.append(_table([{k: (f"{v['mean']:.3f} ({v['std']:.3f})"
+                                      if isinstance(v, dict) else v) for k, v in r.items()}
+                                 for r in rows],
+                                [k for k in METRIC_KEYS if k in result["levels"][0]
+                                 or k == "level"]))
+            lines += ["Level-0 activity accuracy per task: " + ", ".join(
+                f"{task} {v['activity_accuracy']['mean']:.3f}"
+                for task, v in result["per_task_level0"].items()), ""]
+        lines += ["```json", json.dumps(protocols, indent=1)[:4000], "```", ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     path = folder / "report.md"
