@@ -212,3 +212,14 @@ def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
                   str(samples / "wiar"))
     assert refused.returncode == 2
     assert "'tiny'" in refused.stderr and "'wiar'" in refused.stderr
+
+
+def test_training_is_reproducible(samples: Path, tmp_path: Path) -> None:
+    data, spec, activities, identities = prepare("fition", samples / "fition")
+    recs = np.arange(len(data))
+    ids = []
+    for run in ("a", "b"):
+        _, manifest = fit(data, spec, activities, identities, recs, recs,
+                          TrainOptions(epochs=1, threads=1, seed=3), tmp_path / run, name="r")
+        ids.append(manifest.id)
+    assert ids[0] == ids[1]
