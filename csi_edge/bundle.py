@@ -216,7 +216,9 @@ class EdgeEncoder:
     def encode(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, L, A, S) preprocessed segments -> latent symbols (B, G, T), profile (B, K)."""
         latent, coeff = self.session.run(None, {"segment": segments.astype(np.float32)})
-        symbols = np.clip(np.rint(latent), -self.half, self.half).astype(np.int64) + self.half
+        # FSQ: the bounded latent, rounded and shifted to 0..alphabet-1; VQ: code indices.
+        top = int(self.manifest.quantizer["alphabet"]) - 1 - self.half
+        symbols = np.clip(np.rint(latent), -self.half, top).astype(np.int64) + self.half
         r = self.manifest.profile_range
         profile = np.clip(np.rint(coeff), -r, r).astype(np.int64)
         return symbols, profile

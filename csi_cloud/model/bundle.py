@@ -30,6 +30,7 @@ from csi_edge.preprocess import InputSpec
 from .data import SegmentData
 from .export import export_edge_encoder
 from .network import CSICodecNet, ModelConfig
+from .quantizers import FSQ
 
 __all__ = ["CLOUD_FILE", "EDGE_FILE", "load_network", "save_bundle", "update"]
 
@@ -88,7 +89,7 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
         np.savez_compressed(fh, **arrays)
     cfg = net.cfg
     levels = [
-        RateLevel(level=i, groups=cfg.level_groups[i],
+        RateLevel(level=i, groups=cfg.level_channels[i] // net.group_size,
                   profile_components=cfg.profile_components[i],
                   segments_per_message=segments_per_message[i])
         for i in range(cfg.levels)
@@ -100,8 +101,8 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
         input_spec=spec,
         model=cfg.model_dump(mode="json"),
         quantizer={"kind": cfg.quantizer, "alphabet": net.quantizer.alphabet,
-                   "half": getattr(net.quantizer, "half", 0), "groups": net.quantizer.groups,
-                   "latent_steps": cfg.latent_steps()},
+                   "half": net.quantizer.half if isinstance(net.quantizer, FSQ) else 0,
+                   "groups": net.quantizer.groups, "latent_steps": cfg.latent_steps()},
         levels=levels,
         profile_range=cfg.profile_range,
         entropy={k: v.to_dict() for k, v in tables.items()},

@@ -32,6 +32,7 @@ from csi_edge.codec import (
 
 from .bundle import load_network
 from .network import CSICodecNet
+from .quantizers import FSQ
 
 __all__ = ["CloudModel", "DecodedSegment"]
 
@@ -110,8 +111,8 @@ class CloudModel:
         cfg = self.net.cfg
         t = int(self.manifest.quantizer["latent_steps"])
         groups = self.net.quantizer.groups
-        symbols = torch.full((len(codes), groups, t), self.net.quantizer.half
-                             if hasattr(self.net.quantizer, "half") else 0, dtype=torch.long)
+        fill = self.net.quantizer.half if isinstance(self.net.quantizer, FSQ) else 0
+        symbols = torch.full((len(codes), groups, t), fill, dtype=torch.long)
         mask = torch.zeros(len(codes), cfg.latent_channels, 1)
         profiles = []
         for i, c in enumerate(codes):

@@ -18,27 +18,41 @@ import torch
 from torch import Tensor, nn
 
 from .network import CSICodecNet
-from .quantizers import FSQ
+from .quantizers import FSQ, EMAVectorQuantizer
 
 __all__ = ["EdgeGraph", "export_edge_encoder"]
 
 
 class EdgeGraph(nn.Module):
-    """What the edge runs: encoder, FSQ bound and profile projection (no rounding)."""
+    """What the edge runs: encoder, quantizer up to (not including) rounding, profile
+    projection. FSQ: the bounded latent in [-half, half] (rounded on the edge). VQ: each
+    group's nearest codebook entry, as a float index (exact integers)."""
 
     def __init__(self, net: CSICodecNet) -> None:
         super().__init__()
-        if not isinstance(net.quantizer, FSQ):
-            raise ValueError(f"edge export needs the FSQ quantizer, not {net.cfg.quantizer!r}")
         self.encoder = net.encoder
-        self.half = float(net.quantizer.half)
+        self.quantizer = net.quantizer
+        if isinstance(net.quantizer, FSQ):
+            self.half = float(net.quantizer.half)
+        elif isinstance(net.quantizer, EMAVectorQuantizer):
+            self.half = 0.0
+        else:
+            raise ValueError(f"no edge encoder for quantizer {net.cfg.quantizer!r}")
         self.register_buffer("profile_mean", net.profile_mean.clone())
         self.register_buffer("profile_basis", net.profile_basis.clone())
         self.register_buffer("profile_step", net.profile_step.clone())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, profile = self.encoder(x)
-        latent = torch.tanh(z) * self.half
+        if isinstance(self.quantizer, FSQ):
+            latent = torch.tanh(z) * self.half
+        else:
+            vq = self.quantizer
+            b, _, t = z.shape
+            vectors = z.view(b, vq.groups, vq.dim, t).permute(0, 1, 3, 2)  # (B, G, T, dim)
+            book = vq.codebook.unsqueeze(0).unsqueeze(2)  # (1, G, 1, size, dim)
+            distance = ((vectors.unsqueeze(3) - book) ** 2).sum(dim=-1)  # (B, G, T, size)
+            latent = distance.argmin(dim=-1).float()
         coeff = (profile - self.profile_mean) @ self.profile_basis.T / self.profile_step
         return latent, coeff
 

@@ -11,8 +11,9 @@ T latent steps, N context segments, G symbol groups):
   dynamics into ``z`` (B, D, T). The classifier therefore never sees the session fingerprint
   through the codes.
 - quantizer: ``z`` -> ``z_q`` (B, D, T), ``symbols`` (B, G, T);
-- rate levels: level ``l`` transmits the first ``level_groups[l]`` symbol groups (the rest of
-  ``z_q`` is zero at the decoder) and ``profile_components[l]`` PCA coefficients of the profile;
+- rate levels: level ``l`` transmits the first ``level_channels[l]`` latent channels (their
+  symbol groups; the rest of ``z_q`` is zero at the decoder) and ``profile_components[l]``
+  PCA coefficients of the profile;
 - :class:`Decoder`: ``z_q`` -> dynamics (B, C, L); the reconstruction adds the decoded profile;
 - :class:`ContextClassifier`: the last N segments' ``z_q`` (B, N, D, T) and decoded profiles
   (B, N, C), with a mask (B, N) of segments that arrived -> activity logits (from the dynamics
@@ -50,7 +51,7 @@ class ModelConfig(BaseModel):
     fsq_levels: int = 5
     vq_dim: int = 2
     vq_size: int = 25
-    level_groups: tuple[int, ...] = (2, 4, 8, 16)
+    level_channels: tuple[int, ...] = (2, 4, 8, 16)  # latent channels each level transmits
     profile_components: tuple[int, ...] = (4, 8, 16, 32)
     profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
     embed: int = 64
@@ -63,7 +64,7 @@ class ModelConfig(BaseModel):
 
     @property
     def levels(self) -> int:
-        return len(self.level_groups)
+        return len(self.level_channels)
 
     def latent_steps(self) -> int:
         t = self.segment_frames
@@ -197,8 +198,8 @@ class CSICodecNet(nn.Module):
 
     def channel_mask(self, level: Tensor) -> Tensor:
         """(B,) level -> (B, D, 1) float mask of the channels a level transmits."""
-        groups = torch.tensor(self.cfg.level_groups, device=level.device)
-        kept = groups[level.clamp_max(self.cfg.levels - 1)] * self.group_size
+        channels = torch.tensor(self.cfg.level_channels, device=level.device)
+        kept = channels[level.clamp_max(self.cfg.levels - 1)]
         mask = torch.arange(self.cfg.latent_channels, device=level.device) < kept.unsqueeze(-1)
         unquantized = level >= self.cfg.levels
         mask = mask | unquantized.unsqueeze(-1)
