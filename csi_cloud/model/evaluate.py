@@ -86,9 +86,13 @@ def _encoder_ms(edge: EdgeEncoder, segment: np.ndarray, level: int, repeat: int 
     return float(np.median(times) * 1e3)
 
 
-def evaluate_bundle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
+def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
                     recordings: np.ndarray, *, dataset: str = "") -> Evaluation:
-    """Metrics per rate level through the real payloads, plus the unquantized network."""
+    """Metrics per rate level through the real payloads, plus the unquantized network.
+
+    ``edge`` is the int8 edge encoder (what APs run) or, for comparison, the cloud model's
+    float encoder; the latency column is measured for the int8 encoder only.
+    """
     manifest = model.manifest
     n_ctx = model.net.cfg.context_segments
     n_act = len(manifest.labels["activity"] or [])
@@ -144,7 +148,8 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
             "compression_ratio": round(native / bytes_per_s, 1),
             **cls,
             "nmse_db": round(10 * np.log10(err / energy), 2),
-            "encoder_ms_per_segment": round(_encoder_ms(edge, data.x[rows[:1]], spec.level), 4),
+            "encoder_ms_per_segment": (round(_encoder_ms(edge, data.x[rows[:1]], spec.level), 4)
+                                       if isinstance(edge, EdgeEncoder) else None),
         })
         predictions[spec.level] = {"activity": p_act.argmax(1), "activity_true":
                                    data.activity[owners], "identity": None if p_id is None
@@ -166,7 +171,8 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
     return Evaluation(summary, predictions)
 
 
-def _blob(edge: EdgeEncoder, symbols: np.ndarray, profile: np.ndarray, level: int) -> bytes:
+def _blob(edge: EdgeEncoder | CloudModel, symbols: np.ndarray, profile: np.ndarray,
+          level: int) -> bytes:
     from csi_edge.bundle import encode_segment_codes
 
     spec = edge.manifest.level(level)

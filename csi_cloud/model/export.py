@@ -4,8 +4,13 @@ The exported graph maps a preprocessed segment (B, L, A, S) to
   - ``latent``: the FSQ-bounded latent (B, D, T) in [-half, half], rounded on the edge;
   - ``profile``: the profile's PCA coefficients in quantization steps (B, K), rounded and
     clipped on the edge.
-Only the convolution stack is quantized to int8 (per-channel weights, calibrated on real
-training segments); the tiny profile projection stays float so its rounding matches the cloud.
+The convolution stack is quantized statically: int8 weights (per channel) and 16-bit
+activations (W8A16, QDQ with ONNX Runtime's contrib QuantizeLinear), calibrated (MinMax) on
+real training segments. 16-bit activations are a measured choice: FSQ rounds the bounded
+latent, so a small activation error flips a code. On the trained Fition model, 8-bit
+activations kept only 82-91 % of the codes equal to the float path (MinMax, percentile,
+entropy calibration, dynamic quantization: 93 %); W8A16 keeps 99.6 % at the same size and
+~0.07 ms per segment. The tiny profile projection stays float so its rounding matches the cloud.
 """
 
 from __future__ import annotations
@@ -98,9 +103,9 @@ def export_edge_encoder(net: CSICodecNet, calibration: np.ndarray, out: Path,
         quantize_static(
             str(prepared), str(out), _Calibration(calibration),
             quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt16, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
             nodes_to_exclude=keep_float,
-            extra_options={"ActivationSymmetric": True},
+            extra_options={"ActivationSymmetric": True, "UseQDQContribOps": True},
         )
     return out

@@ -58,7 +58,7 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
     tables = update(result.net, data, train_recs)
     calibration_rows = np.flatnonzero(np.isin(data.recording, train_recs))
     rng = np.random.default_rng(opts.seed)
-    calibration = data.x[rng.choice(calibration_rows, min(256, calibration_rows.size),
+    calibration = data.x[rng.choice(calibration_rows, min(1024, calibration_rows.size),
                                     replace=False)]
     info = {**(training or {}), "seconds": round(result.seconds, 1),
             "best_epoch": result.best_epoch, "options": opts.model_dump()}
