@@ -223,3 +223,16 @@ def test_training_is_reproducible(samples: Path, tmp_path: Path) -> None:
                           TrainOptions(epochs=1, threads=1, seed=3), tmp_path / run, name="r")
         ids.append(manifest.id)
     assert ids[0] == ids[1]
+
+
+def test_checkpoints_are_written_without_pickle(samples: Path, tmp_path: Path) -> None:
+    from csi_cloud.model.train import train
+
+    data, spec, activities, identities = prepare("fition", samples / "fition")
+    cfg = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=len(activities),
+                      identities=len(identities))
+    recs = np.arange(len(data))
+    train(cfg, data, recs, recs, TrainOptions(epochs=2, threads=1), checkpoints=tmp_path)
+    for name in ("best.npz", "last.npz"):
+        with np.load(tmp_path / name, allow_pickle=False) as arrays:
+            assert "encoder.net.0.weight" in arrays.files

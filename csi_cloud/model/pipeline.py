@@ -49,12 +49,14 @@ def _indices(data: SegmentData, examples: list[Example]) -> np.ndarray:
 def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[str],
         train_recs: np.ndarray, val_recs: np.ndarray, opts: TrainOptions, out: Path, *,
         name: str, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-        progress: Callable[[EpochLog], None] | None = None) -> tuple[TrainResult, Any]:
+        progress: Callable[[EpochLog], None] | None = None,
+        checkpoints: Path | None = None) -> tuple[TrainResult, Any]:
     """Train, freeze the entropy tables, write the bundle; returns (result, manifest)."""
     cfg = ModelConfig(antennas=spec.antennas, subcarriers=len(spec.subcarriers),
                       segment_frames=spec.segment_frames, activities=len(activities),
                       identities=len(identities), **(model or {}))
-    result = train(cfg, data, train_recs, val_recs, opts, progress=progress)
+    result = train(cfg, data, train_recs, val_recs, opts, progress=progress,
+                   checkpoints=checkpoints)
     tables = update(result.net, data, train_recs)
     calibration_rows = np.flatnonzero(np.isin(data.recording, train_recs))
     rng = np.random.default_rng(opts.seed)
@@ -96,9 +98,10 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
                 "dropped": data.dropped.as_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "bundle"
+        checkpoints = out.with_name(out.name + ".checkpoints")
         result, manifest = fit(data, spec, activities, identities, train_recs, val_recs, opts,
                                staging, name=out.name, model=model, training=training,
-                               progress=progress)
+                               progress=progress, checkpoints=checkpoints)
         evaluation = evaluate_bundle(CloudModel.load(staging), EdgeEncoder(staging), data,
                                      test_recs, dataset=dataset)
         training["seconds_bundle"] = round(time.perf_counter() - started, 1)
@@ -125,6 +128,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle now holds the weights
     return manifest, evaluation
 
 

@@ -12,6 +12,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -200,9 +201,21 @@ def _score(result: dict[str, np.ndarray]) -> tuple[float, float | None]:
     return act, ident
 
 
+def save_checkpoint(net: CSICodecNet, path: Path) -> None:
+    """Weights as numpy arrays (no pickle), written atomically."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+    tmp.replace(path)
+
+
 def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs: np.ndarray,
-          opts: TrainOptions, progress: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Train a network from scratch; returns the best weights by validation score."""
+          opts: TrainOptions, progress: Callable[[EpochLog], None] | None = None,
+          checkpoints: Path | None = None) -> TrainResult:
+    """Train a network from scratch; returns the best weights by validation score.
+
+    With ``checkpoints``, ``best.npz`` (on every improvement) and ``last.npz`` (every epoch)
+    are written there, so an interrupted run leaves its weights behind.
+    """
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
@@ -258,9 +271,14 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
         result.history.append(log)
         if progress:
             progress(log)
+        if checkpoints is not None:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(net, checkpoints / "last.npz")
         if score > best_score + 1e-6:
             best_score, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
             result.best_epoch = epoch
+            if checkpoints is not None:
+                save_checkpoint(net, checkpoints / "best.npz")
         else:
             stale += 1
             if stale >= opts.patience:
