@@ -228,7 +228,7 @@ def test_training_is_reproducible(samples: Path, tmp_path: Path) -> None:
 def test_checkpoints_are_written_without_pickle(samples: Path, tmp_path: Path) -> None:
     from csi_cloud.model.train import train
 
-    data, spec, activities, identities = prepare("fition", samples / "fition")
+    data, _spec, activities, identities = prepare("fition", samples / "fition")
     cfg = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=len(activities),
                       identities=len(identities))
     recs = np.arange(len(data))
