@@ -3,7 +3,8 @@
 A bundle folder holds ``bundle.json`` (the :class:`BundleManifest`), ``edge.onnx`` (the int8
 encoder, run here with ONNX Runtime, no torch) and ``cloud.npz`` (decoder and classifier
 weights, used by the cloud). The bundle id is the sha256 of everything that decides what the
-model does: both weight files and the canonical JSON of the manifest's behavioural fields.
+model does: the canonical JSON of the manifest's behavioural fields and of each weight file's
+sha256 (so an edge holding only ``edge.onnx`` can check the id).
 
 Codes of one segment at rate level ``l`` (entropy coded as ONE stream, see csi_edge.entropy):
   1. latent symbols of the first ``groups`` symbol groups, group-major (group 0 at every
@@ -114,18 +115,28 @@ class BundleManifest(BaseModel):
                 entropy.EntropyTable.from_dict(self.entropy["profile"]))
 
 
-def bundle_id(manifest: BundleManifest, folder: Path) -> str:
-    """sha256 over both weight files and the canonical behaviour JSON."""
-    digest = hashlib.sha256()
-    for key in sorted(manifest.files):
-        digest.update((folder / manifest.files[key].path).read_bytes())
-    digest.update(json.dumps(manifest.behaviour(), sort_keys=True,
-                             separators=(",", ":")).encode())
-    return digest.hexdigest()
+def bundle_id(manifest: BundleManifest, folder: Path | None = None) -> str:
+    """sha256 of the canonical JSON of the behaviour fields and each weight file's sha256.
+
+    The id covers the weights through their hashes, so a part that holds only some of the
+    files (an edge has ``edge.onnx``, not the decoder) can still check the id it was given:
+    the manifest's hashes must give the id, and each file it has must match its hash.
+    ``folder`` is unused and kept for callers of the earlier signature.
+    """
+    del folder
+    canonical = {"behaviour": manifest.behaviour(),
+                 "files": {key: manifest.files[key].sha256 for key in sorted(manifest.files)}}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
 
 
-def load_manifest(folder: str | Path, verify: bool = True) -> BundleManifest:
-    """Read and check ``bundle.json`` (schema, file hashes, id)."""
+def load_manifest(folder: str | Path, verify: bool = True,
+                  parts: tuple[str, ...] | None = None) -> BundleManifest:
+    """Read and check ``bundle.json``: schema, the id, and the hash of each weight file.
+
+    ``parts`` names the files that must be present and match (default: all of them); an edge
+    checks ``("edge",)`` because it never holds the cloud weights.
+    """
     folder = Path(folder)
     path = folder / "bundle.json"
     try:
@@ -138,7 +149,14 @@ def load_manifest(folder: str | Path, verify: bool = True) -> BundleManifest:
         raise BundleError(f"{path}: schema version {manifest.schema_version}, "
                           f"this software reads {SCHEMA_VERSION}")
     if verify:
-        for key, entry in manifest.files.items():
+        actual_id = bundle_id(manifest)
+        if actual_id != manifest.id:
+            raise BundleError(f"{path}: content hashes to id {actual_id[:12]}…, manifest says "
+                              f"{manifest.id[:12]}…")
+        for key in parts if parts is not None else tuple(manifest.files):
+            if key not in manifest.files:
+                raise BundleError(f"{path}: no {key!r} weights in the manifest")
+            entry = manifest.files[key]
             file = folder / entry.path
             if not file.is_file():
                 raise BundleError(f"{folder}: {key} weights {entry.path!r} are missing")
@@ -146,10 +164,6 @@ def load_manifest(folder: str | Path, verify: bool = True) -> BundleManifest:
             if actual != entry.sha256:
                 raise BundleError(f"{file}: sha256 {actual[:12]}… does not match the manifest's "
                                   f"{entry.sha256[:12]}…")
-        actual_id = bundle_id(manifest, folder)
-        if actual_id != manifest.id:
-            raise BundleError(f"{path}: content hashes to id {actual_id[:12]}…, manifest says "
-                              f"{manifest.id[:12]}…")
     return manifest
 
 
@@ -198,7 +212,7 @@ class EdgeEncoder:
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder, verify=verify)
+        self.manifest = load_manifest(self.folder, verify=verify, parts=("edge",))
         self.tables = self.manifest.tables()
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1

@@ -112,7 +112,7 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
         metrics=metrics or {},
         calibration=extra_calibration or {},
     )
-    manifest.id = bundle_id(manifest, folder)
+    manifest.id = bundle_id(manifest)
     (folder / "bundle.json").write_text(
         json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
