@@ -62,6 +62,79 @@ def convert(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+def _stream_option(value: str) -> dict[str, str]:
+    site_ap, sep, source = value.partition("=")
+    site, slash, ap = site_ap.partition("/")
+    if not (sep and slash and site and ap and source):
+        raise typer.BadParameter(f"{value!r} is not SITE/AP=SOURCE")
+    return {"site": site, "ap": ap, "source": source}
+
+
+@app.command()
+def edge(
+    model: Annotated[Path | None, typer.Option(help="model bundle folder [models/fition]")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="nexmon-udp://HOST:PORT, file:///PATH (file or folder), "
+             "esp32-serial:///dev/ttyUSB0?baud=921600, or stdin")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="mqtt[s]://[user:pass@]host:port [mqtt://127.0.0.1:1883]")] = None,
+    site: Annotated[str | None, typer.Option(help="site name (topic level)")] = None,
+    ap: Annotated[str | None, typer.Option(help="access point name (topic level)")] = None,
+    stream: Annotated[list[str] | None, typer.Option(
+        help="another stream as SITE/AP=SOURCE (repeatable): many APs in one process")] = None,
+    level: Annotated[int | None, typer.Option(help="rate level at start, 0..3 [1]")] = None,
+    speed: Annotated[str | None, typer.Option(
+        help="file replay speed: real, max, or a factor [real]")] = None,
+    loop: Annotated[bool | None, typer.Option(
+        "--loop/--no-loop", help="file replay: start again at the end")] = None,
+    timestamps: Annotated[str | None, typer.Option(
+        help="file replay: now (shift capture times to now) or recorded [now]")] = None,
+    prefix: Annotated[str | None, typer.Option(help="topic prefix [csi/v1]")] = None,
+    spool_dir: Annotated[Path | None, typer.Option(help="on-disk queue folder [spool]")] = None,
+    spool_max_segments: Annotated[int | None, typer.Option(
+        help="queue bound in segments; the oldest are dropped beyond it [86400]")] = None,
+    cloud_url: Annotated[str | None, typer.Option(
+        help="cloud base URL for model downloads")] = None,
+    status_interval_s: Annotated[float | None, typer.Option(
+        "--status-interval", help="seconds between status messages [10]")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML or JSON settings file (CSI_EDGE_* variables and options win)")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    """Run the edge agent: stream CSI, compress it, publish it over MQTT (store-and-forward).
+
+    Settings come from the options, then CSI_EDGE_* environment variables, then --config.
+    """
+    import logging
+
+    from pydantic import ValidationError
+
+    from .agent import run_edge
+    from .settings import load_settings
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        overrides: dict[str, object] = {
+            "model": model, "source": source, "broker": broker, "site": site, "ap": ap,
+            "level": level, "speed": speed, "loop": loop, "timestamps": timestamps,
+            "prefix": prefix, "spool_dir": spool_dir, "spool_max_segments": spool_max_segments,
+            "cloud_url": cloud_url, "status_interval_s": status_interval_s,
+        }
+        if stream:
+            overrides["streams"] = [_stream_option(v) for v in stream]
+        settings = load_settings(config, **overrides)
+        settings.all_streams()
+        settings.broker_address()
+    except (ValidationError, ValueError) as exc:
+        raise fail(f"bad settings: {exc}") from exc
+    try:
+        code = run_edge(settings)
+    except CSIError as exc:
+        raise fail(str(exc)) from exc
+    raise typer.Exit(code)
+
+
 def main() -> None:  # pragma: no cover - console entry for an edge-only install
     app(prog_name="csi")
 

@@ -320,6 +320,7 @@ class Preprocessor:
         self.spec = spec
         self.dropped = DropCounter()
         self._columns: np.ndarray | None = None
+        self._layout: tuple[object, ...] | None = None
         self._segmenter = Segmenter(
             spec.nominal_rate_hz, spec.segment_frames, spec.max_interp_gap_s, spec.min_quality
         )
@@ -328,8 +329,11 @@ class Preprocessor:
 
     def push(self, frames: CSIFrames) -> list[Segment]:
         """Feed frames of the stream in order; return the segments completed so far."""
-        if self._columns is None:
+        # A stream may change layout (another file of a folder); check each new one.
+        layout = (frames.info.device, frames.info.subcarriers, frames.antennas)
+        if layout != self._layout:
             self._columns = self.spec.check(frames.info, frames.antennas)
+            self._layout = layout
         csi = frames.csi[:, :, self._columns]
         t = frames.timestamp
         # Frames not later than the last one already accepted are out of order.

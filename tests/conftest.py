@@ -35,3 +35,16 @@ def shared_fition() -> Path:
 @pytest.fixture(scope="session")
 def shared_wiar() -> Path:
     return _shared("wiar/height_90")
+
+
+@pytest.fixture
+def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real Mosquitto on a free port, persistent, restartable (``broker.stop()/start()``)."""
+    from _broker import Mosquitto, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        if IN_CI:
+            pytest.fail("CI=true but mosquitto is not installed")
+        pytest.skip("needs the mosquitto binary")
+    with Mosquitto(tmp_path / "broker") as mosquitto:
+        yield mosquitto
