@@ -237,6 +237,53 @@ def _print_summary(summary: dict[str, object]) -> None:
             typer.echo(f"{key}: {json.dumps(summary[key])}")
 
 
+@app.command("cloud")
+def cloud(
+    models: Annotated[Path | None, typer.Option(help="folder of model bundles [models]")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="mqtt[s]://[user:pass@]host:port, or '' for no MQTT [mqtt://127.0.0.1:1883]")] = None,
+    http: Annotated[str | None, typer.Option(help="HOST:PORT to serve on [127.0.0.1:8000]")] = None,
+    db: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL [sqlite:///csi-cloud.db]; postgresql+psycopg://user@host/db")] = None,
+    recordings: Annotated[Path | None, typer.Option(help="HDF5 recordings folder")] = None,
+    prefix: Annotated[str | None, typer.Option(help="topic prefix [csi/v1]")] = None,
+    client_id: Annotated[str | None, typer.Option(
+        help="MQTT client id (stable: keeps the session across restarts) [csi-cloud-1]")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        help="base URL edges use to download models [http://HOST:PORT]")] = None,
+    dev: Annotated[bool | None, typer.Option("--dev/--no-dev",
+                                             help="allow the placeholder API token")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML or JSON settings file (CSI_CLOUD_* variables and options win)")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    """Run the cloud service: MQTT ingest, decoding, classification and the HTTP API.
+
+    Settings come from the options, then CSI_CLOUD_* environment variables, then --config.
+    The API token (CSI_CLOUD_TOKEN) is required outside --dev.
+    """
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .api import create_app
+    from .settings import load_settings
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config, models=models, broker=broker, http=http, db=db,
+                                 recordings=recordings, prefix=prefix, client_id=client_id,
+                                 public_url=public_url, dev=dev)
+        settings.check_token()
+        settings.broker_address()
+    except (ValidationError, ValueError) as exc:
+        raise fail(f"bad settings: {exc}") from exc
+    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+                log_level=log_level.lower(), access_log=False)
+
+
 def main() -> None:
     app(prog_name="csi")
 

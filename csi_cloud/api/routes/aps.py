@@ -1,0 +1,87 @@
+"""Access points: state, latest prediction, rate control."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ...db import AP, Prediction
+from ...service import NotConnectedError
+from ..deps import DbSession, Service, WriteAccess
+from ..schemas import APOut, CtlAccepted, Page, PredictionOut, RateIn
+
+router = APIRouter(prefix="/aps", tags=["aps"])
+
+Name = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[^/+#$\x00][^/+#\x00]*$")]
+
+
+def prediction_out(row: Prediction | None) -> PredictionOut | None:
+    if row is None:
+        return None
+    return PredictionOut.model_validate(row, from_attributes=True)
+
+
+def latest_predictions(session: Session, keys: list[tuple[str, str]] | None = None
+                       ) -> dict[tuple[str, str], Prediction]:
+    newest = select(func.max(Prediction.id)).group_by(Prediction.site, Prediction.ap)
+    rows = session.scalars(select(Prediction).where(Prediction.id.in_(newest))).all()
+    return {(r.site, r.ap): r for r in rows if keys is None or (r.site, r.ap) in keys}
+
+
+def ap_out(row: AP, prediction: Prediction | None, service: Service) -> APOut:
+    counters = dict(row.counters or {})
+    state = service.ingestor.aps.get((row.site, row.ap))
+    rate = {"payload_bytes_per_s": round(state.bytes_per_s(time.time()), 2)} if state else {}
+    return APOut(
+        site=row.site, ap=row.ap, online=row.online, model=row.model, rate_level=row.rate_level,
+        source=row.source, first_seen=row.first_seen, last_seen=row.last_seen, epoch=row.epoch,
+        last_seq=row.last_seq, gaps=int(counters.get("gaps", 0)),
+        missing_segments=int(counters.get("missing_segments", 0)),
+        counters={**counters, **rate},
+        status=row.status, prediction=prediction_out(prediction))
+
+
+@router.get("", response_model=Page[APOut], summary="Every access point the service knows")
+def list_aps(session: DbSession, service: Service) -> Page[APOut]:
+    rows = session.scalars(select(AP).order_by(AP.site, AP.ap)).all()
+    latest = latest_predictions(session)
+    data = [ap_out(r, latest.get((r.site, r.ap)), service) for r in rows]
+    return Page[APOut](data=data, count=len(data))
+
+
+def _get_ap(session: Session, site: str, ap: str) -> AP:
+    row = session.get(AP, (site, ap))
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no access point {site}/{ap}")
+    return row
+
+
+@router.get("/{site}/{ap}", response_model=APOut, summary="One access point")
+def get_ap(site: Name, ap: Name, session: DbSession, service: Service) -> APOut:
+    row = _get_ap(session, site, ap)
+    return ap_out(row, latest_predictions(session, [(site, ap)]).get((site, ap)), service)
+
+
+@router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
+            summary="The AP's latest prediction (null before the first)")
+def get_prediction(site: Name, ap: Name, session: DbSession) -> PredictionOut | None:
+    _get_ap(session, site, ap)
+    row = session.scalars(select(Prediction).where(Prediction.site == site, Prediction.ap == ap)
+                          .order_by(Prediction.id.desc()).limit(1)).first()
+    return prediction_out(row)
+
+
+@router.post("/{site}/{ap}/rate", response_model=CtlAccepted,
+             status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
+             summary="Change the AP's rate level (published on its ctl topic)")
+async def set_rate(site: Name, ap: Name, body: RateIn, service: Service) -> CtlAccepted:
+    command = {"action": "set_rate", "level": body.level}
+    try:
+        await service.send_ctl(site, ap, command)
+    except NotConnectedError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    return CtlAccepted(topic=f"{service.settings.prefix}/{site}/{ap}/ctl", command=command)

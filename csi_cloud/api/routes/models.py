@@ -1,0 +1,65 @@
+"""Model bundles: list, details, edge weights for rollout, activation."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Response, status
+
+from csi_edge.bundle import BundleManifest
+from csi_edge.rollout import edge_archive
+
+from ...registry import UnknownModelError
+from ...service import NotConnectedError
+from ..deps import Service, WriteAccess
+from ..schemas import Activated, ModelOut, Page
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def model_out(manifest: BundleManifest, active: str) -> ModelOut:
+    return ModelOut(id=manifest.id, name=manifest.name, created=manifest.created,
+                    active=manifest.id == active,
+                    input_spec=manifest.input_spec.model_dump(mode="json"),
+                    levels=[lv.model_dump() for lv in manifest.levels], labels=manifest.labels,
+                    metrics=manifest.metrics, training=manifest.training)
+
+
+def _find(service: Service, model_id: str) -> BundleManifest:
+    try:
+        return service.registry.get(model_id).manifest
+    except UnknownModelError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {model_id!r}") from None
+
+
+@router.get("", response_model=Page[ModelOut], summary="Every bundle this service serves")
+def list_models(service: Service) -> Page[ModelOut]:
+    service.registry.refresh()
+    active = service.active_model
+    data = [model_out(m, active) for m in sorted(service.registry.manifests(),
+                                                 key=lambda m: m.name)]
+    return Page[ModelOut](data=data, count=len(data))
+
+
+@router.get("/{model_id}", response_model=ModelOut, summary="One bundle (id, prefix or name)")
+def get_model(model_id: str, service: Service) -> ModelOut:
+    return model_out(_find(service, model_id), service.active_model)
+
+
+@router.get("/{model_id}/edge", summary="The bundle's edge part (bundle.json + int8 encoder) "
+            "as a zip, for rollout", response_class=Response,
+            responses={200: {"content": {"application/zip": {}}}})
+def get_edge(model_id: str, service: Service) -> Response:
+    manifest = _find(service, model_id)
+    data = edge_archive(service.registry.folder_of(manifest.id))
+    return Response(data, media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{manifest.name}-{manifest.id[:12]}.zip"'})
+
+
+@router.post("/{model_id}/activate", response_model=Activated, dependencies=[WriteAccess],
+             summary="Make a bundle active and announce it to the APs on ctl")
+async def activate(model_id: str, service: Service) -> Activated:
+    manifest = _find(service, model_id)
+    try:
+        announced = await service.activate(manifest.id)
+    except NotConnectedError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    return Activated(id=manifest.id, announced_to=announced)

@@ -1,0 +1,87 @@
+"""Request and response bodies, per resource."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+__all__ = ["APOut", "CtlAccepted", "Health", "ModelOut", "Page", "PredictionOut", "RateIn"]
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    count: int
+
+
+class PredictionOut(BaseModel):
+    site: str
+    ap: str
+    epoch: int
+    seq: int
+    timestamp: float = Field(description="capture time of the segment start (Unix s)")
+    received: float = Field(description="when the cloud received the segment (Unix s)")
+    model: str
+    rate_level: int
+    quality: float = Field(description="fraction of the segment backed by real frames")
+    context_present: int = Field(description="segments of the context that arrived")
+    context_size: int
+    activity: str
+    activity_confidence: float
+    identity: str | None
+    identity_confidence: float | None
+    probabilities: dict[str, dict[str, float]]
+
+
+class APOut(BaseModel):
+    site: str
+    ap: str
+    online: bool
+    model: str | None
+    rate_level: int | None
+    source: str | None
+    first_seen: float
+    last_seen: float | None
+    epoch: int | None
+    last_seq: int | None
+    gaps: int = Field(description="sequence gaps seen (each one or more lost segments)")
+    missing_segments: int
+    counters: dict[str, Any]
+    status: dict[str, Any] | None = Field(description="the AP's last status message")
+    prediction: PredictionOut | None
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    created: str
+    active: bool
+    input_spec: dict[str, Any]
+    levels: list[dict[str, Any]]
+    labels: dict[str, list[str] | None]
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+
+
+class RateIn(BaseModel):
+    level: int = Field(ge=0, le=3, description="rate level 0 (fewest bytes) .. 3")
+
+
+class CtlAccepted(BaseModel):
+    topic: str
+    command: dict[str, Any]
+
+
+class Activated(BaseModel):
+    id: str
+    announced_to: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    models: int
+    mqtt_connected: bool
+    database: bool
+    uptime_s: float

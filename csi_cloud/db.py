@@ -1,0 +1,157 @@
+"""The service's SQL database (SQLAlchemy 2): AP state, predictions, labels, training jobs.
+
+SQLite by default (WAL, one file), PostgreSQL by URL. Writes happen in batches off the event
+loop (one transaction per ingest batch).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+__all__ = ["AP", "Base", "Database", "Label", "Prediction", "Setting", "TrainingJob"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AP(Base):
+    """One access point as the cloud knows it."""
+
+    __tablename__ = "aps"
+
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ap: Mapped[str] = mapped_column(String(64), primary_key=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rate_level: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    first_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    counters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Prediction(Base):
+    """One prediction: the context ending at one segment."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_ap_time", "site", "ap", "timestamp"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site: Mapped[str] = mapped_column(String(64))
+    ap: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    timestamp: Mapped[float] = mapped_column(Float, doc="capture time of the segment's start")
+    received: Mapped[float] = mapped_column(Float)
+    model: Mapped[str] = mapped_column(String(64))
+    rate_level: Mapped[int] = mapped_column(Integer)
+    quality: Mapped[float] = mapped_column(Float)
+    context_present: Mapped[int] = mapped_column(Integer)
+    context_size: Mapped[int] = mapped_column(Integer)
+    activity: Mapped[str] = mapped_column(String(64))
+    activity_confidence: Mapped[float] = mapped_column(Float)
+    identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    identity_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Label(Base):
+    """Activity/identity over a time range of an AP's stream (for retraining)."""
+
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site: Mapped[str] = mapped_column(String(64))
+    ap: Mapped[str] = mapped_column(String(64))
+    start: Mapped[float] = mapped_column(Float)
+    end: Mapped[float] = mapped_column(Float)
+    activity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class TrainingJob(Base):
+    __tablename__ = "training_jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    log: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    bundle: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Setting(Base):
+    """Small persistent key/values (the active model)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Database:
+    """Engine + session factory; creates the tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def get_setting(self, key: str) -> str | None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            return row.value if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.session.begin() as s:
+            s.merge(Setting(key=key, value=value))
+
+    def ping(self) -> bool:
+        from sqlalchemy import text
+
+        with self.engine.connect() as con:
+            con.execute(text("SELECT 1"))
+        return True
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,315 @@
+"""Ingest: wire payloads from many APs -> checked, decoded segments -> per-AP context ->
+joint classification, in micro-batches.
+
+:meth:`Ingestor.process` takes a batch of ``(site, ap, payload, received)`` and returns what
+happened to it: rejected payloads by reason, decoded segments (for recordings) and one
+prediction per new segment. Per AP it keeps the epoch, the last sequence number (gaps and
+duplicates are counted, never invented) and a rolling context of the last ``N`` segment slots;
+a slot is the segment's start time on the stream's segment grid, so a pause of the source is
+a run of missing slots, exactly as the offline evaluation builds its windows.
+
+Not thread-safe: one batch at a time (the service runs it on one worker thread).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from csi_edge._errors import CSIError
+from csi_edge.bundle import SegmentCodes, decode_segment_codes
+from csi_edge.codec import Payload, PayloadError, decode_payload
+
+from .model.compression import CloudModel
+from .registry import ModelRegistry
+
+__all__ = [
+    "REJECT_REASONS",
+    "APState",
+    "BatchResult",
+    "DecodedRecord",
+    "Ingestor",
+    "PredictionRecord",
+]
+
+_U32 = 1 << 32
+REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_flags",
+                  "bad_count", "bad_varint", "truncated_segment", "trailing_bytes",
+                  "unknown_model", "bad_level", "bad_codes", "bad_topic")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    """One accepted segment, decoded."""
+
+    site: str
+    ap: str
+    epoch: int
+    seq: int
+    timestamp_ms: int
+    level: int
+    quality: float
+    model: CloudModel
+    codes: SegmentCodes
+    code_bytes: bytes
+    received: float
+    z_q: np.ndarray | None = None  # (D, T)
+    profile: np.ndarray | None = None  # (C,)
+    reconstruction: np.ndarray | None = None  # (L, A, S) standardised log amplitude
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRecord:
+    site: str
+    ap: str
+    epoch: int
+    seq: int
+    timestamp: float  # capture time of the segment start, s
+    received: float
+    model: str
+    model_name: str
+    rate_level: int
+    quality: float
+    context_present: int
+    context_size: int
+    activity: str
+    activity_confidence: float
+    identity: str | None
+    identity_confidence: float | None
+    probabilities: dict[str, dict[str, float]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass
+class APState:
+    """What the cloud tracks per access point (from its segments)."""
+
+    site: str
+    ap: str
+    epoch: int | None = None
+    last_seq: int | None = None
+    base_ms: int | None = None
+    latest_slot: int | None = None
+    model: str | None = None
+    rate_level: int | None = None
+    context: dict[int, DecodedRecord] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    last_seen: float | None = None
+    last_prediction: PredictionRecord | None = None
+    bytes_window: list[tuple[float, int]] = field(default_factory=list)
+
+    def bytes_per_s(self, now: float, window_s: float = 30.0) -> float:
+        recent = [(t, n) for t, n in self.bytes_window if now - t <= window_s]
+        self.bytes_window = recent
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1.0)
+        return sum(n for _, n in recent) / span
+
+    def summary(self, now: float) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "last_seq": self.last_seq,
+            "model": self.model,
+            "rate_level": self.rate_level,
+            "last_seen": self.last_seen,
+            "payload_bytes_per_s": round(self.bytes_per_s(now), 2),
+            "counters": dict(self.counters),
+            "rejected": dict(self.rejected),
+        }
+
+
+@dataclass
+class BatchResult:
+    predictions: list[PredictionRecord] = field(default_factory=list)
+    segments: list[DecodedRecord] = field(default_factory=list)
+    rejected: list[tuple[str, str, str, str]] = field(default_factory=list)  # site, ap, why, detail
+    messages: int = 0
+
+
+class Ingestor:
+    def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384) -> None:
+        self.registry = registry
+        self.max_payload_bytes = max_payload_bytes
+        self.aps: dict[tuple[str, str], APState] = {}
+        self.rejected: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def state(self, site: str, ap: str) -> APState:
+        key = (site, ap)
+        if key not in self.aps:
+            with self.lock:
+                self.aps.setdefault(key, APState(site, ap))
+        return self.aps[key]
+
+    def _reject(self, result: BatchResult, site: str, ap: str, reason: str,
+                detail: str) -> None:
+        self.rejected[reason] += 1
+        if (site, ap) in self.aps or reason not in ("bad_topic",):
+            self.state(site, ap).rejected[reason] += 1
+        result.rejected.append((site, ap, reason, detail))
+
+    def _decode(self, result: BatchResult, site: str, ap: str, data: bytes,
+                received: float) -> list[DecodedRecord]:
+        try:
+            payload: Payload = decode_payload(data, max_bytes=self.max_payload_bytes)
+        except PayloadError as exc:
+            self._reject(result, site, ap, exc.reason, exc.detail)
+            return []
+        model = self.registry.by_prefix(payload.model_id)
+        if model is None:
+            self._reject(result, site, ap, "unknown_model",
+                         f"model id prefix {payload.model_id.hex()} is not served")
+            return []
+        if payload.level >= len(model.manifest.levels):
+            self._reject(result, site, ap, "bad_level",
+                         f"level {payload.level} not in {model.manifest.name}")
+            return []
+        records = []
+        for i, segment in enumerate(payload.segments):
+            try:
+                codes = decode_segment_codes(segment.codes, payload.level, model.manifest,
+                                             model.tables)
+            except (CSIError, ValueError) as exc:
+                self._reject(result, site, ap, "bad_codes", f"segment {i}: {exc}")
+                return []
+            records.append(DecodedRecord(
+                site, ap, payload.epoch, payload.seq(i),
+                payload.start_ms(i, model.segment_ms), payload.level, segment.quality, model,
+                codes, segment.codes, received))
+        return records
+
+    def process(self, batch: list[tuple[str, str, bytes, float]]) -> BatchResult:
+        """Check, decode, track and classify one batch of messages (arrival order)."""
+        result = BatchResult(messages=len(batch))
+        accepted: list[DecodedRecord] = []
+        for site, ap, data, received in batch:
+            records = self._decode(result, site, ap, data, received)
+            if not records:
+                continue
+            state = self.state(site, ap)
+            state.counters["messages"] += 1
+            state.counters["payload_bytes"] += len(data)
+            state.bytes_window.append((received, len(data)))
+            state.last_seen = received
+            for record in records:
+                if self._track(state, record):
+                    accepted.append(record)
+        if not accepted:
+            return result
+        # Reconstruct per model, in one batch each.
+        by_model: dict[str, list[int]] = {}
+        for i, record in enumerate(accepted):
+            by_model.setdefault(record.model.id, []).append(i)
+        decoded: list[DecodedRecord] = list(accepted)
+        for indices in by_model.values():
+            model = accepted[indices[0]].model
+            z_q, profile, recon = model.reconstruct([accepted[i].codes for i in indices])
+            for j, i in enumerate(indices):
+                r = accepted[i]
+                decoded[i] = DecodedRecord(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms, r.level,
+                                           r.quality, r.model, r.codes, r.code_bytes,
+                                           r.received, z_q[j], profile[j], recon[j])
+        result.segments = decoded
+        result.predictions = self._classify(decoded)
+        return result
+
+    def _track(self, state: APState, record: DecodedRecord) -> bool:
+        """Epoch, gap and duplicate bookkeeping; False for a segment already seen."""
+        c = state.counters
+        if record.epoch != state.epoch:
+            if state.epoch is not None:
+                c["epoch_changes"] += 1
+            state.epoch, state.last_seq = record.epoch, None
+            state.base_ms, state.latest_slot = record.timestamp_ms, None
+            state.context.clear()
+        if state.last_seq is not None:
+            step = (record.seq - state.last_seq) % _U32
+            if step == 0 or step > _U32 // 2:
+                c["duplicates"] += 1
+                return False
+            if step > 1:
+                c["gaps"] += 1
+                c["missing_segments"] += step - 1
+        state.last_seq = record.seq
+        state.model = record.model.id
+        state.rate_level = record.level
+        c["segments"] += 1
+        return True
+
+    def _classify(self, records: list[DecodedRecord]) -> list[PredictionRecord]:
+        windows: dict[str, list[tuple[DecodedRecord, list[DecodedRecord | None]]]] = {}
+        position: dict[int, int] = {}
+        for index, record in enumerate(records):
+            position[id(record)] = index
+            state = self.aps[(record.site, record.ap)]
+            model = record.model
+            n = model.net.cfg.context_segments
+            assert state.base_ms is not None
+            slot = (record.timestamp_ms - state.base_ms) // model.segment_ms
+            state.context[slot] = record
+            latest = slot if state.latest_slot is None else max(state.latest_slot, slot)
+            state.latest_slot = latest
+            for old in [s for s in state.context if s <= latest - n]:
+                del state.context[old]
+            # The window ending at this segment, with segments of the same model only.
+            window = [state.context.get(s) for s in range(slot - n + 1, slot + 1)]
+            window = [w if w is not None and w.model is model else None for w in window]
+            windows.setdefault(model.id, []).append((record, window))
+        out: list[tuple[int, PredictionRecord]] = []
+        for items in windows.values():
+            predictions = self._predict(items[0][0].model, items)
+            out.extend((position[id(r)], p) for (r, _), p in zip(items, predictions, strict=True))
+        out.sort(key=lambda pair: pair[0])
+        return [p for _, p in out]
+
+    def _predict(self, model: CloudModel,
+                 items: list[tuple[DecodedRecord, list[DecodedRecord | None]]]
+                 ) -> list[PredictionRecord]:
+        n = len(items[0][1])
+        first = items[0][0]
+        assert first.z_q is not None and first.profile is not None
+        z = np.zeros((len(items), n, *first.z_q.shape), np.float32)
+        prof = np.zeros((len(items), n, *first.profile.shape), np.float32)
+        present = np.zeros((len(items), n), bool)
+        for w, (_, window) in enumerate(items):
+            for j, seg in enumerate(window):
+                if seg is not None:
+                    z[w, j], prof[w, j], present[w, j] = seg.z_q, seg.profile, True
+        level = np.array([r.level for r, _ in items])
+        p_act, p_id = model.classify(z, prof, present, level)
+        labels = model.manifest.labels
+        activities = labels["activity"] or []
+        identities = labels["identity"] or []
+        out = []
+        for w, (record, _) in enumerate(items):
+            a = int(p_act[w].argmax())
+            probabilities = {"activity": {k: round(float(v), 5)
+                                          for k, v in zip(activities, p_act[w], strict=True)}}
+            identity = identity_conf = None
+            if p_id is not None and identities:
+                i = int(p_id[w].argmax())
+                identity, identity_conf = identities[i], float(p_id[w, i])
+                probabilities["identity"] = {k: round(float(v), 5)
+                                             for k, v in zip(identities, p_id[w], strict=True)}
+            prediction = PredictionRecord(
+                site=record.site, ap=record.ap, epoch=record.epoch, seq=record.seq,
+                timestamp=record.timestamp_ms / 1000, received=record.received,
+                model=model.id, model_name=model.manifest.name, rate_level=record.level,
+                quality=record.quality, context_present=int(present[w].sum()), context_size=n,
+                activity=activities[a], activity_confidence=float(p_act[w, a]),
+                identity=identity, identity_confidence=identity_conf,
+                probabilities=probabilities)
+            state = self.aps[(record.site, record.ap)]
+            if state.last_prediction is None or (prediction.epoch, prediction.timestamp) >= (
+                    state.last_prediction.epoch, state.last_prediction.timestamp):
+                state.last_prediction = prediction
+            out.append(prediction)
+        return out

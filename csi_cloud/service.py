@@ -1,0 +1,346 @@
+"""The cloud worker: MQTT ingest -> micro-batches -> decode + classify -> store -> publish.
+
+One :class:`CloudService` per process, started in the FastAPI lifespan. Segment messages come
+from an MQTT 5 shared subscription (``$share/{group}/{prefix}/+/+/seg``) on a persistent
+session (clean start off, session expiry), and are acknowledged only after their batch is
+stored, so a worker that dies mid-batch gets them again from the broker (duplicates are
+recognised by epoch and sequence number). Status messages (retained) update each AP's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+
+from csi_edge._mqtt import Backoff
+from csi_edge.settings import topic_name
+
+from .db import AP, Database, Prediction
+from .ingest import BatchResult, Ingestor, PredictionRecord
+from .live import LiveHub
+from .metrics import Metrics
+from .registry import ModelRegistry
+from .settings import CloudSettings
+
+__all__ = ["CloudService", "NotConnectedError"]
+
+log = logging.getLogger("csi_cloud.service")
+
+_ACTIVE_MODEL = "active_model"
+
+
+class NotConnectedError(RuntimeError):
+    """The worker has no MQTT connection right now."""
+
+
+class CloudService:
+    def __init__(self, settings: CloudSettings, *, recorder: Any = None) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.models)
+        self.db = Database(settings.db)
+        self.ingestor = Ingestor(self.registry, settings.max_payload_bytes)
+        self.hub = LiveHub()
+        self.metrics = Metrics()
+        self.metrics.track_aps(self.ap_rates)
+        self.recorder = recorder
+        self.queue: asyncio.Queue[tuple[str, str, bytes, float, Callable[[], None] | None]] = \
+            asyncio.Queue()
+        self.mqtt: Any = None
+        self.started = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._switch_sent: set[tuple[str, str, int]] = set()
+        self.batches = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not len(self.registry):
+            raise RuntimeError(f"no usable model bundle in {self.settings.models} "
+                               f"({self.registry.problems or 'folder empty'})")
+        self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
+        if self.settings.broker_address() is not None:
+            self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
+
+    async def stop(self) -> None:
+        # Let the queue drain (what was received is processed and acknowledged).
+        deadline = time.monotonic() + 5
+        while not self.queue.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.recorder is not None:
+            self.recorder.close()
+        self.db.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.mqtt is not None or self.settings.broker_address() is None
+
+    # -- models -----------------------------------------------------------------------------
+
+    @property
+    def active_model(self) -> str:
+        stored = self.db.get_setting(_ACTIVE_MODEL)
+        if stored in self.registry.ids():
+            return stored
+        if self.settings.default_model:
+            return self.registry.get(self.settings.default_model).id
+        return sorted(self.registry.manifests(), key=lambda m: m.name)[0].id
+
+    async def activate(self, model_id: str) -> list[str]:
+        """Make a bundle the active one and announce it on every compatible AP's ``ctl``."""
+        model = self.registry.get(model_id)
+        self.db.set_setting(_ACTIVE_MODEL, model.id)
+        announced = []
+        for site, ap in await asyncio.to_thread(self._known_aps):
+            if self._compatible(site, ap, model.id):
+                await self.send_ctl(site, ap, self._switch_command(model.id))
+                announced.append(f"{site}/{ap}")
+        return announced
+
+    def _switch_command(self, model_id: str) -> dict[str, Any]:
+        base = self.settings.base_url
+        return {"action": "switch_model", "model_id": model_id,
+                "url": f"{base}/api/v1/models/{model_id}/edge"}
+
+    def _compatible(self, site: str, ap: str, model_id: str) -> bool:
+        status = self._ap_status.get((site, ap)) or {}
+        current = status.get("model")
+        if not current:
+            return True
+        try:
+            old = self.registry.get(current).manifest.input_spec
+        except KeyError:
+            return True
+        new = self.registry.get(model_id).manifest.input_spec
+        return old.source_kind == new.source_kind
+
+    def _known_aps(self) -> list[tuple[str, str]]:
+        with self.db.session() as s:
+            return [(a.site, a.ap) for a in s.scalars(select(AP))]
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def send_ctl(self, site: str, ap: str, command: dict[str, Any]) -> None:
+        topic_name(site, "site")
+        topic_name(ap, "ap")
+        if self.mqtt is None:
+            raise NotConnectedError("not connected to the MQTT broker")
+        await self.mqtt.publish(f"{self.settings.prefix}/{site}/{ap}/ctl",
+                                json.dumps(command), qos=1)
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Callable[[], None] | None = None) -> None:
+        self.queue.put_nowait((site, ap, payload, received, ack))
+        self.metrics.queue.set(self.queue.qsize())
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.settings.batch_max_segments
+        wait_s = self.settings.batch_max_wait_ms / 1000
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + wait_s
+            while len(batch) < limit:
+                while len(batch) < limit and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                remaining = deadline - loop.time()
+                if remaining <= 0 or len(batch) >= limit:
+                    break
+                await asyncio.sleep(min(remaining, 0.002))
+            self.metrics.queue.set(self.queue.qsize())
+            try:
+                await self._process(batch)
+            except Exception:  # a bug must not stop ingest; the batch stays unacknowledged
+                log.exception("ingest batch of %d message(s) failed", len(batch))
+
+    async def _process(self, batch: list[tuple[str, str, bytes, float,
+                                               Callable[[], None] | None]]) -> None:
+        t0 = time.perf_counter()
+        items = [(site, ap, payload, received) for site, ap, payload, received, _ in batch]
+        result = await asyncio.to_thread(self.ingestor.process, items)
+        await asyncio.to_thread(self._store, result)
+        now = time.time()
+        for *_, received, ack in batch:
+            self.metrics.latency.observe(max(0.0, now - received))
+            if ack is not None:
+                ack()
+        self.batches += 1
+        self.metrics.batch.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.messages.inc(len(batch))
+        self.metrics.segments.inc(len(result.segments))
+        self.metrics.predictions.inc(len(result.predictions))
+        for _, _, reason, _ in result.rejected:
+            self.metrics.rejected.labels(reason).inc()
+        if result.predictions:
+            events = [p.as_dict() for p in result.predictions]
+            self.hub.publish(events)
+            await self._publish_predictions(result.predictions)
+
+    def _store(self, result: BatchResult) -> None:
+        if self.recorder is not None and result.segments:
+            try:
+                self.recorder.append(result.segments)
+            except Exception:  # recordings are best effort; predictions still count
+                log.exception("recording %d segment(s) failed", len(result.segments))
+        touched = {(p.site, p.ap) for p in result.predictions}
+        touched |= {(site, ap) for site, ap, *_ in result.rejected
+                    if (site, ap) in self.ingestor.aps}
+        if not touched and not result.predictions:
+            return
+        with self.db.session.begin() as s:
+            s.add_all(Prediction(**{k: v for k, v in p.as_dict().items() if k != "model_name"})
+                      for p in result.predictions)
+            for site, ap in touched:
+                state = self.ingestor.aps[(site, ap)]
+                row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
+                row.last_seen = state.last_seen
+                row.epoch, row.last_seq = state.epoch, state.last_seq
+                row.model = state.model or row.model
+                row.rate_level = state.rate_level if state.rate_level is not None \
+                    else row.rate_level
+                row.counters = {**dict(state.counters), "rejected": dict(state.rejected)}
+                s.merge(row)
+
+    async def _publish_predictions(self, predictions: list[PredictionRecord]) -> None:
+        if self.mqtt is None:
+            return
+        latest: dict[tuple[str, str], PredictionRecord] = {}
+        for p in predictions:
+            latest[(p.site, p.ap)] = p
+        for (site, ap), p in latest.items():
+            with contextlib.suppress(Exception):
+                await self.mqtt.publish(f"{self.settings.prefix}/{site}/{ap}/pred",
+                                        json.dumps(p.as_dict()), qos=1, retain=True,
+                                        timeout=5)
+
+    # -- MQTT -------------------------------------------------------------------------------
+
+    async def _mqtt_loop(self) -> None:
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        settings = self.settings
+        broker = settings.broker_address()
+        assert broker is not None
+        backoff = Backoff(0.5, 30.0)
+        seg_filter = f"$share/{settings.share_group}/{settings.prefix}/+/+/seg"
+        status_filter = f"{settings.prefix}/+/+/status"
+        while True:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = settings.session_expiry_s
+            tls = None
+            if broker.tls:
+                tls = aiomqtt.TLSParameters(ca_certs=str(settings.ca_file)
+                                            if settings.ca_file else None)
+            client = aiomqtt.Client(
+                broker.host, broker.port, username=broker.username, password=broker.password,
+                identifier=settings.client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False, properties=props, keepalive=30, tls_params=tls, timeout=10)
+            # Acknowledge a segment only once its batch is stored (at-least-once end to end):
+            # aiomqtt has no switch for it, paho does.
+            client._client.manual_ack_set(True)
+            try:
+                async with client:
+                    self.mqtt = client
+                    backoff.reset()
+                    log.info("connected to %s as %s", broker, settings.client_id)
+                    await client.subscribe(seg_filter, qos=1)
+                    await client.subscribe(status_filter, qos=1)
+                    async for message in client.messages:
+                        self._on_message(client, message)
+            except aiomqtt.MqttError as exc:
+                delay = backoff.next_delay()
+                log.warning("broker %s: %s; retrying in %.1f s", broker, exc, delay)
+                self.mqtt = None
+                await asyncio.sleep(delay)
+            finally:
+                self.mqtt = None
+
+    def _on_message(self, client: Any, message: Any) -> None:
+        topic = message.topic.value
+        parts = topic.split("/")
+        prefix_levels = len(self.settings.prefix.split("/"))
+        received = time.time()
+
+        def ack(mid: int = message.mid, qos: int = message.qos) -> None:
+            if qos > 0:
+                with contextlib.suppress(Exception):  # a closed connection: broker resends
+                    client._client.ack(mid, qos)
+
+        if len(parts) != prefix_levels + 3:
+            ack()
+            return
+        site, ap, kind = parts[-3:]
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else \
+            str(message.payload or "").encode()
+        if kind == "seg":
+            self.submit(site, ap, bytes(payload), received, ack)
+        elif kind == "status":
+            ack()
+            self._on_status(site, ap, bytes(payload))
+        else:
+            ack()
+
+    def _on_status(self, site: str, ap: str, payload: bytes) -> None:
+        try:
+            status = json.loads(payload) if payload else None
+        except ValueError:
+            log.warning("%s/%s: status is not JSON: %r", site, ap, payload[:80])
+            return
+        if not isinstance(status, dict):
+            return
+        self._ap_status[(site, ap)] = status
+        asyncio.get_running_loop().run_in_executor(None, self._store_status, site, ap, status)
+        # An AP that (re)started on another model than the active one is told to switch, once
+        # per epoch, if the active model takes its kind of CSI.
+        active = self.active_model
+        epoch = status.get("epoch")
+        if (status.get("online") and status.get("model") and status["model"] != active
+                and isinstance(epoch, int) and self.db.get_setting(_ACTIVE_MODEL)
+                and (site, ap, epoch) not in self._switch_sent
+                and self._compatible(site, ap, active)):
+            self._switch_sent.add((site, ap, epoch))
+            asyncio.get_running_loop().create_task(
+                self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+
+    @staticmethod
+    async def _quiet(coro: Any) -> None:
+        with contextlib.suppress(Exception):
+            await coro
+
+    def _store_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        with self.db.session.begin() as s:
+            row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
+            row.online = bool(status.get("online"))
+            row.status = status
+            row.source = status.get("source") if isinstance(status.get("source"), str) else None
+            if isinstance(status.get("model"), str):
+                row.model = status["model"]
+            if isinstance(status.get("rate_level"), int):
+                row.rate_level = status["rate_level"]
+            s.merge(row)
+
+    # -- views ------------------------------------------------------------------------------
+
+    def ap_rates(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for (site, ap), state in list(self.ingestor.aps.items()):
+            status = self._ap_status.get((site, ap)) or {}
+            out.append({"site": site, "ap": ap, "payload_bytes_per_s": state.bytes_per_s(now),
+                        "online": bool(status.get("online"))})
+        return out

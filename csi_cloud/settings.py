@@ -1,0 +1,148 @@
+"""Settings of the cloud service: command line > ``CSI_CLOUD_*`` environment > config file."""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from csi_edge.settings import BrokerAddress, topic_name
+
+__all__ = ["PLACEHOLDER_TOKEN", "CloudSettings", "load_settings"]
+
+PLACEHOLDER_TOKEN = "change-me"
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
+
+
+class CloudSettings(BaseSettings):
+    """Everything one cloud worker can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="CSI_CLOUD_", extra="forbid")
+
+    models: Path = Field(default=Path("models"), description="folder of model bundles; every "
+                                                             "bundle in it is served")
+    default_model: str | None = Field(default=None, description="bundle name or id announced "
+                                                                "as active [first by name]")
+    broker: str | None = Field(default="mqtt://127.0.0.1:1883",
+                               description="mqtt[s]://[user:pass@]host:port; empty: no MQTT")
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    ca_file: Path | None = None
+    prefix: str = Field(default="csi/v1", description="topic prefix")
+    share_group: str = Field(default="csi-cloud", description="MQTT 5 shared subscription group")
+    client_id: str = Field(default="csi-cloud-1", description="MQTT client id; a stable id keeps "
+                                                              "the session across restarts")
+    session_expiry_s: int = Field(default=86_400, ge=0, description="broker keeps the session "
+                                                                    "(and queued QoS 1) this long")
+    http: str = Field(default="127.0.0.1:8000", description="HOST:PORT to serve HTTP on")
+    public_url: str | None = Field(default=None, description="base URL edges use to reach this "
+                                                            "service (model downloads) "
+                                                            "[http://HOST:PORT]")
+    db: str = Field(default="sqlite:///csi-cloud.db", description="SQLAlchemy URL (sqlite:///"
+                                                                   "FILE or postgresql+psycopg://"
+                                                                   "...)")
+    recordings: Path = Field(default=Path("recordings"), description="HDF5 recordings per AP")
+    record_reconstruction: bool = Field(default=True, description="also store the "
+                                                                  "reconstructed CSI amplitude")
+    recording_max_bytes: int = Field(default=256 * 2**20, ge=2**16)
+    recording_max_s: float = Field(default=3600.0, gt=0)
+    token: SecretStr = Field(default=SecretStr(PLACEHOLDER_TOKEN),
+                             description="bearer token for write endpoints")
+    dev: bool = Field(default=False, description="allow the placeholder token")
+    batch_max_segments: int = Field(default=512, ge=1)
+    batch_max_wait_ms: float = Field(default=10.0, ge=0)
+    max_payload_bytes: int = Field(default=16_384, ge=64, description="larger MQTT payloads "
+                                                                      "are rejected")
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024)
+    max_request_bytes: int = Field(default=1 * 2**20, ge=1024, description="JSON request bodies")
+    offline_after_s: float = Field(default=30.0, gt=0, description="an AP silent this long "
+                                                                   "counts as offline")
+    jobs_dir: Path = Field(default=Path("jobs"), description="training job work folders")
+    datasets: dict[str, Path] = Field(default_factory=dict,
+                                      description="registered dataset folders by name")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        for level in value.split("/"):
+            topic_name(level, "topic prefix level")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"http {value!r} is not HOST:PORT")
+        return value
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.http_host if self.http_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def http_host(self) -> str:
+        return self.http.rpartition(":")[0]
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http.rpartition(":")[2])
+
+    def broker_address(self) -> BrokerAddress | None:
+        if not self.broker:
+            return None
+        address = BrokerAddress.parse(self.broker)
+        updates: dict[str, Any] = {}
+        if self.mqtt_username:
+            updates["username"] = self.mqtt_username
+        if self.mqtt_password:
+            updates["password"] = self.mqtt_password.get_secret_value()
+        return address.model_copy(update=updates)
+
+    def check_token(self) -> None:
+        """Refuse the placeholder token outside dev mode."""
+        value = self.token.get_secret_value()
+        if not self.dev and (value == PLACEHOLDER_TOKEN or len(value) < 16):
+            raise ValueError("set CSI_CLOUD_TOKEN to a secret of at least 16 characters (the "
+                             f"placeholder {PLACEHOLDER_TOKEN!r} is only allowed with --dev)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            if path.suffix.lower() == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> CloudSettings:
+    """Settings from ``overrides`` (None = not given), the environment, then ``config``."""
+    if config is not None and not config.is_file():
+        raise ValueError(f"config file {str(config)!r} does not exist")
+    token = _CONFIG_FILE.set(config)
+    try:
+        return CloudSettings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _CONFIG_FILE.reset(token)
