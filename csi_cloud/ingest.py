@@ -230,6 +230,8 @@ class Ingestor:
             state.epoch, state.last_seq = record.epoch, None
             state.base_ms, state.latest_slot = record.timestamp_ms, None
             state.context.clear()
+        if state.base_ms is None:  # state restored after a restart: context starts afresh
+            state.base_ms = record.timestamp_ms
         if state.last_seq is not None:
             step = (record.seq - state.last_seq) % _U32
             if step == 0 or step > _U32 // 2:

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import select
@@ -58,6 +59,7 @@ class CloudService:
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
         self._switch_sent: set[tuple[str, str, int]] = set()
         self.batches = 0
+        self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -65,6 +67,7 @@ class CloudService:
         if not len(self.registry):
             raise RuntimeError(f"no usable model bundle in {self.settings.models} "
                                f"({self.registry.problems or 'folder empty'})")
+        await asyncio.to_thread(self._restore_states)
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
         if self.settings.broker_address() is not None:
             self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
@@ -77,6 +80,7 @@ class CloudService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._status_writer.shutdown(wait=True)
         if self.recorder is not None:
             self.recorder.close()
         self.db.close()
@@ -84,6 +88,21 @@ class CloudService:
     @property
     def ready(self) -> bool:
         return self.mqtt is not None or self.settings.broker_address() is None
+
+    def _restore_states(self) -> None:
+        """Epoch and last sequence number per AP from the database, so segments the broker
+        delivers again after a restart are recognised as duplicates."""
+        with self.db.session() as s:
+            for row in s.scalars(select(AP)):
+                state = self.ingestor.state(row.site, row.ap)
+                state.epoch, state.last_seq = row.epoch, row.last_seq
+                state.model, state.rate_level = row.model, row.rate_level
+                counters = dict(row.counters or {})
+                state.rejected.update(counters.pop("rejected", {}) or {})
+                state.counters.update({k: v for k, v in counters.items()
+                                       if isinstance(v, int)})
+                if isinstance(row.status, dict):
+                    self._ap_status[(row.site, row.ap)] = row.status
 
     # -- models -----------------------------------------------------------------------------
 
@@ -304,7 +323,9 @@ class CloudService:
         if not isinstance(status, dict):
             return
         self._ap_status[(site, ap)] = status
-        asyncio.get_running_loop().run_in_executor(None, self._store_status, site, ap, status)
+        # One writer thread keeps status updates in arrival order.
+        asyncio.get_running_loop().run_in_executor(self._status_writer, self._store_status, site,
+                                                   ap, status)
         # An AP that (re)started on another model than the active one is told to switch, once
         # per epoch, if the active model takes its kind of CSI.
         active = self.active_model

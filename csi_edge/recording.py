@@ -442,11 +442,11 @@ def _open(path: Path) -> h5py.File:
         raise FormatError(path, f"not an HDF5 file ({size} bytes, starts with {head.hex()})")
     try:
         return h5py.File(path, "r")
-    except OSError:
+    except (OSError, RuntimeError):
         pass  # superblock flags say "open for write": a writer crashed or is running
     try:
         return h5py.File(path, "r", swmr=True)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for a broken header
         raise FormatError(path, f"HDF5 file cannot be opened: {exc}") from exc
 
 

@@ -56,10 +56,10 @@ def fetch_bundle(url: str, model_id: str, models_dir: str | Path, *, max_bytes: 
             return target
         except BundleError:
             shutil.rmtree(target, ignore_errors=True)
-    request = urllib.request.Request(url, headers={"Accept": "application/zip"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
+        request = urllib.request.Request(url, headers={"Accept": "application/zip"})
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             data = response.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -90,7 +90,16 @@ def fetch_bundle(url: str, model_id: str, models_dir: str | Path, *, max_bytes: 
         if manifest.id != model_id:
             raise RolloutError(f"{url} sent model {manifest.id[:12]}…, not the announced "
                                f"{model_id[:12]}…")
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another fetch of the same id (another stream) finished first: use its copy.
+            try:
+                load_manifest(target, parts=("edge",))
+            except BundleError as exc:
+                raise RolloutError(f"cannot put model {model_id[:12]}… in place at "
+                                   f"{target}: {exc}") from exc
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -122,7 +122,16 @@ def open_source(uri: str, *, speed: float | None = 1.0, loop: bool = False,
     if parsed.scheme == "file":
         if "speed" in parsed.query:
             value = parsed.query["speed"]
-            speed = None if value == "max" else 1.0 if value == "real" else float(value)
+            if value in ("max", "real"):
+                speed = None if value == "max" else 1.0
+            else:
+                try:
+                    speed = float(value)
+                except ValueError:
+                    speed = float("nan")
+                if not speed > 0:  # also NaN
+                    raise SourceError(f"source {uri!r}: speed {value!r} is not real, max or a "
+                                      "positive number")
         if "loop" in parsed.query:
             loop = parsed.query["loop"].lower() in ("1", "true", "yes")
         return FileSource(uri, Path(parsed.path), speed=speed, loop=loop, timestamps=timestamps)
@@ -187,9 +196,12 @@ class FileSource:
     def _read(self, path: Path) -> CSIFrames | None:
         try:
             frames = read_recording(path, detect_format(path))
-        except CSIError as exc:
+        except (CSIError, OSError, ValueError, RuntimeError) as exc:
+            # Not only CSIError: a library may fail its own way on a corrupt file (h5py raises
+            # RuntimeError for a broken HDF5 superblock), and one bad file must not end a replay.
+            detail = str(exc) if isinstance(exc, CSIError) else f"{path}: {exc!r}"
             self.dropped["bad_file"] += 1
-            self.problems.report("bad_file", str(exc))
+            self.problems.report("bad_file", detail)
             return None
         return frames
 
@@ -402,18 +414,19 @@ class EspLineSource:
                 return None
             macs = [f.mac for f in pending]
             self.mac = max(set(macs), key=macs.count)
-        dropped = DropCounter()
         try:
-            frames = frames_from_records(pending, self.uri, mac=self.mac, dropped=dropped,
-                                         fmt="esp32-serial")
+            frames = frames_from_records(pending, self.uri, mac=self.mac, fmt="esp32-serial")
         except CSIError as exc:
             reason = "no_frame_of_stream"
             self.dropped[reason] += len(pending)
             self.problems.report(reason, str(exc))
             pending.clear()
             return None
-        for reason, count in dropped.items():
+        # frames_from_records counts into a copy of the counter it is given: its drops come
+        # back on the frames, and are moved into this source's counter.
+        for reason, count in frames.dropped.items():
             self.dropped[reason] += count
             self.problems.report(reason, f"stream kept: transmitter {self.mac}")
+        frames.dropped.clear()
         pending.clear()
         return frames if len(frames) else None
