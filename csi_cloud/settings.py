@@ -34,9 +34,9 @@ class CloudSettings(BaseSettings):
                                                                 "as active [first by name]")
     broker: str | None = Field(default="mqtt://127.0.0.1:1883",
                                description="mqtt[s]://[user:pass@]host:port; empty: no MQTT")
-    mqtt_username: str | None = None
-    mqtt_password: SecretStr | None = None
-    ca_file: Path | None = None
+    mqtt_username: str | None = Field(default=None, description="MQTT user (overrides the URL's)")
+    mqtt_password: SecretStr | None = Field(default=None, description="MQTT password")
+    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
     prefix: str = Field(default="csi/v1", description="topic prefix")
     share_group: str = Field(default="csi-cloud", description="MQTT 5 shared subscription group")
     client_id: str = Field(default="csi-cloud-1", description="MQTT client id; a stable id keeps "
@@ -53,16 +53,21 @@ class CloudSettings(BaseSettings):
     recordings: Path = Field(default=Path("recordings"), description="HDF5 recordings per AP")
     record_reconstruction: bool = Field(default=True, description="also store the "
                                                                   "reconstructed CSI amplitude")
-    recording_max_bytes: int = Field(default=256 * 2**20, ge=2**16)
-    recording_max_s: float = Field(default=3600.0, gt=0)
+    recording_max_bytes: int = Field(default=256 * 2**20, ge=2**16, description="rotate a "
+                                                                             "recording file "
+                                                                             "beyond this size")
+    recording_max_s: float = Field(default=3600.0, gt=0, description="rotate a recording file "
+                                                                    "after this long")
     token: SecretStr = Field(default=SecretStr(PLACEHOLDER_TOKEN),
                              description="bearer token for write endpoints")
     dev: bool = Field(default=False, description="allow the placeholder token")
-    batch_max_segments: int = Field(default=512, ge=1)
-    batch_max_wait_ms: float = Field(default=10.0, ge=0)
+    batch_max_segments: int = Field(default=512, ge=1, description="messages per ingest batch")
+    batch_max_wait_ms: float = Field(default=10.0, ge=0, description="longest a message waits "
+                                                                     "for its batch to fill")
     max_payload_bytes: int = Field(default=16_384, ge=64, description="larger MQTT payloads "
                                                                       "are rejected")
-    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024)
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest recording "
+                                                                          "upload (POST /predict)")
     max_request_bytes: int = Field(default=1 * 2**20, ge=1024, description="JSON request bodies")
     offline_after_s: float = Field(default=30.0, gt=0, description="an AP silent this long "
                                                                    "counts as offline")

@@ -114,14 +114,15 @@ class EdgeSettings(BaseSettings):
     model: Path = Field(default=Path("models/fition"), description="model bundle folder")
     source: str | None = Field(default=None, description="source of the single stream "
                                                          "(with site and ap)")
-    site: str | None = None
-    ap: str | None = None
+    site: str | None = Field(default=None, description="site of the single stream (topic level)")
+    ap: str | None = Field(default=None, description="access point of the single stream "
+                                                     "(topic level)")
     streams: list[StreamSettings] = Field(default_factory=list,
                                           description="several streams (config file or JSON)")
     broker: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt[s]://[user:pass@]"
                                                                     "host:port")
-    username: str | None = None
-    password: SecretStr | None = None
+    username: str | None = Field(default=None, description="MQTT user (overrides the URL's)")
+    password: SecretStr | None = Field(default=None, description="MQTT password")
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
     prefix: str = Field(default="csi/v1", description="topic prefix")
     level: int = Field(default=1, ge=0, le=3, description="rate level at start")
@@ -137,20 +138,23 @@ class EdgeSettings(BaseSettings):
     inflight: int = Field(default=16, ge=1, le=1024, description="messages awaiting PUBACK")
     backlog_segments_per_message: int = Field(
         default=32, ge=1, le=255, description="segments per message while sending a backlog")
-    status_interval_s: float = Field(default=10.0, gt=0)
-    keepalive_s: int = Field(default=30, ge=5, le=65535)
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    status_interval_s: float = Field(default=10.0, gt=0, description="seconds between status "
+                                                                     "messages")
+    keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive")
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect backoff")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="backoff ceiling")
     drain_timeout_s: float = Field(default=5.0, ge=0,
                                    description="on stop, time to send what is queued")
     models_dir: Path = Field(default=Path("models/.fetched"),
                              description="where bundles fetched from the cloud are kept")
     cloud_url: str | None = Field(default=None, description="cloud base URL, to fetch a bundle "
                                                             "when a switch names only its id")
-    fetch_max_bytes: int = Field(default=50_000_000, ge=1024)
+    fetch_max_bytes: int = Field(default=50_000_000, ge=1024, description="largest bundle "
+                                                                          "download accepted")
     udp_warmup: int = Field(default=100, ge=1, description="Nexmon packets seen before the "
                                                            "majority stream is chosen")
-    client_id_prefix: str = "csi-edge"
+    client_id_prefix: str = Field(default="csi-edge", description="MQTT client id is "
+                                                                   "PREFIX-SITE-AP")
 
     @field_validator("prefix")
     @classmethod
