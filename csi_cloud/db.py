@@ -47,6 +47,8 @@ class AP(Base):
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     counters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prediction: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True,
+                                                              doc="the latest prediction")
 
 
 class Prediction(Base):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 
 from csi_edge._mqtt import Backoff
 from csi_edge.settings import topic_name
@@ -217,21 +217,31 @@ class CloudService:
         touched = {(p.site, p.ap) for p in result.predictions}
         touched |= {(site, ap) for site, ap, *_ in result.rejected
                     if (site, ap) in self.ingestor.aps}
-        if not touched and not result.predictions:
+        if not touched:
             return
+        latest: dict[tuple[str, str], PredictionRecord] = {}
+        for p in result.predictions:
+            latest[(p.site, p.ap)] = p
         with self.db.session.begin() as s:
             s.add_all(Prediction(**{k: v for k, v in p.as_dict().items() if k != "model_name"})
                       for p in result.predictions)
+            # One query for the rows of every AP in the batch, not one per AP.
+            rows = {(r.site, r.ap): r for r in s.scalars(
+                select(AP).where(tuple_(AP.site, AP.ap).in_(sorted(touched))))}
             for site, ap in touched:
                 state = self.ingestor.aps[(site, ap)]
-                row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
+                row = rows.get((site, ap))
+                if row is None:
+                    row = AP(site=site, ap=ap, first_seen=time.time(), counters={})
+                    s.add(row)
                 row.last_seen = state.last_seen
                 row.epoch, row.last_seq = state.epoch, state.last_seq
                 row.model = state.model or row.model
-                row.rate_level = state.rate_level if state.rate_level is not None \
-                    else row.rate_level
+                if state.rate_level is not None:
+                    row.rate_level = state.rate_level
                 row.counters = {**dict(state.counters), "rejected": dict(state.rejected)}
-                s.merge(row)
+                if (site, ap) in latest:
+                    row.prediction = latest[(site, ap)].as_dict()
 
     async def _publish_predictions(self, predictions: list[PredictionRecord]) -> None:
         if self.mqtt is None:

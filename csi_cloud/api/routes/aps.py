@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ...db import AP, Prediction
@@ -25,14 +25,7 @@ def prediction_out(row: Prediction | None) -> PredictionOut | None:
     return PredictionOut.model_validate(row, from_attributes=True)
 
 
-def latest_predictions(session: Session, keys: list[tuple[str, str]] | None = None
-                       ) -> dict[tuple[str, str], Prediction]:
-    newest = select(func.max(Prediction.id)).group_by(Prediction.site, Prediction.ap)
-    rows = session.scalars(select(Prediction).where(Prediction.id.in_(newest))).all()
-    return {(r.site, r.ap): r for r in rows if keys is None or (r.site, r.ap) in keys}
-
-
-def ap_out(row: AP, prediction: Prediction | None, service: Service) -> APOut:
+def ap_out(row: AP, service: Service) -> APOut:
     counters = dict(row.counters or {})
     state = service.ingestor.aps.get((row.site, row.ap))
     rate = {"payload_bytes_per_s": round(state.bytes_per_s(time.time()), 2)} if state else {}
@@ -42,14 +35,14 @@ def ap_out(row: AP, prediction: Prediction | None, service: Service) -> APOut:
         last_seq=row.last_seq, gaps=int(counters.get("gaps", 0)),
         missing_segments=int(counters.get("missing_segments", 0)),
         counters={**counters, **rate},
-        status=row.status, prediction=prediction_out(prediction))
+        status=row.status,
+        prediction=PredictionOut.model_validate(row.prediction) if row.prediction else None)
 
 
 @router.get("", response_model=Page[APOut], summary="Every access point the service knows")
 def list_aps(session: DbSession, service: Service) -> Page[APOut]:
     rows = session.scalars(select(AP).order_by(AP.site, AP.ap)).all()
-    latest = latest_predictions(session)
-    data = [ap_out(r, latest.get((r.site, r.ap)), service) for r in rows]
+    data = [ap_out(r, service) for r in rows]
     return Page[APOut](data=data, count=len(data))
 
 
@@ -62,8 +55,7 @@ def _get_ap(session: Session, site: str, ap: str) -> AP:
 
 @router.get("/{site}/{ap}", response_model=APOut, summary="One access point")
 def get_ap(site: Name, ap: Name, session: DbSession, service: Service) -> APOut:
-    row = _get_ap(session, site, ap)
-    return ap_out(row, latest_predictions(session, [(site, ap)]).get((site, ap)), service)
+    return ap_out(_get_ap(session, site, ap), service)
 
 
 @router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
