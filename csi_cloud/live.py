@@ -33,7 +33,7 @@ class Subscription:
 
 
 class LiveHub:
-    def __init__(self, queue_size: int = 1000) -> None:
+    def __init__(self, queue_size: int = 10_000) -> None:
         self.queue_size = queue_size
         self.subscribers: set[Subscription] = set()
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import insert, select, tuple_
 
 from csi_edge._mqtt import Backoff
 from csi_edge.settings import topic_name
@@ -50,12 +50,26 @@ class CloudService:
         self.hub = LiveHub()
         self.metrics = Metrics()
         self.metrics.track_aps(self.ap_rates)
+        # -- recordings and training jobs (csi_cloud.storage, csi_cloud.jobs) --
+        if recorder is None:
+            from .storage import RecordingStore
+
+            recorder = RecordingStore(settings.recordings,
+                                      reconstruction=settings.record_reconstruction,
+                                      max_bytes=settings.recording_max_bytes,
+                                      max_s=settings.recording_max_s)
         self.recorder = recorder
+        from .jobs import JobManager
+
+        self.jobs = JobManager(settings, self.db, self.registry,
+                               active_model=lambda: self.active_model, activate=self.activate)
+        # -- end recordings and training jobs --
         self.queue: asyncio.Queue[tuple[str, str, bytes, float, Callable[[], None] | None]] = \
             asyncio.Queue()
         self.mqtt: Any = None
         self.started = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
         self._switch_sent: set[tuple[str, str, int]] = set()
         self.batches = 0
@@ -68,6 +82,7 @@ class CloudService:
             raise RuntimeError(f"no usable model bundle in {self.settings.models} "
                                f"({self.registry.problems or 'folder empty'})")
         await asyncio.to_thread(self._restore_states)
+        self.jobs.start(asyncio.get_running_loop())  # training jobs
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
         if self.settings.broker_address() is not None:
             self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
@@ -81,6 +96,7 @@ class CloudService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._status_writer.shutdown(wait=True)
+        await asyncio.to_thread(self.jobs.stop)  # training jobs
         if self.recorder is not None:
             self.recorder.close()
         self.db.close()
@@ -206,7 +222,10 @@ class CloudService:
         if result.predictions:
             events = [p.as_dict() for p in result.predictions]
             self.hub.publish(events)
-            await self._publish_predictions(result.predictions)
+            # Not awaited here: PUBACK round trips must not hold up the next batch.
+            task = asyncio.create_task(self._publish_predictions(result.predictions))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _store(self, result: BatchResult) -> None:
         if self.recorder is not None and result.segments:
@@ -223,8 +242,10 @@ class CloudService:
         for p in result.predictions:
             latest[(p.site, p.ap)] = p
         with self.db.session.begin() as s:
-            s.add_all(Prediction(**{k: v for k, v in p.as_dict().items() if k != "model_name"})
-                      for p in result.predictions)
+            if result.predictions:  # a Core bulk insert: ORM objects cost more than the model
+                s.execute(insert(Prediction), [
+                    {k: v for k, v in p.as_dict().items() if k != "model_name"}
+                    for p in result.predictions])
             # One query for the rows of every AP in the batch, not one per AP.
             rows = {(r.site, r.ap): r for r in s.scalars(
                 select(AP).where(tuple_(AP.site, AP.ap).in_(sorted(touched))))}
@@ -249,11 +270,11 @@ class CloudService:
         latest: dict[tuple[str, str], PredictionRecord] = {}
         for p in predictions:
             latest[(p.site, p.ap)] = p
-        for (site, ap), p in latest.items():
-            with contextlib.suppress(Exception):
-                await self.mqtt.publish(f"{self.settings.prefix}/{site}/{ap}/pred",
-                                        json.dumps(p.as_dict()), qos=1, retain=True,
-                                        timeout=5)
+        client = self.mqtt
+        await asyncio.gather(*(
+            client.publish(f"{self.settings.prefix}/{site}/{ap}/pred", json.dumps(p.as_dict()),
+                           qos=1, retain=True, timeout=10)
+            for (site, ap), p in latest.items()), return_exceptions=True)
 
     # -- MQTT -------------------------------------------------------------------------------
 

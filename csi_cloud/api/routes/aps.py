@@ -9,6 +9,8 @@ from fastapi import APIRouter, HTTPException, Path, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from csi_edge.settings import topic_name
+
 from ...db import AP, Prediction
 from ...service import NotConnectedError
 from ..deps import DbSession, Service, WriteAccess
@@ -72,6 +74,11 @@ def get_prediction(site: Name, ap: Name, session: DbSession) -> PredictionOut | 
              summary="Change the AP's rate level (published on its ctl topic)")
 async def set_rate(site: Name, ap: Name, body: RateIn, service: Service) -> CtlAccepted:
     command = {"action": "set_rate", "level": body.level}
+    try:  # the path pattern lets some names through that cannot be a topic level ("\x85")
+        topic_name(site, "site")
+        topic_name(ap, "ap")
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
         await service.send_ctl(site, ap, command)
     except NotConnectedError as exc:

@@ -58,6 +58,12 @@ def get_edge(model_id: str, service: Service) -> Response:
              summary="Make a bundle active and announce it to the APs on ctl")
 async def activate(model_id: str, service: Service) -> Activated:
     manifest = _find(service, model_id)
+    # Refuse up front: CloudService.activate stores the new active model before it announces
+    # it, so failing on the first send would leave it changed behind a 503.
+    if service.mqtt is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "not connected to the MQTT broker: the activation could not be "
+                            "announced to the APs, so nothing was changed")
     try:
         announced = await service.activate(manifest.id)
     except NotConnectedError as exc:

@@ -1,0 +1,647 @@
+"""Training jobs: queued in the database, run one at a time in a separate process.
+
+:class:`JobManager` (one per service, ``service.jobs``) takes a request (:class:`JobRequest`),
+checks it (the dataset must be registered in ``settings.datasets`` or be ``"recordings"``,
+the service's own labelled recordings; a ``data`` folder override must lie inside one of those
+folders; the base model must be served) and stores a ``training_jobs`` row in state
+``queued``. A worker thread claims the oldest queued job when none is running and starts
+
+    python -m csi_cloud.jobs JOB_DIR/job.json
+
+in its own session (process group): a crash, a memory blow-up or a hang of the training
+cannot take the service down, and the API stays responsive. The child reports progress,
+log lines and the result as JSON lines on stdout (``@job {...}``); everything else it prints
+is kept as log. The row's ``progress``, ``log`` (the last lines, bounded), ``metrics``,
+``bundle`` and ``error`` are updated as the job runs.
+
+The child writes the bundle into ``JOB_DIR/bundle/NAME`` (never into the models folder). Only
+when it exits 0, and the bundle loads and verifies, is it moved into ``settings.models``
+(copied under a hidden name without ``bundle.json``, renamed, then ``bundle.json`` written
+last, so a concurrent registry scan never sees half a bundle) and
+``registry.refresh()`` picks it up; with ``activate`` it is then made the active model. A
+failed job (bad data, an exception, a non-zero exit, a timeout, the service stopping) is
+marked ``failed`` with the error and leaves the served models untouched.
+
+Subsets: ``max_recordings`` picks that many recordings (files), round-robin over the
+activity classes in a seeded random order, and trains on a folder of symbolic links to them
+in the job folder, so ``train_bundle`` runs unchanged. With a few recordings per class the
+random split has no validation or test recording; ``train_bundle`` then validates and tests
+on the training recordings, and the job's metrics say ``holdout: false``.
+
+``base_model`` is recorded with the job and in the new bundle's ``training`` section; the new
+bundle is trained from scratch (the pipeline has no warm start), so it is checked against
+the base model's input spec: ``compatible_with_base`` in the metrics, and ``activate`` is
+refused for a bundle that takes another kind of CSI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select, update
+
+from .db import Database, TrainingJob
+from .registry import ModelRegistry, UnknownModelError
+from .settings import CloudSettings
+
+__all__ = [
+    "RECORDINGS",
+    "JobManager",
+    "JobRequest",
+    "JobRequestError",
+    "job_dict",
+]
+
+log = logging.getLogger("csi_cloud.jobs")
+
+RECORDINGS = "recordings"
+EVENT_PREFIX = "@job "
+LOG_LINES = 200
+LOG_LINE_CHARS = 400
+LOG_CHARS = 32_000
+_UPDATE_EVERY_S = 0.5
+_STATES = ("queued", "running", "succeeded", "failed")
+
+
+class JobRequest(BaseModel):
+    """What ``POST /training-jobs`` accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+                         description="a dataset registered in the service settings "
+                                     "(`datasets`), or \"recordings\": the service's own "
+                                     "labelled recordings")
+    data: str | None = Field(default=None, max_length=1024,
+                             description="a sub-folder to train on instead; relative paths "
+                                         "are taken from the dataset's folder; must lie inside "
+                                         "a registered dataset folder or the recordings folder")
+    base_model: str | None = Field(default=None, max_length=64,
+                                   description="bundle id, id prefix or name the new bundle "
+                                               "must be compatible with [the active model]")
+    epochs: int = Field(default=20, ge=1, le=300, description="maximum epochs")
+    max_recordings: int | None = Field(default=None, ge=2, le=100_000,
+                                       description="train on at most this many recordings, "
+                                                   "spread over the classes [all]")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="split and training seed")
+    activate: bool = Field(default=False, description="make the new bundle active on success")
+
+
+class JobRequestError(ValueError):
+    """The request cannot be run (unknown dataset, folder outside the allowed roots, ...)."""
+
+
+def job_dict(row: TrainingJob) -> dict[str, Any]:
+    """A job row as the API shows it (internal request keys, starting with ``_``, left out)."""
+    return {"id": row.id, "state": row.state, "created": row.created, "started": row.started,
+            "finished": row.finished,
+            "request": {k: v for k, v in (row.request or {}).items() if not k.startswith("_")},
+            "progress": row.progress, "log": row.log or "", "metrics": row.metrics,
+            "bundle": row.bundle, "error": row.error}
+
+
+def _dataset_kind(name: str) -> str:
+    """The registry dataset behind a settings name: ``fition``, or ``fition:anything``."""
+    from .datasets import UnknownDatasetError, get_dataset
+
+    for candidate in (name, name.split(":", 1)[0]):
+        try:
+            return get_dataset(candidate).name
+        except UnknownDatasetError:
+            continue
+    raise JobRequestError(f"dataset {name!r} is not a known dataset kind (name a settings "
+                          f"dataset after one, e.g. 'fition' or 'fition:small')")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+class JobManager:
+    """Queue and run training jobs (see the module docstring). Thread-safe."""
+
+    def __init__(self, settings: CloudSettings, db: Database, registry: ModelRegistry, *,
+                 active_model: Callable[[], str] | None = None,
+                 activate: Callable[[str], Awaitable[Any]] | None = None,
+                 threads: int | None = None, timeout_s: float = 6 * 3600,
+                 poll_s: float = 2.0) -> None:
+        self.settings = settings
+        self.db = db
+        self.registry = registry
+        self._active_model = active_model
+        self._activate = activate
+        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
+        self._proc_lock = threading.Lock()
+
+    # -- lifecycle --
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Fail jobs a dead worker left running, then start the worker thread."""
+        self._loop = loop
+        self._recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._worker, name="training jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the worker; a running job's process is terminated and the job failed."""
+        self._stop.set()
+        self._wake.set()
+        self._terminate()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- requests --
+
+    def resolve(self, request: JobRequest) -> dict[str, Any]:
+        """Check a request; the stored form (``_`` keys are internal)."""
+        s = self.settings
+        recordings_root = Path(os.path.abspath(s.recordings))
+        roots = {name: Path(os.path.abspath(p)) for name, p in s.datasets.items()}
+        if request.dataset == RECORDINGS and RECORDINGS not in roots:
+            kind, root = RECORDINGS, recordings_root
+        elif request.dataset in roots:
+            kind, root = _dataset_kind(request.dataset), roots[request.dataset]
+        else:
+            known = sorted({*roots, RECORDINGS})
+            raise JobRequestError(f"unknown dataset {request.dataset!r}; registered: "
+                                  f"{', '.join(known)}")
+        if request.data is not None:
+            given = Path(request.data)
+            folder = (given if given.is_absolute() else root / given).resolve()
+            allowed = [p.resolve() for p in (*roots.values(), recordings_root)]
+            if not any(_inside(folder, r) for r in allowed):
+                raise JobRequestError(f"data folder {request.data!r} is not inside a registered "
+                                      f"dataset folder or the recordings folder")
+        else:
+            folder = root.resolve()
+        if not folder.is_dir():
+            what = "recordings folder" if kind == RECORDINGS else "dataset folder"
+            raise JobRequestError(f"{what} for {request.dataset!r} does not exist"
+                                  + (f" ({request.data!r})" if request.data else ""))
+        base = request.base_model
+        if base is None and self._active_model is not None:
+            base = self._active_model()
+        base_id = None
+        if base is not None:
+            try:
+                base_id = self.registry.get(base).id
+            except UnknownModelError:
+                raise JobRequestError(f"no served model {base!r}") from None
+        return {**request.model_dump(), "base_model": base_id, "kind": kind,
+                "_data_dir": str(folder)}
+
+    def submit(self, request: JobRequest) -> dict[str, Any]:
+        """Queue a job; returns it as :func:`job_dict` shows it."""
+        stored = self.resolve(request)
+        job_id = str(uuid.uuid4())
+        with self.db.session.begin() as s:
+            row = TrainingJob(id=job_id, state="queued", created=time.time(), request=stored,
+                              progress=0.0, log="")
+            s.add(row)
+        self._wake.set()
+        return self.get(job_id) or {}
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self.db.session() as s:
+            row = s.get(TrainingJob, job_id)
+            return job_dict(row) if row is not None else None
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            query = select(TrainingJob)
+            if state is not None:
+                query = query.where(TrainingJob.state == state)
+            rows = s.scalars(query.order_by(TrainingJob.created.desc()).limit(limit)).all()
+            return [job_dict(r) for r in rows]
+
+    # -- the worker --
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                claimed = self._claim()
+            except Exception:
+                log.exception("claiming a training job failed")
+                claimed = None
+            if claimed is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            job_id, request = claimed
+            try:
+                self._run(job_id, request)
+            except Exception as exc:  # a bug here must fail the job, not the worker
+                log.exception("training job %s failed", job_id)
+                with contextlib.suppress(Exception):
+                    self._finish(job_id, "failed", error=f"internal error: {exc}")
+
+    def _claim(self) -> tuple[str, dict[str, Any]] | None:
+        with self.db.session.begin() as s:
+            running = s.scalar(select(func.count()).select_from(TrainingJob)
+                               .where(TrainingJob.state == "running"))
+            if running:
+                return None
+            row = s.scalars(select(TrainingJob).where(TrainingJob.state == "queued")
+                            .order_by(TrainingJob.created, TrainingJob.id).limit(1)).first()
+            if row is None:
+                return None
+            claimed = s.execute(update(TrainingJob)
+                                .where(TrainingJob.id == row.id, TrainingJob.state == "queued")
+                                .values(state="running", started=time.time(), progress=0.0))
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return row.id, dict(row.request)
+
+    def _recover(self) -> None:
+        with self.db.session.begin() as s:
+            for row in s.scalars(select(TrainingJob).where(TrainingJob.state == "running")):
+                if self._runner_alive(row.id):
+                    continue  # another worker's job
+                row.state, row.finished = "failed", time.time()
+                row.error = "interrupted: the service running it stopped"
+                self._cleanup(self._job_dir(row.id))
+
+    def _job_dir(self, job_id: str) -> Path:
+        return Path(os.path.abspath(self.settings.jobs_dir)) / job_id
+
+    def _runner_alive(self, job_id: str) -> bool:
+        try:
+            pid = int((self._job_dir(job_id) / "runner.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return False
+        return job_id.encode() in cmdline
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        with self.db.session.begin() as s:
+            row = s.get(TrainingJob, job_id)
+            if row is not None:
+                for k, v in values.items():
+                    setattr(row, k, v)
+
+    def _finish(self, job_id: str, state: str, **values: Any) -> None:
+        self._update(job_id, state=state, finished=time.time(), **values)
+
+    def _run(self, job_id: str, request: dict[str, Any]) -> None:
+        work = self._job_dir(job_id)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        name = f"{request['kind']}-{job_id[:8]}"
+        staging = work / "bundle" / name
+        spec = {"id": job_id, "kind": request["kind"], "data_dir": request["_data_dir"],
+                "out": str(staging), "work": str(work), "epochs": request["epochs"],
+                "max_recordings": request["max_recordings"], "seed": request["seed"],
+                "threads": self.threads, "parent_pid": os.getpid(),
+                "base_model": request.get("base_model")}
+        (work / "job.json").write_text(json.dumps(spec, indent=2))
+        tail: deque[str] = deque(maxlen=LOG_LINES)
+        state: dict[str, Any] = {"progress": 0.0, "done": None, "error": None}
+
+        def add_log(line: str) -> None:
+            line = line.rstrip()
+            if line:
+                tail.append(line[:LOG_LINE_CHARS])
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.threads),
+                   MKL_NUM_THREADS=str(self.threads))
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root,
+                                                        env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "csi_cloud.jobs", str(work / "job.json")]
+        add_log(f"starting: {name} from {request['dataset']} ({request['kind']}), "
+                f"epochs {request['epochs']}, max recordings {request['max_recordings']}")
+        with self._proc_lock:
+            if self._stop.is_set():
+                self._finish(job_id, "failed", error="cancelled: the service stopped")
+                return
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                    env=env, start_new_session=True)
+            self._proc = proc
+        (work / "runner.pid").write_text(str(proc.pid))
+        timed_out = threading.Event()
+
+        def on_timeout() -> None:
+            timed_out.set()
+            self._terminate()
+
+        watchdog = threading.Timer(self.timeout_s, on_timeout)
+        watchdog.daemon = True
+        watchdog.start()
+        last = 0.0
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(EVENT_PREFIX):
+                    try:
+                        event = json.loads(line[len(EVENT_PREFIX):])
+                    except ValueError:
+                        add_log(line)
+                        continue
+                    self._event(event, state, add_log)
+                else:
+                    add_log(line)
+                now = time.monotonic()
+                if now - last >= _UPDATE_EVERY_S:
+                    last = now
+                    self._update(job_id, progress=state["progress"], log=_joined(tail))
+            rc = proc.wait()
+        finally:
+            watchdog.cancel()
+            with self._proc_lock:
+                self._proc = None
+        if rc != 0 or state["done"] is None:
+            if timed_out.is_set():
+                error = f"timed out after {self.timeout_s:.0f} s"
+            elif self._stop.is_set():
+                error = "cancelled: the service stopped"
+            else:
+                error = state["error"] or (f"training process exited with {rc}" + (
+                    f": {tail[-1]}" if tail else ""))
+            add_log(f"failed: {error}")
+            self._finish(job_id, "failed", error=error, log=_joined(tail),
+                         progress=state["progress"])
+            self._cleanup(work)
+            return
+        done = state["done"]
+        metrics = dict(done.get("metrics") or {})
+        try:
+            model_id = self._install(staging, name, add_log)
+        except Exception as exc:
+            error = f"the new bundle could not be served: {exc}"
+            add_log(f"failed: {error}")
+            self._finish(job_id, "failed", error=error, log=_joined(tail), metrics=metrics)
+            self._cleanup(work)
+            return
+        metrics.update(self._compatibility(model_id, request.get("base_model")))
+        if request.get("activate"):
+            metrics["activated"] = self._activate_model(model_id, metrics, add_log)
+        add_log(f"succeeded: bundle {name} ({model_id[:12]}…)")
+        self._finish(job_id, "succeeded", progress=1.0, bundle=model_id, metrics=metrics,
+                     log=_joined(tail))
+        self._cleanup(work)
+
+    @staticmethod
+    def _event(event: dict[str, Any], state: dict[str, Any],
+               add_log: Callable[[str], None]) -> None:
+        kind = event.get("event")
+        if isinstance(event.get("progress"), int | float):
+            state["progress"] = min(1.0, max(0.0, float(event["progress"])))
+        if kind == "log":
+            add_log(str(event.get("line", "")))
+        elif kind == "epoch":
+            add_log(f"epoch {event.get('epoch')}/{event.get('epochs')}: loss "
+                    f"{event.get('loss', 0):.3f}, val activity {event.get('val_activity', 0):.3f}"
+                    f" ({event.get('seconds', 0):.1f} s)")
+        elif kind == "error":
+            state["error"] = str(event.get("error", "training failed"))
+            add_log(f"error: {state['error']}")
+        elif kind == "done":
+            state["done"] = event
+
+    def _install(self, staging: Path, name: str, add_log: Callable[[str], None]) -> str:
+        from .model.compression import CloudModel
+
+        model = CloudModel.load(staging, verify=True)
+        model_id = model.id
+        del model
+        if model_id in self.registry.ids():
+            add_log(f"the new bundle is identical to the served {model_id[:12]}…")
+            return model_id
+        models = Path(self.settings.models)
+        models.mkdir(parents=True, exist_ok=True)
+        dest = models / name
+        if dest.exists():
+            raise FileExistsError(f"{dest} already exists")
+        incoming = models / f".incoming-{name}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        shutil.copytree(staging, incoming, ignore=shutil.ignore_patterns("bundle.json"))
+        os.rename(incoming, dest)
+        tmp = dest / ".bundle.json.tmp"
+        shutil.copyfile(staging / "bundle.json", tmp)
+        os.replace(tmp, dest / "bundle.json")
+        self.registry.refresh()
+        if model_id not in self.registry.ids():
+            problem = self.registry.problems.get(str(dest), "not loaded")
+            shutil.rmtree(dest, ignore_errors=True)
+            raise RuntimeError(problem)
+        add_log(f"serving {name} ({model_id[:12]}…) from {dest}")
+        return model_id
+
+    def _compatibility(self, model_id: str, base_id: str | None) -> dict[str, Any]:
+        if base_id is None or base_id not in self.registry.ids():
+            return {"base_model": base_id, "compatible_with_base": None}
+        new = self.registry.get(model_id).manifest.input_spec
+        old = self.registry.get(base_id).manifest.input_spec
+        ok = new.source_kind == old.source_kind and new.antennas == old.antennas
+        return {"base_model": base_id, "compatible_with_base": ok}
+
+    def _activate_model(self, model_id: str, metrics: dict[str, Any],
+                        add_log: Callable[[str], None]) -> bool:
+        if metrics.get("compatible_with_base") is False:
+            add_log("not activated: the new bundle takes another kind of CSI than the base "
+                    "model")
+            return False
+        if self._activate is None or self._loop is None:
+            add_log("not activated: no service to activate it in")
+            return False
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._activate(model_id), self._loop)
+            announced = future.result(timeout=60)
+        except Exception as exc:  # e.g. MQTT down: the model is active, edges not told yet
+            add_log(f"activated, but announcing it failed: {exc}")
+            return True
+        add_log(f"activated; announced to {len(announced or [])} AP(s)")
+        return True
+
+    def _terminate(self) -> None:
+        with self._proc_lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _cleanup(work: Path) -> None:
+        """Keep job.json; drop the subset links, the staging bundle and checkpoints."""
+        for sub in ("data", "bundle"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (work / "runner.pid").unlink()
+
+
+def _joined(tail: deque[str]) -> str:
+    return "\n".join(tail)[-LOG_CHARS:]
+
+
+# -- the training process -------------------------------------------------------------------
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the service that started this process is gone (no orphan trainings)."""
+    def loop() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=loop, daemon=True, name="parent watch").start()
+
+
+def _subset(kind: str, data_dir: Path, work: Path, limit: int | None,
+            seed: int) -> tuple[Path, dict[str, Any]]:
+    """A folder of links to at most ``limit`` recordings, round-robin over the classes."""
+    import numpy as np
+
+    from .datasets import index_dataset
+
+    index = index_dataset(kind, data_dir)
+    by_path: dict[Path, str] = {}
+    for e in index.examples:
+        by_path.setdefault(e.path, e.activity)
+    info: dict[str, Any] = {"recordings_available": len(by_path)}
+    if limit is None or len(by_path) <= limit:
+        info["recordings_used"] = len(by_path)
+        return data_dir, info
+    rng = np.random.default_rng(seed)
+    classes: dict[str, list[Path]] = {}
+    for path, activity in sorted(by_path.items()):
+        classes.setdefault(activity, []).append(path)
+    queues = {c: [paths[i] for i in rng.permutation(len(paths))]
+              for c, paths in sorted(classes.items())}
+    picked: list[Path] = []
+    while len(picked) < limit and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    root = work / "data" / index.root.name
+    for path in picked:
+        link = root / path.relative_to(index.root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    info["recordings_used"] = len(picked)
+    return root, info
+
+
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one job's bundle (in this process); returns the metrics."""
+    import torch
+
+    from .datasets import index_dataset, random_split
+    from .model.pipeline import train_bundle
+    from .model.train import TrainOptions
+
+    torch.set_num_threads(int(spec["threads"]))
+    epochs = int(spec["epochs"])
+    work = Path(spec["work"])
+    _emit("log", line=f"indexing {spec['kind']} at {spec['data_dir']}", progress=0.01)
+    data_dir, info = _subset(spec["kind"], Path(spec["data_dir"]), work,
+                             spec.get("max_recordings"), int(spec["seed"]))
+    examples = list(index_dataset(spec["kind"], data_dir).examples)
+    split = random_split(examples, seed=int(spec["seed"]))
+    holdout = bool(split.test)
+    _emit("log", line=f"training on {info['recordings_used']} of "
+                      f"{info['recordings_available']} recordings ({len(examples)} examples); "
+                      f"split train/val/test {len(split.train)}/{len(split.val)}/"
+                      f"{len(split.test)}" + ("" if holdout else
+                                              " (no held-out recording: tested on training)"),
+          progress=0.03)
+    opts = TrainOptions(epochs=epochs, seed=int(spec["seed"]), threads=int(spec["threads"]))
+    started = time.perf_counter()
+    ran = [0]
+
+    def progress(entry: Any) -> None:
+        ran[0] = entry.epoch + 1
+        _emit("epoch", epoch=entry.epoch + 1, epochs=epochs, loss=entry.loss,
+              val_activity=entry.val_activity, seconds=entry.seconds,
+              progress=0.05 + 0.8 * (entry.epoch + 1) / epochs)
+
+    out = Path(spec["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest, evaluation = train_bundle(spec["kind"], data_dir, out, opts, progress=progress,
+                                        log=lambda line: _emit("log", line=str(line)))
+    seconds = round(time.perf_counter() - started, 1)
+    # The training section is not part of the bundle id: record where the bundle came from.
+    path = out / "bundle.json"
+    doc = json.loads(path.read_text())
+    doc["training"] = {**doc.get("training", {}), "job": spec["id"],
+                       "base_model": spec.get("base_model"), "data_dir": Path(data_dir).name,
+                       **info}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    summary = evaluation.summary
+    training = manifest.training or {}
+    levels = [{k: lv.get(k) for k in ("level", "payload_bytes_per_s", "activity_accuracy",
+                                        "identity_accuracy", "nmse_db")}
+              for lv in summary.get("levels", [])]  # type: ignore[union-attr]
+    unq = summary.get("unquantized") or {}
+    return {
+        "name": manifest.name, "id": manifest.id, "seconds": seconds,
+        "epochs_run": ran[0],
+        "best_epoch": training.get("best_epoch"),
+        "recordings": training.get("recordings"), "train": training.get("train"),
+        "val": training.get("val"), "test": training.get("test"), "holdout": holdout,
+        "skipped": len(training.get("skipped") or {}), **info,
+        "activity_accuracy": unq.get("activity_accuracy"),  # type: ignore[union-attr]
+        "identity_accuracy": unq.get("identity_accuracy"),  # type: ignore[union-attr]
+        "levels": levels,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m csi_cloud.jobs JOB.json", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", category=UserWarning)
+    spec = json.loads(Path(args[0]).read_text())
+    if spec.get("parent_pid"):
+        _watch_parent(int(spec["parent_pid"]))
+    try:
+        metrics = run_job(spec)
+    except Exception as exc:
+        _emit("error", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    _emit("done", metrics=metrics, progress=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

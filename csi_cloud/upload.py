@@ -1,0 +1,241 @@
+"""Uploaded recordings -> wire payloads, parsed in a separate worker process.
+
+A recording upload is untrusted input handed to native parsers (csiread for Intel 5300 logs,
+h5py, scipy's MAT reader), and one of them can take the interpreter down (csiread segfaults on
+some corrupt input). So the whole edge chain of an upload, read -> preprocess -> int8 encoder ->
+entropy coder -> wire payloads, runs in one spawned worker process
+(:class:`RecordingParser`); a worker that dies or hangs is killed and replaced, and the caller
+gets :class:`ParserCrashedError` / :class:`ParserTimeoutError` instead of a dead service. The
+API process then decodes and classifies the payloads exactly as it does live ones.
+
+This module is imported by the worker, so it imports nothing heavy at the top: no torch, no
+FastAPI, only ``csi_edge`` inside the worker function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+__all__ = [
+    "ParserBusyError",
+    "ParserCrashedError",
+    "ParserTimeoutError",
+    "RecordingParser",
+    "encode_recording",
+]
+
+log = logging.getLogger("csi_cloud.upload")
+
+_U32 = 1 << 32
+_U48 = 1 << 48
+_ENCODE_CHUNK = 64  # segments per encoder call (bounds the worker's memory)
+_encoders: dict[tuple[str, str], Any] = {}  # worker-process cache: (folder, id) -> EdgeEncoder
+
+
+def _error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"ok": False, "error": kind, "message": message, **extra}
+
+
+def encode_recording(path: str, model_folder: str, model_id: str, level: int,
+                     epoch: int = 1) -> dict[str, Any]:
+    """Worker: a recording file -> the wire payloads an edge on this model would send.
+
+    Never raises (exceptions of this project do not survive pickling): returns
+    ``{"ok": True, "payloads": [bytes], "segments": n, "dropped": {...}, "recording": {...}}``
+    or ``{"ok": False, "error": kind, "message": ...}`` with kind ``format`` (the file is not
+    a readable recording), ``spec_mismatch`` (it does not fit the model, with ``recording``
+    describing the file) or ``internal``.
+    """
+    import numpy as np
+
+    from csi_edge import CSIError, SpecMismatchError, read_recording
+    from csi_edge.bundle import EdgeEncoder, encode_segment_codes
+    from csi_edge.codec import Payload, SegmentRecord, encode_payload
+    from csi_edge.preprocess import Preprocessor
+
+    recording: dict[str, Any] | None = None
+    try:
+        key = (model_folder, model_id)
+        encoder = _encoders.get(key)
+        if encoder is None:
+            encoder = EdgeEncoder(model_folder)
+            if encoder.manifest.id != model_id:
+                return _error("internal", f"bundle folder {model_folder} holds model "
+                                          f"{encoder.manifest.id[:12]}…, not {model_id[:12]}…")
+            _encoders.clear()  # one model at a time is enough for uploads
+            _encoders[key] = encoder
+        frames = read_recording(path)
+        recording = {
+            "format": frames.format, "device": frames.info.device, "frames": len(frames),
+            "antennas": frames.antennas, "subcarriers": len(frames.info.subcarriers),
+            "bandwidth_mhz": frames.info.bandwidth_mhz,
+            "duration_s": round(frames.duration_s, 3), "rate_hz": round(frames.rate_hz, 2),
+        }
+        try:
+            batch = Preprocessor(encoder.spec).process(frames)
+        except SpecMismatchError as exc:
+            return _error("spec_mismatch", str(exc), recording=recording)
+        manifest = encoder.manifest
+        spec = manifest.input_spec
+        dropped = batch.dropped.as_dict()
+        if not len(batch):
+            return _error("no_segments", f"the recording ({recording['frames']} frames over "
+                                         f"{recording['duration_s']} s) yields no complete "
+                                         f"segment of {spec.segment_s:g} s at "
+                                         f"{spec.nominal_rate_hz:g} Hz "
+                                         f"(frames left out: {dropped or 'none'})",
+                          recording=recording)
+        # Segment timing exactly as the edge agent stamps it: one grid from the first segment.
+        segment_ms = round(spec.segment_s * 1000)
+        index = batch.index.astype(np.int64)
+        base_ms = round(float(batch.start_time[0]) * 1000) - int(index[0]) * segment_ms
+        if base_ms < 0 or base_ms + int(index[-1]) * segment_ms >= _U48:
+            base_ms = 0  # a clock the wire format cannot carry: count from 0 instead
+        blobs: list[bytes] = []
+        for start in range(0, len(batch), _ENCODE_CHUNK):
+            symbols, profile = encoder.encode(batch.data[start : start + _ENCODE_CHUNK])
+            blobs.extend(encode_segment_codes(encoder.codes(s, p, level), manifest,
+                                              encoder.tables)
+                         for s, p in zip(symbols, profile, strict=True))
+        # Messages of consecutive segments, as many per message as the level says.
+        per_message = manifest.level(level).segments_per_message
+        payloads: list[bytes] = []
+        group: list[int] = []
+
+        def flush() -> None:
+            if group:
+                head = group[0]
+                payloads.append(encode_payload(Payload(
+                    level=level, model_id=encoder.model_id, epoch=epoch, first_seq=head % _U32,
+                    timestamp_ms=base_ms + int(index[head]) * segment_ms,
+                    segments=tuple(SegmentRecord(float(batch.quality[i]), blobs[i])
+                                   for i in group))))
+                group.clear()
+
+        for i in range(len(batch)):
+            if group and (len(group) >= per_message or index[i] != index[group[-1]] + 1):
+                flush()
+            group.append(i)
+        flush()
+        return {"ok": True, "payloads": payloads, "segments": len(batch), "dropped": dropped,
+                "recording": recording}
+    except CSIError as exc:
+        return _error("format", str(exc), recording=recording)
+    except MemoryError:
+        return _error("format", "the recording needs more memory than the parser may use",
+                      recording=recording)
+    except Exception as exc:  # a parser's own error on input it does not expect
+        log.warning("parsing %s failed", path, exc_info=True)
+        return _error("format", f"{type(exc).__name__}: {exc}", recording=recording)
+
+
+class ParserCrashedError(RuntimeError):
+    """The worker process died while parsing (e.g. a segfault in a native parser)."""
+
+
+class ParserTimeoutError(RuntimeError):
+    """The worker took longer than the parser's time limit (it was killed)."""
+
+
+class ParserBusyError(RuntimeError):
+    """Too many uploads are waiting for the worker."""
+
+
+class RecordingParser:
+    """One spawned worker process that runs :func:`encode_recording`, replaced when it dies.
+
+    Jobs run one at a time; ``max_waiting`` more may wait (per event loop), beyond that
+    :class:`ParserBusyError`. ``timeout_s`` counts from when a job starts running.
+    """
+
+    def __init__(self, worker: Callable[..., dict[str, Any]] = encode_recording, *,
+                 timeout_s: float = 120.0, max_waiting: int = 8) -> None:
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.max_waiting = max_waiting
+        self.crashes = 0
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                               tuple[asyncio.Semaphore, list[int]]] = \
+            weakref.WeakKeyDictionary()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Kill the pool's worker (it crashed or hangs) so the next job gets a fresh one."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        processes = dict(getattr(pool, "_processes", None) or {})
+        for process in processes.values():
+            if process.is_alive():
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes.values():
+            process.join(5)
+
+    def _gate(self) -> tuple[asyncio.Semaphore, list[int]]:
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = (asyncio.Semaphore(1), [0])
+        return gate
+
+    async def run(self, *args: Any) -> dict[str, Any]:
+        """``worker(*args)`` in the worker process."""
+        semaphore, waiting = self._gate()
+        if waiting[0] > self.max_waiting:
+            raise ParserBusyError(f"{waiting[0]} uploads are already waiting for the parser")
+        waiting[0] += 1
+        try:
+            async with semaphore:
+                return await self._run(args)
+        finally:
+            waiting[0] -= 1
+
+    async def _run(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        pool = self._executor()
+        try:
+            future: Future[dict[str, Any]] = pool.submit(self.worker, *args)
+        except (BrokenProcessPool, RuntimeError):  # broken or shut down meanwhile
+            self._discard(pool)
+            pool = self._executor()
+            future = pool.submit(self.worker, *args)
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except BrokenProcessPool as exc:
+            self.crashes += 1
+            self._discard(pool)
+            codes = [p.exitcode for p in workers if p.exitcode is not None]
+            detail = f" (exit code {codes[0]})" if codes else ""
+            log.warning("upload parser worker died%s", detail)
+            raise ParserCrashedError(f"the parser process died on this file{detail}") from exc
+        except TimeoutError as exc:
+            self._discard(pool)
+            raise ParserTimeoutError(f"parsing took longer than {self.timeout_s:g} s") from exc
+        except asyncio.CancelledError:
+            # The client went away: a job still running would hold the worker; kill it.
+            if not future.done():
+                self._discard(pool)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
