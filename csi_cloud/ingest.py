@@ -135,8 +135,12 @@ class BatchResult:
 
 
 class Ingestor:
-    def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384) -> None:
+    def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384,
+                 reconstruct: bool = False) -> None:
+        """``reconstruct``: also run the decoder (the classifier does not need it; recordings
+        decode what they store themselves, off the latency path)."""
         self.registry = registry
+        self.reconstruct = reconstruct
         self.max_payload_bytes = max_payload_bytes
         self.aps: dict[tuple[str, str], APState] = {}
         self.rejected: Counter[str] = Counter()
@@ -211,12 +215,17 @@ class Ingestor:
         decoded: list[DecodedRecord] = list(accepted)
         for indices in by_model.values():
             model = accepted[indices[0]].model
-            z_q, profile, recon = model.reconstruct([accepted[i].codes for i in indices])
+            codes = [accepted[i].codes for i in indices]
+            if self.reconstruct:
+                z_q, profile, recon = model.reconstruct(codes)
+            else:
+                (z_q, profile), recon = model.decode_latent(codes), None
             for j, i in enumerate(indices):
                 r = accepted[i]
                 decoded[i] = DecodedRecord(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms, r.level,
                                            r.quality, r.model, r.codes, r.code_bytes,
-                                           r.received, z_q[j], profile[j], recon[j])
+                                           r.received, z_q[j], profile[j],
+                                           None if recon is None else recon[j])
         result.segments = decoded
         result.predictions = self._classify(decoded)
         return result

@@ -473,9 +473,10 @@ class JobManager:
         try:
             future = asyncio.run_coroutine_threadsafe(self._activate(model_id), self._loop)
             announced = future.result(timeout=60)
-        except Exception as exc:  # e.g. MQTT down: the model is active, edges not told yet
-            add_log(f"activated, but announcing it failed: {exc}")
-            return True
+        except Exception as exc:  # e.g. MQTT down: nothing changed, activate it later
+            add_log(f"not activated: announcing it failed ({exc}); "
+                    "POST /models/{id}/activate once the broker is reachable")
+            return False
         add_log(f"activated; announced to {len(announced or [])} AP(s)")
         return True
 

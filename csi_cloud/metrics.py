@@ -48,6 +48,9 @@ class Metrics:
         self.batch_size = Histogram("csi_batch_messages", "Messages per ingest batch",
                                     registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.queue = Gauge("csi_ingest_queue", "Messages waiting for a batch", registry=r)
+        self.recording_dropped = Gauge("csi_recording_dropped_segments",
+                                       "Segments left out of the recordings because the "
+                                       "recorder fell behind", registry=r)
         self.live_dropped = Counter("csi_live_dropped", "Live events dropped for slow clients",
                                     registry=r)
 

@@ -28,6 +28,7 @@ class ModelRegistry:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
+        self._scan = threading.Lock()  # one refresh at a time (API and job threads)
         self._by_id: dict[str, CloudModel] = {}
         self._folders: dict[str, Path] = {}
         self._by_prefix: dict[bytes, CloudModel] = {}
@@ -36,6 +37,10 @@ class ModelRegistry:
 
     def refresh(self) -> list[str]:
         """Load bundles not loaded yet; return the new ids. A broken bundle is skipped."""
+        with self._scan:
+            return self._refresh()
+
+    def _refresh(self) -> list[str]:
         added: list[str] = []
         if not self.folder.is_dir():
             return added

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -18,13 +19,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from csi_edge._mqtt import Backoff
 from csi_edge.settings import topic_name
 
 from .db import AP, Database, Prediction
-from .ingest import BatchResult, Ingestor, PredictionRecord
+from .ingest import BatchResult, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -51,13 +53,14 @@ class CloudService:
         self.metrics = Metrics()
         self.metrics.track_aps(self.ap_rates)
         # -- recordings and training jobs (csi_cloud.storage, csi_cloud.jobs) --
-        if recorder is None:
-            from .storage import RecordingStore
+        if recorder is None and settings.record:
+            from .recorder import RecorderProcess
 
-            recorder = RecordingStore(settings.recordings,
-                                      reconstruction=settings.record_reconstruction,
-                                      max_bytes=settings.recording_max_bytes,
-                                      max_s=settings.recording_max_s)
+            recorder = RecorderProcess(settings.recordings, models=settings.models,
+                                       reconstruction=settings.record_reconstruction,
+                                       max_bytes=settings.recording_max_bytes,
+                                       max_s=settings.recording_max_s,
+                                       flush_s=settings.recording_flush_s)
         self.recorder = recorder
         from .jobs import JobManager
 
@@ -71,6 +74,7 @@ class CloudService:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._db_aps: set[tuple[str, str]] = set()  # AP rows known to exist
         self._switch_sent: set[tuple[str, str, int]] = set()
         self.batches = 0
         self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")
@@ -82,6 +86,10 @@ class CloudService:
             raise RuntimeError(f"no usable model bundle in {self.settings.models} "
                                f"({self.registry.problems or 'folder empty'})")
         await asyncio.to_thread(self._restore_states)
+        # Models and libraries are loaded: keep the collector from re-scanning them (full
+        # collections of those objects were the worst latency spikes under load).
+        gc.collect()
+        gc.freeze()
         self.jobs.start(asyncio.get_running_loop())  # training jobs
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
         if self.settings.broker_address() is not None:
@@ -98,7 +106,7 @@ class CloudService:
         self._status_writer.shutdown(wait=True)
         await asyncio.to_thread(self.jobs.stop)  # training jobs
         if self.recorder is not None:
-            self.recorder.close()
+            await asyncio.to_thread(self.recorder.close)
         self.db.close()
 
     @property
@@ -110,6 +118,7 @@ class CloudService:
         delivers again after a restart are recognised as duplicates."""
         with self.db.session() as s:
             for row in s.scalars(select(AP)):
+                self._db_aps.add((row.site, row.ap))
                 state = self.ingestor.state(row.site, row.ap)
                 state.epoch, state.last_seq = row.epoch, row.last_seq
                 state.model, state.rate_level = row.model, row.rate_level
@@ -134,12 +143,15 @@ class CloudService:
     async def activate(self, model_id: str) -> list[str]:
         """Make a bundle the active one and announce it on every compatible AP's ``ctl``."""
         model = self.registry.get(model_id)
-        self.db.set_setting(_ACTIVE_MODEL, model.id)
+        if self.mqtt is None:
+            raise NotConnectedError("not connected to the MQTT broker: nothing was changed")
         announced = []
         for site, ap in await asyncio.to_thread(self._known_aps):
             if self._compatible(site, ap, model.id):
                 await self.send_ctl(site, ap, self._switch_command(model.id))
                 announced.append(f"{site}/{ap}")
+        # Stored last: a failed announcement leaves the previous model active.
+        await asyncio.to_thread(self.db.set_setting, _ACTIVE_MODEL, model.id)
         return announced
 
     def _switch_command(self, model_id: str) -> dict[str, Any]:
@@ -205,7 +217,8 @@ class CloudService:
         t0 = time.perf_counter()
         items = [(site, ap, payload, received) for site, ap, payload, received, _ in batch]
         result = await asyncio.to_thread(self.ingestor.process, items)
-        await asyncio.to_thread(self._store, result)
+        events = [p.as_dict() for p in result.predictions]
+        await asyncio.to_thread(self._store, result, events)
         now = time.time()
         for *_, received, ack in batch:
             self.metrics.latency.observe(max(0.0, now - received))
@@ -214,67 +227,94 @@ class CloudService:
         self.batches += 1
         self.metrics.batch.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.recording_dropped.set(getattr(self.recorder, "dropped_segments", 0))
         self.metrics.messages.inc(len(batch))
         self.metrics.segments.inc(len(result.segments))
         self.metrics.predictions.inc(len(result.predictions))
         for _, _, reason, _ in result.rejected:
             self.metrics.rejected.labels(reason).inc()
-        if result.predictions:
-            events = [p.as_dict() for p in result.predictions]
+        if events:
             self.hub.publish(events)
-            # Not awaited here: PUBACK round trips must not hold up the next batch.
-            task = asyncio.create_task(self._publish_predictions(result.predictions))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._publish_predictions(events)
 
-    def _store(self, result: BatchResult) -> None:
+    def _store(self, result: BatchResult, events: list[dict[str, Any]]) -> None:
+        """Predictions and AP state of one batch in one transaction, with bulk statements
+        (ORM objects per row cost more than the model itself at a thousand APs)."""
         if self.recorder is not None and result.segments:
             try:
                 self.recorder.append(result.segments)
             except Exception:  # recordings are best effort; predictions still count
                 log.exception("recording %d segment(s) failed", len(result.segments))
-        touched = {(p.site, p.ap) for p in result.predictions}
+        touched = {(p["site"], p["ap"]) for p in events}
         touched |= {(site, ap) for site, ap, *_ in result.rejected
                     if (site, ap) in self.ingestor.aps}
         if not touched:
             return
-        latest: dict[tuple[str, str], PredictionRecord] = {}
-        for p in result.predictions:
-            latest[(p.site, p.ap)] = p
-        with self.db.session.begin() as s:
-            if result.predictions:  # a Core bulk insert: ORM objects cost more than the model
-                s.execute(insert(Prediction), [
-                    {k: v for k, v in p.as_dict().items() if k != "model_name"}
-                    for p in result.predictions])
-            # One query for the rows of every AP in the batch, not one per AP.
-            rows = {(r.site, r.ap): r for r in s.scalars(
-                select(AP).where(tuple_(AP.site, AP.ap).in_(sorted(touched))))}
-            for site, ap in touched:
-                state = self.ingestor.aps[(site, ap)]
-                row = rows.get((site, ap))
-                if row is None:
-                    row = AP(site=site, ap=ap, first_seen=time.time(), counters={})
-                    s.add(row)
-                row.last_seen = state.last_seen
-                row.epoch, row.last_seq = state.epoch, state.last_seq
-                row.model = state.model or row.model
-                if state.rate_level is not None:
-                    row.rate_level = state.rate_level
-                row.counters = {**dict(state.counters), "rejected": dict(state.rejected)}
-                if (site, ap) in latest:
-                    row.prediction = latest[(site, ap)].as_dict()
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for event in events:
+            latest[(event["site"], event["ap"])] = event
+        for attempt in (1, 2):
+            try:
+                with self.db.session.begin() as s:
+                    self._write_batch(s, events, touched, latest)
+                return
+            except IntegrityError:
+                # Another writer (the status thread, another worker) created one of the new
+                # AP rows first: they exist now, so the second attempt updates them.
+                self._db_aps -= touched
+                if attempt == 2:
+                    raise
 
-    async def _publish_predictions(self, predictions: list[PredictionRecord]) -> None:
-        if self.mqtt is None:
-            return
-        latest: dict[tuple[str, str], PredictionRecord] = {}
-        for p in predictions:
-            latest[(p.site, p.ap)] = p
+    def _write_batch(self, s: Any, events: list[dict[str, Any]], touched: set[tuple[str, str]],
+                     latest: dict[tuple[str, str], dict[str, Any]]) -> None:
+        if events:
+            s.execute(insert(Prediction),
+                      [{k: v for k, v in e.items() if k != "model_name"} for e in events])
+        unknown = touched - self._db_aps
+        if unknown:
+            existing = {tuple(r) for r in s.execute(
+                select(AP.site, AP.ap).where(tuple_(AP.site, AP.ap).in_(sorted(unknown))))}
+            new = unknown - existing
+            if new:
+                now = time.time()
+                s.execute(insert(AP), [{"site": site, "ap": ap, "first_seen": now,
+                                        "online": False, "counters": {}}
+                                       for site, ap in sorted(new)])
+            self._db_aps |= unknown
+        updates = []
+        for site, ap in touched:
+            state = self.ingestor.aps[(site, ap)]
+            row: dict[str, Any] = {
+                "site": site, "ap": ap, "last_seen": state.last_seen, "epoch": state.epoch,
+                "last_seq": state.last_seq,
+                "counters": {**dict(state.counters), "rejected": dict(state.rejected)}}
+            if state.model:
+                row["model"] = state.model
+            if state.rate_level is not None:
+                row["rate_level"] = state.rate_level
+            if (site, ap) in latest:
+                row["prediction"] = latest[(site, ap)]
+            updates.append(row)
+        # Bulk UPDATE by primary key, grouped by the set of columns each row sets.
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in updates:
+            by_keys.setdefault(tuple(sorted(row)), []).append(row)
+        for rows in by_keys.values():
+            s.execute(update(AP), rows)
+
+    def _publish_predictions(self, events: list[dict[str, Any]]) -> None:
+        """The latest prediction of each AP in the batch, retained, QoS 1. Handed to paho
+        without awaiting each PUBACK (paho keeps them in flight and retries); awaiting
+        thousands of acknowledgements a second through aiomqtt costs more than the model."""
         client = self.mqtt
-        await asyncio.gather(*(
-            client.publish(f"{self.settings.prefix}/{site}/{ap}/pred", json.dumps(p.as_dict()),
-                           qos=1, retain=True, timeout=10)
-            for (site, ap), p in latest.items()), return_exceptions=True)
+        if client is None:
+            return
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for event in events:
+            latest[(event["site"], event["ap"])] = event
+        for (site, ap), event in latest.items():
+            client._client.publish(f"{self.settings.prefix}/{site}/{ap}/pred",
+                                   json.dumps(event), qos=1, retain=True)
 
     # -- MQTT -------------------------------------------------------------------------------
 
@@ -299,7 +339,8 @@ class CloudService:
             client = aiomqtt.Client(
                 broker.host, broker.port, username=broker.username, password=broker.password,
                 identifier=settings.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False, properties=props, keepalive=30, tls_params=tls, timeout=10)
+                clean_start=False, properties=props, keepalive=30, tls_params=tls, timeout=10,
+                max_inflight_messages=1000)
             # Acknowledge a segment only once its batch is stored (at-least-once end to end):
             # aiomqtt has no switch for it, paho does.
             client._client.manual_ack_set(True)
@@ -375,6 +416,12 @@ class CloudService:
             await coro
 
     def _store_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        try:
+            self._write_status(site, ap, status)
+        except IntegrityError:  # the ingest batch created the row meanwhile
+            self._write_status(site, ap, status)
+
+    def _write_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
         with self.db.session.begin() as s:
             row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
             row.online = bool(status.get("online"))

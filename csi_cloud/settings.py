@@ -51,11 +51,15 @@ class CloudSettings(BaseSettings):
                                                                    "FILE or postgresql+psycopg://"
                                                                    "...)")
     recordings: Path = Field(default=Path("recordings"), description="HDF5 recordings per AP")
+    record: bool = Field(default=True, description="record received segments to HDF5")
     record_reconstruction: bool = Field(default=True, description="also store the "
                                                                   "reconstructed CSI amplitude")
     recording_max_bytes: int = Field(default=256 * 2**20, ge=2**16, description="rotate a "
                                                                              "recording file "
                                                                              "beyond this size")
+    recording_flush_s: float = Field(default=2.0, ge=0, description="commit recordings at "
+                                                                    "most this often (a crash "
+                                                                    "loses up to this much)")
     recording_max_s: float = Field(default=3600.0, gt=0, description="rotate a recording file "
                                                                     "after this long")
     token: SecretStr = Field(default=SecretStr(PLACEHOLDER_TOKEN),

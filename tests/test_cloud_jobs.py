@@ -78,12 +78,17 @@ def test_training_job_produces_a_served_bundle(env: dict[str, Any]) -> None:
     # Queued behind it: a second job waits until the first is done (one at a time).
     second = client.post(JOBS, headers=AUTH, json={"dataset": "fition:broken"}).json()
     seen_running = set()
-    while (job := client.get(f"{JOBS}/{job['id']}").json())["state"] not in ("succeeded",
-                                                                                "failed"):
+    while True:
+        # The second job is read first: if the first still runs afterwards, the second was
+        # waiting when it was read.
+        second_state = client.get(f"{JOBS}/{second['id']}").json()["state"]
+        job = client.get(f"{JOBS}/{job['id']}").json()
+        if job["state"] in ("succeeded", "failed"):
+            break
+        assert second_state == "queued"
         running = client.get(JOBS, params={"state": "running"}).json()
         assert running["count"] <= 1
         seen_running |= {j["id"] for j in running["data"]}
-        assert client.get(f"{JOBS}/{second['id']}").json()["state"] == "queued"
         assert time.monotonic() - started < 120
         time.sleep(0.2)
     took = time.monotonic() - started
@@ -93,7 +98,10 @@ def test_training_job_produces_a_served_bundle(env: dict[str, Any]) -> None:
     assert "epoch 2/2" in job["log"] and len(job["log"]) <= 32_000
     metrics = job["metrics"]
     assert metrics["epochs_run"] == 2 and metrics["recordings_used"] == 8
-    assert metrics["compatible_with_base"] is True and metrics["activated"] is True
+    # Activation announces the model to the APs over MQTT; this service has no broker, so
+    # the bundle is served but not made active (and says why).
+    assert metrics["compatible_with_base"] is True and metrics["activated"] is False
+    assert "not activated" in job["log"]
     assert {lv["level"] for lv in metrics["levels"]} == {0, 1, 2, 3}
     assert 0 <= metrics["activity_accuracy"] <= 1
     # The bundle: in the models folder, loadable and verified, served, and now active.
@@ -104,7 +112,7 @@ def test_training_job_produces_a_served_bundle(env: dict[str, Any]) -> None:
     assert model.manifest.training["base_model"] == base
     served = client.get("/api/v1/models").json()["data"]
     assert model_ids(client) == before | {model.id}
-    assert [m["active"] for m in served if m["id"] == model.id] == [True]
+    assert [m["active"] for m in served if m["id"] == model.id] == [False]
     assert not [p for p in env["models"].iterdir() if p.name.startswith(".")]
     # The job folder keeps only job.json (no staging bundle, no links).
     assert sorted(p.name for p in (env["jobs"] / job["id"]).iterdir()) == ["job.json"]

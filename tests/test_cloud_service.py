@@ -173,8 +173,12 @@ def test_end_to_end_predictions_match_offline(broker: Mosquitto, db_url: str,
         assert ap["gaps"] == 0 and ap["status"]["counters"]["segments_sent"] == len(expected)
         latest = cloud.get("/aps/lab/ap1/prediction")
         assert latest["seq"] == len(expected) - 1
-        # Received segments were recorded for retraining.
-        assert list((tmp_path / "recordings").rglob("*.h5"))
+        # Received segments are recorded for retraining (by the recorder process, which
+        # commits every couple of seconds).
+        deadline = time.monotonic() + 20
+        while not list((tmp_path / "recordings").rglob("*.h5")):
+            assert time.monotonic() < deadline, "no recording written"
+            time.sleep(0.2)
     finally:
         cloud.stop()
 

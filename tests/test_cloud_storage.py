@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from csi_cloud.ingest import DecodedRecord, Ingestor
+from csi_cloud.recorder import RecorderProcess
 from csi_cloud.registry import ModelRegistry
 from csi_cloud.storage import RecordingStore, decode_stored, read_segments
 from csi_edge import read_recording
@@ -70,7 +71,7 @@ def payloads(encoder: EdgeEncoder, path: Path, site: str, ap: str, *, level: int
 
 def decoded(registry: ModelRegistry, items: list[tuple[str, str, bytes, float]]
             ) -> list[DecodedRecord]:
-    result = Ingestor(registry).process(items)
+    result = Ingestor(registry, reconstruct=True).process(items)
     assert not result.rejected
     return result.segments
 
@@ -296,7 +297,7 @@ def test_labels_api_reaches_the_recordings(tmp_path: Path, encoder: EdgeEncoder)
     t0 = float(_batch(encoder, WALK).start_time[0])
     with TestClient(create_app(settings)) as client:
         service = client.app.state.service  # type: ignore[attr-defined]
-        assert isinstance(service.recorder, RecordingStore)
+        assert isinstance(service.recorder, RecorderProcess)
         for site, ap, data, received in items:
             client.portal.call(service.submit, site, ap, data, received)  # type: ignore[union-attr]
         deadline = time.monotonic() + 20

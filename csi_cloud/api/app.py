@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+import math
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..service import CloudService
 from ..settings import CloudSettings
@@ -36,16 +42,11 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
                   description="Live activity and identity predictions from compressed WiFi CSI "
                               "streamed by access points over MQTT.")
 
-    @app.middleware("http")
-    async def limit_body(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        limit = (settings.max_upload_bytes if request.url.path in _UPLOAD_PATHS
-                 else settings.max_request_bytes)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body of {length} bytes is over the "
-                                           f"limit of {limit} bytes"}, status_code=413)
-        return await call_next(request)
+    def limit_for(path: str) -> int:
+        return settings.max_upload_bytes if path in _UPLOAD_PATHS else settings.max_request_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
     api = APIRouter(prefix=API_PREFIX)
     for module in (aps, predictions, models, health):
@@ -59,3 +60,77 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
     app.include_router(api)
     app.include_router(health.router)  # /healthz, /readyz, /metrics at the root too
     return app
+
+
+class BodyLimit:
+    """Refuse request bodies over a per-path limit with 413, whether or not they declare a
+    Content-Length: a chunked body is counted as it is read and cut off at the limit."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _too_large(send, limit, length.decode(errors="replace"))
+            return
+        seen = 0
+        started = rejected = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit and not started:
+                    # Answer now, while the app is still reading; it then sees a disconnect
+                    # and whatever it answers is dropped.
+                    rejected = True
+                    await _too_large(send, limit, f"over {limit}")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if rejected:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except Exception:
+            if not rejected:
+                raise
+
+
+async def _too_large(send: Send, limit: int, length: str) -> None:
+    body = json.dumps({"detail": f"request body of {length} bytes is over the limit of "
+                                 f"{limit} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a bad value quoted back in an error is shown as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)

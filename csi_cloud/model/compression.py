@@ -105,9 +105,12 @@ class CloudModel:
         ]
 
     @torch.no_grad()
-    def reconstruct(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray,
-                                                              np.ndarray]:
-        """Codes -> z_q (B, D, T), profile (B, C), reconstruction (B, L, A, S)."""
+    def decode_latent(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray]:
+        """Codes -> what the classifier reads: z_q (B, D, T) and the profile (B, C)."""
+        z_q, profile = self._latent(codes)
+        return z_q.numpy(), profile.numpy()
+
+    def _latent(self, codes: list[SegmentCodes]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.net.cfg
         t = int(self.manifest.quantizer["latent_steps"])
         groups = self.net.quantizer.groups
@@ -120,8 +123,14 @@ class CloudModel:
             symbols[i, :g] = torch.from_numpy(c.latent)
             mask[i, : g * self.net.group_size] = 1.0
             profiles.append(self.net.profile_decode(torch.from_numpy(c.profile)[None])[0])
-        z_q = self.net.quantizer.dequantize(symbols) * mask
-        profile = torch.stack(profiles)
+        return self.net.quantizer.dequantize(symbols) * mask, torch.stack(profiles)
+
+    @torch.no_grad()
+    def reconstruct(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+        """Codes -> z_q (B, D, T), profile (B, C), reconstruction (B, L, A, S)."""
+        cfg = self.net.cfg
+        z_q, profile = self._latent(codes)
         dynamics = self.net.decoder(z_q)
         recon = (dynamics + profile.unsqueeze(-1)).transpose(1, 2)
         shape = (len(codes), cfg.segment_frames, cfg.antennas, cfg.subcarriers)
