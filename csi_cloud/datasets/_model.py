@@ -54,7 +54,7 @@ class Example:
     recording_id: str
     format: str
     dataset: str = ""
-    start: float | None = None  # seconds into the recording; None = the whole file
+    start: float | None = None  # labelled range on the recording's clock; None = whole file
     end: float | None = None
 
     def label(self, key: str) -> str | None:

@@ -97,6 +97,16 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
     for example in examples:
         try:
             frames = read_recording(example.path)
+            if example.start is not None or example.end is not None:
+                # A labelled time range of a longer recording (the recording's clock).
+                t = frames.timestamp
+                lo = -np.inf if example.start is None else example.start
+                hi = np.inf if example.end is None else example.end
+                inside = np.flatnonzero((t >= lo) & (t < hi))
+                if inside.size == 0:
+                    skipped[f"{example.path}@{lo:.3f}"] = "no frame in the labelled range"
+                    continue
+                frames = frames.take(inside)
             batch = Preprocessor(spec).process(frames)
         except CSIError as exc:
             skipped[str(example.path)] = str(exc)
