@@ -103,6 +103,7 @@ class APState:
     rejected: Counter[str] = field(default_factory=Counter)
     last_seen: float | None = None
     last_prediction: PredictionRecord | None = None
+    last_record: DecodedRecord | None = None  # the newest segment (for a CSI view)
     bytes_window: list[tuple[float, int]] = field(default_factory=list)
 
     def bytes_per_s(self, now: float, window_s: float = 30.0) -> float:
@@ -266,6 +267,8 @@ class Ingestor:
             assert state.base_ms is not None
             slot = (record.timestamp_ms - state.base_ms) // model.segment_ms
             state.context[slot] = record
+            if state.last_record is None or record.timestamp_ms >= state.last_record.timestamp_ms:
+                state.last_record = record
             latest = slot if state.latest_slot is None else max(state.latest_slot, slot)
             state.latest_slot = latest
             for old in [s for s in state.context if s <= latest - n]:
