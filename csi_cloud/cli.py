@@ -284,6 +284,36 @@ def cloud(
                 log_level=log_level.lower(), access_log=False)
 
 
+@app.command("demo")
+def demo(
+    http: Annotated[str, typer.Option(help="HOST:PORT of the dashboard and API")] =
+        "127.0.0.1:8000",
+    data: Annotated[Path | None, typer.Option(
+        help="recordings to replay (a file or folder) [the committed samples]", exists=True)
+    ] = None,
+    aps: Annotated[int, typer.Option(help="access points to simulate")] = 3,
+    model: Annotated[str, typer.Option(help="bundle name in the models folder")] = "fition",
+    models: Annotated[Path | None, typer.Option(help="models folder [models]")] = None,
+    broker: Annotated[str, typer.Option(
+        help="auto (mosquitto if installed, else embedded), mosquitto or embedded")] = "auto",
+    workdir: Annotated[Path | None, typer.Option(
+        help="keep the database, recordings and logs here [a temporary folder]")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+) -> None:
+    """Run the whole pipeline on loopback: a broker, the cloud service and edge agents
+    replaying recordings. Prints the dashboard URL and a line per AP; Ctrl-C stops it all."""
+    from .demo import DemoError, run_demo
+
+    if broker not in ("auto", "mosquitto", "embedded"):
+        raise fail(f"--broker {broker!r} is not auto, mosquitto or embedded")
+    try:
+        code = run_demo(http=http, data=data, aps=aps, model=model, models=models,
+                        broker=broker, workdir=workdir, duration_s=duration)
+    except DemoError as exc:
+        raise fail(str(exc)) from exc
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app(prog_name="csi")
 

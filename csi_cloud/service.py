@@ -327,19 +327,27 @@ class CloudService:
         broker = settings.broker_address()
         assert broker is not None
         backoff = Backoff(0.5, 30.0)
-        seg_filter = f"$share/{settings.share_group}/{settings.prefix}/+/+/seg"
+        seg_filter = f"{settings.prefix}/+/+/seg"
+        if settings.shared_subscription:
+            seg_filter = f"$share/{settings.share_group}/{seg_filter}"
+        v5 = settings.mqtt_protocol == "5"
         status_filter = f"{settings.prefix}/+/+/status"
         while True:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = settings.session_expiry_s
+            props: Properties | None = None
+            session: dict[str, Any] = {"clean_session": False}  # MQTT 3.1.1: kept until ended
+            if v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = settings.session_expiry_s
+                session = {"clean_start": False}
             tls = None
             if broker.tls:
                 tls = aiomqtt.TLSParameters(ca_certs=str(settings.ca_file)
                                             if settings.ca_file else None)
             client = aiomqtt.Client(
                 broker.host, broker.port, username=broker.username, password=broker.password,
-                identifier=settings.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False, properties=props, keepalive=30, tls_params=tls, timeout=10,
+                identifier=settings.client_id,
+                protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+                properties=props, keepalive=30, tls_params=tls, timeout=10, **session,
                 max_inflight_messages=1000)
             # Acknowledge a segment only once its batch is stored (at-least-once end to end):
             # aiomqtt has no switch for it, paho does.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -39,6 +39,10 @@ class CloudSettings(BaseSettings):
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
     prefix: str = Field(default="csi/v1", description="topic prefix")
     share_group: str = Field(default="csi-cloud", description="MQTT 5 shared subscription group")
+    shared_subscription: bool = Field(default=True, description="subscribe to segments through "
+                                                                "$share/{share_group}/... (off "
+                                                                "for brokers without it)")
+    mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version")
     client_id: str = Field(default="csi-cloud-1", description="MQTT client id; a stable id keeps "
                                                               "the session across restarts")
     session_expiry_s: int = Field(default=86_400, ge=0, description="broker keeps the session "

@@ -6,7 +6,8 @@ import random
 
 __all__ = ["PUBACK_BYTES", "Backoff", "publish_packet_bytes"]
 
-# MQTT 5 PUBACK with reason "success" and no properties: fixed header 2 + packet id 2.
+# PUBACK (MQTT 3.1.1, and MQTT 5 with reason "success" and no properties): fixed header 2 +
+# packet id 2.
 PUBACK_BYTES = 4
 
 
@@ -18,13 +19,13 @@ def _varint_len(n: int) -> int:
     return size
 
 
-def publish_packet_bytes(topic: str, payload_bytes: int, qos: int = 1) -> int:
-    """Bytes of one MQTT 5 PUBLISH packet on the wire (TCP/IP headers not included).
+def publish_packet_bytes(topic: str, payload_bytes: int, qos: int = 1, v5: bool = True) -> int:
+    """Bytes of one MQTT PUBLISH packet on the wire (TCP/IP headers not included).
 
     Fixed header (1 + remaining-length varint) + topic (2 + UTF-8 length) + packet id (2, QoS
-    > 0) + property length (1, no properties) + payload.
+    > 0) + property length (1, no properties; MQTT 5 only) + payload.
     """
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + 1 + payload_bytes
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_bytes
     return 1 + _varint_len(remaining) + remaining
 
 

@@ -163,6 +163,7 @@ class StreamAgent:
         self._drain_deadline = float("inf")
         self._rates_at = (time.monotonic(), 0, 0)
         self._connected = False
+        self._v5 = settings.mqtt_protocol == "5"
 
     # -- start-up checks ------------------------------------------------------------------
 
@@ -310,13 +311,17 @@ class StreamAgent:
                                         if self.settings.ca_file else None)
         will = aiomqtt.Will(self.topic_status, json.dumps(self._status(online=False)), qos=1,
                             retain=True)
+        v5 = self.settings.mqtt_protocol == "5"
+        protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+        # The spool, not a broker session, holds what is unsent: always start clean.
+        clean: dict[str, Any] = {"clean_start": True} if v5 else {"clean_session": True}
         while not self._finished():
             try:
                 async with aiomqtt.Client(
                     broker.host, broker.port, username=broker.username, password=broker.password,
                     identifier=f"{self.settings.client_id_prefix}-{self.stream.site}-"
                                f"{self.stream.ap}",
-                    protocol=aiomqtt.ProtocolVersion.V5, clean_start=True,
+                    protocol=protocol, **clean,
                     keepalive=self.settings.keepalive_s, will=will, tls_params=tls,
                     timeout=10,
                 ) as client:
@@ -400,7 +405,7 @@ class StreamAgent:
             level=head.level, model_id=head.model_id, epoch=head.epoch, first_seq=head.seq,
             timestamp_ms=head.timestamp_ms,
             segments=tuple(SegmentRecord(r.quality, r.codes) for r in group)))
-        wire = publish_packet_bytes(self.topic_seg, len(data), qos=1) + PUBACK_BYTES
+        wire = publish_packet_bytes(self.topic_seg, len(data), qos=1, v5=self._v5) + PUBACK_BYTES
         try:
             await client.publish(self.topic_seg, data, qos=1)
         except Exception:
@@ -431,7 +436,8 @@ class StreamAgent:
     async def _publish_status(self, client: Any, online: bool = True) -> None:
         body = json.dumps(self._status(online=online)).encode()
         await client.publish(self.topic_status, body, qos=1, retain=True)
-        self.counters.status_wire_bytes += (publish_packet_bytes(self.topic_status, len(body))
+        self.counters.status_wire_bytes += (publish_packet_bytes(self.topic_status, len(body),
+                                                                 v5=self._v5)
                                             + PUBACK_BYTES)
 
     def _status(self, online: bool = True) -> dict[str, Any]:

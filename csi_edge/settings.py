@@ -125,6 +125,9 @@ class EdgeSettings(BaseSettings):
     password: SecretStr | None = Field(default=None, description="MQTT password")
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
     prefix: str = Field(default="csi/v1", description="topic prefix")
+    mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version "
+                                                                         "(3.1.1 for brokers "
+                                                                         "without MQTT 5)")
     level: int = Field(default=1, ge=0, le=3, description="rate level at start")
     speed: str = Field(default="real", description="file replay: real, max, or a factor (2.5)")
     loop: bool = Field(default=False, description="file replay: start again at the end")

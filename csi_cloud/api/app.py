@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import dashboard
 from ..service import CloudService
 from ..settings import CloudSettings
 from .routes import aps, health, models, predictions
@@ -59,6 +60,7 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)  # /healthz, /readyz, /metrics at the root too
+    app.include_router(dashboard.router)  # the operator page at / (csi_cloud/dashboard)
     return app
 
 

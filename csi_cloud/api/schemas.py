@@ -6,7 +6,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
-__all__ = ["APOut", "CtlAccepted", "Health", "ModelOut", "Page", "PredictionOut", "RateIn"]
+__all__ = ["APOut", "CSIOut", "CtlAccepted", "Health", "ModelOut", "Page", "PredictionOut",
+           "RateIn"]
 
 T = TypeVar("T")
 
@@ -51,6 +52,28 @@ class APOut(BaseModel):
     counters: dict[str, Any]
     status: dict[str, Any] | None = Field(description="the AP's last status message")
     prediction: PredictionOut | None
+
+
+class CSIOut(BaseModel):
+    site: str
+    ap: str
+    epoch: int
+    seq: int
+    timestamp: float = Field(description="capture time of the segment start (Unix s)")
+    model: str
+    model_name: str
+    rate_level: int
+    domain: str = Field(description="what the values are: 'log1p_amplitude' is log(1 + |H|), "
+                                    "the model's input features with its standardisation undone")
+    subcarriers: list[int] = Field(description="subcarrier number of each column")
+    antennas: int
+    antenna: int = Field(description="the antenna (feature plane) these values are of")
+    frames: int = Field(description="rows: grid points of the segment, oldest first")
+    rate_hz: float = Field(description="grid rate of the rows")
+    min: float
+    max: float
+    values: list[list[float]] = Field(description="frames rows of one value per subcarrier, "
+                                                  "rounded to 3 decimals")
 
 
 class ModelOut(BaseModel):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+import numpy as np
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,7 +15,7 @@ from csi_edge.settings import topic_name
 from ...db import AP, Prediction
 from ...service import NotConnectedError
 from ..deps import DbSession, Service, WriteAccess
-from ..schemas import APOut, CtlAccepted, Page, PredictionOut, RateIn
+from ..schemas import APOut, CSIOut, CtlAccepted, Page, PredictionOut, RateIn
 
 router = APIRouter(prefix="/aps", tags=["aps"])
 
@@ -67,6 +68,41 @@ def get_prediction(site: Name, ap: Name, session: DbSession) -> PredictionOut | 
     row = session.scalars(select(Prediction).where(Prediction.site == site, Prediction.ap == ap)
                           .order_by(Prediction.id.desc()).limit(1)).first()
     return prediction_out(row)
+
+
+@router.get("/{site}/{ap}/csi", response_model=CSIOut,
+            summary="The AP's newest segment reconstructed by its model (for a CSI view)",
+            responses={404: {"description": "unknown AP, or no segment received yet"},
+                       422: {"description": "no such antenna"}})
+def get_csi(site: Name, ap: Name, service: Service,
+            antenna: Annotated[int, Query(ge=0, le=63)] = 0) -> CSIOut:
+    """Runs the decoder (torch) on one segment: a sync route, so in the thread pool."""
+    state = service.ingestor.aps.get((site, ap))
+    record = state.last_record if state is not None else None
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"no segment from {site}/{ap} since the service started")
+    model = record.model
+    _, _, recon = model.reconstruct([record.codes])
+    frames, planes, width = recon.shape[1:]
+    if antenna >= planes:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"antenna {antenna} not in 0..{planes - 1}")
+    # Undo the encoder's standardisation: back to the features the model was given.
+    encoder = model.net.encoder
+    flat = recon[0].reshape(frames, -1) * float(encoder.scale) + encoder.mean.numpy()
+    values = np.nan_to_num(flat.reshape(frames, planes, width)[:, antenna, :]).astype(float)
+    spec = model.manifest.input_spec
+    domain = ("log1p_amplitude" if spec.features == "amplitude" and spec.normalisation == "log"
+              else f"{spec.features}, normalisation {spec.normalisation}")
+    subcarriers = list(spec.subcarriers) if len(spec.subcarriers) == width else \
+        list(range(width))
+    return CSIOut(site=site, ap=ap, epoch=record.epoch, seq=record.seq,
+                  timestamp=record.timestamp_ms / 1000, model=model.id,
+                  model_name=model.manifest.name, rate_level=record.level, domain=domain,
+                  subcarriers=subcarriers, antennas=planes, antenna=antenna, frames=frames,
+                  rate_hz=spec.nominal_rate_hz, min=round(float(values.min()), 3),
+                  max=round(float(values.max()), 3), values=np.round(values, 3).tolist())
 
 
 @router.post("/{site}/{ap}/rate", response_model=CtlAccepted,

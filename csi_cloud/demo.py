@@ -1,0 +1,283 @@
+"""``csi demo``: the whole pipeline on loopback, from one command, with nothing else installed.
+
+It starts, as child processes:
+  1. an MQTT broker: ``mosquitto`` when one is installed, else the embedded Python broker
+     (:mod:`csi_cloud.embedded_broker`, MQTT 3.1.1, so every client falls back to 3.1.1);
+  2. the cloud service with the chosen bundle, an SQLite database and recordings in a work
+     folder, and a random API token (printed, for the dashboard's rate control);
+  3. one edge agent running N AP streams, each replaying a recording at its real rate, looping.
+Then it prints the dashboard URL and a line per AP as predictions arrive, until Ctrl-C, which
+stops every child (edges first, so they can flush, then the cloud, then the broker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from csi_edge.bundle import BundleError, load_manifest
+
+__all__ = ["DemoError", "run_demo"]
+
+_SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat"}
+_DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
+
+
+class DemoError(RuntimeError):
+    """The demo cannot start (what and why)."""
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    # Something may listen on the wildcard address or another loopback form.
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+@dataclass
+class _Children:
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], env: dict[str, str], log: Path) -> None:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # Ctrl-C reaches us, not them
+        self.procs.append((name, proc))
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise DemoError(f"{name} exited with code {proc.returncode}")
+
+    def stop(self, timeout_s: float = 8.0) -> None:
+        """Edges first (they flush), then the cloud, then the broker; kill what lingers."""
+        deadline = time.monotonic() + timeout_s
+        order = {"edge": 0, "cloud": 1, "broker": 2}
+        for name, proc in sorted(self.procs, key=lambda p: order.get(p[0], 3)):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            wait = max(0.1, min(deadline - time.monotonic(), 3.0 if name == "edge" else 5.0))
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(2)
+
+
+def _recordings(folder: Path) -> list[Path]:
+    if folder.is_file():
+        return [folder]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES)
+    if not files:
+        raise DemoError(f"no recording in {folder} (looked for {', '.join(sorted(_SUFFIXES))})")
+    return files
+
+
+def _get(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int = 3,
+             model: str = "fition", models: Path | None = None, broker: str = "auto",
+             workdir: Path | None = None, duration_s: float | None = None,
+             out: Any = None) -> int:
+    """Run the demo until SIGINT/SIGTERM (or ``duration_s``); the exit code."""
+    out = out or sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    if not 1 <= aps <= 500:
+        raise DemoError(f"--aps {aps} is not between 1 and 500")
+    models = models or (Path("models") if Path("models").is_dir() else _project_root() / "models")
+    bundle = models / model
+    try:
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        raise DemoError(f"model {model!r}: {exc}") from exc
+    if data is None:
+        default = _DEFAULT_DATA.get(manifest.input_spec.source_kind)
+        if default is None:
+            raise DemoError(f"model {model!r} takes {manifest.input_spec.source_kind} CSI; "
+                            "give recordings with --data")
+        data = _project_root() / "datasets" / "samples" / default
+    files = _recordings(data)
+    host, _, port_text = http.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise DemoError(f"--http {http!r} is not HOST:PORT")
+    http_port = int(port_text)
+    if not _free(host, http_port):
+        http_port = _free_port()
+        say(f"port {port_text} is taken; the dashboard uses {http_port} instead")
+
+    own_workdir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="csi-demo-")) if workdir is None else workdir
+    work.mkdir(parents=True, exist_ok=True)
+    children = _Children()
+    stop = {"now": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # 1. Broker.
+        binary = mosquitto_binary() if broker in ("auto", "mosquitto") else None
+        if broker == "mosquitto" and binary is None:
+            raise DemoError("--broker mosquitto, but no mosquitto binary is installed")
+        broker_port = 1883
+        if not _free("127.0.0.1", broker_port):
+            broker_port = _free_port()
+            say(f"port 1883 is taken (a system broker?); the demo broker uses {broker_port}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        protocol: dict[str, str] = {}
+        if binary is not None:
+            conf = work / "mosquitto.conf"
+            conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
+                            "max_queued_messages 100000\n")
+            children.start("broker", [binary, "-c", str(conf)], env, work / "broker.log")
+            broker_name = f"mosquitto ({binary})"
+        else:
+            children.start("broker", [sys.executable, "-m", "csi_cloud.embedded_broker",
+                                      "--port", str(broker_port)], env, work / "broker.log")
+            broker_name = "embedded Python broker (amqtt, MQTT 3.1.1)"
+            protocol = {"CSI_CLOUD_MQTT_PROTOCOL": "3.1.1",
+                        "CSI_CLOUD_SHARED_SUBSCRIPTION": "false",
+                        "CSI_EDGE_MQTT_PROTOCOL": "3.1.1"}
+        _wait_port(broker_port, children, 15)
+        broker_url = f"mqtt://127.0.0.1:{broker_port}"
+        say(f"broker: {broker_name} on {broker_url}")
+
+        # 2. Cloud.
+        token = secrets.token_urlsafe(18)
+        cloud_env = {**env, **protocol, "CSI_CLOUD_TOKEN": token,
+                     "CSI_CLOUD_DEFAULT_MODEL": manifest.id,
+                     "CSI_CLOUD_JOBS_DIR": str(work / "jobs")}
+        children.start("cloud", [
+            sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(models),
+            "--broker", broker_url, "--http", f"{host}:{http_port}",
+            "--db", f"sqlite:///{work / 'demo.db'}", "--recordings", str(work / "recordings"),
+            "--client-id", "csi-demo-cloud", "--log-level", "WARNING"], cloud_env,
+            work / "cloud.log")
+        base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_port}"
+        _wait_ready(f"{base}/readyz", children, 90)
+
+        # 3. Edges: one process, one stream per AP.
+        streams = []
+        for k in range(aps):
+            streams += ["--stream", f"demo/ap{k + 1}=file://{files[k % len(files)].resolve()}"]
+        children.start("edge", [
+            sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(bundle), "--broker",
+            broker_url, "--speed", "real", "--loop", "--spool-dir", str(work / "spool"),
+            "--status-interval", "2", "--cloud-url", base, "--log-level", "WARNING",
+            *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched")},
+            work / "edge.log")
+
+        raw = (manifest.metrics.get("test_split") or {}).get("native_bytes_per_s")
+        say(f"dashboard: {base}/   API: {base}/docs   token: {token}")
+        say(f"{aps} AP(s) replaying {len(files)} recording(s) from {data} with model "
+            f"{manifest.name} ({manifest.id[:12]}); logs in {work}")
+        say("Ctrl-C stops everything.")
+        _watch(base, children, stop, duration_s, raw, say)
+        return 0
+    finally:
+        say("stopping ...")
+        children.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own_workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        say("stopped")
+
+
+def _wait_port(port: int, children: _Children, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children.check()
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise DemoError(f"the broker did not listen on port {port} within {timeout_s:.0f} s")
+
+
+def _wait_ready(url: str, children: _Children, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children.check()
+        try:
+            _get(url, 1.0)
+            return
+        except (OSError, urllib.error.URLError, ValueError):
+            time.sleep(0.3)
+    raise DemoError(f"the cloud service was not ready at {url} within {timeout_s:.0f} s")
+
+
+def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: float | None,
+           raw: float | None, say: Any) -> None:
+    """A line per AP whenever its latest prediction changes."""
+    seen: dict[str, int] = {}
+    started = time.monotonic()
+    while not stop["now"]:
+        if duration_s is not None and time.monotonic() - started >= duration_s:
+            return
+        children.check()
+        try:
+            page = _get(f"{base}/api/v1/aps")
+        except (OSError, urllib.error.URLError, ValueError):
+            page = {"data": []}
+        for ap in page.get("data", []):
+            p = ap.get("prediction")
+            name = f"{ap['site']}/{ap['ap']}"
+            if not p or seen.get(name) == p["seq"]:
+                continue
+            seen[name] = p["seq"]
+            rate = (ap.get("counters") or {}).get("payload_bytes_per_s", 0.0)
+            identity = (f"  {p['identity']:<8s} {p['identity_confidence']:.2f}"
+                        if p.get("identity") else "")
+            versus = f" (raw CSI {raw / 1000:.1f} kB/s)" if raw else ""
+            say(f"{name:<10s} seq {p['seq']:>5d}  {p['activity']:<11s} "
+                f"{p['activity_confidence']:.2f}{identity}  {rate:6.1f} B/s{versus}  "
+                f"level {p['rate_level']}  gaps {ap.get('gaps', 0)}")
+        for _ in range(10):
+            if stop["now"]:
+                return
+            time.sleep(0.2)

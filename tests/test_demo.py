@@ -1,0 +1,91 @@
+"""``csi demo`` as a newcomer runs it: predictions over HTTP within 60 s, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from _broker import free_port, mosquitto_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pids_with(text: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _run_demo(tmp_path: Path, *args: str) -> tuple[list[dict], float, str, Path]:
+    port = free_port()
+    work = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csi_cloud.cli", "demo", "--http", f"127.0.0.1:{port}",
+         "--workdir", str(work), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    started = time.monotonic()
+    aps: list[dict] = []
+    try:
+        while time.monotonic() - started < 60:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/aps",
+                                            timeout=2) as r:
+                    aps = json.loads(r.read())["data"]
+            except OSError:
+                aps = []
+            if len(aps) >= 2 and all(a["prediction"] for a in aps):
+                break
+            time.sleep(0.5)
+        ready_s = time.monotonic() - started
+        assert len(aps) >= 2 and all(a["prediction"] for a in aps), \
+            f"no predictions within 60 s: {aps}"
+        assert _pids_with(str(work)), "children should be running"
+        time.sleep(3)  # the demo prints its live lines every 2 s
+    finally:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        stop_s = time.monotonic() - t0
+    assert proc.returncode == 0, out
+    assert stop_s <= 10, f"Ctrl-C took {stop_s:.1f} s"
+    assert not _pids_with(str(work)), "a child outlived the demo"
+    return aps, ready_s, out, work
+
+
+def test_demo_with_mosquitto(tmp_path: Path) -> None:
+    if mosquitto_binary() is None:
+        if IN_CI:
+            pytest.fail("CI=true but mosquitto is not installed")
+        pytest.skip("needs mosquitto (the embedded broker is tested below)")
+    aps, ready_s, out, _ = _run_demo(tmp_path, "--aps", "2")
+    assert {a["ap"] for a in aps} == {"ap1", "ap2"}
+    assert all(a["prediction"]["activity"] for a in aps)
+    assert "dashboard: http://127.0.0.1:" in out and "mosquitto" in out
+    assert "demo/ap1" in out and "B/s" in out  # the live line per AP
+    assert ready_s < 60
+
+
+def test_demo_with_the_embedded_broker(tmp_path: Path) -> None:
+    aps, _, out, _ = _run_demo(tmp_path, "--aps", "2", "--broker", "embedded")
+    assert "embedded Python broker" in out
+    assert all(a["prediction"]["activity"] for a in aps)
+
+
+def test_demo_moves_off_a_taken_broker_port(tmp_path: Path) -> None:
+    """The machine's own Mosquitto holds 1883: the demo says so and picks another port."""
+    import socket
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 1883)) != 0:
+            pytest.skip("nothing listens on 1883 here")
+    _, _, out, _ = _run_demo(tmp_path, "--aps", "2")
+    assert "port 1883 is taken" in out
