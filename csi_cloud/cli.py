@@ -251,6 +251,8 @@ def cloud(
         help="MQTT client id (stable: keeps the session across restarts) [csi-cloud-1]")] = None,
     public_url: Annotated[str | None, typer.Option(
         help="base URL edges use to download models [http://HOST:PORT]")] = None,
+    site: Annotated[list[str] | None, typer.Option(
+        help="handle only this site's segments (repeatable): shard workers by site")] = None,
     dev: Annotated[bool | None, typer.Option("--dev/--no-dev",
                                              help="allow the placeholder API token")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -275,7 +277,7 @@ def cloud(
     try:
         settings = load_settings(config, models=models, broker=broker, http=http, db=db,
                                  recordings=recordings, prefix=prefix, client_id=client_id,
-                                 public_url=public_url, dev=dev)
+                                 public_url=public_url, dev=dev, sites=site or None)
         settings.check_token()
         settings.broker_address()
     except (ValidationError, ValueError) as exc:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -74,6 +75,9 @@ class Prediction(Base):
     identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     identity_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    codes: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True,
+                                                doc="the segment's entropy-coded codes, so a "
+                                                    "restarted worker rebuilds the context")
 
 
 class Label(Base):

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 _U32 = 1 << 32
+_MAX_AWAITED = 4096  # skipped sequence numbers remembered per AP, to accept them late
 REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_flags",
                   "bad_count", "bad_varint", "truncated_segment", "trailing_bytes",
                   "unknown_model", "bad_level", "bad_codes", "bad_topic")
@@ -104,6 +105,7 @@ class APState:
     last_seen: float | None = None
     last_prediction: PredictionRecord | None = None
     last_record: DecodedRecord | None = None  # the newest segment (for a CSI view)
+    missing: set[int] = field(default_factory=set)  # sequence numbers skipped, still awaited
     bytes_window: list[tuple[float, int]] = field(default_factory=list)
 
     def bytes_per_s(self, now: float, window_s: float = 30.0) -> float:
@@ -231,6 +233,23 @@ class Ingestor:
         result.predictions = self._classify(decoded)
         return result
 
+    def restore_context(self, records: list[DecodedRecord]) -> None:
+        """Put one AP's last segments (oldest first, one epoch) back into its context."""
+        first = records[0]
+        state = self.state(first.site, first.ap)
+        model = first.model
+        z_q, profile = model.decode_latent([r.codes for r in records])
+        state.epoch = first.epoch
+        state.base_ms = first.timestamp_ms
+        state.context.clear()
+        for r, z, p in zip(records, z_q, profile, strict=True):
+            slot = (r.timestamp_ms - state.base_ms) // model.segment_ms
+            state.context[slot] = DecodedRecord(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms,
+                                                r.level, r.quality, model, r.codes,
+                                                r.code_bytes, r.received, z, p)
+            state.latest_slot = slot if state.latest_slot is None else max(state.latest_slot,
+                                                                           slot)
+
     def _track(self, state: APState, record: DecodedRecord) -> bool:
         """Epoch, gap and duplicate bookkeeping; False for a segment already seen."""
         c = state.counters
@@ -240,21 +259,41 @@ class Ingestor:
             state.epoch, state.last_seq = record.epoch, None
             state.base_ms, state.latest_slot = record.timestamp_ms, None
             state.context.clear()
+            state.missing.clear()
         if state.base_ms is None:  # state restored after a restart: context starts afresh
             state.base_ms = record.timestamp_ms
         if state.last_seq is not None:
             step = (record.seq - state.last_seq) % _U32
-            if step == 0 or step > _U32 // 2:
+            if step == 0:
+                c["duplicates"] += 1
+                return False
+            if step > _U32 // 2:
+                # Older than the newest seen: a segment skipped earlier arriving late (a broker
+                # resends unacknowledged messages after newer ones), or one seen already.
+                if record.seq in state.missing:
+                    state.missing.discard(record.seq)
+                    c["late"] += 1
+                    c["missing_segments"] -= 1
+                    self._note(state, record)
+                    return True
                 c["duplicates"] += 1
                 return False
             if step > 1:
                 c["gaps"] += 1
                 c["missing_segments"] += step - 1
+                if step - 1 <= _MAX_AWAITED:
+                    state.missing.update((state.last_seq + k) % _U32 for k in range(1, step))
+                    while len(state.missing) > _MAX_AWAITED:
+                        state.missing.discard(min(state.missing))
         state.last_seq = record.seq
+        self._note(state, record)
+        return True
+
+    @staticmethod
+    def _note(state: APState, record: DecodedRecord) -> None:
         state.model = record.model.id
         state.rate_level = record.level
-        c["segments"] += 1
-        return True
+        state.counters["segments"] += 1
 
     def _classify(self, records: list[DecodedRecord]) -> list[PredictionRecord]:
         windows: dict[str, list[tuple[DecodedRecord, list[DecodedRecord | None]]]] = {}

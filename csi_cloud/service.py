@@ -22,11 +22,13 @@ from typing import Any
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
+from csi_edge._errors import CSIError
 from csi_edge._mqtt import Backoff
+from csi_edge.bundle import decode_segment_codes
 from csi_edge.settings import topic_name
 
 from .db import AP, Database, Prediction
-from .ingest import BatchResult, Ingestor
+from .ingest import BatchResult, DecodedRecord, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -118,6 +120,7 @@ class CloudService:
         delivers again after a restart are recognised as duplicates."""
         with self.db.session() as s:
             for row in s.scalars(select(AP)):
+                self._restore_context(s, row)
                 self._db_aps.add((row.site, row.ap))
                 state = self.ingestor.state(row.site, row.ap)
                 state.epoch, state.last_seq = row.epoch, row.last_seq
@@ -128,6 +131,35 @@ class CloudService:
                                        if isinstance(v, int)})
                 if isinstance(row.status, dict):
                     self._ap_status[(row.site, row.ap)] = row.status
+
+    def _restore_context(self, s: Any, row: AP) -> None:
+        """The AP's last context from the codes stored with its predictions, so a restarted
+        worker predicts exactly as if it had never stopped."""
+        if row.epoch is None or row.model is None:
+            return
+        try:
+            model = self.registry.get(row.model)
+        except KeyError:
+            return
+        n = model.net.cfg.context_segments
+        rows = s.execute(select(Prediction.seq, Prediction.timestamp, Prediction.rate_level,
+                                Prediction.quality, Prediction.codes, Prediction.received)
+                         .where(Prediction.site == row.site, Prediction.ap == row.ap,
+                                Prediction.epoch == row.epoch, Prediction.model == model.id)
+                         .order_by(Prediction.id.desc()).limit(n)).all()
+        records = []
+        for seq, timestamp, level, quality, codes, received in reversed(rows):
+            if codes is None:
+                continue
+            try:
+                decoded = decode_segment_codes(codes, level, model.manifest, model.tables)
+            except (CSIError, ValueError):
+                continue
+            records.append(DecodedRecord(row.site, row.ap, row.epoch, seq,
+                                         round(timestamp * 1000), level, quality, model,
+                                         decoded, codes, received))
+        if records:
+            self.ingestor.restore_context(records)
 
     # -- models -----------------------------------------------------------------------------
 
@@ -256,7 +288,8 @@ class CloudService:
         for attempt in (1, 2):
             try:
                 with self.db.session.begin() as s:
-                    self._write_batch(s, events, touched, latest)
+                    self._write_batch(s, events, self._codes_of(events, result), touched,
+                                      latest)
                 return
             except IntegrityError:
                 # Another writer (the status thread, another worker) created one of the new
@@ -265,11 +298,18 @@ class CloudService:
                 if attempt == 2:
                     raise
 
-    def _write_batch(self, s: Any, events: list[dict[str, Any]], touched: set[tuple[str, str]],
+    @staticmethod
+    def _codes_of(events: list[dict[str, Any]], result: BatchResult) -> list[bytes | None]:
+        by_key = {(r.site, r.ap, r.epoch, r.seq): r.code_bytes for r in result.segments}
+        return [by_key.get((e["site"], e["ap"], e["epoch"], e["seq"])) for e in events]
+
+    def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
+                     touched: set[tuple[str, str]],
                      latest: dict[tuple[str, str], dict[str, Any]]) -> None:
         if events:
             s.execute(insert(Prediction),
-                      [{k: v for k, v in e.items() if k != "model_name"} for e in events])
+                      [{**{k: v for k, v in e.items() if k != "model_name"}, "codes": c}
+                       for e, c in zip(events, codes, strict=True)])
         unknown = touched - self._db_aps
         if unknown:
             existing = {tuple(r) for r in s.execute(
@@ -327,9 +367,12 @@ class CloudService:
         broker = settings.broker_address()
         assert broker is not None
         backoff = Backoff(0.5, 30.0)
-        seg_filter = f"{settings.prefix}/+/+/seg"
+        # Every site, or this worker's shard of sites (Mosquitto hands shared-subscription
+        # messages out round robin, which would split an AP's context between workers).
+        seg_filters = [f"{settings.prefix}/{site}/+/seg" for site in settings.sites] or \
+            [f"{settings.prefix}/+/+/seg"]
         if settings.shared_subscription:
-            seg_filter = f"$share/{settings.share_group}/{seg_filter}"
+            seg_filters = [f"$share/{settings.share_group}/{f}" for f in seg_filters]
         v5 = settings.mqtt_protocol == "5"
         status_filter = f"{settings.prefix}/+/+/status"
         while True:
@@ -357,7 +400,8 @@ class CloudService:
                     self.mqtt = client
                     backoff.reset()
                     log.info("connected to %s as %s", broker, settings.client_id)
-                    await client.subscribe(seg_filter, qos=1)
+                    for seg_filter in seg_filters:
+                        await client.subscribe(seg_filter, qos=1)
                     await client.subscribe(status_filter, qos=1)
                     async for message in client.messages:
                         self._on_message(client, message)

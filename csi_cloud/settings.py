@@ -43,6 +43,9 @@ class CloudSettings(BaseSettings):
                                                                 "$share/{share_group}/... (off "
                                                                 "for brokers without it)")
     mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version")
+    sites: list[str] = Field(default_factory=list, description="handle only these sites' "
+                                                               "segments (sharding workers by "
+                                                               "site); empty: every site")
     client_id: str = Field(default="csi-cloud-1", description="MQTT client id; a stable id keeps "
                                                               "the session across restarts")
     session_expiry_s: int = Field(default=86_400, ge=0, description="broker keeps the session "
@@ -89,6 +92,11 @@ class CloudSettings(BaseSettings):
         for level in value.split("/"):
             topic_name(level, "topic prefix level")
         return value
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str]) -> list[str]:
+        return [topic_name(site, "site") for site in value]
 
     @field_validator("http")
     @classmethod

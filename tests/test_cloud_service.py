@@ -261,7 +261,10 @@ def test_cloud_restart_loses_nothing(broker: Mosquitto, tmp_path: Path) -> None:
         rows = cloud.get("/predictions", site="lab", ap="ap1", limit=10_000)["data"]
         seqs = sorted({r["seq"] for r in rows})
         assert seqs == list(range(status_sent)), "every segment predicted after the restart"
-        assert ap["gaps"] == 0
+        assert len(rows) == status_sent, "each segment predicted once"
+        # The broker may resend what the killed worker had not acknowledged after newer
+        # messages: such a segment counts as late, not missing.
+        assert ap["missing_segments"] == 0
     finally:
         if edge.poll() is None:
             edge.kill()

@@ -20,7 +20,7 @@ const state = {
   modelsLoading: null,
   selected: null,
   history: [],         // predictions of the selected AP, newest first
-  csi: { busy: false, at: 0, key: null, seq: null },
+  csi: { busy: false, at: 0, key: null, seq: null, data: null },
   transport: null,
 };
 
@@ -420,6 +420,7 @@ function select_(key) {
   $("#detail-name").textContent = key;
   state.history = [];
   state.csi.seq = null;
+  state.csi.data = null;
   renderHistory();
   clearHeatmap("waiting for a segment…");
   loadHistory(key);
@@ -450,6 +451,9 @@ function renderHistory() {
     background: colourOf(h.activity, labels),
     title: `#${h.seq} ${clock(h.timestamp)}: ${h.activity}`,
   })));
+  $("#legend").replaceChildren(...(labels || []).map((label) => el("li", {},
+    el("span", { class: "swatch", background: colourOf(label, labels) }),
+    el("span", { text: label }))));
   $("#history").replaceChildren(...state.history.slice(0, 20).map((h) => el("li", {},
     el("time", { datetime: new Date(h.timestamp * 1000).toISOString(),
                  text: `${clock(h.timestamp)}` }),
@@ -473,6 +477,7 @@ async function updateCsi() {
     if (state.selected !== key) return;
     csi.key = key;
     csi.seq = data.seq;
+    csi.data = data;
     drawHeatmap(data);
   } catch (error) {
     if (state.selected === key) {
@@ -508,12 +513,27 @@ function drawHeatmap(data) {
     clearHeatmap("empty segment");
     return;
   }
-  const span = data.max - data.min || 1;
+  // Optionally each subcarrier relative to its mean over the segment: the static channel
+  // (most of the range) goes, what moved stays.
+  const relative = $("#relative").checked;
+  const offset = new Float64Array(width);
+  if (relative) {
+    for (const row of data.values) row.forEach((v, s) => { offset[s] += v / frames; });
+  }
+  let low = Infinity;
+  let high = -Infinity;
+  for (const row of data.values) {
+    row.forEach((v, s) => {
+      low = Math.min(low, v - offset[s]);
+      high = Math.max(high, v - offset[s]);
+    });
+  }
+  const span = high - low || 1;
   const image = new ImageData(frames, width);
   for (let t = 0; t < frames; t++) {
     const row = data.values[t];
     for (let s = 0; s < width; s++) {
-      const [r, g, b] = viridis((row[s] - data.min) / span);
+      const [r, g, b] = viridis((row[s] - offset[s] - low) / span);
       const at = ((width - 1 - s) * frames + t) * 4;
       image.data[at] = r;
       image.data[at + 1] = g;
@@ -532,20 +552,23 @@ function drawHeatmap(data) {
   ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
   const domain = data.domain === "log1p_amplitude" ? "log(1 + |H|)" : data.domain;
   const sc = data.subcarriers;
-  $("#cb-min").textContent = data.min.toFixed(2);
-  $("#cb-max").textContent = data.max.toFixed(2);
+  $("#cb-min").textContent = low.toFixed(2);
+  $("#cb-max").textContent = high.toFixed(2);
   $("#heatmap-caption").textContent =
     `Reconstructed CSI of segment #${data.seq} (captured ${clock(data.timestamp)}), ` +
     `model ${data.model_name}, level ${data.rate_level}: ${frames} frames ` +
     `(${(frames / data.rate_hz).toFixed(2)} s at ${data.rate_hz} Hz) across, ` +
     `${width} subcarriers (${sc[0]} at the bottom to ${sc[sc.length - 1]}) up` +
     `${data.antennas > 1 ? `, antenna ${data.antenna} of ${data.antennas}` : ""}; ` +
-    `colour: ${domain}.`;
+    `colour: ${domain}${relative ? " minus each subcarrier's segment mean" : ""}.`;
 }
 
 // -- start ----------------------------------------------------------------------------------------
 
 setupToken();
+$("#relative").addEventListener("change", () => {
+  if (state.csi.data) drawHeatmap(state.csi.data);
+});
 setTransport("connecting…");
 refresh();
 connectWs();
