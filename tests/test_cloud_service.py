@@ -67,14 +67,14 @@ class Cloud:
     """``csi cloud`` as a subprocess."""
 
     def __init__(self, broker: Mosquitto, db: str, folder: Path,
-                 client_id: str = "csi-cloud-test") -> None:
+                 client_id: str = "csi-cloud-test", extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models",
                         str(ROOT / "models"), "--broker", broker.url, "--http",
                         f"127.0.0.1:{self.port}", "--db", db, "--recordings",
                         str(folder / "recordings"), "--client-id", client_id,
-                        "--log-level", "INFO"]
+                        "--log-level", "INFO", *extra]
         self.env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(folder / "jobs"),
                         PYTHONUNBUFFERED="1")
         self.log = folder / f"cloud-{client_id}.log"
