@@ -274,6 +274,8 @@ async function refresh() {
       const first = state.aps.has(wanted) ? wanted : [...state.aps.keys()].sort()[0];
       if (first) select_(first);
     } else {
+      const latest = state.aps.get(state.selected).prediction;
+      if (latest) remember(latest);
       updateCsi();
     }
   } catch (error) {
@@ -358,14 +360,18 @@ function onPrediction(p) {
     renderRow(key);
   }
   if (key === state.selected) {
-    if (!state.history.some((h) => h.epoch === p.epoch && h.seq === p.seq)) {
-      state.history.unshift(p);
-      state.history.sort((a, b) => b.timestamp - a.timestamp || b.seq - a.seq);
-      state.history.length = Math.min(state.history.length, HISTORY);
-      renderHistory();
-    }
+    remember(p);
     updateCsi();
   }
+}
+
+// A prediction of the selected AP into its history (live, or the latest one from a poll).
+function remember(p) {
+  if (state.history.some((h) => h.epoch === p.epoch && h.seq === p.seq)) return;
+  state.history.unshift(p);
+  state.history.sort((a, b) => b.timestamp - a.timestamp || b.seq - a.seq);
+  state.history.length = Math.min(state.history.length, HISTORY);
+  renderHistory();
 }
 
 function connectWs() {
@@ -388,11 +394,13 @@ function connectWs() {
 }
 
 function connectSse() {
-  if (!("EventSource" in window)) {
+  let source;
+  try {
+    source = new EventSource(apiUrl("/predictions/stream"));
+  } catch {
     fallBackToPolling();
     return;
   }
-  const source = new EventSource(apiUrl("/predictions/stream"));
   let opened = false;
   source.onopen = () => { opened = true; setTransport("sse"); };
   source.addEventListener("prediction", (event) => onPrediction(JSON.parse(event.data)));
