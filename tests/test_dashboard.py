@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +32,6 @@ from csi_edge.preprocess import Preprocessor
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 EXTERNAL = re.compile(r"https?://|//cdn", re.IGNORECASE)
 
 
@@ -124,38 +121,6 @@ def test_csi_endpoint_reconstructs_the_latest_segment(client: TestClient) -> Non
 
 
 # -- a real browser --------------------------------------------------------------------------------
-
-
-def _needs_browser() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip install -e '.[dev]')")
-    if missing:
-        reason = (f"needs {', '.join(missing)} (apt-get install chromium chromium-driver)")
-        if IN_CI:
-            pytest.fail(f"CI=true but the browser test {reason}")
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    _needs_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1500,1150", "--lang=en-GB"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _edge(broker: Mosquitto, folder: Path, *args: str) -> subprocess.Popen[bytes]:

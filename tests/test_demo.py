@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _broker import free_port, mosquitto_binary
@@ -23,7 +24,8 @@ def _pids_with(text: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _run_demo(tmp_path: Path, *args: str) -> tuple[list[dict], float, str, Path]:
+def _run_demo(tmp_path: Path, *args: str, browser: Any = None
+              ) -> tuple[list[dict], float, str, Path]:
     port = free_port()
     work = tmp_path / "demo"
     proc = subprocess.Popen(
@@ -49,6 +51,9 @@ def _run_demo(tmp_path: Path, *args: str) -> tuple[list[dict], float, str, Path]
         assert len(aps) >= 2 and all(a["prediction"] for a in aps), \
             f"no predictions within 60 s: {aps}"
         assert _pids_with(str(work)), "children should be running"
+        if browser is not None:
+            _check_dashboard(browser, f"http://127.0.0.1:{port}/", [
+                f"{a['site']}/{a['ap']}" for a in aps])
         time.sleep(3)  # the demo prints its live lines every 2 s
     finally:
         t0 = time.monotonic()
@@ -61,12 +66,38 @@ def _run_demo(tmp_path: Path, *args: str) -> tuple[list[dict], float, str, Path]
     return aps, ready_s, out, work
 
 
-def test_demo_with_mosquitto(tmp_path: Path) -> None:
+def _check_dashboard(browser: Any, url: str, names: list[str]) -> None:
+    """The demo's APs are on the dashboard with live activities, and they update."""
+    from csi_edge.bundle import load_manifest
+
+    activities = load_manifest(ROOT / "models" / "fition").labels["activity"] or []
+
+    def text(selector: str) -> str:
+        return str(browser.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.textContent : ''",
+            selector))
+
+    browser.get(url)
+    deadline = time.monotonic() + 30
+    while not all(text(f'tr[data-ap="{n}"] span.activity') in activities for n in names):
+        assert time.monotonic() < deadline, f"dashboard: {text('main')[:800]}"
+        time.sleep(0.3)
+    first = text(f'tr[data-ap="{names[0]}"] td:nth-child(5)')
+    deadline = time.monotonic() + 20
+    while text(f'tr[data-ap="{names[0]}"] td:nth-child(5)') == first:
+        assert time.monotonic() < deadline, "the dashboard did not update"
+        time.sleep(0.3)
+    artifacts = ROOT / "tests" / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    browser.save_screenshot(str(artifacts / "demo.png"))
+
+
+def test_demo_with_mosquitto(tmp_path: Path, browser: Any) -> None:
     if mosquitto_binary() is None:
         if IN_CI:
             pytest.fail("CI=true but mosquitto is not installed")
         pytest.skip("needs mosquitto (the embedded broker is tested below)")
-    aps, ready_s, out, _ = _run_demo(tmp_path, "--aps", "2")
+    aps, ready_s, out, _ = _run_demo(tmp_path, "--aps", "2", browser=browser)
     assert {a["ap"] for a in aps} == {"ap1", "ap2"}
     assert all(a["prediction"]["activity"] for a in aps)
     assert "dashboard: http://127.0.0.1:" in out and "mosquitto" in out
