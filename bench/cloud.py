@@ -129,7 +129,10 @@ def run_load(aps: int, seconds: float, workdir: Path, record: str) -> dict[str, 
     import httpx
     import websockets
 
-    broker_port, http_port = free_port(), free_port()
+    broker_port = free_port()
+    http_port = free_port()
+    while http_port == broker_port:
+        http_port = free_port()
     conf = workdir / f"mosquitto-{aps}.conf"
     conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
                     "max_queued_messages 1000000\nmax_inflight_messages 1000\n")
@@ -145,16 +148,21 @@ def run_load(aps: int, seconds: float, workdir: Path, record: str) -> dict[str, 
          "--broker", f"mqtt://127.0.0.1:{broker_port}", "--http", f"127.0.0.1:{http_port}",
          "--db", f"sqlite:///{db}", "--recordings", str(workdir / f"rec-{aps}"),
          "--client-id", f"bench-cloud-{aps}", "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        stdout=(workdir / f"cloud-{record}-{aps}.log").open("wb"), stderr=subprocess.STDOUT,
+        env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.time() + 60
-        while time.time() < deadline:
+        while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass
+            if time.time() > deadline or cloud.poll() is not None:
+                log = (workdir / f"cloud-{record}-{aps}.log").read_text(errors="replace")
+                raise RuntimeError(f"the cloud did not get ready: {log[-2000:]}")
+            time.sleep(0.2)
         cpu0 = proc_cpu(cloud.pid)
         received: dict[tuple[int, int], float] = {}
         stop = threading.Event()

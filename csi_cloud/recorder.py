@@ -101,7 +101,21 @@ class RecorderProcess:
         self._proc = None
 
 
+def _exit_with_parent() -> None:
+    """Linux: get SIGTERM when the service dies, even by SIGKILL (no orphaned recorder)."""
+    import ctypes
+    import signal as _signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, _signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the idle loop notices the parent is gone
+
+
 def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
+    import os
+
     import torch
 
     from csi_edge.bundle import SegmentCodes
@@ -109,6 +123,8 @@ def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
     from .registry import ModelRegistry
     from .storage import RecordingStore
 
+    _exit_with_parent()
+    parent = os.getppid()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s recorder: %(message)s")
@@ -153,6 +169,9 @@ def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
             store.close()
             return
         if method == "idle":
+            if os.getppid() != parent:  # the service is gone: commit and stop
+                store.close()
+                return
             try:
                 store.flush()  # commits files that are due
             except Exception:
