@@ -309,8 +309,9 @@ class StreamAgent:
         if broker.tls:
             tls = aiomqtt.TLSParameters(ca_certs=str(self.settings.ca_file)
                                         if self.settings.ca_file else None)
-        will = aiomqtt.Will(self.topic_status, json.dumps(self._status(online=False)), qos=1,
-                            retain=True)
+        will = aiomqtt.Will(self.topic_status,
+                            json.dumps(self._status(online=False), separators=(",", ":")),
+                            qos=1, retain=True)
         v5 = self.settings.mqtt_protocol == "5"
         protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
         # The spool, not a broker session, holds what is unsent: always start clean.
@@ -434,7 +435,7 @@ class StreamAgent:
             await self._publish_status(client)
 
     async def _publish_status(self, client: Any, online: bool = True) -> None:
-        body = json.dumps(self._status(online=online)).encode()
+        body = json.dumps(self._status(online=online), separators=(",", ":")).encode()
         await client.publish(self.topic_status, body, qos=1, retain=True)
         self.counters.status_wire_bytes += (publish_packet_bytes(self.topic_status, len(body),
                                                                  v5=self._v5)

@@ -96,7 +96,7 @@ def edge(
     cloud_url: Annotated[str | None, typer.Option(
         help="cloud base URL for model downloads")] = None,
     status_interval_s: Annotated[float | None, typer.Option(
-        "--status-interval", help="seconds between status messages [10]")] = None,
+        "--status-interval", help="seconds between status messages [60]")] = None,
     config: Annotated[Path | None, typer.Option(
         help="TOML or JSON settings file (CSI_EDGE_* variables and options win)")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",

@@ -141,8 +141,9 @@ class EdgeSettings(BaseSettings):
     inflight: int = Field(default=16, ge=1, le=1024, description="messages awaiting PUBACK")
     backlog_segments_per_message: int = Field(
         default=32, ge=1, le=255, description="segments per message while sending a backlog")
-    status_interval_s: float = Field(default=10.0, gt=0, description="seconds between status "
-                                                                     "messages")
+    status_interval_s: float = Field(default=60.0, gt=0, description="seconds between periodic "
+                                                                     "status messages (each "
+                                                                     "costs ~1 kB on the wire)")
     keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive")
     reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect backoff")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="backoff ceiling")
