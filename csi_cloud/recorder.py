@@ -125,6 +125,8 @@ def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
 
     _exit_with_parent()
     parent = os.getppid()
+    # Recordings are best effort: the scheduler should favour the process serving predictions.
+    os.nice(10)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s recorder: %(message)s")
