@@ -140,14 +140,14 @@ def run_load(aps: int, seconds: float, workdir: Path, record: str) -> dict[str, 
                                   str(conf)], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    db = workdir / f"cloud-{aps}.db"
+    db = workdir / f"cloud-{record}-{aps}.db"  # a fresh database every run
     env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(workdir / "jobs"),
                **RECORDING[record])
     cloud = subprocess.Popen(
         [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(ROOT / "models"),
          "--broker", f"mqtt://127.0.0.1:{broker_port}", "--http", f"127.0.0.1:{http_port}",
-         "--db", f"sqlite:///{db}", "--recordings", str(workdir / f"rec-{aps}"),
-         "--client-id", f"bench-cloud-{aps}", "--log-level", "WARNING"],
+         "--db", f"sqlite:///{db}", "--recordings", str(workdir / f"rec-{record}-{aps}"),
+         "--client-id", f"bench-cloud-{record}-{aps}", "--log-level", "WARNING"],
         stdout=(workdir / f"cloud-{record}-{aps}.log").open("wb"), stderr=subprocess.STDOUT,
         env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{http_port}"
