@@ -78,6 +78,7 @@ class CloudService:
         self._storing: asyncio.Task[None] | None = None  # the latest batch's store
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
         self._db_aps: set[tuple[str, str]] = set()  # AP rows known to exist
+        self._announced: set[tuple[str, str]] = set()  # APs with discovery configs
         self._switch_sent: set[tuple[str, str, int]] = set()
         self.batches = 0
         self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")
@@ -473,6 +474,9 @@ class CloudService:
         if not isinstance(status, dict):
             return
         self._ap_status[(site, ap)] = status
+        if self.settings.homeassistant and (site, ap) not in self._announced:
+            self._announced.add((site, ap))
+            self._announce(site, ap, status)
         # One writer thread keeps status updates in arrival order.
         asyncio.get_running_loop().run_in_executor(self._status_writer, self._store_status, site,
                                                    ap, status)
@@ -487,6 +491,19 @@ class CloudService:
             self._switch_sent.add((site, ap, epoch))
             asyncio.get_running_loop().create_task(
                 self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+
+    def _announce(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        """Home Assistant discovery configs for a newly seen AP (retained, QoS 1)."""
+        from .homeassistant import discovery_configs
+
+        client = self.mqtt
+        if client is None:
+            return
+        name = status.get("model_name") if isinstance(status.get("model_name"), str) else None
+        for topic, config in discovery_configs(
+                self.settings.prefix, site, ap, model_name=name,
+                discovery_prefix=self.settings.homeassistant_prefix).items():
+            client._client.publish(topic, json.dumps(config), qos=1, retain=True)
 
     @staticmethod
     async def _quiet(coro: Any) -> None:

@@ -43,6 +43,9 @@ class CloudSettings(BaseSettings):
                                                                 "$share/{share_group}/... (off "
                                                                 "for brokers without it)")
     mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version")
+    homeassistant: bool = Field(default=True, description="publish Home Assistant MQTT "
+                                                          "discovery configs for each AP")
+    homeassistant_prefix: str = Field(default="homeassistant", description="discovery prefix")
     sites: list[str] = Field(default_factory=list, description="handle only these sites' "
                                                                "segments (sharding workers by "
                                                                "site); empty: every site")
