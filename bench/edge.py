@@ -40,7 +40,11 @@ subprocesses (the real CLI) pinned to CPU 0. A paho-mqtt monitor (on CPU 1) subs
 Options: ``--quick`` (~2 min: shorter windows and ladder), ``--ladder 50,100,...``,
 ``--window S``, ``--skip-install``, ``--profile N`` (cProfile of an in-process agent with N
 real-time streams; the full run profiles 200 streams for 20 s, ``--quick`` only when the
-stream target is missed). Runtime: about 6-8 min, ``--quick`` under 2 min (2-core VM).
+stream target is missed). Runtime on the 2-core VM: about 6 min, ``--quick`` about 1.5 min.
+``--quick`` writes to the temp folder unless ``--out`` is given, so it never replaces the full
+run's ``bench/results/edge.json``. Each stream-count run records ``agent_core_other_utilisation``
+(CPU used on the agent's core by other processes during the window); runs above 5 % are listed
+in ``streams.disturbed_runs``.
 """
 
 from __future__ import annotations
@@ -1049,7 +1053,8 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~2 min: short windows, small ladder")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edge.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="[bench/results/edge.json; --quick: TMPDIR/edge-quick.json]")
     parser.add_argument("--ladder", type=str, default=None,
                         help="stream counts to try, comma separated")
     parser.add_argument("--window", type=float, default=None, help="measured window, s")
@@ -1068,6 +1073,8 @@ def main() -> None:
         profile_worker(Path(config), float(seconds), Path(out))
         return
     quick = args.quick
+    out = args.out or (Path(tempfile.gettempdir()) / "edge-quick.json" if quick
+                       else ROOT / "bench" / "results" / "edge.json")
     ladder = ([int(v) for v in args.ladder.split(",")] if args.ladder
               else [100, 200, 300] if quick else [50, 100, 200, 300, 350, 400, 500, 600])
     window = args.window or (12.0 if quick else 30.0)
@@ -1131,10 +1138,10 @@ def main() -> None:
     report["stage_s"] = timings
     report["load_average_at_end"] = os.getloadavg()
     report["runtime_s"] = round(time.monotonic() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     summary(report)
-    log(f"wrote {args.out} in {report['runtime_s']:.0f} s")
+    log(f"wrote {out} in {report['runtime_s']:.0f} s")
 
 
 def summary(report: dict[str, Any]) -> None:

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    JsonConfigSettingsSource,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
-from csi_edge.settings import BrokerAddress, topic_name
+from csi_edge.settings import BrokerAddress, FileConfiguredSettings, topic_name
 
 __all__ = ["PLACEHOLDER_TOKEN", "CloudSettings", "load_settings"]
 
 PLACEHOLDER_TOKEN = "change-me"
-_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
 
-class CloudSettings(BaseSettings):
+class CloudSettings(FileConfiguredSettings):
     """Everything one cloud worker can be told."""
 
     model_config = SettingsConfigDict(env_prefix="CSI_CLOUD_", extra="forbid")
@@ -142,31 +136,7 @@ class CloudSettings(BaseSettings):
             raise ValueError("set CSI_CLOUD_TOKEN to a secret of at least 16 characters (the "
                              f"placeholder {PLACEHOLDER_TOKEN!r} is only allowed with --dev)")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _CONFIG_FILE.get()
-        if path is not None:
-            if path.suffix.lower() == ".json":
-                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
-            else:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-        return tuple(sources)
-
 
 def load_settings(config: Path | None = None, **overrides: Any) -> CloudSettings:
     """Settings from ``overrides`` (None = not given), the environment, then ``config``."""
-    if config is not None and not config.is_file():
-        raise ValueError(f"config file {str(config)!r} does not exist")
-    token = _CONFIG_FILE.set(config)
-    try:
-        return CloudSettings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _CONFIG_FILE.reset(token)
+    return CloudSettings.load(config, **overrides)

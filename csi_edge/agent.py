@@ -47,6 +47,7 @@ __all__ = ["EdgeAgent", "EncoderCache", "StreamAgent", "StreamCounters", "group_
 log = logging.getLogger("csi_edge.agent")
 
 _U32 = 1 << 32
+_STOP_MARGIN_S = 5.0  # after the drain time: offline status and disconnect
 
 
 @dataclass
@@ -163,6 +164,7 @@ class StreamAgent:
         self._drain_deadline = float("inf")
         self._rates_at = (time.monotonic(), 0, 0)
         self._connected = False
+        self._stop_requested = asyncio.Event()
         self._v5 = settings.mqtt_protocol == "5"
 
     # -- start-up checks ------------------------------------------------------------------
@@ -207,8 +209,7 @@ class StreamAgent:
         try:
             await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stopper.done():
-                self._stopping = True
-                self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+                self._begin_stop()
                 producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
@@ -218,16 +219,29 @@ class StreamAgent:
                 # Source ended: send the rest, unless asked to stop meanwhile.
                 await asyncio.wait({connection, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper.done():
-                    self._stopping = True
-                    self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-                    self._wake.set()
-            await connection
+                    self._begin_stop()
+            # Bounded: sending, the offline status and the disconnect get the drain time and a
+            # margin; a connection still stuck after that (a broker that never answers) is cut.
+            if self._stopping:
+                left = max(0.0, self._drain_deadline - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(connection), left + _STOP_MARGIN_S)
+                if not connection.done():
+                    log.warning("%s: connection did not close in time; cutting it", self.name)
+            else:
+                await connection
         finally:
             stopper.cancel()
             for task in (producer, connection):
                 task.cancel()
             if self.spool is not None:
                 self.spool.close()
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+        self._stop_requested.set()
+        self._wake.set()
 
     async def _produce(self) -> None:
         self.state = "streaming"
@@ -346,7 +360,9 @@ class StreamAgent:
                             "queued", self.name, broker,
                             "lost" if was_connected else "unreachable", exc, delay,
                             len(self.spool or ()))
-                await asyncio.sleep(delay)
+                # Interruptible: a stop request must not wait out a long backoff.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), delay)
             finally:
                 self._connected = False
 

@@ -35,7 +35,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["BrokerAddress", "EdgeSettings", "StreamSettings", "load_settings", "topic_name"]
+__all__ = [
+    "BrokerAddress",
+    "EdgeSettings",
+    "FileConfiguredSettings",
+    "StreamSettings",
+    "load_settings",
+    "topic_name",
+]
 
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 # One topic level: no separators, wildcards, NUL, and not starting with '$' (broker topics).
@@ -105,7 +112,41 @@ class StreamSettings(BaseModel):
         return topic_name(value, "ap")
 
 
-class EdgeSettings(BaseSettings):
+class FileConfiguredSettings(BaseSettings):
+    """Settings read from init values, then the environment, then a TOML/JSON config file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            if path.suffix.lower() == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Any:
+        """``overrides`` (None = not given) win over the environment, which wins over
+        ``config``."""
+        if config is not None and not config.is_file():
+            raise ValueError(f"config file {str(config)!r} does not exist")
+        token = _CONFIG_FILE.set(config)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _CONFIG_FILE.reset(token)
+
+
+class EdgeSettings(FileConfiguredSettings):
     """Everything the edge agent can be told. One ``csi edge`` process runs every stream."""
 
     model_config = SettingsConfigDict(env_prefix="CSI_EDGE_", env_nested_delimiter="__",
@@ -217,32 +258,8 @@ class EdgeSettings(BaseSettings):
             seen.add((s.site, s.ap))
         return streams
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _CONFIG_FILE.get()
-        if path is not None:
-            if path.suffix.lower() == ".json":
-                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
-            else:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-        return tuple(sources)
-
 
 def load_settings(config: Path | None = None, **overrides: Any) -> EdgeSettings:
     """Settings from ``overrides`` (the command line; None means not given), the environment,
     then ``config``."""
-    if config is not None and not config.is_file():
-        raise ValueError(f"config file {str(config)!r} does not exist")
-    token = _CONFIG_FILE.set(config)
-    try:
-        return EdgeSettings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _CONFIG_FILE.reset(token)
+    return EdgeSettings.load(config, **overrides)

@@ -387,3 +387,19 @@ def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path
                 if decode_payload(m.payload).model_id == new_id]
     assert all(cloud.decompress(p) for p in payloads)
     assert (tmp_path / "spool").exists()
+
+
+def test_stop_is_prompt_while_the_broker_is_unreachable(broker: Mosquitto,
+                                                        tmp_path: Path) -> None:
+    """SIGTERM during a long reconnect backoff: out within the drain time, spool kept."""
+    broker.stop()
+    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
+                      "lab", "--ap", "ap1", "--speed", "max")
+    time.sleep(12)  # backoff has grown past several seconds
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, out = finish(proc, 30)
+    took = time.monotonic() - t0
+    assert took < 5.0 + 2.0, f"stop took {took:.1f} s:\n{out[-2000:]}"
+    with sqlite3.connect(tmp_path / "spool" / "lab__ap1.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM segment").fetchone()[0] >= 8
