@@ -360,9 +360,12 @@ class StreamAgent:
                             "queued", self.name, broker,
                             "lost" if was_connected else "unreachable", exc, delay,
                             len(self.spool or ()))
-                # Interruptible: a stop request must not wait out a long backoff.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), delay)
+                if self._stopping:
+                    await asyncio.sleep(delay)  # already capped at the drain deadline
+                else:
+                    # A stop request must not wait out a long backoff begun before it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(), delay)
             finally:
                 self._connected = False
 
