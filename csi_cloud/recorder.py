@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ class RecorderProcess:
                  max_s: float, flush_s: float, max_backlog: int = 2000) -> None:
         self.max_backlog = max_backlog  # append calls waiting; beyond it, new ones are dropped
         self.dropped_segments = 0
-        self._options = {"folder": str(folder), "models": str(models),
+        self._options = {"parent": os.getpid(), "folder": str(folder), "models": str(models),
                          "reconstruction": reconstruction, "max_bytes": max_bytes,
                          "max_s": max_s, "flush_s": flush_s}
         self._ctx = mp.get_context("spawn")
@@ -114,8 +115,6 @@ def _exit_with_parent() -> None:
 
 
 def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
-    import os
-
     import torch
 
     from csi_edge.bundle import SegmentCodes
@@ -124,7 +123,9 @@ def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
     from .storage import RecordingStore
 
     _exit_with_parent()
-    parent = os.getppid()
+    # The pid the service had, not getppid() now: a service killed while this process was
+    # still starting would otherwise leave it waiting under init forever.
+    parent = int(options["parent"])
     # Recordings are best effort: the scheduler should favour the process serving predictions.
     os.nice(10)
     torch.set_num_threads(1)

@@ -102,19 +102,26 @@ class CloudService:
             self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
 
     async def stop(self) -> None:
-        # Let the queue drain (what was received is processed and acknowledged).
+        """Drain what was received, then stop every part; each step is bounded so a stuck
+        part cannot keep the process from exiting (what is not acknowledged is resent)."""
         deadline = time.monotonic() + 5
         while not self.queue.empty() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._storing is not None:
-            await asyncio.gather(self._storing, return_exceptions=True)
-        self._status_writer.shutdown(wait=True)
-        await asyncio.to_thread(self.jobs.stop)  # training jobs
-        if self.recorder is not None:
-            await asyncio.to_thread(self.recorder.close)
+            await asyncio.wait({self._storing}, timeout=10)
+        self._status_writer.shutdown(wait=False, cancel_futures=True)
+        for name, step, limit in (("training jobs", self.jobs.stop, 15.0),
+                                  ("recorder", getattr(self.recorder, "close", None), 30.0)):
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.to_thread(step), limit)
+            except TimeoutError:
+                log.error("stopping the %s took over %.0f s; going on", name, limit)
         self.db.close()
 
     @property
