@@ -88,6 +88,9 @@ def train_command(
     quantizer_weight: Annotated[float, typer.Option(help="quantizer loss weight")] = 1.0,
     quantizer: Annotated[str, typer.Option(help="fsq (default) or vq")] = "fsq",
     threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    segment_dropout: Annotated[float, typer.Option(
+        help="train for lost segments: hide up to this share of each context window's "
+             "segments from the classifier (a rate drawn per window in [0, P)); 0 = off")] = 0.0,
     protocols: Annotated[str, typer.Option(
         help="also run these protocols for the report: random (k-fold by recording), "
              "cross-session (Fition); comma-separated, empty for none")] = "",
@@ -101,10 +104,12 @@ def train_command(
     from .model.pipeline import train_bundle
     from .model.train import TrainOptions
 
+    if not 0.0 <= segment_dropout < 1.0:
+        raise fail(f"--segment-dropout must be in [0, 1), not {segment_dropout}")
     opts = TrainOptions(epochs=epochs, seed=seed, batch=batch, lr=lr, patience=patience,
                         recon_weight=recon_weight, activity_weight=activity_weight,
                         identity_weight=identity_weight, quantizer_weight=quantizer_weight,
-                        threads=threads)
+                        threads=threads, segment_dropout=segment_dropout)
     if quantizer not in ("fsq", "vq"):
         raise fail(f"--quantizer must be fsq or vq, not {quantizer!r}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
@@ -134,8 +139,34 @@ def evaluate_command(
     data: Annotated[Path, typer.Option(help="folder in that dataset's layout", exists=True,
                                        file_okay=False)],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    segment_loss: Annotated[str | None, typer.Option(
+        help="instead of the rate table: accuracy when each segment is lost with these "
+             "probabilities, comma-separated in [0, 1), e.g. 0,0.1,0.3,0.5")] = None,
+    draws: Annotated[int, typer.Option(help="random loss draws per rate (--segment-loss)",
+                                       min=1)] = 10,
+    seed: Annotated[int, typer.Option(help="seed of the loss draws (--segment-loss) and of "
+                                           "the split (--open-set)")] = 0,
+    open_set: Annotated[bool, typer.Option(
+        "--open-set", help="instead of the rate table: leave-one-user-out open-set identity "
+                           "(AUROC for the left-out person, closed-set accuracy on the others)")
+                        ] = False,
+    epochs: Annotated[int, typer.Option(min=1, max=1000,
+                                        help="classifier epochs per left-out user (--open-set)")
+                      ] = 40,
+    level: Annotated[int, typer.Option(min=0, max=3, help="rate level (--open-set)")] = 1,
 ) -> None:
-    """Evaluate a bundle on every recording of a folder, per rate level, through real payloads."""
+    """Evaluate a bundle on every recording of a folder, per rate level, through real payloads.
+
+    With --segment-loss, report accuracy under random segment loss instead (the window ends at
+    the last segment that arrived; lost slots are masked): mean and std over --draws."""
+    if segment_loss is not None and open_set:
+        raise fail("choose one of --segment-loss and --open-set")
+    if segment_loss is not None:
+        _evaluate_segment_loss(model, dataset, data, segment_loss, draws, seed, as_json)
+        return
+    if open_set:
+        _evaluate_open_set(model, dataset, data, seed, epochs, level, as_json)
+        return
     from .model.pipeline import evaluate_folder
 
     try:
@@ -159,6 +190,85 @@ def evaluate_command(
         table.add_row(*("-" if row.get(k) is None else
                         f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
                         for k in keys))
+    Console().print(table)
+
+
+def _evaluate_open_set(bundle: Path, dataset: str, data: Path, seed: int, epochs: int,
+                       level: int, as_json: bool) -> None:
+    """The --open-set variant of ``csi evaluate``."""
+    import torch
+
+    from .model.adapt import open_set_folder
+
+    torch.set_num_threads(2)
+    try:
+        result = open_set_folder(bundle, dataset, data, seed=seed, epochs=epochs, level=level,
+                                 log=None if as_json else typer.echo)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['name']} on {dataset}: leave one user out, level {level}")
+    keys = ("auroc", "auroc_max_probability", "unknown_detected", "known_rejected",
+            "closed_set_identity_accuracy")
+    table.add_column("left out")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for user, row in [*result["per_user"].items(), ("mean", result["mean"])]:
+        table.add_row(user, *(f"{row[k]:.3f}" for k in keys))
+    Console().print(table)
+    typer.echo(result["note"])
+
+
+def _evaluate_segment_loss(bundle: Path, dataset: str, data: Path, rates_text: str, draws: int,
+                           seed: int, as_json: bool) -> None:
+    """The --segment-loss variant of ``csi evaluate``."""
+    from .model.robustness import parse_rates
+
+    try:
+        rates = parse_rates(rates_text)
+    except ValueError as exc:
+        raise fail(f"--segment-loss: {exc}") from exc
+    import numpy as np
+
+    from csi_edge.bundle import EdgeEncoder
+
+    from .model.compression import CloudModel
+    from .model.robustness import evaluate_segment_loss, load_folder
+
+    try:
+        segments = load_folder(bundle, dataset, data)
+        result = evaluate_segment_loss(CloudModel.load(bundle), EdgeEncoder(bundle), segments,
+                                       np.arange(len(segments)), rates, draws=draws, seed=seed)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    result = {"dataset": dataset, **result}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['name']} on {dataset}: {result['examples']} recordings, "
+                        f"i.i.d. segment loss, {draws} draws (mean ± std)")
+    for key in ("level", "loss", "activity", "±", "per segment", "identity", "± ",
+                "missing", "unanswered"):
+        table.add_column(key, justify="right")
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for level in result["levels"]:
+        for row in level["rates"]:
+            table.add_row(str(level["level"]), f"{row['rate']:.2f}",
+                          num(row["activity_accuracy"]), num(row["activity_accuracy_std"]),
+                          num(row["activity_accuracy_per_segment"]),
+                          num(row["identity_accuracy"]), num(row["identity_accuracy_std"]),
+                          num(row["missing_fraction"]), num(row["unanswered"]))
     Console().print(table)
 
 
@@ -314,6 +424,60 @@ def demo(
     except DemoError as exc:
         raise fail(str(exc)) from exc
     raise typer.Exit(code)
+
+
+@app.command("adapt")
+def adapt_command(
+    model: Annotated[Path, typer.Option(help="bundle folder to adapt", exists=True,
+                                        file_okay=False)],
+    data: Annotated[Path, typer.Option(help="labelled recordings of the new session or room",
+                                       exists=True, file_okay=False)],
+    shots: Annotated[int, typer.Option(min=1, help="labelled recordings per activity used")],
+    dataset: Annotated[str, typer.Option(help="registered dataset name of --data "
+                                              "(\"recordings\": the service's own, "
+                                              "labelled through the API)")] = "fition",
+    out: Annotated[Path | None, typer.Option(help="new bundle folder "
+                                                  "[MODEL-adapted-kK next to MODEL]")] = None,
+    part: Annotated[str, typer.Option(help="what is trained: classifier (the whole cloud-side "
+                                           "context classifier) or heads (its last layers)")
+                    ] = "classifier",
+    method: Annotated[str, typer.Option(
+        help="finetune (train the classifier on the support), prototypes (activity layer "
+             "set to the support's class prototypes, no training) or prototypes+finetune "
+             "(the best on bench/beyond.py's cross-session tasks)")] = "prototypes+finetune",
+    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 60,
+    seed: Annotated[int, typer.Option(help="support selection and training seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Fine-tune a bundle's cloud-side classifier on K labelled recordings per activity from
+    a new session or room. The edge part is unchanged: APs keep streaming without a switch."""
+    import torch
+
+    from .model.adapt import METHODS, adapt_bundle
+
+    if part not in ("classifier", "heads"):
+        raise fail(f"--part must be classifier or heads, not {part!r}")
+    if method not in METHODS:
+        raise fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    torch.set_num_threads(2)
+    target = out or model.with_name(f"{model.name}-adapted-k{shots}")
+    try:
+        result = adapt_bundle(model, dataset, data, shots, target, seed=seed,
+                              part=part, epochs=epochs,  # type: ignore[arg-type]
+                              method=method,  # type: ignore[arg-type]
+                              log=None if as_json else typer.echo)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"bundle {result['bundle'][:12]}… written to {result['out']} (edge part and "
+               f"wire id of {result['base'][:12]}…)")
+    if "activity_accuracy_before" in result:
+        for level, (a, b) in enumerate(zip(result["activity_accuracy_before"],
+                                           result["activity_accuracy_after"], strict=True)):
+            typer.echo(f"level {level}: activity accuracy on {result['held_out']} held-out "
+                       f"recordings {a:.3f} -> {b:.3f}")
 
 
 def main() -> None:

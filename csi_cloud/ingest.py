@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from csi_edge._errors import CSIError
-from csi_edge.bundle import SegmentCodes, decode_segment_codes
+from csi_edge.bundle import SegmentCodes, decode_segment_codes, encode_segment_codes
 from csi_edge.codec import Payload, PayloadError, decode_payload
 
 from .model.compression import CloudModel
+from .model.heads import UNKNOWN, open_set_decision
 from .registry import ModelRegistry
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
 _U32 = 1 << 32
 _MAX_AWAITED = 4096  # skipped sequence numbers remembered per AP, to accept them late
 REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_flags",
-                  "bad_count", "bad_varint", "truncated_segment", "trailing_bytes",
+                  "bad_count", "bad_varint", "truncated_segment", "trailing_bytes", "bad_idle",
                   "unknown_model", "bad_level", "bad_codes", "bad_topic")
 
 
@@ -61,6 +62,10 @@ class DecodedRecord:
     z_q: np.ndarray | None = None  # (D, T)
     profile: np.ndarray | None = None  # (C,)
     reconstruction: np.ndarray | None = None  # (L, A, S) standardised log amplitude
+    # An idle segment (IDLE message): ``codes``/``code_bytes`` are the codes it stands for, a
+    # copy of the stream's last coded segment (CloudModel.idle_codes), so storage and a
+    # restarted worker treat it like any other segment.
+    idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +87,16 @@ class PredictionRecord:
     identity: str | None
     identity_confidence: float | None
     probabilities: dict[str, dict[str, float]]
+    idle: bool = False  # the segment came as an idle marker (nothing moved); not stored in the DB
+
+    @property
+    def missing_fraction(self) -> float:
+        """Fraction of the context window with no segment; those slots are masked."""
+        return round(1.0 - self.context_present / max(self.context_size, 1), 4)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return {**{f: getattr(self, f) for f in self.__dataclass_fields__},
+                "missing_fraction": self.missing_fraction}
 
 
 @dataclass
@@ -146,6 +158,9 @@ class Ingestor:
         self.reconstruct = reconstruct
         self.max_payload_bytes = max_payload_bytes
         self.aps: dict[tuple[str, str], APState] = {}
+        # Per AP: the edge-model prefix and codes of its newest decoded segment, which an idle
+        # segment repeats.
+        self._last_codes: dict[tuple[str, str], tuple[bytes, SegmentCodes]] = {}
         self.rejected: Counter[str] = Counter()
         self.lock = threading.Lock()
 
@@ -179,6 +194,8 @@ class Ingestor:
             self._reject(result, site, ap, "bad_level",
                          f"level {payload.level} not in {model.manifest.name}")
             return []
+        if payload.idle:
+            return self._idle_records(site, ap, payload, model, received)
         records = []
         for i, segment in enumerate(payload.segments):
             try:
@@ -191,7 +208,25 @@ class Ingestor:
                 site, ap, payload.epoch, payload.seq(i),
                 payload.start_ms(i, model.segment_ms), payload.level, segment.quality, model,
                 codes, segment.codes, received))
+        self._last_codes[(site, ap)] = (model.model_id, records[-1].codes)
         return records
+
+    def _idle_records(self, site: str, ap: str, payload: Payload, model: CloudModel,
+                      received: float) -> list[DecodedRecord]:
+        """Segments of an IDLE message: each repeats the AP's last coded segment (or a still
+        one with the mean profile if there is none), so each still gets a prediction."""
+        last = self._last_codes.get((site, ap))
+        held = last[1] if last is not None and last[0] == model.model_id else None
+        codes = model.idle_codes(payload.level, held)
+        blob = encode_segment_codes(codes, model.manifest, model.tables)
+        counters = self.state(site, ap).counters
+        counters["idle_messages"] += 1
+        counters["idle_segments"] += len(payload.segments)
+        counters["idle_without_reference"] += 0 if held is not None else len(payload.segments)
+        return [DecodedRecord(site, ap, payload.epoch, payload.seq(i),
+                              payload.start_ms(i, model.segment_ms), payload.level,
+                              segment.quality, model, codes, blob, received, idle=True)
+                for i, segment in enumerate(payload.segments)]
 
     def process(self, batch: list[tuple[str, str, bytes, float]]) -> BatchResult:
         """Check, decode, track and classify one batch of messages (arrival order)."""
@@ -228,7 +263,7 @@ class Ingestor:
                 decoded[i] = DecodedRecord(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms, r.level,
                                            r.quality, r.model, r.codes, r.code_bytes,
                                            r.received, z_q[j], profile[j],
-                                           None if recon is None else recon[j])
+                                           None if recon is None else recon[j], idle=r.idle)
         result.segments = decoded
         result.predictions = self._classify(decoded)
         return result
@@ -249,6 +284,7 @@ class Ingestor:
                                                 r.code_bytes, r.received, z, p)
             state.latest_slot = slot if state.latest_slot is None else max(state.latest_slot,
                                                                            slot)
+        self._last_codes[(first.site, first.ap)] = (model.model_id, records[-1].codes)
 
     def _track(self, state: APState, record: DecodedRecord) -> bool:
         """Epoch, gap and duplicate bookkeeping; False for a segment already seen."""
@@ -312,9 +348,10 @@ class Ingestor:
             state.latest_slot = latest
             for old in [s for s in state.context if s <= latest - n]:
                 del state.context[old]
-            # The window ending at this segment, with segments of the same model only.
+            # The window ending at this segment, with segments of the same edge encoder only.
             window = [state.context.get(s) for s in range(slot - n + 1, slot + 1)]
-            window = [w if w is not None and w.model is model else None for w in window]
+            window = [w if w is not None and w.model.model_id == model.model_id else None
+                      for w in window]
             windows.setdefault(model.id, []).append((record, window))
         out: list[tuple[int, PredictionRecord]] = []
         for items in windows.values():
@@ -337,7 +374,9 @@ class Ingestor:
                 if seg is not None:
                     z[w, j], prof[w, j], present[w, j] = seg.z_q, seg.profile, True
         level = np.array([r.level for r, _ in items])
-        p_act, p_id = model.classify(z, prof, present, level)
+        p_act, p_id, features = model.classify_with_features(z, prof, present, level)
+        unknown = (open_set_decision(p_id, model.manifest.calibration, features)
+                   if p_id is not None else np.zeros(len(p_act), dtype=bool))
         labels = model.manifest.labels
         activities = labels["activity"] or []
         identities = labels["identity"] or []
@@ -350,6 +389,8 @@ class Ingestor:
             if p_id is not None and identities:
                 i = int(p_id[w].argmax())
                 identity, identity_conf = identities[i], float(p_id[w, i])
+                if unknown[w]:  # past the bundle's open-set threshold: nobody enrolled
+                    identity = UNKNOWN
                 probabilities["identity"] = {k: round(float(v), 5)
                                              for k, v in zip(identities, p_id[w], strict=True)}
             prediction = PredictionRecord(
@@ -359,7 +400,7 @@ class Ingestor:
                 quality=record.quality, context_present=int(present[w].sum()), context_size=n,
                 activity=activities[a], activity_confidence=float(p_act[w, a]),
                 identity=identity, identity_confidence=identity_conf,
-                probabilities=probabilities)
+                probabilities=probabilities, idle=record.idle)
             state = self.aps[(record.site, record.ap)]
             if state.last_prediction is None or (prediction.epoch, prediction.timestamp) >= (
                     state.last_prediction.epoch, state.last_prediction.timestamp):

@@ -32,6 +32,13 @@ on the training recordings, and the job's metrics say ``holdout: false``.
 bundle is trained from scratch (the pipeline has no warm start), so it is checked against
 the base model's input spec: ``compatible_with_base`` in the metrics, and ``activate`` is
 refused for a bundle that takes another kind of CSI.
+
+Modes ``adapt`` and ``enroll`` derive a bundle from the base model instead
+(:mod:`csi_cloud.model.heads`): only the cloud-side classifier changes, the edge part and wire
+id stay the base model's, so activating the result switches no AP. ``adapt`` fine-tunes on
+``shots`` labelled recordings per activity (:func:`csi_cloud.model.adapt.adapt_bundle`);
+``enroll`` adds ``identity`` from the codes stored for ``ranges`` of recorded AP streams
+(``POST /identities`` queues it).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
@@ -65,6 +72,7 @@ __all__ = [
     "JobManager",
     "JobRequest",
     "JobRequestError",
+    "StreamRange",
     "job_dict",
 ]
 
@@ -79,10 +87,36 @@ _UPDATE_EVERY_S = 0.5
 _STATES = ("queued", "running", "succeeded", "failed")
 
 
-class JobRequest(BaseModel):
-    """What ``POST /training-jobs`` accepts."""
+class StreamRange(BaseModel):
+    """A time range of one AP's recorded stream."""
 
     model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\x00][^/+#\x00]*$")
+    ap: str = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\x00][^/+#\x00]*$")
+    start: float = Field(ge=0, allow_inf_nan=False, description="Unix s")
+    end: float = Field(gt=0, allow_inf_nan=False, description="Unix s, exclusive")
+
+
+class JobRequest(BaseModel):
+    """What ``POST /training-jobs`` accepts.
+
+    ``mode``: ``train`` a new bundle from scratch; ``adapt`` the base model's cloud-side
+    classifier to ``shots`` labelled recordings per activity (a derived bundle: same edge
+    part, APs keep streaming); ``enroll`` a new ``identity`` from ``ranges`` of recorded
+    streams (``POST /identities`` queues these).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["train", "adapt", "enroll"] = Field(default="train")
+    shots: int | None = Field(default=None, ge=1, le=1000,
+                              description="adapt: labelled recordings per activity")
+    identity: str | None = Field(default=None, min_length=1, max_length=64,
+                                 pattern=r"^[^\x00-\x1f\x7f]+$",
+                                 description="enroll: the new person's name")
+    ranges: list[StreamRange] | None = Field(default=None, max_length=1000,
+                                             description="enroll: where the person is")
 
     dataset: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
                          description="a dataset registered in the service settings "
@@ -212,8 +246,41 @@ class JobManager:
                 base_id = self.registry.get(base).id
             except UnknownModelError:
                 raise JobRequestError(f"no served model {base!r}") from None
+        extra: dict[str, Any] = {}
+        if request.mode != "train":
+            extra = self._derive_checks(request, base_id, kind)
         return {**request.model_dump(), "base_model": base_id, "kind": kind,
-                "_data_dir": str(folder)}
+                "_data_dir": str(folder), **extra}
+
+    def _derive_checks(self, request: JobRequest, base_id: str | None,
+                       kind: str) -> dict[str, Any]:
+        """Checks of the jobs that derive a bundle from a served one (adapt, enroll)."""
+        if base_id is None:
+            raise JobRequestError(f"mode {request.mode!r} needs a base model")
+        manifest = self.registry.get(base_id).manifest
+        extra = {"_base_folder": str(self.registry.folder_of(base_id)),
+                 "_base_name": manifest.name}
+        if request.mode == "adapt":
+            if request.shots is None:
+                raise JobRequestError("mode 'adapt' needs shots (labelled recordings per "
+                                      "activity)")
+            return extra
+        identities = manifest.labels.get("identity") or []
+        if not identities:
+            raise JobRequestError(f"model {manifest.name!r} has no identity head to enroll in")
+        if not request.identity or not request.ranges:
+            raise JobRequestError("mode 'enroll' needs an identity and ranges")
+        if request.identity in identities or request.identity == "unknown":
+            raise JobRequestError(f"identity {request.identity!r} is already known to "
+                                  f"{manifest.name!r} ({', '.join(identities)}) or reserved")
+        if kind != RECORDINGS:
+            raise JobRequestError("mode 'enroll' reads the service's own recordings "
+                                  "(dataset 'recordings')")
+        for r in request.ranges:
+            if not r.start < r.end:
+                raise JobRequestError(f"range {r.site}/{r.ap} {r.start}..{r.end}: start must "
+                                      f"be before end")
+        return extra
 
     def submit(self, request: JobRequest) -> dict[str, Any]:
         """Queue a job; returns it as :func:`job_dict` shows it."""
@@ -311,13 +378,19 @@ class JobManager:
         work = self._job_dir(job_id)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        name = f"{request['kind']}-{job_id[:8]}"
+        mode = request.get("mode", "train")
+        name = {"train": f"{request['kind']}-{job_id[:8]}",
+                "adapt": f"{request.get('_base_name')}-adapted-{job_id[:8]}",
+                "enroll": f"{request.get('_base_name')}-enrolled-{job_id[:8]}"}[mode]
         staging = work / "bundle" / name
         spec = {"id": job_id, "kind": request["kind"], "data_dir": request["_data_dir"],
                 "out": str(staging), "work": str(work), "epochs": request["epochs"],
                 "max_recordings": request["max_recordings"], "seed": request["seed"],
                 "threads": self.threads, "parent_pid": os.getpid(),
-                "base_model": request.get("base_model")}
+                "base_model": request.get("base_model"), "mode": mode,
+                "base_folder": request.get("_base_folder"), "shots": request.get("shots"),
+                "identity": request.get("identity"), "ranges": request.get("ranges"),
+                "recordings": str(Path(os.path.abspath(self.settings.recordings)))}
         (work / "job.json").write_text(json.dumps(spec, indent=2))
         tail: deque[str] = deque(maxlen=LOG_LINES)
         state: dict[str, Any] = {"progress": 0.0, "done": None, "error": None}
@@ -560,8 +633,53 @@ def _subset(kind: str, data_dir: Path, work: Path, limit: int | None,
     return root, info
 
 
+def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """An ``adapt`` or ``enroll`` job: a derived bundle from the base model (in this process)."""
+    import numpy as np
+    import torch
+
+    from .model.adapt import adapt_bundle
+    from .model.compression import CloudModel
+    from .model.heads import codes_from_stored, enroll_identity, family_wire_ids, save_derived
+    from .storage import _safe
+
+    torch.set_num_threads(int(spec["threads"]))
+    base, out = Path(spec["base_folder"]), Path(spec["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if spec["mode"] == "adapt":
+        _emit("log", line=f"adapting {base.name} with {spec['shots']} recordings per activity "
+                          f"from {spec['kind']} at {spec['data_dir']}", progress=0.05)
+        result = adapt_bundle(base, spec["kind"], Path(spec["data_dir"]), int(spec["shots"]),
+                              out, seed=int(spec["seed"]), epochs=int(spec["epochs"]),
+                              name=out.name, log=lambda line: _emit("log", line=line))
+        return {k: v for k, v in result.items() if k != "support_recordings"}
+    model = CloudModel.load(base)
+    recordings = Path(spec["recordings"])
+    ranges = [(sorted((recordings / _safe(r["site"]) / _safe(r["ap"])).glob("*.h5")),
+               float(r["start"]), float(r["end"])) for r in spec["ranges"]]
+    _emit("log", line=f"enrolling {spec['identity']!r} from {len(ranges)} range(s) of "
+                      f"recorded codes", progress=0.05)
+    codes = codes_from_stored(model, ranges, wire_ids=family_wire_ids(base.parent))
+    segments = int(codes.count.sum())
+    net, stats = enroll_identity(model.net, model.manifest.calibration,
+                                 codes, np.arange(len(codes)), seed=int(spec["seed"]))
+    identities = [*(model.manifest.labels.get("identity") or []), spec["identity"]]
+    manifest = save_derived(
+        base, out, net, name=out.name,
+        labels={**model.manifest.labels, "identity": identities},
+        calibration={**model.manifest.calibration, "identity": stats},
+        training={"kind": "identity enrollment", "identity": spec["identity"],
+                  "ranges": spec["ranges"], "segments": segments, "job": spec["id"]})
+    return {"name": manifest.name, "id": manifest.id, "identity": spec["identity"],
+            "identities": identities, "segments": segments,
+            "enrolled_windows": stats.get("enrolled_windows"),
+            "enrolled_accepted": stats.get("enrolled_accepted")}
+
+
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one job's bundle (in this process); returns the metrics."""
+    if spec.get("mode", "train") != "train":
+        return run_derive_job(spec)
     import torch
 
     from .datasets import index_dataset, random_split

@@ -38,6 +38,10 @@ class Metrics:
         self.rejected = Counter("csi_rejected", "Payloads rejected, by reason", ["reason"],
                                 registry=r)
         self.predictions = Counter("csi_predictions", "Predictions made", registry=r)
+        self.idle_segments = Counter("csi_idle_segments", "Segments that came as idle markers "
+                                     "(predicted from the AP's last coded segment)", registry=r)
+        self.unknown_identities = Counter("csi_unknown_identities", "Predictions whose person "
+                                          "is past the open-set threshold", registry=r)
         self.latency = Histogram(
             "csi_decode_classify_seconds", "From a message's arrival to its predictions "
             "being available (queue + decode + classify + store)", registry=r,

@@ -3,6 +3,11 @@
 The cloud serves all of them at once so edges on an older model keep working during a rollout;
 one of them is *active*: the one announced to edges. Bundles added to the folder (a finished
 training job) are picked up by :meth:`ModelRegistry.refresh`.
+
+Bundles derived in the cloud (an enrolled identity, a few-shot adaptation) share their
+parent's edge part and wire id: payloads name the *family*, and the family member that
+decodes and classifies them is the one :meth:`ModelRegistry.serve` chose (the active bundle
+when it belongs to the family), else the family's root.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class ModelRegistry:
         self._scan = threading.Lock()  # one refresh at a time (API and job threads)
         self._by_id: dict[str, CloudModel] = {}
         self._folders: dict[str, Path] = {}
-        self._by_prefix: dict[bytes, CloudModel] = {}
+        self._by_prefix: dict[bytes, list[CloudModel]] = {}
+        self._serving: dict[bytes, CloudModel] = {}
         self.problems: dict[str, str] = {}
         self.refresh()
 
@@ -52,7 +58,9 @@ class ModelRegistry:
                 if manifest.id in self._by_id:
                     continue
                 model = CloudModel.load(folder, verify=False)
-                clash = self._by_prefix.get(model.model_id)
+                family = self._by_prefix.get(model.model_id, [])
+                clash = next((m for m in family
+                              if m.manifest.wire_id != manifest.wire_id), None)
                 if clash is not None:
                     raise BundleError(f"id prefix {model.model_id.hex()} is already used by "
                                       f"{clash.manifest.name} ({clash.id[:12]}…)")
@@ -64,7 +72,7 @@ class ModelRegistry:
             with self._lock:
                 self._by_id[manifest.id] = model
                 self._folders[manifest.id] = folder
-                self._by_prefix[model.model_id] = model
+                self._by_prefix.setdefault(model.model_id, []).append(model)
             added.append(manifest.id)
         return added
 
@@ -92,4 +100,30 @@ class ModelRegistry:
         return self._folders[self.get(model_id).id]
 
     def by_prefix(self, prefix: bytes) -> CloudModel | None:
-        return self._by_prefix.get(prefix)
+        """The bundle that handles payloads carrying this wire id prefix."""
+        chosen = self._serving.get(prefix)
+        if chosen is not None:
+            return chosen
+        family = self._by_prefix.get(prefix)
+        if not family:
+            return None
+        roots = [m for m in family if m.manifest.edge_id is None]
+        return (roots or family)[0]
+
+    def serve(self, model_id: str) -> CloudModel:
+        """Let this bundle handle its family's payloads (the active bundle does)."""
+        model = self.get(model_id)
+        with self._lock:
+            self._serving[model.model_id] = model
+        return model
+
+    def family(self, model_id: str) -> list[CloudModel]:
+        """Every served bundle that shares this bundle's edge part."""
+        return list(self._by_prefix.get(self.get(model_id).model_id, []))
+
+    def same_edge(self, a: str, b: str) -> bool:
+        """Whether two bundles share an edge part (an AP on ``a`` need not switch for ``b``)."""
+        try:
+            return self.get(a).manifest.wire_id == self.get(b).manifest.wire_id
+        except KeyError:
+            return False

@@ -31,6 +31,7 @@ from .db import AP, Database, Prediction
 from .ingest import BatchResult, DecodedRecord, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
+from .model.heads import UNKNOWN
 from .registry import ModelRegistry
 from .settings import CloudSettings
 
@@ -89,6 +90,7 @@ class CloudService:
         if not len(self.registry):
             raise RuntimeError(f"no usable model bundle in {self.settings.models} "
                                f"({self.registry.problems or 'folder empty'})")
+        self.registry.serve(self.active_model)
         await asyncio.to_thread(self._restore_states)
         # Models and libraries are loaded: keep the collector from re-scanning them (full
         # collections of those objects were the worst latency spikes under load).
@@ -192,11 +194,15 @@ class CloudService:
             raise NotConnectedError("not connected to the MQTT broker: nothing was changed")
         announced = []
         for site, ap in await asyncio.to_thread(self._known_aps):
+            current = (self._ap_status.get((site, ap)) or {}).get("model")
+            if isinstance(current, str) and self.registry.same_edge(current, model.id):
+                continue  # a bundle derived in the cloud: the AP's encoder stays as it is
             if self._compatible(site, ap, model.id):
                 await self.send_ctl(site, ap, self._switch_command(model.id))
                 announced.append(f"{site}/{ap}")
         # Stored last: a failed announcement leaves the previous model active.
         await asyncio.to_thread(self.db.set_setting, _ACTIVE_MODEL, model.id)
+        self.registry.serve(model.id)
         return announced
 
     def _switch_command(self, model_id: str) -> dict[str, Any]:
@@ -297,6 +303,9 @@ class CloudService:
         self.metrics.messages.inc(len(batch))
         self.metrics.segments.inc(len(result.segments))
         self.metrics.predictions.inc(len(result.predictions))
+        self.metrics.idle_segments.inc(sum(1 for r in result.segments if r.idle))
+        self.metrics.unknown_identities.inc(sum(1 for p in result.predictions
+                                                if p.identity == UNKNOWN))
         for _, _, reason, _ in result.rejected:
             self.metrics.rejected.labels(reason).inc()
         if events:
@@ -491,7 +500,8 @@ class CloudService:
         # per epoch, if the active model takes its kind of CSI.
         active = self.active_model
         epoch = status.get("epoch")
-        if (status.get("online") and status.get("model") and status["model"] != active
+        if (status.get("online") and isinstance(status.get("model"), str)
+                and not self.registry.same_edge(status["model"], active)
                 and isinstance(epoch, int) and self.db.get_setting(_ACTIVE_MODEL)
                 and (site, ap, epoch) not in self._switch_sent
                 and self._compatible(site, ap, active)):

@@ -11,8 +11,16 @@ Per stream (one access point), two tasks share a :class:`~csi_edge.spool.Segment
 
 Segments of a message are consecutive (same epoch, level and model, consecutive sequence
 numbers and start times); a live message waits for the level's ``segments_per_message``, a
-backlog goes out in larger messages. Sequence numbers count encoded segments, so a gap seen
-by the cloud is a lost segment; a pause of the source shows as a jump in start time instead.
+backlog goes out in larger messages.
+
+Idle (csi_edge.motion): with a bundle that has an idle calibration, a segment whose motion
+statistic stays below the threshold (after ``enter_after`` still segments in a row) is queued
+without codes and sent in an IDLE message of up to ``idle_segments_per_message`` segments; the
+first moving segment is coded at the configured level again and flushes the idle message at
+once (it is no longer the message still filling).
+
+Sequence numbers count encoded segments (idle ones too), so a gap seen by the cloud is a lost
+segment; a pause of the source shows as a jump in start time instead.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
 from .bundle import EdgeEncoder, encode_segment_codes
 from .codec import Payload, SegmentRecord, encode_payload
 from .frames import CSIFrames, DropCounter
+from .motion import IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
 from .rollout import RolloutError, fetch_bundle, model_url
 from .settings import BrokerAddress, EdgeSettings, StreamSettings
@@ -71,6 +80,10 @@ class StreamCounters:
     model_switch_failures: int = 0
     encoder_s: float = 0.0
     encoder_calls: int = 0
+    segments_idle: int = 0  # queued as idle markers (no codes)
+    idle_segments_sent: int = 0
+    idle_messages_sent: int = 0
+    idle_payload_bytes: int = 0  # the part of payload_bytes spent on idle messages
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("frames_dropped",)}
@@ -81,23 +94,27 @@ class StreamCounters:
 
 
 def group_messages(rows: Sequence[QueuedSegment], *, per_message: Callable[[bytes, int], int],
-                   segment_ms: Callable[[bytes], int], limit: int) -> list[list[QueuedSegment]]:
+                   segment_ms: Callable[[bytes], int], limit: int,
+                   idle_per_message: int = 10) -> list[list[QueuedSegment]]:
     """Split queued segments (oldest first) into messages of consecutive segments.
 
-    A message ends where epoch, level or model change, where sequence numbers or start times
-    are not consecutive, or at ``max(per_message(model, level), limit)`` segments.
+    A message ends where epoch, level, model or idleness change (an IDLE message holds idle
+    segments only), where sequence numbers or start times are not consecutive, or at
+    ``max(per_message(model, level), limit)`` segments (``max(idle_per_message, limit)`` for
+    idle ones).
     """
     groups: list[list[QueuedSegment]] = []
     for row in rows:
         if groups:
             group = groups[-1]
             head, last = group[0], group[-1]
+            size = idle_per_message if row.idle else per_message(row.model_id, row.level)
             if (row.epoch == head.epoch and row.level == head.level
-                    and row.model_id == head.model_id
+                    and row.model_id == head.model_id and row.idle == head.idle
                     and row.seq == (last.seq + 1) % _U32
                     and row.timestamp_ms == head.timestamp_ms + len(group)
                     * segment_ms(row.model_id)
-                    and len(group) < max(per_message(row.model_id, row.level), limit)):
+                    and len(group) < max(size, limit)):
                 group.append(row)
                 continue
         groups.append([row])
@@ -155,6 +172,8 @@ class StreamAgent:
         self.error: str | None = None
         self.started = time.time()
         self._pre = Preprocessor(self.encoder.spec)
+        self._gate = self._idle_gate(self.encoder)
+        self._last_index: int | None = None
         self._base_ms: int | None = None
         self._pending_encoder: EdgeEncoder | None = None
         self._last_info: tuple[Any, int] | None = None
@@ -283,6 +302,30 @@ class StreamAgent:
                     self.problems.report(reason, f"{count} frame(s) so far")
             counter.clear()
 
+    def _idle_gate(self, encoder: EdgeEncoder) -> IdleGate | None:
+        """The bundle's idle gate, or None (idle off, or a bundle without calibration)."""
+        if not self.settings.idle:
+            return None
+        try:
+            config = IdleConfig.from_calibration(encoder.manifest.calibration)
+        except ValueError as exc:
+            self.problems.report("bad_idle_calibration", str(exc))
+            return None
+        return IdleGate(config) if config is not None else None
+
+    def _still(self, segments: list[Segment]) -> list[bool]:
+        """Which segments go out idle (the gate sees every segment, in order)."""
+        gate = self._gate
+        if gate is None:
+            return [False] * len(segments)
+        out = []
+        for segment in segments:
+            if self._last_index is not None and segment.index != self._last_index + 1:
+                gate.reset()  # a gap: the cloud's last segment is not the one before this
+            self._last_index = segment.index
+            out.append(gate.update(motion_statistic(segment.data, gate.config.statistic)))
+        return out
+
     def _encode(self, segments: list[Segment]) -> None:
         encoder = self.encoder
         spec = encoder.spec
@@ -290,22 +333,29 @@ class StreamAgent:
         if self._base_ms is None:
             self._base_ms = round(segments[0].start_time * 1000) - segments[0].index * segment_ms
         t0 = time.perf_counter()
-        symbols, profile = encoder.encode(np.stack([s.data for s in segments]))
-        blobs = [encode_segment_codes(encoder.codes(sym, prof, self.level), encoder.manifest,
-                                      encoder.tables)
-                 for sym, prof in zip(symbols, profile, strict=True)]
+        idle = self._still(segments)
+        coded = [s for s, i in zip(segments, idle, strict=True) if not i]
+        blobs: list[bytes] = []
+        if coded:
+            symbols, profile = encoder.encode(np.stack([s.data for s in coded]))
+            blobs = [encode_segment_codes(encoder.codes(sym, prof, self.level),
+                                          encoder.manifest, encoder.tables)
+                     for sym, prof in zip(symbols, profile, strict=True)]
+            self.counters.encoder_calls += 1
         self.counters.encoder_s += time.perf_counter() - t0
-        self.counters.encoder_calls += 1
+        coded_blobs = iter(blobs)
         rows = []
-        for segment, blob in zip(segments, blobs, strict=True):
+        for segment, is_idle in zip(segments, idle, strict=True):
             rows.append(QueuedSegment(
                 epoch=self.epoch, seq=self.seq, level=self.level, model_id=encoder.model_id,
                 timestamp_ms=self._base_ms + segment.index * segment_ms,
-                quality=round(segment.quality * 255) / 255, codes=blob))
+                quality=round(segment.quality * 255) / 255,
+                codes=b"" if is_idle else next(coded_blobs), idle=is_idle))
             self.seq = (self.seq + 1) % _U32
         assert self.spool is not None
         dropped = self.spool.put(rows)
         self.counters.segments_encoded += len(rows)
+        self.counters.segments_idle += sum(idle)
         if dropped:
             self.counters.segments_dropped_spool_full += dropped
             self.problems.report("spool_full", f"bound {self.spool.max_segments} segments "
@@ -402,12 +452,12 @@ class StreamAgent:
             backlog = len(self.spool) > 2 * k_live
             groups = group_messages(
                 rows, per_message=self._per_message, segment_ms=self._segment_ms,
-                limit=settings.backlog_segments_per_message if backlog else 1)
-            if groups and not self._source_done and len(groups[-1]) < self._per_message(
-                    groups[-1][0].model_id, groups[-1][0].level):
+                limit=settings.backlog_segments_per_message if backlog else 1,
+                idle_per_message=settings.idle_segments_per_message)
+            if groups and not self._source_done and len(groups[-1]) < self._group_size(
+                    groups[-1][0]):
                 tail = groups[-1][0]
-                hold_ms = (self._per_message(tail.model_id, tail.level) + 1) * \
-                    self._segment_ms(tail.model_id)
+                hold_ms = (self._group_size(tail) + 1) * self._segment_ms(tail.model_id)
                 if time.time() * 1000 - tail.queued_ms < hold_ms:
                     groups.pop()  # a live message still filling
             if not groups:
@@ -424,7 +474,7 @@ class StreamAgent:
         data = encode_payload(Payload(
             level=head.level, model_id=head.model_id, epoch=head.epoch, first_seq=head.seq,
             timestamp_ms=head.timestamp_ms,
-            segments=tuple(SegmentRecord(r.quality, r.codes) for r in group)))
+            segments=tuple(SegmentRecord(r.quality, r.codes) for r in group), idle=head.idle))
         wire = publish_packet_bytes(self.topic_seg, len(data), qos=1, v5=self._v5) + PUBACK_BYTES
         try:
             await client.publish(self.topic_seg, data, qos=1)
@@ -437,6 +487,10 @@ class StreamAgent:
         self.counters.segments_sent += len(group)
         self.counters.payload_bytes += len(data)
         self.counters.wire_bytes += wire
+        if head.idle:
+            self.counters.idle_messages_sent += 1
+            self.counters.idle_segments_sent += len(group)
+            self.counters.idle_payload_bytes += len(data)
 
     def _manifest_of(self, model_id: bytes) -> Any:
         encoder = self.encoders.by_model_id(model_id) or self.encoder
@@ -444,6 +498,12 @@ class StreamAgent:
 
     def _per_message(self, model_id: bytes, level: int) -> int:
         return self._manifest_of(model_id).level(level).segments_per_message
+
+    def _group_size(self, head: QueuedSegment) -> int:
+        """Segments a live message of ``head``'s kind waits for."""
+        if head.idle:
+            return self.settings.idle_segments_per_message
+        return self._per_message(head.model_id, head.level)
 
     def _segment_ms(self, model_id: bytes) -> int:
         return round(self._manifest_of(model_id).input_spec.segment_s * 1000)
@@ -480,6 +540,11 @@ class StreamAgent:
             "model": manifest.id,
             "model_name": manifest.name,
             "rate_level": self.level,
+            "idle": None if self._gate is None else {
+                "threshold": self._gate.config.threshold,
+                "statistic": self._gate.config.statistic,
+                "enter_after": self._gate.config.enter_after,
+                "active": self._gate.idle},
             "source": self.stream.source,
             "epoch": self.epoch,
             "next_seq": self.seq,
@@ -567,6 +632,9 @@ class StreamAgent:
         if encoder.spec != old.spec:
             self._pre = Preprocessor(encoder.spec)
             self._base_ms = None
+            self._last_index = None
+        # The new bundle's calibration (or none); the cloud's last segment is of the old model.
+        self._gate = self._idle_gate(encoder)
         self.level = min(self.level, len(encoder.manifest.levels) - 1)
         self.counters.model_switches += 1
         log.info("%s: now on model %s", self.name, encoder.manifest.id[:12])

@@ -88,10 +88,22 @@ class BundleManifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] = Field(default_factory=dict)
+    # Set on bundles derived in the cloud (identity enrollment, few-shot adaptation): they
+    # keep the edge part of ``edge_id`` (encoder, entropy tables, input spec, levels), and
+    # payloads keep carrying that id's prefix, so edges need not change for them.
+    edge_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    parent: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def wire_id(self) -> str:
+        """The id whose prefix payloads carry: the edge part's bundle id."""
+        return self.edge_id or self.id
 
     def behaviour(self) -> dict[str, Any]:
         """The fields (besides the weight files) that the id covers."""
+        lineage = {k: v for k, v in (("edge_id", self.edge_id), ("parent", self.parent)) if v}
         return {
+            **lineage,
             "schema_version": self.schema_version,
             "input_spec": self.input_spec.model_dump(mode="json"),
             "model": self.model,
@@ -221,7 +233,7 @@ class EdgeEncoder:
             str(self.folder / self.manifest.files["edge"].path), options,
             providers=["CPUExecutionProvider"])
         self.half = int(self.manifest.quantizer["half"])
-        self.model_id = model_id_prefix(self.manifest.id)
+        self.model_id = model_id_prefix(self.manifest.wire_id)
 
     @property
     def spec(self) -> InputSpec:

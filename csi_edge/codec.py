@@ -7,7 +7,8 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   ------  ----  -------------  -------------------------------------------------------------
   0       1     version/level  bits 7..5: format version, 1
                 /flags         bits 4..3: rate level, 0..3
-                               bits 2..0: flags, all 0 in version 1 (non-zero is rejected)
+                               bit 0: IDLE (see below); bits 2..1: reserved, 0 (non-zero
+                               is rejected)
   1       3     model id       first 3 bytes of the bundle id (``bytes.fromhex(id)[:3]``)
   4       2     stream epoch   u16; changes when the edge restarts
   6       4     first seq      u32 sequence number of the first segment
@@ -25,12 +26,21 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
 Size: 17 + 2 + sum over segments of (1 + len(varint(n)) + n) bytes; every one of them counts
 toward the reported bitrate. Decoded quality is ``byte / 255`` (exactly what was sent).
 
+IDLE (flag bit 0): every record of the message has n = 0 (an empty code block) and stands for
+a segment whose motion statistic stayed below the bundle's idle threshold (``csi_edge.motion``):
+nothing changed since the stream's last coded segment, and the cloud predicts it from a copy of
+that segment's codes. The level field is the edge's configured level. An idle message of K
+segments costs 17 + 2 + 2 K bytes. A cloud that predates the flag rejects it as ``bad_flags``
+(it cannot predict those segments, but it never mistakes them for coded ones), which is why the
+flag lives in the bits that version 1 reserved and the version stays 1.
+
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
 ``too_short`` (under 21 bytes, the smallest valid message), ``crc_mismatch``, then the fields
-only once the CRC holds: ``bad_version``, ``bad_flags``, ``bad_count`` (K = 0), ``bad_varint``
-(runs past the body, longer than 3 bytes or not minimal), ``truncated_segment`` (n larger than
-what is left), ``trailing_bytes`` (bytes after the K-th record). Every accepted message
-re-encodes to exactly the same bytes.
+only once the CRC holds: ``bad_version``, ``bad_flags`` (a reserved flag bit set), ``bad_count``
+(K = 0), ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal),
+``truncated_segment`` (n larger than what is left), ``trailing_bytes`` (bytes after the K-th
+record), ``bad_idle`` (IDLE set and a record with n > 0). Every accepted message re-encodes to
+exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from ._errors import MalformedPacketError
 __all__ = [
     "CRC_BYTES",
     "DECODE_REASONS",
+    "FLAG_IDLE",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
@@ -58,6 +69,7 @@ __all__ = [
     "crc16",
     "decode_payload",
     "encode_payload",
+    "idle_payload_size",
     "model_id_prefix",
     "payload_overhead",
     "payload_size",
@@ -68,6 +80,8 @@ HEADER_BYTES = 17
 CRC_BYTES = 2
 MAX_SEGMENTS = 255
 MAX_LEVEL = 3
+FLAG_IDLE = 0x1
+_KNOWN_FLAGS = FLAG_IDLE
 MODEL_ID_BYTES = 3
 # A message holds at least one record of quality byte + 1-byte varint.
 MIN_PAYLOAD_BYTES = HEADER_BYTES + 2 + CRC_BYTES
@@ -89,6 +103,7 @@ DECODE_REASONS = frozenset(
         "bad_varint",
         "truncated_segment",
         "trailing_bytes",
+        "bad_idle",
     }
 )
 
@@ -108,7 +123,10 @@ class SegmentRecord:
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """One message. Fields are checked by :func:`encode_payload`, not on construction."""
+    """One message. Fields are checked by :func:`encode_payload`, not on construction.
+
+    ``idle``: the IDLE flag; every segment then has empty codes (a still segment).
+    """
 
     level: int
     model_id: bytes
@@ -116,6 +134,7 @@ class Payload:
     first_seq: int
     timestamp_ms: int
     segments: tuple[SegmentRecord, ...]
+    idle: bool = False
 
     def seq(self, i: int) -> int:
         """Sequence number of segment ``i`` (wraps at 2**32)."""
@@ -172,6 +191,11 @@ def payload_overhead(k: int, code_lengths: Sequence[int]) -> int:
     return HEADER_BYTES + CRC_BYTES + sum(1 + _varint_len(n) for n in code_lengths)
 
 
+def idle_payload_size(k: int) -> int:
+    """Bytes of an idle message of ``k`` segments (header, K two-byte records, CRC)."""
+    return payload_size([0] * k)
+
+
 def _field_error(detail: str) -> PayloadError:
     return PayloadError("invalid_field", detail)
 
@@ -215,8 +239,11 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
     if not isinstance(segments, Sequence) or not 1 <= len(segments) <= MAX_SEGMENTS:
         count = len(segments) if isinstance(segments, Sequence) else segments
         raise _field_error(f"a message holds 1..{MAX_SEGMENTS} segments, got {count!r}")
+    idle = payload.idle
+    if not isinstance(idle, bool):
+        raise _field_error(f"idle must be a bool, got {idle!r}")
     out = bytearray()
-    out.append((FORMAT_VERSION << 5) | (level << 3))
+    out.append((FORMAT_VERSION << 5) | (level << 3) | (FLAG_IDLE if idle else 0))
     out += bytes(model_id)
     out += epoch.to_bytes(2, "big")
     out += first_seq.to_bytes(4, "big")
@@ -231,6 +258,9 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         codes = bytes(codes)
         if len(codes) > _MAX_CODE_BYTES:
             raise _field_error(f"segment {i}: {len(codes)} code bytes exceed {_MAX_CODE_BYTES}")
+        if idle and codes:
+            raise _field_error(f"segment {i}: an idle message carries no codes, got "
+                               f"{len(codes)} code bytes")
         out.append(_quality_byte(seg.quality, i))
         out += _varint(len(codes))
         out += codes
@@ -260,8 +290,9 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
     version, level, flags = head >> 5, (head >> 3) & 0x3, head & 0x7
     if version != FORMAT_VERSION:
         raise PayloadError("bad_version", f"version {version} (byte 0 = 0x{head:02x})")
-    if flags:
+    if flags & ~_KNOWN_FLAGS:
         raise PayloadError("bad_flags", f"reserved flags 0b{flags:03b} (byte 0 = 0x{head:02x})")
+    idle = bool(flags & FLAG_IDLE)
     count = body[16]
     if count == 0:
         raise PayloadError("bad_count", "segment count 0")
@@ -281,6 +312,10 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
                 "truncated_segment",
                 f"segment {i} declares {n} code bytes, {len(body) - pos} left",
             )
+        if idle and n:
+            raise PayloadError(
+                "bad_idle", f"segment {i} of an idle message declares {n} code bytes (must be 0)"
+            )
         segments.append(SegmentRecord(quality / 255, body[pos : pos + n]))
         pos += n
     if pos != len(body):
@@ -294,6 +329,7 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         first_seq=int.from_bytes(body[6:10], "big"),
         timestamp_ms=int.from_bytes(body[10:16], "big"),
         segments=tuple(segments),
+        idle=idle,
     )
 
 

@@ -170,6 +170,12 @@ class EdgeSettings(FileConfiguredSettings):
                                                                          "(3.1.1 for brokers "
                                                                          "without MQTT 5)")
     level: int = Field(default=1, ge=0, le=3, description="rate level at start")
+    idle: bool = Field(default=True, description="send idle markers instead of codes while "
+                                                 "nothing moves (only with a bundle that has "
+                                                 "an idle calibration; false: never)")
+    idle_segments_per_message: int = Field(
+        default=10, ge=1, le=255, description="idle segments grouped into one message (a "
+                                              "moving segment flushes the group at once)")
     speed: str = Field(default="real", description="file replay: real, max, or a factor (2.5)")
     loop: bool = Field(default=False, description="file replay: start again at the end")
     timestamps: Literal["now", "recorded"] = Field(

@@ -47,7 +47,10 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {folder}/\n"
             "max_queued_messages 100000\n"
-            f"{extra}\n")
+            # Started as root, mosquitto drops to user ``mosquitto``, which cannot write the
+            # test's folder: the sessions would silently not survive a restart.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"{extra}\n")
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -80,6 +83,10 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+        log = self.log.read_text(errors="replace") if self.log.exists() else ""
+        if "Error saving in-memory database" in log:
+            # A restart would lose every session: tests relying on it would pass or fail by race.
+            raise RuntimeError(f"mosquitto could not write its persistence file:\n{log[-600:]}")
 
     def __enter__(self) -> Mosquitto:
         self.start()

@@ -448,7 +448,8 @@ def test_health_readiness_and_metrics(client: TestClient, prefix: str) -> None:
     metrics = client.get(f"{prefix}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/")
     for name in ("csi_messages_total", "csi_ingest_queue", "csi_rejected",
-                 "csi_decode_classify_seconds"):
+                 "csi_decode_classify_seconds", "csi_idle_segments_total",
+                 "csi_unknown_identities_total"):
         assert name in metrics.text
 
 

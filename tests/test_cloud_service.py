@@ -107,18 +107,21 @@ class Cloud:
         self.proc = None
 
 
-def run_edge(broker: Mosquitto, spool: Path, *args: str) -> subprocess.Popen[str]:
+def run_edge(broker: Mosquitto, spool: Path, *args: str,
+             idle: bool = True) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
          broker.url, "--spool-dir", str(spool), "--status-interval", "1", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env=dict(os.environ, CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched")))
+        env=dict(os.environ, CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"),
+                 CSI_EDGE_IDLE=str(idle).lower()))
 
 
 def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
     """Activity and identity per segment as ``csi evaluate`` computes them: the int8 edge
     encoder, the real payloads, decompress, and the window of the last N segment slots."""
     from csi_cloud.model.compression import CloudModel
+    from csi_cloud.model.heads import UNKNOWN, open_set_decision
 
     edge = EdgeEncoder(MODEL)
     cloud = CloudModel.load(MODEL)
@@ -136,10 +139,15 @@ def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
                       for w in window])[None]
         p = np.stack([decoded[w].profile if w is not None else np.zeros_like(decoded[0].profile)
                       for w in window])[None]
-        p_act, p_id = cloud.classify(z, p, present, np.array([level]))
+        p_act, p_id, features = cloud.classify_with_features(z, p, present,
+                                                             np.array([level]))
         labels = cloud.manifest.labels
-        out.append((labels["activity"][int(p_act[0].argmax())],
-                    labels["identity"][int(p_id[0].argmax())] if p_id is not None else None))
+        identity = None
+        if p_id is not None:  # past the bundle's open-set threshold: "unknown"
+            identity = (UNKNOWN if open_set_decision(p_id, cloud.manifest.calibration,
+                                                     features)[0]
+                        else labels["identity"][int(p_id[0].argmax())])
+        out.append((labels["activity"][int(p_act[0].argmax())], identity))
         del i
     return out
 
@@ -149,8 +157,10 @@ def test_end_to_end_predictions_match_offline(broker: Mosquitto, db_url: str,
     cloud = Cloud(broker, db_url, tmp_path)
     cloud.start()
     try:
+        # Idle markers off: every segment is coded, as in the offline path (idle markers
+        # end to end: tests/test_idle.py).
         edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
-                        "lab", "--ap", "ap1", "--speed", "max", "--level", "1")
+                        "lab", "--ap", "ap1", "--speed", "max", "--level", "1", idle=False)
         out, _ = edge.communicate(timeout=60)
         assert edge.returncode == 0, out
         expected = offline_predictions(SAMPLE, level=1)

@@ -11,6 +11,7 @@ from csi_edge._errors import CSIError, MalformedPacketError
 from csi_edge.codec import (
     CRC_BYTES,
     DECODE_REASONS,
+    FLAG_IDLE,
     HEADER_BYTES,
     MIN_PAYLOAD_BYTES,
     Payload,
@@ -19,6 +20,7 @@ from csi_edge.codec import (
     crc16,
     decode_payload,
     encode_payload,
+    idle_payload_size,
     model_id_prefix,
     payload_overhead,
     payload_size,
@@ -92,7 +94,31 @@ GOLDEN_3_HEX = (
     "5021"  # CRC
 )
 
-GOLDEN = [(GOLDEN_1, GOLDEN_1_HEX), (GOLDEN_2, GOLDEN_2_HEX), (GOLDEN_3, GOLDEN_3_HEX)]
+# IDLE (flag bit 0): 3 still segments at level 1, every code block empty: 17 + 3 * 2 + 2 bytes.
+GOLDEN_IDLE = Payload(
+    level=1,
+    model_id=model_id_prefix(BUNDLE_ID),
+    epoch=0x1234,
+    first_seq=7,
+    timestamp_ms=1_700_000_000_123,
+    segments=(SegmentRecord(1.0, b""), SegmentRecord(128 / 255, b""), SegmentRecord(0.0, b"")),
+    idle=True,
+)
+GOLDEN_IDLE_HEX = (
+    "29"  # version 1, level 1, flags 0b001 (IDLE)
+    "a1b2c3"  # model id
+    "1234"  # epoch
+    "00000007"  # first seq
+    "018bcfe5687b"  # 1_700_000_000_123 ms
+    "03"  # K
+    "ff00"  # quality 255, no codes
+    "8000"  # quality 128, no codes
+    "0000"  # quality 0, no codes
+    "c62b"  # CRC (checked against _crc16_bitwise)
+)
+
+GOLDEN = [(GOLDEN_1, GOLDEN_1_HEX), (GOLDEN_2, GOLDEN_2_HEX), (GOLDEN_3, GOLDEN_3_HEX),
+          (GOLDEN_IDLE, GOLDEN_IDLE_HEX)]
 
 
 def _crc16_bitwise(data: bytes) -> int:
@@ -208,11 +234,12 @@ def _crafted() -> dict[str, bytes]:
         "too_large": _with_crc(_header() + b"\x80\x80\x80\x04" + bytes(65536)),
         "crc_mismatch": encode_payload(GOLDEN_1)[:-1] + b"\x00",
         "bad_version": _with_crc(_header(byte0=0x48) + one),  # version 2
-        "bad_flags": _with_crc(_header(byte0=0x29) + one),  # flag bit 0
+        "bad_flags": _with_crc(_header(byte0=0x2A) + one),  # flag bit 1 (reserved)
         "bad_count": _with_crc(_header(count=0) + one),
         "bad_varint": _with_crc(_header() + b"\x80\x80\x00" + b"\x05"),  # non-minimal 0
         "truncated_segment": _with_crc(_header() + b"\x80\x05\x01\x02"),
         "trailing_bytes": _with_crc(_header() + one + b"\x00"),
+        "bad_idle": _with_crc(_header(byte0=0x29) + one),  # IDLE with a 1-byte code block
     }
 
 
@@ -337,3 +364,34 @@ def test_random_payloads_round_trip() -> None:
         data = encode_payload(payload)
         assert decode_payload(data) == payload
         assert len(data) == payload_size([len(s.codes) for s in payload.segments])
+
+
+def test_idle_message_size_and_flag() -> None:
+    data = encode_payload(GOLDEN_IDLE)
+    assert len(data) == idle_payload_size(3) == HEADER_BYTES + 3 * 2 + CRC_BYTES
+    assert data[0] & FLAG_IDLE and decode_payload(data).idle
+    # The same segments without the flag are an ordinary message (empty code blocks).
+    plain = dataclasses.replace(GOLDEN_IDLE, idle=False)
+    assert encode_payload(plain)[0] == 0x28 and not decode_payload(encode_payload(plain)).idle
+    assert idle_payload_size(10) == 39
+
+
+@pytest.mark.parametrize("flags", [0b010, 0b100, 0b011, 0b111])
+def test_reserved_flags_are_rejected_even_with_idle(flags: int) -> None:
+    body = _header(byte0=0x28 | flags) + b"\x80\x00"
+    with pytest.raises(PayloadError, match="reserved flags") as info:
+        decode_payload(_with_crc(body))
+    assert info.value.reason == "bad_flags"
+
+
+def test_idle_with_codes_is_a_clear_error_both_ways() -> None:
+    bad = dataclasses.replace(GOLDEN_IDLE, segments=(SegmentRecord(1.0, b""),
+                                                     SegmentRecord(1.0, b"\x01\x02")))
+    with pytest.raises(PayloadError, match="segment 1: an idle message carries no codes, got 2"):
+        encode_payload(bad)
+    body = _header(byte0=0x29, count=2) + b"\xff\x00" + b"\xff\x02\x01\x02"
+    with pytest.raises(PayloadError, match="segment 1 of an idle message declares 2") as info:
+        decode_payload(_with_crc(body))
+    assert info.value.reason == "bad_idle"
+    with pytest.raises(PayloadError, match="idle must be a bool"):
+        encode_payload(dataclasses.replace(GOLDEN_IDLE, idle=1))

@@ -57,9 +57,16 @@ def test_int8_accuracy_within_half_a_point(request: pytest.FixtureRequest, name:
     bundle = MODELS / name
     cloud = CloudModel.load(bundle)
     recs = np.arange(len(data))
-    edge_path = evaluate_bundle(cloud, EdgeEncoder(bundle), data, recs).summary
-    float_path = evaluate_bundle(cloud, cloud, data, recs).summary
+    edge_eval = evaluate_bundle(cloud, EdgeEncoder(bundle), data, recs)
+    float_eval = evaluate_bundle(cloud, cloud, data, recs)
+    edge_path, float_path = edge_eval.summary, float_eval.summary
+    # The int8 encoder may not cost more than half a point, and it must give the same answer
+    # as the float encoder on at least 98 % of the recordings (a few borderline recordings flip
+    # either way; the int8 path came out ahead at some levels).
     for a, b in zip(edge_path["levels"], float_path["levels"], strict=True):
-        assert abs(a["activity_accuracy"] - b["activity_accuracy"]) <= 0.005, (a, b)
+        assert a["activity_accuracy"] >= b["activity_accuracy"] - 0.005, (a, b)
         if a["identity_accuracy"] is not None:
-            assert abs(a["identity_accuracy"] - b["identity_accuracy"]) <= 0.005, (a, b)
+            assert a["identity_accuracy"] >= b["identity_accuracy"] - 0.005, (a, b)
+        level = a["level"]
+        same = edge_eval.predictions[level]["activity"] == float_eval.predictions[level]["activity"]
+        assert same.mean() >= 0.98, (level, same.mean())

@@ -113,10 +113,15 @@ def test_demo_with_the_embedded_broker(tmp_path: Path) -> None:
 
 def test_demo_moves_off_a_taken_broker_port(tmp_path: Path) -> None:
     """The machine's own Mosquitto holds 1883: the demo says so and picks another port."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 1883)) != 0:
-            pytest.skip("nothing listens on 1883 here")
-    _, _, out, _ = _run_demo(tmp_path, "--aps", "2")
+    with contextlib.ExitStack() as stack:
+        with socket.socket() as probe:
+            taken = probe.connect_ex(("127.0.0.1", 1883)) == 0
+        if not taken:  # no system broker here: take the port ourselves for the test
+            holder = stack.enter_context(socket.socket())
+            holder.bind(("127.0.0.1", 1883))
+            holder.listen()
+        _, _, out, _ = _run_demo(tmp_path, "--aps", "2")
     assert "port 1883 is taken" in out

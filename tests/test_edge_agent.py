@@ -43,9 +43,10 @@ def edge_command(broker: Mosquitto, spool: Path, *args: str) -> list[str]:
             *args]
 
 
-def start_edge(broker: Mosquitto, spool: Path, *args: str) -> subprocess.Popen[str]:
+def start_edge(broker: Mosquitto, spool: Path, *args: str,
+               idle: bool = True) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1",
-               CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"))
+               CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"), CSI_EDGE_IDLE=str(idle).lower())
     return subprocess.Popen(edge_command(broker, spool, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
@@ -97,9 +98,10 @@ def test_replay_decodes_to_the_offline_codes(broker: Mosquitto, collector: Colle
                                              tmp_path: Path) -> None:
     from csi_cloud.model.compression import CloudModel
 
+    # Idle markers off: every segment coded (idle markers end to end: tests/test_idle.py).
     proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}",
                       "--site", "lab", "--ap", "ap1", "--speed", "max",
-                      "--timestamps", "recorded", "--level", "1")
+                      "--timestamps", "recorded", "--level", "1", idle=False)
     code, out = finish(proc)
     assert code == 0, out
     collector.wait_for(lambda: any(not json.loads(m.payload)["online"]

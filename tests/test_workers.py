@@ -55,8 +55,9 @@ def test_two_workers_each_segment_once_and_as_one_worker(broker: Mosquitto, post
     try:
         streams = [arg for (site, ap), f in FILES.items()
                    for arg in ("--stream", f"{site}/{ap}=file://{f}")]
+        # Idle markers off: compared with the offline path, where every segment is coded.
         edge = run_edge(broker, tmp_path / "spool", "--speed", "max", "--timestamps",
-                        "recorded", "--level", "1", *streams)
+                        "recorded", "--level", "1", *streams, idle=False)
         out, _ = edge.communicate(timeout=90)
         assert edge.returncode == 0, out
         expected = {key: offline_predictions(f, level=1) for key, f in FILES.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 __all__ = ["APOut", "CSIOut", "CtlAccepted", "Health", "ModelOut", "Page", "PredictionOut",
            "RateIn"]
@@ -31,9 +31,23 @@ class PredictionOut(BaseModel):
     context_size: int
     activity: str
     activity_confidence: float
-    identity: str | None
-    identity_confidence: float | None
+    identity: str | None = Field(description="the enrolled person, \"unknown\" past the "
+                                            "model's open-set threshold, or null without an "
+                                            "identity head")
+    identity_confidence: float | None = Field(description="probability of the most likely "
+                                                          "enrolled person")
     probabilities: dict[str, dict[str, float]]
+    idle: bool | None = Field(
+        default=None, description="true: the AP sent an idle marker for this segment (nothing "
+                                  "moved) and the cloud repeated its last coded segment; set on "
+                                  "live predictions (stream, pred topic, an AP's latest), null "
+                                  "on stored ones (the database does not keep it)")
+
+    @computed_field(description="fraction of the context window with no segment (lost, or "
+                                "before the stream began); the classifier masks those slots")
+    @property
+    def missing_fraction(self) -> float:
+        return round(1.0 - self.context_present / max(self.context_size, 1), 4)
 
 
 class APOut(BaseModel):
@@ -86,6 +100,10 @@ class ModelOut(BaseModel):
     labels: dict[str, list[str] | None]
     metrics: dict[str, Any]
     training: dict[str, Any]
+    edge_id: str = Field(description="the bundle whose edge part this one runs on, and whose "
+                                     "id prefix its payloads carry (itself unless derived in "
+                                     "the cloud)")
+    parent: str | None = Field(description="the bundle this one was derived from in the cloud")
 
 
 class RateIn(BaseModel):

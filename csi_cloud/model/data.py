@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,8 @@ from csi_edge.preprocess import InputSpec, Preprocessor
 
 from ..datasets import Example
 
-__all__ = ["NOMINAL_RATES", "SegmentData", "input_spec_for", "load_segments", "windows"]
+__all__ = ["NOMINAL_RATES", "SegmentData", "context_window", "input_spec_for", "load_segments",
+           "segment_windows", "windows"]
 
 # The model grid per source kind: near each device's measured packet rate.
 NOMINAL_RATES = {"nexmon": 50.0, "intel5300": 30.0, "esp32": 50.0, "ntu-fi": 500.0,
@@ -141,6 +143,16 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
     )
 
 
+def context_window(lookup: np.ndarray, end: int, context: int) -> np.ndarray:
+    """The ``context`` slots ending at slot ``end``: ``lookup`` maps a slot to its row
+    (-1 = no segment); slots before the recording's start are -1 too."""
+    first = end - context + 1
+    window = np.full(context, -1)
+    lo = max(first, 0)
+    window[lo - first :] = lookup[lo : end + 1]
+    return window
+
+
 def windows(data: SegmentData, recordings: np.ndarray, context: int,
             rng: np.random.Generator | None = None, per_recording: int = 1) -> tuple[
                 np.ndarray, np.ndarray]:
@@ -162,10 +174,24 @@ def windows(data: SegmentData, recordings: np.ndarray, context: int,
                               per_recording).tolist()
         )
         for end in ends:
-            first = end - context + 1
-            window = np.full(context, -1)
-            lo = max(first, 0)
-            window[lo - first :] = lookup[lo : end + 1]
-            rows.append(window)
+            rows.append(context_window(lookup, end, context))
             owners.append(r)
     return np.stack(rows), np.array(owners)
+
+
+def segment_windows(data: Any, recordings: np.ndarray, n: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every segment's context window (rows, -1 missing) (W, n), owner recording (W,), and
+    whether it is the recording's last segment (W,): one prediction per segment, as the
+    service makes them. ``data``: anything laid out like :class:`SegmentData`."""
+    windows, owners, last = [], [], []
+    for r in np.asarray(recordings).tolist():
+        start, count = int(data.start[r]), int(data.count[r])
+        lookup = np.full(int(data.slots[r]), -1)
+        lookup[data.slot[start : start + count]] = np.arange(start, start + count)
+        for row in range(start, start + count):
+            end = int(data.slot[row])
+            windows.append(context_window(lookup, end, n))
+            owners.append(r)
+            last.append(row == start + count - 1)
+    return np.stack(windows), np.array(owners), np.array(last)

@@ -25,7 +25,8 @@ from csi_edge.codec import Payload, SegmentRecord, encode_payload
 from .compression import CloudModel
 from .data import SegmentData, windows
 
-__all__ = ["Evaluation", "evaluate_bundle", "macro_f1"]
+__all__ = ["DecodedLevel", "EncodedSegments", "Evaluation", "decode_level", "encode_recordings",
+           "evaluate_bundle", "macro_f1"]
 
 
 def macro_f1(true: np.ndarray, pred: np.ndarray, classes: int) -> float:
@@ -75,6 +76,80 @@ def _messages(slots: np.ndarray, per_message: int) -> list[np.ndarray]:
     return groups
 
 
+@dataclass
+class EncodedSegments:
+    """The edge encoder's codes for every segment of some recordings (one pass, all levels)."""
+
+    recordings: np.ndarray  # (R,) recording numbers, in the order given
+    rows: np.ndarray  # (M,) rows of ``data.x`` (data order)
+    symbols: np.ndarray  # (M, G, T) latent symbols
+    profile: np.ndarray  # (M, Kmax) profile codes
+    index: np.ndarray  # (len(data.x),) row of data.x -> position in ``rows``, -1 if absent
+
+
+@dataclass
+class DecodedLevel:
+    """What the cloud decoded from one rate level's wire payloads, per segment of ``rows``."""
+
+    level: int
+    z_q: np.ndarray  # (M, D, T)
+    profile: np.ndarray  # (M, C)
+    reconstruction: np.ndarray  # (M, L, A, S) standardised log amplitude
+    payload_bytes: int  # every payload's length: header, codes and CRC
+    index: np.ndarray  # as EncodedSegments.index
+
+    def contexts(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of data rows (W, N), -1 = missing -> classifier inputs z_q (W, N, D, T),
+        profile (W, N, C) and present (W, N); missing slots hold a placeholder segment
+        (masked by the classifier, never used)."""
+        present = win >= 0
+        pick = np.where(present, self.index[np.where(present, win, 0)], 0)
+        return self.z_q[pick], self.profile[pick], present
+
+
+def encode_recordings(edge: EdgeEncoder | CloudModel, data: SegmentData,
+                      recordings: np.ndarray) -> EncodedSegments:
+    """Encode every segment of ``recordings`` once; each level sends a prefix of the codes."""
+    rows = np.flatnonzero(np.isin(data.recording, recordings))
+    symbols, profile = edge.encode(data.x[rows])
+    index = np.full(len(data.x), -1, dtype=np.int64)
+    index[rows] = np.arange(len(rows))
+    return EncodedSegments(recordings, rows, symbols, profile, index)
+
+
+def decode_level(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
+                 encoded: EncodedSegments, level: int) -> DecodedLevel:
+    """Pack one level's codes into wire payloads as the edge sends them (``segments_per_message``
+    consecutive segments per message, a gap starts a new one) and decode them from the bytes
+    alone, as the cloud does; raises if a decoded code differs from the encoded one."""
+    spec = model.manifest.level(level)
+    cfg = model.net.cfg
+    n = len(encoded.rows)
+    t_lat = int(model.manifest.quantizer["latent_steps"])
+    z_q = np.zeros((n, cfg.latent_channels, t_lat), np.float32)
+    prof = np.zeros((n, cfg.channels), np.float32)
+    recon = np.zeros((n, *data.x.shape[1:]), np.float32)
+    total_bytes = 0
+    symbols, profile = encoded.symbols, encoded.profile
+    for r in encoded.recordings.tolist():
+        start, count = int(data.start[r]), int(data.count[r])
+        slots = data.slot[start : start + count]
+        for group in _messages(slots, spec.segments_per_message):
+            idx = [int(encoded.index[start + int(g)]) for g in group]
+            payload = encode_payload(Payload(
+                spec.level, edge.model_id, 1, int(slots[group[0]]), 0,
+                tuple(SegmentRecord(1.0, edge_codes) for edge_codes in (
+                    _blob(edge, symbols[i], profile[i], spec.level) for i in idx)),
+            ))
+            total_bytes += len(payload)
+            decoded = model.decompress(payload)
+            for i, seg in zip(idx, decoded, strict=True):
+                if not np.array_equal(seg.codes.latent, symbols[i, : spec.groups]):
+                    raise AssertionError("decoded codes differ from the encoded codes")
+                z_q[i], prof[i], recon[i] = seg.z_q, seg.profile, seg.reconstruction
+    return DecodedLevel(spec.level, z_q, prof, recon, total_bytes, encoded.index)
+
+
 def _encoder_ms(edge: EdgeEncoder, segment: np.ndarray, level: int, repeat: int = 200) -> float:
     for _ in range(20):
         edge.compress_codes(segment, level)
@@ -98,42 +173,19 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Seg
     n_act = len(manifest.labels["activity"] or [])
     n_id = len(manifest.labels["identity"] or [])
     segment_s = manifest.input_spec.segment_s
-    rows = np.flatnonzero(np.isin(data.recording, recordings))
-    symbols, profile = edge.encode(data.x[rows])
-    position = {int(r): i for i, r in enumerate(rows)}
+    encoded = encode_recordings(edge, data, recordings)
+    rows = encoded.rows
     standardised = model.standardise(data.x[rows])
     native = float(np.mean(data.native_bytes_per_s[recordings]))
-    d_lat, t_lat = model.net.cfg.latent_channels, int(manifest.quantizer["latent_steps"])
-    c = model.net.cfg.channels
 
     levels: list[dict[str, object]] = []
     predictions: dict[int | str, dict[str, np.ndarray]] = {}
     for spec in manifest.levels:
-        total_bytes = 0
-        z_q = np.zeros((len(rows), d_lat, t_lat), np.float32)
-        prof = np.zeros((len(rows), c), np.float32)
-        recon = np.zeros_like(standardised)
-        for r in recordings.tolist():
-            start, count = int(data.start[r]), int(data.count[r])
-            slots = data.slot[start : start + count]
-            for group in _messages(slots, spec.segments_per_message):
-                idx = [position[start + int(g)] for g in group]
-                payload = encode_payload(Payload(
-                    spec.level, edge.model_id, 1, int(slots[group[0]]), 0,
-                    tuple(SegmentRecord(1.0, edge_codes) for edge_codes in (
-                        _blob(edge, symbols[i], profile[i], spec.level) for i in idx)),
-                ))
-                total_bytes += len(payload)
-                decoded = model.decompress(payload)
-                for i, seg in zip(idx, decoded, strict=True):
-                    if not np.array_equal(seg.codes.latent, symbols[i, : spec.groups]):
-                        raise AssertionError("decoded codes differ from the encoded codes")
-                    z_q[i], prof[i], recon[i] = seg.z_q, seg.profile, seg.reconstruction
+        decoded = decode_level(model, edge, data, encoded, spec.level)
+        total_bytes, recon = decoded.payload_bytes, decoded.reconstruction
         win, owners = windows(data, recordings, n_ctx)
-        present = win >= 0
-        pick = np.vectorize(lambda g: position.get(int(g), 0))(np.where(present, win, rows[0]))
-        p_act, p_id = model.classify(z_q[pick], prof[pick], present,
-                                     np.full(len(win), spec.level))
+        z_q, prof, present = decoded.contexts(win)
+        p_act, p_id = model.classify(z_q, prof, present, np.full(len(win), spec.level))
         cls = _classification(p_act, p_id, data.activity[owners], data.identity[owners],
                               n_act, n_id)
         err = float(np.sum((recon - standardised) ** 2))

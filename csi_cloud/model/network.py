@@ -167,6 +167,13 @@ class ContextClassifier(nn.Module):
     def forward(self, z_q: Tensor, profile: Tensor, present: Tensor,
                 level: Tensor) -> tuple[Tensor, Tensor | None]:
         """z_q (B,N,D,T); profile (B,N,C); present (B,N) bool; level (B,) int -> logits."""
+        pooled, identity_features = self.features(z_q, profile, present, level)
+        identity = None if self.identity is None else self.identity(identity_features)
+        return self.activity(pooled), identity
+
+    def features(self, z_q: Tensor, profile: Tensor, present: Tensor,
+                 level: Tensor) -> tuple[Tensor, Tensor]:
+        """The heads' inputs: activity features (B, E) and identity features (B, 2E)."""
         n = z_q.shape[1]
         h = self.embed(z_q) + self.position[-n:] + self.level(level).unsqueeze(1)
         # Missing segments are masked out of attention and pooling, never filled in.
@@ -176,11 +183,10 @@ class ContextClassifier(nn.Module):
         w = safe.float().unsqueeze(-1)
         count = w.sum(dim=1).clamp_min(1.0)
         pooled = self.dropout(self.norm((h * w).sum(dim=1) / count))
-        identity = None
-        if self.identity is not None:
-            static = (self.profile(profile) * w).sum(dim=1) / count
-            identity = self.identity(torch.cat([pooled, self.dropout(static)], dim=-1))
-        return self.activity(pooled), identity
+        if self.identity is None:
+            return pooled, pooled
+        static = (self.profile(profile) * w).sum(dim=1) / count
+        return pooled, torch.cat([pooled, self.dropout(static)], dim=-1)
 
 
 class CSICodecNet(nn.Module):

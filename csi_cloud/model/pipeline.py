@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from csi_edge import SpecMismatchError
-from csi_edge.bundle import EdgeEncoder, load_manifest
+from csi_edge.bundle import EdgeEncoder
 
 from ..datasets import Example, index_dataset, random_split
 from .bundle import save_bundle, update
@@ -64,12 +63,37 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
                                     replace=False)]
     info = {**(training or {}), "seconds": round(result.seconds, 1),
             "best_epoch": result.best_epoch, "options": opts.model_dump()}
-    manifest = save_bundle(out, name=name, net=result.net, spec=spec, tables=tables,
-                           activities=activities, identities=identities or None,
-                           calibration=calibration,
-                           segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels],
-                           training=info)
-    return result, manifest
+    save_bundle(out, name=name, net=result.net, spec=spec, tables=tables,
+                activities=activities, identities=identities or None, calibration=calibration,
+                segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info)
+    return result, calibrate_bundle(out, data, train_recs, val_recs)
+
+
+def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
+                     val_recs: np.ndarray) -> Any:
+    """Add the calibrations that need the finished bundle (its int8 codes) to its manifest:
+    the open-set identity threshold and feature statistics, and the edge's idle threshold.
+    The calibration is part of the bundle id, which is recomputed."""
+    from csi_edge.bundle import bundle_id
+
+    from .heads import calibrate_identity, codes_from_segments
+    from .idle import calibrate_idle
+
+    model = CloudModel.load(folder)
+    edge = EdgeEncoder(folder)
+    calibration = dict(model.manifest.calibration)
+    if model.net.cfg.identities:
+        codes = codes_from_segments(model, edge, data)
+        calibration["identity"] = calibrate_identity(model.net, codes, train_recs, codes,
+                                                     val_recs)
+    idle = calibrate_idle(data, train_recs, val_recs, model=model)
+    if idle:
+        calibration["idle"] = idle
+    manifest = model.manifest.model_copy(update={"calibration": calibration})
+    manifest.id = bundle_id(manifest)
+    (folder / "bundle.json").write_text(
+        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
 
 
 def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
@@ -134,27 +158,8 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
 
 def evaluate_folder(bundle: Path, dataset: str, data_dir: Path) -> Evaluation:
     """Evaluate a bundle on every recording of a dataset folder (seen or not)."""
-    manifest = load_manifest(bundle)
-    index = index_dataset(dataset, data_dir)
-    examples = list(index)
-    spec = manifest.input_spec
-    first = examples[0]
-    from csi_edge import read_recording
+    from .robustness import load_folder
 
-    frames = read_recording(first.path)
-    try:
-        spec.check(frames.info, frames.antennas)
-    except SpecMismatchError as exc:
-        raise SpecMismatchError(
-            f"bundle {manifest.name!r} expects {spec.source_kind} CSI with "
-            f"{len(spec.subcarriers)} subcarriers x {spec.antennas} antennas ({spec.band}); "
-            f"dataset {dataset!r} at {data_dir} does not fit: {exc}") from exc
-    activities = manifest.labels["activity"] or []
-    unknown = sorted({e.activity for e in examples} - set(activities))
-    if unknown:
-        raise SpecMismatchError(f"dataset {dataset!r} has activities {unknown} that bundle "
-                                f"{manifest.name!r} does not know ({activities})")
-    identities = manifest.labels["identity"] or []
-    data = load_segments(examples, spec, activities, identities)
+    data = load_folder(bundle, dataset, data_dir)
     return evaluate_bundle(CloudModel.load(bundle), EdgeEncoder(bundle), data,
                            np.arange(len(data)), dataset=dataset)

@@ -2,8 +2,11 @@
 
 Each batch holds context windows of N segments from training recordings. Every window gets a
 random rate level, so one set of weights serves every level; reconstruction is scored on the
-segments that are present. Early stopping keeps the weights with the best validation score
-(activity accuracy averaged over levels, identity accuracy where there are identity labels).
+segments that are present. With ``segment_dropout`` the classifier also learns to answer when
+the link drops segments: each window hides a random share of its present slots from the
+classifier (never from the reconstruction loss). Early stopping keeps the weights with the best
+validation score (activity accuracy averaged over levels, identity accuracy where there are
+identity labels).
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
 from .data import SegmentData, windows
 from .network import CSICodecNet, ModelConfig
 
-__all__ = ["EpochLog", "TrainOptions", "TrainResult", "evaluate_windows", "train"]
+__all__ = ["EpochLog", "TrainOptions", "TrainResult", "drop_segments", "evaluate_windows",
+           "train"]
 
 
 class TrainOptions(BaseModel):
@@ -43,6 +47,9 @@ class TrainOptions(BaseModel):
     patience: int = 15
     augment: bool = True
     threads: int = 2
+    # Maximum share of present context slots hidden from the classifier per training window
+    # (rate drawn uniformly in [0, segment_dropout) per window); 0 turns it off.
+    segment_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -103,6 +110,24 @@ def _gather(data: SegmentData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Te
     return x, torch.from_numpy(present)
 
 
+def drop_segments(present: np.ndarray, max_rate: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Hide present slots of each window (W, N) at a per-window rate r ~ U(0, max_rate).
+
+    Simulates segments lost between the AP and the cloud, so the classifier learns to answer
+    from a partial context. The last present slot of each window is always kept: the cloud only
+    predicts when a segment arrives, so the newest slot of a served window is never empty.
+    Returns a new mask; ``present`` is not modified.
+    """
+    w, n = present.shape
+    rate = rng.uniform(0.0, max_rate, size=(w, 1))
+    keep = present & (rng.random((w, n)) >= rate)
+    has = present.any(axis=1)
+    last = n - 1 - np.argmax(present[:, ::-1], axis=1)
+    keep[np.flatnonzero(has), last[has]] = True
+    return keep
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Scale each segment's dynamics around its profile and add a little noise (log domain).
 
@@ -116,8 +141,13 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def forward_windows(net: CSICodecNet, x: torch.Tensor, present: torch.Tensor,
-                    level: torch.Tensor, bypass: bool = False) -> dict[str, torch.Tensor]:
-    """Run the whole network on W windows of N segments."""
+                    level: torch.Tensor, bypass: bool = False,
+                    seen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run the whole network on W windows of N segments.
+
+    ``seen`` (W, N), default ``present``: the slots the classifier may use (segment dropout
+    hides some present ones); every segment is still encoded and reconstructed.
+    """
     w, n = present.shape
     z, profile = net.encoder(x)
     q = net.quantize(z)
@@ -135,7 +165,7 @@ def forward_windows(net: CSICodecNet, x: torch.Tensor, present: torch.Tensor,
     d, t = z_q.shape[1:]
     profile_hat = net.profile_quantized(profile, seg_level)
     activity, identity = net.classify(z_q.view(w, n, d, t), profile_hat.view(w, n, -1),
-                                      present, level)
+                                      present if seen is None else seen, level)
     return {"z": z, "z_q": z_q, "symbols": q.symbols, "qloss": q.loss, "perplexity": q.perplexity,
             "dynamics": dynamics, "dynamics_hat": dynamics_hat, "profile": profile,
             "profile_hat": profile_hat,
@@ -220,6 +250,9 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
+    # Segment dropout draws from its own stream (a child of ``rng``): windows, batches, levels
+    # and augmentation stay those of the same run without it, so the two compare cleanly.
+    drop_rng = rng.spawn(1)[0] if opts.segment_dropout > 0 else None
     net = CSICodecNet(cfg)
     fit_standardisation(net, data, train_recs)
     optimiser = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
@@ -245,7 +278,10 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
             if opts.augment:
                 x = _augment(x, gen)
             level = torch.from_numpy(rng.choice(levels, size=len(pick)))
-            out = forward_windows(net, x, present, level)
+            seen = (torch.from_numpy(drop_segments(present.numpy(), opts.segment_dropout,
+                                                   drop_rng))
+                    if drop_rng is not None else None)
+            out = forward_windows(net, x, present, level, seen=seen)
             act = torch.from_numpy(data.activity[owners[pick]])
             ident = torch.from_numpy(data.identity[owners[pick]])
             losses = _losses(out, present, act, ident, opts)

@@ -20,7 +20,8 @@ def model_out(manifest: BundleManifest, active: str) -> ModelOut:
                     active=manifest.id == active,
                     input_spec=manifest.input_spec.model_dump(mode="json"),
                     levels=[lv.model_dump() for lv in manifest.levels], labels=manifest.labels,
-                    metrics=manifest.metrics, training=manifest.training)
+                    metrics=manifest.metrics, training=manifest.training,
+                    edge_id=manifest.wire_id, parent=manifest.parent)
 
 
 def _find(service: Service, model_id: str) -> BundleManifest:

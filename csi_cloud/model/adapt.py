@@ -1,0 +1,311 @@
+"""Few-shot adaptation to a new session or room, and open-set identity evaluation.
+
+``csi adapt`` fine-tunes the cloud-side context classifier of a bundle on K labelled
+recordings per activity from the new place; the edge encoder, entropy tables and input spec
+stay as they are, so the result is a derived bundle (see :mod:`.heads`) that APs need not
+switch for. The remaining recordings of the folder, never seen by the adaptation, measure
+the accuracy before and after.
+
+``csi evaluate --open-set`` is leave-one-user-out: for each enrolled person, the context
+classifier is trained from scratch on the others' codes (the edge encoder stays; it was
+trained on every person's CSI, but never with identity labels), the open-set threshold is
+calibrated on the others' validation windows, and the left-out person's windows must score
+as unknown.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from csi_edge.bundle import EdgeEncoder, load_manifest
+
+from ..datasets import Example, index_dataset, random_split
+from .compression import CloudModel
+from .data import SegmentData, load_segments, segment_windows
+from .heads import (
+    CodeData,
+    Part,
+    auroc,
+    calibrate_identity,
+    classify_codes,
+    codes_from_segments,
+    codes_from_stored,
+    family_wire_ids,
+    feature_distance,
+    fit_classifier,
+    open_set_decision,
+    save_derived,
+    window_batch,
+)
+from .network import CSICodecNet, ModelConfig
+
+__all__ = ["METHODS", "adapt_bundle", "adapt_codes", "load_codes", "open_set_codes",
+           "pick_support", "set_prototypes"]
+
+
+def load_codes(bundle: Path, dataset: str, data_dir: Path,
+               examples: Sequence[Example] | None = None) -> tuple[CloudModel, CodeData]:
+    """The codes of every labelled recording of a folder, as the bundle's edges send them.
+
+    For the service's own ``recordings`` the codes stored with the recordings are used (exactly
+    what the APs sent); other datasets are preprocessed and encoded with the int8 encoder.
+    """
+    model = CloudModel.load(bundle)
+    manifest = model.manifest
+    activities = manifest.labels["activity"] or []
+    identities = manifest.labels["identity"] or []
+    examples = list(examples if examples is not None else index_dataset(dataset, data_dir))
+    unknown = sorted({e.activity for e in examples} - set(activities))
+    if unknown:
+        raise ValueError(f"activities {unknown} in {data_dir} are not in bundle "
+                         f"{manifest.name!r} ({activities}); adaptation keeps the label set")
+    if dataset == "recordings":
+        act = {a: i for i, a in enumerate(activities)}
+        ids = {a: i for i, a in enumerate(identities)}
+        return model, codes_from_stored(
+            model, [([e.path], e.start if e.start is not None else 0.0,
+                     e.end if e.end is not None else float("inf")) for e in examples],
+            activity=[act[e.activity] for e in examples],
+            identity=[ids.get(e.identity or "", -1) for e in examples],
+            wire_ids=family_wire_ids(Path(bundle).parent))
+    data: SegmentData = load_segments(examples, manifest.input_spec, activities, identities)
+    return model, codes_from_segments(model, EdgeEncoder(bundle), data)
+
+
+def pick_support(codes: CodeData, recordings: np.ndarray, shots: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """K recordings per activity (seeded) for adaptation; the rest for testing."""
+    rng = np.random.default_rng(seed)
+    support: list[int] = []
+    for c in sorted(set(codes.activity[recordings].tolist())):
+        members = recordings[codes.activity[recordings] == c]
+        support += rng.permutation(members)[:shots].tolist()
+    chosen = set(support)
+    query = np.array([r for r in recordings.tolist() if r not in chosen], dtype=np.int64)
+    return np.array(sorted(support), dtype=np.int64), query
+
+
+def _accuracy(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> list[float]:
+    """Activity accuracy per code variant (rate level) on one window per recording."""
+    out = []
+    for v in range(codes.z_q.shape[0]):
+        p_act, _, _, owners = classify_codes(net, codes, recordings, v)
+        out.append(round(float((p_act.argmax(1) == codes.activity[owners]).mean()), 4))
+    return out
+
+
+Method = Literal["finetune", "prototypes", "prototypes+finetune"]
+METHODS: tuple[str, ...] = ("finetune", "prototypes", "prototypes+finetune")
+PROTOTYPE_SCALE = 10.0  # logit scale of the prototype head (softmax temperature 1/10)
+
+
+@torch.no_grad()
+def set_prototypes(net: CSICodecNet, codes: CodeData, support: np.ndarray) -> None:
+    """Make the activity layer a nearest-prototype classifier, in place.
+
+    Each activity's prototype is the mean direction of the (layer-normalised) activity
+    features of every window of its support recordings, at every rate level; the layer's
+    weights become the unit prototypes times :data:`PROTOTYPE_SCALE`, the bias zero, so the
+    argmax is the prototype with the highest cosine similarity.
+    """
+    feats, owners = [], []
+    for v in range(codes.z_q.shape[0]):
+        pooled, o = _activity_features(net, codes, support, v)
+        feats.append(pooled)
+        owners.append(o)
+    f = np.concatenate(feats)
+    f /= np.linalg.norm(f, axis=1, keepdims=True).clip(1e-6)
+    labels = codes.activity[np.concatenate(owners)]
+    layer = net.classifier.activity
+    for c in range(layer.weight.shape[0]):
+        if not (labels == c).any():
+            continue  # an activity without support keeps its trained weights
+        proto = f[labels == c].mean(0)
+        layer.weight[c] = torch.from_numpy(PROTOTYPE_SCALE * proto / max(
+            float(np.linalg.norm(proto)), 1e-6)).float()
+        layer.bias[c] = 0.0
+
+
+@torch.no_grad()
+def _activity_features(net: CSICodecNet, codes: CodeData, recordings: np.ndarray,
+                       variant: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activity features (W, E) of every window of the recordings, and their owners."""
+    net.eval()
+    rows, owners, _ = segment_windows(codes, recordings, net.cfg.context_segments)
+    out = []
+    for i in range(0, len(rows), 256):
+        z, p, present, level = window_batch(codes, rows[i : i + 256],
+                                      np.full(len(rows[i : i + 256]), variant))
+        out.append(net.classifier.features(z, p, present, level)[0].numpy())
+    return np.concatenate(out), owners
+
+
+def adapt_codes(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
+                part: Part = "classifier", epochs: int = 60, seed: int = 0,
+                identity: bool = False, method: Method = "finetune") -> CSICodecNet:
+    """A copy of ``net`` adapted to the support recordings: its context classifier fine-tuned
+    (``finetune``), its activity layer replaced by class prototypes (``prototypes``), or
+    prototypes then a gentler fine-tuning (``prototypes+finetune``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r} (known: {', '.join(METHODS)})")
+    adapted = copy.deepcopy(net)
+    if method != "finetune":
+        set_prototypes(adapted, codes, support)
+    if method != "prototypes":
+        fit_classifier(adapted, codes, support, part=part, epochs=epochs, seed=seed,
+                       identity=identity, windows_per_recording=16,
+                       lr=1e-3 if method == "finetune" else 3e-4)
+    return adapted
+
+
+def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Path, *,
+                 seed: int = 0, part: Part = "classifier", epochs: int = 60,
+                 method: Method = "prototypes+finetune", name: str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``csi adapt`` command: pick the support, fine-tune, write the derived bundle, and
+    measure activity accuracy on the recordings left out, before and after."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    model, codes = load_codes(bundle, dataset, data_dir)
+    labelled = np.flatnonzero(codes.activity >= 0)
+    support, query = pick_support(codes, labelled, shots, seed)
+    if log:
+        log(f"{len(support)} support recordings ({shots} per activity), {len(query)} held out")
+    adapted = adapt_codes(model.net, codes, support, part=part, epochs=epochs, seed=seed,
+                          method=method)
+    result: dict[str, Any] = {
+        "base": model.id, "dataset": dataset, "data": str(data_dir), "shots": shots,
+        "seed": seed, "method": method, "part": part, "epochs": epochs,
+        "support": len(support),
+        "held_out": len(query),
+        "support_recordings": [codes.names[i] for i in support.tolist()],
+    }
+    if len(query):
+        result["activity_accuracy_before"] = _accuracy(model.net, codes, query)
+        result["activity_accuracy_after"] = _accuracy(adapted, codes, query)
+    manifest = save_derived(
+        bundle, out, adapted, name=name or out.name,
+        training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
+                                                    if not k.startswith("activity")}},
+        metrics={"adaptation": {k: v for k, v in result.items()
+                                if k.startswith("activity") or k in ("shots", "held_out")}})
+    result["bundle"] = manifest.id
+    result["out"] = str(out)
+    return result
+
+
+def _without(net: CSICodecNet) -> CSICodecNet:
+    """A copy of ``net`` whose identity head knows one person fewer (re-initialised)."""
+    cfg = ModelConfig.model_validate({**net.cfg.model_dump(),
+                                      "identities": net.cfg.identities - 1})
+    smaller = CSICodecNet(cfg)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("classifier.")}
+    smaller.load_state_dict(state, strict=False)
+    return smaller
+
+
+def open_set_codes(net: CSICodecNet, codes: CodeData, identities: list[str],
+                   train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
+                   epochs: int = 40, seed: int = 0, variant: int = 1,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Leave-one-user-out open-set identity on codes (see the module docstring)."""
+    per_user: dict[str, Any] = {}
+    for u, person in enumerate(identities):
+        remap = np.array([-1 if i == u else i - (i > u) for i in range(len(identities))])
+        known_identity = np.where(codes.identity >= 0, remap[np.maximum(codes.identity, 0)],
+                                  -1)
+        known_codes = replace(codes, identity=known_identity)
+        is_known = codes.identity >= 0
+        keep = is_known & (codes.identity != u)
+        tr, va = train[keep[train]], val[keep[val]]
+        te_known = test[keep[test]]
+        unseen = np.flatnonzero(codes.identity == u)
+        for what, part in (("training", tr), ("validation", va), ("test", te_known),
+                           ("left-out", unseen)):
+            if not len(part):
+                raise ValueError(f"leaving out {person!r} leaves no {what} recording of the "
+                                 f"other people; the folder is too small")
+        small = _without(net)
+        fit_classifier(small, known_codes, tr, part="scratch", epochs=epochs, seed=seed,
+                       windows_per_recording=4)
+        calibration = calibrate_identity(small, known_codes, tr, known_codes, va)
+        threshold = calibration["threshold"]
+        _, p_known, f_known, _ = classify_codes(small, known_codes, te_known, variant,
+                                                all_windows=True)
+        _, p_unseen, f_unseen, _ = classify_codes(small, known_codes, unseen, variant,
+                                                  all_windows=True)
+        assert p_known is not None and p_unseen is not None
+        # The bundle's score (distance to the nearest known person) and, for comparison, the
+        # highest identity probability (lower = more likely unknown).
+        d_known = feature_distance(f_known, calibration)
+        d_unseen = feature_distance(f_unseen, calibration)
+        unknown_known = open_set_decision(p_known, {"identity": calibration}, f_known)
+        unknown_unseen = open_set_decision(p_unseen, {"identity": calibration}, f_unseen)
+        # Closed-set accuracy on one window per held-out recording of the known people.
+        p_act, p_end, _, end_owners = classify_codes(small, known_codes, te_known, variant)
+        assert p_end is not None
+        per_user[person] = {
+            "auroc": round(auroc(d_unseen, d_known), 4),
+            "auroc_max_probability": round(auroc(-p_unseen.max(1), -p_known.max(1)), 4),
+            "unknown_detected": round(float(unknown_unseen.mean()), 4),
+            "known_rejected": round(float(unknown_known.mean()), 4),
+            "closed_set_identity_accuracy": round(float(
+                (p_end.argmax(1) == known_identity[end_owners]).mean()), 4),
+            "activity_accuracy": round(float(
+                (p_act.argmax(1) == codes.activity[end_owners]).mean()), 4),
+            "threshold": threshold,
+            "windows_known": len(d_known), "windows_unknown": len(d_unseen),
+            "train_recordings": len(tr),
+        }
+        if log:
+            log(f"left out {person}: AUROC {per_user[person]['auroc']:.3f}, closed-set "
+                f"identity {per_user[person]['closed_set_identity_accuracy']:.3f}")
+    keys = ("auroc", "auroc_max_probability", "unknown_detected", "known_rejected",
+            "closed_set_identity_accuracy", "activity_accuracy")
+    return {"per_user": per_user,
+            "mean": {k: round(float(np.mean([v[k] for v in per_user.values()])), 4)
+                     for k in keys},
+            "level": variant, "epochs": epochs, "seed": seed,
+            "score": "feature distance to the nearest known person (the bundle's open-set "
+                     "score); auroc_max_probability: the highest identity probability",
+            "note": "the edge encoder is the bundle's (trained on every person's CSI, never "
+                    "with identity labels); the context classifier is retrained without the "
+                    "left-out person"}
+
+
+def open_set_folder(bundle: Path, dataset: str, data_dir: Path, *, seed: int = 0,
+                    epochs: int = 40, level: int = 1,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``csi evaluate --open-set``: leave-one-user-out on a folder of a dataset."""
+    manifest = load_manifest(bundle)
+    identities = manifest.labels["identity"] or []
+    if len(identities) < 3:
+        raise ValueError(f"bundle {manifest.name!r} knows {len(identities)} identities; "
+                         f"leave-one-user-out needs at least 3")
+    examples = list(index_dataset(dataset, data_dir))
+    model, codes = load_codes(bundle, dataset, data_dir, examples)
+    if not 0 <= level < codes.z_q.shape[0]:
+        raise ValueError(f"level {level} not in 0..{codes.z_q.shape[0] - 1}")
+    data_examples = [e for e in examples if str(e.path) in set(codes.names)]
+    position = {name: i for i, name in enumerate(codes.names)}
+    split = random_split(data_examples, seed=seed, val=0.15, test=0.15)
+
+    def rows(part: list[Example]) -> np.ndarray:
+        return np.array(sorted(position[str(e.path)] for e in part), dtype=np.int64)
+
+    train, val, test = rows(split.train), rows(split.val), rows(split.test)
+    # Tiny folders: validate on the training recordings, test on the validation ones.
+    val = val if len(val) else train
+    test = test if len(test) else val
+    result = open_set_codes(model.net, codes, identities, train, val, test, epochs=epochs,
+                            seed=seed, variant=level, log=log)
+    result["split"] = {"train": len(train), "val": len(val), "test": len(test),
+                       "holdout": bool(len(split.test))}
+    return {"model": model.id, "name": manifest.name, "dataset": dataset, **result}

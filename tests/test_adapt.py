@@ -1,0 +1,168 @@
+"""Few-shot adaptation: ``csi adapt``, derived bundles that share the edge part, and the
+operator's path through the API (labels on a live AP's recordings, then an adapt job)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _broker import Mosquitto
+from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud, run_edge
+
+from csi_cloud.model.compression import CloudModel
+from csi_cloud.registry import ModelRegistry
+from csi_edge import read_recording
+from csi_edge.bundle import EdgeEncoder, load_manifest
+from csi_edge.preprocess import Preprocessor
+
+WALK = FOLDER / "walking_user1_rm1" / "walking_user1_rm1_10.pcap"
+NM = FOLDER / "nm_user2_rm2" / "nm_user2_rm2_10.pcap"
+
+
+def _csi(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "csi_cloud.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(MODEL, models / "fition")
+    out = models / "fition-adapted"
+    done = _csi("adapt", "--model", str(models / "fition"), "--data", str(FOLDER),
+                "--shots", "1", "--epochs", "3", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    return out, json.loads(done.stdout)
+
+
+def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
+        adapted: tuple[Path, dict[str, object]]) -> None:
+    out, result = adapted
+    parent, child = load_manifest(MODEL), load_manifest(out)
+    assert result["bundle"] == child.id != parent.id
+    assert child.edge_id == parent.id and child.parent == parent.id
+    assert child.wire_id == parent.id
+    assert (out / "edge.onnx").read_bytes() == (MODEL / "edge.onnx").read_bytes()
+    assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
+    assert child.levels == parent.levels
+    # Only the cloud-side classifier moved.
+    a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
+    changed = {k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())}
+    assert changed and all(k.startswith("classifier.") for k in changed), changed
+    assert result["support"] == 6 and result["held_out"] == 2  # 8 samples, 6 activities
+    assert len(result["activity_accuracy_after"]) == len(parent.levels)  # type: ignore[arg-type]
+
+
+def test_payloads_of_the_parent_edge_decode_with_the_derived_bundle(
+        adapted: tuple[Path, dict[str, object]]) -> None:
+    out, _ = adapted
+    edge = EdgeEncoder(MODEL)  # what the APs keep running
+    batch = Preprocessor(edge.spec).process(read_recording(WALK))
+    payload = edge.compress(batch.data[:2], level=1, first_seq=0, epoch=1, timestamp_ms=0)
+    derived = CloudModel.load(out)
+    segments = derived.decompress(payload)
+    reference = CloudModel.load(MODEL).decompress(payload)
+    for a, b in zip(segments, reference, strict=True):
+        assert np.array_equal(a.codes.latent, b.codes.latent)
+        assert np.allclose(a.reconstruction, b.reconstruction)
+    registry = ModelRegistry(out.parent)
+    assert len(registry) == 2 and not registry.problems
+    prefix = edge.model_id
+    assert registry.by_prefix(prefix).id == load_manifest(MODEL).id, "the family root by default"
+    registry.serve(derived.id)
+    assert registry.by_prefix(prefix).id == derived.id
+    assert registry.same_edge(derived.id, load_manifest(MODEL).id)
+
+
+def test_adapt_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
+    done = _csi("adapt", "--model", str(MODEL), "--data", str(FOLDER), "--shots", "0",
+                "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "greater than or equal to 1" in done.stderr
+    done = _csi("adapt", "--model", str(MODEL), "--data", str(FOLDER), "--shots", "1",
+                "--part", "encoder", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "'encoder'" in done.stderr
+    wiar = ROOT / "datasets" / "samples" / "wiar"
+    done = _csi("adapt", "--model", str(MODEL), "--dataset", "wiar", "--data", str(wiar),
+                "--shots", "1", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "error:" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _epoch_range(cloud: Cloud, seen: set[int]) -> tuple[float, float, int]:
+    """The capture time range of the newest epoch's predictions."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = cloud.get("/predictions", site="lab", ap="ap1", limit=10_000)["data"]
+        epochs = {r["epoch"] for r in rows} - seen
+        if epochs:
+            epoch = epochs.pop()
+            mine = [r for r in rows if r["epoch"] == epoch]
+            if len(mine) >= 8:
+                return min(r["timestamp"] for r in mine), max(r["timestamp"] for r in mine) + 1, \
+                    epoch
+        assert time.monotonic() < deadline, "no predictions for the new epoch"
+        time.sleep(0.3)
+
+
+def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
+                                                          tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(MODEL, models / "fition")
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
+    cloud.command[cloud.command.index(str(ROOT / "models"))] = str(models)
+    cloud.env["CSI_CLOUD_RECORDING_FLUSH_S"] = "0.5"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    base = load_manifest(MODEL)
+    cloud.start()
+    try:
+        seen: set[int] = set()
+        for path, activity in ((WALK, "walking"), (NM, "nm")):
+            edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{path}", "--site",
+                            "lab", "--ap", "ap1", "--speed", "4", "--level", "1")
+            out, _ = edge.communicate(timeout=120)
+            assert edge.returncode == 0, out
+            start, end, epoch = _epoch_range(cloud, seen)
+            seen.add(epoch)
+            label = httpx.post(f"{cloud.url}/api/v1/labels", headers=headers, timeout=10,
+                               json={"site": "lab", "ap": "ap1", "start": start, "end": end,
+                                     "activity": activity})
+            assert label.status_code == 201, label.text
+            assert label.json()["recordings"] >= 1
+        time.sleep(1.5)  # the recorder commits the labels
+        bad = httpx.post(f"{cloud.url}/api/v1/training-jobs", headers=headers, timeout=10,
+                         json={"mode": "adapt", "dataset": "recordings"})
+        assert bad.status_code == 422 and "shots" in bad.text
+        job = httpx.post(f"{cloud.url}/api/v1/training-jobs", headers=headers, timeout=10,
+                         json={"mode": "adapt", "dataset": "recordings", "shots": 1,
+                               "epochs": 5, "activate": True})
+        assert job.status_code == 202, job.text
+        deadline = time.monotonic() + 180
+        while (state := cloud.get(f"/training-jobs/{job.json()['id']}"))["state"] not in (
+                "succeeded", "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.5)
+        assert state["state"] == "succeeded", state
+        assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is True
+        derived = cloud.get(f"/models/{state['bundle']}")
+        assert derived["edge_id"] == base.id and derived["active"]
+        assert derived["training"]["kind"] == "few-shot adaptation"
+        # The AP streams on with its encoder; the adapted bundle now classifies it.
+        edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{WALK}", "--site",
+                        "lab", "--ap", "ap1", "--speed", "4", "--level", "1")
+        out, _ = edge.communicate(timeout=120)
+        assert edge.returncode == 0, out
+        _, _, epoch = _epoch_range(cloud, seen)
+        rows = [r for r in cloud.get("/predictions", site="lab", ap="ap1", limit=10_000)["data"]
+                if r["epoch"] == epoch]
+        assert {r["model"] for r in rows} == {state["bundle"]}
+        status = cloud.get("/aps/lab/ap1")["status"]
+        assert status["model"] == base.id and status["counters"]["ctl_received"] == 0
+    finally:
+        cloud.stop()
