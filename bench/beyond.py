@@ -217,20 +217,44 @@ def _report(results: dict[str, Any]) -> str:
                 f"{t['on']['activity_accuracy_segments']:.3f} | "
                 f"{t['off']['activity_accuracy_recordings']:.3f} → "
                 f"{t['on']['activity_accuracy_recordings']:.3f} |")
+        worst = max(idle["levels"], key=lambda lv: lv["test"]["activity_accuracy_loss_segments"])
         lines += ["", f"Targets (≥ 3x fewer bytes on nm, ≤ 1 point accuracy loss): "
                       f"{'met' if idle['all_targets_met'] else 'missed'}. Calibrated "
                       f"threshold {idle['calibration']['threshold']} on "
                       f"`{idle['calibration']['statistic']}`, idle after "
-                      f"{idle['calibration']['enter_after']} still segment(s). Why: each "
-                      "10 s recording is replayed as a fresh stream, so its first segment is "
-                      "always coded; a long still period costs the steady idle rate above "
-                      "(6x below level 1). And the motion statistic separates nm segments from "
-                      "moving ones with a ROC AUC of only 0.78 (moving recordings hold still "
-                      "stretches, rm3/rm4 links are noisier when still than rm1/rm2 links while "
-                      "someone walks; a per-session noise floor did not help: 0.78): the largest "
-                      "threshold within the 0.5-point validation budget idles about a quarter "
-                      "of the validation segments, and the test recordings lose up to 2.3 "
-                      "points per segment at level 2.", ""]
+                      f"{idle['calibration']['enter_after']} still segment(s), idling "
+                      f"{idle['calibration']['val_idle_fraction'] * 100:.0f} % of the "
+                      "validation segments within the 0.5-point validation budget; the test "
+                      "recordings lose up to "
+                      f"{worst['test']['activity_accuracy_loss_segments'] * 100:.1f} points per "
+                      f"segment (level {worst['level']}).", ""]
+        trade = idle.get("trade_off")
+        if trade:
+            levels = list(trade[0]["levels"])
+            lines += ["Other thresholds (`CSI_EDGE_IDLE_THRESHOLD` sets one at the edge): "
+                      "nm bytes cut over all nm recordings / test activity accuracy lost per "
+                      "segment, by level.", "",
+                      "| threshold | " + " | ".join(f"level {k}" for k in levels) + " |",
+                      "|---|" + "---|" * len(levels)]
+            for row in trade:
+                label = ("every segment after the first" if row["threshold"] >= 1e8
+                         else f"{row['threshold']:.4f} ({row['point']})")
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{v['nm_reduction']:.2f}x / {v['test_activity_loss_segments'] * 100:.1f}"
+                    for v in row["levels"].values()) + " |")
+            ceiling = trade[-1]["levels"]
+            lines += ["", "Why the targets are missed: each 10 s recording is replayed as a "
+                          "fresh stream, so its first segment is always coded; even idling "
+                          "every later segment (last row) cuts nm bytes only "
+                          + ", ".join(f"{v['nm_reduction']:.1f}x" for v in ceiling.values())
+                          + " (levels " + ", ".join(ceiling) + "), while a long still period "
+                          "costs the steady idle rate above. And the motion statistic "
+                          "separates nm segments from moving ones with a ROC AUC of only 0.78 "
+                          "(moving recordings hold still stretches, rm3/rm4 links are noisier "
+                          "when still than rm1/rm2 links while someone walks; a per-session "
+                          "noise floor did not help: 0.78), so a threshold that idles most nm "
+                          "segments also idles moving ones and costs accuracy (rows above).",
+                      ""]
     osr = results.get("open_set")
     if osr:
         lines += ["### Unknown people (leave one user out)", "",

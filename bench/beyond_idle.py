@@ -35,7 +35,12 @@ if str(ROOT) not in sys.path:
 from csi_cloud.datasets import random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
-from csi_cloud.model.idle import IDLE_PER_MESSAGE, calibrate_idle, evaluate_idle  # noqa: E402
+from csi_cloud.model.idle import (  # noqa: E402
+    IDLE_PER_MESSAGE,
+    calibrate_idle,
+    evaluate_idle,
+    motion_statistics,
+)
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
@@ -87,6 +92,8 @@ def run(data: SegmentData, bundle_folder: Path, train_recs: np.ndarray, val_recs
             f"{test['off']['activity_accuracy_recordings']} -> "
             f"{test['on']['activity_accuracy_recordings']}")
         levels.append(row)
+    trade = trade_off(model, edge, data, train_recs, test_recs, calibration, log,
+                      idle_per_message=idle_per_message)
     return {
         "bundle": model.manifest.id,
         "recordings": {"train": len(train_recs), "val": len(val_recs), "test": len(test_recs),
@@ -96,9 +103,55 @@ def run(data: SegmentData, bundle_folder: Path, train_recs: np.ndarray, val_recs
         "targets": {"nm_reduction": TARGET_STILL_REDUCTION,
                     "max_activity_accuracy_loss": TARGET_MAX_ACCURACY_LOSS},
         "levels": levels,
+        "trade_off": trade,
         "all_targets_met": all(all(r["targets_met"].values()) for r in levels),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+TRADE_OFF_QUANTILES = (0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CEILING_THRESHOLD = 1e9  # every segment still: the bytes a perfect detector would save on nm
+
+
+def trade_off(model: CloudModel, edge: EdgeEncoder, data: SegmentData, train_recs: np.ndarray,
+              test_recs: np.ndarray, calibration: dict[str, Any], log: Callable[[str], None],
+              *, idle_per_message: int = IDLE_PER_MESSAGE) -> list[dict[str, Any]]:
+    """Bytes against accuracy for thresholds other than the calibrated one (an operator can
+    set one: ``CSI_EDGE_IDLE_THRESHOLD``): per level, the nm bytes cut over all nm recordings
+    and the activity accuracy lost on the test recordings. The last row idles every segment
+    after a recording's first: the most these 10 s recordings allow, whatever the detector."""
+    names = model.manifest.labels["activity"] or []
+    nm = np.flatnonzero(data.activity == names.index("nm")) if "nm" in names else np.array([])
+    stats = motion_statistics(data, calibration["statistic"])
+    train_rows = np.flatnonzero(np.isin(data.recording, train_recs))
+    points: list[tuple[str, float]] = [
+        (f"training quantile {q}", round(float(np.quantile(stats[train_rows], q)), 6))
+        for q in TRADE_OFF_QUANTILES]
+    points.append(("calibrated", float(calibration["threshold"])))
+    points.append(("every segment after the first", CEILING_THRESHOLD))
+    rows = []
+    for name, threshold in sorted(points, key=lambda p: p[1]):
+        idle = {"statistic": calibration["statistic"], "threshold": threshold,
+                "enter_after": calibration["enter_after"]}
+        per_level = {}
+        for spec in model.manifest.levels:
+            still = evaluate_idle(model, edge, data, nm, level=spec.level, idle=idle,
+                                  idle_per_message=idle_per_message)
+            test = evaluate_idle(model, edge, data, test_recs, level=spec.level, idle=idle,
+                                 idle_per_message=idle_per_message)
+            per_level[str(spec.level)] = {
+                "nm_reduction": still["still_reduction"],
+                "nm_idle_fraction": still["on"]["idle_fraction"],
+                "test_idle_fraction": test["on"]["idle_fraction"],
+                "test_activity_loss_segments": test["activity_accuracy_loss_segments"],
+                "test_activity_loss_recordings": test["activity_accuracy_loss_recordings"],
+            }
+        row = {"point": name, "threshold": threshold, "levels": per_level}
+        log(f"trade-off {name} ({threshold:.4g}): " + ", ".join(
+            f"L{k} {v['nm_reduction']}x / -{v['test_activity_loss_segments'] * 100:.1f} pt"
+            for k, v in per_level.items()))
+        rows.append(row)
+    return rows
 
 
 def _indices(data: SegmentData, examples: list[Any]) -> np.ndarray:

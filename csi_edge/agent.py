@@ -32,7 +32,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
 from .bundle import EdgeEncoder, encode_segment_codes
 from .codec import Payload, SegmentRecord, encode_payload
 from .frames import CSIFrames, DropCounter
-from .motion import IdleConfig, IdleGate, motion_statistic
+from .motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
 from .rollout import RolloutError, fetch_bundle, model_url
 from .settings import BrokerAddress, EdgeSettings, StreamSettings
@@ -303,14 +303,21 @@ class StreamAgent:
             counter.clear()
 
     def _idle_gate(self, encoder: EdgeEncoder) -> IdleGate | None:
-        """The bundle's idle gate, or None (idle off, or a bundle without calibration)."""
+        """The bundle's idle gate (its threshold replaced by ``idle_threshold`` when set), or
+        None (idle off, or a bundle without calibration and no threshold set)."""
         if not self.settings.idle:
             return None
+        threshold = self.settings.idle_threshold
         try:
             config = IdleConfig.from_calibration(encoder.manifest.calibration)
         except ValueError as exc:
             self.problems.report("bad_idle_calibration", str(exc))
-            return None
+            config = None
+            if threshold is None:
+                return None
+        if threshold is not None:
+            config = (replace(config, threshold=threshold) if config is not None
+                      else IdleConfig(STATISTICS[0], threshold, enter_after=1))
         return IdleGate(config) if config is not None else None
 
     def _still(self, segments: list[Segment]) -> list[bool]:

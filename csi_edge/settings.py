@@ -173,6 +173,11 @@ class EdgeSettings(FileConfiguredSettings):
     idle: bool = Field(default=True, description="send idle markers instead of codes while "
                                                  "nothing moves (only with a bundle that has "
                                                  "an idle calibration; false: never)")
+    idle_threshold: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="motion threshold instead of the bundle's calibrated one (higher: fewer "
+                    "bytes, more accuracy lost; the model report's trade-off table); with a "
+                    "bundle without idle calibration it turns idle markers on")
     idle_segments_per_message: int = Field(
         default=10, ge=1, le=255, description="idle segments grouped into one message (a "
                                               "moving segment flushes the group at once)")

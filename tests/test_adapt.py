@@ -143,11 +143,7 @@ def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
                          json={"mode": "adapt", "dataset": "recordings", "shots": 1,
                                "epochs": 5, "activate": True})
         assert job.status_code == 202, job.text
-        deadline = time.monotonic() + 180
-        while (state := cloud.get(f"/training-jobs/{job.json()['id']}"))["state"] not in (
-                "succeeded", "failed"):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.5)
+        state = cloud.finished_job(job.json()["id"])
         assert state["state"] == "succeeded", state
         assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is True
         derived = cloud.get(f"/models/{state['bundle']}")

@@ -100,6 +100,15 @@ class Cloud:
         response.raise_for_status()
         return response.json()
 
+    def finished_job(self, job_id: object, timeout_s: float = 180) -> dict:
+        """The training job's state once it has succeeded or failed."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.get(f"/training-jobs/{job_id}"))["state"] not in ("succeeded",
+                                                                              "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.5)
+        return state
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)

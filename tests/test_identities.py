@@ -128,11 +128,7 @@ def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path:
                          json={"name": "alice", "ranges": ranges})
         assert job.status_code == 202, job.text
         job_id = job.json()["id"]
-        deadline = time.monotonic() + 180
-        while (state := cloud.get(f"/training-jobs/{job_id}"))["state"] not in ("succeeded",
-                                                                                "failed"):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.5)
+        state = cloud.finished_job(job_id)
         assert state["state"] == "succeeded", state
         new_id = state["bundle"]
         assert new_id != base.id
@@ -180,11 +176,7 @@ def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path:
                                "ranges": [{"site": "lab", "ap": "ap1", "start": min(second),
                                            "end": max(second) + 1}]})
         assert job.status_code == 202, job.text
-        deadline = time.monotonic() + 180
-        while (state := cloud.get(f"/training-jobs/{job.json()['id']}"))["state"] not in (
-                "succeeded", "failed"):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.5)
+        state = cloud.finished_job(job.json()["id"])
         assert state["state"] == "succeeded", state
         assert state["metrics"]["segments"] >= len(rows) - 1
         assert cloud.get("/identities")["model"] == new_id  # not activated

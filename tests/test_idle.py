@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _broker import Mosquitto, free_port
+from pydantic import ValidationError
 
 from csi_cloud.ingest import Ingestor
 from csi_cloud.model.compression import CloudModel
@@ -27,6 +28,7 @@ from csi_edge.bundle import BundleManifest, EdgeEncoder, bundle_id
 from csi_edge.codec import Payload, SegmentRecord, encode_payload
 from csi_edge.motion import IdleConfig, IdleGate, motion_statistic
 from csi_edge.preprocess import Preprocessor
+from csi_edge.settings import EdgeSettings
 from csi_edge.spool import QueuedSegment, SegmentSpool
 
 torch.set_num_threads(1)
@@ -97,6 +99,15 @@ def test_idle_gate_hysteresis() -> None:
                                                True, False]
     gate.reset()
     assert not gate.update(0.0)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "high"])
+def test_idle_threshold_setting_names_the_bad_value(value: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSI_EDGE_IDLE_THRESHOLD", value)
+    with pytest.raises(ValidationError, match="idle_threshold") as info:
+        EdgeSettings()
+    assert value in str(info.value)
 
 
 @pytest.mark.parametrize(("idle", "match"), [
@@ -225,14 +236,14 @@ def _cloud(broker: Mosquitto, tmp_path: Path, models: Path) -> tuple[subprocess.
 
 
 def _edge(broker: Mosquitto, tmp_path: Path, model: Path, spool: str, *streams: str,
-          idle: bool = True) -> str:
+          idle: bool = True, **env: str) -> str:
     args = [a for s in streams for a in ("--stream", s)]
     proc = subprocess.run(
         [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(model), "--broker",
          broker.url, "--spool-dir", str(tmp_path / spool), "--status-interval", "1", "--speed",
          "max", "--level", "1", *args], capture_output=True, text=True, timeout=90, cwd=ROOT,
         env=dict(os.environ, CSI_EDGE_IDLE=str(idle).lower(),
-                 CSI_EDGE_MODELS_DIR=str(tmp_path / "fetched")))
+                 CSI_EDGE_MODELS_DIR=str(tmp_path / "fetched"), **env))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
@@ -252,6 +263,9 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
               f"lab/mixed=file://{still_then_moving}")
         _edge(broker, tmp_path, models / "idle", "spool-off", f"lab/off=file://{NM}",
               idle=False)
+        # The operator's threshold instead of the bundle's: above every sitdown segment.
+        _edge(broker, tmp_path, models / "idle", "spool-high", f"lab/high=file://{MOVING}",
+              CSI_EDGE_IDLE_THRESHOLD="0.2")
 
         def predictions(ap: str, expected: int) -> list[dict[str, object]]:
             deadline = time.monotonic() + 30
@@ -282,10 +296,15 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
         assert aps["mixed"]["rate_level"] == 1
         assert aps["mixed"]["prediction"]["idle"] is False
         assert aps["mixed"]["prediction"]["seq"] == n_total - 1
+        n_moving = len(segments(MOVING))
+        high = predictions("high", n_moving)
+        assert [p["seq"] for p in high] == list(range(n_moving))
+        assert aps["high"]["status"]["idle"]["threshold"] == 0.2
+        assert aps["high"]["status"]["counters"]["segments_idle"] == n_moving - 1
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         idle_total = next(float(line.split()[1]) for line in metrics.splitlines()
                           if line.startswith("csi_idle_segments_total "))
-        assert idle_total == 2 * (n_nm - 1)  # "on" and "mixed"
+        assert idle_total == 2 * (n_nm - 1) + n_moving - 1  # "on", "mixed" and "high"
     finally:
         cloud.terminate()
         try:
