@@ -307,14 +307,12 @@ class StreamAgent:
         None (idle off, or a bundle without calibration and no threshold set)."""
         if not self.settings.idle:
             return None
-        threshold = self.settings.idle_threshold
         try:
             config = IdleConfig.from_calibration(encoder.manifest.calibration)
         except ValueError as exc:
             self.problems.report("bad_idle_calibration", str(exc))
             config = None
-            if threshold is None:
-                return None
+        threshold = self.settings.idle_threshold
         if threshold is not None:
             config = (replace(config, threshold=threshold) if config is not None
                       else IdleConfig(STATISTICS[0], threshold, enter_after=1))
