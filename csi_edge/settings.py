@@ -21,7 +21,6 @@ Nested environment variables use ``__``: ``CSI_EDGE_STREAMS='[{"site": ...}]'`` 
 from __future__ import annotations
 
 import contextvars
-import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -35,6 +34,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .names import check_name
+
 __all__ = [
     "BrokerAddress",
     "EdgeSettings",
@@ -45,16 +46,11 @@ __all__ = [
 ]
 
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
-# One topic level: no separators, wildcards, NUL, and not starting with '$' (broker topics).
-_TOPIC_LEVEL = re.compile(r"^[^/+#\x00$][^/+#\x00]{0,63}$")
 
 
 def topic_name(value: str, what: str) -> str:
-    """Check that ``value`` can be one MQTT topic level."""
-    if not isinstance(value, str) or not _TOPIC_LEVEL.match(value) or value != value.strip():
-        raise ValueError(f"{what} {value!r} cannot be an MQTT topic level (1-64 characters, "
-                         "no '/', '+', '#', NUL, leading '$' or surrounding spaces)")
-    return value
+    """Check that ``value`` can be one MQTT topic level: a name (:mod:`csi_edge.names`)."""
+    return check_name(value, what)
 
 
 class BrokerAddress(BaseModel):

@@ -42,6 +42,7 @@ def adapted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, o
     return out, json.loads(done.stdout)
 
 
+@pytest.mark.e2e
 def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
         adapted: tuple[Path, dict[str, object]]) -> None:
     out, result = adapted
@@ -81,6 +82,7 @@ def test_payloads_of_the_parent_edge_decode_with_the_derived_bundle(
     assert registry.same_edge(derived.id, load_manifest(MODEL).id)
 
 
+@pytest.mark.e2e
 def test_adapt_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
     done = _csi("adapt", "--model", str(MODEL), "--data", str(FOLDER), "--shots", "0",
                 "--out", str(tmp_path / "x"))
@@ -111,6 +113,7 @@ def _epoch_range(cloud: Cloud, seen: set[int]) -> tuple[float, float, int]:
         time.sleep(0.3)
 
 
+@pytest.mark.e2e
 def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
                                                           tmp_path: Path) -> None:
     models = tmp_path / "models"

@@ -62,6 +62,7 @@ def test_zeroed_edge_bins_do_not_fool_the_detector(samples: Path) -> None:
     assert (band.layout, band.centre) == ("ht-20", -96)
 
 
+@pytest.mark.e2e
 @pytest.mark.shared_data
 def test_every_fition_file_has_the_same_56_subcarriers(shared_fition: Path) -> None:
     bands = set()

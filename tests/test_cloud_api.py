@@ -188,6 +188,7 @@ def test_a_parser_crash_is_422_and_the_worker_is_replaced(
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.e2e
 def test_a_hanging_parser_is_stopped(client: TestClient,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PARSER, "worker", _upload_crash.hang)

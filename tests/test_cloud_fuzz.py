@@ -55,6 +55,7 @@ def test_schema_covers_every_route() -> None:
 @schema.parametrize()
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
+@pytest.mark.e2e
 def test_no_server_errors(case: Any) -> None:
     from schemathesis.checks import not_a_server_error
 

@@ -63,6 +63,7 @@ def model_ids(client: TestClient) -> set[str]:
     return {m["id"] for m in client.get("/api/v1/models").json()["data"]}
 
 
+@pytest.mark.e2e
 def test_training_job_produces_a_served_bundle(env: dict[str, Any]) -> None:
     client: TestClient = env["client"]
     before = model_ids(client)
@@ -179,6 +180,7 @@ def test_bad_requests_are_422(env: dict[str, Any], body: dict[str, Any]) -> None
     assert client.get(JOBS).json()["count"] == count
 
 
+@pytest.mark.e2e
 def test_data_override_inside_a_root_is_accepted(env: dict[str, Any]) -> None:
     client: TestClient = env["client"]
     # Any registered folder may be named (here another dataset's folder, holding no pcap).

@@ -161,6 +161,7 @@ def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
     return out
 
 
+@pytest.mark.e2e
 def test_end_to_end_predictions_match_offline(broker: Mosquitto, db_url: str,
                                               tmp_path: Path) -> None:
     cloud = Cloud(broker, db_url, tmp_path)
@@ -202,6 +203,7 @@ def test_end_to_end_predictions_match_offline(broker: Mosquitto, db_url: str,
         cloud.stop()
 
 
+@pytest.mark.e2e
 def test_live_websocket_and_sse_and_pred_topic(broker: Mosquitto, tmp_path: Path) -> None:
     import websockets
 
@@ -253,6 +255,7 @@ def test_live_websocket_and_sse_and_pred_topic(broker: Mosquitto, tmp_path: Path
         cloud.stop()
 
 
+@pytest.mark.e2e
 def test_cloud_restart_loses_nothing(broker: Mosquitto, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'c.db'}"
     cloud = Cloud(broker, db, tmp_path)
@@ -295,6 +298,7 @@ def _payload(model_id: bytes, seq: int, codes: bytes) -> bytes:
                                   (SegmentRecord(1.0, codes),)))
 
 
+@pytest.mark.e2e
 def test_bad_payloads_are_rejected_and_counted_while_good_traffic_flows(
         broker: Mosquitto, tmp_path: Path) -> None:
     cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)

@@ -241,6 +241,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_killed_writer_leaves_a_readable_file(tmp_path: Path, registry: ModelRegistry) -> None:
     folder = tmp_path / "rec"
     code = _CHILD.format(tests=str(Path(__file__).parent), models=str(MODELS),

@@ -277,6 +277,7 @@ def postgres_role() -> Iterator[tuple[str, int, str]]:
         con.execute(f"DROP ROLE IF EXISTS {name}")
 
 
+@pytest.mark.e2e
 def test_compose_services_as_processes(deployment: Deployment,
                                        postgres_role: tuple[str, int, str],
                                        tmp_path: Path) -> None:
@@ -419,6 +420,7 @@ class _Client:
         self.client.disconnect()
 
 
+@pytest.mark.e2e
 def test_replay_user_is_confined_to_its_site(deployment: Deployment) -> None:
     """The one user all edge replicas share may act as any AP of its site, and nothing else."""
     edge = environment(deployment.compose["services"]["edge"])

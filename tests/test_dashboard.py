@@ -156,6 +156,7 @@ return [painted, total, colours.size];
 """
 
 
+@pytest.mark.e2e
 def test_dashboard_in_chromium(broker: Mosquitto, tmp_path: Path, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select

@@ -50,6 +50,7 @@ def test_samples_evaluate_below_32_bytes_per_second(samples: Path) -> None:
 @pytest.mark.shared_data
 @pytest.mark.parametrize(("name", "fixture"), [("fition", "shared_fition"),
                                                ("wiar", "shared_wiar")])
+@pytest.mark.e2e
 def test_int8_accuracy_within_half_a_point(request: pytest.FixtureRequest, name: str,
                                            fixture: str) -> None:
     folder: Path = request.getfixturevalue(fixture)

@@ -92,6 +92,7 @@ def _check_dashboard(browser: Any, url: str, names: list[str]) -> None:
     browser.save_screenshot(str(artifacts / "demo.png"))
 
 
+@pytest.mark.e2e
 def test_demo_with_mosquitto(tmp_path: Path, browser: Any) -> None:
     if mosquitto_binary() is None:
         if IN_CI:
@@ -105,12 +106,14 @@ def test_demo_with_mosquitto(tmp_path: Path, browser: Any) -> None:
     assert ready_s < 60
 
 
+@pytest.mark.e2e
 def test_demo_with_the_embedded_broker(tmp_path: Path) -> None:
     aps, _, out, _ = _run_demo(tmp_path, "--aps", "2", "--broker", "embedded")
     assert "embedded Python broker" in out
     assert all(a["prediction"]["activity"] for a in aps)
 
 
+@pytest.mark.e2e
 def test_demo_moves_off_a_taken_broker_port(tmp_path: Path) -> None:
     """The machine's own Mosquitto holds 1883: the demo says so and picks another port."""
     import contextlib

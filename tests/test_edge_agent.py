@@ -135,6 +135,7 @@ def test_replay_decodes_to_the_offline_codes(broker: Mosquitto, collector: Colle
     assert counters["wire_bytes"] > counters["payload_bytes"]
 
 
+@pytest.mark.e2e
 def test_broker_outage_loses_nothing_and_keeps_order(broker: Mosquitto, collector: Collector,
                                                      tmp_path: Path) -> None:
     proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}",
@@ -157,6 +158,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(broker: Mosquitto, collecto
     assert n >= 60  # 8 recordings of ~10 s
 
 
+@pytest.mark.e2e
 def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     broker.stop()  # nothing reachable: everything stays in the spool
@@ -195,6 +197,7 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
     assert arrivals == ([(old, s) for s in range(queued)] + [(new, s) for s in range(queued)])
 
 
+@pytest.mark.e2e
 def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collector,
                                           tmp_path: Path) -> None:
     proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
@@ -228,6 +231,7 @@ def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collecto
     assert "ctl rejected" in status["error"] and "9" in status["error"]
 
 
+@pytest.mark.e2e
 def test_live_udp_with_bad_packets(broker: Mosquitto, collector: Collector, tmp_path: Path,
                                    shared_fition: Path) -> None:
     pcap = shared_fition / "walking_user1_rm1" / "walking_user1_rm1_12.pcap"
@@ -345,6 +349,7 @@ def variant_bundle(folder: Path) -> BundleManifest:
     return manifest
 
 
+@pytest.mark.e2e
 def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
     from csi_cloud.model.compression import CloudModel
 
@@ -391,6 +396,7 @@ def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path
     assert (tmp_path / "spool").exists()
 
 
+@pytest.mark.e2e
 def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
     """SIGTERM during a long reconnect backoff: out within the drain time, spool kept."""
     # A bound, never listening socket: connections are refused, and no other process can

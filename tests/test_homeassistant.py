@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import jinja2
+import pytest
 from _broker import Mosquitto
 from _mqtt_client import Collector
 from test_cloud_service import FOLDER, MODEL, Cloud, run_edge
@@ -48,6 +49,7 @@ def test_configs_follow_the_documented_schema() -> None:
     assert len(uids) == 3
 
 
+@pytest.mark.e2e
 def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
     cloud.start()

@@ -91,6 +91,7 @@ def _wait_predictions(cloud: Cloud, minimum: int, timeout: float = 60, **params:
         time.sleep(0.3)
 
 
+@pytest.mark.e2e
 def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(MODEL, models / "fition")
@@ -184,6 +185,7 @@ def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path:
         cloud.stop()
 
 
+@pytest.mark.e2e
 def test_evaluate_open_set_leaves_each_user_out() -> None:
     import subprocess
     import sys

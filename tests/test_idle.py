@@ -248,6 +248,7 @@ def _edge(broker: Mosquitto, tmp_path: Path, model: Path, spool: str, *streams: 
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
                                                              tmp_path: Path) -> None:
     models = tmp_path / "models"

@@ -188,6 +188,7 @@ def csi(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
     out = tmp_path / "models" / "tiny"
     run = csi("train", "--dataset", "fition", "--data", str(samples / "fition"), "--out",
@@ -214,6 +215,7 @@ def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
     assert "'tiny'" in refused.stderr and "'wiar'" in refused.stderr
 
 
+@pytest.mark.e2e
 def test_training_is_reproducible(samples: Path, tmp_path: Path) -> None:
     data, spec, activities, identities = prepare("fition", samples / "fition")
     recs = np.arange(len(data))

@@ -145,6 +145,7 @@ def test_generator_refuses_names_that_are_not_one_level(name: str) -> None:
     assert out.returncode == 2 and "SITE/AP" in out.stderr
 
 
+@pytest.mark.e2e
 def test_ap_users_are_confined_to_their_own_topics(
         secured: tuple[Mosquitto, dict[str, str]]) -> None:
     broker, pw = secured

@@ -155,6 +155,7 @@ def test_window_ends_at_the_last_arrived_segment() -> None:
     assert win[1].tolist() == [12, -1, -1, 13]  # slots 2, 3, 4 (gap), 5
 
 
+@pytest.mark.e2e
 def test_rate_zero_matches_evaluate_bundle(sample_data: SegmentData,
                                            bundle: tuple[CloudModel, EdgeEncoder]) -> None:
     model, edge = bundle

@@ -46,6 +46,7 @@ def _wait_for(cloud: Cloud, expected: dict[tuple[str, str], int], timeout_s: flo
         time.sleep(0.3)
 
 
+@pytest.mark.e2e
 def test_two_workers_each_segment_once_and_as_one_worker(broker: Mosquitto, postgres: str,
                                                          tmp_path: Path) -> None:
     north = Cloud(broker, postgres, tmp_path, "worker-north", ("--site", "north"))
@@ -85,6 +86,7 @@ def _segments_total(cloud: Cloud) -> float:
                 if line.startswith("csi_segments_total "))
 
 
+@pytest.mark.e2e
 def test_killing_a_worker_mid_stream_loses_no_segment(broker: Mosquitto, postgres: str,
                                                       tmp_path: Path) -> None:
     north = Cloud(broker, postgres, tmp_path, "worker-north", ("--site", "north"))
