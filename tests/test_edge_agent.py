@@ -164,7 +164,7 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
     broker.stop()  # nothing reachable: everything stays in the spool
     proc = start_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
                       "--ap", "ap1", "--speed", "max", "--level", "2")
-    db = spool / "lab__ap1.sqlite"
+    db = spool / "lab" / "ap1.sqlite"
     deadline = time.monotonic() + 60
     queued = -1
     while time.monotonic() < deadline:
@@ -417,5 +417,5 @@ def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
         took = time.monotonic() - t0
     assert took < 1.0 + 2.0, f"stop took {took:.1f} s:\n{out[-2000:]}"
     assert out.count("retrying") < 20, "no tight reconnect loop while stopping"
-    with sqlite3.connect(tmp_path / "spool" / "lab__ap1.sqlite") as con:
+    with sqlite3.connect(tmp_path / "spool" / "lab" / "ap1.sqlite") as con:
         assert con.execute("SELECT count(*) FROM segment").fetchone()[0] >= 8
