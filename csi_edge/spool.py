@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS segment (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 _FULL_ATTEMPTS = 24  # batches of oldest rows dropped (doubling) before the new rows are
+_DELETE_CHUNK = 64  # acknowledged rows deleted per transaction
 # An emptied queue checkpoints (TRUNCATE) and vacuums at most this often: each costs an fsync.
 _COMPACT_EVERY_S = 30.0
 _T = TypeVar("_T")
@@ -272,35 +273,36 @@ class SegmentSpool:
         return len(ids) - acked  # acknowledged rows deleted are not drops
 
     def _flush_acked(self) -> None:
+        """Delete acknowledged rows, in small transactions: each fits in the WAL's existing
+        space, so the deletes go through on a full disk, and one refused leaves the rest."""
         if not self._acked:
             return
         ids = sorted(self._acked)
         try:
-            with _Transaction(self._db):
-                deleted = 0
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    deleted += self._db.execute(
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                chunk = ids[start:start + _DELETE_CHUNK]
+                with _Transaction(self._db):
+                    deleted = self._db.execute(
                         f"DELETE FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
                         chunk).rowcount
+                self._count -= max(0, deleted)
+                self._acked.difference_update(chunk)
         except sqlite3.Error as exc:
             with _suppress_sqlite():  # keep only the ids still queued (reads work when full)
+                rest = sorted(self._acked)
                 present: set[int] = set()
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
+                for start in range(0, len(rest), 500):
+                    chunk = rest[start:start + 500]
                     present.update(r[0] for r in self._db.execute(
                         f"SELECT id FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
                         chunk))
                 self._acked = present
-                ids = sorted(present)
-            if self.acknowledged_pending != len(ids):
+            if self.acknowledged_pending != len(self._acked):
                 log.warning("spool %s: cannot delete %d acknowledged segment(s) yet (%s); "
                             "they are not sent again and the delete is retried", self.path,
-                            len(ids), exc)
-            self.acknowledged_pending = len(ids)
+                            len(self._acked), exc)
+            self.acknowledged_pending = len(self._acked)
             return
-        self._count -= max(0, deleted)
-        self._acked.clear()
         self.acknowledged_pending = 0
 
     def _with_room(self, write: Callable[[], _T], new_rows: int = 1) -> _T:
