@@ -227,6 +227,7 @@ class StreamAgent:
         self._ctl_lock = asyncio.Lock()  # one command at a time, in order
         self._ctl_tasks: set[asyncio.Task[None]] = set()
         self.offline_sent = False  # the final (offline) status went out
+        self._client: Any = None  # the connection serving this stream, while it does
         self._v5 = settings.mqtt_protocol == "5"
 
     # -- start-up checks ------------------------------------------------------------------
@@ -433,24 +434,35 @@ class StreamAgent:
     async def serve(self, client: Any) -> None:
         """On a fresh connection: status, then send until finished, then the offline status.
         Raises the connection's error (aiomqtt.MqttError) when it breaks."""
-        if self.finished() and self.offline_sent:
+        if self.closed():
             return
         self.offline_sent = False
-        await self._publish_status(client)
-        status = asyncio.create_task(self._status_loop(client), name=f"{self.name} status")
-        send = asyncio.create_task(self._send(client), name=f"{self.name} send")
-        try:
-            done, _ = await asyncio.wait({status, send}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None and not isinstance(exc, _DoneSendingError):
-                    raise exc
-        finally:
-            for task in (status, send):
-                task.cancel()
-            await asyncio.gather(status, send, return_exceptions=True)
+        self._client = client
+        if not self.finished():
+            await self._publish_status(client)
+            status = asyncio.create_task(self._status_loop(client), name=f"{self.name} status")
+            send = asyncio.create_task(self._send(client), name=f"{self.name} send")
+            try:
+                done, _ = await asyncio.wait({status, send},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, _DoneSendingError):
+                        raise exc
+            finally:
+                for task in (status, send):
+                    task.cancel()
+                await asyncio.gather(status, send, return_exceptions=True)
+                self._client = None
         await self._publish_status(client, online=False)
         self.offline_sent = True
+
+    def closed(self) -> bool:
+        """Finished, and its final status is out (or the drain time of a stop is over)."""
+        if not self.finished():
+            return False
+        return self.offline_sent or (self._stopping
+                                     and time.monotonic() >= self._drain_deadline)
 
     def on_ctl(self, payload: Any) -> None:
         """Handle one ``ctl`` message in its own task (a model download must not hold up the
@@ -471,7 +483,16 @@ class StreamAgent:
                 log.warning("%s: ctl message rejected: %s", self.name, text)
                 if not self.failed:
                     self.error = f"ctl rejected: {text}"
-        self._status_due.set()
+            # Each command's outcome in a status of its own (the status loop's would merge
+            # several); a broken connection publishes it at the next connect instead.
+            client = self._client
+            if client is None:
+                self._status_due.set()
+            else:
+                try:
+                    await self._publish_status(client)
+                except Exception:  # aiomqtt.MqttError: the connection is going away
+                    self._status_due.set()
 
     def cancel_ctl(self) -> None:
         for task in self._ctl_tasks:
@@ -502,8 +523,14 @@ class StreamAgent:
                     await asyncio.wait_for(self._wake.wait(), timeout=0.25)
                 continue
             groups = groups[: settings.inflight]
-            await asyncio.gather(*(self._publish_group(client, g) for g in groups))
-            self.spool.remove(r.id for g in groups for r in g)
+            ids = [r.id for g in groups for r in g]
+            self.spool.hold(ids)
+            try:
+                await asyncio.gather(*(self._publish_group(client, g) for g in groups))
+            except BaseException:
+                self.spool.release(ids)
+                raise
+            self.spool.remove(ids)
 
     async def _publish_group(self, client: Any, group: list[QueuedSegment]) -> None:
         head = group[0]
@@ -693,7 +720,8 @@ class BrokerSession:
         self._stop_requested.set()
 
     def finished(self) -> bool:
-        return all(s.finished() for s in self.streams)
+        """Every stream sent what it had and its final status (or ran out of drain time)."""
+        return all(s.closed() for s in self.streams)
 
     async def run(self) -> None:
         """Connect, serve every stream until all are finished, reconnect on a broken

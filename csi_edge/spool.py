@@ -11,9 +11,10 @@ The source is never blocked, and the queue never stops the stream:
 
 - past ``max_segments`` the oldest rows are dropped and counted (``dropped``);
 - the disk is "full" once its free space falls under ``min_free_bytes`` (default 2 MiB): from
-  then on every append deletes as many of the oldest unsent rows as it adds, in the same
-  transaction, so the file stops growing (SQLite reuses the freed pages) while the free space
-  left over is what SQLite needs for its WAL and checkpoints. Those are counted apart
+  then on an append that the file's own free pages cannot take deletes as many of the oldest
+  unsent rows as it adds, in the same transaction, so the file stops growing (SQLite reuses
+  the freed pages) while the free space left over is what SQLite needs for its WAL and
+  checkpoints. Those are counted apart
   (``dropped_disk_full``). Should the disk still fill up to the last byte (another writer),
   ``SQLITE_FULL`` is handled the same way: the WAL is checkpointed, acknowledged rows are
   deleted, then the oldest unsent rows in growing batches, and the append is tried again; if
@@ -144,6 +145,7 @@ class SegmentSpool:
         self.dropped_disk_full = 0  # segments dropped because the disk was full
         self.acknowledged_pending = 0  # acknowledged rows whose delete must be retried
         self._acked: set[int] = set()
+        self._held: set[int] = set()  # being sent: never deleted to make room
         self._compacted_at = -_COMPACT_EVERY_S
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,7 @@ class SegmentSpool:
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            page = self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
             self._db.execute(f"PRAGMA journal_size_limit={int(wal_limit_bytes)}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit_bytes // page)}")
             self._with_room(lambda: self._db.executescript(_SCHEMA))
@@ -218,6 +220,8 @@ class SegmentSpool:
     def remove(self, ids: Iterable[int]) -> None:
         """Forget acknowledged segments (ids already dropped are ignored). Never raises: a
         delete the disk refuses is kept and retried at the next write."""
+        ids = list(ids)
+        self._held.difference_update(ids)
         self._acked.update(ids)
         self._flush_acked()
         if self._count == 0 and time.monotonic() - self._compacted_at > _COMPACT_EVERY_S:
@@ -230,10 +234,11 @@ class SegmentSpool:
     # -- internals ------------------------------------------------------------------------
 
     def _insert(self, rows: list[tuple[object, ...]]) -> None:
-        low = self._low_on_disk()
+        low = self._count > 0 and self._low_on_disk() and not self._free_pages_for(rows)
         with _Transaction(self._db):
-            # Low on disk: make room first, so the insert reuses the freed pages.
-            room = self._delete_oldest(len(rows)) if low and self._count else []
+            # Low on disk and no free page inside the file: make room first, so the insert
+            # reuses the pages it frees instead of growing the file.
+            room = self._delete_oldest(len(rows)) if low else []
             self._db.executemany(
                 "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
                 " queued_ms, idle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -245,6 +250,12 @@ class SegmentSpool:
             self._report_full(f"free space under {self.min_free_bytes} bytes; dropping the "
                               "oldest segments")
         self.dropped += self._forget(bound)
+
+    def _free_pages_for(self, rows: list[tuple[object, ...]]) -> bool:
+        """Whether the file's own free pages can take ``rows`` without growing."""
+        size = sum(len(r[6]) + len(r[3]) + 64 for r in rows)  # type: ignore[arg-type]
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return free * self._page_size >= size + 2 * self._page_size
 
     def _low_on_disk(self) -> bool:
         try:
@@ -258,12 +269,28 @@ class SegmentSpool:
             self._full_reported = True
 
     def _delete_oldest(self, n: int) -> list[int]:
-        """Delete the ``n`` oldest rows (inside a transaction); their ids."""
-        ids = [r[0] for r in self._db.execute("SELECT id FROM segment ORDER BY id LIMIT ?",
-                                              (n,))]
-        if ids:
-            self._db.execute("DELETE FROM segment WHERE id <= ?", (ids[-1],))
+        """Delete the ``n`` oldest rows not being sent (inside a transaction); their ids.
+
+        Rows being sent (:meth:`hold`) stay: they may still be delivered, and a row counted
+        as dropped must not arrive."""
+        held = sorted(self._held)
+        ids = [r[0] for r in self._db.execute(
+            "SELECT id FROM segment WHERE id NOT IN "
+            f"({','.join('?' * len(held))}) ORDER BY id LIMIT ?", (*held, n))]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            self._db.execute(f"DELETE FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
+                             chunk)
         return ids
+
+    def hold(self, ids: Iterable[int]) -> None:
+        """Mark rows as being sent: making room never deletes them (until :meth:`release` or
+        :meth:`remove`)."""
+        self._held.update(ids)
+
+    def release(self, ids: Iterable[int]) -> None:
+        """The send of these rows failed: they are ordinary queued rows again."""
+        self._held.difference_update(ids)
 
     def _forget(self, ids: list[int]) -> int:
         """Count deleted rows out (after the commit); how many of them were never sent."""

@@ -138,6 +138,29 @@ def test_bound_drops_the_oldest_and_counts_them(spool_path: Path) -> None:
         spool.close()
 
 
+def test_rows_being_sent_are_never_dropped_to_make_room(spool_path: Path) -> None:
+    """A row in flight may still be delivered: dropping it would count as lost a segment the
+    cloud gets. Making room skips held rows; a failed send releases them."""
+    spool = SegmentSpool(spool_path, max_segments=3)
+    try:
+        spool.put([seg(i) for i in range(3)])
+        first = spool.peek(1)[0].id
+        spool.hold([first])
+        assert spool.put([seg(3)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [0, 2, 3]  # seq 1 went, not the held 0
+        spool.release([first])
+        assert spool.put([seg(4)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [2, 3, 4]
+        held = [r.id for r in spool.peek(10)]
+        spool.hold(held)
+        spool.remove(held[:2])  # acknowledged: no longer held; seq 4 still is
+        assert spool.put([seg(5), seg(6)]) == 0
+        assert spool.put([seg(7)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [4, 6, 7]
+    finally:
+        spool.close()
+
+
 def test_len_and_rows_survive_reopen(spool_path: Path) -> None:
     spool = SegmentSpool(spool_path)
     spool.put([seg(i) for i in range(10)])
