@@ -30,7 +30,7 @@ from typing import Any
 
 from csi_edge.bundle import BundleError, load_manifest
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "run_demo"]
 
 _SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}

@@ -181,7 +181,8 @@ class EdgeSettings(FileConfiguredSettings):
     loop: bool = Field(default=False, description="file replay: start again at the end")
     timestamps: Literal["now", "recorded"] = Field(
         default="now", description="file replay: shift the capture times to now, or keep them")
-    spool_dir: Path = Field(default=Path("spool"), description="on-disk queue, one file per AP")
+    spool_dir: Path = Field(default=Path("spool"), description="on-disk queue: SITE/AP.sqlite "
+                                                               "per stream")
     spool_max_segments: int = Field(default=86_400, ge=1,
                                     description="queue bound; the oldest are dropped beyond it")
     spool_sync: Literal["normal", "full"] = Field(

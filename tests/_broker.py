@@ -53,11 +53,13 @@ class Mosquitto:
     """``mosquitto -c`` on 127.0.0.1:port with on-disk persistence (sessions survive restart).
 
     ``extra`` lines go into the config file (ACLs, password files ...).
-    ``stop()`` is a clean stop (SIGTERM: the persistence file is written), ``kill()`` a crash
-    (SIGKILL: only the last autosave survives).
+    ``settings`` override the deployment's persistence and queue settings (None: Mosquitto's
+    default). ``stop()`` is a clean stop (SIGTERM: the persistence file is written), ``kill()``
+    a crash (SIGKILL: only the last autosave survives).
     """
 
-    def __init__(self, folder: Path, port: int | None = None, extra: str = "") -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra: str = "",
+                 settings: dict[str, str] | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed")
@@ -66,12 +68,16 @@ class Mosquitto:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config = folder / "mosquitto.conf"
+        # The deployment's persistence and queue settings, ``settings`` overriding them (a
+        # value of None leaves a setting at Mosquitto's default).
+        merged: dict[str, str | None] = {**deploy_settings(), **(settings or {})}
+        self.settings = {k: v for k, v in merged.items() if v is not None}
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {folder}/\n"
-            + "".join(f"{k} {v}\n" for k, v in deploy_settings().items())
+            + "".join(f"{k} {v}\n" for k, v in self.settings.items())
             # Started as root, mosquitto drops to user ``mosquitto``, which cannot write the
             # test's folder: the sessions would silently not survive a restart.
             + ("user root\n" if os.geteuid() == 0 else "")
