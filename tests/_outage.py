@@ -314,6 +314,11 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
         edge.send_signal(signal.SIGTERM)
         result.edge_exit = edge.wait(90)
         edge = None
+        try:  # the final statuses may still be on their way to the listener
+            _wait(lambda: all(not statuses.last(n)["online"] for n in names), 15,
+                  "every AP's final status")
+        except AssertionError as exc:
+            result.notes.append(str(exc))
         finals = {n: statuses.last(n) for n in names}
         for n, status in finals.items():
             if status["online"] or status["counters"]["segments_buffered"]:

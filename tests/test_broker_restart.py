@@ -9,9 +9,11 @@ with a crash (SIGKILL) and with the default queue limit.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -20,10 +22,46 @@ from _outage import run_outage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto")]
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "broker_restart.json"
 
 
+def render_table(runs: dict[str, Any]) -> str:
+    """The rows docs/deployment.md shows for bench/results/broker_restart.json."""
+    rows = []
+    for name, r in runs.items():
+        if "encoded" not in r:
+            continue
+        stop = "SIGTERM" if r["kind"] == "graceful" else "SIGKILL"
+        if any("after the cloud came up" in n for n in r["notes"]):
+            note = next(n for n in r["notes"] if "after the cloud came up" in n)
+            stop += ", " + note.removeprefix("broker stopped ")
+        rows.append(f"| `{name}` | {stop} | {r['outage_s']:g} s | {r['hold_s']:g} s | "
+                    f"{r['encoded']} | {r['predicted']} | {r['lost']} | {r['duplicated']} |")
+    return "\n".join(rows)
+
+
+def render_memory(runs: dict[str, Any]) -> str:
+    m = runs["queue_memory"]
+    return (f"Each queued message of {m['payload_bytes']} B (the mean at level 1) cost the "
+            f"broker {m['rss_growth_bytes_per_message']} B of memory and "
+            f"{m['persistence_bytes_per_message']} B of persistence file (`queue_memory`, "
+            f"{m['messages']} messages; the clean stop that wrote them took "
+            f"{m['clean_stop_s']:g} s).")
+
+
+def test_deployment_doc_quotes_the_measured_numbers() -> None:
+    runs = json.loads(RESULTS.read_text())["runs"]
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    assert render_table(runs) in doc, "re-render the table from bench/results"
+    assert render_memory(runs) in doc
+    assert runs["graceful"]["lost"] == runs["graceful"]["duplicated"] == 0
+    assert runs["queue_deployed"]["lost"] == 0 and runs["queue_default_1000"]["lost"] > 0
+    assert all(r.get("edges_reconnected_first", True) for r in runs.values())
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto")
 def test_broker_stopped_30_s_under_20_streams_edges_first_loses_nothing(
         tmp_path: Path) -> None:
     result = run_outage(tmp_path, kind="graceful", aps=20, outage_s=30.0, hold_s=5.0)
@@ -72,6 +110,8 @@ def _queued_for(port: int, client_id: str, quiet_s: float = 1.5) -> int:
     return len(got)
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto")
 @pytest.mark.parametrize("limits", ["deployed", "mosquitto default"])
 def test_an_offline_session_keeps_a_24_ap_backlog(tmp_path: Path, limits: str) -> None:
     """3,000 segment messages of 60 B (24 APs, ~4 min at level 1) while the cloud is away,

@@ -98,7 +98,7 @@ def test_demo_broker_keeps_the_deployments_persistence_and_queue_settings(
     the same autosave and byte-bounded queue (not Mosquitto's default 1000 messages)."""
     from csi_cloud.demo import BROKER_PERSISTENCE, demo_broker_config
 
-    assert BROKER_PERSISTENCE == deploy_settings()
+    assert deploy_settings() == BROKER_PERSISTENCE
     text = demo_broker_config(1884, tmp_path / "data")
     lines = set(text.splitlines())
     assert {"persistence true", f"persistence_location {tmp_path / 'data'}/",
