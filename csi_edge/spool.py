@@ -80,6 +80,8 @@ _DELETE_CHUNK = 64  # acknowledged rows deleted per transaction
 # An emptied queue checkpoints (TRUNCATE) and vacuums at most this often: each costs an fsync.
 _COMPACT_EVERY_S = 30.0
 _T = TypeVar("_T")
+# epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle
+_Row = tuple[int, int, int, bytes, int, float, bytes, int, int]
 
 
 class SpoolError(CSIError):
@@ -188,8 +190,8 @@ class SegmentSpool:
         if not segments:
             return 0
         now = int(time.time() * 1000)
-        rows = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality, s.codes, now,
-                 int(s.idle)) for s in segments]
+        rows: list[_Row] = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality,
+                             s.codes, now, int(s.idle)) for s in segments]
         before = self.dropped + self.dropped_disk_full
         self._flush_acked()
         try:
@@ -201,8 +203,8 @@ class SegmentSpool:
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {str(self.path)!r}: cannot append: {exc}") from exc
         dropped = self.dropped + self.dropped_disk_full - before
-        if not dropped:
-            self._full_reported = False
+        if self._full_reported and not dropped and not self._low_on_disk():
+            self._full_reported = False  # the episode is over: log the next one
         return dropped
 
     def peek(self, limit: int, after_id: int = 0) -> list[QueuedSegment]:
@@ -233,7 +235,7 @@ class SegmentSpool:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _insert(self, rows: list[tuple[object, ...]]) -> None:
+    def _insert(self, rows: list[_Row]) -> None:
         low = self._count > 0 and self._low_on_disk() and not self._free_pages_for(rows)
         with _Transaction(self._db):
             # Low on disk and no free page inside the file: make room first, so the insert
@@ -251,9 +253,9 @@ class SegmentSpool:
                               "oldest segments")
         self.dropped += self._forget(bound)
 
-    def _free_pages_for(self, rows: list[tuple[object, ...]]) -> bool:
+    def _free_pages_for(self, rows: list[_Row]) -> bool:
         """Whether the file's own free pages can take ``rows`` without growing."""
-        size = sum(len(r[6]) + len(r[3]) + 64 for r in rows)  # type: ignore[arg-type]
+        size = sum(len(r[6]) + len(r[3]) + 64 for r in rows)
         free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
         return free * self._page_size >= size + 2 * self._page_size
 

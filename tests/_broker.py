@@ -59,7 +59,7 @@ class Mosquitto:
     """
 
     def __init__(self, folder: Path, port: int | None = None, extra: str = "",
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str | None] | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed")

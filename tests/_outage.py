@@ -145,7 +145,7 @@ class _Statuses:
         ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="outage-status",
                                   protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = lambda c, *a: c.subscribe(f"{PREFIX}/+/+/status", qos=1)
         self.client.on_subscribe = lambda *a: ready.set()
         self.client.on_message = self._on_message
