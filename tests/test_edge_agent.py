@@ -537,6 +537,54 @@ def test_a_source_that_dies_stops_the_process_with_the_reason(broker: Mosquitto,
     assert not fine["online"] and fine["state"] == "offline" and fine["error"] is None
 
 
+def test_an_encoder_that_raises_fails_the_stream_and_the_process(
+        broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
+    """Any exception in the producer (here the encoder, on its third batch) is a failure: the
+    status says so at once, every stream stops, the exit code is 1, and what was queued is
+    kept."""
+    import asyncio
+
+    from csi_edge.agent import EdgeAgent
+    from csi_edge.settings import load_settings
+
+    settings = load_settings(model=MODEL, broker=broker.url, spool_dir=tmp_path / "spool",
+                             status_interval_s=30, speed="5", loop=True, drain_timeout_s=3,
+                             models_dir=tmp_path / "fetched",
+                             streams=[{"site": "lab", "ap": "bad", "source": f"file://{FOLDER}"},
+                                      {"site": "lab", "ap": "good",
+                                       "source": f"file://{FOLDER}"}])
+
+    async def main() -> tuple[int, EdgeAgent]:
+        agent = EdgeAgent(settings)
+        agent.check()
+        bad = agent.streams[0]
+        calls = {"n": 0}
+        encode = bad._encode
+
+        def failing(segments: list) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("encoder exploded " + "x" * 1000)
+            encode(segments)
+
+        bad._encode = failing  # type: ignore[method-assign]
+        return await asyncio.wait_for(agent.run(), 60), agent
+
+    code, agent = asyncio.run(main())
+    assert code == 1
+    assert agent.streams[0].state == "error" and agent.streams[1].state != "error"
+    collector.wait_for(lambda: not last_status(collector, "lab", "bad")["online"], 10,
+                       "the final status")
+    statuses = [json.loads(m.payload) for m in collector.on(f"{PREFIX}/lab/bad/status")]
+    first_error = next(s for s in statuses if s["state"] == "error")
+    assert first_error["online"]  # published at once, not at the 30 s status interval
+    assert first_error["error"].startswith("stream failed: RuntimeError: encoder exploded")
+    assert len(first_error["error"]) == 300
+    assert statuses[-1]["state"] == "error" and not statuses[-1]["online"]
+    good = last_status(collector, "lab", "good")
+    assert not good["online"] and good["state"] == "offline"
+
+
 @pytest.mark.e2e
 def test_a_udp_port_taken_fails_the_stream_with_the_reason(broker: Mosquitto,
                                                            collector: Collector,
