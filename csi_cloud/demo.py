@@ -74,7 +74,7 @@ def mosquitto_binary() -> str | None:
 # them equal): the cloud's persistent session and its queued segments survive a broker restart,
 # and the queue is bounded in bytes, not in Mosquitto's default 1000 messages.
 BROKER_PERSISTENCE = {"autosave_interval": "30", "max_queued_messages": "1000000",
-                      "max_queued_bytes": "67108864", "max_packet_size": "70000"}
+                      "max_queued_bytes": "67108864"}
 
 
 def demo_broker_config(port: int, data: Path) -> str:
