@@ -30,7 +30,7 @@ from typing import Any
 
 from csi_edge.bundle import BundleError, load_manifest
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "run_demo"]
 
 _SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
@@ -68,6 +68,25 @@ def mosquitto_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+# The deployment's persistence and queue settings (deploy/mosquitto/mosquitto.conf; a test keeps
+# them equal): the cloud's persistent session and its queued segments survive a broker restart,
+# and the queue is bounded in bytes, not in Mosquitto's default 1000 messages.
+BROKER_PERSISTENCE = {"autosave_interval": "30", "max_queued_messages": "1000000",
+                      "max_queued_bytes": "67108864"}
+
+
+def demo_broker_config(port: int, data: Path) -> str:
+    """The demo's mosquitto.conf: loopback, anonymous (clients pick their client id), and the
+    deployment's persistence and queue settings, persisted under ``data``."""
+    data.mkdir(parents=True, exist_ok=True)
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
+             f"persistence_location {data}/",
+             *(f"{k} {v}" for k, v in BROKER_PERSISTENCE.items())]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        lines.append("user root")  # as root it would drop to 'mosquitto', who cannot write here
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -170,8 +189,7 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
         protocol: dict[str, str] = {}
         if binary is not None:
             conf = work / "mosquitto.conf"
-            conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
-                            "max_queued_messages 100000\n")
+            conf.write_text(demo_broker_config(broker_port, work / "broker-data"))
             children.start("broker", [binary, "-c", str(conf)], env, work / "broker.log")
             broker_name = f"mosquitto ({binary})"
         else:

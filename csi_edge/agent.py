@@ -1,13 +1,24 @@
 """The edge agent: source -> preprocess -> encode -> spool -> MQTT, one task pair per AP.
 
-Per stream (one access point), two tasks share a :class:`~csi_edge.spool.SegmentSpool`:
+Per stream (one access point), a **producer** task reads the source, preprocesses with the same
+code as training, encodes each finished segment with the bundle's int8 encoder, entropy codes
+it and commits it to the stream's :class:`~csi_edge.spool.SegmentSpool`. It never waits for the
+network.
 
-- the **producer** reads the source, preprocesses with the same code as training, encodes each
-  finished segment with the bundle's int8 encoder, entropy codes it and commits it to the
-  spool. It never waits for the network.
-- the **connection** keeps one MQTT 5 session per AP (its own Last Will), publishes the spool
-  oldest first with QoS 1, deletes what the broker acknowledged, and reconnects with
-  exponential backoff and jitter. It also publishes the retained status and obeys ``ctl``.
+A :class:`BrokerSession` is one MQTT 5 connection: it publishes each of its streams' spools
+oldest first with QoS 1, deletes what the broker acknowledged, reconnects with exponential
+backoff and jitter, publishes the retained status and obeys ``ctl``. The broker ties a client
+id to its MQTT user (``use_username_as_clientid``, docs/security.md), so a process logged in
+with a user name keeps ONE connection, client id = that user name, for all its streams; without
+a user name each stream has its own connection, client id ``{client_id_prefix}-{site}-{ap}``.
+A connection that carries one stream has that stream's offline status as its Last Will.
+
+Failures are never silent: a stream whose producer fails (the source dies, the encoder
+raises, the spool cannot be written) or whose connection fails in an unexpected way is marked
+``"state": "error"`` with the reason (bounded) in ``error``, its status is published at once,
+and the whole process stops (what is queued is sent for ``drain_timeout_s``) and exits with
+code 1, for its supervisor to restart it. A bad ``ctl`` command is rejected, counted and
+reported; it never stops a stream.
 
 Segments of a message are consecutive (same epoch, level and model, consecutive sequence
 numbers and start times); a live message waits for the level's ``segments_per_message``, a
@@ -40,23 +51,37 @@ import numpy as np
 
 from ._errors import CSIError, SpecMismatchError
 from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
-from .bundle import EdgeEncoder, encode_segment_codes
+from .bundle import BundleError, EdgeEncoder, encode_segment_codes
 from .codec import Payload, SegmentRecord, encode_payload
 from .frames import CSIFrames, DropCounter
+from .messages import loads_bounded
 from .motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
-from .rollout import RolloutError, fetch_bundle, model_url
+from .rollout import (
+    RolloutError,
+    check_runs,
+    check_under_base,
+    cloud_lists,
+    fetch_bundle,
+    model_url,
+)
 from .settings import BrokerAddress, EdgeSettings, StreamSettings
 from .sources import FrameSource, ProblemLog, open_source
-from .spool import QueuedSegment, SegmentSpool
+from .spool import QueuedSegment, SegmentSpool, spool_path
 
-__all__ = ["EdgeAgent", "EncoderCache", "StreamAgent", "StreamCounters", "group_messages",
-           "run_edge"]
+__all__ = ["BrokerSession", "EdgeAgent", "EncoderCache", "StreamAgent", "StreamCounters",
+           "bounded_text", "group_messages", "run_edge"]
 
 log = logging.getLogger("csi_edge.agent")
 
 _U32 = 1 << 32
 _STOP_MARGIN_S = 5.0  # after the drain time: offline status and disconnect
+ERROR_TEXT_MAX = 300  # characters of an error copied into the retained status
+
+
+def bounded_text(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -67,7 +92,8 @@ class StreamCounters:
     frames_dropped: DropCounter = field(default_factory=DropCounter)
     segments_encoded: int = 0
     segments_sent: int = 0
-    segments_dropped_spool_full: int = 0
+    segments_dropped_spool_full: int = 0  # the oldest, past spool_max_segments
+    segments_dropped_disk_full: int = 0  # the oldest, to keep going on a full disk
     messages_sent: int = 0
     payload_bytes: int = 0  # wire-format payloads acknowledged (header, codes, CRC)
     wire_bytes: int = 0  # MQTT PUBLISH packets of segments sent, plus their PUBACKs
@@ -127,10 +153,24 @@ class EncoderCache:
     def __init__(self) -> None:
         self._by_folder: dict[Path, EdgeEncoder] = {}
 
-    def get(self, folder: Path) -> EdgeEncoder:
+    def get(self, folder: Path, *, probe: bool = False) -> EdgeEncoder:
+        """The encoder of ``folder`` (:class:`BundleError` naming it when it does not load;
+        with ``probe``, also when it cannot code a segment, see rollout.check_runs)."""
         key = folder.resolve()
         if key not in self._by_folder:
-            self._by_folder[key] = EdgeEncoder(key)
+            try:
+                encoder = EdgeEncoder(key)
+            except BundleError:
+                raise
+            except Exception as exc:  # ONNX Runtime's own errors for a file it cannot load
+                raise BundleError(f"bundle {str(folder)!r}: the encoder does not load: "
+                                  f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+            if probe:
+                try:
+                    check_runs(encoder)
+                except RolloutError as exc:
+                    raise BundleError(f"bundle {str(folder)!r}: {exc}") from exc
+            self._by_folder[key] = encoder
         return self._by_folder[key]
 
     def by_model_id(self, model_id: bytes) -> EdgeEncoder | None:
@@ -145,7 +185,8 @@ class _DoneSendingError(Exception):
 
 
 class StreamAgent:
-    """One access point's stream: its source, spool, MQTT session, status and control."""
+    """One access point's stream: its source, spool, status and control (the connection is a
+    :class:`BrokerSession`'s)."""
 
     def __init__(self, stream: StreamSettings, settings: EdgeSettings,
                  encoders: EncoderCache) -> None:
@@ -159,7 +200,7 @@ class StreamAgent:
         self.topic_ctl = f"{base}/ctl"
         self.counters = StreamCounters()
         self.problems = ProblemLog(self.name)
-        self.encoder = encoders.get(stream.model or settings.model)
+        self.encoder = encoders.get(stream.model or settings.model, probe=True)
         self.level = self.encoder.manifest.level(
             stream.level if stream.level is not None else settings.level).level
         self.source: FrameSource = open_source(
@@ -182,8 +223,11 @@ class StreamAgent:
         self._stopping = False
         self._drain_deadline = float("inf")
         self._rates_at = (time.monotonic(), 0, 0)
-        self._connected = False
-        self._stop_requested = asyncio.Event()
+        self._status_due = asyncio.Event()  # publish the status now, not at the interval
+        self._ctl_lock = asyncio.Lock()  # one command at a time, in order
+        self._ctl_tasks: set[asyncio.Task[None]] = set()
+        self.offline_sent = False  # the final (offline) status went out
+        self._client: Any = None  # the connection serving this stream, while it does
         self._v5 = settings.mqtt_protocol == "5"
 
     # -- start-up checks ------------------------------------------------------------------
@@ -208,75 +252,74 @@ class StreamAgent:
                     f"{frames.antennas} antenna(s)): {exc}") from exc
 
     def open_spool(self) -> None:
-        name = f"{self.stream.site}__{self.stream.ap}.sqlite"
-        self.spool = SegmentSpool(self.settings.spool_dir / name,
-                                  self.settings.spool_max_segments, self.settings.spool_sync)
+        self.spool = SegmentSpool(
+            spool_path(self.settings.spool_dir, self.stream.site, self.stream.ap),
+            self.settings.spool_max_segments, self.settings.spool_sync,
+            wal_limit_bytes=self.settings.spool_wal_limit_bytes,
+            min_free_bytes=self.settings.spool_min_free_bytes)
         self.epoch = self.spool.next_epoch()
         if len(self.spool):
             log.info("%s: %d segment(s) from an earlier run wait in the spool", self.name,
                      len(self.spool))
 
-    # -- the run ----------------------------------------------------------------------------
+    # -- the producer -------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Stream until the source ends (and the spool is sent) or ``stop`` is set."""
-        if self.spool is None:
-            self.open_spool()
-        producer = asyncio.create_task(self._produce(), name=f"{self.name} producer")
-        connection = asyncio.create_task(self._connection(), name=f"{self.name} connection")
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if stopper.done():
-                self._begin_stop()
-                producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await producer
-            self._source_done = True
-            self._wake.set()
-            if not self._stopping:
-                # Source ended: send the rest, unless asked to stop meanwhile.
-                await asyncio.wait({connection, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if stopper.done():
-                    self._begin_stop()
-            # Bounded: sending, the offline status and the disconnect get the drain time and a
-            # margin; a connection still stuck after that (a broker that never answers) is cut.
-            if self._stopping:
-                left = max(0.0, self._drain_deadline - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(connection), left + _STOP_MARGIN_S)
-                if not connection.done():
-                    log.warning("%s: connection did not close in time; cutting it", self.name)
-            else:
-                await connection
-        finally:
-            stopper.cancel()
-            for task in (producer, connection):
-                task.cancel()
-            if self.spool is not None:
-                self.spool.close()
+    @property
+    def failed(self) -> bool:
+        return self.state == "error"
 
-    def _begin_stop(self) -> None:
-        self._stopping = True
-        self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-        self._stop_requested.set()
+    def fail(self, what: str, exc: BaseException | str) -> None:
+        """Mark the stream failed: the reason goes into the status (bounded), at once."""
+        detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        if not self.failed:
+            self.state = "error"
+            self.error = bounded_text(f"{what}: {detail}")
+        self._status_due.set()
+
+    def begin_stop(self, deadline: float) -> None:
+        """Send what is queued until ``deadline`` (monotonic), then finish."""
+        if not self._stopping:
+            self._stopping = True
+            self._drain_deadline = deadline
+        self._source_done = True
         self._wake.set()
 
-    async def _produce(self) -> None:
+    def finished(self) -> bool:
+        """Nothing more to send: the source is done and the spool empty (or the drain time of
+        a stop is over)."""
+        if not self._source_done:
+            return False
+        if self._stopping and time.monotonic() >= self._drain_deadline:
+            return True
+        return self.spool is None or len(self.spool) == 0
+
+    async def produce(self) -> None:
+        """Read, encode and queue until the source ends, fails or the task is cancelled.
+
+        Never raises (but CancelledError): a failure is recorded with :meth:`fail`.
+        """
+        if self.spool is None:
+            self.open_spool()
         self.state = "streaming"
         try:
             async for frames in self.source.frames():
                 self._take(frames)
         except CSIError as exc:
-            self.state, self.error = "error", str(exc)
             log.error("%s: source stopped: %s", self.name, exc)
-            return
+            self.fail("source stopped", str(exc))
+        except Exception as exc:  # the encoder, the spool, a reader: never a silent stop
+            log.exception("%s: stream failed", self.name)
+            self.fail("stream failed", exc)
+        else:
+            if self.state == "streaming":
+                self.state = "source_ended"
+            log.info("%s: source ended after %d frames, %d segments", self.name,
+                     self.counters.frames_in, self.counters.segments_encoded)
         finally:
-            self._sync_drops()
-        if self.state == "streaming":
-            self.state = "source_ended"
-        log.info("%s: source ended after %d frames, %d segments", self.name,
-                 self.counters.frames_in, self.counters.segments_encoded)
+            with contextlib.suppress(Exception):
+                self._sync_drops()
+            self._source_done = True
+            self._wake.set()
 
     def _take(self, frames: CSIFrames) -> None:
         self.counters.frames_in += len(frames)
@@ -357,100 +400,109 @@ class StreamAgent:
                 quality=round(segment.quality * 255) / 255,
                 codes=b"" if is_idle else next(coded_blobs), idle=is_idle))
             self.seq = (self.seq + 1) % _U32
-        assert self.spool is not None
-        dropped = self.spool.put(rows)
+        self._queue(rows)
         self.counters.segments_encoded += len(rows)
         self.counters.segments_idle += sum(idle)
-        if dropped:
-            self.counters.segments_dropped_spool_full += dropped
-            self.problems.report("spool_full", f"bound {self.spool.max_segments} segments "
-                                               "reached; dropping the oldest")
         self._wake.set()
 
-    # -- MQTT ---------------------------------------------------------------------------------
+    def _queue(self, rows: list[QueuedSegment]) -> None:
+        """Commit encoded segments to the spool, counting what it drops to make room."""
+        assert self.spool is not None
+        spool = self.spool
+        bound, disk = spool.dropped, spool.dropped_disk_full
+        spool.put(rows)
+        if spool.dropped > bound:
+            self.counters.segments_dropped_spool_full += spool.dropped - bound
+            self.problems.report("spool_full", f"bound {spool.max_segments} segments "
+                                               "reached; dropping the oldest")
+        if spool.dropped_disk_full > disk:
+            self.counters.segments_dropped_disk_full += spool.dropped_disk_full - disk
+            self.problems.report("disk_full", f"free space under {spool.min_free_bytes} "
+                                              f"bytes at {spool.path.parent}; dropping the "
+                                              "oldest")
 
-    async def _connection(self) -> None:
+    # -- on a connection (BrokerSession) ------------------------------------------------------
+
+    def will(self) -> Any:
+        """The Last Will of a connection that carries only this stream."""
         import aiomqtt
 
-        broker: BrokerAddress = self.settings.broker_address()
-        backoff = Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        tls = None
-        if broker.tls:
-            tls = aiomqtt.TLSParameters(ca_certs=str(self.settings.ca_file)
-                                        if self.settings.ca_file else None)
-        will = aiomqtt.Will(self.topic_status,
+        return aiomqtt.Will(self.topic_status,
                             json.dumps(self._status(online=False), separators=(",", ":")),
                             qos=1, retain=True)
-        v5 = self.settings.mqtt_protocol == "5"
-        protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-        # The spool, not a broker session, holds what is unsent: always start clean.
-        clean: dict[str, Any] = {"clean_start": True} if v5 else {"clean_session": True}
-        while not self._finished():
+
+    async def serve(self, client: Any) -> None:
+        """On a fresh connection: status, then send until finished, then the offline status.
+        Raises the connection's error (aiomqtt.MqttError) when it breaks."""
+        if self.closed():
+            return
+        self.offline_sent = False
+        self._client = client
+        if not self.finished():
+            await self._publish_status(client)
+            status = asyncio.create_task(self._status_loop(client), name=f"{self.name} status")
+            send = asyncio.create_task(self._send(client), name=f"{self.name} send")
             try:
-                async with aiomqtt.Client(
-                    broker.host, broker.port, username=broker.username, password=broker.password,
-                    identifier=f"{self.settings.client_id_prefix}-{self.stream.site}-"
-                               f"{self.stream.ap}",
-                    protocol=protocol, **clean,
-                    keepalive=self.settings.keepalive_s, will=will, tls_params=tls,
-                    timeout=10,
-                ) as client:
-                    self._connected = True
-                    backoff.reset()
-                    log.info("%s: connected to %s", self.name, broker)
-                    await client.subscribe(self.topic_ctl, qos=1)
-                    await self._publish_status(client)
-                    await self._serve(client)
-                    await self._publish_status(client, online=False)
-                return
-            except aiomqtt.MqttError as exc:
-                was_connected, self._connected = self._connected, False
-                if self._finished():
-                    return
-                delay = backoff.next_delay()
-                if self._stopping:
-                    delay = min(delay, max(0.0, self._drain_deadline - time.monotonic()))
-                self.counters.reconnects += 1
-                log.warning("%s: broker %s %s (%s); retrying in %.1f s with %d segment(s) "
-                            "queued", self.name, broker,
-                            "lost" if was_connected else "unreachable", exc, delay,
-                            len(self.spool or ()))
-                if self._stopping:
-                    await asyncio.sleep(delay)  # already capped at the drain deadline
-                else:
-                    # A stop request must not wait out a long backoff begun before it.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop_requested.wait(), delay)
+                done, _ = await asyncio.wait({status, send},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, _DoneSendingError):
+                        raise exc
             finally:
-                self._connected = False
+                for task in (status, send):
+                    task.cancel()
+                await asyncio.gather(status, send, return_exceptions=True)
+                self._client = None
+        await self._publish_status(client, online=False)
+        self.offline_sent = True
 
-    def _finished(self) -> bool:
-        if not self._source_done:
+    def closed(self) -> bool:
+        """Finished, and its final status is out (or the drain time of a stop is over)."""
+        if not self.finished():
             return False
-        if self._stopping and time.monotonic() >= self._drain_deadline:
-            return True
-        return self.spool is None or len(self.spool) == 0
+        return self.offline_sent or (self._stopping
+                                     and time.monotonic() >= self._drain_deadline)
 
-    async def _serve(self, client: Any) -> None:
-        tasks = [asyncio.create_task(self._send(client)),
-                 asyncio.create_task(self._listen(client)),
-                 asyncio.create_task(self._status_loop(client))]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None and not isinstance(exc, _DoneSendingError):
-                    raise exc
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    def on_ctl(self, payload: Any) -> None:
+        """Handle one ``ctl`` message in its own task (a model download must not hold up the
+        connection), one at a time per stream."""
+        task = asyncio.get_running_loop().create_task(self._on_ctl(payload),
+                                                      name=f"{self.name} ctl")
+        self._ctl_tasks.add(task)
+        task.add_done_callback(self._ctl_tasks.discard)
+
+    async def _on_ctl(self, payload: Any) -> None:
+        self.counters.ctl_received += 1
+        async with self._ctl_lock:
+            try:
+                await self._control(payload)
+            except Exception as exc:  # any bad command is refused; none stops the stream
+                self.counters.ctl_rejected += 1
+                text = bounded_text(str(exc))
+                log.warning("%s: ctl message rejected: %s", self.name, text)
+                if not self.failed:
+                    self.error = f"ctl rejected: {text}"
+            # Each command's outcome in a status of its own (the status loop's would merge
+            # several); a broken connection publishes it at the next connect instead.
+            client = self._client
+            if client is None:
+                self._status_due.set()
+            else:
+                try:
+                    await self._publish_status(client)
+                except Exception:  # aiomqtt.MqttError: the connection is going away
+                    self._status_due.set()
+
+    def cancel_ctl(self) -> None:
+        for task in self._ctl_tasks:
+            task.cancel()
 
     async def _send(self, client: Any) -> None:
         assert self.spool is not None
         settings = self.settings
         while True:
-            if self._finished():
+            if self.finished():
                 raise _DoneSendingError
             rows = self.spool.peek(settings.inflight * settings.backlog_segments_per_message)
             k_live = self._per_message(rows[0].model_id, rows[0].level) if rows else 1
@@ -471,8 +523,14 @@ class StreamAgent:
                     await asyncio.wait_for(self._wake.wait(), timeout=0.25)
                 continue
             groups = groups[: settings.inflight]
-            await asyncio.gather(*(self._publish_group(client, g) for g in groups))
-            self.spool.remove(r.id for g in groups for r in g)
+            ids = [r.id for g in groups for r in g]
+            self.spool.hold(ids)
+            try:
+                await asyncio.gather(*(self._publish_group(client, g) for g in groups))
+            except BaseException:
+                self.spool.release(ids)
+                raise
+            self.spool.remove(ids)
 
     async def _publish_group(self, client: Any, group: list[QueuedSegment]) -> None:
         head = group[0]
@@ -515,7 +573,9 @@ class StreamAgent:
 
     async def _status_loop(self, client: Any) -> None:
         while True:
-            await asyncio.sleep(self.settings.status_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_due.wait(), self.settings.status_interval_s)
+            self._status_due.clear()
             await self._publish_status(client)
 
     async def _publish_status(self, client: Any, online: bool = True) -> None:
@@ -539,7 +599,7 @@ class StreamAgent:
         counters["segments_buffered"] = len(self.spool) if self.spool is not None else 0
         return {
             "online": online,
-            "state": self.state if online else "offline",
+            "state": self.state if online or self.failed else "offline",
             "site": self.stream.site,
             "ap": self.stream.ap,
             "model": manifest.id,
@@ -557,30 +617,20 @@ class StreamAgent:
             "uptime_s": time.time() - self.started,
             "counters": counters,
             "rates": rates if online else None,
-            "problems": {**self.source.problems.first, **self.problems.first},
+            "problems": {k: bounded_text(v) for k, v in
+                         {**self.source.problems.first, **self.problems.first}.items()},
             "error": self.error,
+            "status_interval_s": self.settings.status_interval_s,
         }
 
     # -- control ------------------------------------------------------------------------------
 
-    async def _listen(self, client: Any) -> None:
-        async for message in client.messages:
-            self.counters.ctl_received += 1
-            try:
-                await self._control(message.payload)
-            except (ValueError, CSIError) as exc:
-                self.counters.ctl_rejected += 1
-                log.warning("%s: ctl message rejected: %s", self.name, exc)
-                self.error = f"ctl rejected: {exc}"
-            await self._publish_status(client)
-
     async def _control(self, raw: Any) -> None:
         """Apply one ``ctl`` message: ``{"action": "set_rate", "level": N}`` or
         ``{"action": "switch_model", "model_id": ID[, "url": URL]}``."""
-        try:
-            command = json.loads(raw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"not JSON: {bytes(raw)[:80]!r}") from exc
+        if not isinstance(raw, bytes | bytearray | str):
+            raise ValueError(f"payload of type {type(raw).__name__} is not JSON")
+        command = loads_bounded(raw)  # size and depth checked before parsing
         if not isinstance(command, dict):
             raise ValueError(f"not a JSON object: {command!r:.80}")
         action = command.get("action")
@@ -596,23 +646,25 @@ class StreamAgent:
             raise ValueError(f"unknown action {action!r} (set_rate, switch_model)")
 
     async def _switch_model(self, command: dict[str, Any]) -> None:
+        """Switch only to a bundle the cloud at ``cloud_url`` lists under the commanded id,
+        fetched from under that URL, verified, and seen to run (rollout's checks)."""
         model_id = command.get("model_id")
         if not isinstance(model_id, str):
-            raise ValueError(f"switch_model model_id {model_id!r} is not a string")
+            raise ValueError(f"switch_model model_id {model_id!r:.80} is not a string")
         if model_id == self.encoder.manifest.id:
             return
-        url = command.get("url")
-        if url is None:
-            if not self.settings.cloud_url:
-                raise ValueError("switch_model without url and no cloud_url configured")
-            url = model_url(self.settings.cloud_url, model_id)
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"switch_model url {url!r} is not http(s)")
+        base = self.settings.cloud_url
         try:
+            if not base:
+                raise RolloutError("no cloud_url configured: models are fetched from the "
+                                   "cloud only")
+            url = command.get("url")
+            url = check_under_base(model_url(base, model_id) if url is None else url, base)
+            await asyncio.to_thread(cloud_lists, base, model_id)
             folder = await asyncio.to_thread(fetch_bundle, url, model_id,
                                              self.settings.models_dir,
                                              max_bytes=self.settings.fetch_max_bytes)
-            encoder = await asyncio.to_thread(self.encoders.get, folder)
+            encoder = await asyncio.to_thread(self.encoders.get, folder, probe=True)
             self._check_fits(encoder)
         except (CSIError, OSError) as exc:
             self.counters.model_switch_failures += 1
@@ -650,13 +702,127 @@ def _describe(spec: InputSpec) -> str:
             f"{spec.antennas} antenna(s), {spec.nominal_rate_hz:g} Hz")
 
 
+class BrokerSession:
+    """One MQTT connection and the streams it carries (see the module docstring)."""
+
+    def __init__(self, streams: list[StreamAgent], settings: EdgeSettings,
+                 client_id: str) -> None:
+        self.streams = streams
+        self.settings = settings
+        self.client_id = client_id
+        self.name = client_id
+        self.reconnects = 0
+        self._stop_requested = asyncio.Event()
+        self._by_ctl = {s.topic_ctl: s for s in streams}
+
+    def request_stop(self) -> None:
+        """Wake a reconnect backoff: the drain deadline is near."""
+        self._stop_requested.set()
+
+    def finished(self) -> bool:
+        """Every stream sent what it had and its final status (or ran out of drain time)."""
+        return all(s.closed() for s in self.streams)
+
+    async def run(self) -> None:
+        """Connect, serve every stream until all are finished, reconnect on a broken
+        connection. Raises anything but a broker/network error (aiomqtt.MqttError)."""
+        import aiomqtt
+
+        settings = self.settings
+        broker: BrokerAddress = settings.broker_address()
+        backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        tls = None
+        if broker.tls:
+            tls = aiomqtt.TLSParameters(ca_certs=str(settings.ca_file)
+                                        if settings.ca_file else None)
+        v5 = settings.mqtt_protocol == "5"
+        protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+        # The spool, not a broker session, holds what is unsent: always start clean.
+        clean: dict[str, Any] = {"clean_start": True} if v5 else {"clean_session": True}
+        connected = False
+        while not self.finished():
+            # A one-stream connection's Last Will is that stream's offline status (taken at
+            # each connect, so it carries the latest counters).
+            will = self.streams[0].will() if len(self.streams) == 1 else None
+            try:
+                async with aiomqtt.Client(
+                    broker.host, broker.port, username=broker.username, password=broker.password,
+                    identifier=self.client_id, protocol=protocol, **clean,
+                    keepalive=settings.keepalive_s, will=will, tls_params=tls, timeout=10,
+                ) as client:
+                    connected = True
+                    backoff.reset()
+                    log.info("%s: connected to %s as %r (%d stream(s))", self.name, broker,
+                             self.client_id, len(self.streams))
+                    await client.subscribe([(s.topic_ctl, 1) for s in self.streams])
+                    await self._serve(client)
+                return
+            except aiomqtt.MqttError as exc:
+                was_connected, connected = connected, False
+                if self.finished():
+                    return
+                stopping = any(s._stopping for s in self.streams)
+                deadline = min(s._drain_deadline for s in self.streams)
+                delay = backoff.next_delay()
+                if stopping:
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))
+                self.reconnects += 1
+                for stream in self.streams:
+                    stream.counters.reconnects += 1
+                queued = sum(len(s.spool or ()) for s in self.streams)
+                log.warning("%s: broker %s %s (%s); retrying in %.1f s with %d segment(s) "
+                            "queued", self.name, broker,
+                            "lost" if was_connected else "unreachable", exc, delay, queued)
+                if stopping:
+                    await asyncio.sleep(delay)  # already capped at the drain deadline
+                else:
+                    # A stop request must not wait out a long backoff begun before it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(), delay)
+
+    async def _serve(self, client: Any) -> None:
+        listen = asyncio.create_task(self._listen(client), name=f"{self.name} ctl")
+        serving = [asyncio.create_task(s.serve(client), name=f"{s.name} serve")
+                   for s in self.streams]
+        try:
+            pending: set[asyncio.Task[None]] = {listen, *serving}
+            while any(not t.done() for t in serving):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        raise exc
+                    if task is listen:  # the message stream ended: the connection is gone
+                        import aiomqtt
+
+                        raise aiomqtt.MqttError("the broker closed the connection")
+        finally:
+            for task in (listen, *serving):
+                task.cancel()
+            await asyncio.gather(listen, *serving, return_exceptions=True)
+
+    async def _listen(self, client: Any) -> None:
+        async for message in client.messages:
+            stream = self._by_ctl.get(message.topic.value)
+            if stream is not None:
+                stream.on_ctl(message.payload)
+
+
 class EdgeAgent:
-    """Every stream of one ``csi edge`` process."""
+    """Every stream of one ``csi edge`` process, and the connections that carry them."""
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
         self.encoders = EncoderCache()
         self.streams = [StreamAgent(s, settings, self.encoders) for s in settings.all_streams()]
+        username = settings.broker_address().username
+        if username:
+            # The broker ties the client id to the user: one connection for every stream.
+            self.sessions = [BrokerSession(self.streams, settings, client_id=username)]
+        else:
+            self.sessions = [BrokerSession(
+                [s], settings, client_id=f"{settings.client_id_prefix}-{s.stream.site}-"
+                                         f"{s.stream.ap}") for s in self.streams]
         self.stop = asyncio.Event()
 
     def check(self) -> None:
@@ -664,19 +830,66 @@ class EdgeAgent:
             stream.check()
 
     async def run(self) -> int:
-        """Run until every source ended and was sent, or until :meth:`request_stop`."""
+        """Run until every source ended and was sent, a stream failed, or :meth:`request_stop`.
+        The exit code: 0, or 1 when a stream failed."""
         for stream in self.streams:
             stream.open_spool()
-        results = await asyncio.gather(*(s.run(self.stop) for s in self.streams),
-                                       return_exceptions=True)
-        failed = 0
-        for stream, result in zip(self.streams, results, strict=True):
-            if isinstance(result, BaseException):
-                failed += 1
-                log.error("%s: stopped by %r", stream.name, result)
-            elif stream.state == "error":
-                failed += 1
-        return 1 if failed else 0
+        producers = {asyncio.create_task(s.produce(), name=f"{s.name} producer"): s
+                     for s in self.streams}
+        sessions = {asyncio.create_task(c.run(), name=f"{c.name} connection"): c
+                    for c in self.sessions}
+        stopper = asyncio.create_task(self.stop.wait())
+        try:
+            pending: set[asyncio.Task[Any]] = {*producers, *sessions, stopper}
+            while not stopper.done() and any(not t.done() for t in sessions):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task in sessions:
+                        self._session_ended(sessions[task], task)
+                    elif task in producers and producers[task].failed:
+                        log.error("%s: stream failed; stopping every stream (exit code 1)",
+                                  producers[task].name)
+                        self.stop.set()
+            await self._drain(producers, sessions)
+        finally:
+            stopper.cancel()
+            for task in (*producers, *sessions):
+                task.cancel()
+            for stream in self.streams:
+                stream.cancel_ctl()
+                if stream.spool is not None:
+                    stream.spool.close()
+        return 1 if any(s.failed for s in self.streams) else 0
+
+    def _session_ended(self, session: BrokerSession, task: asyncio.Task[Any]) -> None:
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s: connection failed: %r", session.name, exc)
+            for stream in session.streams:
+                stream.fail("connection failed", exc)
+            self.stop.set()
+
+    async def _drain(self, producers: dict[asyncio.Task[Any], StreamAgent],
+                     sessions: dict[asyncio.Task[Any], BrokerSession]) -> None:
+        """Stop reading, send what is queued until the drain deadline, then cut."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        for task in producers:
+            task.cancel()
+        await asyncio.gather(*producers, return_exceptions=True)
+        for stream in self.streams:
+            stream.begin_stop(deadline)
+        for session in self.sessions:
+            session.request_stop()
+        running = [t for t in sessions if not t.done()]
+        if running:
+            left = max(0.0, deadline - time.monotonic()) + _STOP_MARGIN_S
+            done, late = await asyncio.wait(running, timeout=left)
+            for task in late:
+                log.warning("%s: connection did not close in time; cutting it",
+                            sessions[task].name)
+                task.cancel()
+            for task in done:
+                self._session_ended(sessions[task], task)
 
     def request_stop(self) -> None:
         self.stop.set()

@@ -181,11 +181,19 @@ class EdgeSettings(FileConfiguredSettings):
     loop: bool = Field(default=False, description="file replay: start again at the end")
     timestamps: Literal["now", "recorded"] = Field(
         default="now", description="file replay: shift the capture times to now, or keep them")
-    spool_dir: Path = Field(default=Path("spool"), description="on-disk queue, one file per AP")
+    spool_dir: Path = Field(default=Path("spool"), description="on-disk queue: SITE/AP.sqlite "
+                                                               "per stream")
     spool_max_segments: int = Field(default=86_400, ge=1,
                                     description="queue bound; the oldest are dropped beyond it")
     spool_sync: Literal["normal", "full"] = Field(
         default="normal", description="normal survives a killed process, full a power cut")
+    spool_min_free_bytes: int = Field(
+        default=2 << 20, ge=0, description="below this much free disk space the spool drops "
+                                           "its oldest segment for each new one (counted in "
+                                           "segments_dropped_disk_full)")
+    spool_wal_limit_bytes: int = Field(
+        default=1 << 20, ge=64 << 10, description="the spool's SQLite WAL is checkpointed and "
+                                                  "cut back to about this size")
     inflight: int = Field(default=16, ge=1, le=1024, description="messages awaiting PUBACK")
     backlog_segments_per_message: int = Field(
         default=32, ge=1, le=255, description="segments per message while sending a backlog")
@@ -199,14 +207,19 @@ class EdgeSettings(FileConfiguredSettings):
                                    description="on stop, time to send what is queued")
     models_dir: Path = Field(default=Path("models/.fetched"),
                              description="where bundles fetched from the cloud are kept")
-    cloud_url: str | None = Field(default=None, description="cloud base URL, to fetch a bundle "
-                                                            "when a switch names only its id")
+    cloud_url: str | None = Field(default=None, description="cloud base URL: bundles are "
+                                                            "fetched only from under it, and "
+                                                            "only ids its model list names "
+                                                            "(unset: switch_model refused)")
     fetch_max_bytes: int = Field(default=50_000_000, ge=1024, description="largest bundle "
                                                                           "download accepted")
     udp_warmup: int = Field(default=100, ge=1, description="Nexmon packets seen before the "
                                                            "majority stream is chosen")
-    client_id_prefix: str = Field(default="csi-edge", description="MQTT client id is "
-                                                                   "PREFIX-SITE-AP")
+    client_id_prefix: str = Field(default="csi-edge", description="without a user name, each "
+                                                                   "stream connects as client "
+                                                                   "id PREFIX-SITE-AP (with "
+                                                                   "one: one connection, client "
+                                                                   "id = the user name)")
 
     @field_validator("prefix")
     @classmethod

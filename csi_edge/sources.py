@@ -9,7 +9,9 @@ URIs:
 
 A source never raises for one bad packet, line or file: it counts it in ``dropped`` by reason
 and reports the first offending value of each reason through ``problems``. It raises only
-when it cannot start (a port taken, no readable recording at all).
+when it cannot start (a port taken, no readable recording at all) or has nothing left to give
+(a looping replay whose every file has become unreadable): the agent then reports the stream
+failed instead of spinning on nothing.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ class FileSource:
         next_start: float | None = None  # where the next file's first frame goes
         while True:
             start = self._first_index if self.passes == 0 else 0
+            played = False
             for index in range(start, len(self.files)):
                 if self.passes == 0 and index == self._first_index:
                     frames: CSIFrames | None = first
@@ -231,8 +234,15 @@ class FileSource:
                 if origin is None:
                     origin = float(t[0])
                 frames = replace(frames, timestamp=t, dropped=DropCounter())
+                played = True
                 async for chunk in self._paced(frames, start_wall, origin):
                     yield chunk
+            if not played:
+                # Every file gone or unreadable (a folder removed under a looping replay): a
+                # stream that would spin on nothing is a dead source.
+                raise SourceError(f"source {self.uri!r}: no readable recording left in "
+                                  f"{str(self.path)!r} ({len(self.files)} file(s) tried: "
+                                  f"{'; '.join(self.problems.first.values())})"[:500])
             self.passes += 1
             first = None
             self.first = None  # free it; later passes read from disk

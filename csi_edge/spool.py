@@ -1,13 +1,36 @@
 """The on-disk store-and-forward queue of one stream: encoded segments wait here for PUBACK.
 
-SQLite in WAL mode, one file per access point. A segment is written (and committed) before
-any attempt to publish it and deleted only after the broker acknowledged the message that
-carried it, so a killed process or a broker outage loses nothing that was accepted: on
-restart the rows are still there, oldest first. Past ``max_segments`` the oldest rows are
-dropped and counted (the source is never blocked). ``synchronous=NORMAL`` survives a killed
-process; ``FULL`` also a power cut, at an fsync per commit.
+SQLite in WAL mode, one file per access point at ``{spool_dir}/{site}/{ap}.sqlite`` (one folder
+per site: names follow :mod:`csi_edge.names`, so no two streams share a file; a file of the
+older flat layout ``{site}__{ap}.sqlite`` is moved into place on open, see :func:`spool_path`).
+A segment is written (and committed) before any attempt to publish it and deleted only after
+the broker acknowledged the message that carried it, so a killed process or a broker outage
+loses nothing that was accepted: on restart the rows are still there, oldest first.
 
-The spool also keeps the stream's epoch counter, so every restart gets a new epoch.
+The source is never blocked, and the queue never stops the stream:
+
+- past ``max_segments`` the oldest rows are dropped and counted (``dropped``);
+- the disk is "full" once its free space falls under ``min_free_bytes`` (default 2 MiB): from
+  then on an append that the file's own free pages cannot take deletes as many of the oldest
+  unsent rows as it adds, in the same transaction, so the file stops growing (SQLite reuses
+  the freed pages) while the free space left over is what SQLite needs for its WAL and
+  checkpoints. Those are counted apart
+  (``dropped_disk_full``). Should the disk still fill up to the last byte (another writer),
+  ``SQLITE_FULL`` is handled the same way: the WAL is checkpointed, acknowledged rows are
+  deleted, then the oldest unsent rows in growing batches, and the append is tried again; if
+  even an empty queue has no room the new segments themselves are dropped and counted;
+- deleting acknowledged rows never raises: a delete that fails (full disk, I/O error) keeps the
+  ids in memory, hidden from :meth:`SegmentSpool.peek` and ``len``, and retries them at the
+  next write.
+
+The WAL is bounded on a healthy link: ``wal_autocheckpoint`` and ``journal_size_limit`` keep it
+near ``wal_limit_bytes`` (default 1 MiB). Once the queue has emptied (at most every 30 s, and
+not while the disk is full) the WAL is truncated and, on files created here (``auto_vacuum =
+INCREMENTAL``), the database file hands its free pages back, so a drained backlog does not keep
+its disk space.
+
+``synchronous=NORMAL`` survives a killed process; ``FULL`` also a power cut, at an fsync per
+commit. The spool also keeps the stream's epoch counter, so every restart gets a new epoch.
 
 An idle segment (csi_edge.motion) is a row like any other, with empty ``codes`` and ``idle`` 1,
 so it keeps its sequence number and is sent, acknowledged and replayed exactly like coded ones.
@@ -16,16 +39,26 @@ A spool file written before the column existed gets it on open (``ALTER TABLE``,
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ._errors import CSIError
+from .names import check_name
 
-__all__ = ["QueuedSegment", "SegmentSpool", "SpoolError"]
+__all__ = ["DEFAULT_MIN_FREE_BYTES", "DEFAULT_WAL_LIMIT_BYTES", "QueuedSegment", "SegmentSpool",
+           "SpoolError", "spool_path"]
+
+log = logging.getLogger("csi_edge.spool")
+
+DEFAULT_WAL_LIMIT_BYTES = 1 << 20
+DEFAULT_MIN_FREE_BYTES = 2 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segment (
@@ -42,10 +75,45 @@ CREATE TABLE IF NOT EXISTS segment (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_FULL_ATTEMPTS = 24  # batches of oldest rows dropped (doubling) before the new rows are
+_DELETE_CHUNK = 64  # acknowledged rows deleted per transaction
+# An emptied queue checkpoints (TRUNCATE) and vacuums at most this often: each costs an fsync.
+_COMPACT_EVERY_S = 30.0
+_T = TypeVar("_T")
+# epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle
+_Row = tuple[int, int, int, bytes, int, float, bytes, int, int]
 
 
 class SpoolError(CSIError):
     """The queue file cannot be opened or written."""
+
+
+def spool_path(spool_dir: str | Path, site: str, ap: str) -> Path:
+    """``{spool_dir}/{site}/{ap}.sqlite``; a file of the old flat layout is moved there.
+
+    The old layout ``{site}__{ap}.sqlite`` mapped two streams to one file when a name held
+    ``__`` (``a__b``/``c`` and ``a``/``b__c``); names cannot hold ``/``, so one folder per site
+    cannot collide. A queue left in the old layout (with its ``-wal``, which may hold committed
+    rows) moves to the new place on the first open, unless that already exists.
+    """
+    folder = Path(spool_dir)
+    path = folder / check_name(site, "site") / f"{check_name(ap, 'ap')}.sqlite"
+    legacy = folder / f"{site}__{ap}.sqlite"
+    if legacy.is_file() and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in ("-wal", "-shm", ""):  # the main file last: it marks a finished move
+            old = legacy.with_name(legacy.name + suffix)
+            if old.exists():
+                old.rename(path.with_name(path.name + suffix))
+        log.info("moved spool %s to %s", legacy, path)
+    return path
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) == sqlite3.SQLITE_FULL
+    return "full" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,84 +136,262 @@ class SegmentSpool:
     """Bounded FIFO of :class:`QueuedSegment` in one SQLite file."""
 
     def __init__(self, path: str | Path, max_segments: int = 86_400,
-                 synchronous: Literal["normal", "full"] = "normal") -> None:
+                 synchronous: Literal["normal", "full"] = "normal", *,
+                 wal_limit_bytes: int = DEFAULT_WAL_LIMIT_BYTES,
+                 min_free_bytes: int = DEFAULT_MIN_FREE_BYTES) -> None:
         self.path = Path(path)
         self.max_segments = max_segments
+        self.min_free_bytes = min_free_bytes
+        self._full_reported = False
+        self.dropped = 0  # oldest segments dropped at the bound by this process
+        self.dropped_disk_full = 0  # segments dropped because the disk was full
+        self.acknowledged_pending = 0  # acknowledged rows whose delete must be retried
+        self._acked: set[int] = set()
+        self._held: set[int] = set()  # being sent: never deleted to make room
+        self._compacted_at = -_COMPACT_EVERY_S
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)
+            # Only takes effect on a new file (before the first table): lets an emptied
+            # queue hand its pages back to the file system.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.executescript(_SCHEMA)
+            page = self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            self._db.execute(f"PRAGMA journal_size_limit={int(wal_limit_bytes)}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit_bytes // page)}")
+            self._with_room(lambda: self._db.executescript(_SCHEMA))
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(segment)")}
             if "idle" not in columns:  # a spool from before idle segments existed
-                self._db.execute("ALTER TABLE segment ADD COLUMN idle INTEGER NOT NULL "
-                                 "DEFAULT 0")
+                self._with_room(lambda: self._db.execute(
+                    "ALTER TABLE segment ADD COLUMN idle INTEGER NOT NULL DEFAULT 0"))
             self._count = int(self._db.execute("SELECT count(*) FROM segment").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:  # OSError: the folder cannot be made
             raise SpoolError(f"spool {str(self.path)!r}: {exc}") from exc
-        self.dropped = 0  # segments dropped at the bound by this process
 
     def __len__(self) -> int:
-        return self._count
+        """Segments still to send (acknowledged ones awaiting their delete excluded)."""
+        return self._count - len(self._acked)
 
     def next_epoch(self) -> int:
         """A new stream epoch (u16), different from the previous run's."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         epoch = (int(row[0]) + 1) % 65536 if row else int(time.time()) % 65536
-        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('epoch', ?)", (epoch,))
+        try:
+            self._with_room(lambda: self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('epoch', ?)", (epoch,)))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {str(self.path)!r}: cannot store the epoch: {exc}") from exc
         return epoch
 
     def put(self, segments: Sequence[QueuedSegment]) -> int:
-        """Append segments in one transaction; return how many of the oldest were dropped."""
+        """Append segments in one transaction; return how many were dropped to make room
+        (oldest first: at the bound, or because the disk is full)."""
         if not segments:
             return 0
         now = int(time.time() * 1000)
-        rows = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality, s.codes, now,
-                 int(s.idle)) for s in segments]
+        rows: list[_Row] = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality,
+                             s.codes, now, int(s.idle)) for s in segments]
+        before = self.dropped + self.dropped_disk_full
+        self._flush_acked()
         try:
-            with self._transaction():
-                self._db.executemany(
-                    "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
-                    " queued_ms, idle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self._count += len(rows)
-                excess = self._count - self.max_segments
-                if excess > 0:
-                    self._db.execute("DELETE FROM segment WHERE id IN "
-                                     "(SELECT id FROM segment ORDER BY id LIMIT ?)", (excess,))
-                    self._count -= excess
-                    self.dropped += excess
+            self._with_room(lambda: self._insert(rows), new_rows=len(rows))
+        except _NoRoomError:
+            self.dropped_disk_full += len(rows)
+            self._report_full(f"no room even with an empty queue; {len(rows)} new segment(s) "
+                              "dropped")
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {str(self.path)!r}: cannot append: {exc}") from exc
-        return max(0, excess)
+        dropped = self.dropped + self.dropped_disk_full - before
+        if self._full_reported and not dropped and not self._low_on_disk():
+            self._full_reported = False  # the episode is over: log the next one
+        return dropped
 
     def peek(self, limit: int, after_id: int = 0) -> list[QueuedSegment]:
-        """Up to ``limit`` oldest segments with an id above ``after_id``."""
+        """Up to ``limit`` oldest segments with an id above ``after_id`` (acknowledged rows
+        whose delete is pending are skipped)."""
         rows = self._db.execute(
             "SELECT id, epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle "
-            "FROM segment WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            "FROM segment WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit + len(self._acked))).fetchall()
         return [QueuedSegment(epoch=r[1], seq=r[2], level=r[3], model_id=bytes(r[4]),
                               timestamp_ms=r[5], quality=r[6], codes=bytes(r[7]), id=r[0],
-                              queued_ms=r[8], idle=bool(r[9])) for r in rows]
+                              queued_ms=r[8], idle=bool(r[9]))
+                for r in rows if r[0] not in self._acked][:limit]
 
     def remove(self, ids: Iterable[int]) -> None:
-        """Forget acknowledged segments (ids already dropped at the bound are ignored)."""
+        """Forget acknowledged segments (ids already dropped are ignored). Never raises: a
+        delete the disk refuses is kept and retried at the next write."""
         ids = list(ids)
-        if not ids:
-            return
-        try:
-            with self._transaction():
-                cursor = self._db.executemany("DELETE FROM segment WHERE id = ?",
-                                              [(i,) for i in ids])
-                self._count -= max(0, cursor.rowcount)
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool {str(self.path)!r}: cannot remove: {exc}") from exc
+        self._held.difference_update(ids)
+        self._acked.update(ids)
+        self._flush_acked()
+        if self._count == 0 and time.monotonic() - self._compacted_at > _COMPACT_EVERY_S:
+            self._compact()
 
     def close(self) -> None:
+        self._flush_acked()
         self._db.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    # -- internals ------------------------------------------------------------------------
+
+    def _insert(self, rows: list[_Row]) -> None:
+        low = self._count > 0 and self._low_on_disk() and not self._free_pages_for(rows)
+        with _Transaction(self._db):
+            # Low on disk and no free page inside the file: make room first, so the insert
+            # reuses the pages it frees instead of growing the file.
+            room = self._delete_oldest(len(rows)) if low else []
+            self._db.executemany(
+                "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
+                " queued_ms, idle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            excess = self._count - len(room) + len(rows) - self.max_segments
+            bound = self._delete_oldest(excess) if excess > 0 else []
+        self._count += len(rows)
+        if room:
+            self.dropped_disk_full += self._forget(room)
+            self._report_full(f"free space under {self.min_free_bytes} bytes; dropping the "
+                              "oldest segments")
+        self.dropped += self._forget(bound)
+
+    def _free_pages_for(self, rows: list[_Row]) -> bool:
+        """Whether the file's own free pages can take ``rows`` without growing."""
+        size = sum(len(r[6]) + len(r[3]) + 64 for r in rows)
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return free * self._page_size >= size + 2 * self._page_size
+
+    def _low_on_disk(self) -> bool:
+        try:
+            return shutil.disk_usage(self.path.parent).free < self.min_free_bytes
+        except OSError:
+            return False
+
+    def _report_full(self, what: str) -> None:
+        if not self._full_reported:  # once per episode: the status counts every drop
+            log.warning("spool %s: disk full: %s", self.path, what)
+            self._full_reported = True
+
+    def _delete_oldest(self, n: int) -> list[int]:
+        """Delete the ``n`` oldest rows not being sent (inside a transaction); their ids.
+
+        Rows being sent (:meth:`hold`) stay: they may still be delivered, and a row counted
+        as dropped must not arrive."""
+        held = sorted(self._held)
+        ids = [r[0] for r in self._db.execute(
+            "SELECT id FROM segment WHERE id NOT IN "
+            f"({','.join('?' * len(held))}) ORDER BY id LIMIT ?", (*held, n))]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            self._db.execute(f"DELETE FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
+                             chunk)
+        return ids
+
+    def hold(self, ids: Iterable[int]) -> None:
+        """Mark rows as being sent: making room never deletes them (until :meth:`release` or
+        :meth:`remove`)."""
+        self._held.update(ids)
+
+    def release(self, ids: Iterable[int]) -> None:
+        """The send of these rows failed: they are ordinary queued rows again."""
+        self._held.difference_update(ids)
+
+    def _forget(self, ids: list[int]) -> int:
+        """Count deleted rows out (after the commit); how many of them were never sent."""
+        acked = sum(1 for i in ids if i in self._acked)
+        self._acked.difference_update(ids)
+        self._count -= len(ids)
+        return len(ids) - acked  # acknowledged rows deleted are not drops
+
+    def _flush_acked(self) -> None:
+        """Delete acknowledged rows, in small transactions: each fits in the WAL's existing
+        space, so the deletes go through on a full disk, and one refused leaves the rest."""
+        if not self._acked:
+            return
+        ids = sorted(self._acked)
+        try:
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                chunk = ids[start:start + _DELETE_CHUNK]
+                with _Transaction(self._db):
+                    deleted = self._db.execute(
+                        f"DELETE FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk).rowcount
+                self._count -= max(0, deleted)
+                self._acked.difference_update(chunk)
+        except sqlite3.Error as exc:
+            with _suppress_sqlite():  # keep only the ids still queued (reads work when full)
+                rest = sorted(self._acked)
+                present: set[int] = set()
+                for start in range(0, len(rest), 500):
+                    chunk = rest[start:start + 500]
+                    present.update(r[0] for r in self._db.execute(
+                        f"SELECT id FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk))
+                self._acked = present
+            if self.acknowledged_pending != len(self._acked):
+                log.warning("spool %s: cannot delete %d acknowledged segment(s) yet (%s); "
+                            "they are not sent again and the delete is retried", self.path,
+                            len(self._acked), exc)
+            self.acknowledged_pending = len(self._acked)
+            return
+        self.acknowledged_pending = 0
+
+    def _with_room(self, write: Callable[[], _T], new_rows: int = 1) -> _T:
+        """Run ``write``; on a full disk make room (oldest rows first) and try again."""
+        batch = max(1, new_rows)
+        for _ in range(_FULL_ATTEMPTS):
+            try:
+                return write()
+            except sqlite3.Error as exc:
+                if not _disk_full(exc):
+                    raise
+            self._checkpoint()
+            self._flush_acked()
+            if self._count == 0:
+                try:
+                    return write()
+                except sqlite3.Error as exc:
+                    if not _disk_full(exc):
+                        raise
+                raise _NoRoomError
+            try:
+                with _Transaction(self._db):
+                    gone = self._delete_oldest(batch)
+            except sqlite3.Error as exc:
+                if not _disk_full(exc):
+                    raise
+                gone = []
+            removed = self._forget(gone)
+            self.dropped_disk_full += removed
+            if removed:
+                self._report_full("the file system refused a write; dropping the oldest "
+                                  "segments")
+            self._checkpoint()
+            batch *= 2
+        raise _NoRoomError
+
+    def _checkpoint(self, mode: str = "RESTART") -> None:
+        """Fold the WAL into the database; RESTART keeps the WAL file's size for reuse (the
+        room the next writes need on a full disk), TRUNCATE gives it back."""
+        try:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as exc:
+            log.debug("spool %s: checkpoint failed: %s", self.path, exc)
+
+    def _compact(self) -> None:
+        """An empty queue: give the WAL and free pages back to the file system."""
+        self._compacted_at = time.monotonic()
+        try:
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()
+        except sqlite3.Error as exc:
+            log.debug("spool %s: incremental vacuum failed: %s", self.path, exc)
+        self._checkpoint("TRUNCATE")
+
+
+def _suppress_sqlite() -> contextlib.AbstractContextManager[None]:
+    return contextlib.suppress(sqlite3.Error)
+
+
+class _NoRoomError(Exception):
+    """The disk is full even with the queue empty."""
 
 
 class _Transaction:
@@ -156,4 +402,8 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        elif self._db.in_transaction:
+            # SQLite may already have rolled back after SQLITE_FULL.
+            self._db.execute("ROLLBACK")

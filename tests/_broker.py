@@ -1,4 +1,11 @@
-"""A real Mosquitto broker on a free port, restartable, for tests."""
+"""A real Mosquitto broker on a free port, restartable, for tests.
+
+Its persistence and queue settings are the deployment's own (``deploy/mosquitto/mosquitto.conf``:
+``autosave_interval``, ``max_queued_messages``, ``max_queued_bytes``), so a
+test of a broker restart or of a queue measures what a deployment gets. Clients are anonymous
+and free to choose their client id (the deployment's ``use_username_as_clientid`` needs user
+names: tests/test_mosquitto_acl.py runs the full deployment config).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,24 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["Mosquitto", "free_port", "mosquitto_binary"]
+__all__ = ["DEPLOY_CONF", "Mosquitto", "deploy_settings", "free_port", "mosquitto_binary"]
+
+DEPLOY_CONF = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
+# Not max_packet_size: tests send oversized payloads on purpose, to see the cloud refuse them.
+_DEPLOYED = ("autosave_interval", "max_queued_messages", "max_queued_bytes")
+
+
+def deploy_settings() -> dict[str, str]:
+    """The persistence and queue settings of the deployment's mosquitto.conf."""
+    out: dict[str, str] = {}
+    for line in DEPLOY_CONF.read_text().splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key in _DEPLOYED:
+            out[key] = value.strip()
+    missing = set(_DEPLOYED) - set(out)
+    if missing:
+        raise RuntimeError(f"{DEPLOY_CONF} lacks {sorted(missing)}")
+    return out
 
 
 def mosquitto_binary() -> str | None:
@@ -30,9 +54,13 @@ class Mosquitto:
     """``mosquitto -c`` on 127.0.0.1:port with on-disk persistence (sessions survive restart).
 
     ``extra`` lines go into the config file (ACLs, password files ...).
+    ``settings`` override the deployment's persistence and queue settings (None: Mosquitto's
+    default). ``stop()`` is a clean stop (SIGTERM: the persistence file is written), ``kill()``
+    a crash (SIGKILL: only the last autosave survives).
     """
 
-    def __init__(self, folder: Path, port: int | None = None, extra: str = "") -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra: str = "",
+                 settings: dict[str, str | None] | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed")
@@ -41,12 +69,16 @@ class Mosquitto:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config = folder / "mosquitto.conf"
+        # The deployment's persistence and queue settings, ``settings`` overriding them (a
+        # value of None leaves a setting at Mosquitto's default).
+        merged: dict[str, str | None] = {**deploy_settings(), **(settings or {})}
+        self.settings = {k: v for k, v in merged.items() if v is not None}
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {folder}/\n"
-            "max_queued_messages 100000\n"
+            + "".join(f"{k} {v}\n" for k, v in self.settings.items())
             # Started as root, mosquitto drops to user ``mosquitto``, which cannot write the
             # test's folder: the sessions would silently not survive a restart.
             + ("user root\n" if os.geteuid() == 0 else "")
@@ -87,6 +119,17 @@ class Mosquitto:
         if "Error saving in-memory database" in log:
             # A restart would lose every session: tests relying on it would pass or fail by race.
             raise RuntimeError(f"mosquitto could not write its persistence file:\n{log[-600:]}")
+
+    def kill(self) -> None:
+        """Crash (SIGKILL): nothing is written; a restart loads the last autosave."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def __enter__(self) -> Mosquitto:
         self.start()

@@ -414,12 +414,14 @@ def test_edge_bundle_zip_passes_the_rollout_checks(client: TestClient, tmp_path:
         archive.extractall(tmp_path / "unzipped")
     assert load_manifest(tmp_path / "unzipped", parts=("edge",)).id == model["id"]
 
-    def urlopen(request: Any, timeout: float) -> Any:  # the edge's download, served in-process
-        response = client.get(request.full_url.removeprefix("http://cloud"))
-        assert response.status_code == 200
-        return contextlib.nullcontext(io.BytesIO(response.content))
+    class Opener:  # the edge's download, served in-process
+        def open(self, request: Any, timeout: float) -> Any:
+            response = client.get(request.full_url.removeprefix("http://cloud"))
+            assert response.status_code == 200
+            return contextlib.nullcontext(io.BytesIO(response.content))
 
-    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    # The edge downloads through its own opener (it refuses redirects), not urlopen.
+    monkeypatch.setattr("csi_edge.rollout._OPENER", Opener())
     folder = fetch_bundle(f"http://cloud/api/v1/models/{model['id']}/edge", model["id"],
                           tmp_path / "models")
     assert folder.name == model["id"]

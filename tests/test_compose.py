@@ -28,6 +28,7 @@ REQUIRED = {
     "POSTGRES_PASSWORD": "pg-test-password",
     "CSI_CLOUD_MQTT_PASSWORD": "mqtt-cloud-password",
     "CSI_EDGE_MQTT_PASSWORD": "mqtt-edge-password",
+    "CSI_MQTT_HEALTHCHECK_PASSWORD": "mqtt-health-password",
 }
 
 
@@ -124,7 +125,11 @@ def test_compose_config_is_valid_and_resolves_the_variables(tmp_path: Path) -> N
     assert cloud["CSI_CLOUD_MQTT_PASSWORD"] == REQUIRED["CSI_CLOUD_MQTT_PASSWORD"]
     edge = services["edge"]["environment"]
     assert edge["CSI_EDGE_PASSWORD"] == REQUIRED["CSI_EDGE_MQTT_PASSWORD"]
-    assert (edge["CSI_EDGE_SITE"], edge["CSI_EDGE_USERNAME"]) == ("demo", "replay")
+    assert (edge["REPLAY_SITE"], edge["CSI_EDGE_USERNAME"]) == ("demo", "replay")
+    assert edge["REPLAY_APS"] == "3" and edge["REPLAY_SOURCE"] == "file:///data/fition"
+    broker = services["mosquitto"]["environment"]
+    assert broker == {"CSI_MQTT_HEALTHCHECK_PASSWORD":
+                      REQUIRED["CSI_MQTT_HEALTHCHECK_PASSWORD"]}
     # The sample recordings are replayed unless CSI_EDGE_DATA says otherwise.
     assert f"{ROOT / 'datasets' / 'samples'}:/data:ro" in services["edge"]["volumes"]
 
@@ -156,7 +161,10 @@ def test_services_are_started_in_order_of_health() -> None:
         assert check["test"][0] in ("CMD", "CMD-SHELL"), name
         assert {"interval", "timeout", "retries"} <= set(check), name
     assert "mosquitto_sub" in services["mosquitto"]["healthcheck"]["test"][1]
-    assert "-u csi-cloud" in services["mosquitto"]["healthcheck"]["test"][1]  # with a login
+    # With a login, as a user of its own: the client id is the user name, so a check logged
+    # in as csi-cloud would take the cloud's session (and its queued segments) every 10 s.
+    assert "-u healthcheck" in services["mosquitto"]["healthcheck"]["test"][1]
+    assert "csi-cloud" not in services["mosquitto"]["healthcheck"]["test"][1]
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"][1]
     cloud_check = " ".join(services["cloud"]["healthcheck"]["test"])
     assert "urllib" in cloud_check and "/healthz" in cloud_check
@@ -175,7 +183,8 @@ def test_images_volumes_and_mounts() -> None:
     assert services["postgres"]["image"] == "postgres:16"
     assert services["cloud"]["build"] == {"context": ".", "target": "cloud"}
     assert services["edge"]["build"] == {"context": ".", "target": "edge"}
-    assert set(doc["volumes"]) == {"mosquitto-data", "postgres-data", "recordings", "jobs"}
+    assert set(doc["volumes"]) == {"mosquitto-data", "postgres-data", "recordings", "jobs",
+                                   "edge-spool"}
     mounts = {name: services[name].get("volumes", []) for name in services}
     assert "mosquitto-data:/mosquitto/data" in mounts["mosquitto"]
     assert "./deploy/mosquitto/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in \
@@ -185,6 +194,7 @@ def test_images_volumes_and_mounts() -> None:
     assert {"recordings:/var/lib/csi/recordings", "jobs:/var/lib/csi/jobs"} <= \
         set(mounts["cloud"])
     assert "${CSI_EDGE_DATA:-./datasets/samples}:/data:ro" in mounts["edge"]
+    assert "edge-spool:/var/lib/csi/spool" in mounts["edge"]
     # The mounted config points at the mounted files.
     conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
     assert "password_file /mosquitto/config/passwd" in conf
@@ -199,19 +209,27 @@ def test_images_volumes_and_mounts() -> None:
     assert "8000" in services["cloud"]["ports"][0]
 
 
-def test_edge_service_scales() -> None:
-    """`--scale edge=N` starts N identical containers, so nothing in the edge service may
-    name one AP or one host: the AP is the container's hostname, no container_name, no fixed
-    host port, and the per-AP state (spool) stays inside each container."""
+def test_edge_service_streams_several_aps_as_one_user() -> None:
+    """The broker gives each MQTT user one session (client id = user name), so the replaying
+    APs of the demo site run as streams of ONE process over one connection, as many as
+    CSI_EDGE_APS says, named replay-1 ... replay-N (stable across a recreation, like the spool
+    volume that keeps their queues); there is nothing to `--scale`."""
     edge = compose()["services"]["edge"]
     assert "container_name" not in edge and "ports" not in edge and "hostname" not in edge
-    assert "CSI_EDGE_AP" not in edge["environment"]
-    line = " ".join(edge["entrypoint"])
-    assert "--ap" in line and "HOSTNAME" in line and "/etc/hostname" in line
+    assert "deploy" not in edge  # no replicas
+    assert not {"CSI_EDGE_AP", "CSI_EDGE_SITE", "CSI_EDGE_SOURCE"} & set(edge["environment"])
     assert edge["entrypoint"][:2] == ["sh", "-c"] and "exec csi edge" in edge["entrypoint"][2]
+    env = {k: str(v).split(":-")[-1].rstrip("}") for k, v in edge["environment"].items()}
+    # The entrypoint as Compose hands it to sh ($$ is a literal $), with the defaults.
+    script = edge["entrypoint"][2].replace("$$", "$")
+    out = subprocess.run(["sh", "-c", script.replace("exec csi edge", "printf '%s\\n'"),
+                          edge["entrypoint"][3]], capture_output=True, text=True, check=True,
+                         env={**env, "PATH": os.environ["PATH"]})
+    args = out.stdout.split()
+    assert args == [a for i in range(1, 4) for a in
+                    ("--stream", f"demo/replay-{i}=file:///data/fition")]
     assert edge["environment"]["CSI_EDGE_LOOP"] == "true"
     assert edge["environment"]["CSI_EDGE_SPEED"] == "real"
-    assert not any(v.split(":")[0] == "spool" for v in edge.get("volumes", []))
 
 
 def test_dockerfile_targets() -> None:
@@ -297,11 +315,11 @@ def test_deployment_doc_matches_the_compose_file() -> None:
     doc = (ROOT / "docs" / "deployment.md").read_text()
     edge = compose()["services"]["edge"]["environment"]
     user = edge["CSI_EDGE_USERNAME"].split(":-")[1].rstrip("}")
-    site = edge["CSI_EDGE_SITE"].split(":-")[1].rstrip("}")
-    assert f"--site-user {user}={site}" in doc
+    site = edge["REPLAY_SITE"].split(":-")[1].rstrip("}")
+    assert f"--site-user {user}={site} --reader healthcheck" in doc
     assert "--acl deploy/mosquitto/compose.acl" in doc
     assert "--passwd deploy/mosquitto/passwd" in doc
-    assert "--scale edge=" in doc
+    assert "CSI_EDGE_APS" in doc
     for name in REQUIRED:
         assert name in doc, name
     assert "docs/deployment.md" in (ROOT / "README.md").read_text()

@@ -1,14 +1,15 @@
 """compose.yaml's services, run as local processes with the same settings.
 
 No Docker engine here, so this reads compose.yaml (and the Dockerfile's ENV and ENTRYPOINT of
-each build target) and starts what ``docker compose up --scale edge=2`` would start, as
+each build target) and starts what ``CSI_EDGE_APS=2 docker compose up`` would start, as
 processes: the broker with the committed mosquitto.conf and the ACL and passwords made by the
 documented make-acl.py command, PostgreSQL (a fresh role and database on the local server), the
-cloud service and two replaying edges. Only host names, ports and paths are rewritten (a
-service name becomes 127.0.0.1 and a free port, a container path the folder its volume maps
-to); every other value, the edge's entrypoint line included, is used as written. The services
-are started in the order of ``depends_on`` and each waits for the previous one's own compose
-healthcheck. Both replicas must appear as APs of the demo site, with predictions."""
+cloud service and the replaying edge with two APs. Only host names, ports and paths are
+rewritten (a service name becomes 127.0.0.1 and a free port, a container path the folder its
+volume maps to); every other value, the edge's entrypoint line included, is used as written.
+The services are started in the order of ``depends_on`` and each waits for the previous one's
+own compose healthcheck. Both APs must appear in the demo site, with predictions, and no
+connection may take another's session (the broker makes the client id the user name)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ DEPLOY = ROOT / "deploy" / "mosquitto"
 POSTGRES = os.environ.get("CSI_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PASSWD_TOOL = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-REPLICAS = 2
+REPLAY_APS = 2
 TIMEOUT_S = 60.0
 
 # Compose's variable syntax: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}.
@@ -198,7 +199,8 @@ def _broker_config(folder: Path, port: int) -> str:
         "/mosquitto/data/", f"{folder}/data/")
     if os.geteuid() == 0:  # mosquitto started as root drops to user mosquitto: keep root here
         text += "\nuser root\n"
-    return text
+    # Also to a file, which mosquitto flushes line by line (its stdout to a file is buffered).
+    return text + f"\nlog_dest file {folder}/broker.log\n"
 
 
 @pytest.fixture
@@ -206,15 +208,17 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     """compose.yaml's variables set as docs/deployment.md says, and its broker running."""
     _require_tools()
     placeholders = {k: "x" for k in ("CSI_CLOUD_TOKEN", "POSTGRES_PASSWORD",
-                                     "CSI_CLOUD_MQTT_PASSWORD", "CSI_EDGE_MQTT_PASSWORD")}
+                                     "CSI_CLOUD_MQTT_PASSWORD", "CSI_EDGE_MQTT_PASSWORD",
+                                     "CSI_MQTT_HEALTHCHECK_PASSWORD")}
     edge = environment(interpolate(yaml.safe_load(COMPOSE_FILE.read_text()),
                                    placeholders)["services"]["edge"])
-    user, site = edge["CSI_EDGE_USERNAME"], edge["CSI_EDGE_SITE"]
+    user, site = edge["CSI_EDGE_USERNAME"], edge["REPLAY_SITE"]
     # The documented make-acl.py command (docs/deployment.md), into this test's folder.
     secrets_dir = tmp_path / "deploy"
     secrets_dir.mkdir()
     subprocess.run([sys.executable, str(DEPLOY / "make-acl.py"), "--aps-file",
-                    str(DEPLOY / "aps.txt"), "--site-user", f"{user}={site}", "--acl",
+                    str(DEPLOY / "aps.txt"), "--site-user", f"{user}={site}", "--reader",
+                    "healthcheck", "--acl",
                     str(secrets_dir / "compose.acl"), "--passwd", str(secrets_dir / "passwd"),
                     "--credentials", str(secrets_dir / "mqtt-credentials.csv"),
                     "--mosquitto-passwd", PASSWD_TOOL], check=True)
@@ -223,7 +227,9 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     values = {"CSI_CLOUD_TOKEN": secrets.token_urlsafe(24),
               "POSTGRES_PASSWORD": secrets.token_hex(12),
               "CSI_CLOUD_MQTT_PASSWORD": credentials["csi-cloud"],
-              "CSI_EDGE_MQTT_PASSWORD": credentials[user]}
+              "CSI_EDGE_MQTT_PASSWORD": credentials[user],
+              "CSI_MQTT_HEALTHCHECK_PASSWORD": credentials["healthcheck"],
+              "CSI_EDGE_APS": str(REPLAY_APS)}
     compose = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), values)
     assert isinstance(compose, dict)
     # The broker: its mounts, and the copies its command makes of the password file and ACL.
@@ -309,7 +315,7 @@ def test_compose_services_as_processes(deployment: Deployment,
     broker_env = {**_base_env(), **environment(services["mosquitto"])}
     if shutil.which("mosquitto_sub"):
         assert _healthcheck(services["mosquitto"], broker_env, 1883, mqtt_port) == 0
-        wrong = {**broker_env, "CSI_CLOUD_MQTT_PASSWORD": "not-the-password"}
+        wrong = {**broker_env, "CSI_MQTT_HEALTHCHECK_PASSWORD": "not-the-password"}
         assert _healthcheck(services["mosquitto"], wrong, 1883, mqtt_port) != 0
 
     logs = tmp_path / "logs"
@@ -348,33 +354,38 @@ def test_compose_services_as_processes(deployment: Deployment,
             time.sleep(0.5)
         cloud_ready = time.monotonic() - started
 
-        # edge x2, as `docker compose up --scale edge=2`: same settings, own hostname each.
-        hostnames = [secrets.token_hex(6) for _ in range(REPLICAS)]
-        for i, hostname in enumerate(hostnames, 1):
-            argv, env, state = container(f"edge-{i}", "edge", hostname)
-            processes.append(Process(f"edge-{i}", argv, env, state, logs))
+        # edge: one process, CSI_EDGE_APS streams over one connection as the site user.
+        argv, env, state = container("edge", "edge", secrets.token_hex(6))
+        processes.append(Process("edge", argv, env, state, logs))
+        aps = [f"replay-{i}" for i in range(1, REPLAY_APS + 1)]
 
-        site = environment(services["edge"])["CSI_EDGE_SITE"]
+        site = environment(services["edge"])["REPLAY_SITE"]
         url = f"http://127.0.0.1:{cloud_port}/api/v1/aps"
         deadline = time.monotonic() + TIMEOUT_S
         seen: dict[str, dict] = {}
         while True:
             for p in processes:
                 assert p.alive(), p.tail()
-            aps = httpx.get(url, timeout=10).json()["data"]
-            seen = {a["ap"]: a for a in aps if a["site"] == site and a.get("prediction")}
-            if set(hostnames) <= set(seen):
+            rows = httpx.get(url, timeout=10).json()["data"]
+            seen = {a["ap"]: a for a in rows if a["site"] == site and a.get("prediction")}
+            if set(aps) <= set(seen):
                 break
             assert time.monotonic() < deadline, (
-                f"APs with predictions: {sorted(seen)}, expected {hostnames}\n"
+                f"APs with predictions: {sorted(seen)}, expected {aps}\n"
                 + "\n".join(p.tail() for p in processes))
             time.sleep(0.5)
-        for hostname in hostnames:
-            ap = seen[hostname]
-            assert ap["online"], ap
-            assert ap["prediction"]["activity"], ap
-            assert ap["status"]["source"].startswith("file://"), ap["status"]
-        print(f"cloud healthy after {cloud_ready:.1f} s, both edges predicted after "
+        for ap in aps:
+            assert seen[ap]["online"], seen[ap]
+            assert seen[ap]["prediction"]["activity"], seen[ap]
+            assert seen[ap]["status"]["source"].startswith("file://"), seen[ap]["status"]
+        # Every user has one session: the edge's streams share one connection, and the
+        # healthcheck and the cloud never take each other's.
+        log = (deployment.broker.folder / "broker.log").read_text()
+        assert "already connected, closing old connection" not in log, log[-3000:]
+        user = environment(services["edge"])["CSI_EDGE_USERNAME"]
+        assert log.count(f" as {user} (") == 1, log[-3000:]
+        assert log.count(" as csi-cloud (") == 1, log[-3000:]
+        print(f"cloud healthy after {cloud_ready:.1f} s, {len(aps)} APs predicted after "
               f"{time.monotonic() - started:.1f} s")
     finally:
         for p in reversed(processes):
@@ -422,9 +433,9 @@ class _Client:
 
 @pytest.mark.e2e
 def test_replay_user_is_confined_to_its_site(deployment: Deployment) -> None:
-    """The one user all edge replicas share may act as any AP of its site, and nothing else."""
+    """The one user of the replaying edge may act as any AP of its site, and nothing else."""
     edge = environment(deployment.compose["services"]["edge"])
-    user, site = edge["CSI_EDGE_USERNAME"], edge["CSI_EDGE_SITE"]
+    user, site = edge["CSI_EDGE_USERNAME"], edge["REPLAY_SITE"]
     port = deployment.broker.port
     cloud = _Client(port, "csi-cloud", deployment.credentials["csi-cloud"],
                     ["csi/v1/+/+/seg", "csi/v1/+/+/status"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _broker import free_port, mosquitto_binary
+from _broker import deploy_settings, free_port, mosquitto_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -92,14 +92,30 @@ def _check_dashboard(browser: Any, url: str, names: list[str]) -> None:
     browser.save_screenshot(str(artifacts / "demo.png"))
 
 
+def test_demo_broker_keeps_the_deployments_persistence_and_queue_settings(
+        tmp_path: Path) -> None:
+    """The demo's Mosquitto queues for the cloud's session like a deployment: persistence on,
+    the same autosave and byte-bounded queue (not Mosquitto's default 1000 messages)."""
+    from csi_cloud.demo import BROKER_PERSISTENCE, demo_broker_config
+
+    assert deploy_settings() == BROKER_PERSISTENCE
+    text = demo_broker_config(1884, tmp_path / "data")
+    lines = set(text.splitlines())
+    assert {"persistence true", f"persistence_location {tmp_path / 'data'}/",
+            "listener 1884 127.0.0.1"} <= lines
+    assert {f"{k} {v}" for k, v in deploy_settings().items()} <= lines
+    assert (tmp_path / "data").is_dir()
+
+
 @pytest.mark.e2e
 def test_demo_with_mosquitto(tmp_path: Path, browser: Any) -> None:
     if mosquitto_binary() is None:
         if IN_CI:
             pytest.fail("CI=true but mosquitto is not installed")
         pytest.skip("needs mosquitto (the embedded broker is tested below)")
-    aps, ready_s, out, _ = _run_demo(tmp_path, "--aps", "2", browser=browser)
+    aps, ready_s, out, work = _run_demo(tmp_path, "--aps", "2", browser=browser)
     assert {a["ap"] for a in aps} == {"ap1", "ap2"}
+    assert (work / "broker-data" / "mosquitto.db").is_file()  # written at the clean stop
     assert all(a["prediction"]["activity"] for a in aps)
     assert "dashboard: http://127.0.0.1:" in out and "mosquitto" in out
     assert "demo/ap1" in out and "B/s" in out  # the live line per AP

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -43,10 +45,11 @@ def edge_command(broker: Mosquitto, spool: Path, *args: str) -> list[str]:
             *args]
 
 
-def start_edge(broker: Mosquitto, spool: Path, *args: str,
-               idle: bool = True) -> subprocess.Popen[str]:
+def start_edge(broker: Mosquitto, spool: Path, *args: str, idle: bool = True,
+               extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1",
-               CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"), CSI_EDGE_IDLE=str(idle).lower())
+               CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"), CSI_EDGE_IDLE=str(idle).lower(),
+               **(extra_env or {}))
     return subprocess.Popen(edge_command(broker, spool, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
@@ -164,7 +167,7 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
     broker.stop()  # nothing reachable: everything stays in the spool
     proc = start_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
                       "--ap", "ap1", "--speed", "max", "--level", "2")
-    db = spool / "lab__ap1.sqlite"
+    db = spool / "lab" / "ap1.sqlite"
     deadline = time.monotonic() + 60
     queued = -1
     while time.monotonic() < deadline:
@@ -206,6 +209,10 @@ def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collecto
         collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 2, 30,
                            "first segments")
         collector.publish(f"{PREFIX}/lab/ap1/ctl", b"not json {")
+        # Bombs: nested 5,000 deep (RecursionError in json.loads), 20 kB, not UTF-8.
+        collector.publish(f"{PREFIX}/lab/ap1/ctl", b"[" * 5000)
+        collector.publish(f"{PREFIX}/lab/ap1/ctl", json.dumps({"action": "x" * 20_000}))
+        collector.publish(f"{PREFIX}/lab/ap1/ctl", b"\xff\xfe{}")
         collector.publish(f"{PREFIX}/lab/ap1/ctl", json.dumps({"action": "set_rate",
                                                                "level": 9}))
         collector.publish(f"{PREFIX}/lab/ap1/ctl", json.dumps({"action": "set_rate",
@@ -227,8 +234,16 @@ def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collecto
               if decode_payload(m.payload).level == 0]
     assert level0 and all(len(p.segments) <= 4 for p in level0)
     status = last_status(collector, "lab", "ap1")
-    assert status["counters"]["ctl_rejected"] == 2
+    assert status["counters"]["ctl_rejected"] == 5
     assert "ctl rejected" in status["error"] and "9" in status["error"]
+    # Every rejection was reported, with its reason, and none reached the status unbounded.
+    errors = {json.loads(m.payload)["error"] for m in collector.on(f"{PREFIX}/lab/ap1/status")}
+    errors.discard(None)
+    assert any("nested 5000 deep" in e for e in errors), errors
+    assert any("limit 16384" in e for e in errors), errors
+    assert any("not UTF-8" in e for e in errors), errors
+    assert max(len(e) for e in errors) <= len("ctl rejected: ") + 300
+    assert max(len(m.payload) for m in collector.on(f"{PREFIX}/lab/ap1/status")) < 4000
 
 
 @pytest.mark.e2e
@@ -338,11 +353,22 @@ class _Files(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def variant_bundle(folder: Path) -> BundleManifest:
-    """A copy of the default bundle with another id (same weights, new calibration note)."""
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.HTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def variant_bundle(folder: Path, onnx: bytes | None = None, note: str = "test") -> BundleManifest:
+    """A copy of the default bundle with another id (same weights and a new calibration note,
+    or ``onnx`` as its encoder), self-consistent: hashes and id match."""
     shutil.copytree(MODEL, folder)
     data = json.loads((folder / "bundle.json").read_text())
-    data["calibration"] = {**data.get("calibration", {}), "variant": "test"}
+    data["calibration"] = {**data.get("calibration", {}), "variant": note}
+    if onnx is not None:
+        (folder / "edge.onnx").write_bytes(onnx)
+        data["files"]["edge"] = {**data["files"]["edge"], "bytes": len(onnx),
+                                 "sha256": hashlib.sha256(onnx).hexdigest()}
     manifest = BundleManifest.model_validate(data)
     manifest.id = bundle_id(manifest)
     (folder / "bundle.json").write_text(json.dumps(manifest.model_dump(mode="json")))
@@ -350,16 +376,28 @@ def variant_bundle(folder: Path) -> BundleManifest:
 
 
 @pytest.mark.e2e
-def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
+def test_model_switch_only_to_a_listed_bundle_that_runs(broker: Mosquitto, collector: Collector,
+                                                        tmp_path: Path) -> None:
+    """The edge switches only to the commanded id, when the cloud lists it, the download
+    checks out and the encoder runs; anything else leaves the running model streaming."""
     from csi_cloud.model.compression import CloudModel
 
     variant = variant_bundle(tmp_path / "variant")
+    broken = variant_bundle(tmp_path / "broken", onnx=b"not an ONNX model " * 64)
+    foreign = variant_bundle(tmp_path / "foreign", note="not announced")
     good = edge_archive(tmp_path / "variant")
     tampered = bytearray(good)
     tampered[len(tampered) // 2] ^= 0xFF
-    _Files.routes = {f"/api/v1/models/{variant.id}/edge": good, "/tampered": bytes(tampered)}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    listed = [variant.id, broken.id]  # the cloud's model list; `foreign` is not on it
+    _Files.hits = []
+    _Files.routes = {
+        "/api/v1/models": json.dumps({"data": [{"id": i} for i in listed],
+                                      "count": len(listed)}).encode(),
+        f"/api/v1/models/{variant.id}/edge": good,
+        f"/api/v1/models/{broken.id}/edge": edge_archive(tmp_path / "broken"),
+        f"/api/v1/models/{foreign.id}/edge": edge_archive(tmp_path / "foreign"),
+        "/tampered": bytes(tampered)}
+    server = _serve(_Files)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
                       "lab", "--ap", "ap1", "--speed", "5", "--level", "2", "--cloud-url", base)
@@ -368,14 +406,37 @@ def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path
         collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 2, 30,
                            "first segments")
         ctl = f"{PREFIX}/lab/ap1/ctl"
-        collector.publish(ctl, json.dumps({"action": "switch_model", "model_id": variant.id,
-                                           "url": base + "/tampered"}))
-        collector.publish(ctl, json.dumps({"action": "switch_model", "model_id": "ab" * 32}))
-        collector.wait_for(lambda: last_status(collector, "lab", "ap1")["counters"]
-                           ["model_switch_failures"] == 2, 20, "two failed switches")
-        assert last_status(collector, "lab", "ap1")["model"] == EdgeEncoder(MODEL).manifest.id
+        commands = [
+            {"model_id": variant.id, "url": base + "/tampered"},  # fails its hash
+            {"model_id": "ab" * 32},  # not listed
+            {"model_id": foreign.id},  # self-consistent, served, but not listed
+            {"model_id": broken.id},  # listed, checks out, but its encoder does not load
+            {"model_id": variant.id, "url": f"{base}/api/v1/models/{foreign.id}/edge"},
+        ]
+        for i, command in enumerate(commands, 1):
+            collector.publish(ctl, json.dumps({"action": "switch_model", **command}))
+            collector.wait_for(lambda i=i: last_status(collector, "lab", "ap1")["counters"]
+                               ["model_switch_failures"] == i, 20, f"failed switch {i}")
+            status = last_status(collector, "lab", "ap1")
+            assert status["model"] == EdgeEncoder(MODEL).manifest.id, command
+            assert status["state"] == "streaming" and status["online"], status
+        errors = [json.loads(m.payload)["error"] or "" for m in collector.on(
+            f"{PREFIX}/lab/ap1/status")]
+        assert any("tampered did not send a zip" in e for e in errors), errors
+        assert any(f"{'ab' * 6}… is not among the 2 model(s)" in e for e in errors), errors
+        assert any(f"{foreign.id[:12]}… is not among" in e for e in errors), errors
+        assert any("does not load" in e for e in errors), errors
+        assert any(f"sent model {foreign.id[:12]}" in e for e in errors), errors
+        # Nothing was downloaded for an id the cloud does not list.
+        assert f"/api/v1/models/{'ab' * 32}/edge" not in _Files.hits
+        assert f"/api/v1/models/{foreign.id}/edge" in _Files.hits  # only as command 5's url
+        assert _Files.hits.count(f"/api/v1/models/{foreign.id}/edge") == 1
+        before = len(segments_of(collector, "lab", "ap1"))
+        collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) > before + 2, 20,
+                           "segments on the old model after the failures")
+
         collector.publish(ctl, json.dumps({"action": "switch_model", "model_id": variant.id}))
-        new_id = bytes.fromhex(variant.id)[:3]
+        new_id = EdgeEncoder(tmp_path / "variant").model_id
         collector.wait_for(lambda: any(m == new_id for *_, m in
                                        segments_of(collector, "lab", "ap1")), 30,
                            "a segment on the new model")
@@ -393,7 +454,215 @@ def test_model_switch_over_ctl(broker: Mosquitto, collector: Collector, tmp_path
     payloads = [m.payload for m in collector.on(f"{PREFIX}/lab/ap1/seg")
                 if decode_payload(m.payload).model_id == new_id]
     assert all(cloud.decompress(p) for p in payloads)
-    assert (tmp_path / "spool").exists()
+
+
+@pytest.mark.e2e
+def test_ctl_never_makes_the_edge_contact_another_address(broker: Mosquitto,
+                                                         collector: Collector,
+                                                         tmp_path: Path) -> None:
+    """Blind SSRF: a ctl url off the cloud base URL is refused before any request, and the
+    status says the same whatever is (or is not) listening there."""
+
+    class Other(_Files):
+        routes: ClassVar[dict[str, bytes]] = {}
+        hits: ClassVar[list[str]] = []
+
+    _Files.hits, _Files.routes = [], {"/api/v1/models": b'{"data": [], "count": 0}'}
+    cloud, other = _serve(_Files), _serve(Other)
+    base = f"http://127.0.0.1:{cloud.server_address[1]}"
+    with socket.socket() as closed:  # bound, never listening: a closed port
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        targets = [f"http://127.0.0.1:{other.server_address[1]}/admin",
+                   f"http://127.0.0.1:{closed_port}/",
+                   "http://169.254.169.254/latest/meta-data/",
+                   f"{base}/../../etc/passwd", "file:///etc/passwd",
+                   f"http://127.0.0.1:{cloud.server_address[1]}@127.0.0.1:"
+                   f"{other.server_address[1]}/x"]
+        proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
+                          "lab", "--ap", "ap1", "--speed", "5", "--cloud-url", base)
+        try:
+            collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 1, 30,
+                               "first segments")
+            for i, url in enumerate(targets, 1):
+                collector.publish(f"{PREFIX}/lab/ap1/ctl", json.dumps(
+                    {"action": "switch_model", "model_id": "cd" * 32, "url": url}))
+                collector.wait_for(lambda i=i: last_status(collector, "lab", "ap1")
+                                   ["counters"]["ctl_rejected"] == i, 20, f"refusal {i}")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code, out = finish(proc, 15)
+            cloud.shutdown()
+            other.shutdown()
+    assert code == 0, out
+    assert Other.hits == [] and _Files.hits == []  # not even the cloud's list was read
+    errors = [json.loads(m.payload)["error"] for m in collector.on(f"{PREFIX}/lab/ap1/status")]
+    refusals = [e for e in errors if e and "not under the cloud base URL" in e]
+    assert len(set(refusals)) == len(targets), errors
+    for e in refusals:  # no trace of what is at the other address
+        assert not any(w in e.lower() for w in ("refused", "timed out", "404", "errno")), e
+
+
+@pytest.mark.e2e
+def test_a_source_that_dies_stops_the_process_with_the_reason(broker: Mosquitto,
+                                                              collector: Collector,
+                                                              tmp_path: Path) -> None:
+    """A looping replay whose folder disappears: the stream is reported failed (not online
+    and doing nothing), the other stream of the process stops too, and the exit code is 1."""
+    dying = tmp_path / "dying"
+    shutil.copytree(FOLDER / "walking_user1_rm1", dying)
+    proc = start_edge(broker, tmp_path / "spool", "--speed", "10", "--loop", "--stream",
+                      f"lab/dying=file://{dying}", "--stream", f"lab/fine=file://{FOLDER}")
+    try:
+        collector.wait_for(lambda: len(segments_of(collector, "lab", "dying")) >= 2
+                           and len(segments_of(collector, "lab", "fine")) >= 2, 30,
+                           "both streams")
+        shutil.rmtree(dying)
+        code, out = finish(proc, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 1, out
+    collector.wait_for(lambda: not last_status(collector, "lab", "dying")["online"], 10,
+                       "the failed stream's final status")
+    statuses = [json.loads(m.payload) for m in collector.on(f"{PREFIX}/lab/dying/status")]
+    online_error = [s for s in statuses if s["online"] and s["state"] == "error"]
+    assert online_error, "the failure is published at once, before the stop"
+    final = statuses[-1]
+    assert final["state"] == "error" and not final["online"], final
+    assert "no readable recording left" in final["error"], final["error"]
+    assert len(final["error"]) <= 300
+    assert "stream failed; stopping every stream" in out
+    fine = last_status(collector, "lab", "fine")
+    assert not fine["online"] and fine["state"] == "offline" and fine["error"] is None
+
+
+def test_an_encoder_that_raises_fails_the_stream_and_the_process(
+        broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
+    """Any exception in the producer (here the encoder, on its third batch) is a failure: the
+    status says so at once, every stream stops, the exit code is 1, and what was queued is
+    kept."""
+    import asyncio
+
+    from csi_edge.agent import EdgeAgent
+    from csi_edge.settings import load_settings
+
+    settings = load_settings(model=MODEL, broker=broker.url, spool_dir=tmp_path / "spool",
+                             status_interval_s=30, speed="5", loop=True, drain_timeout_s=3,
+                             models_dir=tmp_path / "fetched",
+                             streams=[{"site": "lab", "ap": "bad", "source": f"file://{FOLDER}"},
+                                      {"site": "lab", "ap": "good",
+                                       "source": f"file://{FOLDER}"}])
+
+    async def main() -> tuple[int, EdgeAgent]:
+        agent = EdgeAgent(settings)
+        agent.check()
+        bad = agent.streams[0]
+        calls = {"n": 0}
+        encode = bad._encode
+
+        def failing(segments: list) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("encoder exploded " + "x" * 1000)
+            encode(segments)
+
+        bad._encode = failing  # type: ignore[method-assign]
+        return await asyncio.wait_for(agent.run(), 60), agent
+
+    code, agent = asyncio.run(main())
+    assert code == 1
+    assert agent.streams[0].state == "error" and agent.streams[1].state != "error"
+    collector.wait_for(lambda: not last_status(collector, "lab", "bad")["online"], 10,
+                       "the final status")
+    statuses = [json.loads(m.payload) for m in collector.on(f"{PREFIX}/lab/bad/status")]
+    first_error = next(s for s in statuses if s["state"] == "error")
+    assert first_error["online"]  # published at once, not at the 30 s status interval
+    assert first_error["error"].startswith("stream failed: RuntimeError: encoder exploded")
+    assert len(first_error["error"]) == 300
+    assert statuses[-1]["state"] == "error" and not statuses[-1]["online"]
+    good = last_status(collector, "lab", "good")
+    assert not good["online"] and good["state"] == "offline"
+
+
+@pytest.mark.e2e
+def test_a_udp_port_taken_fails_the_stream_with_the_reason(broker: Mosquitto,
+                                                           collector: Collector,
+                                                           tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        proc = start_edge(broker, tmp_path / "spool", "--source",
+                          f"nexmon-udp://127.0.0.1:{port}", "--site", "lab", "--ap", "live")
+        code, out = finish(proc, 60)
+    assert code == 1, out
+    collector.wait_for(lambda: collector.on(f"{PREFIX}/lab/live/status"), 10, "a status")
+    final = last_status(collector, "lab", "live")
+    assert final["state"] == "error" and not final["online"]
+    assert "cannot listen" in final["error"] and str(port) in final["error"]
+
+
+def _oldest_queued(db: Path) -> int:
+    """Sequence number of the oldest segment in a spool (read-only, beside the writer)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT min(seq) FROM segment").fetchone()
+    except sqlite3.Error:
+        return -1
+    return -1 if row is None or row[0] is None else int(row[0])
+
+
+@pytest.mark.e2e
+def test_a_full_disk_drops_the_oldest_segments_and_keeps_streaming(
+        broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
+    """The spool on a real 3 MiB file system, of which it may use ~256 KiB before it counts
+    as full, the broker down: the stream goes on, dropping its oldest segments (counted),
+    and once the broker is back the newest arrive, in order; every segment encoded is either
+    delivered or counted as dropped."""
+    from test_edge_spool import small_filesystem
+
+    with small_filesystem(tmp_path, 3 * 1024) as fs:
+        broker.stop()
+        env = {"CSI_EDGE_SPOOL_MIN_FREE_BYTES": str((3 << 20) - (256 << 10)),
+               "CSI_EDGE_SPOOL_WAL_LIMIT_BYTES": str(64 << 10),
+               "CSI_EDGE_DRAIN_TIMEOUT_S": "20"}
+        proc = start_edge(broker, fs / "spool", "--source", f"file://{FOLDER}", "--site",
+                          "lab", "--ap", "ap1", "--speed", "max", "--loop", "--level", "3",
+                          extra_env=env)
+        try:
+            deadline = time.monotonic() + 90
+            db = fs / "spool" / "lab" / "ap1.sqlite"
+            while True:  # until the spool, full, has dropped its oldest segments
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                assert time.monotonic() < deadline, "the spool never filled"
+                if db.exists() and _oldest_queued(db) > 100:
+                    break
+                time.sleep(0.5)
+            time.sleep(3)
+            assert proc.poll() is None
+            broker.start()
+            collector.wait_for(lambda: collector.on(f"{PREFIX}/lab/ap1/status") and
+                               last_status(collector, "lab", "ap1")["counters"]
+                               ["segments_dropped_disk_full"] > 0, 60, "drops in the status")
+            status = last_status(collector, "lab", "ap1")
+            assert status["online"] and status["state"] == "streaming"
+            assert "disk_full" in status["problems"]
+            proc.send_signal(signal.SIGTERM)
+            code, out = finish(proc, 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == 0, out
+        collector.wait_for(lambda: not last_status(collector, "lab", "ap1")["online"], 20,
+                           "the final status")
+    final = last_status(collector, "lab", "ap1")["counters"]
+    arrivals = first_arrivals(segments_of(collector, "lab", "ap1"))
+    seqs = [seq for _, seq in arrivals]
+    assert seqs == sorted(seqs) and seqs[0] > 0, "the oldest were dropped, the rest in order"
+    assert final["segments_buffered"] == 0
+    assert len(seqs) + final["segments_dropped_disk_full"] == final["segments_encoded"]
+    assert final["segments_dropped_spool_full"] == 0
+    assert "disk full" in out and out.count("disk full") < 5  # logged once per episode
 
 
 @pytest.mark.e2e
@@ -417,5 +686,5 @@ def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
         took = time.monotonic() - t0
     assert took < 1.0 + 2.0, f"stop took {took:.1f} s:\n{out[-2000:]}"
     assert out.count("retrying") < 20, "no tight reconnect loop while stopping"
-    with sqlite3.connect(tmp_path / "spool" / "lab__ap1.sqlite") as con:
+    with sqlite3.connect(tmp_path / "spool" / "lab" / "ap1.sqlite") as con:
         assert con.execute("SELECT count(*) FROM segment").fetchone()[0] >= 8

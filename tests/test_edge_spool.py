@@ -3,22 +3,28 @@ reconnect backoff. Everything here is real: SQLite files, a killed process, paho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csi_edge._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
 from csi_edge.agent import group_messages
+from csi_edge.names import InvalidNameError
 from csi_edge.spool import QueuedSegment, SegmentSpool, SpoolError
+from csi_edge.spool import spool_path as layout_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_A = bytes.fromhex("c63edcdbdb48a129")
@@ -128,6 +134,29 @@ def test_bound_drops_the_oldest_and_counts_them(spool_path: Path) -> None:
         assert spool.dropped == 10
         assert [r.seq for r in spool.peek(10)] == [13, 14, 15, 16]
         assert len(spool) == len(spool.peek(100)) == 4
+    finally:
+        spool.close()
+
+
+def test_rows_being_sent_are_never_dropped_to_make_room(spool_path: Path) -> None:
+    """A row in flight may still be delivered: dropping it would count as lost a segment the
+    cloud gets. Making room skips held rows; a failed send releases them."""
+    spool = SegmentSpool(spool_path, max_segments=3)
+    try:
+        spool.put([seg(i) for i in range(3)])
+        first = spool.peek(1)[0].id
+        spool.hold([first])
+        assert spool.put([seg(3)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [0, 2, 3]  # seq 1 went, not the held 0
+        spool.release([first])
+        assert spool.put([seg(4)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [2, 3, 4]
+        held = [r.id for r in spool.peek(10)]
+        spool.hold(held)
+        spool.remove(held[:2])  # acknowledged: no longer held; seq 4 still is
+        assert spool.put([seg(5), seg(6)]) == 0
+        assert spool.put([seg(7)]) == 1
+        assert [r.seq for r in spool.peek(10)] == [4, 6, 7]
     finally:
         spool.close()
 
@@ -270,6 +299,247 @@ def test_unopenable_paths_raise_spool_error_naming_the_path(tmp_path: Path) -> N
     with pytest.raises(SpoolError) as info:
         SegmentSpool(garbage)
     assert repr(str(garbage)) in str(info.value)
+
+
+# -- file names -------------------------------------------------------------------------------
+
+
+def test_one_folder_per_site_so_names_never_collide(tmp_path: Path) -> None:
+    # The flat layout {site}__{ap} mapped both of these to a__b__c.sqlite.
+    first, second = layout_path(tmp_path, "a__b", "c"), layout_path(tmp_path, "a", "b__c")
+    assert first == tmp_path / "a__b" / "c.sqlite"
+    assert second == tmp_path / "a" / "b__c.sqlite"
+    one, two = SegmentSpool(first), SegmentSpool(second)
+    try:
+        one.put([seg(1)])
+        two.put([seg(2), seg(3)])
+        assert (len(one), len(two)) == (1, 2)
+    finally:
+        one.close()
+        two.close()
+    for site, ap in (("..", "ap"), ("lab", "."), ("lab", "a/b"), ("$SYS", "ap"), ("", "ap")):
+        with pytest.raises(InvalidNameError):
+            layout_path(tmp_path, site, ap)
+
+
+def test_a_spool_of_the_flat_layout_moves_into_place_with_its_wal(tmp_path: Path) -> None:
+    legacy = tmp_path / "lab__ap1.sqlite"
+    old = SegmentSpool(legacy)
+    old.put([seg(i) for i in range(5)])
+    epoch = old.next_epoch()
+    # Left as a killed process leaves it: the rows may sit in the WAL, not yet checkpointed.
+    wal = legacy.with_name(legacy.name + "-wal")
+    assert wal.stat().st_size > 0
+    copies = {suffix: legacy.with_name(legacy.name + suffix).read_bytes()
+              for suffix in ("", "-wal")}
+    old.close()
+    for suffix, data in copies.items():
+        legacy.with_name(legacy.name + suffix).write_bytes(data)
+
+    path = layout_path(tmp_path, "lab", "ap1")
+    assert path == tmp_path / "lab" / "ap1.sqlite" and path.is_file()
+    assert not legacy.exists() and not wal.exists()
+    moved = SegmentSpool(path)
+    try:
+        assert [r.seq for r in moved.peek(10)] == [0, 1, 2, 3, 4]
+        assert moved.next_epoch() == (epoch + 1) % 65536
+    finally:
+        moved.close()
+    # Once the new file exists an old one is left alone.
+    SegmentSpool(legacy).close()
+    assert layout_path(tmp_path, "lab", "ap1") == path and legacy.exists()
+
+
+# -- a full disk --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(tmp_path: Path, size_kib: int) -> Iterator[Path]:
+    """A real file system of ``size_kib`` (tmpfs; mounting needs root and CAP_SYS_ADMIN).
+
+    Where it cannot be mounted the test is skipped with the reason: the SQLITE_FULL path is
+    still covered by test_sqlite_full_drops_the_oldest_and_keeps_going (max_page_count).
+    """
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    if os.geteuid() != 0 or not mount or not umount:
+        pytest.skip("mounting a small tmpfs needs root and mount(8); the SQLITE_FULL path is "
+                    "covered by test_sqlite_full_drops_the_oldest_and_keeps_going")
+    folder = tmp_path / "small-fs"
+    folder.mkdir()
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                           str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the SQLITE_FULL "
+                    "path is covered by test_sqlite_full_drops_the_oldest_and_keeps_going")
+    try:
+        yield folder
+    finally:
+        subprocess.run([umount, "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Take every byte left on the file system."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_drops_the_oldest_and_keeps_going(tmp_path: Path) -> None:
+    """On a real 3 MiB file system: the queue fills it down to the reserve, then drops its
+    oldest segment for each new one; with the disk taken to the last byte by someone else,
+    deleting acknowledged rows and appending still never raise."""
+    with small_filesystem(tmp_path, 3 * 1024) as fs:
+        spool = SegmentSpool(fs / "lab" / "ap1.sqlite", max_segments=10**6,
+                             wal_limit_bytes=256 << 10, min_free_bytes=512 << 10)
+        try:
+            spool.next_epoch()
+            n = 20_000
+            for i in range(n):
+                spool.put([seg(i, codes=random.randbytes(300))])
+            assert spool.dropped == 0
+            assert spool.dropped_disk_full > 0
+            assert len(spool) + spool.dropped_disk_full == n
+            # The oldest went first: what is left is the newest, in order.
+            rows = spool.peek(10**6)
+            assert [r.seq for r in rows] == list(range(spool.dropped_disk_full, n))
+            assert shutil.disk_usage(fs).free > 0
+            wal = fs / "lab" / "ap1.sqlite-wal"
+            assert wal.stat().st_size <= (256 << 10) + (64 << 10)
+
+            # Someone else takes the rest of the disk: nothing raises, nothing is resent.
+            filler = _fill(fs)
+            assert shutil.disk_usage(fs).free < 8192
+            queued = len(spool)
+            acked = [r.id for r in spool.peek(50)]
+            spool.remove(acked)
+            assert len(spool) == queued - 50
+            assert acked[-1] < spool.peek(1)[0].id
+            before = spool.dropped_disk_full
+            for i in range(n, n + 200):
+                spool.put([seg(i, codes=random.randbytes(300))])
+            assert spool.dropped_disk_full > before
+            assert spool.peek(10**6)[-1].seq == n + 199  # the newest is kept
+
+            # Space back: the queue drains and gives its space back.
+            filler.unlink()
+            while len(spool):
+                spool.remove([r.id for r in spool.peek(2000)])
+            assert spool.acknowledged_pending == 0
+        finally:
+            spool.close()
+        again = SegmentSpool(fs / "lab" / "ap1.sqlite")
+        try:
+            assert len(again) == 0
+            again.put([seg(0)])
+            assert len(again) == 1
+        finally:
+            again.close()
+
+
+def test_sqlite_full_drops_the_oldest_and_keeps_going(spool_path: Path) -> None:
+    """SQLITE_FULL without a small file system: the database may not grow past
+    max_page_count, as on a disk that is full to the last byte."""
+    spool = SegmentSpool(spool_path, max_segments=10**6, min_free_bytes=0)
+    try:
+        pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+        spool._db.execute(f"PRAGMA max_page_count = {pages + 40}")
+        n = 1200
+        for i in range(n):
+            spool.put([seg(i, codes=random.randbytes(200))])
+        assert spool.dropped == 0 and 0 < spool.dropped_disk_full < n
+        assert len(spool) + spool.dropped_disk_full == n
+        assert [r.seq for r in spool.peek(n)] == list(range(spool.dropped_disk_full, n))
+        # A batch of 500 at once: older rows make room for all of it.
+        spool.put([seg(i, codes=random.randbytes(200)) for i in range(n, n + 500)])
+        rows = spool.peek(10**6)
+        assert rows[-500:] == [r for r in rows if r.seq >= n] and rows[-1].seq == n + 499
+        assert len(spool) + spool.dropped_disk_full == n + 500
+        # Acknowledged rows are deleted (freeing pages needs no new ones).
+        spool.remove([r.id for r in rows])
+        assert len(spool) == 0 and spool.acknowledged_pending == 0
+    finally:
+        spool.close()
+
+
+def test_a_refused_delete_of_acknowledged_rows_never_raises(spool_path: Path) -> None:
+    """The delete fails (another writer holds the lock): the rows count as sent, are not
+    offered again, and go at the next write that succeeds."""
+    spool = SegmentSpool(spool_path)
+    blocker = sqlite3.connect(spool_path, isolation_level=None)
+    try:
+        spool.put([seg(i) for i in range(6)])
+        spool._db.execute("PRAGMA busy_timeout = 0")
+        blocker.execute("BEGIN IMMEDIATE")
+        acked = [r.id for r in spool.peek(4)]
+        spool.remove(acked)  # "database is locked": kept, not raised
+        assert spool.acknowledged_pending == 4
+        assert len(spool) == 2
+        assert [r.seq for r in spool.peek(10)] == [4, 5]
+        blocker.execute("ROLLBACK")
+        spool.put([seg(6)])
+        assert spool.acknowledged_pending == 0
+        assert [r.seq for r in spool.peek(10)] == [4, 5, 6]
+        assert spool._db.execute("SELECT count(*) FROM segment").fetchone()[0] == 3
+    finally:
+        blocker.close()
+        spool.close()
+
+
+def _max_wal(path: Path, cycles: int, open_db: object) -> int:
+    """Largest WAL size over ``cycles`` of one segment queued and acknowledged (a healthy
+    link), with the queue ``open_db(path)`` returns (put/remove/peek/close)."""
+    queue = open_db(path)  # type: ignore[operator]
+    wal = path.with_name(path.name + "-wal")
+    largest = 0
+    try:
+        for i in range(cycles):
+            queue.put([seg(i, codes=random.randbytes(1000))])
+            queue.remove([r.id for r in queue.peek(10)])
+            if i % 50 == 0 and wal.exists():
+                largest = max(largest, wal.stat().st_size)
+    finally:
+        queue.close()
+    return largest
+
+
+class _PlainSQLiteQueue:
+    """The same table with SQLite's own WAL defaults (what the spool had before)."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE s (id INTEGER PRIMARY KEY AUTOINCREMENT, codes BLOB)")
+
+    def put(self, rows: list[QueuedSegment]) -> None:
+        self.db.executemany("INSERT INTO s(codes) VALUES (?)", [(r.codes,) for r in rows])
+
+    def peek(self, n: int) -> list[QueuedSegment]:
+        return [QueuedSegment(0, 0, 0, b"", 0, 0.0, b"", id=r[0])
+                for r in self.db.execute("SELECT id FROM s ORDER BY id LIMIT ?", (n,))]
+
+    def remove(self, ids: list[int]) -> None:
+        self.db.executemany("DELETE FROM s WHERE id = ?", [(i,) for i in ids])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_wal_stays_bounded_on_a_healthy_link(tmp_path: Path) -> None:
+    limit = 256 << 10
+    bounded = _max_wal(tmp_path / "spool.sqlite", 3000,
+                       lambda p: SegmentSpool(p, wal_limit_bytes=limit))
+    plain = _max_wal(tmp_path / "plain.sqlite", 3000, _PlainSQLiteQueue)
+    assert bounded <= limit + (64 << 10), bounded
+    # Without the limits the same traffic grows the WAL to SQLite's 1000-page checkpoint.
+    assert plain > 4 * limit, plain
 
 
 # -- group_messages ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ manifest checks that make a bundle id trustworthy."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -17,14 +18,24 @@ from typing import Any
 
 import pytest
 
-from csi_edge.bundle import BundleError, load_manifest
-from csi_edge.rollout import RolloutError, edge_archive, fetch_bundle, model_url
+from csi_edge.agent import EncoderCache
+from csi_edge.bundle import BundleError, BundleManifest, EdgeEncoder, bundle_id, load_manifest
+from csi_edge.rollout import (
+    RolloutError,
+    check_runs,
+    check_under_base,
+    cloud_lists,
+    edge_archive,
+    fetch_bundle,
+    model_url,
+    models_url,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FITION = ROOT / "models" / "fition"
 WIAR = ROOT / "models" / "wiar"
 
-Route = bytes | tuple[int, bytes] | Callable[[], bytes]
+Route = bytes | tuple[int, bytes] | tuple[int, bytes, dict[str, str]] | Callable[[], bytes]
 
 
 class Server:
@@ -41,8 +52,11 @@ class Server:
                 route = server.routes.get(self.path, (404, b"no such model"))
                 if callable(route):
                     route = route()
-                status, body = route if isinstance(route, tuple) else (200, route)
+                status, body, headers = (*route, {})[:3] if isinstance(route, tuple) \
+                    else (200, route, {})
                 self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", "application/zip")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -351,6 +365,110 @@ def test_slow_cloud_times_out(server: Server, tmp_path: Path, fition_id: str,
         fetch_bundle(url, fition_id, tmp_path / "models", timeout_s=0.3)
     assert time.monotonic() - started < 1.4
     assert leftovers(tmp_path / "models") == []
+
+
+# -- only the cloud, only what it lists, only what runs ---------------------------------------
+
+
+BASE = "http://cloud.example:8000"
+
+
+@pytest.mark.parametrize("url", [
+    f"{BASE}/api/v1/models/x/edge", "http://CLOUD.example:8000/api/v1/x", BASE, f"{BASE}/",
+])
+def test_urls_under_the_cloud_base_are_accepted(url: str) -> None:
+    assert check_under_base(url, BASE) == url
+
+
+@pytest.mark.parametrize("url", [
+    "http://cloud.example/api",  # another port (80)
+    "http://cloud.example:8001/api", "http://other.example:8000/api",
+    "https://cloud.example:8000/api",  # another scheme
+    "http://cloud.example:8000@169.254.169.254/latest/meta-data",  # user info trick
+    "http://user:pw@cloud.example:8000/api",
+    f"{BASE}/api/../../etc", f"{BASE}/api/%2e%2e/x", f"{BASE}/api/./x", f"{BASE}//api",
+    f"{BASE}/api?next=http://evil", f"{BASE}/api#x", "file:///etc/passwd",
+    "gopher://cloud.example:8000/", "http://cloud.example:8000\\@evil/", "", "not a url",
+    "http://cloud.example:99999/",
+])
+def test_urls_off_the_cloud_base_are_refused_without_a_request(url: str) -> None:
+    with pytest.raises(RolloutError, match="not under the cloud base URL"):
+        check_under_base(url, BASE)
+
+
+def test_a_base_path_is_a_prefix_of_whole_segments() -> None:
+    assert check_under_base("http://h/csi/api", "http://h/csi/")
+    with pytest.raises(RolloutError):
+        check_under_base("http://h/csi2/api", "http://h/csi")
+    with pytest.raises(RolloutError, match="not a string"):
+        check_under_base(["http://h/csi"], "http://h/csi")
+
+
+def test_redirects_are_not_followed(server: Server, tmp_path: Path, fition_id: str,
+                                    fition_zip: bytes) -> None:
+    other = Server()
+    try:
+        target = other.serve(fition_id, fition_zip)
+        url = server.serve(fition_id, (302, b"", {"Location": target}))
+        with pytest.raises(RolloutError, match="redirect refused"):
+            fetch_bundle(url, fition_id, tmp_path / "models")
+        assert other.requests == []  # the redirect target was never contacted
+        assert leftovers(tmp_path / "models") == []
+    finally:
+        other.close()
+
+
+def _listing(*ids: str) -> bytes:
+    return json.dumps({"data": [{"id": i, "name": f"m{n}", "metrics": {"a": {"b": [1, 2]}}}
+                                for n, i in enumerate(ids)], "count": len(ids)}).encode()
+
+
+def test_cloud_lists_only_what_it_serves(server: Server, fition_id: str) -> None:
+    path = models_url(server.base)[len(server.base):]
+    server.routes[path] = _listing("ab" * 32, fition_id)
+    cloud_lists(server.base, fition_id)
+    with pytest.raises(RolloutError, match="not among the 2 model"):
+        cloud_lists(server.base, "cd" * 32)
+    for body, match in [((500, b"oops"), "cannot read"), (b"[" * 5000, "not valid"),
+                        (b"not json", "not valid"), (b'{"data": 3}', "no 'data' list"),
+                        (b"x" * (5 << 20), "over")]:
+        server.routes[path] = body
+        with pytest.raises(RolloutError, match=match):
+            cloud_lists(server.base, fition_id)
+
+
+def _with_edge_onnx(folder: Path, onnx: bytes) -> BundleManifest:
+    """A copy of the Fition bundle whose edge.onnx is ``onnx``, hashes and id made to match
+    (a self-consistent bundle, as anyone can make)."""
+    shutil.copytree(FITION, folder)
+    (folder / "edge.onnx").write_bytes(onnx)
+    data = json.loads((folder / "bundle.json").read_text())
+    data["files"]["edge"] = {**data["files"]["edge"], "sha256": hashlib.sha256(onnx).hexdigest(),
+                             "bytes": len(onnx)}
+    manifest = BundleManifest.model_validate(data)
+    manifest.id = bundle_id(manifest)
+    (folder / "bundle.json").write_text(json.dumps(manifest.model_dump(mode="json")))
+    load_manifest(folder, parts=("edge",))  # it checks out
+    return manifest
+
+
+def test_an_encoder_that_does_not_load_or_run_is_refused(tmp_path: Path) -> None:
+    check_runs(EdgeEncoder(FITION))  # the real one codes a segment at every level
+    not_onnx = tmp_path / "not-onnx"
+    _with_edge_onnx(not_onnx, b"this is not an ONNX model" * 10)
+    with pytest.raises(BundleError, match="does not load") as info:
+        EncoderCache().get(not_onnx, probe=True)
+    assert str(not_onnx) in str(info.value)
+    # A real ONNX model of another shape: it loads, but cannot code this bundle's segments.
+    other = tmp_path / "other-shape"
+    _with_edge_onnx(other, (WIAR / "edge.onnx").read_bytes())
+    encoder = EdgeEncoder(other)
+    with pytest.raises(RolloutError, match="does not run"):
+        check_runs(encoder)
+    cache = EncoderCache()
+    with pytest.raises(BundleError, match="does not run"):
+        cache.get(other, probe=True)
+    assert cache.by_model_id(encoder.model_id) is None  # nothing half-loaded kept
 
 
 # -- load_manifest: what the id covers ----------------------------------------------------------

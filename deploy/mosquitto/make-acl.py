@@ -4,17 +4,28 @@
 Every access point gets its own MQTT user, named ``{site}/{ap}``, that may only
   * publish its segments  ``{prefix}/{site}/{ap}/seg``  and its status ``.../status``,
   * subscribe to its own control topic ``{prefix}/{site}/{ap}/ctl``.
-The cloud user (``csi-cloud``) may read every AP's segments (also through the shared
-subscription ``$share/{group}/{prefix}/+/+/seg``) and status, and write every ``ctl`` and
-``pred`` topic. Optional reader users (dashboards) may read ``status`` and ``pred``.
-Optional site users (``--site-user USER=SITE``) may act as *any* AP of one site: publish
-``{prefix}/{site}/+/seg`` and ``.../status``, read ``{prefix}/{site}/+/ctl``. They exist for
-replicated replay edges (``docker compose up --scale edge=N``, which cannot hand each
-replica its own password); the APs of such a site are not isolated from one another.
+Each cloud worker gets its own user (``--cloud-user``, repeatable; default ``csi-cloud``), that
+may read every AP's segments and status, write every ``ctl`` and ``pred`` topic, and publish
+Home Assistant discovery configs (``{homeassistant}/+/+/+/config``; no other user may).
+Optional reader users (dashboards, Home Assistant) may read ``status``, ``pred`` and the
+discovery configs. Optional site users (``--site-user USER=SITE``) may act as *any* AP of one
+site: publish ``{prefix}/{site}/+/seg`` and ``.../status``, read ``{prefix}/{site}/+/ctl``. They
+exist for a replay edge that streams several APs of a demo site from one process over one
+connection; the APs of such a site are not isolated from one another.
+
+The broker runs with ``use_username_as_clientid true`` (mosquitto.conf): a connection's client
+id IS its user name, so no credentials can take over another user's session (the cloud's
+queued segments, another AP's connection), and each user has exactly one session. That is why
+every cloud worker needs a user of its own, and why a site user's streams share one
+connection (``csi edge`` does this by itself when it logs in with a user name).
 
 Mosquitto's ``pattern`` lines substitute ``%u``/``%c`` only as a whole topic level and never
 for names holding ``/``, so one pattern cannot map a user to the two levels ``{site}/{ap}``;
 hence one ``user`` block per AP, generated here from the list of APs.
+
+Names follow the one rule of ``csi_edge/names.py`` (ASCII letters, digits, ``_``, ``-``, ``.``,
+starting with a letter or digit, at most 64), read from the installed ``csi_edge`` or, without
+it, from that file next to this one in the project checkout.
 
 Usage::
 
@@ -23,6 +34,8 @@ Usage::
         --credentials new-credentials.csv                         # + passwords for new users
     make-acl.py --aps-file aps.txt --site-user replay=demo \\
         --acl compose.acl --passwd passwd --credentials new.csv   # + the compose demo's edges
+    make-acl.py --aps-file aps.txt --cloud-user csi-cloud-1 \\
+        --cloud-user csi-cloud-2 --acl acl                        # two cloud workers
 
 ``--passwd`` adds a random password for every user not yet in the password file (with
 ``mosquitto_passwd -b``; ``--rotate`` replaces existing ones too) and writes the new
@@ -34,17 +47,35 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
-import re
 import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-# One MQTT topic level as the edge accepts it (csi_edge.settings.topic_name), minus ':' and
-# whitespace, which the password file and the ACL file cannot hold in a user name.
-_LEVEL = re.compile(r"^[^/+#\x00$:\s][^/+#\x00:\s]{0,63}$")
+
+def _name_rule() -> Callable[[object, str], str]:
+    """``csi_edge.names.check_name``: installed, or loaded from the checkout's file (it needs
+    only the standard library, and importing the package would pull numpy and more)."""
+    try:
+        from csi_edge.names import check_name
+    except ImportError:
+        source = Path(__file__).resolve().parents[2] / "csi_edge" / "names.py"
+        spec = importlib.util.spec_from_file_location("_csi_names", source)
+        if spec is None or spec.loader is None or not source.is_file():
+            sys.exit(f"make-acl: cannot find the name rule: install csi-pipeline "
+                     f"(pip install -e .) or run this script from the project checkout "
+                     f"({source} is missing)")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        check_name = module.check_name
+    return check_name  # type: ignore[no-any-return]
+
+
+check_name = _name_rule()
 
 
 def ap_username(site: str, ap: str) -> str:
@@ -54,54 +85,65 @@ def ap_username(site: str, ap: str) -> str:
 
 def parse_ap(text: str) -> tuple[str, str]:
     site, sep, ap = text.strip().partition("/")
-    if not sep or not _LEVEL.match(site) or not _LEVEL.match(ap):
-        raise ValueError(f"{text!r} is not SITE/AP (each 1-64 characters without '/', '+', "
-                         "'#', ':', whitespace, NUL or a leading '$')")
-    return site, ap
+    if not sep:
+        raise ValueError(f"{text!r} is not SITE/AP")
+    try:
+        return check_name(site, "site"), check_name(ap, "ap")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not SITE/AP: {exc}") from None
 
 
 def parse_site_user(text: str) -> tuple[str, str]:
     """``USER=SITE``: one user for every AP of SITE."""
     user, sep, site = text.strip().partition("=")
-    if not sep or not _LEVEL.match(user) or not _LEVEL.match(site):
-        raise ValueError(f"{text!r} is not USER=SITE (each 1-64 characters without '/', '+', "
-                         "'#', ':', whitespace, NUL or a leading '$')")
-    return user, site
+    if not sep:
+        raise ValueError(f"{text!r} is not USER=SITE")
+    try:
+        return check_name(user, "site user"), check_name(site, "site")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not USER=SITE: {exc}") from None
 
 
 def _check_prefix(prefix: str) -> str:
     for level in prefix.split("/"):
-        if not _LEVEL.match(level):
-            raise ValueError(f"topic prefix {prefix!r}: level {level!r} is not allowed")
+        check_name(level, f"topic prefix {prefix!r} level")
     return prefix
 
 
 def make_acl(aps: list[tuple[str, str]], *, prefix: str = "csi/v1",
-             cloud_user: str = "csi-cloud", share_group: str = "csi-cloud",
-             readers: tuple[str, ...] = (),
-             site_users: tuple[tuple[str, str], ...] = ()) -> str:
+             cloud_users: tuple[str, ...] = ("csi-cloud",), readers: tuple[str, ...] = (),
+             site_users: tuple[tuple[str, str], ...] = (),
+             homeassistant_prefix: str = "homeassistant") -> str:
     """The ACL file text. ``site_users`` are (user, site) pairs: one user for all APs of a
     site."""
     _check_prefix(prefix)
-    names = [cloud_user, *readers, *(user for user, _ in site_users)]
+    _check_prefix(homeassistant_prefix)
+    if not cloud_users:
+        raise ValueError("at least one cloud user is needed")
+    for user in (*cloud_users, *readers):
+        check_name(user, "user")
+    names = [*cloud_users, *readers, *(user for user, _ in site_users)]
     if len(set(names)) != len(names):
         raise ValueError(f"user names must differ (cloud, readers, site users): {names}")
+    discovery = f"{homeassistant_prefix}/+/+/+/config"
     lines = ["# Generated by deploy/mosquitto/make-acl.py; edit the AP list, not this file.",
              "# No topic line comes before the first 'user' line: nothing is allowed to",
-             "# anonymous clients (and allow_anonymous is false anyway).", ""]
-    lines += [f"# the cloud workers (shared subscription group {share_group!r})",
-              f"user {cloud_user}",
-              f"topic read {prefix}/+/+/seg",
-              f"topic read $share/{share_group}/{prefix}/+/+/seg",
-              f"topic read {prefix}/+/+/status",
-              f"topic write {prefix}/+/+/ctl",
-              f"topic write {prefix}/+/+/pred", ""]
+             "# anonymous clients (and allow_anonymous is false anyway). The broker makes each",
+             "# connection's client id its user name (use_username_as_clientid).", ""]
+    for user in cloud_users:
+        lines += ["# a cloud worker (one user per worker)", f"user {user}",
+                  f"topic read {prefix}/+/+/seg",
+                  f"topic read {prefix}/+/+/status",
+                  f"topic write {prefix}/+/+/ctl",
+                  f"topic write {prefix}/+/+/pred",
+                  f"topic write {discovery}", ""]
     for reader in readers:
-        lines += ["# read-only: dashboards, monitoring", f"user {reader}",
-                  f"topic read {prefix}/+/+/status", f"topic read {prefix}/+/+/pred", ""]
+        lines += ["# read-only: dashboards, monitoring, Home Assistant", f"user {reader}",
+                  f"topic read {prefix}/+/+/status", f"topic read {prefix}/+/+/pred",
+                  f"topic read {discovery}", ""]
     for user, site in site_users:
         base = f"{prefix}/{site}/+"
-        lines += [f"# every AP of site {site!r} (replicated replay edges; not isolated from "
+        lines += [f"# every AP of site {site!r} (one replay edge process; not isolated from "
                   "each other)", f"user {user}", f"topic write {base}/seg",
                   f"topic write {base}/status", f"topic read {base}/ctl", ""]
     seen: set[str] = set()
@@ -146,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("aps", nargs="*", metavar="SITE/AP")
     parser.add_argument("--aps-file", type=Path, help="one SITE/AP per line ('#' comments)")
     parser.add_argument("--prefix", default="csi/v1", help="topic prefix [csi/v1]")
-    parser.add_argument("--cloud-user", default="csi-cloud", help="[csi-cloud]")
-    parser.add_argument("--share-group", default="csi-cloud", help="[csi-cloud]")
+    parser.add_argument("--cloud-user", action="append", default=[],
+                        help="a cloud worker's user, one per worker (repeatable) [csi-cloud]")
     parser.add_argument("--reader", action="append", default=[],
-                        help="read-only user for status and pred (repeatable)")
+                        help="read-only user for status, pred and Home Assistant discovery "
+                             "(repeatable)")
+    parser.add_argument("--homeassistant-prefix", default="homeassistant",
+                        help="Home Assistant discovery prefix [homeassistant]")
     parser.add_argument("--site-user", action="append", default=[], metavar="USER=SITE",
                         help="one user for every AP of SITE, e.g. replicated replay edges "
                              "(repeatable)")
@@ -167,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             texts += [line.split("#", 1)[0] for line in args.aps_file.read_text().splitlines()]
         aps = [parse_ap(t) for t in texts if t.strip()]
         site_users = tuple(parse_site_user(t) for t in args.site_user)
-        acl = make_acl(aps, prefix=args.prefix, cloud_user=args.cloud_user,
-                       share_group=args.share_group, readers=tuple(args.reader),
-                       site_users=site_users)
+        cloud_users = tuple(args.cloud_user) or ("csi-cloud",)
+        acl = make_acl(aps, prefix=args.prefix, cloud_users=cloud_users,
+                       readers=tuple(args.reader), site_users=site_users,
+                       homeassistant_prefix=args.homeassistant_prefix)
     except (ValueError, OSError) as exc:
         print(f"make-acl: {exc}", file=sys.stderr)
         return 2
@@ -178,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(acl)
     if args.passwd:
-        users = [args.cloud_user, *args.reader, *(u for u, _ in site_users),
+        users = [*cloud_users, *args.reader, *(u for u, _ in site_users),
                  *(ap_username(s, a) for s, a in aps)]
         try:
             created = add_passwords(args.passwd, users, rotate=args.rotate,
