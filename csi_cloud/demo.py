@@ -32,7 +32,7 @@ from csi_edge.bundle import BundleError, load_manifest
 
 __all__ = ["DemoError", "run_demo"]
 
-_SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat"}
+_SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat", ".npz"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
 
 

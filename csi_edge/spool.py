@@ -12,6 +12,9 @@ The spool also keeps the stream's epoch counter, so every restart gets a new epo
 An idle segment (csi_edge.motion) is a row like any other, with empty ``codes`` and ``idle`` 1,
 so it keeps its sequence number and is sent, acknowledged and replayed exactly like coded ones.
 A spool file written before the column existed gets it on open (``ALTER TABLE``, default 0).
+``motion`` holds the segment's motion byte (csi_edge.codec; 0 = no score), NULL for rows
+queued before motion scores existed (added on open the same way); rows of a presence-only
+stream carry the model id 00 00 00 and no codes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ CREATE TABLE IF NOT EXISTS segment (
     quality REAL NOT NULL,
     codes BLOB NOT NULL,
     queued_ms INTEGER NOT NULL,
-    idle INTEGER NOT NULL DEFAULT 0
+    idle INTEGER NOT NULL DEFAULT 0,
+    motion INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -62,6 +66,7 @@ class QueuedSegment:
     id: int = 0
     queued_ms: int = 0
     idle: bool = False  # a still segment: sent in an IDLE message, codes empty
+    motion: int | None = None  # motion byte (csi_edge.codec), None: the row predates them
 
 
 class SegmentSpool:
@@ -81,6 +86,8 @@ class SegmentSpool:
             if "idle" not in columns:  # a spool from before idle segments existed
                 self._db.execute("ALTER TABLE segment ADD COLUMN idle INTEGER NOT NULL "
                                  "DEFAULT 0")
+            if "motion" not in columns:  # a spool from before motion scores existed
+                self._db.execute("ALTER TABLE segment ADD COLUMN motion INTEGER")
             self._count = int(self._db.execute("SELECT count(*) FROM segment").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:  # OSError: the folder cannot be made
             raise SpoolError(f"spool {str(self.path)!r}: {exc}") from exc
@@ -102,12 +109,12 @@ class SegmentSpool:
             return 0
         now = int(time.time() * 1000)
         rows = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality, s.codes, now,
-                 int(s.idle)) for s in segments]
+                 int(s.idle), s.motion) for s in segments]
         try:
             with self._transaction():
                 self._db.executemany(
                     "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
-                    " queued_ms, idle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    " queued_ms, idle, motion) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._count += len(rows)
                 excess = self._count - self.max_segments
                 if excess > 0:
@@ -122,11 +129,11 @@ class SegmentSpool:
     def peek(self, limit: int, after_id: int = 0) -> list[QueuedSegment]:
         """Up to ``limit`` oldest segments with an id above ``after_id``."""
         rows = self._db.execute(
-            "SELECT id, epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle "
-            "FROM segment WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            "SELECT id, epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle, "
+            "motion FROM segment WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [QueuedSegment(epoch=r[1], seq=r[2], level=r[3], model_id=bytes(r[4]),
                               timestamp_ms=r[5], quality=r[6], codes=bytes(r[7]), id=r[0],
-                              queued_ms=r[8], idle=bool(r[9])) for r in rows]
+                              queued_ms=r[8], idle=bool(r[9]), motion=r[10]) for r in rows]
 
     def remove(self, ids: Iterable[int]) -> None:
         """Forget acknowledged segments (ids already dropped at the bound are ignored)."""
