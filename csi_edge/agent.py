@@ -47,7 +47,6 @@ import numpy as np
 
 from ._errors import CSIError, SpecMismatchError
 from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
-from .band import frames_band
 from .bundle import EdgeEncoder, encode_segment_codes
 from .codec import (
     NO_MODEL_ID,
@@ -61,7 +60,7 @@ from .codec import (
 from .frames import CSIFrames, DropCounter
 from .motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
-from .presence import MotionMeter
+from .presence import MotionMeter, presence_spec
 from .rollout import RolloutError, fetch_bundle, model_url
 from .settings import BrokerAddress, EdgeSettings, StreamSettings
 from .sources import FrameSource, ProblemLog, open_source
@@ -321,7 +320,7 @@ class StreamAgent:
                 self.problems.report("motion_unavailable", str(exc))
         if self._pre is None:
             try:
-                self._pre = Preprocessor(_presence_spec(frames))
+                self._pre = Preprocessor(presence_spec(frames))
             except (ValueError, SpecMismatchError) as exc:
                 self.counters.frames_dropped["no_presence_spec"] += len(frames)
                 self.problems.report("no_presence_spec", str(exc))
@@ -736,13 +735,6 @@ class StreamAgent:
         self.level = min(self.level, len(encoder.manifest.levels) - 1)
         self.counters.model_switches += 1
         log.info("%s: now on model %s", self.name, encoder.manifest.id[:12])
-
-
-def _presence_spec(frames: CSIFrames) -> InputSpec:
-    """Presence only: 1 s segments of the stream's occupied band at its measured rate (the
-    segment grid and quality of a bundle's spec; the values are not used)."""
-    return InputSpec.for_stream(frames, frames_band(frames), segment_s=NO_MODEL_SEGMENT_MS / 1000,
-                                normalisation="none")
 
 
 def _describe(spec: InputSpec) -> str:

@@ -19,7 +19,8 @@ anew for any receiver (Nexmon, Intel 5300, ESP32) and for the segment stream of 
 3. A moving average over ``smooth_s`` (0.2 s), causal: measurement noise above a few hertz
    is removed, body movement (below ~5 Hz) stays.
 4. Per subcarrier, the standard deviation over the trailing ``window_s`` (2 s) ending at the
-   segment's end: the moving variance of the signal.
+   segment's end: the moving variance of the signal. The window never reaches back across a
+   gap in the stream longer than ``max_gap_s`` (1 s): the channel before it is another one.
 5. The median over the subcarriers, as log2: the **motion statistic**. The median is the
    stability selection: subcarriers that flicker on their own (a null, a spur, an invalid
    value) sit in the upper tail and do not move it. Selecting the most stable half before
@@ -55,6 +56,7 @@ import numpy as np
 
 from .band import frames_band
 from .frames import CSIFrames
+from .preprocess import InputSpec
 
 __all__ = [
     "MotionCalibration",
@@ -62,10 +64,20 @@ __all__ = [
     "MotionMeter",
     "PresenceConfig",
     "PresenceTracker",
+    "presence_spec",
 ]
+
+PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL_SEGMENT_MS)
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
+
+
+def presence_spec(frames: CSIFrames) -> InputSpec:
+    """The segmenting of a stream without a bundle: 1 s segments of its occupied band at its
+    measured rate (a bundle's grid and quality rules; the segment values are not used)."""
+    return InputSpec.for_stream(frames, frames_band(frames), segment_s=PRESENCE_SEGMENT_S,
+                                normalisation="none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +90,10 @@ class MotionConfig:
     horizon_segments: int = 900
     warmup_segments: int = 5
     min_frames: int = 5  # a segment with fewer frames of its own gets no score
+    max_gap_s: float = 1.0  # the trailing window never reaches back across a longer gap
 
     def __post_init__(self) -> None:
-        for name in ("smooth_s", "window_s"):
+        for name in ("smooth_s", "window_s", "max_gap_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"motion {name} {value!r} is not a finite number >= 0")
@@ -202,6 +215,9 @@ class MotionMeter:
         lead = (self._t >= end - cfg.window_s - cfg.smooth_s) & (self._t < end)
         t, x = self._t[lead], self._x[lead].astype(np.float64)
         steps = np.diff(t)
+        gaps = np.flatnonzero(steps > cfg.max_gap_s)
+        if gaps.size:  # what came before a gap is another stretch of the channel
+            t, x, steps = t[gaps[-1] + 1:], x[gaps[-1] + 1:], steps[gaps[-1] + 1:]
         rate = 1.0 / float(np.median(steps)) if steps.size and np.median(steps) > 0 else 0.0
         n = max(1, round(cfg.smooth_s * rate))
         if n > 1:
@@ -229,6 +245,11 @@ class MotionMeter:
         self._scored_until = end if self._scored_until is None else max(self._scored_until, end)
         self._trim()
         return self.last_score
+
+    def forget_frames(self) -> None:
+        """A discontinuity the timestamps do not show (another capture joined on): the
+        trailing window starts afresh; the calibration stays."""
+        self._t, self._x = self._t[:0], self._x[:0]
 
     def status(self) -> dict[str, Any]:
         """For the edge's status message."""

@@ -498,7 +498,7 @@ def test_motion_costs_one_byte_per_segment() -> None:
     assert decode_payload(encode_payload(GOLDEN_PRESENCE)).presence_only
     assert not GOLDEN_MOTION.presence_only
     # A score without the flag, or a bad score, is refused on encoding, naming the segment.
-    with pytest.raises(PayloadError, match="segment 0 has motion score 1.0 but the message"):
+    with pytest.raises(PayloadError, match=r"segment 0 has motion score 1\.0 but the message"):
         encode_payload(dataclasses.replace(GOLDEN_1, segments=(SegmentRecord(1.0, b"", 1.0),)))
     with pytest.raises(PayloadError, match="segment 0: motion score nan"):
         encode_payload(dataclasses.replace(GOLDEN_MOTION, segments=(
