@@ -118,9 +118,10 @@ def join(recordings: Sequence[tuple[CSIFrames, int]]) -> Iterator[tuple[CSIFrame
 
 
 def run_stream(recordings: Sequence[tuple[CSIFrames, int]],
-               presence: PresenceConfig | None = None) -> list[Second]:
+               presence: PresenceConfig | None = None,
+               motion: MotionConfig | None = None) -> list[Second]:
     """Replay recordings as one presence-only stream; one :class:`Second` per segment."""
-    meter = MotionMeter()
+    meter = MotionMeter(motion)
     tracker = PresenceTracker(presence or PresenceConfig())
     pre: Preprocessor | None = None
     spans: list[tuple[float, float, int, str]] = []  # (start, end, label, source) per file
@@ -204,11 +205,16 @@ def espectre_sessions(folder: Path) -> list[tuple[CSIFrames, CSIFrames]]:
 
 def bench_espectre(folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
     pairs = espectre_sessions(folder)
+    return _espectre(pairs, log)
+
+
+def _espectre(pairs: list[tuple[CSIFrames, CSIFrames]], log: Callable[[str], None],
+              motion: MotionConfig | None = None, detail: bool = True) -> dict[str, Any]:
     streams = []
     all_seconds: list[Second] = []
     thresholds = (1.0, 1.5, 2.0, 3.0)
     for base, move in pairs:
-        seconds = run_stream([(base, 0), (move, 1)])
+        seconds = run_stream([(base, 0), (move, 1)], motion=motion)
         all_seconds += seconds
         truth, flagged = _scored(seconds, "motion")
         move_start = float(next(s.start for s in seconds if s.label == 1))
@@ -230,9 +236,10 @@ def bench_espectre(folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
             "score_auc": _round(auc([s.label for s in seconds if s.score is not None], scores)),
         }
         streams.append(row)
-        log(f"  {row['chip']:<6s} F1 {row['motion']['f1']}  FPR "
-            f"{row['motion']['false_positive_rate']}  detect {detect} s  quiet max "
-            f"{row['score_quiet_max']}  moving min {row['score_moving_min']}")
+        if detail:
+                log(f"  {row['chip']:<6s} F1 {row['motion']['f1']}  FPR "
+                f"{row['motion']['false_positive_rate']}  detect {detect} s  quiet max "
+                f"{row['score_quiet_max']}  moving min {row['score_moving_min']}")
     truth, flagged = _scored(all_seconds, "motion")
     detects = [r["time_to_detect_s"] for r in streams if r["time_to_detect_s"] is not None]
     scored = [s for s in all_seconds if s.score is not None]
@@ -256,7 +263,7 @@ def bench_espectre(folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
                                         "max": _round(max(detects), 3),
                                         "missed_streams": len(streams) - len(detects)}},
         "threshold_sweep_motion": sweep,
-        "two_sessions": _two_sessions(pairs, log),
+        "two_sessions": _two_sessions(pairs, log) if detail else None,
         "target_f1": TARGET_ESP32_F1,
         "target_met": bool((rates(truth, flagged)["f1"] or 0) >= TARGET_ESP32_F1),
     }
@@ -299,7 +306,11 @@ def fition_sessions(folder: Path) -> dict[str, list[tuple[CSIFrames, int]]]:
 
 
 def bench_fition(folder: Path, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
-    sessions = fition_sessions(folder)
+    return _fition(fition_sessions(folder), seeds, log)
+
+
+def _fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
+            log: Callable[[str], None], motion: MotionConfig | None = None) -> dict[str, Any]:
     per_seed = []
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -307,7 +318,7 @@ def bench_fition(folder: Path, seeds: int, log: Callable[[str], None]) -> dict[s
         per_session = {}
         for name, recordings in sorted(sessions.items()):
             order = rng.permutation(len(recordings))
-            seconds = [s for s in run_stream([recordings[i] for i in order])
+            seconds = [s for s in run_stream([recordings[i] for i in order], motion=motion)
                        if s.score is not None]
             everything += seconds
             per_session[name] = _round(auc([s.label for s in seconds],
@@ -333,6 +344,10 @@ def bench_fition(folder: Path, seeds: int, log: Callable[[str], None]) -> dict[s
             "motion": rates(*_scored(everything, "motion")),
             "moving_recordings_seconds_below_threshold": _round(float(np.mean(
                 [not s.motion for s in everything if s.label == 1]))),
+            "threshold_sweep_motion": {
+                f"{t:g}": rates(np.array(labels, dtype=bool),
+                                np.array([s.score >= t for s in everything], dtype=bool))  # type: ignore[operator]
+                for t in (0.5, 1.0, 1.5, 2.0)},
         }
         per_seed.append(row)
         log(f"  seed {seed}: AUC per second {row['auc_per_second']} (idle statistic "
@@ -367,6 +382,43 @@ def bench_fition(folder: Path, seeds: int, log: Callable[[str], None]) -> dict[s
                                     "gives the share of moving-labelled seconds as still as a "
                                     "quiet room",
     }
+
+
+# -- ablations -------------------------------------------------------------------------------------
+
+ABLATIONS = {
+    "stable_half": ("NBVI-like: only the most stable half of the subcarriers in the median",
+                    {"stable_fraction": 0.5}),
+    "no_smoothing": ("no 0.2 s moving average", {"smooth_s": 0.0}),
+    "window_1s": ("a 1 s window instead of 2 s", {"window_s": 1.0}),
+    "short_and_selective": ("no smoothing, a 1 s window, the most stable third of the "
+                            "subcarriers (closer to ESPectre's choices; its own adaptive "
+                            "threshold is not replicated)",
+                            {"smooth_s": 0.0, "window_s": 1.0, "stable_fraction": 1 / 3}),
+}
+
+
+def bench_ablations(data: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Each variant of the detector on (a) and (b) (one Fition order): why the defaults."""
+    pairs = espectre_sessions(data / "esp32-espectre")
+    sessions = fition_sessions(data / "fition")
+    out = {}
+    for name, (what, change) in ABLATIONS.items():
+        config = replace(MotionConfig(), **change)  # type: ignore[arg-type]
+        esp32 = _espectre(pairs, log, config, detail=False)
+        fition = _fition(sessions, 1, lambda _: None, config)
+        out[name] = {"what": what, "change": change,
+                     "esp32_f1": esp32["pooled"]["motion"]["f1"],
+                     "esp32_false_positive_rate":
+                         esp32["pooled"]["motion"]["false_positive_rate"],
+                     "esp32_score_auc": esp32["pooled"]["score_auc"],
+                     "fition_auc_per_second": fition["auc_per_second"]["mean"],
+                     "fition_auc_per_recording": fition["auc_per_recording"]["mean"]}
+        log(f"  {name}: ESP32 F1 {out[name]['esp32_f1']}, Fition AUC per second "
+            f"{out[name]['fition_auc_per_second']}, per recording "
+            f"{out[name]['fition_auc_per_recording']}")
+    return {"protocol": "the protocols of (a) and (b), Fition with its first order only",
+            "variants": out}
 
 
 # -- (c) WiAR --------------------------------------------------------------------------------------
@@ -439,6 +491,80 @@ def bench_bytes(model: Path, samples: Path, log: Callable[[str], None]) -> dict[
     }
 
 
+# -- the table in docs/presence.md ---------------------------------------------------------------
+
+DOC = ROOT / "docs" / "presence.md"
+DOC_BEGIN = "<!-- bench/presence.py writes this table from bench/results/presence.json -->"
+DOC_END = "<!-- end of the table -->"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The results table of docs/presence.md, from a results file."""
+    esp32, fition = result["esp32_espectre"], result["fition"]
+    pooled = esp32["pooled"]
+    motion, occupied = pooled["motion"], pooled["presence"]
+    detect = pooled["time_to_detect_s"]
+    rows = [
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| ESPectre ESP32, 6 chip sessions, per second `motion`: precision / recall / F1 / "
+        f"false-positive rate | {motion['precision']} / {motion['recall']} / {motion['f1']} / "
+        f"{motion['false_positive_rate']} ({motion['seconds']} s scored, "
+        f"{pooled['unscored_seconds']} calibrating) | F1 >= {esp32['target_f1']} |",
+        f"| the same, `presence` (30 s hold) | {occupied['precision']} / {occupied['recall']} / "
+        f"{occupied['f1']} / {occupied['false_positive_rate']} | |",
+        f"| ESP32 time to detect (movement start to the end of the first motion segment) | "
+        f"median {detect['median']} s, max {detect['max']} s, "
+        f"{detect['missed_streams']} stream(s) missed | |",
+    ]
+    for row in esp32["two_sessions"] or []:
+        m, p = row["motion"], row["presence"]
+        rows.append(f"| ESP32 {row['chip']}, two sessions in one stream: `motion` F1 / FPR; "
+                    f"`presence` F1 / FPR (the hold covers the second baseline) | {m['f1']} / "
+                    f"{m['false_positive_rate']}; {p['f1']} / {p['false_positive_rate']} | |")
+    auc_s, auc_r = fition["auc_per_second"], fition["auc_per_recording"]
+    idle_s, idle_r = fition["idle_statistic_auc_per_second"], \
+        fition["idle_statistic_auc_per_recording"]
+    rows += [
+        f"| Fition `nm` vs moving, ROC AUC per second (mean, min-max over "
+        f"{len(fition['per_seed'])} stream orders) | {auc_s['mean']} ({auc_s['min']}-"
+        f"{auc_s['max']}) | >= {fition['target_auc']} |",
+        f"| the same, today's idle statistic on the same seconds | {idle_s['mean']} | |",
+        f"| Fition ROC AUC per recording (median score) | {auc_r['mean']} ({auc_r['min']}-"
+        f"{auc_r['max']}); idle statistic {idle_r['mean']} | |",
+    ]
+    first = fition["per_seed"][0]
+    m = first["motion"]
+    rows.append(f"| Fition per second `motion` at the default threshold (first order): "
+                f"precision / recall / F1 / FPR | {m['precision']} / {m['recall']} / {m['f1']} / "
+                f"{m['false_positive_rate']}; moving-labelled seconds below the threshold: "
+                f"{first['moving_recordings_seconds_below_threshold']} | |")
+    rows.append(f"| WiAR (Intel 5300) | not measurable: {result['wiar']['reason']} | |")
+    for level in result["bytes"]["levels"]:
+        rows.append(f"| wire, level {level['level']} (Fition samples): payload B/s without / "
+                    f"with the motion byte | {level['payload_bytes_per_s']} / "
+                    f"{level['payload_bytes_per_s_with_motion']} (+{level['added_bytes_per_s']}, "
+                    f"+{level['added_percent']} %) | |")
+    only = result["bytes"]["presence_only_bytes_per_s"]
+    rows.append(f"| wire, presence only, payload B/s at 1 / 5 / 10 segments a message | "
+                f"{only['1']} / {only['5']} / {only['10']} | |")
+    rows += ["", "Ablations (the same protocols, Fition with one order):", "",
+             "| variant | ESP32 F1 | Fition AUC per second | per recording |", "|---|---|---|---|",
+             f"| default | {motion['f1']} | {first['auc_per_second']} | "
+             f"{first['auc_per_recording']} |"]
+    for name, row in result["ablations"]["variants"].items():
+        rows.append(f"| {name}: {row['what']} | {row['esp32_f1']} | "
+                    f"{row['fition_auc_per_second']} | {row['fition_auc_per_recording']} |")
+    return "\n".join(rows)
+
+
+def write_doc_table(result: dict[str, Any], doc: Path = DOC) -> None:
+    text = doc.read_text()
+    head, _, rest = text.partition(DOC_BEGIN)
+    _, _, tail = rest.partition(DOC_END)
+    doc.write_text(f"{head}{DOC_BEGIN}\n{render_table(result)}\n{DOC_END}{tail}")
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -465,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     fition = bench_fition(args.data / "fition", args.seeds, log)
     log("(c) WiAR")
     wiar = bench_wiar(args.data / "wiar" / "height_90", log)
+    log("ablations")
+    ablations = bench_ablations(args.data, log)
     log("(d) bytes")
     wire = bench_bytes(args.model, ROOT / "datasets" / "samples" / "fition", log)
     result = {
@@ -480,12 +608,16 @@ def main(argv: list[str] | None = None) -> int:
         "esp32_espectre": esp32,
         "fition": fition,
         "wiar": wiar,
+        "ablations": ablations,
         "bytes": wire,
         "runtime_s": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=_json) + "\n")
     log(f"wrote {args.out} in {result['runtime_s']} s")
+    if args.out.resolve() == (ROOT / "bench" / "results" / "presence.json").resolve():
+        write_doc_table(json.loads(args.out.read_text()))
+        log(f"updated the table in {DOC}")
     return 0
 
 

@@ -23,9 +23,10 @@ anew for any receiver (Nexmon, Intel 5300, ESP32) and for the segment stream of 
    gap in the stream longer than ``max_gap_s`` (1 s): the channel before it is another one.
 5. The median over the subcarriers, as log2: the **motion statistic**. The median is the
    stability selection: subcarriers that flicker on their own (a null, a spur, an invalid
-   value) sit in the upper tail and do not move it. Selecting the most stable half before
-   the median, as ESPectre's NBVI does, was measured and dropped: it cost 0.02-0.05 ROC AUC
-   on Fition and gained nothing on ESP32 (``python bench/presence.py``, docs/presence.md).
+   value) sit in the upper tail and do not move it. Keeping only the most stable subcarriers
+   before the median, as ESPectre's NBVI does (``stable_fraction``), was measured and left
+   off by default: it cost Fition ROC AUC and gained nothing on ESP32 (the ablations of
+   ``python bench/presence.py``, docs/presence.md).
 
 **Calibration** (:class:`MotionCalibration`), per AP, from what the stream has shown so far:
 the quiet reference is the ``reference_quantile`` (25 %) of the statistics of the last
@@ -91,6 +92,9 @@ class MotionConfig:
     warmup_segments: int = 5
     min_frames: int = 5  # a segment with fewer frames of its own gets no score
     max_gap_s: float = 1.0  # the trailing window never reaches back across a longer gap
+    # Below 1: only this fraction of the subcarriers, the most stable in quiet periods (the
+    # lowest ``reference_quantile`` of their own spread), enter the median (NBVI-like).
+    stable_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("smooth_s", "window_s", "max_gap_s"):
@@ -107,6 +111,8 @@ class MotionConfig:
                              f"[1, horizon_segments = {self.horizon_segments}]")
         if self.min_frames < 2:
             raise ValueError(f"motion min_frames {self.min_frames!r} must be >= 2")
+        if not 0 < self.stable_fraction <= 1:
+            raise ValueError(f"motion stable_fraction {self.stable_fraction!r} is not in (0, 1]")
 
 
 class MotionCalibration:
@@ -163,6 +169,8 @@ class MotionMeter:
         self._t = np.zeros(0, np.float64)
         self._x = np.zeros((0, 0), np.float32)
         self._scored_until: float | None = None
+        # Per-subcarrier log spreads of recent segments, for the stability selection only.
+        self._spreads: deque[np.ndarray] = deque(maxlen=self.config.horizon_segments)
 
     def push(self, frames: CSIFrames) -> None:
         """Keep the gain-free log amplitude of these frames for the trailing window."""
@@ -177,6 +185,7 @@ class MotionMeter:
             width = frames.antennas * self.band_size
             if self._x.shape[1] != width:  # another shape: the old frames cannot be mixed in
                 self._t, self._x = np.zeros(0, np.float64), np.zeros((0, width), np.float32)
+                self._spreads.clear()
             self._layout = layout
         assert self._columns is not None
         amplitude = np.abs(frames.csi[:, :, self._columns]).astype(np.float32)
@@ -208,6 +217,16 @@ class MotionMeter:
     def statistic(self, start: float, end: float) -> float | None:
         """The motion statistic of the segment ``[start, end)`` (log2), or None when it holds
         fewer than ``min_frames`` frames or no subcarrier has a valid spread."""
+        spreads = self._spreads_of(start, end)
+        return None if spreads is None else self._aggregate(spreads)
+
+    def _aggregate(self, std: np.ndarray) -> float | None:
+        level = float(np.nanmedian(std[self._stable(std)]))
+        return math.log2(level) if level > 0 else None
+
+    def _spreads_of(self, start: float, end: float) -> np.ndarray | None:
+        """Per subcarrier, the spread of the smoothed signal over the trailing window (NaN
+        where too few values); None without enough frames."""
         cfg = self.config
         own = (self._t >= start) & (self._t < end)
         if int(own.sum()) < cfg.min_frames:
@@ -228,19 +247,38 @@ class MotionMeter:
         usable = count >= 3
         if not usable.any():
             return None
-        filled = np.where(valid, window, 0.0)[:, usable]
-        count = count[usable]
-        mean = filled.sum(axis=0) / count
-        spread = np.where(valid[:, usable], filled - mean, 0.0)
-        std = np.sqrt((spread ** 2).sum(axis=0) / count)
-        level = float(np.median(std))
-        return math.log2(level) if level > 0 else None
+        filled = np.where(valid, window, 0.0)
+        mean = filled.sum(axis=0) / np.maximum(count, 1)
+        spread = np.where(valid, filled - mean, 0.0)
+        return np.where(usable, np.sqrt((spread ** 2).sum(axis=0) / np.maximum(count, 1)),
+                        np.nan)
+
+    def _stable(self, std: np.ndarray) -> np.ndarray:
+        """The subcarriers that enter the median: all of them, or (``stable_fraction`` < 1,
+        once calibrated) those with the lowest quiet spread (a low quantile of their own
+        recent spreads)."""
+        everything = np.isfinite(std)
+        if self.config.stable_fraction >= 1 or len(self._spreads) < self.config.warmup_segments:
+            return everything
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a subcarrier never valid
+            quiet = np.nanquantile(np.stack(self._spreads), self.config.reference_quantile,
+                                   axis=0)
+        quiet = np.where(np.isfinite(quiet), quiet, np.inf)
+        keep = max(1, round(self.config.stable_fraction * int(np.isfinite(quiet).sum())))
+        chosen = np.zeros(std.size, dtype=bool)
+        chosen[np.argsort(quiet, kind="stable")[:keep]] = True
+        return chosen & everything if (chosen & everything).any() else everything
 
     def score(self, start: float, end: float) -> float | None:
         """The segment's motion score (log2 ratio to the quiet reference; None while
         calibrating or without enough frames). Call once per segment, in order: each call
         also feeds the calibration."""
-        statistic = self.statistic(start, end)
+        spreads = self._spreads_of(start, end)
+        statistic = None if spreads is None else self._aggregate(spreads)
+        if spreads is not None and self.config.stable_fraction < 1:
+            with np.errstate(divide="ignore"):
+                self._spreads.append(np.log(spreads))
         self.last_score = None if statistic is None else self.calibration.update(statistic)
         self._scored_until = end if self._scored_until is None else max(self._scored_until, end)
         self._trim()

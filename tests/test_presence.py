@@ -83,6 +83,25 @@ def test_gain_jumps_and_flickering_subcarriers_are_not_motion() -> None:
         assert len(out) >= 14 and max(abs(s) for s in out) < 0.6, out
 
 
+def test_stability_selection_keeps_the_quiet_subcarriers() -> None:
+    csi = channel(2500, RATE, moving=(15.0, 22.0), seed=9)
+    rng = np.random.default_rng(3)
+    noisy = [3, 9, 40, 50]  # FFT-order columns of subcarriers 3, 9, -24, -14
+    csi[:, noisy] *= 10 ** (rng.normal(0, 3, (len(csi), len(noisy))) / 20)
+    meter = MotionMeter(MotionConfig(stable_fraction=0.5))
+    out = scores(frames_of(csi), meter)
+    quiet, moving = out[5:15], out[16:22]
+    assert max(abs(s) for s in quiet) < 0.5 < 3.0 < min(moving)  # type: ignore[arg-type,type-var]
+    spreads = np.stack(meter._spreads)
+    quiet_level = np.nanquantile(spreads, 0.25, axis=0)
+    chosen = meter._stable(np.exp(spreads[-1]))
+    assert chosen.sum() == round(0.5 * np.isfinite(quiet_level).sum())
+    # The four flickering subcarriers are the least stable: none is chosen.
+    band = sorted(set(HT20.tolist()) - {1})  # the band, ascending
+    columns = [band.index(s) for s in (3, 9, -24, -14)]
+    assert not chosen[columns].any()
+
+
 def test_the_invalid_first_word_is_left_out() -> None:
     csi = channel(1500, RATE, seed=4)
     csi[:, 1] = np.random.default_rng(1).normal(0, 100, len(csi))  # garbage on subcarrier 1
@@ -259,3 +278,25 @@ def test_presence_only_refuses_rate_changes(tmp_path: Path) -> None:
     agent = StreamAgent(settings.all_streams()[0], settings, EncoderCache())
     with pytest.raises(ValueError, match="set_rate level 1: a presence-only stream has no"):
         asyncio.run(agent._control(b'{"action": "set_rate", "level": 1}'))
+
+
+def test_the_docs_table_is_the_committed_results() -> None:
+    """docs/presence.md quotes bench/results/presence.json, nothing typed by hand."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_presence", ROOT / "bench" /
+                                                  "presence.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_presence"] = bench  # its dataclass looks itself up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_presence"]
+    result = json.loads((ROOT / "bench" / "results" / "presence.json").read_text())
+    doc = (ROOT / "docs" / "presence.md").read_text()
+    table = doc.split(bench.DOC_BEGIN, 1)[1].split(bench.DOC_END, 1)[0].strip()
+    assert table == bench.render_table(result).strip(), "run: python bench/presence.py"
+    assert result["esp32_espectre"]["target_f1"] == bench.TARGET_ESP32_F1

@@ -120,3 +120,38 @@ def test_presence_only_edge_rejects_a_rate_change(broker: Mosquitto, tmp_path: P
             edge.kill()
             edge.communicate()
         ha.close()
+
+
+@pytest.mark.e2e
+def test_demo_on_esp32_recordings_shows_presence(tmp_path: Path) -> None:
+    """``csi demo --data`` on ESPectre-style folders: presence only, each AP alternating
+    between a quiet and a moving recording, occupied and empty in turn."""
+    import os
+    import sys
+
+    from _broker import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "esp32"
+    for k, chip in enumerate(("c6", "esp32")):
+        write_espectre(data / "baseline" / f"baseline_{chip}.npz",
+                       channel(800, RATE, seed=20 + k), chip=chip, rate_hz=RATE,
+                       label="baseline")
+        write_espectre(data / "movement" / f"movement_{chip}.npz",
+                       channel(800, RATE, moving=(0.0, 8.0), seed=20 + k), chip=chip,
+                       rate_hz=RATE, label="movement")
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "demo", "--data", str(data), "--aps", "2",
+         "--http", f"127.0.0.1:{port}", "--duration", "45", "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=root, timeout=180,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "so presence only" in out
+    assert "demo/ap1 alternates: baseline_c6.npz then movement_c6.npz" in out
+    for ap in ("demo/ap1", "demo/ap2"):
+        lines = [line for line in out.splitlines() if line.startswith(ap + " ")]
+        states = [line.split()[3] for line in lines]
+        assert "occupied" in states and "empty" in states, lines
+        assert "calibrating" in states[:3], lines
