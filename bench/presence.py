@@ -119,9 +119,9 @@ def join(recordings: Sequence[tuple[CSIFrames, int]]) -> Iterator[tuple[CSIFrame
 
 def run_stream(recordings: Sequence[tuple[CSIFrames, int]],
                presence: PresenceConfig | None = None,
-               motion: MotionConfig | None = None) -> list[Second]:
+               motion_config: MotionConfig | None = None) -> list[Second]:
     """Replay recordings as one presence-only stream; one :class:`Second` per segment."""
-    meter = MotionMeter(motion)
+    meter = MotionMeter(motion_config)
     tracker = PresenceTracker(presence or PresenceConfig())
     pre: Preprocessor | None = None
     spans: list[tuple[float, float, int, str]] = []  # (start, end, label, source) per file
@@ -209,19 +209,20 @@ def bench_espectre(folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _espectre(pairs: list[tuple[CSIFrames, CSIFrames]], log: Callable[[str], None],
-              motion: MotionConfig | None = None, detail: bool = True) -> dict[str, Any]:
+              motion_config: MotionConfig | None = None, detail: bool = True
+              ) -> dict[str, Any]:
     streams = []
     all_seconds: list[Second] = []
     thresholds = (1.0, 1.5, 2.0, 3.0)
     for base, move in pairs:
-        seconds = run_stream([(base, 0), (move, 1)], motion=motion)
+        seconds = run_stream([(base, 0), (move, 1)], motion_config=motion_config)
         all_seconds += seconds
         truth, flagged = _scored(seconds, "motion")
         move_start = float(next(s.start for s in seconds if s.label == 1))
         first = next((s for s in seconds if s.label == 1 and s.motion), None)
         detect = None if first is None else round(first.start + 1.0 - move_start, 3)
         scores = [s.score for s in seconds if s.score is not None]
-        row = {
+        row: dict[str, Any] = {
             "chip": base.info.chip, "gain_locked": base.info.extra.get("gain_locked"),
             "baseline": Path(base.source).name, "movement": Path(move.source).name,
             "rate_hz": [round(base.rate_hz, 1), round(move.rate_hz, 1)],
@@ -237,7 +238,7 @@ def _espectre(pairs: list[tuple[CSIFrames, CSIFrames]], log: Callable[[str], Non
         }
         streams.append(row)
         if detail:
-                log(f"  {row['chip']:<6s} F1 {row['motion']['f1']}  FPR "
+            log(f"  {row['chip']:<6s} F1 {row['motion']['f1']}  FPR "
                 f"{row['motion']['false_positive_rate']}  detect {detect} s  quiet max "
                 f"{row['score_quiet_max']}  moving min {row['score_moving_min']}")
     truth, flagged = _scored(all_seconds, "motion")
@@ -281,7 +282,8 @@ def _two_sessions(pairs: list[tuple[CSIFrames, CSIFrames]],
         (b1, m1), (b2, m2) = sorted(sessions, key=lambda p: float(p[0].timestamp[0]))[:2]
         seconds = run_stream([(b1, 0), (m1, 1), (b2, 0), (m2, 1)])
         second_baseline = [s for s in seconds if s.source == b2.source]
-        row = {"chip": chip, "recordings": [Path(r.source).name for r in (b1, m1, b2, m2)],
+        row: dict[str, Any] = {
+               "chip": chip, "recordings": [Path(r.source).name for r in (b1, m1, b2, m2)],
                "motion": rates(*_scored(seconds, "motion")),
                "presence": rates(*_scored(seconds, "presence")),
                "second_baseline_motion_seconds": sum(1 for s in second_baseline if s.motion),
@@ -310,7 +312,8 @@ def bench_fition(folder: Path, seeds: int, log: Callable[[str], None]) -> dict[s
 
 
 def _fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
-            log: Callable[[str], None], motion: MotionConfig | None = None) -> dict[str, Any]:
+            log: Callable[[str], None], motion_config: MotionConfig | None = None
+            ) -> dict[str, Any]:
     per_seed = []
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -318,7 +321,8 @@ def _fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
         per_session = {}
         for name, recordings in sorted(sessions.items()):
             order = rng.permutation(len(recordings))
-            seconds = [s for s in run_stream([recordings[i] for i in order], motion=motion)
+            seconds = [s for s in run_stream([recordings[i] for i in order],
+                                             motion_config=motion_config)
                        if s.score is not None]
             everything += seconds
             per_session[name] = _round(auc([s.label for s in seconds],
@@ -329,7 +333,7 @@ def _fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
             by_file.setdefault(s.source, []).append(s)
         files = sorted(by_file)
         file_labels = [by_file[f][0].label for f in files]
-        row = {
+        row: dict[str, Any] = {
             "seed": seed,
             "seconds": len(everything),
             "auc_per_second": _round(auc(labels, [s.score for s in everything])),  # type: ignore[misc]
@@ -386,7 +390,7 @@ def _fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
 
 # -- ablations -------------------------------------------------------------------------------------
 
-ABLATIONS = {
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "stable_half": ("NBVI-like: only the most stable half of the subcarriers in the median",
                     {"stable_fraction": 0.5}),
     "no_smoothing": ("no 0.2 s moving average", {"smooth_s": 0.0}),
@@ -404,7 +408,7 @@ def bench_ablations(data: Path, log: Callable[[str], None]) -> dict[str, Any]:
     sessions = fition_sessions(data / "fition")
     out = {}
     for name, (what, change) in ABLATIONS.items():
-        config = replace(MotionConfig(), **change)  # type: ignore[arg-type]
+        config = replace(MotionConfig(), **change)
         esp32 = _espectre(pairs, log, config, detail=False)
         fition = _fition(sessions, 1, lambda _: None, config)
         out[name] = {"what": what, "change": change,

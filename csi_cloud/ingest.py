@@ -233,8 +233,8 @@ class Ingestor:
                          f"level {payload.level} not in {model.manifest.name}")
             return []
         if payload.idle:
-            return self._idle_records(site, ap, payload, model, received)
-        records = []
+            return [*self._idle_records(site, ap, payload, model, received)]
+        records: list[DecodedRecord] = []
         for i, segment in enumerate(payload.segments):
             try:
                 codes = decode_segment_codes(segment.codes, payload.level, model.manifest,
@@ -247,7 +247,7 @@ class Ingestor:
                 payload.start_ms(i, model.segment_ms), payload.level, segment.quality, model,
                 codes, segment.codes, received, motion=segment.motion))
         self._last_codes[(site, ap)] = (model.model_id, records[-1].codes)
-        return records
+        return [*records]
 
     def _idle_records(self, site: str, ap: str, payload: Payload, model: CloudModel,
                       received: float) -> list[DecodedRecord]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from csi_cloud.api.app import create_app
 from csi_cloud.ingest import Ingestor
@@ -114,7 +115,7 @@ def test_model_payloads_carry_motion_into_predictions(registry: ModelRegistry) -
 
 
 def test_presence_over_the_api(tmp_path: Path) -> None:
-    settings = CloudSettings(broker=None, dev=True, token=TOKEN,
+    settings = CloudSettings(broker=None, dev=True, token=SecretStr(TOKEN),
                              db=f"sqlite:///{tmp_path}/db.sqlite", models=MODELS,
                              recordings=tmp_path / "rec", jobs_dir=tmp_path / "jobs",
                              presence_hold_s=2.0)
