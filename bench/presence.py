@@ -35,6 +35,8 @@ recording.
 (d) Wire cost: bytes per second of the committed Fition samples at every rate level of
     ``models/fition``, with and without the motion byte, through the real encoder and codec;
     and of a presence-only stream at 1, 5 and 10 segments per message.
+(e) Edge CPU: the motion score's processor time per segment on each kind of hardware.
+Ablations: each design choice of the detector undone in turn, on (a) and (b).
 """
 
 from __future__ import annotations
@@ -495,6 +497,46 @@ def bench_bytes(model: Path, samples: Path, log: Callable[[str], None]) -> dict[
     }
 
 
+# -- (e) CPU ---------------------------------------------------------------------------------------
+
+
+def bench_cost(paths: dict[str, Path], log: Callable[[str], None],
+               repeats: int = 20) -> dict[str, Any]:
+    """CPU time of the MotionMeter per segment (push in 0.1 s chunks + score), steady state."""
+    out = {}
+    for name, path in paths.items():
+        frames = read_recording(path)
+        segments = Preprocessor(presence_spec(frames)).process(frames)
+        t = frames.timestamp
+        edges = np.arange(t[0], t[-1] + CHUNK_S, CHUNK_S)
+        bounds = [0, *np.searchsorted(t, edges[1:], side="left").tolist(), t.size]
+        chunks = [frames.take(np.arange(a, b)) for a, b in itertools.pairwise(bounds) if b > a]
+        meter = MotionMeter()
+        meter.push(chunks[0])  # the band, detected once per stream
+        meter.forget_frames()
+        scored = 0
+        started = time.process_time()
+        for _ in range(repeats):
+            k = 0
+            for chunk in chunks:
+                meter.push(chunk)
+                while k < len(segments) and segments.start_time[k] + 1 <= chunk.timestamp[-1]:
+                    meter.score(float(segments.start_time[k]),
+                                float(segments.start_time[k]) + 1)
+                    k += 1
+                    scored += 1
+            meter.forget_frames()
+        ms = 1000 * (time.process_time() - started) / scored
+        out[name] = {"recording": str(path.relative_to(ROOT) if path.is_relative_to(ROOT)
+                                      else path.name),
+                     "rate_hz": round(frames.rate_hz, 1), "antennas": frames.antennas,
+                     "subcarriers": meter.band_size, "cpu_ms_per_segment": round(ms, 3)}
+        log(f"  {name}: {ms:.2f} ms CPU per segment")
+    return {"what": "process CPU time of MotionMeter.push (0.1 s chunks) and .score per 1 s "
+                    "segment, steady state, one thread, on this machine (shared)",
+            "streams": out}
+
+
 # -- the table in docs/presence.md ---------------------------------------------------------------
 
 DOC = ROOT / "docs" / "presence.md"
@@ -552,6 +594,10 @@ def render_table(result: dict[str, Any]) -> str:
     only = result["bytes"]["presence_only_bytes_per_s"]
     rows.append(f"| wire, presence only, payload B/s at 1 / 5 / 10 segments a message | "
                 f"{only['1']} / {only['5']} / {only['10']} | |")
+    cpu = result["cpu"]["streams"]
+    rows.append("| edge CPU of the motion score per 1 s segment (Nexmon / Intel 5300 / ESP32) | "
+                + " / ".join(f"{cpu[k]['cpu_ms_per_segment']} ms" for k in
+                             ("nexmon", "intel5300", "esp32")) + " | |")
     rows += ["", "Ablations (the same protocols, Fition with one order):", "",
              "| variant | ESP32 F1 | Fition AUC per second | per recording |", "|---|---|---|---|",
              f"| default | {motion['f1']} | {first['auc_per_second']} | "
@@ -599,6 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     ablations = bench_ablations(args.data, log)
     log("(d) bytes")
     wire = bench_bytes(args.model, ROOT / "datasets" / "samples" / "fition", log)
+    log("(e) CPU")
+    esp32_file = sorted((args.data / "esp32-espectre" / "movement").glob("*c6*.npz"))[0]
+    cost = bench_cost({
+        "nexmon": ROOT / "datasets" / "samples" / "fition" / "walking_user1_rm1" /
+        "walking_user1_rm1_10.pcap",
+        "intel5300": ROOT / "datasets" / "samples" / "wiar" / "height_90" / "csi_a1_1.dat",
+        "esp32": esp32_file}, log)
     result = {
         "benchmark": "presence",
         "command": "python bench/presence.py" + (" " + " ".join(argv) if argv else ""),
@@ -614,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "wiar": wiar,
         "ablations": ablations,
         "bytes": wire,
+        "cpu": cost,
         "runtime_s": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,14 @@ def test_presence_over_the_api(tmp_path: Path) -> None:
         service = client.app.state.service  # type: ignore[attr-defined]
         messages = [("home", "hall", presence_message(i, [s]), time.time(), None)
                     for i, s in enumerate([None, 0.0, 0.25, 3.5, 0.0, 0.0, 0.0])]
-        client.portal.call(service._process, messages)  # type: ignore[union-attr]
+        with client.websocket_connect("/api/v1/predictions/ws?site=home") as ws:
+            client.portal.call(service._process, messages)  # type: ignore[union-attr]
+            live = [ws.receive_json() for _ in messages]
+        # The live stream carries the same fields (SSE sends these very events).
+        assert [e["seq"] for e in live] == list(range(7))
+        assert [e["presence"] for e in live] == [None, False, False, True, True, False, False]
+        assert [e["motion_score"] for e in live][:4] == [None, 0.0, 0.25, 3.5]
+        assert all(e["activity"] is None and e["model"] is None for e in live)
         deadline = time.monotonic() + 20
         while True:
             ap = client.get("/api/v1/aps/home/hall")
