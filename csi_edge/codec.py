@@ -199,6 +199,11 @@ def model_id_prefix(bundle_id: str) -> bytes:
         raw = bytes.fromhex(bundle_id)
     except ValueError as exc:
         raise ValueError(f"bundle id is not hexadecimal: {bundle_id!r}") from exc
+    if raw[:MODEL_ID_BYTES] == NO_MODEL_ID:
+        # 1 bundle in 2**24: its payloads would read as presence only. A new training run
+        # (new weights, new id) gives another prefix.
+        raise ValueError(f"bundle id {bundle_id!r} starts with {NO_MODEL_ID.hex()}, the wire's "
+                         "no-model id: retrain to get another id")
     return raw[:MODEL_ID_BYTES]
 
 

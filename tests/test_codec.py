@@ -245,6 +245,10 @@ def test_model_id_prefix() -> None:
         model_id_prefix("abcd")
     with pytest.raises(ValueError, match="not hexadecimal"):
         model_id_prefix("zz" + "0" * 62)
+    # The no-model id (presence only) is never a bundle's.
+    with pytest.raises(ValueError, match="starts with 000000, the wire's no-model id"):
+        model_id_prefix("000000" + "a" * 58)
+    assert model_id_prefix("000001" + "a" * 58) == b"\x00\x00\x01"
 
 
 def test_overhead_and_size() -> None:
