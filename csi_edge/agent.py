@@ -576,16 +576,17 @@ class StreamAgent:
             self.counters.idle_payload_bytes += len(data)
 
     def _manifest_of(self, model_id: bytes) -> Any:
+        """The manifest of a queued segment's bundle; None for a presence-only stream that
+        still holds segments of a bundle it no longer runs (an earlier run's backlog)."""
         encoder = self.encoders.by_model_id(model_id) or self.encoder
-        if encoder is None:
-            raise RuntimeError(f"no bundle for model id {model_id.hex()} on a presence-only "
-                               "stream")
-        return encoder.manifest
+        return None if encoder is None else encoder.manifest
 
     def _per_message(self, model_id: bytes, level: int) -> int:
-        if model_id == NO_MODEL_ID:
-            return self.settings.presence_segments_per_message
-        return self._manifest_of(model_id).level(level).segments_per_message
+        manifest = None if model_id == NO_MODEL_ID else self._manifest_of(model_id)
+        if manifest is None:  # presence only (or such a backlog: one segment a message)
+            return self.settings.presence_segments_per_message if model_id == NO_MODEL_ID \
+                else 1
+        return manifest.level(level).segments_per_message
 
     def _group_size(self, head: QueuedSegment) -> int:
         """Segments a live message of ``head``'s kind waits for."""
@@ -594,9 +595,10 @@ class StreamAgent:
         return self._per_message(head.model_id, head.level)
 
     def _segment_ms(self, model_id: bytes) -> int:
-        if model_id == NO_MODEL_ID:
+        manifest = None if model_id == NO_MODEL_ID else self._manifest_of(model_id)
+        if manifest is None:
             return NO_MODEL_SEGMENT_MS
-        return round(self._manifest_of(model_id).input_spec.segment_s * 1000)
+        return round(manifest.input_spec.segment_s * 1000)
 
     async def _status_loop(self, client: Any) -> None:
         while True:

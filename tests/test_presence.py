@@ -274,6 +274,12 @@ def test_presence_only_stream_queues_motion_without_codes(tmp_path: Path) -> Non
     groups = group_messages(mixed, per_message=lambda m, lv: 10, segment_ms=lambda m: 1000,
                             limit=1)
     assert [len(g) for g in groups] == [1, 3]
+    # A backlog of a bundle the stream no longer runs still goes out, a segment a message.
+    old = [replace(r, model_id=b"\x01\x02\x03", level=1, motion=None) for r in rows[:3]]
+    assert agent._per_message(b"\x01\x02\x03", 1) == 1
+    groups = group_messages(old, per_message=agent._per_message, segment_ms=agent._segment_ms,
+                            limit=1)
+    assert [len(g) for g in groups] == [1, 1, 1]
     agent.spool.close()
 
 
