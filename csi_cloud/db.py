@@ -65,19 +65,24 @@ class Prediction(Base):
     seq: Mapped[int] = mapped_column(Integer)
     timestamp: Mapped[float] = mapped_column(Float, doc="capture time of the segment's start")
     received: Mapped[float] = mapped_column(Float)
-    model: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True,
+                                              doc="null: presence only (no bundle)")
     rate_level: Mapped[int] = mapped_column(Integer)
     quality: Mapped[float] = mapped_column(Float)
     context_present: Mapped[int] = mapped_column(Integer)
     context_size: Mapped[int] = mapped_column(Integer)
-    activity: Mapped[str] = mapped_column(String(64))
-    activity_confidence: Mapped[float] = mapped_column(Float)
+    activity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    activity_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     identity_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     codes: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True,
                                                 doc="the segment's entropy-coded codes, so a "
                                                     "restarted worker rebuilds the context")
+    motion_score: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                       doc="csi_edge.presence score (log2)")
+    motion: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    presence: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class Label(Base):

@@ -8,6 +8,13 @@ It starts, as child processes:
   3. one edge agent running N AP streams, each replaying a recording at its real rate, looping.
 Then it prints the dashboard URL and a line per AP as predictions arrive, until Ctrl-C, which
 stops every child (edges first, so they can flush, then the cloud, then the broker).
+
+Recordings no bundle of the models folder takes (ESP32 ``.npz`` of ESPectre, with the Nexmon
+and Intel 5300 bundles shipped here) are replayed in presence-only mode: the edges send motion
+scores only and the cloud shows presence and motion (csi_edge.presence). A folder of labelled
+sub-folders (``baseline/``, ``movement/``) then gives AP k the k-th recording of each
+sub-folder in turn, so every AP alternates between them; the presence hold is shortened to
+``PRESENCE_DEMO_HOLD_S`` so occupied/empty follows 10 s recordings visibly.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_edge._errors import CSIError
 from csi_edge.bundle import BundleError, load_manifest
 
 __all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "run_demo"]
 
-_SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat"}
+_SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat", ".npz"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
+PRESENCE_DEMO_HOLD_S = 5.0
 
 
 class DemoError(RuntimeError):
@@ -128,6 +137,42 @@ def _recordings(folder: Path) -> list[Path]:
     return files
 
 
+def _device_of(files: list[Path]) -> str:
+    """The CSI kind (``RadioInfo.device``) of the first readable recording."""
+    from csi_edge.readers import read_recording
+
+    problems = []
+    for path in files:
+        try:
+            return read_recording(path).info.device
+        except (CSIError, OSError, ValueError) as exc:
+            problems.append(str(exc))
+    raise DemoError(f"no readable recording among {len(files)} file(s): {'; '.join(problems)}")
+
+
+def _presence_sessions(folder: Path, aps: int, work: Path) -> list[Path] | None:
+    """Per AP, a folder of links to the k-th recording of each labelled sub-folder of
+    ``folder`` (in sub-folder order); None when ``folder`` has no such sub-folders."""
+    if not folder.is_dir():
+        return None
+    groups = [sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+              for sub in sorted(p for p in folder.iterdir() if p.is_dir())]
+    groups = [g for g in groups if g]
+    if len(groups) < 2:
+        return None
+    sessions = []
+    for k in range(aps):
+        target = work / "sessions" / f"ap{k + 1}"
+        target.mkdir(parents=True, exist_ok=True)
+        for i, group in enumerate(groups):
+            source = group[k % len(group)]
+            link = target / f"{i:02d}-{source.parent.name}-{source.name}"
+            if not link.exists():
+                link.symlink_to(source.resolve())  # a link: the recordings stay where they are
+        sessions.append(target)
+    return sessions
+
+
 def _get(url: str, timeout: float = 2.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -158,6 +203,8 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
                             "give recordings with --data")
         data = _project_root() / "datasets" / "samples" / default
     files = _recordings(data)
+    device = _device_of(files)
+    presence_only = device not in (manifest.input_spec.source_kind, "recording")
     host, _, port_text = http.rpartition(":")
     if not host or not port_text.isdigit():
         raise DemoError(f"--http {http!r} is not HOST:PORT")
@@ -208,6 +255,8 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
         cloud_env = {**env, **protocol, "CSI_CLOUD_TOKEN": token,
                      "CSI_CLOUD_DEFAULT_MODEL": manifest.id,
                      "CSI_CLOUD_JOBS_DIR": str(work / "jobs")}
+        if presence_only:
+            cloud_env["CSI_CLOUD_PRESENCE_HOLD_S"] = str(PRESENCE_DEMO_HOLD_S)
         children.start("cloud", [
             sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(models),
             "--broker", broker_url, "--http", f"{host}:{http_port}",
@@ -218,20 +267,33 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
         _wait_ready(f"{base}/readyz", children, 90)
 
         # 3. Edges: one process, one stream per AP.
+        sessions = _presence_sessions(data, aps, work) if presence_only else None
+        sources = sessions or [files[k % len(files)].resolve() for k in range(aps)]
         streams = []
-        for k in range(aps):
-            streams += ["--stream", f"demo/ap{k + 1}=file://{files[k % len(files)].resolve()}"]
+        for k, source in enumerate(sources):
+            streams += ["--stream", f"demo/ap{k + 1}=file://{source}"]
+        mode = ["--presence-only"] if presence_only else []
         children.start("edge", [
-            sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(bundle), "--broker",
-            broker_url, "--speed", "real", "--loop", "--spool-dir", str(work / "spool"),
-            "--status-interval", "2", "--cloud-url", base, "--log-level", "WARNING",
-            *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched")},
+            sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(bundle), *mode,
+            "--broker", broker_url, "--speed", "real", "--loop", "--spool-dir",
+            str(work / "spool"), "--status-interval", "2", "--cloud-url", base, "--log-level",
+            "WARNING", *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched")},
             work / "edge.log")
 
-        raw = (manifest.metrics.get("test_split") or {}).get("native_bytes_per_s")
+        raw = None if presence_only else \
+            (manifest.metrics.get("test_split") or {}).get("native_bytes_per_s")
         say(f"dashboard: {base}/   API: {base}/docs   token: {token}")
-        say(f"{aps} AP(s) replaying {len(files)} recording(s) from {data} with model "
-            f"{manifest.name} ({manifest.id[:12]}); logs in {work}")
+        if presence_only:
+            say(f"{aps} AP(s) replaying {len(files)} {device} recording(s) from {data}: model "
+                f"{manifest.name} takes {manifest.input_spec.source_kind} CSI, so presence "
+                f"only (motion scores, no activity; presence held {PRESENCE_DEMO_HOLD_S:g} s); "
+                f"logs in {work}")
+            for k, session in enumerate(sessions or []):
+                names = [link.name.split("-", 2)[2] for link in sorted(session.iterdir())]
+                say(f"  demo/ap{k + 1} alternates: {' then '.join(names)}")
+        else:
+            say(f"{aps} AP(s) replaying {len(files)} recording(s) from {data} with model "
+                f"{manifest.name} ({manifest.id[:12]}); logs in {work}")
         say("Ctrl-C stops everything.")
         _watch(base, children, stop, duration_s, raw, say)
         return 0
@@ -292,10 +354,21 @@ def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: fl
             identity = (f"  {p['identity']:<8s} {p['identity_confidence']:.2f}"
                         if p.get("identity") else "")
             versus = f" (raw CSI {raw / 1000:.1f} kB/s)" if raw else ""
-            say(f"{name:<10s} seq {p['seq']:>5d}  {p['activity']:<11s} "
-                f"{p['activity_confidence']:.2f}{identity}  {rate:6.1f} B/s{versus}  "
-                f"level {p['rate_level']}  gaps {ap.get('gaps', 0)}")
+            activity = (f"{p['activity']:<11s} {p['activity_confidence']:.2f}{identity}  "
+                        if p.get("activity") else "")
+            say(f"{name:<10s} seq {p['seq']:>5d}  {_presence_text(p)}  {activity}"
+                f"{rate:6.1f} B/s{versus}  level {p['rate_level']}  gaps {ap.get('gaps', 0)}")
         for _ in range(10):
             if stop["now"]:
                 return
             time.sleep(0.2)
+
+
+def _presence_text(p: dict[str, Any]) -> str:
+    """``occupied  motion +3.2`` (or calibrating) for a demo line."""
+    presence = p.get("presence")
+    score = p.get("motion_score")
+    if presence is None or score is None:
+        return f"{'calibrating':<8s} {'':<14s}"
+    state = "motion" if p.get("motion") else "still"
+    return f"{'occupied' if presence else 'empty':<8s} {state:<6s} {score:+5.1f}  "

@@ -1,9 +1,12 @@
-"""Home Assistant MQTT discovery: each AP appears as a device with an activity sensor, an
-identity sensor and a presence binary sensor, fed by the retained ``pred`` topic and available
-while the AP's ``status`` says online.
+"""Home Assistant MQTT discovery: each AP appears as a device with an occupancy and a motion
+binary sensor and a motion-score sensor (csi_edge.presence, any hardware, with or without a
+model), plus activity and identity sensors when the AP runs a bundle; all fed by the retained
+``pred`` topic and available while the AP's ``status`` says online.
 
 Configs are published retained under ``{discovery_prefix}/{component}/{node}/{object}/config``
-(Home Assistant's documented discovery topic layout), with full (not abbreviated) keys.
+(Home Assistant's documented discovery topic layout), with full (not abbreviated) keys. A
+template renders ``None`` where the prediction has no value yet (the edge still calibrating):
+Home Assistant's MQTT entities read that payload as "unknown", not as off.
 """
 
 from __future__ import annotations
@@ -13,21 +16,30 @@ from typing import Any
 
 __all__ = ["discovery_configs"]
 
+# Rendered where a field is null: MQTT binary sensors and sensors take it as "unknown".
+_UNKNOWN = "None"
+
 
 def _node(site: str, ap: str) -> str:
     # Discovery node ids allow [a-zA-Z0-9_-] only.
     return re.sub(r"[^a-zA-Z0-9_-]", "_", f"csi_{site}_{ap}")
 
 
+def _on_off(field: str) -> str:
+    return (f"{{{{ '{_UNKNOWN}' if value_json.{field} is none else "
+            f"('ON' if value_json.{field} else 'OFF') }}}}")
+
+
 def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None = None,
-                      discovery_prefix: str = "homeassistant",
-                      absent_activities: tuple[str, ...] = ("empty",)
-                      ) -> dict[str, dict[str, Any]]:
-    """Topic -> config payload for one AP."""
+                      discovery_prefix: str = "homeassistant"
+                      ) -> dict[str, dict[str, Any] | None]:
+    """Topic -> config payload for one AP; ``None`` removes an entity (publish an empty
+    retained payload): the activity and identity sensors of an AP without a model."""
     node = _node(site, ap)
     base = f"{prefix}/{site}/{ap}"
     device = {"identifiers": [node], "name": f"CSI {site}/{ap}", "manufacturer": "csi-pipeline",
-              "model": f"WiFi sensing ({model_name})" if model_name else "WiFi sensing"}
+              "model": f"WiFi sensing ({model_name})" if model_name else
+                       "WiFi sensing (presence only)"}
     common = {
         "state_topic": f"{base}/pred",
         "json_attributes_topic": f"{base}/pred",
@@ -37,18 +49,33 @@ def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None
         "payload_not_available": "offline",
         "device": device,
     }
-    absent = ", ".join(repr(a) for a in absent_activities)
-    return {
+    configs: dict[str, dict[str, Any] | None] = {
+        f"{discovery_prefix}/binary_sensor/{node}/occupancy/config": {
+            **common, "name": "Occupancy", "unique_id": f"{node}_occupancy",
+            "device_class": "occupancy", "value_template": _on_off("presence"),
+            "payload_on": "ON", "payload_off": "OFF"},
+        f"{discovery_prefix}/binary_sensor/{node}/motion/config": {
+            **common, "name": "Motion", "unique_id": f"{node}_motion",
+            "device_class": "motion", "value_template": _on_off("motion"),
+            "payload_on": "ON", "payload_off": "OFF"},
+        f"{discovery_prefix}/sensor/{node}/motion_score/config": {
+            **common, "name": "Motion score", "unique_id": f"{node}_motion_score",
+            "state_class": "measurement", "icon": "mdi:motion-sensor",
+            "value_template": f"{{{{ '{_UNKNOWN}' if value_json.motion_score is none else "
+                              "value_json.motion_score }}"},
+    }
+    model_entities: dict[str, dict[str, Any]] = {
         f"{discovery_prefix}/sensor/{node}/activity/config": {
             **common, "name": "Activity", "unique_id": f"{node}_activity",
-            "value_template": "{{ value_json.activity }}", "icon": "mdi:run"},
+            "value_template": f"{{{{ value_json.activity if value_json.activity else "
+                              f"'{_UNKNOWN}' }}}}", "icon": "mdi:run"},
         f"{discovery_prefix}/sensor/{node}/identity/config": {
             **common, "name": "Identity", "unique_id": f"{node}_identity",
             "value_template": "{{ value_json.identity if value_json.identity else 'unknown' }}",
             "icon": "mdi:account"},
-        f"{discovery_prefix}/binary_sensor/{node}/presence/config": {
-            **common, "name": "Presence", "unique_id": f"{node}_presence",
-            "device_class": "occupancy",
-            "value_template": "{{ 'OFF' if value_json.activity in [" + absent + "] else 'ON' }}",
-            "payload_on": "ON", "payload_off": "OFF"},
     }
+    for topic, config in model_entities.items():
+        configs[topic] = config if model_name else None
+    # The presence sensor of earlier versions read presence from the activity; it goes.
+    configs[f"{discovery_prefix}/binary_sensor/{node}/presence/config"] = None
+    return configs

@@ -8,6 +8,13 @@ duplicates are counted, never invented) and a rolling context of the last ``N`` 
 a slot is the segment's start time on the stream's segment grid, so a pause of the source is
 a run of missing slots, exactly as the offline evaluation builds its windows.
 
+Presence and motion (csi_edge.presence): every segment that carries a motion score (wire flag
+MOTION) gets ``motion_score``, ``motion`` and ``presence`` in its prediction, from a per-AP
+:class:`~csi_edge.presence.PresenceTracker`. A presence-only message (model id 00 00 00, no
+bundle on the edge) needs no model: its segments are tracked like any other (epoch, gaps,
+duplicates) and predicted with presence and motion only (``activity`` and the model fields
+null); they are not decoded, recorded or classified.
+
 Not thread-safe: one batch at a time (the service runs it on one worker thread).
 """
 
@@ -22,7 +29,8 @@ import numpy as np
 
 from csi_edge._errors import CSIError
 from csi_edge.bundle import SegmentCodes, decode_segment_codes, encode_segment_codes
-from csi_edge.codec import Payload, PayloadError, decode_payload
+from csi_edge.codec import NO_MODEL_SEGMENT_MS, Payload, PayloadError, decode_payload
+from csi_edge.presence import PresenceConfig, PresenceTracker
 
 from .model.compression import CloudModel
 from .model.heads import UNKNOWN, open_set_decision
@@ -35,13 +43,14 @@ __all__ = [
     "DecodedRecord",
     "Ingestor",
     "PredictionRecord",
+    "PresenceRecord",
 ]
 
 _U32 = 1 << 32
 _MAX_AWAITED = 4096  # skipped sequence numbers remembered per AP, to accept them late
 REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_flags",
                   "bad_count", "bad_varint", "truncated_segment", "trailing_bytes", "bad_idle",
-                  "unknown_model", "bad_level", "bad_codes", "bad_topic")
+                  "bad_no_model", "unknown_model", "bad_level", "bad_codes", "bad_topic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,22 @@ class DecodedRecord:
     # copy of the stream's last coded segment (CloudModel.idle_codes), so storage and a
     # restarted worker treat it like any other segment.
     idle: bool = False
+    motion: float | None = None  # the edge's motion score (csi_edge.presence), if it sent one
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRecord:
+    """One accepted segment of a presence-only message: no model, no codes, a motion score."""
+
+    site: str
+    ap: str
+    epoch: int
+    seq: int
+    timestamp_ms: int
+    quality: float
+    motion: float | None
+    received: float
+    level: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,18 +101,23 @@ class PredictionRecord:
     seq: int
     timestamp: float  # capture time of the segment start, s
     received: float
-    model: str
-    model_name: str
+    model: str | None  # None: presence only (no bundle)
+    model_name: str | None
     rate_level: int
     quality: float
     context_present: int
     context_size: int
-    activity: str
-    activity_confidence: float
+    activity: str | None  # None: presence only
+    activity_confidence: float | None
     identity: str | None
     identity_confidence: float | None
     probabilities: dict[str, dict[str, float]]
     idle: bool = False  # the segment came as an idle marker (nothing moved); not stored in the DB
+    # csi_edge.presence: the edge's score (log2 ratio to the AP's quiet reference), motion at
+    # the threshold, presence held after the last motion; None when the edge sent no score.
+    motion_score: float | None = None
+    motion: bool | None = None
+    presence: bool | None = None
 
     @property
     def missing_fraction(self) -> float:
@@ -151,10 +181,13 @@ class BatchResult:
 
 class Ingestor:
     def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384,
-                 reconstruct: bool = False) -> None:
+                 reconstruct: bool = False, presence: PresenceConfig | None = None) -> None:
         """``reconstruct``: also run the decoder (the classifier does not need it; recordings
-        decode what they store themselves, off the latency path)."""
+        decode what they store themselves, off the latency path). ``presence``: the motion
+        threshold, sensitivity and hold of every AP."""
         self.registry = registry
+        self.presence_config = presence or PresenceConfig()
+        self.presence: dict[tuple[str, str], PresenceTracker] = {}
         self.reconstruct = reconstruct
         self.max_payload_bytes = max_payload_bytes
         self.aps: dict[tuple[str, str], APState] = {}
@@ -179,12 +212,17 @@ class Ingestor:
         result.rejected.append((site, ap, reason, detail))
 
     def _decode(self, result: BatchResult, site: str, ap: str, data: bytes,
-                received: float) -> list[DecodedRecord]:
+                received: float) -> list[DecodedRecord | PresenceRecord]:
         try:
             payload: Payload = decode_payload(data, max_bytes=self.max_payload_bytes)
         except PayloadError as exc:
             self._reject(result, site, ap, exc.reason, exc.detail)
             return []
+        if payload.presence_only:
+            return [PresenceRecord(site, ap, payload.epoch, payload.seq(i),
+                                   payload.start_ms(i, NO_MODEL_SEGMENT_MS), segment.quality,
+                                   segment.motion, received)
+                    for i, segment in enumerate(payload.segments)]
         model = self.registry.by_prefix(payload.model_id)
         if model is None:
             self._reject(result, site, ap, "unknown_model",
@@ -195,8 +233,8 @@ class Ingestor:
                          f"level {payload.level} not in {model.manifest.name}")
             return []
         if payload.idle:
-            return self._idle_records(site, ap, payload, model, received)
-        records = []
+            return [*self._idle_records(site, ap, payload, model, received)]
+        records: list[DecodedRecord] = []
         for i, segment in enumerate(payload.segments):
             try:
                 codes = decode_segment_codes(segment.codes, payload.level, model.manifest,
@@ -207,9 +245,9 @@ class Ingestor:
             records.append(DecodedRecord(
                 site, ap, payload.epoch, payload.seq(i),
                 payload.start_ms(i, model.segment_ms), payload.level, segment.quality, model,
-                codes, segment.codes, received))
+                codes, segment.codes, received, motion=segment.motion))
         self._last_codes[(site, ap)] = (model.model_id, records[-1].codes)
-        return records
+        return [*records]
 
     def _idle_records(self, site: str, ap: str, payload: Payload, model: CloudModel,
                       received: float) -> list[DecodedRecord]:
@@ -225,13 +263,15 @@ class Ingestor:
         counters["idle_without_reference"] += 0 if held is not None else len(payload.segments)
         return [DecodedRecord(site, ap, payload.epoch, payload.seq(i),
                               payload.start_ms(i, model.segment_ms), payload.level,
-                              segment.quality, model, codes, blob, received, idle=True)
+                              segment.quality, model, codes, blob, received, idle=True,
+                              motion=segment.motion)
                 for i, segment in enumerate(payload.segments)]
 
     def process(self, batch: list[tuple[str, str, bytes, float]]) -> BatchResult:
         """Check, decode, track and classify one batch of messages (arrival order)."""
         result = BatchResult(messages=len(batch))
         accepted: list[DecodedRecord] = []
+        presence_only: list[PresenceRecord] = []
         for site, ap, data, received in batch:
             records = self._decode(result, site, ap, data, received)
             if not records:
@@ -243,8 +283,13 @@ class Ingestor:
             state.last_seen = received
             for record in records:
                 if self._track(state, record):
-                    accepted.append(record)
+                    if isinstance(record, PresenceRecord):
+                        presence_only.append(record)
+                    else:
+                        accepted.append(record)
+        predictions = [self._presence_prediction(r) for r in presence_only]
         if not accepted:
+            result.predictions = predictions
             return result
         # Reconstruct per model, in one batch each.
         by_model: dict[str, list[int]] = {}
@@ -263,10 +308,39 @@ class Ingestor:
                 decoded[i] = DecodedRecord(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms, r.level,
                                            r.quality, r.model, r.codes, r.code_bytes,
                                            r.received, z_q[j], profile[j],
-                                           None if recon is None else recon[j], idle=r.idle)
+                                           None if recon is None else recon[j], idle=r.idle,
+                                           motion=r.motion)
         result.segments = decoded
-        result.predictions = self._classify(decoded)
+        result.predictions = predictions + self._classify(decoded)
         return result
+
+    def _presence_of(self, site: str, ap: str, start_ms: int, segment_ms: int,
+                     score: float | None) -> tuple[bool | None, bool | None]:
+        """``(motion, presence)`` of one AP's segment, from its tracker."""
+        tracker = self.presence.get((site, ap))
+        if tracker is None:
+            tracker = self.presence[(site, ap)] = PresenceTracker(self.presence_config)
+        return tracker.update(start_ms / 1000, (start_ms + segment_ms) / 1000, score)
+
+    def _presence_prediction(self, record: PresenceRecord) -> PredictionRecord:
+        """A presence-only segment's prediction: presence and motion, nothing a model says."""
+        motion, presence = self._presence_of(record.site, record.ap, record.timestamp_ms,
+                                             NO_MODEL_SEGMENT_MS, record.motion)
+        prediction = PredictionRecord(
+            site=record.site, ap=record.ap, epoch=record.epoch, seq=record.seq,
+            timestamp=record.timestamp_ms / 1000, received=record.received, model=None,
+            model_name=None, rate_level=0, quality=record.quality, context_present=0,
+            context_size=0, activity=None, activity_confidence=None, identity=None,
+            identity_confidence=None, probabilities={}, motion_score=record.motion,
+            motion=motion, presence=presence)
+        self._latest(prediction)
+        return prediction
+
+    def _latest(self, prediction: PredictionRecord) -> None:
+        state = self.aps[(prediction.site, prediction.ap)]
+        if state.last_prediction is None or (prediction.epoch, prediction.timestamp) >= (
+                state.last_prediction.epoch, state.last_prediction.timestamp):
+            state.last_prediction = prediction
 
     def restore_context(self, records: list[DecodedRecord]) -> None:
         """Put one AP's last segments (oldest first, one epoch) back into its context."""
@@ -286,7 +360,7 @@ class Ingestor:
                                                                            slot)
         self._last_codes[(first.site, first.ap)] = (model.model_id, records[-1].codes)
 
-    def _track(self, state: APState, record: DecodedRecord) -> bool:
+    def _track(self, state: APState, record: DecodedRecord | PresenceRecord) -> bool:
         """Epoch, gap and duplicate bookkeeping; False for a segment already seen."""
         c = state.counters
         if record.epoch != state.epoch:
@@ -326,8 +400,8 @@ class Ingestor:
         return True
 
     @staticmethod
-    def _note(state: APState, record: DecodedRecord) -> None:
-        state.model = record.model.id
+    def _note(state: APState, record: DecodedRecord | PresenceRecord) -> None:
+        state.model = record.model.id if isinstance(record, DecodedRecord) else None
         state.rate_level = record.level
         state.counters["segments"] += 1
 
@@ -393,6 +467,8 @@ class Ingestor:
                     identity = UNKNOWN
                 probabilities["identity"] = {k: round(float(v), 5)
                                              for k, v in zip(identities, p_id[w], strict=True)}
+            motion, presence = self._presence_of(record.site, record.ap, record.timestamp_ms,
+                                                 model.segment_ms, record.motion)
             prediction = PredictionRecord(
                 site=record.site, ap=record.ap, epoch=record.epoch, seq=record.seq,
                 timestamp=record.timestamp_ms / 1000, received=record.received,
@@ -400,10 +476,8 @@ class Ingestor:
                 quality=record.quality, context_present=int(present[w].sum()), context_size=n,
                 activity=activities[a], activity_confidence=float(p_act[w, a]),
                 identity=identity, identity_confidence=identity_conf,
-                probabilities=probabilities, idle=record.idle)
-            state = self.aps[(record.site, record.ap)]
-            if state.last_prediction is None or (prediction.epoch, prediction.timestamp) >= (
-                    state.last_prediction.epoch, state.last_prediction.timestamp):
-                state.last_prediction = prediction
+                probabilities=probabilities, idle=record.idle, motion_score=record.motion,
+                motion=motion, presence=presence)
+            self._latest(prediction)
             out.append(prediction)
         return out

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from csi_edge._errors import CSIError
 from csi_edge._mqtt import Backoff
 from csi_edge.bundle import decode_segment_codes
+from csi_edge.presence import PresenceConfig
 from csi_edge.settings import topic_name
 
 from .db import AP, Database, Prediction
@@ -51,7 +52,10 @@ class CloudService:
         self.settings = settings
         self.registry = ModelRegistry(settings.models)
         self.db = Database(settings.db)
-        self.ingestor = Ingestor(self.registry, settings.max_payload_bytes)
+        self.ingestor = Ingestor(self.registry, settings.max_payload_bytes,
+                                 presence=PresenceConfig(settings.presence_threshold,
+                                                         settings.presence_sensitivity,
+                                                         settings.presence_hold_s))
         self.hub = LiveHub()
         self.metrics = Metrics()
         self.metrics.track_aps(self.ap_rates)
@@ -79,7 +83,8 @@ class CloudService:
         self._storing: asyncio.Task[None] | None = None  # the latest batch's store
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
         self._db_aps: set[tuple[str, str]] = set()  # AP rows known to exist
-        self._announced: set[tuple[str, str]] = set()  # APs with discovery configs
+        # APs with discovery configs, and whether those include the model's entities.
+        self._announced: dict[tuple[str, str], bool] = {}
         self._switch_sent: set[tuple[str, str, int]] = set()
         self.batches = 0
         self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")
@@ -490,8 +495,9 @@ class CloudService:
         if not isinstance(status, dict):
             return
         self._ap_status[(site, ap)] = status
-        if self.settings.homeassistant and (site, ap) not in self._announced:
-            self._announced.add((site, ap))
+        has_model = isinstance(status.get("model_name"), str)
+        if self.settings.homeassistant and self._announced.get((site, ap)) != has_model:
+            self._announced[(site, ap)] = has_model
             self._announce(site, ap, status)
         # One writer thread keeps status updates in arrival order.
         asyncio.get_running_loop().run_in_executor(self._status_writer, self._store_status, site,
@@ -520,7 +526,9 @@ class CloudService:
         for topic, config in discovery_configs(
                 self.settings.prefix, site, ap, model_name=name,
                 discovery_prefix=self.settings.homeassistant_prefix).items():
-            client._client.publish(topic, json.dumps(config), qos=1, retain=True)
+            # An empty retained payload removes the entity (and the retained config).
+            client._client.publish(topic, b"" if config is None else json.dumps(config), qos=1,
+                                   retain=True)
 
     @staticmethod
     async def _quiet(coro: Any) -> None:

@@ -79,6 +79,18 @@ class CloudSettings(FileConfiguredSettings):
     max_request_bytes: int = Field(default=1 * 2**20, ge=1024, description="JSON request bodies")
     offline_after_s: float = Field(default=30.0, gt=0, description="an AP silent this long "
                                                                    "counts as offline")
+    presence_threshold: float = Field(
+        default=1.5, gt=0, allow_inf_nan=False,
+        description="motion score (log2 of the segment's CSI variability over the AP's quiet "
+                    "reference, docs/presence.md) at and above which a segment is motion, at "
+                    "sensitivity 1")
+    presence_sensitivity: float = Field(
+        default=1.0, gt=0, le=100, allow_inf_nan=False,
+        description="divides the motion threshold: 2 flags half as much variability as motion, "
+                    "0.5 twice as much")
+    presence_hold_s: float = Field(
+        default=30.0, ge=0, allow_inf_nan=False,
+        description="an AP stays occupied this long after its last motion segment")
     jobs_dir: Path = Field(default=Path("jobs"), description="training job work folders")
     datasets: dict[str, Path] = Field(default_factory=dict,
                                       description="registered dataset folders by name")

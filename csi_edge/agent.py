@@ -32,6 +32,13 @@ once (it is no longer the message still filling).
 
 Sequence numbers count encoded segments (idle ones too), so a gap seen by the cloud is a lost
 segment; a pause of the source shows as a jump in start time instead.
+
+Motion (csi_edge.presence): a :class:`~csi_edge.presence.MotionMeter` sees every frame and
+scores every segment, coded or idle; the score travels as one byte per segment (wire flag
+MOTION). Presence only (``presence_only``): no bundle, no encoder; the stream is cut into 1 s
+segments on its own measured rate and band, and each segment is queued with its motion score
+and no codes (model id 00 00 00). A ``switch_model`` command can still give it a bundle that
+fits; ``set_rate`` has no levels to set.
 """
 
 from __future__ import annotations
@@ -52,11 +59,20 @@ import numpy as np
 from ._errors import CSIError, SpecMismatchError
 from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
 from .bundle import BundleError, EdgeEncoder, encode_segment_codes
-from .codec import Payload, SegmentRecord, encode_payload
+from .codec import (
+    NO_MODEL_ID,
+    NO_MODEL_SEGMENT_MS,
+    Payload,
+    SegmentRecord,
+    encode_payload,
+    motion_byte,
+    motion_from_byte,
+)
 from .frames import CSIFrames, DropCounter
 from .messages import loads_bounded
 from .motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
+from .presence import MotionMeter, presence_spec
 from .rollout import (
     RolloutError,
     check_runs,
@@ -124,8 +140,9 @@ def group_messages(rows: Sequence[QueuedSegment], *, per_message: Callable[[byte
                    idle_per_message: int = 10) -> list[list[QueuedSegment]]:
     """Split queued segments (oldest first) into messages of consecutive segments.
 
-    A message ends where epoch, level, model or idleness change (an IDLE message holds idle
-    segments only), where sequence numbers or start times are not consecutive, or at
+    A message ends where epoch, level, model, idleness or the presence of a motion byte change
+    (an IDLE message holds idle segments only), where sequence numbers or start times are not
+    consecutive, or at
     ``max(per_message(model, level), limit)`` segments (``max(idle_per_message, limit)`` for
     idle ones).
     """
@@ -137,6 +154,7 @@ def group_messages(rows: Sequence[QueuedSegment], *, per_message: Callable[[byte
             size = idle_per_message if row.idle else per_message(row.model_id, row.level)
             if (row.epoch == head.epoch and row.level == head.level
                     and row.model_id == head.model_id and row.idle == head.idle
+                    and (row.motion is None) == (head.motion is None)
                     and row.seq == (last.seq + 1) % _U32
                     and row.timestamp_ms == head.timestamp_ms + len(group)
                     * segment_ms(row.model_id)
@@ -200,8 +218,12 @@ class StreamAgent:
         self.topic_ctl = f"{base}/ctl"
         self.counters = StreamCounters()
         self.problems = ProblemLog(self.name)
-        self.encoder = encoders.get(stream.model or settings.model, probe=True)
-        self.level = self.encoder.manifest.level(
+        self.presence_only = (stream.presence_only if stream.presence_only is not None
+                              else settings.presence_only)
+        # None: presence only (no bundle; see the module docstring).
+        self.encoder: EdgeEncoder | None = None if self.presence_only else \
+            encoders.get(stream.model or settings.model, probe=True)
+        self.level = 0 if self.encoder is None else self.encoder.manifest.level(
             stream.level if stream.level is not None else settings.level).level
         self.source: FrameSource = open_source(
             stream.source, speed=settings.speed_factor, loop=settings.loop,
@@ -212,8 +234,12 @@ class StreamAgent:
         self.state = "starting"
         self.error: str | None = None
         self.started = time.time()
-        self._pre = Preprocessor(self.encoder.spec)
-        self._gate = self._idle_gate(self.encoder)
+        # Presence only: the segmenter is made from the first frames (their band and rate).
+        self._pre: Preprocessor | None = None if self.encoder is None else \
+            Preprocessor(self.encoder.spec)
+        self._gate = None if self.encoder is None else self._idle_gate(self.encoder)
+        self.motion: MotionMeter | None = MotionMeter() \
+            if settings.motion or self.encoder is None else None
         self._last_index: int | None = None
         self._base_ms: int | None = None
         self._pending_encoder: EdgeEncoder | None = None
@@ -234,6 +260,11 @@ class StreamAgent:
 
     def check(self) -> None:
         """Refuse a source the model cannot take, naming both (raises SpecMismatchError)."""
+        if self.encoder is None:  # presence only takes any CSI; a replay must be readable
+            first = getattr(self.source, "open_first", None)
+            if first is not None:
+                first()
+            return
         spec = self.encoder.spec
         kind = self.source.kind
         model = f"model {self.encoder.manifest.name!r} ({_describe(spec)})"
@@ -325,6 +356,18 @@ class StreamAgent:
         self.counters.frames_in += len(frames)
         if self._pending_encoder is not None:
             self._switch(self._pending_encoder)
+        if self.motion is not None:
+            try:
+                self.motion.push(frames)
+            except ValueError as exc:  # no band found in this layout: no score for it
+                self.problems.report("motion_unavailable", str(exc))
+        if self._pre is None:
+            try:
+                self._pre = Preprocessor(presence_spec(frames))
+            except (ValueError, SpecMismatchError) as exc:
+                self.counters.frames_dropped["no_presence_spec"] += len(frames)
+                self.problems.report("no_presence_spec", str(exc))
+                return
         try:
             segments = self._pre.push(frames)
         except SpecMismatchError as exc:
@@ -338,7 +381,8 @@ class StreamAgent:
             self._encode(segments)
 
     def _sync_drops(self) -> None:
-        for counter in (self.source.dropped, self._pre.dropped):
+        counters = [self.source.dropped] + ([self._pre.dropped] if self._pre is not None else [])
+        for counter in counters:
             for reason, count in counter.items():
                 self.counters.frames_dropped[reason] += count
                 if reason not in self.source.problems.first and reason != "tail_grid_points":
@@ -374,12 +418,23 @@ class StreamAgent:
             out.append(gate.update(motion_statistic(segment.data, gate.config.statistic)))
         return out
 
+    def _motion_bytes(self, segments: list[Segment], segment_s: float) -> list[int | None]:
+        """Each segment's motion byte (0: no score yet); None each without a meter."""
+        if self.motion is None:
+            return [None] * len(segments)
+        return [motion_byte(self.motion.score(s.start_time, s.start_time + segment_s))
+                for s in segments]
+
     def _encode(self, segments: list[Segment]) -> None:
         encoder = self.encoder
+        if encoder is None:
+            self._queue_presence(segments)
+            return
         spec = encoder.spec
         segment_ms = round(spec.segment_s * 1000)
         if self._base_ms is None:
             self._base_ms = round(segments[0].start_time * 1000) - segments[0].index * segment_ms
+        motion = self._motion_bytes(segments, spec.segment_s)
         t0 = time.perf_counter()
         idle = self._still(segments)
         coded = [s for s, i in zip(segments, idle, strict=True) if not i]
@@ -393,17 +448,32 @@ class StreamAgent:
         self.counters.encoder_s += time.perf_counter() - t0
         coded_blobs = iter(blobs)
         rows = []
-        for segment, is_idle in zip(segments, idle, strict=True):
+        for segment, is_idle, score in zip(segments, idle, motion, strict=True):
             rows.append(QueuedSegment(
                 epoch=self.epoch, seq=self.seq, level=self.level, model_id=encoder.model_id,
                 timestamp_ms=self._base_ms + segment.index * segment_ms,
                 quality=round(segment.quality * 255) / 255,
-                codes=b"" if is_idle else next(coded_blobs), idle=is_idle))
+                codes=b"" if is_idle else next(coded_blobs), idle=is_idle, motion=score))
+            self.seq = (self.seq + 1) % _U32
+        self.counters.segments_idle += sum(idle)
+        self._queue(rows)
+
+    def _queue_presence(self, segments: list[Segment]) -> None:
+        """Presence only: each segment with its motion score and no codes."""
+        assert self._pre is not None
+        segment_s = self._pre.spec.segment_s
+        if self._base_ms is None:
+            self._base_ms = round(segments[0].start_time * 1000) \
+                - segments[0].index * NO_MODEL_SEGMENT_MS
+        rows = []
+        for segment, score in zip(segments, self._motion_bytes(segments, segment_s),
+                                  strict=True):
+            rows.append(QueuedSegment(
+                epoch=self.epoch, seq=self.seq, level=0, model_id=NO_MODEL_ID,
+                timestamp_ms=self._base_ms + segment.index * NO_MODEL_SEGMENT_MS,
+                quality=round(segment.quality * 255) / 255, codes=b"", motion=score))
             self.seq = (self.seq + 1) % _U32
         self._queue(rows)
-        self.counters.segments_encoded += len(rows)
-        self.counters.segments_idle += sum(idle)
-        self._wake.set()
 
     def _queue(self, rows: list[QueuedSegment]) -> None:
         """Commit encoded segments to the spool, counting what it drops to make room."""
@@ -420,6 +490,8 @@ class StreamAgent:
             self.problems.report("disk_full", f"free space under {spool.min_free_bytes} "
                                               f"bytes at {spool.path.parent}; dropping the "
                                               "oldest")
+        self.counters.segments_encoded += len(rows)
+        self._wake.set()
 
     # -- on a connection (BrokerSession) ------------------------------------------------------
 
@@ -534,10 +606,13 @@ class StreamAgent:
 
     async def _publish_group(self, client: Any, group: list[QueuedSegment]) -> None:
         head = group[0]
+        motion = head.motion is not None
         data = encode_payload(Payload(
             level=head.level, model_id=head.model_id, epoch=head.epoch, first_seq=head.seq,
             timestamp_ms=head.timestamp_ms,
-            segments=tuple(SegmentRecord(r.quality, r.codes) for r in group), idle=head.idle))
+            segments=tuple(SegmentRecord(r.quality, r.codes, motion_from_byte(r.motion)
+                                         if r.motion is not None else None) for r in group),
+            idle=head.idle, motion=motion))
         wire = publish_packet_bytes(self.topic_seg, len(data), qos=1, v5=self._v5) + PUBACK_BYTES
         try:
             await client.publish(self.topic_seg, data, qos=1)
@@ -556,11 +631,17 @@ class StreamAgent:
             self.counters.idle_payload_bytes += len(data)
 
     def _manifest_of(self, model_id: bytes) -> Any:
+        """The manifest of a queued segment's bundle; None for a presence-only stream that
+        still holds segments of a bundle it no longer runs (an earlier run's backlog)."""
         encoder = self.encoders.by_model_id(model_id) or self.encoder
-        return encoder.manifest
+        return None if encoder is None else encoder.manifest
 
     def _per_message(self, model_id: bytes, level: int) -> int:
-        return self._manifest_of(model_id).level(level).segments_per_message
+        manifest = None if model_id == NO_MODEL_ID else self._manifest_of(model_id)
+        if manifest is None:  # presence only (or such a backlog: one segment a message)
+            return self.settings.presence_segments_per_message if model_id == NO_MODEL_ID \
+                else 1
+        return manifest.level(level).segments_per_message
 
     def _group_size(self, head: QueuedSegment) -> int:
         """Segments a live message of ``head``'s kind waits for."""
@@ -569,7 +650,10 @@ class StreamAgent:
         return self._per_message(head.model_id, head.level)
 
     def _segment_ms(self, model_id: bytes) -> int:
-        return round(self._manifest_of(model_id).input_spec.segment_s * 1000)
+        manifest = None if model_id == NO_MODEL_ID else self._manifest_of(model_id)
+        if manifest is None:
+            return NO_MODEL_SEGMENT_MS
+        return round(manifest.input_spec.segment_s * 1000)
 
     async def _status_loop(self, client: Any) -> None:
         while True:
@@ -594,7 +678,7 @@ class StreamAgent:
                  "wire_bytes_per_s": (c.wire_bytes - wire0) / span, "window_s": span}
         if online:
             self._rates_at = (now, c.payload_bytes, c.wire_bytes)
-        manifest = self.encoder.manifest
+        manifest = None if self.encoder is None else self.encoder.manifest
         counters = c.as_dict()
         counters["segments_buffered"] = len(self.spool) if self.spool is not None else 0
         return {
@@ -602,9 +686,11 @@ class StreamAgent:
             "state": self.state if online or self.failed else "offline",
             "site": self.stream.site,
             "ap": self.stream.ap,
-            "model": manifest.id,
-            "model_name": manifest.name,
+            "model": None if manifest is None else manifest.id,
+            "model_name": None if manifest is None else manifest.name,
+            "mode": "presence-only" if manifest is None else "model",
             "rate_level": self.level,
+            "motion": None if self.motion is None else self.motion.status(),
             "idle": None if self._gate is None else {
                 "threshold": self._gate.config.threshold,
                 "statistic": self._gate.config.statistic,
@@ -638,6 +724,9 @@ class StreamAgent:
             level = command.get("level")
             if not isinstance(level, int) or isinstance(level, bool):
                 raise ValueError(f"set_rate level {level!r} is not an integer")
+            if self.encoder is None:
+                raise ValueError(f"set_rate level {level}: a presence-only stream has no rate "
+                                 "levels")
             self.level = self.encoder.manifest.level(level).level
             log.info("%s: rate level %d from the next segment", self.name, self.level)
         elif action == "switch_model":
@@ -651,7 +740,7 @@ class StreamAgent:
         model_id = command.get("model_id")
         if not isinstance(model_id, str):
             raise ValueError(f"switch_model model_id {model_id!r:.80} is not a string")
-        if model_id == self.encoder.manifest.id:
+        if self.encoder is not None and model_id == self.encoder.manifest.id:
             return
         base = self.settings.cloud_url
         try:
@@ -668,7 +757,9 @@ class StreamAgent:
             self._check_fits(encoder)
         except (CSIError, OSError) as exc:
             self.counters.model_switch_failures += 1
-            raise RolloutError(f"keeping model {self.encoder.manifest.id[:12]}…: {exc}") from exc
+            keeping = "presence only" if self.encoder is None else \
+                f"model {self.encoder.manifest.id[:12]}…"
+            raise RolloutError(f"keeping {keeping}: {exc}") from exc
         self._pending_encoder = encoder
         log.info("%s: switching to model %s (%s) at the next segment", self.name,
                  model_id[:12], encoder.manifest.name)
@@ -686,7 +777,7 @@ class StreamAgent:
         self._pending_encoder = None
         old = self.encoder
         self.encoder = encoder
-        if encoder.spec != old.spec:
+        if old is None or encoder.spec != old.spec:
             self._pre = Preprocessor(encoder.spec)
             self._base_ms = None
             self._last_index = None

@@ -83,6 +83,9 @@ def edge(
     stream: Annotated[list[str] | None, typer.Option(
         help="another stream as SITE/AP=SOURCE (repeatable): many APs in one process")] = None,
     level: Annotated[int | None, typer.Option(help="rate level at start, 0..3 [1]")] = None,
+    presence_only: Annotated[bool | None, typer.Option(
+        "--presence-only", help="no bundle: send motion scores only (presence and motion in "
+                                "the cloud, no activity)", show_default=False)] = None,
     speed: Annotated[str | None, typer.Option(
         help="file replay speed: real, max, or a factor [real]")] = None,
     loop: Annotated[bool | None, typer.Option(
@@ -117,7 +120,8 @@ def edge(
     try:
         overrides: dict[str, object] = {
             "model": model, "source": source, "broker": broker, "site": site, "ap": ap,
-            "level": level, "speed": speed, "loop": loop, "timestamps": timestamps,
+            "level": level, "presence_only": presence_only, "speed": speed, "loop": loop,
+            "timestamps": timestamps,
             "prefix": prefix, "spool_dir": spool_dir, "spool_max_segments": spool_max_segments,
             "cloud_url": cloud_url, "status_interval_s": status_interval_s,
         }

@@ -7,9 +7,10 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   ------  ----  -------------  -------------------------------------------------------------
   0       1     version/level  bits 7..5: format version, 1
                 /flags         bits 4..3: rate level, 0..3
-                               bit 0: IDLE (see below); bits 2..1: reserved, 0 (non-zero
-                               is rejected)
-  1       3     model id       first 3 bytes of the bundle id (``bytes.fromhex(id)[:3]``)
+                               bit 0: IDLE, bit 1: MOTION (see below); bit 2: reserved, 0
+                               (non-zero is rejected)
+  1       3     model id       first 3 bytes of the bundle id (``bytes.fromhex(id)[:3]``);
+                               00 00 00: no model (presence only, below)
   4       2     stream epoch   u16; changes when the edge restarts
   6       4     first seq      u32 sequence number of the first segment
   10      6     timestamp      u48 capture time of the first segment's start, ms since the
@@ -18,13 +19,22 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
                                (first seq + i) mod 2**32 and starts at timestamp
                                + i * segment duration (the duration is in the bundle)
   17      ...   K records      each: 1 byte quality (round(q * 255), q in [0, 1]),
+                               with MOTION: 1 byte motion score (below),
                                LEB128 unsigned varint n (minimal form, 1..3 bytes),
                                n bytes of entropy-coded codes (``csi_edge.entropy``; may be 0)
   L-2     2     CRC            CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection,
                                xorout 0) of bytes 0..L-3, i.e. ``binascii.crc_hqx(.., 0xFFFF)``
 
-Size: 17 + 2 + sum over segments of (1 + len(varint(n)) + n) bytes; every one of them counts
-toward the reported bitrate. Decoded quality is ``byte / 255`` (exactly what was sent).
+Size: 17 + 2 + sum over segments of (1 + m + len(varint(n)) + n) bytes, m = 1 with MOTION
+and 0 without; every one of them counts toward the reported bitrate. Decoded quality is
+``byte / 255`` (exactly what was sent).
+
+MOTION (flag bit 1): each record carries the segment's motion score (``csi_edge.presence``:
+log2 of the ratio of the segment's CSI variability to the AP's quiet reference) as one byte
+b: 0 = no score (the edge is still calibrating, or the segment had too few frames), else
+score = (b - 64) / 16, i.e. b = clip(round(16 * score) + 64, 1, 255): steps of 1/16 (4.4 %
+in ratio) from -3.9375 to +11.9375, scores beyond saturate. It costs one byte per segment,
+1 B/s at one segment a second, at every rate level and in idle messages.
 
 IDLE (flag bit 0): every record of the message has n = 0 (an empty code block) and stands for
 a segment whose motion statistic stayed below the bundle's idle threshold (``csi_edge.motion``):
@@ -34,19 +44,27 @@ segments costs 17 + 2 + 2 K bytes. A cloud that predates the flag rejects it as 
 (it cannot predict those segments, but it never mistakes them for coded ones), which is why the
 flag lives in the bits that version 1 reserved and the version stays 1.
 
+No model (model id 00 00 00, presence only): the edge runs without a bundle
+(``csi edge --presence-only``) and sends motion scores only. Such a message must set MOTION,
+not IDLE, level 0, and every record has n = 0; segments are 1 s long (``NO_MODEL_SEGMENT_MS``).
+A K-segment message costs 17 + 2 + 3 K bytes. A cloud that predates MOTION rejects every
+message carrying it as ``bad_flags``, never mistaking the extra byte for a length.
+
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
 ``too_short`` (under 21 bytes, the smallest valid message), ``crc_mismatch``, then the fields
 only once the CRC holds: ``bad_version``, ``bad_flags`` (a reserved flag bit set), ``bad_count``
 (K = 0), ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal),
 ``truncated_segment`` (n larger than what is left), ``trailing_bytes`` (bytes after the K-th
-record), ``bad_idle`` (IDLE set and a record with n > 0). Every accepted message re-encodes to
-exactly the same bytes.
+record), ``bad_idle`` (IDLE set and a record with n > 0), ``bad_no_model`` (model id 00 00 00
+without MOTION, with IDLE, a level above 0 or a record with n > 0). Every accepted message
+re-encodes to exactly the same bytes.
 """
 
 from __future__ import annotations
 
 import binascii
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,11 +76,15 @@ __all__ = [
     "CRC_BYTES",
     "DECODE_REASONS",
     "FLAG_IDLE",
+    "FLAG_MOTION",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MAX_SEGMENTS",
     "MIN_PAYLOAD_BYTES",
+    "MOTION_NONE",
+    "NO_MODEL_ID",
+    "NO_MODEL_SEGMENT_MS",
     "Payload",
     "PayloadError",
     "SegmentRecord",
@@ -71,6 +93,8 @@ __all__ = [
     "encode_payload",
     "idle_payload_size",
     "model_id_prefix",
+    "motion_byte",
+    "motion_from_byte",
     "payload_overhead",
     "payload_size",
 ]
@@ -81,8 +105,14 @@ CRC_BYTES = 2
 MAX_SEGMENTS = 255
 MAX_LEVEL = 3
 FLAG_IDLE = 0x1
-_KNOWN_FLAGS = FLAG_IDLE
+FLAG_MOTION = 0x2
+_KNOWN_FLAGS = FLAG_IDLE | FLAG_MOTION
 MODEL_ID_BYTES = 3
+NO_MODEL_ID = bytes(MODEL_ID_BYTES)  # presence only: no bundle, motion scores only
+NO_MODEL_SEGMENT_MS = 1000
+MOTION_NONE = 0  # the motion byte of a segment without a score
+_MOTION_OFFSET = 64
+_MOTION_STEPS = 16  # per unit of log2 ratio
 # A message holds at least one record of quality byte + 1-byte varint.
 MIN_PAYLOAD_BYTES = HEADER_BYTES + 2 + CRC_BYTES
 MAX_PAYLOAD_BYTES = 65536
@@ -104,6 +134,7 @@ DECODE_REASONS = frozenset(
         "truncated_segment",
         "trailing_bytes",
         "bad_idle",
+        "bad_no_model",
     }
 )
 
@@ -115,10 +146,12 @@ class PayloadError(MalformedPacketError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SegmentRecord:
-    """One segment: quality in [0, 1] (sent as one byte) and its entropy-coded codes."""
+    """One segment: quality in [0, 1] (sent as one byte), its entropy-coded codes, and its
+    motion score (sent as one byte when the message has MOTION; None: no score)."""
 
     quality: float
     codes: bytes
+    motion: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +159,8 @@ class Payload:
     """One message. Fields are checked by :func:`encode_payload`, not on construction.
 
     ``idle``: the IDLE flag; every segment then has empty codes (a still segment).
+    ``motion``: the MOTION flag; every record carries a motion byte (its score, or none).
+    A ``model_id`` of :data:`NO_MODEL_ID` is a presence-only message.
     """
 
     level: int
@@ -135,6 +170,12 @@ class Payload:
     timestamp_ms: int
     segments: tuple[SegmentRecord, ...]
     idle: bool = False
+    motion: bool = False
+
+    @property
+    def presence_only(self) -> bool:
+        """No bundle: motion scores only, 1 s segments."""
+        return bytes(self.model_id) == NO_MODEL_ID
 
     def seq(self, i: int) -> int:
         """Sequence number of segment ``i`` (wraps at 2**32)."""
@@ -158,7 +199,32 @@ def model_id_prefix(bundle_id: str) -> bytes:
         raw = bytes.fromhex(bundle_id)
     except ValueError as exc:
         raise ValueError(f"bundle id is not hexadecimal: {bundle_id!r}") from exc
+    if raw[:MODEL_ID_BYTES] == NO_MODEL_ID:
+        # 1 bundle in 2**24: its payloads would read as presence only. A new training run
+        # (new weights, new id) gives another prefix.
+        raise ValueError(f"bundle id {bundle_id!r} starts with {NO_MODEL_ID.hex()}, the wire's "
+                         "no-model id: retrain to get another id")
     return raw[:MODEL_ID_BYTES]
+
+
+def motion_byte(score: float | None) -> int:
+    """The wire byte of a motion score (log2 ratio); 0 for None. Scores beyond the range
+    [-3.9375, 11.9375] saturate; NaN and infinities are refused (ValueError)."""
+    if score is None:
+        return MOTION_NONE
+    if isinstance(score, bool) or not isinstance(score, int | float | numbers.Real):
+        raise ValueError(f"motion score must be a number or None, got {score!r}")
+    score = float(score)  # numpy scalars
+    if not math.isfinite(score):
+        raise ValueError(f"motion score {score!r} is not finite")
+    return min(255, max(1, round(score * _MOTION_STEPS) + _MOTION_OFFSET))
+
+
+def motion_from_byte(value: int) -> float | None:
+    """The motion score a wire byte stands for (None for 0)."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"motion byte {value!r} is outside [0, 255]")
+    return None if value == MOTION_NONE else (value - _MOTION_OFFSET) / _MOTION_STEPS
 
 
 def _varint(n: int) -> bytes:
@@ -177,23 +243,26 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def payload_size(code_lengths: Sequence[int]) -> int:
-    """Total bytes of a message whose segments carry code blocks of these lengths."""
-    return sum(code_lengths) + payload_overhead(len(code_lengths), code_lengths)
+def payload_size(code_lengths: Sequence[int], *, motion: bool = False) -> int:
+    """Total bytes of a message whose segments carry code blocks of these lengths (and a
+    motion byte each with ``motion``)."""
+    return sum(code_lengths) + payload_overhead(len(code_lengths), code_lengths, motion=motion)
 
 
-def payload_overhead(k: int, code_lengths: Sequence[int]) -> int:
+def payload_overhead(k: int, code_lengths: Sequence[int], *, motion: bool = False) -> int:
     """Bytes of a K-segment message that are not code bytes: header, records, CRC."""
     if k != len(code_lengths):
         raise ValueError(f"k = {k} but {len(code_lengths)} code lengths given")
     if any(n < 0 for n in code_lengths):
         raise ValueError(f"code lengths must be >= 0, got {list(code_lengths)}")
-    return HEADER_BYTES + CRC_BYTES + sum(1 + _varint_len(n) for n in code_lengths)
+    per_record = 2 if motion else 1
+    return HEADER_BYTES + CRC_BYTES + sum(per_record + _varint_len(n) for n in code_lengths)
 
 
-def idle_payload_size(k: int) -> int:
-    """Bytes of an idle message of ``k`` segments (header, K two-byte records, CRC)."""
-    return payload_size([0] * k)
+def idle_payload_size(k: int, *, motion: bool = False) -> int:
+    """Bytes of an idle message of ``k`` segments (header, K records of 2 bytes, 3 with a
+    motion byte, CRC); also the size of a presence-only message (``motion=True``)."""
+    return payload_size([0] * k, motion=motion)
 
 
 def _field_error(detail: str) -> PayloadError:
@@ -242,8 +311,17 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
     idle = payload.idle
     if not isinstance(idle, bool):
         raise _field_error(f"idle must be a bool, got {idle!r}")
+    motion = payload.motion
+    if not isinstance(motion, bool):
+        raise _field_error(f"motion must be a bool, got {motion!r}")
+    no_model = bytes(model_id) == NO_MODEL_ID
+    if no_model and (idle or not motion or level):
+        raise _field_error(f"a presence-only message (model id {NO_MODEL_ID.hex()}) needs "
+                           f"motion, no idle and level 0; got motion={motion}, idle={idle}, "
+                           f"level={level}")
     out = bytearray()
-    out.append((FORMAT_VERSION << 5) | (level << 3) | (FLAG_IDLE if idle else 0))
+    out.append((FORMAT_VERSION << 5) | (level << 3) | (FLAG_IDLE if idle else 0)
+               | (FLAG_MOTION if motion else 0))
     out += bytes(model_id)
     out += epoch.to_bytes(2, "big")
     out += first_seq.to_bytes(4, "big")
@@ -258,10 +336,18 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         codes = bytes(codes)
         if len(codes) > _MAX_CODE_BYTES:
             raise _field_error(f"segment {i}: {len(codes)} code bytes exceed {_MAX_CODE_BYTES}")
-        if idle and codes:
-            raise _field_error(f"segment {i}: an idle message carries no codes, got "
-                               f"{len(codes)} code bytes")
+        if (idle or no_model) and codes:
+            raise _field_error(f"segment {i}: an {'idle' if idle else 'presence-only'} "
+                               f"message carries no codes, got {len(codes)} code bytes")
         out.append(_quality_byte(seg.quality, i))
+        if motion:
+            try:
+                out.append(motion_byte(seg.motion))
+            except ValueError as exc:
+                raise _field_error(f"segment {i}: {exc}") from exc
+        elif seg.motion is not None:
+            raise _field_error(f"segment {i} has motion score {seg.motion!r} but the "
+                               "message has no MOTION flag")
         out += _varint(len(codes))
         out += codes
     out += crc16(bytes(out)).to_bytes(CRC_BYTES, "big")
@@ -293,6 +379,13 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
     if flags & ~_KNOWN_FLAGS:
         raise PayloadError("bad_flags", f"reserved flags 0b{flags:03b} (byte 0 = 0x{head:02x})")
     idle = bool(flags & FLAG_IDLE)
+    motion = bool(flags & FLAG_MOTION)
+    model_id = body[1:4]
+    no_model = model_id == NO_MODEL_ID
+    if no_model and (idle or not motion or level):
+        raise PayloadError("bad_no_model", f"model id {NO_MODEL_ID.hex()} (presence only) with "
+                           f"motion={motion}, idle={idle}, level={level} (byte 0 = "
+                           f"0x{head:02x})")
     count = body[16]
     if count == 0:
         raise PayloadError("bad_count", "segment count 0")
@@ -306,6 +399,14 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
             )
         quality = body[pos]
         pos += 1
+        score = None
+        if motion:
+            if pos >= len(body):
+                raise PayloadError(
+                    "truncated_segment", f"segment {i} of {count}: motion byte at {pos}, past "
+                    "the body")
+            score = motion_from_byte(body[pos])
+            pos += 1
         n, pos = _read_varint(body, pos, i)
         if n > len(body) - pos:
             raise PayloadError(
@@ -316,7 +417,11 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
             raise PayloadError(
                 "bad_idle", f"segment {i} of an idle message declares {n} code bytes (must be 0)"
             )
-        segments.append(SegmentRecord(quality / 255, body[pos : pos + n]))
+        if no_model and n:
+            raise PayloadError(
+                "bad_no_model", f"segment {i} of a presence-only message declares {n} code "
+                "bytes (must be 0)")
+        segments.append(SegmentRecord(quality / 255, body[pos : pos + n], score))
         pos += n
     if pos != len(body):
         raise PayloadError(
@@ -324,12 +429,13 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         )
     return Payload(
         level=level,
-        model_id=body[1:4],
+        model_id=model_id,
         epoch=int.from_bytes(body[4:6], "big"),
         first_seq=int.from_bytes(body[6:10], "big"),
         timestamp_ms=int.from_bytes(body[10:16], "big"),
         segments=tuple(segments),
         idle=idle,
+        motion=motion,
     )
 
 

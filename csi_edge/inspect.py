@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CSIError, NoRecordingsError
-from .band import stream_band
+from .band import frames_band
 from .frames import CSIFrames
 from .preprocess import measured_rate_hz
 from .readers import SUFFIXES, read_recording
@@ -20,8 +20,7 @@ GAP_THRESHOLD_S = 0.5
 
 def summarize_frames(frames: CSIFrames) -> dict[str, object]:
     """JSON-ready facts about one stream. ``subcarriers`` counts the usable (occupied) ones."""
-    band = stream_band(frames.amplitude(), frames.info.subcarriers, frames.info.bandwidth_mhz,
-                       frames.info.device)
+    band = frames_band(frames)
     steps = np.diff(frames.timestamp)
     return {
         "path": frames.source,

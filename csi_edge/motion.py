@@ -1,5 +1,9 @@
 """Is anything moving? A cheap per-segment motion statistic and the idle gate of the edge.
 
+(The motion score behind ``presence`` and ``motion``, calibrated per AP on the raw CSI and sent
+with every segment, is csi_edge.presence; this statistic only gates idle markers, on the
+bundle's preprocessed segments, with the bundle's threshold.)
+
 Most of the time nothing moves in a room, and a still segment tells the cloud nothing the last
 one did not. The edge computes :func:`motion_statistic` on each preprocessed segment (numpy
 only: the edge stays torch-free) and, while it stays below the bundle's calibrated threshold,

@@ -96,6 +96,9 @@ class StreamSettings(BaseModel):
     model: Path | None = Field(default=None, description="bundle folder (default: the agent's)")
     level: int | None = Field(default=None, ge=0, le=3, description="rate level (default: "
                                                                      "the agent's)")
+    presence_only: bool | None = Field(default=None, description="no bundle for this stream: "
+                                                                 "motion scores only (default: "
+                                                                 "the agent's)")
 
     @field_validator("site")
     @classmethod
@@ -177,6 +180,18 @@ class EdgeSettings(FileConfiguredSettings):
     idle_segments_per_message: int = Field(
         default=10, ge=1, le=255, description="idle segments grouped into one message (a "
                                               "moving segment flushes the group at once)")
+    motion: bool = Field(default=True, description="compute each segment's motion score "
+                                                   "(csi_edge.presence) and send it, 1 byte a "
+                                                   "segment; the cloud derives presence and "
+                                                   "motion from it")
+    presence_only: bool = Field(default=False, description="run without a bundle: segments of "
+                                                           "1 s carry motion scores only (3 "
+                                                           "bytes each), for hardware no bundle "
+                                                           "fits; the cloud predicts presence "
+                                                           "and motion, no activity")
+    presence_segments_per_message: int = Field(
+        default=1, ge=1, le=255, description="presence-only segments per message (more: fewer "
+                                             "bytes, later presence)")
     speed: str = Field(default="real", description="file replay: real, max, or a factor (2.5)")
     loop: bool = Field(default=False, description="file replay: start again at the end")
     timestamps: Literal["now", "recorded"] = Field(

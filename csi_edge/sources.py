@@ -171,7 +171,7 @@ class FileSource:
             return [self.path]
         if not self.path.is_dir():
             raise SourceError(f"source {self.uri!r}: {str(self.path)!r} does not exist")
-        suffixes = {".pcap", ".dat", ".csv", ".txt", ".h5", ".hdf5", ".mat"}
+        suffixes = {".pcap", ".dat", ".csv", ".txt", ".h5", ".hdf5", ".mat", ".npz"}
         files = sorted(p for p in self.path.rglob("*") if p.is_file()
                        and p.suffix.lower() in suffixes)
         if not files:

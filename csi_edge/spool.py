@@ -35,6 +35,9 @@ commit. The spool also keeps the stream's epoch counter, so every restart gets a
 An idle segment (csi_edge.motion) is a row like any other, with empty ``codes`` and ``idle`` 1,
 so it keeps its sequence number and is sent, acknowledged and replayed exactly like coded ones.
 A spool file written before the column existed gets it on open (``ALTER TABLE``, default 0).
+``motion`` holds the segment's motion byte (csi_edge.codec; 0 = no score), NULL for rows
+queued before motion scores existed (added on open the same way); rows of a presence-only
+stream carry the model id 00 00 00 and no codes.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ CREATE TABLE IF NOT EXISTS segment (
     quality REAL NOT NULL,
     codes BLOB NOT NULL,
     queued_ms INTEGER NOT NULL,
-    idle INTEGER NOT NULL DEFAULT 0
+    idle INTEGER NOT NULL DEFAULT 0,
+    motion INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -81,7 +85,7 @@ _DELETE_CHUNK = 64  # acknowledged rows deleted per transaction
 _COMPACT_EVERY_S = 30.0
 _T = TypeVar("_T")
 # epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle
-_Row = tuple[int, int, int, bytes, int, float, bytes, int, int]
+_Row = tuple[int, int, int, bytes, int, float, bytes, int, int, int | None]
 
 
 class SpoolError(CSIError):
@@ -130,6 +134,7 @@ class QueuedSegment:
     id: int = 0
     queued_ms: int = 0
     idle: bool = False  # a still segment: sent in an IDLE message, codes empty
+    motion: int | None = None  # motion byte (csi_edge.codec), None: the row predates them
 
 
 class SegmentSpool:
@@ -165,6 +170,9 @@ class SegmentSpool:
             if "idle" not in columns:  # a spool from before idle segments existed
                 self._with_room(lambda: self._db.execute(
                     "ALTER TABLE segment ADD COLUMN idle INTEGER NOT NULL DEFAULT 0"))
+            if "motion" not in columns:  # a spool from before motion scores existed
+                self._with_room(lambda: self._db.execute(
+                    "ALTER TABLE segment ADD COLUMN motion INTEGER"))
             self._count = int(self._db.execute("SELECT count(*) FROM segment").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:  # OSError: the folder cannot be made
             raise SpoolError(f"spool {str(self.path)!r}: {exc}") from exc
@@ -191,7 +199,7 @@ class SegmentSpool:
             return 0
         now = int(time.time() * 1000)
         rows: list[_Row] = [(s.epoch, s.seq, s.level, s.model_id, s.timestamp_ms, s.quality,
-                             s.codes, now, int(s.idle)) for s in segments]
+                             s.codes, now, int(s.idle), s.motion) for s in segments]
         before = self.dropped + self.dropped_disk_full
         self._flush_acked()
         try:
@@ -211,12 +219,12 @@ class SegmentSpool:
         """Up to ``limit`` oldest segments with an id above ``after_id`` (acknowledged rows
         whose delete is pending are skipped)."""
         rows = self._db.execute(
-            "SELECT id, epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle "
-            "FROM segment WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, epoch, seq, level, model, timestamp_ms, quality, codes, queued_ms, idle, "
+            "motion FROM segment WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit + len(self._acked))).fetchall()
         return [QueuedSegment(epoch=r[1], seq=r[2], level=r[3], model_id=bytes(r[4]),
                               timestamp_ms=r[5], quality=r[6], codes=bytes(r[7]), id=r[0],
-                              queued_ms=r[8], idle=bool(r[9]))
+                              queued_ms=r[8], idle=bool(r[9]), motion=r[10])
                 for r in rows if r[0] not in self._acked][:limit]
 
     def remove(self, ids: Iterable[int]) -> None:
@@ -243,7 +251,7 @@ class SegmentSpool:
             room = self._delete_oldest(len(rows)) if low else []
             self._db.executemany(
                 "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
-                " queued_ms, idle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                " queued_ms, idle, motion) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             excess = self._count - len(room) + len(rows) - self.max_segments
             bound = self._delete_oldest(excess) if excess > 0 else []
         self._count += len(rows)

@@ -12,8 +12,10 @@ from csi_edge.codec import (
     CRC_BYTES,
     DECODE_REASONS,
     FLAG_IDLE,
+    FLAG_MOTION,
     HEADER_BYTES,
     MIN_PAYLOAD_BYTES,
+    NO_MODEL_ID,
     Payload,
     PayloadError,
     SegmentRecord,
@@ -22,6 +24,8 @@ from csi_edge.codec import (
     encode_payload,
     idle_payload_size,
     model_id_prefix,
+    motion_byte,
+    motion_from_byte,
     payload_overhead,
     payload_size,
 )
@@ -117,8 +121,67 @@ GOLDEN_IDLE_HEX = (
     "c62b"  # CRC (checked against _crc16_bitwise)
 )
 
+# MOTION (flag bit 1): a motion byte after each quality byte, (b - 64) / 16 = the score;
+# 0 = no score. Two coded segments at level 1: 17 + (1 + 1 + 1 + 3) + (1 + 1 + 1 + 1) + 2.
+GOLDEN_MOTION = Payload(
+    level=1,
+    model_id=model_id_prefix(BUNDLE_ID),
+    epoch=0x1234,
+    first_seq=7,
+    timestamp_ms=1_700_000_000_123,
+    segments=(SegmentRecord(128 / 255, b"\x01\x02\x03", 2.5), SegmentRecord(1.0, b"\x04", None)),
+    motion=True,
+)
+GOLDEN_MOTION_HEX = (
+    "2a"  # version 1, level 1, flags 0b010 (MOTION)
+    "a1b2c3" "1234" "00000007" "018bcfe5687b" "02"  # model id, epoch, seq, time, K = 2
+    "80" "68" "03" "010203"  # quality 128, motion 0x68 = 64 + 16 * 2.5, 3 code bytes
+    "ff" "00" "01" "04"  # quality 255, motion 0 (no score), 1 code byte
+    "8d12"  # CRC
+)
+
+# IDLE and MOTION at level 2: still segments keep telling how still: 17 + 2 * 3 + 2 bytes.
+GOLDEN_IDLE_MOTION = Payload(
+    level=2,
+    model_id=model_id_prefix(BUNDLE_ID),
+    epoch=0x1234,
+    first_seq=9,
+    timestamp_ms=1_700_000_002_123,
+    segments=(SegmentRecord(1.0, b"", 0.0), SegmentRecord(1.0, b"", -0.5)),
+    idle=True,
+    motion=True,
+)
+GOLDEN_IDLE_MOTION_HEX = (
+    "33"  # version 1, level 2, flags 0b011 (IDLE, MOTION)
+    "a1b2c3" "1234" "00000009" "018bcfe5704b" "02"
+    "ff" "40" "00"  # quality 255, motion 0x40 = score 0.0, no codes
+    "ff" "38" "00"  # quality 255, motion 0x38 = score -0.5, no codes
+    "cfcf"  # CRC
+)
+
+# Presence only: model id 00 00 00, level 0, MOTION, no codes: 17 + 3 * 3 + 2 bytes.
+GOLDEN_PRESENCE = Payload(
+    level=0,
+    model_id=NO_MODEL_ID,
+    epoch=0x0102,
+    first_seq=0,
+    timestamp_ms=1_700_000_000_000,
+    segments=(SegmentRecord(1.0, b"", None), SegmentRecord(1.0, b"", 0.25),
+              SegmentRecord(128 / 255, b"", 11.9375)),
+    motion=True,
+)
+GOLDEN_PRESENCE_HEX = (
+    "22"  # version 1, level 0, flags 0b010 (MOTION)
+    "000000" "0102" "00000000" "018bcfe56800" "03"  # no model, epoch 258, seq 0, K = 3
+    "ff" "00" "00"  # quality 255, no score yet (calibrating), no codes
+    "ff" "44" "00"  # motion 0x44 = score 0.25
+    "80" "ff" "00"  # quality 128, motion 0xff = 11.9375, the top of the range
+    "5cee"  # CRC
+)
+
 GOLDEN = [(GOLDEN_1, GOLDEN_1_HEX), (GOLDEN_2, GOLDEN_2_HEX), (GOLDEN_3, GOLDEN_3_HEX),
-          (GOLDEN_IDLE, GOLDEN_IDLE_HEX)]
+          (GOLDEN_IDLE, GOLDEN_IDLE_HEX), (GOLDEN_MOTION, GOLDEN_MOTION_HEX),
+          (GOLDEN_IDLE_MOTION, GOLDEN_IDLE_MOTION_HEX), (GOLDEN_PRESENCE, GOLDEN_PRESENCE_HEX)]
 
 
 def _crc16_bitwise(data: bytes) -> int:
@@ -147,7 +210,9 @@ def test_golden_bytes(payload: Payload, hex_bytes: str) -> None:
     data = encode_payload(payload)
     assert data.hex() == hex_bytes
     assert decode_payload(data) == payload
-    assert len(data) == payload_size([len(s.codes) for s in payload.segments])
+    assert len(data) == payload_size([len(s.codes) for s in payload.segments],
+                                     motion=payload.motion)
+    assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
 
 
 def test_crc_standard_check_value_and_golden_crc_by_hand() -> None:
@@ -180,6 +245,10 @@ def test_model_id_prefix() -> None:
         model_id_prefix("abcd")
     with pytest.raises(ValueError, match="not hexadecimal"):
         model_id_prefix("zz" + "0" * 62)
+    # The no-model id (presence only) is never a bundle's.
+    with pytest.raises(ValueError, match="starts with 000000, the wire's no-model id"):
+        model_id_prefix("000000" + "a" * 58)
+    assert model_id_prefix("000001" + "a" * 58) == b"\x00\x00\x01"
 
 
 def test_overhead_and_size() -> None:
@@ -234,12 +303,14 @@ def _crafted() -> dict[str, bytes]:
         "too_large": _with_crc(_header() + b"\x80\x80\x80\x04" + bytes(65536)),
         "crc_mismatch": encode_payload(GOLDEN_1)[:-1] + b"\x00",
         "bad_version": _with_crc(_header(byte0=0x48) + one),  # version 2
-        "bad_flags": _with_crc(_header(byte0=0x2A) + one),  # flag bit 1 (reserved)
+        "bad_flags": _with_crc(_header(byte0=0x2C) + one),  # flag bit 2 (reserved)
         "bad_count": _with_crc(_header(count=0) + one),
         "bad_varint": _with_crc(_header() + b"\x80\x80\x00" + b"\x05"),  # non-minimal 0
         "truncated_segment": _with_crc(_header() + b"\x80\x05\x01\x02"),
         "trailing_bytes": _with_crc(_header() + one + b"\x00"),
         "bad_idle": _with_crc(_header(byte0=0x29) + one),  # IDLE with a 1-byte code block
+        # No model (presence only) without the MOTION flag.
+        "bad_no_model": _with_crc(bytes([0x20]) + NO_MODEL_ID + _header()[4:] + b"\x80\x00"),
     }
 
 
@@ -364,6 +435,14 @@ def test_random_payloads_round_trip() -> None:
         data = encode_payload(payload)
         assert decode_payload(data) == payload
         assert len(data) == payload_size([len(s.codes) for s in payload.segments])
+        # The same message with a motion byte per record: exactly K bytes more.
+        scored = dataclasses.replace(payload, motion=True, segments=tuple(
+            dataclasses.replace(seg, motion=rng.choice([None, rng.randrange(-63, 192) / 16]))
+            for seg in payload.segments))
+        data_m = encode_payload(scored)
+        assert decode_payload(data_m) == scored
+        assert len(data_m) == len(data) + k == payload_size(
+            [len(s.codes) for s in payload.segments], motion=True)
 
 
 def test_idle_message_size_and_flag() -> None:
@@ -376,7 +455,7 @@ def test_idle_message_size_and_flag() -> None:
     assert idle_payload_size(10) == 39
 
 
-@pytest.mark.parametrize("flags", [0b010, 0b100, 0b011, 0b111])
+@pytest.mark.parametrize("flags", [0b100, 0b101, 0b110, 0b111])
 def test_reserved_flags_are_rejected_even_with_idle(flags: int) -> None:
     body = _header(byte0=0x28 | flags) + b"\x80\x00"
     with pytest.raises(PayloadError, match="reserved flags") as info:
@@ -395,3 +474,67 @@ def test_idle_with_codes_is_a_clear_error_both_ways() -> None:
     assert info.value.reason == "bad_idle"
     with pytest.raises(PayloadError, match="idle must be a bool"):
         encode_payload(dataclasses.replace(GOLDEN_IDLE, idle=1))
+
+
+def test_motion_byte_scale() -> None:
+    assert motion_byte(None) == 0 and motion_from_byte(0) is None
+    assert motion_byte(0.0) == 64 and motion_byte(1.5) == 88 and motion_byte(-1) == 48
+    # Steps of 1/16, saturating at both ends; byte 0 never stands for a score.
+    assert motion_byte(100.0) == 255 and motion_byte(-100.0) == 1
+    assert motion_from_byte(1) == -3.9375 and motion_from_byte(255) == 11.9375
+    for byte in range(1, 256):
+        assert motion_byte(motion_from_byte(byte)) == byte
+    assert abs(motion_from_byte(motion_byte(1.23)) - 1.23) <= 1 / 32
+    for bad in (float("nan"), float("inf"), "1.0"):
+        with pytest.raises(ValueError, match="motion score"):
+            motion_byte(bad)
+    with pytest.raises(ValueError, match="outside"):
+        motion_from_byte(256)
+
+
+def test_motion_costs_one_byte_per_segment() -> None:
+    plain = dataclasses.replace(GOLDEN_MOTION, motion=False, segments=tuple(
+        dataclasses.replace(s, motion=None) for s in GOLDEN_MOTION.segments))
+    assert len(encode_payload(GOLDEN_MOTION)) == len(encode_payload(plain)) + 2
+    assert encode_payload(GOLDEN_MOTION)[0] & FLAG_MOTION
+    assert not encode_payload(plain)[0] & FLAG_MOTION
+    assert idle_payload_size(10, motion=True) == 17 + 30 + 2 == idle_payload_size(10) + 10
+    assert decode_payload(encode_payload(GOLDEN_PRESENCE)).presence_only
+    assert not GOLDEN_MOTION.presence_only
+    # A score without the flag, or a bad score, is refused on encoding, naming the segment.
+    with pytest.raises(PayloadError, match=r"segment 0 has motion score 1\.0 but the message"):
+        encode_payload(dataclasses.replace(GOLDEN_1, segments=(SegmentRecord(1.0, b"", 1.0),)))
+    with pytest.raises(PayloadError, match="segment 0: motion score nan"):
+        encode_payload(dataclasses.replace(GOLDEN_MOTION, segments=(
+            SegmentRecord(1.0, b"", float("nan")),)))
+    with pytest.raises(PayloadError, match="motion must be a bool"):
+        encode_payload(dataclasses.replace(GOLDEN_MOTION, motion=1))
+
+
+@pytest.mark.parametrize("change", [{"motion": False}, {"idle": True}, {"level": 1},
+                                    {"segments": (SegmentRecord(1.0, b"\x01", 0.0),)}])
+def test_presence_only_rules_both_ways(change: dict) -> None:
+    bad = dataclasses.replace(GOLDEN_PRESENCE, **change)
+    if "motion" in change:
+        bad = dataclasses.replace(bad, segments=tuple(
+            dataclasses.replace(s, motion=None) for s in bad.segments))
+    with pytest.raises(PayloadError) as info:
+        encode_payload(bad)
+    assert info.value.reason == "invalid_field"
+    # The same message crafted by hand is refused by the decoder as bad_no_model.
+    head = bytes([0x20 | (bad.level << 3) | (FLAG_IDLE if bad.idle else 0)
+                  | (FLAG_MOTION if bad.motion else 0)])
+    records = b"".join(bytes([255]) + (b"\x40" if bad.motion else b"")
+                       + bytes([len(s.codes)]) + s.codes for s in bad.segments)
+    data = _with_crc(head + NO_MODEL_ID + bytes.fromhex("0102" "00000000" "018bcfe56800")
+                     + bytes([len(bad.segments)]) + records)
+    with pytest.raises(PayloadError) as info:
+        decode_payload(data)
+    assert info.value.reason == "bad_no_model"
+
+
+def test_motion_byte_cut_off_is_truncated() -> None:
+    # MOTION set, two records announced, the body ends right after the second quality byte.
+    with pytest.raises(PayloadError, match="segment 1 of 2: motion byte at 21") as info:
+        decode_payload(_with_crc(_header(byte0=0x2A, count=2) + b"\x80\x40\x00" + b"\x80"))
+    assert info.value.reason == "truncated_segment"

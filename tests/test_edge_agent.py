@@ -662,7 +662,9 @@ def test_a_full_disk_drops_the_oldest_segments_and_keeps_streaming(
     assert final["segments_buffered"] == 0
     assert len(seqs) + final["segments_dropped_disk_full"] == final["segments_encoded"]
     assert final["segments_dropped_spool_full"] == 0
-    assert "disk full" in out and out.count("disk full") < 5  # logged once per episode
+    # Logged once per episode (an episode ends when a drop made room), never per segment.
+    assert "disk full" in out
+    assert out.count("disk full") <= max(4, final["segments_dropped_disk_full"] // 20)
 
 
 @pytest.mark.e2e

@@ -1,5 +1,6 @@
 """Home Assistant MQTT discovery against a real broker: configs that parse as HA's documented
-schema, states rendered from the real ``pred`` payloads, availability following the AP."""
+schema, states rendered from the real ``pred`` payloads, availability following the AP; the
+occupancy and motion entities of csi_edge.presence, with or without a model."""
 
 from __future__ import annotations
 
@@ -24,29 +25,77 @@ TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor)/([a-zA-Z0-9_-]+)/([a-
 ALLOWED = {"name", "unique_id", "state_topic", "value_template", "json_attributes_topic",
            "availability_topic", "availability_template", "payload_available",
            "payload_not_available", "device", "icon", "device_class", "payload_on",
-           "payload_off"}
+           "payload_off", "state_class"}
 REQUIRED = {"name", "unique_id", "state_topic", "value_template", "availability_topic",
             "device"}
+# Home Assistant's MQTT entities read this rendered payload as "unknown".
+UNKNOWN = "None"
 
 
 def render(template: str, payload: bytes) -> str:
     return jinja2.Environment().from_string(template).render(value_json=json.loads(payload))
 
 
+def _pred(**fields: object) -> bytes:
+    base = {"activity": None, "identity": None, "presence": None, "motion": None,
+            "motion_score": None}
+    return json.dumps({**base, **fields}).encode()
+
+
 def test_configs_follow_the_documented_schema() -> None:
     configs = discovery_configs("csi/v1", "lab", "ap 1/x", model_name="fition")
-    assert len(configs) == 3
+    entities = {t: c for t, c in configs.items() if c is not None}
+    assert len(entities) == 5
     uids = set()
-    for topic, config in configs.items():
+    classes = {}
+    for topic, config in entities.items():
         match = TOPIC.match(topic)
         assert match, topic
         assert set(config) <= ALLOWED, config
         assert set(config) >= REQUIRED, config
         assert config["device"]["identifiers"] == [match.group(2)]
         uids.add(config["unique_id"])
-        if match.group(1) == "binary_sensor":
-            assert config["device_class"] == "occupancy"
-    assert len(uids) == 3
+        classes[match.group(3)] = (match.group(1), config.get("device_class"))
+    assert len(uids) == 5
+    assert classes == {"occupancy": ("binary_sensor", "occupancy"),
+                       "motion": ("binary_sensor", "motion"),
+                       "motion_score": ("sensor", None), "activity": ("sensor", None),
+                       "identity": ("sensor", None)}
+    # The presence sensor of earlier versions (a template waiting for an "empty" activity no
+    # model has) is removed: an empty retained payload.
+    removed = [t for t, c in configs.items() if c is None]
+    assert removed == ["homeassistant/binary_sensor/csi_lab_ap_1_x/presence/config"]
+
+
+def test_templates_render_on_off_and_unknown() -> None:
+    configs = discovery_configs("csi/v1", "lab", "ap1", model_name="fition")
+    occupancy = configs["homeassistant/binary_sensor/csi_lab_ap1/occupancy/config"]
+    motion = configs["homeassistant/binary_sensor/csi_lab_ap1/motion/config"]
+    score = configs["homeassistant/sensor/csi_lab_ap1/motion_score/config"]
+    activity = configs["homeassistant/sensor/csi_lab_ap1/activity/config"]
+    assert occupancy is not None and motion is not None and score is not None
+    assert activity is not None
+    for value, state in ((True, "ON"), (False, "OFF"), (None, UNKNOWN)):
+        assert render(occupancy["value_template"], _pred(presence=value)) == state
+        assert render(motion["value_template"], _pred(motion=value)) == state
+    assert render(score["value_template"], _pred(motion_score=2.5)) == "2.5"
+    assert render(score["value_template"], _pred(motion_score=0.0)) == "0.0"
+    assert render(score["value_template"], _pred()) == UNKNOWN
+    assert render(activity["value_template"], _pred(activity="walking")) == "walking"
+    assert render(activity["value_template"], _pred()) == UNKNOWN
+
+
+def test_an_ap_without_a_model_has_presence_entities_only() -> None:
+    configs = discovery_configs("csi/v1", "home", "hall", model_name=None)
+    entities = {t for t, c in configs.items() if c is not None}
+    assert entities == {"homeassistant/binary_sensor/csi_home_hall/occupancy/config",
+                        "homeassistant/binary_sensor/csi_home_hall/motion/config",
+                        "homeassistant/sensor/csi_home_hall/motion_score/config"}
+    # Activity and identity (an AP that ran a model before) are removed.
+    assert configs["homeassistant/sensor/csi_home_hall/activity/config"] is None
+    assert configs["homeassistant/sensor/csi_home_hall/identity/config"] is None
+    device = configs["homeassistant/sensor/csi_home_hall/motion_score/config"]["device"]  # type: ignore[index]
+    assert device["model"] == "WiFi sensing (presence only)"
 
 
 @pytest.mark.e2e
@@ -60,10 +109,10 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     labels = load_manifest(MODEL).labels
     try:
         ha.wait_for(lambda: len([m for m in ha.messages if m.topic.startswith(
-            "homeassistant/")]) >= 3, 30, "three discovery configs")
+            "homeassistant/") and m.payload]) >= 5, 30, "five discovery configs")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/pred"), 30, "a prediction")
         configs = {m.topic: json.loads(m.payload) for m in ha.messages
-                   if m.topic.startswith("homeassistant/")}
+                   if m.topic.startswith("homeassistant/") and m.payload}
         pred = ha.on("csi/v1/home/living/pred")[-1].payload
         status = [m for m in ha.messages if m.topic == "csi/v1/home/living/status"][-1].payload
         for topic, config in configs.items():
@@ -73,9 +122,11 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
             assert render(config["availability_template"], status) == "online"
             state = render(config["value_template"], pred)
             if kind == "binary_sensor":
-                assert state in (config["payload_on"], config["payload_off"])
+                assert state in (config["payload_on"], config["payload_off"], UNKNOWN)
             elif config["unique_id"].endswith("activity"):
                 assert state in labels["activity"]
+            elif config["unique_id"].endswith("motion_score"):
+                assert state == UNKNOWN or float(state) == json.loads(pred)["motion_score"]
             else:
                 assert state in [*(labels["identity"] or []), "unknown"]
     finally:
@@ -92,8 +143,9 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     # A Home Assistant starting later gets the configs: they are retained.
     late = Collector(broker.port, ["homeassistant/#"], client_id="ha-late", persistent=False)
     try:
-        late.wait_for(lambda: len(late.messages) >= 3, 10, "retained configs")
+        late.wait_for(lambda: len(late.messages) >= 5, 10, "retained configs")
         assert all(m.retain for m in late.messages)
+        assert not any(m.topic.endswith("/presence/config") for m in late.messages)
     finally:
         late.close()
         cloud.stop()

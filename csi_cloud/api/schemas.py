@@ -24,13 +24,15 @@ class PredictionOut(BaseModel):
     seq: int
     timestamp: float = Field(description="capture time of the segment start (Unix s)")
     received: float = Field(description="when the cloud received the segment (Unix s)")
-    model: str
+    model: str | None = Field(description="the bundle that classified the segment; null for "
+                                          "a presence-only AP (no bundle on the edge)")
     rate_level: int
     quality: float = Field(description="fraction of the segment backed by real frames")
     context_present: int = Field(description="segments of the context that arrived")
     context_size: int
-    activity: str
-    activity_confidence: float
+    activity: str | None = Field(description="the most likely activity; null for a "
+                                             "presence-only AP")
+    activity_confidence: float | None
     identity: str | None = Field(description="the enrolled person, \"unknown\" past the "
                                             "model's open-set threshold, or null without an "
                                             "identity head")
@@ -42,6 +44,21 @@ class PredictionOut(BaseModel):
                                   "moved) and the cloud repeated its last coded segment; set on "
                                   "live predictions (stream, pred topic, an AP's latest), null "
                                   "on stored ones (the database does not keep it)")
+    motion_score: float | None = Field(
+        default=None, description="the edge's motion score: log2 of the segment's CSI "
+                                  "variability over the AP's quiet reference (0: as still as "
+                                  "the room usually is when quiet; 1: twice as variable), "
+                                  "calibrated on the AP from its own quiet periods; null while "
+                                  "the edge calibrates or when it sends none (docs/presence.md)")
+    motion: bool | None = Field(
+        default=None, description="motion_score reached the motion threshold (the cloud's "
+                                  "presence_threshold / presence_sensitivity); null without a "
+                                  "score")
+    presence: bool | None = Field(
+        default=None, description="the AP's area is occupied: a motion segment within the last "
+                                  "presence_hold_s seconds (hysteresis: on at the first motion "
+                                  "segment, off after the hold); null until the AP's first "
+                                  "scored segment")
 
     @computed_field(description="fraction of the context window with no segment (lost, or "
                                 "before the stream began); the classifier masks those slots")

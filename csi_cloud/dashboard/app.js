@@ -160,6 +160,11 @@ function makeRow(key) {
   return parts;
 }
 
+function presenceText(p) {
+  if (p.presence == null) return "calibrating";
+  return `${p.presence ? "occupied" : "empty"}${p.motion ? ", motion" : ""}`;
+}
+
 function setCell(cell, main, sub, cls) {
   cell.replaceChildren();
   const first = el("span", { class: cls || "", text: main });
@@ -181,9 +186,13 @@ function renderRow(key) {
           `state ${ap.online ? "online" : "offline"}`);
 
   if (p) {
-    const act = setCell(cells.activity, p.activity, `${percent(p.activity_confidence)} confident`,
-                        "activity");
-    act.title = "activity (confidence)";
+    // A presence-only AP (no bundle on the edge) has presence and motion, no activity.
+    const act = p.activity != null
+      ? setCell(cells.activity, p.activity, `${percent(p.activity_confidence)} confident`,
+                "activity")
+      : setCell(cells.activity, presenceText(p), "presence only", "activity");
+    act.title = p.activity != null ? "activity (confidence)" :
+      `motion score ${p.motion_score ?? "—"} (log2 of the variability over the quiet room)`;
     setCell(cells.identity, p.identity ?? "—",
             p.identity_confidence == null ? "" : `${percent(p.identity_confidence)} confident`,
             "identity");
@@ -455,9 +464,12 @@ function renderHistory() {
   const ap = state.aps.get(state.selected);
   const labels = state.models.get(ap?.model)?.labels?.activity;
   const strip = $("#strip");
+  // Without a model (presence only) a history entry shows presence instead of an activity.
+  const what = (h) => h.activity ?? presenceText(h);
+  const sure = (h) => (h.activity_confidence == null ? "" : percent(h.activity_confidence));
   strip.replaceChildren(...[...state.history].reverse().map((h) => el("span", {
-    background: colourOf(h.activity, labels),
-    title: `#${h.seq} ${clock(h.timestamp)}: ${h.activity}`,
+    background: colourOf(what(h), labels),
+    title: `#${h.seq} ${clock(h.timestamp)}: ${what(h)}`,
   })));
   $("#legend").replaceChildren(...(labels || []).map((label) => el("li", {},
     el("span", { class: "swatch", background: colourOf(label, labels) }),
@@ -465,8 +477,8 @@ function renderHistory() {
   $("#history").replaceChildren(...state.history.slice(0, 20).map((h) => el("li", {},
     el("time", { datetime: new Date(h.timestamp * 1000).toISOString(),
                  text: `${clock(h.timestamp)}` }),
-    el("span", { class: "swatch", background: colourOf(h.activity, labels) }),
-    el("span", { text: `#${h.seq} ${h.activity} ${percent(h.activity_confidence)}` }),
+    el("span", { class: "swatch", background: colourOf(what(h), labels) }),
+    el("span", { text: `#${h.seq} ${what(h)} ${sure(h)}` }),
     el("span", { class: "conf",
                  text: h.identity ? `${h.identity} ${percent(h.identity_confidence)}` : "" }),
   )));

@@ -1,7 +1,8 @@
 """Readers for real CSI formats behind one interface: ``read_recording(path) -> CSIFrames``.
 
 Formats are recognised by content where the file says what it is (pcap magic, HDF5
-signature, ``CSI_DATA`` lines, MAT header) and by suffix otherwise (Intel 5300 ``.dat``).
+signature, ``CSI_DATA`` lines, MAT header, a zip archive named ``.npz``) and by suffix
+otherwise (Intel 5300 ``.dat``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..frames import CSIFrames
 __all__ = ["FORMATS", "detect_format", "read_recording"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
 _PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
 
 
@@ -42,6 +44,12 @@ def _read_ntufi(path: Path, **options: object) -> CSIFrames:
     return read_ntufi_mat(path, **options)  # type: ignore[arg-type]
 
 
+def _read_espectre(path: Path, **options: object) -> CSIFrames:
+    from .espectre import read_espectre_npz
+
+    return read_espectre_npz(path, **options)  # type: ignore[arg-type]
+
+
 def _read_hdf5(path: Path, **options: object) -> CSIFrames:
     from ..recording import read_recording_file
 
@@ -53,10 +61,11 @@ FORMATS: dict[str, Callable[..., CSIFrames]] = {
     "intel5300-dat": _read_intel,
     "esp32-csv": _read_esp32,
     "ntu-fi-mat": _read_ntufi,
+    "espectre-npz": _read_espectre,
     "hdf5": _read_hdf5,
 }
 SUFFIXES = {".pcap": "nexmon-pcap", ".dat": "intel5300-dat", ".csv": "esp32-csv",
-            ".mat": "ntu-fi-mat", ".h5": "hdf5", ".hdf5": "hdf5"}
+            ".mat": "ntu-fi-mat", ".npz": "espectre-npz", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 
 def detect_format(path: str | Path) -> str:
@@ -80,6 +89,8 @@ def detect_format(path: str | Path) -> str:
     if b"CSI_DATA" in head:
         return "esp32-csv"
     suffix = path.suffix.lower()
+    if head[:4] == _ZIP_MAGIC and suffix == ".npz":
+        return "espectre-npz"
     if suffix == ".dat":
         return "intel5300-dat"
     if suffix in SUFFIXES:

@@ -38,7 +38,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from csi_edge import CSIError, detect_format
 from csi_edge.readers import SUFFIXES
 
-from ...ingest import BatchResult, DecodedRecord, Ingestor
+from ...ingest import BatchResult, DecodedRecord, Ingestor, PresenceRecord
 from ...registry import UnknownModelError
 from ...service import CloudService
 from ...upload import (
@@ -102,7 +102,7 @@ class _UploadIngestor(Ingestor):
         self.rejected_at: list[RejectedPayload] = []
 
     def _decode(self, result: BatchResult, site: str, ap: str, data: bytes,
-                received: float) -> list[DecodedRecord]:
+                received: float) -> list[DecodedRecord | PresenceRecord]:
         self.position += 1
         before = len(result.rejected)
         records = super()._decode(result, site, ap, data, received)

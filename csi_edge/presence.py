@@ -1,0 +1,394 @@
+"""Motion and presence without a model: a per-segment motion score computed at the edge from the
+raw CSI, calibrated per access point from its own quiet periods, and the presence decision
+built on it.
+
+The approach follows ESPectre's (github.com/francescopace/espectre: a "turbulence" signal from
+stable subcarriers, its moving variance, an adaptive threshold from a quiet baseline), written
+anew for any receiver (Nexmon, Intel 5300, ESP32) and for the segment stream of this project.
+
+**The statistic** (:class:`MotionMeter`, numpy only, per stream), for each segment:
+
+1. Amplitude of the occupied band's subcarriers (:func:`csi_edge.band.frames_band`: the
+   hardware's invalid subcarriers, such as the ESP32's first word, are left out). A zero or
+   non-finite value is a missing value, not a measurement (ESP32 buffers zero a subcarrier
+   now and then).
+2. Log amplitude minus each frame's median over the subcarriers (per antenna): the gain of
+   the frame drops out, so automatic gain control (the original ESP32 cannot lock its gain;
+   Nexmon and Intel 5300 never do) does not read as motion. This is the role ESPectre gives
+   its coefficient of variation.
+3. A moving average over ``smooth_s`` (0.2 s), causal: measurement noise above a few hertz
+   is removed, body movement (below ~5 Hz) stays.
+4. Per subcarrier, the standard deviation over the trailing ``window_s`` (2 s) ending at the
+   segment's end: the moving variance of the signal. The window never reaches back across a
+   gap in the stream longer than ``max_gap_s`` (1 s): the channel before it is another one.
+5. The median over the subcarriers, as log2: the **motion statistic**. The median is the
+   stability selection: subcarriers that flicker on their own (a null, a spur, an invalid
+   value) sit in the upper tail and do not move it. Keeping only the most stable subcarriers
+   before the median, as ESPectre's NBVI does (``stable_fraction``), was measured and left
+   off by default: it cost Fition ROC AUC and gained nothing on ESP32 (the ablations of
+   ``python bench/presence.py``, docs/presence.md).
+
+**Calibration** (:class:`MotionCalibration`), per AP, from what the stream has shown so far:
+the quiet reference is the ``reference_quantile`` (25 %) of the statistics of the last
+``horizon_segments`` segments (900: 15 min at 1 s segments), once ``warmup_segments`` (5) were
+seen. A room that is quiet at least a quarter of the time is measured against its quiet
+state, whatever the hardware, gain or noise floor; no label, no training.
+
+**The motion score** of a segment is ``statistic - reference`` (log2 of the ratio of the
+segment's variability to the quiet one): ~0 in a quiet room, 1 = twice the quiet variability.
+It travels on the wire as one byte (csi_edge.codec); ``None`` while calibrating.
+
+**The decision** (:class:`PresenceTracker`), where the scores arrive (the cloud, the bench):
+``motion`` when the score reaches ``threshold / sensitivity`` (1.5, i.e. 2.8 times the quiet
+variability, at sensitivity 1); ``presence`` (occupied) from the first motion segment until
+``hold_s`` (30 s) pass without one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .band import frames_band
+from .frames import CSIFrames
+from .preprocess import InputSpec
+
+__all__ = [
+    "MotionCalibration",
+    "MotionConfig",
+    "MotionMeter",
+    "PresenceConfig",
+    "PresenceTracker",
+    "presence_spec",
+]
+
+PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL_SEGMENT_MS)
+
+
+_MAX_KEEP_S = 60.0  # frames kept at most, scored or not
+
+
+def presence_spec(frames: CSIFrames) -> InputSpec:
+    """The segmenting of a stream without a bundle: 1 s segments of its occupied band at its
+    measured rate (a bundle's grid and quality rules; the segment values are not used)."""
+    return InputSpec.for_stream(frames, frames_band(frames), segment_s=PRESENCE_SEGMENT_S,
+                                normalisation="none")
+
+
+@dataclass(frozen=True, slots=True)
+class MotionConfig:
+    """Parameters of the motion statistic and its calibration (the module docstring)."""
+
+    smooth_s: float = 0.2
+    window_s: float = 2.0
+    reference_quantile: float = 0.25
+    horizon_segments: int = 900
+    warmup_segments: int = 5
+    min_frames: int = 5  # a segment with fewer frames of its own gets no score
+    max_gap_s: float = 1.0  # the trailing window never reaches back across a longer gap
+    # Below 1: only this fraction of the subcarriers, the most stable in quiet periods (the
+    # lowest ``reference_quantile`` of their own spread), enter the median (NBVI-like).
+    stable_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("smooth_s", "window_s", "max_gap_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"motion {name} {value!r} is not a finite number >= 0")
+        if not self.window_s > 0:
+            raise ValueError(f"motion window_s {self.window_s!r} must be > 0")
+        if not 0 < self.reference_quantile < 1:
+            raise ValueError(f"motion reference_quantile {self.reference_quantile!r} is not "
+                             "in (0, 1)")
+        if not 1 <= self.warmup_segments <= self.horizon_segments:
+            raise ValueError(f"motion warmup_segments {self.warmup_segments!r} is not in "
+                             f"[1, horizon_segments = {self.horizon_segments}]")
+        if self.min_frames < 2:
+            raise ValueError(f"motion min_frames {self.min_frames!r} must be >= 2")
+        if not 0 < self.stable_fraction <= 1:
+            raise ValueError(f"motion stable_fraction {self.stable_fraction!r} is not in (0, 1]")
+
+
+class MotionCalibration:
+    """The quiet reference of one AP: a low quantile of its recent motion statistics."""
+
+    def __init__(self, config: MotionConfig | None = None) -> None:
+        self.config = config or MotionConfig()
+        self.history: deque[float] = deque(maxlen=self.config.horizon_segments)
+        self._reference: float | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self.history) >= self.config.warmup_segments
+
+    @property
+    def reference(self) -> float | None:
+        """The quiet reference (log2 of a statistic), None while warming up."""
+        return self._reference if self.calibrated else None
+
+    def update(self, statistic: float) -> float | None:
+        """Add one segment's statistic; its score against the reference (None while warming
+        up). A non-finite statistic is not added and scores None."""
+        if not math.isfinite(statistic):
+            return None
+        self.history.append(statistic)
+        if not self.calibrated:
+            return None
+        self._reference = float(np.quantile(np.fromiter(self.history, float),
+                                             self.config.reference_quantile))
+        return statistic - self._reference
+
+    def reset(self) -> None:
+        self.history.clear()
+        self._reference = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a status message: whether calibrated, the reference, the segments it rests on."""
+        ref = self.reference
+        return {"calibrated": self.calibrated, "segments": len(self.history),
+                "reference": None if ref is None else round(ref, 3)}
+
+
+class MotionMeter:
+    """Per-stream motion statistic and score: :meth:`push` frames in order, then
+    :meth:`score` each segment once the frames up to its end were pushed."""
+
+    def __init__(self, config: MotionConfig | None = None) -> None:
+        self.config = config or MotionConfig()
+        self.calibration = MotionCalibration(self.config)
+        self.band_size = 0  # subcarriers the statistic uses, per antenna
+        self.last_score: float | None = None
+        self._layout: tuple[object, ...] | None = None
+        self._columns: np.ndarray | None = None
+        self._t = np.zeros(0, np.float64)
+        self._x = np.zeros((0, 0), np.float32)
+        self._scored_until: float | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (timestamps, band CSI)
+        # Per-subcarrier log spreads of recent segments, for the stability selection only.
+        self._spreads: deque[np.ndarray] = deque(maxlen=self.config.horizon_segments)
+
+    def push(self, frames: CSIFrames) -> None:
+        """Keep the gain-free log amplitude of these frames for the trailing window."""
+        if len(frames) == 0:
+            return
+        layout = (frames.info.device, frames.info.subcarriers, frames.antennas)
+        if layout != self._layout:
+            band = frames_band(frames)
+            column = {s: i for i, s in enumerate(frames.info.subcarriers)}
+            self._columns = np.array([column[s] for s in band.subcarriers], dtype=np.int64)
+            self.band_size = int(self._columns.size)
+            width = frames.antennas * self.band_size
+            self._take_pending()  # frames of the previous layout, with its columns
+            if self._x.shape[1] != width:  # another shape: the old frames cannot be mixed in
+                self._t, self._x = np.zeros(0, np.float64), np.zeros((0, width), np.float32)
+                self._spreads.clear()
+            self._layout = layout
+        assert self._columns is not None
+        # Kept raw until a segment is scored: the work is then done once per second, not
+        # once per chunk of a tenth of one (numpy's per-call cost dominated).
+        self._pending.append((np.asarray(frames.timestamp, dtype=np.float64),
+                              frames.csi[:, :, self._columns]))
+        if self._pending[-1][0][-1] - self._pending[0][0][0] > _MAX_KEEP_S:
+            self._take_pending()  # nobody scores: keep the memory bounded all the same
+
+    def _take_pending(self) -> None:
+        """Turn the frames pushed since the last score into gain-free log amplitudes."""
+        if not self._pending:
+            return
+        t = np.concatenate([p[0] for p in self._pending])
+        csi = np.concatenate([p[1] for p in self._pending])
+        self._pending.clear()
+        amplitude = np.abs(csi).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_amp = np.where((amplitude > 0) & np.isfinite(amplitude), np.log(amplitude),
+                               np.nan)
+        gain = _nan_median(log_amp)[..., None]
+        x = (log_amp - gain).reshape(len(t), -1).astype(np.float32)
+        self._t = np.concatenate([self._t, t])
+        self._x = np.concatenate([self._x, x])
+        self._trim()
+
+    def _trim(self) -> None:
+        """Forget frames no segment still to be scored can need (and anything older than
+        ``_MAX_KEEP_S``, should segments stop being scored)."""
+        if not self._t.size:
+            return
+        needed = self.config.window_s + self.config.smooth_s + 1.0
+        newest = float(self._t[-1])
+        oldest = max(newest - _MAX_KEEP_S, (self._scored_until if self._scored_until is not None
+                                            else -math.inf) - needed)
+        if self._t[0] < oldest:
+            keep = self._t >= oldest
+            self._t, self._x = self._t[keep], self._x[keep]
+
+    def statistic(self, start: float, end: float) -> float | None:
+        """The motion statistic of the segment ``[start, end)`` (log2), or None when it holds
+        fewer than ``min_frames`` frames or no subcarrier has a valid spread."""
+        spreads = self._spreads_of(start, end)
+        return None if spreads is None else self._aggregate(spreads)
+
+    def _aggregate(self, std: np.ndarray) -> float | None:
+        chosen = std[self._stable(std)]
+        chosen = chosen[np.isfinite(chosen)]
+        level = float(np.median(chosen)) if chosen.size else 0.0
+        return math.log2(level) if level > 0 else None
+
+    def _spreads_of(self, start: float, end: float) -> np.ndarray | None:
+        """Per subcarrier, the spread of the smoothed signal over the trailing window (NaN
+        where too few values); None without enough frames."""
+        self._take_pending()
+        cfg = self.config
+        own = (self._t >= start) & (self._t < end)
+        if int(own.sum()) < cfg.min_frames:
+            return None
+        lead = (self._t >= end - cfg.window_s - cfg.smooth_s) & (self._t < end)
+        t, x = self._t[lead], self._x[lead].astype(np.float64)
+        steps = np.diff(t)
+        gaps = np.flatnonzero(steps > cfg.max_gap_s)
+        if gaps.size:  # what came before a gap is another stretch of the channel
+            t, x, steps = t[gaps[-1] + 1:], x[gaps[-1] + 1:], steps[gaps[-1] + 1:]
+        rate = 1.0 / float(np.median(steps)) if steps.size and np.median(steps) > 0 else 0.0
+        n = max(1, round(cfg.smooth_s * rate))
+        if n > 1:
+            x = _moving_average(x, n)
+        window = x[t >= end - cfg.window_s]
+        valid = np.isfinite(window)
+        count = valid.sum(axis=0)
+        usable = count >= 3
+        if not usable.any():
+            return None
+        filled = np.where(valid, window, 0.0)
+        mean = filled.sum(axis=0) / np.maximum(count, 1)
+        spread = np.where(valid, filled - mean, 0.0)
+        return np.where(usable, np.sqrt((spread ** 2).sum(axis=0) / np.maximum(count, 1)),
+                        np.nan)
+
+    def _stable(self, std: np.ndarray) -> np.ndarray:
+        """The subcarriers that enter the median: all of them, or (``stable_fraction`` < 1,
+        once calibrated) those with the lowest quiet spread (a low quantile of their own
+        recent spreads)."""
+        everything = np.isfinite(std)
+        if self.config.stable_fraction >= 1 or len(self._spreads) < self.config.warmup_segments:
+            return everything
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a subcarrier never valid
+            quiet = np.nanquantile(np.stack(self._spreads), self.config.reference_quantile,
+                                   axis=0)
+        quiet = np.where(np.isfinite(quiet), quiet, np.inf)
+        keep = max(1, round(self.config.stable_fraction * int(np.isfinite(quiet).sum())))
+        chosen = np.zeros(std.size, dtype=bool)
+        chosen[np.argsort(quiet, kind="stable")[:keep]] = True
+        return chosen & everything if (chosen & everything).any() else everything
+
+    def score(self, start: float, end: float) -> float | None:
+        """The segment's motion score (log2 ratio to the quiet reference; None while
+        calibrating or without enough frames). Call once per segment, in order: each call
+        also feeds the calibration."""
+        spreads = self._spreads_of(start, end)
+        statistic = None if spreads is None else self._aggregate(spreads)
+        if spreads is not None and self.config.stable_fraction < 1:
+            with np.errstate(divide="ignore"):
+                self._spreads.append(np.log(spreads))
+        self.last_score = None if statistic is None else self.calibration.update(statistic)
+        self._scored_until = end if self._scored_until is None else max(self._scored_until, end)
+        self._trim()
+        return self.last_score
+
+    def forget_frames(self) -> None:
+        """A discontinuity the timestamps do not show (another capture joined on): the
+        trailing window starts afresh; the calibration stays."""
+        self._pending.clear()
+        self._t, self._x = self._t[:0], self._x[:0]
+
+    def status(self) -> dict[str, Any]:
+        """For the edge's status message."""
+        return {**self.calibration.as_dict(), "subcarriers": self.band_size,
+                "last_score": None if self.last_score is None else round(self.last_score, 3)}
+
+
+def _nan_median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis with NaN left out (NaN where all are); ``np.nanmedian`` goes
+    through masked arrays and cost 30 times more per frame here."""
+    valid = np.isfinite(x)
+    count = valid.sum(axis=-1)
+    ordered = np.sort(np.where(valid, x, np.inf), axis=-1)
+    low = np.maximum((count - 1) // 2, 0)[..., None]
+    high = np.maximum(count // 2, 0)[..., None]
+    with np.errstate(invalid="ignore"):
+        median = (np.take_along_axis(ordered, low, -1) + np.take_along_axis(ordered, high, -1))
+    return np.where(count > 0, median[..., 0] / 2, np.nan)
+
+
+def _moving_average(x: np.ndarray, n: int) -> np.ndarray:
+    """Causal mean of the last ``n`` rows, missing (NaN) values left out."""
+    valid = np.isfinite(x)
+    total = np.cumsum(np.where(valid, x, 0.0), axis=0)
+    count = np.cumsum(valid, axis=0)
+    total[n:] = total[n:] - total[:-n]
+    count[n:] = count[n:] - count[:-n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceConfig:
+    """The decision on motion scores: ``motion`` at ``threshold / sensitivity`` and above;
+    ``presence`` held ``hold_s`` after the last motion segment."""
+
+    threshold: float = 1.5
+    sensitivity: float = 1.0
+    hold_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"presence threshold {self.threshold!r} is not a number > 0")
+        if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
+            raise ValueError(f"presence sensitivity {self.sensitivity!r} is not a number > 0")
+        if not (math.isfinite(self.hold_s) and self.hold_s >= 0):
+            raise ValueError(f"presence hold_s {self.hold_s!r} is not a number >= 0")
+
+    @property
+    def motion_threshold(self) -> float:
+        return self.threshold / self.sensitivity
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PresenceConfig:
+        return cls(**{k: values[k] for k in ("threshold", "sensitivity", "hold_s")
+                      if k in values})
+
+
+class PresenceTracker:
+    """Per-AP hysteresis over motion scores: occupied from the first motion segment, empty
+    after ``hold_s`` without one. ``None`` (unknown) until the first scored segment."""
+
+    def __init__(self, config: PresenceConfig | None = None) -> None:
+        self.config = config or PresenceConfig()
+        self.last_motion: float | None = None  # end time of the newest motion segment
+        self.scored = False
+
+    def update(self, start: float, end: float,
+               score: float | None) -> tuple[bool | None, bool | None]:
+        """``(motion, presence)`` of the segment ``[start, end)`` with this score."""
+        motion: bool | None = None
+        if score is not None and math.isfinite(score):
+            self.scored = True
+            motion = score >= self.config.motion_threshold
+            if motion and (self.last_motion is None or end > self.last_motion):
+                self.last_motion = end
+        if not self.scored:
+            return motion, None
+        if motion:
+            return True, True
+        # A segment that arrives late, before the newest motion, counts as occupied too.
+        occupied = self.last_motion is not None and end - self.last_motion < self.config.hold_s
+        return motion, occupied
+
+    def reset(self) -> None:
+        self.last_motion = None
+        self.scored = False

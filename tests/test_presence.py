@@ -1,0 +1,314 @@
+"""Motion score, calibration and presence decision (csi_edge.presence) on synthetic channels
+with known motion, and on the committed Nexmon and Intel 5300 samples."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _esp32 import HT20, channel, write_espectre
+
+from csi_edge.agent import EncoderCache, StreamAgent, group_messages
+from csi_edge.codec import NO_MODEL_ID, motion_byte
+from csi_edge.frames import CSIFrames, RadioInfo
+from csi_edge.preprocess import Preprocessor
+from csi_edge.presence import (
+    MotionCalibration,
+    MotionConfig,
+    MotionMeter,
+    PresenceConfig,
+    PresenceTracker,
+    presence_spec,
+)
+from csi_edge.readers import read_recording
+from csi_edge.readers.esp32 import LLTF_SUBCARRIERS
+from csi_edge.settings import EdgeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "datasets" / "samples"
+RATE = 100.0
+
+
+def frames_of(csi: np.ndarray, rate: float = RATE, t0: float = 1_700_000_000.0,
+              invalid: tuple[int, ...] = (0, 1)) -> CSIFrames:
+    """ESP32-like frames (FFT-order columns) of (n, 64) or (n, A, 64) CSI."""
+    if csi.ndim == 2:
+        csi = csi[:, None, :]
+    info = RadioInfo(device="esp32", subcarriers=LLTF_SUBCARRIERS, bandwidth_mhz=20,
+                     extra={"first_word_invalid_subcarriers": invalid})
+    return CSIFrames(timestamp=t0 + np.arange(len(csi)) / rate, csi=csi.astype(np.complex64),
+                     info=info, format="test")
+
+
+def scores(frames: CSIFrames, meter: MotionMeter | None = None,
+           chunk: int = 10) -> list[float | None]:
+    """Each 1 s segment's score, the frames pushed ``chunk`` at a time as a source does."""
+    meter = meter or MotionMeter()
+    pre = Preprocessor(presence_spec(frames.take(np.arange(min(chunk, len(frames))))))
+    out = []
+    for a in range(0, len(frames), chunk):
+        part = frames.take(np.arange(a, min(a + chunk, len(frames))))
+        meter.push(part)
+        out += [meter.score(s.start_time, s.start_time + pre.spec.segment_s)
+                for s in pre.push(part)]
+    return out
+
+
+def known(values: list[float | None]) -> list[float]:
+    """The scores, every one of them present."""
+    assert all(v is not None for v in values), values
+    return [float(v) for v in values if v is not None]
+
+
+def test_motion_stands_out_from_a_quiet_room() -> None:
+    out = scores(frames_of(channel(3000, RATE, moving=(15.0, 25.0), seed=1)))
+    assert out[:4] == [None] * 4  # warming up: 5 segments before a reference exists
+    quiet = [s for s in out[4:15] if s is not None]
+    moving = out[16:25]  # the first moving second may straddle the onset
+    assert len(quiet) == 11 and max(abs(s) for s in quiet) < 0.5
+    assert min(known(moving)) > 3.0
+    after = out[27:]  # quiet again once the 2 s window has passed the motion
+    assert max(known(after)) < 0.5
+
+
+def test_gain_jumps_and_flickering_subcarriers_are_not_motion() -> None:
+    base = channel(2000, RATE, seed=2)
+    # Automatic gain control: every frame scaled by up to +-3 dB (the original ESP32).
+    rng = np.random.default_rng(0)
+    agc = base * 10 ** (rng.normal(0, 1.5, len(base)) / 20)[:, None]
+    # A subcarrier that drops to zero in a tenth of the frames, another one that is garbage.
+    flicker = agc.copy()
+    flicker[rng.random(len(base)) < 0.1, 5] = 0
+    flicker[:, 7] = rng.normal(0, 40, len(base))
+    for csi in (agc, flicker):
+        out = [s for s in scores(frames_of(csi)) if s is not None]
+        assert len(out) >= 14 and max(abs(s) for s in out) < 0.6, out
+
+
+def test_stability_selection_keeps_the_quiet_subcarriers() -> None:
+    csi = channel(2500, RATE, moving=(15.0, 22.0), seed=9)
+    rng = np.random.default_rng(3)
+    noisy = [3, 9, 40, 50]  # FFT-order columns of subcarriers 3, 9, -24, -14
+    csi[:, noisy] *= 10 ** (rng.normal(0, 3, (len(csi), len(noisy))) / 20)
+    meter = MotionMeter(MotionConfig(stable_fraction=0.5))
+    out = scores(frames_of(csi), meter)
+    quiet, moving = out[5:15], out[16:22]
+    assert max(abs(s) for s in known(quiet)) < 0.5 < 3.0 < min(known(moving))
+    spreads = np.stack(meter._spreads)
+    quiet_level = np.nanquantile(spreads, 0.25, axis=0)
+    chosen = meter._stable(np.exp(spreads[-1]))
+    assert chosen.sum() == round(0.5 * np.isfinite(quiet_level).sum())
+    # The four flickering subcarriers are the least stable: none is chosen.
+    band = sorted(set(HT20.tolist()) - {1})  # the band, ascending
+    columns = [band.index(s) for s in (3, 9, -24, -14)]
+    assert not chosen[columns].any()
+
+
+def test_the_invalid_first_word_is_left_out() -> None:
+    csi = channel(1500, RATE, seed=4)
+    csi[:, 1] = np.random.default_rng(1).normal(0, 100, len(csi))  # garbage on subcarrier 1
+    meter = MotionMeter()
+    scores(frames_of(csi), meter)
+    assert meter.band_size == len(HT20) - 1  # 56 tones less subcarrier 1
+    # Named invalid elsewhere, the same garbage counts (and the band keeps it).
+    other = MotionMeter()
+    scores(frames_of(csi, invalid=()), other)
+    assert other.band_size == len(HT20)
+
+
+def test_scores_do_not_depend_on_chunking_and_are_causal() -> None:
+    frames = frames_of(channel(2500, RATE, moving=(12.0, 18.0), seed=5))
+    a = scores(frames, chunk=7)
+    b = scores(frames, chunk=100)
+    n = min(len(a), len(b))
+    assert n >= 24 and a[:4] == b[:4] == [None] * 4
+    np.testing.assert_allclose(known(a[4:n]), known(b[4:n]), atol=1e-9)
+    # Causal: the first 12 s score the same without the motion that follows.
+    c = scores(frames.take(np.arange(1250)))
+    np.testing.assert_allclose(known(c[4:12]), known(a[4:12]), atol=1e-9)
+    assert max(known(a[4:12])) < 0.5 < 3.0 < min(known(a[13:18]))
+
+
+def test_the_window_does_not_reach_across_a_gap() -> None:
+    frames = frames_of(channel(2600, RATE, moving=(0.0, 12.0), seed=6))
+    # 12 s of motion, a 1.5 s hole, then a quiet room (the same channel, nobody moving).
+    moving = frames.take(np.arange(1200))
+    quiet = frames.take(np.arange(1200, 2600))
+    quiet = replace(quiet, timestamp=quiet.timestamp + 1.5)
+    quiet = replace(quiet, csi=frames_of(channel(1400, RATE, seed=6)).csi)
+    t0 = float(frames.timestamp[0])
+    results = {}
+    for max_gap_s in (1.0, 10.0):
+        meter = MotionMeter(MotionConfig(window_s=4.0, max_gap_s=max_gap_s))
+        meter.push(moving)
+        for k in range(12):
+            meter.score(t0 + k, t0 + k + 1)
+        meter.push(quiet)
+        start = float(quiet.timestamp[0])
+        results[max_gap_s] = meter.statistic(start, start + 1.0)
+    # Without the gap rule the first quiet second would carry the motion before the hole.
+    assert results[1.0] is not None and results[10.0] is not None
+    assert results[10.0] - results[1.0] > 2.0
+    # A segment with fewer than min_frames frames of its own gets no score.
+    meter = MotionMeter()
+    meter.push(moving)
+    assert meter.statistic(t0 + 11.99, t0 + 12.0) is None
+    meter.forget_frames()
+    assert meter.statistic(t0 + 10, t0 + 11) is None
+
+
+def test_calibration_is_a_low_quantile_of_what_was_seen() -> None:
+    cal = MotionCalibration(MotionConfig(warmup_segments=3, horizon_segments=10))
+    assert [cal.update(v) for v in (1.0, 2.0)] == [None, None]
+    assert not cal.calibrated and cal.reference is None
+    assert cal.update(3.0) == pytest.approx(3.0 - np.quantile([1, 2, 3], 0.25))
+    assert cal.update(float("nan")) is None and len(cal.history) == 3
+    # A room that moves 70 % of the time keeps its quiet reference.
+    rng = np.random.default_rng(0)
+    cal = MotionCalibration()
+    quiet = rng.normal(-6.0, 0.1, 900)
+    busy = rng.random(900) < 0.7
+    values = np.where(busy, quiet + 3.0, quiet)
+    for v in values:
+        cal.update(float(v))
+    assert cal.reference == pytest.approx(-6.0, abs=0.15)
+    # Only the horizon counts: after 900 busy segments the busy level is the reference.
+    for v in quiet + 3.0:
+        cal.update(float(v))
+    assert cal.reference == pytest.approx(-3.0, abs=0.15)
+    assert cal.as_dict()["calibrated"] is True
+    cal.reset()
+    assert cal.reference is None
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ({"window_s": 0}, "window_s 0 must be > 0"),
+    ({"smooth_s": -1}, "smooth_s -1"),
+    ({"reference_quantile": 1.0}, "reference_quantile 1.0"),
+    ({"warmup_segments": 0}, "warmup_segments 0"),
+    ({"min_frames": 1}, "min_frames 1"),
+    ({"max_gap_s": math.nan}, "max_gap_s nan"),
+])
+def test_motion_config_names_bad_values(config: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MotionConfig(**config)  # type: ignore[arg-type]
+
+
+def test_presence_hysteresis_and_sensitivity() -> None:
+    tracker = PresenceTracker(PresenceConfig(threshold=1.5, hold_s=5.0))
+    assert tracker.update(0, 1, None) == (None, None)  # nothing known yet
+    assert tracker.update(1, 2, 0.2) == (False, False)
+    assert tracker.update(2, 3, 1.5) == (True, True)  # at the threshold: motion
+    assert tracker.update(3, 4, None) == (None, True)  # no score: presence held
+    assert tracker.update(6, 7, 0.0) == (False, True)  # 4 s after the last motion
+    assert tracker.update(7, 8, 0.0) == (False, False)  # 5 s: empty
+    assert tracker.update(2, 3, 0.0) == (False, True)  # a late segment, before the motion
+    sensitive = PresenceTracker(PresenceConfig(threshold=1.5, sensitivity=2.0))
+    assert sensitive.update(0, 1, 0.8)[0] is True
+    assert PresenceConfig(threshold=1.5, sensitivity=0.5).motion_threshold == 3.0
+    tracker.reset()
+    assert tracker.update(9, 10, None) == (None, None)
+    for bad, match in (({"sensitivity": 0}, "sensitivity 0"), ({"threshold": -1}, "-1"),
+                       ({"hold_s": math.inf}, "hold_s inf")):
+        with pytest.raises(ValueError, match=match):
+            PresenceConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_runs_on_nexmon_and_intel5300_samples() -> None:
+    pcaps = sorted((SAMPLES / "fition").rglob("*.pcap"))
+    nexmon = read_recording(pcaps[0])
+    out = scores(nexmon, chunk=5)
+    assert len(out) >= 8 and all(s is None or math.isfinite(s) for s in out)
+    assert sum(s is not None for s in out) >= 3
+    meter = MotionMeter()
+    scores(nexmon, meter)
+    assert meter.band_size == 56  # the 20 MHz channel inside the 80 MHz capture
+    wiar = read_recording(sorted((SAMPLES / "wiar").rglob("*.dat"))[0])
+    assert wiar.antennas == 3
+    meter = MotionMeter()
+    out = scores(wiar, meter, chunk=3)
+    assert meter.band_size == 30 and sum(s is not None for s in out) >= 3
+    assert all(s is None or math.isfinite(s) for s in out)
+
+
+def test_presence_only_stream_queues_motion_without_codes(tmp_path: Path) -> None:
+    """The edge without a bundle: 1 s segments, model id 00 00 00, a motion byte each."""
+    folder = tmp_path / "esp32"
+    write_espectre(folder / "a_baseline.npz", channel(800, RATE, seed=7), chip="c6",
+                   rate_hz=RATE, label="baseline")
+    write_espectre(folder / "b_movement.npz", channel(800, RATE, moving=(0, 8), seed=7),
+                   chip="c6", rate_hz=RATE, label="movement")
+    settings = EdgeSettings(source=f"file://{folder}?speed=max", site="home", ap="hall",
+                            presence_only=True, spool_dir=tmp_path / "spool",
+                            model=tmp_path / "no-bundle-needed")
+    agent = StreamAgent(settings.all_streams()[0], settings, EncoderCache())
+    assert agent.encoder is None
+    agent.check()
+    agent.open_spool()
+    asyncio.run(agent.produce())
+    assert agent.state == "source_ended"
+    assert agent.spool is not None
+    rows = agent.spool.peek(100)
+    assert 14 <= len(rows) <= 16
+    assert {r.model_id for r in rows} == {NO_MODEL_ID} and {r.level for r in rows} == {0}
+    assert all(r.codes == b"" and not r.idle for r in rows)
+    assert [r.seq for r in rows] == list(range(len(rows)))
+    assert np.all(np.diff([r.timestamp_ms for r in rows]) == 1000)
+    motion = [r.motion if r.motion is not None else -1 for r in rows]
+    assert motion[:4] == [0] * 4  # no score while calibrating
+    assert max(motion[4:7]) < motion_byte(0.75)
+    assert min(motion[9:]) > motion_byte(3.0)
+    status = agent._status()
+    assert status["mode"] == "presence-only" and status["model"] is None
+    assert status["motion"]["calibrated"] is True
+    assert status["motion"]["subcarriers"] == 54
+    # One message per segment by default; old rows without a motion byte never join them.
+    groups = group_messages(rows, per_message=agent._per_message, segment_ms=agent._segment_ms,
+                            limit=1)
+    assert [len(g) for g in groups] == [1] * len(rows)
+    mixed = [replace(rows[0], motion=None), *rows[1:4]]
+    groups = group_messages(mixed, per_message=lambda m, lv: 10, segment_ms=lambda m: 1000,
+                            limit=1)
+    assert [len(g) for g in groups] == [1, 3]
+    # A backlog of a bundle the stream no longer runs still goes out, a segment a message.
+    old = [replace(r, model_id=b"\x01\x02\x03", level=1, motion=None) for r in rows[:3]]
+    assert agent._per_message(b"\x01\x02\x03", 1) == 1
+    groups = group_messages(old, per_message=agent._per_message, segment_ms=agent._segment_ms,
+                            limit=1)
+    assert [len(g) for g in groups] == [1, 1, 1]
+    agent.spool.close()
+
+
+def test_presence_only_refuses_rate_changes(tmp_path: Path) -> None:
+    path = write_espectre(tmp_path / "x.npz", channel(300, RATE, seed=8), rate_hz=RATE)
+    settings = EdgeSettings(source=f"file://{path}", site="home", ap="hall",
+                            presence_only=True, spool_dir=tmp_path / "spool")
+    agent = StreamAgent(settings.all_streams()[0], settings, EncoderCache())
+    with pytest.raises(ValueError, match="set_rate level 1: a presence-only stream has no"):
+        asyncio.run(agent._control(b'{"action": "set_rate", "level": 1}'))
+
+
+def test_the_docs_table_is_the_committed_results() -> None:
+    """docs/presence.md quotes bench/results/presence.json, nothing typed by hand."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_presence", ROOT / "bench" /
+                                                  "presence.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_presence"] = bench  # its dataclass looks itself up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_presence"]
+    result = json.loads((ROOT / "bench" / "results" / "presence.json").read_text())
+    doc = (ROOT / "docs" / "presence.md").read_text()
+    table = doc.split(bench.DOC_BEGIN, 1)[1].split(bench.DOC_END, 1)[0].strip()
+    assert table == bench.render_table(result).strip(), "run: python bench/presence.py"
+    assert result["esp32_espectre"]["target_f1"] == bench.TARGET_ESP32_F1

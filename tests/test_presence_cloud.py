@@ -1,0 +1,155 @@
+"""The cloud's side of presence: motion scores from the wire into every prediction, presence-only
+payloads without a model, the fields over the HTTP API and in the database."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from csi_cloud.api.app import create_app
+from csi_cloud.ingest import Ingestor
+from csi_cloud.registry import ModelRegistry
+from csi_cloud.settings import CloudSettings
+from csi_edge import read_recording
+from csi_edge.bundle import EdgeEncoder
+from csi_edge.codec import (
+    NO_MODEL_ID,
+    Payload,
+    SegmentRecord,
+    crc16,
+    encode_payload,
+)
+from csi_edge.preprocess import Preprocessor
+from csi_edge.presence import PresenceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+PCAP = ROOT / "datasets" / "samples" / "fition" / "walking_user1_rm1" / \
+    "walking_user1_rm1_10.pcap"
+T0 = 1_700_000_000_000
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def registry() -> ModelRegistry:
+    return ModelRegistry(MODELS)
+
+
+def presence_message(first_seq: int, scores: list[float | None], epoch: int = 7) -> bytes:
+    return encode_payload(Payload(
+        level=0, model_id=NO_MODEL_ID, epoch=epoch, first_seq=first_seq,
+        timestamp_ms=T0 + first_seq * 1000,
+        segments=tuple(SegmentRecord(1.0, b"", s) for s in scores), motion=True))
+
+
+def test_presence_only_messages_need_no_model(registry: ModelRegistry) -> None:
+    ingestor = Ingestor(registry, presence=PresenceConfig(threshold=1.5, hold_s=3.0))
+    scores: list[float | None] = [None, None, 0.25, -0.5, 3.0, 2.0, 0.5, 0.0, 0.25, 0.0]
+    batch = [("home", "hall", presence_message(i, [s]), 100.0 + i)
+             for i, s in enumerate(scores)]
+    batch.append(("home", "hall", presence_message(3, [-0.5]), 200.0))  # a duplicate
+    result = ingestor.process(batch)
+    assert result.rejected == [] and result.segments == []  # nothing to decode or record
+    predictions = result.predictions
+    assert [p.seq for p in predictions] == list(range(10))
+    assert [p.motion_score for p in predictions] == scores
+    assert [p.motion for p in predictions] == [None, None, False, False, True, True, False,
+                                               False, False, False]
+    # Occupied from the first motion segment until 3 s passed without one.
+    assert [p.presence for p in predictions] == [None, None, False, False, True, True, True,
+                                                 True, False, False]
+    first = predictions[4]
+    assert first.model is None and first.model_name is None and first.activity is None
+    assert first.activity_confidence is None and first.probabilities == {}
+    assert first.timestamp == (T0 + 4000) / 1000 and first.rate_level == 0
+    state = ingestor.aps[("home", "hall")]
+    assert state.counters["duplicates"] == 1 and state.counters["segments"] == 10
+    assert state.model is None and state.last_prediction == predictions[-1]
+    assert first.as_dict()["presence"] is True
+    # A gap is counted as with any other AP.
+    ingestor.process([("home", "hall", presence_message(12, [0.0]), 300.0)])
+    assert state.counters["gaps"] == 1 and state.counters["missing_segments"] == 2
+
+
+def test_malformed_presence_only_messages_are_rejected(registry: ModelRegistry) -> None:
+    good = presence_message(0, [1.0])
+    body = bytearray(good[:-2])
+    body[0] &= ~0x02  # MOTION cleared: no model and no motion byte cannot be
+    body = body[:18] + body[19:]  # drop the motion byte accordingly
+    bad = bytes(body) + crc16(bytes(body)).to_bytes(2, "big")
+    ingestor = Ingestor(registry)
+    result = ingestor.process([("home", "hall", bad, 1.0), ("home", "hall", good, 1.0)])
+    assert [r[2] for r in result.rejected] == ["bad_no_model"]
+    assert ingestor.rejected["bad_no_model"] == 1
+    assert len(result.predictions) == 1
+
+
+def test_model_payloads_carry_motion_into_predictions(registry: ModelRegistry) -> None:
+    edge = EdgeEncoder(MODELS / "fition")
+    batch = Preprocessor(edge.spec).process(read_recording(PCAP))
+    blobs = edge.compress_codes(batch.data, 1)
+    scores = [None, 0.0, 0.5, 4.0, 1.0, 0.25, 0.0, 2.5, 0.0, 0.0][:len(blobs)]
+    messages = [("home", "lab", encode_payload(Payload(
+        level=1, model_id=edge.model_id, epoch=1, first_seq=i, timestamp_ms=T0 + i * 1000,
+        segments=(SegmentRecord(1.0, blobs[i], s),), motion=True)), float(i))
+        for i, s in enumerate(scores)]
+    ingestor = Ingestor(registry, presence=PresenceConfig(hold_s=30.0))
+    result = ingestor.process(messages)
+    assert result.rejected == []
+    predictions = result.predictions
+    assert len(predictions) == len(scores) and all(p.activity for p in predictions)
+    assert [p.motion_score for p in predictions] == scores
+    assert [p.motion for p in predictions][:5] == [None, False, False, True, False]
+    assert [p.presence for p in predictions][:5] == [None, False, False, True, True]
+    assert [r.motion for r in result.segments] == scores
+    # Without the flag (an older edge): no score, no presence.
+    plain = encode_payload(Payload(level=1, model_id=edge.model_id, epoch=1,
+                                   first_seq=len(scores), timestamp_ms=T0 + 20_000,
+                                   segments=(SegmentRecord(1.0, blobs[0]),)))
+    p = ingestor.process([("home", "lab2", plain, 1.0)]).predictions[0]
+    assert (p.motion_score, p.motion, p.presence) == (None, None, None)
+
+
+def test_presence_over_the_api(tmp_path: Path) -> None:
+    settings = CloudSettings(broker=None, dev=True, token=SecretStr(TOKEN),
+                             db=f"sqlite:///{tmp_path}/db.sqlite", models=MODELS,
+                             recordings=tmp_path / "rec", jobs_dir=tmp_path / "jobs",
+                             presence_hold_s=2.0)
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        messages = [("home", "hall", presence_message(i, [s]), time.time(), None)
+                    for i, s in enumerate([None, 0.0, 0.25, 3.5, 0.0, 0.0, 0.0])]
+        with client.websocket_connect("/api/v1/predictions/ws?site=home") as ws:
+            client.portal.call(service._process, messages)  # type: ignore[union-attr]
+            live = [ws.receive_json() for _ in messages]
+        # The live stream carries the same fields (SSE sends these very events).
+        assert [e["seq"] for e in live] == list(range(7))
+        assert [e["presence"] for e in live] == [None, False, False, True, True, False, False]
+        assert [e["motion_score"] for e in live][:4] == [None, 0.0, 0.25, 3.5]
+        assert all(e["activity"] is None and e["model"] is None for e in live)
+        deadline = time.monotonic() + 20
+        while True:
+            ap = client.get("/api/v1/aps/home/hall")
+            if ap.status_code == 200 and (ap.json()["prediction"] or {}).get("seq") == 6:
+                break
+            assert time.monotonic() < deadline, ap.text
+            time.sleep(0.1)
+        latest = ap.json()["prediction"]
+        assert latest["model"] is None and latest["activity"] is None
+        assert latest["motion_score"] == 0.0 and latest["motion"] is False
+        assert latest["presence"] is False  # 3 s after the motion, hold 2 s
+        assert ap.json()["model"] is None
+        page = client.get("/api/v1/predictions", params={"site": "home", "limit": 10}).json()
+        stored = {p["seq"]: p for p in page["data"]}
+        assert len(stored) == 7
+        assert stored[3]["motion"] is True and stored[3]["presence"] is True
+        assert stored[3]["motion_score"] == 3.5 and stored[0]["motion_score"] is None
+        assert stored[0]["presence"] is None and stored[4]["presence"] is True
+        one = client.get("/api/v1/aps/home/hall/prediction").json()
+        assert one["seq"] == 6 and one["presence"] is False
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictionOut"]
+        assert {"motion_score", "motion", "presence"} <= set(schema["properties"])

@@ -1,0 +1,157 @@
+"""Presence end to end: a real Mosquitto, a real edge streaming ESP32 recordings without a bundle
+(presence only), the real cloud; presence over the API and in Home Assistant discovery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+from _broker import Mosquitto
+from _esp32 import channel, write_espectre
+from _mqtt_client import Collector
+from test_cloud_service import Cloud, run_edge
+
+RATE = 100.0
+
+
+def render(template: str, payload: bytes) -> str:
+    return jinja2.Environment().from_string(template).render(value_json=json.loads(payload))
+
+
+@pytest.mark.e2e
+def test_esp32_presence_only_to_api_and_home_assistant(broker: Mosquitto,
+                                                       tmp_path: Path) -> None:
+    data = tmp_path / "esp32"
+    # A quiet room, someone moving for 8 s, the room quiet again (one chip, gain not locked).
+    for name, moving in (("1_baseline", None), ("2_movement", (0.0, 8.0)),
+                         ("3_baseline", None)):
+        write_espectre(data / f"{name}.npz", channel(800, RATE, moving=moving, seed=11,
+                                                     gain_jitter_db=1.0),
+                       chip="esp32", rate_hz=RATE, label=name[2:])
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'cloud.db'}", tmp_path)
+    cloud.env["CSI_CLOUD_PRESENCE_HOLD_S"] = "3"
+    cloud.start()
+    ha = Collector(broker.port, ["homeassistant/#", "csi/v1/+/+/pred"],
+                   client_id="home-assistant", persistent=False)
+    try:
+        _check(cloud, ha, data, broker, tmp_path)
+    finally:
+        ha.close()
+        cloud.stop()
+
+
+def _check(cloud: Cloud, ha: Collector, data: Path, broker: Mosquitto, tmp_path: Path) -> None:
+    edge = run_edge(broker, tmp_path / "spool", "--presence-only", "--source",
+                    f"file://{data}", "--site", "home", "--ap", "hall", "--speed", "2")
+    pred_topic = "csi/v1/home/hall/pred"
+    try:
+        ha.wait_for(lambda: any(json.loads(m.payload).get("presence") is True
+                                for m in ha.on(pred_topic)), 60, "an occupied prediction")
+        ha.wait_for(lambda: json.loads(ha.on(pred_topic)[-1].payload).get("presence") is False,
+                    60, "empty again after the hold")
+        out, _ = edge.communicate(timeout=60)
+        assert edge.returncode == 0, out
+    finally:
+        if edge.poll() is None:
+            edge.kill()
+            edge.communicate()
+    preds = [json.loads(m.payload) for m in ha.on(pred_topic)]
+    assert all(p["model"] is None and p["activity"] is None for p in preds)
+    scored = [p for p in preds if p["motion_score"] is not None]
+    moving = [p for p in scored if p["motion"]]
+    still = [p for p in scored if not p["motion"]]
+    assert len(moving) >= 5 and len(still) >= 5
+    assert min(p["motion_score"] for p in moving) >= 1.5 > max(
+        p["motion_score"] for p in still)
+
+    # Home Assistant: occupancy, motion and a motion score; no activity without a model.
+    configs = {m.topic: m.payload for m in ha.messages if m.topic.startswith(
+        "homeassistant/")}
+    node = "csi_home_hall"
+    occupancy = json.loads(configs[f"homeassistant/binary_sensor/{node}/occupancy/config"])
+    motion = json.loads(configs[f"homeassistant/binary_sensor/{node}/motion/config"])
+    score = json.loads(configs[f"homeassistant/sensor/{node}/motion_score/config"])
+    assert occupancy["device_class"] == "occupancy" and motion["device_class"] == "motion"
+    assert configs[f"homeassistant/sensor/{node}/activity/config"] == b""
+    assert configs[f"homeassistant/binary_sensor/{node}/presence/config"] == b""
+    states = {render(occupancy["value_template"], m.payload) for m in ha.on(pred_topic)}
+    assert {"ON", "OFF"} <= states
+    assert {render(motion["value_template"], m.payload)
+            for m in ha.on(pred_topic)} >= {"ON", "OFF"}
+    last = ha.on(pred_topic)[-1].payload
+    assert float(render(score["value_template"], last)) == json.loads(last)["motion_score"]
+
+    # The API: the AP in presence-only mode, its predictions stored with presence.
+    ap = cloud.get("/aps/home/hall")
+    assert isinstance(ap, dict)
+    assert ap["status"]["mode"] == "presence-only" and ap["model"] is None
+    assert ap["status"]["motion"]["calibrated"] is True
+    assert ap["prediction"]["presence"] is False
+    page = cloud.get("/predictions", site="home", ap="hall", limit=100)
+    assert isinstance(page, dict)
+    stored = page["data"]
+    assert len(stored) >= len(preds) and any(p["presence"] for p in stored)
+    assert ap["gaps"] == 0
+
+
+@pytest.mark.e2e
+def test_presence_only_edge_rejects_a_rate_change(broker: Mosquitto, tmp_path: Path) -> None:
+    """``set_rate`` on a presence-only AP is refused and reported in its status."""
+    path = write_espectre(tmp_path / "x.npz", channel(3000, RATE, seed=12), rate_hz=RATE)
+    ha = Collector(broker.port, ["csi/v1/home/den/status"], client_id="watcher",
+                   persistent=False)
+    edge = run_edge(broker, tmp_path / "spool", "--presence-only", "--source",
+                    f"file://{path}", "--site", "home", "--ap", "den")
+    try:
+        ha.wait_for(lambda: any(json.loads(m.payload).get("online")
+                                for m in ha.on("csi/v1/home/den/status")), 30, "online")
+        ha.publish("csi/v1/home/den/ctl", json.dumps({"action": "set_rate", "level": 2}))
+        ha.wait_for(lambda: any("no rate levels" in (json.loads(m.payload).get("error") or "")
+                                for m in ha.on("csi/v1/home/den/status")), 30,
+                    "the rejection in the status")
+    finally:
+        edge.terminate()
+        try:
+            edge.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            edge.kill()
+            edge.communicate()
+        ha.close()
+
+
+@pytest.mark.e2e
+def test_demo_on_esp32_recordings_shows_presence(tmp_path: Path) -> None:
+    """``csi demo --data`` on ESPectre-style folders: presence only, each AP alternating
+    between a quiet and a moving recording, occupied and empty in turn."""
+    import os
+    import sys
+
+    from _broker import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "esp32"
+    for k, chip in enumerate(("c6", "esp32")):
+        write_espectre(data / "baseline" / f"baseline_{chip}.npz",
+                       channel(800, RATE, seed=20 + k), chip=chip, rate_hz=RATE,
+                       label="baseline")
+        write_espectre(data / "movement" / f"movement_{chip}.npz",
+                       channel(800, RATE, moving=(0.0, 8.0), seed=20 + k), chip=chip,
+                       rate_hz=RATE, label="movement")
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "demo", "--data", str(data), "--aps", "2",
+         "--http", f"127.0.0.1:{port}", "--duration", "45", "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=root, timeout=180,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "so presence only" in out
+    assert "demo/ap1 alternates: baseline_c6.npz then movement_c6.npz" in out
+    for ap in ("demo/ap1", "demo/ap2"):
+        lines = [line for line in out.splitlines() if line.startswith(ap + " ")]
+        states = [line.split()[3] for line in lines]
+        assert "occupied" in states and "empty" in states, lines
+        assert "calibrating" in states[:3], lines
