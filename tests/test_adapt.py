@@ -148,7 +148,17 @@ def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
         assert job.status_code == 202, job.text
         state = cloud.finished_job(job.json()["id"])
         assert state["state"] == "succeeded", state
-        assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is True
+        # One recording per activity, both used as the support: nothing is left to test it
+        # on, so it is not held out and is not activated without force.
+        assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is False
+        assert state["metrics"]["held_out"] == 0
+        assert cloud.get(f"/models/{state['bundle']}")["metrics"]["adaptation"][
+            "held_out_accuracy"] is False
+        url = f"{cloud.url}/api/v1/models/{state['bundle']}/activate"
+        refused = httpx.post(url, headers=headers, timeout=10)
+        assert refused.status_code == 409 and "held_out" in refused.text, refused.text
+        forced = httpx.post(url, headers=headers, params={"force": "true"}, timeout=30)
+        assert forced.status_code == 200, forced.text
         derived = cloud.get(f"/models/{state['bundle']}")
         assert derived["edge_id"] == base.id and derived["active"]
         assert derived["training"]["kind"] == "few-shot adaptation"

@@ -31,10 +31,32 @@ from csi_edge.codec import (
 )
 
 from .bundle import load_network
+from .context_head import profile_coefficients
 from .network import CSICodecNet
 from .quantizers import FSQ
 
-__all__ = ["CloudModel", "DecodedSegment"]
+__all__ = ["CloudModel", "DecodedSegment", "classify_windows"]
+
+
+@torch.no_grad()
+def classify_windows(net: CSICodecNet, z_q: np.ndarray, profile: np.ndarray,
+                     present: np.ndarray, level: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Windows z_q (W, N, D, T), decoded profiles (W, N, C), present (W, N), level (W,) ->
+    activity probabilities, identity probabilities (or None), identity features (W, 2E)."""
+    classifier = net.classifier
+    pooled, features = classifier.features(
+        torch.from_numpy(np.ascontiguousarray(z_q)).float(),
+        torch.from_numpy(np.ascontiguousarray(profile)).float(),
+        torch.from_numpy(np.asarray(present)), torch.from_numpy(np.asarray(level)).long())
+    p_id = (torch.softmax(classifier.identity(features), dim=-1).numpy()
+            if classifier.identity is not None else None)
+    if net.context_head is None:
+        return torch.softmax(classifier.activity(pooled), dim=-1).numpy(), p_id, features.numpy()
+    coeff = profile_coefficients(net, np.asarray(profile, np.float32))
+    p_act, head_id = net.context_head.predict(np.asarray(z_q, np.float32), coeff,
+                                              np.asarray(present), np.asarray(level))
+    return p_act, head_id if head_id is not None else p_id, features.numpy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,15 +212,12 @@ class CloudModel:
     def classify_with_features(self, z_q: np.ndarray, profile: np.ndarray,
                                present: np.ndarray, level: np.ndarray
                                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses."""
-        classifier = self.net.classifier
-        pooled, features = classifier.features(
-            torch.from_numpy(z_q).float(), torch.from_numpy(profile).float(),
-            torch.from_numpy(present), torch.from_numpy(level).long())
-        p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
-        p_id = (torch.softmax(classifier.identity(features), dim=-1).numpy()
-                if classifier.identity is not None else None)
-        return p_act, p_id, features.numpy()
+        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses.
+
+        A bundle with a context head (csi_cloud.model.context_head) takes activity, and
+        identity where the head has an identity part, from it; the network's context
+        classifier gives the identity features (and identity where the head has none)."""
+        return classify_windows(self.net, z_q, profile, present, level)
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""
