@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +69,8 @@ DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 def train_ours(data: SegmentData, spec: Any, acts: list[str], ids: list[str],
                tr: np.ndarray, va: np.ndarray, opts: TrainOptions, folder: Path,
                identity: bool) -> tuple[CloudModel, EdgeEncoder]:
-    fit(data, spec, acts, ids if identity else [], tr, va, opts, folder, name="bench")
+    fit(data, spec, acts, ids if identity else [], tr, va, opts, folder, name="bench",
+        calibrate=False)
     return CloudModel.load(folder), EdgeEncoder(folder)
 
 
@@ -138,8 +140,15 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]
         rocket = win.rocket(source, seed, CACHE)
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
         with tempfile.TemporaryDirectory() as tmp:
-            model, edge = train_ours(data, spec, acts, ids, tr, va, opts, Path(tmp) / "b",
-                                     identity)
+            folder = Path(tmp) / "b"
+            model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity)
+            if args.keep_bundles:
+                kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(folder, kept)
+                (kept / "split.json").write_text(json.dumps({
+                    "protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
+                    "val": va.tolist(), "test": te.tolist()}))
             if protocol != "cross-room":
                 summary = evaluate_bundle(model, edge, data, te).summary
                 entry["ours"].append(_ours_row(summary))
@@ -292,6 +301,82 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
+def _f(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" if "std" in v else f"{v['mean']:.3f}"
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def render(report: dict[str, Any], name: str) -> str:
+    """The report.md section of one dataset, from the results (never typed by hand)."""
+    ds = report["datasets"][name]
+    lines = ["## Against the anchors, every protocol (bench/model.py)", "",
+             f"`python bench/model.py` (results in `bench/results/model.json`, plot "
+             f"`bench/results/model_{name}.png`): {report['folds']}-fold by recording, "
+             f"{report['seeds']} seed(s), {report['epochs']} epochs; anchors read uncompressed "
+             "CSI. Accuracy per recording (window ending at its last segment) / per second "
+             "(every prediction the service makes while it streams). Mean ± std over tasks.",
+             ""]
+    for protocol, sec in ds["protocols"].items():
+        has_id = "identity_accuracy" in sec["ours"]["levels"][0]
+        head = ["method", "payload B/s", "activity", "activity per second"]
+        if has_id:
+            head += ["identity", "identity per second"]
+        lines += [f"### {protocol} ({sec['tasks']} tasks)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = [(f"ours, level {lv['level']}", lv) for lv in sec["ours"]["levels"]]
+        rows += [("ours, uncompressed path", sec["ours"]["unquantized"])]
+        rows += [(f"anchor: {a}", sec["anchors"][a]) for a in ANCHORS]
+        for label, r in rows:
+            cells = [label, _f(r.get("payload_bytes_per_s")), _f(r.get("activity_accuracy")),
+                     _f(r.get("activity_accuracy_per_second"))]
+            if has_id:
+                cells += [_f(r.get("identity_accuracy")),
+                          _f(r.get("identity_accuracy_per_second"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for setting, few in ds.get("few_shot", {}).items():
+        mean = few["mean"]
+        ks = sorted(mean, key=int)
+        methods = sorted({m for k in ks for m in mean[k]})
+        lines += [f"### few-shot: {setting} ({len(few['runs'])} settings x {report['draws']} "
+                  "support draws; mean)", "",
+                  "Activity accuracy on the rest of the new setting, per recording / per "
+                  "second; ours at level 0 (the lowest rate).", "",
+                  "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for m in methods:
+            key = "level0_activity_accuracy" if m.startswith("ours") else "activity_accuracy"
+            cells = [f"{mean[k][m][key]:.3f} / {mean[k][m][key + '_per_second']:.3f}"
+                     if m in mean[k] else "-" for k in ks]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Targets", "", "```json", json.dumps(report["targets"].get(name, {}),
+                                                       indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench-model:begin -->", "<!-- bench-model:end -->"
+
+
+def write_sections(report: dict[str, Any]) -> list[str]:
+    """Put each dataset's section into models/<dataset>/report.md (between markers)."""
+    written = []
+    for name in report["datasets"]:
+        path = ROOT / "models" / name / "report.md"
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        section = f"{BEGIN}\n{render(report, name)}\n{END}"
+        if BEGIN in text and END in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+        written.append(str(path.relative_to(ROOT)))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="wiar,fition")
@@ -305,8 +390,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--protocols", default="random,cross-session,few-shot")
     parser.add_argument("--methods", default="zstd")
+    parser.add_argument("--keep-bundles", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep every trained bundle and its split under "
+                             ".cache/bench/bundles (for bench/ablation.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only write the report sections from an existing --out")
     args = parser.parse_args()
+    if args.render_only:
+        print(write_sections(json.loads(args.out.read_text())))
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -321,6 +414,8 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.out == ROOT / "bench" / "results" / "model.json":
+        print("report sections:", write_sections(report))
     print(json.dumps(report["targets"], indent=1))
     print(f"wrote {args.out}")
 

@@ -53,10 +53,15 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert (out / "edge.onnx").read_bytes() == (MODEL / "edge.onnx").read_bytes()
     assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
     assert child.levels == parent.levels
-    # Only the cloud-side classifier moved.
+    # Only the context head's activity layers moved (closed-form refit); the network, the
+    # head's features and its identity layer are the parent's.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
-    changed = {k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())}
-    assert changed and all(k.startswith("classifier.") for k in changed), changed
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
+        assert set(pa.files) == set(ch.files)
+        changed = {k for k in pa.files if not np.array_equal(pa[k], ch[k])}
+    assert changed and all(k.startswith("head.") and ".activity." in k for k in changed), changed
+    assert result["method"] == "ridge" and result["held_out_accuracy"] is True
     assert result["support"] == 6 and result["held_out"] == 2  # 8 samples, 6 activities
     assert len(result["activity_accuracy_after"]) == len(parent.levels)  # type: ignore[arg-type]
 

@@ -179,11 +179,11 @@ def test_adapting_on_one_session_does_not_lose_accuracy(shared_fition: Path) -> 
     the rest, and takes seconds, not minutes."""
     import time
 
+    from csi_cloud.datasets import index_dataset
     from csi_cloud.model.adapt import _accuracy, adapt_head, pick_support
     from csi_cloud.model.compression import CloudModel
     from csi_cloud.model.data import load_segments
     from csi_cloud.model.heads import codes_from_segments
-    from csi_cloud.datasets import index_dataset
     from csi_edge.bundle import EdgeEncoder
 
     model = CloudModel.load(MODEL)
@@ -199,3 +199,34 @@ def test_adapting_on_one_session_does_not_lose_accuracy(shared_fition: Path) -> 
     after = _accuracy(adapted, codes, query)
     assert np.mean(after) >= np.mean(before) - 0.02, (before, after)
     assert took < 120, took
+
+
+@pytest.mark.e2e
+def test_evaluate_few_shot_protocol_on_the_samples(samples: Path) -> None:
+    """``csi evaluate --protocol few-shot``: before, adapted and support-only for ours at every
+    level, the anchors on the same support, per recording and per second."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "evaluate", "--model", str(MODEL),
+         "--dataset", "fition", "--data", str(samples / "fition"), "--protocol", "few-shot",
+         "--shots", "1", "--draws", "2", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    k1 = result["results"]["1"]
+    assert {"ours_before", "ours_adapted", "ours_support_only",
+            "minirocket_support_only", "fusion_support_only"} <= set(k1)
+    levels = len(load_manifest(MODEL).levels)
+    for level in range(levels):
+        for key in (f"level{level}_activity_accuracy",
+                    f"level{level}_activity_accuracy_per_second"):
+            assert 0 <= k1["ours_adapted"][key]["mean"] <= 1
+    assert 0 <= k1["minirocket_support_only"]["activity_accuracy_per_second"]["mean"] <= 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "evaluate", "--model", str(MODEL),
+         "--dataset", "fition", "--data", str(samples / "fition"), "--protocol", "few-shot",
+         "--shots", "1,x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "'1,x'" in bad.stderr

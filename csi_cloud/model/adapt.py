@@ -105,7 +105,8 @@ def _accuracy(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
     ``every`` on every window the service would classify (per second)."""
     out = []
     for v in range(codes.z_q.shape[0]):
-        p_act, _, _, owners = classify_codes(net, codes, recordings, v, all_windows=every)
+        p_act, _, _, owners = classify_codes(net, codes, recordings, v, all_windows=every,
+                                             features=False)
         out.append(round(float((p_act.argmax(1) == codes.activity[owners]).mean()), 4))
     return out
 

@@ -40,23 +40,35 @@ __all__ = ["CloudModel", "DecodedSegment", "classify_windows"]
 
 @torch.no_grad()
 def classify_windows(net: CSICodecNet, z_q: np.ndarray, profile: np.ndarray,
-                     present: np.ndarray, level: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                     present: np.ndarray, level: np.ndarray, *, features: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Windows z_q (W, N, D, T), decoded profiles (W, N, C), present (W, N), level (W,) ->
-    activity probabilities, identity probabilities (or None), identity features (W, 2E)."""
-    classifier = net.classifier
-    pooled, features = classifier.features(
-        torch.from_numpy(np.ascontiguousarray(z_q)).float(),
-        torch.from_numpy(np.ascontiguousarray(profile)).float(),
-        torch.from_numpy(np.asarray(present)), torch.from_numpy(np.asarray(level)).long())
-    p_id = (torch.softmax(classifier.identity(features), dim=-1).numpy()
-            if classifier.identity is not None else None)
-    if net.context_head is None:
-        return torch.softmax(classifier.activity(pooled), dim=-1).numpy(), p_id, features.numpy()
-    coeff = profile_coefficients(net, np.asarray(profile, np.float32))
-    p_act, head_id = net.context_head.predict(np.asarray(z_q, np.float32), coeff,
-                                              np.asarray(present), np.asarray(level))
-    return p_act, head_id if head_id is not None else p_id, features.numpy()
+    activity probabilities, identity probabilities (or None), identity features (W, 2E).
+
+    With a context head, the network's context classifier runs only for what the head does
+    not give: identity (when the head has no identity part) and, with ``features``, the
+    identity features of the open-set score (else None)."""
+    head = net.context_head
+    p_act = p_id = feats = None
+    if head is not None:
+        coeff = profile_coefficients(net, np.asarray(profile, np.float32))
+        p_act, p_id = head.predict(np.asarray(z_q, np.float32), coeff, np.asarray(present),
+                                   np.asarray(level))
+    need_identity = p_id is None and net.classifier.identity is not None
+    if head is None or need_identity or (features and net.classifier.identity is not None):
+        classifier = net.classifier
+        pooled, f = classifier.features(
+            torch.from_numpy(np.ascontiguousarray(z_q)).float(),
+            torch.from_numpy(np.ascontiguousarray(profile)).float(),
+            torch.from_numpy(np.asarray(present)), torch.from_numpy(np.asarray(level)).long())
+        if p_act is None:
+            p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
+        if need_identity:
+            assert classifier.identity is not None
+            p_id = torch.softmax(classifier.identity(f), dim=-1).numpy()
+        feats = f.numpy()
+    assert p_act is not None
+    return p_act, p_id, feats
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +217,16 @@ class CloudModel:
     def classify(self, z_q: np.ndarray, profile: np.ndarray, present: np.ndarray,
                  level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities."""
-        p_act, p_id, _ = self.classify_with_features(z_q, profile, present, level)
+        p_act, p_id, _ = classify_windows(self.net, z_q, profile, present, level,
+                                          features=False)
         return p_act, p_id
 
     @torch.no_grad()
     def classify_with_features(self, z_q: np.ndarray, profile: np.ndarray,
                                present: np.ndarray, level: np.ndarray
-                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses.
+                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses
+        (None for a bundle without identities).
 
         A bundle with a context head (csi_cloud.model.context_head) takes activity, and
         identity where the head has an identity part, from it; the network's context

@@ -278,7 +278,7 @@ def fit_classifier(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
 
 @torch.no_grad()
 def classify_codes(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, variant: int = 0,
-                   *, all_windows: bool = False
+                   *, all_windows: bool = False, features: bool = True
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Probabilities for one window per recording (ending at its last segment), or with
     ``all_windows`` one per segment: (p_activity, p_identity, identity features, owners)."""
@@ -292,11 +292,12 @@ def classify_codes(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, va
     for i in range(0, len(rows), 256):
         z, p, present, level = window_batch(codes, rows[i : i + 256],
                                       np.full(len(rows[i : i + 256]), variant))
-        a, b, f = classify_windows(net, z.numpy(), p.numpy(), present.numpy(), level.numpy())
+        a, b, f = classify_windows(net, z.numpy(), p.numpy(), present.numpy(), level.numpy(),
+                                   features=features)
         p_act.append(a)
         if b is not None:
             p_id.append(b)
-        feats.append(f)
+        feats.append(f if f is not None else np.zeros((len(a), 0), np.float32))
     return (np.concatenate(p_act), np.concatenate(p_id) if p_id else None,
             np.concatenate(feats), owners)
 

@@ -49,8 +49,10 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         train_recs: np.ndarray, val_recs: np.ndarray, opts: TrainOptions, out: Path, *,
         name: str, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
         progress: Callable[[EpochLog], None] | None = None,
-        checkpoints: Path | None = None) -> tuple[TrainResult, Any]:
-    """Train, freeze the entropy tables, write the bundle; returns (result, manifest)."""
+        checkpoints: Path | None = None, calibrate: bool = True) -> tuple[TrainResult, Any]:
+    """Train, freeze the entropy tables, fit the context head, write the bundle; returns
+    (result, manifest). ``calibrate`` False skips the open-set and idle calibrations (a
+    benchmark that only measures accuracy and bytes does not need them)."""
     cfg = ModelConfig(antennas=spec.antennas, subcarriers=len(spec.subcarriers),
                       segment_frames=spec.segment_frames, activities=len(activities),
                       identities=len(identities), **(model or {}))
@@ -71,20 +73,39 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         result.net.context_head = fit_bundle_head(out, data, train_recs, val_recs,
                                                   features=opts.head_features, seed=opts.seed)
         info["head_seconds"] = round(time.perf_counter() - t0, 1)
+    if not calibrate:
+        from csi_edge.bundle import load_manifest
+
+        return result, load_manifest(out)
     return result, calibrate_bundle(out, data, train_recs, val_recs)
 
 
+def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each recording's last window and up to ``per_recording - 1`` other windows the service
+    would classify (partial contexts at the start included), drawn at random."""
+    from .data import segment_windows
+
+    rows, owners, last = segment_windows(codes, recordings, n)
+    keep = last.copy()
+    for r in np.unique(owners).tolist():
+        others = np.flatnonzero((owners == r) & ~last)
+        keep[rng.permutation(others)[: per_recording - 1]] = True
+    return rows[keep], owners[keep]
+
+
 def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
-                    val_recs: np.ndarray, *, features: int = 4000, seed: int = 0) -> Any:
+                    val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
+                    per_recording: int = 5) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
-    training recordings (every window the service would classify, at every rate level, and
-    the unquantized path), choose the ridge penalties on the validation recordings, and write
-    it into ``cloud.npz`` (the bundle id is recomputed). Returns the head."""
+    training recordings (``per_recording`` of the windows the service would classify in each,
+    the last one included, at every rate level, and the unquantized path), choose the ridge
+    penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
+    recomputed). Returns the head."""
     from csi_edge.bundle import bundle_id
 
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
-    from .data import segment_windows
     from .heads import codes_from_segments
     from .rocket import WindowLayout
 
@@ -93,8 +114,9 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
     codes = codes_from_segments(model, EdgeEncoder(folder), data)
     coeff = profile_coefficients(net, codes.profile)
     n = cfg.context_segments
-    rows_tr, own_tr, _ = segment_windows(codes, train_recs, n)
-    rows_va, own_va, _ = segment_windows(codes, val_recs, n)
+    rng = np.random.default_rng(seed)
+    rows_tr, own_tr = _some_windows(codes, train_recs, n, per_recording, rng)
+    rows_va, own_va = _some_windows(codes, val_recs, n, per_recording, rng)
 
     def decoded(variant: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         present = rows >= 0
