@@ -231,6 +231,8 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             entry[protocol] = row
         for setting, few in ds.get("few_shot", {}).items():
             mean = few["mean"]
+            if not mean or not all("ours_adapted" in m for m in mean.values()):
+                continue  # no support draw left a test recording (a tiny folder)
             k = str(max(int(x) for x in mean))
             methods = mean[k]
             ours = methods["ours_adapted"]["level0_activity_accuracy"]
@@ -281,7 +283,10 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
             ax = axes[0][-1]
             for setting, few in ds["few_shot"].items():
                 mean = few["mean"]
-                ks = sorted(int(k) for k in mean)
+                ks = sorted(int(k) for k in mean
+                            if all(m in mean[k] for m in ("ours_adapted", "ours_support_only",
+                                                          "minirocket_support_only",
+                                                          "fusion_support_only")))
                 for method, style in (("ours_adapted", "-o"), ("ours_support_only", "--o"),
                                       ("minirocket_support_only", ":s"),
                                       ("fusion_support_only", ":^")):
@@ -338,6 +343,8 @@ def render(report: dict[str, Any], name: str) -> str:
     for setting, few in ds.get("few_shot", {}).items():
         mean = few["mean"]
         ks = sorted(mean, key=int)
+        if not ks:
+            continue
         methods = sorted({m for k in ks for m in mean[k]})
         lines += [f"### few-shot: {setting} ({len(few['runs'])} settings x {report['draws']} "
                   "support draws; mean)", "",
@@ -373,7 +380,7 @@ def write_sections(report: dict[str, Any]) -> list[str]:
         else:
             text = text.rstrip() + "\n\n" + section + "\n"
         path.write_text(text)
-        written.append(str(path.relative_to(ROOT)))
+        written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     return written
 
 
@@ -383,7 +390,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="network training epochs per task (the context head, which "
+                             "classifies, is fitted in closed form afterwards)")
     parser.add_argument("--segment-dropout", type=float, default=0.5)
     parser.add_argument("--shots", default="1,3,5")
     parser.add_argument("--draws", type=int, default=3)
@@ -394,6 +403,8 @@ def main() -> None:
                         help="keep every trained bundle and its split under "
                              ".cache/bench/bundles (for bench/ablation.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true",
                         help="only write the report sections from an existing --out")
     args = parser.parse_args()
@@ -409,7 +420,15 @@ def main() -> None:
                     "threads": args.threads}, "datasets": {}}
     for name in args.datasets.split(","):
         report["datasets"][name] = run_dataset(name, args, lambda line: print(line, flush=True))
+        report["datasets"][name]["seconds"] = round(time.perf_counter() - started, 1)
+    if args.merge and args.out.is_file():
+        # Datasets measured by an earlier run (e.g. the other dataset, run in parallel)
+        # stay; those measured now replace theirs.
+        earlier = json.loads(args.out.read_text()).get("datasets", {})
+        report["datasets"] = {**{k: v for k, v in earlier.items()
+                                 if k not in report["datasets"]}, **report["datasets"]}
     report["targets"] = targets(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     report["plots"] = plot(report, args.out.parent)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

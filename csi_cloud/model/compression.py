@@ -130,21 +130,27 @@ class CloudModel:
         ``last``: the stream's last coded segment, which an idle message repeats
         (:meth:`idle_codes`).
         """
-        payload = decode_payload(data)
-        if payload.model_id != self.model_id:
-            raise PayloadError("unknown_model", f"model id {payload.model_id.hex()} is not "
-                               f"{self.model_id.hex()} ({self.manifest.name})")
-        if payload.idle:
-            codes = [self.idle_codes(payload.level, last)] * len(payload.segments)
-        else:
-            codes = [decode_segment_codes(s.codes, payload.level, self.manifest, self.tables)
-                     for s in payload.segments]
+        payload, codes = self.decode_codes(data, last)
         z_q, profile, recon = self.reconstruct(codes)
         return [
             DecodedSegment(payload.seq(i), payload.start_ms(i, self.segment_ms), s.quality,
                            codes[i], z_q[i], profile[i], recon[i])
             for i, s in enumerate(payload.segments)
         ]
+
+    def decode_codes(self, data: bytes, last: SegmentCodes | None = None
+                     ) -> tuple[Payload, list[SegmentCodes]]:
+        """A wire payload -> the payload and its segments' codes, from the bytes alone (the
+        first half of :meth:`decompress`; reconstruct them, batched, with
+        :meth:`reconstruct`)."""
+        payload = decode_payload(data)
+        if payload.model_id != self.model_id:
+            raise PayloadError("unknown_model", f"model id {payload.model_id.hex()} is not "
+                               f"{self.model_id.hex()} ({self.manifest.name})")
+        if payload.idle:
+            return payload, [self.idle_codes(payload.level, last)] * len(payload.segments)
+        return payload, [decode_segment_codes(s.codes, payload.level, self.manifest,
+                                              self.tables) for s in payload.segments]
 
     @torch.no_grad()
     def still_symbols(self) -> np.ndarray:
