@@ -99,12 +99,14 @@ def _aggregate_ours(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "unquantized": aggregate([r["unquantized"] for r in rows])}
 
 
-def run_dataset(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+def run_dataset(name: str, args: argparse.Namespace, log: Any,
+                partial: Any = None) -> dict[str, Any]:
     data, spec, acts, ids = prepare(name, args.data / DATA[name])
     win = Windows(data, 8)
     n_act, n_id = len(acts), len(ids)
     shots = [int(s) for s in args.shots.split(",")]
     report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
+                              "max_tasks_per_protocol": args.max_tasks or None,
                               "activities": acts, "identities": ids, "protocols": {}}
     if name == "fition" and "zstd" in args.methods:
         report["zstd"] = zstd_rates(data)
@@ -131,24 +133,44 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]
                 tasks.append(("cross-room", f"{src}->{dst}", train[n_val:], train[:n_val],
                               target, seed))
     results: dict[str, dict[str, list[Any]]] = {}
+    rockets: dict[int, np.ndarray] = {}
+    if args.max_tasks:
+        counted: dict[str, int] = {}
+        capped = []
+        for t in tasks:
+            counted[t[0]] = counted.get(t[0], 0) + 1
+            if counted[t[0]] <= args.max_tasks:
+                capped.append(t)
+        tasks = capped
     for protocol, task, tr, va, te, seed in tasks:
         t0 = time.perf_counter()
         identity = protocol == "random" and n_id > 0
         opts = TrainOptions(epochs=args.epochs, seed=seed, threads=args.threads,
                             segment_dropout=args.segment_dropout)
         source = np.concatenate([tr, va])
-        rocket = win.rocket(source, seed, CACHE)
+        # The anchors' MiniRocket biases are fitted once per dataset and seed, without labels,
+        # on windows of every recording (test ones included): one transform of every window
+        # instead of one per task, at a slight advantage to the anchors, never to ours.
+        if seed not in rockets:
+            rockets[seed] = win.rocket(np.arange(len(data)), seed, CACHE)
+        rocket = rockets[seed]
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
+        kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
+        split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
+                 "val": va.tolist(), "test": te.tolist(), "epochs": args.epochs,
+                 "segment_dropout": args.segment_dropout}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "b"
-            model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity)
-            if args.keep_bundles:
-                kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
-                shutil.rmtree(kept, ignore_errors=True)
-                shutil.copytree(folder, kept)
-                (kept / "split.json").write_text(json.dumps({
-                    "protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
-                    "val": va.tolist(), "test": te.tolist()}))
+            if args.reuse and (kept / "split.json").is_file() and json.loads(
+                    (kept / "split.json").read_text()) == split:
+                # The same task trained earlier with the same options (an interrupted run).
+                model, edge = CloudModel.load(kept), EdgeEncoder(kept)
+            else:
+                model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity)
+                if args.keep_bundles:
+                    shutil.rmtree(kept, ignore_errors=True)
+                    shutil.copytree(folder, kept)
+                    (kept / "split.json").write_text(json.dumps(split))
             if protocol != "cross-room":
                 summary = evaluate_bundle(model, edge, data, te).summary
                 entry["ours"].append(_ours_row(summary))
@@ -161,6 +183,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]
                 few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
                     model, edge, data, te, shots, args.draws, win=win, rocket=rocket,
                     source=source)
+        if partial is not None:
+            partial(_summarise(report, results, few))
         low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol != "cross-room" \
             else None
         log(f"{name} {protocol:13s} {task:14s} seed {seed}: ours level 0 "
@@ -168,11 +192,19 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]
                f"per s, minirocket {entry['anchors'][-1]['minirocket']['activity_accuracy']:.3f}"
                if low else "(few-shot only)")
             + f"  {time.perf_counter() - t0:.0f} s")
+    return _summarise(report, results, few)
+
+
+def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
+               few: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The dataset's section from the tasks run so far."""
+    report = {**report, "protocols": {}}
     for protocol, entry in results.items():
         if not entry["ours"]:
             continue
         report["protocols"][protocol] = {
             "tasks": len(entry["ours"]),
+            "task_names": list(entry["tasks"]),
             "ours": _aggregate_ours(entry["ours"]),
             "anchors": {a: aggregate([r[a] for r in entry["anchors"]]) for a in ANCHORS},
             "per_task": {t: {"ours_level0": o["levels"][0]["activity_accuracy"],
@@ -302,7 +334,7 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
         path = folder / f"model_{name}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(str(path.relative_to(ROOT)))
+        written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     return written
 
 
@@ -403,13 +435,33 @@ def main() -> None:
                         help="keep every trained bundle and its split under "
                              ".cache/bench/bundles (for bench/ablation.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse a kept bundle of the same task and options")
+    parser.add_argument("--max-tasks", type=int, default=0,
+                        help="run at most this many tasks per protocol (0: all); the "
+                             "results say how many ran")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true",
-                        help="only write the report sections from an existing --out")
+                        help="only recompute targets, plots and report sections of --out")
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                        help="with --render-only: add these results files' protocols")
     args = parser.parse_args()
     if args.render_only:
-        print(write_sections(json.loads(args.out.read_text())))
+        report = json.loads(args.out.read_text())
+        for extra in args.merge_from:
+            # Protocols of the same dataset measured by another run (run in parallel).
+            other = json.loads(extra.read_text())
+            for name, ds in other["datasets"].items():
+                mine = report["datasets"].setdefault(name, ds)
+                if mine is not ds:
+                    mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
+                    if "few_shot" in ds:
+                        mine["few_shot"] = {**mine.get("few_shot", {}), **ds["few_shot"]}
+        report["targets"] = targets(report)
+        report["plots"] = plot(report, args.out.parent)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(write_sections(report))
         return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -418,8 +470,17 @@ def main() -> None:
         "segment_dropout": args.segment_dropout, "shots": args.shots, "draws": args.draws,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads}, "datasets": {}}
+    def save(name: str, section: dict[str, Any]) -> None:
+        """Write what has run so far (a long run leaves its finished tasks behind)."""
+        section = {**section, "seconds": round(time.perf_counter() - started, 1)}
+        partial_out = args.out.with_name(args.out.stem + f".partial-{name}.json")
+        partial_out.parent.mkdir(parents=True, exist_ok=True)
+        partial_out.write_text(json.dumps(section, indent=1) + "\n")
+
     for name in args.datasets.split(","):
-        report["datasets"][name] = run_dataset(name, args, lambda line: print(line, flush=True))
+        report["datasets"][name] = run_dataset(
+            name, args, lambda line: print(line, flush=True),
+            partial=lambda section, name=name: save(name, section))
         report["datasets"][name]["seconds"] = round(time.perf_counter() - started, 1)
     if args.merge and args.out.is_file():
         # Datasets measured by an earlier run (e.g. the other dataset, run in parallel)
