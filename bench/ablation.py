@@ -59,21 +59,22 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
     base = {"latent": d0, "profile": k0, "context": cfg.context_segments, "features": 4000,
             "split": True, "diff": True, "seed": 0}
     out = {"base": base}
-    out |= {f"base seed {s}": {**base, "seed": s} for s in range(1, seeds)}
     out |= {
         "profile only": {**base, "latent": 0},
-        "latent only (the dynamics; the earlier activity input)": {**base, "profile": 0},
-        "latent only, all 16 channels": {**base, "profile": 0, "latent": cfg.latent_channels},
-        "one transform for both": {**base, "split": False},
+        "latent only, all 16 channels (the earlier activity input)": {
+            **base, "profile": 0, "latent": cfg.latent_channels},
         "2 latent + 4 profile (the earlier level 0)": {**base, "latent": 2, "profile": 4},
-        "0 latent + 16 profile": {**base, "latent": 0, "profile": 16},
-        "1 latent + 16 profile": {**base, "profile": 16},
+        "network context classifier (the earlier head)": {**base, "network": True},
         "context 2 segments": {**base, "context": 2},
         "context 4 segments": {**base, "context": 4},
-        "1,000 features": {**base, "features": 1000},
+        "0 latent + 16 profile": {**base, "latent": 0, "profile": 16},
+        "1 latent + 16 profile": {**base, "profile": 16},
+        "latent only, level 0": {**base, "profile": 0},
+        "one transform for both": {**base, "split": False},
         "no difference channels": {**base, "diff": False},
-        "network context classifier (earlier head)": {**base, "network": True},
+        "1,000 features": {**base, "features": 1000},
     }
+    out |= {f"base, head seed {s}": {**base, "seed": s} for s in range(1, seeds)}
     return out
 
 
@@ -275,18 +276,29 @@ def main() -> None:
                 results.setdefault(protocol, {}).setdefault(label, []).append(row)
                 print(f"{name} {folder.name} {label}: {row} "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
-        report["datasets"][name] = {
-            protocol: {label: {**aggregate(rows), "tasks": len(rows)}
+                report["datasets"][name] = _aggregate(results)
+                _write(args, report, started)
+        report["datasets"][name] = _aggregate(results)
+    _write(args, report, started)
+    print(f"wrote {args.out}; report sections: {write_sections(report)}")
+
+
+def _aggregate(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
+    return {protocol: {label: {**aggregate(rows), "tasks": len(rows)}
                        for label, rows in by_label.items()}
             for protocol, by_label in results.items()}
+
+
+def _write(args: argparse.Namespace, report: dict[str, Any], started: float) -> None:
+    """Write the results so far (an interrupted run leaves what it measured)."""
     report["seconds"] = round(time.perf_counter() - started, 1)
+    out = dict(report)
     if args.merge and args.out.is_file():
         earlier = json.loads(args.out.read_text()).get("datasets", {})
-        report["datasets"] = {**{k: v for k, v in earlier.items()
-                                 if k not in report["datasets"]}, **report["datasets"]}
+        out["datasets"] = {**{k: v for k, v in earlier.items()
+                              if k not in report["datasets"]}, **report["datasets"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}; report sections: {write_sections(report)}")
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,13 @@ def main() -> None:
         session.mkdir()
         for folder in sorted(args.data.iterdir()):
             if f"_{args.user}_" in folder.name:
-                (session / folder.name).symlink_to(folder.resolve())
+                # Real folders of links to the files (the dataset index does not descend
+                # into linked folders).
+                for file in folder.rglob("*"):
+                    if file.is_file():
+                        target = session / folder.name / file.relative_to(folder)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.symlink_to(file.resolve())
         out = Path(tmp) / "adapted"
         load_before = os.getloadavg()
         started = time.perf_counter()

@@ -448,10 +448,16 @@ def main() -> None:
                         help="with --render-only: add these results files' protocols")
     args = parser.parse_args()
     if args.render_only:
-        report = json.loads(args.out.read_text())
+        report = (json.loads(args.out.read_text()) if args.out.is_file() else
+                  {"benchmark": "model", "seeds": args.seeds, "folds": args.folds,
+                   "epochs": args.epochs, "segment_dropout": args.segment_dropout,
+                   "shots": args.shots, "draws": args.draws, "datasets": {}})
         for extra in args.merge_from:
-            # Protocols of the same dataset measured by another run (run in parallel).
+            # Protocols of the same dataset measured by another run (run in parallel), or
+            # the partial results (<out>.partial-<dataset>.json) of an interrupted run.
             other = json.loads(extra.read_text())
+            if "datasets" not in other:
+                other = {"datasets": {extra.stem.rsplit("partial-", 1)[-1]: other}}
             for name, ds in other["datasets"].items():
                 mine = report["datasets"].setdefault(name, ds)
                 if mine is not ds:
