@@ -192,18 +192,23 @@ def render(report: dict[str, Any], name: str) -> str:
              "bundle's training recordings and scored on its test recordings; mean ± std over "
              "tasks (k-fold; cross-session directions). `adapted K=5`: after the ridge "
              "refit towards the variant's head on 5 recordings per activity of the new "
-             "session (3 draws). Results: `bench/results/ablation.json`.", ""]
+             "session (3 draws). The kept bundles are bench/model.py's (their networks trained "
+             "for the epochs it was run with: `epochs` in `bench/results/model.json`), so the "
+             "network's own context classifier is measured with a short training. Results: "
+             "`bench/results/ablation.json`; a variant's `tasks` says how many folds or "
+             "directions it ran on (the run is cut short on a busy machine and keeps what it "
+             "finished).", ""]
     for protocol, by_label in ds.items():
         keys = ["activity_accuracy", "activity_accuracy_per_second"]
         if any("adapted_k5_activity_accuracy" in v for v in by_label.values()):
             keys.append("adapted_k5_activity_accuracy")
         lines += [f"### {protocol}", "",
-                  "| variant | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+                  "| variant | tasks | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
         for label, row in by_label.items():
             cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-"
                      for k in keys]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {row.get('tasks', '-')} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
