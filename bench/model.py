@@ -1,17 +1,35 @@
-"""Model baselines and protocols on one dataset, one command.
+"""Our model against accuracy anchors, on every protocol, one command.
 
-    python bench/model.py [--data ../shared/data/fition] [--seeds 3] [--folds 5] [--epochs 40]
+    python bench/model.py [--datasets fition,wiar] [--folds 5] [--seeds 1] [--epochs 40]
+                          [--shots 1,3,5] [--draws 3]
 
-Same data, same splits for every method:
-  (a) ceiling: our classifier on the uncompressed latent (quantizer bypassed, no rate limit);
-  (b) zstd-19 of the raw native stream (every UDP payload of the capture), bytes/s;
-  (c) EfficientFi-style reference (bench/efficientfi.py): honest bits = codebook indices
-      + the MaxUnpool pooling indices its decoder needs;
-  (d) ours at each rate level, evaluated through real payloads (csi evaluate's code path).
-Protocols: (i) ``random``: k-fold by recording (stratified, seeded); (ii) ``cross-session``
-(Fition): train on one user of a room, test on the other user of the same room, 4 directions,
-activity only. Results (mean and std over folds/directions and seeds) and the targets go to
-bench/results/model.json.
+Same recordings, same windows, same splits for every method:
+
+- ``ours``: the bundle as shipped (int8 edge encoder, real wire payloads, every byte counted
+  by ``len()``), per rate level, and our own uncompressed path (quantizer bypassed, every
+  channel, exact profile) through the same kind of head;
+- anchors (csi_cloud/model/anchors.py, aeon + scikit-learn, on uncompressed CSI):
+  MiniRocket + ridge, static-profile 5-NN, hand-crafted statistics + gradient boosting, and
+  their fusion;
+- ``zstd``: zstd-19 of the raw native stream (Fition), bytes/s.
+
+Accuracy per recording (the window ending at each recording's last segment, as ``csi
+evaluate``) and per second (every window the service classifies while a recording streams).
+
+Protocols:
+- ``random``: k-fold by recording (stratified, seeded);
+- ``cross-session`` (Fition): train on one user, test on the other user of the same room;
+- ``few-shot``: K labelled recordings per activity from a new setting (the rest of it is the
+  test set; ``--draws`` support draws): our bundle before adaptation, after ``csi adapt``
+  (ridge shrunk towards the parent), our head refitted on the support alone, and the anchors
+  on the support alone and (at the largest K) on the source data plus the support (the support
+  weighted as much as all source windows together). Settings: Fition cross-session (the
+  cross-session bundles, 4 directions) and cross-room (rm1/rm2 <-> rm3/rm4); WiAR 90 cm, a
+  learning curve on each random fold's test recordings (bundle trained on the other folds).
+
+Results: bench/results/model.json (means and stds over folds/directions, draws and seeds, the
+issue's targets checked) and bench/results/model_*.png. Anchor features are cached under
+.cache/bench/ (gitignored).
 """
 
 from __future__ import annotations
@@ -19,118 +37,41 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from efficientfi import EfficientFiReference  # noqa: E402
 
+
+from csi_cloud.model.anchors import ANCHORS  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
-from csi_cloud.model.data import SegmentData, windows  # noqa: E402
-from csi_cloud.model.evaluate import evaluate_bundle, macro_f1  # noqa: E402
-from csi_cloud.model.network import ModelConfig  # noqa: E402
+from csi_cloud.model.data import SegmentData  # noqa: E402
+from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
+from csi_cloud.model.fewshot import Windows, few_shot, run_anchors  # noqa: E402
 from csi_cloud.model.pipeline import fit, prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate, split_tasks  # noqa: E402
-from csi_cloud.model.train import TrainOptions, evaluate_windows, train  # noqa: E402
+from csi_cloud.model.train import TrainOptions  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
-
-def run_ours(data, spec, acts, ids, tr, va, te, opts, with_identity):  # type: ignore[no-untyped-def]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "b"
-        fit(data, spec, acts, ids if with_identity else [], tr, va, opts, out, name="bench")
-        ev = evaluate_bundle(CloudModel.load(out), EdgeEncoder(out), data, te)
-    return ev.summary
+CACHE = ROOT / ".cache" / "bench"
+DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 
 
-def run_ceiling(data, spec, acts, ids, tr, va, te, opts, with_identity):  # type: ignore[no-untyped-def]
-    cfg = ModelConfig(antennas=spec.antennas, subcarriers=len(spec.subcarriers),
-                      segment_frames=spec.segment_frames, activities=len(acts),
-                      identities=len(ids) if with_identity else 0, quantizer="none")
-    res = train(cfg, data, tr, va, opts.model_copy(update={"recon_weight": 0.0}))
-    r = evaluate_windows(res.net, data, te, cfg.levels)
-    out = {"activity_accuracy": float((r["activity_logits"].argmax(1) == r["activity_true"])
-                                      .mean()),
-           "activity_macro_f1": macro_f1(r["activity_true"], r["activity_logits"].argmax(1),
-                                         len(acts))}
-    if "identity_logits" in r:
-        known = r["identity_true"] >= 0
-        out["identity_accuracy"] = float((r["identity_logits"][known].argmax(1)
-                                          == r["identity_true"][known]).mean())
-    return out
-
-
-def _windows_2d(data: SegmentData, recs: np.ndarray, n: int, mean: np.ndarray,
-                scale: float) -> torch.Tensor:
-    rows, _ = windows(data, recs, n)
-    x = np.where((rows >= 0)[..., None, None, None], data.x[np.where(rows >= 0, rows, 0)], 0)
-    w, _, length, a, s = x.shape
-    x = (x.reshape(w, n * length, a * s) - mean) / scale
-    x[np.repeat(rows < 0, length, axis=1)] = 0
-    return torch.from_numpy(x.transpose(0, 2, 1)[:, None].astype(np.float32))
-
-
-def run_efficientfi(data, spec, acts, ids, tr, va, te, opts, with_identity):  # type: ignore[no-untyped-def]
-    torch.manual_seed(opts.seed)
-    n = 8
-    flat = data.x[np.isin(data.recording, tr)].reshape(-1, len(spec.subcarriers) * spec.antennas)
-    mean, scale = flat.mean(0), float(flat.std())
-    xtr, xva, xte = (_windows_2d(data, r, n, mean, scale) for r in (tr, va, te))
-    ytr, yva, yte = (torch.from_numpy(data.activity[r]) for r in (tr, va, te))
-    itr, ite = (torch.from_numpy(data.identity[r]) for r in (tr, te))
-    model = EfficientFiReference(xtr.shape[2], xtr.shape[3], len(acts),
-                                 len(ids) if with_identity else 0)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    best, best_state, stale = -1.0, None, 0
-    for _epoch in range(opts.epochs):
-        model.train()
-        order = torch.randperm(len(xtr))
-        for i in range(0, len(order), 16):
-            b = order[i : i + 16]
-            out = model(xtr[b])
-            loss = (F.mse_loss(out["recon"], xtr[b]) + out["vq_loss"]
-                    + F.cross_entropy(out["activity"], ytr[b]))
-            if out["identity"] is not None:
-                loss = loss + 0.5 * F.cross_entropy(out["identity"], itr[b])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        with torch.no_grad():
-            acc = float((model(xva)["activity"].argmax(1) == yva).float().mean())
-        if acc > best:
-            best, best_state, stale = acc, {k: v.clone() for k, v in model.state_dict().items()}, 0
-        else:
-            stale += 1
-            if stale >= opts.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    with torch.no_grad():
-        out = model(xte)
-        nmse = 10 * np.log10(float(((out["recon"] - xte) ** 2).sum() / (xte**2).sum()))
-    window_s = n * spec.segment_s
-    result = {
-        "activity_accuracy": float((out["activity"].argmax(1) == yte).float().mean()),
-        "activity_macro_f1": macro_f1(yte.numpy(), out["activity"].argmax(1).numpy(), len(acts)),
-        "codes_bytes_per_s": model.code_bits() / 8 / window_s,
-        "side_information_bytes_per_s": model.side_bits() / 8 / window_s,
-        "honest_bytes_per_s": (model.code_bits() + model.side_bits()) / 8 / window_s,
-        "nmse_db": nmse,
-    }
-    if out["identity"] is not None:
-        known = ite >= 0
-        result["identity_accuracy"] = float((out["identity"][known].argmax(1) == ite[known])
-                                            .float().mean())
-    return result
+def train_ours(data: SegmentData, spec: Any, acts: list[str], ids: list[str],
+               tr: np.ndarray, va: np.ndarray, opts: TrainOptions, folder: Path,
+               identity: bool) -> tuple[CloudModel, EdgeEncoder]:
+    fit(data, spec, acts, ids if identity else [], tr, va, opts, folder, name="bench",
+        calibrate=False)
+    return CloudModel.load(folder), EdgeEncoder(folder)
 
 
 def zstd_rates(data: SegmentData) -> dict[str, float]:
@@ -148,108 +89,421 @@ def zstd_rates(data: SegmentData) -> dict[str, float]:
     return {"native_bytes_per_s": raw / seconds, "zstd19_bytes_per_s": packed / seconds}
 
 
-def _ours_rows(summary: dict) -> list[dict]:  # type: ignore[type-arg]
-    return [{**lv} for lv in summary["levels"]]
+def _ours_row(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"levels": summary["levels"], "unquantized": summary["unquantized"]}
+
+
+def _aggregate_ours(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    levels = list(zip(*[r["levels"] for r in rows], strict=True))
+    return {"levels": [{**aggregate(list(lv)), "level": i} for i, lv in enumerate(levels)],
+            "unquantized": aggregate([r["unquantized"] for r in rows])}
+
+
+def run_dataset(name: str, args: argparse.Namespace, log: Any,
+                partial: Any = None) -> dict[str, Any]:
+    data, spec, acts, ids = prepare(name, args.data / DATA[name])
+    win = Windows(data, 8)
+    n_act, n_id = len(acts), len(ids)
+    shots = [int(s) for s in args.shots.split(",")]
+    report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
+                              "max_tasks_per_protocol": args.max_tasks or None,
+                              "activities": acts, "identities": ids, "protocols": {}}
+    if name == "fition" and "zstd" in args.methods:
+        report["zstd"] = zstd_rates(data)
+    protocols = [p for p in args.protocols.split(",") if p]
+    few: dict[str, dict[str, Any]] = {}
+    tasks: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, int]] = []
+    for seed in range(args.seeds):
+        if "random" in protocols:
+            tasks += [("random", t, tr, va, te, seed)
+                      for t, tr, va, te in split_tasks(data, "random", args.folds, seed)]
+        if name == "fition" and "cross-session" in protocols:
+            tasks += [("cross-session", t, tr, va, te, seed)
+                      for t, tr, va, te in split_tasks(data, "cross-session", args.folds, seed)]
+        if name == "fition" and "few-shot" in protocols:
+            rooms = {"rm1/rm2": ("user1", "user2"), "rm3/rm4": ("user3", "user4")}
+            for src, dst in (("rm1/rm2", "rm3/rm4"), ("rm3/rm4", "rm1/rm2")):
+                train = np.array([i for i, e in enumerate(data.examples)
+                                  if e.identity in rooms[src]])
+                target = np.array([i for i, e in enumerate(data.examples)
+                                   if e.identity in rooms[dst]])
+                rng = np.random.default_rng(seed)
+                train = rng.permutation(train)
+                n_val = max(1, len(train) // 6)
+                tasks.append(("cross-room", f"{src}->{dst}", train[n_val:], train[:n_val],
+                              target, seed))
+    results: dict[str, dict[str, list[Any]]] = {}
+    rockets: dict[int, np.ndarray] = {}
+    if args.max_tasks:
+        counted: dict[str, int] = {}
+        capped = []
+        for t in tasks:
+            counted[t[0]] = counted.get(t[0], 0) + 1
+            if counted[t[0]] <= args.max_tasks:
+                capped.append(t)
+        tasks = capped
+    for protocol, task, tr, va, te, seed in tasks:
+        t0 = time.perf_counter()
+        identity = protocol == "random" and n_id > 0
+        opts = TrainOptions(epochs=args.epochs, seed=seed, threads=args.threads,
+                            segment_dropout=args.segment_dropout)
+        source = np.concatenate([tr, va])
+        # The anchors' MiniRocket biases are fitted once per dataset and seed, without labels,
+        # on windows of every recording (test ones included): one transform of every window
+        # instead of one per task, at a slight advantage to the anchors, never to ours.
+        if seed not in rockets:
+            rockets[seed] = win.rocket(np.arange(len(data)), seed, CACHE)
+        rocket = rockets[seed]
+        entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
+        kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
+        split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
+                 "val": va.tolist(), "test": te.tolist(), "epochs": args.epochs,
+                 "segment_dropout": args.segment_dropout}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "b"
+            if args.reuse and (kept / "split.json").is_file() and json.loads(
+                    (kept / "split.json").read_text()) == split:
+                # The same task trained earlier with the same options (an interrupted run).
+                model, edge = CloudModel.load(kept), EdgeEncoder(kept)
+            else:
+                model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity)
+                if args.keep_bundles:
+                    shutil.rmtree(kept, ignore_errors=True)
+                    shutil.copytree(folder, kept)
+                    (kept / "split.json").write_text(json.dumps(split))
+            if protocol != "cross-room":
+                summary = evaluate_bundle(model, edge, data, te).summary
+                entry["ours"].append(_ours_row(summary))
+                entry["anchors"].append(run_anchors(win, rocket, source, te, n_act, n_id,
+                                                    identity=identity, seed=seed))
+                entry["tasks"].append(task)
+            setting = {"random": "wiar-learning-curve" if name == "wiar" else None,
+                       "cross-session": "cross-session", "cross-room": "cross-room"}[protocol]
+            if "few-shot" in protocols and setting is not None:
+                few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
+                    model, edge, data, te, shots, args.draws, win=win, rocket=rocket,
+                    source=source)
+        if partial is not None:
+            partial(_summarise(report, results, few))
+        low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol != "cross-room" \
+            else None
+        log(f"{name} {protocol:13s} {task:14s} seed {seed}: ours level 0 "
+            + (f"{low['activity_accuracy']:.3f} / {low['activity_accuracy_per_second']:.3f} "
+               f"per s, minirocket {entry['anchors'][-1]['minirocket']['activity_accuracy']:.3f}"
+               if low else "(few-shot only)")
+            + f"  {time.perf_counter() - t0:.0f} s")
+    return _summarise(report, results, few)
+
+
+def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
+               few: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The dataset's section from the tasks run so far."""
+    report = {**report, "protocols": {}}
+    for protocol, entry in results.items():
+        if not entry["ours"]:
+            continue
+        report["protocols"][protocol] = {
+            "tasks": len(entry["ours"]),
+            "task_names": list(entry["tasks"]),
+            "ours": _aggregate_ours(entry["ours"]),
+            "anchors": {a: aggregate([r[a] for r in entry["anchors"]]) for a in ANCHORS},
+            "per_task": {t: {"ours_level0": o["levels"][0]["activity_accuracy"],
+                             **{a: r[a]["activity_accuracy"] for a in ANCHORS}}
+                         for t, o, r in zip(entry["tasks"], entry["ours"], entry["anchors"],
+                                            strict=True)},
+        }
+    if few:
+        report["few_shot"] = {s: {"runs": runs, "mean": _few_mean(runs)}
+                              for s, runs in few.items()}
+    return report
+
+
+def _few_mean(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean over the setting's directions/folds of each K's method means."""
+    out: dict[str, Any] = {}
+    for run in runs.values():
+        for k, methods in run.items():
+            for method, metrics in methods.items():
+                for key, value in metrics.items():
+                    out.setdefault(k, {}).setdefault(method, {}).setdefault(key, []).append(
+                        value["mean"])
+    return {k: {m: {key: round(float(np.mean(v)), 4) for key, v in metrics.items()}
+                for m, metrics in methods.items()} for k, methods in out.items()}
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets (lowest rate level, <= 20 payload B/s) against the measured means."""
+    out: dict[str, Any] = {}
+    for name, ds in report["datasets"].items():
+        entry: dict[str, Any] = {}
+        for protocol, section in ds["protocols"].items():
+            low = section["ours"]["levels"][0]
+            unq = section["ours"]["unquantized"]["activity_accuracy"]["mean"]
+            row = {"lowest_level_payload_bytes_per_s": low["payload_bytes_per_s"]["mean"],
+                   "lowest_level_within_20_bytes": low["payload_bytes_per_s"]["mean"] <= 20,
+                   "activity": low["activity_accuracy"]["mean"],
+                   "activity_per_second": low["activity_accuracy_per_second"]["mean"],
+                   "unquantized_activity": unq,
+                   "worst_level_cost_points": round(100 * max(
+                       unq - lv["activity_accuracy"]["mean"]
+                       for lv in section["ours"]["levels"]), 2),
+                   "anchors_activity": {a: section["anchors"][a]["activity_accuracy"]["mean"]
+                                        for a in ANCHORS}}
+            row["compression_costs_at_most_1_point"] = row["worst_level_cost_points"] <= 1
+            if "identity_accuracy" in low:
+                row["identity"] = low["identity_accuracy"]["mean"]
+                row["anchors_identity"] = {
+                    a: section["anchors"][a]["identity_accuracy"]["mean"] for a in ANCHORS
+                    if "identity_accuracy" in section["anchors"][a]}
+            if name == "wiar" and protocol == "random":
+                row["target_activity_0_95"] = row["activity"] >= 0.95
+            if name == "fition" and protocol == "random":
+                row["target_activity_0_71"] = row["activity"] >= 0.71
+                row["target_identity_0_84"] = row.get("identity", 0) >= 0.84
+            entry[protocol] = row
+        for setting, few in ds.get("few_shot", {}).items():
+            mean = few["mean"]
+            if not mean or not all("ours_adapted" in m for m in mean.values()):
+                continue  # no support draw left a test recording (a tiny folder)
+            k = str(max(int(x) for x in mean))
+            methods = mean[k]
+            ours = methods["ours_adapted"]["level0_activity_accuracy"]
+            best_name, best = max(
+                ((m, v["activity_accuracy"]) for m, v in methods.items()
+                 if not m.startswith("ours")), key=lambda mv: mv[1])
+            entry[f"few-shot {setting}"] = {
+                "shots": int(k), "ours_before_level0": methods["ours_before"][
+                    "level0_activity_accuracy"],
+                "ours_adapted_level0": ours,
+                "ours_support_only_level0": methods["ours_support_only"][
+                    "level0_activity_accuracy"],
+                "best_baseline": best_name, "best_baseline_activity": best,
+                "at_least_best_baseline": ours >= best}
+            if setting == "cross-session":
+                entry[f"few-shot {setting}"]["target_0_70"] = ours >= 0.70
+        out[name] = entry
+    return out
+
+
+def plot(report: dict[str, Any], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, ds in report["datasets"].items():
+        protocols = list(ds["protocols"])
+        fig, axes = plt.subplots(1, max(1, len(protocols)) + (1 if "few_shot" in ds else 0),
+                                 figsize=(5.5 * (len(protocols) + 1), 4), squeeze=False)
+        for ax, protocol in zip(axes[0], protocols, strict=False):
+            sec = ds["protocols"][protocol]
+            labels = [f"ours L{lv['level']}\n{lv['payload_bytes_per_s']['mean']:.0f} B/s"
+                      for lv in sec["ours"]["levels"]] + ["ours\nunquantized", *ANCHORS]
+            rows = [*sec["ours"]["levels"], sec["ours"]["unquantized"],
+                    *[sec["anchors"][a] for a in ANCHORS]]
+            x = np.arange(len(rows))
+            for off, key, label in ((-0.2, "activity_accuracy", "per recording"),
+                                    (0.2, "activity_accuracy_per_second", "per second")):
+                ax.bar(x + off, [r[key]["mean"] for r in rows], 0.4,
+                       yerr=[r[key]["std"] for r in rows], label=label)
+            ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{name} {protocol}: activity")
+            ax.legend(fontsize=7)
+        if "few_shot" in ds:
+            ax = axes[0][-1]
+            for setting, few in ds["few_shot"].items():
+                mean = few["mean"]
+                ks = sorted(int(k) for k in mean
+                            if all(m in mean[k] for m in ("ours_adapted", "ours_support_only",
+                                                          "minirocket_support_only",
+                                                          "fusion_support_only")))
+                for method, style in (("ours_adapted", "-o"), ("ours_support_only", "--o"),
+                                      ("minirocket_support_only", ":s"),
+                                      ("fusion_support_only", ":^")):
+                    key = ("level0_activity_accuracy" if method.startswith("ours")
+                           else "activity_accuracy")
+                    ax.plot(ks, [mean[str(k)][method][key] for k in ks], style,
+                            label=f"{setting}: {method}")
+            ax.set_xlabel("labelled recordings per activity (K)")
+            ax.set_ylabel("activity accuracy (level 0 for ours)")
+            ax.set_title(f"{name}: few-shot in a new setting")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = folder / f"model_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
+    return written
+
+
+def _f(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" if "std" in v else f"{v['mean']:.3f}"
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def render(report: dict[str, Any], name: str) -> str:
+    """The report.md section of one dataset, from the results (never typed by hand)."""
+    ds = report["datasets"][name]
+    lines = ["## Against the anchors, every protocol (bench/model.py)", "",
+             f"`python bench/model.py` (results in `bench/results/model.json`, plot "
+             f"`bench/results/model_{name}.png`): {report['folds']}-fold by recording, "
+             f"{report['seeds']} seed(s), {report['epochs']} epochs; anchors read uncompressed "
+             "CSI. Accuracy per recording (window ending at its last segment) / per second "
+             "(every prediction the service makes while it streams). Mean ± std over tasks.",
+             ""]
+    for protocol, sec in ds["protocols"].items():
+        has_id = "identity_accuracy" in sec["ours"]["levels"][0]
+        head = ["method", "payload B/s", "activity", "activity per second"]
+        if has_id:
+            head += ["identity", "identity per second"]
+        lines += [f"### {protocol} ({sec['tasks']} tasks)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = [(f"ours, level {lv['level']}", lv) for lv in sec["ours"]["levels"]]
+        rows += [("ours, uncompressed path", sec["ours"]["unquantized"])]
+        rows += [(f"anchor: {a}", sec["anchors"][a]) for a in ANCHORS]
+        for label, r in rows:
+            cells = [label, _f(r.get("payload_bytes_per_s")), _f(r.get("activity_accuracy")),
+                     _f(r.get("activity_accuracy_per_second"))]
+            if has_id:
+                cells += [_f(r.get("identity_accuracy")),
+                          _f(r.get("identity_accuracy_per_second"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for setting, few in ds.get("few_shot", {}).items():
+        mean = few["mean"]
+        ks = sorted(mean, key=int)
+        if not ks:
+            continue
+        methods = sorted({m for k in ks for m in mean[k]})
+        lines += [f"### few-shot: {setting} ({len(few['runs'])} settings x {report['draws']} "
+                  "support draws; mean)", "",
+                  "Activity accuracy on the rest of the new setting, per recording / per "
+                  "second; ours at level 0 (the lowest rate).", "",
+                  "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for m in methods:
+            key = "level0_activity_accuracy" if m.startswith("ours") else "activity_accuracy"
+            cells = [f"{mean[k][m][key]:.3f} / {mean[k][m][key + '_per_second']:.3f}"
+                     if m in mean[k] else "-" for k in ks]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Targets", "", "```json", json.dumps(report["targets"].get(name, {}),
+                                                       indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench-model:begin -->", "<!-- bench-model:end -->"
+
+
+def write_sections(report: dict[str, Any]) -> list[str]:
+    """Put each dataset's section into models/<dataset>/report.md (between markers)."""
+    written = []
+    for name in report["datasets"]:
+        path = ROOT / "models" / name / "report.md"
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        section = f"{BEGIN}\n{render(report, name)}\n{END}"
+        if BEGIN in text and END in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+        written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="fition")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fition")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--datasets", default="wiar,fition")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="network training epochs per task (the context head, which "
+                             "classifies, is fitted in closed form afterwards)")
+    parser.add_argument("--segment-dropout", type=float, default=0.5)
+    parser.add_argument("--shots", default="1,3,5")
+    parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--protocols", default="random,cross-session")
-    parser.add_argument("--methods", default="ours,ceiling,efficientfi,zstd")
+    parser.add_argument("--protocols", default="random,cross-session,few-shot")
+    parser.add_argument("--methods", default="zstd")
+    parser.add_argument("--keep-bundles", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep every trained bundle and its split under "
+                             ".cache/bench/bundles (for bench/ablation.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse a kept bundle of the same task and options")
+    parser.add_argument("--max-tasks", type=int, default=0,
+                        help="run at most this many tasks per protocol (0: all); the "
+                             "results say how many ran")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other datasets' results already in --out")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only recompute targets, plots and report sections of --out")
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                        help="with --render-only: add these results files' protocols")
     args = parser.parse_args()
+    if args.render_only:
+        report = (json.loads(args.out.read_text()) if args.out.is_file() else
+                  {"benchmark": "model", "seeds": args.seeds, "folds": args.folds,
+                   "epochs": args.epochs, "segment_dropout": args.segment_dropout,
+                   "shots": args.shots, "draws": args.draws, "datasets": {}})
+        for extra in args.merge_from:
+            # Protocols of the same dataset measured by another run (run in parallel), or
+            # the partial results (<out>.partial-<dataset>.json) of an interrupted run.
+            other = json.loads(extra.read_text())
+            if "datasets" not in other:
+                other = {"datasets": {extra.stem.rsplit("partial-", 1)[-1]: other}}
+            for name, ds in other["datasets"].items():
+                mine = report["datasets"].setdefault(name, ds)
+                if mine is not ds:
+                    mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
+                    if "few_shot" in ds:
+                        mine["few_shot"] = {**mine.get("few_shot", {}), **ds["few_shot"]}
+        report["targets"] = targets(report)
+        report["plots"] = plot(report, args.out.parent)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(write_sections(report))
+        return
     torch.set_num_threads(args.threads)
-    methods = args.methods.split(",")
     started = time.perf_counter()
-    data, spec, acts, ids = prepare(args.dataset, args.data)
-    report: dict = {"benchmark": "model", "dataset": args.dataset, "recordings": len(data),
-                    "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs,
-                    "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                "threads": args.threads}, "protocols": {}}
-    if "zstd" in methods and args.dataset == "fition":
-        report["zstd"] = zstd_rates(data)
-    runners = {"ours": run_ours, "ceiling": run_ceiling, "efficientfi": run_efficientfi}
-    for protocol in args.protocols.split(","):
-        with_identity = protocol == "random" and bool(ids)
-        per_method: dict[str, list] = {m: [] for m in runners if m in methods}  # type: ignore[type-arg]
-        per_task: dict[str, dict[str, list]] = {}  # type: ignore[type-arg]
-        for seed in range(args.seeds):
-            opts = TrainOptions(epochs=args.epochs, seed=seed, threads=args.threads)
-            for name, tr, va, te in split_tasks(data, protocol, args.folds, seed):
-                for method in per_method:
-                    t0 = time.perf_counter()
-                    result = runners[method](data, spec, acts, ids, tr, va, te, opts,
-                                             with_identity)
-                    per_method[method].append(result)
-                    per_task.setdefault(name, {}).setdefault(method, []).append(result)
-                    brief = (result["levels"][0]["activity_accuracy"] if method == "ours"
-                             else result["activity_accuracy"])
-                    print(f"{protocol:13s} seed {seed} {name:13s} {method:11s} activity "
-                          f"{brief:.3f}  {time.perf_counter() - t0:5.0f}s", flush=True)
-        section: dict = {}
-        if "ours" in per_method:
-            levels = list(zip(*[_ours_rows(s) for s in per_method["ours"]], strict=True))
-            section["ours"] = {"levels": [{**aggregate(list(rows)), "level": i}
-                                          for i, rows in enumerate(levels)],
-                               "unquantized": aggregate([s["unquantized"]
-                                                          for s in per_method["ours"]])}
-        for method in ("ceiling", "efficientfi"):
-            if method in per_method:
-                section[method] = aggregate(per_method[method])
-        section["per_task"] = {
-            name: {m: (aggregate([r["levels"][0] for r in rs]) if m == "ours"
-                       else aggregate(rs)) for m, rs in methods_.items()}
-            for name, methods_ in per_task.items()}
-        report["protocols"][protocol] = section
+    report: dict[str, Any] = {
+        "benchmark": "model", "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs,
+        "segment_dropout": args.segment_dropout, "shots": args.shots, "draws": args.draws,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": args.threads}, "datasets": {}}
+    def save(name: str, section: dict[str, Any]) -> None:
+        """Write what has run so far (a long run leaves its finished tasks behind)."""
+        section = {**section, "seconds": round(time.perf_counter() - started, 1)}
+        partial_out = args.out.with_name(args.out.stem + f".partial-{name}.json")
+        partial_out.parent.mkdir(parents=True, exist_ok=True)
+        partial_out.write_text(json.dumps(section, indent=1) + "\n")
+
+    for name in args.datasets.split(","):
+        report["datasets"][name] = run_dataset(
+            name, args, lambda line: print(line, flush=True),
+            partial=lambda section, name=name: save(name, section))
+        report["datasets"][name]["seconds"] = round(time.perf_counter() - started, 1)
+    if args.merge and args.out.is_file():
+        # Datasets measured by an earlier run (e.g. the other dataset, run in parallel)
+        # stay; those measured now replace theirs.
+        earlier = json.loads(args.out.read_text()).get("datasets", {})
+        report["datasets"] = {**{k: v for k, v in earlier.items()
+                                 if k not in report["datasets"]}, **report["datasets"]}
     report["targets"] = targets(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report["plots"] = plot(report, args.out.parent)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["targets"], indent=2))
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.out == ROOT / "bench" / "results" / "model.json":
+        print("report sections:", write_sections(report))
+    print(json.dumps(report["targets"], indent=1))
     print(f"wrote {args.out}")
-
-
-def targets(report: dict) -> dict:  # type: ignore[type-arg]
-    """The issue's targets, checked against the measured means."""
-    out: dict = {}
-    for protocol, section in report["protocols"].items():
-        if "ours" not in section:
-            continue
-        low, high = section["ours"]["levels"][0], section["ours"]["levels"][-1]
-        entry = {"lowest_level_payload_bytes_per_s": low["payload_bytes_per_s"]["mean"],
-                 "lowest_level_bytes_target_32": low["payload_bytes_per_s"]["mean"] <= 32,
-                 "lowest_level_activity": low["activity_accuracy"]["mean"],
-                 "highest_level_activity": high["activity_accuracy"]["mean"],
-                 "highest_level_nmse_db": high["nmse_db"]["mean"],
-                 "highest_level_nmse_target_minus15": high["nmse_db"]["mean"] <= -15}
-        if "ceiling" in section:
-            ceil = section["ceiling"]["activity_accuracy"]["mean"]
-            entry["ceiling_activity"] = ceil
-            entry["lowest_within_2_points"] = low["activity_accuracy"]["mean"] >= ceil - 0.02
-            entry["highest_within_0_5_points"] = high["activity_accuracy"]["mean"] >= ceil - 0.005
-            if "identity_accuracy" in section["ceiling"] and "identity_accuracy" in low:
-                cid = section["ceiling"]["identity_accuracy"]["mean"]
-                entry["ceiling_identity"] = cid
-                entry["lowest_identity"] = low["identity_accuracy"]["mean"]
-                entry["lowest_identity_within_3_points"] = (
-                    low["identity_accuracy"]["mean"] >= cid - 0.03)
-        if "efficientfi" in section:
-            ref = section["efficientfi"]
-            entry["efficientfi_activity"] = ref["activity_accuracy"]["mean"]
-            entry["efficientfi_honest_bytes_per_s"] = ref["honest_bytes_per_s"]["mean"]
-            entry["beats_efficientfi"] = (
-                low["activity_accuracy"]["mean"] > ref["activity_accuracy"]["mean"]
-                and low["payload_bytes_per_s"]["mean"] <= ref["honest_bytes_per_s"]["mean"])
-        if protocol == "cross-session":
-            entry["cross_session_target_0_55"] = low["activity_accuracy"]["mean"] >= 0.55
-        out[protocol] = entry
-    return out
 
 
 if __name__ == "__main__":

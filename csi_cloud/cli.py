@@ -154,11 +154,32 @@ def evaluate_command(
                                         help="classifier epochs per left-out user (--open-set)")
                       ] = 40,
     level: Annotated[int, typer.Option(min=0, max=3, help="rate level (--open-set)")] = 1,
+    protocol: Annotated[str, typer.Option(
+        help="folder: every recording of --data, per rate level (default); few-shot: --data "
+             "is a new setting, K labelled recordings per activity (--shots) adapt the "
+             "bundle and the rest test it, next to the anchors on the same K")] = "folder",
+    shots: Annotated[str, typer.Option(help="K values (--protocol few-shot), e.g. 1,3,5")
+                     ] = "1,3,5",
+    source: Annotated[Path | None, typer.Option(
+        help="source recordings (same dataset kind) the anchors also train on "
+             "(--protocol few-shot)", exists=True, file_okay=False)] = None,
+    anchors: Annotated[bool, typer.Option(
+        "--anchors/--no-anchors", help="also train the anchors (aeon, scikit-learn) on the "
+                                       "same K (--protocol few-shot)")] = True,
 ) -> None:
     """Evaluate a bundle on every recording of a folder, per rate level, through real payloads.
 
     With --segment-loss, report accuracy under random segment loss instead (the window ends at
-    the last segment that arrived; lost slots are masked): mean and std over --draws."""
+    the last segment that arrived; lost slots are masked): mean and std over --draws. With
+    --protocol few-shot, how well the bundle learns the folder's setting from K labelled
+    recordings per activity (--draws support draws)."""
+    if protocol not in ("folder", "few-shot"):
+        raise fail(f"--protocol must be folder or few-shot, not {protocol!r}")
+    if protocol == "few-shot":
+        if segment_loss is not None or open_set:
+            raise fail("--protocol few-shot takes neither --segment-loss nor --open-set")
+        _evaluate_few_shot(model, dataset, data, shots, draws, source, anchors, as_json)
+        return
     if segment_loss is not None and open_set:
         raise fail("choose one of --segment-loss and --open-set")
     if segment_loss is not None:
@@ -191,6 +212,53 @@ def evaluate_command(
                         f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
                         for k in keys))
     Console().print(table)
+
+
+def _evaluate_few_shot(bundle: Path, dataset: str, data: Path, shots_text: str, draws: int,
+                       source: Path | None, anchors: bool, as_json: bool) -> None:
+    """The --protocol few-shot variant of ``csi evaluate``."""
+    try:
+        shots = [int(s) for s in shots_text.split(",") if s.strip()]
+    except ValueError:
+        raise fail(f"--shots must be comma-separated integers, not {shots_text!r}") from None
+    if not shots or min(shots) < 1:
+        raise fail(f"--shots must be integers >= 1, not {shots_text!r}")
+    import torch
+
+    from .model.fewshot import few_shot_folder
+
+    torch.set_num_threads(2)
+    try:
+        result = few_shot_folder(bundle, dataset, data, shots, draws, source_dir=source,
+                                 anchors=anchors, log=None if as_json else typer.echo)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['name']} on {dataset} ({result['target_recordings']} "
+                        f"recordings): few-shot, {draws} draw(s), activity accuracy mean "
+                        "per recording / per second")
+    table.add_column("method")
+    for k in shots:
+        table.add_column(f"K={k}", justify="right")
+    methods = sorted({m for r in result["results"].values() for m in r})
+    for method in methods:
+        cells = []
+        for k in shots:
+            row = result["results"][str(k)].get(method)
+            if row is None:
+                cells.append("-")
+                continue
+            key = ("level0_activity_accuracy" if method.startswith("ours")
+                   else "activity_accuracy")
+            cells.append(f"{row[key]['mean']:.3f} / {row[key + '_per_second']['mean']:.3f}")
+        table.add_row(method + (" (level 0)" if method.startswith("ours") else ""), *cells)
+    Console().print(table)
+    typer.echo(result["note"])
 
 
 def _evaluate_open_set(bundle: Path, dataset: str, data: Path, seed: int, epochs: int,
@@ -442,15 +510,16 @@ def adapt_command(
                                            "context classifier) or heads (its last layers)")
                     ] = "classifier",
     method: Annotated[str, typer.Option(
-        help="finetune (train the classifier on the support), prototypes (activity layer "
-             "set to the support's class prototypes, no training) or prototypes+finetune "
-             "(the best on bench/beyond.py's cross-session tasks)")] = "prototypes+finetune",
+        help="ridge (the context head's activity layers refitted in closed form on the "
+             "support, shrunk towards the bundle's: seconds), ridge-alone (the support "
+             "alone); for bundles without a context head: finetune, prototypes or "
+             "prototypes+finetune")] = "ridge",
     epochs: Annotated[int, typer.Option(min=1, max=1000)] = 60,
     seed: Annotated[int, typer.Option(help="support selection and training seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Fine-tune a bundle's cloud-side classifier on K labelled recordings per activity from
-    a new session or room. The edge part is unchanged: APs keep streaming without a switch."""
+    """Refit a bundle's cloud-side classifier on K labelled recordings per activity from a new
+    session or room. The edge part is unchanged: APs keep streaming without a switch."""
     import torch
 
     from .model.adapt import METHODS, adapt_bundle
@@ -473,11 +542,12 @@ def adapt_command(
         return
     typer.echo(f"bundle {result['bundle'][:12]}… written to {result['out']} (edge part and "
                f"wire id of {result['base'][:12]}…)")
-    if "activity_accuracy_before" in result:
-        for level, (a, b) in enumerate(zip(result["activity_accuracy_before"],
-                                           result["activity_accuracy_after"], strict=True)):
-            typer.echo(f"level {level}: activity accuracy on {result['held_out']} held-out "
-                       f"recordings {a:.3f} -> {b:.3f}")
+    scored = (f"{result['held_out']} held-out recordings" if result["held_out_accuracy"] else
+              f"the {result['support']} support recordings themselves (NOT held out: every "
+              "recording was used for the adaptation)")
+    for level, (a, b) in enumerate(zip(result["activity_accuracy_before"],
+                                       result["activity_accuracy_after"], strict=True)):
+        typer.echo(f"level {level}: activity accuracy on {scored} {a:.3f} -> {b:.3f}")
 
 
 def main() -> None:

@@ -540,6 +540,13 @@ class JobManager:
             add_log("not activated: the new bundle takes another kind of CSI than the base "
                     "model")
             return False
+        from .model.bundle import activation_refusal
+
+        refusal = activation_refusal(self.registry.get(model_id).manifest)
+        if refusal is not None:
+            add_log(f"not activated: {refusal}; POST /models/{{id}}/activate?force=true "
+                    "activates it anyway")
+            return False
         if self._activate is None or self._loop is None:
             add_log("not activated: no service to activate it in")
             return False

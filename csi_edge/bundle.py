@@ -93,6 +93,12 @@ class BundleManifest(BaseModel):
     # payloads keep carrying that id's prefix, so edges need not change for them.
     edge_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     parent: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # Whether ``metrics`` were measured on recordings the bundle was not fitted on. False: a
+    # tiny training set (or an adaptation that used every recording) was scored on its own
+    # training recordings, which says nothing about new ones; such a bundle is not activated
+    # without ``force`` (csi_cloud.model.bundle.activation_refusal). None: no metrics.
+    # Not part of the id (it describes the measurement, not the behaviour).
+    held_out: bool | None = None
 
     @property
     def wire_id(self) -> str:

@@ -53,10 +53,15 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert (out / "edge.onnx").read_bytes() == (MODEL / "edge.onnx").read_bytes()
     assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
     assert child.levels == parent.levels
-    # Only the cloud-side classifier moved.
+    # Only the context head's activity layers moved (closed-form refit); the network, the
+    # head's features and its identity layer are the parent's.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
-    changed = {k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())}
-    assert changed and all(k.startswith("classifier.") for k in changed), changed
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
+        assert set(pa.files) == set(ch.files)
+        changed = {k for k in pa.files if not np.array_equal(pa[k], ch[k])}
+    assert changed and all(k.startswith("head.") and ".activity." in k for k in changed), changed
+    assert result["method"] == "ridge" and result["held_out_accuracy"] is True
     assert result["support"] == 6 and result["held_out"] == 2  # 8 samples, 6 activities
     assert len(result["activity_accuracy_after"]) == len(parent.levels)  # type: ignore[arg-type]
 
@@ -148,7 +153,17 @@ def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
         assert job.status_code == 202, job.text
         state = cloud.finished_job(job.json()["id"])
         assert state["state"] == "succeeded", state
-        assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is True
+        # One recording per activity, both used as the support: nothing is left to test it
+        # on, so it is not held out and is not activated without force.
+        assert state["metrics"]["support"] == 2 and state["metrics"]["activated"] is False
+        assert state["metrics"]["held_out"] == 0
+        assert cloud.get(f"/models/{state['bundle']}")["metrics"]["adaptation"][
+            "held_out_accuracy"] is False
+        url = f"{cloud.url}/api/v1/models/{state['bundle']}/activate"
+        refused = httpx.post(url, headers=headers, timeout=10)
+        assert refused.status_code == 409 and "held_out" in refused.text, refused.text
+        forced = httpx.post(url, headers=headers, params={"force": "true"}, timeout=30)
+        assert forced.status_code == 200, forced.text
         derived = cloud.get(f"/models/{state['bundle']}")
         assert derived["edge_id"] == base.id and derived["active"]
         assert derived["training"]["kind"] == "few-shot adaptation"

@@ -170,13 +170,17 @@ def test_idle_codes_repeat_the_last_segment() -> None:
     same = model.idle_codes(3, last)
     assert np.array_equal(same.latent, last.latent) and np.array_equal(same.profile,
                                                                        last.profile)
+    g0, k0 = model.manifest.level(0).groups, model.manifest.level(0).profile_components
+    g1 = model.manifest.level(1).groups
+    assert g0 < model.manifest.level(3).groups and k0 < model.manifest.level(3).profile_components
     lower = model.idle_codes(0, last)  # cut to the level
-    assert lower.latent.shape == (2, 7) and np.array_equal(lower.latent, last.latent[:2])
+    assert lower.latent.shape == (g0, 7) and np.array_equal(lower.latent, last.latent[:g0])
+    assert np.array_equal(lower.profile, last.profile[:k0])
     up = model.idle_codes(3, edge.codes(sym[0], prof[0], 0))  # padded: still symbols, 0
-    assert np.array_equal(up.latent[2:], model.still_symbols()[2:])
-    assert not up.profile[4:].any()
+    assert np.array_equal(up.latent[g0:], model.still_symbols()[g0:])
+    assert not up.profile[k0:].any()
     fresh = model.idle_codes(1, None)
-    assert np.array_equal(fresh.latent, model.still_symbols()[:4]) and not fresh.profile.any()
+    assert np.array_equal(fresh.latent, model.still_symbols()[:g1]) and not fresh.profile.any()
 
 
 def test_ingestor_predicts_every_idle_segment(tmp_path: Path) -> None:

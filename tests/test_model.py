@@ -91,7 +91,7 @@ def test_task_losses_reach_the_encoder() -> None:
 def test_levels_mask_latent_channels() -> None:
     net = CSICodecNet(small_config())
     mask = net.channel_mask(torch.tensor([0, 1, 2, 3, 4]))[..., 0]
-    assert mask.sum(dim=1).tolist() == [2, 4, 8, 16, 16]  # level 4 = unquantized: all
+    assert mask.sum(dim=1).tolist() == [1, 4, 8, 16, 16]  # level 4 = unquantized: all
 
 
 def test_encoder_is_small() -> None:
@@ -173,6 +173,28 @@ def test_decompress_rejects_foreign_model(trained: Path, samples: Path, tmp_path
         CloudModel.load(trained).decompress(bytes(payload))
 
 
+def test_per_second_accuracy_counts_every_prediction_the_service_makes(
+        trained: Path, samples: Path) -> None:
+    """Per recording: one window per recording; per second: one per segment, windows that
+    start mid-recording included (recomputed here from the service's classify path)."""
+    from csi_cloud.model.data import segment_windows
+    from csi_cloud.model.evaluate import decode_level, encode_recordings, evaluate_bundle
+
+    data, *_ = prepare("fition", samples / "fition")
+    edge, cloud = EdgeEncoder(trained), CloudModel.load(trained)
+    recs = np.arange(len(data))
+    summary = evaluate_bundle(cloud, edge, data, recs).summary
+    every, owner, _ = segment_windows(data, recs, cloud.net.cfg.context_segments)
+    assert len(every) == len(data.x) > len(recs)
+    decoded = decode_level(cloud, edge, data, encode_recordings(edge, data, recs), 0)
+    z, p, present = decoded.contexts(every)
+    assert not present[:, 0].all(), "the first windows of a stream are partial"
+    p_act, _ = cloud.classify(z, p, present, np.zeros(len(every), int))
+    expected = float((p_act.argmax(1) == data.activity[owner]).mean())
+    assert summary["levels"][0]["activity_accuracy_per_second"] == pytest.approx(expected)
+    assert 0 <= summary["unquantized"]["activity_accuracy_per_second"] <= 1
+
+
 def test_int8_edge_codes_match_float_codes(trained: Path, samples: Path) -> None:
     data, *_ = prepare("fition", samples / "fition")
     edge, cloud = EdgeEncoder(trained), CloudModel.load(trained)
@@ -195,6 +217,11 @@ def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
               str(out), "--epochs", "2", "--threads", "1")
     assert run.returncode == 0, run.stderr
     assert (out / "report.md").is_file() and (out / "rate_accuracy.png").is_file()
+    # 8 recordings leave no test split: the bundle is scored on what it was trained on, and
+    # says so in bundle.json and in the report's title.
+    assert load_manifest(out).held_out is False
+    title = (out / "report.md").read_text().splitlines()[0]
+    assert "NOT held out" in title, title
     evaluation = csi("evaluate", "--model", str(out), "--dataset", "fition", "--data",
                      str(samples / "fition"), "--json")
     assert evaluation.returncode == 0, evaluation.stderr
@@ -202,6 +229,7 @@ def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
     assert {"model", "dataset", "examples", "unquantized", "levels"} <= summary.keys()
     keys = {"level", "payload_bytes_per_s", "payload_bytes_per_segment", "compression_ratio",
             "activity_accuracy", "activity_macro_f1", "identity_accuracy", "identity_macro_f1",
+            "activity_accuracy_per_second", "identity_accuracy_per_second",
             "nmse_db", "encoder_ms_per_segment"}
     assert all(keys <= set(level) for level in summary["levels"])
     assert keys - {"level"} <= set(summary["unquantized"])

@@ -1,10 +1,17 @@
 """Few-shot adaptation to a new session or room, and open-set identity evaluation.
 
-``csi adapt`` fine-tunes the cloud-side context classifier of a bundle on K labelled
-recordings per activity from the new place; the edge encoder, entropy tables and input spec
-stay as they are, so the result is a derived bundle (see :mod:`.heads`) that APs need not
-switch for. The remaining recordings of the folder, never seen by the adaptation, measure
-the accuracy before and after.
+``csi adapt`` refits the cloud-side classifier of a bundle on K labelled recordings per
+activity from the new place; the edge encoder, entropy tables and input spec stay as they
+are, so the result is a derived bundle (see :mod:`.heads`) that APs need not switch for. The
+remaining recordings of the folder, never seen by the adaptation, measure the accuracy before
+and after; with no recording left over, the result says ``held_out: false``.
+
+Methods: ``ridge`` (bundles with a context head, the default): each rate level's activity
+ridge layer is refitted in closed form on every window of the support recordings, shrunk
+towards the parent's weights, with the shrinkage chosen by leave-one-recording-out (seconds,
+no gradient steps); ``ridge-alone``: the same without the parent (the support alone). For
+bundles without a context head: ``finetune``, ``prototypes``, ``prototypes+finetune`` of the
+network's context classifier.
 
 ``csi evaluate --open-set`` is leave-one-user-out: for each enrolled person, the context
 classifier is trained from scratch on the others' codes (the edge encoder stays; it was
@@ -46,8 +53,8 @@ from .heads import (
 )
 from .network import CSICodecNet, ModelConfig
 
-__all__ = ["METHODS", "adapt_bundle", "adapt_codes", "load_codes", "open_set_codes",
-           "pick_support", "set_prototypes"]
+__all__ = ["METHODS", "adapt_bundle", "adapt_codes", "adapt_head", "load_codes",
+           "open_set_codes", "pick_support", "set_prototypes", "support_windows"]
 
 
 def load_codes(bundle: Path, dataset: str, data_dir: Path,
@@ -92,17 +99,21 @@ def pick_support(codes: CodeData, recordings: np.ndarray, shots: int,
     return np.array(sorted(support), dtype=np.int64), query
 
 
-def _accuracy(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> list[float]:
-    """Activity accuracy per code variant (rate level) on one window per recording."""
+def _accuracy(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
+              every: bool = False) -> list[float]:
+    """Activity accuracy per code variant (rate level) on one window per recording, or with
+    ``every`` on every window the service would classify (per second)."""
     out = []
     for v in range(codes.z_q.shape[0]):
-        p_act, _, _, owners = classify_codes(net, codes, recordings, v)
+        p_act, _, _, owners = classify_codes(net, codes, recordings, v, all_windows=every,
+                                             features=False)
         out.append(round(float((p_act.argmax(1) == codes.activity[owners]).mean()), 4))
     return out
 
 
-Method = Literal["finetune", "prototypes", "prototypes+finetune"]
-METHODS: tuple[str, ...] = ("finetune", "prototypes", "prototypes+finetune")
+Method = Literal["ridge", "ridge-alone", "finetune", "prototypes", "prototypes+finetune"]
+METHODS: tuple[str, ...] = ("ridge", "ridge-alone", "finetune", "prototypes",
+                            "prototypes+finetune")
 PROTOTYPE_SCALE = 10.0  # logit scale of the prototype head (softmax temperature 1/10)
 
 
@@ -155,6 +166,8 @@ def adapt_codes(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     prototypes then a gentler fine-tuning (``prototypes+finetune``)."""
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r} (known: {', '.join(METHODS)})")
+    if method in ("ridge", "ridge-alone"):
+        return adapt_head(net, codes, support, prior=method == "ridge")
     adapted = copy.deepcopy(net)
     if method != "finetune":
         set_prototypes(adapted, codes, support)
@@ -165,9 +178,57 @@ def adapt_codes(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     return adapted
 
 
+def support_windows(codes: CodeData, support: np.ndarray, n: int
+                    ) -> dict[int, tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]]:
+    """Every window of the support recordings on every code variant, grouped by the window's
+    rate level: level -> ((z_q, decoded profiles, present), owner recordings)."""
+    rows, owners, _ = segment_windows(codes, support, n)
+    grouped: dict[int, list[tuple[np.ndarray, ...]]] = {}
+    for v in range(codes.z_q.shape[0]):
+        z, p, present, level = window_batch(codes, rows, np.full(len(rows), v))
+        for lv in np.unique(level.numpy()).tolist():
+            pick = np.flatnonzero(level.numpy() == lv)
+            grouped.setdefault(int(lv), []).append(
+                (z.numpy()[pick], p.numpy()[pick], present.numpy()[pick], owners[pick]))
+    out = {}
+    for lv, parts in grouped.items():
+        z, p, present, own = (np.concatenate(a) for a in zip(*parts, strict=True))
+        out[lv] = ((z, p, present), own)
+    return out
+
+
+def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
+               prior: bool = True) -> CSICodecNet:
+    """A copy of ``net`` whose context head's activity layers are refitted on the support
+    windows of each rate level they occur at (shrunk towards the parent's with ``prior``);
+    levels without support windows keep the parent's layer."""
+    from .context_head import profile_coefficients
+    from .rocket import fit_ridge, ridge_to_prior
+
+    if net.context_head is None:
+        raise ValueError("this bundle has no context head (it predates it): adapt it with "
+                         "--method finetune, prototypes or prototypes+finetune")
+    adapted = copy.deepcopy(net)
+    head = adapted.context_head
+    assert head is not None
+    labels = codes.activity
+    for lv, ((z, p, present), owners) in support_windows(codes, support,
+                                                          net.cfg.context_segments).items():
+        part = head.levels[head.level_index(lv)]
+        feats = part.features(z, profile_coefficients(net, p), present)
+        y = labels[owners]
+        if prior:
+            part.activity = ridge_to_prior(feats, y, part.activity, groups=owners)
+        else:
+            fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
+            fitted.temperature = part.activity.temperature
+            part.activity = fitted
+    return adapted
+
+
 def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Path, *,
                  seed: int = 0, part: Part = "classifier", epochs: int = 60,
-                 method: Method = "prototypes+finetune", name: str | None = None,
+                 method: Method = "ridge", name: str | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The ``csi adapt`` command: pick the support, fine-tune, write the derived bundle, and
     measure activity accuracy on the recordings left out, before and after."""
@@ -187,15 +248,24 @@ def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Pa
         "held_out": len(query),
         "support_recordings": [codes.names[i] for i in support.tolist()],
     }
-    if len(query):
-        result["activity_accuracy_before"] = _accuracy(model.net, codes, query)
-        result["activity_accuracy_after"] = _accuracy(adapted, codes, query)
+    # Measured on recordings the adaptation never saw; with none left over, on the support
+    # itself, and then the result and the bundle say so (held_out false).
+    held_out = bool(len(query))
+    scored = query if held_out else support
+    result["held_out_accuracy"] = held_out
+    result["activity_accuracy_before"] = _accuracy(model.net, codes, scored)
+    result["activity_accuracy_after"] = _accuracy(adapted, codes, scored)
+    result["activity_accuracy_per_second_before"] = _accuracy(model.net, codes, scored,
+                                                              every=True)
+    result["activity_accuracy_per_second_after"] = _accuracy(adapted, codes, scored,
+                                                             every=True)
     manifest = save_derived(
-        bundle, out, adapted, name=name or out.name,
+        bundle, out, adapted, name=name or out.name, held_out=held_out,
         training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
                                                     if not k.startswith("activity")}},
         metrics={"adaptation": {k: v for k, v in result.items()
-                                if k.startswith("activity") or k in ("shots", "held_out")}})
+                                if k.startswith("activity")
+                                or k in ("shots", "held_out", "held_out_accuracy")}})
     result["bundle"] = manifest.id
     result["out"] = str(out)
     return result

@@ -27,12 +27,14 @@ from csi_edge.bundle import (
 from csi_edge.entropy import EntropyTable
 from csi_edge.preprocess import InputSpec
 
+from .context_head import ContextHead
 from .data import SegmentData
 from .export import export_edge_encoder
 from .network import CSICodecNet, ModelConfig
 from .quantizers import FSQ
 
-__all__ = ["CLOUD_FILE", "EDGE_FILE", "load_network", "save_bundle", "update"]
+__all__ = ["CLOUD_FILE", "EDGE_FILE", "activation_refusal", "cloud_arrays", "held_out_accuracy",
+           "load_network", "save_bundle", "update", "write_cloud"]
 
 EDGE_FILE = "edge.onnx"
 CLOUD_FILE = "cloud.npz"
@@ -66,8 +68,20 @@ def update(net: CSICodecNet, data: SegmentData, recordings: np.ndarray) -> dict[
     return {"latent": latent, "profile": profile_table}
 
 
-def _state_arrays(net: CSICodecNet) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+def cloud_arrays(net: CSICodecNet) -> dict[str, np.ndarray]:
+    """What ``cloud.npz`` holds: the network's weights and, where it has one, the context
+    head's arrays (``head.*``)."""
+    arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    if net.context_head is not None:
+        arrays.update(net.context_head.arrays())
+    return arrays
+
+
+def write_cloud(net: CSICodecNet, path: Path) -> FileEntry:
+    """Write ``cloud.npz`` (compressed, no pickle) and return its manifest entry."""
+    with path.open("wb") as fh:
+        np.savez_compressed(fh, **cloud_arrays(net))
+    return _sha(path)
 
 
 def _sha(path: Path) -> FileEntry:
@@ -84,9 +98,7 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
     """Write ``folder/{bundle.json, edge.onnx, cloud.npz}``; returns the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     export_edge_encoder(net, calibration, folder / EDGE_FILE)
-    arrays = _state_arrays(net)
-    with (folder / CLOUD_FILE).open("wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    write_cloud(net, folder / CLOUD_FILE)
     cfg = net.cfg
     levels = [
         RateLevel(level=i, groups=cfg.level_channels[i] // net.group_size,
@@ -123,7 +135,36 @@ def load_network(folder: Path, verify: bool = True) -> tuple[BundleManifest, CSI
     manifest = load_manifest(folder, verify=verify)
     net = CSICodecNet(ModelConfig.model_validate(manifest.model))
     with np.load(folder / manifest.files["cloud"].path, allow_pickle=False) as arrays:
-        state = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-    net.load_state_dict(state)
+        state, head = ContextHead.split_arrays({k: arrays[k] for k in arrays.files})
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    net.context_head = ContextHead.from_arrays(head)
     net.eval()
     return manifest, net
+
+
+def held_out_accuracy(manifest: BundleManifest) -> tuple[float, float] | None:
+    """(bundle, parent) mean activity accuracy over levels on the same held-out recordings,
+    where the bundle's metrics hold such a comparison (a few-shot adaptation does: before is
+    the parent on the recordings the adaptation never saw, after is the bundle)."""
+    adaptation = manifest.metrics.get("adaptation") or {}
+    after, before = adaptation.get("activity_accuracy_after"), adaptation.get(
+        "activity_accuracy_before")
+    if not after or not before or adaptation.get("held_out_accuracy") is False:
+        return None
+    return float(np.mean(after)), float(np.mean(before))
+
+
+def activation_refusal(manifest: BundleManifest) -> str | None:
+    """Why activating this bundle needs ``force``, or None.
+
+    Refused: a bundle whose reported accuracy was measured on its own training recordings
+    (``held_out`` false), and one whose held-out accuracy is below its parent's on the same
+    recordings."""
+    if manifest.held_out is False:
+        return (f"bundle {manifest.name!r} was scored on its own training recordings "
+                "(held_out false): its accuracy on new recordings is unknown")
+    compared = held_out_accuracy(manifest)
+    if compared is not None and compared[0] < compared[1]:
+        return (f"bundle {manifest.name!r} scores {compared[0]:.3f} activity accuracy on "
+                f"held-out recordings, below its parent's {compared[1]:.3f} on the same ones")
+    return None

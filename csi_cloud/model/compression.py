@@ -31,10 +31,44 @@ from csi_edge.codec import (
 )
 
 from .bundle import load_network
+from .context_head import profile_coefficients
 from .network import CSICodecNet
 from .quantizers import FSQ
 
-__all__ = ["CloudModel", "DecodedSegment"]
+__all__ = ["CloudModel", "DecodedSegment", "classify_windows"]
+
+
+@torch.no_grad()
+def classify_windows(net: CSICodecNet, z_q: np.ndarray, profile: np.ndarray,
+                     present: np.ndarray, level: np.ndarray, *, features: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Windows z_q (W, N, D, T), decoded profiles (W, N, C), present (W, N), level (W,) ->
+    activity probabilities, identity probabilities (or None), identity features (W, 2E).
+
+    With a context head, the network's context classifier runs only for what the head does
+    not give: identity (when the head has no identity part) and, with ``features``, the
+    identity features of the open-set score (else None)."""
+    head = net.context_head
+    p_act = p_id = feats = None
+    if head is not None:
+        coeff = profile_coefficients(net, np.asarray(profile, np.float32))
+        p_act, p_id = head.predict(np.asarray(z_q, np.float32), coeff, np.asarray(present),
+                                   np.asarray(level))
+    need_identity = p_id is None and net.classifier.identity is not None
+    if head is None or need_identity or (features and net.classifier.identity is not None):
+        classifier = net.classifier
+        pooled, f = classifier.features(
+            torch.from_numpy(np.ascontiguousarray(z_q)).float(),
+            torch.from_numpy(np.ascontiguousarray(profile)).float(),
+            torch.from_numpy(np.asarray(present)), torch.from_numpy(np.asarray(level)).long())
+        if p_act is None:
+            p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
+        if need_identity:
+            assert classifier.identity is not None
+            p_id = torch.softmax(classifier.identity(f), dim=-1).numpy()
+        feats = f.numpy()
+    assert p_act is not None
+    return p_act, p_id, feats
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,21 +130,27 @@ class CloudModel:
         ``last``: the stream's last coded segment, which an idle message repeats
         (:meth:`idle_codes`).
         """
-        payload = decode_payload(data)
-        if payload.model_id != self.model_id:
-            raise PayloadError("unknown_model", f"model id {payload.model_id.hex()} is not "
-                               f"{self.model_id.hex()} ({self.manifest.name})")
-        if payload.idle:
-            codes = [self.idle_codes(payload.level, last)] * len(payload.segments)
-        else:
-            codes = [decode_segment_codes(s.codes, payload.level, self.manifest, self.tables)
-                     for s in payload.segments]
+        payload, codes = self.decode_codes(data, last)
         z_q, profile, recon = self.reconstruct(codes)
         return [
             DecodedSegment(payload.seq(i), payload.start_ms(i, self.segment_ms), s.quality,
                            codes[i], z_q[i], profile[i], recon[i])
             for i, s in enumerate(payload.segments)
         ]
+
+    def decode_codes(self, data: bytes, last: SegmentCodes | None = None
+                     ) -> tuple[Payload, list[SegmentCodes]]:
+        """A wire payload -> the payload and its segments' codes, from the bytes alone (the
+        first half of :meth:`decompress`; reconstruct them, batched, with
+        :meth:`reconstruct`)."""
+        payload = decode_payload(data)
+        if payload.model_id != self.model_id:
+            raise PayloadError("unknown_model", f"model id {payload.model_id.hex()} is not "
+                               f"{self.model_id.hex()} ({self.manifest.name})")
+        if payload.idle:
+            return payload, [self.idle_codes(payload.level, last)] * len(payload.segments)
+        return payload, [decode_segment_codes(s.codes, payload.level, self.manifest,
+                                              self.tables) for s in payload.segments]
 
     @torch.no_grad()
     def still_symbols(self) -> np.ndarray:
@@ -183,22 +223,21 @@ class CloudModel:
     def classify(self, z_q: np.ndarray, profile: np.ndarray, present: np.ndarray,
                  level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities."""
-        p_act, p_id, _ = self.classify_with_features(z_q, profile, present, level)
+        p_act, p_id, _ = classify_windows(self.net, z_q, profile, present, level,
+                                          features=False)
         return p_act, p_id
 
     @torch.no_grad()
     def classify_with_features(self, z_q: np.ndarray, profile: np.ndarray,
                                present: np.ndarray, level: np.ndarray
-                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses."""
-        classifier = self.net.classifier
-        pooled, features = classifier.features(
-            torch.from_numpy(z_q).float(), torch.from_numpy(profile).float(),
-            torch.from_numpy(present), torch.from_numpy(level).long())
-        p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
-        p_id = (torch.softmax(classifier.identity(features), dim=-1).numpy()
-                if classifier.identity is not None else None)
-        return p_act, p_id, features.numpy()
+                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses
+        (None for a bundle without identities).
+
+        A bundle with a context head (csi_cloud.model.context_head) takes activity, and
+        identity where the head has an identity part, from it; the network's context
+        classifier gives the identity features (and identity where the head has none)."""
+        return classify_windows(self.net, z_q, profile, present, level)
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""

@@ -21,6 +21,7 @@ samples around their means).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -35,8 +36,8 @@ from torch.nn import functional as F
 
 from csi_edge.bundle import BundleManifest, EdgeEncoder, SegmentCodes, bundle_id
 
-from .bundle import CLOUD_FILE, EDGE_FILE
-from .compression import CloudModel
+from .bundle import CLOUD_FILE, EDGE_FILE, write_cloud
+from .compression import CloudModel, classify_windows
 from .data import SegmentData, segment_windows, windows
 from .network import CSICodecNet, ModelConfig
 
@@ -277,7 +278,7 @@ def fit_classifier(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
 
 @torch.no_grad()
 def classify_codes(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, variant: int = 0,
-                   *, all_windows: bool = False
+                   *, all_windows: bool = False, features: bool = True
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Probabilities for one window per recording (ending at its last segment), or with
     ``all_windows`` one per segment: (p_activity, p_identity, identity features, owners)."""
@@ -291,11 +292,12 @@ def classify_codes(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, va
     for i in range(0, len(rows), 256):
         z, p, present, level = window_batch(codes, rows[i : i + 256],
                                       np.full(len(rows[i : i + 256]), variant))
-        pooled, id_features = net.classifier.features(z, p, present, level)
-        p_act.append(torch.softmax(net.classifier.activity(pooled), -1).numpy())
-        if net.classifier.identity is not None:
-            p_id.append(torch.softmax(net.classifier.identity(id_features), -1).numpy())
-        feats.append(id_features.numpy())
+        a, b, f = classify_windows(net, z.numpy(), p.numpy(), present.numpy(), level.numpy(),
+                                   features=features)
+        p_act.append(a)
+        if b is not None:
+            p_id.append(b)
+        feats.append(f if f is not None else np.zeros((len(a), 0), np.float32))
     return (np.concatenate(p_act), np.concatenate(p_id) if p_id else None,
             np.concatenate(feats), owners)
 
@@ -416,6 +418,13 @@ def enroll_identity(net: CSICodecNet, calibration: dict[str, Any], codes: CodeDa
     derived = CSICodecNet(cfg)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("classifier.identity")}
     derived.load_state_dict(state, strict=False)
+    if net.context_head is not None:
+        # The head's identity layer does not know the new person (and cannot be refitted
+        # without the original windows): identity falls back to the network's identity
+        # layer, which is refitted below; the activity part is kept as it is.
+        derived.context_head = copy.deepcopy(net.context_head)
+        for part in derived.context_head.levels:
+            part.identity = None
     layer = derived.classifier.identity
     assert layer is not None and net.classifier.identity is not None
     with torch.no_grad():
@@ -446,20 +455,17 @@ def save_derived(parent: Path, out: Path, net: CSICodecNet, *, name: str,
                  labels: dict[str, list[str] | None] | None = None,
                  calibration: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None,
-                 metrics: dict[str, Any] | None = None) -> BundleManifest:
+                 metrics: dict[str, Any] | None = None,
+                 held_out: bool | None = None) -> BundleManifest:
     """Write a bundle derived from ``parent`` in the cloud: the parent's ``edge.onnx`` and
-    edge-side manifest fields, new cloud weights; the id is recomputed."""
+    edge-side manifest fields, new cloud weights; the id is recomputed. ``held_out``: whether
+    its metrics come from recordings it was not fitted on (None: it has no such metrics)."""
     base = BundleManifest.model_validate_json((parent / "bundle.json").read_bytes())
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(parent / base.files["edge"].path, staging / EDGE_FILE)
-    arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
-    with (staging / CLOUD_FILE).open("wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    import hashlib
-
-    cloud = (staging / CLOUD_FILE).read_bytes()
+    cloud = write_cloud(net, staging / CLOUD_FILE)
     manifest = base.model_copy(deep=True, update={
         "name": name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -467,11 +473,12 @@ def save_derived(parent: Path, out: Path, net: CSICodecNet, *, name: str,
         "labels": labels if labels is not None else base.labels,
         "calibration": calibration if calibration is not None else base.calibration,
         "files": {**base.files, "cloud": base.files["cloud"].model_copy(update={
-            "sha256": hashlib.sha256(cloud).hexdigest(), "bytes": len(cloud)})},
+            "sha256": cloud.sha256, "bytes": cloud.bytes})},
         "training": {**(training or {}), "parent": base.id, "parent_name": base.name},
         "metrics": metrics or {},
         "edge_id": base.wire_id,
         "parent": base.id,
+        "held_out": held_out,
     })
     manifest.id = bundle_id(manifest)
     (staging / "bundle.json").write_text(

@@ -24,7 +24,7 @@ T latent steps, N context segments, G symbol groups):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .quantizers import FSQ, EMAVectorQuantizer, QuantizerOutput
+
+if TYPE_CHECKING:
+    from .context_head import ContextHead
 
 __all__ = ["CSICodecNet", "ContextClassifier", "Decoder", "Encoder", "ModelConfig"]
 
@@ -51,8 +54,12 @@ class ModelConfig(BaseModel):
     fsq_levels: int = 5
     vq_dim: int = 2
     vq_size: int = 25
-    level_channels: tuple[int, ...] = (2, 4, 8, 16)  # latent channels each level transmits
-    profile_components: tuple[int, ...] = (4, 8, 12, 16)  # 16 hold 99.99 % of its variance
+    # Latent channels and profile PCA coefficients each level transmits. The profile
+    # coefficients, one set a second, carry most of what identifies an activity over ~8 s
+    # (docs/model.md, ablation), so every level sends most of them; 16 hold 99.99 % of the
+    # profile's variance.
+    level_channels: tuple[int, ...] = (1, 4, 8, 16)
+    profile_components: tuple[int, ...] = (12, 16, 16, 16)
     profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
     embed: int = 64
     # Feed the encoder the frame-to-frame difference of the dynamics next to the dynamics:
@@ -61,6 +68,10 @@ class ModelConfig(BaseModel):
     input_diff: bool = True
     activities: int = Field(ge=2)
     identities: int = 0  # 0: no identity head
+    # The cloud classifier: "context" (the network's context classifier below) or "rocket"
+    # (random-convolution features of the decoded window and ridge heads fitted in closed
+    # form after training, csi_cloud.model.context_head; see docs/model.md).
+    head: Literal["context", "rocket"] = "rocket"
 
     @property
     def channels(self) -> int:
@@ -205,6 +216,9 @@ class CSICodecNet(nn.Module):
             self.quantizer = None
         self.decoder = Decoder(cfg)
         self.classifier = ContextClassifier(cfg)
+        # The cloud classifier fitted in closed form on decoded windows after training
+        # (csi_cloud.model.context_head); None: the context classifier above classifies.
+        self.context_head: ContextHead | None = None
         kmax = max(cfg.profile_components)
         self.register_buffer("profile_mean", torch.zeros(cfg.channels))
         self.register_buffer("profile_basis", torch.zeros(kmax, cfg.channels))

@@ -49,8 +49,10 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         train_recs: np.ndarray, val_recs: np.ndarray, opts: TrainOptions, out: Path, *,
         name: str, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
         progress: Callable[[EpochLog], None] | None = None,
-        checkpoints: Path | None = None) -> tuple[TrainResult, Any]:
-    """Train, freeze the entropy tables, write the bundle; returns (result, manifest)."""
+        checkpoints: Path | None = None, calibrate: bool = True) -> tuple[TrainResult, Any]:
+    """Train, freeze the entropy tables, fit the context head, write the bundle; returns
+    (result, manifest). ``calibrate`` False skips the open-set and idle calibrations (a
+    benchmark that only measures accuracy and bytes does not need them)."""
     cfg = ModelConfig(antennas=spec.antennas, subcarriers=len(spec.subcarriers),
                       segment_frames=spec.segment_frames, activities=len(activities),
                       identities=len(identities), **(model or {}))
@@ -66,7 +68,80 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
     save_bundle(out, name=name, net=result.net, spec=spec, tables=tables,
                 activities=activities, identities=identities or None, calibration=calibration,
                 segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info)
+    if cfg.head == "rocket":
+        t0 = time.perf_counter()
+        result.net.context_head = fit_bundle_head(out, data, train_recs, val_recs,
+                                                  features=opts.head_features, seed=opts.seed)
+        info["head_seconds"] = round(time.perf_counter() - t0, 1)
+    if not calibrate:
+        from csi_edge.bundle import load_manifest
+
+        return result, load_manifest(out)
     return result, calibrate_bundle(out, data, train_recs, val_recs)
+
+
+def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each recording's last window and up to ``per_recording - 1`` other windows the service
+    would classify (partial contexts at the start included), drawn at random."""
+    from .data import segment_windows
+
+    rows, owners, last = segment_windows(codes, recordings, n)
+    keep = last.copy()
+    for r in np.unique(owners).tolist():
+        others = np.flatnonzero((owners == r) & ~last)
+        keep[rng.permutation(others)[: per_recording - 1]] = True
+    return rows[keep], owners[keep]
+
+
+def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
+                    val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
+                    per_recording: int = 5) -> Any:
+    """Fit the bundle's context head on the codes its int8 edge encoder produces for the
+    training recordings (``per_recording`` of the windows the service would classify in each,
+    the last one included, at every rate level, and the unquantized path), choose the ridge
+    penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
+    recomputed). Returns the head."""
+    from csi_edge.bundle import bundle_id
+
+    from .bundle import CLOUD_FILE, write_cloud
+    from .context_head import fit_context_head, profile_coefficients, unquantized_windows
+    from .heads import codes_from_segments
+    from .rocket import WindowLayout
+
+    model = CloudModel.load(folder)
+    net, cfg = model.net, model.net.cfg
+    codes = codes_from_segments(model, EdgeEncoder(folder), data)
+    coeff = profile_coefficients(net, codes.profile)
+    n = cfg.context_segments
+    rng = np.random.default_rng(seed)
+    rows_tr, own_tr = _some_windows(codes, train_recs, n, per_recording, rng)
+    rows_va, own_va = _some_windows(codes, val_recs, n, per_recording, rng)
+
+    def decoded(variant: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        present = rows >= 0
+        safe = np.where(present, rows, 0)
+        return (codes.z_q[variant][safe] * present[..., None, None],
+                coeff[variant][safe] * present[..., None], present)
+
+    levels: list[Any] = [
+        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv]),
+         decoded(lv, rows_tr), decoded(lv, rows_va)) for lv in range(cfg.levels)]
+    levels.append((WindowLayout(cfg.latent_channels, max(cfg.profile_components)),
+                   unquantized_windows(net, data.x, rows_tr),
+                   unquantized_windows(net, data.x, rows_va)))
+    identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])
+                if cfg.identities else None)
+    head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
+                            seed=seed, val_labels=data.activity[own_va], identity=identity)
+    net.context_head = head
+    manifest = model.manifest
+    entry = write_cloud(net, folder / CLOUD_FILE)
+    manifest = manifest.model_copy(update={"files": {**manifest.files, "cloud": entry}})
+    manifest.id = bundle_id(manifest)
+    (folder / "bundle.json").write_text(
+        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return head
 
 
 def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
@@ -115,6 +190,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         val_recs = train_recs
     if len(test_recs) == 0:
         test_recs = val_recs
+    held_out = not np.isin(test_recs, np.concatenate([train_recs, val_recs])).any()
     training = {"dataset": dataset, "data_dir": data_dir.name, "recordings": len(data),
                 "split": f"random by recording, stratified by activity, val {val}, test {test}",
                 "seed": opts.seed, "train": len(train_recs), "val": len(val_recs),
@@ -137,6 +213,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         manifest.metrics = {"test_split": evaluation.summary,
                             **({"protocols": protocol_results} if protocol_results else {})}
         manifest.training = {**manifest.training, **training}
+        manifest.held_out = held_out
         # Metrics are not part of the id (it covers weights and behaviour only).
         (staging / "bundle.json").write_text(
             json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")

@@ -114,7 +114,8 @@ def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 METRIC_KEYS = ["level", "payload_bytes_per_s", "payload_bytes_per_segment", "compression_ratio",
-               "activity_accuracy", "activity_macro_f1", "identity_accuracy", "identity_macro_f1",
+               "activity_accuracy", "activity_accuracy_per_second", "activity_macro_f1",
+               "identity_accuracy", "identity_accuracy_per_second", "identity_macro_f1",
                "nmse_db", "encoder_ms_per_segment"]
 
 
@@ -141,8 +142,12 @@ def write_report(folder: Path, *, manifest: dict[str, Any], history: list[dict[s
 
     spec = manifest["input_spec"]
     train = manifest["training"]
+    held_out = manifest.get("held_out") is not False
+    test_title = ("## Held-out test recordings (one split)" if held_out else
+                  "## Test recordings OVERLAP the training recordings (not held out)")
     lines = [
-        f"# {manifest['name']}: model report",
+        f"# {manifest['name']}: model report"
+        + ("" if held_out else " (NOT held out: tested on its training recordings)"),
         "",
         f"Bundle id `{manifest['id']}`, created {manifest['created']}.",
         "",
@@ -156,9 +161,16 @@ def write_report(folder: Path, *, manifest: dict[str, Any], history: list[dict[s
         f"val {train.get('val')}, test {train.get('test')}; training took "
         f"{train.get('seconds', 0):.0f} s, best epoch {train.get('best_epoch')}",
         "",
-        "## Held-out test recordings (one split)",
+        test_title,
+        *([] if held_out else [
+            "Too few recordings for a held-out test split: the numbers below are measured on "
+            "recordings the bundle was trained or validated on and say nothing about new "
+            "ones (`held_out: false` in bundle.json).", ""]),
         "Payload bytes are `len()` of the real wire payloads (header, codes, CRC). NMSE: "
-        "`10 log10(sum (x - x_hat)^2 / sum x^2)` on the standardised log amplitude.",
+        "`10 log10(sum (x - x_hat)^2 / sum x^2)` on the standardised log amplitude. "
+        "Accuracy per recording: the window ending at each recording's last segment; "
+        "per second: every prediction the service makes while the recording streams (one "
+        "per segment, windows that start mid-recording included).",
         "",
         _table([{**summary["unquantized"], "level": "unquantized"}, *summary["levels"]],
                METRIC_KEYS),

@@ -50,6 +50,8 @@ class TrainOptions(BaseModel):
     # Maximum share of present context slots hidden from the classifier per training window
     # (rate drawn uniformly in [0, segment_dropout) per window); 0 turns it off.
     segment_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Random-convolution features of the context head (ModelConfig.head == "rocket").
+    head_features: int = Field(default=4000, ge=168)
 
 
 @dataclass

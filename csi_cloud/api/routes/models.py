@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from csi_edge.bundle import BundleManifest
 from csi_edge.rollout import edge_archive
 
+from ...model.bundle import activation_refusal
 from ...registry import UnknownModelError
 from ...service import NotConnectedError
 from ..deps import Service, WriteAccess
@@ -56,9 +59,21 @@ def get_edge(model_id: str, service: Service) -> Response:
 
 
 @router.post("/{model_id}/activate", response_model=Activated, dependencies=[WriteAccess],
-             summary="Make a bundle active and announce it to the APs on ctl")
-async def activate(model_id: str, service: Service) -> Activated:
+             summary="Make a bundle active and announce it to the APs on ctl",
+             responses={409: {"description": "the bundle's held-out accuracy is below its "
+                                             "parent's, or it was never tested on held-out "
+                                             "recordings; repeat with force=true to activate "
+                                             "it anyway"}})
+async def activate(model_id: str, service: Service,
+                   force: Annotated[bool, Query(description="activate even if the bundle "
+                                                            "scores below its parent or has "
+                                                            "no held-out score")] = False
+                   ) -> Activated:
     manifest = _find(service, model_id)
+    refusal = activation_refusal(manifest)
+    if refusal is not None and not force:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{refusal}; add force=true to "
+                                                      "activate it anyway")
     # Refuse up front: CloudService.activate stores the new active model before it announces
     # it, so failing on the first send would leave it changed behind a 503.
     if service.mqtt is None:

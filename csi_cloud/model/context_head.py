@@ -1,0 +1,232 @@
+"""The cloud classifier of a bundle: random-convolution features of the decoded context window
+and closed-form ridge heads, one set per rate level (and one for the unquantized path).
+
+What it reads is exactly what the cloud decodes from the wire: the latent channels the
+window's level carries and the decoded profile's PCA coefficients of each of the last ``N``
+segments (missing segments are zeros), laid out as one multichannel series
+(:func:`csi_cloud.model.rocket.series`). The profile part and the latent part get their own
+random convolutions, so adding latent channels never dilutes the profile's features (the
+ridge layer weighs the two).
+
+The profile coefficients are a slow (1 s) sequence of the static channel; on the recordings
+we have they carry most of what identifies an activity over ~8 s (docs/model.md, ablation).
+
+Stored in ``cloud.npz`` under ``head.<part>.`` keys (plain arrays, no pickle); a bundle whose
+``cloud.npz`` has no such keys classifies with the network's context classifier instead.
+
+Shapes: W windows, N context slots, D latent channels, T latent steps, C profile channels,
+K profile components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .network import CSICodecNet
+from .rocket import (
+    RidgeHead,
+    RocketTransform,
+    WindowLayout,
+    fit_temperature,
+    ridge_path,
+    series,
+)
+
+__all__ = ["ContextHead", "LevelHead", "profile_coefficients"]
+
+PREFIX = "head."
+
+
+def profile_coefficients(net: CSICodecNet, profile: np.ndarray) -> np.ndarray:
+    """Decoded profiles (..., C) -> their PCA coefficients in quantisation steps (..., Kmax).
+
+    The decoded profile is ``mean + sum_k c_k step_k basis_k`` with orthonormal ``basis``, so
+    this recovers the transmitted coefficients exactly (zeros beyond a level's K)."""
+    mean = net.profile_mean.numpy()
+    basis = net.profile_basis.numpy()
+    step = net.profile_step.numpy()
+    return ((profile - mean) @ basis.T / step).astype(np.float32)
+
+
+@dataclass(slots=True)
+class LevelHead:
+    """Features and heads for the windows of one rate level."""
+
+    layout: WindowLayout
+    transforms: list[RocketTransform]  # profile part, then latent part (either may be absent)
+    activity: RidgeHead
+    identity: RidgeHead | None = None
+
+    def parts(self) -> list[WindowLayout]:
+        out = []
+        if self.layout.profile_components:
+            out.append(WindowLayout(0, self.layout.profile_components,
+                                    self.layout.profile_scale))
+        if self.layout.latent_channels:
+            out.append(WindowLayout(self.layout.latent_channels, 0, self.layout.profile_scale))
+        return out
+
+    def features(self, z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray) -> np.ndarray:
+        return np.concatenate([tf(series(z_q, coeff, present, part)) for tf, part
+                               in zip(self.transforms, self.parts(), strict=True)], axis=1)
+
+
+@dataclass(slots=True)
+class ContextHead:
+    """``levels[l]`` classifies windows of rate level ``l``; the last entry is the unquantized
+    path (every latent channel continuous, the exact profile)."""
+
+    levels: list[LevelHead] = field(default_factory=list)
+
+    def level_index(self, level: int) -> int:
+        return min(int(level), len(self.levels) - 1)
+
+    def features(self, level: int, z_q: np.ndarray, coeff: np.ndarray,
+                 present: np.ndarray) -> np.ndarray:
+        return self.levels[self.level_index(level)].features(z_q, coeff, present)
+
+    def predict(self, z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
+                level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Windows (W, N, D, T), (W, N, K), (W, N), level (W,) -> activity probabilities
+        (W, A) and identity probabilities (W, I) where the head has an identity part."""
+        level = np.asarray(level)
+        p_act: np.ndarray | None = None
+        p_id: np.ndarray | None = None
+        for lv in np.unique(level).tolist():
+            rows = np.flatnonzero(level == lv)
+            part = self.levels[self.level_index(lv)]
+            feats = part.features(z_q[rows], coeff[rows], present[rows])
+            act = part.activity.probabilities(feats)
+            if p_act is None:
+                p_act = np.zeros((len(level), act.shape[1]), np.float32)
+            p_act[rows] = act
+            if part.identity is not None:
+                ident = part.identity.probabilities(feats)
+                if p_id is None:
+                    p_id = np.zeros((len(level), ident.shape[1]), np.float32)
+                p_id[rows] = ident
+        assert p_act is not None
+        return p_act, p_id
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, part in enumerate(self.levels):
+            p = f"{PREFIX}{i}."
+            out[f"{p}layout"] = np.array([part.layout.latent_channels,
+                                          part.layout.profile_components,
+                                          part.layout.profile_scale], np.float32)
+            for j, tf in enumerate(part.transforms):
+                out.update(tf.arrays(f"{p}tf{j}."))
+            out.update(part.activity.arrays(f"{p}activity."))
+            if part.identity is not None:
+                out.update(part.identity.arrays(f"{p}identity."))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ContextHead | None:
+        """The head stored in ``cloud.npz`` arrays, or None when there is none."""
+        indices = sorted({int(k.split(".")[1]) for k in arrays if k.startswith(PREFIX)})
+        if not indices:
+            return None
+        levels = []
+        for i in indices:
+            p = f"{PREFIX}{i}."
+            d, k, scale = arrays[f"{p}layout"].tolist()
+            layout = WindowLayout(int(d), int(k), float(scale))
+            count = len({key.split(".")[2] for key in arrays
+                         if key.startswith(p) and key.split(".")[2].startswith("tf")})
+            transforms = [RocketTransform.from_arrays(arrays, f"{p}tf{j}.") for j in range(count)]
+            identity = (RidgeHead.from_arrays(arrays, f"{p}identity.")
+                        if f"{p}identity.coef" in arrays else None)
+            levels.append(LevelHead(layout, transforms,
+                                    RidgeHead.from_arrays(arrays, f"{p}activity."), identity))
+        return cls(levels)
+
+    @staticmethod
+    def split_arrays(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                            dict[str, np.ndarray]]:
+        """``cloud.npz`` arrays -> (network state, head arrays)."""
+        head = {k: v for k, v in arrays.items() if k.startswith(PREFIX)}
+        return {k: v for k, v in arrays.items() if not k.startswith(PREFIX)}, head
+
+
+# -- fitting -------------------------------------------------------------------------------
+
+ALPHAS = np.logspace(0, 5, 11)
+
+
+def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.ndarray,
+              layout: WindowLayout, classes: int, *, features: int, seed: int,
+              val: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+              identity: tuple[np.ndarray, int, np.ndarray | None] | None = None) -> LevelHead:
+    """Fit one level's transforms (on the training windows) and ridge heads.
+
+    ``windows``: z_q (W, N, D, T), coefficients (W, N, K), present (W, N); ``labels`` (W,).
+    ``val``: validation windows and labels, to choose the ridge penalty and the softmax
+    temperature (without them: the middle penalty, temperature 1). ``identity``: (labels
+    (W,) with -1 unknown, classes, validation labels) for an identity head.
+    """
+    parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
+    xs = [series(*windows, part) for part in parts]
+    transforms = [RocketTransform.fit(x, max(84, features // len(parts)), seed=seed + j)
+                  for j, x in enumerate(xs)]
+    feats = np.concatenate([tf(x) for tf, x in zip(transforms, xs, strict=True)], axis=1)
+    head = LevelHead(layout, transforms, None)  # type: ignore[arg-type]
+    val_feats = head.features(*val[0]) if val is not None else None
+
+    def choose(y: np.ndarray, n: int, val_y: np.ndarray | None) -> RidgeHead:
+        known = y >= 0
+        path = ridge_path(feats[known], y[known], n, ALPHAS)
+        if val_feats is None or val_y is None or not (val_y >= 0).any():
+            return path[len(path) // 2]
+        vk = val_y >= 0
+        scores = [float((h.scores(val_feats[vk]).argmax(1) == val_y[vk]).mean()) for h in path]
+        best = path[int(np.argmax(scores))]  # first of the best: the least shrinkage
+        best.temperature = fit_temperature(best, val_feats[vk], val_y[vk])
+        return best
+
+    head.activity = choose(labels, classes, val[1] if val is not None else None)
+    if identity is not None:
+        head.identity = choose(identity[0], identity[1], identity[2])
+    return head
+
+
+def fit_context_head(levels: Sequence[tuple[WindowLayout,
+                                            tuple[np.ndarray, np.ndarray, np.ndarray],
+                                            tuple[np.ndarray, np.ndarray, np.ndarray] | None]],
+                     labels: np.ndarray, classes: int, *, features: int = 4000, seed: int = 0,
+                     val_labels: np.ndarray | None = None,
+                     identity: tuple[np.ndarray, int, np.ndarray | None] | None = None
+                     ) -> ContextHead:
+    """A head per entry of ``levels``: (layout, training windows, validation windows)."""
+    out = []
+    for layout, train_windows, val_windows in levels:
+        val = ((val_windows, val_labels) if val_windows is not None and val_labels is not None
+               else None)
+        out.append(fit_level(train_windows, labels, layout, classes, features=features,
+                             seed=seed, val=val, identity=identity))
+    return ContextHead(out)
+
+
+@torch.no_grad()
+def unquantized_windows(net: CSICodecNet, x: np.ndarray, rows: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unquantized path's windows: segments ``x`` (M, L, A, S) -> continuous latent and
+    exact profile coefficients for window rows (W, N) (-1 = missing)."""
+    net.eval()
+    z_all, p_all = [], []
+    for i in range(0, len(x), 512):
+        z, profile = net.encoder(torch.from_numpy(x[i : i + 512]))
+        z_all.append(net.bypass(z).numpy())
+        p_all.append(profile.numpy())
+    z_q = np.concatenate(z_all)
+    coeff = profile_coefficients(net, np.concatenate(p_all))
+    present = rows >= 0
+    safe = np.where(present, rows, 0)
+    return z_q[safe] * present[..., None, None], coeff[safe] * present[..., None], present

@@ -1,0 +1,180 @@
+"""The few-shot protocol: how well a bundle learns a new setting from K labelled recordings.
+
+For K labelled recordings per activity drawn from the new setting (``draws`` seeded draws;
+the rest of the setting is the test set), it measures
+
+- ``ours_before``: the bundle as it is;
+- ``ours_adapted``: after ``csi adapt`` (the context head's activity layers refitted on the
+  support windows, shrunk towards the bundle's; :func:`csi_cloud.model.adapt.adapt_head`);
+- ``ours_support_only``: the same head refitted on the support alone (no prior);
+- the accuracy anchors (:mod:`.anchors`, uncompressed CSI) trained on the same support alone
+  (``<anchor>_support_only``) and, with source data and at the largest K, on the source
+  recordings plus the support, the support weighted like all source windows together
+  (``<anchor>_source_and_support``).
+
+Ours is scored through the real codes at every rate level, per recording (the window ending at
+its last segment) and per second (every window the service would classify). Used by
+``csi evaluate --protocol few-shot`` and bench/model.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from csi_edge.bundle import EdgeEncoder
+
+from .adapt import _accuracy, adapt_head, pick_support
+from .compression import CloudModel
+from .data import SegmentData, load_segments, segment_windows
+from .heads import codes_from_segments
+from .protocols import aggregate
+
+__all__ = ["Windows", "few_shot", "few_shot_folder", "run_anchors"]
+
+
+class Windows:
+    """Every window of every recording (one per segment), with the anchors' inputs."""
+
+    def __init__(self, data: SegmentData, context: int) -> None:
+        from .anchors import anchor_features
+
+        self.rows, self.owner, self.last = segment_windows(data, np.arange(len(data)), context)
+        self.features = anchor_features(data.x, self.rows)
+        self.activity = data.activity[self.owner]
+        self.identity = data.identity[self.owner]
+
+    def of(self, recordings: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.owner, recordings))
+
+    def rocket(self, fitted_on: np.ndarray, seed: int, cache: Path | None) -> np.ndarray:
+        """MiniRocket features of every window, the transform fitted on up to 1,000 windows
+        of the recordings ``fitted_on`` (unsupervised: no label is used)."""
+        from .anchors import minirocket_features
+
+        rows = self.of(fitted_on)
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(rows, min(len(rows), 1000), replace=False))
+        return minirocket_features(self.features.series[pick], self.features.series,
+                                   seed=seed, cache=cache)
+
+
+def _acc(p: np.ndarray, y: np.ndarray) -> float:
+    known = y >= 0
+    return float((p[known].argmax(1) == y[known]).mean()) if known.any() else float("nan")
+
+
+def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
+                test_recs: np.ndarray, n_act: int, n_id: int, *, identity: bool, seed: int,
+                support: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Anchors fitted on every window of ``train_recs`` (plus the ``support`` recordings,
+    weighted like all the training windows together), scored on ``test_recs`` per recording
+    and per second."""
+    from .anchors import fit_predict
+
+    train = win.of(train_recs)
+    weight = np.ones(len(train))
+    if support is not None and len(support):
+        sup = win.of(support)
+        weight = np.concatenate([weight, np.full(len(sup), max(len(train), 1) / len(sup))])
+        train = np.concatenate([train, sup])
+    test = win.of(test_recs)
+    preds = fit_predict(rocket, win.features, train, test, win.activity,
+                        win.identity if identity else None, n_act, n_id if identity else 0,
+                        weight=weight, seed=seed)
+    last = win.last[test]
+    out = {}
+    for name, p in preds.items():
+        row = {"activity_accuracy": _acc(p["activity"][last], win.activity[test][last]),
+               "activity_accuracy_per_second": _acc(p["activity"], win.activity[test])}
+        if "identity" in p:
+            row["identity_accuracy"] = _acc(p["identity"][last], win.identity[test][last])
+            row["identity_accuracy_per_second"] = _acc(p["identity"], win.identity[test])
+        out[name] = row
+    return out
+
+
+def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
+             target: np.ndarray, shots: Sequence[int], draws: int, *,
+             win: Windows | None = None, rocket: np.ndarray | None = None,
+             source: np.ndarray | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One setting: K -> method -> mean and std over draws (see the module docstring).
+
+    ``target``: the new setting's recordings in ``data``; ``source``: recordings of the
+    source data in ``data`` (for the anchors trained with it); ``win``/``rocket``: the
+    anchors' windows and MiniRocket features (no anchors without them)."""
+    codes = codes_from_segments(model, edge, data)
+    n_act = len(model.manifest.labels["activity"] or [])
+    out: dict[str, Any] = {}
+    for k in shots:
+        per: dict[str, list[dict[str, float]]] = {}
+        for draw in range(draws):
+            support, query = pick_support(codes, target, k, draw)
+            if not len(query):
+                continue
+            nets = (("ours_before", model.net),
+                    ("ours_adapted", adapt_head(model.net, codes, support, prior=True)),
+                    ("ours_support_only", adapt_head(model.net, codes, support, prior=False)))
+            for name, net in nets:
+                per.setdefault(name, []).append({
+                    **{f"level{lv}_activity_accuracy": a for lv, a in
+                       enumerate(_accuracy(net, codes, query))},
+                    **{f"level{lv}_activity_accuracy_per_second": a for lv, a in
+                       enumerate(_accuracy(net, codes, query, every=True))}})
+            if win is not None and rocket is not None:
+                for name, row in run_anchors(win, rocket, support, query, n_act, 0,
+                                             identity=False, seed=draw).items():
+                    per.setdefault(f"{name}_support_only", []).append(row)
+                if source is not None and len(source) and k == max(shots):
+                    for name, row in run_anchors(win, rocket, source, query, n_act, 0,
+                                                 identity=False, seed=draw,
+                                                 support=support).items():
+                        per.setdefault(f"{name}_source_and_support", []).append(row)
+        out[str(k)] = {m: aggregate(rows) for m, rows in per.items()}
+        if log and "ours_adapted" in out[str(k)]:
+            before = out[str(k)]["ours_before"]["level0_activity_accuracy"]["mean"]
+            after = out[str(k)]["ours_adapted"]["level0_activity_accuracy"]["mean"]
+            log(f"K={k}: level-0 activity accuracy before {before:.3f}, adapted {after:.3f}")
+    return out
+
+
+def few_shot_folder(bundle: Path, dataset: str, data_dir: Path, shots: Sequence[int],
+                    draws: int, *, source_dir: Path | None = None, anchors: bool = True,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``csi evaluate --protocol few-shot``: the folder is the new setting; ``source_dir``
+    (same dataset kind) the source data the anchors may also train on."""
+    from ..datasets import index_dataset
+
+    model = CloudModel.load(bundle)
+    manifest = model.manifest
+    acts = manifest.labels["activity"] or []
+    ids = manifest.labels["identity"] or []
+    examples = list(index_dataset(dataset, data_dir))
+    source_examples = list(index_dataset(dataset, source_dir)) if source_dir else []
+    unknown = sorted({e.activity for e in examples + source_examples} - set(acts))
+    if unknown:
+        raise ValueError(f"activities {unknown} are not in bundle {manifest.name!r} ({acts})")
+    data = load_segments(source_examples + examples, manifest.input_spec, acts, ids)
+    from_source = {id(e) for e in source_examples}
+    is_source = np.array([id(e) in from_source for e in data.examples], dtype=bool)
+    target = np.flatnonzero(~is_source)
+    source = np.flatnonzero(is_source)
+    win = rocket = None
+    if anchors:
+        from .anchors import require
+
+        require()
+        win = Windows(data, model.net.cfg.context_segments)
+        rocket = win.rocket(source if len(source) else target, 0, None)
+    result = few_shot(model, EdgeEncoder(bundle), data, target, shots, draws, win=win,
+                      rocket=rocket, source=source if len(source) else None, log=log)
+    return {"model": manifest.id, "name": manifest.name, "dataset": dataset,
+            "data": str(data_dir), "source": str(source_dir) if source_dir else None,
+            "target_recordings": len(target), "source_recordings": len(source),
+            "shots": list(shots), "draws": draws, "results": result,
+            "note": "anchors read uncompressed CSI; their MiniRocket transform is fitted "
+                    "(unsupervised) on the source recordings when given, else on the folder"}

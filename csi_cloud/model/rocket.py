@@ -1,0 +1,323 @@
+"""Random-convolution features and closed-form ridge heads over decoded context windows.
+
+The cloud classifies a context window of ``N`` decoded segments by
+
+1. laying the window out as one multichannel series: the decoded latent channels of the
+   window's rate level (``D_l`` channels, ``T`` steps a segment) and the decoded profile's
+   PCA coefficients (``K_l`` channels, each held for the segment's ``T`` steps), side by side
+   over the ``N`` segments (``N * T`` steps; missing segments are zeros), plus the first
+   difference of every channel;
+2. turning it into fixed features with MiniRocket's random convolutions (Dempster et al.,
+   2021): the 84 length-9 kernels with weights {-1, 2}, exponentially spaced dilations, each
+   kernel summing a random subset of channels, biases drawn from quantiles of the training
+   windows' convolution outputs, and the proportion of positive values (PPV) as the feature;
+3. a linear (ridge) layer on the standardised features, fitted in closed form.
+
+Why this and not a trained head: on the data we have, no model transfers to a new room,
+session or antenna height; accuracy there comes from a few labelled recordings of that
+setting, so the cloud classifier must be a fast and strong few-shot learner. A linear model on
+random-convolution features is both (bench/model.py, docs/model.md): refitting it on K
+recordings takes a second, and ``adapt`` can shrink it towards the parent's weights instead of
+forgetting them.
+
+The transform is written in torch (batched ``conv1d``) rather than called from aeon, whose
+MiniRocket we use for the uncompressed anchors in bench/: a fitted aeon transformer can only
+be stored by pickling, and bundles are loaded without unpickling (``cloud.npz``). Every
+parameter here is a plain array in that file.
+
+Shapes: W windows, N context slots, D latent channels, T latent steps a segment, C profile
+channels, K profile components, F features, A classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", "fit_ridge",
+           "fit_temperature", "ridge_path", "ridge_to_prior", "series"]
+
+# The 84 MiniRocket kernels: length 9, weight 2 at three positions, -1 elsewhere.
+KERNELS = np.array([[2.0 if i in combo else -1.0 for i in range(9)]
+                    for combo in itertools.combinations(range(9), 3)], dtype=np.float32)
+_PHI = (np.sqrt(5.0) - 1) / 2  # low-discrepancy quantile positions, as MiniRocket draws them
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLayout:
+    """Which decoded channels a level's features read, and how they are scaled."""
+
+    latent_channels: int  # D_l: the first D_l latent channels
+    profile_components: int  # K_l: the first K_l profile PCA coefficients
+    profile_scale: float = 5.0  # coefficients are in quantisation steps (+-R): to O(1)
+
+
+def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
+           layout: WindowLayout) -> np.ndarray:
+    """Windows -> one multichannel series each, with first differences.
+
+    ``z_q`` (W, N, D, T), ``coeff`` (W, N, K) profile coefficients in steps, ``present``
+    (W, N). Returns (W, 2 * (D_l + K_l), N * T) float32; missing slots are zeros.
+    """
+    w, n, _, t = z_q.shape
+    lat = z_q[:, :, : layout.latent_channels]
+    prof = np.repeat(coeff[:, :, : layout.profile_components, None], t, axis=3)
+    x = np.concatenate([lat, prof / layout.profile_scale], axis=2)
+    x = x * present[:, :, None, None]
+    x = x.transpose(0, 2, 1, 3).reshape(w, x.shape[2], n * t)
+    diff = np.diff(x, axis=2, prepend=x[:, :, :1])
+    return np.concatenate([x, diff], axis=1).astype(np.float32)
+
+
+class RocketTransform:
+    """MiniRocket-style features of (W, channels, length) series (see the module docstring)."""
+
+    def __init__(self, dilations: np.ndarray, channel_mask: np.ndarray,
+                 biases: np.ndarray, counts: np.ndarray) -> None:
+        self.dilations = np.asarray(dilations, np.int64)  # (G,)
+        self.channel_mask = np.asarray(channel_mask, np.float32)  # (G, 84, channels)
+        self.biases = np.asarray(biases, np.float32)  # (G, 84, Fmax), padded with +inf
+        self.counts = np.asarray(counts, np.int64)  # (G,) features per kernel at dilation g
+
+    @property
+    def features(self) -> int:
+        return int(84 * self.counts.sum())
+
+    @classmethod
+    def fit(cls, x: np.ndarray, features: int = 5000, max_dilations: int = 32,
+            seed: int = 0) -> RocketTransform:
+        """Dilations from the series length, random channel subsets, biases from quantiles of
+        the convolution outputs of random training series ``x`` (W, channels, length)."""
+        rng = np.random.default_rng(seed)
+        _, channels, length = x.shape
+        per_kernel = max(1, features // 84)
+        true_max = max(1, min(per_kernel, max_dilations))
+        top = np.log2(max((length - 1) / 8, 1))
+        dilations, counts = np.unique(
+            np.floor(2 ** np.linspace(0, top, true_max)).astype(np.int64), return_counts=True)
+        counts = counts * (per_kernel // true_max)
+        counts[: per_kernel % true_max] += 1 if len(counts) > per_kernel % true_max else 0
+        counts = np.maximum(counts, 1)
+        g = len(dilations)
+        mask = np.zeros((g, 84, channels), np.float32)
+        limit = np.log2(min(channels, 9) + 1)
+        for i in range(g):
+            for k in range(84):
+                size = int(2 ** rng.uniform(0, limit))
+                mask[i, k, rng.choice(channels, size, replace=False)] = 1.0
+        fmax = int(counts.max())
+        biases = np.full((g, 84, fmax), np.inf, np.float32)
+        quantiles = (np.arange(1, fmax + 1) * _PHI) % 1
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        for i, d in enumerate(dilations.tolist()):
+            # Kernel k's output on one random training series each.
+            pick = torch.from_numpy(rng.integers(0, len(x), 84))
+            summed = torch.einsum("kcl,kc->kl", tensor[pick], torch.from_numpy(mask[i]))
+            out = F.conv1d(summed[None], torch.from_numpy(KERNELS)[:, None, :],
+                           dilation=int(d), padding=4 * int(d), groups=84)[0].numpy()
+            c = int(counts[i])
+            biases[i, :, :c] = np.quantile(out, quantiles[:c], axis=1).T
+        return cls(dilations, mask, biases, counts)
+
+    @staticmethod
+    def _conv(x: torch.Tensor, dilation: int, mask: torch.Tensor) -> torch.Tensor:
+        """(W, channels, L) -> every kernel summed over its channels: (W, 84, L).
+
+        The kernels are linear, so summing the channels first and convolving once per kernel
+        equals summing the per-channel convolutions (and costs a channel count less)."""
+        summed = torch.einsum("wcl,kc->wkl", x, mask)
+        return F.conv1d(summed, torch.from_numpy(KERNELS)[:, None, :], dilation=dilation,
+                        padding=4 * dilation, groups=84)
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray, batch: int = 128) -> np.ndarray:
+        """(W, channels, L) -> (W, F) float32 features."""
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        out = []
+        for start in range(0, len(tensor), batch):
+            chunk = tensor[start : start + batch]
+            feats = []
+            for i, d in enumerate(self.dilations.tolist()):
+                conv = self._conv(chunk, int(d), torch.from_numpy(self.channel_mask[i]))
+                c = int(self.counts[i])
+                bias = torch.from_numpy(self.biases[i, :, :c])  # (84, c)
+                ppv = (conv[:, :, None, :] > bias[None, :, :, None]).float().mean(-1)
+                feats.append(ppv.reshape(len(chunk), -1))
+            out.append(torch.cat(feats, dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.features), np.float32)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}dilations": self.dilations, f"{prefix}channel_mask": self.channel_mask,
+                f"{prefix}biases": self.biases, f"{prefix}counts": self.counts}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> RocketTransform:
+        return cls(arrays[f"{prefix}dilations"], arrays[f"{prefix}channel_mask"],
+                   arrays[f"{prefix}biases"], arrays[f"{prefix}counts"])
+
+
+@dataclass(slots=True)
+class RidgeHead:
+    """Standardised features -> class scores ``x_std @ coef.T + intercept`` -> softmax."""
+
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    coef: np.ndarray  # (A, F)
+    intercept: np.ndarray  # (A,)
+    temperature: float = 1.0  # softmax(scores / temperature)
+    alpha: float = 1.0
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        s = self.scores(features) / self.temperature
+        s = s - s.max(axis=1, keepdims=True)
+        e = np.exp(s)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}mean": self.mean, f"{prefix}scale": self.scale,
+                f"{prefix}coef": self.coef, f"{prefix}intercept": self.intercept,
+                f"{prefix}temperature": np.array(self.temperature, np.float32),
+                f"{prefix}alpha": np.array(self.alpha, np.float32)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> RidgeHead:
+        return cls(arrays[f"{prefix}mean"], arrays[f"{prefix}scale"], arrays[f"{prefix}coef"],
+                   arrays[f"{prefix}intercept"], float(arrays[f"{prefix}temperature"]),
+                   float(arrays[f"{prefix}alpha"]))
+
+
+ALPHAS = np.logspace(-1, 5, 13)
+
+
+def _targets(y: np.ndarray, classes: int) -> np.ndarray:
+    """Labels -> +-1 one-vs-rest targets (what RidgeClassifier regresses on)."""
+    t = -np.ones((len(y), classes), np.float64)
+    t[np.arange(len(y)), y] = 1.0
+    return t
+
+
+def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
+           groups: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Weighted ridge ``min sum_i w_i |t_i - x_i W|^2 + alpha |W|^2`` with alpha chosen by
+    leave-one-group-out error over ``alphas`` (the groups are recordings: windows of one
+    recording overlap, so leaving single windows out would pick too little shrinkage).
+    ``x``, ``t`` centred by the weighted means. Returns (W (F, A), alpha)."""
+    sw = np.sqrt(weight)[:, None]
+    xs, ts = x * sw, t * sw
+    # Dual form: windows are fewer than features.
+    gram = xs @ xs.T
+    evals, evecs = np.linalg.eigh(gram)
+    evals = np.clip(evals, 0, None)
+    proj = evecs.T @ ts
+    best, best_alpha = np.inf, float(alphas[0])
+    if groups is not None and len(np.unique(groups)) > 2 and len(alphas) > 1:
+        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+        for alpha in alphas:
+            shrink = evals / (evals + alpha)
+            resid = ts - evecs @ (proj * shrink[:, None])
+            err = 0.0
+            for rows in members:
+                # Leave the recording out: (I - H_gg)^-1 times its residuals, with the hat
+                # matrix H = G (G + alpha I)^-1 restricted to its windows.
+                v = evecs[rows]
+                block = np.eye(len(rows)) - (v * shrink) @ v.T
+                err += float((np.linalg.solve(block, resid[rows]) ** 2).sum())
+            if err < best:
+                best, best_alpha = err, float(alpha)
+    elif len(alphas) > 1:
+        best_alpha = float(alphas[len(alphas) // 2])
+    dual = evecs @ (proj / (evals + best_alpha)[:, None])
+    return xs.T @ dual, best_alpha
+
+
+def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
+              groups: np.ndarray | None = None, weight: np.ndarray | None = None,
+              alphas: np.ndarray = ALPHAS, prior: RidgeHead | None = None,
+              alpha: float | None = None) -> RidgeHead:
+    """Fit a ridge head in closed form on (W, F) features and (W,) labels.
+
+    ``groups`` (W,): recording of each window, for choosing alpha by leave-one-recording-out
+    (``alpha`` fixes it instead). ``weight`` (W,): per-window weights (e.g. to balance
+    classes). ``prior``: shrink towards this head's weights instead of towards zero (the
+    parent's head when adapting: ``|W - W_prior|^2``), reusing its standardisation.
+    """
+    labels = np.asarray(labels)
+    weight = np.ones(len(labels)) if weight is None else np.asarray(weight, np.float64)
+    if prior is not None:
+        mean, scale = prior.mean, prior.scale
+    else:
+        mean = np.average(features, axis=0, weights=weight).astype(np.float32)
+        spread = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weight))
+        scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
+    x = ((features - mean) / scale).astype(np.float64)
+    t = _targets(labels, classes)
+    if prior is not None:
+        t = t - x @ prior.coef.T.astype(np.float64)  # what the prior does not explain yet
+    xm = np.average(x, axis=0, weights=weight)
+    tm = np.average(t, axis=0, weights=weight)
+    coef, chosen = _solve(x - xm, t - tm, weight,
+                          np.array([alpha]) if alpha is not None else alphas,
+                          None if alpha is not None else groups)
+    coef = coef.T
+    if prior is not None:
+        coef = coef + prior.coef
+    intercept = tm - xm @ (coef.T - (prior.coef.T if prior is not None else 0))
+    return RidgeHead(mean, scale, coef.astype(np.float32), intercept.astype(np.float32),
+                     1.0, chosen)
+
+
+def ridge_path(features: np.ndarray, labels: np.ndarray, classes: int,
+               alphas: np.ndarray = ALPHAS) -> list[RidgeHead]:
+    """One ridge head per alpha from a single decomposition (to pick alpha on validation
+    windows when there are too many training windows for leave-one-recording-out)."""
+    labels = np.asarray(labels)
+    mean = features.mean(axis=0).astype(np.float32)
+    spread = features.std(axis=0)
+    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
+    x = ((features - mean) / scale).astype(np.float64)
+    t = _targets(labels, classes)
+    xm, tm = x.mean(axis=0), t.mean(axis=0)
+    xc, tc = x - xm, t - tm
+    if xc.shape[0] <= xc.shape[1]:  # dual: W x W
+        evals, evecs = np.linalg.eigh(xc @ xc.T)
+        proj = evecs.T @ tc
+        coefs = [xc.T @ (evecs @ (proj / (np.clip(evals, 0, None) + a)[:, None]))
+                 for a in alphas]
+    else:  # primal: F x F
+        evals, evecs = np.linalg.eigh(xc.T @ xc)
+        proj = evecs.T @ (xc.T @ tc)
+        coefs = [evecs @ (proj / (np.clip(evals, 0, None) + a)[:, None]) for a in alphas]
+    return [RidgeHead(mean, scale, c.T.astype(np.float32),
+                      (tm - xm @ c).astype(np.float32), 1.0, float(a))
+            for c, a in zip(coefs, alphas, strict=True)]
+
+
+def ridge_to_prior(features: np.ndarray, labels: np.ndarray, prior: RidgeHead, *,
+                   groups: np.ndarray | None = None, weight: np.ndarray | None = None,
+                   alphas: np.ndarray = ALPHAS) -> RidgeHead:
+    """Few-shot adaptation: a ridge head fitted on the support windows, shrunk towards the
+    parent's head (see :func:`fit_ridge`); keeps the parent's temperature."""
+    head = fit_ridge(features, labels, prior.coef.shape[0], groups=groups, weight=weight,
+                     alphas=alphas, prior=prior)
+    head.temperature = prior.temperature
+    return head
+
+
+def fit_temperature(head: RidgeHead, features: np.ndarray, labels: np.ndarray) -> float:
+    """The softmax temperature that minimises the negative log-likelihood of ``labels``."""
+    scores = head.scores(features)
+    best, best_t = np.inf, 1.0
+    for t in np.logspace(-2, 1, 31):
+        s = scores / t
+        s = s - s.max(axis=1, keepdims=True)
+        nll = float(-(s[np.arange(len(s)), labels] - np.log(np.exp(s).sum(1))).mean())
+        if nll < best:
+            best, best_t = nll, float(t)
+    return best_t
