@@ -171,6 +171,12 @@ class Ingestor:
                 self.aps.setdefault(key, APState(site, ap))
         return self.aps[key]
 
+    def forget(self, site: str, ap: str) -> None:
+        """Drop everything held for an AP (its state is about to be loaded afresh)."""
+        with self.lock:
+            self.aps.pop((site, ap), None)
+        self._last_codes.pop((site, ap), None)
+
     def _reject(self, result: BatchResult, site: str, ap: str, reason: str,
                 detail: str) -> None:
         self.rejected[reason] += 1
