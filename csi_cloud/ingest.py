@@ -177,6 +177,16 @@ class Ingestor:
             self.aps.pop((site, ap), None)
         self._last_codes.pop((site, ap), None)
 
+    def restore_missing(self, site: str, ap: str, stored: list[int]) -> None:
+        """After the AP's state was read back: of the last sequence numbers up to the newest,
+        those not in ``stored`` (the epoch's segments on record) are awaited again, so they
+        are still accepted when they arrive late."""
+        state = self.state(site, ap)
+        if state.last_seq is None or not stored:
+            return
+        low = max(min(stored), state.last_seq - _MAX_AWAITED + 1)
+        state.missing = set(range(low, state.last_seq + 1)) - set(stored)
+
     def _reject(self, result: BatchResult, site: str, ap: str, reason: str,
                 detail: str) -> None:
         self.rejected[reason] += 1

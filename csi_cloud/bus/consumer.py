@@ -84,6 +84,12 @@ class _Partition:
     delivered: int = 0
     gains: int = 0
     sub: Any = None
+    # After a gain: deliveries from before it (to a dead worker, or lost with a consumer
+    # leader) still outstanding, and the newer segments held back until they are redelivered.
+    awaiting: int = 0
+    awaiting_until: float = 0.0
+    snapshot_seq: int = 0
+    held_back: list[tuple[str, str, bytes, float, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +100,7 @@ class BusStats:
     losses: int = 0  # pins taken away (ttl, leader change) while held
     releases: int = 0
     reloaded_aps: int = 0
+    reordered: int = 0  # segments held back after a gain until older ones were redelivered
     bad_subjects: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -346,6 +353,16 @@ class NatsBus:
                       "client id (--client-id)", self.name)
 
     async def _control(self) -> None:
+        while True:
+            try:
+                await self._control_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the worker from pulling
+                log.exception("bus control loop failed; restarting it")
+                await asyncio.sleep(1)
+
+    async def _control_loop(self) -> None:
         last_heartbeat = 0.0
         while True:
             now = time.monotonic()
@@ -365,8 +382,13 @@ class NatsBus:
                     log.info("partition %d: handing over", part.index)
                 elif part.state == "idle" and wanted:
                     part.state = "bidding"
+                    log.debug("partition %d: bidding", part.index)
                 elif part.state == "bidding" and not wanted:
                     part.state = "idle"
+                if part.awaiting > 0 and now > part.awaiting_until:
+                    log.info("partition %d: %d older segment(s) not redelivered in time; going "
+                             "on", part.index, part.awaiting)
+                    self._release_held_back(part)
                 if part.state == "releasing":
                     await self._maybe_release(part, now)
                 if part.state in ("bidding", "held", "gaining") and not self._paused:
@@ -447,14 +469,39 @@ class NatsBus:
             self._ack_wakeup.set()
             return
         _, site, ap = parsed
+        item = (site, ap, msg.data, time.time(), msg.reply)
+        if part.awaiting > 0:
+            meta = msg.metadata
+            if meta.num_delivered > 1 or meta.sequence.stream <= part.snapshot_seq:
+                part.awaiting -= 1
+            if meta.num_delivered > 1:  # an older one, redelivered: it goes first
+                self._submit(part, item)
+            else:
+                part.held_back.append(item)
+            if part.awaiting <= 0:
+                self._release_held_back(part)
+            return
+        self._submit(part, item)
+
+    def _submit(self, part: _Partition, item: tuple[str, str, bytes, float, str]) -> None:
+        site, ap, data, received, reply = item
         part.inflight += 1
         self.inflight += 1
-        self.sink.submit(site, ap, msg.data, time.time(), self._acker_for(part, msg.reply))
+        self.sink.submit(site, ap, data, received, self._acker_for(part, reply))
+
+    def _release_held_back(self, part: _Partition) -> None:
+        items, part.held_back, part.awaiting = part.held_back, [], 0
+        self.stats.reordered += len(items)
+        for item in items:
+            self._submit(part, item)
 
     def _on_status(self, part: _Partition, subject: str, status: str,
                    headers: dict[str, str]) -> None:
         if status == "100":  # idle heartbeat: the request is still open
             return
+        if status != "408":
+            log.debug("partition %d (%s): status %s %s", part.index, part.state, status,
+                      headers.get("Description", ""))
         if subject == part.request:
             part.request = None
         if status == "423":  # our pin id is no longer the consumer's (ttl, leader change)
@@ -465,6 +512,9 @@ class NatsBus:
                 self.stats.losses += 1
             part.pin = None
             part.state = "bidding" if part.state in ("held", "gaining") else "idle"
+            # Not handed over, not acknowledged: redelivered to the partition's new worker.
+            part.held_back.clear()
+            part.awaiting = 0
         elif status == "503":  # no responders: the consumer is electing a leader
             part.not_before = time.monotonic() + 0.5
         elif status == "409" and "Leadership" not in headers.get("Description", ""):
@@ -480,6 +530,7 @@ class NatsBus:
             await asyncio.sleep(0.02)
         t0 = time.monotonic()
         index, n = part.index, self.subjects.partitions
+        await self._await_older(part)
         try:
             count = await asyncio.to_thread(
                 self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
@@ -495,6 +546,30 @@ class NatsBus:
         self._event("gain", part, aps=count, reload_s=round(time.monotonic() - t0, 3))
         log.info("partition %d: now on this worker; %d AP(s) reloaded in %.2f s", index, count,
                  time.monotonic() - t0)
+
+    async def _await_older(self, part: _Partition) -> None:
+        """Count the partition's deliveries made before this pin and not acknowledged (to a
+        worker that died, or lost with a consumer leader): JetStream redelivers them within
+        the ack wait, and the newer segments wait for them, so each AP's segments are handed
+        over in order."""
+        try:
+            await self._send_acks()
+            await self.nc.flush(timeout=2)
+            info = await api(self.nc, f"CONSUMER.INFO.{MQTT_STREAM}.{part.consumer}",
+                             timeout_s=2)
+        except Exception as exc:  # no answer: go on without waiting
+            log.debug("partition %d: consumer info: %r", part.index, exc)
+            return
+        # Delivered to this worker under the new pin so far: this message and those queued.
+        mine = 1 + (part.sub.pending_msgs if part.sub is not None else 0)
+        older = int(info.get("num_ack_pending", 0)) - mine
+        if older > 0:
+            part.awaiting = older
+            part.awaiting_until = time.monotonic() + self.ack_wait_s + 1.0
+            part.snapshot_seq = int((info.get("delivered") or {}).get("stream_seq", 0))
+            log.info("partition %d: %d older segment(s) outstanding; newer ones wait for "
+                     "their redelivery (at most %.0f s)", part.index, older,
+                     self.ack_wait_s + 1)
 
     def _event(self, kind: str, part: _Partition, **extra: Any) -> None:
         self.stats.events.append({"t": time.time(), "event": kind, "partition": part.index,
