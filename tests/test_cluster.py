@@ -1,5 +1,6 @@
 """The scale-out path under failures: a 3-node NATS cluster, 3 cloud workers, 200 APs at real
-rate plus real edge agents, one NATS node and one worker killed mid-stream and restarted.
+rate plus real edge agents (replaying recordings at 1.4x), one NATS node and one worker
+killed mid-stream and restarted.
 
 What must hold (docs/scaling.md): every segment an AP sent is predicted exactly once (a
 segment delivered twice is recognised by epoch and sequence number), none is lost (an MQTT
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "fition"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 APS = 200
-SECONDS = 75.0
+SECONDS = 60.0
 PARTITIONS = 16
 WORKERS = ("w0", "w1", "w2")
 
@@ -58,7 +59,7 @@ def _edge(cluster: NatsCluster, node: int, folder: Path, streams: list[str]) -> 
     return subprocess.Popen(
         [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
          cluster.mqtt_url(node), "--spool-dir", str(folder / f"spool-{node}"),
-         "--status-interval", "2", "--level", "2", "--speed", "real", *args],
+         "--status-interval", "2", "--level", "2", "--speed", "1.4", *args],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         env=dict(os.environ, CSI_EDGE_MQTT_PROTOCOL="3.1.1", CSI_EDGE_IDLE="false",
                  CSI_EDGE_MODELS_DIR=str(folder / "fetched")))
@@ -76,8 +77,11 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
         cluster: NatsCluster, postgres: str, tmp_path: Path) -> None:
     workers = {name: Worker(name, cluster.url, cluster.mqtt_url(k), postgres, tmp_path)
                for k, name in enumerate(WORKERS)}
-    for worker in workers.values():  # one after the other: the first creates the tables
-        worker.start()
+    workers["w0"].start()  # first: it creates the tables
+    for name in WORKERS[1:]:
+        workers[name].start(wait=False)
+    for name in WORKERS[1:]:
+        workers[name].wait_ready()
     victim_node = cluster.stream_leader()  # where PUBACKs are decided: the worst node to lose
     assert victim_node is not None
     other_node = (victim_node + 1) % 3
@@ -97,18 +101,18 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
     try:
         with Heartbeats(cluster.url) as beats:
             events = {}
-            at(15)
+            at(10)
             events["node_killed"] = time.time()
             cluster.kill(victim_node)
-            at(25)
+            at(18)
+            cluster.start(victim_node)
+            events["node_restarted"] = time.time()
+            at(30)  # the node's failure has settled: what follows is the worker's alone
             held_before = beats.held().get("w1", [])
             assert held_before, f"w1 held nothing before the kill: {beats.held()}"
             killed_at = events["worker_killed"] = time.time()
             workers["w1"].stop(signal.SIGKILL)
-            at(35)
-            cluster.start(victim_node)
-            events["node_restarted"] = time.time()
-            at(45)
+            at(40)
             events["worker_restarted"] = time.time()
             workers["w1"].start()
             expected = assign(PARTITIONS, WORKERS)
@@ -162,11 +166,12 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
         seqs = sorted(r["seq"] for r in rows if (r["site"], r["ap"]) == ("edges", ap))
         assert seqs == list(range(_segments_sent(postgres, ap))), ap
 
-    # Equal to one worker offline. A prediction may see less context only where a segment
-    # reached the cluster after a newer one of its AP: the publishers connected to the killed
-    # node resend what had no PUBACK, and concurrent resends land in any order. Nowhere else,
-    # and never across the worker's failover (redeliveries come first, newer segments wait).
+    # Equal to one worker offline. A prediction may see less context only where a segment of
+    # its window reached the cluster after a newer one of its AP: publishers resend what got
+    # no PUBACK when a node fails or stalls, and concurrent resends land in any order. Never
+    # because of the worker's failover (redeliveries come first, newer segments wait).
     ref = reference(rows)
+    attempts = {(ap, seq): tries for ap, seq, _, _, tries in sent["sent"]}
     reduced = []
     for r in rows:
         want = ref[(r["site"], r["ap"], r["epoch"], r["seq"])]
@@ -176,9 +181,14 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
         assert r["context_present"] == want["context_present"], r
         assert (r["activity"], r["identity"]) == (want["activity"], want["identity"]), r
         assert abs(r["activity_confidence"] - want["activity_confidence"]) < 1e-4, r
-    window = (events["node_killed"] - 10, events["node_killed"] + 15)
-    outside = [r for r in reduced if not window[0] <= r["timestamp"] <= window[1]]
-    assert not outside, f"less context away from the node's failure: {outside[:3]}"
+    for r in reduced:
+        if r["site"] == "load":  # the generator knows which segments it had to resend
+            window = range(r["seq"] - 7, r["seq"] + 1)
+            assert any(attempts.get((r["ap"], k), 1) > 1 for k in window), \
+                f"less context with nothing resent: {r}"
+        else:  # a real edge on the killed node: its spool is sent once the node is back
+            assert events["node_killed"] - 10 <= r["timestamp"] <= \
+                events["node_restarted"] + 30, f"less context away from the failure: {r}"
 
     # The killed worker's APs were predicted again by the others.
     moved = {f"ap{k}" for k in range(APS)
@@ -190,9 +200,9 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
     again = [t - killed_at for t in first_after.values()]
     assert len(again) == len(moved)
     assert max(again) < 30, f"failover took {max(again):.1f} s"
-    print(f"\n{len(rows)} predictions, {len(reduced)} with less context (resent after the node "
-          f"failure); worker failover: its APs predicted again after {min(again):.1f}-"
-          f"{max(again):.1f} s")
+    print(f"\n{len(rows)} predictions, {len(reduced)} with less context (segments resent "
+          f"after the node failure); worker failover: its APs predicted again after "
+          f"{min(again):.1f}-{max(again):.1f} s")
 
 
 def _missing(db: str, published: set[tuple[str, int]], edge_aps: list[str]) -> str:
