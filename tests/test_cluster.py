@@ -1,5 +1,5 @@
 """The scale-out path under failures: a 3-node NATS cluster, 3 cloud workers, 200 APs at real
-rate plus real edge agents (replaying recordings at 1.4x), one NATS node and one worker
+rate plus real edge agents (replaying recordings at 1.25x), one NATS node and one worker
 killed mid-stream and restarted.
 
 What must hold (docs/scaling.md): every segment an AP sent is predicted exactly once (a
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "fition"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 APS = 200
-SECONDS = 60.0
+SECONDS = 70.0  # the restarted worker must rejoin while segments still flow
 PARTITIONS = 16
 WORKERS = ("w0", "w1", "w2")
 
@@ -59,7 +59,7 @@ def _edge(cluster: NatsCluster, node: int, folder: Path, streams: list[str]) -> 
     return subprocess.Popen(
         [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
          cluster.mqtt_url(node), "--spool-dir", str(folder / f"spool-{node}"),
-         "--status-interval", "2", "--level", "2", "--speed", "1.4", *args],
+         "--status-interval", "2", "--level", "2", "--speed", "1.25", *args],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         env=dict(os.environ, CSI_EDGE_MQTT_PROTOCOL="3.1.1", CSI_EDGE_IDLE="false",
                  CSI_EDGE_MODELS_DIR=str(folder / "fetched")))
@@ -101,18 +101,18 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
     try:
         with Heartbeats(cluster.url) as beats:
             events = {}
-            at(10)
+            at(8)
             events["node_killed"] = time.time()
             cluster.kill(victim_node)
-            at(18)
+            at(16)
             cluster.start(victim_node)
             events["node_restarted"] = time.time()
-            at(30)  # the node's failure has settled: what follows is the worker's alone
+            at(26)  # the node's failure has settled: what follows is the worker's alone
             held_before = beats.held().get("w1", [])
             assert held_before, f"w1 held nothing before the kill: {beats.held()}"
             killed_at = events["worker_killed"] = time.time()
             workers["w1"].stop(signal.SIGKILL)
-            at(40)
+            at(34)
             events["worker_restarted"] = time.time()
             workers["w1"].start()
             expected = assign(PARTITIONS, WORKERS)

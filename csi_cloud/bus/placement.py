@@ -10,6 +10,7 @@ two workers that briefly disagree on the live set never both receive a partition
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -24,30 +25,32 @@ def _rank(worker: str, partition: int) -> bytes:
 
 def assign(partitions: int, workers: Iterable[str]) -> dict[str, frozenset[int]]:
     """Partitions per worker: every partition to exactly one worker, the counts differing by
-    at most one, each partition preferring the workers that rank it highest (rendezvous
-    hashing), so a worker joining or leaving moves few partitions."""
-    names = sorted(set(workers))
+    at most one. Each (worker, partition) pair has a rank (rendezvous hashing); pairs are
+    taken best rank first while the worker has room, so a partition stays with the worker
+    that ranks it highest unless that one is full, and a worker joining or leaving moves few
+    partitions (about partitions / workers, at most twice that)."""
+    return dict(_assign(partitions, tuple(sorted(set(workers)))))
+
+
+@functools.lru_cache(maxsize=64)
+def _assign(partitions: int, names: tuple[str, ...]) -> tuple[tuple[str, frozenset[int]], ...]:
     if not names:
-        return {}
+        return ()
     base, extra = divmod(partitions, len(names))
     owned: dict[str, set[int]] = {w: set() for w in names}
-    preference = {p: sorted(names, key=lambda w, p=p: _rank(w, p), reverse=True)
-                  for p in range(partitions)}
-    left = []
-    for p in range(partitions):  # every worker up to the floor share, by preference
-        for w in preference[p]:
-            if len(owned[w]) < base:
-                owned[w].add(p)
-                break
-        else:
-            left.append(p)
-    grown: set[str] = set()
-    for p in left:  # the remainder: one more each for `extra` workers
-        w = next(w for w in preference[p] if w not in grown)
-        owned[w].add(p)
-        grown.add(w)
-    del extra  # == len(left) when there is a floor share: each grown worker took one
-    return {w: frozenset(ps) for w, ps in owned.items()}
+    pairs = sorted(((_rank(w, p), w, p) for w in names for p in range(partitions)),
+                   reverse=True)
+    taken: set[int] = set()
+    grown = 0  # workers given base + 1 (exactly `extra` of them in the end)
+    for _, w, p in pairs:
+        if p in taken:
+            continue
+        n = len(owned[w])
+        if n < base or (n == base and grown < extra):
+            grown += n == base
+            owned[w].add(p)
+            taken.add(p)
+    return tuple((w, frozenset(ps)) for w, ps in owned.items())
 
 
 @dataclass
