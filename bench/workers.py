@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _broker import free_port  # noqa: E402
 from _cluster import Heartbeats, Worker, stored_predictions  # noqa: E402
 from _nats import NatsCluster  # noqa: E402
 
@@ -161,7 +162,7 @@ def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dic
 
 def run_mosquitto(aps: int, seconds: float, work: Path) -> dict[str, Any]:
     db = Database()
-    port = NatsCluster.__init__.__globals__["_free_port"]()
+    port = free_port()
     conf = work / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                     "max_queued_messages 1000000\nmax_inflight_messages 1000\n")
@@ -215,11 +216,25 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
             worker.start()
             live.watch(worker)
         if failures:
-            asyncio.run(_contrast_stream(cluster.url, create=True))
+            for attempt in range(10):  # JetStream may still be settling right after start
+                try:
+                    asyncio.run(_contrast_stream(cluster.url, create=True))
+                    break
+                except Exception:
+                    if attempt == 9:
+                        raise
+                    time.sleep(1)
         pids = [w.pid for w in workers]
         npids = [p.pid for p in cluster.procs if p is not None]
+        # What the cluster and the workers cost with no segments (pull requests, heartbeats,
+        # the cluster's own housekeeping), per second.
+        idle0 = [cpu_s(p) for p in pids], [cpu_s(p) for p in npids]
+        time.sleep(10)
+        idle_workers = sum(cpu_s(p) - c for p, c in zip(pids, idle0[0], strict=True)) / 10
+        idle_brokers = sum(cpu_s(p) - c for p, c in zip(npids, idle0[1], strict=True)) / 10
         cpu0 = [cpu_s(p) for p in pids]
         ncpu0 = [cpu_s(p) for p in npids]
+        t_load = time.time()
         with Heartbeats(cluster.url) as beats:
             gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder,
                                 tag)
@@ -230,6 +245,7 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
             held = beats.held()
         worker_cpu = sum(cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True))
         broker_cpu = sum(cpu_s(p) - c for p, c in zip(npids, ncpu0, strict=True))
+        span = time.time() - t_load
         time.sleep(2)
         rows = stored_predictions(db.url)
         if failures:
@@ -252,9 +268,17 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
     if failures:
         label += ", node and worker killed"
     result = summarise(label, sent, live, rows, worker_cpu, broker_cpu, seconds)
+    n = max(1, result["published"])
+    result["idle_cores"] = {"workers": round(idle_workers, 3), "brokers": round(idle_brokers, 3)}
+    # Above what they cost idle: the part that grows with the segment rate.
+    result["marginal_worker_cpu_ms_per_segment"] = round(
+        1000 * max(0.0, worker_cpu - idle_workers * span) / n, 3)
+    result["marginal_broker_cpu_ms_per_segment"] = round(
+        1000 * max(0.0, broker_cpu - idle_brokers * span) / n, 3)
     if failures:  # CPU of killed and restarted processes is not all counted: leave it out
-        result.pop("worker_cpu_ms_per_segment")
-        result.pop("broker_cpu_ms_per_segment")
+        for key in ("worker_cpu_ms_per_segment", "broker_cpu_ms_per_segment",
+                    "marginal_worker_cpu_ms_per_segment", "marginal_broker_cpu_ms_per_segment"):
+            result.pop(key)
         result.update(extra)
         killed = extra.get("worker_killed_at")
         moved = {f"ap{k}" for k in range(aps)
@@ -319,13 +343,14 @@ async def _contrast_stream(servers: str, create: bool) -> set[tuple[str, int]]:
 
 def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     three = next(r for r in runs if r["workers"] == 3 and "failover_s" not in r)
-    worker_ms = three["worker_cpu_ms_per_segment"] / 1  # all workers' CPU per segment
-    broker_ms = three["broker_cpu_ms_per_segment"]
+    worker_ms = three["worker_cpu_ms_per_segment"]  # all workers' CPU per segment
+    broker_ms = three["marginal_broker_cpu_ms_per_segment"]
     per_core = 1000 / worker_ms
     return {
         "label": "PROJECTION from the per-segment costs measured here, not a measurement",
         "worker_segments_per_s_per_core": round(per_core),
         "nats_cluster_segments_per_s_per_core": round(1000 / broker_ms),
+        "nats_cluster_idle_cores": three["idle_cores"]["brokers"],
         "how": "segments/s = workers x cores per worker x worker_segments_per_s_per_core, as "
                "long as the NATS cluster has (segments/s / nats_cluster_segments_per_s_per_core)"
                " cores across its 3 nodes and each worker holds at least one partition "
@@ -334,7 +359,8 @@ def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str
         "examples": [{"workers": w, "cores_per_worker": 2,
                       "segments_per_s": round(w * 2 * per_core),
                       "aps_at_1_segment_per_s": round(w * 2 * per_core),
-                      "nats_cores_needed": round(w * 2 * per_core * broker_ms / 1000, 1),
+                      "nats_cores_needed": round(w * 2 * per_core * broker_ms / 1000
+                                                 + three["idle_cores"]["brokers"], 1),
                       "partitions_per_worker": round(PARTITIONS / w, 1)}
                      for w in (3, 8, 16)],
         "baseline_worker_cpu_ms_per_segment_on_mosquitto":
@@ -367,6 +393,9 @@ def main() -> None:
             "worker_side_ms_per_segment": round(extra_worker, 3),
             "worker_side_vs_worker_cpu": round(extra_worker / base_worker, 3),
             "brokers_ms_per_segment": r["broker_cpu_ms_per_segment"],
+            "brokers_marginal_ms_per_segment": r["marginal_broker_cpu_ms_per_segment"],
+            "brokers_marginal_vs_worker_cpu": round(r["marginal_broker_cpu_ms_per_segment"]
+                                                    / base_worker, 3),
             "brokers_vs_worker_cpu": round(r["broker_cpu_ms_per_segment"] / base_worker, 3),
             "mosquitto_ms_per_segment": baseline["broker_cpu_ms_per_segment"],
             "brokers_extra_vs_mosquitto_vs_worker_cpu": round(
