@@ -368,6 +368,61 @@ def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str
     }
 
 
+DOC = ROOT / "docs" / "scaling.md"
+_BEGIN, _END = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->"
+
+
+def render_doc_table(summary: dict[str, Any]) -> str:
+    """The measured figures as docs/scaling.md shows them (written by this script; a test
+    keeps the doc equal to bench/results/workers.json)."""
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = ["| layout | segments/s predicted | lost | twice | p50 / p99 latency (ms) | "
+             "workers' CPU ms/segment | broker CPU ms/segment (marginal) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in [summary["baseline"], *summary["nats"]]:
+        lat = r["latency_ms"] or {}
+        marginal = r.get("marginal_broker_cpu_ms_per_segment")
+        lines.append(
+            f"| {r['layout']} | {r['predicted_segments_per_s']} of "
+            f"{r['offered_segments_per_s']} | {r['lost']} | {r['predicted_twice']} | "
+            f"{lat.get('p50', '-')} / {lat.get('p99', '-')} | "
+            f"{ms(r['worker_cpu_ms_per_segment'])} | {ms(r['broker_cpu_ms_per_segment'])}"
+            + (f" ({ms(marginal)})" if marginal is not None else "") + " |")
+    f = summary["failures"]
+    own = f.get("own_stream_from_core_subject") or {}
+    failover = f.get("failover_s") or {}
+    lat = f["latency_ms"] or {}
+    lines += ["", "| with failures (3 workers) | value |", "|---|---|",
+              f"| segments published / predicted | {f['published']} / {f['predicted']} |",
+              f"| lost / predicted twice | {f['lost']} / {f['predicted_twice']} |",
+              f"| killed worker's APs predicted again after (s), median / max | "
+              f"{failover.get('median', '-')} / {failover.get('max', '-')} |",
+              f"| p50 / p99 latency over the whole run (ms) | {lat.get('p50', '-')} / "
+              f"{lat.get('p99', '-')} |",
+              f"| a stream of its own on the core subject: PUBACKed segments it lacks | "
+              f"{own.get('missing_of_pubacked', '-')} of {own.get('pubacked', '-')} |"]
+    overhead = summary["bus_overhead"][0]
+    lines += ["", f"Bus overhead, one worker, same load: the worker's CPU per segment on NATS "
+              f"minus on Mosquitto = {overhead['worker_side_ms_per_segment']:.2f} ms "
+              f"({100 * overhead['worker_side_vs_worker_cpu']:.0f} % of the worker's CPU per "
+              f"segment); the NATS cluster's CPU per segment (3 nodes, marginal) = "
+              f"{overhead['brokers_marginal_ms_per_segment']:.2f} ms "
+              f"({100 * overhead['brokers_marginal_vs_worker_cpu']:.0f} % of it), Mosquitto's "
+              f"= {overhead['mosquitto_ms_per_segment']:.2f} ms."]
+    return "\n".join(lines)
+
+
+def write_doc(summary: dict[str, Any]) -> None:
+    text = DOC.read_text()
+    if _BEGIN not in text or _END not in text:
+        return
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    DOC.write_text(f"{head}{_BEGIN}\n{render_doc_table(summary)}\n{_END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--aps", type=int, default=300, help="APs at 1 segment/s")
@@ -422,6 +477,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.out == ROOT / "bench" / "results" / "workers.json":
+        write_doc(summary)
+        print(f"updated {DOC}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,18 @@ def _mounts(service: dict[str, Any]) -> list[Any]:
             for v in service.get("volumes", [])]
 
 
+def test_scaling_doc_carries_the_benchmark_figures() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from workers import _BEGIN, _END, render_doc_table
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    results = json.loads((ROOT / "bench" / "results" / "workers.json").read_text())
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    assert f"{_BEGIN}\n{render_doc_table(results)}\n{_END}" in doc, \
+        "docs/scaling.md is not bench/results/workers.json: run python bench/workers.py"
+
+
 # -- against real nats-server ------------------------------------------------------------------
 
 def _needs_nats() -> None:

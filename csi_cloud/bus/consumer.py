@@ -260,6 +260,8 @@ class NatsBus:
             await self._ensure_consumer(part)
         self._inbox = nc.new_inbox()
         for part in self.partitions:
+            if part.sub is not None:  # set up by an earlier attempt
+                await part.sub.unsubscribe()
             part.sub = await nc.subscribe(f"{self._inbox}.{part.index}.*",
                                           cb=self._handler(part), pending_msgs_limit=-1,
                                           pending_bytes_limit=-1)
