@@ -136,7 +136,8 @@ def run_generator(brokers: list[str], aps: int, seconds: float, work: Path,
 
 
 def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dict[str, Any]],
-              worker_cpu: float, broker_cpu: float, seconds: float) -> dict[str, Any]:
+              worker_cpu: float, broker_cpu: float, seconds: float,
+              load: tuple[float, float]) -> dict[str, Any]:
     published = {(ap, seq): t for ap, seq, t, _, _ in sent}
     counts = Counter((r["ap"], r["seq"]) for r in rows if r["site"] == "load")
     latencies = np.array([live.arrived[k] - t for k, t in published.items()
@@ -157,6 +158,8 @@ def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dic
         "live_events": len(latencies),
         "worker_cpu_ms_per_segment": round(1000 * worker_cpu / max(1, n), 3),
         "broker_cpu_ms_per_segment": round(1000 * broker_cpu / max(1, n), 3),
+        # The machine's 1-minute load average before and after (other work shares it too).
+        "load_average": [round(load[0], 1), round(load[1], 1)],
     }
 
 
@@ -176,10 +179,12 @@ def run_mosquitto(aps: int, seconds: float, work: Path) -> dict[str, Any]:
         worker.start()
         live.watch(worker)
         cpu0, bcpu0 = cpu_s(worker.pid), cpu_s(broker.pid)
+        load0 = os.getloadavg()[0]
         gen = run_generator([f"mqtt://127.0.0.1:{port}"], aps, seconds, work, "mosquitto")
         assert gen.wait(seconds + 120) == 0, (work / "loadgen-mosquitto.log").read_text()
         _drain(live, aps, seconds)
         worker_cpu, broker_cpu = cpu_s(worker.pid) - cpu0, cpu_s(broker.pid) - bcpu0
+        load = (load0, os.getloadavg()[0])
         rows = stored_predictions(db.url)
     finally:
         live.close()
@@ -189,7 +194,7 @@ def run_mosquitto(aps: int, seconds: float, work: Path) -> dict[str, Any]:
         db.drop()
     sent = json.loads((work / "sent-mosquitto.json").read_text())["sent"]
     return {**summarise("mosquitto, 1 worker", sent, live, rows, worker_cpu, broker_cpu,
-                        seconds), "workers": 1}
+                        seconds, load), "workers": 1}
 
 
 def _drain(live: LiveStreams, aps: int, seconds: float, timeout_s: float = 30) -> None:
@@ -235,6 +240,7 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
         cpu0 = [cpu_s(p) for p in pids]
         ncpu0 = [cpu_s(p) for p in npids]
         t_load = time.time()
+        load0 = os.getloadavg()[0]
         with Heartbeats(cluster.url) as beats:
             gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder,
                                 tag)
@@ -246,6 +252,7 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
         worker_cpu = sum(cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True))
         broker_cpu = sum(cpu_s(p) - c for p, c in zip(npids, ncpu0, strict=True))
         span = time.time() - t_load
+        load = (load0, os.getloadavg()[0])
         time.sleep(2)
         rows = stored_predictions(db.url)
         if failures:
@@ -267,7 +274,7 @@ def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
     label = f"nats cluster (3 nodes), {workers_n} worker{'s' if workers_n > 1 else ''}"
     if failures:
         label += ", node and worker killed"
-    result = summarise(label, sent, live, rows, worker_cpu, broker_cpu, seconds)
+    result = summarise(label, sent, live, rows, worker_cpu, broker_cpu, seconds, load)
     n = max(1, result["published"])
     result["idle_cores"] = {"workers": round(idle_workers, 3), "brokers": round(idle_brokers, 3)}
     # Above what they cost idle: the part that grows with the segment rate.
@@ -324,7 +331,11 @@ async def _contrast_stream(servers: str, create: bool) -> set[tuple[str, int]]:
         if create:
             await js.add_stream(name="CONTRAST", subjects=["csi.v1.seg.>"], num_replicas=3)
             return set()
-        sub = await js.pull_subscribe("csi.v1.seg.>", stream="CONTRAST")
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        # No acknowledgements: an explicit-ack consumer stops at its 1,000 pending.
+        sub = await js.pull_subscribe("csi.v1.seg.>", stream="CONTRAST",
+                                      config=ConsumerConfig(ack_policy=AckPolicy.NONE))
         seen: set[tuple[str, int]] = set()
         from csi_edge.codec import decode_payload
 
