@@ -345,7 +345,10 @@ async def _contrast_stream(servers: str, create: bool) -> set[tuple[str, int]]:
             except Exception:
                 break
             for msg in msgs:
-                payload = decode_payload(msg.data)
+                try:  # the workers' mapping probes are on these subjects too (empty)
+                    payload = decode_payload(msg.data)
+                except ValueError:
+                    continue
                 seen.add((msg.subject.rsplit(".", 1)[1], payload.first_seq))
         return seen
     finally:
