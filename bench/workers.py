@@ -142,6 +142,14 @@ def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dic
     counts = Counter((r["ap"], r["seq"]) for r in rows if r["site"] == "load")
     latencies = np.array([live.arrived[k] - t for k, t in published.items()
                           if k in live.arrived]) * 1000
+    # publish -> handed to a worker's ingest (the bus alone)
+    first_received: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r["site"] == "load":
+            key = (r["ap"], r["seq"])
+            first_received[key] = min(first_received.get(key, r["received"]), r["received"])
+    to_worker = np.array([first_received[k] - t for k, t in published.items()
+                          if k in first_received]) * 1000
     n = len(published)
     return {
         "layout": tag,
@@ -156,6 +164,9 @@ def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dic
                        "p99": round(float(np.percentile(latencies, 99)), 1),
                        "max": round(float(latencies.max()), 1)} if latencies.size else None,
         "live_events": len(latencies),
+        "publish_to_worker_ms": {"p50": round(float(np.percentile(to_worker, 50)), 1),
+                                 "p99": round(float(np.percentile(to_worker, 99)), 1)}
+        if to_worker.size else None,
         "worker_cpu_ms_per_segment": round(1000 * worker_cpu / max(1, n), 3),
         "broker_cpu_ms_per_segment": round(1000 * broker_cpu / max(1, n), 3),
         # The machine's 1-minute load average before and after (other work shares it too).
@@ -355,6 +366,67 @@ async def _contrast_stream(servers: str, create: bool) -> set[tuple[str, int]]:
         await nc.close()
 
 
+class _AckAtOnce:
+    """Takes the place of the service: acknowledges each segment as it comes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Any = None) -> None:
+        self.count += 1
+        if ack is not None:
+            ack()
+
+    def reload_aps(self, keep: Any) -> int:
+        return 0
+
+
+def run_segment_path(aps: int, seconds: float, work: Path) -> dict[str, Any]:
+    """The cluster's CPU per segment for the segment path alone: MQTT QoS 1 publish, the
+    replicated store, the partition consumers, the acknowledgements (no worker: no
+    predictions or statuses published back)."""
+    from csi_cloud.bus import NatsBus, SegmentSubjects
+
+    folder = work / "segment-path"
+    folder.mkdir()
+    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS)
+    cluster.start()
+    sink = _AckAtOnce()
+
+    async def run() -> float:
+        import paho.mqtt.client as mqtt
+
+        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
+                            protocol=mqtt.MQTTv311)
+        first.connect("127.0.0.1", cluster.mqtt_ports[0])  # creates the MQTT streams
+        first.loop_start()
+        bus = NatsBus(cluster.url.split(","), sink, name="acker",
+                      subjects=SegmentSubjects("csi/v1", PARTITIONS))
+        await bus.start()
+        while not bus.ready:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)
+        pids = [p.pid for p in cluster.procs if p is not None]
+        cpu0 = sum(cpu_s(p) for p in pids)
+        gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder, "sp")
+        while gen.poll() is None:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
+        cpu = sum(cpu_s(p) for p in pids) - cpu0
+        await bus.close()
+        first.loop_stop()
+        return cpu
+
+    try:
+        cpu = asyncio.run(run())
+    finally:
+        cluster.stop()
+    return {"layout": "nats cluster (3 nodes), segment path only (no worker)",
+            "segments": sink.count,
+            "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, sink.count), 3)}
+
+
 def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     three = next(r for r in runs if r["workers"] == 3 and "failover_s" not in r)
     worker_ms = three["worker_cpu_ms_per_segment"]  # all workers' CPU per segment
@@ -393,17 +465,21 @@ def render_doc_table(summary: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     lines = ["| layout | segments/s predicted | lost | twice | p50 / p99 latency (ms) | "
-             "workers' CPU ms/segment | broker CPU ms/segment (marginal) |",
-             "|---|---|---|---|---|---|---|"]
+             "of which publish to worker, p50 / p99 (ms) | workers' CPU ms/segment | "
+             "broker CPU ms/segment (marginal) | load average |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in [summary["baseline"], *summary["nats"]]:
         lat = r["latency_ms"] or {}
+        bus = r.get("publish_to_worker_ms") or {}
         marginal = r.get("marginal_broker_cpu_ms_per_segment")
         lines.append(
             f"| {r['layout']} | {r['predicted_segments_per_s']} of "
             f"{r['offered_segments_per_s']} | {r['lost']} | {r['predicted_twice']} | "
             f"{lat.get('p50', '-')} / {lat.get('p99', '-')} | "
+            f"{bus.get('p50', '-')} / {bus.get('p99', '-')} | "
             f"{ms(r['worker_cpu_ms_per_segment'])} | {ms(r['broker_cpu_ms_per_segment'])}"
-            + (f" ({ms(marginal)})" if marginal is not None else "") + " |")
+            + (f" ({ms(marginal)})" if marginal is not None else "")
+            + f" | {r['load_average'][0]}-{r['load_average'][1]} |")
     f = summary["failures"]
     own = f.get("own_stream_from_core_subject") or {}
     failover = f.get("failover_s") or {}
@@ -417,6 +493,11 @@ def render_doc_table(summary: dict[str, Any]) -> str:
               f"{lat.get('p99', '-')} |",
               f"| a stream of its own on the core subject: PUBACKed segments it lacks | "
               f"{own.get('missing_of_pubacked', '-')} of {own.get('pubacked', '-')} |"]
+    path = summary["segment_path_only"]
+    lines += ["", f"The segment path alone (MQTT publish, replicated store, partition consumers, "
+              f"acknowledgements; no worker, so no predictions or statuses published back): "
+              f"{ms(path['broker_cpu_ms_per_segment'])} ms of the cluster's CPU per segment "
+              f"({path['segments']} segments)."]
     overhead = summary["bus_overhead"][0]
     lines += ["", f"Bus overhead, one worker, same load: the worker's CPU per segment on NATS "
               f"minus on Mosquitto = {overhead['worker_side_ms_per_segment']:.2f} ms "
@@ -453,6 +534,8 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         failures = run_nats(3, args.aps, args.seconds * 2, work, failures=True)
         print(json.dumps(failures), flush=True)
+        segment_path = run_segment_path(args.aps, args.seconds, work)
+        print(json.dumps(segment_path), flush=True)
     base_worker = baseline["worker_cpu_ms_per_segment"]
     overhead = []
     for r in runs:
@@ -485,6 +568,7 @@ def main() -> None:
         "baseline": baseline,
         "nats": runs,
         "failures": failures,
+        "segment_path_only": segment_path,
         "bus_overhead": overhead,
         "projection": projection(baseline, runs),
     }
