@@ -380,7 +380,7 @@ class NatsBus:
                 wanted = part.index in mine and settled and not self._paused
                 if part.state in ("held", "gaining") and not wanted and settled:
                     part.state = "releasing"
-                    part.release_deadline = now + self.ack_wait_s
+                    part.release_deadline = now + 2 * self.ack_wait_s
                     log.info("partition %d: handing over", part.index)
                 elif part.state == "idle" and wanted:
                     part.state = "bidding"
@@ -399,8 +399,16 @@ class NatsBus:
 
     async def _maybe_release(self, part: _Partition, now: float) -> None:
         pulling = part.request is not None and now < part.deadline
-        if (pulling or part.inflight > 0) and now < part.release_deadline:
+        # Segments held back for older ones being redelivered are this pin's too: they are
+        # handed to ingest (and stored) before the partition is handed over.
+        if (pulling or part.inflight > 0 or part.awaiting > 0) and \
+                now < part.release_deadline:
             return
+        if part.held_back:  # forced: not acknowledged, so redelivered to the next worker
+            log.warning("partition %d: handing over with %d segment(s) still held back",
+                        part.index, len(part.held_back))
+            part.held_back.clear()
+            part.awaiting = 0
         if part.inflight:
             log.warning("partition %d: %d segment(s) not stored after %.0f s; handing over "
                         "anyway (they are redelivered)", part.index, part.inflight,
@@ -493,6 +501,8 @@ class NatsBus:
 
     def _release_held_back(self, part: _Partition) -> None:
         items, part.held_back, part.awaiting = part.held_back, [], 0
+        if part.state not in ("held", "gaining", "releasing"):
+            return  # no longer this worker's: not acknowledged, redelivered to the next one
         self.stats.reordered += len(items)
         for item in items:
             self._submit(part, item)
