@@ -159,12 +159,14 @@ class CloudService:
                 self.ingestor.forget(row.site, row.ap)
                 self._restore_row(s, row)
                 if row.epoch is not None and row.last_seq is not None:
-                    # Gaps the previous worker still awaited: a late segment is not a duplicate.
+                    # What is stored, not the row's last_seq (written ahead of the store), is
+                    # what was seen; and the gaps are awaited: a late or redelivered segment
+                    # is not a duplicate.
                     stored = s.scalars(select(Prediction.seq).where(
                         Prediction.site == row.site, Prediction.ap == row.ap,
                         Prediction.epoch == row.epoch,
                         Prediction.seq > row.last_seq - 4096)).all()
-                    self.ingestor.restore_missing(row.site, row.ap, list(stored))
+                    self.ingestor.restore_seen(row.site, row.ap, list(stored))
         return len(rows)
 
     def _restore_row(self, s: Any, row: AP) -> None:

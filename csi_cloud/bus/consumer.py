@@ -393,7 +393,10 @@ class NatsBus:
                     self._release_held_back(part)
                 if part.state == "releasing":
                     await self._maybe_release(part, now)
-                if part.state in ("bidding", "held", "gaining") and not self._paused:
+                # (a partition being handed over is still pulled while older segments are
+                # awaited: they are redelivered to this pin)
+                if (part.state in ("bidding", "held", "gaining") or (
+                        part.state == "releasing" and part.awaiting > 0)) and not self._paused:
                     await self._pull(part, now)
             await asyncio.sleep(_TICK_S)
 
@@ -441,7 +444,7 @@ class NatsBus:
         # A held partition is pulled even when the worker is full (batch 1): a pull request
         # is what keeps the pin.
         batch = max(1, min(_PULL_BATCH, room))
-        pin = part.pin if part.state in ("held", "gaining") else None
+        pin = part.pin if part.state in ("held", "gaining", "releasing") else None
         part.sequence += 1
         part.request = f"{self._inbox}.{part.index}.{part.sequence}"
         part.deadline = now + _PULL_EXPIRES_S + 0.25
