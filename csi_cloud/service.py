@@ -158,15 +158,6 @@ class CloudService:
             for row in rows:
                 self.ingestor.forget(row.site, row.ap)
                 self._restore_row(s, row)
-                if row.epoch is not None and row.last_seq is not None:
-                    # What is stored, not the row's last_seq (written ahead of the store), is
-                    # what was seen; and the gaps are awaited: a late or redelivered segment
-                    # is not a duplicate.
-                    stored = s.scalars(select(Prediction.seq).where(
-                        Prediction.site == row.site, Prediction.ap == row.ap,
-                        Prediction.epoch == row.epoch,
-                        Prediction.seq > row.last_seq - 4096)).all()
-                    self.ingestor.restore_seen(row.site, row.ap, list(stored))
         return len(rows)
 
     def _restore_row(self, s: Any, row: AP) -> None:
@@ -180,6 +171,14 @@ class CloudService:
         state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
         if isinstance(row.status, dict):
             self._ap_status[(row.site, row.ap)] = row.status
+        if row.epoch is not None and row.last_seq is not None:
+            # What is stored, not the row's last_seq (written from the state, which may hold
+            # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
+            # resent or late segment is not taken for a duplicate.
+            stored = s.scalars(select(Prediction.seq).where(
+                Prediction.site == row.site, Prediction.ap == row.ap,
+                Prediction.epoch == row.epoch, Prediction.seq > row.last_seq - 4096)).all()
+            self.ingestor.restore_seen(row.site, row.ap, list(stored))
 
     def _restore_context(self, s: Any, row: AP) -> None:
         """The AP's last context from the codes stored with its predictions, so a restarted
