@@ -1,178 +1,583 @@
-"""Two cloud workers behind one Mosquitto: shared subscription versus sharding by site.
+"""Cloud workers on the NATS cluster: 1, 2 and 3 workers, against one worker on Mosquitto.
 
-Four APs (two per site) replay committed Fition samples at 20x real time, one segment a
-message; two workers
-share one PostgreSQL database (127.0.0.1:5432, trust auth), as they would in production. Two
-layouts:
-  - ``shared``: both workers in one MQTT 5 shared-subscription group for every site. Mosquitto
-    hands messages out round robin, so each worker sees part of each AP's stream;
-  - ``sharded``: worker 1 takes site ``north``, worker 2 ``south`` (``csi cloud --site``).
-For each, it reports the fraction of predictions equal to a single worker's (same activity
-and probability within 1e-3 of the offline computation over the same codes), the mean
-context present (segments of the 8-segment context that the deciding worker had) and whether
-each segment was handled exactly once.
+Everything runs on this machine as real processes: a 3-node nats-server cluster (JetStream,
+MQTT listener, streams on 3 nodes, 16 partitions), the workers (``csi cloud --bus nats://...``),
+PostgreSQL (127.0.0.1:5432, shared by the workers), and a load generator publishing real wire
+payloads over MQTT 3.1.1, QoS 1, one segment a second per AP (tests/_loadgen.py). The baseline
+is one worker on a Mosquitto, same generator, same database.
 
-    python bench/workers.py        # about a minute; results in bench/results/workers.json
+For each layout, at the same offered load:
+  - segments/s predicted, and whether every published segment was predicted exactly once;
+  - latency from publish (generator clock) to the prediction on a worker's live WebSocket
+    stream (sent after its batch is stored): p50, p99;
+  - CPU per segment (user + system, /proc) of the workers and of the broker(s);
+  - bus overhead: the workers' CPU per segment on NATS minus on Mosquitto, and the brokers'
+    CPU per segment, each against one worker's CPU per segment on Mosquitto.
+Then one run with failures: 3 workers; the node leading the MQTT message stream killed and
+restarted, one worker killed (SIGKILL): segments lost, segments predicted twice, and how long
+the killed worker's APs went without predictions. That run also has a second stream that
+captures the same segments from their core subject (what a design consuming a stream of its
+own would get) to count what such a stream misses of the PUBACKed segments.
+
+The machine has 2 cores shared by all of it (3 NATS nodes, up to 3 workers, the generator,
+PostgreSQL): absolute rates are this machine's; the projection at the end is labelled as such.
+
+    python bench/workers.py            # about 8 minutes; bench/results/workers.json
+    python bench/workers.py --aps 100 --seconds 15   # a short look
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
+import platform
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from csi_edge import read_recording  # noqa: E402
-from csi_edge.bundle import EdgeEncoder  # noqa: E402
-from csi_edge.preprocess import Preprocessor  # noqa: E402
+from _broker import free_port  # noqa: E402
+from _cluster import Heartbeats, Worker, stored_predictions  # noqa: E402
+from _nats import NatsCluster  # noqa: E402
 
-SAMPLES = ROOT / "datasets" / "samples" / "fition"
-FILES = {
-    ("north", "ap1"): SAMPLES / "walking_user1_rm1" / "walking_user1_rm1_10.pcap",
-    ("north", "ap2"): SAMPLES / "sitdown_user3_rm3" / "sitdown_user3_rm3_20.pcap",
-    ("south", "ap1"): SAMPLES / "nm_user2_rm2" / "nm_user2_rm2_10.pcap",
-    ("south", "ap2"): SAMPLES / "falling_user1_rm1" / "falling_user1_rm1_1.pcap",
-}
+from csi_cloud.bus import partition_of  # noqa: E402
+
 POSTGRES = os.environ.get("CSI_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+PARTITIONS = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-LEVEL = 2  # one segment a message, as a live AP sends them
+class Database:
+    def __init__(self) -> None:
+        import psycopg
+
+        self.name = f"csi_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {self.name}")
+        self.url = f"{POSTGRES.replace('postgresql://', 'postgresql+psycopg://')}/{self.name}"
+
+    def drop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as con:
+            con.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
-def offline(path: Path, level: int = LEVEL) -> list[tuple[str, float]]:
-    """Activity and its probability per segment as one worker (or ``csi evaluate``) computes
-    them."""
-    from csi_cloud.model.compression import CloudModel
+class LiveStreams:
+    """First arrival time of each (ap, seq) on any worker's live WebSocket stream."""
 
-    model = ROOT / "models" / "fition"
-    edge, cloud = EdgeEncoder(model), CloudModel.load(model)
-    batch = Preprocessor(edge.spec).process(read_recording(path))
-    decoded = [cloud.decompress(edge.compress(batch.data[i : i + 1], level=level, first_seq=i,
-                                              epoch=1, timestamp_ms=0))[0]
-               for i in range(len(batch))]
-    n = cloud.net.cfg.context_segments
-    slots = {int(k): i for i, k in enumerate(batch.index - batch.index[0])}
-    out = []
-    for k in (batch.index - batch.index[0]).tolist():
-        window = [slots.get(s) for s in range(k - n + 1, k + 1)]
-        z = np.stack([decoded[w].z_q if w is not None else np.zeros_like(decoded[0].z_q)
-                      for w in window])[None]
-        p = np.stack([decoded[w].profile if w is not None
-                      else np.zeros_like(decoded[0].profile) for w in window])[None]
-        present = np.array([[w is not None for w in window]])
-        p_act, _ = cloud.classify(z, p, present, np.array([level]))
-        a = int(p_act[0].argmax())
-        out.append((cloud.manifest.labels["activity"][a], float(p_act[0, a])))
+    def __init__(self) -> None:
+        self.arrived: dict[tuple[str, int], float] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def watch(self, worker: Worker) -> None:
+        ready = threading.Event()
+        thread = threading.Thread(target=lambda: asyncio.run(self._listen(worker.port, ready)),
+                                  daemon=True)
+        thread.start()
+        ready.wait(10)
+        self._threads.append(thread)
+
+    async def _listen(self, port: int, ready: threading.Event) -> None:
+        import websockets
+
+        while not self._stop.is_set():
+            try:
+                async with websockets.connect(f"ws://127.0.0.1:{port}/api/v1/predictions/ws",
+                                              max_queue=None) as ws:
+                    ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            text = await asyncio.wait_for(ws.recv(), 0.5)
+                        except TimeoutError:
+                            continue
+                        event = json.loads(text)
+                        self.arrived.setdefault((event["ap"], int(event["seq"])), time.time())
+            except Exception:  # the worker was killed or restarts: listen again
+                ready.set()
+                await asyncio.sleep(0.5)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def run_generator(brokers: list[str], aps: int, seconds: float, work: Path,
+                  tag: str) -> subprocess.Popen[bytes]:
+    out = work / f"sent-{tag}.json"
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "_loadgen.py"), "--aps", str(aps), "--seconds",
+         str(seconds), "--out", str(out), *[a for b in brokers for a in ("--broker", b)]],
+        stdout=(work / f"loadgen-{tag}.log").open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def summarise(tag: str, sent: list[list[Any]], live: LiveStreams, rows: list[dict[str, Any]],
+              worker_cpu: float, broker_cpu: float, seconds: float,
+              load: tuple[float, float]) -> dict[str, Any]:
+    published = {(ap, seq): t for ap, seq, t, _, _ in sent}
+    counts = Counter((r["ap"], r["seq"]) for r in rows if r["site"] == "load")
+    latencies = np.array([live.arrived[k] - t for k, t in published.items()
+                          if k in live.arrived]) * 1000
+    # publish -> handed to a worker's ingest (the bus alone)
+    first_received: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r["site"] == "load":
+            key = (r["ap"], r["seq"])
+            first_received[key] = min(first_received.get(key, r["received"]), r["received"])
+    to_worker = np.array([first_received[k] - t for k, t in published.items()
+                          if k in first_received]) * 1000
+    n = len(published)
+    return {
+        "layout": tag,
+        "published": n,
+        "offered_segments_per_s": round(n / seconds, 1),
+        "predicted": sum(1 for k in published if counts.get(k)),
+        "lost": sum(1 for k in published if not counts.get(k)),
+        "predicted_twice": sum(1 for k in published if counts.get(k, 0) > 1),
+        "predicted_segments_per_s": round(sum(1 for k in published if counts.get(k))
+                                          / seconds, 1),
+        "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 1),
+                       "p99": round(float(np.percentile(latencies, 99)), 1),
+                       "max": round(float(latencies.max()), 1)} if latencies.size else None,
+        "live_events": len(latencies),
+        "publish_to_worker_ms": {"p50": round(float(np.percentile(to_worker, 50)), 1),
+                                 "p99": round(float(np.percentile(to_worker, 99)), 1)}
+        if to_worker.size else None,
+        "worker_cpu_ms_per_segment": round(1000 * worker_cpu / max(1, n), 3),
+        "broker_cpu_ms_per_segment": round(1000 * broker_cpu / max(1, n), 3),
+        # The machine's 1-minute load average before and after (other work shares it too).
+        "load_average": [round(load[0], 1), round(load[1], 1)],
+    }
+
+
+def run_mosquitto(aps: int, seconds: float, work: Path) -> dict[str, Any]:
+    db = Database()
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    "max_queued_messages 1000000\nmax_inflight_messages 1000\n")
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                               str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = Worker("mosq-0", "mqtt", f"mqtt://127.0.0.1:{port}", db.url, work,
+                    log_level="WARNING")
+    live = LiveStreams()
+    try:
+        time.sleep(0.5)
+        worker.start()
+        live.watch(worker)
+        cpu0, bcpu0 = cpu_s(worker.pid), cpu_s(broker.pid)
+        load0 = os.getloadavg()[0]
+        gen = run_generator([f"mqtt://127.0.0.1:{port}"], aps, seconds, work, "mosquitto")
+        assert gen.wait(seconds + 120) == 0, (work / "loadgen-mosquitto.log").read_text()
+        _drain(live, aps, seconds)
+        worker_cpu, broker_cpu = cpu_s(worker.pid) - cpu0, cpu_s(broker.pid) - bcpu0
+        load = (load0, os.getloadavg()[0])
+        rows = stored_predictions(db.url)
+    finally:
+        live.close()
+        worker.stop()
+        broker.terminate()
+        broker.wait(10)
+        db.drop()
+    sent = json.loads((work / "sent-mosquitto.json").read_text())["sent"]
+    return {**summarise("mosquitto, 1 worker", sent, live, rows, worker_cpu, broker_cpu,
+                        seconds, load), "workers": 1}
+
+
+def _drain(live: LiveStreams, aps: int, seconds: float, timeout_s: float = 30) -> None:
+    total = aps * int(seconds)
+    deadline = time.time() + timeout_s
+    while len(live.arrived) < total and time.time() < deadline:
+        time.sleep(0.3)
+
+
+def run_nats(workers_n: int, aps: int, seconds: float, work: Path,
+             failures: bool = False) -> dict[str, Any]:
+    tag = f"nats-{workers_n}{'-failures' if failures else ''}"
+    folder = work / tag
+    folder.mkdir()
+    db = Database()
+    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS)
+    cluster.start()
+    workers = [Worker(f"w{k}", cluster.url, cluster.mqtt_url(k % 3), db.url, folder,
+                      log_level="INFO") for k in range(workers_n)]
+    live = LiveStreams()
+    extra: dict[str, Any] = {}
+    try:
+        for worker in workers:  # one after the other: the first creates the tables
+            worker.start()
+            live.watch(worker)
+        if failures:
+            for attempt in range(10):  # JetStream may still be settling right after start
+                try:
+                    asyncio.run(_contrast_stream(cluster.url, create=True))
+                    break
+                except Exception:
+                    if attempt == 9:
+                        raise
+                    time.sleep(1)
+        pids = [w.pid for w in workers]
+        npids = [p.pid for p in cluster.procs if p is not None]
+        # What the cluster and the workers cost with no segments (pull requests, heartbeats,
+        # the cluster's own housekeeping), per second.
+        idle0 = [cpu_s(p) for p in pids], [cpu_s(p) for p in npids]
+        time.sleep(10)
+        idle_workers = sum(cpu_s(p) - c for p, c in zip(pids, idle0[0], strict=True)) / 10
+        idle_brokers = sum(cpu_s(p) - c for p, c in zip(npids, idle0[1], strict=True)) / 10
+        cpu0 = [cpu_s(p) for p in pids]
+        ncpu0 = [cpu_s(p) for p in npids]
+        t_load = time.time()
+        load0 = os.getloadavg()[0]
+        with Heartbeats(cluster.url) as beats:
+            gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder,
+                                tag)
+            if failures:
+                extra = _failures(cluster, workers, beats, seconds, aps)
+            assert gen.wait(seconds + 180) == 0, (folder / f"loadgen-{tag}.log").read_text()
+            _drain(live, aps, seconds, timeout_s=60)
+            held = beats.held()
+        worker_cpu = sum(cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True))
+        broker_cpu = sum(cpu_s(p) - c for p, c in zip(npids, ncpu0, strict=True))
+        span = time.time() - t_load
+        load = (load0, os.getloadavg()[0])
+        time.sleep(2)
+        rows = stored_predictions(db.url)
+        if failures:
+            sent_now = json.loads((folder / f"sent-{tag}.json").read_text())["sent"]
+            acked = {(ap, seq) for ap, seq, _, puback, _ in sent_now if puback}
+            captured = asyncio.run(_contrast_stream(cluster.url, create=False))
+            extra["own_stream_from_core_subject"] = {
+                "pubacked": len(acked),
+                "missing_of_pubacked": len(acked - captured),
+                "note": "a stream capturing csi.v1.seg.> (the core subject) on the same "
+                        "cluster: what it lacks of the segments the edges got a PUBACK for"}
+    finally:
+        live.close()
+        for worker in workers:
+            worker.stop()
+        cluster.stop()
+        db.drop()
+    sent = json.loads((folder / f"sent-{tag}.json").read_text())["sent"]
+    label = f"nats cluster (3 nodes), {workers_n} worker{'s' if workers_n > 1 else ''}"
+    if failures:
+        label += ", node and worker killed"
+    result = summarise(label, sent, live, rows, worker_cpu, broker_cpu, seconds, load)
+    n = max(1, result["published"])
+    result["idle_cores"] = {"workers": round(idle_workers, 3), "brokers": round(idle_brokers, 3)}
+    # Above what they cost idle: the part that grows with the segment rate.
+    result["marginal_worker_cpu_ms_per_segment"] = round(
+        1000 * max(0.0, worker_cpu - idle_workers * span) / n, 3)
+    result["marginal_broker_cpu_ms_per_segment"] = round(
+        1000 * max(0.0, broker_cpu - idle_brokers * span) / n, 3)
+    if failures:  # CPU of killed and restarted processes is not all counted: leave it out
+        for key in ("worker_cpu_ms_per_segment", "broker_cpu_ms_per_segment",
+                    "marginal_worker_cpu_ms_per_segment", "marginal_broker_cpu_ms_per_segment"):
+            result.pop(key)
+        result.update(extra)
+        killed = extra.get("worker_killed_at")
+        moved = {f"ap{k}" for k in range(aps)
+                 if partition_of("load", f"ap{k}", PARTITIONS) in extra.get("its_partitions", [])}
+        first: dict[str, float] = {}
+        for r in rows:
+            if r["ap"] in moved and killed and r["received"] > killed:
+                first[r["ap"]] = min(first.get(r["ap"], r["received"]), r["received"])
+        gaps = [t - killed for t in first.values()] if killed else []
+        result["failover_s"] = {"max": round(max(gaps), 2), "median": round(
+            float(np.median(gaps)), 2), "aps": len(gaps)} if gaps else None
+    return {**result, "workers": workers_n, "partitions_held": held}
+
+
+def _failures(cluster: NatsCluster, workers: list[Worker], beats: Heartbeats, seconds: float,
+              aps: int) -> dict[str, Any]:
+    t0 = time.time()
+    victim = cluster.stream_leader()
+    out: dict[str, Any] = {"killed_node_led_the_mqtt_message_stream": victim is not None}
+    time.sleep(max(0.0, t0 + seconds * 0.25 - time.time()))
+    if victim is not None:
+        cluster.kill(victim)
+    time.sleep(max(0.0, t0 + seconds * 0.45 - time.time()))
+    target = workers[1]
+    out["its_partitions"] = beats.held().get(target.name, [])
+    out["worker_killed_at"] = time.time()
+    target.stop(signal.SIGKILL)
+    time.sleep(max(0.0, t0 + seconds * 0.6 - time.time()))
+    if victim is not None:
+        cluster.start(victim)
+    time.sleep(max(0.0, t0 + seconds * 0.7 - time.time()))
+    target.start()
     return out
 
 
-def run(layout: str, work: Path) -> dict[str, Any]:
-    import psycopg
+async def _contrast_stream(servers: str, create: bool) -> set[tuple[str, int]]:
+    """A stream of its own on the core segment subject (``create``), or what it holds."""
+    import nats
 
-    name = f"csi_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
-    db = f"{POSTGRES.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
-    port = free_port()
-    conf = work / f"{layout}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                               str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = []
+    nc = await nats.connect(servers=servers.split(","))
+    js = nc.jetstream()
     try:
-        time.sleep(0.5)
-        for k, site in enumerate(("north", "south")):
-            http = free_port()
-            extra = ["--site", site] if layout == "sharded" else []
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(ROOT / "models"),
-                 "--broker", f"mqtt://127.0.0.1:{port}", "--http", f"127.0.0.1:{http}",
-                 "--db", db, "--recordings", str(work / f"rec-{layout}-{k}"), "--client-id",
-                 f"bench-{layout}-{k}", "--log-level", "WARNING", *extra],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                env=dict(os.environ, CSI_CLOUD_TOKEN="bench-token-0123456789abcdef",
-                         CSI_CLOUD_JOBS_DIR=str(work / "jobs"), CSI_CLOUD_RECORD="false"))
-            workers.append((proc, f"http://127.0.0.1:{http}"))
-        for _, url in workers:
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        streams = [a for (site, ap), f in FILES.items()
-                   for a in ("--stream", f"{site}/{ap}=file://{f}")]
-        subprocess.run([sys.executable, "-m", "csi_edge.cli", "edge", "--model",
-                        str(ROOT / "models" / "fition"), "--broker", f"mqtt://127.0.0.1:{port}",
-                        "--spool-dir", str(work / f"spool-{layout}"), "--speed", "20",
-                        "--timestamps", "recorded", "--level", str(LEVEL), "--log-level",
-                        "WARNING",
-                        *streams], check=True, cwd=ROOT, timeout=120)
-        time.sleep(5)
-        url = workers[0][1]
-        equal = total = once = 0
-        present: list[int] = []
-        per_ap = {}
-        for (site, ap), path in FILES.items():
-            expected = offline(path)
-            rows = httpx.get(f"{url}/api/v1/predictions", params={
-                "site": site, "ap": ap, "limit": 10_000}, timeout=10).json()["data"]
-            rows.sort(key=lambda r: r["seq"])
-            counts = Counter(r["seq"] for r in rows)
-            got = {r["seq"]: (r["activity"], r["activity_confidence"]) for r in rows}
-            same = sum(i in got and got[i][0] == a and abs(got[i][1] - p) < 1e-3
-                       for i, (a, p) in enumerate(expected))
-            equal += same
-            total += len(expected)
-            once += sum(1 for i in range(len(expected)) if counts.get(i) == 1)
-            present += [r["context_present"] for r in rows]
-            per_ap[f"{site}/{ap}"] = {"segments": len(expected), "equal_to_one_worker": same}
-        return {"layout": layout, "segments": total,
-                "handled_exactly_once": once / total,
-                "predictions_equal_to_one_worker": equal / total,
-                "mean_context_present": round(float(np.mean(present)), 2), "per_ap": per_ap}
+        if create:
+            await js.add_stream(name="CONTRAST", subjects=["csi.v1.seg.>"], num_replicas=3)
+            return set()
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        # No acknowledgements: an explicit-ack consumer stops at its 1,000 pending.
+        sub = await js.pull_subscribe("csi.v1.seg.>", stream="CONTRAST",
+                                      config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+        seen: set[tuple[str, int]] = set()
+        from csi_edge.codec import decode_payload
+
+        while True:
+            try:
+                msgs = await sub.fetch(2000, timeout=2)
+            except Exception:
+                break
+            for msg in msgs:
+                try:  # the workers' mapping probes are on these subjects too (empty)
+                    payload = decode_payload(msg.data)
+                except ValueError:
+                    continue
+                seen.add((msg.subject.rsplit(".", 1)[1], payload.first_seq))
+        return seen
     finally:
-        for proc, _ in workers:
-            proc.terminate()
-            proc.wait(30)
-        broker.terminate()
-        broker.wait(10)
-        with psycopg.connect(f"{POSTGRES}/test", autocommit=True) as con:
-            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await nc.close()
+
+
+class _AckAtOnce:
+    """Takes the place of the service: acknowledges each segment as it comes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Any = None) -> None:
+        self.count += 1
+        if ack is not None:
+            ack()
+
+    def reload_aps(self, keep: Any) -> int:
+        return 0
+
+
+def run_segment_path(aps: int, seconds: float, work: Path) -> dict[str, Any]:
+    """The cluster's CPU per segment for the segment path alone: MQTT QoS 1 publish, the
+    replicated store, the partition consumers, the acknowledgements (no worker: no
+    predictions or statuses published back)."""
+    from csi_cloud.bus import NatsBus, SegmentSubjects
+
+    folder = work / "segment-path"
+    folder.mkdir()
+    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS)
+    cluster.start()
+    sink = _AckAtOnce()
+
+    async def run() -> float:
+        import paho.mqtt.client as mqtt
+
+        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
+                            protocol=mqtt.MQTTv311)
+        first.connect("127.0.0.1", cluster.mqtt_ports[0])  # creates the MQTT streams
+        first.loop_start()
+        bus = NatsBus(cluster.url.split(","), sink, name="acker",
+                      subjects=SegmentSubjects("csi/v1", PARTITIONS))
+        await bus.start()
+        while not bus.ready:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)
+        pids = [p.pid for p in cluster.procs if p is not None]
+        cpu0 = sum(cpu_s(p) for p in pids)
+        gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder, "sp")
+        while gen.poll() is None:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
+        cpu = sum(cpu_s(p) for p in pids) - cpu0
+        await bus.close()
+        first.loop_stop()
+        return cpu
+
+    try:
+        cpu = asyncio.run(run())
+    finally:
+        cluster.stop()
+    return {"layout": "nats cluster (3 nodes), segment path only (no worker)",
+            "segments": sink.count,
+            "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, sink.count), 3)}
+
+
+def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    three = next(r for r in runs if r["workers"] == 3 and "failover_s" not in r)
+    worker_ms = three["worker_cpu_ms_per_segment"]  # all workers' CPU per segment
+    broker_ms = three["marginal_broker_cpu_ms_per_segment"]
+    per_core = 1000 / worker_ms
+    return {
+        "label": "PROJECTION from the per-segment costs measured here, not a measurement",
+        "worker_segments_per_s_per_core": round(per_core),
+        "nats_cluster_segments_per_s_per_core": round(1000 / broker_ms),
+        "nats_cluster_idle_cores": three["idle_cores"]["brokers"],
+        "how": "segments/s = workers x cores per worker x worker_segments_per_s_per_core, as "
+               "long as the NATS cluster has (segments/s / nats_cluster_segments_per_s_per_core)"
+               " cores across its 3 nodes and each worker holds at least one partition "
+               f"({PARTITIONS} partitions: at most {PARTITIONS} busy workers; raise "
+               "bus_partitions and the servers' mapping together past that)",
+        "examples": [{"workers": w, "cores_per_worker": 2,
+                      "segments_per_s": round(w * 2 * per_core),
+                      "aps_at_1_segment_per_s": round(w * 2 * per_core),
+                      "nats_cores_needed": round(w * 2 * per_core * broker_ms / 1000
+                                                 + three["idle_cores"]["brokers"], 1),
+                      "partitions_per_worker": round(PARTITIONS / w, 1)}
+                     for w in (3, 8, 16)],
+        "baseline_worker_cpu_ms_per_segment_on_mosquitto":
+            baseline["worker_cpu_ms_per_segment"],
+    }
+
+
+DOC = ROOT / "docs" / "scaling.md"
+_BEGIN, _END = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->"
+
+
+def render_doc_table(summary: dict[str, Any]) -> str:
+    """The measured figures as docs/scaling.md shows them (written by this script; a test
+    keeps the doc equal to bench/results/workers.json)."""
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = ["| layout | segments/s predicted | lost | twice | p50 / p99 latency (ms) | "
+             "of which publish to worker, p50 / p99 (ms) | workers' CPU ms/segment | "
+             "broker CPU ms/segment (marginal) | load average |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in [summary["baseline"], *summary["nats"]]:
+        lat = r["latency_ms"] or {}
+        bus = r.get("publish_to_worker_ms") or {}
+        marginal = r.get("marginal_broker_cpu_ms_per_segment")
+        lines.append(
+            f"| {r['layout']} | {r['predicted_segments_per_s']} of "
+            f"{r['offered_segments_per_s']} | {r['lost']} | {r['predicted_twice']} | "
+            f"{lat.get('p50', '-')} / {lat.get('p99', '-')} | "
+            f"{bus.get('p50', '-')} / {bus.get('p99', '-')} | "
+            f"{ms(r['worker_cpu_ms_per_segment'])} | {ms(r['broker_cpu_ms_per_segment'])}"
+            + (f" ({ms(marginal)})" if marginal is not None else "")
+            + f" | {r['load_average'][0]}-{r['load_average'][1]} |")
+    f = summary["failures"]
+    own = f.get("own_stream_from_core_subject") or {}
+    failover = f.get("failover_s") or {}
+    lat = f["latency_ms"] or {}
+    lines += ["", "| with failures (3 workers) | value |", "|---|---|",
+              f"| segments published / predicted | {f['published']} / {f['predicted']} |",
+              f"| lost / predicted twice | {f['lost']} / {f['predicted_twice']} |",
+              f"| killed worker's APs predicted again after (s), median / max | "
+              f"{failover.get('median', '-')} / {failover.get('max', '-')} |",
+              f"| p50 / p99 latency over the whole run (ms) | {lat.get('p50', '-')} / "
+              f"{lat.get('p99', '-')} |",
+              f"| a stream of its own on the core subject: PUBACKed segments it lacks | "
+              f"{own.get('missing_of_pubacked', '-')} of {own.get('pubacked', '-')} |"]
+    path = summary["segment_path_only"]
+    lines += ["", f"The segment path alone (MQTT publish, replicated store, partition consumers, "
+              f"acknowledgements; no worker, so no predictions or statuses published back): "
+              f"{ms(path['broker_cpu_ms_per_segment'])} ms of the cluster's CPU per segment "
+              f"({path['segments']} segments)."]
+    overhead = summary["bus_overhead"][0]
+    lines += ["", f"Bus overhead, one worker, same load: the worker's CPU per segment on NATS "
+              f"minus on Mosquitto = {overhead['worker_side_ms_per_segment']:.2f} ms "
+              f"({100 * overhead['worker_side_vs_worker_cpu']:.0f} % of the worker's CPU per "
+              f"segment); the NATS cluster's CPU per segment (3 nodes, marginal) = "
+              f"{overhead['brokers_marginal_ms_per_segment']:.2f} ms "
+              f"({100 * overhead['brokers_marginal_vs_worker_cpu']:.0f} % of it), Mosquitto's "
+              f"= {overhead['mosquitto_ms_per_segment']:.2f} ms."]
+    return "\n".join(lines)
+
+
+def write_doc(summary: dict[str, Any]) -> None:
+    text = DOC.read_text()
+    if _BEGIN not in text or _END not in text:
+        return
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    DOC.write_text(f"{head}{_BEGIN}\n{render_doc_table(summary)}\n{_END}{tail}")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--aps", type=int, default=300, help="APs at 1 segment/s")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "workers.json")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="csi-bench-workers-") as tmp:
-        results = [run(layout, Path(tmp)) for layout in ("shared", "sharded")]
-    for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k != "per_ap"}))
-    out = ROOT / "bench" / "results" / "workers.json"
-    out.write_text(json.dumps({"benchmark": "two cloud workers, one Mosquitto",
-                               "command": "python bench/workers.py", "runs": results},
-                              indent=2) + "\n")
-    print(f"wrote {out}")
+        work = Path(tmp)
+        baseline = run_mosquitto(args.aps, args.seconds, work)
+        print(json.dumps(baseline), flush=True)
+        runs = []
+        for n in (1, 2, 3):
+            runs.append(run_nats(n, args.aps, args.seconds, work))
+            print(json.dumps(runs[-1]), flush=True)
+        failures = run_nats(3, args.aps, args.seconds * 2, work, failures=True)
+        print(json.dumps(failures), flush=True)
+        segment_path = run_segment_path(args.aps, args.seconds, work)
+        print(json.dumps(segment_path), flush=True)
+    base_worker = baseline["worker_cpu_ms_per_segment"]
+    overhead = []
+    for r in runs:
+        extra_worker = r["worker_cpu_ms_per_segment"] - base_worker
+        overhead.append({
+            "workers": r["workers"],
+            "worker_side_ms_per_segment": round(extra_worker, 3),
+            "worker_side_vs_worker_cpu": round(extra_worker / base_worker, 3),
+            "brokers_ms_per_segment": r["broker_cpu_ms_per_segment"],
+            "brokers_marginal_ms_per_segment": r["marginal_broker_cpu_ms_per_segment"],
+            "brokers_marginal_vs_worker_cpu": round(r["marginal_broker_cpu_ms_per_segment"]
+                                                    / base_worker, 3),
+            "brokers_vs_worker_cpu": round(r["broker_cpu_ms_per_segment"] / base_worker, 3),
+            "mosquitto_ms_per_segment": baseline["broker_cpu_ms_per_segment"],
+            "brokers_extra_vs_mosquitto_vs_worker_cpu": round(
+                (r["broker_cpu_ms_per_segment"] - baseline["broker_cpu_ms_per_segment"])
+                / base_worker, 3)})
+    summary = {
+        "benchmark": "cloud workers on a 3-node NATS JetStream cluster vs one worker on "
+                     "Mosquitto",
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "note": "2 cores shared by 3 NATS nodes, the workers, the load generator "
+                            "and PostgreSQL"},
+        "load": {"aps": args.aps, "segment_per_s_per_ap": 1, "seconds": args.seconds,
+                 "payload": "real wire payloads (Fition samples, rate level 2), MQTT 3.1.1 "
+                            "QoS 1"},
+        "targets": {"lost": 0, "predicted_twice": 0, "failover_s": 10,
+                    "bus_overhead_vs_worker_cpu": 0.2},
+        "baseline": baseline,
+        "nats": runs,
+        "failures": failures,
+        "segment_path_only": segment_path,
+        "bus_overhead": overhead,
+        "projection": projection(baseline, runs),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if args.out == ROOT / "bench" / "results" / "workers.json":
+        write_doc(summary)
+        print(f"updated {DOC}")
 
 
 if __name__ == "__main__":

@@ -431,6 +431,9 @@ def cloud(
         help="base URL edges use to download models [http://HOST:PORT]")] = None,
     site: Annotated[list[str] | None, typer.Option(
         help="handle only this site's segments (repeatable): shard workers by site")] = None,
+    bus: Annotated[str | None, typer.Option(
+        help="where segments come from: mqtt, or nats://HOST:PORT[,...] for a NATS JetStream "
+             "cluster partitioned by AP over the workers (docs/scaling.md) [mqtt]")] = None,
     dev: Annotated[bool | None, typer.Option("--dev/--no-dev",
                                              help="allow the placeholder API token")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -455,7 +458,8 @@ def cloud(
     try:
         settings = load_settings(config, models=models, broker=broker, http=http, db=db,
                                  recordings=recordings, prefix=prefix, client_id=client_id,
-                                 public_url=public_url, dev=dev, sites=site or None)
+                                 public_url=public_url, dev=dev, sites=site or None,
+                                 bus=bus)
         settings.check_token()
         settings.broker_address()
     except (ValidationError, ValueError) as exc:

@@ -204,6 +204,26 @@ class Ingestor:
                 self.aps.setdefault(key, APState(site, ap))
         return self.aps[key]
 
+    def forget(self, site: str, ap: str) -> None:
+        """Drop everything held for an AP (its state is about to be loaded afresh)."""
+        with self.lock:
+            self.aps.pop((site, ap), None)
+        self._last_codes.pop((site, ap), None)
+
+    def restore_seen(self, site: str, ap: str, stored: list[int]) -> None:
+        """After the AP's state was read back: ``stored`` are the sequence numbers of its
+        epoch on record (the recent ones). The newest of them is the newest seen (the AP's
+        row may be ahead: it is written from the state, which may already hold the next
+        batch, not yet stored), and those missing below it are awaited again, so they are
+        still accepted when they arrive late."""
+        state = self.state(site, ap)
+        if state.last_seq is None or not stored:
+            return
+        newest = max(stored)
+        state.last_seq = newest
+        low = max(min(stored), newest - _MAX_AWAITED + 1)
+        state.missing = set(range(low, newest + 1)) - set(stored)
+
     def _reject(self, result: BatchResult, site: str, ap: str, reason: str,
                 detail: str) -> None:
         self.rejected[reason] += 1

@@ -77,6 +77,7 @@ class CloudService:
         self.queue: asyncio.Queue[tuple[str, str, bytes, float, Callable[[], None] | None]] = \
             asyncio.Queue()
         self.mqtt: Any = None
+        self.bus: Any = None  # csi_cloud.bus.NatsBus when segments come from NATS
         self.started = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -107,10 +108,17 @@ class CloudService:
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
         if self.settings.broker_address() is not None:
             self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
+        if self.settings.bus_servers():  # segments from a NATS JetStream cluster
+            from .bus import NatsBus
+
+            self.bus = NatsBus.from_settings(self.settings, self)
+            await self.bus.start()
 
     async def stop(self) -> None:
         """Drain what was received, then stop every part; each step is bounded so a stuck
         part cannot keep the process from exiting (what is not acknowledged is resent)."""
+        if self.bus is not None:
+            self.bus.pause()  # nothing new; what was delivered is stored and acknowledged
         deadline = time.monotonic() + 5
         while not self.queue.empty() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -120,6 +128,8 @@ class CloudService:
             await asyncio.wait(self._tasks, timeout=5)
         if self._storing is not None:
             await asyncio.wait({self._storing}, timeout=10)
+        if self.bus is not None:
+            await self.bus.close()  # acknowledgements out, partitions handed over (bounded)
         self._status_writer.shutdown(wait=False, cancel_futures=True)
         for name, step, limit in (("training jobs", self.jobs.stop, 15.0),
                                   ("recorder", getattr(self.recorder, "close", None), 30.0)):
@@ -133,24 +143,47 @@ class CloudService:
 
     @property
     def ready(self) -> bool:
-        return self.mqtt is not None or self.settings.broker_address() is None
+        return (self.mqtt is not None or self.settings.broker_address() is None) and \
+            (self.bus is None or self.bus.ready)
 
     def _restore_states(self) -> None:
         """Epoch and last sequence number per AP from the database, so segments the broker
         delivers again after a restart are recognised as duplicates."""
         with self.db.session() as s:
             for row in s.scalars(select(AP)):
-                self._restore_context(s, row)
-                self._db_aps.add((row.site, row.ap))
-                state = self.ingestor.state(row.site, row.ap)
-                state.epoch, state.last_seq = row.epoch, row.last_seq
-                state.model, state.rate_level = row.model, row.rate_level
-                counters = dict(row.counters or {})
-                state.rejected.update(counters.pop("rejected", {}) or {})
-                state.counters.update({k: v for k, v in counters.items()
-                                       if isinstance(v, int)})
-                if isinstance(row.status, dict):
-                    self._ap_status[(row.site, row.ap)] = row.status
+                self._restore_row(s, row)
+
+    def reload_aps(self, keep: Callable[[str, str], bool]) -> int:
+        """Forget what this worker holds for the APs ``keep(site, ap)`` selects and read their
+        state and context back from the database: their partition just moved to this worker,
+        and another one may have handled them meanwhile. Call it in a thread, while none of
+        these APs' segments are being processed (csi_cloud.bus does)."""
+        with self.db.session() as s:
+            rows = [row for row in s.scalars(select(AP)) if keep(row.site, row.ap)]
+            for row in rows:
+                self.ingestor.forget(row.site, row.ap)
+                self._restore_row(s, row)
+        return len(rows)
+
+    def _restore_row(self, s: Any, row: AP) -> None:
+        self._restore_context(s, row)
+        self._db_aps.add((row.site, row.ap))
+        state = self.ingestor.state(row.site, row.ap)
+        state.epoch, state.last_seq = row.epoch, row.last_seq
+        state.model, state.rate_level = row.model, row.rate_level
+        counters = dict(row.counters or {})
+        state.rejected.update(counters.pop("rejected", {}) or {})
+        state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
+        if isinstance(row.status, dict):
+            self._ap_status[(row.site, row.ap)] = row.status
+        if row.epoch is not None and row.last_seq is not None:
+            # What is stored, not the row's last_seq (written from the state, which may hold
+            # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
+            # resent or late segment is not taken for a duplicate.
+            stored = s.scalars(select(Prediction.seq).where(
+                Prediction.site == row.site, Prediction.ap == row.ap,
+                Prediction.epoch == row.epoch, Prediction.seq > row.last_seq - 4096)).all()
+            self.ingestor.restore_seen(row.site, row.ap, list(stored))
 
     def _restore_context(self, s: Any, row: AP) -> None:
         """The AP's last context from the codes stored with its predictions, so a restarted
@@ -421,6 +454,8 @@ class CloudService:
             [f"{settings.prefix}/+/+/seg"]
         if settings.shared_subscription:
             seg_filters = [f"$share/{settings.share_group}/{f}" for f in seg_filters]
+        if settings.bus_servers():
+            seg_filters = []  # segments come from the NATS bus (csi_cloud.bus)
         v5 = settings.mqtt_protocol == "5"
         status_filter = f"{settings.prefix}/+/+/status"
         while True:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     SettingsConfigDict,
 )
@@ -94,6 +95,26 @@ class CloudSettings(FileConfiguredSettings):
     jobs_dir: Path = Field(default=Path("jobs"), description="training job work folders")
     datasets: dict[str, Path] = Field(default_factory=dict,
                                       description="registered dataset folders by name")
+    # -- the scale-out bus (csi_cloud.bus, docs/scaling.md) --
+    bus: str = Field(default="mqtt", description="where segments come from: mqtt (the broker's "
+                                                 "seg topics) or nats://[user:pass@]HOST:PORT"
+                                                 "[,nats://...] (a NATS JetStream cluster, "
+                                                 "partitioned by AP over the workers)")
+    bus_partitions: int = Field(default=16, ge=1, le=1024, description="partitions of the "
+                                                                       "segment subjects (nats "
+                                                                       "bus): the servers' "
+                                                                       "mapping must use it")
+    bus_pin_ttl_s: float = Field(default=6.0, ge=3.0, le=300, description="a worker that stops "
+                                                                          "pulling loses its "
+                                                                          "partitions after "
+                                                                          "this long (nats bus)")
+    bus_ack_wait_s: float = Field(default=5.0, gt=0, description="a segment not stored this "
+                                                                 "long after delivery is "
+                                                                 "delivered again; below "
+                                                                 "bus_pin_ttl_s (nats bus)")
+    bus_max_inflight: int = Field(default=2048, ge=16, description="segments received but not "
+                                                                   "yet stored, per worker "
+                                                                   "(nats bus)")
 
     @field_validator("prefix")
     @classmethod
@@ -106,6 +127,44 @@ class CloudSettings(FileConfiguredSettings):
     @classmethod
     def _sites(cls, value: list[str]) -> list[str]:
         return [topic_name(site, "site") for site in value]
+
+    @field_validator("bus")
+    @classmethod
+    def _bus(cls, value: str) -> str:
+        if value == "mqtt":
+            return value
+        for url in value.split(","):
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("nats", "tls") or not parts.hostname:
+                raise ValueError(f"bus {value!r}: {url.strip()!r} is not nats://HOST:PORT (or "
+                                 "tls://); the bus is mqtt or a list of NATS servers")
+        return value
+
+    @model_validator(mode="after")
+    def _nats_bus(self) -> CloudSettings:
+        if self.bus == "mqtt":
+            return self
+        if not self.broker:
+            raise ValueError("bus nats:// needs broker= (the cluster's MQTT listener: status, "
+                             "ctl and predictions flow over it)")
+        if self.sites:
+            raise ValueError(f"sites {self.sites!r}: sharding by site is for bus=mqtt; the "
+                             "nats bus partitions APs over the workers by itself")
+        if self.bus_ack_wait_s >= self.bus_pin_ttl_s:
+            raise ValueError(f"bus_ack_wait_s {self.bus_ack_wait_s} must be below "
+                             f"bus_pin_ttl_s {self.bus_pin_ttl_s}")
+        if "mqtt_protocol" not in self.model_fields_set:
+            self.mqtt_protocol = "3.1.1"  # the NATS MQTT listener speaks 3.1.1 only
+        elif self.mqtt_protocol != "3.1.1":
+            raise ValueError(f"mqtt_protocol {self.mqtt_protocol!r}: the NATS server's MQTT "
+                             "listener speaks 3.1.1 only")
+        return self
+
+    def bus_servers(self) -> list[str] | None:
+        """The NATS servers of the bus, or None for MQTT."""
+        if self.bus == "mqtt":
+            return None
+        return [url.strip() for url in self.bus.split(",")]
 
     @field_validator("http")
     @classmethod

@@ -116,7 +116,8 @@ def test_compose_config_is_valid_and_resolves_the_variables(tmp_path: Path) -> N
     out = run_config(tmp_path, REQUIRED)
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
-    services = resolved["services"]
+    # The single-node stack (services without a profile; "cluster": test_workers.py).
+    services = {n: v for n, v in resolved["services"].items() if not v.get("profiles")}
     assert set(services) == {"mosquitto", "postgres", "cloud", "edge"}
     cloud = services["cloud"]["environment"]
     assert cloud["CSI_CLOUD_TOKEN"] == REQUIRED["CSI_CLOUD_TOKEN"]
@@ -184,7 +185,7 @@ def test_images_volumes_and_mounts() -> None:
     assert services["cloud"]["build"] == {"context": ".", "target": "cloud"}
     assert services["edge"]["build"] == {"context": ".", "target": "edge"}
     assert set(doc["volumes"]) == {"mosquitto-data", "postgres-data", "recordings", "jobs",
-                                   "edge-spool"}
+                                   "edge-spool", "nats-1-data", "nats-2-data", "nats-3-data"}
     mounts = {name: services[name].get("volumes", []) for name in services}
     assert "mosquitto-data:/mosquitto/data" in mounts["mosquitto"]
     assert "./deploy/mosquitto/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in \

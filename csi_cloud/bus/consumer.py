@@ -1,0 +1,617 @@
+"""Segments from a NATS JetStream cluster, partitioned by AP, each partition on one worker.
+
+The contract with the service (:class:`SegmentSink`) is the one MQTT ingest has: every segment
+is handed over with an ``ack`` that the service calls once the segment's batch is stored, and
+only then is it acknowledged to JetStream (at-least-once; a segment delivered twice is
+recognised by its epoch and sequence number).
+
+How a worker gets its partitions:
+
+- one durable pull consumer per partition on the MQTT message stream, in priority group
+  :data:`~csi_cloud.bus.subjects.PRIORITY_GROUP` with the ``pinned_client`` policy: the server
+  gives one pull request a pin id and from then on delivers that partition only to requests
+  carrying the id; a worker that sends no pull request for ``pin_ttl_s`` loses the pin, and the
+  next waiting request gets a new one;
+- the workers announce themselves once a second (:mod:`csi_cloud.bus.placement`); each bids
+  (pull requests without a pin id) only for the partitions the common assignment gives it, and
+  hands back the others: it stops pulling, lets what it holds be stored and acknowledged, then
+  unpins the consumer, so the new worker starts exactly where it stopped;
+- when a worker receives the first segment of a partition under a new pin, it first waits for
+  its own earlier deliveries of that partition to be stored, then reloads the state and context
+  of the partition's APs from the database (another worker may have handled them meanwhile),
+  and only then hands the segments over.
+
+The acknowledgement wait (``ack_wait_s``) is shorter than the pin's time to live, so when a
+worker dies, the segments it had received but not stored are due for redelivery by the time
+another worker is pinned, and JetStream delivers redeliveries first: that worker gets the
+partition's segments in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from csi_edge._mqtt import Backoff
+
+from ..settings import CloudSettings
+from .jetstream import JetStreamError, api, nanoseconds, pull_request
+from .placement import Membership, assign
+from .subjects import MQTT_STREAM, PRIORITY_GROUP, SegmentSubjects, partition_of
+
+__all__ = ["BusConfigError", "NatsBus", "SegmentSink"]
+
+log = logging.getLogger("csi_cloud.bus")
+
+_HEARTBEAT_S = 1.0
+_TICK_S = 0.2
+_PULL_EXPIRES_S = 1.0
+_PULL_BATCH = 256
+
+
+class BusConfigError(RuntimeError):
+    """The NATS cluster is not set up as the workers need it (the message says what to fix)."""
+
+
+class SegmentSink(Protocol):
+    """What the bus hands segments to (the cloud service)."""
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Callable[[], None] | None = None) -> None: ...
+
+    def reload_aps(self, keep: Callable[[str, str], bool]) -> int: ...
+
+
+@dataclass
+class _Partition:
+    index: int
+    consumer: str
+    state: str = "idle"  # idle | bidding | gaining | held | releasing
+    pin: str | None = None
+    request: str | None = None  # reply subject of the newest pull request
+    deadline: float = 0.0  # monotonic: the newest pull request counts as finished
+    not_before: float = 0.0  # monotonic: no pull request before (no responders)
+    inflight: int = 0  # handed to the service, not yet acknowledged
+    release_deadline: float = 0.0
+    sequence: int = 0
+    delivered: int = 0
+    gains: int = 0
+    sub: Any = None
+    # After a gain: deliveries from before it (to a dead worker, or lost with a consumer
+    # leader) still outstanding, and the newer segments held back until they are redelivered.
+    awaiting: int = 0
+    awaiting_until: float = 0.0
+    snapshot_seq: int = 0
+    held_back: list[tuple[str, str, bytes, float, str]] = field(default_factory=list)
+
+
+@dataclass
+class BusStats:
+    delivered: int = 0
+    acknowledged: int = 0
+    gains: int = 0
+    losses: int = 0  # pins taken away (ttl, leader change) while held
+    releases: int = 0
+    reloaded_aps: int = 0
+    reordered: int = 0  # segments held back after a gain until older ones were redelivered
+    bad_subjects: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NatsBus:
+    """Consume segments for one cloud worker; see the module docstring."""
+
+    def __init__(self, servers: list[str], sink: SegmentSink, *, name: str,
+                 subjects: SegmentSubjects, pin_ttl_s: float = 6.0, ack_wait_s: float = 5.0,
+                 max_inflight: int = 2048) -> None:
+        if ack_wait_s >= pin_ttl_s:
+            raise ValueError(f"ack wait {ack_wait_s} s must be shorter than the pin time to "
+                             f"live {pin_ttl_s} s (segments would reach a new worker out of "
+                             "order after a failover)")
+        if pin_ttl_s < 3 * _PULL_EXPIRES_S:
+            raise ValueError(f"pin time to live {pin_ttl_s} s: at least "
+                             f"{3 * _PULL_EXPIRES_S} s (a pinned worker pulls every "
+                             f"{_PULL_EXPIRES_S} s)")
+        self.servers = servers
+        self.sink = sink
+        self.name = name
+        self.subjects = subjects
+        self.pin_ttl_s = pin_ttl_s
+        self.ack_wait_s = ack_wait_s
+        self.max_inflight = max_inflight
+        self.membership = Membership(name, secrets.token_hex(6), timeout_s=pin_ttl_s)
+        self.partitions = [_Partition(p, subjects.consumer(p))
+                           for p in range(subjects.partitions)]
+        self.stats = BusStats()
+        self.nc: Any = None
+        self.ready = False
+        self.inflight = 0
+        self._paused = False
+        self._inbox = ""
+        self._acks: list[str] = []
+        self._ack_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: CloudSettings, sink: SegmentSink) -> NatsBus:
+        servers = settings.bus_servers()
+        if not servers:
+            raise ValueError(f"bus {settings.bus!r} is not a NATS server list")
+        return cls(servers, sink, name=settings.client_id,
+                   subjects=SegmentSubjects(settings.prefix, settings.bus_partitions),
+                   pin_ttl_s=settings.bus_pin_ttl_s, ack_wait_s=settings.bus_ack_wait_s,
+                   max_inflight=settings.bus_max_inflight)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and consume in the background (retrying until the cluster is there)."""
+        self._tasks.append(asyncio.create_task(self._run(), name="nats bus"))
+
+    def pause(self) -> None:
+        """Stop pulling: what was delivered is still stored and acknowledged."""
+        self._paused = True
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Send the outstanding acknowledgements, hand every held partition over (unpin, and
+        tell the others this worker is leaving), close the connection. Bounded."""
+        self._paused = True
+        deadline = time.monotonic() + timeout_s
+        nc = self.nc
+        try:
+            if nc is not None and nc.is_connected:
+                await self._send_acks()
+                await self._heartbeat(leaving=True)
+                for part in self.partitions:
+                    if part.state in ("held", "gaining", "releasing") and part.inflight == 0:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(self._unpin(part),
+                                                   max(0.1, deadline - time.monotonic()))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.flush(), max(0.1, deadline - time.monotonic()))
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), max(0.1, deadline - time.monotonic()))
+            self.ready = False
+
+    def held(self) -> list[int]:
+        return [p.index for p in self.partitions if p.state in ("held", "gaining", "releasing")]
+
+    # -- connection -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        import nats
+
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            try:
+                self.nc = await nats.connect(
+                    servers=self.servers, name=f"csi-cloud {self.name}", connect_timeout=3,
+                    reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+                    allow_reconnect=True, error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
+                break
+            except Exception as exc:  # no server reachable yet
+                delay = backoff.next_delay()
+                log.warning("NATS %s unreachable (%s); retrying in %.1f s",
+                            ",".join(self._redacted()), exc, delay)
+                await asyncio.sleep(delay)
+        log.info("connected to NATS %s as worker %s", self.nc.connected_url.netloc
+                 .rpartition("@")[2], self.name)
+        first = time.monotonic()
+        while True:
+            try:
+                await self._setup()
+                break
+            except (BusConfigError, JetStreamError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                # The MQTT stream appears once this worker's MQTT client has connected: only
+                # an error if that takes long.
+                level = logging.INFO if time.monotonic() - first < 10 else logging.ERROR
+                log.log(level, "NATS bus not ready: %s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # e.g. no responders while the cluster elects leaders
+                delay = backoff.next_delay()
+                log.warning("NATS bus set-up: %r; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        self.ready = True
+        self._started = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._acker(), name="nats acks"))
+        await self._control()
+
+    def _redacted(self) -> list[str]:
+        return [s.rpartition("@")[2] for s in self.servers]
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            log.warning("NATS connection lost; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS reconnected to %s", self.nc.connected_url.netloc.rpartition("@")[2])
+
+    async def _setup(self) -> None:
+        nc = self.nc
+        await self._check_mapping()
+        try:
+            await api(nc, f"STREAM.INFO.{MQTT_STREAM}")
+        except JetStreamError as exc:
+            if exc.err_code == 10059:  # stream not found
+                raise BusConfigError(
+                    f"stream {MQTT_STREAM} does not exist yet: the NATS server creates it when "
+                    "the first MQTT client connects (this worker's MQTT client, broker=...); "
+                    "is MQTT enabled on the cluster?") from exc
+            raise
+        for part in self.partitions:
+            await self._ensure_consumer(part)
+        self._inbox = nc.new_inbox()
+        for part in self.partitions:
+            if part.sub is not None:  # set up by an earlier attempt
+                await part.sub.unsubscribe()
+            part.sub = await nc.subscribe(f"{self._inbox}.{part.index}.*",
+                                          cb=self._handler(part), pending_msgs_limit=-1,
+                                          pending_bytes_limit=-1)
+        await nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
+        await nc.flush()
+
+    async def _check_mapping(self) -> None:
+        """Publish probes on the unmapped segment subject and see where the account's mapping
+        puts them: the partitions must be the ones :func:`partition_of` computes."""
+        nc = self.nc
+        arrived: dict[str, int] = {}
+        unmapped: list[str] = []
+        done = asyncio.Event()
+        probes = [f"p{k}" for k in range(8)]
+
+        async def mapped(msg: Any) -> None:
+            parts = msg.subject.split(".")
+            arrived[parts[-1]] = int(parts[-3])
+            if len(arrived) == len(probes):
+                done.set()
+
+        async def raw(msg: Any) -> None:
+            unmapped.append(msg.subject)
+            done.set()
+
+        subs = [await nc.subscribe(self.subjects.probe_mapped, cb=mapped),
+                await nc.subscribe(self.subjects.probe_unmapped, cb=raw)]
+        try:
+            await nc.flush()
+            for ap in probes:
+                await nc.publish(self.subjects.probe(ap), b"")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 3.0)
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+        source, destination = self.subjects.mapping()
+        if unmapped:
+            raise BusConfigError(f"the NATS account does not map segment subjects: add the "
+                                 f"mapping {source!r} -> {destination!r} to every server "
+                                 "(python -m csi_cloud.bus.natsconf)")
+        expected = {ap: partition_of("_probe", ap, self.subjects.partitions) for ap in probes}
+        if arrived != expected:
+            raise BusConfigError(
+                f"the servers' segment mapping does not give the partitions of "
+                f"bus_partitions={self.subjects.partitions} (probes went to {arrived}, expected "
+                f"{expected}): the mapping must be {source!r} -> {destination!r}")
+
+    async def _ensure_consumer(self, part: _Partition) -> None:
+        config = {
+            "durable_name": part.consumer,
+            "description": "csi-pipeline segments of one partition; pinned to one worker",
+            "filter_subject": self.subjects.filter(part.index),
+            "deliver_policy": "all",
+            "ack_policy": "explicit",
+            "ack_wait": nanoseconds(self.ack_wait_s),
+            "max_deliver": -1,
+            "max_ack_pending": max(1024, 2 * self.max_inflight),
+            "max_waiting": 512,
+            "priority_groups": [PRIORITY_GROUP],
+            "priority_policy": "pinned_client",
+            "priority_timeout": nanoseconds(self.pin_ttl_s),
+        }
+        subject = f"CONSUMER.CREATE.{MQTT_STREAM}.{part.consumer}"
+        try:
+            await api(self.nc, subject, {"stream_name": MQTT_STREAM, "config": config})
+        except JetStreamError as exc:
+            if exc.err_code != 10148:  # "consumer already exists" with another config
+                raise
+            await api(self.nc, subject, {"stream_name": MQTT_STREAM, "config": config,
+                                         "action": "update"})
+
+    # -- membership and placement ----------------------------------------------------------
+
+    async def _heartbeat(self, leaving: bool = False) -> None:
+        body = {"name": self.name, "nonce": self.membership.nonce, "held": self.held(),
+                "leaving": leaving}
+        await self.nc.publish(self.subjects.heartbeats, json.dumps(body).encode())
+
+    async def _on_heartbeat(self, msg: Any) -> None:
+        try:
+            body = json.loads(msg.data)
+            clashes = self.membership.clashes
+            self.membership.heard(str(body["name"]), str(body["nonce"]),
+                                  [int(p) for p in body.get("held", [])],
+                                  leaving=bool(body.get("leaving")))
+        except (ValueError, KeyError, TypeError):
+            return
+        if self.membership.clashes > clashes and self.membership.clashes % 30 == 1:
+            log.error("another worker also calls itself %r: give each worker its own "
+                      "client id (--client-id)", self.name)
+
+    async def _control(self) -> None:
+        while True:
+            try:
+                await self._control_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the worker from pulling
+                log.exception("bus control loop failed; restarting it")
+                await asyncio.sleep(1)
+
+    async def _control_loop(self) -> None:
+        last_heartbeat = 0.0
+        while True:
+            now = time.monotonic()
+            if self.nc.is_connected and now - last_heartbeat >= _HEARTBEAT_S:
+                last_heartbeat = now
+                with contextlib.suppress(Exception):
+                    await self._heartbeat()
+            # Bid only once the other workers have been heard from.
+            mine = assign(self.subjects.partitions, self.membership.live()).get(self.name,
+                                                                                frozenset())
+            settled = now - self._started > 1.5 * _HEARTBEAT_S
+            for part in self.partitions:
+                wanted = part.index in mine and settled and not self._paused
+                if part.state in ("held", "gaining") and not wanted and settled:
+                    part.state = "releasing"
+                    part.release_deadline = now + 2 * self.ack_wait_s
+                    log.info("partition %d: handing over", part.index)
+                elif part.state == "idle" and wanted:
+                    part.state = "bidding"
+                    log.debug("partition %d: bidding", part.index)
+                elif part.state == "bidding" and not wanted:
+                    part.state = "idle"
+                if part.awaiting > 0 and now > part.awaiting_until:
+                    log.info("partition %d: %d older segment(s) not redelivered in time; going "
+                             "on", part.index, part.awaiting)
+                    self._release_held_back(part)
+                if part.state == "releasing":
+                    await self._maybe_release(part, now)
+                # (a partition being handed over is still pulled while older segments are
+                # awaited: they are redelivered to this pin)
+                if (part.state in ("bidding", "held", "gaining") or (
+                        part.state == "releasing" and part.awaiting > 0)) and not self._paused:
+                    await self._pull(part, now)
+            await asyncio.sleep(_TICK_S)
+
+    async def _maybe_release(self, part: _Partition, now: float) -> None:
+        pulling = part.request is not None and now < part.deadline
+        # Segments held back for older ones being redelivered are this pin's too: they are
+        # handed to ingest (and stored) before the partition is handed over.
+        if (pulling or part.inflight > 0 or part.awaiting > 0) and \
+                now < part.release_deadline:
+            return
+        if part.held_back:  # forced: not acknowledged, so redelivered to the next worker
+            log.warning("partition %d: handing over with %d segment(s) still held back",
+                        part.index, len(part.held_back))
+            part.held_back.clear()
+            part.awaiting = 0
+        if part.inflight:
+            log.warning("partition %d: %d segment(s) not stored after %.0f s; handing over "
+                        "anyway (they are redelivered)", part.index, part.inflight,
+                        self.ack_wait_s)
+        await self._send_acks()
+        with contextlib.suppress(Exception):
+            await self._unpin(part)
+        self._event("release", part)
+        part.state, part.pin = "idle", None
+        self.stats.releases += 1
+
+    async def _unpin(self, part: _Partition) -> None:
+        """Unpin the consumer if this worker's pin is still the current one (so the waiting
+        bid of the partition's new worker is served at once, not after the time to live)."""
+        info = await api(self.nc, f"CONSUMER.INFO.{MQTT_STREAM}.{part.consumer}")
+        groups = {g.get("group"): g for g in info.get("priority_groups") or []}
+        if part.pin and groups.get(PRIORITY_GROUP, {}).get("pinned_client_id") == part.pin:
+            await api(self.nc, f"CONSUMER.UNPIN.{MQTT_STREAM}.{part.consumer}",
+                      {"group": PRIORITY_GROUP})
+
+    # -- pulling ----------------------------------------------------------------------------
+
+    async def _pull(self, part: _Partition, now: float) -> None:
+        if (part.request is not None and now < part.deadline) or now < part.not_before:
+            return
+        if not self.nc.is_connected:
+            return
+        active = sum(1 for p in self.partitions if p.state in ("held", "gaining"))
+        room = (self.max_inflight - self.inflight) // max(1, active)
+        # A held partition is pulled even when the worker is full (batch 1): a pull request
+        # is what keeps the pin.
+        batch = max(1, min(_PULL_BATCH, room))
+        pin = part.pin if part.state in ("held", "gaining", "releasing") else None
+        part.sequence += 1
+        part.request = f"{self._inbox}.{part.index}.{part.sequence}"
+        part.deadline = now + _PULL_EXPIRES_S + 0.25
+        part.delivered = 0
+        try:
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{MQTT_STREAM}.{part.consumer}",
+                                  pull_request(batch, _PULL_EXPIRES_S, PRIORITY_GROUP, pin),
+                                  reply=part.request)
+        except Exception as exc:  # reconnecting: the next tick tries again
+            log.debug("pull request for partition %d: %r", part.index, exc)
+            part.request = None
+
+    def _handler(self, part: _Partition) -> Callable[[Any], Any]:
+        async def on_message(msg: Any) -> None:
+            await self._on_message(part, msg)
+        return on_message
+
+    async def _on_message(self, part: _Partition, msg: Any) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is not None:
+            self._on_status(part, msg.subject, status, headers)
+            return
+        pin = headers.get("Nats-Pin-Id")
+        if pin and pin != part.pin:
+            await self._gain(part, pin)
+        self.stats.delivered += 1
+        part.delivered += 1
+        parsed = self.subjects.parse(msg.subject)
+        if parsed is None or parsed[0] != part.index:
+            self.stats.bad_subjects += 1
+            log.warning("partition %d: unexpected subject %r; acknowledged and dropped",
+                        part.index, msg.subject)
+            self._acks.append(msg.reply)
+            self._ack_wakeup.set()
+            return
+        _, site, ap = parsed
+        item = (site, ap, msg.data, time.time(), msg.reply)
+        if part.awaiting > 0:
+            meta = msg.metadata
+            if meta.num_delivered > 1 or meta.sequence.stream <= part.snapshot_seq:
+                part.awaiting -= 1
+            if meta.num_delivered > 1:  # an older one, redelivered: it goes first
+                self._submit(part, item)
+            else:
+                part.held_back.append(item)
+            if part.awaiting <= 0:
+                self._release_held_back(part)
+            return
+        self._submit(part, item)
+
+    def _submit(self, part: _Partition, item: tuple[str, str, bytes, float, str]) -> None:
+        site, ap, data, received, reply = item
+        part.inflight += 1
+        self.inflight += 1
+        self.sink.submit(site, ap, data, received, self._acker_for(part, reply))
+
+    def _release_held_back(self, part: _Partition) -> None:
+        items, part.held_back, part.awaiting = part.held_back, [], 0
+        if part.state not in ("held", "gaining", "releasing"):
+            return  # no longer this worker's: not acknowledged, redelivered to the next one
+        self.stats.reordered += len(items)
+        for item in items:
+            self._submit(part, item)
+
+    def _on_status(self, part: _Partition, subject: str, status: str,
+                   headers: dict[str, str]) -> None:
+        if status == "100":  # idle heartbeat: the request is still open
+            return
+        if status != "408":
+            log.debug("partition %d (%s): status %s %s", part.index, part.state, status,
+                      headers.get("Description", ""))
+        if subject == part.request:
+            part.request = None
+        if status == "423":  # our pin id is no longer the consumer's (ttl, leader change)
+            if part.state in ("held", "gaining", "releasing"):
+                log.warning("partition %d: pin lost (%s)", part.index,
+                            headers.get("Description", "wrong pin id"))
+                self._event("lost", part)
+                self.stats.losses += 1
+            part.pin = None
+            part.state = "bidding" if part.state in ("held", "gaining") else "idle"
+            # Not handed over, not acknowledged: redelivered to the partition's new worker.
+            part.held_back.clear()
+            part.awaiting = 0
+        elif status == "503":  # no responders: the consumer is electing a leader
+            part.not_before = time.monotonic() + 0.5
+        elif status == "409" and "Leadership" not in headers.get("Description", ""):
+            log.debug("partition %d: pull %s %s", part.index, status,
+                      headers.get("Description", ""))
+
+    async def _gain(self, part: _Partition, pin: str) -> None:
+        """First segment under a new pin: this worker's own earlier deliveries of the
+        partition are stored first, then its APs' state and context are read back."""
+        part.state, part.pin = "gaining", pin
+        deadline = time.monotonic() + self.ack_wait_s
+        while part.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        index, n = part.index, self.subjects.partitions
+        await self._await_older(part)
+        try:
+            count = await asyncio.to_thread(
+                self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
+        except Exception:
+            log.exception("partition %d: reloading its APs failed; going on with what this "
+                          "worker holds", index)
+            count = 0
+        if part.pin == pin and part.state == "gaining":
+            part.state = "held"
+        part.gains += 1
+        self.stats.gains += 1
+        self.stats.reloaded_aps += count
+        self._event("gain", part, aps=count, reload_s=round(time.monotonic() - t0, 3))
+        log.info("partition %d: now on this worker; %d AP(s) reloaded in %.2f s", index, count,
+                 time.monotonic() - t0)
+
+    async def _await_older(self, part: _Partition) -> None:
+        """Count the partition's deliveries made before this pin and not acknowledged (to a
+        worker that died, or lost with a consumer leader): JetStream redelivers them within
+        the ack wait, and the newer segments wait for them, so each AP's segments are handed
+        over in order."""
+        try:
+            await self._send_acks()
+            await self.nc.flush(timeout=2)
+            info = await api(self.nc, f"CONSUMER.INFO.{MQTT_STREAM}.{part.consumer}",
+                             timeout_s=2)
+        except Exception as exc:  # no answer: go on without waiting
+            log.debug("partition %d: consumer info: %r", part.index, exc)
+            return
+        # Delivered to this worker under the new pin so far: this message and those queued.
+        mine = 1 + (part.sub.pending_msgs if part.sub is not None else 0)
+        older = int(info.get("num_ack_pending", 0)) - mine
+        if older > 0:
+            part.awaiting = older
+            part.awaiting_until = time.monotonic() + self.ack_wait_s + 1.0
+            part.snapshot_seq = int((info.get("delivered") or {}).get("stream_seq", 0))
+            log.info("partition %d: %d older segment(s) outstanding; newer ones wait for "
+                     "their redelivery (at most %.0f s)", part.index, older,
+                     self.ack_wait_s + 1)
+
+    def _event(self, kind: str, part: _Partition, **extra: Any) -> None:
+        self.stats.events.append({"t": time.time(), "event": kind, "partition": part.index,
+                                  **extra})
+        del self.stats.events[:-1000]
+
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def _acker_for(self, part: _Partition, reply: str) -> Callable[[], None]:
+        def ack() -> None:
+            part.inflight -= 1
+            self.inflight -= 1
+            self._acks.append(reply)
+            self._ack_wakeup.set()
+        return ack
+
+    async def _acker(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        replies, self._acks = self._acks, []
+        for reply in replies:
+            try:
+                await self.nc.publish(reply, b"+ACK")
+            except Exception as exc:  # not acknowledged: redelivered and recognised
+                log.debug("ack: %r", exc)
+        self.stats.acknowledged += len(replies)

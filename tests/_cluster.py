@@ -1,0 +1,188 @@
+"""Cloud workers on a NATS cluster, and what tests and benchmarks check them against.
+
+- :class:`Worker`: ``csi cloud --bus nats://...`` as a process (its MQTT client on one node's
+  listener, the bus on every node);
+- :class:`Heartbeats`: the workers' own announcements (which partitions each holds), read
+  from the cluster by a plain NATS client;
+- :func:`stored_predictions` and :func:`reference`: every prediction row in the database, and
+  what one worker computes offline over the same stored codes, in sequence order (the
+  single-worker reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789abcdef"
+
+__all__ = ["Heartbeats", "Worker", "reference", "stored_predictions"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """One cloud worker process on the cluster."""
+
+    def __init__(self, name: str, bus: str, mqtt: str, db: str, folder: Path,
+                 env: dict[str, str] | None = None, log_level: str = "INFO") -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models",
+                        str(ROOT / "models"), "--broker", mqtt, "--bus", bus, "--http",
+                        f"127.0.0.1:{self.port}", "--db", db, "--recordings",
+                        str(folder / f"recordings-{name}"), "--client-id", name,
+                        "--log-level", log_level]
+        self.env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, PYTHONUNBUFFERED="1",
+                        CSI_CLOUD_JOBS_DIR=str(folder / f"jobs-{name}"),
+                        CSI_CLOUD_RECORD="false", **(env or {}))
+        self.log = folder / f"worker-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True, timeout_s: float = 90.0) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=ROOT)
+        if wait:
+            self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited: {self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"worker {self.name} not ready: {self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 40.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class Heartbeats:
+    """The latest announcement of every worker (held partitions), from a background thread."""
+
+    def __init__(self, servers: str, subject: str = "_CSI.csi.v1.workers") -> None:
+        self.servers = servers.split(",")
+        self.subject = subject
+        self.latest: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        self._ready.wait(15)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _run(self) -> None:
+        import nats
+
+        nc = await nats.connect(servers=self.servers, reconnect_time_wait=0.3,
+                                max_reconnect_attempts=-1)
+
+        async def on(msg: Any) -> None:
+            body = json.loads(msg.data)
+            self.latest[body["name"]] = {**body, "seen": time.monotonic()}
+
+        await nc.subscribe(self.subject, cb=on)
+        await nc.flush()
+        self._ready.set()
+        while not self._stop.is_set():
+            await asyncio.sleep(0.1)
+        await nc.close()
+
+    def held(self, max_age_s: float = 3.0) -> dict[str, list[int]]:
+        now = time.monotonic()
+        return {name: list(body["held"]) for name, body in self.latest.items()
+                if now - body["seen"] <= max_age_s and not body.get("leaving")}
+
+
+def stored_predictions(db: str) -> list[dict[str, Any]]:
+    """Every prediction row (the columns a comparison needs), in insertion order."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db)
+    try:
+        with engine.connect() as con:
+            rows = con.execute(text(
+                "SELECT id, site, ap, epoch, seq, timestamp, received, model, rate_level, "
+                "quality, context_present, activity, activity_confidence, identity, codes "
+                "FROM predictions ORDER BY id")).mappings().all()
+    finally:
+        engine.dispose()
+    return [dict(r) for r in rows]
+
+
+def reference(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    """What one worker computes over the stored codes, each AP's segments in sequence order
+    (one row per segment: duplicates are left out)."""
+    from csi_cloud.ingest import Ingestor
+    from csi_cloud.registry import ModelRegistry
+    from csi_edge.codec import Payload, SegmentRecord, encode_payload
+
+    registry = ModelRegistry(ROOT / "models")
+    ingestor = Ingestor(registry)
+    by_ap: dict[tuple[str, str], dict[tuple[int, int], dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        by_ap[(row["site"], row["ap"])].setdefault((row["epoch"], row["seq"]), row)
+    out = {}
+    for (site, ap), segments in by_ap.items():
+        batch = []
+        for (epoch, seq), row in sorted(segments.items()):
+            model = registry.get(row["model"])
+            payload = encode_payload(Payload(
+                row["rate_level"], model.model_id, epoch, seq, round(row["timestamp"] * 1000),
+                (SegmentRecord(row["quality"], bytes(row["codes"])),)))
+            batch.append((site, ap, payload, row["received"]))
+        for p in ingestor.process(batch).predictions:
+            out[(site, ap, p.epoch, p.seq)] = {
+                "activity": p.activity, "identity": p.identity,
+                "activity_confidence": p.activity_confidence,
+                "context_present": p.context_present}
+    return out
