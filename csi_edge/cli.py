@@ -51,7 +51,7 @@ def convert(
     force: Annotated[bool, typer.Option(help="overwrite an existing output file")] = False,
 ) -> None:
     """Convert a recording (pcap, .dat, ESP32 CSV, NTU-Fi .mat) into a project HDF5 recording."""
-    from .recording import convert as convert_recording
+    from .convert import convert as convert_recording
 
     if out.exists() and not force:
         raise fail(f"{out} exists (use --force to overwrite)")

@@ -71,7 +71,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +90,6 @@ __all__ = [
     "Label",
     "RecordingMeta",
     "RecordingWriter",
-    "convert",
     "frame_labels",
     "label_at",
     "read_labels",
@@ -637,52 +636,3 @@ def frame_labels(
         if value:
             out[(t >= lab.start) & (t < lab.end)] = value
     return out
-
-
-# -- conversion --
-
-
-def _as_label(item: Label | Sequence[Any]) -> Label:
-    if isinstance(item, Label):
-        return item
-    return Label(*item)
-
-
-def convert(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    keep_phase: bool = False,
-    labels: Iterable[Label | Sequence[Any]] = (),
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Read any supported recording and write it as a project recording.
-
-    ``labels`` are :class:`Label` or ``(start, end, activity, identity)`` tuples.
-    Returns ``{"path", "frames", "labels", "phase", "dropped"}``.
-    """
-    from .readers import read_recording  # the dispatcher imports this module for HDF5
-
-    frames = read_recording(src)
-    with RecordingWriter(
-        dst,
-        frames.info,
-        source=str(src),
-        source_format=frames.format,
-        keep_phase=keep_phase,
-        dropped=frames.dropped,
-        overwrite=overwrite,
-    ) as writer:
-        writer.append(frames)
-        count = 0
-        for item in labels:
-            lab = _as_label(item)
-            writer.add_label(lab.start, lab.end, lab.activity, lab.identity)
-            count += 1
-    return {
-        "path": str(dst),
-        "frames": len(frames),
-        "labels": count,
-        "phase": keep_phase and frames.is_complex,
-        "dropped": frames.dropped.as_dict(),
-    }

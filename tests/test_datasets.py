@@ -505,7 +505,7 @@ def test_ntu_fi_file_outside_split_folders_is_ignored(tmp_path: Path) -> None:
 @pytest.fixture
 def recordings(fition_samples: Path, tmp_path: Path) -> Path:
     """Two project recordings converted from samples, labelled with time ranges."""
-    from csi_edge.recording import convert
+    from csi_edge.convert import convert
 
     root = tmp_path / "recordings"
     (root / "site1").mkdir(parents=True)
@@ -547,7 +547,7 @@ def test_recordings_bad_files_ignored_and_copies_deduped(
 ) -> None:
     import h5py
 
-    from csi_edge.recording import convert
+    from csi_edge.convert import convert
 
     shutil.copy(recordings / "site1" / "b.h5", recordings / "site1" / "c.h5")
     with h5py.File(recordings / "other.h5", "w") as f:

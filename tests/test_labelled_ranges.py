@@ -9,7 +9,8 @@ from csi_cloud.datasets import index_dataset
 from csi_cloud.model.data import load_segments
 from csi_edge import read_recording
 from csi_edge.bundle import load_manifest
-from csi_edge.recording import Label, convert
+from csi_edge.convert import convert
+from csi_edge.recording import Label
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "datasets" / "samples" / "fition" / "walking_user1_rm1" / \

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from csi_edge._errors import EmptyRecordingError, FormatError, SpecMismatchError
+from csi_edge.convert import convert
 from csi_edge.frames import CSIFrames
 from csi_edge.readers import read_recording
 from csi_edge.recording import (
     FORMAT_NAME,
     Label,
     RecordingWriter,
-    convert,
     frame_labels,
     label_at,
     read_labels,
