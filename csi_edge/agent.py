@@ -641,7 +641,7 @@ class StreamAgent:
         if manifest is None:  # presence only (or such a backlog: one segment a message)
             return self.settings.presence_segments_per_message if model_id == NO_MODEL_ID \
                 else 1
-        return manifest.level(level).segments_per_message
+        return int(manifest.level(level).segments_per_message)
 
     def _group_size(self, head: QueuedSegment) -> int:
         """Segments a live message of ``head``'s kind waits for."""
@@ -653,7 +653,7 @@ class StreamAgent:
         manifest = None if model_id == NO_MODEL_ID else self._manifest_of(model_id)
         if manifest is None:
             return NO_MODEL_SEGMENT_MS
-        return round(manifest.input_spec.segment_s * 1000)
+        return round(float(manifest.input_spec.segment_s) * 1000)
 
     async def _status_loop(self, client: Any) -> None:
         while True:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def _detect(
     return band
 
 
-def _fields(band: Band) -> dict[str, object]:
+def _fields(band: Band) -> dict[str, Any]:
     return {name: getattr(band, name) for name in Band.__slots__}
 
 

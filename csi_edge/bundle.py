@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import entropy
 from ._errors import CSIError, SpecMismatchError
 from .codec import Payload, SegmentRecord, encode_payload, model_id_prefix
+from .entropy import EntropyTable
 from .preprocess import InputSpec
 
 __all__ = [
@@ -128,7 +129,7 @@ class BundleManifest(BaseModel):
             )
         return self.levels[level]
 
-    def tables(self) -> tuple[entropy.EntropyTable, entropy.EntropyTable]:
+    def tables(self) -> tuple[EntropyTable, EntropyTable]:
         return (entropy.EntropyTable.from_dict(self.entropy["latent"]),
                 entropy.EntropyTable.from_dict(self.entropy["profile"]))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -144,4 +143,4 @@ def main() -> None:  # pragma: no cover - console entry for an edge-only install
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -290,7 +290,7 @@ def _quality_byte(q: Any, i: int) -> int:
             raise _field_error(f"segment {i}: quality must be a number, got {q!r}") from exc
     if not (math.isfinite(q) and 0.0 <= q <= 1.0):
         raise _field_error(f"segment {i}: quality {q!r} is outside [0, 1]")
-    return round(q * 255)
+    return round(float(q) * 255)
 
 
 def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:

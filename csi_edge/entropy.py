@@ -304,7 +304,7 @@ def encode(groups: Sequence[tuple[np.ndarray, np.ndarray, EntropyTable]]) -> byt
         for lo, hi in reversed(_chunks(sym.size, table.alphabet)):
             coder.encode_reverse(sym[lo:hi], _FAMILY, probs[row[lo:hi]])
     words = coder.get_compressed().astype("<u4")
-    return words.tobytes().rstrip(b"\x00")
+    return bytes(words.tobytes().rstrip(b"\x00"))
 
 
 def decode(data: bytes, groups: Sequence[tuple[np.ndarray, EntropyTable]]) -> list[np.ndarray]:

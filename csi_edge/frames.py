@@ -89,7 +89,8 @@ class CSIFrames:
     def amplitude(self) -> np.ndarray:
         """(N, A, S) float32."""
         if self.is_complex:
-            return np.abs(self.csi).astype(np.float32, copy=False)
+            amplitude: np.ndarray = np.abs(self.csi).astype(np.float32, copy=False)
+            return amplitude
         return self.csi.astype(np.float32, copy=False)
 
     @property

@@ -176,7 +176,8 @@ def sanitised_phase(csi: np.ndarray, subcarriers: tuple[int, ...]) -> np.ndarray
     kc = k - k.mean()
     slope = (phase * kc).sum(axis=-1, keepdims=True) / (kc**2).sum()
     offset = phase.mean(axis=-1, keepdims=True)
-    return (phase - slope * kc - offset).astype(np.float32)
+    cleaned: np.ndarray = (phase - slope * kc - offset).astype(np.float32)
+    return cleaned
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +229,7 @@ class Segmenter:
             return []
         if self._t0 is None:
             self._t0 = float(timestamp[0])
-        if self._last_t is not None:
+        if self._last_t is not None and self._last_x is not None:
             timestamp = np.concatenate([[self._last_t], timestamp])
             x = np.concatenate([self._last_x[None], x])
         self._last_t, self._last_x = float(timestamp[-1]), x[-1].copy()
@@ -298,19 +299,21 @@ class Normaliser:
         """Normalise one segment ``(L, ...)``."""
         if self.mode == "none":
             return data
-        z = np.log1p(np.maximum(data, 0))
+        z: np.ndarray = np.log1p(np.maximum(data, 0))
         if self.mode == "log":
             return z
         if self.mode == "segment":
-            return (z - z.mean(axis=0, keepdims=True)).astype(np.float32)
+            centred: np.ndarray = (z - z.mean(axis=0, keepdims=True)).astype(np.float32)
+            return centred
         mean, var = z.mean(axis=0), z.var(axis=0)
-        if self._mean is None:
+        if self._mean is None or self._var is None:
             self._mean, self._var = mean, var
         out = (z - self._mean) / np.sqrt(self._var + 1e-3)
         a = self._alpha
         self._var = (1 - a) * self._var + a * (var + (mean - self._mean) ** 2)
         self._mean = (1 - a) * self._mean + a * mean
-        return out.astype(np.float32)
+        normalised: np.ndarray = out.astype(np.float32)
+        return normalised
 
 
 class Preprocessor:

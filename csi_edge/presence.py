@@ -273,7 +273,7 @@ class MotionMeter:
         """The subcarriers that enter the median: all of them, or (``stable_fraction`` < 1,
         once calibrated) those with the lowest quiet spread (a low quantile of their own
         recent spreads)."""
-        everything = np.isfinite(std)
+        everything: np.ndarray = np.isfinite(std)
         if self.config.stable_fraction >= 1 or len(self._spreads) < self.config.warmup_segments:
             return everything
         with warnings.catch_warnings():

@@ -523,7 +523,8 @@ def _column(f: h5py.File, name: str, n: int, path: Path) -> np.ndarray:
             path, f"dataset {name!r} has {ds.shape[0]} frames but the recording has {n}"
         )
     try:
-        return ds[:n]
+        rows: np.ndarray = ds[:n]
+        return rows
     except (OSError, ValueError) as exc:
         raise FormatError(path, f"cannot read dataset {name!r}: {exc}") from exc
 

@@ -278,7 +278,7 @@ class EdgeSettings(FileConfiguredSettings):
         streams = list(self.streams)
         single = (self.source, self.site, self.ap)
         if any(v is not None for v in single):
-            if not all(v is not None for v in single):
+            if self.source is None or self.site is None or self.ap is None:
                 raise ValueError("a single stream needs all of --source, --site and --ap "
                                  f"(got source={self.source!r}, site={self.site!r}, "
                                  f"ap={self.ap!r})")
@@ -297,4 +297,5 @@ class EdgeSettings(FileConfiguredSettings):
 def load_settings(config: Path | None = None, **overrides: Any) -> EdgeSettings:
     """Settings from ``overrides`` (the command line; None means not given), the environment,
     then ``config``."""
-    return EdgeSettings.load(config, **overrides)
+    settings: EdgeSettings = EdgeSettings.load(config, **overrides)
+    return settings

@@ -208,7 +208,7 @@ class FileSource:
         return frames
 
     async def frames(self) -> AsyncIterator[CSIFrames]:
-        first = self.open_first()
+        first: CSIFrames | None = self.open_first()
         start_wall = time.monotonic()
         origin: float | None = None  # stream time that plays at start_wall
         next_start: float | None = None  # where the next file's first frame goes

@@ -116,7 +116,7 @@ def spool_path(spool_dir: str | Path, site: str, ap: str) -> Path:
 def _disk_full(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
-        return (code & 0xFF) == sqlite3.SQLITE_FULL
+        return bool((code & 0xFF) == sqlite3.SQLITE_FULL)
     return "full" in str(exc)
 
 

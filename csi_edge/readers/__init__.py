@@ -29,7 +29,7 @@ def _read_nexmon(path: Path, **options: object) -> CSIFrames:
 def _read_intel(path: Path, **options: object) -> CSIFrames:
     from .intel5300 import read_intel5300_dat
 
-    return read_intel5300_dat(path, **options)  # type: ignore[arg-type]
+    return read_intel5300_dat(path, **options)
 
 
 def _read_esp32(path: Path, **options: object) -> CSIFrames:
@@ -47,13 +47,13 @@ def _read_ntufi(path: Path, **options: object) -> CSIFrames:
 def _read_espectre(path: Path, **options: object) -> CSIFrames:
     from .espectre import read_espectre_npz
 
-    return read_espectre_npz(path, **options)  # type: ignore[arg-type]
+    return read_espectre_npz(path, **options)
 
 
 def _read_hdf5(path: Path, **options: object) -> CSIFrames:
     from ..recording import read_recording_file
 
-    return read_recording_file(path, **options)  # type: ignore[arg-type]
+    return read_recording_file(path, **options)
 
 
 FORMATS: dict[str, Callable[..., CSIFrames]] = {

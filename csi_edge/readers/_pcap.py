@@ -103,7 +103,7 @@ def read_udp_payloads(path: str | Path, port: int | None = 5500) -> PcapPayloads
             return False
         if last_sec is not None and not (last_sec - 86_400 <= sec <= last_sec + 86_400):
             return False
-        return at + 16 + incl <= n
+        return bool(at + 16 + incl <= n)
 
     while off < n:
         if n - off < 16:

@@ -324,7 +324,8 @@ def _unwrap_uint32(ticks: np.ndarray) -> np.ndarray:
     """A wrapping 32-bit counter made monotonic: a backward step over half the range is a wrap."""
     steps = np.diff(ticks)
     wraps = np.concatenate(([0], np.cumsum(steps < -(_UINT32 // 2))))
-    return ticks + wraps * _UINT32
+    unwrapped: np.ndarray = ticks + wraps * _UINT32
+    return unwrapped
 
 
 def frames_from_records(

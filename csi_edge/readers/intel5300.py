@@ -101,7 +101,8 @@ def _total_rssi_dbm(rssi: np.ndarray, agc: np.ndarray) -> np.ndarray:
     """Combined RSSI in dBm from the per-antenna values (the CSI Tool's get_total_rss)."""
     mw = np.where(rssi > 0, 10.0 ** (rssi / 10.0), 0.0).sum(axis=1)
     with np.errstate(divide="ignore"):
-        return (10 * np.log10(mw) - 44 - agc).astype(np.float32)
+        rssi_dbm: np.ndarray = (10 * np.log10(mw) - 44 - agc).astype(np.float32)
+        return rssi_dbm
 
 
 def read_intel5300_dat(path: str | Path) -> CSIFrames:

@@ -92,7 +92,9 @@ class NexmonPackets:
     def mac(self) -> np.ndarray:
         """(N,) uint64 MAC as an integer, for grouping."""
         m = self.header["mac"].astype(np.uint64)
-        return (m * (np.uint64(1) << (np.arange(5, -1, -1, dtype=np.uint64) * 8))).sum(axis=1)
+        weights = np.uint64(1) << (np.arange(5, -1, -1, dtype=np.uint64) * 8)
+        packed: np.ndarray = (m * weights).sum(axis=1)
+        return packed
 
 
 def decode_payloads(
