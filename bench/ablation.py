@@ -44,8 +44,9 @@ from csi_cloud.model.context_head import (  # noqa: E402
     profile_coefficients,
 )
 from csi_cloud.model.data import segment_windows  # noqa: E402
+from csi_cloud.model.fitting import _some_windows  # noqa: E402
 from csi_cloud.model.heads import codes_from_segments  # noqa: E402
-from csi_cloud.model.pipeline import _some_windows, prepare  # noqa: E402
+from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate  # noqa: E402
 from csi_cloud.model.rocket import WindowLayout, series  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402

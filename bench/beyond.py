@@ -50,8 +50,8 @@ from csi_cloud.model.adapt import (  # noqa: E402
 )
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData, load_segments  # noqa: E402
+from csi_cloud.model.fitting import fit  # noqa: E402
 from csi_cloud.model.heads import classify_codes, codes_from_segments  # noqa: E402
-from csi_cloud.model.pipeline import fit  # noqa: E402
 from csi_cloud.model.train import TrainOptions  # noqa: E402
 from csi_edge.bundle import EdgeEncoder, load_manifest  # noqa: E402
 

@@ -31,7 +31,8 @@ if str(ROOT) not in sys.path:
 from csi_cloud.datasets import Example, random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
-from csi_cloud.model.pipeline import fit, prepare  # noqa: E402
+from csi_cloud.model.fitting import fit  # noqa: E402
+from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.robustness import check_rates, evaluate_segment_loss  # noqa: E402
 from csi_cloud.model.train import EpochLog, TrainOptions  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402

@@ -57,7 +57,8 @@ from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
 from csi_cloud.model.fewshot import Windows, few_shot, run_anchors  # noqa: E402
-from csi_cloud.model.pipeline import fit, prepare  # noqa: E402
+from csi_cloud.model.fitting import fit  # noqa: E402
+from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate, split_tasks  # noqa: E402
 from csi_cloud.model.train import TrainOptions  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.fitting import fit
 from csi_cloud.model.network import CSICodecNet, ModelConfig
-from csi_cloud.model.pipeline import fit, prepare
+from csi_cloud.model.pipeline import prepare
 from csi_cloud.model.quantizers import FSQ, EMAVectorQuantizer
 from csi_cloud.model.train import TrainOptions, forward_windows
 from csi_edge.bundle import BundleError, EdgeEncoder, load_manifest

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .network import CSICodecNet
 from .rocket import (
     RidgeHead,
     RocketTransform,
@@ -35,6 +35,9 @@ from .rocket import (
     ridge_path,
     series,
 )
+
+if TYPE_CHECKING:  # the network holds a context head: a runtime import would be a circle
+    from .network import CSICodecNet
 
 __all__ = ["ContextHead", "LevelHead", "profile_coefficients"]
 

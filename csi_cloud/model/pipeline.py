@@ -16,17 +16,14 @@ import numpy as np
 from csi_edge.bundle import EdgeEncoder
 
 from ..datasets import Example, index_dataset, random_split
-from .bundle import save_bundle, update
 from .compression import CloudModel
 from .data import SegmentData, input_spec_for, load_segments
 from .evaluate import Evaluation, evaluate_bundle
-from .network import ModelConfig
+from .fitting import fit
 from .report import write_report
-from .train import EpochLog, TrainOptions, TrainResult, train
+from .train import EpochLog, TrainOptions
 
-__all__ = ["evaluate_folder", "fit", "prepare", "train_bundle"]
-
-SEGMENTS_PER_MESSAGE = (4, 2, 1, 1)
+__all__ = ["evaluate_folder", "prepare", "train_bundle"]
 
 
 def prepare(dataset: str, data_dir: Path, **spec_options: Any) -> tuple[SegmentData, Any,
@@ -43,132 +40,6 @@ def prepare(dataset: str, data_dir: Path, **spec_options: Any) -> tuple[SegmentD
 def _indices(data: SegmentData, examples: list[Example]) -> np.ndarray:
     position = {id(e): i for i, e in enumerate(data.examples)}
     return np.array([position[id(e)] for e in examples if id(e) in position], dtype=np.int64)
-
-
-def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[str],
-        train_recs: np.ndarray, val_recs: np.ndarray, opts: TrainOptions, out: Path, *,
-        name: str, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-        progress: Callable[[EpochLog], None] | None = None,
-        checkpoints: Path | None = None, calibrate: bool = True) -> tuple[TrainResult, Any]:
-    """Train, freeze the entropy tables, fit the context head, write the bundle; returns
-    (result, manifest). ``calibrate`` False skips the open-set and idle calibrations (a
-    benchmark that only measures accuracy and bytes does not need them)."""
-    cfg = ModelConfig(antennas=spec.antennas, subcarriers=len(spec.subcarriers),
-                      segment_frames=spec.segment_frames, activities=len(activities),
-                      identities=len(identities), **(model or {}))
-    result = train(cfg, data, train_recs, val_recs, opts, progress=progress,
-                   checkpoints=checkpoints)
-    tables = update(result.net, data, train_recs)
-    calibration_rows = np.flatnonzero(np.isin(data.recording, train_recs))
-    rng = np.random.default_rng(opts.seed)
-    calibration = data.x[rng.choice(calibration_rows, min(1024, calibration_rows.size),
-                                    replace=False)]
-    info = {**(training or {}), "seconds": round(result.seconds, 1),
-            "best_epoch": result.best_epoch, "options": opts.model_dump()}
-    save_bundle(out, name=name, net=result.net, spec=spec, tables=tables,
-                activities=activities, identities=identities or None, calibration=calibration,
-                segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info)
-    if cfg.head == "rocket":
-        t0 = time.perf_counter()
-        result.net.context_head = fit_bundle_head(out, data, train_recs, val_recs,
-                                                  features=opts.head_features, seed=opts.seed)
-        info["head_seconds"] = round(time.perf_counter() - t0, 1)
-    if not calibrate:
-        from csi_edge.bundle import load_manifest
-
-        return result, load_manifest(out)
-    return result, calibrate_bundle(out, data, train_recs, val_recs)
-
-
-def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Each recording's last window and up to ``per_recording - 1`` other windows the service
-    would classify (partial contexts at the start included), drawn at random."""
-    from .data import segment_windows
-
-    rows, owners, last = segment_windows(codes, recordings, n)
-    keep = last.copy()
-    for r in np.unique(owners).tolist():
-        others = np.flatnonzero((owners == r) & ~last)
-        keep[rng.permutation(others)[: per_recording - 1]] = True
-    return rows[keep], owners[keep]
-
-
-def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
-                    val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
-                    per_recording: int = 5) -> Any:
-    """Fit the bundle's context head on the codes its int8 edge encoder produces for the
-    training recordings (``per_recording`` of the windows the service would classify in each,
-    the last one included, at every rate level, and the unquantized path), choose the ridge
-    penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
-    recomputed). Returns the head."""
-    from csi_edge.bundle import bundle_id
-
-    from .bundle import CLOUD_FILE, write_cloud
-    from .context_head import fit_context_head, profile_coefficients, unquantized_windows
-    from .heads import codes_from_segments
-    from .rocket import WindowLayout
-
-    model = CloudModel.load(folder)
-    net, cfg = model.net, model.net.cfg
-    codes = codes_from_segments(model, EdgeEncoder(folder), data)
-    coeff = profile_coefficients(net, codes.profile)
-    n = cfg.context_segments
-    rng = np.random.default_rng(seed)
-    rows_tr, own_tr = _some_windows(codes, train_recs, n, per_recording, rng)
-    rows_va, own_va = _some_windows(codes, val_recs, n, per_recording, rng)
-
-    def decoded(variant: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        present = rows >= 0
-        safe = np.where(present, rows, 0)
-        return (codes.z_q[variant][safe] * present[..., None, None],
-                coeff[variant][safe] * present[..., None], present)
-
-    levels: list[Any] = [
-        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv]),
-         decoded(lv, rows_tr), decoded(lv, rows_va)) for lv in range(cfg.levels)]
-    levels.append((WindowLayout(cfg.latent_channels, max(cfg.profile_components)),
-                   unquantized_windows(net, data.x, rows_tr),
-                   unquantized_windows(net, data.x, rows_va)))
-    identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])
-                if cfg.identities else None)
-    head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
-                            seed=seed, val_labels=data.activity[own_va], identity=identity)
-    net.context_head = head
-    manifest = model.manifest
-    entry = write_cloud(net, folder / CLOUD_FILE)
-    manifest = manifest.model_copy(update={"files": {**manifest.files, "cloud": entry}})
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return head
-
-
-def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
-                     val_recs: np.ndarray) -> Any:
-    """Add the calibrations that need the finished bundle (its int8 codes) to its manifest:
-    the open-set identity threshold and feature statistics, and the edge's idle threshold.
-    The calibration is part of the bundle id, which is recomputed."""
-    from csi_edge.bundle import bundle_id
-
-    from .heads import calibrate_identity, codes_from_segments
-    from .idle import calibrate_idle
-
-    model = CloudModel.load(folder)
-    edge = EdgeEncoder(folder)
-    calibration = dict(model.manifest.calibration)
-    if model.net.cfg.identities:
-        codes = codes_from_segments(model, edge, data)
-        calibration["identity"] = calibrate_identity(model.net, codes, train_recs, codes,
-                                                     val_recs)
-    idle = calibrate_idle(data, train_recs, val_recs, model=model)
-    if idle:
-        calibration["idle"] = idle
-    manifest = model.manifest.model_copy(update={"calibration": calibration})
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return manifest
 
 
 def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,

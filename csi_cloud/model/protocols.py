@@ -21,6 +21,7 @@ from ..datasets import cross_session_splits, kfold
 from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import evaluate_bundle
+from .fitting import fit
 from .train import TrainOptions
 
 __all__ = ["aggregate", "run_protocols", "split_tasks"]
@@ -68,8 +69,6 @@ def run_protocols(data: SegmentData, spec: Any, activities: list[str], identitie
                   model: dict[str, Any] | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train and evaluate our model under each protocol; per-level means over tasks x seeds."""
-    from .pipeline import fit
-
     results: dict[str, Any] = {}
     for protocol in protocols:
         use_identity = protocol == "random" and bool(identities)
