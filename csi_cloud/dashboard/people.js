@@ -259,7 +259,7 @@ function derive(key, p) {
     if (value == null) continue;
     const id = `${key}/${kind}`;
     const open = PEOPLE.open.get(id);
-    if (open && open.value === value && open.epoch === p.epoch) {
+    if (open && open.value === value) {
       open.end = p.timestamp + 1;
       continue;
     }
