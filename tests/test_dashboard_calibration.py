@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from _broker import Mosquitto
 from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud
@@ -136,6 +137,31 @@ def test_calibration_flow_in_chromium(broker: Mosquitto, tmp_path: Path, browser
         assert "the cloud now classifies with the adapted model" in text("#cal-activate-status")
         assert cloud.get(f"/models/{job['bundle']}")["active"]  # type: ignore[index]
         assert any(p.is_dir() and p.name != "fition" for p in models.iterdir())
+
+        # An adaptation with every example in the fit (2 shots of 2) has nothing held out:
+        # the page, reloaded, picks the job up; the service refuses to activate it (409), the
+        # page says why and activates it only when asked to anyway.
+        response = httpx.post(f"{cloud.url}/api/v1/training-jobs", timeout=10,
+                              headers={"Authorization": f"Bearer {TOKEN}"},
+                              json={"mode": "adapt", "dataset": "recordings", "shots": 2})
+        assert response.status_code == 202, response.text
+        unheld = cloud.finished_job(response.json()["id"], 300)
+        assert unheld["state"] == "succeeded" and unheld["metrics"]["held_out"] == 0, unheld
+        browser.refresh()
+        _wait(lambda: browser.find_element(By.ID, "cal-result").is_displayed(), 20,
+              "the earlier job's result", logs)
+        assert "none was left over to test it on" in text("#cal-accuracy")
+        browser.find_element(By.ID, "cal-activate").click()
+        _wait(lambda: text("#cal-activate-status").startswith("Not activated"), 30,
+              "the refusal", logs)
+        assert "own training recordings" in text("#cal-activate-status")
+        assert not cloud.get(f"/models/{unheld['bundle']}")["active"]  # type: ignore[index]
+        browser.find_element(By.ID, "cal-force").click()
+        _wait(lambda: text("#cal-activate-status").startswith("active:"), 30,
+              "the forced activation", logs)
+        assert cloud.get(f"/models/{unheld['bundle']}")["active"]  # type: ignore[index]
+        assert not browser.find_element(By.ID, "cal-force").is_displayed()
+
         errors = [e for e in browser.get_log("browser")
                   if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
         assert not errors, errors

@@ -356,6 +356,31 @@ async function activate(force) {
   }
 }
 
+// An adaptation started earlier (another tab, a reload during the job): follow it, or show
+// its result while its bundle is not active yet.
+async function resumeJob() {
+  if (CAL.resumed) return;
+  CAL.resumed = true;
+  try {
+    const page = await getJson("/training-jobs?limit=5");
+    const job = page.data.find((j) => j.request?.mode === "adapt");
+    if (!job || CAL.job) return;
+    if (job.state === "queued" || job.state === "running") {
+      CAL.job = job;
+      $("#cal-adapt").disabled = true;
+      await followJob(job.id);
+    } else if (job.state === "succeeded" && job.bundle) {
+      const model = await getJson(`/models/${encodeURIComponent(job.bundle)}`);
+      if (!model.active) {
+        CAL.job = job;
+        showResult(job);
+      }
+    }
+  } catch {
+    // no training jobs on this service, or not reachable: nothing to resume
+  }
+}
+
 // -- wiring -------------------------------------------------------------------------------------
 
 $("#cal-form").addEventListener("submit", record);
@@ -372,7 +397,10 @@ hooks.aps.push(() => {
 hooks.view.push((view) => {
   if (view === "calibrate") {
     fillPickers();
+    resumeJob();
     CAL.labelsAt = 0;
     loadCounts();
   }
 });
+// Opened on this view (app.js showed it before this script added its hooks).
+if (state.view === "calibrate") call("view", "calibrate");
