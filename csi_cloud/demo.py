@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,11 +274,14 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
         for k, source in enumerate(sources):
             streams += ["--stream", f"demo/ap{k + 1}=file://{source}"]
         mode = ["--presence-only"] if presence_only else []
+        truth = None if presence_only else _truth_keeper(base, token, manifest, data, sources)
         children.start("edge", [
             sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(bundle), *mode,
             "--broker", broker_url, "--speed", "real", "--loop", "--spool-dir",
             str(work / "spool"), "--status-interval", "2", "--cloud-url", base, "--log-level",
-            "WARNING", *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched")},
+            "WARNING", *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched"),
+                                   # each pass of a loop a new epoch: a fresh context (and truth)
+                                   "CSI_EDGE_LOOP_NEW_EPOCH": "true"},
             work / "edge.log")
 
         raw = None if presence_only else \
@@ -294,8 +298,12 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
         else:
             say(f"{aps} AP(s) replaying {len(files)} recording(s) from {data} with model "
                 f"{manifest.name} ({manifest.id[:12]}); logs in {work}")
+        if truth is not None and truth.truths:
+            say(f"{len(truth.truths)} AP(s) replay labelled recordings: the truth is posted as "
+                "labels (the dashboard shows it beside each prediction) and each line ends with "
+                "it and the share of seconds predicted right so far")
         say("Ctrl-C stops everything.")
-        _watch(base, children, stop, duration_s, raw, say)
+        _watch(base, children, stop, duration_s, raw, say, truth)
         return 0
     finally:
         say("stopping ...")
@@ -331,8 +339,21 @@ def _wait_ready(url: str, children: _Children, timeout_s: float) -> None:
     raise DemoError(f"the cloud service was not ready at {url} within {timeout_s:.0f} s")
 
 
+def _truth_keeper(base: str, token: str, manifest: Any, data: Path,
+                  sources: list[Path]) -> Any:
+    """What each AP's recording shows, where its name says (see :mod:`.demo_truth`)."""
+    from .demo_truth import TruthKeeper, truth_of
+
+    truths = {}
+    for k, source in enumerate(sources):
+        found = truth_of(source, data, manifest.labels) if source.is_file() else None
+        if found is not None:
+            truths[f"demo/ap{k + 1}"] = found
+    return TruthKeeper(base, token, manifest.input_spec.segment_s, truths)
+
+
 def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: float | None,
-           raw: float | None, say: Any) -> None:
+           raw: float | None, say: Any, truth: Any = None) -> None:
     """A line per AP whenever its latest prediction changes."""
     seen: dict[str, int] = {}
     started = time.monotonic()
@@ -356,12 +377,27 @@ def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: fl
             versus = f" (raw CSI {raw / 1000:.1f} kB/s)" if raw else ""
             activity = (f"{p['activity']:<11s} {p['activity_confidence']:.2f}{identity}  "
                         if p.get("activity") else "")
+            if truth is not None and name in truth.truths:
+                truth.observe(name, p)
+                truth.count(name, _recent(base, ap["site"], ap["ap"]) if len(page["data"]) <= 20
+                            else [p])
+            labelled = truth.text(name, p) if truth is not None else ""
             say(f"{name:<10s} seq {p['seq']:>5d}  {_presence_text(p)}  {activity}"
-                f"{rate:6.1f} B/s{versus}  level {p['rate_level']}  gaps {ap.get('gaps', 0)}")
+                f"{rate:6.1f} B/s{versus}  level {p['rate_level']}  gaps {ap.get('gaps', 0)}"
+                f"{labelled}")
         for _ in range(10):
             if stop["now"]:
                 return
             time.sleep(0.2)
+
+
+def _recent(base: str, site: str, ap: str) -> list[dict[str, Any]]:
+    """The AP's last predictions (every second, not only the latest the lines show)."""
+    query = urllib.parse.urlencode({"site": site, "ap": ap, "limit": 100})
+    try:
+        return list(_get(f"{base}/api/v1/predictions?{query}").get("data", []))
+    except (OSError, urllib.error.URLError, ValueError):
+        return []
 
 
 def _presence_text(p: dict[str, Any]) -> str:

@@ -241,6 +241,7 @@ class StreamAgent:
         self.motion: MotionMeter | None = MotionMeter() \
             if settings.motion or self.encoder is None else None
         self._last_index: int | None = None
+        self._pass = 0  # the replay pass (FileSource.passes) the segments are of
         self._base_ms: int | None = None
         self._pending_encoder: EdgeEncoder | None = None
         self._last_info: tuple[Any, int] | None = None
@@ -354,6 +355,10 @@ class StreamAgent:
 
     def _take(self, frames: CSIFrames) -> None:
         self.counters.frames_in += len(frames)
+        if self.settings.loop_new_epoch:
+            passes = getattr(self.source, "passes", 0)
+            if passes != self._pass:
+                self._new_pass(passes)
         if self._pending_encoder is not None:
             self._switch(self._pending_encoder)
         if self.motion is not None:
@@ -379,6 +384,21 @@ class StreamAgent:
         self._last_info = (frames.info, frames.antennas)
         if segments:
             self._encode(segments)
+
+    def _new_pass(self, passes: int) -> None:
+        """A looping replay starts over: a new epoch, so the cloud starts a fresh context
+        instead of classifying the first seconds of this pass with the end of the last one
+        (the recording's end and start are not one continuous scene)."""
+        self._pass = passes
+        assert self.spool is not None
+        self.epoch = self.spool.next_epoch()
+        self.seq = 0
+        self._base_ms = None
+        self._last_index = None
+        if self._pre is not None:  # the held-back frames of the last pass go with it
+            self._pre = Preprocessor(self._pre.spec)
+        if self._gate is not None:
+            self._gate.reset()
 
     def _sync_drops(self) -> None:
         counters = [self.source.dropped] + ([self._pre.dropped] if self._pre is not None else [])

@@ -132,6 +132,15 @@ def _edge(broker: Mosquitto, folder: Path, *args: str) -> subprocess.Popen[bytes
             env=dict(os.environ, CSI_EDGE_MODELS_DIR=str(folder / "fetched")))
 
 
+def stop_edge(edge: subprocess.Popen[bytes]) -> None:
+    edge.send_signal(signal.SIGINT)
+    try:
+        edge.wait(20)
+    except subprocess.TimeoutExpired:
+        edge.kill()
+        edge.wait(5)
+
+
 def _wait(check: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -180,6 +189,9 @@ def test_dashboard_in_chromium(broker: Mosquitto, tmp_path: Path, browser: Any) 
     try:
         browser.get(f"{cloud.url}/")
         assert browser.title.startswith("csi-pipeline")
+        assert browser.find_element(By.ID, "view-rooms").is_displayed()  # people's view first
+        browser.find_element(By.ID, "tab-console").click()
+        assert "view=console" in browser.current_url
         labels = EdgeEncoder(MODEL).manifest.labels
         _wait(lambda: text(f"{row} span.activity") in labels["activity"], 90,
               "the AP with an activity", logs)
@@ -279,10 +291,5 @@ def test_dashboard_in_chromium(broker: Mosquitto, tmp_path: Path, browser: Any) 
             _wait(lambda shown=shown: f"{shown} " in text("#history li"), 10,
                   f"{shown} in the history over {kind}", logs)
     finally:
-        edge.send_signal(signal.SIGINT)
-        try:
-            edge.wait(20)
-        except subprocess.TimeoutExpired:
-            edge.kill()
-            edge.wait(5)
+        stop_edge(edge)
         cloud.stop()

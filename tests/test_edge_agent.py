@@ -690,3 +690,26 @@ def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert out.count("retrying") < 20, "no tight reconnect loop while stopping"
     with sqlite3.connect(tmp_path / "spool" / "lab" / "ap1.sqlite") as con:
         assert con.execute("SELECT count(*) FROM segment").fetchone()[0] >= 8
+
+
+def test_a_new_loop_pass_starts_a_new_epoch(broker: Mosquitto, collector: Collector,
+                                            tmp_path: Path) -> None:
+    """With ``loop_new_epoch`` each pass of a looping replay is its own epoch from seq 0, so
+    the cloud never classifies the start of a pass with the end of the last one."""
+    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
+                      "lab", "--ap", "ap1", "--speed", "max", "--loop", "--level", "3",
+                      extra_env={"CSI_EDGE_LOOP_NEW_EPOCH": "true"})
+    try:
+        collector.wait_for(lambda: len({e for e, _ in first_arrivals(
+            segments_of(collector, "lab", "ap1"))}) >= 3, 60, "three passes")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        finish(proc, 30)
+    per_pass = len(Preprocessor(EdgeEncoder(MODEL).spec).process(read_recording(SAMPLE)).data)
+    arrivals = first_arrivals(segments_of(collector, "lab", "ap1"))
+    epochs = list(dict.fromkeys(e for e, _ in arrivals))
+    assert [(e - epochs[0]) % 65536 for e in epochs] == list(range(len(epochs)))
+    for epoch in epochs[:-1]:  # every finished pass: seq 0.. of one recording, nothing more
+        seqs = [s for e, s in arrivals if e == epoch]
+        assert seqs == list(range(len(seqs))), (epoch, seqs[:5])
+        assert abs(len(seqs) - per_pass) <= 1, (len(seqs), per_pass)

@@ -1,4 +1,7 @@
-"""The operator dashboard: static HTML, JavaScript and CSS served by the cloud at ``/``.
+"""The dashboard: static HTML, JavaScript and CSS served by the cloud at ``/``.
+
+Three views: rooms (a card per AP and an event timeline, for people), calibration (record
+labelled examples, adapt, activate) and the engineer's console (codes, bytes, heatmap, rate).
 
 No build step and nothing from other origins: the page reads the service's own API
 (``/api/v1/aps``, ``/api/v1/predictions``, the live WebSocket or SSE stream, ``/csi``).
@@ -18,6 +21,8 @@ FOLDER = Path(__file__).resolve().parent
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/people.js": ("people.js", "text/javascript; charset=utf-8"),
+    "/calibrate.js": ("calibrate.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 # Everything from this origin; the WebSocket too (CSP 3 'self' covers ws: of the same host).

@@ -2,6 +2,8 @@
 // Live predictions come over the WebSocket (/api/v1/predictions/ws), else Server-Sent Events
 // (/api/v1/predictions/stream); the AP table is polled every 2 s either way (/api/v1/aps), which
 // alone keeps the page current when neither stream works.
+// This file: shared state, the live feed, the views and the engineer's console. people.js (room
+// cards, timeline, truth) and calibrate.js (guided calibration) hook into it through `hooks`.
 "use strict";
 
 const POLL_MS = 2000;
@@ -13,6 +15,12 @@ const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
                  "#db2777", "#4b5563", "#65a30d"];
 
+// Listeners the other scripts add: prediction(p) for every live or polled prediction,
+// aps() after each poll of /api/v1/aps, event(e) for an event message on a live stream,
+// view(name) when the shown view changes.
+const hooks = { prediction: [], aps: [], event: [], view: [] };
+const VIEWS = ["rooms", "calibrate", "console"];
+
 const state = {
   aps: new Map(),      // "site/ap" -> AP from /api/v1/aps, prediction kept up to date live
   rows: new Map(),     // "site/ap" -> the row's elements
@@ -22,6 +30,7 @@ const state = {
   history: [],         // predictions of the selected AP, newest first
   csi: { busy: false, at: 0, key: null, seq: null, data: null },
   transport: null,
+  view: "rooms",
 };
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -36,6 +45,16 @@ function el(tag, attrs = {}, ...children) {
   }
   node.append(...children);
   return node;
+}
+
+function call(hook, ...args) {
+  for (const listener of hooks[hook]) {
+    try {
+      listener(...args);
+    } catch (error) {
+      console.error(`${hook} listener failed`, error); // one view's bug must not stop the rest
+    }
+  }
 }
 
 function apiUrl(path) {
@@ -181,7 +200,11 @@ function renderRow(key) {
   const p = ap.prediction;
   const model = state.models.get(ap.model || status.model);
 
-  setCell(cells.name, key, ap.source || status.source || "");
+  // The source's last two path parts (a replay's full path would widen the table).
+  const source = ap.source || status.source || "";
+  const short = source.split("/").filter(Boolean).length > 3
+    ? `…/${source.split("/").slice(-2).join("/")}` : source;
+  setCell(cells.name, key, short).title = source;
   setCell(cells.state, ap.online ? "online" : "offline", ago(ap.last_seen),
           `state ${ap.online ? "online" : "offline"}`);
 
@@ -278,8 +301,10 @@ async function refresh() {
       }
     }
     renderTable();
+    for (const ap of state.aps.values()) if (ap.prediction) call("prediction", ap.prediction);
+    call("aps");
     if (!state.selected || !state.aps.has(state.selected)) {
-      const wanted = decodeURIComponent(location.hash.slice(1));
+      const wanted = route().ap;
       const first = state.aps.has(wanted) ? wanted : [...state.aps.keys()].sort()[0];
       if (first) select_(first);
     } else {
@@ -360,6 +385,12 @@ function setTransport(kind) {
 }
 
 function onPrediction(p) {
+  // A live stream may also carry events (activity or presence changes): not predictions.
+  if (p == null || typeof p !== "object") return;
+  if (p.seq == null) {
+    call("event", p);
+    return;
+  }
   const key = keyOf(p);
   const ap = state.aps.get(key);
   if (!ap) return; // a new AP: the next poll adds it
@@ -368,6 +399,7 @@ function onPrediction(p) {
     if (p.model) ap.model = p.model;
     renderRow(key);
   }
+  call("prediction", p);
   if (key === state.selected) {
     remember(p);
     updateCsi();
@@ -413,6 +445,7 @@ function connectSse() {
   let opened = false;
   source.onopen = () => { opened = true; setTransport("sse"); };
   source.addEventListener("prediction", (event) => onPrediction(JSON.parse(event.data)));
+  source.addEventListener("event", (event) => call("event", JSON.parse(event.data)));
   source.onerror = () => {
     if (!opened || source.readyState === EventSource.CLOSED) {
       source.close();
@@ -431,7 +464,7 @@ function fallBackToPolling() {
 function select_(key) {
   if (state.selected === key) return;
   state.selected = key;
-  history.replaceState(null, "", `#${encodeURIComponent(key)}`);
+  setRoute({ ap: key });
   for (const [k, parts] of state.rows) parts.row.setAttribute("aria-selected", String(k === key));
   $("#detail").hidden = false;
   $("#detail-name").textContent = key;
@@ -583,9 +616,56 @@ function drawHeatmap(data) {
     `colour: ${domain}${relative ? " minus each subcarrier's segment mean" : ""}.`;
 }
 
+// -- views: rooms, calibration, console (#view=NAME&ap=SITE/AP in the address) --------------------
+
+function route() {
+  const hash = location.hash.slice(1);
+  if (hash && !hash.includes("=")) return { view: "console", ap: decodeURIComponent(hash) };
+  const params = new URLSearchParams(hash);
+  const view = VIEWS.includes(params.get("view")) ? params.get("view") : "rooms";
+  return { view, ap: params.get("ap") || "" };
+}
+
+function setRoute(change) {
+  const next = { ...route(), ...change };
+  const params = new URLSearchParams({ view: next.view });
+  if (next.ap) params.set("ap", next.ap);
+  history.replaceState(null, "", `#${params}`);
+}
+
+function showView(name) {
+  if (!VIEWS.includes(name)) name = "rooms";
+  state.view = name;
+  for (const view of VIEWS) {
+    $(`#view-${view}`).hidden = view !== name;
+    const tab = $(`#tab-${view}`);
+    tab.setAttribute("aria-selected", String(view === name));
+    tab.tabIndex = view === name ? 0 : -1;
+  }
+  setRoute({ view: name });
+  call("view", name);
+  if (name === "console" && state.csi.data) drawHeatmap(state.csi.data);
+}
+
+function setupViews() {
+  const tabs = VIEWS.map((view) => $(`#tab-${view}`));
+  tabs.forEach((tab, i) => {
+    tab.addEventListener("click", () => showView(tab.dataset.view));
+    tab.addEventListener("keydown", (event) => { // arrow keys move along the tabs
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+      if (!step) return;
+      const next = tabs[(i + step + tabs.length) % tabs.length];
+      next.focus();
+      showView(next.dataset.view);
+    });
+  });
+  showView(route().view);
+}
+
 // -- start ----------------------------------------------------------------------------------------
 
 setupToken();
+setupViews();
 $("#relative").addEventListener("change", () => {
   if (state.csi.data) drawHeatmap(state.csi.data);
 });
