@@ -70,7 +70,7 @@ def test_straight_through_passes_gradients_unchanged() -> None:
     (fsq(z).z_q * weight).sum().backward()
     through_quantizer = z.grad.clone()
     z.grad = None
-    ((torch.tanh(z) * fsq.half / fsq.half) * weight).sum().backward()
+    ((torch.tanh(z) * fsq.half_width / fsq.half_width) * weight).sum().backward()
     assert torch.allclose(through_quantizer, z.grad)
     assert through_quantizer.abs().sum() > 0
 
