@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +16,7 @@ from csi_edge.cli import fail
 
 if TYPE_CHECKING:
     from .datasets import DatasetSpec
+    from .model.train import EpochLog
 
 app = typer.Typer(
     add_completion=False,
@@ -116,7 +117,7 @@ def train_command(
                   TimeElapsedColumn()) as bar:
         task = bar.add_task("", total=epochs)
 
-        def progress(log: object) -> None:
+        def progress(log: EpochLog) -> None:
             bar.update(task, advance=1, description=(
                 f"epoch {log.epoch} loss {log.loss:.3f} val activity {log.val_activity:.3f}"))
 
@@ -348,7 +349,7 @@ def models_list(
     """List the bundles under a folder."""
     from csi_edge.bundle import BundleError, load_manifest
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for folder in sorted(p.parent for p in root.glob("*/bundle.json")):
         try:
             m = load_manifest(folder)

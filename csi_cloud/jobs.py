@@ -56,7 +56,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,7 +172,7 @@ class JobManager:
 
     def __init__(self, settings: CloudSettings, db: Database, registry: ModelRegistry, *,
                  active_model: Callable[[], str] | None = None,
-                 activate: Callable[[str], Awaitable[Any]] | None = None,
+                 activate: Callable[[str], Coroutine[Any, Any, list[str]]] | None = None,
                  threads: int | None = None, timeout_s: float = 6 * 3600,
                  poll_s: float = 2.0) -> None:
         self.settings = settings
@@ -734,7 +734,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     training = manifest.training or {}
     levels = [{k: lv.get(k) for k in ("level", "payload_bytes_per_s", "activity_accuracy",
                                         "identity_accuracy", "nmse_db")}
-              for lv in summary.get("levels", [])]  # type: ignore[union-attr]
+              for lv in summary.get("levels", [])]
     unq = summary.get("unquantized") or {}
     return {
         "name": manifest.name, "id": manifest.id, "seconds": seconds,
@@ -743,8 +743,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         "recordings": training.get("recordings"), "train": training.get("train"),
         "val": training.get("val"), "test": training.get("test"), "holdout": holdout,
         "skipped": len(training.get("skipped") or {}), **info,
-        "activity_accuracy": unq.get("activity_accuracy"),  # type: ignore[union-attr]
-        "identity_accuracy": unq.get("identity_accuracy"),  # type: ignore[union-attr]
+        "activity_accuracy": unq.get("activity_accuracy"),
+        "identity_accuracy": unq.get("identity_accuracy"),
         "levels": levels,
     }
 

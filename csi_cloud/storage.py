@@ -515,8 +515,8 @@ class RecordingStore:
             self._inverse[model.id] = inv if inv.ok else None
         return self._inverse[model.id]
 
-    def _needs_new(self, current: _OpenFile | None, record: DecodedRecord) -> bool:
-        if current is None or current.full or current.model_id != record.model.id:
+    def _needs_new(self, current: _OpenFile, record: DecodedRecord) -> bool:
+        if current.full or current.model_id != record.model.id:
             return True
         if current.count and record.timestamp_ms < current.end_ms - current.segment_ms // 2:
             return True  # capture time went back (a new epoch with an earlier clock)
@@ -593,7 +593,7 @@ class RecordingStore:
                    recon: dict[int, np.ndarray | None]) -> None:
         current = self._open.get(key)
         for record in records:
-            if self._needs_new(current, record):
+            if current is None or self._needs_new(current, record):
                 if current is not None:
                     self._close_file(key)  # commits what it still holds
                 current = self._open[key] = self._open_file(*key, record)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.export import EdgeGraph
 from csi_cloud.model.fitting import fit
 from csi_cloud.model.network import CSICodecNet, ModelConfig
 from csi_cloud.model.pipeline import prepare
@@ -37,6 +38,15 @@ def test_fsq_indices_codes_indices_round_trip() -> None:
     again = fsq(_inverse_bound(fsq, codes))
     assert torch.equal(again.symbols, symbols)
     assert torch.allclose(again.z_q, codes)
+
+
+def test_quantizer_and_edge_graph_keep_module_half() -> None:
+    """The latent bound is ``half_width``: ``nn.Module.half()`` still converts to float16."""
+    fsq = FSQ(channels=6, levels=5)
+    assert fsq.half_width == 2 and fsq.half() is fsq
+    graph = EdgeGraph(CSICodecNet(small_config()))
+    assert graph.half_width == 2.0
+    assert graph.half().profile_basis.dtype == torch.float16
 
 
 def _inverse_bound(fsq: FSQ, codes: torch.Tensor) -> torch.Tensor:
@@ -71,7 +81,7 @@ def test_straight_through_passes_gradients_unchanged() -> None:
     (fsq(z).z_q * weight).sum().backward()
     through_quantizer = z.grad.clone()
     z.grad = None
-    ((torch.tanh(z) * fsq.half / fsq.half) * weight).sum().backward()
+    ((torch.tanh(z) * fsq.half_width / fsq.half_width) * weight).sum().backward()
     assert torch.allclose(through_quantizer, z.grad)
     assert through_quantizer.abs().sum() > 0
 

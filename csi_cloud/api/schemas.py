@@ -60,7 +60,8 @@ class PredictionOut(BaseModel):
                                   "segment, off after the hold); null until the AP's first "
                                   "scored segment")
 
-    @computed_field(description="fraction of the context window with no segment (lost, or "
+    # mypy does not type decorators over @property (mypy#1362); pydantic documents this ignore.
+    @computed_field(description="fraction of the context window with no segment (lost, or "  # type: ignore[prop-decorator]
                                 "before the stream began); the classifier masks those slots")
     @property
     def missing_fraction(self) -> float:

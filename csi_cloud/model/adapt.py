@@ -190,10 +190,10 @@ def support_windows(codes: CodeData, support: np.ndarray, n: int
             pick = np.flatnonzero(level.numpy() == lv)
             grouped.setdefault(int(lv), []).append(
                 (z.numpy()[pick], p.numpy()[pick], present.numpy()[pick], owners[pick]))
-    out = {}
+    out: dict[int, tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {}
     for lv, parts in grouped.items():
-        z, p, present, own = (np.concatenate(a) for a in zip(*parts, strict=True))
-        out[lv] = ((z, p, present), own)
+        z_q, prof, seen, own = (np.concatenate(a) for a in zip(*parts, strict=True))
+        out[lv] = ((z_q, prof, seen), own)
     return out
 
 
@@ -367,7 +367,7 @@ def open_set_folder(bundle: Path, dataset: str, data_dir: Path, *, seed: int = 0
     position = {name: i for i, name in enumerate(codes.names)}
     split = random_split(data_examples, seed=seed, val=0.15, test=0.15)
 
-    def rows(part: list[Example]) -> np.ndarray:
+    def rows(part: Sequence[Example]) -> np.ndarray:
         return np.array(sorted(position[str(e.path)] for e in part), dtype=np.int64)
 
     train, val, test = rows(split.train), rows(split.val), rows(split.test)

@@ -133,13 +133,15 @@ def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
     from sklearn.preprocessing import StandardScaler
 
     w = np.ones(len(train)) if weight is None else weight
-    use_id = identity is not None and n_id > 0 and (identity[train] >= 0).all()
+    # The identity task, where every training window has a known identity.
+    ids = identity if identity is not None and n_id > 0 and (identity[train] >= 0).all() else None
+    use_id = ids is not None
     out: dict[str, dict[str, np.ndarray]] = {}
 
     # MiniRocket + ridge (joint activity x identity label where there are identities).
     scaler = StandardScaler().fit(rocket[train])
     xtr, xte = scaler.transform(rocket[train]), scaler.transform(rocket[test])
-    label = activity[train] * n_id + identity[train] if use_id else activity[train]
+    label = activity[train] if ids is None else activity[train] * n_id + ids[train]
     ridge = RidgeClassifierCV(alphas=np.logspace(-3, 3, 10)).fit(xtr, label, sample_weight=w)
     joint = _full(_softmax(ridge.decision_function(xte).reshape(len(test), -1)),
                   ridge.classes_, n_act * n_id if use_id else n_act)
@@ -155,10 +157,9 @@ def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
     pscale = StandardScaler().fit(ptr)
     k = int(min(5, len(ptr)))
     entry = {}
-    for name, y, n in (("activity", activity, n_act), ("identity", identity, n_id)):
-        if name == "identity" and not use_id:
+    for name, y, n in (("activity", activity, n_act), ("identity", ids, n_id)):
+        if y is None:
             continue
-        assert y is not None
         knn = KNeighborsClassifier(k).fit(pscale.transform(ptr), np.repeat(y[train], reps))
         entry[name] = _full(knn.predict_proba(pscale.transform(feats.profile[test])),
                             knn.classes_, n)
@@ -166,10 +167,9 @@ def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
 
     # Hand-crafted statistics + gradient boosting.
     entry = {}
-    for name, y, n in (("activity", activity, n_act), ("identity", identity, n_id)):
-        if name == "identity" and not use_id:
+    for name, y, n in (("activity", activity, n_act), ("identity", ids, n_id)):
+        if y is None:
             continue
-        assert y is not None
         if len(np.unique(y[train])) < 2:
             entry[name] = _full(np.ones((len(test), 1)), np.unique(y[train]), n)
             continue

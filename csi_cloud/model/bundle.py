@@ -60,7 +60,7 @@ def update(net: CSICodecNet, data: SegmentData, recordings: np.ndarray) -> dict[
     symbols, profile = training_codes(net, data.x[rows])
     m, g, t = symbols.shape
     latent = EntropyTable.fit("latent", symbols.reshape(-1), np.tile(np.repeat(np.arange(g), t), m),
-                              g, net.quantizer.alphabet)
+                              g, net.code_quantizer.alphabet)
     k = profile.shape[1]
     r = net.cfg.profile_range
     profile_table = EntropyTable.fit("profile", (profile + r).reshape(-1),
@@ -80,7 +80,9 @@ def cloud_arrays(net: CSICodecNet) -> dict[str, np.ndarray]:
 def write_cloud(net: CSICodecNet, path: Path) -> FileEntry:
     """Write ``cloud.npz`` (compressed, no pickle) and return its manifest entry."""
     with path.open("wb") as fh:
-        np.savez_compressed(fh, **cloud_arrays(net))
+        # numpy's stub lets any **key stand for allow_pickle: bool; the keys are weight names.
+        # (Passing allow_pickle would save an array of that name on a numpy 1.x.)
+        np.savez_compressed(fh, **cloud_arrays(net))  # type: ignore[arg-type]
     return _sha(path)
 
 
@@ -96,6 +98,7 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
                 metrics: dict[str, Any] | None = None,
                 extra_calibration: dict[str, Any] | None = None) -> BundleManifest:
     """Write ``folder/{bundle.json, edge.onnx, cloud.npz}``; returns the manifest."""
+    quantizer = net.code_quantizer
     folder.mkdir(parents=True, exist_ok=True)
     export_edge_encoder(net, calibration, folder / EDGE_FILE)
     write_cloud(net, folder / CLOUD_FILE)
@@ -112,9 +115,9 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         input_spec=spec,
         model=cfg.model_dump(mode="json"),
-        quantizer={"kind": cfg.quantizer, "alphabet": net.quantizer.alphabet,
-                   "half": net.quantizer.half if isinstance(net.quantizer, FSQ) else 0,
-                   "groups": net.quantizer.groups, "latent_steps": cfg.latent_steps()},
+        quantizer={"kind": cfg.quantizer, "alphabet": quantizer.alphabet,
+                   "half": quantizer.half_width if isinstance(quantizer, FSQ) else 0,
+                   "groups": quantizer.groups, "latent_steps": cfg.latent_steps()},
         levels=levels,
         profile_range=cfg.profile_range,
         entropy={k: v.to_dict() for k, v in tables.items()},

@@ -196,8 +196,9 @@ class CloudModel:
     def _latent(self, codes: list[SegmentCodes]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.net.cfg
         t = int(self.manifest.quantizer["latent_steps"])
-        groups = self.net.quantizer.groups
-        fill = self.net.quantizer.half if isinstance(self.net.quantizer, FSQ) else 0
+        quantizer = self.net.code_quantizer
+        groups = quantizer.groups
+        fill = quantizer.half_width if isinstance(quantizer, FSQ) else 0
         symbols = torch.full((len(codes), groups, t), fill, dtype=torch.long)
         mask = torch.zeros(len(codes), cfg.latent_channels, 1)
         profiles = []
@@ -206,7 +207,7 @@ class CloudModel:
             symbols[i, :g] = torch.from_numpy(c.latent)
             mask[i, : g * self.net.group_size] = 1.0
             profiles.append(self.net.profile_decode(torch.from_numpy(c.profile)[None])[0])
-        return self.net.quantizer.dequantize(symbols) * mask, torch.stack(profiles)
+        return quantizer.dequantize(symbols) * mask, torch.stack(profiles)
 
     @torch.no_grad()
     def reconstruct(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray,

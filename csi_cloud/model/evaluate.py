@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,10 +47,11 @@ def macro_f1(true: np.ndarray, pred: np.ndarray, classes: int) -> float:
 
 @dataclass
 class Evaluation:
-    """Per-level results plus the raw predictions (for confusion matrices)."""
+    """Per-level results plus the raw predictions (for confusion matrices; ``identity`` is
+    None for a bundle without identities)."""
 
-    summary: dict[str, object]
-    predictions: dict[int | str, dict[str, np.ndarray]]
+    summary: dict[str, Any]  # JSON: the evaluation report's numbers
+    predictions: dict[int | str, dict[str, np.ndarray | None]]
 
 
 def _classification(p_act: np.ndarray, p_id: np.ndarray | None, act_true: np.ndarray,
@@ -204,7 +206,7 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Seg
     native = float(np.mean(data.native_bytes_per_s[recordings]))
 
     levels: list[dict[str, object]] = []
-    predictions: dict[int | str, dict[str, np.ndarray]] = {}
+    predictions: dict[int | str, dict[str, np.ndarray | None]] = {}
     for spec in manifest.levels:
         decoded = decode_level(model, edge, data, encoded, spec.level)
         total_bytes, recon = decoded.payload_bytes, decoded.reconstruction
@@ -282,12 +284,12 @@ def _unquantized(model: CloudModel, data: SegmentData, recordings: np.ndarray, n
     full = dynamics + profile.unsqueeze(-1)
     full_hat = net.decoder(z_c) + profile.unsqueeze(-1)
     nmse = 10 * np.log10(float(((full_hat - full) ** 2).sum() / (full**2).sum()))
-    z_c, prof = z_c.numpy(), profile.numpy()
+    latent, prof = z_c.numpy(), profile.numpy()
 
     def predict(win: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         present = win >= 0
         pick = np.where(present, index[np.where(present, win, 0)], 0)
-        p_act, p_id, _ = classify_windows(net, z_c[pick] * present[..., None, None],
+        p_act, p_id, _ = classify_windows(net, latent[pick] * present[..., None, None],
                                           prof[pick], present,
                                           np.full(len(win), net.cfg.levels))
         return p_act, p_id

@@ -33,16 +33,18 @@ class EdgeGraph(nn.Module):
     projection. FSQ: the bounded latent in [-half, half] (rounded on the edge). VQ: each
     group's nearest codebook entry, as a float index (exact integers)."""
 
+    profile_mean: Tensor  # buffers, registered in __init__
+    profile_basis: Tensor
+    profile_step: Tensor
+
     def __init__(self, net: CSICodecNet) -> None:
         super().__init__()
-        self.encoder = net.encoder
-        self.quantizer = net.quantizer
-        if isinstance(net.quantizer, FSQ):
-            self.half = float(net.quantizer.half)
-        elif isinstance(net.quantizer, EMAVectorQuantizer):
-            self.half = 0.0
-        else:
+        quantizer = net.quantizer
+        if not isinstance(quantizer, (FSQ, EMAVectorQuantizer)):
             raise ValueError(f"no edge encoder for quantizer {net.cfg.quantizer!r}")
+        self.encoder = net.encoder
+        self.quantizer = quantizer
+        self.half_width = float(quantizer.half_width) if isinstance(quantizer, FSQ) else 0.0
         self.register_buffer("profile_mean", net.profile_mean.clone())
         self.register_buffer("profile_basis", net.profile_basis.clone())
         self.register_buffer("profile_step", net.profile_step.clone())
@@ -50,7 +52,7 @@ class EdgeGraph(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, profile = self.encoder(x)
         if isinstance(self.quantizer, FSQ):
-            latent = torch.tanh(z) * self.half
+            latent = torch.tanh(z) * self.half_width
         else:
             vq = self.quantizer
             b, _, t = z.shape

@@ -130,7 +130,10 @@ def codes_from_stored(model: CloudModel, ranges: Sequence[tuple[Sequence[Path], 
     wire = model.manifest.wire_id
     family = {model.id: wire, wire: wire, **(wire_ids or {})}
     zs, ps, lvs, rec, slot, names = [], [], [], [], [], []
-    starts, counts, slot_counts, kept = [], [], [], []
+    starts: list[int] = []
+    counts: list[int] = []
+    slot_counts: list[int] = []
+    kept: list[int] = []
     segment_ms = model.segment_ms
     for r, (files, lo, hi) in enumerate(ranges):
         items: dict[int, SegmentCodes] = {}
@@ -230,10 +233,10 @@ def fit_classifier(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
     if part == "scratch":
         net.classifier.load_state_dict(type(net.classifier)(net.cfg).state_dict())
     params = _parameters(net, part)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for param in net.parameters():
+        param.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
     n = net.cfg.context_segments
     history = []
@@ -270,8 +273,8 @@ def fit_classifier(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
             if progress:
                 progress(epoch, history[-1])
     finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
+        for param in net.parameters():
+            param.requires_grad_(True)
         net.eval()
     return history
 

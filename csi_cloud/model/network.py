@@ -92,6 +92,8 @@ class Encoder(nn.Module):
     """(B, L, A, S) log amplitude -> latent (B, D, T) and profile (B, C)."""
 
     STAGES = ((3, 2, 1), (5, 2, 2), (3, 2, 1))  # (kernel, stride, padding) of the conv stack
+    mean: Tensor  # buffers, registered in __init__
+    scale: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -203,6 +205,10 @@ class ContextClassifier(nn.Module):
 class CSICodecNet(nn.Module):
     """Encoder, quantizer, decoder and context classifier with nested rate levels."""
 
+    profile_mean: Tensor  # buffers, registered in __init__
+    profile_basis: Tensor
+    profile_step: Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -223,6 +229,13 @@ class CSICodecNet(nn.Module):
         self.register_buffer("profile_mean", torch.zeros(cfg.channels))
         self.register_buffer("profile_basis", torch.zeros(kmax, cfg.channels))
         self.register_buffer("profile_step", torch.ones(kmax))
+
+    @property
+    def code_quantizer(self) -> FSQ | EMAVectorQuantizer:
+        """The quantizer making the integer codes a bundle ships (a model has none without)."""
+        if self.quantizer is None:
+            raise ValueError(f"a model with quantizer {self.cfg.quantizer!r} makes no codes")
+        return self.quantizer
 
     @property
     def group_size(self) -> int:
@@ -247,7 +260,7 @@ class CSICodecNet(nn.Module):
     def bypass(self, z: Tensor) -> Tensor:
         """The latent as the decoder would see it with the quantizer bypassed."""
         if isinstance(self.quantizer, FSQ):
-            return self.quantizer.bound(z) / self.quantizer.half
+            return self.quantizer.bound(z) / self.quantizer.half_width
         return z if self.quantizer is not None else torch.tanh(z)
 
     def profile_codes(self, profile: Tensor, level: int) -> Tensor:

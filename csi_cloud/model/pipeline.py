@@ -6,7 +6,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ def prepare(dataset: str, data_dir: Path, **spec_options: Any) -> tuple[SegmentD
     return load_segments(examples, spec, activities, identities), spec, activities, identities
 
 
-def _indices(data: SegmentData, examples: list[Example]) -> np.ndarray:
+def _indices(data: SegmentData, examples: Sequence[Example]) -> np.ndarray:
     position = {id(e): i for i, e in enumerate(data.examples)}
     return np.array([position[id(e)] for e in examples if id(e) in position], dtype=np.int64)
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from csi_edge.bundle import EdgeEncoder
 
-from ..datasets import cross_session_splits, kfold
+from ..datasets import Example, cross_session_splits, kfold
 from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import evaluate_bundle
@@ -27,7 +27,7 @@ from .train import TrainOptions
 __all__ = ["aggregate", "run_protocols", "split_tasks"]
 
 
-def _positions(data: SegmentData, examples: list[Any]) -> np.ndarray:
+def _positions(data: SegmentData, examples: Sequence[Example]) -> np.ndarray:
     position = {id(e): i for i, e in enumerate(data.examples)}
     return np.array([position[id(e)] for e in examples if id(e) in position], dtype=np.int64)
 
@@ -57,8 +57,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and std of every numeric key present in all runs."""
     out: dict[str, dict[str, float]] = {}
     for key in runs[0]:
-        values = [r.get(key) for r in runs]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        values = [v for r in runs
+                  if isinstance(v := r.get(key), int | float) and not isinstance(v, bool)]
+        if len(values) == len(runs):
             out[key] = {"mean": round(float(np.mean(values)), 4),
                         "std": round(float(np.std(values)), 4)}
     return out

@@ -52,7 +52,11 @@ def _perplexity(symbols: Tensor, alphabet: int) -> Tensor:
 
 
 class FSQ(nn.Module):
-    """Finite scalar quantization with ``levels`` (odd) values per channel."""
+    """Finite scalar quantization with ``levels`` (odd) values per channel.
+
+    The latent is bounded to ``[-half_width, half_width]``, ``half_width = (levels - 1) // 2``
+    (the bundle manifest's ``half``; not named ``half``, which would shadow ``nn.Module.half()``).
+    """
 
     def __init__(self, channels: int, levels: int = 5) -> None:
         super().__init__()
@@ -61,26 +65,32 @@ class FSQ(nn.Module):
         self.channels = channels
         self.groups = channels
         self.alphabet = levels
-        self.half = (levels - 1) // 2
+        self.half_width = (levels - 1) // 2
 
     def bound(self, z: Tensor) -> Tensor:
-        """Continuous latent in [-half, half]; what the edge encoder outputs before rounding."""
-        return torch.tanh(z) * self.half
+        """Latent bounded to [-half_width, half_width]: the edge encoder's output, unrounded."""
+        return torch.tanh(z) * self.half_width
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         bounded = self.bound(z)
         q = torch.round(bounded)
-        z_q = straight_through(bounded, q) / self.half  # values in [-1, 1]
-        symbols = (q + self.half).long()
+        z_q = straight_through(bounded, q) / self.half_width  # values in [-1, 1]
+        symbols = (q + self.half_width).long()
         return QuantizerOutput(z_q, symbols, z.new_zeros(()), _perplexity(symbols, self.alphabet))
 
     def dequantize(self, symbols: Tensor) -> Tensor:
         """symbols (B,G,T) -> z_q (B,D,T)."""
-        return (symbols.float() - self.half) / self.half
+        return (symbols.float() - self.half_width) / self.half_width
 
 
 class EMAVectorQuantizer(nn.Module):
     """Grouped VQ: channels split in groups of ``dim``, one EMA codebook of ``size`` per group."""
+
+    # Buffers (registered in __init__; their names are state_dict keys of the shipped bundles).
+    codebook: Tensor
+    ema_sum: Tensor
+    ema_count: Tensor
+    unused_steps: Tensor
 
     def __init__(self, channels: int, dim: int = 2, size: int = 25, decay: float = 0.99,
                  commitment: float = 0.25, dead_after: int = 50) -> None:

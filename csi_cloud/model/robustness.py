@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
 def evaluate_segment_loss(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
                           recordings: np.ndarray, rates: Sequence[float], *,
                           levels: Sequence[int] | None = None, draws: int = 10,
-                          seed: int = 0) -> dict[str, object]:
+                          seed: int = 0) -> dict[str, Any]:
     """Activity and identity accuracy under i.i.d. segment loss, per rate level and loss rate.
 
     ``levels`` defaults to every level of the bundle. Per (level, rate): accuracy mean and
@@ -205,9 +206,9 @@ def evaluate_segment_loss(model: CloudModel, edge: EdgeEncoder | CloudModel, dat
                 "activity_accuracy_per_segment_std": seg_std,
                 "identity_accuracy": id_mean,
                 "identity_accuracy_std": id_std,
-                "missing_fraction": round(float(np.mean(cell["missing"])), 4),
-                "segments_lost": round(float(np.mean(cell["lost"])), 4),
-                "unanswered": round(float(np.mean(cell["unanswered"])), 4),
+                "missing_fraction": _stats(cell["missing"])[0],
+                "segments_lost": _stats(cell["lost"])[0],
+                "unanswered": _stats(cell["unanswered"])[0],
             })
         out_levels.append({"level": lv, "rates": rows})
     return {

@@ -296,16 +296,16 @@ def train(cfg: ModelConfig, data: SegmentData, train_recs: np.ndarray, val_recs:
                      losses["identity"].item(), out["perplexity"].mean().item()]
             batches += 1
         val_act, val_id = [], []
-        for level in levels if unquantized else levels[:-1]:
-            a, b = _score(evaluate_windows(net, data, val_recs, level))
+        for lv in levels if unquantized else levels[:-1]:
+            a, b = _score(evaluate_windows(net, data, val_recs, lv))
             val_act.append(a)
             if b is not None:
                 val_id.append(b)
         score = float(np.mean(val_act)) + (0.5 * float(np.mean(val_id)) if val_id else 0.0)
-        mean = sums / max(batches, 1)
-        log = EpochLog(epoch, *mean[:5].tolist(), float(np.mean(val_act)),
-                       float(np.mean(val_id)) if val_id else None, score,
-                       time.perf_counter() - t0)
+        loss, recon, activity, identity, perplexity = (sums / max(batches, 1)).tolist()
+        log = EpochLog(epoch, loss, recon, activity, identity, perplexity,
+                       float(np.mean(val_act)), float(np.mean(val_id)) if val_id else None,
+                       score, time.perf_counter() - t0)
         result.history.append(log)
         if progress:
             progress(log)

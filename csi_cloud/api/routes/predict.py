@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class _TooLargeError(Exception):
         super().__init__(f"request body is over the limit of {limit} bytes")
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     """The request body, failing as soon as it passes ``limit`` bytes (chunked bodies too)."""
     total = 0
     async for chunk in request.stream():
