@@ -145,7 +145,7 @@ def calibrate_command(
              "recordings the bundle was not trained on")] = "val",
     target: Annotated[float, typer.Option(
         min=0.01, max=1.0, help="accuracy the answered seconds must reach on them (sets the "
-                                "abstention threshold)")] = 0.9,
+                                "abstention threshold)")] = 0.8,
 ) -> None:
     """Fit the live-output calibration of a bundle on recordings it was not trained on: the
     activity temperature, the smoothing filter's self-transition and the abstention threshold

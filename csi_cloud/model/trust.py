@@ -43,7 +43,7 @@ __all__ = ["LiveStreams", "calibrate_folder", "fit_activity_calibration", "live_
            "stream_layout"]
 
 Mode = Literal["separate", "joined"]
-DEFAULT_TARGET = 0.9
+DEFAULT_TARGET = 0.8
 
 
 @dataclass
@@ -103,13 +103,20 @@ def stream_layout(data: SegmentData, recordings: np.ndarray, context: int, mode:
 
 def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
                  recordings: np.ndarray, mode: Mode, *, levels: list[int] | None = None,
-                 seed: int = 0, streams: int = 1) -> list[LiveStreams]:
+                 seed: int = 0, streams: int = 1, context: int | None = None
+                 ) -> list[LiveStreams]:
     """The per-second uncalibrated probabilities of ``recordings`` streamed ``mode``-wise, at
-    each rate level of ``levels`` (default all)."""
+    each rate level of ``levels`` (default all). ``context``: classify from the last
+    ``context`` segments only (the older slots of the window masked as missing), to measure
+    how a shorter context follows changes."""
     n = model.net.cfg.context_segments
     encoded = encode_recordings(edge, data, recordings)
     win, owners, stream, starts = stream_layout(data, recordings, n, mode,
                                                 np.random.default_rng(seed), streams)
+    if context is not None:
+        if not 1 <= context <= n:
+            raise ValueError(f"context must be 1..{n} segments, got {context}")
+        win[:, : n - context] = -1
     out = []
     for level in levels if levels is not None else range(len(model.manifest.levels)):
         decoded = decode_level(model, edge, data, encoded, level)
