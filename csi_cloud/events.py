@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,7 @@ class LiveTrust:
         self.smoother = Smoother(self._params_of)
         self.tracker = EventTracker()
         self.pending: list[dict[str, Any]] = []
+        self._pending_lock = threading.Lock()  # observe runs in a worker thread, flush not
         self._lock = asyncio.Lock()
 
     def _params_of(self, model_id: str) -> tuple[TrustParams, float] | None:
@@ -136,13 +138,17 @@ class LiveTrust:
         for prediction in predictions:
             prediction["activity_confidence_raw"] = self._raw_confidence(prediction)
             prediction.update(self.smoother.update(prediction))
-            self.pending.extend(self.tracker.update(prediction))
+            changes = self.tracker.update(prediction)
+            if changes:
+                with self._pending_lock:
+                    self.pending.extend(changes)
 
     async def flush(self, mqtt: Any = None) -> list[dict[str, Any]]:
         """Store the changes noted so far, then publish them (live streams, MQTT ``event``,
         QoS 1, not retained). Returns what was published."""
         async with self._lock:  # stores one at a time, in order
-            changes, self.pending = self.pending, []
+            with self._pending_lock:
+                changes, self.pending = self.pending, []
             if not changes:
                 return []
             try:
