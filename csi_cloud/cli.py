@@ -133,6 +133,46 @@ def train_command(
                            "test_split": evaluation.summary}, indent=2))
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: Annotated[Path, typer.Option(help="bundle folder (rewritten in place)", exists=True,
+                                        file_okay=False)],
+    dataset: Annotated[str, typer.Option(help="registered dataset name")],
+    data: Annotated[Path, typer.Option(help="folder holding the dataset", exists=True,
+                                       file_okay=False)],
+    recordings: Annotated[str, typer.Option(
+        help="val: the validation recordings of the split the bundle was trained with "
+             "(rebuilt from its manifest); folder: every recording of --data, which must be "
+             "recordings the bundle was not trained on")] = "val",
+    target: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="accuracy the answered seconds must reach on them (sets the "
+                                "abstention threshold)")] = 0.8,
+) -> None:
+    """Fit the live-output calibration of a bundle on recordings it was not trained on: the
+    activity temperature, the smoothing filter's self-transition and the abstention threshold
+    (calibration.activity in bundle.json; the bundle id changes)."""
+    import numpy as np
+
+    from .model.trust import calibrate_folder, split_recordings
+
+    if recordings not in ("val", "folder"):
+        raise fail(f"--recordings must be val or folder, not {recordings!r}")
+    try:
+        if recordings == "val":
+            segments, fitted_on = split_recordings(model, dataset, data, "val")
+        else:
+            from .model.robustness import load_folder
+
+            segments = load_folder(model, dataset, data)
+            fitted_on = (f"every recording of {data.name} ({dataset}), given as recordings the "
+                         "bundle was not trained on")
+        activity = calibrate_folder(model, segments, np.arange(len(segments)),
+                                    fitted_on=fitted_on, target=target)
+    except (CSIError, KeyError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(json.dumps(activity, indent=2))
+
+
 @app.command("evaluate")
 def evaluate_command(
     model: Annotated[Path, typer.Option(help="bundle folder", exists=True, file_okay=False)],

@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-__all__ = ["AP", "Base", "Database", "Label", "Prediction", "Setting", "TrainingJob"]
+__all__ = ["AP", "Base", "Database", "Event", "Label", "Prediction", "Setting", "TrainingJob"]
 
 
 class Base(DeclarativeBase):
@@ -83,6 +83,31 @@ class Prediction(Base):
                                                        doc="csi_edge.presence score (log2)")
     motion: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     presence: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # csi_cloud.smoothing: the temperature-free confidence, the filtered label, its belief
+    # and the abstention; null where nothing was smoothed (presence only, late segments).
+    activity_confidence_raw: Mapped[float | None] = mapped_column(Float, nullable=True)
+    smoothed_activity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    smoothed_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    uncertain: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+
+
+class Event(Base):
+    """One episode of an AP's activity or presence (csi_cloud.events): from ``start`` until
+    ``end`` (null while it lasts)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_ap_start", "site", "ap", "start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site: Mapped[str] = mapped_column(String(64))
+    ap: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), doc="activity or presence")
+    value: Mapped[str] = mapped_column(String(64), doc="the activity, uncertain, "
+                                                        "occupied or empty")
+    start: Mapped[float] = mapped_column(Float, doc="capture time it began (Unix s)")
+    end: Mapped[float | None] = mapped_column(Float, nullable=True, doc="when the next began")
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Label(Base):

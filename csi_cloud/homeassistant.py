@@ -1,7 +1,9 @@
 """Home Assistant MQTT discovery: each AP appears as a device with an occupancy and a motion
 binary sensor and a motion-score sensor (csi_edge.presence, any hardware, with or without a
-model), plus activity and identity sensors when the AP runs a bundle; all fed by the retained
-``pred`` topic and available while the AP's ``status`` says online.
+model), plus, when the AP runs a bundle, sensors of the smoothed activity ("uncertain" while
+the service abstains) with its confidence and of the identity, fed by the retained ``pred``
+topic, and an event entity fed by the ``event`` topic (csi_cloud.events: each activity or
+presence change); all available while the AP's ``status`` says online.
 
 Configs are published retained under ``{discovery_prefix}/{component}/{node}/{object}/config``
 (Home Assistant's documented discovery topic layout), with full (not abbreviated) keys. A
@@ -23,6 +25,12 @@ _UNKNOWN = "None"
 def _node(site: str, ap: str) -> str:
     # Discovery node ids allow [a-zA-Z0-9_-] only.
     return re.sub(r"[^a-zA-Z0-9_-]", "_", f"csi_{site}_{ap}")
+
+
+# The smoothed activity (csi_cloud.smoothing), "uncertain" while the filter abstains; the
+# per-second label where a prediction has no smoothed one.
+_ACTIVITY = ("{% set a = value_json.smoothed_activity or value_json.activity %}"
+             "{{ 'uncertain' if value_json.uncertain else (a if a else '" + _UNKNOWN + "') }}")
 
 
 def _on_off(field: str) -> str:
@@ -64,11 +72,24 @@ def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None
             "value_template": f"{{{{ '{_UNKNOWN}' if value_json.motion_score is none else "
                               "value_json.motion_score }}"},
     }
+    # Each activity or presence change (presence changes exist without a model too).
+    configs[f"{discovery_prefix}/event/{node}/change/config"] = {
+        "name": "Activity or presence change", "unique_id": f"{node}_change",
+        "state_topic": f"{base}/event", "event_types": ["activity", "presence"],
+        "json_attributes_topic": f"{base}/event",
+        **{k: common[k] for k in ("availability_topic", "availability_template",
+                                  "payload_available", "payload_not_available", "device")},
+        "icon": "mdi:timeline-clock"}
     model_entities: dict[str, dict[str, Any]] = {
         f"{discovery_prefix}/sensor/{node}/activity/config": {
             **common, "name": "Activity", "unique_id": f"{node}_activity",
-            "value_template": f"{{{{ value_json.activity if value_json.activity else "
-                              f"'{_UNKNOWN}' }}}}", "icon": "mdi:run"},
+            "value_template": _ACTIVITY, "icon": "mdi:run"},
+        f"{discovery_prefix}/sensor/{node}/activity_confidence/config": {
+            **common, "name": "Activity confidence", "unique_id": f"{node}_activity_confidence",
+            "unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:gauge",
+            "value_template": "{{ (value_json.smoothed_confidence * 100) | round(1) "
+                              "if value_json.smoothed_confidence is number else "
+                              f"'{_UNKNOWN}' }}}}"},
         f"{discovery_prefix}/sensor/{node}/identity/config": {
             **common, "name": "Identity", "unique_id": f"{node}_identity",
             "value_template": "{{ value_json.identity if value_json.identity else 'unknown' }}",

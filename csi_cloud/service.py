@@ -29,6 +29,7 @@ from csi_edge.presence import PresenceConfig
 from csi_edge.settings import topic_name
 
 from .db import AP, Database, Prediction
+from .events import LiveTrust
 from .ingest import BatchResult, DecodedRecord, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
@@ -57,6 +58,7 @@ class CloudService:
                                                          settings.presence_sensitivity,
                                                          settings.presence_hold_s))
         self.hub = LiveHub()
+        self.trust = LiveTrust(self.registry, self.db, settings.prefix)  # smoothing, events
         self.metrics = Metrics()
         self.metrics.track_aps(self.ap_rates)
         # -- recordings and training jobs (csi_cloud.storage, csi_cloud.jobs) --
@@ -313,6 +315,8 @@ class CloudService:
         items = [(site, ap, payload, received) for site, ap, payload, received, _ in batch]
         result = await asyncio.to_thread(self.ingestor.process, items)
         events = [p.as_dict() for p in result.predictions]
+        if events:
+            await asyncio.to_thread(self.trust.observe, events)
         previous = self._storing
         self._storing = asyncio.create_task(self._finish(batch, result, events, previous, t0))
         if previous is not None:
@@ -349,6 +353,7 @@ class CloudService:
         if events:
             self.hub.publish(events)
             self._publish_predictions(events)
+        await self.trust.flush(self.mqtt)
 
     def _store(self, result: BatchResult, events: list[dict[str, Any]]) -> None:
         """Predictions and AP state of one batch in one transaction, with bulk statements

@@ -18,16 +18,15 @@ from test_cloud_service import FOLDER, MODEL, Cloud, run_edge
 from csi_cloud.homeassistant import discovery_configs
 from csi_edge.bundle import load_manifest
 
-TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor)/([a-zA-Z0-9_-]+)/([a-zA-Z0-9_-]+)"
+TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor|event)/([a-zA-Z0-9_-]+)/([a-zA-Z0-9_-]+)"
                    r"/config$")
 # Keys Home Assistant's MQTT discovery documents for these platforms (full names), and the
 # ones every entity here must carry.
 ALLOWED = {"name", "unique_id", "state_topic", "value_template", "json_attributes_topic",
            "availability_topic", "availability_template", "payload_available",
            "payload_not_available", "device", "icon", "device_class", "payload_on",
-           "payload_off", "state_class"}
-REQUIRED = {"name", "unique_id", "state_topic", "value_template", "availability_topic",
-            "device"}
+           "payload_off", "state_class", "unit_of_measurement", "event_types"}
+REQUIRED = {"name", "unique_id", "state_topic", "availability_topic", "device"}
 # Home Assistant's MQTT entities read this rendered payload as "unknown".
 UNKNOWN = "None"
 
@@ -45,7 +44,7 @@ def _pred(**fields: object) -> bytes:
 def test_configs_follow_the_documented_schema() -> None:
     configs = discovery_configs("csi/v1", "lab", "ap 1/x", model_name="fition")
     entities = {t: c for t, c in configs.items() if c is not None}
-    assert len(entities) == 5
+    assert len(entities) == 7
     uids = set()
     classes = {}
     for topic, config in entities.items():
@@ -53,14 +52,19 @@ def test_configs_follow_the_documented_schema() -> None:
         assert match, topic
         assert set(config) <= ALLOWED, config
         assert set(config) >= REQUIRED, config
+        # A sensor renders a state; an event entity takes the payload's event_type.
+        assert ("value_template" in config) == (match.group(1) != "event"), config
         assert config["device"]["identifiers"] == [match.group(2)]
         uids.add(config["unique_id"])
         classes[match.group(3)] = (match.group(1), config.get("device_class"))
-    assert len(uids) == 5
+    assert len(uids) == 7
     assert classes == {"occupancy": ("binary_sensor", "occupancy"),
                        "motion": ("binary_sensor", "motion"),
                        "motion_score": ("sensor", None), "activity": ("sensor", None),
-                       "identity": ("sensor", None)}
+                       "activity_confidence": ("sensor", None), "identity": ("sensor", None),
+                       "change": ("event", None)}
+    assert entities["homeassistant/event/csi_lab_ap_1_x/change/config"]["state_topic"] == \
+        "csi/v1/lab/ap 1/x/event"
     # The presence sensor of earlier versions (a template waiting for an "empty" activity no
     # model has) is removed: an empty retained payload.
     removed = [t for t, c in configs.items() if c is None]
@@ -83,6 +87,17 @@ def test_templates_render_on_off_and_unknown() -> None:
     assert render(score["value_template"], _pred()) == UNKNOWN
     assert render(activity["value_template"], _pred(activity="walking")) == "walking"
     assert render(activity["value_template"], _pred()) == UNKNOWN
+    # The smoothed activity wins over the per-second one, and abstention shows.
+    assert render(activity["value_template"], _pred(activity="walking",
+                                                    smoothed_activity="sitdown",
+                                                    uncertain=False)) == "sitdown"
+    assert render(activity["value_template"], _pred(activity="walking",
+                                                    smoothed_activity="sitdown",
+                                                    uncertain=True)) == "uncertain"
+    confidence = configs["homeassistant/sensor/csi_lab_ap1/activity_confidence/config"]
+    assert confidence is not None
+    assert render(confidence["value_template"], _pred(smoothed_confidence=0.91234)) == "91.2"
+    assert render(confidence["value_template"], _pred(smoothed_confidence=None)) == UNKNOWN
 
 
 def test_an_ap_without_a_model_has_presence_entities_only() -> None:
@@ -90,7 +105,8 @@ def test_an_ap_without_a_model_has_presence_entities_only() -> None:
     entities = {t for t, c in configs.items() if c is not None}
     assert entities == {"homeassistant/binary_sensor/csi_home_hall/occupancy/config",
                         "homeassistant/binary_sensor/csi_home_hall/motion/config",
-                        "homeassistant/sensor/csi_home_hall/motion_score/config"}
+                        "homeassistant/sensor/csi_home_hall/motion_score/config",
+                        "homeassistant/event/csi_home_hall/change/config"}
     # Activity and identity (an AP that ran a model before) are removed.
     assert configs["homeassistant/sensor/csi_home_hall/activity/config"] is None
     assert configs["homeassistant/sensor/csi_home_hall/identity/config"] is None
@@ -102,29 +118,40 @@ def test_an_ap_without_a_model_has_presence_entities_only() -> None:
 def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
     cloud.start()
-    ha = Collector(broker.port, ["homeassistant/#", "csi/v1/+/+/pred", "csi/v1/+/+/status"],
+    ha = Collector(broker.port, ["homeassistant/#", "csi/v1/+/+/pred", "csi/v1/+/+/status",
+                                 "csi/v1/+/+/event"],
                    client_id="home-assistant", persistent=False)
     edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site", "home",
                     "--ap", "living", "--speed", "5", "--level", "2")
     labels = load_manifest(MODEL).labels
     try:
         ha.wait_for(lambda: len([m for m in ha.messages if m.topic.startswith(
-            "homeassistant/") and m.payload]) >= 5, 30, "five discovery configs")
+            "homeassistant/") and m.payload]) >= 7, 30, "seven discovery configs")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/pred"), 30, "a prediction")
+        ha.wait_for(lambda: ha.on("csi/v1/home/living/event"), 30, "an activity event")
         configs = {m.topic: json.loads(m.payload) for m in ha.messages
                    if m.topic.startswith("homeassistant/") and m.payload}
         pred = ha.on("csi/v1/home/living/pred")[-1].payload
         status = [m for m in ha.messages if m.topic == "csi/v1/home/living/status"][-1].payload
         for topic, config in configs.items():
             kind = TOPIC.match(topic).group(1)  # type: ignore[union-attr]
-            assert config["state_topic"] == "csi/v1/home/living/pred"
             assert config["availability_topic"] == "csi/v1/home/living/status"
             assert render(config["availability_template"], status) == "online"
+            if kind == "event":
+                assert config["state_topic"] == "csi/v1/home/living/event"
+                for message in ha.on("csi/v1/home/living/event"):
+                    event = json.loads(message.payload)
+                    assert event["event_type"] in config["event_types"]
+                    assert not message.retain
+                continue
+            assert config["state_topic"] == "csi/v1/home/living/pred"
             state = render(config["value_template"], pred)
             if kind == "binary_sensor":
                 assert state in (config["payload_on"], config["payload_off"], UNKNOWN)
             elif config["unique_id"].endswith("activity"):
-                assert state in labels["activity"]
+                assert state in [*labels["activity"], "uncertain"]
+            elif config["unique_id"].endswith("activity_confidence"):
+                assert 0 <= float(state) <= 100
             elif config["unique_id"].endswith("motion_score"):
                 assert state == UNKNOWN or float(state) == json.loads(pred)["motion_score"]
             else:
@@ -143,7 +170,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     # A Home Assistant starting later gets the configs: they are retained.
     late = Collector(broker.port, ["homeassistant/#"], client_id="ha-late", persistent=False)
     try:
-        late.wait_for(lambda: len(late.messages) >= 5, 10, "retained configs")
+        late.wait_for(lambda: len(late.messages) >= 7, 10, "retained configs")
         assert all(m.retain for m in late.messages)
         assert not any(m.topic.endswith("/presence/config") for m in late.messages)
     finally:

@@ -52,7 +52,7 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
     api = APIRouter(prefix=API_PREFIX)
     for module in (aps, predictions, models, health):
         api.include_router(module.router)
-    for name in ("predict", "labels", "training", "identities"):
+    for name in ("predict", "labels", "training", "identities", "events"):
         try:
             module = __import__(f"csi_cloud.api.routes.{name}", fromlist=["router"])
         except ModuleNotFoundError:

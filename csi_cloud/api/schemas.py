@@ -59,6 +59,19 @@ class PredictionOut(BaseModel):
                                   "presence_hold_s seconds (hysteresis: on at the first motion "
                                   "segment, off after the hold); null until the AP's first "
                                   "scored segment")
+    activity_confidence_raw: float | None = Field(
+        default=None, description="activity_confidence before the bundle's temperature "
+                                  "scaling (the same where the bundle has none); "
+                                  "activity_confidence is the calibrated one")
+    smoothed_activity: str | None = Field(
+        default=None, description="the activity after the AP's HMM filter over its per-second "
+                                  "probabilities (docs/trust.md); null for a presence-only AP "
+                                  "or a segment that arrived after newer ones")
+    smoothed_confidence: float | None = Field(
+        default=None, description="the filter's belief in smoothed_activity")
+    uncertain: bool | None = Field(
+        default=None, description="true: smoothed_confidence is below the bundle's calibrated "
+                                  "abstention threshold; do not act on the activity")
 
     # mypy does not type decorators over @property (mypy#1362); pydantic documents this ignore.
     @computed_field(description="fraction of the context window with no segment (lost, or "  # type: ignore[prop-decorator]

@@ -259,8 +259,13 @@ def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Pa
                                                               every=True)
     result["activity_accuracy_per_second_after"] = _accuracy(adapted, codes, scored,
                                                              every=True)
+    # The parent's activity calibration (csi_cloud.model.temperature) was fitted for its
+    # head, not the adapted one: the derived bundle goes without (temperature 1, defaults).
+    parent_calibration = {k: v for k, v in model.manifest.calibration.items()
+                          if k != "activity"}
     manifest = save_derived(
         bundle, out, adapted, name=name or out.name, held_out=held_out,
+        calibration=parent_calibration,
         training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
                                                     if not k.startswith("activity")}},
         metrics={"adaptation": {k: v for k, v in result.items()

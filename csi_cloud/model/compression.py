@@ -34,6 +34,7 @@ from .bundle import load_network
 from .context_head import profile_coefficients
 from .network import CSICodecNet
 from .quantizers import FSQ
+from .temperature import activity_temperature, apply_temperature
 
 __all__ = ["CloudModel", "DecodedSegment", "classify_windows"]
 
@@ -91,6 +92,8 @@ class CloudModel:
         self.tables = manifest.tables()
         self.model_id = model_id_prefix(manifest.wire_id)
         self.segment_ms = round(manifest.input_spec.segment_s * 1000)
+        # Applied to the activity probabilities (csi_cloud.model.temperature); 1 without one.
+        self.temperature = activity_temperature(manifest.calibration)
         self._still_symbols: np.ndarray | None = None
 
     @classmethod
@@ -222,11 +225,13 @@ class CloudModel:
 
     @torch.no_grad()
     def classify(self, z_q: np.ndarray, profile: np.ndarray, present: np.ndarray,
-                 level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities."""
+                 level: np.ndarray, *, calibrated: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities
+        (activity temperature-scaled unless ``calibrated`` is False)."""
         p_act, p_id, _ = classify_windows(self.net, z_q, profile, present, level,
                                           features=False)
-        return p_act, p_id
+        return (apply_temperature(p_act, self.temperature) if calibrated else p_act), p_id
 
     @torch.no_grad()
     def classify_with_features(self, z_q: np.ndarray, profile: np.ndarray,
@@ -237,8 +242,10 @@ class CloudModel:
 
         A bundle with a context head (csi_cloud.model.context_head) takes activity, and
         identity where the head has an identity part, from it; the network's context
-        classifier gives the identity features (and identity where the head has none)."""
-        return classify_windows(self.net, z_q, profile, present, level)
+        classifier gives the identity features (and identity where the head has none).
+        The activity probabilities are temperature-scaled (:attr:`temperature`)."""
+        p_act, p_id, feats = classify_windows(self.net, z_q, profile, present, level)
+        return apply_temperature(p_act, self.temperature), p_id, feats
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""

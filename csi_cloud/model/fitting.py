@@ -130,7 +130,8 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
 def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
                      val_recs: np.ndarray) -> Any:
     """Add the calibrations that need the finished bundle (its int8 codes) to its manifest:
-    the open-set identity threshold and feature statistics, and the edge's idle threshold.
+    the open-set identity threshold and feature statistics, the edge's idle threshold, and
+    the live output's activity temperature, filter and abstention threshold.
     The calibration is part of the bundle id, which is recomputed."""
     from csi_edge.bundle import bundle_id
 
@@ -147,6 +148,16 @@ def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
     idle = calibrate_idle(data, train_recs, val_recs, model=model)
     if idle:
         calibration["idle"] = idle
+    # The live output's temperature, filter and abstention threshold (csi_cloud.model.trust),
+    # only on validation recordings the weights were not fitted on (a tiny dataset validates
+    # on its training recordings: then the bundle keeps the defaults, temperature 1).
+    held_out = np.setdiff1d(val_recs, train_recs)
+    if len(held_out) and (data.activity[held_out] >= 0).any():
+        from .trust import fit_activity_calibration
+
+        calibration["activity"] = fit_activity_calibration(
+            model, edge, data, held_out,
+            fitted_on=f"{len(held_out)} validation recordings of the training split")
     manifest = model.manifest.model_copy(update={"calibration": calibration})
     manifest.id = bundle_id(manifest)
     (folder / "bundle.json").write_text(

@@ -1,0 +1,332 @@
+"""Live output a person can trust: per-second activity accuracy raw vs smoothed, calibration,
+and the coverage-accuracy curve of abstention, for each shipped bundle.
+
+    python bench/trust.py [--data ../shared/data] [--seeds 3] [--out FILE] [--no-report]
+
+Everything runs through the service's own code: the int8 edge encoder, the wire payloads
+decoded from their bytes (csi_cloud.model.evaluate), the bundle's classifier with its
+temperature (csi_cloud.model.temperature) and the HMM filter with the bundle's ``stay`` and
+abstention threshold (csi_cloud.smoothing), all read from ``models/NAME/bundle.json``.
+
+Recordings: the **test** part of the split each bundle was trained with (rebuilt from its
+manifest and checked against its counts): neither its weights nor its calibration saw them
+(``csi calibrate`` fitted the temperature, ``stay`` and threshold on the validation part).
+Two ways to stream them (csi_cloud.model.trust):
+
+- ``separate``: each recording its own stream, context and filter starting afresh (the model
+  report's per-second figure);
+- ``joined`` (**live**): the test recordings end to end on one AP's segment grid in a random
+  order (``--seeds`` orders), so the model's context and the filter run across every change
+  of activity, as they do when a person changes activity in front of an AP. Each second is
+  labelled by its recording.
+
+Per rate level: per-recording accuracy (the window ending at each recording's last segment,
+the model report's figure), per-second accuracy raw and smoothed, label changes per minute
+(raw, smoothed, true), NLL and expected calibration error before and after the temperature,
+the accuracy of the filter at each ``stay`` of a grid (to show the trade-off), and the
+coverage-accuracy curve of abstaining below a threshold on the smoothed confidence (the
+bundle's own threshold marked). Target (issue 18): live per-second accuracy after smoothing
+>= per-recording accuracy - 0.05, judged per level, on ``joined``.
+
+The committed samples (``datasets/samples``) are scored too, in ``separate`` mode, with
+the part of the split each belongs to: they were chosen before this split and most are
+training recordings, so their numbers say the pipeline runs, not how well it generalises.
+
+Results: ``bench/results/trust.json``; the tables are rendered into each bundle's
+``report.md`` from that file (between ``<!-- trust:begin -->`` and ``<!-- trust:end -->``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from csi_cloud.datasets import index_dataset, random_split  # noqa: E402
+from csi_cloud.model.compression import CloudModel  # noqa: E402
+from csi_cloud.model.data import load_segments  # noqa: E402
+from csi_cloud.model.temperature import (  # noqa: E402
+    apply_temperature,
+    expected_calibration_error,
+    mean_nll,
+)
+from csi_cloud.model.trust import LiveStreams, live_streams, split_recordings  # noqa: E402
+from csi_cloud.smoothing import (  # noqa: E402
+    STAY_GRID,
+    TrustParams,
+    coverage_curve,
+    filter_stream,
+)
+from csi_edge.bundle import EdgeEncoder  # noqa: E402
+
+BUNDLES = {"fition": ("fition", "fition"), "wiar": ("wiar", "wiar/height_90")}
+BEGIN, END = "<!-- trust:begin -->", "<!-- trust:end -->"
+MARGIN = 0.05
+
+
+def _changes_per_min(labels: np.ndarray, starts: np.ndarray, segment_s: float) -> float:
+    changed = (labels[1:] != labels[:-1]) & ~starts[1:]
+    return float(changed.sum() / (len(labels) * segment_s / 60))
+
+
+def _score(ls: LiveStreams, temperature: float, params: TrustParams,
+           segment_s: float) -> dict[str, Any]:
+    p = apply_temperature(ls.p_raw, temperature)
+    belief = filter_stream(p, params.stay, ls.starts)
+    raw_pred, smooth_pred = p.argmax(1), belief.argmax(1)
+    correct = smooth_pred == ls.labels
+    confidence = belief.max(1)
+    answered = confidence >= params.threshold
+    return {
+        "seconds": len(ls.labels),
+        "raw_accuracy": round(float((raw_pred == ls.labels).mean()), 4),
+        "smoothed_accuracy": round(float(correct.mean()), 4),
+        "changes_per_min": {
+            "raw": round(_changes_per_min(raw_pred, ls.starts, segment_s), 2),
+            "smoothed": round(_changes_per_min(smooth_pred, ls.starts, segment_s), 2),
+            "true": round(_changes_per_min(ls.labels, ls.starts, segment_s), 2)},
+        "nll": {"raw": round(mean_nll(ls.p_raw, ls.labels), 4),
+                "calibrated": round(mean_nll(p, ls.labels), 4)},
+        "ece": {"raw": round(expected_calibration_error(ls.p_raw, ls.labels), 4),
+                "calibrated": round(expected_calibration_error(p, ls.labels), 4)},
+        "stay_sweep": {f"{s:g}": round(float((filter_stream(p, s, ls.starts).argmax(1)
+                                              == ls.labels).mean()), 4) for s in STAY_GRID},
+        "abstention": {"threshold": params.threshold,
+                       "coverage": round(float(answered.mean()), 4),
+                       "accuracy_answered": (round(float(correct[answered].mean()), 4)
+                                             if answered.any() else None)},
+        "coverage_curve": [{k: (round(v, 4) if isinstance(v, float) else v)
+                            for k, v in row.items()}
+                           for row in coverage_curve(confidence, correct)],
+    }
+
+
+def _per_recording(ls: LiveStreams, temperature: float) -> float:
+    """Accuracy of the window ending at each recording's last segment (separate streams)."""
+    p = apply_temperature(ls.p_raw, temperature)
+    last = np.r_[ls.starts[1:], True]
+    return round(float((p[last].argmax(1) == ls.labels[last]).mean()), 4)
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return round(float(np.mean([r[key] for r in rows])), 4)
+
+
+def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int) -> dict[str, Any]:
+    folder = ROOT / "models" / name
+    model, edge = CloudModel.load(folder), EdgeEncoder(folder)
+    params = TrustParams.from_calibration(model.manifest.calibration)
+    segment_s = model.manifest.input_spec.segment_s
+    data, described = split_recordings(folder, dataset, data_dir, "test")
+    recordings = np.arange(len(data))
+    separate = live_streams(model, edge, data, recordings, "separate")
+    joined = [live_streams(model, edge, data, recordings, "joined", seed=s)
+              for s in range(seeds)]
+    levels = []
+    for i, sep in enumerate(separate):
+        per_recording = _per_recording(sep, model.temperature)
+        live_runs = [_score(j[i], model.temperature, params, segment_s) for j in joined]
+        live = {**live_runs[0], "raw_accuracy": _mean(live_runs, "raw_accuracy"),
+                "smoothed_accuracy": _mean(live_runs, "smoothed_accuracy"),
+                "smoothed_accuracy_by_seed": [r["smoothed_accuracy"] for r in live_runs],
+                "stay_sweep": {k: round(float(np.mean([r["stay_sweep"][k]
+                                                       for r in live_runs])), 4)
+                               for k in live_runs[0]["stay_sweep"]}}
+        target = round(per_recording - MARGIN, 4)
+        levels.append({
+            "level": sep.level,
+            "per_recording_accuracy": per_recording,
+            "separate": _score(sep, model.temperature, params, segment_s),
+            "live": live,
+            "target": {"live_smoothed_min": target,
+                       "met": bool(live["smoothed_accuracy"] >= target),
+                       "margin": round(live["smoothed_accuracy"] - target, 4)},
+        })
+    # Diagnostic: how a shorter context follows the changes (live, level 1, first order,
+    # raw); scored on the test recordings, so it informs, it does not choose.
+    n = model.net.cfg.context_segments
+    context_sweep = {str(k): round(float((apply_temperature(ls.p_raw, model.temperature)
+                                          .argmax(1) == ls.labels).mean()), 4)
+                     for k in sorted({2, 3, 4, n // 2, n})
+                     for ls in live_streams(model, edge, data, recordings, "joined",
+                                            levels=[1], context=k)}
+    return {"bundle": model.id, "name": name, "recordings": described,
+            "live_context_sweep_level1": context_sweep,
+            "test_recordings": len(recordings), "temperature": model.temperature,
+            "stay": params.stay, "threshold": params.threshold,
+            "calibration": {k: v for k, v in (model.manifest.calibration.get("activity")
+                                              or {}).items() if k != "stay_accuracy"},
+            "seeds": seeds, "levels": levels}
+
+
+def bench_samples(name: str, dataset: str, data_dir: Path | None) -> dict[str, Any]:
+    """The committed samples, separate streams, with their part of the bundle's split."""
+    folder = ROOT / "models" / name
+    model, edge = CloudModel.load(folder), EdgeEncoder(folder)
+    params = TrustParams.from_calibration(model.manifest.calibration)
+    samples = list(index_dataset(dataset, ROOT / "datasets" / "samples" / name))
+    part_of: dict[str, str] = {}
+    if data_dir is not None:
+        training = model.manifest.training
+        split = random_split(list(index_dataset(dataset, data_dir)),
+                             seed=int(training["seed"]), val=0.15, test=0.15)
+        for part in ("train", "val", "test"):
+            part_of.update({e.recording_id: part for e in getattr(split, part)})
+    labels = model.manifest.labels
+    data = load_segments(samples, model.manifest.input_spec, list(labels["activity"] or []),
+                         list(labels["identity"] or []))
+    sep = live_streams(model, edge, data, np.arange(len(data)), "separate",
+                       levels=[1])[0]
+    scored = _score(sep, model.temperature, params, model.manifest.input_spec.segment_s)
+    return {"recordings": len(data),
+            "parts": {p: sum(1 for e in data.examples if part_of.get(e.recording_id) == p)
+                      for p in ("train", "val", "test", "unknown")} if part_of else
+            {"unknown": len(data)},
+            "level": 1, "per_recording_accuracy": _per_recording(sep, model.temperature),
+            "raw_accuracy": scored["raw_accuracy"],
+            "smoothed_accuracy": scored["smoothed_accuracy"],
+            "note": "mostly training recordings of the bundle: not a held-out figure"}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The section of one bundle's report.md, from the results file's entry."""
+    cal = result["calibration"]
+    lines = [
+        "## Live output: calibration, smoothing, abstention (bench/trust.py)", "",
+        f"`python bench/trust.py` (results in `bench/results/trust.json`). Calibration "
+        f"(`csi calibrate`) fitted on the {cal.get('fitted_on', '?')}: temperature "
+        f"{result['temperature']:.3f} (NLL {cal.get('nll_before')} → {cal.get('nll_after')}, "
+        f"ECE {cal.get('ece_before')} → {cal.get('ece_after')} there), filter stay "
+        f"{result['stay']:g}, abstention threshold {result['threshold']:g} (the lowest whose "
+        f"answered seconds reach {cal.get('target_accuracy')} accuracy there). Scored on the "
+        f"{result['recordings']}: **live** = the test recordings end to end on one AP in a "
+        f"random order ({result['seeds']} orders), the model's context and the filter running "
+        "across every change; **separate** = each recording its own stream (the per-second "
+        "figure above). Target: live smoothed per-second accuracy ≥ per-recording - 0.05.", "",
+        "| level | per recording | separate raw | separate smoothed | live raw | live smoothed "
+        "| target | met (margin) | changes/min live raw / smoothed / true | live NLL raw → "
+        "calibrated | live ECE raw → calibrated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lv in result["levels"]:
+        live, sep, tgt = lv["live"], lv["separate"], lv["target"]
+        ch = live["changes_per_min"]
+        lines.append(
+            f"| {lv['level']} | {lv['per_recording_accuracy']:.3f} | "
+            f"{sep['raw_accuracy']:.3f} | {sep['smoothed_accuracy']:.3f} | "
+            f"{live['raw_accuracy']:.3f} | {live['smoothed_accuracy']:.3f} | "
+            f"{tgt['live_smoothed_min']:.3f} | {'met' if tgt['met'] else 'missed'} "
+            f"({tgt['margin']:+.3f}) | {ch['raw']:.1f} / {ch['smoothed']:.1f} / "
+            f"{ch['true']:.1f} | {live['nll']['raw']:.3f} → {live['nll']['calibrated']:.3f} | "
+            f"{live['ece']['raw']:.3f} → {live['ece']['calibrated']:.3f} |")
+    lines += ["", "Live smoothed accuracy at each filter stay (mean over orders; the "
+              "bundle's stay is the best on its validation recordings):", "",
+              "| level | " + " | ".join(result["levels"][0]["live"]["stay_sweep"]) + " |",
+              "|---|" + "---|" * len(result["levels"][0]["live"]["stay_sweep"])]
+    for lv in result["levels"]:
+        lines.append(f"| {lv['level']} | " + " | ".join(
+            f"{v:.3f}" for v in lv["live"]["stay_sweep"].values()) + " |")
+    lines += ["", "Abstention, live (first order): answered share and accuracy on the answered "
+              "seconds when `uncertain` is shown below each threshold of the smoothed "
+              "confidence:", "",
+              "| level | bundle's threshold: coverage / accuracy | " + " | ".join(
+                  f"≥{row['threshold']:.2f}" for row in
+                  result["levels"][0]["live"]["coverage_curve"][::2]) + " |",
+              "|---|---|" + "---|" * len(result["levels"][0]["live"]["coverage_curve"][::2])]
+    for lv in result["levels"]:
+        ab = lv["live"]["abstention"]
+        acc = "-" if ab["accuracy_answered"] is None else f"{ab['accuracy_answered']:.3f}"
+        cells = [f"{r['coverage']:.2f} / " + ("-" if r["accuracy"] is None else
+                                              f"{r['accuracy']:.2f}")
+                 for r in lv["live"]["coverage_curve"][::2]]
+        lines.append(f"| {lv['level']} | {ab['coverage']:.3f} / {acc} | " + " | ".join(cells)
+                     + " |")
+    sweep = result.get("live_context_sweep_level1")
+    if sweep:
+        lines += ["", "Live raw accuracy at level 1 (first order) when the classifier reads only "
+                  "the last k segments of its context (a diagnostic on the test recordings, "
+                  "not a setting): " + ", ".join(f"k={k}: {v:.3f}" for k, v in sweep.items())
+                  + "."]
+    samples = result.get("samples")
+    if samples:
+        lines += ["", f"Committed samples ({samples['recordings']} recordings; split parts "
+                  f"{samples['parts']}), level 1, separate: per recording "
+                  f"{samples['per_recording_accuracy']:.3f}, per second raw "
+                  f"{samples['raw_accuracy']:.3f}, smoothed {samples['smoothed_accuracy']:.3f}"
+                  f" ({samples['note']})."]
+    return "\n".join(lines)
+
+
+def write_sections(report: dict[str, Any]) -> list[str]:
+    written = []
+    for name, result in report["bundles"].items():
+        path = ROOT / "models" / name / "report.md"
+        if not path.is_file() or "levels" not in result:
+            continue
+        text = path.read_text()
+        section = f"{BEGIN}\n{render(result)}\n{END}"
+        if BEGIN in text and END in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+        written.append(str(path.relative_to(ROOT)))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = next((p for p in (ROOT.parent / "shared" / "data",
+                                ROOT.parents[1] / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=default)
+    parser.add_argument("--seeds", type=int, default=3, help="orders of the live streams")
+    parser.add_argument("--bundles", default="fition,wiar")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trust.json")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write the sections into models/*/report.md")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"command": "python bench/trust.py", "machine": platform.node(),
+                              "margin": MARGIN, "bundles": {}}
+    for name in [b for b in args.bundles.split(",") if b]:
+        dataset, sub = BUNDLES[name]
+        data_dir = args.data / sub
+        entry: dict[str, Any]
+        if data_dir.is_dir():
+            entry = bench_bundle(name, dataset, data_dir, args.seeds)
+        else:
+            entry = {"skipped": f"{data_dir} is not there: no held-out recordings"}
+        entry["samples"] = bench_samples(name, dataset, data_dir if data_dir.is_dir() else None)
+        report["bundles"][name] = entry
+        for lv in entry.get("levels", []):
+            print(f"{name} level {lv['level']}: per recording {lv['per_recording_accuracy']:.3f}"
+                  f", live raw {lv['live']['raw_accuracy']:.3f} smoothed "
+                  f"{lv['live']['smoothed_accuracy']:.3f} (target "
+                  f"{lv['target']['live_smoothed_min']:.3f}: "
+                  f"{'met' if lv['target']['met'] else 'missed'}, "
+                  f"{lv['target']['margin']:+.3f}); separate raw "
+                  f"{lv['separate']['raw_accuracy']:.3f} smoothed "
+                  f"{lv['separate']['smoothed_accuracy']:.3f}", flush=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.no_report:
+        for path in write_sections(report):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Steady live output: an HMM forward filter over each AP's per-second activity probabilities,
+and abstention where the filtered belief is weak.
+
+The classifier gives, once a second, calibrated activity probabilities (csi_cloud.model
+.temperature). Read alone they flicker: a second of walking inside a minute of sitting is
+more likely a misread second than a real one. The filter treats the activity as a hidden
+state that stays put from one second to the next with probability ``stay`` (one parameter;
+the rest of the mass jumps to any activity, uniformly), and each second's probabilities as
+the evidence:
+
+    belief_t  ∝  p_t  *  (stay * belief_{t-1} + (1 - stay) / K)
+
+(the classifier's output stands for the likelihood: its training classes are balanced). A
+missing second applies the transition without evidence (``stay ** gap``), and the filter
+starts afresh from a uniform belief on a new epoch of the AP, after a gap over
+``max_gap_s``, or when the AP's bundle changes: the stream before is another one.
+
+**Abstention**: ``uncertain`` when the filtered belief's largest probability is below
+``threshold``. The label is still given (``smoothed_activity``); ``uncertain`` says not to act
+on it.
+
+``stay`` and ``threshold`` are fitted with the temperature on the bundle's validation
+recordings (:func:`fit_stay`, :func:`fit_threshold`) and kept in its manifest under
+``calibration["activity"]``; without them the defaults below apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_STAY",
+    "DEFAULT_THRESHOLD",
+    "HMMFilter",
+    "Smoother",
+    "SmoothingError",
+    "TrustParams",
+    "coverage_curve",
+    "filter_stream",
+    "fit_stay",
+    "fit_threshold",
+]
+
+DEFAULT_STAY = 0.9
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MAX_GAP_S = 10.0
+STAY_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+_FLOOR = 1e-6  # no second's evidence rules an activity out for good
+
+
+class SmoothingError(ValueError):
+    """A smoothing parameter is out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustParams:
+    """The live-output settings of one bundle."""
+
+    stay: float = DEFAULT_STAY
+    threshold: float = DEFAULT_THRESHOLD
+    max_gap_s: float = DEFAULT_MAX_GAP_S
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stay < 1.0:
+            raise SmoothingError(f"stay (self-transition) must be in [0, 1), got {self.stay!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise SmoothingError(f"abstention threshold must be in [0, 1], got "
+                                 f"{self.threshold!r}")
+        if not self.max_gap_s > 0:
+            raise SmoothingError(f"max_gap_s must be positive, got {self.max_gap_s!r}")
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any]) -> TrustParams:
+        """From a manifest's ``calibration`` (defaults where it has no entry)."""
+        activity = calibration.get("activity") or {}
+        return cls(stay=float(activity.get("stay", DEFAULT_STAY)),
+                   threshold=float(activity.get("threshold", DEFAULT_THRESHOLD)))
+
+
+class HMMFilter:
+    """The forward filter of one stream (K activities)."""
+
+    def __init__(self, classes: int, stay: float) -> None:
+        if classes < 1:
+            raise SmoothingError(f"need at least one class, got {classes}")
+        TrustParams(stay=stay)  # range check
+        self.classes = classes
+        self.stay = stay
+        self.belief: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.belief = None
+
+    def update(self, p: np.ndarray, steps: int = 1) -> np.ndarray:
+        """Take one second's probabilities ``p`` (K,), ``steps`` seconds after the last one
+        (``steps - 1`` missing); return the filtered belief (K,)."""
+        p = np.clip(np.asarray(p, np.float64), _FLOOR, None)
+        if p.shape != (self.classes,):
+            raise SmoothingError(f"expected {self.classes} probabilities, got shape {p.shape}")
+        if self.belief is None:
+            prior = np.full(self.classes, 1.0 / self.classes)
+        else:
+            keep = self.stay ** max(int(steps), 1)
+            prior = keep * self.belief + (1.0 - keep) / self.classes
+        post = prior * p
+        self.belief = post / post.sum()
+        return self.belief
+
+
+def filter_stream(p: np.ndarray, stay: float, starts: np.ndarray | None = None) -> np.ndarray:
+    """Filter a whole stream offline: ``p`` (N, K) one row a second, ``starts`` (N,) true
+    where the filter starts afresh (the first row always does). Returns beliefs (N, K)."""
+    f = HMMFilter(p.shape[1], stay)
+    out = np.empty_like(p, dtype=np.float64)
+    for i in range(len(p)):
+        if i == 0 or (starts is not None and starts[i]):
+            f.reset()
+        out[i] = f.update(p[i])
+    return out
+
+
+def fit_stay(streams: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+             grid: Sequence[float] = STAY_GRID) -> tuple[float, dict[str, float]]:
+    """The ``stay`` of ``grid`` with the best filtered per-second accuracy over ``streams``
+    (each ``(p (N, K), labels (N,), starts (N,) or None)``); ties go to the smaller one.
+    Returns it and the accuracy at each grid value."""
+    scores: dict[str, float] = {}
+    for stay in grid:
+        correct = total = 0
+        for p, labels, starts in streams:
+            belief = filter_stream(p, stay, starts)
+            correct += int((belief.argmax(1) == labels).sum())
+            total += len(labels)
+        scores[f"{stay:g}"] = correct / max(total, 1)
+    best = max(grid, key=lambda s: (round(scores[f"{s:g}"], 9), -s))
+    return float(best), scores
+
+
+def coverage_curve(confidence: np.ndarray, correct: np.ndarray,
+                   thresholds: Sequence[float] | None = None) -> list[dict[str, float | None]]:
+    """For each threshold: the share of seconds answered (confidence >= threshold) and the
+    accuracy on them (None where none is answered)."""
+    if thresholds is None:
+        thresholds = [round(float(t), 2) for t in np.arange(0.0, 1.0001, 0.05)]
+    out = []
+    for t in thresholds:
+        kept = confidence >= t
+        out.append({"threshold": float(t), "coverage": float(kept.mean()) if len(kept) else 0.0,
+                    "accuracy": float(correct[kept].mean()) if kept.any() else None})
+    return out
+
+
+def fit_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """The smallest threshold (of 0.00, 0.01, ... 0.99) whose answered seconds are at least
+    ``target`` accurate (most coverage at that accuracy); the largest when none is."""
+    if not 0 < target <= 1:
+        raise SmoothingError(f"target accuracy must be in (0, 1], got {target!r}")
+    grid = [round(float(t), 2) for t in np.arange(0.0, 0.995, 0.01)]
+    for row in coverage_curve(confidence, correct, grid):
+        if row["accuracy"] is not None and row["accuracy"] >= target:
+            return float(row["threshold"] or 0.0)
+    return grid[-1]
+
+
+@dataclass
+class _Stream:
+    epoch: int
+    model: str
+    timestamp: float
+    filter: HMMFilter
+
+
+class Smoother:
+    """Per AP stream: the filter over its predictions, in arrival order.
+
+    ``params_of(model_id)`` gives a bundle's :class:`TrustParams` and ``segment_s`` its
+    segment length (None: an unknown bundle, whose predictions are left unsmoothed).
+    """
+
+    def __init__(self, params_of: Callable[[str], tuple[TrustParams, float] | None]) -> None:
+        self.params_of = params_of
+        self.streams: dict[tuple[str, str], _Stream] = {}
+
+    def update(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """The smoothed fields of one prediction dict (``site``, ``ap``, ``epoch``,
+        ``timestamp``, ``model``, ``probabilities``): ``smoothed_activity``,
+        ``smoothed_confidence`` and ``uncertain``, all None where there is nothing to smooth
+        (presence only, an unknown bundle, a late segment older than the stream's newest)."""
+        none = {"smoothed_activity": None, "smoothed_confidence": None, "uncertain": None}
+        model = prediction.get("model")
+        probs = (prediction.get("probabilities") or {}).get("activity") or {}
+        if not model or not probs:
+            return none
+        found = self.params_of(model)
+        if found is None:
+            return none
+        params, segment_s = found
+        key = (prediction["site"], prediction["ap"])
+        labels = list(probs)
+        t = float(prediction["timestamp"])
+        epoch = int(prediction["epoch"])
+        stream = self.streams.get(key)
+        steps = 1
+        if (stream is None or stream.epoch != epoch or stream.model != model
+                or t - stream.timestamp > params.max_gap_s
+                or stream.filter.classes != len(labels)):
+            stream = self.streams[key] = _Stream(epoch, model, t,
+                                                 HMMFilter(len(labels), params.stay))
+        elif t <= stream.timestamp and stream.filter.belief is not None:
+            return none  # a late segment: the filter does not go back in time
+        else:
+            steps = max(1, round((t - stream.timestamp) / segment_s))
+        stream.timestamp = t
+        belief = stream.filter.update(np.array([probs[k] for k in labels]), steps)
+        best = int(belief.argmax())
+        confidence = float(belief[best])
+        return {"smoothed_activity": labels[best],
+                "smoothed_confidence": round(confidence, 5),
+                "uncertain": confidence < params.threshold}
+
+    def forget(self, site: str, ap: str) -> None:
+        self.streams.pop((site, ap), None)

@@ -1,0 +1,352 @@
+"""Live output a person can trust: temperature scaling, the HMM filter, abstention, events
+(the tracker, the table, ``GET /api/v1/events`` and the live event stream on a real service
+with SQLite, fed through its ingest path)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from test_cloud_api import FITION, PCAP, settings
+
+from csi_cloud.api.app import create_app
+from csi_cloud.events import EventTracker
+from csi_cloud.model.temperature import (
+    TemperatureError,
+    activity_temperature,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    mean_nll,
+    uncalibrated,
+)
+from csi_cloud.model.trust import stream_layout
+from csi_cloud.smoothing import (
+    HMMFilter,
+    Smoother,
+    SmoothingError,
+    TrustParams,
+    coverage_curve,
+    filter_stream,
+    fit_stay,
+    fit_threshold,
+)
+from csi_edge import read_recording
+from csi_edge.bundle import EdgeEncoder
+from csi_edge.preprocess import Preprocessor
+
+LABELS = ["sit", "walk", "fall"]
+
+
+def _p(winner: int, strength: float = 0.7, k: int = 3) -> np.ndarray:
+    p = np.full(k, (1 - strength) / (k - 1))
+    p[winner] = strength
+    return p
+
+
+# -- temperature ----------------------------------------------------------------------------
+
+
+def _overconfident(n: int = 4000, k: int = 5, sharpen: float = 3.0, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(logits); the 'classifier' says softmax(sharpen * logits)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.0, (n, k))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=row) for row in true])
+    z = sharpen * logits
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True), labels
+
+
+def test_temperature_lowers_nll_of_an_overconfident_classifier() -> None:
+    p, y = _overconfident()
+    t = fit_temperature(p, y)
+    assert 2.5 < t < 3.5  # the sharpening undone
+    calibrated = apply_temperature(p, t)
+    assert mean_nll(calibrated, y) < mean_nll(p, y) - 0.3
+    assert expected_calibration_error(calibrated, y) < expected_calibration_error(p, y) / 2
+    # The ranking, and so the accuracy, does not change.
+    assert (calibrated.argmax(1) == p.argmax(1)).all()
+    # The raw probabilities come back exactly (the API's activity_confidence_raw).
+    np.testing.assert_allclose(uncalibrated(calibrated, t), p, atol=1e-5)
+
+
+def test_temperature_of_a_calibrated_classifier_stays_near_one() -> None:
+    p, y = _overconfident(sharpen=1.0, seed=1)
+    assert 0.85 < fit_temperature(p, y) < 1.15
+
+
+def test_old_bundles_have_temperature_one_and_bad_values_are_refused() -> None:
+    assert activity_temperature({}) == 1.0
+    assert activity_temperature({"identity": {"threshold": 1.0}}) == 1.0
+    assert activity_temperature({"activity": {"temperature": 1.7}}) == 1.7
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(TemperatureError, match="temperature"):
+            activity_temperature({"activity": {"temperature": bad}})
+    with pytest.raises(TemperatureError, match="labels"):
+        fit_temperature(np.full((3, 2), 0.5), np.array([0, 1, 2]))
+    p = np.array([[0.6, 0.4]], np.float32)
+    assert apply_temperature(p, 1.0) is p
+
+
+def test_the_shipped_bundles_apply_their_temperature() -> None:
+    from csi_cloud.model.compression import CloudModel
+
+    model = CloudModel.load(FITION)
+    assert model.temperature == activity_temperature(model.manifest.calibration)
+
+
+# -- the filter -----------------------------------------------------------------------------
+
+
+def test_filter_stays_put_on_flicker() -> None:
+    seq = [0] * 20 + [1] + [0] * 5 + [2] + [0] * 5  # two single misread seconds
+    p = np.stack([_p(c) for c in seq])
+    belief = filter_stream(p, stay=0.9)
+    assert (p.argmax(1) != 0).sum() == 2
+    assert (belief.argmax(1) == 0).all()
+
+
+def test_filter_switches_on_a_sustained_change() -> None:
+    p = np.stack([_p(0)] * 30 + [_p(1)] * 10)
+    belief = filter_stream(p, stay=0.9)
+    switched = int(np.flatnonzero(belief.argmax(1) == 1)[0])
+    assert 30 <= switched <= 33  # within three seconds of the change
+    assert (belief[switched:].argmax(1) == 1).all()
+    # The stickier, the later: a longer dwell needs more evidence.
+    later = filter_stream(p, stay=0.99)
+    assert int(np.flatnonzero(later.argmax(1) == 1)[0]) > switched
+    # stay 0 is the classifier itself.
+    np.testing.assert_allclose(filter_stream(p, stay=0.0), p / p.sum(1, keepdims=True))
+
+
+def test_filter_missing_seconds_weaken_the_belief() -> None:
+    f = HMMFilter(3, 0.9)
+    for _ in range(20):
+        f.update(_p(0))
+    held = f.belief.copy()  # type: ignore[union-attr]
+    g = HMMFilter(3, 0.9)
+    g.belief = held.copy()
+    one = f.update(_p(1), steps=1)
+    many = g.update(_p(1), steps=30)  # 29 seconds missing: the old belief has faded
+    assert many[1] > one[1]
+    with pytest.raises(SmoothingError, match="stay"):
+        HMMFilter(3, 1.0)
+    with pytest.raises(SmoothingError, match="3 probabilities"):
+        HMMFilter(3, 0.9).update(np.array([0.5, 0.5]))
+
+
+def _pred(t: float, winner: int, *, epoch: int = 1, model: str = "m", strength: float = 0.7,
+          site: str = "home", ap: str = "hall") -> dict[str, Any]:
+    probs = dict(zip(LABELS, _p(winner, strength).tolist(), strict=True))
+    return {"site": site, "ap": ap, "epoch": epoch, "timestamp": t, "model": model,
+            "probabilities": {"activity": probs}}
+
+
+def _smoother(params: TrustParams | None = None) -> Smoother:
+    return Smoother(lambda model: (params or TrustParams(stay=0.95, threshold=0.5), 1.0)
+                    if model == "m" else None)
+
+
+def test_smoother_resets_on_epoch_change_and_gaps() -> None:
+    s = _smoother()
+    for t in range(30):
+        out = s.update(_pred(float(t), 0))
+    assert out["smoothed_activity"] == "sit"
+    # Still the same stream: one second of walk does not move it.
+    assert s.update(_pred(30.0, 1))["smoothed_activity"] == "sit"
+    # A new epoch (the AP restarted): no memory of the old stream.
+    fresh = s.update(_pred(31.0, 1, epoch=2))
+    assert fresh["smoothed_activity"] == "walk"
+    assert fresh["smoothed_confidence"] == pytest.approx(0.7, abs=1e-4)
+    for t in range(32, 60):
+        s.update(_pred(float(t), 1, epoch=2))
+    # A gap longer than max_gap_s (10 s): the stream starts afresh.
+    assert s.update(_pred(75.0, 2, epoch=2))["smoothed_activity"] == "fall"
+    # A late segment (older than the newest) is not smoothed backwards.
+    assert s.update(_pred(70.0, 0, epoch=2)) == {"smoothed_activity": None,
+                                                 "smoothed_confidence": None,
+                                                 "uncertain": None}
+    # Presence only, or an unknown bundle: nothing to smooth.
+    assert s.update({**_pred(76.0, 0, epoch=2), "model": None})["uncertain"] is None
+    assert s.update({**_pred(76.0, 0, epoch=2), "model": "gone"})["uncertain"] is None
+
+
+def test_abstention_below_the_threshold() -> None:
+    s = _smoother(TrustParams(stay=0.0, threshold=0.6))
+    assert s.update(_pred(0.0, 0, strength=0.9))["uncertain"] is False
+    weak = s.update(_pred(1.0, 1, strength=0.45))
+    assert weak["uncertain"] is True and weak["smoothed_activity"] == "walk"
+    with pytest.raises(SmoothingError, match="threshold"):
+        TrustParams(threshold=1.5)
+    assert TrustParams.from_calibration({}) == TrustParams()
+    assert TrustParams.from_calibration(
+        {"activity": {"stay": 0.5, "threshold": 0.7}}) == TrustParams(stay=0.5, threshold=0.7)
+
+
+def test_threshold_and_coverage_curve() -> None:
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 5000)
+    correct = rng.uniform(size=5000) < confidence  # calibrated: right as often as it says
+    curve = coverage_curve(confidence, correct)
+    coverage = [row["coverage"] for row in curve]
+    assert coverage == sorted(coverage, reverse=True) and coverage[0] == 1.0
+    accuracy = [row["accuracy"] for row in curve if row["accuracy"] is not None]
+    assert accuracy[-1] > accuracy[0] + 0.2  # abstaining buys accuracy
+    t = fit_threshold(confidence, correct, 0.9)
+    kept = confidence >= t
+    assert correct[kept].mean() >= 0.9
+    assert correct[confidence >= t - 0.05].mean() < 0.9  # the lowest such threshold (about)
+    assert fit_threshold(confidence, correct, 1.0) >= 0.95
+
+
+def test_fit_stay_prefers_smoothing_on_noisy_long_episodes() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.integers(0, 3, 20), 60)  # one-minute episodes
+    p = np.stack([_p(int(c) if rng.uniform() < 0.7 else int(rng.integers(0, 3)), 0.6)
+                  for c in labels])
+    stay, scores = fit_stay([(p, labels, None)])
+    assert stay >= 0.8
+    assert scores[f"{stay:g}"] > scores["0"] + 0.1
+
+
+def test_joined_streams_lay_recordings_end_to_end() -> None:
+    class Layout:  # three recordings of 3, 2 and 4 slots (the second has a hole)
+        start = np.array([0, 3, 4])
+        count = np.array([3, 1, 4])
+        slots = np.array([3, 2, 4])
+        slot = np.array([0, 1, 2, 1, 0, 1, 2, 3])
+
+    win, owner, stream, starts = stream_layout(Layout, np.array([0, 1, 2]), 3,  # type: ignore[arg-type]
+                                               "joined", np.random.default_rng(0))
+    assert len(win) == 8 and set(stream.tolist()) == {0} and starts.sum() == 1
+    # A window reaches back into the recording before it (the live condition).
+    rec_of_row = np.repeat(np.arange(3), Layout.count)
+    assert any(len(set(rec_of_row[w[w >= 0]].tolist())) > 1 for w in win)
+    assert (rec_of_row[[w[-1] for w in win]] == owner).all()  # each window ends in its own
+    sep_win, sep_owner, _sep_stream, sep_starts = stream_layout(
+        Layout, np.array([0, 1, 2]), 3, "separate")  # type: ignore[arg-type]
+    assert sep_starts.sum() == 3
+    for w, o in zip(sep_win, sep_owner, strict=True):  # never across recordings
+        rows = w[w >= 0]
+        assert ((rows >= Layout.start[o]) & (rows < Layout.start[o] + Layout.count[o])).all()
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def test_event_tracker_episodes() -> None:
+    tracker = EventTracker()
+    base = {"site": "home", "ap": "hall", "model": "m"}
+    first = tracker.update({**base, "timestamp": 10.0, "smoothed_activity": "sit",
+                            "smoothed_confidence": 0.8, "uncertain": False, "presence": True})
+    assert [(c["kind"], c["value"], c["previous"]) for c in first] == [
+        ("activity", "sit", None), ("presence", "occupied", None)]
+    same = tracker.update({**base, "timestamp": 11.0, "smoothed_activity": "sit",
+                           "smoothed_confidence": 0.9, "uncertain": False, "presence": True})
+    assert same == []
+    change = tracker.update({**base, "timestamp": 12.0, "smoothed_activity": "walk",
+                             "smoothed_confidence": 0.4, "uncertain": True, "presence": None})
+    assert [(c["kind"], c["value"]) for c in change] == [("activity", "uncertain")]
+    assert change[0]["previous"] == {"value": "sit", "start": 10.0, "end": 12.0,
+                                     "confidence": 0.9}
+    # An older prediction arriving late changes nothing.
+    assert tracker.update({**base, "timestamp": 5.0, "smoothed_activity": "fall",
+                           "smoothed_confidence": 0.9, "uncertain": False,
+                           "presence": False}) == []
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(tmp_path))) as c:
+        yield c
+
+
+def _wait(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_events_api_from_live_ingest(client: TestClient) -> None:
+    """Segments of a real recording through the service's ingest: predictions carry the
+    smoothed fields, the activity episode is stored, listed and streamed."""
+    service = client.app.state.service  # type: ignore[attr-defined]
+    edge = EdgeEncoder(FITION)
+    batch = Preprocessor(edge.spec).process(read_recording(PCAP))
+    with client.websocket_connect("/api/v1/events/ws?site=lab") as ws:
+        for i in range(len(batch)):
+            payload = edge.compress(batch.data[i : i + 1], level=1, first_seq=i, epoch=7,
+                                    timestamp_ms=1_000_000 + i * 1000)
+            service.submit("lab", "ap1", payload, time.time())
+        first = ws.receive_json()  # the first prediction opens an activity episode
+    assert first["site"] == "lab" and first["kind"] == "activity"
+    assert first["event_type"] == "activity" and first["end"] is None
+    assert first["start"] == pytest.approx(1000.0)
+    preds = _wait(lambda: (r := client.get("/api/v1/predictions?site=lab&limit=1000").json())
+                  ["count"] == len(batch) and r, what="every prediction stored")
+    for p in preds["data"]:
+        assert p["smoothed_activity"] in p["probabilities"]["activity"]
+        assert 0 < p["smoothed_confidence"] <= 1 and isinstance(p["uncertain"], bool)
+        assert p["activity_confidence_raw"] is not None
+    events = client.get("/api/v1/events", params={"site": "lab", "ap": "ap1"}).json()
+    assert events["count"] >= 1
+    rows = sorted(events["data"], key=lambda e: e["start"])
+    assert rows[0]["start"] == pytest.approx(1000.0) and rows[-1]["end"] is None
+    for before, after in itertools.pairwise(rows):
+        assert before["end"] == after["start"]  # each episode ends where the next begins
+        assert before["value"] != after["value"]
+    # The AP's latest prediction (the state HA and the dashboard read) has them too.
+    ap = client.get("/api/v1/aps/lab/ap1").json()
+    assert ap["prediction"]["smoothed_activity"] is not None
+
+
+def test_events_api_filters_and_closes_open_episodes(client: TestClient) -> None:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    trust = service.trust
+    base = {"model": None, "smoothed_activity": None}
+    script = [("a", "x", 100.0, True), ("a", "x", 105.0, False), ("a", "y", 101.0, True),
+              ("b", "x", 102.0, False), ("a", "x", 110.0, True)]
+    for site, ap, t, presence in script:
+        trust.pending.extend(trust.tracker.update(
+            {**base, "site": site, "ap": ap, "timestamp": t, "presence": presence}))
+    published = client.portal.call(trust.flush)  # type: ignore[union-attr]
+    assert [p["value"] for p in published] == ["occupied", "empty", "occupied", "empty",
+                                               "occupied"]
+    assert all(isinstance(p["id"], int) for p in published)
+
+    def get(**params: Any) -> list[dict[str, Any]]:
+        r = client.get("/api/v1/events", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    ax = get(site="a", ap="x")
+    assert [(e["value"], e["start"], e["end"]) for e in ax] == [
+        ("occupied", 110.0, None), ("empty", 105.0, 110.0), ("occupied", 100.0, 105.0)]
+    assert [e["ap"] for e in get(site="a")] == ["x", "x", "y", "x"]
+    assert len(get(limit=2)) == 2
+    # since: episodes still going at or after it.
+    assert [e["start"] for e in get(site="a", ap="x", since=106.0)] == [110.0, 105.0]
+    assert {e["kind"] for e in get(kind="presence")} == {"presence"}
+    assert get(kind="activity", site="a") == []
+    for bad in ({"limit": 0}, {"kind": "mood"}, {"site": "s" * 65}):
+        r = client.get("/api/v1/events", params=bad)
+        assert r.status_code == 422 and str(next(iter(bad.values())))[:10] in r.text
+    # A restarted service (no episode in memory) closes the one left open by the change.
+    trust.tracker.current.clear()
+    trust.pending.extend(trust.tracker.update(
+        {**base, "site": "a", "ap": "x", "timestamp": 120.0, "presence": False}))
+    client.portal.call(trust.flush)  # type: ignore[union-attr]
+    ax = get(site="a", ap="x")
+    assert [(e["value"], e["start"], e["end"]) for e in ax[:2]] == [
+        ("empty", 120.0, None), ("occupied", 110.0, 120.0)]
