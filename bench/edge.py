@@ -28,11 +28,15 @@ subprocesses (the real CLI) pinned to CPU 0. A paho-mqtt monitor (on CPU 1) subs
    before a gap completes when the gap ends).
    N grows along a ladder until one fails.
 3. ``bytes``: one agent, four real-time streams over the committed samples (no loop), one per
-   rate level 0..3, default status interval. Payload and MQTT wire (PUBLISH + PUBACK) bytes per
-   second of recording come from the final status counters, status bytes per second from the
-   mean status size over the default interval; the TCP/IP overhead is estimated per MQTT
-   message (see ``tcpip``), and all is compared with the raw Nexmon CSI stream it replaces
-   (256 subcarriers x 4 bytes + 18-byte header per packet).
+   rate level 0..3, default settings, each stream's connection through a counting TCP proxy
+   (``bench/wire_count.py``) to the broker: every MQTT packet both ways (PUBLISH, PUBACK,
+   status, pings, CONNECT ...) measured on the wire. Steady state per AP = segment exchanges
+   and pings per second of recording + one measured status exchange per status heartbeat;
+   TCP/IP reported apart (kernel TCP segment counts x header size, see ``tcpip``); the
+   latency batching adds (first segment of a message) from the monitor; all compared with
+   the raw Nexmon CSI stream it replaces (256 subcarriers x 4 bytes + 18-byte header per
+   packet). ``--only-bytes`` runs this part alone (about 90 s) and ``--before GIT_REF`` runs
+   that commit's agent beside it (``bytes_before``).
 4. ``install``: a fresh venv, ``pip install '<repo>[edge]'`` (not editable), site-packages size
    by distribution, torch absent, ``import csi_edge.agent`` without torch, and one short
    ``csi edge`` run from that venv against the bench broker.
