@@ -28,11 +28,15 @@ subprocesses (the real CLI) pinned to CPU 0. A paho-mqtt monitor (on CPU 1) subs
    before a gap completes when the gap ends).
    N grows along a ladder until one fails.
 3. ``bytes``: one agent, four real-time streams over the committed samples (no loop), one per
-   rate level 0..3, default status interval. Payload and MQTT wire (PUBLISH + PUBACK) bytes per
-   second of recording come from the final status counters, status bytes per second from the
-   mean status size over the default interval; the TCP/IP overhead is estimated per MQTT
-   message (see ``tcpip``), and all is compared with the raw Nexmon CSI stream it replaces
-   (256 subcarriers x 4 bytes + 18-byte header per packet).
+   rate level 0..3, default settings, each stream's connection through a counting TCP proxy
+   (``bench/wire_count.py``) to the broker: every MQTT packet both ways (PUBLISH, PUBACK,
+   status, pings, CONNECT ...) measured on the wire. Steady state per AP = segment exchanges
+   and pings per second of recording + one measured status exchange per status heartbeat;
+   TCP/IP reported apart (kernel TCP segment counts x header size, see ``tcpip``); the
+   latency batching adds (first segment of a message) from the monitor; all compared with
+   the raw Nexmon CSI stream it replaces (256 subcarriers x 4 bytes + 18-byte header per
+   packet). ``--only-bytes`` runs this part alone (about 90 s) and ``--before GIT_REF`` runs
+   that commit's agent beside it (``bytes_before``).
 4. ``install``: a fresh venv, ``pip install '<repo>[edge]'`` (not editable), site-packages size
    by distribution, torch absent, ``import csi_edge.agent`` without torch, and one short
    ``csi edge`` run from that venv against the bench broker.
@@ -75,6 +79,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wire_count import WireCounter, tcpip_header_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "fition"
@@ -506,13 +512,15 @@ def toml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, broker: Broker, spool: Path, streams: Sequence[dict[str, Any]],
-                 status_interval_s: float | None) -> None:
-    """A TOML config; ``status_interval_s`` None keeps the agent's default."""
-    lines = [f"broker = {toml_str(broker.url)}", f"model = {toml_str(str(MODEL))}",
+def write_config(path: Path, broker: Broker | str, spool: Path,
+                 streams: Sequence[dict[str, Any]], status_interval_s: float | None) -> None:
+    """A TOML config; ``status_interval_s`` (the status heartbeat) None keeps the agent's
+    default; ``broker`` a Broker or a URL (the counting proxy)."""
+    url = broker if isinstance(broker, str) else broker.url
+    lines = [f"broker = {toml_str(url)}", f"model = {toml_str(str(MODEL))}",
              f"spool_dir = {toml_str(str(spool))}", 'speed = "real"', "level = 1"]
     if status_interval_s is not None:
-        lines.append(f"status_interval_s = {status_interval_s}")
+        lines.append(f"status_heartbeat_s = {status_interval_s}")
     lines.append("")
     for s in streams:
         lines += ["[[streams]]", f"site = {toml_str(s['site'])}", f"ap = {toml_str(s['ap'])}",
@@ -785,87 +793,164 @@ def part_streams(broker: Broker, monitor: Monitor, work: Path, ladder: Sequence[
 # -- part 3: bytes per AP and rate level ---------------------------------------------------------
 
 
-def part_bytes(broker: Broker, monitor: Monitor, work: Path, files: Sequence[Path]
-               ) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="bytes-", dir=work))
+def _sum_kinds(conns: Sequence[Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes and packets by MQTT packet kind, both directions, over ``conns``."""
+    size: dict[str, int] = defaultdict(int)
+    count: dict[str, int] = defaultdict(int)
+    for conn in conns:
+        for way in ("up", "down"):
+            for kind, n in conn.bytes[way].items():
+                size[kind] += n
+            for kind, n in conn.packets[way].items():
+                count[kind] += n
+    return dict(size), dict(count)
+
+
+def _tcp_window(conns: Sequence[Any]) -> dict[str, Any] | None:
+    """TCP segments counted by the kernel between the first and the last PUBACK of a segment
+    message of the longest connection: whole message exchanges, no set-up or tear-down."""
+    conn = max(conns, key=lambda c: len(c.seg_acks), default=None)
+    if conn is None or len(conn.seg_acks) < 3:
+        return None
+    (t0, tcp0, mqtt0, n0), (t1, tcp1, mqtt1, n1) = conn.seg_acks[0], conn.seg_acks[-1]
+    if tcp0 is None or tcp1 is None:
+        return None
+    segs = (tcp1["segs_in"] - tcp0["segs_in"]) + (tcp1["segs_out"] - tcp0["segs_out"])
+    return {"seconds": t1 - t0, "exchanges": n1 - n0, "mqtt_bytes": mqtt1 - mqtt0,
+            "tcp_segments": segs, "tcp_segments_per_exchange": segs / (n1 - n0),
+            "header_bytes_per_segment": tcpip_header_bytes(tcp1)}
+
+
+def _latency(log: StreamLog) -> dict[str, float | None]:
+    """Arrival at the monitor minus capture end of the message's last segment (``median``,
+    ``p95``, ``max``), and of its first segment (``first_segment_median``: what batching k
+    segments a message adds, about k - 1 segment lengths), s (1 s segments)."""
+    lags = sorted(arrival - end for arrival, end, _, _ in log.messages)
+    first = sorted(arrival - end + n - 1 for arrival, end, n, _ in log.messages)
+    if not lags:
+        return {"median": None, "p95": None, "max": None, "first_segment_median": None}
+    return {"median": statistics.median(lags), "p95": lags[min(len(lags) - 1,
+                                                                int(0.95 * len(lags)))],
+            "max": lags[-1], "first_segment_median": statistics.median(first)}
+
+
+def part_bytes(broker: Broker, monitor: Monitor, work: Path, files: Sequence[Path],
+               site: str = "bytes", agent_src: Path | None = None,
+               counter: WireCounter | None = None) -> dict[str, Any]:
+    """Four real-time streams (levels 0..3) through the counting proxy (bench/wire_count.py);
+    ``agent_src``: run the agent of that source tree instead (an earlier version)."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{site}-", dir=work))
     folder = run_dir / "recordings"
     folder.mkdir()
     for path in files:
         (folder / path.name).symlink_to(path)
     stats = recording_stats(files)
-    streams = [{"site": "bytes", "ap": f"level{lv}", "source": f"file://{folder}", "level": lv}
+    streams = [{"site": site, "ap": f"level{lv}", "source": f"file://{folder}", "level": lv}
                for lv in range(4)]
+    own = counter is None
+    counter = counter or WireCounter(broker.port).start()
     config = run_dir / "edge.toml"
-    write_config(config, broker, run_dir / "spool", streams, None)
+    write_config(config, counter.url, run_dir / "spool", streams, None)
     agent_log = run_dir / "agent.log"
-    log(f"bytes: 4 real-time streams (levels 0..3) over {len(files)} recordings, "
-        f"{stats['duration_s']:.0f} s")
+    env = child_env()
+    if agent_src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(agent_src), env.get("PYTHONPATH", "")])
+    log(f"bytes ({site}): 4 real-time streams (levels 0..3) over {len(files)} recordings, "
+        f"{stats['duration_s']:.0f} s" + (f", agent from {agent_src}" if agent_src else ""))
     started = time.monotonic()
     with agent_log.open("wb") as out:
         proc = subprocess.Popen([*csi_command(), "edge", "--config", str(config), "--log-level",
                                  "WARNING"], stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=pinner(AGENT_CPU), env=child_env())
+                                preexec_fn=pinner(AGENT_CPU), env=env, cwd=run_dir)
     end = wait_child(proc, started, stats["duration_s"] + 120)
     time.sleep(0.5)
+    if own:
+        counter.stop()
     if end.code != 0:
         raise SystemExit(f"bytes run failed: {agent_log.read_text()[-2000:]}")
-    from csi_edge.settings import EdgeSettings
-
-    interval = float(EdgeSettings.model_fields["status_interval_s"].default)
     duration = stats["duration_s"]
     raw = stats["frames"] / duration * NEXMON_80MHZ_PACKET
     raw_udp = stats["frames"] / duration * (NEXMON_80MHZ_PACKET + UDP_IPV4)
+    by_client = counter.by_client()
     levels = []
     for lv in range(4):
-        name = f"bytes/level{lv}"
+        name = f"{site}/level{lv}"
         status = monitor.final_status(name)
         assert status is not None and not status["online"], f"no final status for {name}"
         c = status["counters"]
-        n_status = len(monitor.get(name).status)
-        # The final (offline) status carries the counters before its own bytes were added.
-        status_per_message = c["status_wire_bytes"] / max(n_status - 1, 1)
-        status_per_s = status_per_message / interval  # steady state at the default interval
-        messages = c["messages_sent"]
-        messages_per_s = messages / duration + 1 / interval
-        # Per MQTT message (segments or status): the PUBLISH segment and the PUBACK segment,
-        # low: 40-byte headers, ACKs piggybacked; high: 52-byte headers (TCP timestamps) plus
-        # one pure ACK of the PUBACK (the agent has nothing to send within the delayed-ACK time).
-        tcp_low = messages_per_s * 2 * TCP_LOW
-        tcp_high = messages_per_s * 3 * TCP_HIGH
-        mqtt = c["wire_bytes"] / duration + status_per_s
+        heartbeat = float(status["status_interval_s"])
+        conns = by_client[f"csi-edge-{site}-level{lv}"]
+        size, count = _sum_kinds(conns)
+        seg = size.get("PUBLISH seg", 0) + size.get("PUBACK seg", 0)
+        n_seg = count.get("PUBLISH seg", 0)
+        st = size.get("PUBLISH status", 0) + size.get("PUBACK status", 0)
+        n_st = count.get("PUBLISH status", 0)
+        ping = size.get("PINGREQ", 0) + size.get("PINGRESP", 0)
+        setup = sum(v for k, v in size.items() if not k.startswith(("PUBLISH", "PUBACK", "PING")))
+        status_msg = st / max(n_st, 1)
+        # Steady state: segment messages and pings as measured per second of stream, the status
+        # as one measured status exchange per heartbeat (the run is shorter than one).
+        mqtt = (seg + ping) / duration + status_msg / heartbeat
+        window = _tcp_window(conns)
+        tcp_in_run = sum((cn.tcp or {}).get("segs_in", 0) + (cn.tcp or {}).get("segs_out", 0)
+                         for cn in conns)
+        header = window["header_bytes_per_segment"] if window else TCP_HIGH
+        per_msg = window["tcp_segments_per_exchange"] if window else 3.0
+        exchanges_per_s = n_seg / duration + 1 / heartbeat
+        pings_per_s = count.get("PINGREQ", 0) / duration
+        tcpip = header * (per_msg * exchanges_per_s + 2 * pings_per_s)
         levels.append({
             "level": lv,
             "segments": c["segments_encoded"],
             "segments_sent": c["segments_sent"],
-            "messages": messages,
-            "segments_per_message": c["segments_sent"] / max(messages, 1),
+            "messages": n_seg,
+            "segments_per_message": c["segments_sent"] / max(n_seg, 1),
             "payload_bytes_per_segment": c["payload_bytes"] / max(c["segments_sent"], 1),
             "payload_bytes_per_s": c["payload_bytes"] / duration,
-            "wire_bytes_per_s": c["wire_bytes"] / duration,
-            "status_messages_in_run": n_status,
-            "status_wire_bytes_per_message": status_per_message,
-            "status_wire_bytes_per_s": status_per_s,
-            "status_wire_bytes_per_s_in_run": c["status_wire_bytes"] / duration,
+            "mqtt_segment_bytes_per_s": seg / duration,
+            "mqtt_bytes_per_segment_message": seg / max(n_seg, 1),
+            "mqtt_overhead_bytes_per_segment_message": (seg - c["payload_bytes"]) / max(n_seg, 1),
+            "status_heartbeat_s": heartbeat,
+            "status_messages_in_run": n_st,
+            "status_bytes_per_message": status_msg,
+            "status_bytes_per_s": status_msg / heartbeat,
+            "ping_bytes_in_run": ping,
+            "pings_in_run": count.get("PINGREQ", 0),
+            "connection_bytes_in_run": setup,
             "mqtt_bytes_per_s": mqtt,
-            "tcpip_overhead_bytes_per_s": {"low": tcp_low, "high": tcp_high},
-            "total_bytes_per_s": {"low": mqtt + tcp_low, "high": mqtt + tcp_high},
+            "mqtt_bytes_per_s_in_run": sum(size.values()) / duration,
+            "topic_alias_maximum": max((cn.topic_alias_maximum or 0 for cn in conns), default=0),
+            "aliased_publishes": sum(cn.aliased_publishes for cn in conns),
+            "agent_wire_counter_bytes_per_s": (c["wire_bytes"] + c["status_wire_bytes"])
+            / duration,
+            "tcp_window": window,
+            "tcp_segments_in_run": tcp_in_run,
+            "tcpip_bytes_per_s": tcpip,
+            "tcpip_bytes_per_s_in_run": tcp_in_run * header / duration,
+            "total_bytes_per_s": mqtt + tcpip,
+            "bytes_by_kind_in_run": size,
+            "packets_by_kind_in_run": count,
+            "latency_s": _latency(monitor.get(name)),
             "reduction_vs_raw_csi": {"payload": raw / (c["payload_bytes"] / duration),
-                                     "total_high": raw_udp / (mqtt + tcp_high)},
+                                     "total": raw_udp / (mqtt + tcpip)},
             "encoder_ms_per_segment": c["encoder_ms_per_segment"],
         })
-        log(f"bytes: level {lv}: payload {levels[-1]['payload_bytes_per_s']:.1f} B/s, wire "
-            f"{levels[-1]['wire_bytes_per_s']:.1f} B/s, status {status_per_s:.1f} B/s "
-            f"({status_per_message:.0f} B every {interval:g} s), TCP/IP "
-            f"{tcp_low:.0f}-{tcp_high:.0f} B/s")
+        lvl = levels[-1]
+        log(f"bytes ({site}): level {lv}: payload {lvl['payload_bytes_per_s']:.1f} B/s, MQTT "
+            f"{mqtt:.1f} B/s (segments {seg / duration:.1f}, status {status_msg:.0f} B every "
+            f"{heartbeat:g} s), TCP/IP {tcpip:.1f} B/s")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "what": "one csi edge process, 4 streams at --speed real (one per rate level) over the "
-                "same recordings, no loop, default status interval; segment bytes from the "
-                "final status counters divided by the recorded stream duration (= wall time "
-                "of a real-time replay); status bytes per second = mean status message size "
-                "over the default interval (a short replay sends a start and a final status "
-                "too: see status_wire_bytes_per_s_in_run)",
-        "status_interval_s": interval,
+                "same recordings, no loop, default settings, each stream on its own MQTT "
+                "connection through a counting TCP proxy (bench/wire_count.py) to the broker: "
+                "every MQTT packet both ways measured on the wire, per kind. Per second of "
+                "recording (= wall time of a real-time replay). mqtt_bytes_per_s is the steady "
+                "state: segment PUBLISH + PUBACK and pings as measured over the run, plus one "
+                "measured status exchange per status heartbeat (the run is shorter than a "
+                "heartbeat; connection set-up, the first and the final status are one-off: "
+                "mqtt_bytes_per_s_in_run includes them)",
+        "agent": "this tree" if agent_src is None else str(agent_src),
         "recordings": [str(p.relative_to(ROOT)) for p in files],
         "duration_s": duration,
         "frames_kept": stats["frames"],
@@ -882,13 +967,16 @@ def part_bytes(broker: Broker, monitor: Monitor, work: Path, files: Sequence[Pat
                           "(no Ethernet/802.11 framing)",
         },
         "tcpip": {
-            "low": f"{TCP_LOW} bytes (IPv4 20 + TCP 20) on the PUBLISH and on the PUBACK "
-                   "segment of each MQTT message, ACKs piggybacked",
-            "high": f"{TCP_HIGH} bytes (IPv4 20 + TCP 20 + timestamps option 12) on the "
-                    "PUBLISH, the PUBACK and one pure ACK of the PUBACK per message",
-            "messages": "segment messages of the run plus one status per interval",
-            "not_counted": "TCP/MQTT connection set-up, keep-alive pings (none while messages "
-                           "flow), link-layer framing",
+            "how": "TCP segments counted by the kernel (TCP_INFO segs_in + segs_out of the "
+                   "proxy's socket to the agent) between the first and the last PUBACK of a "
+                   "segment message, per exchange in that window (PUBLISH + PUBACK, "
+                   "PINGREQ + PINGRESP), times the IPv4 + TCP "
+                   "header (40 bytes, 52 with the timestamps option when negotiated), times "
+                   "message exchanges per second (segment messages + one status per heartbeat) "
+                   "plus 2 segments per keep-alive ping",
+            "not_counted": "link-layer framing (Ethernet 38 B or 802.11 per frame), TCP "
+                           "handshake; on loopback each write is one segment and ACKs are "
+                           "delayed as on any link",
         },
         "levels": levels,
     }
@@ -1063,6 +1151,11 @@ def main() -> None:
                         help="status interval of the streams test, s [5; quick 2]")
     parser.add_argument("--repeat", type=int, default=None, help="runs of part 1")
     parser.add_argument("--skip-install", action="store_true")
+    parser.add_argument("--only-bytes", action="store_true",
+                        help="run only the bytes part (about 90 s) and replace it in --out")
+    parser.add_argument("--before", type=str, default=None, metavar="GIT_REF",
+                        help="bytes part: also run the agent of GIT_REF side by side (same "
+                             "proxy, broker and recordings) as bytes_before")
     parser.add_argument("--profile", type=int, default=0,
                         help="also cProfile an in-process agent with this many streams")
     parser.add_argument("--profile-worker", nargs=3, metavar=("CONFIG", "SECONDS", "OUT"),
@@ -1099,6 +1192,25 @@ def main() -> None:
     broker = Broker(work)
     broker.start()
     monitor = Monitor(broker.port)
+    if args.only_bytes:
+        try:
+            with stage("bytes", timings):
+                run_bytes(report, broker, monitor, work, quick, args.before)
+        finally:
+            monitor.stop()
+            broker.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        old = json.loads(out.read_text()) if out.exists() else {}
+        for key in ("bytes", "bytes_before"):
+            if key in report:
+                old[key] = report[key]
+        old.setdefault("stage_s", {})["bytes"] = timings["bytes"]
+        old["bytes_command"] = report["command"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(old, indent=2, default=float) + "\n")
+        summary_bytes(report)
+        log(f"wrote the bytes part into {out} in {time.monotonic() - started:.0f} s")
+        return
     try:
         with stage("cpu", timings):
             report["cpu"] = part_cpu(broker, monitor, work, repeat, quick)
@@ -1124,8 +1236,7 @@ def main() -> None:
             thread = threading.Thread(target=do_install, name="install")
             thread.start()
         with stage("bytes", timings):
-            files = sample_files()[:3] if quick else sample_files()
-            report["bytes"] = part_bytes(broker, monitor, work, files)
+            run_bytes(report, broker, monitor, work, quick, args.before)
         if thread is not None:
             with stage("install_wait", timings):
                 thread.join()
@@ -1144,6 +1255,57 @@ def main() -> None:
     log(f"wrote {out} in {report['runtime_s']:.0f} s")
 
 
+def run_bytes(report: dict[str, Any], broker: Broker, monitor: Monitor, work: Path,
+              quick: bool, before: str | None) -> None:
+    """The bytes part, with the agent of ``before`` (a git ref) run beside it when given."""
+    files = sample_files()[:3] if quick else sample_files()
+    if before is None:
+        report["bytes"] = part_bytes(broker, monitor, work, files)
+        return
+    src = work / "before-src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", before, "csi_edge",
+                              "csi_cloud"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", before], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    counter = WireCounter(broker.port).start()
+    results: dict[str, Any] = {}
+
+    def run(key: str, site: str, agent_src: Path | None) -> None:
+        try:
+            results[key] = part_bytes(broker, monitor, work, files, site=site,
+                                      agent_src=agent_src, counter=counter)
+        except BaseException as exc:  # reported below, in the main thread
+            results[key] = exc
+
+    threads = [threading.Thread(target=run, args=("bytes_before", "before", src)),
+               threading.Thread(target=run, args=("bytes", "bytes", None))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counter.stop()
+    for key, value in results.items():
+        if isinstance(value, BaseException):
+            raise value
+        report[key] = value
+    report["bytes_before"]["agent"] = f"git {before} ({commit}), run at the same time"
+
+
+def summary_bytes(report: dict[str, Any]) -> None:
+    for key in ("bytes_before", "bytes"):
+        if key not in report:
+            continue
+        print(f"{key}:")
+        for lv in report[key]["levels"]:
+            print(f"  level {lv['level']}: payload {lv['payload_bytes_per_s']:6.1f} B/s, MQTT "
+                  f"{lv['mqtt_bytes_per_s']:6.1f} B/s (status {lv['status_bytes_per_s']:.1f}), "
+                  f"+ TCP/IP {lv['tcpip_bytes_per_s']:.1f} B/s = {lv['total_bytes_per_s']:.1f}; "
+                  f"latency median {lv['latency_s']['median'] or float('nan'):.2f} s (first "
+                  f"segment {lv['latency_s']['first_segment_median'] or float('nan'):.2f} s)")
+
+
 def summary(report: dict[str, Any]) -> None:
     cpu, streams, data = report["cpu"], report["streams"], report["bytes"]
     print(f"\nCPU per segment: {cpu['cpu_ms_per_segment_with_startup']:.3f} ms with start-up, "
@@ -1160,11 +1322,7 @@ def summary(report: dict[str, Any]) -> None:
         print(f"WARNING: the agent did not exit after SIGTERM (killed) at N = {hung}")
     print(f"Raw CSI: {data['raw_csi']['bytes_per_s']:.0f} B/s "
           f"({data['raw_csi']['packets_per_s']:.1f} packets/s)")
-    for lv in data["levels"]:
-        print(f"  level {lv['level']}: payload {lv['payload_bytes_per_s']:6.1f} B/s, MQTT "
-              f"{lv['mqtt_bytes_per_s']:6.1f} B/s, + TCP/IP "
-              f"{lv['tcpip_overhead_bytes_per_s']['low']:.0f}-"
-              f"{lv['tcpip_overhead_bytes_per_s']['high']:.0f} B/s")
+    summary_bytes(report)
     if "install" in report:
         inst = report["install"]
         print(f"Edge install: {inst.get('site_packages_mb', float('nan')):.0f} MB, torch: "

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import CSIError, SpecMismatchError
-from ._mqtt import PUBACK_BYTES, Backoff, publish_packet_bytes
+from ._mqtt import PUBACK_BYTES, AliasingClient, Backoff, TopicAliases, publish_packet_bytes
 from .bundle import BundleError, EdgeEncoder, encode_segment_codes
 from .codec import (
     NO_MODEL_ID,
@@ -255,6 +255,9 @@ class StreamAgent:
         self._ctl_tasks: set[asyncio.Task[None]] = set()
         self.offline_sent = False  # the final (offline) status went out
         self._client: Any = None  # the connection serving this stream, while it does
+        self._aliases = TopicAliases(0)  # that connection's topic aliases
+        self._status_key_sent: tuple[Any, ...] | None = None  # what the last status said
+        self._status_sent_at = float("-inf")  # monotonic time of the last status
         self._v5 = settings.mqtt_protocol == "5"
 
     # -- start-up checks ------------------------------------------------------------------
@@ -523,13 +526,15 @@ class StreamAgent:
                             json.dumps(self._status(online=False), separators=(",", ":")),
                             qos=1, retain=True)
 
-    async def serve(self, client: Any) -> None:
+    async def serve(self, client: Any, aliases: TopicAliases | None = None) -> None:
         """On a fresh connection: status, then send until finished, then the offline status.
-        Raises the connection's error (aiomqtt.MqttError) when it breaks."""
+        ``aliases``: the connection's topic aliases (None: none). Raises the connection's error
+        (aiomqtt.MqttError) when it breaks."""
         if self.closed():
             return
         self.offline_sent = False
         self._client = client
+        self._aliases = aliases if aliases is not None else TopicAliases(0)
         if not self.finished():
             await self._publish_status(client)
             status = asyncio.create_task(self._status_loop(client), name=f"{self.name} status")
@@ -633,9 +638,11 @@ class StreamAgent:
             segments=tuple(SegmentRecord(r.quality, r.codes, motion_from_byte(r.motion)
                                          if r.motion is not None else None) for r in group),
             idle=head.idle, motion=motion))
-        wire = publish_packet_bytes(self.topic_seg, len(data), qos=1, v5=self._v5) + PUBACK_BYTES
+        topic, properties, aliased = self._aliases.publish_args(self.topic_seg)
+        wire = publish_packet_bytes(topic, len(data), qos=1, v5=self._v5,
+                                    alias=aliased) + PUBACK_BYTES
         try:
-            await client.publish(self.topic_seg, data, qos=1)
+            await client.publish(topic, data, qos=1, properties=properties)
         except Exception:
             # Bytes that left before the connection broke still crossed the network.
             self.counters.wire_bytes += wire - PUBACK_BYTES
@@ -675,18 +682,51 @@ class StreamAgent:
             return NO_MODEL_SEGMENT_MS
         return round(float(manifest.input_spec.segment_s) * 1000)
 
+    def status_due(self, now: float) -> str | None:
+        """Why a status must go out now (``"change"``, ``"heartbeat"``), or None.
+
+        A status goes out when what it says changes (:meth:`_status_key`), and otherwise once
+        every ``status_heartbeat_s``: each one costs about 1 kB, as much as a minute of
+        level-0 segments; counters and rates ride along with the next one."""
+        if self._status_key() != self._status_key_sent:
+            return "change"
+        if now - self._status_sent_at >= self.settings.status_heartbeat_s:
+            return "heartbeat"
+        return None
+
+    def _status_key(self) -> tuple[Any, ...]:
+        """What a reader of the status must learn at once when it changes. Counters, rates,
+        times, ``next_seq``, the motion meter's last score and whether idle is active change
+        all the time and wait for the heartbeat (segments carry idleness and motion)."""
+        gate = self._gate
+        problems = {**self.source.problems.first, **self.problems.first}
+        return (self.state, None if self.encoder is None else self.encoder.manifest.id,
+                self.level, self.epoch, self.error, tuple(sorted(problems)),
+                None if gate is None else (gate.config.threshold, gate.config.statistic,
+                                           gate.config.enter_after),
+                self.stream.source)
+
     async def _status_loop(self, client: Any) -> None:
+        settings = self.settings
         while True:
+            left = self._status_sent_at + settings.status_heartbeat_s - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_due.wait(), self.settings.status_interval_s)
+                await asyncio.wait_for(self._status_due.wait(),
+                                       max(0.0, min(settings.status_check_s, left)))
+            asked = self._status_due.is_set()
             self._status_due.clear()
-            await self._publish_status(client)
+            if asked or self.status_due(time.monotonic()) is not None:
+                await self._publish_status(client)
 
     async def _publish_status(self, client: Any, online: bool = True) -> None:
+        key = self._status_key()
         body = json.dumps(self._status(online=online), separators=(",", ":")).encode()
-        await client.publish(self.topic_status, body, qos=1, retain=True)
-        self.counters.status_wire_bytes += (publish_packet_bytes(self.topic_status, len(body),
-                                                                 v5=self._v5)
+        topic, properties, aliased = self._aliases.publish_args(self.topic_status)
+        await client.publish(topic, body, qos=1, retain=True, properties=properties)
+        self._status_key_sent = key
+        self._status_sent_at = time.monotonic()
+        self.counters.status_wire_bytes += (publish_packet_bytes(topic, len(body), v5=self._v5,
+                                                                 alias=aliased)
                                             + PUBACK_BYTES)
 
     def _status(self, online: bool = True) -> dict[str, Any]:
@@ -726,7 +766,9 @@ class StreamAgent:
             "problems": {k: bounded_text(v) for k, v in
                          {**self.source.problems.first, **self.problems.first}.items()},
             "error": self.error,
-            "status_interval_s": self.settings.status_interval_s,
+            # The longest time between two status messages while online: a reader that hears
+            # nothing for longer can tell the AP is gone even where no Last Will says so.
+            "status_interval_s": self.settings.status_heartbeat_s,
         }
 
     # -- control ------------------------------------------------------------------------------
@@ -856,7 +898,7 @@ class BrokerSession:
             # each connect, so it carries the latest counters).
             will = self.streams[0].will() if len(self.streams) == 1 else None
             try:
-                async with aiomqtt.Client(
+                async with AliasingClient(
                     broker.host, broker.port, username=broker.username, password=broker.password,
                     identifier=self.client_id, protocol=protocol, **clean,
                     keepalive=settings.keepalive_s, will=will, tls_params=tls, timeout=10,
@@ -866,7 +908,12 @@ class BrokerSession:
                     log.info("%s: connected to %s as %r (%d stream(s))", self.name, broker,
                              self.client_id, len(self.streams))
                     await client.subscribe([(s.topic_ctl, 1) for s in self.streams])
-                    await self._serve(client)
+                    aliases = TopicAliases(client.topic_alias_maximum
+                                           if v5 and settings.topic_aliases else 0)
+                    aliases.reserve([s.topic_seg for s in self.streams])  # sent most
+                    log.info("%s: %d topic alias(es) of the broker's %d in use", self.name,
+                             min(aliases.maximum, 2 * len(self.streams)), aliases.maximum)
+                    await self._serve(client, aliases)
                 return
             except aiomqtt.MqttError as exc:
                 was_connected, connected = connected, False
@@ -891,9 +938,9 @@ class BrokerSession:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop_requested.wait(), delay)
 
-    async def _serve(self, client: Any) -> None:
+    async def _serve(self, client: Any, aliases: TopicAliases) -> None:
         listen = asyncio.create_task(self._listen(client), name=f"{self.name} ctl")
-        serving = [asyncio.create_task(s.serve(client), name=f"{s.name} serve")
+        serving = [asyncio.create_task(s.serve(client, aliases), name=f"{s.name} serve")
                    for s in self.streams]
         try:
             pending: set[asyncio.Task[None]] = {listen, *serving}

@@ -97,8 +97,10 @@ def edge(
         help="queue bound in segments; the oldest are dropped beyond it [86400]")] = None,
     cloud_url: Annotated[str | None, typer.Option(
         help="cloud base URL for model downloads")] = None,
-    status_interval_s: Annotated[float | None, typer.Option(
-        "--status-interval", help="seconds between status messages [60]")] = None,
+    status_heartbeat_s: Annotated[float | None, typer.Option(
+        "--status-heartbeat", "--status-interval",
+        help="longest time between two status messages; otherwise a status goes out only "
+             "when it changes [300]")] = None,
     config: Annotated[Path | None, typer.Option(
         help="TOML or JSON settings file (CSI_EDGE_* variables and options win)")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
@@ -122,7 +124,7 @@ def edge(
             "level": level, "presence_only": presence_only, "speed": speed, "loop": loop,
             "timestamps": timestamps,
             "prefix": prefix, "spool_dir": spool_dir, "spool_max_segments": spool_max_segments,
-            "cloud_url": cloud_url, "status_interval_s": status_interval_s,
+            "cloud_url": cloud_url, "status_heartbeat_s": status_heartbeat_s,
         }
         if stream:
             overrides["streams"] = [_stream_option(v) for v in stream]

@@ -216,10 +216,22 @@ class EdgeSettings(FileConfiguredSettings):
     inflight: int = Field(default=16, ge=1, le=1024, description="messages awaiting PUBACK")
     backlog_segments_per_message: int = Field(
         default=32, ge=1, le=255, description="segments per message while sending a backlog")
-    status_interval_s: float = Field(default=60.0, gt=0, description="seconds between periodic "
-                                                                     "status messages (each "
-                                                                     "costs ~1 kB on the wire)")
-    keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive")
+    status_heartbeat_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="longest time between two status messages while online: a status goes "
+                    "out when what it says changes (state, model, level, error, problems, "
+                    "...), otherwise once per heartbeat with fresh counters (~1 kB each); it "
+                    "carries this value as status_interval_s for the cloud to tell a silent AP")
+    status_check_s: float = Field(default=1.0, gt=0, le=60,
+                                  description="how often a stream's status is compared with "
+                                              "the last one published")
+    topic_aliases: bool = Field(default=True, description="MQTT 5 topic aliases, up to the "
+                                                          "broker's Topic Alias Maximum (saves "
+                                                          "the topic on every message)")
+    keepalive_s: int = Field(default=60, ge=5, le=65535,
+                             description="MQTT keepalive: a PINGREQ only after this long "
+                                         "without a packet; the broker sends the Last Will "
+                                         "after 1.5 times it without one")
     reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect backoff")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="backoff ceiling")
     drain_timeout_s: float = Field(default=5.0, ge=0,

@@ -548,7 +548,7 @@ def test_an_encoder_that_raises_fails_the_stream_and_the_process(
     from csi_edge.settings import load_settings
 
     settings = load_settings(model=MODEL, broker=broker.url, spool_dir=tmp_path / "spool",
-                             status_interval_s=30, speed="5", loop=True, drain_timeout_s=3,
+                             status_heartbeat_s=30, speed="5", loop=True, drain_timeout_s=3,
                              models_dir=tmp_path / "fetched",
                              streams=[{"site": "lab", "ap": "bad", "source": f"file://{FOLDER}"},
                                       {"site": "lab", "ap": "good",

@@ -358,7 +358,7 @@ def test_bad_speed_is_quoted(speed: str, message: str, monkeypatch: pytest.Monke
 @pytest.mark.parametrize("values", [
     {"level": 4}, {"level": -1}, {"inflight": 0}, {"backlog_segments_per_message": 256},
     {"spool_max_segments": 0}, {"spool_sync": "sometimes"}, {"timestamps": "later"},
-    {"keepalive_s": 1}, {"status_interval_s": 0}, {"fetch_max_bytes": 10},
+    {"keepalive_s": 1}, {"status_heartbeat_s": 0}, {"status_check_s": 0}, {"fetch_max_bytes": 10},
 ])
 def test_out_of_range_values_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError, match=next(iter(values))):
