@@ -84,7 +84,7 @@ class TopicAliases:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        properties = Properties(PacketTypes.PUBLISH)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: unannotated
         properties.TopicAlias = alias
         return sent, properties, True
 
@@ -93,7 +93,7 @@ class TopicAliases:
 def _aiomqtt_client() -> type:
     import aiomqtt
 
-    class _AliasingClient(aiomqtt.Client):  # type: ignore[misc]
+    class _AliasingClient(aiomqtt.Client):
         """aiomqtt's client that keeps the broker's CONNACK properties.
 
         aiomqtt drops them; the edge needs Topic Alias Maximum. ``_on_connect`` is the
