@@ -19,6 +19,8 @@ __all__ = ["BundleNotFoundError", "models_dir", "resolve_model", "samples_dir"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT = _PACKAGE.parent
+# An installed package's parent is site-packages, where a "datasets" may be another project's.
+_IN_CHECKOUT = (_CHECKOUT / "pyproject.toml").is_file()
 _BUNDLED = _PACKAGE / "_bundled"
 
 
@@ -29,17 +31,18 @@ class BundleNotFoundError(CSIError):
 def models_dir() -> Path:
     """``./models`` when there is one, else the checkout's or the installed bundles."""
     for candidate in (Path("models"), _CHECKOUT / "models", _BUNDLED / "models"):
-        if candidate.is_dir():
+        if candidate.is_dir() and (_IN_CHECKOUT or candidate.parent != _CHECKOUT):
             return candidate
     return Path("models")
 
 
 def samples_dir() -> Path:
     """The sample recordings (one sub-folder per dataset) of the checkout or the install."""
-    for candidate in (_CHECKOUT / "datasets" / "samples", _BUNDLED / "samples"):
+    candidates = [_CHECKOUT / "datasets" / "samples"] if _IN_CHECKOUT else []
+    for candidate in [*candidates, _BUNDLED / "samples"]:
         if candidate.is_dir():
             return candidate
-    return _CHECKOUT / "datasets" / "samples"
+    return _BUNDLED / "samples"
 
 
 def resolve_model(value: str | Path, models: Path | None = None) -> Path:
