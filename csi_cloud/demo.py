@@ -48,7 +48,8 @@ from csi_edge.bundle import BundleError, load_manifest
 from csi_edge.lifetime import preexec_die_with, stop_group
 from csi_edge.locations import BundleNotFoundError, models_dir, resolve_model, samples_dir
 
-__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "run_demo"]
+__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "log_tail", "parse_http",
+           "run_demo"]
 
 _SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat", ".npz"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
