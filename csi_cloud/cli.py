@@ -5,14 +5,15 @@ and the edge commands work on an install without the cloud extra."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from csi_edge._errors import CSIError
+from csi_edge.cli import HELP_STYLE, fail, model_option, resolve_model_option
 from csi_edge.cli import app as edge_app
-from csi_edge.cli import fail
 
 if TYPE_CHECKING:
     from .datasets import DatasetSpec
@@ -21,12 +22,13 @@ if TYPE_CHECKING:
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    **HELP_STYLE,
     help="csi-pipeline: WiFi CSI sensing with compressed streaming from access points.",
 )
 for command in edge_app.registered_commands:
     app.registered_commands.append(command)
 
-datasets_app = typer.Typer(add_completion=False, no_args_is_help=True,
+datasets_app = typer.Typer(add_completion=False, no_args_is_help=True, **HELP_STYLE,
                            help="Named datasets: what they hold and how they split.")
 app.add_typer(datasets_app, name="datasets")
 
@@ -67,7 +69,7 @@ def datasets_summary(
     _print_summary(summary)
 
 
-models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+models_app = typer.Typer(add_completion=False, no_args_is_help=True, **HELP_STYLE,
                          help="Trained model bundles.")
 app.add_typer(models_app, name="models")
 
@@ -135,8 +137,7 @@ def train_command(
 
 @app.command("calibrate")
 def calibrate_command(
-    model: Annotated[Path, typer.Option(help="bundle folder (rewritten in place)", exists=True,
-                                        file_okay=False)],
+    model: Annotated[str, model_option("the bundle to calibrate (rewritten in place): ")],
     dataset: Annotated[str, typer.Option(help="registered dataset name")],
     data: Annotated[Path, typer.Option(help="folder holding the dataset", exists=True,
                                        file_okay=False)],
@@ -157,16 +158,17 @@ def calibrate_command(
 
     if recordings not in ("val", "folder"):
         raise fail(f"--recordings must be val or folder, not {recordings!r}")
+    bundle = resolve_model_option(model)
     try:
         if recordings == "val":
-            segments, fitted_on = split_recordings(model, dataset, data, "val")
+            segments, fitted_on = split_recordings(bundle, dataset, data, "val")
         else:
             from .model.robustness import load_folder
 
-            segments = load_folder(model, dataset, data)
+            segments = load_folder(bundle, dataset, data)
             fitted_on = (f"every recording of {data.name} ({dataset}), given as recordings the "
                          "bundle was not trained on")
-        activity = calibrate_folder(model, segments, np.arange(len(segments)),
+        activity = calibrate_folder(bundle, segments, np.arange(len(segments)),
                                     fitted_on=fitted_on, target=target)
     except (CSIError, KeyError, ValueError) as exc:
         raise fail(str(exc)) from exc
@@ -175,7 +177,7 @@ def calibrate_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    model: Annotated[Path, typer.Option(help="bundle folder", exists=True, file_okay=False)],
+    model: Annotated[str, model_option()],
     dataset: Annotated[str, typer.Option(help="registered dataset name")],
     data: Annotated[Path, typer.Option(help="folder in that dataset's layout", exists=True,
                                        file_okay=False)],
@@ -214,25 +216,26 @@ def evaluate_command(
     the last segment that arrived; lost slots are masked): mean and std over --draws. With
     --protocol few-shot, how well the bundle learns the folder's setting from K labelled
     recordings per activity (--draws support draws)."""
+    bundle = resolve_model_option(model)
     if protocol not in ("folder", "few-shot"):
         raise fail(f"--protocol must be folder or few-shot, not {protocol!r}")
     if protocol == "few-shot":
         if segment_loss is not None or open_set:
             raise fail("--protocol few-shot takes neither --segment-loss nor --open-set")
-        _evaluate_few_shot(model, dataset, data, shots, draws, source, anchors, as_json)
+        _evaluate_few_shot(bundle, dataset, data, shots, draws, source, anchors, as_json)
         return
     if segment_loss is not None and open_set:
         raise fail("choose one of --segment-loss and --open-set")
     if segment_loss is not None:
-        _evaluate_segment_loss(model, dataset, data, segment_loss, draws, seed, as_json)
+        _evaluate_segment_loss(bundle, dataset, data, segment_loss, draws, seed, as_json)
         return
     if open_set:
-        _evaluate_open_set(model, dataset, data, seed, epochs, level, as_json)
+        _evaluate_open_set(bundle, dataset, data, seed, epochs, level, as_json)
         return
     from .model.pipeline import evaluate_folder
 
     try:
-        evaluation = evaluate_folder(model, dataset, data)
+        evaluation = evaluate_folder(bundle, dataset, data)
     except (CSIError, KeyError, ValueError) as exc:
         raise fail(str(exc)) from exc
     summary = evaluation.summary
@@ -487,9 +490,12 @@ def cloud(
     The API token (CSI_CLOUD_TOKEN) is required outside --dev.
     """
     import logging
+    import signal
 
     import uvicorn
     from pydantic import ValidationError
+
+    from csi_edge.cli import settings_error
 
     from .api import create_app
     from .settings import load_settings
@@ -503,22 +509,52 @@ def cloud(
                                  bus=bus)
         settings.check_token()
         settings.broker_address()
-    except (ValidationError, ValueError) as exc:
-        raise fail(f"bad settings: {exc}") from exc
-    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
-                log_level=log_level.lower(), access_log=False)
+    except ValidationError as exc:
+        raise fail(f"bad settings: {settings_error(exc)}") from None
+    except ValueError as exc:
+        raise fail(f"bad settings: {exc}") from None
+    try:
+        listener = listen_socket(settings.http_host, settings.http_port)
+    except OSError as exc:
+        raise fail(f"--http {settings.http_host}:{settings.http_port}: cannot listen there "
+                   f"({exc.strerror or exc})") from None
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=settings.http_host, port=settings.http_port,
+        log_level=log_level.lower(), access_log=False))
+    # A closed terminal stops the service as Ctrl-C does: lifespan shutdown, workers stopped.
+    signal.signal(signal.SIGHUP, server.handle_exit)
+    server.run(sockets=[listener])
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` for uvicorn: bound here, so a taken port or an
+    address that is not this machine's is a one-line error before anything starts."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 @app.command("demo")
 def demo(
-    http: Annotated[str, typer.Option(help="HOST:PORT of the dashboard and API")] =
-        "127.0.0.1:8000",
+    http: Annotated[str | None, typer.Option(
+        help="HOST:PORT of the dashboard and API; must be free when given "
+             "[127.0.0.1:8000, or a free port when that is taken]")] = None,
     data: Annotated[Path | None, typer.Option(
         help="recordings to replay (a file or folder) [the committed samples]", exists=True)
     ] = None,
     aps: Annotated[int, typer.Option(help="access points to simulate")] = 3,
-    model: Annotated[str, typer.Option(help="bundle name in the models folder")] = "fition",
-    models: Annotated[Path | None, typer.Option(help="models folder [models]")] = None,
+    model: Annotated[str, model_option(default="fition")] = "fition",
+    models: Annotated[Path | None, typer.Option(
+        help="folder of bundles --model names are looked up in [models]")] = None,
     broker: Annotated[str, typer.Option(
         help="auto (mosquitto if installed, else embedded), mosquitto or embedded")] = "auto",
     workdir: Annotated[Path | None, typer.Option(
@@ -541,8 +577,7 @@ def demo(
 
 @app.command("adapt")
 def adapt_command(
-    model: Annotated[Path, typer.Option(help="bundle folder to adapt", exists=True,
-                                        file_okay=False)],
+    model: Annotated[str, model_option("the bundle to adapt: ")],
     data: Annotated[Path, typer.Option(help="labelled recordings of the new session or room",
                                        exists=True, file_okay=False)],
     shots: Annotated[int, typer.Option(min=1, help="labelled recordings per activity used")],
@@ -573,10 +608,11 @@ def adapt_command(
         raise fail(f"--part must be classifier or heads, not {part!r}")
     if method not in METHODS:
         raise fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    bundle = resolve_model_option(model)
     torch.set_num_threads(2)
-    target = out or model.with_name(f"{model.name}-adapted-k{shots}")
+    target = out or bundle.with_name(f"{bundle.name}-adapted-k{shots}")
     try:
-        result = adapt_bundle(model, dataset, data, shots, target, seed=seed,
+        result = adapt_bundle(bundle, dataset, data, shots, target, seed=seed,
                               part=part, epochs=epochs,  # type: ignore[arg-type]
                               method=method,  # type: ignore[arg-type]
                               log=None if as_json else typer.echo)

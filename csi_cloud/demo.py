@@ -6,8 +6,15 @@ It starts, as child processes:
   2. the cloud service with the chosen bundle, an SQLite database and recordings in a work
      folder, and a random API token (printed, for the dashboard's rate control);
   3. one edge agent running N AP streams, each replaying a recording at its real rate, looping.
-Then it prints the dashboard URL and a line per AP as predictions arrive, until Ctrl-C, which
-stops every child (edges first, so they can flush, then the cloud, then the broker).
+Then it prints the dashboard URL and a line per AP as predictions arrive, until Ctrl-C (or
+SIGTERM, SIGHUP, or a reader of its output that goes away: ``csi demo | head``), which stops
+every child (edges first, so they can flush, then the cloud, then the broker) with whatever
+each started (csi_edge.lifetime). Each child runs in its own process group and gets SIGTERM from
+the kernel if the demo dies without stopping it. A part that fails ends the demo with the last
+lines of its log, and the work folder with the logs is kept.
+
+The cloud serves its bundles from ``WORK/models`` (links to the shipped ones), so bundles its
+jobs make stay in the work folder, never in the checkout's ``models/``.
 
 Recordings no bundle of the models folder takes (ESP32 ``.npz`` of ESPectre, with the Nexmon
 and Intel 5300 bundles shipped here) are replayed in presence-only mode: the edges send motion
@@ -19,6 +26,7 @@ sub-folder in turn, so every AP alternates between them; the presence hold is sh
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -38,33 +46,69 @@ from typing import Any
 
 from csi_edge._errors import CSIError
 from csi_edge.bundle import BundleError, load_manifest
+from csi_edge.lifetime import preexec_die_with, stop_group
+from csi_edge.locations import BundleNotFoundError, models_dir, resolve_model, samples_dir
 
-__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "run_demo"]
+__all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "log_tail", "parse_http",
+           "run_demo"]
 
 _SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat", ".npz"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
 PRESENCE_DEMO_HOLD_S = 5.0
+DEFAULT_HTTP = "127.0.0.1:8000"
+LOG_TAIL_LINES = 20
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class DemoError(RuntimeError):
-    """The demo cannot start (what and why)."""
+    """The demo cannot start or a part of it failed (what and why)."""
 
 
-def _project_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+class _StopRequestedError(Exception):
+    """A stop was asked for (a signal, or the output went away) while the demo started."""
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why nothing can listen on ``host:port`` (None: it is free)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 def _free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
+    if _bind_error(host, port) is not None:
+        return False
     # Something may listen on the wildcard address or another loopback form.
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def parse_http(http: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), or DemoError naming the bad value."""
+    host, _, port_text = http.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise DemoError(f"--http {http!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host, int(port_text)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log (what there is of it)."""
+    try:
+        data = path.read_bytes()[-64 * 1024:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 def _free_port() -> int:
@@ -102,31 +146,41 @@ def demo_broker_config(port: int, data: Path) -> str:
 @dataclass
 class _Children:
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    logs: dict[str, Path] = field(default_factory=dict)
+    stop_now: bool = False
 
     def start(self, name: str, command: list[str], env: dict[str, str], log: Path) -> None:
         with log.open("ab") as out:
+            # Its own session: Ctrl-C and a closed terminal reach the demo, which stops the
+            # children in order; the kernel's SIGTERM if the demo dies without doing so.
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # Ctrl-C reaches us, not them
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=preexec_die_with(os.getpid()))
         self.procs.append((name, proc))
+        self.logs[name] = log
+
+    def failure(self, name: str, what: str) -> DemoError:
+        """A DemoError saying what failed, with the end of its log and where the log is."""
+        log = self.logs.get(name)
+        if log is None:
+            return DemoError(what)
+        tail = log_tail(log)
+        shown = "\n".join(f"  | {line}" for line in tail.splitlines()) or "  | (empty)"
+        return DemoError(f"{what}; the last lines of its log {log}:\n{shown}")
 
     def check(self) -> None:
+        if self.stop_now:
+            raise _StopRequestedError
         for name, proc in self.procs:
             if proc.poll() is not None:
-                raise DemoError(f"{name} exited with code {proc.returncode}")
+                raise self.failure(name, f"{name} exited with code {proc.returncode}")
 
-    def stop(self, timeout_s: float = 8.0) -> None:
-        """Edges first (they flush), then the cloud, then the broker; kill what lingers."""
-        deadline = time.monotonic() + timeout_s
+    def stop(self) -> None:
+        """Edges first (they flush), then the cloud, then the broker, each with its process
+        group (the cloud's upload worker, recorder and resource tracker); kill what lingers."""
         order = {"edge": 0, "cloud": 1, "broker": 2}
         for name, proc in sorted(self.procs, key=lambda p: order.get(p[0], 3)):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            wait = max(0.1, min(deadline - time.monotonic(), 3.0 if name == "edge" else 5.0))
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(2)
+            stop_group(proc, 3.0 if name == "edge" else 5.0)
 
 
 def _recordings(folder: Path) -> list[Path]:
@@ -179,51 +233,89 @@ def _get(url: str, timeout: float = 2.0) -> Any:
         return json.loads(response.read())
 
 
-def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int = 3,
+def _demo_models(models: Path, work: Path) -> Path:
+    """``WORK/models``: a link to every bundle of ``models``, where the cloud's jobs add
+    theirs (the shipped folder stays as it is)."""
+    target = work / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    for manifest in sorted(models.glob("*/bundle.json")):
+        link = target / manifest.parent.name
+        if not link.exists():
+            link.symlink_to(manifest.parent.resolve(), target_is_directory=True)
+    return target
+
+
+def _work_folder(workdir: Path | None) -> Path:
+    try:
+        if workdir is None:
+            return Path(tempfile.mkdtemp(prefix="csi-demo-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".csi-demo-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return workdir
+    except OSError as exc:
+        where = workdir if workdir is not None else Path(tempfile.gettempdir())
+        raise DemoError(f"--workdir {where}: cannot write there "
+                        f"({exc.strerror or exc})") from None
+
+
+def run_demo(*, http: str | None = None, data: Path | None = None, aps: int = 3,
              model: str = "fition", models: Path | None = None, broker: str = "auto",
              workdir: Path | None = None, duration_s: float | None = None,
              out: Any = None) -> int:
-    """Run the demo until SIGINT/SIGTERM (or ``duration_s``); the exit code."""
+    """Run the demo until SIGINT, SIGTERM, SIGHUP, a closed output (or ``duration_s``); the
+    exit code. ``http`` given explicitly must be free; left out, 8000 or a free port."""
     out = out or sys.stdout
+    children = _Children()
+    closed = [False]
 
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        if closed[0]:
+            return
+        try:
+            print(text, file=out, flush=True)
+        except (BrokenPipeError, ValueError):  # the reader went away (csi demo | head)
+            closed[0] = children.stop_now = True
+            _silence(out)
 
     if not 1 <= aps <= 500:
         raise DemoError(f"--aps {aps} is not between 1 and 500")
-    models = models or (Path("models") if Path("models").is_dir() else _project_root() / "models")
-    bundle = models / model
+    models = models or models_dir()
     try:
+        bundle = resolve_model(model, models)
         manifest = load_manifest(bundle)
-    except BundleError as exc:
+    except (BundleNotFoundError, BundleError) as exc:
         raise DemoError(f"model {model!r}: {exc}") from exc
     if data is None:
         default = _DEFAULT_DATA.get(manifest.input_spec.source_kind)
         if default is None:
             raise DemoError(f"model {model!r} takes {manifest.input_spec.source_kind} CSI; "
                             "give recordings with --data")
-        data = _project_root() / "datasets" / "samples" / default
+        data = samples_dir() / default
     files = _recordings(data)
     device = _device_of(files)
     presence_only = device not in (manifest.input_spec.source_kind, "recording")
-    host, _, port_text = http.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise DemoError(f"--http {http!r} is not HOST:PORT")
-    http_port = int(port_text)
+    host, http_port = parse_http(http or DEFAULT_HTTP)
+    problem = _bind_error(host, http_port)
+    if problem is not None and getattr(problem, "errno", None) != errno.EADDRINUSE:
+        raise DemoError(f"--http {http or DEFAULT_HTTP}: cannot listen there "
+                        f"({problem.strerror or problem})")
     if not _free(host, http_port):
-        http_port = _free_port()
-        say(f"port {port_text} is taken; the dashboard uses {http_port} instead")
+        if http is not None:  # asked for explicitly: moving elsewhere would hide it
+            raise DemoError(f"--http {http}: port {http_port} is taken (leave --http out and "
+                            "the demo picks a free port)")
+        taken, http_port = http_port, _free_port()
+        say(f"port {taken} is taken; the dashboard uses {http_port} instead")
 
+    work = _work_folder(workdir)
     own_workdir = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="csi-demo-")) if workdir is None else workdir
-    work.mkdir(parents=True, exist_ok=True)
-    children = _Children()
-    stop = {"now": False}
+    failed = True
 
     def request_stop(signum: int, frame: object) -> None:
-        stop["now"] = True
+        children.stop_now = True
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     try:
         # 1. Broker.
         binary = mosquitto_binary() if broker in ("auto", "mosquitto") else None
@@ -253,13 +345,14 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
 
         # 2. Cloud.
         token = secrets.token_urlsafe(18)
+        served = _demo_models(bundle.parent, work)
         cloud_env = {**env, **protocol, "CSI_CLOUD_TOKEN": token,
                      "CSI_CLOUD_DEFAULT_MODEL": manifest.id,
                      "CSI_CLOUD_JOBS_DIR": str(work / "jobs")}
         if presence_only:
             cloud_env["CSI_CLOUD_PRESENCE_HOLD_S"] = str(PRESENCE_DEMO_HOLD_S)
         children.start("cloud", [
-            sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(models),
+            sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(served),
             "--broker", broker_url, "--http", f"{host}:{http_port}",
             "--db", f"sqlite:///{work / 'demo.db'}", "--recordings", str(work / "recordings"),
             "--client-id", "csi-demo-cloud", "--log-level", "WARNING"], cloud_env,
@@ -303,16 +396,35 @@ def run_demo(*, http: str = "127.0.0.1:8000", data: Path | None = None, aps: int
                 "labels (the dashboard shows it beside each prediction) and each line ends with "
                 "it and the share of seconds predicted right so far")
         say("Ctrl-C stops everything.")
-        _watch(base, children, stop, duration_s, raw, say, truth)
+        _watch(base, children, duration_s, raw, say, truth)
+        failed = False
+        return 0
+    except _StopRequestedError:
+        failed = False
         return 0
     finally:
         say("stopping ...")
         children.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if own_workdir:
+        if own_workdir and not failed:
             shutil.rmtree(work, ignore_errors=True)
+        elif failed:
+            say(f"the logs are kept in {work}")
         say("stopped")
+
+
+def _silence(out: Any) -> None:
+    """Point a closed output at /dev/null, so the interpreter's last flush stays quiet."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _wait_port(port: int, children: _Children, timeout_s: float) -> None:
@@ -324,7 +436,8 @@ def _wait_port(port: int, children: _Children, timeout_s: float) -> None:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise DemoError(f"the broker did not listen on port {port} within {timeout_s:.0f} s")
+    raise children.failure("broker", f"the broker did not listen on port {port} within "
+                                     f"{timeout_s:.0f} s")
 
 
 def _wait_ready(url: str, children: _Children, timeout_s: float) -> None:
@@ -336,7 +449,8 @@ def _wait_ready(url: str, children: _Children, timeout_s: float) -> None:
             return
         except (OSError, urllib.error.URLError, ValueError):
             time.sleep(0.3)
-    raise DemoError(f"the cloud service was not ready at {url} within {timeout_s:.0f} s")
+    raise children.failure("cloud", f"the cloud service was not ready at {url} within "
+                                    f"{timeout_s:.0f} s")
 
 
 def _truth_keeper(base: str, token: str, manifest: Any, data: Path,
@@ -352,12 +466,12 @@ def _truth_keeper(base: str, token: str, manifest: Any, data: Path,
     return TruthKeeper(base, token, manifest.input_spec.segment_s, truths)
 
 
-def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: float | None,
-           raw: float | None, say: Any, truth: Any = None) -> None:
+def _watch(base: str, children: _Children, duration_s: float | None, raw: float | None,
+           say: Any, truth: Any = None) -> None:
     """A line per AP whenever its latest prediction changes."""
     seen: dict[str, int] = {}
     started = time.monotonic()
-    while not stop["now"]:
+    while not children.stop_now:
         if duration_s is not None and time.monotonic() - started >= duration_s:
             return
         children.check()
@@ -386,7 +500,7 @@ def _watch(base: str, children: _Children, stop: dict[str, bool], duration_s: fl
                 f"{rate:6.1f} B/s{versus}  level {p['rate_level']}  gaps {ap.get('gaps', 0)}"
                 f"{labelled}")
         for _ in range(10):
-            if stop["now"]:
+            if children.stop_now:
                 return
             time.sleep(0.2)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -137,6 +138,15 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
         return _error("format", f"{type(exc).__name__}: {exc}", recording=recording)
 
 
+def _exit_with_service(service_pid: int) -> None:
+    """Worker start: end the worker when the service process is gone, however it ended (a
+    SIGKILL included), so neither it nor multiprocessing's resource tracker, which exits once
+    the last process holding its pipe is gone, outlives the service."""
+    from csi_edge.lifetime import watch_parent
+
+    watch_parent(service_pid)
+
+
 class ParserCrashedError(RuntimeError):
     """The worker process died while parsing (e.g. a segfault in a native parser)."""
 
@@ -172,7 +182,8 @@ class RecordingParser:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with_service, initargs=(os.getpid(),))
             return self._pool
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:

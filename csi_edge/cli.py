@@ -3,20 +3,57 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ._errors import CSIError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+# Plain help: Rich markup would print `<bool>` after every flag and swallow the bracketed
+# defaults of the help texts ("[models]" is a markup tag to Rich).
+HELP_STYLE: dict[str, Any] = {"rich_markup_mode": None}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, **HELP_STYLE)
+
+MODEL_HELP = ("a bundle folder, or the name of a bundle in the models folder (./models, the "
+              "checkout's or the installed ones)")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def model_option(prefix: str = "", default: str | None = None) -> Any:
+    """``--model``, the same in every command: a bundle folder or a bundle name."""
+    shown = f" [{default}]" if default else ""
+    return typer.Option("--model", help=f"{prefix}{MODEL_HELP}{shown}", show_default=False)
+
+
+def resolve_model_option(value: str | Path, models: Path | None = None) -> Path:
+    """The bundle folder of a ``--model`` value, or a one-line error."""
+    from .locations import BundleNotFoundError, resolve_model
+
+    try:
+        return resolve_model(value, models)
+    except BundleNotFoundError as exc:
+        raise fail(str(exc)) from None
+
+
+def settings_error(exc: Exception) -> str:
+    """A pydantic ValidationError on one line: ``field: message; field: message``."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    parts = []
+    for error in errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "settings"
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -52,12 +89,19 @@ def convert(
     """Convert a recording (pcap, .dat, ESP32 CSV, NTU-Fi .mat) into a project HDF5 recording."""
     from .convert import convert as convert_recording
 
+    if out.is_dir():
+        raise fail(f"-o {out} is a folder, not a file")
     if out.exists() and not force:
         raise fail(f"{out} exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise fail(f"-o {out}: the folder {out.parent} does not exist")
     try:
         summary = convert_recording(src, out, keep_phase=phase)
     except CSIError as exc:
         raise fail(str(exc)) from exc
+    except OSError as exc:  # h5py's own message quotes its flags; the reason is enough here
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise fail(f"-o {out}: cannot write it ({reason})") from None
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -71,7 +115,7 @@ def _stream_option(value: str) -> dict[str, str]:
 
 @app.command()
 def edge(
-    model: Annotated[Path | None, typer.Option(help="model bundle folder [models/fition]")] = None,
+    model: Annotated[str | None, model_option(default="fition")] = None,
     source: Annotated[str | None, typer.Option(
         help="nexmon-udp://HOST:PORT, file:///PATH (file or folder), "
              "esp32-serial:///dev/ttyUSB0?baud=921600, or stdin")] = None,
@@ -120,7 +164,8 @@ def edge(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides: dict[str, object] = {
-            "model": model, "source": source, "broker": broker, "site": site, "ap": ap,
+            "model": None if model is None else resolve_model_option(model),
+            "source": source, "broker": broker, "site": site, "ap": ap,
             "level": level, "presence_only": presence_only, "speed": speed, "loop": loop,
             "timestamps": timestamps,
             "prefix": prefix, "spool_dir": spool_dir, "spool_max_segments": spool_max_segments,
@@ -131,8 +176,10 @@ def edge(
         settings = load_settings(config, **overrides)
         settings.all_streams()
         settings.broker_address()
-    except (ValidationError, ValueError) as exc:
-        raise fail(f"bad settings: {exc}") from exc
+    except ValidationError as exc:
+        raise fail(f"bad settings: {settings_error(exc)}") from None
+    except ValueError as exc:
+        raise fail(f"bad settings: {exc}") from None
     try:
         code = run_edge(settings)
     except CSIError as exc:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import dashboard
@@ -19,9 +20,10 @@ from ..service import CloudService
 from ..settings import CloudSettings
 from .routes import aps, health, models, predictions
 
-__all__ = ["API_PREFIX", "create_app"]
+__all__ = ["API_PREFIX", "DOCS_ASSETS", "create_app"]
 
 API_PREFIX = "/api/v1"
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files
 # Paths whose bodies may be as large as an upload; every other body is a small JSON document.
 _UPLOAD_PATHS = ("/api/v1/predict",)
 
@@ -39,9 +41,13 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
         finally:
             await svc.stop()
 
-    app = FastAPI(title="csi-pipeline cloud", version="1", lifespan=lifespan,
-                  description="Live activity and identity predictions from compressed WiFi CSI "
-                              "streamed by access points over MQTT.")
+    # /docs and /redoc load Swagger UI and ReDoc from fastapi-offline's package files, not
+    # from a CDN: they work on a site without internet access. No validator badge either
+    # (Swagger UI would send the schema to validator.swagger.io).
+    app = FastAPIOffline(title="csi-pipeline cloud", version="1", lifespan=lifespan,
+                         static_url=DOCS_ASSETS, swagger_ui_parameters={"validatorUrl": None},
+                         description="Live activity and identity predictions from compressed "
+                                     "WiFi CSI streamed by access points over MQTT.")
 
     def limit_for(path: str) -> int:
         return settings.max_upload_bytes if path in _UPLOAD_PATHS else settings.max_request_bytes
