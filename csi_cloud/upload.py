@@ -19,9 +19,10 @@ A hostile file must not take the host's memory or the worker's time either:
 - each job runs under the wall-time limit enforced by the service (the worker is killed) and
   an ``RLIMIT_CPU`` soft limit the kernel enforces on its own (SIGXCPU), so a worker stuck in
   native code dies even when nothing is left to kill it;
-- the worker dies with the service: a thread waits on the parent's sentinel (a pipe the
-  parent holds open) and ends the process when it closes, whatever killed the parent. The
-  multiprocessing resource tracker ends on its own once neither holds its pipe.
+- the worker dies with the service, whatever killed it: the kernel kills it when the
+  service's thread that started it ends (``PR_SET_PDEATHSIG`` on Linux), and a thread
+  waiting on the parent's sentinel ends it too. The multiprocessing resource tracker ends on
+  its own once neither holds its pipe.
 
 This module is imported by the worker, so it imports nothing heavy at the top: no torch, no
 FastAPI, only ``csi_edge`` inside the worker function.
@@ -34,6 +35,8 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -178,11 +181,29 @@ def _vm_size() -> int:
     return 0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """End this process as soon as its parent's sentinel closes (the parent died, however)."""
+    """End this process when its parent dies, however it dies.
+
+    Linux: the kernel sends SIGKILL (``PR_SET_PDEATHSIG``), which works even while this
+    process is busy in native code holding the GIL. It fires when the *thread* that started
+    the worker ends: the service's event loop thread, which lives as long as the service. If
+    the parent died before this ran, ``getppid`` says so. Elsewhere (and as a second line), a
+    thread waits on the parent's sentinel, a pipe the parent holds open, and exits when it
+    closes.
+    """
     from multiprocessing.connection import wait
 
     parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(70)  # the parent is already gone
     if parent is None or parent.sentinel is None:
         return
     sentinel = parent.sentinel
