@@ -8,6 +8,22 @@ entropy coder -> wire payloads, runs in one spawned worker process
 gets :class:`ParserCrashedError` / :class:`ParserTimeoutError` instead of a dead service. The
 API process then decodes and classifies the payloads exactly as it does live ones.
 
+A hostile file must not take the host's memory or the worker's time either:
+
+- every reader checks the sizes a file declares (HDF5 dataset shapes, MAT array dimensions
+  and decompressed sizes, ``.npz`` member sizes) against ``max_decoded_bytes`` before it
+  allocates (:mod:`csi_edge.limits`); the job answers ``too_large`` naming the value;
+- the worker runs under ``RLIMIT_AS``: it may grow by ``memory_bytes`` beyond its size once
+  started, so an allocation no check foresaw fails with ``MemoryError`` (also ``too_large``)
+  instead of the host's out-of-memory killer choosing a victim;
+- each job runs under the wall-time limit enforced by the service (the worker is killed) and
+  an ``RLIMIT_CPU`` soft limit the kernel enforces on its own (SIGXCPU), so a worker stuck in
+  native code dies even when nothing is left to kill it;
+- the worker dies with the service, whatever killed it: the kernel kills it when the
+  service's thread that started it ends (``PR_SET_PDEATHSIG`` on Linux), and a thread
+  waiting on the parent's sentinel ends it too. The multiprocessing resource tracker ends on
+  its own once neither holds its pipe.
+
 This module is imported by the worker, so it imports nothing heavy at the top: no torch, no
 FastAPI, only ``csi_edge`` inside the worker function.
 """
@@ -15,9 +31,12 @@ FastAPI, only ``csi_edge`` inside the worker function.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import multiprocessing
 import os
+import signal
 import threading
 import weakref
 from collections.abc import Callable
@@ -26,6 +45,9 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_DECODED_BYTES",
+    "DEFAULT_MEMORY_BYTES",
+    "DEFAULT_TIMEOUT_S",
     "ParserBusyError",
     "ParserCrashedError",
     "ParserTimeoutError",
@@ -34,6 +56,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("csi_cloud.upload")
+
+#: Defaults of :class:`RecordingParser` (the service's uploads are at most 64 MiB).
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_MEMORY_BYTES = 2 * 2**30
+DEFAULT_MAX_DECODED_BYTES = 512 * 2**20
 
 _U32 = 1 << 32
 _U48 = 1 << 48
@@ -52,14 +79,16 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
     Never raises (exceptions of this project do not survive pickling): returns
     ``{"ok": True, "payloads": [bytes], "segments": n, "dropped": {...}, "recording": {...}}``
     or ``{"ok": False, "error": kind, "message": ...}`` with kind ``format`` (the file is not
-    a readable recording), ``spec_mismatch`` (it does not fit the model, with ``recording``
-    describing the file) or ``internal``.
+    a readable recording), ``too_large`` (it declares more than the decoded-byte limit, or
+    needs more memory than the worker may use), ``spec_mismatch`` (it does not fit the model,
+    with ``recording`` describing the file) or ``internal``.
     """
     import numpy as np
 
     from csi_edge import CSIError, SpecMismatchError, read_recording
     from csi_edge.bundle import EdgeEncoder, encode_segment_codes
     from csi_edge.codec import Payload, SegmentRecord, encode_payload
+    from csi_edge.limits import DeclaredSizeError
     from csi_edge.preprocess import Preprocessor
 
     recording: dict[str, Any] | None = None
@@ -128,23 +157,84 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
         flush()
         return {"ok": True, "payloads": payloads, "segments": len(batch), "dropped": dropped,
                 "recording": recording}
+    except DeclaredSizeError as exc:
+        return _error("too_large", str(exc), recording=recording)
     except CSIError as exc:
         return _error("format", str(exc), recording=recording)
-    except MemoryError:
-        return _error("format", "the recording needs more memory than the parser may use",
-                      recording=recording)
     except Exception as exc:  # a parser's own error on input it does not expect
         log.warning("parsing %s failed", path, exc_info=True)
         return _error("format", f"{type(exc).__name__}: {exc}", recording=recording)
 
 
-def _exit_with_service(service_pid: int) -> None:
-    """Worker start: end the worker when the service process is gone, however it ended (a
-    SIGKILL included), so neither it nor multiprocessing's resource tracker, which exits once
-    the last process holding its pipe is gone, outlives the service."""
-    from csi_edge.lifetime import watch_parent
+# -- inside the worker process ------------------------------------------------------------
 
+
+def _vm_size() -> int:
+    """This process's virtual memory size in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _init_worker(service_pid: int, memory_bytes: int | None) -> None:
+    """Worker initializer: end with the service, then the address-space limit.
+
+    The worker ends when the service is gone, however it ended (a SIGKILL included), so
+    neither it nor multiprocessing's resource tracker (which exits once the last process
+    holding its pipe is gone) outlives the service: the kernel's parent-death signal, SIGKILL
+    because the worker may be busy in native code holding the GIL, and a watch thread as a
+    second line where that signal is not available.
+
+    The limit counts from the worker's size once started (interpreter, numpy, thread stacks
+    already mapped), so it bounds what a file can make it allocate, whatever the platform's
+    baseline is.
+    """
+    from csi_edge.lifetime import die_with_parent, watch_parent
+
+    die_with_parent(service_pid, signal.SIGKILL)
     watch_parent(service_pid)
+    if memory_bytes is not None:
+        import resource
+
+        limit = _vm_size() + memory_bytes
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _run_job(worker: Callable[..., dict[str, Any]], cpu_s: float | None,
+             max_decoded_bytes: int | None, args: tuple[Any, ...]) -> dict[str, Any]:
+    """One job in the worker: a kernel-enforced CPU-time limit for its duration, the decoded
+    byte limit for every reader it calls, and ``MemoryError`` turned into ``too_large``."""
+    import contextlib
+    import resource
+
+    from csi_edge.limits import decoded_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if cpu_s is not None:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        spent = used.ru_utime + used.ru_stime
+        cpu_limit = math.ceil(spent + cpu_s) + 1
+        if hard == resource.RLIM_INFINITY or cpu_limit < hard:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, hard))
+    try:
+        with (decoded_limit(max_decoded_bytes) if max_decoded_bytes is not None
+              else contextlib.nullcontext()):
+            return worker(*args)
+    except MemoryError:
+        return _error("too_large", "the recording needs more memory than the parser may use")
+    finally:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+# -- in the service -----------------------------------------------------------------------
 
 
 class ParserCrashedError(RuntimeError):
@@ -163,14 +253,22 @@ class RecordingParser:
     """One spawned worker process that runs :func:`encode_recording`, replaced when it dies.
 
     Jobs run one at a time; ``max_waiting`` more may wait (per event loop), beyond that
-    :class:`ParserBusyError`. ``timeout_s`` counts from when a job starts running.
+    :class:`ParserBusyError`. ``timeout_s`` counts from when a job starts running (wall time,
+    and CPU time enforced by the kernel in the worker). ``memory_bytes``: how much the worker
+    may grow beyond its size once started (``RLIMIT_AS``); ``max_decoded_bytes``: what a
+    file may declare (:mod:`csi_edge.limits`). ``None`` lifts a limit. Limits changed later
+    apply to workers started later (``memory_bytes``) or to the next job (the others).
     """
 
     def __init__(self, worker: Callable[..., dict[str, Any]] = encode_recording, *,
-                 timeout_s: float = 120.0, max_waiting: int = 8) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_waiting: int = 8,
+                 memory_bytes: int | None = DEFAULT_MEMORY_BYTES,
+                 max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> None:
         self.worker = worker
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
+        self.memory_bytes = memory_bytes
+        self.max_decoded_bytes = max_decoded_bytes
         self.crashes = 0
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
@@ -183,7 +281,7 @@ class RecordingParser:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_exit_with_service, initargs=(os.getpid(),))
+                    initializer=_init_worker, initargs=(os.getpid(), self.memory_bytes))
             return self._pool
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
@@ -220,12 +318,15 @@ class RecordingParser:
 
     async def _run(self, args: tuple[Any, ...]) -> dict[str, Any]:
         pool = self._executor()
+        # CPU time may run ahead of wall time in threaded native code: twice the limit.
+        job = functools.partial(_run_job, self.worker, 2 * self.timeout_s,
+                                self.max_decoded_bytes, args)
         try:
-            future: Future[dict[str, Any]] = pool.submit(self.worker, *args)
+            future: Future[dict[str, Any]] = pool.submit(job)
         except (BrokenProcessPool, RuntimeError):  # broken or shut down meanwhile
             self._discard(pool)
             pool = self._executor()
-            future = pool.submit(self.worker, *args)
+            future = pool.submit(job)
         workers = list((getattr(pool, "_processes", None) or {}).values())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)

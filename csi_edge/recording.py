@@ -83,6 +83,7 @@ import numpy as np
 
 from ._errors import EmptyRecordingError, FormatError, SpecMismatchError
 from .frames import CSIFrames, DropCounter, RadioInfo
+from .limits import check_declared
 
 __all__ = [
     "FORMAT_NAME",
@@ -493,10 +494,33 @@ def _committed(f: h5py.File, path: Path) -> tuple[int, int]:
         frames = int(f["timestamp"].shape[0]) if "timestamp" in f else 0
         labels = int(f["labels"].shape[0]) if "labels" in f else 0
         return frames, labels
-    counts = np.asarray(f["committed"][()])
-    if counts.shape != (2,):
-        raise FormatError(path, f"dataset 'committed' has shape {counts.shape}, expected (2,)")
+    ds = f["committed"]
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (2,):  # checked before it is read
+        shape = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
+        raise FormatError(path, f"dataset 'committed' has shape {shape}, expected (2,)")
+    counts = np.asarray(ds[()])
     return int(counts[0]), int(counts[1])
+
+
+# Columns read for every frame, and the dtype each becomes: (stored + converted) bytes each.
+_FRAME_COLUMNS = {"timestamp": 8, "amplitude": 4, "phase": 4 + 8, "rssi": 4, "seq": 8}
+
+
+def _check_frames_size(f: h5py.File, n: int, path: Path) -> None:
+    """The bytes reading ``n`` frames allocates (each column as stored, then converted; phase
+    also as complex64), from the declared shapes and dtypes, against the decoded-byte limit.
+    A chunked dataset may declare millions of frames it never stored: nothing is read before
+    this passes."""
+    per_frame = 0
+    parts = []
+    for name, converted in _FRAME_COLUMNS.items():
+        ds = f.get(name)
+        if not isinstance(ds, h5py.Dataset) or not ds.shape:
+            continue
+        values = math.prod(int(d) for d in ds.shape[1:])
+        per_frame += values * (ds.dtype.itemsize + converted)
+        parts.append(f"{name} {tuple(ds.shape)} {ds.dtype}")
+    check_declared(path, f"{n:,} frames ({', '.join(parts)})", (n, per_frame), 1)
 
 
 def _read_info(f: h5py.File, path: Path) -> RadioInfo:
@@ -539,6 +563,7 @@ def read_recording_file(path: str | Path) -> CSIFrames:
         dropped = DropCounter({k: int(v) for k, v in _json_attr(f, "dropped", path).items()})
         if n == 0:
             raise EmptyRecordingError(path, "no frame was written (or none flushed)")
+        _check_frames_size(f, n, path)
         # Lengths beyond ``committed`` are an unfinished flush of a killed writer: ignored.
         timestamp = _column(f, "timestamp", n, path).astype(np.float64, copy=False)
         amplitude = _column(f, "amplitude", n, path)
@@ -579,6 +604,7 @@ def read_labels(path: str | Path) -> list[Label]:
         ds = f["labels"]
         if ds.shape[0] < m:
             raise FormatError(path, f"dataset 'labels' has {ds.shape[0]} rows, expected {m}")
+        check_declared(path, f"{m:,} labels", (m, ds.dtype.itemsize), 2)
         rows = ds[:m]
 
     def text(value: object) -> str | None:

@@ -54,6 +54,7 @@ import numpy as np
 
 from .._errors import EmptyRecordingError, FormatError
 from ..frames import CSIFrames, DropCounter, RadioInfo
+from ..limits import check_declared
 from .esp32 import LLTF_SUBCARRIERS
 
 __all__ = ["CLASSIC_CHIPS", "HE_CHIPS", "NPZ_KEYS", "read_espectre_npz"]
@@ -95,9 +96,35 @@ def _layout(csi: np.ndarray, chip: str | None, path: Path) -> str:
     return layout
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """The archive's declared sizes against the decoded-byte limit, before numpy reads it:
+    the uncompressed size of every member (a deflate bomb) and the shape in each ``.npy``
+    header (numpy allocates the array from it before reading the data)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            check_declared(path, f"the archive's {len(members)} members uncompressed",
+                           (sum(m.file_size for m in members),), 1)
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    continue
+                with zf.open(member) as fh:
+                    # numpy.lib.format is not annotated, and its stub lacks max_header_size.
+                    version = np.lib.format.read_magic(fh)  # type: ignore[no-untyped-call]
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(  # type: ignore[no-untyped-call, call-arg]
+                        fh, max_header_size=4096)
+                check_declared(path, f"array {member.filename[:-4]!r} {shape} {dtype}",
+                               shape, dtype.itemsize)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise FormatError(path, f"not a readable numpy .npz archive: {exc}") from exc
+
+
 def read_espectre_npz(path: str | Path) -> CSIFrames:
     """One ESPectre recording as ``(N, 1, 64)`` complex64 CSI in FFT order (see the module)."""
     path = Path(path)
+    _check_npz_sizes(path)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

@@ -24,12 +24,16 @@ in ``dropped["nonfinite_values"]`` (values, not frames).
 
 MAT v5 files are read with :func:`scipy.io.loadmat`; MAT v7.3 files (HDF5 with a 512-byte
 MATLAB header) with h5py, whose arrays come back with the axes reversed (MATLAB is
-column-major), so they are transposed back to MATLAB's shape first.
+column-major), so they are transposed back to MATLAB's shape first. Before either allocates,
+the declared array shape and (v5) the decompressed size of every compressed variable are
+checked against the decoded-byte limit (:mod:`csi_edge.limits`).
 """
 
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import h5py
@@ -39,6 +43,7 @@ import scipy.io
 from .._errors import EmptyRecordingError, FormatError
 from ..band import LAYOUTS
 from ..frames import CSIFrames, DropCounter, RadioInfo
+from ..limits import DeclaredSizeError, check_declared, max_decoded_bytes
 
 __all__ = ["ANTENNAS", "NOMINAL_RATE_HZ", "SUBCARRIERS", "VARIABLE", "read_ntufi_mat"]
 
@@ -48,6 +53,54 @@ SUBCARRIERS: tuple[int, ...] = LAYOUTS["ht-40"].tones  # 114 tones of a 40 MHz c
 VARIABLE = "CSIamp"
 _ROWS = ANTENNAS * len(SUBCARRIERS)  # 342
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_MI_COMPRESSED = 15  # MAT v5 data type of a zlib-compressed element
+_MAT_CLASS_BYTES = {"double": 8, "single": 4, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
+                    "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "logical": 1}
+
+
+def _check_mat5_sizes(path: Path) -> None:
+    """Walk a MAT v5 file's top-level elements and count the bytes they decode to, refusing
+    the file as soon as the count passes the decoded-byte limit.
+
+    scipy allocates a compressed element's content from the byte count inside it, which a
+    zlib bomb sets to gigabytes behind a few hundred kilobytes. The compressed streams are
+    inflated here in bounded steps and thrown away: at most the limit is ever decompressed,
+    and nothing is kept.
+    """
+    limit = max_decoded_bytes()
+    total = 0
+    with path.open("rb") as fh:
+        header = fh.read(128)
+        order = {b"IM": "<", b"MI": ">"}.get(header[126:128])
+        if len(header) < 128 or order is None:
+            return  # not MAT v5: scipy says what it is
+        while True:
+            tag = fh.read(8)
+            if len(tag) < 8:
+                return
+            mdtype, nbytes = struct.unpack(order + "II", tag)
+            if mdtype != _MI_COMPRESSED:
+                total += nbytes  # stored as is: bounded by the file itself
+                fh.seek(nbytes, 1)
+                continue
+            inflate = zlib.decompressobj()
+            left = nbytes
+            while left > 0 and not inflate.eof:
+                chunk = fh.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                while chunk and not inflate.eof:
+                    try:
+                        out = inflate.decompress(chunk, 1 << 20)
+                    except zlib.error as exc:
+                        raise FormatError(path, f"corrupt compressed variable: {exc}") from exc
+                    total += len(out)
+                    if total > limit:
+                        raise DeclaredSizeError(path, "the MAT file's compressed variables",
+                                                total, limit, stopped=True)
+                    chunk = inflate.unconsumed_tail
+            fh.seek(left, 1)
 
 
 def _load_variables(path: Path) -> tuple[dict[str, object], str]:
@@ -64,6 +117,9 @@ def _load_variables(path: Path) -> tuple[dict[str, object], str]:
                         continue
                     obj = f[name]
                     if name == VARIABLE and isinstance(obj, h5py.Dataset):
+                        # Checked before reading: a chunked dataset may declare any shape.
+                        check_declared(path, f"variable {VARIABLE} {obj.shape} {obj.dtype}",
+                                       obj.shape, obj.dtype.itemsize + 4)
                         out[name] = np.asarray(obj[()]).T
                     else:
                         cls = obj.attrs.get("MATLAB_class", b"?")
@@ -71,8 +127,14 @@ def _load_variables(path: Path) -> tuple[dict[str, object], str]:
         except OSError as exc:
             raise FormatError(path, f"cannot read MAT v7.3 (HDF5) file: {exc}") from exc
         return out, "7.3"
+    _check_mat5_sizes(path)
     try:
-        listed = {name: cls for name, _shape, cls in scipy.io.whosmat(path)}
+        headers = scipy.io.whosmat(path)
+        listed = {name: cls for name, _shape, cls in headers}
+        for name, shape, cls in headers:
+            if name == VARIABLE:  # its float32 copy too
+                check_declared(path, f"variable {VARIABLE} {shape} {cls}", shape,
+                               _MAT_CLASS_BYTES.get(cls, 8) + 4)
         if VARIABLE in listed:
             listed.update(scipy.io.loadmat(path, variable_names=[VARIABLE]))
     except NotImplementedError as exc:

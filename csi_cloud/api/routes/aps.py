@@ -7,10 +7,11 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from csi_edge.settings import topic_name
+from csi_edge.names import check_name
 
 from ...db import AP, Prediction
 from ...service import NotConnectedError
@@ -19,7 +20,13 @@ from ..schemas import APOut, CSIOut, CtlAccepted, Page, PredictionOut, RateIn
 
 router = APIRouter(prefix="/aps", tags=["aps"])
 
-Name = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[^/+#$\x00][^/+#\x00]*$")]
+# Site and AP names follow the one rule of csi_edge.names (as on the broker, the edge and in
+# the database): anything else (``$SYS``, ``.``, ``..``, 65 characters) is a 422 that quotes
+# the value, never a lookup. Valid names need no escaping in a URL.
+SiteName = Annotated[str, Path(description="site name (csi_edge.names)"),
+                     AfterValidator(lambda value: check_name(value, "site"))]
+APName = Annotated[str, Path(description="access point name (csi_edge.names)"),
+                   AfterValidator(lambda value: check_name(value, "ap"))]
 
 
 def prediction_out(row: Prediction | None) -> PredictionOut | None:
@@ -57,13 +64,13 @@ def _get_ap(session: Session, site: str, ap: str) -> AP:
 
 
 @router.get("/{site}/{ap}", response_model=APOut, summary="One access point")
-def get_ap(site: Name, ap: Name, session: DbSession, service: Service) -> APOut:
+def get_ap(site: SiteName, ap: APName, session: DbSession, service: Service) -> APOut:
     return ap_out(_get_ap(session, site, ap), service)
 
 
 @router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
             summary="The AP's latest prediction (null before the first)")
-def get_prediction(site: Name, ap: Name, session: DbSession) -> PredictionOut | None:
+def get_prediction(site: SiteName, ap: APName, session: DbSession) -> PredictionOut | None:
     _get_ap(session, site, ap)
     row = session.scalars(select(Prediction).where(Prediction.site == site, Prediction.ap == ap)
                           .order_by(Prediction.id.desc()).limit(1)).first()
@@ -74,7 +81,7 @@ def get_prediction(site: Name, ap: Name, session: DbSession) -> PredictionOut | 
             summary="The AP's newest segment reconstructed by its model (for a CSI view)",
             responses={404: {"description": "unknown AP, or no segment received yet"},
                        422: {"description": "no such antenna"}})
-def get_csi(site: Name, ap: Name, service: Service,
+def get_csi(site: SiteName, ap: APName, service: Service,
             antenna: Annotated[int, Query(ge=0, le=63)] = 0) -> CSIOut:
     """Runs the decoder (torch) on one segment: a sync route, so in the thread pool."""
     state = service.ingestor.aps.get((site, ap))
@@ -108,13 +115,8 @@ def get_csi(site: Name, ap: Name, service: Service,
 @router.post("/{site}/{ap}/rate", response_model=CtlAccepted,
              status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
              summary="Change the AP's rate level (published on its ctl topic)")
-async def set_rate(site: Name, ap: Name, body: RateIn, service: Service) -> CtlAccepted:
+async def set_rate(site: SiteName, ap: APName, body: RateIn, service: Service) -> CtlAccepted:
     command = {"action": "set_rate", "level": body.level}
-    try:  # the path pattern lets some names through that cannot be a topic level ("\x85")
-        topic_name(site, "site")
-        topic_name(ap, "ap")
-    except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
         await service.send_ctl(site, ap, command)
     except NotConnectedError as exc:

@@ -13,8 +13,10 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
+
+from csi_edge.names import check_name
 
 from ...db import AP, Label
 from ...registry import UnknownModelError
@@ -24,15 +26,17 @@ from ..schemas import Page
 router = APIRouter(prefix="/labels", tags=["labels"])
 log = logging.getLogger("csi_cloud.api.labels")
 
-Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^/+#$\x00][^/+#\x00]*$")]
+# The one naming rule of sites and APs (csi_edge.names), as in the per-AP routes.
+SiteName = Annotated[str, AfterValidator(lambda value: check_name(value, "site"))]
+APName = Annotated[str, AfterValidator(lambda value: check_name(value, "ap"))]
 Text = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    site: Name
-    ap: Name
+    site: SiteName
+    ap: APName
     # Checked in the route, not here: a validation error echoes its input, and a NaN in the
     # error response cannot be rendered as JSON (a 500 instead of a 422).
     start: float = Field(description="range start (Unix s, finite, >= 0)")

@@ -8,8 +8,10 @@ per-AP state, and nothing is stored or published.
   ``model`` (id, id prefix or name; default the active model) and ``level`` (0..3, default 1).
   The body is streamed to a temporary file under ``max_upload_bytes`` (413 beyond); the file
   is read, preprocessed and edge-encoded into wire payloads in a separate worker process
-  (:mod:`csi_cloud.upload`): a parser crash (segfault) costs the worker, not the service, and
-  the request gets a 422 naming the problem.
+  (:mod:`csi_cloud.upload`) under memory and time limits: a parser crash (segfault) costs the
+  worker, not the service, and the request gets a 422 naming the problem; a file declaring
+  more decoded data than the parser may allocate (an HDF5 shape, a zlib bomb) gets a 413
+  naming the declared size.
 * ``application/json`` ``{"payloads": ["<base64>", ...]}``: payloads as an edge publishes
   them; each refused one is reported by index and reason (the live ingest's reasons).
 """
@@ -143,7 +145,8 @@ def _output(service: CloudService, result: BatchResult, ingestor: _UploadIngesto
     "/predict", response_model=PredictOut,
     summary="Predict over an uploaded recording or raw segment payloads (changes nothing)",
     openapi_extra={"requestBody": upload_form_schema()},
-    responses={413: {"description": "body over the upload limit"},
+    responses={413: {"description": "body over the upload limit, or a recording that "
+                                    "declares more decoded data than the parser may allocate"},
                415: {"description": "neither multipart/form-data nor application/json"},
                422: {"description": "the file cannot be read, does not fit the model, or the "
                                     "request is malformed"},
@@ -279,7 +282,10 @@ async def _predict_file(service: CloudService, path: Path, name: str, model_id: 
                 f"recording {name!r} ({has}) does not fit model {manifest.name!r} "
                 f"({model_id[:12]}…: {spec.source_kind}, {spec.antennas} antenna(s), "
                 f"{len(spec.subcarriers)} subcarriers, band {spec.band!r}): {message}")
-        raise _unprocessable(f"{name}: {message}" if name not in message else message)
+        text = f"{name}: {message}" if name not in message else message
+        if job["error"] == "too_large":  # refused before allocating it (or at the rlimit)
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, text)
+        raise _unprocessable(text)
     payloads: list[bytes] = job["payloads"]
     if job["segments"] > MAX_SEGMENTS:
         raise _unprocessable(f"{name}: {job['segments']} segments, more than the "
