@@ -648,7 +648,7 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
     from .model.adapt import adapt_bundle
     from .model.compression import CloudModel
     from .model.heads import codes_from_stored, enroll_identity, family_wire_ids, save_derived
-    from .storage import _safe
+    from .storage import safe_name
 
     torch.set_num_threads(int(spec["threads"]))
     base, out = Path(spec["base_folder"]), Path(spec["out"])
@@ -662,7 +662,7 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in result.items() if k != "support_recordings"}
     model = CloudModel.load(base)
     recordings = Path(spec["recordings"])
-    ranges = [(sorted((recordings / _safe(r["site"]) / _safe(r["ap"])).glob("*.h5")),
+    ranges = [(sorted((recordings / safe_name(r["site"]) / safe_name(r["ap"])).glob("*.h5")),
                float(r["start"]), float(r["end"])) for r in spec["ranges"]]
     _emit("log", line=f"enrolling {spec['identity']!r} from {len(ranges)} range(s) of "
                       f"recorded codes", progress=0.05)

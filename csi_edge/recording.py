@@ -86,6 +86,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import EmptyRecordingError, FormatError, SpecMismatchError
 from .frames import CSIFrames, DropCounter, RadioInfo
@@ -211,7 +212,7 @@ def write_header(f: h5py.File, info: RadioInfo, *, source: str, source_format: s
     f.create_dataset("committed", data=np.zeros(2, dtype=np.int64))
 
 
-def frames_dataset(f: h5py.Group, name: str, shape: tuple[int, ...], dtype: str,
+def frames_dataset(f: h5py.Group, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike,
                    chunk: int = CHUNK_FRAMES) -> h5py.Dataset:
     """An empty per-frame dataset, resizable along axis 0, compressed."""
     ds: h5py.Dataset = f.create_dataset(
