@@ -91,31 +91,11 @@ import numpy.typing as npt
 from ._errors import EmptyRecordingError, FormatError, SpecMismatchError
 from .frames import CSIFrames, DropCounter, RadioInfo
 
-__all__ = [
-    "CHUNK_FRAMES",
-    "COMPRESSION",
-    "FORMAT_NAME",
-    "LABEL_DTYPE",
-    "LAYOUT_VERSION",
-    "LIBVER",
-    "Label",
-    "RecordingMeta",
-    "RecordingWriter",
-    "check_label",
-    "chunk_rows",
-    "commit",
-    "committed",
-    "frame_labels",
-    "frames_dataset",
-    "label_at",
-    "label_rows",
-    "open_recording",
-    "put_rows",
-    "read_labels",
-    "read_recording_file",
-    "read_recording_meta",
-    "write_header",
-]
+__all__ = ["CHUNK_FRAMES", "COMPRESSION", "FORMAT_NAME", "LABEL_DTYPE", "LAYOUT_VERSION", "LIBVER",
+           "Label", "RecordingMeta", "RecordingWriter", "check_label", "chunk_rows", "commit",
+           "committed", "frame_labels", "frames_dataset", "label_at", "label_rows",
+           "open_recording", "put_rows", "read_labels", "read_recording_file",
+           "read_recording_meta", "write_header"]
 
 FORMAT_NAME = "csi-pipeline-recording"
 LAYOUT_VERSION = 1

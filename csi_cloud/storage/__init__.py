@@ -69,15 +69,5 @@ from .reader import RecordingFile, StoredSegments, decode_stored, read_segments
 from .store import RecordingStore, safe_name
 from .writer import SEGMENT_DTYPE, STORE_LAYOUT
 
-__all__ = [
-    "SEGMENT_DTYPE",
-    "STORE_LAYOUT",
-    "LabelResult",
-    "RecordingFile",
-    "RecordingStore",
-    "StoredSegments",
-    "decode_stored",
-    "read_segments",
-    "recover",
-    "safe_name",
-]
+__all__ = ["SEGMENT_DTYPE", "STORE_LAYOUT", "LabelResult", "RecordingFile", "RecordingStore",
+           "StoredSegments", "decode_stored", "read_segments", "recover", "safe_name"]
