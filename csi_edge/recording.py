@@ -169,10 +169,7 @@ def write_header(f: h5py.File, info: RadioInfo, *, source: str, source_format: s
                  dropped: Mapping[str, int] | None = None) -> None:
     """Root attributes, an empty ``labels`` and a zero ``committed``: what every recording
     holds from its creation (before SWMR mode, after which nothing may be created)."""
-    try:
-        extra = json.dumps(info.extra, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"RadioInfo.extra is not JSON-serialisable: {exc}") from exc
+    extra = _extra_json(info)
     attrs = f.attrs
     attrs["format"] = FORMAT_NAME
     attrs["version"] = np.int64(LAYOUT_VERSION)
@@ -190,6 +187,13 @@ def write_header(f: h5py.File, info: RadioInfo, *, source: str, source_format: s
     f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=LABEL_DTYPE,
                      chunks=(_LABEL_CHUNK,))
     f.create_dataset("committed", data=np.zeros(2, dtype=np.int64))
+
+
+def _extra_json(info: RadioInfo) -> str:
+    try:
+        return json.dumps(info.extra, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"RadioInfo.extra is not JSON-serialisable: {exc}") from exc
 
 
 def frames_dataset(f: h5py.Group, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike,
@@ -262,6 +266,7 @@ class RecordingWriter:
         self.flush_every_s = float(flush_every_s)
         self.fsync = fsync
         self.dropped = DropCounter(dropped or {})
+        _extra_json(info)  # a bad RadioInfo fails before any file is created
         self._dropped_written = self.dropped.as_dict()
         self._pending: list[CSIFrames] = []
         self._pending_frames = 0
