@@ -62,7 +62,13 @@ lengths on disk; ``committed`` never counts more than was complete, so the reade
 ``committed`` frames and labels: everything up to the last completed flush. A killed writer
 leaves the superblock's "open for write" flags set; the reader then opens with ``swmr=True``
 (the same open works while a writer is still running). Tools that do not open SWMR-read
-need ``h5clear -s`` first, and should read ``committed`` rather than the dataset lengths.
+need ``h5clear -s`` first, and should read ``committed`` rather than the dataset lengths. A file
+without ``committed`` (written by a tool that keeps no commit record) counts its dataset
+lengths as complete.
+
+The layout's shared parts (constants, :func:`write_header`, :func:`frames_dataset`,
+:func:`put_rows`, :func:`commit`, :func:`open_recording`, :func:`committed`) are public: the
+cloud's recording store writes this same layout with extra datasets of its own.
 """
 
 from __future__ import annotations
@@ -80,32 +86,26 @@ from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import EmptyRecordingError, FormatError, SpecMismatchError
 from .frames import CSIFrames, DropCounter, RadioInfo
 from .limits import check_declared
 
-__all__ = [
-    "FORMAT_NAME",
-    "LAYOUT_VERSION",
-    "Label",
-    "RecordingMeta",
-    "RecordingWriter",
-    "frame_labels",
-    "label_at",
-    "read_labels",
-    "read_recording_file",
-    "read_recording_meta",
-]
+__all__ = ["CHUNK_FRAMES", "COMPRESSION", "FORMAT_NAME", "LABEL_DTYPE", "LAYOUT_VERSION", "LIBVER",
+           "Label", "RecordingMeta", "RecordingWriter", "check_label", "chunk_rows", "commit",
+           "committed", "frame_labels", "frames_dataset", "label_at", "label_rows",
+           "open_recording", "put_rows", "read_labels", "read_recording_file",
+           "read_recording_meta", "write_header"]
 
 FORMAT_NAME = "csi-pipeline-recording"
 LAYOUT_VERSION = 1
 CHUNK_FRAMES = 256
 _CHUNK_BYTES = 1 << 20  # HDF5's default per-dataset chunk cache is 1 MiB: stay within it
 _LABEL_CHUNK = 64
-_COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 # v110 as the low bound: the oldest format SWMR works with, so HDF5 1.10+ can read the files.
-_LIBVER = ("v110", "latest")
+LIBVER = ("v110", "latest")
 _INFO_ATTRS = ("device", "chip", "channel", "bandwidth_mhz", "chanspec", "core", "transmitter")
 _INT_ATTRS = ("channel", "bandwidth_mhz", "chanspec", "core")
 _STR = h5py.string_dtype("utf-8")
@@ -141,7 +141,7 @@ class RecordingMeta:
     dropped: dict[str, int]
 
 
-def _check_label(start: float, end: float, activity: str | None, identity: str | None) -> Label:
+def check_label(start: float, end: float, activity: str | None, identity: str | None) -> Label:
     start, end = float(start), float(end)
     if not (math.isfinite(start) and math.isfinite(end)):
         raise ValueError(f"label bounds must be finite, got start={start!r} end={end!r}")
@@ -152,8 +152,84 @@ def _check_label(start: float, end: float, activity: str | None, identity: str |
     return Label(start, end, activity or None, identity or None)
 
 
-def _chunk_rows(antennas: int, subcarriers: int) -> int:
-    return max(1, min(CHUNK_FRAMES, _CHUNK_BYTES // max(1, 4 * antennas * subcarriers)))
+def label_rows(labels: Sequence[Label]) -> np.ndarray:
+    """Labels as rows of the ``labels`` dataset."""
+    return np.array([(lab.start, lab.end, lab.activity or "", lab.identity or "")
+                     for lab in labels], dtype=LABEL_DTYPE)
+
+
+def chunk_rows(antennas: int, subcarriers: int, most: int = CHUNK_FRAMES) -> int:
+    """Frames per chunk of an (antennas, subcarriers) float32 dataset: at most ``most``."""
+    return max(1, min(most, _CHUNK_BYTES // max(1, 4 * antennas * subcarriers)))
+
+
+# -- the layout's writing protocol (shared with the cloud's recording store) --
+
+
+def write_header(f: h5py.File, info: RadioInfo, *, source: str, source_format: str,
+                 dropped: Mapping[str, int] | None = None) -> None:
+    """Root attributes, an empty ``labels`` and a zero ``committed``: what every recording
+    holds from its creation (before SWMR mode, after which nothing may be created)."""
+    extra = _extra_json(info)
+    attrs = f.attrs
+    attrs["format"] = FORMAT_NAME
+    attrs["version"] = np.int64(LAYOUT_VERSION)
+    for name in _INFO_ATTRS:
+        value = getattr(info, name)
+        if value is not None:
+            attrs[name] = np.int64(value) if name in _INT_ATTRS else str(value)
+    attrs["rssi_is_real"] = bool(info.rssi_is_real)
+    attrs["subcarriers"] = np.asarray(info.subcarriers, dtype=np.int64)
+    attrs["source"] = str(source)
+    attrs["source_format"] = str(source_format)
+    attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    attrs["extra"] = extra
+    attrs["dropped"] = json.dumps(dict(dropped or {}), sort_keys=True)
+    f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=LABEL_DTYPE,
+                     chunks=(_LABEL_CHUNK,))
+    f.create_dataset("committed", data=np.zeros(2, dtype=np.int64))
+
+
+def _extra_json(info: RadioInfo) -> str:
+    try:
+        return json.dumps(info.extra, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"RadioInfo.extra is not JSON-serialisable: {exc}") from exc
+
+
+def frames_dataset(f: h5py.Group, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike,
+                   chunk: int = CHUNK_FRAMES) -> h5py.Dataset:
+    """An empty per-frame dataset, resizable along axis 0, compressed."""
+    ds: h5py.Dataset = f.create_dataset(
+        name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(chunk, *shape),
+        **COMPRESSION)
+    return ds
+
+
+def put_rows(ds: h5py.Dataset, at: int, values: np.ndarray) -> int:
+    """Write ``values`` as rows ``at...`` of a resizable dataset; returns the new row count."""
+    end = at + len(values)
+    ds.resize(end, axis=0)
+    ds[at:end] = values
+    return end
+
+
+def commit(f: h5py.File, counts: Sequence[tuple[h5py.Dataset, Sequence[int]]], *,
+           fsync: bool = True) -> None:
+    """The commit protocol: what was written reaches the disk, and only then the counts that
+    say it is there (``committed``, and a writer's own count datasets)."""
+    _sync(f, fsync)
+    for ds, values in counts:
+        ds[...] = np.asarray(values, dtype=np.int64)
+    _sync(f, fsync)
+
+
+def _sync(f: h5py.File, fsync: bool) -> None:
+    f.flush()
+    if fsync:
+        # H5Fflush hands the data to the OS (enough for a killed process); fsync also orders
+        # it before ``committed`` against a power cut.
+        os.fsync(f.id.get_vfd_handle())
 
 
 class RecordingWriter:
@@ -191,10 +267,7 @@ class RecordingWriter:
         self.flush_every_s = float(flush_every_s)
         self.fsync = fsync
         self.dropped = DropCounter(dropped or {})
-        try:
-            extra = json.dumps(info.extra, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"RadioInfo.extra is not JSON-serialisable: {exc}") from exc
+        _extra_json(info)  # a bad RadioInfo fails before any file is created
         self._dropped_written = self.dropped.as_dict()
         self._pending: list[CSIFrames] = []
         self._pending_frames = 0
@@ -204,58 +277,32 @@ class RecordingWriter:
         self._has_phase = self._has_rssi = self._has_seq = False
         self._last_flush = time.monotonic()
         self._closed = False
-        self._file = h5py.File(self.path, "w" if overwrite else "w-", libver=_LIBVER)
+        self._file = h5py.File(self.path, "w" if overwrite else "w-", libver=LIBVER)
         try:
-            self._write_header(source, source_format, extra)
+            write_header(self._file, info, source=source, source_format=source_format,
+                         dropped=self._dropped_written)
+            self._file.flush()
         except BaseException:
             self._file.close()
             raise
 
     # -- set-up (before SWMR mode; no object or attribute may be created after it) --
 
-    def _write_header(self, source: str, source_format: str, extra: str) -> None:
-        attrs = self._file.attrs
-        attrs["format"] = FORMAT_NAME
-        attrs["version"] = np.int64(LAYOUT_VERSION)
-        for name in _INFO_ATTRS:
-            value = getattr(self.info, name)
-            if value is not None:
-                attrs[name] = np.int64(value) if name in _INT_ATTRS else str(value)
-        attrs["rssi_is_real"] = bool(self.info.rssi_is_real)
-        attrs["subcarriers"] = np.asarray(self.info.subcarriers, dtype=np.int64)
-        attrs["source"] = str(source)
-        attrs["source_format"] = str(source_format)
-        attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-        attrs["extra"] = extra
-        attrs["dropped"] = json.dumps(self._dropped_written, sort_keys=True)
-        self._file.create_dataset(
-            "labels", shape=(0,), maxshape=(None,), dtype=LABEL_DTYPE, chunks=(_LABEL_CHUNK,)
-        )
-        self._file.create_dataset("committed", data=np.zeros(2, dtype=np.int64))
-        self._file.flush()
-
     def _create_frame_datasets(self, first: CSIFrames) -> None:
         a, s = first.antennas, len(self.info.subcarriers)
-        rows = _chunk_rows(a, s)
+        rows = chunk_rows(a, s)
         f = self._file
-
-        def make(name: str, shape: tuple[int, ...], dtype: str, chunk: int) -> None:
-            f.create_dataset(
-                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                chunks=(chunk, *shape), **_COMPRESSION,
-            )
-
-        make("timestamp", (), "<f8", CHUNK_FRAMES)
-        make("amplitude", (a, s), "<f4", rows)
+        frames_dataset(f, "timestamp", (), "<f8")
+        frames_dataset(f, "amplitude", (a, s), "<f4", rows)
         self._has_phase = self.keep_phase and first.is_complex
         if self._has_phase:
-            make("phase", (a, s), "<f4", rows)
+            frames_dataset(f, "phase", (a, s), "<f4", rows)
         self._has_rssi = bool(self.info.rssi_is_real)
         if self._has_rssi:
-            make("rssi", (), "<f4", CHUNK_FRAMES)
+            frames_dataset(f, "rssi", (), "<f4")
         self._has_seq = first.seq is not None
         if self._has_seq:
-            make("seq", (), "<i8", CHUNK_FRAMES)
+            frames_dataset(f, "seq", (), "<i8")
         # From here on the file is only extended, which is what SWMR allows and makes safe.
         f.swmr_mode = True
 
@@ -292,7 +339,7 @@ class RecordingWriter:
     ) -> None:
         """Queue a labelled time range; written with the next flush."""
         self._check_open()
-        self._pending_labels.append(_check_label(start, end, activity, identity))
+        self._pending_labels.append(check_label(start, end, activity, identity))
 
     def flush(self) -> None:
         """Write what is pending, make it durable, then count it in ``committed``."""
@@ -305,11 +352,11 @@ class RecordingWriter:
         if self._pending:
             self._write_frames()
         if self._pending_labels:
-            self._write_labels()
-        self._sync()
-        # Only now, with the data on disk, may the counts say it is there.
-        self._file["committed"][...] = np.array([self._frames, self._labels], dtype=np.int64)
-        self._sync()
+            self._labels = put_rows(self._file["labels"], self._labels,
+                                    label_rows(self._pending_labels))
+            self._pending_labels = []
+        commit(self._file, [(self._file["committed"], (self._frames, self._labels))],
+               fsync=self.fsync)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -324,7 +371,7 @@ class RecordingWriter:
         dropped = self.dropped.as_dict()
         if dropped != self._dropped_written:
             # Attributes cannot be rewritten safely in SWMR mode, so reopen the closed file.
-            with h5py.File(self.path, "r+", libver=_LIBVER) as f:
+            with h5py.File(self.path, "r+", libver=LIBVER) as f:
                 f.attrs["dropped"] = json.dumps(dropped, sort_keys=True)
             self._dropped_written = dropped
 
@@ -399,38 +446,17 @@ class RecordingWriter:
                 for b in batch
             ])
         for name, values in columns.items():
-            ds = f[name]
-            ds.resize(n + k, axis=0)
-            ds[n : n + k] = values
+            put_rows(f[name], n, values)
         self._frames = n + k
         self._pending, self._pending_frames = [], 0
-
-    def _write_labels(self) -> None:
-        rows = np.array(
-            [(lab.start, lab.end, lab.activity or "", lab.identity or "")
-             for lab in self._pending_labels],
-            dtype=LABEL_DTYPE,
-        )
-        ds = self._file["labels"]
-        m = self._labels
-        ds.resize(m + len(rows), axis=0)
-        ds[m:] = rows
-        self._labels = m + len(rows)
-        self._pending_labels = []
-
-    def _sync(self) -> None:
-        self._file.flush()
-        if self.fsync:
-            # H5Fflush hands the data to the OS (enough for a killed process); fsync also
-            # orders it before ``committed`` against a power cut.
-            os.fsync(self._file.id.get_vfd_handle())
 
 
 # -- reading --
 
 
-def _open(path: Path) -> h5py.File:
+def open_recording(path: str | Path) -> h5py.File:
     """Open read-only; a file whose writer died (or still runs) needs ``swmr=True``."""
+    path = Path(path)
     if not path.is_file():
         raise FormatError(path, "no such file" if not path.exists() else "not a regular file")
     size = path.stat().st_size
@@ -488,7 +514,7 @@ def _json_attr(f: h5py.File, name: str, path: Path) -> dict[str, Any]:
     return value
 
 
-def _committed(f: h5py.File, path: Path) -> tuple[int, int]:
+def committed(f: h5py.File, path: str | Path) -> tuple[int, int]:
     """(frames, labels) complete on disk; without ``committed``, the dataset lengths."""
     if "committed" not in f:
         frames = int(f["timestamp"].shape[0]) if "timestamp" in f else 0
@@ -556,10 +582,10 @@ def _column(f: h5py.File, name: str, n: int, path: Path) -> np.ndarray:
 def read_recording_file(path: str | Path) -> CSIFrames:
     """Frames of a recording: amplitude (float32), or complex64 where phase was kept."""
     path = Path(path)
-    with _open(path) as f:
+    with open_recording(path) as f:
         _check_format(f, path)
         info = _read_info(f, path)
-        n, _ = _committed(f, path)
+        n, _ = committed(f, path)
         dropped = DropCounter({k: int(v) for k, v in _json_attr(f, "dropped", path).items()})
         if n == 0:
             raise EmptyRecordingError(path, "no frame was written (or none flushed)")
@@ -594,9 +620,9 @@ def read_recording_file(path: str | Path) -> CSIFrames:
 def read_labels(path: str | Path) -> list[Label]:
     """The committed labels of a recording, in the order they were added."""
     path = Path(path)
-    with _open(path) as f:
+    with open_recording(path) as f:
         _check_format(f, path)
-        _, m = _committed(f, path)
+        _, m = committed(f, path)
         if m == 0:
             return []
         if "labels" not in f:
@@ -620,9 +646,9 @@ def read_labels(path: str | Path) -> list[Label]:
 def read_recording_meta(path: str | Path) -> RecordingMeta:
     """Provenance and counts of a recording, without reading the frames."""
     path = Path(path)
-    with _open(path) as f:
+    with open_recording(path) as f:
         version = _check_format(f, path)
-        frames, labels = _committed(f, path)
+        frames, labels = committed(f, path)
         return RecordingMeta(
             path=str(path),
             version=version,

@@ -19,7 +19,7 @@ import torch
 from csi_cloud.ingest import DecodedRecord, Ingestor
 from csi_cloud.recorder import RecorderProcess
 from csi_cloud.registry import ModelRegistry
-from csi_cloud.storage import RecordingStore, decode_stored, read_segments
+from csi_cloud.storage import RecordingStore, decode_stored, read_segments, recover
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder
 from csi_edge.preprocess import Preprocessor, SegmentBatch
@@ -213,6 +213,35 @@ def test_labels_on_closed_open_and_future_files(tmp_path: Path, registry: ModelR
     # The recordings dataset (what retraining reads) sees them.
     examples = index_dataset("recordings", tmp_path).examples
     assert sorted(e.activity for e in examples) == ["sitdown"] * 3 + ["walking"] * 2
+
+
+def test_a_file_without_a_commit_record_counts_its_datasets(
+        tmp_path: Path, registry: ModelRegistry, encoder: EdgeEncoder) -> None:
+    """The recording reader takes the dataset lengths of a file without ``committed`` (a tool
+    that keeps no commit record wrote it); the store's listing, recovery and labels agree."""
+    import h5py
+
+    records = decoded(registry, payloads(encoder, WALK, "s", "a"))
+    t0 = records[0].timestamp_ms / 1000
+    store = RecordingStore(tmp_path, max_bytes=2**30, max_s=1e9)
+    store.append(records)
+    store.label_range("s", "a", t0, t0 + 1, "walking")
+    store.close()
+    (path,) = sorted(tmp_path.glob("s/a/*.h5"))
+    with h5py.File(path, "r+") as f:
+        del f["committed"]
+    frames = len(read_recording_file(path))
+    assert frames == 9 * 50 and len(read_labels(path)) == 1
+    store = RecordingStore(tmp_path, max_bytes=2**30, max_s=1e9)
+    (info,) = store.files("s", "a")
+    assert (info.segments, info.frames, info.labels) == (9, frames, 1)
+    recover(path)
+    assert len(read_recording_file(path)) == frames and len(read_labels(path)) == 1
+    result = store.label_range("s", "a", t0 + 1, t0 + 2, "sitdown")
+    assert result.files == [path] and not result.failed
+    assert [lab.activity for lab in read_labels(path)] == ["walking", "sitdown"]
+    assert len(read_recording_file(path)) == frames
+    store.close()
 
 
 _CHILD = textwrap.dedent("""
