@@ -10,16 +10,25 @@ End-to-end tier (``-m e2e``): real Mosquitto, the real ``csi cloud`` process, re
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import random
 import sqlite3
 import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from _broker import Mosquitto, free_port
+from _mqtt_client import Collector
+from _tcpproxy import TcpProxy
 
 from csi_cloud.ingest import Ingestor
 from csi_cloud.registry import ModelRegistry
@@ -287,3 +296,358 @@ def test_live_hub_counts_what_a_slow_subscriber_loses() -> None:
 
     asyncio.run(main())
     assert metrics.live_dropped._value.get() == 3
+
+
+# -- end to end: real Mosquitto, the real cloud process, real PostgreSQL ---------------------
+
+
+def _postgres(name: str) -> Iterator[str]:
+    """A throwaway database on the test server (dropped afterwards)."""
+    import psycopg
+
+    admin = POSTGRES.replace("postgresql+psycopg", "postgresql") + "/test"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as con:
+            con.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as exc:
+        if IN_CI:
+            pytest.fail(f"CI=true but PostgreSQL is not reachable at {POSTGRES}: {exc}")
+        pytest.skip(f"needs PostgreSQL at {POSTGRES}: {exc}")
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from _postgres(f"csi_rel_{uuid.uuid4().hex[:10]}")
+
+
+def _psql(url: str, *statements: str) -> list[Any]:
+    import psycopg
+
+    out = []
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as con:
+        for statement in statements:
+            cur = con.execute(statement)
+            out.append(cur.fetchall() if cur.description else None)
+    return out
+
+
+class Cloud:
+    """``csi cloud`` as a subprocess (tests/test_cloud_service.py's, with settings by env)."""
+
+    def __init__(self, broker: Mosquitto, db: str, folder: Path, **env: str) -> None:
+        from test_cloud_service import Cloud as _Cloud
+
+        self._cloud = _Cloud(broker, db, folder, client_id=f"csi-cloud-{uuid.uuid4().hex[:6]}")
+        self._cloud.env.update({"CSI_CLOUD_RECORD": "false", "CSI_CLOUD_HOMEASSISTANT": "false",
+                                **{f"CSI_CLOUD_{k.upper()}": v for k, v in env.items()}})
+        self.url = self._cloud.url
+        self.log = self._cloud.log
+
+    def start(self) -> None:
+        self._cloud.start()
+
+    def stop(self) -> None:
+        self._cloud.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self._cloud.proc is not None
+        return self._cloud.proc.pid
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._cloud.get(path, **params)
+
+    def seqs(self, ap: str, site: str = "lab") -> list[int]:
+        page = self.get("/predictions", site=site, ap=ap, limit=10_000)
+        return sorted(p["seq"] for p in page["data"])
+
+    def wait_seqs(self, ap: str, expected: list[int], timeout_s: float = 30) -> float:
+        """Seconds until exactly ``expected`` are predicted for ``ap`` (no more, no fewer)."""
+        start = time.monotonic()
+        while (got := self.seqs(ap)) != sorted(expected):
+            assert len(got) <= len(expected) and len(set(got)) == len(got), got
+            assert time.monotonic() - start < timeout_s, (
+                f"{ap}: {len(got)} of {len(expected)} predicted; "
+                f"log: {self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+
+    def readyz(self) -> httpx.Response:
+        return httpx.get(f"{self.url}/readyz", timeout=20)
+
+
+def _publisher(broker: Mosquitto) -> Collector:
+    return Collector(broker.port, [f"{PREFIX}/none"], client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                     persistent=False)
+
+
+@pytest.mark.e2e
+def test_status_bomb_retained_and_bad_names_do_not_stop_ingest(
+        broker: Mosquitto, tmp_path: Path, segments: Segments) -> None:
+    """Item 1: a 2 KB ``[[[[`` status, retained (so every start gets it first) and live, and
+    segments and statuses from names the rule refuses: skipped, counted, logged once with the
+    value; another AP's segments are still predicted, across a restart."""
+    pub = _publisher(broker)
+    pub.publish(f"{PREFIX}/lab/evil/status", BOMB, retain=True)
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
+    try:
+        cloud.start()  # ready although the bomb is the first message it gets
+        pub.publish(f"{PREFIX}/lab/evil/status", BOMB)
+        pub.publish(f"{PREFIX}/lab/{LONG_NAME}/status", b'{"online": true}')
+        pub.publish(f"{PREFIX}/lab/{LONG_NAME}/seg", segments.payload(0))
+        for seq in range(10):
+            pub.publish(f"{PREFIX}/lab/good/seg", segments.payload(seq))
+        cloud.wait_seqs("good", list(range(10)))
+        assert cloud.metric('csi_status_rejected_total{reason="bad_json"}') == 2
+        assert cloud.metric('csi_status_rejected_total{reason="bad_name"}') == 1
+        assert cloud.metric('csi_rejected_total{reason="bad_name"}') == 1
+        assert {a["ap"] for a in cloud.get("/aps")["data"]} == {"good"}
+        assert cloud.readyz().status_code == 200
+        log = cloud.log.read_text()
+        assert log.count("evil: status rejected: JSON nested") == 1  # once, with the value
+        assert "'[[[[" in log and LONG_NAME in log
+        cloud.stop()
+        # The retained bomb comes first again on the next start; ingest still works.
+        cloud.start()
+        for seq in range(10, 15):
+            pub.publish(f"{PREFIX}/lab/good/seg", segments.payload(seq))
+        cloud.wait_seqs("good", list(range(15)))
+        assert cloud.readyz().status_code == 200
+    finally:
+        pub.publish(f"{PREFIX}/lab/evil/status", b"", retain=True)
+        pub.close()
+        cloud.stop()
+
+
+@pytest.mark.e2e
+def test_postgres_64bit_sequence_numbers_after_migrating_an_old_database(
+        broker: Mosquitto, tmp_path: Path, pg_url: str, segments: Segments) -> None:
+    """Item 2: sequence numbers past 2**31 on PostgreSQL, in a database whose tables were
+    created 32-bit (widened on start, idempotently), kept across a restart; an AP name past
+    64 characters never reaches the database."""
+    from csi_cloud.db import Database
+
+    Database(pg_url).close()
+    _psql(pg_url, "ALTER TABLE predictions ALTER COLUMN seq TYPE INTEGER",
+          "ALTER TABLE aps ALTER COLUMN last_seq TYPE INTEGER")
+    cloud = Cloud(broker, pg_url, tmp_path)
+    pub = _publisher(broker)
+    big = 2**31 + 5
+    try:
+        cloud.start()
+        types = _psql(pg_url, "SELECT table_name, data_type FROM information_schema.columns "
+                              "WHERE (table_name, column_name) IN (('predictions', 'seq'), "
+                              "('aps', 'last_seq')) ORDER BY table_name")[0]
+        assert types == [("aps", "bigint"), ("predictions", "bigint")]
+        pub.publish(f"{PREFIX}/lab/{LONG_NAME}/seg", segments.payload(1))
+        for seq in (big, big + 1):
+            pub.publish(f"{PREFIX}/lab/big/seg", segments.payload(seq))
+        for seq in range(3):
+            pub.publish(f"{PREFIX}/lab/good/seg", segments.payload(seq))
+        cloud.wait_seqs("big", [big, big + 1])
+        cloud.wait_seqs("good", [0, 1, 2])
+        assert cloud.get("/aps/lab/big")["last_seq"] == big + 1
+        assert cloud.metric('csi_rejected_total{reason="bad_name"}') == 1
+        assert cloud.get("/dead-letters")["count"] == 0
+        cloud.stop()
+        cloud.start()  # the migration again: nothing to do
+        pub.publish(f"{PREFIX}/lab/big/seg", segments.payload(big + 1))  # a duplicate
+        pub.publish(f"{PREFIX}/lab/big/seg", segments.payload(big + 2))
+        cloud.wait_seqs("big", [big, big + 1, big + 2])
+        assert cloud.readyz().status_code == 200
+    finally:
+        pub.close()
+        cloud.stop()
+
+
+@pytest.mark.e2e
+def test_database_outage_recovers_without_restart_and_poison_is_dead_lettered(
+        broker: Mosquitto, tmp_path: Path, pg_url: str, segments: Segments) -> None:
+    """Item 4: PostgreSQL behind a proxy that is stopped for a few seconds: nothing is
+    acknowledged or lost meanwhile, ``/readyz`` says why, and ingest resumes within 10 s of
+    the database coming back, without a restart. A batch PostgreSQL refuses for one AP (a
+    trigger) is dead-lettered, listed by the API, and the other APs go on."""
+    host_port = POSTGRES.rsplit("@", 1)[1]
+    host, port = host_port.split(":")
+    proxy = TcpProxy((host, int(port)), free_port())
+    proxied = pg_url.replace(host_port, f"127.0.0.1:{proxy.port}")
+    proxy.start()
+    cloud = Cloud(broker, proxied, tmp_path, db_timeout_s="2", store_retry_max_s="1")
+    pub = _publisher(broker)
+    try:
+        cloud.start()
+        _psql(pg_url, """CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN
+                           IF NEW.ap = 'poison' THEN RAISE EXCEPTION 'poisoned %', NEW.seq;
+                           END IF; RETURN NEW; END $$ LANGUAGE plpgsql""",
+              "CREATE TRIGGER poison BEFORE INSERT ON predictions FOR EACH ROW "
+              "EXECUTE FUNCTION poison()")
+        for seq in range(3):
+            pub.publish(f"{PREFIX}/lab/good/seg", segments.payload(seq))
+            pub.publish(f"{PREFIX}/lab/poison/seg", segments.payload(seq))
+        cloud.wait_seqs("good", [0, 1, 2])
+        deadline = time.monotonic() + 30
+        while (letters := cloud.get("/dead-letters"))["count"] < 3:
+            assert time.monotonic() < deadline, letters
+            time.sleep(0.2)
+        assert {base64.b64decode(d["payload"]) for d in letters["data"]} == {
+            segments.payload(s) for s in range(3)}
+        assert all(d["ap"] == "poison" and "poisoned" in d["error"] for d in letters["data"])
+        assert cloud.metric("csi_dead_letters_total") == 3
+        assert cloud.seqs("poison") == []
+        # The outage.
+        proxy.stop()
+        for seq in range(3, 13):
+            pub.publish(f"{PREFIX}/lab/good/seg", segments.payload(seq))
+            time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while (ready := cloud.readyz()).status_code == 200 or not any(
+                "database: storing" in p for p in ready.json()["detail"]["problems"]):
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        proxy.start()
+        recovered_s = cloud.wait_seqs("good", list(range(13)), timeout_s=10)
+        assert recovered_s < 10
+        deadline = time.monotonic() + 10
+        while cloud.readyz().status_code != 200:
+            assert time.monotonic() < deadline, cloud.readyz().text
+            time.sleep(0.2)
+        (tmp_path / "recovery.json").write_text(json.dumps({"recovered_s": recovered_s}))
+        print(f"ingest recovered {recovered_s:.2f} s after the database came back")
+    finally:
+        pub.close()
+        cloud.stop()
+        proxy.stop()
+
+
+@pytest.mark.e2e
+def test_read_flood_and_predict_uploads_cannot_starve_live_ingest(
+        broker: Mosquitto, tmp_path: Path, segments: Segments) -> None:
+    """Items 5 and 6: a flood of unauthenticated reads on a small API pool gets 200 or 503
+    with Retry-After (never 500) while live segments keep being predicted; ``/predict``
+    uploads whose sequence numbers jump by the whole awaited window run on their own threads
+    and finish (the awaited set is trimmed in O(1)) while live ingest goes on."""
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path, api_db_pool_size="1",
+                  api_db_max_overflow="0", api_db_pool_timeout_s="0.2")
+    pub = _publisher(broker)
+    codes: list[int] = []
+    retry_after: set[str | None] = set()
+    try:
+        cloud.start()
+        jumps = [base64.b64encode(segments.payload(i * 4097)).decode() for i in range(2000)]
+        stop = False
+
+        def live() -> None:
+            seq = 0
+            while not stop:
+                pub.publish(f"{PREFIX}/lab/live/seg", segments.payload(seq))
+                seq += 1
+                time.sleep(0.05)
+
+        def read(_: int) -> None:
+            with httpx.Client(timeout=30) as client:
+                for _ in range(20):
+                    r = client.get(f"{cloud.url}/api/v1/predictions", params={"limit": 1000})
+                    codes.append(r.status_code)
+                    if r.status_code == 503:
+                        retry_after.add(r.headers.get("retry-after"))
+
+        def predict(_: int) -> int:
+            r = httpx.post(f"{cloud.url}/api/v1/predict", json={"payloads": jumps},
+                           timeout=120)
+            return r.status_code
+
+        with ThreadPoolExecutor(60) as pool:
+            publisher = pool.submit(live)
+            uploads = [pool.submit(predict, i) for i in range(4)]
+            list(pool.map(read, range(50)))
+            assert [u.result() for u in uploads] == [200] * 4
+            before = len(cloud.seqs("live"))
+            time.sleep(1)
+            stop = True
+            publisher.result()
+        assert set(codes) <= {200, 503}, sorted(set(codes))
+        assert len(codes) == 1000
+        assert retry_after <= {"1"}
+        sent = cloud.seqs("live")
+        assert before > 0
+        deadline = time.monotonic() + 20
+        while cloud.readyz().status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert cloud.metric("csi_handler_errors_total") == 0
+        assert len(set(sent)) == len(sent)
+    finally:
+        pub.close()
+        cloud.stop()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.e2e
+def test_fuzzed_payloads_keep_memory_and_counters_bounded(
+        broker: Mosquitto, tmp_path: Path, segments: Segments) -> None:
+    """Item 11: valid payloads with random sequence numbers and epochs from many APs (more
+    than ``max_aps``), random bytes and bad names: the APs tracked, each AP's awaited set and
+    ``missing_segments`` stay bounded, the process's RSS grows little, ingest goes on."""
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path, max_aps="40")
+    pub = _publisher(broker)
+    rng = random.Random(16)
+
+    def fuzz(n: int) -> None:
+        for _ in range(n):
+            ap = f"ap{rng.randrange(60)}"
+            kind = rng.random()
+            if kind < 0.6:
+                payload = segments.payload(rng.randrange(2**32), epoch=rng.randrange(4))
+            elif kind < 0.9:
+                payload = rng.randbytes(rng.randrange(1, 200))
+            else:
+                ap = rng.choice(["$x", "..", LONG_NAME, "a b"])
+                payload = segments.payload(0)
+            pub.client.publish(f"{PREFIX}/fuzz/{ap}/seg", payload, qos=0)
+
+    try:
+        cloud.start()
+        started = _rss_kb(cloud.pid)
+        pub.publish(f"{PREFIX}/lab/live/seg", segments.payload(0))  # tracked before the cap
+        cloud.wait_seqs("live", [0])
+        # One round to warm up (full batches reach the classifier's largest buffers), then
+        # memory must stay flat however many more follow.
+        rounds = int(os.environ.get("CSI_FUZZ_ROUNDS", "3"))
+        for round_ in range(rounds + 1):
+            fuzz(10_000)
+            pub.publish(f"{PREFIX}/lab/live/seg", segments.payload(1 + round_))
+            cloud.wait_seqs("live", list(range(2 + round_)), timeout_s=180)
+            if round_ == 0:
+                before = _rss_kb(cloud.pid)
+        after = _rss_kb(cloud.pid)
+        aps = cloud.get("/aps")["data"]
+        assert len(aps) <= 40
+        assert cloud.metric('csi_rejected_total{reason="too_many_aps"}') > 0
+        # Random sequence numbers jump past the awaited window: counted as jumps, not as
+        # billions of missing segments.
+        assert max(a["missing_segments"] for a in aps) <= 10 * 4096
+        assert sum(a["counters"].get("seq_jumps", 0) for a in aps) > 100
+        assert after <= before * 1.2, (before, after)
+        print(f"RSS at start {started / 1024:.0f} MiB, after 10,000 fuzzed payloads "
+              f"{before / 1024:.0f} MiB, after {rounds * 10_000:,} more {after / 1024:.0f} MiB")
+        assert cloud.readyz().status_code == 200
+    finally:
+        pub.close()
+        cloud.stop()
