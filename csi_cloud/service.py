@@ -191,6 +191,10 @@ class CloudService:
             await asyncio.wait(self._tasks, timeout=5)
         if self._storing is not None:
             await asyncio.wait({self._storing}, timeout=10)
+            # Still retrying (the database is away): cancelled, so the batch is not
+            # acknowledged (nor dead-lettered) and the broker delivers it again.
+            self._storing.cancel()
+            await asyncio.wait({self._storing}, timeout=2)
         if self.bus is not None:
             await self.bus.close()  # acknowledgements out, partitions handed over (bounded)
         for pool in (self._status_writer, self._db_pool, self.predict_pool, self._ingest_pool,
@@ -269,6 +273,8 @@ class CloudService:
         state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
         if isinstance(row.status, dict):
             self._ap_status[(row.site, row.ap)] = row.status
+            # Overdue from now on if no status comes (a retained one normally does at once).
+            self._status_seen[(row.site, row.ap)] = (time.monotonic(), self._due(row.status))
         if row.epoch is not None and row.last_seq is not None:
             # What is stored, not the row's last_seq (written from the state, which may hold
             # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
@@ -798,10 +804,7 @@ class CloudService:
             if isinstance(value, str) and len(value) > _STATUS_TEXT_MAX:
                 status[text_field] = value[: _STATUS_TEXT_MAX - 1] + "…"
         self._ap_status[key] = status
-        interval = status.get("status_interval_s")
-        due = float(interval) if isinstance(interval, int | float) and not isinstance(
-            interval, bool) and 0 < interval < 86_400 else self.settings.offline_after_s
-        self._status_seen[key] = (time.monotonic(), due)
+        self._status_seen[key] = (time.monotonic(), self._due(status))
         has_model = isinstance(status.get("model_name"), str)
         if self.settings.homeassistant and self._announced.get(key) != has_model:
             self._announced[key] = has_model
@@ -817,8 +820,16 @@ class CloudService:
                 and self._switch_sent.get(key) != epoch
                 and self._compatible(site, ap, active)):
             self._switch_sent[key] = epoch
-            asyncio.get_running_loop().create_task(
-                self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+            self._spawn(self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+
+    def _due(self, status: dict[str, Any]) -> float:
+        """Seconds until the AP's next status: the ``status_interval_s`` it announced, or
+        ``offline_after_s`` for an edge that does not say."""
+        interval = status.get("status_interval_s")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and \
+                0 < interval < 86_400:
+            return float(interval)
+        return self.settings.offline_after_s
 
     def _queue_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
         """Write the AP's latest status on the status thread; statuses arriving faster than
@@ -829,7 +840,13 @@ class CloudService:
         if scheduled:
             return
         future = self._status_writer.submit(self._flush_status, key)
-        asyncio.get_running_loop().create_task(self._watch_status(key, future))
+        self._spawn(self._watch_status(key, future))
+
+    def _spawn(self, coro: Any) -> None:
+        """A background task, referenced until it is done (the loop keeps only weak ones)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _watch_status(self, key: tuple[str, str], future: Future[None]) -> None:
         try:
