@@ -15,6 +15,7 @@ import json
 import os
 import random
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -426,6 +427,40 @@ def test_status_bomb_retained_and_bad_names_do_not_stop_ingest(
         assert cloud.readyz().status_code == 200
     finally:
         pub.publish(f"{PREFIX}/lab/evil/status", b"", retain=True)
+        pub.close()
+        cloud.stop()
+
+
+@pytest.mark.e2e
+def test_a_stale_share_group_member_takes_no_segments(broker: Mosquitto, tmp_path: Path,
+                                                      segments: Segments) -> None:
+    """Item 3: the default subscription is not shared, so an offline persistent member of the
+    ``csi-cloud`` share group (a removed worker) gets no segments the cloud should have."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    assert CloudSettings().shared_subscription is False
+    stale = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="csi-cloud-removed",
+                        protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    subscribed = threading.Event()
+    stale.on_subscribe = lambda *_: subscribed.set()
+    stale.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+    stale.loop_start()
+    stale.subscribe(f"$share/csi-cloud/{PREFIX}/+/+/seg", qos=1)
+    assert subscribed.wait(10)
+    stale.disconnect()
+    stale.loop_stop()
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
+    pub = _publisher(broker)
+    try:
+        cloud.start()
+        for seq in range(10):
+            pub.publish(f"{PREFIX}/lab/ap/seg", segments.payload(seq))
+        cloud.wait_seqs("ap", list(range(10)))
+    finally:
         pub.close()
         cloud.stop()
 
