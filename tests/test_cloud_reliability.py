@@ -686,3 +686,23 @@ def test_fuzzed_payloads_keep_memory_and_counters_bounded(
     finally:
         pub.close()
         cloud.stop()
+
+
+def test_recording_writes_that_fail_count_as_dropped(tmp_path: Path, registry: ModelRegistry,
+                                                     segments: Segments) -> None:
+    """Item 12: ``csi_recording_dropped_segments`` counts segments the recorder failed to
+    write, not only those dropped while it was behind (here: its model folder lacks the
+    bundle, so no segment can be written)."""
+    from csi_cloud.recorder import RecorderProcess
+
+    records = Ingestor(registry).process(
+        [("lab", "ap", segments.payload(s), 1.0) for s in range(3)]).segments
+    (tmp_path / "empty").mkdir()
+    recorder = RecorderProcess(tmp_path / "rec", models=tmp_path / "empty", reconstruction=False,
+                               max_bytes=2**20, max_s=60, flush_s=0.2)
+    try:
+        recorder.append(records)
+        recorder.flush()  # answered after the append was handled
+        assert recorder.dropped_segments == 3
+    finally:
+        recorder.close()
