@@ -146,7 +146,7 @@ class CloudService:
         self._stuck: str | None = None  # why stores fail right now
         self._status_failing: str | None = None
         self._status_retry: set[tuple[str, str]] = set()  # status writes to try again
-        self._last_stored = time.monotonic()
+        self._waiting_since: float | None = None  # the queue has not been empty since
         self.dead_lettered = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -223,10 +223,10 @@ class CloudService:
             out.append("bus: not consuming from the NATS cluster")
         if self._stuck is not None:
             out.append(self._stuck)
-        idle_s = time.monotonic() - self._last_stored
-        if not self.queue.empty() and idle_s > 30:
-            out.append(f"ingest: {self.queue.qsize()} message(s) waiting and no batch stored "
-                       f"for {idle_s:.0f} s")
+        since = self._waiting_since
+        if since is not None and not self.queue.empty() and time.monotonic() - since > 30:
+            out.append(f"ingest: {self.queue.qsize()} message(s) waiting, the queue not "
+                       f"taken for {time.monotonic() - since:.0f} s")
         if self._status_failing is not None:
             out.append(self._status_failing)
         return out
@@ -381,6 +381,8 @@ class CloudService:
 
     def submit(self, site: str, ap: str, payload: bytes, received: float,
                ack: Callable[[], None] | None = None) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self.queue.put_nowait((site, ap, payload, received, ack))
         self.metrics.queue.set(self.queue.qsize())
 
@@ -399,6 +401,8 @@ class CloudService:
                     break
                 await asyncio.sleep(min(remaining, 0.002))
             self.metrics.queue.set(self.queue.qsize())
+            # What is still queued came while this batch was collected.
+            self._waiting_since = None if self.queue.empty() else time.monotonic()
             try:
                 await self._process(batch)
             except Exception as exc:  # a bug must not stop ingest: the batch is kept aside
@@ -443,7 +447,6 @@ class CloudService:
                           "failed: %s", len(batch), _shown(exc), exc=exc)
             await self._dead_letter(batch, f"{type(exc).__name__}: {exc}")
             stored = []
-        self._last_stored = time.monotonic()
         now = time.time()
         for *_, received, ack in batch:
             self.metrics.latency.observe(max(0.0, now - received))
