@@ -147,6 +147,7 @@ class CloudService:
         self._status_failing: str | None = None
         self._status_retry: set[tuple[str, str]] = set()  # status writes to try again
         self._waiting_since: float | None = None  # the queue has not been empty since
+        self._processing = False  # the batch loop holds a batch
         self.dead_lettered = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -182,15 +183,19 @@ class CloudService:
         part cannot keep the process from exiting (what is not acknowledged is resent)."""
         if self.bus is not None:
             self.bus.pause()  # nothing new; what was delivered is stored and acknowledged
+        # Until the batch loop has taken every queued message AND finished the batch it holds
+        # (cancelled mid-batch, that batch and the one being stored would be left
+        # unacknowledged: resent, but the bus could not hand their partitions over at once).
         deadline = time.monotonic() + 5
-        while not self.queue.empty() and time.monotonic() < deadline:
+        while (not self.queue.empty() or self._processing) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self._storing is not None:
+            await asyncio.wait({self._storing}, timeout=10)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._storing is not None:
-            await asyncio.wait({self._storing}, timeout=10)
             # Still retrying (the database is away): cancelled, so the batch is not
             # acknowledged (nor dead-lettered) and the broker delivers it again.
             self._storing.cancel()
@@ -392,6 +397,7 @@ class CloudService:
         wait_s = self.settings.batch_max_wait_ms / 1000
         while True:
             batch = [await self.queue.get()]
+            self._processing = True
             deadline = loop.time() + wait_s
             while len(batch) < limit:
                 while len(batch) < limit and not self.queue.empty():
@@ -413,6 +419,8 @@ class CloudService:
                 for *_, ack in batch:
                     if ack is not None:
                         ack()
+            finally:
+                self._processing = False
         # (the store of the last batch may still run; stop() awaits it)
 
     async def _process(self, batch: list[_Item]) -> None:
