@@ -30,7 +30,7 @@ import numpy as np
 from csi_edge._errors import CSIError
 from csi_edge.bundle import SegmentCodes, decode_segment_codes, encode_segment_codes
 from csi_edge.codec import NO_MODEL_SEGMENT_MS, Payload, PayloadError, decode_payload
-from csi_edge.names import is_valid_name
+from csi_edge.names import InvalidNameError, check_name
 from csi_edge.presence import PresenceConfig, PresenceTracker
 
 from .model.compression import CloudModel
@@ -321,10 +321,11 @@ class Ingestor:
         for site, ap, data, received in batch:
             if (site, ap) not in self.aps:
                 # Names by the one rule (csi_edge.names) before anything is kept for them.
-                if not (is_valid_name(site) and is_valid_name(ap)):
-                    self._reject(result, site, ap, "bad_name",
-                                 f"site {site[:80]!r} / ap {ap[:80]!r}: not a valid name "
-                                 "(1-64 of A-Z a-z 0-9 _ - ., starting with a letter or digit)")
+                try:
+                    check_name(site, "site")
+                    check_name(ap, "ap")
+                except InvalidNameError as exc:
+                    self._reject(result, site, ap, "bad_name", str(exc))
                     continue
                 if len(self.aps) >= self.max_aps:
                     self._reject(result, site, ap, "too_many_aps",
