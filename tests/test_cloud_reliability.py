@@ -281,6 +281,15 @@ def test_api_reads_have_their_own_pool_and_answer_503_when_it_is_exhausted(
             held.close()
         assert client.get("/api/v1/aps").status_code == 200
         assert client.get("/api/v1/dead-letters").json() == {"data": [], "count": 0}
+        # /readyz names what is stuck.
+        assert client.get("/readyz").json()["problems"] == []
+        service._stuck = "database: storing a batch of 3 message(s) has failed for 4 s: X"
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["detail"]["problems"] == [service._stuck]
+        assert client.get("/healthz").json()["status"] == "degraded"
+        service._stuck = None
+        assert client.get("/readyz").status_code == 200
 
 
 def test_live_hub_counts_what_a_slow_subscriber_loses() -> None:
