@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     Index,
@@ -20,11 +21,14 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-__all__ = ["AP", "Base", "Database", "Event", "Label", "Prediction", "Setting", "TrainingJob"]
+__all__ = ["AP", "Base", "Database", "DeadLetter", "Event", "Label", "Prediction", "Setting",
+           "TrainingJob"]
 
 
 class Base(DeclarativeBase):
@@ -46,7 +50,9 @@ class AP(Base):
     first_seen: Mapped[float] = mapped_column(Float, default=time.time)
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    last_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The wire's sequence numbers are u32: 64-bit columns on every database (SQLite's INTEGER
+    # is 64-bit already; older PostgreSQL tables are widened on start, _widen_columns).
+    last_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     counters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prediction: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True,
                                                               doc="the latest prediction")
@@ -62,7 +68,7 @@ class Prediction(Base):
     site: Mapped[str] = mapped_column(String(64))
     ap: Mapped[str] = mapped_column(String(64))
     epoch: Mapped[int] = mapped_column(Integer)
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[float] = mapped_column(Float, doc="capture time of the segment's start")
     received: Mapped[float] = mapped_column(Float)
     model: Mapped[str | None] = mapped_column(String(64), nullable=True,
@@ -110,6 +116,24 @@ class Event(Base):
     model: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+class DeadLetter(Base):
+    """A segment message whose batch could not be stored (after retries): kept with its raw
+    payload and the error, so it can be looked at and replayed, and acknowledged so it does
+    not block the messages behind it."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Text, not VARCHAR(64): whatever name the message came with is kept as it was.
+    site: Mapped[str] = mapped_column(Text)
+    ap: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary, doc="at most max_payload_bytes")
+    size: Mapped[int] = mapped_column(Integer, doc="payload bytes as received")
+    error: Mapped[str] = mapped_column(Text)
+    received: Mapped[float] = mapped_column(Float)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class Label(Base):
     """Activity/identity over a time range of an AP's stream (for retraining)."""
 
@@ -150,21 +174,59 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-class Database:
-    """Engine + session factory; creates the tables on first use."""
+# 64-bit columns of tables created before they were: (table, column).
+_WIDENED = (("aps", "last_seq"), ("predictions", "seq"))
 
-    def __init__(self, url: str) -> None:
+
+class Database:
+    """Engines + session factories; creates (and migrates) the tables on first use.
+
+    Two engines with their own connection pools: ``session`` (ingest, status, jobs) and
+    ``api_session`` (the HTTP API's reads), so a flood of requests waits for the API's pool
+    (``pool_timeout`` -> :class:`sqlalchemy.exc.TimeoutError`, answered 503) and never takes
+    the connections ingest needs.
+    """
+
+    def __init__(self, url: str, *, api_pool_size: int = 5, api_max_overflow: int = 5,
+                 api_pool_timeout_s: float = 2.0, busy_timeout_s: float = 5.0) -> None:
         self.url = url
+        self.engine: Engine = self._engine(url, busy_timeout_s)
+        Base.metadata.create_all(self.engine)
+        self._widen_columns()
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.api_engine: Engine = self._engine(url, busy_timeout_s, pool_size=api_pool_size,
+                                               max_overflow=api_max_overflow,
+                                               pool_timeout=api_pool_timeout_s)
+        self.api_session = sessionmaker(self.api_engine, expire_on_commit=False)
+
+    @staticmethod
+    def _engine(url: str, busy_timeout_s: float, **pool: Any) -> Engine:
         kwargs: dict[str, Any] = {"future": True}
+        if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
+            kwargs.update(pool)  # (an in-memory SQLite database has one connection per thread)
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # Bounded: a locked file is an error to retry, never a thread stuck for minutes.
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
         else:
             kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(url, **kwargs)
+            kwargs["connect_args"] = {"connect_timeout": max(1, round(busy_timeout_s))}
+        engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        self.session = sessionmaker(self.engine, expire_on_commit=False)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+
+    def _widen_columns(self) -> None:
+        """Idempotent migration: 32-bit sequence-number columns of an older PostgreSQL
+        database become BIGINT (SQLite's INTEGER holds 64 bits already)."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        inspector = inspect(self.engine)
+        with self.engine.begin() as con:
+            for table, column in _WIDENED:
+                kinds = {c["name"]: c["type"] for c in inspector.get_columns(table)}
+                if not isinstance(kinds.get(column), BigInteger):
+                    con.execute(text(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" '
+                                     "TYPE BIGINT"))
 
     def get_setting(self, key: str) -> str | None:
         with self.session() as s:
@@ -176,14 +238,13 @@ class Database:
             s.merge(Setting(key=key, value=value))
 
     def ping(self) -> bool:
-        from sqlalchemy import text
-
-        with self.engine.connect() as con:
+        with self.api_engine.connect() as con:
             con.execute(text("SELECT 1"))
         return True
 
     def close(self) -> None:
         self.engine.dispose()
+        self.api_engine.dispose()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:

@@ -21,7 +21,7 @@ Not thread-safe: one batch at a time (the service runs it on one worker thread).
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 from csi_edge._errors import CSIError
 from csi_edge.bundle import SegmentCodes, decode_segment_codes, encode_segment_codes
 from csi_edge.codec import NO_MODEL_SEGMENT_MS, Payload, PayloadError, decode_payload
+from csi_edge.names import InvalidNameError, check_name
 from csi_edge.presence import PresenceConfig, PresenceTracker
 
 from .model.compression import CloudModel
@@ -48,9 +49,13 @@ __all__ = [
 
 _U32 = 1 << 32
 _MAX_AWAITED = 4096  # skipped sequence numbers remembered per AP, to accept them late
+_RATE_WINDOW = 1024  # (time, bytes) entries kept per AP for its payload rate
 REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_flags",
                   "bad_count", "bad_varint", "truncated_segment", "trailing_bytes", "bad_idle",
-                  "bad_no_model", "unknown_model", "bad_level", "bad_codes", "bad_topic")
+                  "bad_no_model", "unknown_model", "bad_level", "bad_codes", "bad_topic",
+                  "bad_name", "too_many_aps")
+# Rejections that create no per-AP state (the name is bad, or no more APs are tracked).
+_STATELESS = ("bad_topic", "bad_name", "too_many_aps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +152,16 @@ class APState:
     last_seen: float | None = None
     last_prediction: PredictionRecord | None = None
     last_record: DecodedRecord | None = None  # the newest segment (for a CSI view)
-    missing: set[int] = field(default_factory=set)  # sequence numbers skipped, still awaited
-    bytes_window: list[tuple[float, int]] = field(default_factory=list)
+    # Sequence numbers skipped, still awaited, oldest first (insertion order: the oldest is
+    # dropped in O(1) once more than _MAX_AWAITED are awaited).
+    missing: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    bytes_window: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=_RATE_WINDOW))
 
     def bytes_per_s(self, now: float, window_s: float = 30.0) -> float:
-        recent = [(t, n) for t, n in self.bytes_window if now - t <= window_s]
-        self.bytes_window = recent
+        while self.bytes_window and now - self.bytes_window[0][0] > window_s:
+            self.bytes_window.popleft()
+        recent = list(self.bytes_window)
         if not recent:
             return 0.0
         span = max(now - recent[0][0], 1.0)
@@ -181,10 +190,13 @@ class BatchResult:
 
 class Ingestor:
     def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384,
-                 reconstruct: bool = False, presence: PresenceConfig | None = None) -> None:
+                 reconstruct: bool = False, presence: PresenceConfig | None = None,
+                 max_aps: int = 10_000) -> None:
         """``reconstruct``: also run the decoder (the classifier does not need it; recordings
         decode what they store themselves, off the latency path). ``presence``: the motion
-        threshold, sensitivity and hold of every AP."""
+        threshold, sensitivity and hold of every AP. ``max_aps``: APs tracked at most (memory
+        stays bounded whatever names arrive); messages of further ones are rejected."""
+        self.max_aps = max_aps
         self.registry = registry
         self.presence_config = presence or PresenceConfig()
         self.presence: dict[tuple[str, str], PresenceTracker] = {}
@@ -222,12 +234,26 @@ class Ingestor:
         newest = max(stored)
         state.last_seq = newest
         low = max(min(stored), newest - _MAX_AWAITED + 1)
-        state.missing = set(range(low, newest + 1)) - set(stored)
+        seen = set(stored)
+        state.missing = OrderedDict.fromkeys(s for s in range(low, newest + 1) if s not in seen)
+
+    def unsee(self, site: str, ap: str, epoch: int, seqs: list[int]) -> None:
+        """Segments that were tracked but could not be stored (dead-lettered): awaited again,
+        so the same segments are accepted if they are sent once more."""
+        state = self.aps.get((site, ap))
+        if state is None or state.epoch != epoch:
+            return
+        for seq in sorted(seqs):
+            if seq != state.last_seq and seq not in state.missing:
+                state.missing[seq] = None
+                state.counters["missing_segments"] += 1
+        while len(state.missing) > _MAX_AWAITED:
+            state.missing.popitem(last=False)
 
     def _reject(self, result: BatchResult, site: str, ap: str, reason: str,
                 detail: str) -> None:
         self.rejected[reason] += 1
-        if (site, ap) in self.aps or reason not in ("bad_topic",):
+        if (site, ap) in self.aps or reason not in _STATELESS:
             self.state(site, ap).rejected[reason] += 1
         result.rejected.append((site, ap, reason, detail))
 
@@ -293,6 +319,18 @@ class Ingestor:
         accepted: list[DecodedRecord] = []
         presence_only: list[PresenceRecord] = []
         for site, ap, data, received in batch:
+            if (site, ap) not in self.aps:
+                # Names by the one rule (csi_edge.names) before anything is kept for them.
+                try:
+                    check_name(site, "site")
+                    check_name(ap, "ap")
+                except InvalidNameError as exc:
+                    self._reject(result, site, ap, "bad_name", str(exc))
+                    continue
+                if len(self.aps) >= self.max_aps:
+                    self._reject(result, site, ap, "too_many_aps",
+                                 f"{site}/{ap}: {self.max_aps} APs are tracked already")
+                    continue
             records = self._decode(result, site, ap, data, received)
             if not records:
                 continue
@@ -401,7 +439,7 @@ class Ingestor:
                 # Older than the newest seen: a segment skipped earlier arriving late (a broker
                 # resends unacknowledged messages after newer ones), or one seen already.
                 if record.seq in state.missing:
-                    state.missing.discard(record.seq)
+                    del state.missing[record.seq]
                     c["late"] += 1
                     c["missing_segments"] -= 1
                     self._note(state, record)
@@ -410,11 +448,17 @@ class Ingestor:
                 return False
             if step > 1:
                 c["gaps"] += 1
-                c["missing_segments"] += step - 1
                 if step - 1 <= _MAX_AWAITED:
-                    state.missing.update((state.last_seq + k) % _U32 for k in range(1, step))
+                    c["missing_segments"] += step - 1
+                    state.missing.update(((state.last_seq + k) % _U32, None)
+                                         for k in range(1, step))
+                    # Oldest first out: O(1) each, however the sequence numbers jump.
                     while len(state.missing) > _MAX_AWAITED:
-                        state.missing.discard(min(state.missing))
+                        state.missing.popitem(last=False)
+                else:
+                    # Beyond what is awaited: the numbering jumped (counted once, not as
+                    # billions of missing segments, and nothing is enumerated).
+                    c["seq_jumps"] += 1
         state.last_seq = record.seq
         self._note(state, record)
         return True

@@ -283,12 +283,17 @@ class JobManager:
         return self.get(job_id) or {}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with self.db.session() as s:
+        # Read by the HTTP API: its own connection pool, never ingest's.
+        with self._read_session() as s:
             row = s.get(TrainingJob, job_id)
             return job_dict(row) if row is not None else None
 
+    def _read_session(self) -> Any:
+        factory = getattr(self.db, "api_session", None) or self.db.session
+        return factory()
+
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        with self.db.session() as s:
+        with self._read_session() as s:
             query = select(TrainingJob)
             if state is not None:
                 query = query.where(TrainingJob.state == state)

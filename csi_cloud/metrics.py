@@ -53,10 +53,21 @@ class Metrics:
                                     registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.queue = Gauge("csi_ingest_queue", "Messages waiting for a batch", registry=r)
         self.recording_dropped = Gauge("csi_recording_dropped_segments",
-                                       "Segments left out of the recordings because the "
-                                       "recorder fell behind", registry=r)
+                                       "Segments left out of the recordings: the recorder fell "
+                                       "behind or writing them failed", registry=r)
         self.live_dropped = Counter("csi_live_dropped", "Live events dropped for slow clients",
                                     registry=r)
+        self.handler_errors = Counter("csi_handler_errors", "Errors caught while handling a "
+                                      "message, batch or status (skipped, logged once, ingest "
+                                      "goes on), by where", ["where"], registry=r)
+        self.status_rejected = Counter("csi_status_rejected", "AP status messages rejected, "
+                                       "by reason", ["reason"], registry=r)
+        self.store_failures = Counter("csi_store_failures", "Failed tries to store a batch "
+                                      "(retried)", registry=r)
+        self.dead_letters = Counter("csi_dead_letters", "Messages that could not be stored "
+                                    "and were kept in dead_letters", registry=r)
+        self.stuck = Gauge("csi_ingest_stuck", "1 while storing a batch keeps failing",
+                           registry=r)
 
     def track_aps(self, snapshot: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_APCollector(snapshot))

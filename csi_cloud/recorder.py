@@ -33,11 +33,12 @@ class RecorderProcess:
     def __init__(self, folder: Path, *, models: Path, reconstruction: bool, max_bytes: int,
                  max_s: float, flush_s: float, max_backlog: int = 2000) -> None:
         self.max_backlog = max_backlog  # append calls waiting; beyond it, new ones are dropped
-        self.dropped_segments = 0
+        self._ctx = mp.get_context("spawn")
+        self._behind = 0  # segments dropped here: the recorder was behind
+        self._failed: Any = self._ctx.Value("q", 0)  # segments the child failed to write
         self._options = {"parent": os.getpid(), "folder": str(folder), "models": str(models),
                          "reconstruction": reconstruction, "max_bytes": max_bytes,
                          "max_s": max_s, "flush_s": flush_s}
-        self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._proc: Any = None
         self._start()
@@ -46,7 +47,8 @@ class RecorderProcess:
         self._requests: Any = self._ctx.Queue()
         self._replies: Any = self._ctx.Queue()
         self._proc = self._ctx.Process(target=_serve, name="csi-recorder", daemon=True,
-                                       args=(self._options, self._requests, self._replies))
+                                       args=(self._options, self._requests, self._replies,
+                                             self._failed))
         self._proc.start()
 
     def _alive(self) -> None:
@@ -55,6 +57,11 @@ class RecorderProcess:
                       self._proc.exitcode)
             self._start()
 
+    @property
+    def dropped_segments(self) -> int:
+        """Segments left out of the recordings: dropped while behind, or failed to write."""
+        return self._behind + int(self._failed.value)
+
     def append(self, segments: Sequence[DecodedRecord]) -> None:
         rows = [(r.site, r.ap, r.epoch, r.seq, r.timestamp_ms, r.level, r.quality, r.model.id,
                  r.codes.latent, r.codes.profile, r.code_bytes, r.received) for r in segments]
@@ -62,8 +69,8 @@ class RecorderProcess:
             self._alive()
             # Never let a slow disk hold ingest up or grow memory without bound.
             if self._requests.qsize() > self.max_backlog:
-                self.dropped_segments += len(rows)
-                if self.dropped_segments == len(rows):
+                self._behind += len(rows)
+                if self._behind == len(rows):
                     log.warning("recorder is behind by %d batches: dropping segments from the "
                                 "recordings (predictions are unaffected)", self.max_backlog)
                 return
@@ -114,7 +121,7 @@ def _exit_with_parent() -> None:
         pass  # elsewhere the idle loop notices the parent is gone
 
 
-def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
+def _serve(options: dict[str, Any], requests: Any, replies: Any, failed: Any = None) -> None:
     import torch
 
     from csi_edge.bundle import SegmentCodes
@@ -168,6 +175,9 @@ def _serve(options: dict[str, Any], requests: Any, replies: Any) -> None:
                 store.append(records(rows))
             except Exception:  # one bad group must not end the recordings
                 logging.exception("recording %d segment(s) failed", len(rows))
+                if failed is not None:
+                    with failed.get_lock():
+                        failed.value += len(rows)
         if method == "close":
             store.close()
             return

@@ -1,10 +1,20 @@
 """The cloud worker: MQTT ingest -> micro-batches -> decode + classify -> store -> publish.
 
 One :class:`CloudService` per process, started in the FastAPI lifespan. Segment messages come
-from an MQTT 5 shared subscription (``$share/{group}/{prefix}/+/+/seg``) on a persistent
-session (clean start off, session expiry), and are acknowledged only after their batch is
+from a subscription to ``{prefix}/+/+/seg`` on a persistent session (clean start off, session
+expiry; ``$share/{group}/...`` only when ``shared_subscription`` is set: Mosquitto does not
+restore shared subscriptions after a restart), and are acknowledged only after their batch is
 stored, so a worker that dies mid-batch gets them again from the broker (duplicates are
 recognised by epoch and sequence number). Status messages (retained) update each AP's state.
+
+Nothing one message does stops ingest: JSON is parsed bounded (csi_edge.messages), names are
+checked by the one rule (csi_edge.names), a handler error is logged once with the bad value,
+counted and skipped, and the MQTT loop reconnects after any error. A batch the database
+refuses is retried with backoff; while the database is unreachable it is retried for as long
+as it takes (nothing acknowledged, nothing lost; ``/readyz`` says why), and a batch refused
+for its content is split by AP and what still fails is dead-lettered (kept in
+``dead_letters``, counted, listed by the API, acknowledged). Database work runs on its own
+threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,20 +25,30 @@ import gc
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from csi_edge._errors import CSIError
 from csi_edge._mqtt import Backoff
 from csi_edge.bundle import decode_segment_codes
+from csi_edge.messages import BadMessageError, loads_bounded
+from csi_edge.names import is_valid_name
 from csi_edge.presence import PresenceConfig
 from csi_edge.settings import topic_name
 
-from .db import AP, Database, Prediction
+from .db import AP, Database, DeadLetter, Prediction
 from .events import LiveTrust
 from .ingest import BatchResult, DecodedRecord, Ingestor
 from .live import LiveHub
@@ -37,11 +57,31 @@ from .model.heads import UNKNOWN
 from .registry import ModelRegistry
 from .settings import CloudSettings
 
-__all__ = ["CloudService", "NotConnectedError"]
+__all__ = ["CloudService", "NotConnectedError", "is_transient"]
 
 log = logging.getLogger("csi_cloud.service")
 
 _ACTIVE_MODEL = "active_model"
+_SHOWN = 200  # characters of a bad value quoted in a log line
+_STATUS_TEXT_MAX = 300  # characters of an AP's error text kept in its status
+_MAX_DEAD_LETTERS = 100_000  # rows kept in dead_letters (the oldest go first)
+_LOGGED_MAX = 4096  # distinct problems remembered for "log once"
+
+_Item = tuple[str, str, bytes, float, Callable[[], None] | None]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database could not be reached or was busy (retry until it can), as opposed to a
+    statement it refused for its content (a bad value: retry a few times, then dead-letter)."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
+                  PoolTimeoutError | TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
 
 
 class NotConnectedError(RuntimeError):
@@ -52,14 +92,18 @@ class CloudService:
     def __init__(self, settings: CloudSettings, *, recorder: Any = None) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.models)
-        self.db = Database(settings.db)
+        self.db = Database(settings.db, api_pool_size=settings.api_db_pool_size,
+                           api_max_overflow=settings.api_db_max_overflow,
+                           api_pool_timeout_s=settings.api_db_pool_timeout_s,
+                           busy_timeout_s=settings.db_timeout_s)
         self.ingestor = Ingestor(self.registry, settings.max_payload_bytes,
                                  presence=PresenceConfig(settings.presence_threshold,
                                                          settings.presence_sensitivity,
-                                                         settings.presence_hold_s))
-        self.hub = LiveHub()
-        self.trust = LiveTrust(self.registry, self.db, settings.prefix)  # smoothing, events
+                                                         settings.presence_hold_s),
+                                 max_aps=settings.max_aps)
         self.metrics = Metrics()
+        self.hub = LiveHub(on_drop=self.metrics.live_dropped.inc)
+        self.trust = LiveTrust(self.registry, self.db, settings.prefix)  # smoothing, events
         self.metrics.track_aps(self.ap_rates)
         # -- recordings and training jobs (csi_cloud.storage, csi_cloud.jobs) --
         if recorder is None and settings.record:
@@ -76,8 +120,7 @@ class CloudService:
         self.jobs = JobManager(settings, self.db, self.registry,
                                active_model=lambda: self.active_model, activate=self.activate)
         # -- end recordings and training jobs --
-        self.queue: asyncio.Queue[tuple[str, str, bytes, float, Callable[[], None] | None]] = \
-            asyncio.Queue()
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.mqtt: Any = None
         self.bus: Any = None  # csi_cloud.bus.NatsBus when segments come from NATS
         self.started = time.time()
@@ -88,9 +131,26 @@ class CloudService:
         self._db_aps: set[tuple[str, str]] = set()  # AP rows known to exist
         # APs with discovery configs, and whether those include the model's entities.
         self._announced: dict[tuple[str, str], bool] = {}
-        self._switch_sent: set[tuple[str, str, int]] = set()
+        self._switch_sent: dict[tuple[str, str], int] = {}  # the epoch told to switch
         self.batches = 0
+        # Threads of their own: ingest (the per-AP state: one at a time), stores (in batch
+        # order), status writes (in arrival order), other database reads, and /predict (so an
+        # upload cannot hold up live ingest).
+        self._ingest_pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")
+        self._db_pool = ThreadPoolExecutor(2, thread_name_prefix="db")
+        self.predict_pool = ThreadPoolExecutor(2, thread_name_prefix="predict")
+        self._active_setting: str | None = None  # the stored active model (cached)
+        self._pending_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._status_seen: dict[tuple[str, str], tuple[float, float]] = {}  # (when, due in s)
+        self._logged: OrderedDict[str, None] = OrderedDict()
+        self._stuck: str | None = None  # why stores fail right now
+        self._status_failing: str | None = None
+        self._status_retry: set[tuple[str, str]] = set()  # status writes to try again
+        self._waiting_since: float | None = None  # the queue has not been empty since
+        self._processing = False  # the batch loop holds a batch
+        self.dead_lettered = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -98,8 +158,11 @@ class CloudService:
         if not len(self.registry):
             raise RuntimeError(f"no usable model bundle in {self.settings.models} "
                                f"({self.registry.problems or 'folder empty'})")
+        loop = asyncio.get_running_loop()
+        self._active_setting = await loop.run_in_executor(self._db_pool, self.db.get_setting,
+                                                          _ACTIVE_MODEL)
         self.registry.serve(self.active_model)
-        await asyncio.to_thread(self._restore_states)
+        await loop.run_in_executor(self._db_pool, self._restore_states)
         # Models and libraries are loaded: keep the collector from re-scanning them (full
         # collections of those objects were the worst latency spikes under load).
         gc.collect()
@@ -108,6 +171,7 @@ class CloudService:
         gc.set_threshold(50_000, 20, 20)
         self.jobs.start(asyncio.get_running_loop())  # training jobs
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.settings.broker_address() is not None:
             self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
         if self.settings.bus_servers():  # segments from a NATS JetStream cluster
@@ -121,18 +185,28 @@ class CloudService:
         part cannot keep the process from exiting (what is not acknowledged is resent)."""
         if self.bus is not None:
             self.bus.pause()  # nothing new; what was delivered is stored and acknowledged
+        # Until the batch loop has taken every queued message AND finished the batch it holds
+        # (cancelled mid-batch, that batch and the one being stored would be left
+        # unacknowledged: resent, but the bus could not hand their partitions over at once).
         deadline = time.monotonic() + 5
-        while not self.queue.empty() and time.monotonic() < deadline:
+        while (not self.queue.empty() or self._processing) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self._storing is not None:
+            await asyncio.wait({self._storing}, timeout=10)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._storing is not None:
-            await asyncio.wait({self._storing}, timeout=10)
+            # Still retrying (the database is away): cancelled, so the batch is not
+            # acknowledged (nor dead-lettered) and the broker delivers it again.
+            self._storing.cancel()
+            await asyncio.wait({self._storing}, timeout=2)
         if self.bus is not None:
             await self.bus.close()  # acknowledgements out, partitions handed over (bounded)
-        self._status_writer.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._status_writer, self._db_pool, self.predict_pool, self._ingest_pool,
+                     self._store_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         for name, step, limit in (("training jobs", self.jobs.stop, 15.0),
                                   ("recorder", getattr(self.recorder, "close", None), 30.0)):
             if step is None:
@@ -145,8 +219,36 @@ class CloudService:
 
     @property
     def ready(self) -> bool:
-        return (self.mqtt is not None or self.settings.broker_address() is None) and \
-            (self.bus is None or self.bus.ready)
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """What keeps this worker from working right now (``/readyz`` reports it)."""
+        out = []
+        if self.mqtt is None and self.settings.broker_address() is not None:
+            out.append("mqtt: not connected to the broker")
+        if self.bus is not None and not self.bus.ready:
+            out.append("bus: not consuming from the NATS cluster")
+        if self._stuck is not None:
+            out.append(self._stuck)
+        since = self._waiting_since
+        if since is not None and not self.queue.empty() and time.monotonic() - since > 30:
+            out.append(f"ingest: {self.queue.qsize()} message(s) waiting, the queue not "
+                       f"taken for {time.monotonic() - since:.0f} s")
+        if self._status_failing is not None:
+            out.append(self._status_failing)
+        return out
+
+    def log_once(self, key: str, message: str, *args: Any, exc: BaseException | None = None
+                 ) -> None:
+        """Log a problem the first time it is seen (by ``key``), later ones at debug level:
+        a flood of bad messages cannot flood the log."""
+        if key in self._logged:
+            log.debug(message, *args)
+            return
+        self._logged[key] = None
+        while len(self._logged) > _LOGGED_MAX:
+            self._logged.popitem(last=False)
+        log.warning(message + " (logged once)", *args, exc_info=exc)
 
     def _restore_states(self) -> None:
         """Epoch and last sequence number per AP from the database, so segments the broker
@@ -178,6 +280,8 @@ class CloudService:
         state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
         if isinstance(row.status, dict):
             self._ap_status[(row.site, row.ap)] = row.status
+            # Overdue from now on if no status comes (a retained one normally does at once).
+            self._status_seen[(row.site, row.ap)] = (time.monotonic(), self._due(row.status))
         if row.epoch is not None and row.last_seq is not None:
             # What is stored, not the row's last_seq (written from the state, which may hold
             # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
@@ -220,7 +324,9 @@ class CloudService:
 
     @property
     def active_model(self) -> str:
-        stored = self.db.get_setting(_ACTIVE_MODEL)
+        """The active bundle; the stored choice is cached (read at start, after activate and
+        every few seconds off the event loop), so this never queries the database."""
+        stored = self._active_setting
         if stored in self.registry.ids():
             return stored
         if self.settings.default_model:
@@ -233,7 +339,8 @@ class CloudService:
         if self.mqtt is None:
             raise NotConnectedError("not connected to the MQTT broker: nothing was changed")
         announced = []
-        for site, ap in await asyncio.to_thread(self._known_aps):
+        loop = asyncio.get_running_loop()
+        for site, ap in await loop.run_in_executor(self._db_pool, self._known_aps):
             current = (self._ap_status.get((site, ap)) or {}).get("model")
             if isinstance(current, str) and self.registry.same_edge(current, model.id):
                 continue  # a bundle derived in the cloud: the AP's encoder stays as it is
@@ -241,7 +348,8 @@ class CloudService:
                 await self.send_ctl(site, ap, self._switch_command(model.id))
                 announced.append(f"{site}/{ap}")
         # Stored last: a failed announcement leaves the previous model active.
-        await asyncio.to_thread(self.db.set_setting, _ACTIVE_MODEL, model.id)
+        await loop.run_in_executor(self._db_pool, self.db.set_setting, _ACTIVE_MODEL, model.id)
+        self._active_setting = model.id
         self.registry.serve(model.id)
         return announced
 
@@ -280,6 +388,8 @@ class CloudService:
 
     def submit(self, site: str, ap: str, payload: bytes, received: float,
                ack: Callable[[], None] | None = None) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self.queue.put_nowait((site, ap, payload, received, ack))
         self.metrics.queue.set(self.queue.qsize())
 
@@ -289,6 +399,7 @@ class CloudService:
         wait_s = self.settings.batch_max_wait_ms / 1000
         while True:
             batch = [await self.queue.get()]
+            self._processing = True
             deadline = loop.time() + wait_s
             while len(batch) < limit:
                 while len(batch) < limit and not self.queue.empty():
@@ -298,14 +409,23 @@ class CloudService:
                     break
                 await asyncio.sleep(min(remaining, 0.002))
             self.metrics.queue.set(self.queue.qsize())
+            # What is still queued came while this batch was collected.
+            self._waiting_since = None if self.queue.empty() else time.monotonic()
             try:
                 await self._process(batch)
-            except Exception:  # a bug must not stop ingest; the batch stays unacknowledged
-                log.exception("ingest batch of %d message(s) failed", len(batch))
+            except Exception as exc:  # a bug must not stop ingest: the batch is kept aside
+                self.metrics.handler_errors.labels("ingest").inc()
+                self.log_once(f"ingest:{type(exc).__name__}", "ingest batch of %d message(s) "
+                              "failed: %s", len(batch), _shown(exc), exc=exc)
+                await self._dead_letter(batch, f"ingest: {type(exc).__name__}: {exc}")
+                for *_, ack in batch:
+                    if ack is not None:
+                        ack()
+            finally:
+                self._processing = False
         # (the store of the last batch may still run; stop() awaits it)
 
-    async def _process(self, batch: list[tuple[str, str, bytes, float,
-                                               Callable[[], None] | None]]) -> None:
+    async def _process(self, batch: list[_Item]) -> None:
         """Decode and classify this batch; store it while the next one is classified.
 
         Ingest stays strictly sequential (it holds the per-AP state); stores run one at a time
@@ -313,7 +433,8 @@ class CloudService:
         """
         t0 = time.perf_counter()
         items = [(site, ap, payload, received) for site, ap, payload, received, _ in batch]
-        result = await asyncio.to_thread(self.ingestor.process, items)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._ingest_pool, self.ingestor.process, items)
         events = [p.as_dict() for p in result.predictions]
         if events:
             await asyncio.to_thread(self.trust.observe, events)
@@ -322,50 +443,162 @@ class CloudService:
         if previous is not None:
             await previous  # at most one store waiting behind the running one
 
-    async def _finish(self, batch: list[tuple[str, str, bytes, float,
-                                              Callable[[], None] | None]],
-                      result: BatchResult, events: list[dict[str, Any]],
-                      previous: asyncio.Task[None] | None, t0: float) -> None:
+    async def _finish(self, batch: list[_Item], result: BatchResult,
+                      events: list[dict[str, Any]], previous: asyncio.Task[None] | None,
+                      t0: float) -> None:
         if previous is not None:
             await asyncio.shield(previous)
+        loop = asyncio.get_running_loop()
+        if self.recorder is not None and result.segments:
+            await loop.run_in_executor(self._store_pool, self._record, result)
         try:
-            await asyncio.to_thread(self._store, result, events)
-        except Exception:  # not acknowledged: the broker delivers the batch again
-            log.exception("storing a batch of %d message(s) failed", len(batch))
-            return
+            stored = await self._store_or_dead_letter(batch, result, events)
+        except Exception as exc:  # a bug in the above: never stop ingest; the batch is kept
+            self.metrics.handler_errors.labels("store").inc()
+            self.log_once(f"finish:{type(exc).__name__}", "storing a batch of %d message(s) "
+                          "failed: %s", len(batch), _shown(exc), exc=exc)
+            await self._dead_letter(batch, f"{type(exc).__name__}: {exc}")
+            stored = []
         now = time.time()
         for *_, received, ack in batch:
             self.metrics.latency.observe(max(0.0, now - received))
             if ack is not None:
-                ack()
+                ack()  # stored or dead-lettered: either way kept
         self.batches += 1
         self.metrics.batch.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.recording_dropped.set(getattr(self.recorder, "dropped_segments", 0))
         self.metrics.messages.inc(len(batch))
         self.metrics.segments.inc(len(result.segments))
-        self.metrics.predictions.inc(len(result.predictions))
+        self.metrics.predictions.inc(len(stored))
         self.metrics.idle_segments.inc(sum(1 for r in result.segments if r.idle))
-        self.metrics.unknown_identities.inc(sum(1 for p in result.predictions
-                                                if p.identity == UNKNOWN))
-        for _, _, reason, _ in result.rejected:
+        self.metrics.unknown_identities.inc(sum(1 for p in stored
+                                                if p["identity"] == UNKNOWN))
+        for site, ap, reason, detail in result.rejected:
             self.metrics.rejected.labels(reason).inc()
-        if events:
-            self.hub.publish(events)
-            self._publish_predictions(events)
+            self.log_once(f"reject:{reason}:{site[:80]}/{ap[:80]}",
+                          "%s/%s: payload rejected (%s): %s", _shown(site)[:90],
+                          _shown(ap)[:90], reason, detail[:_SHOWN])
+        if stored:
+            self.hub.publish(stored)
+            self._publish_predictions(stored)
         await self.trust.flush(self.mqtt)
 
-    def _store(self, result: BatchResult, events: list[dict[str, Any]]) -> None:
-        """Predictions and AP state of one batch in one transaction, with bulk statements
-        (ORM objects per row cost more than the model itself at a thousand APs)."""
-        if self.recorder is not None and result.segments:
+    def _record(self, result: BatchResult) -> None:
+        try:
+            self.recorder.append(result.segments)
+        except Exception:  # recordings are best effort; predictions still count
+            log.exception("recording %d segment(s) failed", len(result.segments))
+
+    async def _retry_store(self, what: str, fn: Callable[[], None], attempts: int
+                           ) -> BaseException | None:
+        """Run ``fn`` (a database write) on the store thread until it succeeds: for as long as
+        the database is unreachable (backoff up to ``store_retry_max_s``, so ingest resumes
+        within that once it is back), ``attempts`` times when it refuses the statement. None
+        once stored, else the last error."""
+        loop = asyncio.get_running_loop()
+        delay, failures, since = 0.05, 0, None
+        while True:
             try:
-                self.recorder.append(result.segments)
-            except Exception:  # recordings are best effort; predictions still count
-                log.exception("recording %d segment(s) failed", len(result.segments))
+                await loop.run_in_executor(self._store_pool, fn)
+            except Exception as exc:
+                self.metrics.store_failures.inc()
+                if since is None:
+                    since = time.time()
+                    log.error("storing %s failed (%s): %s; retrying", what,
+                              "database unavailable" if is_transient(exc) else "refused",
+                              _shown(exc)[:_SHOWN])
+                self._stuck = (f"database: storing {what} has failed for "
+                               f"{time.time() - since:.0f} s: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:_SHOWN] if str(exc) else ''}")
+                self.metrics.stuck.set(1)
+                if not is_transient(exc):
+                    failures += 1
+                    if failures >= attempts:
+                        self._stuck = None
+                        self.metrics.stuck.set(0)
+                        return exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.store_retry_max_s)
+                continue
+            if since is not None:
+                log.info("stored %s after %.1f s of failures", what, time.time() - since)
+            self._stuck = None
+            self.metrics.stuck.set(0)
+            return None
+
+    async def _store_or_dead_letter(self, batch: list[_Item], result: BatchResult,
+                                    events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store the batch (retrying); if the database refuses it, store it AP by AP and
+        dead-letter the messages of the APs it still refuses. The events stored."""
+        codes = self._codes_of(events, result)
         touched = {(p["site"], p["ap"]) for p in events}
         touched |= {(site, ap) for site, ap, *_ in result.rejected
                     if (site, ap) in self.ingestor.aps}
+        error = await self._retry_store(
+            f"a batch of {len(batch)} message(s)",
+            lambda: self._store(events, codes, touched), self.settings.store_attempts)
+        if error is None:
+            return events
+        log.error("the database refuses a batch of %d message(s) (%s): storing it AP by AP",
+                  len(batch), _shown(error)[:_SHOWN])
+        stored: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        for key in sorted(touched | {(site, ap) for site, ap, *_ in batch}):
+            mine = [i for i, e in enumerate(events) if (e["site"], e["ap"]) == key]
+            group_events = [events[i] for i in mine]
+            group_codes = [codes[i] for i in mine]
+            group_touched = {key} & touched
+            error = await self._retry_store(
+                f"{key[0]}/{key[1]}'s segments",
+                lambda e=group_events, c=group_codes, t=group_touched: self._store(e, c, t),  # type: ignore[misc]
+                1)
+            if error is None:
+                stored.extend(group_events)
+                continue
+            messages = [item for item in batch if (item[0], item[1]) == key]
+            await self._dead_letter(messages, f"{type(error).__name__}: {error}")
+            by_epoch: dict[int, list[int]] = {}
+            for e in group_events:
+                by_epoch.setdefault(e["epoch"], []).append(e["seq"])
+            for epoch, seqs in by_epoch.items():  # awaited again: a resend is accepted
+                await loop.run_in_executor(self._ingest_pool, self.ingestor.unsee, key[0],
+                                           key[1], epoch, seqs)
+        stored.sort(key=lambda e: (e["received"], e["seq"]))
+        return stored
+
+    async def _dead_letter(self, messages: list[_Item], error: str) -> None:
+        """Keep messages that cannot be stored, with the error (retried while the database is
+        unreachable: they are acknowledged only once kept)."""
+        if not messages:
+            return
+        rows = [{"site": site[:256], "ap": ap[:256],
+                 "payload": payload[: self.settings.max_payload_bytes], "size": len(payload),
+                 "error": error[:2000], "received": received, "created": time.time()}
+                for site, ap, payload, received, _ in messages]
+        failed = await self._retry_store(f"{len(rows)} dead letter(s)",
+                                         lambda: self._write_dead_letters(rows), 3)
+        self.dead_lettered += len(rows)
+        self.metrics.dead_letters.inc(len(rows))
+        for site, ap, payload, _, _ in messages:
+            log.error("%s/%s: message dead-lettered (%s): %s", _shown(site)[:90],
+                      _shown(ap)[:90], error[:_SHOWN], _shown(payload[:64]))
+        if failed is not None:
+            log.error("dead letters could not be kept either (%s): %d message(s) dropped",
+                      _shown(failed), len(rows))
+            self.metrics.handler_errors.labels("dead_letter").inc()
+
+    def _write_dead_letters(self, rows: list[dict[str, Any]]) -> None:
+        with self.db.session.begin() as s:
+            s.execute(insert(DeadLetter), rows)
+            newest = s.scalar(select(func.max(DeadLetter.id))) or 0
+            if newest > _MAX_DEAD_LETTERS:
+                s.execute(delete(DeadLetter).where(DeadLetter.id <= newest - _MAX_DEAD_LETTERS))
+
+    def _store(self, events: list[dict[str, Any]], codes: list[bytes | None],
+               touched: set[tuple[str, str]]) -> None:
+        """Predictions and AP state of one batch in one transaction, with bulk statements
+        (ORM objects per row cost more than the model itself at a thousand APs)."""
         if not touched:
             return
         latest: dict[tuple[str, str], dict[str, Any]] = {}
@@ -374,8 +607,8 @@ class CloudService:
         for attempt in (1, 2):
             try:
                 with self.db.session.begin() as s:
-                    self._write_batch(s, events, self._codes_of(events, result), touched,
-                                      latest)
+                    created = self._write_batch(s, events, codes, touched, latest)
+                self._db_aps |= created  # only once committed
                 return
             except IntegrityError:
                 # Another writer (the status thread, another worker) created one of the new
@@ -391,7 +624,8 @@ class CloudService:
 
     def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
                      touched: set[tuple[str, str]],
-                     latest: dict[tuple[str, str], dict[str, Any]]) -> None:
+                     latest: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+        """Write; the AP rows known to exist once this commits."""
         if events:
             s.execute(insert(Prediction),
                       [{**{k: v for k, v in e.items() if k != "model_name"}, "codes": c}
@@ -406,7 +640,6 @@ class CloudService:
                 s.execute(insert(AP), [{"site": site, "ap": ap, "first_seen": now,
                                         "online": False, "counters": {}}
                                        for site, ap in sorted(new)])
-            self._db_aps |= unknown
         updates = []
         for site, ap in touched:
             state = self.ingestor.aps[(site, ap)]
@@ -427,6 +660,7 @@ class CloudService:
             by_keys.setdefault(tuple(sorted(row)), []).append(row)
         for rows in by_keys.values():
             s.execute(update(AP), rows)
+        return unknown
 
     def _publish_predictions(self, events: list[dict[str, Any]]) -> None:
         """The latest prediction of each AP in the batch, retained, QoS 1. Handed to paho
@@ -457,6 +691,10 @@ class CloudService:
         # messages out round robin, which would split an AP's context between workers).
         seg_filters = [f"{settings.prefix}/{site}/+/seg" for site in settings.sites] or \
             [f"{settings.prefix}/+/+/seg"]
+        # Off by default: Mosquitto does not restore $share subscriptions from its persistence
+        # file (edges reconnecting first after a broker restart would have their backlog
+        # acknowledged and discarded), and a stale member of the group takes its share of the
+        # segments. Several workers: bus=nats:// (docs/scaling.md).
         if settings.shared_subscription:
             seg_filters = [f"$share/{settings.share_group}/{f}" for f in seg_filters]
         if settings.bus_servers():
@@ -493,25 +731,48 @@ class CloudService:
                     await client.subscribe(status_filter, qos=1)
                     async for message in client.messages:
                         self._on_message(client, message)
+            except asyncio.CancelledError:
+                raise
             except aiomqtt.MqttError as exc:
                 delay = backoff.next_delay()
                 log.warning("broker %s: %s; retrying in %.1f s", broker, exc, delay)
+                self.mqtt = None
+                await asyncio.sleep(delay)
+            except Exception as exc:  # never ends the loop: reconnect (the session is kept)
+                self.metrics.handler_errors.labels("mqtt").inc()
+                delay = backoff.next_delay()
+                log.exception("MQTT loop failed (%s); reconnecting in %.1f s", _shown(exc),
+                              delay)
                 self.mqtt = None
                 await asyncio.sleep(delay)
             finally:
                 self.mqtt = None
 
     def _on_message(self, client: Any, message: Any) -> None:
-        topic = message.topic.value
-        parts = topic.split("/")
-        prefix_levels = len(self.settings.prefix.split("/"))
-        received = time.time()
-
+        """One message; whatever it holds, it is acknowledged or queued, and any error is
+        logged once with the bad value, counted and skipped."""
         def ack(mid: int = message.mid, qos: int = message.qos) -> None:
             if qos > 0:
                 with contextlib.suppress(Exception):  # a closed connection: broker resends
                     client._client.ack(mid, qos)
 
+        try:
+            self._dispatch(message, ack)
+        except Exception as exc:
+            ack()
+            self.metrics.handler_errors.labels("message").inc()
+            topic = getattr(getattr(message, "topic", None), "value", None)
+            self.log_once(f"message:{type(exc).__name__}:{str(topic)[:100]}",
+                          "message on %s skipped: %s; payload %s", _shown(topic), _shown(exc),
+                          _shown(bytes(message.payload or b"")[:_SHOWN]
+                                 if isinstance(message.payload, bytes | bytearray)
+                                 else message.payload), exc=exc)
+
+    def _dispatch(self, message: Any, ack: Callable[[], None]) -> None:
+        topic = message.topic.value
+        parts = topic.split("/")
+        prefix_levels = len(self.settings.prefix.split("/"))
+        received = time.time()
         if len(parts) != prefix_levels + 3:
             ack()
             return
@@ -527,33 +788,138 @@ class CloudService:
             ack()
 
     def _on_status(self, site: str, ap: str, payload: bytes) -> None:
+        """An AP's (retained) status: bounded JSON from a validly named AP, kept in memory;
+        the database write goes to the status thread (latest per AP, in arrival order)."""
+        key = (site, ap)
+        if not (is_valid_name(site) and is_valid_name(ap)):
+            self.metrics.status_rejected.labels("bad_name").inc()
+            self.log_once(f"status-name:{site[:80]}/{ap[:80]}", "status of %s/%s rejected: "
+                          "not a valid site/AP name", _shown(site), _shown(ap))
+            return
+        if not payload:  # a retained status cleared
+            return
         try:
-            status = json.loads(payload) if payload else None
-        except ValueError:
-            log.warning("%s/%s: status is not JSON: %r", site, ap, payload[:80])
+            status = loads_bounded(payload)
+        except BadMessageError as exc:
+            self.metrics.status_rejected.labels("bad_json").inc()
+            self.log_once(f"status-json:{site}/{ap}", "%s/%s: status rejected: %s", site, ap,
+                          exc)
             return
         if not isinstance(status, dict):
+            self.metrics.status_rejected.labels("not_an_object").inc()
+            self.log_once(f"status-object:{site}/{ap}", "%s/%s: status is not a JSON object: "
+                          "%s", site, ap, _shown(status))
             return
-        self._ap_status[(site, ap)] = status
+        if key not in self._ap_status and len(self._ap_status) >= self.settings.max_aps:
+            self.metrics.status_rejected.labels("too_many_aps").inc()
+            self.log_once("status-too-many", "status of %s/%s rejected: %d APs are tracked "
+                          "already", site, ap, self.settings.max_aps)
+            return
+        for text_field in ("error", "state", "source"):  # copied into the API: bounded
+            value = status.get(text_field)
+            if isinstance(value, str) and len(value) > _STATUS_TEXT_MAX:
+                status[text_field] = value[: _STATUS_TEXT_MAX - 1] + "…"
+        self._ap_status[key] = status
+        self._status_seen[key] = (time.monotonic(), self._due(status))
         has_model = isinstance(status.get("model_name"), str)
-        if self.settings.homeassistant and self._announced.get((site, ap)) != has_model:
-            self._announced[(site, ap)] = has_model
+        if self.settings.homeassistant and self._announced.get(key) != has_model:
+            self._announced[key] = has_model
             self._announce(site, ap, status)
-        # One writer thread keeps status updates in arrival order.
-        asyncio.get_running_loop().run_in_executor(self._status_writer, self._store_status, site,
-                                                   ap, status)
+        self._queue_status(site, ap, status)
         # An AP that (re)started on another model than the active one is told to switch, once
         # per epoch, if the active model takes its kind of CSI.
         active = self.active_model
         epoch = status.get("epoch")
         if (status.get("online") and isinstance(status.get("model"), str)
                 and not self.registry.same_edge(status["model"], active)
-                and isinstance(epoch, int) and self.db.get_setting(_ACTIVE_MODEL)
-                and (site, ap, epoch) not in self._switch_sent
+                and isinstance(epoch, int) and self._active_setting
+                and self._switch_sent.get(key) != epoch
                 and self._compatible(site, ap, active)):
-            self._switch_sent.add((site, ap, epoch))
-            asyncio.get_running_loop().create_task(
-                self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+            self._switch_sent[key] = epoch
+            self._spawn(self._quiet(self.send_ctl(site, ap, self._switch_command(active))))
+
+    def _due(self, status: dict[str, Any]) -> float:
+        """Seconds until the AP's next status: the ``status_interval_s`` it announced, or
+        ``offline_after_s`` for an edge that does not say."""
+        interval = status.get("status_interval_s")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and \
+                0 < interval < 86_400:
+            return float(interval)
+        return self.settings.offline_after_s
+
+    def _queue_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        """Write the AP's latest status on the status thread; statuses arriving faster than
+        they are written replace each other (at most one waiting per AP)."""
+        key = (site, ap)
+        scheduled = key in self._pending_status
+        self._pending_status[key] = status
+        if scheduled:
+            return
+        future = self._status_writer.submit(self._flush_status, key)
+        self._spawn(self._watch_status(key, future))
+
+    def _spawn(self, coro: Any) -> None:
+        """A background task, referenced until it is done (the loop keeps only weak ones)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch_status(self, key: tuple[str, str], future: Future[None]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), self.settings.status_timeout_s)
+        except Exception as exc:  # TimeoutError too: the thread goes on; the loop does not
+            self.metrics.handler_errors.labels("status").inc()
+            self._status_retry.add(key)  # the housekeeping writes the latest one again
+            self._status_failing = (f"database: writing {key[0]}/{key[1]}'s status failed: "
+                                    f"{type(exc).__name__}: {_shown(str(exc))[:_SHOWN]}")
+            self.log_once(f"status-write:{type(exc).__name__}", "writing the status of %s/%s "
+                          "failed: %s", key[0], key[1], _shown(exc))
+        else:
+            self._status_failing = None
+
+    def _flush_status(self, key: tuple[str, str]) -> None:
+        status = self._pending_status.pop(key, None)
+        if status is not None:
+            self._store_status(*key, status)
+
+    async def _housekeeping(self) -> None:
+        """Every second: APs whose status is overdue are marked offline; every few seconds the
+        stored active model is read again (another worker may have changed it)."""
+        loop = asyncio.get_running_loop()
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            try:
+                self._mark_offline()
+                retry, self._status_retry = self._status_retry, set()
+                for key in retry:
+                    if key in self._ap_status:
+                        self._queue_status(*key, self._ap_status[key])
+                if ticks % 5 == 0:
+                    stored = await asyncio.wait_for(loop.run_in_executor(
+                        self._db_pool, self.db.get_setting, _ACTIVE_MODEL),
+                        self.settings.status_timeout_s)
+                    if stored is not None:
+                        self._active_setting = stored
+            except Exception as exc:
+                self.metrics.handler_errors.labels("housekeeping").inc()
+                self.log_once(f"housekeeping:{type(exc).__name__}", "housekeeping failed: %s",
+                              _shown(exc))
+
+    def _mark_offline(self) -> None:
+        now = time.monotonic()
+        for key, (seen, due) in list(self._status_seen.items()):
+            age = now - seen
+            status = self._ap_status.get(key) or {}
+            if not status.get("online") or age <= due + self.settings.offline_after_s:
+                continue
+            status = {**status, "online": False, "state": "offline",
+                      "offline_reason": f"no status for {age:.0f} s (one every {due:g} s "
+                                        "expected)"}
+            self._ap_status[key] = status
+            log.warning("%s/%s: no status for %.0f s: marked offline", *key, age)
+            self._queue_status(*key, status)
 
     def _announce(self, site: str, ap: str, status: dict[str, Any]) -> None:
         """Home Assistant discovery configs for a newly seen AP (retained, QoS 1)."""

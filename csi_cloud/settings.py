@@ -33,10 +33,14 @@ class CloudSettings(FileConfiguredSettings):
     mqtt_password: SecretStr | None = Field(default=None, description="MQTT password")
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
     prefix: str = Field(default="csi/v1", description="topic prefix")
-    share_group: str = Field(default="csi-cloud", description="MQTT 5 shared subscription group")
-    shared_subscription: bool = Field(default=True, description="subscribe to segments through "
-                                                                "$share/{share_group}/... (off "
-                                                                "for brokers without it)")
+    share_group: str = Field(default="csi-cloud", description="MQTT 5 shared subscription group "
+                                                              "(with shared_subscription)")
+    shared_subscription: bool = Field(
+        default=False,
+        description="subscribe to segments through $share/{share_group}/... (advanced; off by "
+                    "default: Mosquitto does not restore shared subscriptions after a restart, "
+                    "so edges reconnecting first lose their backlog, and a stale member of the "
+                    "group takes its share of segments; scale out with bus=nats://)")
     mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version")
     homeassistant: bool = Field(default=True, description="publish Home Assistant MQTT "
                                                           "discovery configs for each AP")
@@ -73,13 +77,36 @@ class CloudSettings(FileConfiguredSettings):
     batch_max_segments: int = Field(default=512, ge=1, description="messages per ingest batch")
     batch_max_wait_ms: float = Field(default=10.0, ge=0, description="longest a message waits "
                                                                      "for its batch to fill")
+    store_retry_max_s: float = Field(default=2.0, gt=0, le=30, description="longest wait "
+                                     "between tries to store a batch while the database is "
+                                     "unavailable (bounds the recovery time once it is back)")
+    store_attempts: int = Field(default=4, ge=1, le=20, description="tries to store a batch "
+                                "the database refuses (not an outage: a bad value) before its "
+                                "messages are dead-lettered")
+    db_timeout_s: float = Field(default=10.0, gt=0, le=300, description="longest wait for a "
+                                "database lock or connection (a locked SQLite file, an "
+                                "unreachable server); then the operation is retried")
+    api_db_pool_size: int = Field(default=5, ge=1, le=100, description="database connections "
+                                  "kept for the HTTP API (its own pool: reads cannot take "
+                                  "ingest's connections)")
+    api_db_max_overflow: int = Field(default=5, ge=0, le=100, description="extra database "
+                                     "connections the HTTP API may open under load")
+    api_db_pool_timeout_s: float = Field(default=2.0, gt=0, le=60, description="a request "
+                                         "waiting longer for a database connection is answered "
+                                         "503 with Retry-After")
+    status_timeout_s: float = Field(default=10.0, gt=0, le=300, description="longest a status "
+                                    "message's database write may take before it is given up "
+                                    "(logged and counted; ingest goes on)")
+    max_aps: int = Field(default=10_000, ge=1, description="access points tracked at most; "
+                         "segments of further ones are rejected (too_many_aps)")
     max_payload_bytes: int = Field(default=16_384, ge=64, description="larger MQTT payloads "
                                                                       "are rejected")
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest recording "
                                                                           "upload (POST /predict)")
     max_request_bytes: int = Field(default=1 * 2**20, ge=1024, description="JSON request bodies")
-    offline_after_s: float = Field(default=30.0, gt=0, description="an AP silent this long "
-                                                                   "counts as offline")
+    offline_after_s: float = Field(default=30.0, gt=0, description="an AP whose status is "
+                                   "this long overdue counts as offline (due: the "
+                                   "status_interval_s its last status gave)")
     presence_threshold: float = Field(
         default=1.5, gt=0, allow_inf_nan=False,
         description="motion score (log2 of the segment's CSI variability over the AP's quiet "

@@ -13,12 +13,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import dashboard
 from ..service import CloudService
 from ..settings import CloudSettings
-from .routes import aps, health, models, predictions
+from .routes import aps, dead_letters, health, models, predictions
 
 __all__ = ["API_PREFIX", "DOCS_ASSETS", "create_app"]
 
@@ -54,9 +56,11 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(PoolTimeoutError, _database_busy)
+    app.add_exception_handler(OperationalError, _database_busy)
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (aps, predictions, models, health):
+    for module in (aps, predictions, models, health, dead_letters):
         api.include_router(module.router)
     for name in ("predict", "labels", "training", "identities", "events"):
         try:
@@ -137,6 +141,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    """The API's connection pool is exhausted (a read flood) or the database is unreachable:
+    try again shortly (ingest has its own pool and is not affected)."""
+    what = ("the API's database connections are all in use" if isinstance(exc, PoolTimeoutError)
+            else "the database is unavailable")
+    return JSONResponse({"detail": f"{what}; retry shortly"}, status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

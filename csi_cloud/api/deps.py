@@ -25,7 +25,8 @@ Service = Annotated[CloudService, Depends(get_service)]
 
 
 def get_session(service: Service) -> Iterator[Session]:
-    with service.db.session() as session:
+    """A session on the API's own connection pool (never ingest's)."""
+    with service.db.api_session() as session:
         yield session
 
 

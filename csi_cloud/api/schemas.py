@@ -6,8 +6,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field, computed_field
 
-__all__ = ["APOut", "CSIOut", "CtlAccepted", "Health", "ModelOut", "Page", "PredictionOut",
-           "RateIn"]
+__all__ = ["APOut", "CSIOut", "CtlAccepted", "DeadLetterOut", "Health", "ModelOut", "Page",
+           "PredictionOut", "RateIn"]
 
 T = TypeVar("T")
 
@@ -157,3 +157,19 @@ class Health(BaseModel):
     mqtt_connected: bool
     database: bool
     uptime_s: float
+    problems: list[str] = Field(default_factory=list, description="what keeps the worker from "
+                                "working right now (docs/troubleshooting.md); empty when ready")
+    dead_letters: int = Field(0, description="messages dead-lettered since the process started")
+
+
+class DeadLetterOut(BaseModel):
+    """A segment message that could not be stored: kept, with why (docs/troubleshooting.md)."""
+
+    id: int
+    site: str = Field(description="as the message's topic gave it (may be an invalid name)")
+    ap: str
+    error: str = Field(description="why the database refused it")
+    received: float = Field(description="when the message arrived (Unix s)")
+    created: float = Field(description="when it was dead-lettered (Unix s)")
+    size: int = Field(description="payload bytes as received")
+    payload: str = Field(description="the payload (base64), at most max_payload_bytes")

@@ -14,13 +14,19 @@ router = APIRouter(tags=["health"])
 
 
 def _health(service: Service) -> Health:
+    problems = service.problems()
     try:
         database = service.db.ping()
-    except Exception:  # any driver error means not ready
+    except Exception as exc:  # any driver error means not ready
         database = False
-    return Health(status="ok", models=len(service.registry),
+        problems.append(f"database: not reachable: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    if not len(service.registry):
+        problems.append("models: no usable bundle")
+    return Health(status="ok" if not problems else "degraded", models=len(service.registry),
                   mqtt_connected=service.mqtt is not None, database=database,
-                  uptime_s=round(time.time() - service.started, 1))
+                  uptime_s=round(time.time() - service.started, 1), problems=problems,
+                  dead_letters=service.dead_lettered)
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
@@ -28,11 +34,12 @@ def healthz(service: Service) -> Health:
     return _health(service)
 
 
-@router.get("/readyz", response_model=Health, summary="Connected to the broker and database",
-            responses={503: {"description": "not ready"}})
+@router.get("/readyz", response_model=Health,
+            summary="Connected to the broker and database, and nothing stuck",
+            responses={503: {"description": "not ready: ``problems`` says why"}})
 def readyz(service: Service) -> Health:
     health = _health(service)
-    if not (health.database and service.ready and health.models):
+    if health.problems:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, health.model_dump())
     return health
 

@@ -122,6 +122,13 @@ def _classify(service: CloudService, payloads: list[bytes]) -> tuple[BatchResult
     return result, ingestor
 
 
+async def _classify_off_ingest(service: CloudService, payloads: list[bytes]
+                              ) -> tuple[BatchResult, _UploadIngestor]:
+    """On the service's /predict threads: an upload never holds up live ingest's thread."""
+    pool = getattr(service, "predict_pool", None)
+    return await asyncio.get_running_loop().run_in_executor(pool, _classify, service, payloads)
+
+
 def _output(service: CloudService, result: BatchResult, ingestor: _UploadIngestor,
             payloads: list[bytes], dropped: dict[str, int],
             recording: RecordingInfo | None) -> PredictOut:
@@ -188,7 +195,7 @@ async def _predict_payloads(request: Request, service: CloudService, limit: int)
     if segments > MAX_SEGMENTS:
         raise _unprocessable(f"the payloads claim {segments} segments, more than the "
                              f"{MAX_SEGMENTS} one request may hold")
-    result, ingestor = await asyncio.to_thread(_classify, service, payloads)
+    result, ingestor = await _classify_off_ingest(service, payloads)
     dropped = Counter(r.reason for r in ingestor.rejected_at)
     return _output(service, result, ingestor, payloads, dict(sorted(dropped.items())), None)
 
@@ -290,5 +297,5 @@ async def _predict_file(service: CloudService, path: Path, name: str, model_id: 
     if job["segments"] > MAX_SEGMENTS:
         raise _unprocessable(f"{name}: {job['segments']} segments, more than the "
                              f"{MAX_SEGMENTS} one request may hold; split the recording")
-    result, ingestor = await asyncio.to_thread(_classify, service, payloads)
+    result, ingestor = await _classify_off_ingest(service, payloads)
     return _output(service, result, ingestor, payloads, job["dropped"], recording)
