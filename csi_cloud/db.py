@@ -192,6 +192,7 @@ class Database:
         self.url = url
         self.engine: Engine = self._engine(url, busy_timeout_s)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._widen_columns()
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self.api_engine: Engine = self._engine(url, busy_timeout_s, pool_size=api_pool_size,
@@ -214,6 +215,28 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+
+    def _add_missing_columns(self) -> None:
+        """Idempotent migration: nullable columns added to a table since the database was
+        created (presence, smoothing) are added to it; ``create_all`` only creates missing
+        tables. A missing column that may not be null is an error naming it."""
+        inspector = inspect(self.engine)
+        existing = set(inspector.get_table_names())
+        with self.engine.begin() as con:
+            for table in Base.metadata.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in have:
+                        continue
+                    if not column.nullable:
+                        raise RuntimeError(f"database table {table.name!r} lacks column "
+                                           f"{column.name!r}, which may not be null: migrate "
+                                           "it by hand or start a new database")
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    con.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN '
+                                     f'"{column.name}" {kind}'))
 
     def _widen_columns(self) -> None:
         """Idempotent migration: 32-bit sequence-number columns of an older PostgreSQL

@@ -715,3 +715,33 @@ def test_recording_writes_that_fail_count_as_dropped(tmp_path: Path, registry: M
         assert recorder.dropped_segments == 3
     finally:
         recorder.close()
+
+
+def test_columns_added_since_a_database_was_created_are_added_on_start(tmp_path: Path) -> None:
+    """A database created before the presence and smoothing columns existed gets them (an
+    insert of today's prediction row would fail otherwise), and rows already there are kept."""
+    import sqlite3
+
+    from csi_cloud.db import Database, Prediction
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Database(url).engine.dispose()
+    with sqlite3.connect(tmp_path / "old.db") as con:
+        for column in ("smoothed_activity", "uncertain", "motion_score", "presence"):
+            con.execute(f'ALTER TABLE predictions DROP COLUMN "{column}"')
+        con.execute("INSERT INTO aps (site, ap, online, first_seen, counters) "
+                    "VALUES ('lab', 'ap1', 0, 0, '{}')")
+    db = Database(url)
+    with db.session() as s:
+        s.add(Prediction(site="lab", ap="ap1", epoch=1, seq=2**40, timestamp=1.0, received=1.0,
+                         rate_level=0, quality=1.0, context_present=1, context_size=8,
+                         probabilities={}, smoothed_activity="walking", uncertain=False,
+                         presence=True, motion_score=1.5))
+        s.commit()
+    with db.session() as s:
+        row = s.query(Prediction).one()
+        assert (row.smoothed_activity, row.uncertain, row.presence, row.seq) == (
+            "walking", False, True, 2**40)
+    with sqlite3.connect(tmp_path / "old.db") as con:
+        assert con.execute("SELECT count(*) FROM aps").fetchone() == (1,)
+    Database(url).engine.dispose()  # a second start finds nothing to add
