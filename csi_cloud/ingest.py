@@ -35,16 +35,15 @@ from csi_edge.presence import PresenceConfig, PresenceTracker
 
 from .model.compression import CloudModel
 from .model.heads import UNKNOWN, open_set_decision
+from .records import DecodedRecord, PresenceRecord
 from .registry import ModelRegistry
 
 __all__ = [
     "REJECT_REASONS",
     "APState",
     "BatchResult",
-    "DecodedRecord",
     "Ingestor",
     "PredictionRecord",
-    "PresenceRecord",
 ]
 
 _U32 = 1 << 32
@@ -56,46 +55,6 @@ REJECT_REASONS = ("too_large", "too_short", "crc_mismatch", "bad_version", "bad_
                   "bad_name", "too_many_aps")
 # Rejections that create no per-AP state (the name is bad, or no more APs are tracked).
 _STATELESS = ("bad_topic", "bad_name", "too_many_aps")
-
-
-@dataclass(frozen=True, slots=True)
-class DecodedRecord:
-    """One accepted segment, decoded."""
-
-    site: str
-    ap: str
-    epoch: int
-    seq: int
-    timestamp_ms: int
-    level: int
-    quality: float
-    model: CloudModel
-    codes: SegmentCodes
-    code_bytes: bytes
-    received: float
-    z_q: np.ndarray | None = None  # (D, T)
-    profile: np.ndarray | None = None  # (C,)
-    reconstruction: np.ndarray | None = None  # (L, A, S) standardised log amplitude
-    # An idle segment (IDLE message): ``codes``/``code_bytes`` are the codes it stands for, a
-    # copy of the stream's last coded segment (CloudModel.idle_codes), so storage and a
-    # restarted worker treat it like any other segment.
-    idle: bool = False
-    motion: float | None = None  # the edge's motion score (csi_edge.presence), if it sent one
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceRecord:
-    """One accepted segment of a presence-only message: no model, no codes, a motion score."""
-
-    site: str
-    ap: str
-    epoch: int
-    seq: int
-    timestamp_ms: int
-    quality: float
-    motion: float | None
-    received: float
-    level: int = 0
 
 
 @dataclass(frozen=True, slots=True)

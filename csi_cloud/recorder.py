@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .ingest import DecodedRecord
+from .records import DecodedRecord
 
 __all__ = ["RecorderProcess"]
 

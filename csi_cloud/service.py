@@ -50,10 +50,11 @@ from csi_edge.settings import topic_name
 
 from .db import AP, Database, DeadLetter, Prediction
 from .events import LiveTrust
-from .ingest import BatchResult, DecodedRecord, Ingestor
+from .ingest import BatchResult, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
 from .model.heads import UNKNOWN
+from .records import DecodedRecord
 from .registry import ModelRegistry
 from .settings import CloudSettings
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from csi_cloud.ingest import DecodedRecord, Ingestor
+from csi_cloud.ingest import Ingestor
 from csi_cloud.recorder import RecorderProcess
+from csi_cloud.records import DecodedRecord
 from csi_cloud.registry import ModelRegistry
 from csi_cloud.storage import RecordingStore, decode_stored, read_segments, recover
 from csi_edge import read_recording

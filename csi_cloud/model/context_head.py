@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,15 +36,26 @@ from .rocket import (
     series,
 )
 
-if TYPE_CHECKING:  # the network holds a context head: a runtime import would be a circle
-    from .network import CSICodecNet
-
 __all__ = ["ContextHead", "LevelHead", "profile_coefficients"]
 
 PREFIX = "head."
 
 
-def profile_coefficients(net: CSICodecNet, profile: np.ndarray) -> np.ndarray:
+class CodecNet(Protocol):
+    """What the head reads of the network (:class:`csi_cloud.model.network.CSICodecNet`, which
+    holds the head: naming that class here would tie the two modules in a circle)."""
+
+    profile_mean: torch.Tensor  # (C,)
+    profile_basis: torch.Tensor  # (Kmax, C), orthonormal rows
+    profile_step: torch.Tensor  # (Kmax,)
+    encoder: Any  # segments (M, L, A, S) -> (latent (M, D, T), profile (M, C))
+
+    def bypass(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> Any: ...
+
+
+def profile_coefficients(net: CodecNet, profile: np.ndarray) -> np.ndarray:
     """Decoded profiles (..., C) -> their PCA coefficients in quantisation steps (..., Kmax).
 
     The decoded profile is ``mean + sum_k c_k step_k basis_k`` with orthonormal ``basis``, so
@@ -218,7 +229,7 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
 
 
 @torch.no_grad()
-def unquantized_windows(net: CSICodecNet, x: np.ndarray, rows: np.ndarray
+def unquantized_windows(net: CodecNet, x: np.ndarray, rows: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The unquantized path's windows: segments ``x`` (M, L, A, S) -> continuous latent and
     exact profile coefficients for window rows (W, N) (-1 = missing)."""

@@ -24,17 +24,15 @@ T latent steps, N context segments, G symbol groups):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .context_head import ContextHead
 from .quantizers import FSQ, EMAVectorQuantizer, QuantizerOutput
-
-if TYPE_CHECKING:
-    from .context_head import ContextHead
 
 __all__ = ["CSICodecNet", "ContextClassifier", "Decoder", "Encoder", "ModelConfig"]
 

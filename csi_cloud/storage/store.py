@@ -16,8 +16,8 @@ import numpy as np
 from csi_edge import CSIError
 from csi_edge import recording as layout
 
-from ..ingest import DecodedRecord
 from ..model.compression import CloudModel
+from ..records import DecodedRecord
 from .labels import LabelResult, label_closed
 from .reader import RecordingFile, file_info
 from .writer import Inverse, OpenFile

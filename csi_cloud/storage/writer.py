@@ -15,8 +15,8 @@ import numpy as np
 from csi_edge import recording as layout
 from csi_edge.frames import RadioInfo
 
-from ..ingest import DecodedRecord
 from ..model.compression import CloudModel
+from ..records import DecodedRecord
 from .reader import RecordingFile
 
 __all__ = ["SEGMENT_DTYPE", "STORE_LAYOUT", "Inverse", "OpenFile", "lock_path"]

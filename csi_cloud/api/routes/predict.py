@@ -40,7 +40,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from csi_edge import CSIError, detect_format
 from csi_edge.readers import SUFFIXES
 
-from ...ingest import BatchResult, DecodedRecord, Ingestor, PresenceRecord
+from ...ingest import BatchResult, Ingestor
+from ...records import DecodedRecord, PresenceRecord
 from ...registry import UnknownModelError
 from ...service import CloudService
 from ...upload import (
