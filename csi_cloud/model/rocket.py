@@ -203,14 +203,14 @@ class RocketTransform:
 # -- the compiled transform ----------------------------------------------------------------
 #
 # The torch definition (RocketTransform.reference) spends its time in small batched einsums,
-# a grouped conv1d and a (W, 84, c, L) comparison tensor; for the few-hundred-step series of
-# a context window that is mostly overhead. The kernel below computes the same numbers
-# window by window in one pass. It keeps the reference's float32 arithmetic in the same
-# order: channels summed in ascending order, the nine kernel taps in ascending order (the
-# taps are -1 or 2, so every product is exact and fused or separate multiply-adds round
-# alike; padded taps add nothing), the proportion taken from the count of positive values
-# through the table torch's mean gives (_ppv_table). Tests check it equals the reference
-# bit for bit.
+# a grouped conv1d and a (W, 84, c, L) comparison tensor; for the short series of a context
+# window (56 steps on the shipped bundles) that is mostly overhead. The kernel below computes
+# the same numbers window by window in one pass. It keeps the reference's float32 arithmetic
+# in the same order: channels summed in ascending order, the nine kernel taps in ascending
+# order (the taps are -1 or 2, so every product is exact and fused or separate multiply-adds
+# round alike; padded taps add nothing), the proportion taken from the count of positive
+# values through the table torch's mean gives (_ppv_table). Tests check it equals the
+# reference bit for bit.
 
 _MIN_WINDOWS_PER_THREAD = 32  # below this, a thread costs more than it saves
 
