@@ -16,7 +16,17 @@ import pytest
 from _broker import Mosquitto
 from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud, run_edge
 
+from csi_cloud.model.adapt import (
+    _accuracy,
+    adapt_head,
+    head_windows,
+    load_codes,
+    pick_support,
+    support_windows,
+)
 from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.context_head import profile_coefficients
+from csi_cloud.model.heads import CodeData, classify_codes
 from csi_cloud.registry import ModelRegistry
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder, load_manifest
@@ -85,6 +95,64 @@ def test_payloads_of_the_parent_edge_decode_with_the_derived_bundle(
     registry.serve(derived.id)
     assert registry.by_prefix(prefix).id == derived.id
     assert registry.same_edge(derived.id, load_manifest(MODEL).id)
+
+
+@pytest.fixture(scope="module")
+def sample_codes() -> tuple[CloudModel, CodeData]:
+    return load_codes(MODEL, "fition", FOLDER)
+
+
+def test_shared_window_features_score_as_the_service_classifies(
+        sample_codes: tuple[CloudModel, CodeData]) -> None:
+    """``csi adapt`` computes the head's features of every window once and scores the parent
+    and the adapted head on them: each window's probabilities must be exactly those of the
+    service's path (classify_codes, batch by batch), per recording and per second."""
+    model, codes = sample_codes
+    recordings = np.arange(len(codes))
+    windows = head_windows(model.net, codes, recordings)
+    assert [(v, lv) for v, lv, *_ in windows.groups] == [(v, v) for v in range(4)]
+    head = model.net.context_head
+    assert head is not None
+    for v, lv, owners, last, feats in windows.groups:
+        p_act, _, _, expected_owners = classify_codes(model.net, codes, recordings, v,
+                                                      all_windows=True, features=False)
+        assert np.array_equal(owners, expected_owners)
+        assert np.array_equal(head.levels[lv].activity.probabilities(feats), p_act)
+        end, _, _, end_owners = classify_codes(model.net, codes, recordings, v,
+                                               features=False)
+        assert np.array_equal(owners[last], end_owners)
+        assert np.array_equal(head.levels[lv].activity.probabilities(feats[last]), end)
+    for every in (False, True):
+        shared = _accuracy(model.net, codes, recordings[2:], every=every, windows=windows)
+        assert shared == _accuracy(model.net, codes, recordings[2:], every=every)
+        assert all(0 <= a <= 1 for a in shared)
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        head_windows(model.net, codes, recordings[:7]).accuracy(head, codes.activity,
+                                                                recordings)
+
+
+def test_adapting_on_shared_features_fits_what_the_support_windows_give(
+        sample_codes: tuple[CloudModel, CodeData]) -> None:
+    """The refit reads the support's rows of features computed for support and held-out
+    recordings together: the same numbers, in the same order, as the support windows alone
+    (support_windows, the head's features of them), hence the same ridge layers."""
+    model, codes = sample_codes
+    support, query = pick_support(codes, np.arange(len(codes)), 1, 0)
+    shared = adapt_head(model.net, codes, support,
+                        windows=head_windows(model.net, codes, np.union1d(support, query)))
+    alone = adapt_head(model.net, codes, support)
+    head = model.net.context_head
+    assert head is not None and shared.context_head is not None
+    assert alone.context_head is not None
+    for lv, ((z, p, present), owners) in support_windows(
+            codes, support, model.net.cfg.context_segments).items():
+        feats, got = head_windows(model.net, codes, support).select(lv, support)
+        assert np.array_equal(got, owners)
+        assert np.array_equal(feats, head.levels[lv].features(
+            z, profile_coefficients(model.net, p), present))
+        a, b = shared.context_head.levels[lv].activity, alone.context_head.levels[lv].activity
+        assert np.array_equal(a.coef, b.coef) and np.array_equal(a.intercept, b.intercept)
+        assert not np.array_equal(a.coef, head.levels[lv].activity.coef), "it was refitted"
 
 
 @pytest.mark.e2e

@@ -73,6 +73,46 @@ def test_features_are_proportions_and_separate_two_kinds_of_series() -> None:
     assert np.allclose(p.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize(("windows", "channels", "length"),
+                         [(5, 3, 40), (100, 24, 56), (70, 7, 13), (0, 4, 56)])
+def test_the_compiled_transform_is_the_torch_definition_bit_for_bit(
+        windows: int, channels: int, length: int) -> None:
+    """Features feed ridge layers fitted on the reference's numbers: the compiled kernel must
+    give the same float32 values (same summation order), on continuous values where any other
+    order rounds differently, and alike on one thread and several (100 windows split)."""
+    rng = np.random.default_rng(channels)
+    fit_on = (rng.normal(size=(30, channels, length)) / 3).astype(np.float32)
+    transform = RocketTransform.fit(fit_on, 1000, seed=1)
+    x = (rng.normal(size=(windows, channels, length)) / 3).astype(np.float32)
+    # Ties with the biases (quantiles of the very outputs) are where rounding would show.
+    tied = min(windows // 2, len(fit_on))
+    x[:tied] = fit_on[:tied]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fast = transform(x)
+            assert fast.dtype == np.float32 and fast.shape == (windows, transform.features)
+            assert np.array_equal(fast, transform.reference(x))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_compiled_transform_reads_only_its_channels() -> None:
+    """A kernel sums only the channels of its random subset: changing any other channel
+    leaves its features as they are, changing one of its own does not."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 5, 32)).astype(np.float32)
+    transform = RocketTransform.fit(x, 168, seed=0)
+    own = transform.channel_mask[0, 0] > 0  # kernel 0 at the first dilation
+    cols = slice(0, int(transform.counts[0]))  # its features: the first counts[0] columns
+    changed = x.copy()
+    changed[:, ~own] += rng.normal(size=changed[:, ~own].shape).astype(np.float32)
+    assert np.array_equal(transform(changed)[:, cols], transform(x)[:, cols])
+    changed[:, np.flatnonzero(own)[0]] += rng.normal(size=(6, 32)).astype(np.float32)
+    assert not np.array_equal(transform(changed)[:, cols], transform(x)[:, cols])
+
+
 def test_series_lays_out_latent_and_profile_with_differences() -> None:
     z = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
     coeff = np.ones((2, 3, 6), np.float32) * 5

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from csi_edge.bundle import EdgeEncoder, load_manifest
 
 from ..datasets import Example, index_dataset, random_split
 from .compression import CloudModel
+from .context_head import ContextHead
 from .data import SegmentData, load_segments, segment_windows
 from .heads import (
     CodeData,
@@ -53,8 +54,9 @@ from .heads import (
 )
 from .network import CSICodecNet, ModelConfig
 
-__all__ = ["METHODS", "adapt_bundle", "adapt_codes", "adapt_head", "load_codes",
-           "open_set_codes", "pick_support", "set_prototypes", "support_windows"]
+__all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head",
+           "head_windows", "load_codes", "open_set_codes", "pick_support", "set_prototypes",
+           "support_windows"]
 
 
 def load_codes(bundle: Path, dataset: str, data_dir: Path,
@@ -99,10 +101,77 @@ def pick_support(codes: CodeData, recordings: np.ndarray, shots: int,
     return np.array(sorted(support), dtype=np.int64), query
 
 
+@dataclass(slots=True)
+class HeadWindows:
+    """Every window the service would classify in some recordings, on every code variant,
+    with the context head's features: computed once and read by everything that only swaps
+    the head's activity layers (the support fit, the scores before and after).
+
+    ``groups``: (variant, rate level, owner recording (W,), whether the window ends at its
+    recording's last segment (W,), features (W, F)), in the order of
+    :func:`~.data.segment_windows` within each variant."""
+
+    recordings: np.ndarray
+    groups: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]
+
+    def select(self, level: int, recordings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level,
+        in the order :func:`support_windows` gives them."""
+        feats, owners = [], []
+        for _, lv, own, _, f in self.groups:
+            if lv == level:
+                pick = np.isin(own, recordings)
+                feats.append(f[pick])
+                owners.append(own[pick])
+        return np.concatenate(feats), np.concatenate(owners)
+
+    def accuracy(self, head: ContextHead, labels: np.ndarray, recordings: np.ndarray, *,
+                 every: bool = False) -> list[float]:
+        """Activity accuracy of ``head`` per code variant, as :func:`_accuracy` defines it."""
+        missing = np.setdiff1d(recordings, self.recordings)
+        if len(missing):
+            raise ValueError(f"recordings {missing.tolist()} have no precomputed windows")
+        correct: dict[int, int] = {}
+        total: dict[int, int] = {}
+        for v, lv, own, last, f in self.groups:
+            pick = np.isin(own, recordings) & (True if every else last)
+            p_act = head.levels[head.level_index(lv)].activity.probabilities(f[pick])
+            correct[v] = correct.get(v, 0) + int((p_act.argmax(1) == labels[own[pick]]).sum())
+            total[v] = total.get(v, 0) + int(pick.sum())
+        return [round(correct[v] / total[v], 4) for v in sorted(total)]
+
+
+def head_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> HeadWindows:
+    """The context head's features of every window of the recordings (see
+    :class:`HeadWindows`); valid for every head with the same transforms (the parent's and
+    the ones :func:`adapt_head` derives from it)."""
+    from .context_head import profile_coefficients
+
+    head = net.context_head
+    if head is None:
+        raise ValueError("this bundle has no context head")
+    recordings = np.asarray(recordings, dtype=np.int64)
+    rows, owners, last = segment_windows(codes, recordings, net.cfg.context_segments)
+    groups = []
+    for v in range(codes.z_q.shape[0]):
+        z, p, present, level = (t.numpy() for t in window_batch(codes, rows,
+                                                                np.full(len(rows), v)))
+        coeff = profile_coefficients(net, p)
+        for lv in np.unique(level).tolist():
+            pick = np.flatnonzero(level == lv)
+            groups.append((v, int(lv), owners[pick], last[pick],
+                           head.features(lv, z[pick], coeff[pick], present[pick])))
+    return HeadWindows(recordings, groups)
+
+
 def _accuracy(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, *,
-              every: bool = False) -> list[float]:
+              every: bool = False, windows: HeadWindows | None = None) -> list[float]:
     """Activity accuracy per code variant (rate level) on one window per recording, or with
-    ``every`` on every window the service would classify (per second)."""
+    ``every`` on every window the service would classify (per second). ``windows``: the
+    head's features, computed once (:func:`head_windows`) for several calls."""
+    if net.context_head is not None:
+        windows = windows if windows is not None else head_windows(net, codes, recordings)
+        return windows.accuracy(net.context_head, codes.activity, recordings, every=every)
     out = []
     for v in range(codes.z_q.shape[0]):
         p_act, _, _, owners = classify_codes(net, codes, recordings, v, all_windows=every,
@@ -198,24 +267,27 @@ def support_windows(codes: CodeData, support: np.ndarray, n: int
 
 
 def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
-               prior: bool = True) -> CSICodecNet:
+               prior: bool = True, windows: HeadWindows | None = None) -> CSICodecNet:
     """A copy of ``net`` whose context head's activity layers are refitted on the support
     windows of each rate level they occur at (shrunk towards the parent's with ``prior``);
-    levels without support windows keep the parent's layer."""
-    from .context_head import profile_coefficients
+    levels without support windows keep the parent's layer. ``windows``: the head's
+    features of (at least) the support recordings, if already computed."""
     from .rocket import fit_ridge, ridge_to_prior
 
     if net.context_head is None:
         raise ValueError("this bundle has no context head (it predates it): adapt it with "
                          "--method finetune, prototypes or prototypes+finetune")
+    if windows is None:
+        windows = head_windows(net, codes, support)
     adapted = copy.deepcopy(net)
     head = adapted.context_head
     assert head is not None
     labels = codes.activity
-    for lv, ((z, p, present), owners) in support_windows(codes, support,
-                                                          net.cfg.context_segments).items():
+    for lv in dict.fromkeys(lv for _, lv, _, _, _ in windows.groups):
+        feats, owners = windows.select(lv, support)
+        if not len(owners):
+            continue
         part = head.levels[head.level_index(lv)]
-        feats = part.features(z, profile_coefficients(net, p), present)
         y = labels[owners]
         if prior:
             part.activity = ridge_to_prior(feats, y, part.activity, groups=owners)
@@ -239,8 +311,21 @@ def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Pa
     support, query = pick_support(codes, labelled, shots, seed)
     if log:
         log(f"{len(support)} support recordings ({shots} per activity), {len(query)} held out")
-    adapted = adapt_codes(model.net, codes, support, part=part, epochs=epochs, seed=seed,
-                          method=method)
+    # Measured on recordings the adaptation never saw; with none left over, on the support
+    # itself, and then the result and the bundle say so (held_out false).
+    held_out = bool(len(query))
+    scored = query if held_out else support
+    # The ridge methods only swap the head's activity layers: the features of every window
+    # are computed once, for the fit and for every score before and after.
+    windows = (head_windows(model.net, codes, np.union1d(support, scored))
+               if method in ("ridge", "ridge-alone") and model.net.context_head is not None
+               else None)
+    if windows is not None:
+        adapted = adapt_head(model.net, codes, support, prior=method == "ridge",
+                             windows=windows)
+    else:
+        adapted = adapt_codes(model.net, codes, support, part=part, epochs=epochs, seed=seed,
+                              method=method)
     result: dict[str, Any] = {
         "base": model.id, "dataset": dataset, "data": str(data_dir), "shots": shots,
         "seed": seed, "method": method, "part": part, "epochs": epochs,
@@ -248,17 +333,12 @@ def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Pa
         "held_out": len(query),
         "support_recordings": [codes.names[i] for i in support.tolist()],
     }
-    # Measured on recordings the adaptation never saw; with none left over, on the support
-    # itself, and then the result and the bundle say so (held_out false).
-    held_out = bool(len(query))
-    scored = query if held_out else support
     result["held_out_accuracy"] = held_out
-    result["activity_accuracy_before"] = _accuracy(model.net, codes, scored)
-    result["activity_accuracy_after"] = _accuracy(adapted, codes, scored)
-    result["activity_accuracy_per_second_before"] = _accuracy(model.net, codes, scored,
-                                                              every=True)
-    result["activity_accuracy_per_second_after"] = _accuracy(adapted, codes, scored,
-                                                             every=True)
+    for key, net in (("before", model.net), ("after", adapted)):
+        result[f"activity_accuracy_{key}"] = _accuracy(net, codes, scored, windows=windows)
+    for key, net in (("before", model.net), ("after", adapted)):
+        result[f"activity_accuracy_per_second_{key}"] = _accuracy(net, codes, scored,
+                                                                  every=True, windows=windows)
     # The parent's activity calibration (csi_cloud.model.temperature) was fitted for its
     # head, not the adapted one: the derived bundle goes without (temperature 1, defaults).
     parent_calibration = {k: v for k, v in model.manifest.calibration.items()

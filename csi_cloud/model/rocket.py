@@ -31,8 +31,12 @@ channels, K profile components, F features, A classes.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +86,7 @@ class RocketTransform:
         self.channel_mask = np.asarray(channel_mask, np.float32)  # (G, 84, channels)
         self.biases = np.asarray(biases, np.float32)  # (G, 84, Fmax), padded with +inf
         self.counts = np.asarray(counts, np.int64)  # (G,) features per kernel at dilation g
+        self._channels: tuple[np.ndarray, np.ndarray] | None = None  # see _channel_lists
 
     @property
     def features(self) -> int:
@@ -133,9 +138,44 @@ class RocketTransform:
         return F.conv1d(summed, torch.from_numpy(KERNELS)[:, None, :], dilation=dilation,
                         padding=4 * dilation, groups=84)
 
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(W, channels, L) -> (W, F) float32 features (the compiled kernel, on as many
+        threads as torch may use; bit for bit :meth:`reference`)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((len(x), self.features), np.float32)
+        if not len(x):
+            return out
+        kernel = _compiled_kernel()
+        args = (self.dilations, *self._channel_lists(), self.biases, self.counts,
+                _ppv_table(x.shape[2]), KERNELS)
+        # Windows are independent: split them over threads (the kernel releases the GIL).
+        # Small batches (the live service: a few windows a message) run on the caller's.
+        threads = min(torch.get_num_threads(), len(x) // _MIN_WINDOWS_PER_THREAD)
+        if threads <= 1:
+            kernel(x, *args, out)
+            return out
+        bounds = np.linspace(0, len(x), threads + 1).astype(int).tolist()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda lo, hi: kernel(x[lo:hi], *args, out[lo:hi]),
+                          bounds[:-1], bounds[1:]))
+        return out
+
+    def _channel_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """The channel mask as index lists: (G, 84, max channels) indices, (G, 84) counts."""
+        if self._channels is None:
+            mask = self.channel_mask > 0
+            sizes = mask.sum(axis=2).astype(np.int64)
+            index = np.zeros((*mask.shape[:2], max(1, int(sizes.max(initial=0)))), np.int64)
+            for i, k in np.ndindex(*mask.shape[:2]):
+                chosen = np.flatnonzero(mask[i, k])
+                index[i, k, : len(chosen)] = chosen
+            self._channels = (index, sizes)
+        return self._channels
+
     @torch.no_grad()
-    def __call__(self, x: np.ndarray, batch: int = 128) -> np.ndarray:
-        """(W, channels, L) -> (W, F) float32 features."""
+    def reference(self, x: np.ndarray, batch: int = 128) -> np.ndarray:
+        """The features as defined in torch (batched ``conv1d``): what :meth:`__call__`
+        computes faster, kept as its specification (tests compare the two bit for bit)."""
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         out = []
         for start in range(0, len(tensor), batch):
@@ -158,6 +198,76 @@ class RocketTransform:
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> RocketTransform:
         return cls(arrays[f"{prefix}dilations"], arrays[f"{prefix}channel_mask"],
                    arrays[f"{prefix}biases"], arrays[f"{prefix}counts"])
+
+
+# -- the compiled transform ----------------------------------------------------------------
+#
+# The torch definition (RocketTransform.reference) spends its time in small batched einsums,
+# a grouped conv1d and a (W, 84, c, L) comparison tensor; for the short series of a context
+# window (56 steps on the shipped bundles) that is mostly overhead. The kernel below computes
+# the same numbers window by window in one pass. It keeps the reference's float32 arithmetic
+# in the same order: channels summed in ascending order, the nine kernel taps in ascending
+# order (the taps are -1 or 2, so every product is exact and fused or separate multiply-adds
+# round alike; padded taps add nothing), the proportion taken from the count of positive
+# values through the table torch's mean gives (_ppv_table). Tests check it equals the
+# reference bit for bit.
+
+_MIN_WINDOWS_PER_THREAD = 32  # below this, a thread costs more than it saves
+
+
+def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
+                     sizes: np.ndarray, biases: np.ndarray, counts: np.ndarray,
+                     table: np.ndarray, kernels: np.ndarray, out: np.ndarray) -> None:
+    """(W, channels, L) series -> PPV features into ``out`` (W, F); see the section above."""
+    length = x.shape[2]
+    summed = np.empty(length, np.float32)
+    conv = np.empty(length, np.float32)
+    for w in range(x.shape[0]):
+        col = 0
+        for i in range(len(dilations)):
+            d = dilations[i]
+            c = counts[i]
+            for k in range(84):
+                summed[:] = 0
+                for m in range(sizes[i, k]):
+                    ch = channels[i, k, m]
+                    for t in range(length):
+                        summed[t] += x[w, ch, t]
+                for t in range(length):
+                    acc = np.float32(0.0)
+                    for j in range(9):
+                        p = t + (j - 4) * d
+                        if 0 <= p < length:
+                            acc += kernels[k, j] * summed[p]
+                    conv[t] = acc
+                for b in range(c):
+                    bias = biases[i, k, b]
+                    n = 0
+                    for t in range(length):
+                        if conv[t] > bias:
+                            n += 1
+                    out[w, col + k * c + b] = table[n]
+            col += 84 * c
+
+
+@functools.cache
+def _compiled_kernel() -> Callable[..., Any]:
+    """:func:`_features_kernel` compiled by numba (once a process; cached on disk where the
+    package or the user's cache folder is writable), releasing the GIL."""
+    import numba
+
+    try:
+        return numba.njit(nogil=True, cache=True)(_features_kernel)
+    except RuntimeError:  # no writable cache location: compile in memory
+        return numba.njit(nogil=True)(_features_kernel)
+
+
+@functools.cache
+def _ppv_table(length: int) -> np.ndarray:
+    """PPV of a series of ``length`` steps by its count of positive values, as the
+    reference's ``(conv > bias).float().mean(-1)`` rounds it: (length + 1,) float32."""
+    count = torch.arange(length + 1)[:, None, None, None]
+    return (torch.arange(length)[None, None, None, :] < count).float().mean(-1).reshape(-1).numpy()
 
 
 @dataclass(slots=True)
