@@ -209,12 +209,13 @@ class Edge:
     """One ``csi edge`` process replaying the committed samples for some APs in real time."""
 
     def __init__(self, folder: Path, broker: Mosquitto, streams: Sequence[tuple[str, Path]],
-                 *, spool: Path | None = None, name: str = "edge") -> None:
+                 *, spool: Path | None = None, name: str = "edge",
+                 broker_url: str | None = None) -> None:
         self.folder = folder
         self.names = [n for n, _ in streams]
         self.spool = spool or folder / f"{name}-spool"
         self.command = [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL),
-                        "--broker", broker.url, "--spool-dir", str(self.spool),
+                        "--broker", broker_url or broker.url, "--spool-dir", str(self.spool),
                         "--status-interval", "1", "--speed", "real", "--loop", "--level", "1",
                         "--log-level", "WARNING",
                         *[a for n, path in streams for a in ("--stream", f"{n}=file://{path}")]]
@@ -347,6 +348,10 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._closed = False
         self.restore()
+
+    @property
+    def cut_now(self) -> bool:
+        return self._listener is None
 
     def restore(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
