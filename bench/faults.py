@@ -734,27 +734,29 @@ def run_case(name: str, scale: Scale, keep: Path | None = None) -> CaseResult:
     started = time.monotonic()
     folder = Path(tempfile.mkdtemp(prefix=f"faults-{name}-"))
     bench: Bench | None = None
-    try:
-        bench = Bench(folder, scale, **case.options)
-        result.details["cloud_startup_s"] = round(bench.startup_s, 1)
-        bench.warm()
-        case.run(bench, result)
-    except Exception as exc:
-        result.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
-        result.details["traceback"] = traceback.format_exc()[-3000:]
-    try:
-        if bench is not None:
-            with contextlib.suppress(Exception):
-                if bench.broker.proc is None:
-                    bench.broker.start()  # the edges drain through it
-            for link in (bench.proxy, getattr(bench, "edge_link", None)):
-                if link is not None and link.cut_now:
-                    with contextlib.suppress(OSError):
-                        link.restore()
-            bench.cloud.thaw()
-            bench.finish(result, catch_up_s=30 if scale is QUICK else 60)
-    except Exception as exc:
-        result.notes.append(f"counting failed: {type(exc).__name__}: {str(exc)[:300]}")
+    try:  # whatever happens (Ctrl-C, SIGTERM too), the finally stops every process
+        try:
+            bench = Bench(folder, scale, **case.options)
+            result.details["cloud_startup_s"] = round(bench.startup_s, 1)
+            bench.warm()
+            case.run(bench, result)
+        except Exception as exc:
+            result.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()[
+                -2000:]
+            result.details["traceback"] = traceback.format_exc()[-3000:]
+        try:
+            if bench is not None:
+                with contextlib.suppress(Exception):
+                    if bench.broker.proc is None:
+                        bench.broker.start()  # the edges drain through it
+                for link in (bench.proxy, getattr(bench, "edge_link", None)):
+                    if link is not None and link.cut_now:
+                        with contextlib.suppress(OSError):
+                            link.restore()
+                bench.cloud.thaw()
+                bench.finish(result, catch_up_s=30 if scale is QUICK else 60)
+        except Exception as exc:
+            result.notes.append(f"counting failed: {type(exc).__name__}: {str(exc)[:300]}")
     finally:
         if bench is not None:
             for log in ("cloud.log", "edge0.log", "edge1.log"):
@@ -801,7 +803,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {c['sent']} | {c['predicted']} | {lost} | {c['duplicated']} "
                      f"| {_fmt(c['recovery_s'])} | {'pass' if c['passed'] else 'FAIL'} | "
                      f"{why} |")
-    lines += ["", "Details (codes, RSS, uploads, notes) are in `faults.json`.", ""]
+    lines += ["", "The cloud runs with its default settings (shared subscription on, SQLite; "
+              "PostgreSQL behind a cuttable proxy for db_outage); two edge processes replay the "
+              "committed Fition samples in real time, idle markers off. Details (HTTP codes, "
+              "RSS, upload answers, notes, log lines) are in `faults.json`.", ""]
     return "\n".join(lines)
 
 
@@ -825,13 +830,18 @@ def _commit() -> str:
     return done.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scale = QUICK if args.quick else FULL
     names = args.only or list(CASES)
     # SIGTERM on the bench: unwind (every case's finally stops its processes).
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
+    commit = _commit()  # the code under test, before any case runs
     cases: dict[str, Any] = {}
     for name in names:
         print(f"{name}: running", flush=True)
@@ -846,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/faults.py" + (" --quick" if args.quick else "")
                    + "".join(f" --only {n}" for n in args.only or []),
         "mode": "quick" if args.quick else "full",
-        "commit": _commit(),
+        "commit": commit,
         "host": {"python": platform.python_version(), "machine": platform.machine(),
                  "cpus": __import__("os").cpu_count()},
         "aps": scale.aps, "scale": asdict(scale),
