@@ -51,10 +51,16 @@ def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None
     common = {
         "state_topic": f"{base}/pred",
         "json_attributes_topic": f"{base}/pred",
-        "availability_topic": f"{base}/status",
-        "availability_template": "{{ 'online' if value_json.online else 'offline' }}",
-        "payload_available": "online",
-        "payload_not_available": "offline",
+        # Available while both say so: the AP's own status (its Last Will included) and the
+        # cloud's verdict, which also catches an AP that went silent without a Last Will (its
+        # status heartbeat overdue: a half-open link, streams sharing one connection).
+        "availability": [
+            {"topic": f"{base}/status", "payload_available": "online",
+             "payload_not_available": "offline",
+             "value_template": "{{ 'online' if value_json.online else 'offline' }}"},
+            {"topic": f"{base}/availability", "payload_available": "online",
+             "payload_not_available": "offline"}],
+        "availability_mode": "all",
         "device": device,
     }
     configs: dict[str, dict[str, Any] | None] = {
@@ -77,8 +83,7 @@ def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None
         "name": "Activity or presence change", "unique_id": f"{node}_change",
         "state_topic": f"{base}/event", "event_types": ["activity", "presence"],
         "json_attributes_topic": f"{base}/event",
-        **{k: common[k] for k in ("availability_topic", "availability_template",
-                                  "payload_available", "payload_not_available", "device")},
+        **{k: common[k] for k in ("availability", "availability_mode", "device")},
         "icon": "mdi:timeline-clock"}
     model_entities: dict[str, dict[str, Any]] = {
         f"{discovery_prefix}/sensor/{node}/activity/config": {

@@ -145,6 +145,7 @@ class CloudService:
         self._active_setting: str | None = None  # the stored active model (cached)
         self._pending_status: dict[tuple[str, str], dict[str, Any]] = {}
         self._status_seen: dict[tuple[str, str], tuple[float, float]] = {}  # (when, due in s)
+        self._availability: dict[tuple[str, str], bool] = {}  # the verdict last published
         self._logged: OrderedDict[str, None] = OrderedDict()
         self._stuck: str | None = None  # why stores fail right now
         self._status_failing: str | None = None
@@ -822,6 +823,7 @@ class CloudService:
                 status[text_field] = value[: _STATUS_TEXT_MAX - 1] + "…"
         self._ap_status[key] = status
         self._status_seen[key] = (time.monotonic(), self._due(status))
+        self._publish_availability(site, ap, bool(status.get("online")))
         has_model = isinstance(status.get("model_name"), str)
         if self.settings.homeassistant and self._announced.get(key) != has_model:
             self._announced[key] = has_model
@@ -921,6 +923,19 @@ class CloudService:
             self._ap_status[key] = status
             log.warning("%s/%s: no status for %.0f s: marked offline", *key, age)
             self._queue_status(*key, status)
+            self._publish_availability(*key, False)
+
+    def _publish_availability(self, site: str, ap: str, online: bool) -> None:
+        """The cloud's verdict on an AP, retained on ``{prefix}/{site}/{ap}/availability``
+        (``online``/``offline``; Home Assistant reads it next to the AP's status), published
+        when it changes."""
+        key = (site, ap)
+        client = self.mqtt
+        if client is None or self._availability.get(key) == online:
+            return
+        self._availability[key] = online
+        client._client.publish(f"{self.settings.prefix}/{site}/{ap}/availability",
+                               b"online" if online else b"offline", qos=1, retain=True)
 
     def _announce(self, site: str, ap: str, status: dict[str, Any]) -> None:
         """Home Assistant discovery configs for a newly seen AP (retained, QoS 1)."""

@@ -23,12 +23,32 @@ TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor|event)/([a-zA-Z0-9_-]+
 # Keys Home Assistant's MQTT discovery documents for these platforms (full names), and the
 # ones every entity here must carry.
 ALLOWED = {"name", "unique_id", "state_topic", "value_template", "json_attributes_topic",
-           "availability_topic", "availability_template", "payload_available",
-           "payload_not_available", "device", "icon", "device_class", "payload_on",
+           "availability", "availability_mode", "device", "icon", "device_class", "payload_on",
            "payload_off", "state_class", "unit_of_measurement", "event_types"}
-REQUIRED = {"name", "unique_id", "state_topic", "availability_topic", "device"}
+REQUIRED = {"name", "unique_id", "state_topic", "availability", "availability_mode", "device"}
 # Home Assistant's MQTT entities read this rendered payload as "unknown".
 UNKNOWN = "None"
+
+
+def available(config: dict, status: bytes, verdict: bytes | None) -> str:
+    """What Home Assistant makes of the entity's availability (mode ``all``: available only
+    while the AP's status and the cloud's verdict both say so)."""
+    assert config["availability_mode"] == "all"
+    states = []
+    for item in config["availability"]:
+        if item["topic"] == "csi/v1/home/living/status":
+            states.append(render(item["value_template"], status))
+        else:
+            assert item["topic"] == "csi/v1/home/living/availability"
+            states.append((verdict or b"").decode())
+        assert states[-1] in (item["payload_available"], item["payload_not_available"])
+    return "online" if all(s == "online" for s in states) else "offline"
+
+
+def cloud_says(ha: Collector) -> bytes | None:
+    """The cloud's latest retained verdict on the AP."""
+    seen = ha.on("csi/v1/home/living/availability")
+    return seen[-1].payload if seen else None
 
 
 def render(template: str, payload: bytes) -> str:
@@ -119,7 +139,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
     cloud.start()
     ha = Collector(broker.port, ["homeassistant/#", "csi/v1/+/+/pred", "csi/v1/+/+/status",
-                                 "csi/v1/+/+/event"],
+                                 "csi/v1/+/+/event", "csi/v1/+/+/availability"],
                    client_id="home-assistant", persistent=False)
     edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site", "home",
                     "--ap", "living", "--speed", "5", "--level", "2")
@@ -128,6 +148,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
         ha.wait_for(lambda: len([m for m in ha.messages if m.topic.startswith(
             "homeassistant/") and m.payload]) >= 7, 30, "seven discovery configs")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/pred"), 30, "a prediction")
+        ha.wait_for(lambda: cloud_says(ha) == b"online", 30, "the cloud's online verdict")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/event"), 30, "an activity event")
         configs = {m.topic: json.loads(m.payload) for m in ha.messages
                    if m.topic.startswith("homeassistant/") and m.payload}
@@ -135,8 +156,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
         status = [m for m in ha.messages if m.topic == "csi/v1/home/living/status"][-1].payload
         for topic, config in configs.items():
             kind = TOPIC.match(topic).group(1)  # type: ignore[union-attr]
-            assert config["availability_topic"] == "csi/v1/home/living/status"
-            assert render(config["availability_template"], status) == "online"
+            assert available(config, status, cloud_says(ha)) == "online"
             if kind == "event":
                 assert config["state_topic"] == "csi/v1/home/living/event"
                 for message in ha.on("csi/v1/home/living/event"):
@@ -164,8 +184,10 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
                                         "csi/v1/home/living/status"][-1].payload)["online"],
                 20, "the offline status")
     status = [m for m in ha.messages if m.topic == "csi/v1/home/living/status"][-1].payload
+    ha.wait_for(lambda: cloud_says(ha) == b"offline", 20, "the cloud's offline verdict")
     for config in configs.values():
-        assert render(config["availability_template"], status) == "offline"
+        assert available(config, status, b"online") == "offline"
+        assert available(config, b'{"online": true}', b"offline") == "offline"
     ha.close()
     # A Home Assistant starting later gets the configs: they are retained.
     late = Collector(broker.port, ["homeassistant/#"], client_id="ha-late", persistent=False)

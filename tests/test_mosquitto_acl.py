@@ -215,6 +215,8 @@ def test_ap_users_are_confined_to_their_own_topics(
         assert cloud.subscribe(f"{PREFIX}/+/+/seg") < 0x80
         assert cloud.subscribe(f"{PREFIX}/+/+/status") < 0x80
         assert dash.subscribe(f"{PREFIX}/+/+/pred") < 0x80
+        assert dash.subscribe(f"{PREFIX}/+/+/event") < 0x80
+        assert dash.subscribe(f"{PREFIX}/+/+/availability") < 0x80
         assert ap1.subscribe(f"{PREFIX}/lab/ap1/ctl") < 0x80
         assert ap2.subscribe(f"{PREFIX}/lab/ap2/ctl") < 0x80
         # Another AP's control topic, directly or by wildcard. Mosquitto's acl_file checks
@@ -230,6 +232,7 @@ def test_ap_users_are_confined_to_their_own_topics(
         ap1.publish(f"{PREFIX}/lab/ap2/seg", b"forged-seg")
         ap1.publish(f"{PREFIX}/lab/ap2/status", b"forged-status")
         ap1.publish(f"{PREFIX}/lab/ap1/pred", b"forged-pred")
+        ap1.publish(f"{PREFIX}/lab/ap1/availability", b"forged-availability")
         ap1.publish(f"{PREFIX}/lab/ap2/ctl", b"forged-ctl")
         ap1.publish(f"{PREFIX}/lab/ap1/seg", b"seg-1")
         ap1.publish(f"{PREFIX}/lab/ap1/status", b'{"online": true}')
@@ -246,6 +249,12 @@ def test_ap_users_are_confined_to_their_own_topics(
         ap1.wait_for(f"{PREFIX}/lab/ap1/ctl", b"to-ap1")
         ap2.wait_for(f"{PREFIX}/lab/ap2/ctl", b"to-ap2")
         dash.wait_for(f"{PREFIX}/lab/ap1/pred", b"pred-1")
+        # Events and the cloud's availability verdict reach readers (Home Assistant).
+        cloud.publish(f"{PREFIX}/lab/ap1/event", b"event-1")
+        cloud.publish(f"{PREFIX}/lab/ap1/availability", b"offline")
+        dash.wait_for(f"{PREFIX}/lab/ap1/event", b"event-1")
+        dash.wait_for(f"{PREFIX}/lab/ap1/availability", b"offline")
+        assert b"forged-availability" not in [p for _, p in dash.received()]
         time.sleep(0.2)
         assert b"to-ap2" not in [p for _, p in ap1.received()]
         assert b"forged-ctl" not in [p for _, p in ap2.received()]

@@ -5,13 +5,14 @@ Every access point gets its own MQTT user, named ``{site}/{ap}``, that may only
   * publish its segments  ``{prefix}/{site}/{ap}/seg``  and its status ``.../status``,
   * subscribe to its own control topic ``{prefix}/{site}/{ap}/ctl``.
 Each cloud worker gets its own user (``--cloud-user``, repeatable; default ``csi-cloud``), that
-may read every AP's segments and status, write every ``ctl`` and ``pred`` topic, and publish
-Home Assistant discovery configs (``{homeassistant}/+/+/+/config``; no other user may).
-Optional reader users (dashboards, Home Assistant) may read ``status``, ``pred`` and the
-discovery configs. Optional site users (``--site-user USER=SITE``) may act as *any* AP of one
-site: publish ``{prefix}/{site}/+/seg`` and ``.../status``, read ``{prefix}/{site}/+/ctl``. They
-exist for a replay edge that streams several APs of a demo site from one process over one
-connection; the APs of such a site are not isolated from one another.
+may read every AP's segments and status, write every ``ctl``, ``pred``, ``event`` and
+``availability`` topic, and publish Home Assistant discovery configs
+(``{homeassistant}/+/+/+/config``; no other user may). Optional reader users (dashboards, Home
+Assistant) may read ``status``, ``pred``, ``event``, ``availability`` and the discovery configs.
+Optional site users (``--site-user USER=SITE``) may act as *any* AP of one site: publish
+``{prefix}/{site}/+/seg`` and ``.../status``, read ``{prefix}/{site}/+/ctl``. They exist for
+a replay edge that streams several APs of a demo site from one process over one connection;
+the APs of such a site are not isolated from one another.
 
 The broker runs with ``use_username_as_clientid true`` (mosquitto.conf): a connection's client
 id IS its user name, so no credentials can take over another user's session (the cloud's
@@ -136,10 +137,13 @@ def make_acl(aps: list[tuple[str, str]], *, prefix: str = "csi/v1",
                   f"topic read {prefix}/+/+/status",
                   f"topic write {prefix}/+/+/ctl",
                   f"topic write {prefix}/+/+/pred",
+                  f"topic write {prefix}/+/+/event",
+                  f"topic write {prefix}/+/+/availability",
                   f"topic write {discovery}", ""]
     for reader in readers:
         lines += ["# read-only: dashboards, monitoring, Home Assistant", f"user {reader}",
                   f"topic read {prefix}/+/+/status", f"topic read {prefix}/+/+/pred",
+                  f"topic read {prefix}/+/+/event", f"topic read {prefix}/+/+/availability",
                   f"topic read {discovery}", ""]
     for user, site in site_users:
         base = f"{prefix}/{site}/+"
