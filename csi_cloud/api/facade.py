@@ -34,7 +34,7 @@ log = logging.getLogger("csi_cloud.api")
 
 UPLOAD_SITE = UPLOAD_AP = "upload"  # the pseudo AP of /predict's segments
 
-I = TypeVar("I", bound=Ingestor)  # noqa: E741
+IngestorT = TypeVar("IngestorT", bound=Ingestor)
 
 
 class Cloud:
@@ -112,13 +112,14 @@ class Cloud:
                                     "not be announced to the APs, so nothing was changed")
         return await self._service.activate(model_id)
 
-    async def classify_apart(self, payloads: list[bytes], make: type[I]) -> tuple[BatchResult, I]:
+    async def classify_apart(self, payloads: list[bytes], make: type[IngestorT]
+                             ) -> tuple[BatchResult, IngestorT]:
         """Payloads through a fresh ingestor of type ``make`` under the pseudo AP
         ``upload/upload``: never the live per-AP state, and on the /predict threads, so an
         upload never holds up live ingest."""
         service = self._service
 
-        def classify() -> tuple[BatchResult, I]:
+        def classify() -> tuple[BatchResult, IngestorT]:
             ingestor = make(service.registry, service.settings.max_payload_bytes)
             now = time.time()
             return ingestor.process([(UPLOAD_SITE, UPLOAD_AP, p, now) for p in payloads]), ingestor
