@@ -1,15 +1,13 @@
 """The cloud worker: MQTT ingest -> micro-batches -> decode + classify -> store -> publish.
 
-One :class:`CloudService` per process, started in the FastAPI lifespan. Segment messages come
-from a subscription to ``{prefix}/+/+/seg`` on a persistent session (clean start off, session
-expiry; ``$share/{group}/...`` only when ``shared_subscription`` is set: Mosquitto does not
-restore shared subscriptions after a restart), and are acknowledged only after their batch is
-stored, so a worker that dies mid-batch gets them again from the broker (duplicates are
-recognised by epoch and sequence number). Status messages (retained) update each AP's state.
+One :class:`CloudService` per process, started in the FastAPI lifespan: its lifecycle, the
+batching, the per-AP status and the active model. The MQTT client is csi_cloud.mqtt_link, the
+SQL csi_cloud.persistence. Segments are acknowledged only after their batch is stored, so a
+worker that dies mid-batch gets them again from the broker (duplicates are recognised by epoch
+and sequence number). Status messages (retained) update each AP's state.
 
-Nothing one message does stops ingest: JSON is parsed bounded (csi_edge.messages), names are
-checked by the one rule (csi_edge.names), a handler error is logged once with the bad value,
-counted and skipped, and the MQTT loop reconnects after any error. A batch the database
+Nothing one message does stops ingest: a handler error is logged once with the bad value,
+counted and skipped. A batch the database
 refuses is retried with backoff; while the database is unreachable it is retried for as long
 as it takes (nothing acknowledged, nothing lost; ``/readyz`` says why), and a batch refused
 for its content is split by AP and what still fails is dead-lettered (kept in
@@ -22,39 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
-from sqlalchemy.exc import (
-    DBAPIError,
-    DisconnectionError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-
-from csi_edge._errors import CSIError
-from csi_edge._mqtt import Backoff
-from csi_edge.bundle import decode_segment_codes
-from csi_edge.messages import BadMessageError, loads_bounded
-from csi_edge.names import is_valid_name
 from csi_edge.presence import PresenceConfig
-from csi_edge.settings import topic_name
 
-from .db import AP, Database, DeadLetter, Prediction
+from .db import Database
 from .events import LiveTrust
 from .ingest import BatchResult, Ingestor
 from .live import LiveHub
 from .metrics import Metrics
 from .model.heads import UNKNOWN
-from .records import DecodedRecord
+from .mqtt_link import SHOWN as _SHOWN
+from .mqtt_link import MqttLink, NotConnectedError
+from .mqtt_link import shown as _shown
+from .persistence import Persistence, codes_of, is_transient
 from .registry import ModelRegistry
 from .settings import CloudSettings
 
@@ -63,30 +48,10 @@ __all__ = ["CloudService", "NotConnectedError", "is_transient"]
 log = logging.getLogger("csi_cloud.service")
 
 _ACTIVE_MODEL = "active_model"
-_SHOWN = 200  # characters of a bad value quoted in a log line
 _STATUS_TEXT_MAX = 300  # characters of an AP's error text kept in its status
-_MAX_DEAD_LETTERS = 100_000  # rows kept in dead_letters (the oldest go first)
 _LOGGED_MAX = 4096  # distinct problems remembered for "log once"
 
 _Item = tuple[str, str, bytes, float, Callable[[], None] | None]
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The database could not be reached or was busy (retry until it can), as opposed to a
-    statement it refused for its content (a bad value: retry a few times, then dead-letter)."""
-    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
-                  PoolTimeoutError | TimeoutError | ConnectionError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
-
-
-class NotConnectedError(RuntimeError):
-    """The worker has no MQTT connection right now."""
 
 
 class CloudService:
@@ -102,6 +67,7 @@ class CloudService:
                                                          settings.presence_sensitivity,
                                                          settings.presence_hold_s),
                                  max_aps=settings.max_aps)
+        self.persistence = Persistence(self.db, self.ingestor, self.registry)
         self.metrics = Metrics()
         self.hub = LiveHub(on_drop=self.metrics.live_dropped.inc)
         self.trust = LiveTrust(self.registry, self.db, settings.prefix)  # smoothing, events
@@ -122,14 +88,13 @@ class CloudService:
                                active_model=lambda: self.active_model, activate=self.activate)
         # -- end recordings and training jobs --
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.mqtt: Any = None
+        self.link = MqttLink(settings, self.metrics, self.log_once, self.submit, self._on_status)
         self.bus: Any = None  # csi_cloud.bus.NatsBus when segments come from NATS
         self.started = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._storing: asyncio.Task[None] | None = None  # the latest batch's store
         self._ap_status: dict[tuple[str, str], dict[str, Any]] = {}
-        self._db_aps: set[tuple[str, str]] = set()  # AP rows known to exist
         # APs with discovery configs, and whether those include the model's entities.
         self._announced: dict[tuple[str, str], bool] = {}
         self._switch_sent: dict[tuple[str, str], int] = {}  # the epoch told to switch
@@ -164,7 +129,7 @@ class CloudService:
         self._active_setting = await loop.run_in_executor(self._db_pool, self.db.get_setting,
                                                           _ACTIVE_MODEL)
         self.registry.serve(self.active_model)
-        await loop.run_in_executor(self._db_pool, self._restore_states)
+        await loop.run_in_executor(self._db_pool, self._restore)
         # Models and libraries are loaded: keep the collector from re-scanning them (full
         # collections of those objects were the worst latency spikes under load).
         gc.collect()
@@ -175,7 +140,7 @@ class CloudService:
         self._tasks.append(asyncio.create_task(self._batch_loop(), name="ingest batches"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.settings.broker_address() is not None:
-            self._tasks.append(asyncio.create_task(self._mqtt_loop(), name="mqtt"))
+            self._tasks.append(asyncio.create_task(self.link.run(), name="mqtt"))
         if self.settings.bus_servers():  # segments from a NATS JetStream cluster
             from .bus import NatsBus
 
@@ -220,6 +185,11 @@ class CloudService:
         self.db.close()
 
     @property
+    def mqtt(self) -> Any:
+        """The connected MQTT client (None while there is none)."""
+        return self.link.client
+
+    @property
     def ready(self) -> bool:
         return not self.problems()
 
@@ -252,75 +222,23 @@ class CloudService:
             self._logged.popitem(last=False)
         log.warning(message + " (logged once)", *args, exc_info=exc)
 
-    def _restore_states(self) -> None:
-        """Epoch and last sequence number per AP from the database, so segments the broker
-        delivers again after a restart are recognised as duplicates."""
-        with self.db.session() as s:
-            for row in s.scalars(select(AP)):
-                self._restore_row(s, row)
+    def _restore(self, keep: Callable[[str, str], bool] | None = None) -> int:
+        """Per-AP state and context from the database (persistence.restore), and each AP's
+        stored status, overdue from now on if no status comes (a retained one normally does
+        at once)."""
+        restored = self.persistence.restore(keep)
+        for key, status in restored:
+            if status is not None:
+                self._ap_status[key] = status
+                self._status_seen[key] = (time.monotonic(), self._due(status))
+        return len(restored)
 
     def reload_aps(self, keep: Callable[[str, str], bool]) -> int:
         """Forget what this worker holds for the APs ``keep(site, ap)`` selects and read their
         state and context back from the database: their partition just moved to this worker,
         and another one may have handled them meanwhile. Call it in a thread, while none of
         these APs' segments are being processed (csi_cloud.bus does)."""
-        with self.db.session() as s:
-            rows = [row for row in s.scalars(select(AP)) if keep(row.site, row.ap)]
-            for row in rows:
-                self.ingestor.forget(row.site, row.ap)
-                self._restore_row(s, row)
-        return len(rows)
-
-    def _restore_row(self, s: Any, row: AP) -> None:
-        self._restore_context(s, row)
-        self._db_aps.add((row.site, row.ap))
-        state = self.ingestor.state(row.site, row.ap)
-        state.epoch, state.last_seq = row.epoch, row.last_seq
-        state.model, state.rate_level = row.model, row.rate_level
-        counters = dict(row.counters or {})
-        state.rejected.update(counters.pop("rejected", {}) or {})
-        state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
-        if isinstance(row.status, dict):
-            self._ap_status[(row.site, row.ap)] = row.status
-            # Overdue from now on if no status comes (a retained one normally does at once).
-            self._status_seen[(row.site, row.ap)] = (time.monotonic(), self._due(row.status))
-        if row.epoch is not None and row.last_seq is not None:
-            # What is stored, not the row's last_seq (written from the state, which may hold
-            # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
-            # resent or late segment is not taken for a duplicate.
-            stored = s.scalars(select(Prediction.seq).where(
-                Prediction.site == row.site, Prediction.ap == row.ap,
-                Prediction.epoch == row.epoch, Prediction.seq > row.last_seq - 4096)).all()
-            self.ingestor.restore_seen(row.site, row.ap, list(stored))
-
-    def _restore_context(self, s: Any, row: AP) -> None:
-        """The AP's last context from the codes stored with its predictions, so a restarted
-        worker predicts exactly as if it had never stopped."""
-        if row.epoch is None or row.model is None:
-            return
-        try:
-            model = self.registry.get(row.model)
-        except KeyError:
-            return
-        n = model.net.cfg.context_segments
-        rows = s.execute(select(Prediction.seq, Prediction.timestamp, Prediction.rate_level,
-                                Prediction.quality, Prediction.codes, Prediction.received)
-                         .where(Prediction.site == row.site, Prediction.ap == row.ap,
-                                Prediction.epoch == row.epoch, Prediction.model == model.id)
-                         .order_by(Prediction.id.desc()).limit(n)).all()
-        records = []
-        for seq, timestamp, level, quality, codes, received in reversed(rows):
-            if codes is None:
-                continue
-            try:
-                decoded = decode_segment_codes(codes, level, model.manifest, model.tables)
-            except (CSIError, ValueError):
-                continue
-            records.append(DecodedRecord(row.site, row.ap, row.epoch, seq,
-                                         round(timestamp * 1000), level, quality, model,
-                                         decoded, codes, received))
-        if records:
-            self.ingestor.restore_context(records)
+        return self._restore(keep)
 
     # -- models -----------------------------------------------------------------------------
 
@@ -342,7 +260,7 @@ class CloudService:
             raise NotConnectedError("not connected to the MQTT broker: nothing was changed")
         announced = []
         loop = asyncio.get_running_loop()
-        for site, ap in await loop.run_in_executor(self._db_pool, self._known_aps):
+        for site, ap in await loop.run_in_executor(self._db_pool, self.persistence.known_aps):
             current = (self._ap_status.get((site, ap)) or {}).get("model")
             if isinstance(current, str) and self.registry.same_edge(current, model.id):
                 continue  # a bundle derived in the cloud: the AP's encoder stays as it is
@@ -372,19 +290,10 @@ class CloudService:
         new = self.registry.get(model_id).manifest.input_spec
         return old.source_kind == new.source_kind
 
-    def _known_aps(self) -> list[tuple[str, str]]:
-        with self.db.session() as s:
-            return [(a.site, a.ap) for a in s.scalars(select(AP))]
-
     # -- control ----------------------------------------------------------------------------
 
     async def send_ctl(self, site: str, ap: str, command: dict[str, Any]) -> None:
-        topic_name(site, "site")
-        topic_name(ap, "ap")
-        if self.mqtt is None:
-            raise NotConnectedError("not connected to the MQTT broker")
-        await self.mqtt.publish(f"{self.settings.prefix}/{site}/{ap}/ctl",
-                                json.dumps(command), qos=1)
+        await self.link.send_ctl(site, ap, command)
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -483,7 +392,7 @@ class CloudService:
                           _shown(ap)[:90], reason, detail[:_SHOWN])
         if stored:
             self.hub.publish(stored)
-            self._publish_predictions(stored)
+            self.link.publish_predictions(stored)
         await self.trust.flush(self.mqtt)
 
     def _record(self, result: BatchResult) -> None:
@@ -533,13 +442,13 @@ class CloudService:
                                     events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store the batch (retrying); if the database refuses it, store it AP by AP and
         dead-letter the messages of the APs it still refuses. The events stored."""
-        codes = self._codes_of(events, result)
+        codes = codes_of(events, result)
         touched = {(p["site"], p["ap"]) for p in events}
         touched |= {(site, ap) for site, ap, *_ in result.rejected
                     if (site, ap) in self.ingestor.aps}
         error = await self._retry_store(
             f"a batch of {len(batch)} message(s)",
-            lambda: self._store(events, codes, touched), self.settings.store_attempts)
+            lambda: self.persistence.store(events, codes, touched), self.settings.store_attempts)
         if error is None:
             return events
         log.error("the database refuses a batch of %d message(s) (%s): storing it AP by AP",
@@ -553,8 +462,7 @@ class CloudService:
             group_touched = {key} & touched
             error = await self._retry_store(
                 f"{key[0]}/{key[1]}'s segments",
-                lambda e=group_events, c=group_codes, t=group_touched: self._store(e, c, t),  # type: ignore[misc]
-                1)
+                partial(self.persistence.store, group_events, group_codes, group_touched), 1)
             if error is None:
                 stored.extend(group_events)
                 continue
@@ -579,7 +487,7 @@ class CloudService:
                  "error": error[:2000], "received": received, "created": time.time()}
                 for site, ap, payload, received, _ in messages]
         failed = await self._retry_store(f"{len(rows)} dead letter(s)",
-                                         lambda: self._write_dead_letters(rows), 3)
+                                         lambda: self.persistence.write_dead_letters(rows), 3)
         self.dead_lettered += len(rows)
         self.metrics.dead_letters.inc(len(rows))
         for site, ap, payload, _, _ in messages:
@@ -590,228 +498,11 @@ class CloudService:
                       _shown(failed), len(rows))
             self.metrics.handler_errors.labels("dead_letter").inc()
 
-    def _write_dead_letters(self, rows: list[dict[str, Any]]) -> None:
-        with self.db.session.begin() as s:
-            s.execute(insert(DeadLetter), rows)
-            newest = s.scalar(select(func.max(DeadLetter.id))) or 0
-            if newest > _MAX_DEAD_LETTERS:
-                s.execute(delete(DeadLetter).where(DeadLetter.id <= newest - _MAX_DEAD_LETTERS))
-
-    def _store(self, events: list[dict[str, Any]], codes: list[bytes | None],
-               touched: set[tuple[str, str]]) -> None:
-        """Predictions and AP state of one batch in one transaction, with bulk statements
-        (ORM objects per row cost more than the model itself at a thousand APs)."""
-        if not touched:
-            return
-        latest: dict[tuple[str, str], dict[str, Any]] = {}
-        for event in events:
-            latest[(event["site"], event["ap"])] = event
-        for attempt in (1, 2):
-            try:
-                with self.db.session.begin() as s:
-                    created = self._write_batch(s, events, codes, touched, latest)
-                self._db_aps |= created  # only once committed
-                return
-            except IntegrityError:
-                # Another writer (the status thread, another worker) created one of the new
-                # AP rows first: they exist now, so the second attempt updates them.
-                self._db_aps -= touched
-                if attempt == 2:
-                    raise
-
-    @staticmethod
-    def _codes_of(events: list[dict[str, Any]], result: BatchResult) -> list[bytes | None]:
-        by_key = {(r.site, r.ap, r.epoch, r.seq): r.code_bytes for r in result.segments}
-        return [by_key.get((e["site"], e["ap"], e["epoch"], e["seq"])) for e in events]
-
-    def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
-                     touched: set[tuple[str, str]],
-                     latest: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
-        """Write; the AP rows known to exist once this commits."""
-        if events:
-            s.execute(insert(Prediction),
-                      [{**{k: v for k, v in e.items() if k != "model_name"}, "codes": c}
-                       for e, c in zip(events, codes, strict=True)])
-        unknown = touched - self._db_aps
-        if unknown:
-            existing = {tuple(r) for r in s.execute(
-                select(AP.site, AP.ap).where(tuple_(AP.site, AP.ap).in_(sorted(unknown))))}
-            new = unknown - existing
-            if new:
-                now = time.time()
-                s.execute(insert(AP), [{"site": site, "ap": ap, "first_seen": now,
-                                        "online": False, "counters": {}}
-                                       for site, ap in sorted(new)])
-        updates = []
-        for site, ap in touched:
-            state = self.ingestor.aps[(site, ap)]
-            row: dict[str, Any] = {
-                "site": site, "ap": ap, "last_seen": state.last_seen, "epoch": state.epoch,
-                "last_seq": state.last_seq,
-                "counters": {**dict(state.counters), "rejected": dict(state.rejected)}}
-            if state.model:
-                row["model"] = state.model
-            if state.rate_level is not None:
-                row["rate_level"] = state.rate_level
-            if (site, ap) in latest:
-                row["prediction"] = latest[(site, ap)]
-            updates.append(row)
-        # Bulk UPDATE by primary key, grouped by the set of columns each row sets.
-        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for row in updates:
-            by_keys.setdefault(tuple(sorted(row)), []).append(row)
-        for rows in by_keys.values():
-            s.execute(update(AP), rows)
-        return unknown
-
-    def _publish_predictions(self, events: list[dict[str, Any]]) -> None:
-        """The latest prediction of each AP in the batch, retained, QoS 1. Handed to paho
-        without awaiting each PUBACK (paho keeps them in flight and retries); awaiting
-        thousands of acknowledgements a second through aiomqtt costs more than the model."""
-        client = self.mqtt
-        if client is None:
-            return
-        latest: dict[tuple[str, str], dict[str, Any]] = {}
-        for event in events:
-            latest[(event["site"], event["ap"])] = event
-        for (site, ap), event in latest.items():
-            client._client.publish(f"{self.settings.prefix}/{site}/{ap}/pred",
-                                   json.dumps(event), qos=1, retain=True)
-
-    # -- MQTT -------------------------------------------------------------------------------
-
-    async def _mqtt_loop(self) -> None:
-        import aiomqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        settings = self.settings
-        broker = settings.broker_address()
-        assert broker is not None
-        backoff = Backoff(0.5, 30.0)
-        # Every site, or this worker's shard of sites (Mosquitto hands shared-subscription
-        # messages out round robin, which would split an AP's context between workers).
-        seg_filters = [f"{settings.prefix}/{site}/+/seg" for site in settings.sites] or \
-            [f"{settings.prefix}/+/+/seg"]
-        # Off by default: Mosquitto does not restore $share subscriptions from its persistence
-        # file (edges reconnecting first after a broker restart would have their backlog
-        # acknowledged and discarded), and a stale member of the group takes its share of the
-        # segments. Several workers: bus=nats:// (docs/scaling.md).
-        if settings.shared_subscription:
-            seg_filters = [f"$share/{settings.share_group}/{f}" for f in seg_filters]
-        if settings.bus_servers():
-            seg_filters = []  # segments come from the NATS bus (csi_cloud.bus)
-        v5 = settings.mqtt_protocol == "5"
-        status_filter = f"{settings.prefix}/+/+/status"
-        while True:
-            props: Properties | None = None
-            session: dict[str, Any] = {"clean_session": False}  # MQTT 3.1.1: kept until ended
-            if v5:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = settings.session_expiry_s
-                session = {"clean_start": False}
-            tls = None
-            if broker.tls:
-                tls = aiomqtt.TLSParameters(ca_certs=str(settings.ca_file)
-                                            if settings.ca_file else None)
-            client = aiomqtt.Client(
-                broker.host, broker.port, username=broker.username, password=broker.password,
-                identifier=settings.client_id,
-                protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-                properties=props, keepalive=30, tls_params=tls, timeout=10, **session,
-                max_inflight_messages=1000)
-            # Acknowledge a segment only once its batch is stored (at-least-once end to end):
-            # aiomqtt has no switch for it, paho does.
-            client._client.manual_ack_set(True)
-            try:
-                async with client:
-                    self.mqtt = client
-                    backoff.reset()
-                    log.info("connected to %s as %s", broker, settings.client_id)
-                    for seg_filter in seg_filters:
-                        await client.subscribe(seg_filter, qos=1)
-                    await client.subscribe(status_filter, qos=1)
-                    async for message in client.messages:
-                        self._on_message(client, message)
-            except asyncio.CancelledError:
-                raise
-            except aiomqtt.MqttError as exc:
-                delay = backoff.next_delay()
-                log.warning("broker %s: %s; retrying in %.1f s", broker, exc, delay)
-                self.mqtt = None
-                await asyncio.sleep(delay)
-            except Exception as exc:  # never ends the loop: reconnect (the session is kept)
-                self.metrics.handler_errors.labels("mqtt").inc()
-                delay = backoff.next_delay()
-                log.exception("MQTT loop failed (%s); reconnecting in %.1f s", _shown(exc),
-                              delay)
-                self.mqtt = None
-                await asyncio.sleep(delay)
-            finally:
-                self.mqtt = None
-
-    def _on_message(self, client: Any, message: Any) -> None:
-        """One message; whatever it holds, it is acknowledged or queued, and any error is
-        logged once with the bad value, counted and skipped."""
-        def ack(mid: int = message.mid, qos: int = message.qos) -> None:
-            if qos > 0:
-                with contextlib.suppress(Exception):  # a closed connection: broker resends
-                    client._client.ack(mid, qos)
-
-        try:
-            self._dispatch(message, ack)
-        except Exception as exc:
-            ack()
-            self.metrics.handler_errors.labels("message").inc()
-            topic = getattr(getattr(message, "topic", None), "value", None)
-            self.log_once(f"message:{type(exc).__name__}:{str(topic)[:100]}",
-                          "message on %s skipped: %s; payload %s", _shown(topic), _shown(exc),
-                          _shown(bytes(message.payload or b"")[:_SHOWN]
-                                 if isinstance(message.payload, bytes | bytearray)
-                                 else message.payload), exc=exc)
-
-    def _dispatch(self, message: Any, ack: Callable[[], None]) -> None:
-        topic = message.topic.value
-        parts = topic.split("/")
-        prefix_levels = len(self.settings.prefix.split("/"))
-        received = time.time()
-        if len(parts) != prefix_levels + 3:
-            ack()
-            return
-        site, ap, kind = parts[-3:]
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else \
-            str(message.payload or "").encode()
-        if kind == "seg":
-            self.submit(site, ap, bytes(payload), received, ack)
-        elif kind == "status":
-            ack()
-            self._on_status(site, ap, bytes(payload))
-        else:
-            ack()
-
-    def _on_status(self, site: str, ap: str, payload: bytes) -> None:
-        """An AP's (retained) status: bounded JSON from a validly named AP, kept in memory;
-        the database write goes to the status thread (latest per AP, in arrival order)."""
+    def _on_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        """An AP's (retained) status (mqtt_link checked the name and parsed it bounded): kept
+        in memory; the database write goes to the status thread (latest per AP, in arrival
+        order)."""
         key = (site, ap)
-        if not (is_valid_name(site) and is_valid_name(ap)):
-            self.metrics.status_rejected.labels("bad_name").inc()
-            self.log_once(f"status-name:{site[:80]}/{ap[:80]}", "status of %s/%s rejected: "
-                          "not a valid site/AP name", _shown(site), _shown(ap))
-            return
-        if not payload:  # a retained status cleared
-            return
-        try:
-            status = loads_bounded(payload)
-        except BadMessageError as exc:
-            self.metrics.status_rejected.labels("bad_json").inc()
-            self.log_once(f"status-json:{site}/{ap}", "%s/%s: status rejected: %s", site, ap,
-                          exc)
-            return
-        if not isinstance(status, dict):
-            self.metrics.status_rejected.labels("not_an_object").inc()
-            self.log_once(f"status-object:{site}/{ap}", "%s/%s: status is not a JSON object: "
-                          "%s", site, ap, _shown(status))
-            return
         if key not in self._ap_status and len(self._ap_status) >= self.settings.max_aps:
             self.metrics.status_rejected.labels("too_many_aps").inc()
             self.log_once("status-too-many", "status of %s/%s rejected: %d APs are tracked "
@@ -827,7 +518,7 @@ class CloudService:
         has_model = isinstance(status.get("model_name"), str)
         if self.settings.homeassistant and self._announced.get(key) != has_model:
             self._announced[key] = has_model
-            self._announce(site, ap, status)
+            self.link.announce(site, ap, status)
         self._queue_status(site, ap, status)
         # An AP that (re)started on another model than the active one is told to switch, once
         # per epoch, if the active model takes its kind of CSI.
@@ -883,7 +574,7 @@ class CloudService:
     def _flush_status(self, key: tuple[str, str]) -> None:
         status = self._pending_status.pop(key, None)
         if status is not None:
-            self._store_status(*key, status)
+            self.persistence.write_status(*key, status)
 
     async def _housekeeping(self) -> None:
         """Every second: APs whose status is overdue are marked offline; every few seconds the
@@ -937,43 +628,10 @@ class CloudService:
         client._client.publish(f"{self.settings.prefix}/{site}/{ap}/availability",
                                b"online" if online else b"offline", qos=1, retain=True)
 
-    def _announce(self, site: str, ap: str, status: dict[str, Any]) -> None:
-        """Home Assistant discovery configs for a newly seen AP (retained, QoS 1)."""
-        from .homeassistant import discovery_configs
-
-        client = self.mqtt
-        if client is None:
-            return
-        name = status.get("model_name") if isinstance(status.get("model_name"), str) else None
-        for topic, config in discovery_configs(
-                self.settings.prefix, site, ap, model_name=name,
-                discovery_prefix=self.settings.homeassistant_prefix).items():
-            # An empty retained payload removes the entity (and the retained config).
-            client._client.publish(topic, b"" if config is None else json.dumps(config), qos=1,
-                                   retain=True)
-
     @staticmethod
     async def _quiet(coro: Any) -> None:
         with contextlib.suppress(Exception):
             await coro
-
-    def _store_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
-        try:
-            self._write_status(site, ap, status)
-        except IntegrityError:  # the ingest batch created the row meanwhile
-            self._write_status(site, ap, status)
-
-    def _write_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
-        with self.db.session.begin() as s:
-            row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
-            row.online = bool(status.get("online"))
-            row.status = status
-            row.source = status.get("source") if isinstance(status.get("source"), str) else None
-            if isinstance(status.get("model"), str):
-                row.model = status["model"]
-            if isinstance(status.get("rate_level"), int):
-                row.rate_level = status["rate_level"]
-            s.merge(row)
 
     # -- views ------------------------------------------------------------------------------
 

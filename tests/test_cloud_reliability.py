@@ -170,8 +170,8 @@ def test_status_bombs_and_bad_names_are_counted_and_skipped(tmp_path: Path) -> N
             for site, ap, payload in (("lab", "evil", BOMB), ("lab", "evil", b"\xff\xfe"),
                                       ("lab", "evil", b"[1, 2]"), ("lab", LONG_NAME, b"{}"),
                                       ("lab", "evil", b"{" + b'"a":' * 20)):
-                service._on_status(site, ap, payload)
-            service._on_status("lab", "good", json.dumps(
+                service.link.status_message(site, ap, payload)
+            service.link.status_message("lab", "good", json.dumps(
                 {"online": True, "error": "x" * 5000, "status_interval_s": 1}).encode())
             rejected = {m.labels["reason"]: m.value
                         for m in service.metrics.status_rejected.collect()[0].samples

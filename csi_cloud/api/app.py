@@ -20,7 +20,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import dashboard
 from ..service import CloudService
 from ..settings import CloudSettings
-from .routes import aps, dead_letters, health, models, predictions
+from .routes import (
+    aps,
+    dead_letters,
+    events,
+    health,
+    identities,
+    labels,
+    models,
+    predict,
+    predictions,
+    training,
+)
 
 __all__ = ["API_PREFIX", "DOCS_ASSETS", "create_app"]
 
@@ -60,13 +71,8 @@ def create_app(settings: CloudSettings, service: CloudService | None = None) -> 
     app.add_exception_handler(OperationalError, _database_busy)
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (aps, predictions, models, health, dead_letters):
-        api.include_router(module.router)
-    for name in ("predict", "labels", "training", "identities", "events"):
-        try:
-            module = __import__(f"csi_cloud.api.routes.{name}", fromlist=["router"])
-        except ModuleNotFoundError:
-            continue
+    for module in (aps, predictions, models, health, dead_letters, predict, labels, training,
+                   identities, events):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)  # /healthz, /readyz, /metrics at the root too

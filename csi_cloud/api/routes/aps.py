@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import numpy as np
@@ -15,7 +14,7 @@ from csi_edge.names import check_name
 
 from ...db import AP, Prediction
 from ...service import NotConnectedError
-from ..deps import DbSession, Service, WriteAccess
+from ..deps import CloudDep, DbSession, WriteAccess
 from ..schemas import APOut, CSIOut, CtlAccepted, Page, PredictionOut, RateIn
 
 router = APIRouter(prefix="/aps", tags=["aps"])
@@ -29,16 +28,10 @@ APName = Annotated[str, Path(description="access point name (csi_edge.names)"),
                    AfterValidator(lambda value: check_name(value, "ap"))]
 
 
-def prediction_out(row: Prediction | None) -> PredictionOut | None:
-    if row is None:
-        return None
-    return PredictionOut.model_validate(row, from_attributes=True)
-
-
-def ap_out(row: AP, service: Service) -> APOut:
+def ap_out(row: AP, cloud: CloudDep) -> APOut:
     counters = dict(row.counters or {})
-    state = service.ingestor.aps.get((row.site, row.ap))
-    rate = {"payload_bytes_per_s": round(state.bytes_per_s(time.time()), 2)} if state else {}
+    bytes_per_s = cloud.payload_rate(row.site, row.ap)
+    rate = {"payload_bytes_per_s": round(bytes_per_s, 2)} if bytes_per_s is not None else {}
     return APOut(
         site=row.site, ap=row.ap, online=row.online, model=row.model, rate_level=row.rate_level,
         source=row.source, first_seen=row.first_seen, last_seen=row.last_seen, epoch=row.epoch,
@@ -50,9 +43,9 @@ def ap_out(row: AP, service: Service) -> APOut:
 
 
 @router.get("", response_model=Page[APOut], summary="Every access point the service knows")
-def list_aps(session: DbSession, service: Service) -> Page[APOut]:
+def list_aps(session: DbSession, cloud: CloudDep) -> Page[APOut]:
     rows = session.scalars(select(AP).order_by(AP.site, AP.ap)).all()
-    data = [ap_out(r, service) for r in rows]
+    data = [ap_out(r, cloud) for r in rows]
     return Page[APOut](data=data, count=len(data))
 
 
@@ -64,8 +57,8 @@ def _get_ap(session: Session, site: str, ap: str) -> AP:
 
 
 @router.get("/{site}/{ap}", response_model=APOut, summary="One access point")
-def get_ap(site: SiteName, ap: APName, session: DbSession, service: Service) -> APOut:
-    return ap_out(_get_ap(session, site, ap), service)
+def get_ap(site: SiteName, ap: APName, session: DbSession, cloud: CloudDep) -> APOut:
+    return ap_out(_get_ap(session, site, ap), cloud)
 
 
 @router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
@@ -74,18 +67,17 @@ def get_prediction(site: SiteName, ap: APName, session: DbSession) -> Prediction
     _get_ap(session, site, ap)
     row = session.scalars(select(Prediction).where(Prediction.site == site, Prediction.ap == ap)
                           .order_by(Prediction.id.desc()).limit(1)).first()
-    return prediction_out(row)
+    return PredictionOut.model_validate(row, from_attributes=True) if row else None
 
 
 @router.get("/{site}/{ap}/csi", response_model=CSIOut,
             summary="The AP's newest segment reconstructed by its model (for a CSI view)",
             responses={404: {"description": "unknown AP, or no segment received yet"},
                        422: {"description": "no such antenna"}})
-def get_csi(site: SiteName, ap: APName, service: Service,
+def get_csi(site: SiteName, ap: APName, cloud: CloudDep,
             antenna: Annotated[int, Query(ge=0, le=63)] = 0) -> CSIOut:
     """Runs the decoder (torch) on one segment: a sync route, so in the thread pool."""
-    state = service.ingestor.aps.get((site, ap))
-    record = state.last_record if state is not None else None
+    record = cloud.last_record(site, ap)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"no segment from {site}/{ap} since the service started")
@@ -115,10 +107,10 @@ def get_csi(site: SiteName, ap: APName, service: Service,
 @router.post("/{site}/{ap}/rate", response_model=CtlAccepted,
              status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
              summary="Change the AP's rate level (published on its ctl topic)")
-async def set_rate(site: SiteName, ap: APName, body: RateIn, service: Service) -> CtlAccepted:
+async def set_rate(site: SiteName, ap: APName, body: RateIn, cloud: CloudDep) -> CtlAccepted:
     command = {"action": "set_rate", "level": body.level}
     try:
-        await service.send_ctl(site, ap, command)
+        topic = await cloud.send_ctl(site, ap, command)
     except NotConnectedError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
-    return CtlAccepted(topic=f"{service.settings.prefix}/{site}/{ap}/ctl", command=command)
+    return CtlAccepted(topic=topic, command=command)

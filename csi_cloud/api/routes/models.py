@@ -12,7 +12,7 @@ from csi_edge.rollout import edge_archive
 from ...model.bundle import activation_refusal
 from ...registry import UnknownModelError
 from ...service import NotConnectedError
-from ..deps import Service, WriteAccess
+from ..deps import CloudDep, WriteAccess
 from ..schemas import Activated, ModelOut, Page
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -27,33 +27,32 @@ def model_out(manifest: BundleManifest, active: str) -> ModelOut:
                     edge_id=manifest.wire_id, parent=manifest.parent)
 
 
-def _find(service: Service, model_id: str) -> BundleManifest:
+def _find(cloud: CloudDep, model_id: str) -> BundleManifest:
     try:
-        return service.registry.get(model_id).manifest
+        return cloud.model(model_id).manifest
     except UnknownModelError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {model_id!r}") from None
 
 
 @router.get("", response_model=Page[ModelOut], summary="Every bundle this service serves")
-def list_models(service: Service) -> Page[ModelOut]:
-    service.registry.refresh()
-    active = service.active_model
-    data = [model_out(m, active) for m in sorted(service.registry.manifests(),
-                                                 key=lambda m: m.name)]
+def list_models(cloud: CloudDep) -> Page[ModelOut]:
+    manifests = cloud.manifests(refresh=True)
+    active = cloud.active_model
+    data = [model_out(m, active) for m in manifests]
     return Page[ModelOut](data=data, count=len(data))
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="One bundle (id, prefix or name)")
-def get_model(model_id: str, service: Service) -> ModelOut:
-    return model_out(_find(service, model_id), service.active_model)
+def get_model(model_id: str, cloud: CloudDep) -> ModelOut:
+    return model_out(_find(cloud, model_id), cloud.active_model)
 
 
 @router.get("/{model_id}/edge", summary="The bundle's edge part (bundle.json + int8 encoder) "
             "as a zip, for rollout", response_class=Response,
             responses={200: {"content": {"application/zip": {}}}})
-def get_edge(model_id: str, service: Service) -> Response:
-    manifest = _find(service, model_id)
-    data = edge_archive(service.registry.folder_of(manifest.id))
+def get_edge(model_id: str, cloud: CloudDep) -> Response:
+    manifest = _find(cloud, model_id)
+    data = edge_archive(cloud.model_folder(manifest.id))
     return Response(data, media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{manifest.name}-{manifest.id[:12]}.zip"'})
 
@@ -64,24 +63,18 @@ def get_edge(model_id: str, service: Service) -> Response:
                                              "parent's, or it was never tested on held-out "
                                              "recordings; repeat with force=true to activate "
                                              "it anyway"}})
-async def activate(model_id: str, service: Service,
+async def activate(model_id: str, cloud: CloudDep,
                    force: Annotated[bool, Query(description="activate even if the bundle "
                                                             "scores below its parent or has "
                                                             "no held-out score")] = False
                    ) -> Activated:
-    manifest = _find(service, model_id)
+    manifest = _find(cloud, model_id)
     refusal = activation_refusal(manifest)
     if refusal is not None and not force:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{refusal}; add force=true to "
                                                       "activate it anyway")
-    # Refuse up front: CloudService.activate stores the new active model before it announces
-    # it, so failing on the first send would leave it changed behind a 503.
-    if service.mqtt is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            "not connected to the MQTT broker: the activation could not be "
-                            "announced to the APs, so nothing was changed")
     try:
-        announced = await service.activate(manifest.id)
+        announced = await cloud.activate(manifest.id)
     except NotConnectedError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
     return Activated(id=manifest.id, announced_to=announced)

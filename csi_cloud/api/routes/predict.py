@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from collections import Counter
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -43,17 +42,17 @@ from csi_edge.readers import SUFFIXES
 from ...ingest import BatchResult, Ingestor
 from ...records import DecodedRecord, PresenceRecord
 from ...registry import UnknownModelError
-from ...service import CloudService
 from ...upload import (
     ParserBusyError,
     ParserCrashedError,
     ParserTimeoutError,
     RecordingParser,
 )
-from ..deps import Service
-from ..schemas import PredictionOut
-from ..schemas_predict import (
+from ..deps import CloudDep
+from ..facade import Cloud
+from ..schemas import (
     PayloadsIn,
+    PredictionOut,
     PredictOut,
     RecordingInfo,
     RejectedPayload,
@@ -67,7 +66,6 @@ router = APIRouter(tags=["predict"])
 PARSER = RecordingParser()
 atexit.register(PARSER.close)
 
-UPLOAD_SITE = UPLOAD_AP = "upload"
 MAX_SEGMENTS = 20_000  # per /predict request (5.5 hours of 1 s segments)
 _MAX_FILENAME = 200
 
@@ -115,22 +113,7 @@ class _UploadIngestor(Ingestor):
         return records
 
 
-def _classify(service: CloudService, payloads: list[bytes]) -> tuple[BatchResult,
-                                                                     _UploadIngestor]:
-    ingestor = _UploadIngestor(service.registry, service.settings.max_payload_bytes)
-    now = time.time()
-    result = ingestor.process([(UPLOAD_SITE, UPLOAD_AP, p, now) for p in payloads])
-    return result, ingestor
-
-
-async def _classify_off_ingest(service: CloudService, payloads: list[bytes]
-                              ) -> tuple[BatchResult, _UploadIngestor]:
-    """On the service's /predict threads: an upload never holds up live ingest's thread."""
-    pool = getattr(service, "predict_pool", None)
-    return await asyncio.get_running_loop().run_in_executor(pool, _classify, service, payloads)
-
-
-def _output(service: CloudService, result: BatchResult, ingestor: _UploadIngestor,
+def _output(cloud: Cloud, result: BatchResult, ingestor: _UploadIngestor,
             payloads: list[bytes], dropped: dict[str, int],
             recording: RecordingInfo | None) -> PredictOut:
     predictions = [PredictionOut.model_validate(p.as_dict()) for p in result.predictions]
@@ -142,7 +125,7 @@ def _output(service: CloudService, result: BatchResult, ingestor: _UploadIngesto
         dropped = {**dropped, "duplicate_segment": int(duplicates)}
     return PredictOut(
         model=model,
-        model_name=service.registry.get(model).manifest.name if model else None,
+        model_name=cloud.model(model).manifest.name if model else None,
         level=next(iter(levels)) if len(levels) == 1 else None,
         segments=len(predictions), dropped=dropped, rejected=ingestor.rejected_at,
         predictions=predictions, payload_bytes=sum(len(p) for p in payloads),
@@ -159,13 +142,13 @@ def _output(service: CloudService, result: BatchResult, ingestor: _UploadIngesto
                422: {"description": "the file cannot be read, does not fit the model, or the "
                                     "request is malformed"},
                429: {"description": "too many uploads waiting for the parser"}})
-async def predict(request: Request, service: Service) -> PredictOut:
+async def predict(request: Request, cloud: CloudDep) -> PredictOut:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = service.settings.max_upload_bytes
+    limit = cloud.settings.max_upload_bytes
     if media == "multipart/form-data":
-        return await _predict_upload(request, service, limit)
+        return await _predict_upload(request, cloud, limit)
     if media == "application/json":
-        return await _predict_payloads(request, service, limit)
+        return await _predict_payloads(request, cloud, limit)
     raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
                         f"content type {media or 'none'!r}: send multipart/form-data with a "
                         "'file', or application/json with 'payloads'")
@@ -174,7 +157,7 @@ async def predict(request: Request, service: Service) -> PredictOut:
 # -- raw payloads -------------------------------------------------------------------------
 
 
-async def _predict_payloads(request: Request, service: CloudService, limit: int) -> PredictOut:
+async def _predict_payloads(request: Request, cloud: Cloud, limit: int) -> PredictOut:
     try:
         body = b"".join([chunk async for chunk in _limited(request, limit)])
     except _TooLargeError as exc:
@@ -196,9 +179,9 @@ async def _predict_payloads(request: Request, service: CloudService, limit: int)
     if segments > MAX_SEGMENTS:
         raise _unprocessable(f"the payloads claim {segments} segments, more than the "
                              f"{MAX_SEGMENTS} one request may hold")
-    result, ingestor = await _classify_off_ingest(service, payloads)
+    result, ingestor = await cloud.classify_apart(payloads, _UploadIngestor)
     dropped = Counter(r.reason for r in ingestor.rejected_at)
-    return _output(service, result, ingestor, payloads, dict(sorted(dropped.items())), None)
+    return _output(cloud, result, ingestor, payloads, dict(sorted(dropped.items())), None)
 
 
 # -- recording upload ---------------------------------------------------------------------
@@ -217,7 +200,7 @@ def _level(value: str | None) -> int:
     return int(value)
 
 
-async def _predict_upload(request: Request, service: CloudService, limit: int) -> PredictOut:
+async def _predict_upload(request: Request, cloud: Cloud, limit: int) -> PredictOut:
     try:
         async with contextlib.aclosing(_limited(request, limit)) as stream:
             form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=8,
@@ -235,9 +218,9 @@ async def _predict_upload(request: Request, service: CloudService, limit: int) -
             raise _unprocessable("form fields 'model' and 'level' must be text")
         level = _level(level_field)
         try:
-            model = service.registry.get(model_field or service.active_model)
+            model = cloud.model(model_field or cloud.active_model)
         except UnknownModelError:
-            served = ", ".join(f"{m.name} ({m.id[:12]})" for m in service.registry.manifests())
+            served = ", ".join(f"{m.name} ({m.id[:12]})" for m in cloud.manifests())
             raise _unprocessable(f"no model {model_field!r}; served: {served}") from None
         manifest = model.manifest
         if level >= len(manifest.levels):
@@ -250,7 +233,7 @@ async def _predict_upload(request: Request, service: CloudService, limit: int) -
         try:
             with os.fdopen(fd, "wb") as out:
                 await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
-            return await _predict_file(service, Path(tmp), name, model.id, level)
+            return await _predict_file(cloud, Path(tmp), name, model.id, level)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -258,7 +241,7 @@ async def _predict_upload(request: Request, service: CloudService, limit: int) -
         await form.close()
 
 
-async def _predict_file(service: CloudService, path: Path, name: str, model_id: str,
+async def _predict_file(cloud: Cloud, path: Path, name: str, model_id: str,
                         level: int) -> PredictOut:
     def named(message: str) -> str:
         return message.replace(str(path), name)
@@ -267,9 +250,9 @@ async def _predict_file(service: CloudService, path: Path, name: str, model_id: 
         fmt = detect_format(path)
     except CSIError as exc:
         raise _unprocessable(named(str(exc))) from None
-    manifest = service.registry.get(model_id).manifest
+    manifest = cloud.model(model_id).manifest
     try:
-        job = await PARSER.run(str(path), str(service.registry.folder_of(model_id)), model_id,
+        job = await PARSER.run(str(path), str(cloud.model_folder(model_id)), model_id,
                                level)
     except ParserCrashedError as exc:
         raise _unprocessable(f"{name}: cannot parse this {fmt} file, {exc} (a corrupt or "
@@ -298,5 +281,5 @@ async def _predict_file(service: CloudService, path: Path, name: str, model_id: 
     if job["segments"] > MAX_SEGMENTS:
         raise _unprocessable(f"{name}: {job['segments']} segments, more than the "
                              f"{MAX_SEGMENTS} one request may hold; split the recording")
-    result, ingestor = await _classify_off_ingest(service, payloads)
-    return _output(service, result, ingestor, payloads, job["dropped"], recording)
+    result, ingestor = await cloud.classify_apart(payloads, _UploadIngestor)
+    return _output(cloud, result, ingestor, payloads, job["dropped"], recording)

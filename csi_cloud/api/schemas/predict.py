@@ -6,10 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schemas import PredictionOut
+from .predictions import PredictionOut
 
 __all__ = ["MAX_PAYLOADS", "PayloadsIn", "PredictOut", "RecordingInfo", "RejectedPayload",
            "upload_form_schema"]
+
 
 MAX_PAYLOADS = 10_000
 

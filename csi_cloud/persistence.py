@@ -1,0 +1,221 @@
+"""The cloud worker's SQL: a batch's predictions and AP state, dead letters, AP status, and
+the per-AP state read back at start (or when a bus partition moves to this worker).
+
+Every method blocks: the service calls them on its own threads, never on the event loop.
+Retries and dead-lettering are the service's (csi_cloud.service); :func:`is_transient` tells
+it which errors are worth waiting out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from csi_edge._errors import CSIError
+from csi_edge.bundle import decode_segment_codes
+
+from .db import AP, Database, DeadLetter, Prediction
+from .ingest import BatchResult, Ingestor
+from .records import DecodedRecord
+from .registry import ModelRegistry
+
+__all__ = ["Persistence", "codes_of", "is_transient"]
+
+_MAX_DEAD_LETTERS = 100_000  # rows kept in dead_letters (the oldest go first)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database could not be reached or was busy (retry until it can), as opposed to a
+    statement it refused for its content (a bad value: retry a few times, then dead-letter)."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
+                  PoolTimeoutError | TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def codes_of(events: list[dict[str, Any]], result: BatchResult) -> list[bytes | None]:
+    """The code bytes of each prediction's segment (stored with it, for restoring context)."""
+    by_key = {(r.site, r.ap, r.epoch, r.seq): r.code_bytes for r in result.segments}
+    return [by_key.get((e["site"], e["ap"], e["epoch"], e["seq"])) for e in events]
+
+
+class Persistence:
+    """The SQL of one worker, over its database, ingestor (the per-AP state written and
+    restored) and registry (to decode stored codes back into context)."""
+
+    def __init__(self, db: Database, ingestor: Ingestor, registry: ModelRegistry) -> None:
+        self.db = db
+        self.ingestor = ingestor
+        self.registry = registry
+        self._known: set[tuple[str, str]] = set()  # AP rows known to exist
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def restore(self, keep: Callable[[str, str], bool] | None = None
+                ) -> list[tuple[tuple[str, str], dict[str, Any] | None]]:
+        """Epoch, last sequence numbers, counters and context per AP from the database, so
+        segments the broker delivers again after a restart are recognised as duplicates and a
+        restarted worker predicts as if it had never stopped. With ``keep(site, ap)``: only
+        those APs, forgetting what this worker held for them first (their bus partition just
+        moved here; another worker may have handled them meanwhile). Each AP and its stored
+        status (None: none stored)."""
+        out = []
+        with self.db.session() as s:
+            for row in s.scalars(select(AP)).all():
+                if keep is not None:
+                    if not keep(row.site, row.ap):
+                        continue
+                    self.ingestor.forget(row.site, row.ap)
+                out.append(((row.site, row.ap), self._restore_row(s, row)))
+        return out
+
+    def _restore_row(self, s: Any, row: AP) -> dict[str, Any] | None:
+        self._restore_context(s, row)
+        self._known.add((row.site, row.ap))
+        state = self.ingestor.state(row.site, row.ap)
+        state.epoch, state.last_seq = row.epoch, row.last_seq
+        state.model, state.rate_level = row.model, row.rate_level
+        counters = dict(row.counters or {})
+        state.rejected.update(counters.pop("rejected", {}) or {})
+        state.counters.update({k: v for k, v in counters.items() if isinstance(v, int)})
+        if row.epoch is not None and row.last_seq is not None:
+            # What is stored, not the row's last_seq (written from the state, which may hold
+            # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
+            # resent or late segment is not taken for a duplicate.
+            stored = s.scalars(select(Prediction.seq).where(
+                Prediction.site == row.site, Prediction.ap == row.ap,
+                Prediction.epoch == row.epoch, Prediction.seq > row.last_seq - 4096)).all()
+            self.ingestor.restore_seen(row.site, row.ap, list(stored))
+        return row.status if isinstance(row.status, dict) else None
+
+    def _restore_context(self, s: Any, row: AP) -> None:
+        """The AP's last context from the codes stored with its predictions."""
+        if row.epoch is None or row.model is None:
+            return
+        try:
+            model = self.registry.get(row.model)
+        except KeyError:
+            return
+        n = model.net.cfg.context_segments
+        rows = s.execute(select(Prediction.seq, Prediction.timestamp, Prediction.rate_level,
+                                Prediction.quality, Prediction.codes, Prediction.received)
+                         .where(Prediction.site == row.site, Prediction.ap == row.ap,
+                                Prediction.epoch == row.epoch, Prediction.model == model.id)
+                         .order_by(Prediction.id.desc()).limit(n)).all()
+        records = []
+        for seq, timestamp, level, quality, codes, received in reversed(rows):
+            if codes is None:
+                continue
+            try:
+                decoded = decode_segment_codes(codes, level, model.manifest, model.tables)
+            except (CSIError, ValueError):
+                continue
+            records.append(DecodedRecord(row.site, row.ap, row.epoch, seq,
+                                         round(timestamp * 1000), level, quality, model,
+                                         decoded, codes, received))
+        if records:
+            self.ingestor.restore_context(records)
+
+    def known_aps(self) -> list[tuple[str, str]]:
+        with self.db.session() as s:
+            return [(a.site, a.ap) for a in s.scalars(select(AP))]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def store(self, events: list[dict[str, Any]], codes: list[bytes | None],
+              touched: set[tuple[str, str]]) -> None:
+        """Predictions and AP state of one batch in one transaction, with bulk statements
+        (ORM objects per row cost more than the model itself at a thousand APs)."""
+        if not touched:
+            return
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for event in events:
+            latest[(event["site"], event["ap"])] = event
+        for attempt in (1, 2):
+            try:
+                with self.db.session.begin() as s:
+                    created = self._write_batch(s, events, codes, touched, latest)
+                self._known |= created  # only once committed
+                return
+            except IntegrityError:
+                # Another writer (the status thread, another worker) created one of the new
+                # AP rows first: they exist now, so the second attempt updates them.
+                self._known -= touched
+                if attempt == 2:
+                    raise
+
+    def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
+                     touched: set[tuple[str, str]],
+                     latest: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+        """Write; the AP rows known to exist once this commits."""
+        if events:
+            s.execute(insert(Prediction),
+                      [{**{k: v for k, v in e.items() if k != "model_name"}, "codes": c}
+                       for e, c in zip(events, codes, strict=True)])
+        unknown = touched - self._known
+        if unknown:
+            existing = {tuple(r) for r in s.execute(
+                select(AP.site, AP.ap).where(tuple_(AP.site, AP.ap).in_(sorted(unknown))))}
+            new = unknown - existing
+            if new:
+                now = time.time()
+                s.execute(insert(AP), [{"site": site, "ap": ap, "first_seen": now,
+                                        "online": False, "counters": {}}
+                                       for site, ap in sorted(new)])
+        updates = []
+        for site, ap in touched:
+            state = self.ingestor.aps[(site, ap)]
+            row: dict[str, Any] = {
+                "site": site, "ap": ap, "last_seen": state.last_seen, "epoch": state.epoch,
+                "last_seq": state.last_seq,
+                "counters": {**dict(state.counters), "rejected": dict(state.rejected)}}
+            if state.model:
+                row["model"] = state.model
+            if state.rate_level is not None:
+                row["rate_level"] = state.rate_level
+            if (site, ap) in latest:
+                row["prediction"] = latest[(site, ap)]
+            updates.append(row)
+        # Bulk UPDATE by primary key, grouped by the set of columns each row sets.
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in updates:
+            by_keys.setdefault(tuple(sorted(row)), []).append(row)
+        for rows in by_keys.values():
+            s.execute(update(AP), rows)
+        return unknown
+
+    def write_dead_letters(self, rows: list[dict[str, Any]]) -> None:
+        with self.db.session.begin() as s:
+            s.execute(insert(DeadLetter), rows)
+            newest = s.scalar(select(func.max(DeadLetter.id))) or 0
+            if newest > _MAX_DEAD_LETTERS:
+                s.execute(delete(DeadLetter).where(DeadLetter.id <= newest - _MAX_DEAD_LETTERS))
+
+    def write_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        try:
+            self._write_status(site, ap, status)
+        except IntegrityError:  # the ingest batch created the row meanwhile
+            self._write_status(site, ap, status)
+
+    def _write_status(self, site: str, ap: str, status: dict[str, Any]) -> None:
+        with self.db.session.begin() as s:
+            row = s.get(AP, (site, ap)) or AP(site=site, ap=ap, first_seen=time.time())
+            row.online = bool(status.get("online"))
+            row.status = status
+            row.source = status.get("source") if isinstance(status.get("source"), str) else None
+            if isinstance(status.get("model"), str):
+                row.model = status["model"]
+            if isinstance(status.get("rate_level"), int):
+                row.rate_level = status["rate_level"]
+            s.merge(row)
