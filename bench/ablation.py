@@ -49,6 +49,7 @@ from csi_cloud.model.heads import codes_from_segments  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate  # noqa: E402
 from csi_cloud.model.rocket import WindowLayout, series  # noqa: E402
+from csi_cloud.model.window import take  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles"
@@ -82,11 +83,8 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
 def _windows(codes: Any, coeff: np.ndarray, rows: np.ndarray, v: dict[str, Any]
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = rows[:, -v["context"]:]
-    present = rows >= 0
-    safe = np.where(present, rows, 0)
     top = codes.z_q.shape[0] - 1  # the top level's codes hold every channel (nested)
-    return (codes.z_q[top][safe] * present[..., None, None],
-            coeff[top][safe] * present[..., None], present)
+    return take(rows, codes.z_q[top]), take(rows, coeff[top]), rows >= 0
 
 
 def fit_variant(codes: Any, coeff: np.ndarray, train: np.ndarray, val: np.ndarray,

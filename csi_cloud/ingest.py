@@ -34,7 +34,8 @@ from csi_edge.names import InvalidNameError, check_name
 from csi_edge.presence import PresenceConfig, PresenceTracker
 
 from .model.compression import CloudModel
-from .model.heads import UNKNOWN, open_set_decision
+from .model.openset import UNKNOWN
+from .model.window import Windows, slot_rows
 from .records import DecodedRecord, PresenceRecord
 from .registry import ModelRegistry
 
@@ -429,10 +430,9 @@ class Ingestor:
         state.counters["segments"] += 1
 
     def _classify(self, records: list[DecodedRecord]) -> list[PredictionRecord]:
-        windows: dict[str, list[tuple[DecodedRecord, list[DecodedRecord | None]]]] = {}
-        position: dict[int, int] = {}
+        # Per model: its windows' rows (csi_cloud.model.window) into the segments they hold.
+        groups: dict[str, _Windows] = {}
         for index, record in enumerate(records):
-            position[id(record)] = index
             state = self.aps[(record.site, record.ap)]
             model = record.model
             n = model.net.cfg.context_segments
@@ -446,39 +446,26 @@ class Ingestor:
             for old in [s for s in state.context if s <= latest - n]:
                 del state.context[old]
             # The window ending at this segment, with segments of the same edge encoder only.
-            window = [state.context.get(s) for s in range(slot - n + 1, slot + 1)]
-            window = [w if w is not None and w.model.model_id == model.model_id else None
-                      for w in window]
-            windows.setdefault(model.id, []).append((record, window))
+            group = groups.setdefault(model.id, _Windows(model))
+            group.add(index, record, {s: group.row(seg) for s, seg in state.context.items()
+                                      if slot - n < s <= slot
+                                      and seg.model.model_id == model.model_id}, slot, n)
         out: list[tuple[int, PredictionRecord]] = []
-        for items in windows.values():
-            predictions = self._predict(items[0][0].model, items)
-            out.extend((position[id(r)], p) for (r, _), p in zip(items, predictions, strict=True))
+        for group in groups.values():
+            out.extend(zip(group.positions, self._predict(group), strict=True))
         out.sort(key=lambda pair: pair[0])
         return [p for _, p in out]
 
-    def _predict(self, model: CloudModel,
-                 items: list[tuple[DecodedRecord, list[DecodedRecord | None]]]
-                 ) -> list[PredictionRecord]:
-        n = len(items[0][1])
-        first = items[0][0]
-        assert first.z_q is not None and first.profile is not None
-        z = np.zeros((len(items), n, *first.z_q.shape), np.float32)
-        prof = np.zeros((len(items), n, *first.profile.shape), np.float32)
-        present = np.zeros((len(items), n), bool)
-        for w, (_, window) in enumerate(items):
-            for j, seg in enumerate(window):
-                if seg is not None:
-                    z[w, j], prof[w, j], present[w, j] = seg.z_q, seg.profile, True
-        level = np.array([r.level for r, _ in items])
-        p_act, p_id, features = model.classify_with_features(z, prof, present, level)
-        unknown = (open_set_decision(p_id, model.manifest.calibration, features)
-                   if p_id is not None else np.zeros(len(p_act), dtype=bool))
+    def _predict(self, group: _Windows) -> list[PredictionRecord]:
+        model, windows = group.model, group.windows()
+        prediction = model.classify(windows)
+        p_act, p_id, present = prediction.activity, prediction.identity, windows.present
+        n = present.shape[1]
         labels = model.manifest.labels
         activities = labels["activity"] or []
         identities = labels["identity"] or []
         out = []
-        for w, (record, _) in enumerate(items):
+        for w, record in enumerate(group.records):
             a = int(p_act[w].argmax())
             probabilities = {"activity": {k: round(float(v), 5)
                                           for k, v in zip(activities, p_act[w], strict=True)}}
@@ -486,13 +473,13 @@ class Ingestor:
             if p_id is not None and identities:
                 i = int(p_id[w].argmax())
                 identity, identity_conf = identities[i], float(p_id[w, i])
-                if unknown[w]:  # past the bundle's open-set threshold: nobody enrolled
+                if prediction.unknown[w]:  # past the open-set threshold: nobody enrolled
                     identity = UNKNOWN
                 probabilities["identity"] = {k: round(float(v), 5)
                                              for k, v in zip(identities, p_id[w], strict=True)}
             motion, presence = self._presence_of(record.site, record.ap, record.timestamp_ms,
                                                  model.segment_ms, record.motion)
-            prediction = PredictionRecord(
+            predicted = PredictionRecord(
                 site=record.site, ap=record.ap, epoch=record.epoch, seq=record.seq,
                 timestamp=record.timestamp_ms / 1000, received=record.received,
                 model=model.id, model_name=model.manifest.name, rate_level=record.level,
@@ -501,6 +488,39 @@ class Ingestor:
                 identity=identity, identity_confidence=identity_conf,
                 probabilities=probabilities, idle=record.idle, motion_score=record.motion,
                 motion=motion, presence=presence)
-            self._latest(prediction)
-            out.append(prediction)
+            self._latest(predicted)
+            out.append(predicted)
         return out
+
+
+class _Windows:
+    """One model's windows of a batch, as rows into the decoded segments they hold."""
+
+    def __init__(self, model: CloudModel) -> None:
+        self.model = model
+        self.positions: list[int] = []  # each window's record's place in the batch
+        self.records: list[DecodedRecord] = []  # each window's newest segment
+        self.rows: list[np.ndarray] = []
+        self.z_q: list[np.ndarray] = []  # per row: the segment's decoded latent and profile
+        self.profile: list[np.ndarray] = []
+        self._row: dict[int, int] = {}  # id(segment) -> row
+
+    def row(self, segment: DecodedRecord) -> int:
+        if id(segment) not in self._row:
+            assert segment.z_q is not None and segment.profile is not None
+            self._row[id(segment)] = len(self.z_q)
+            self.z_q.append(segment.z_q)
+            self.profile.append(segment.profile)
+        return self._row[id(segment)]
+
+    def add(self, position: int, record: DecodedRecord, rows_by_slot: dict[int, int],
+            slot: int, n: int) -> None:
+        self.row(record)  # a late segment may be older than its own window keeps
+        self.positions.append(position)
+        self.records.append(record)
+        self.rows.append(slot_rows(rows_by_slot, slot, n))
+
+    def windows(self) -> Windows:
+        """The windows, each at the rate level of the segment it ends at."""
+        return Windows.gather(np.stack(self.rows), np.stack(self.z_q), np.stack(self.profile),
+                              np.array([r.level for r in self.records]))

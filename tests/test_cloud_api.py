@@ -22,6 +22,8 @@ from fastapi.testclient import TestClient
 from csi_cloud.api.app import create_app
 from csi_cloud.api.routes.predict import PARSER
 from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.openset import UNKNOWN
+from csi_cloud.model.window import Windows, slot_rows
 from csi_cloud.settings import PLACEHOLDER_TOKEN, CloudSettings
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder, load_manifest
@@ -77,18 +79,15 @@ def offline_last(fition: tuple[EdgeEncoder, CloudModel, SegmentBatch],
     decoded = [cloud.decompress(edge.compress(batch.data[i : i + 1], level=level, first_seq=i,
                                               epoch=1, timestamp_ms=0))[0]
                for i in range(len(batch))]
-    n = cloud.net.cfg.context_segments
-    position = {int(k): i for i, k in enumerate(batch.index)}
-    last = int(batch.index[-1])
-    window = [position.get(s) for s in range(last - n + 1, last + 1)]
-    z = np.stack([decoded[w].z_q if w is not None else np.zeros_like(decoded[0].z_q)
-                  for w in window])[None]
-    p = np.stack([decoded[w].profile if w is not None else np.zeros_like(decoded[0].profile)
-                  for w in window])[None]
-    present = np.array([[w is not None for w in window]])
-    p_act, p_id = cloud.classify(z, p, present, np.array([level]))
+    rows = slot_rows({int(k): i for i, k in enumerate(batch.index)}, int(batch.index[-1]),
+                     cloud.net.cfg.context_segments)
+    pred = cloud.classify(Windows.gather(rows[None], np.stack([d.z_q for d in decoded]),
+                                         np.stack([d.profile for d in decoded]), level))
+    p_act, p_id = pred.activity, pred.identity
     labels = cloud.manifest.labels
-    identity = labels["identity"][int(p_id[0].argmax())] if p_id is not None else None
+    identity = None
+    if p_id is not None:
+        identity = UNKNOWN if pred.unknown[0] else labels["identity"][int(p_id[0].argmax())]
     return labels["activity"][int(p_act[0].argmax())], identity, p_act[0]
 
 

@@ -130,7 +130,8 @@ def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
     """Activity and identity per segment as ``csi evaluate`` computes them: the int8 edge
     encoder, the real payloads, decompress, and the window of the last N segment slots."""
     from csi_cloud.model.compression import CloudModel
-    from csi_cloud.model.heads import UNKNOWN, open_set_decision
+    from csi_cloud.model.openset import UNKNOWN
+    from csi_cloud.model.window import Windows, slot_rows
 
     edge = EdgeEncoder(MODEL)
     cloud = CloudModel.load(MODEL)
@@ -139,25 +140,19 @@ def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
                                               epoch=1, timestamp_ms=0))[0]
                for i in range(len(batch))]
     n = cloud.net.cfg.context_segments
-    slot = {int(k): i for i, k in enumerate(batch.index - batch.index[0])}
+    slots = (batch.index - batch.index[0]).tolist()
+    by_slot = {int(k): i for i, k in enumerate(slots)}
+    rows = np.stack([slot_rows(by_slot, int(k), n) for k in slots])
+    pred = cloud.classify(Windows.gather(rows, np.stack([d.z_q for d in decoded]),
+                                         np.stack([d.profile for d in decoded]), level))
+    labels = cloud.manifest.labels
     out = []
-    for i, k in enumerate(batch.index - batch.index[0]):
-        window = [slot.get(int(s)) for s in range(int(k) - n + 1, int(k) + 1)]
-        present = np.array([[w is not None for w in window]])
-        z = np.stack([decoded[w].z_q if w is not None else np.zeros_like(decoded[0].z_q)
-                      for w in window])[None]
-        p = np.stack([decoded[w].profile if w is not None else np.zeros_like(decoded[0].profile)
-                      for w in window])[None]
-        p_act, p_id, features = cloud.classify_with_features(z, p, present,
-                                                             np.array([level]))
-        labels = cloud.manifest.labels
+    for w in range(len(rows)):
         identity = None
-        if p_id is not None:  # past the bundle's open-set threshold: "unknown"
-            identity = (UNKNOWN if open_set_decision(p_id, cloud.manifest.calibration,
-                                                     features)[0]
-                        else labels["identity"][int(p_id[0].argmax())])
-        out.append((labels["activity"][int(p_act[0].argmax())], identity))
-        del i
+        if pred.identity is not None:  # past the bundle's open-set threshold: "unknown"
+            identity = (UNKNOWN if pred.unknown[w]
+                        else labels["identity"][int(pred.identity[w].argmax())])
+        out.append((labels["activity"][int(pred.activity[w].argmax())], identity))
     return out
 
 

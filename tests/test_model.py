@@ -198,9 +198,9 @@ def test_per_second_accuracy_counts_every_prediction_the_service_makes(
     every, owner, _ = segment_windows(data, recs, cloud.net.cfg.context_segments)
     assert len(every) == len(data.x) > len(recs)
     decoded = decode_level(cloud, edge, data, encode_recordings(edge, data, recs), 0)
-    z, p, present = decoded.contexts(every)
-    assert not present[:, 0].all(), "the first windows of a stream are partial"
-    p_act, _ = cloud.classify(z, p, present, np.zeros(len(every), int))
+    windows = decoded.windows(every)
+    assert not windows.present[:, 0].all(), "the first windows of a stream are partial"
+    p_act = cloud.classify(windows).activity
     expected = float((p_act.argmax(1) == data.activity[owner]).mean())
     assert summary["levels"][0]["activity_accuracy_per_second"] == pytest.approx(expected)
     assert 0 <= summary["unquantized"]["activity_accuracy_per_second"] <= 1

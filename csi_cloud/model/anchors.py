@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .window import take
+
 __all__ = ["ANCHORS", "AnchorFeatures", "anchor_features", "fit_predict", "minirocket_features",
            "require"]
 
@@ -48,7 +50,7 @@ def anchor_features(x: np.ndarray, rows: np.ndarray) -> AnchorFeatures:
     r, n = rows.shape
     seg = x.reshape(len(x), x.shape[1], -1)  # (M, Ls, C)
     ls, c = seg.shape[1:]
-    w = seg[np.where(present, rows, 0)]  # (R, N, Ls, C)
+    w = take(rows, seg)  # (R, N, Ls, C)
     mask = np.repeat(present, ls, axis=1)[..., None]  # (R, N*Ls, 1)
     w = w.reshape(r, n * ls, c)
     count = mask.sum(axis=1).clip(1)

@@ -33,35 +33,34 @@ from csi_edge.codec import (
 from .bundle import load_network
 from .context_head import profile_coefficients
 from .network import CSICodecNet
+from .openset import needs_features, open_set_decision
 from .quantizers import FSQ
 from .temperature import activity_temperature, apply_temperature
+from .window import Windows
 
-__all__ = ["CloudModel", "DecodedSegment", "classify_windows"]
+__all__ = ["CloudModel", "DecodedSegment", "Prediction", "classify_windows"]
 
 
 @torch.no_grad()
-def classify_windows(net: CSICodecNet, z_q: np.ndarray, profile: np.ndarray,
-                     present: np.ndarray, level: np.ndarray, *, features: bool = True
+def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = True
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Windows z_q (W, N, D, T), decoded profiles (W, N, C), present (W, N), level (W,) ->
-    activity probabilities, identity probabilities (or None), identity features (W, 2E).
+    """Windows -> activity probabilities (W, A), identity probabilities (W, I) (or None),
+    identity features (W, 2E) (or None).
 
     With a context head, the network's context classifier runs only for what the head does
     not give: identity (when the head has no identity part) and, with ``features``, the
-    identity features of the open-set score (else None)."""
+    identity features of the open-set score."""
     head = net.context_head
     p_act = p_id = feats = None
     if head is not None:
-        coeff = profile_coefficients(net, np.asarray(profile, np.float32))
-        p_act, p_id = head.predict(np.asarray(z_q, np.float32), coeff, np.asarray(present),
-                                   np.asarray(level))
+        coeff = profile_coefficients(net, windows.profile)
+        p_act, p_id = head.predict(windows.z_q, coeff, windows.present, windows.level)
     need_identity = p_id is None and net.classifier.identity is not None
     if head is None or need_identity or (features and net.classifier.identity is not None):
         classifier = net.classifier
         pooled, f = classifier.features(
-            torch.from_numpy(np.ascontiguousarray(z_q)).float(),
-            torch.from_numpy(np.ascontiguousarray(profile)).float(),
-            torch.from_numpy(np.asarray(present)), torch.from_numpy(np.asarray(level)).long())
+            torch.from_numpy(windows.z_q), torch.from_numpy(windows.profile),
+            torch.from_numpy(windows.present), torch.from_numpy(windows.level))
         if p_act is None:
             p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
         if need_identity:
@@ -70,6 +69,15 @@ def classify_windows(net: CSICodecNet, z_q: np.ndarray, profile: np.ndarray,
         feats = f.numpy()
     assert p_act is not None
     return p_act, p_id, feats
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What a bundle says about W windows."""
+
+    activity: np.ndarray  # (W, A) probabilities (temperature-scaled unless uncalibrated)
+    identity: np.ndarray | None  # (W, I) probabilities; None: the bundle has no identities
+    unknown: np.ndarray  # (W,) bool: past the bundle's open-set threshold (nobody enrolled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,28 +232,21 @@ class CloudModel:
         return z_q.numpy(), profile.numpy(), recon.reshape(shape).numpy()
 
     @torch.no_grad()
-    def classify(self, z_q: np.ndarray, profile: np.ndarray, present: np.ndarray,
-                 level: np.ndarray, *, calibrated: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Contexts (W, N, D, T), (W, N, C), present (W, N), level (W,) -> probabilities
-        (activity temperature-scaled unless ``calibrated`` is False)."""
-        p_act, p_id, _ = classify_windows(self.net, z_q, profile, present, level,
-                                          features=False)
-        return (apply_temperature(p_act, self.temperature) if calibrated else p_act), p_id
-
-    @torch.no_grad()
-    def classify_with_features(self, z_q: np.ndarray, profile: np.ndarray,
-                               present: np.ndarray, level: np.ndarray
-                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Like :meth:`classify`, plus the identity features (W, 2E) the open-set score uses
-        (None for a bundle without identities).
+    def classify(self, windows: Windows, *, calibrated: bool = True) -> Prediction:
+        """Windows -> activity and identity probabilities, and the open-set decision.
 
         A bundle with a context head (csi_cloud.model.context_head) takes activity, and
         identity where the head has an identity part, from it; the network's context
-        classifier gives the identity features (and identity where the head has none).
-        The activity probabilities are temperature-scaled (:attr:`temperature`)."""
-        p_act, p_id, feats = classify_windows(self.net, z_q, profile, present, level)
-        return apply_temperature(p_act, self.temperature), p_id, feats
+        classifier gives the rest, and the identity features when the open-set score reads
+        them (csi_cloud.model.openset). The activity probabilities are temperature-scaled
+        (:attr:`temperature`) unless ``calibrated`` is False."""
+        calibration = self.manifest.calibration
+        p_act, p_id, feats = classify_windows(self.net, windows,
+                                              features=needs_features(calibration))
+        unknown = (open_set_decision(p_id, calibration, feats) if p_id is not None
+                   else np.zeros(len(p_act), dtype=bool))
+        return Prediction(apply_temperature(p_act, self.temperature) if calibrated else p_act,
+                          p_id, unknown)
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""

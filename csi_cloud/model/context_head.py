@@ -35,6 +35,7 @@ from .rocket import (
     ridge_path,
     series,
 )
+from .window import take
 
 __all__ = ["ContextHead", "LevelHead", "profile_coefficients"]
 
@@ -241,6 +242,4 @@ def unquantized_windows(net: CodecNet, x: np.ndarray, rows: np.ndarray
         p_all.append(profile.numpy())
     z_q = np.concatenate(z_all)
     coeff = profile_coefficients(net, np.concatenate(p_all))
-    present = rows >= 0
-    safe = np.where(present, rows, 0)
-    return z_q[safe] * present[..., None, None], coeff[safe] * present[..., None], present
+    return take(rows, z_q), take(rows, coeff), rows >= 0

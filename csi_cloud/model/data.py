@@ -2,8 +2,8 @@
 
 Segments are cut exactly as the edge cuts them (``csi_edge.preprocess.Preprocessor``), one
 recording at a time, so training sees what the cloud will receive. A window is the last
-``N`` segment slots of a recording up to some segment; slots whose segment is missing (a gap
-in the capture, a low-quality segment) are masked, never filled.
+``N`` segment slots of a recording up to some segment (csi_cloud.model.window); slots whose
+segment is missing (a gap in the capture, a low-quality segment) are masked, never filled.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from csi_edge.frames import CSIFrames, DropCounter
 from csi_edge.preprocess import InputSpec, Preprocessor
 
 from ..datasets import Example
+from .window import slot_rows
 
-__all__ = ["NOMINAL_RATES", "SegmentData", "context_window", "input_spec_for", "load_segments",
+__all__ = ["NOMINAL_RATES", "SegmentData", "input_spec_for", "load_segments", "rows_by_slot",
            "segment_windows", "windows"]
 
 # The model grid per source kind: near each device's measured packet rate.
@@ -143,14 +144,12 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
     )
 
 
-def context_window(lookup: np.ndarray, end: int, context: int) -> np.ndarray:
-    """The ``context`` slots ending at slot ``end``: ``lookup`` maps a slot to its row
-    (-1 = no segment); slots before the recording's start are -1 too."""
-    first = end - context + 1
-    window = np.full(context, -1)
-    lo = max(first, 0)
-    window[lo - first :] = lookup[lo : end + 1]
-    return window
+def rows_by_slot(data: Any, recording: int, rows: np.ndarray | None = None) -> dict[int, int]:
+    """One recording's ``slot -> row`` map (of its ``rows`` only, default all of them)."""
+    if rows is None:
+        start = int(data.start[recording])
+        rows = np.arange(start, start + int(data.count[recording]))
+    return dict(zip(data.slot[rows].tolist(), np.asarray(rows).tolist(), strict=True))
 
 
 def windows(data: SegmentData, recordings: np.ndarray, context: int,
@@ -165,16 +164,14 @@ def windows(data: SegmentData, recordings: np.ndarray, context: int,
     rows: list[np.ndarray] = []
     owners: list[int] = []
     for r in recordings.tolist():
-        start, count = int(data.start[r]), int(data.count[r])
-        lookup = np.full(int(data.slots[r]), -1)
-        lookup[data.slot[start : start + count]] = np.arange(start, start + count)
+        lookup = rows_by_slot(data, r)
         ends = (
             [int(data.slots[r]) - 1] if rng is None
             else rng.integers(min(context // 2, int(data.slots[r]) - 1), int(data.slots[r]),
                               per_recording).tolist()
         )
         for end in ends:
-            rows.append(context_window(lookup, end, context))
+            rows.append(slot_rows(lookup, end, context))
             owners.append(r)
     return np.stack(rows), np.array(owners)
 
@@ -187,11 +184,9 @@ def segment_windows(data: Any, recordings: np.ndarray, n: int
     windows, owners, last = [], [], []
     for r in np.asarray(recordings).tolist():
         start, count = int(data.start[r]), int(data.count[r])
-        lookup = np.full(int(data.slots[r]), -1)
-        lookup[data.slot[start : start + count]] = np.arange(start, start + count)
+        lookup = rows_by_slot(data, r)
         for row in range(start, start + count):
-            end = int(data.slot[row])
-            windows.append(context_window(lookup, end, n))
+            windows.append(slot_rows(lookup, int(data.slot[row]), n))
             owners.append(r)
             last.append(row == start + count - 1)
     return np.stack(windows), np.array(owners), np.array(last)

@@ -27,8 +27,9 @@ import torch
 from csi_edge.bundle import EdgeEncoder, SegmentCodes
 from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
-from .compression import CloudModel
+from .compression import CloudModel, classify_windows
 from .data import SegmentData, segment_windows, windows
+from .window import Windows
 
 __all__ = ["DecodedLevel", "EncodedSegments", "Evaluation", "decode_level", "encode_recordings",
            "evaluate_bundle", "macro_f1"]
@@ -117,13 +118,10 @@ class DecodedLevel:
     payload_bytes: int  # every payload's length: header, codes and CRC
     index: np.ndarray  # as EncodedSegments.index
 
-    def contexts(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Windows of data rows (W, N), -1 = missing -> classifier inputs z_q (W, N, D, T),
-        profile (W, N, C) and present (W, N); missing slots hold a placeholder segment
-        (masked by the classifier, never used)."""
-        present = win >= 0
-        pick = np.where(present, self.index[np.where(present, win, 0)], 0)
-        return self.z_q[pick], self.profile[pick], present
+    def windows(self, win: np.ndarray) -> Windows:
+        """Windows of data rows (W, N), -1 = missing -> the classifier's inputs."""
+        return Windows.gather(np.where(win >= 0, self.index[np.maximum(win, 0)], -1),
+                              self.z_q, self.profile, self.level)
 
 
 def encode_recordings(edge: EdgeEncoder | CloudModel, data: SegmentData,
@@ -211,15 +209,13 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Seg
         decoded = decode_level(model, edge, data, encoded, spec.level)
         total_bytes, recon = decoded.payload_bytes, decoded.reconstruction
         win, owners = windows(data, recordings, n_ctx)
-        z_q, prof, present = decoded.contexts(win)
-        p_act, p_id = model.classify(z_q, prof, present, np.full(len(win), spec.level))
+        last = model.classify(decoded.windows(win))
+        p_act, p_id = last.activity, last.identity
         cls = _classification(p_act, p_id, data.activity[owners], data.identity[owners],
                               n_act, n_id)
         every, every_owner, _ = segment_windows(data, recordings, n_ctx)
-        z_e, prof_e, present_e = decoded.contexts(every)
-        p_act_e, p_id_e = model.classify(z_e, prof_e, present_e,
-                                         np.full(len(every), spec.level))
-        cls.update(_per_second(p_act_e, p_id_e, data.activity[every_owner],
+        each = model.classify(decoded.windows(every))
+        cls.update(_per_second(each.activity, each.identity, data.activity[every_owner],
                                data.identity[every_owner]))
         err = float(np.sum((recon - standardised) ** 2))
         energy = float(np.sum(standardised**2))
@@ -270,8 +266,6 @@ def _blob(edge: EdgeEncoder | CloudModel, symbols: np.ndarray, profile: np.ndarr
 def _unquantized(model: CloudModel, data: SegmentData, recordings: np.ndarray, n_act: int,
                  n_id: int) -> dict[str, object]:
     """The network with its quantizer bypassed: every channel, continuous latent and profile."""
-    from .compression import classify_windows
-
     net = model.net.eval()
     n = net.cfg.context_segments
     rows = np.flatnonzero(np.isin(data.recording, recordings))
@@ -287,11 +281,9 @@ def _unquantized(model: CloudModel, data: SegmentData, recordings: np.ndarray, n
     latent, prof = z_c.numpy(), profile.numpy()
 
     def predict(win: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        present = win >= 0
-        pick = np.where(present, index[np.where(present, win, 0)], 0)
-        p_act, p_id, _ = classify_windows(net, latent[pick] * present[..., None, None],
-                                          prof[pick], present,
-                                          np.full(len(win), net.cfg.levels))
+        rows = np.where(win >= 0, index[np.maximum(win, 0)], -1)
+        p_act, p_id, _ = classify_windows(
+            net, Windows.gather(rows, latent, prof, net.cfg.levels))
         return p_act, p_id
 
     win, owners = windows(data, recordings, n)

@@ -91,6 +91,7 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
     from .heads import codes_from_segments
     from .rocket import WindowLayout
+    from .window import take
 
     model = CloudModel.load(folder)
     net, cfg = model.net, model.net.cfg
@@ -102,10 +103,7 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
     rows_va, own_va = _some_windows(codes, val_recs, n, per_recording, rng)
 
     def decoded(variant: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        present = rows >= 0
-        safe = np.where(present, rows, 0)
-        return (codes.z_q[variant][safe] * present[..., None, None],
-                coeff[variant][safe] * present[..., None], present)
+        return take(rows, codes.z_q[variant]), take(rows, coeff[variant]), rows >= 0
 
     levels: list[Any] = [
         (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv]),

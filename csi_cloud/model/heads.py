@@ -10,13 +10,11 @@ Shapes: V code variants (one per rate level for a dataset encoded here; one for 
 codes, whose level is per segment), M segments, R recordings, N context slots, D latent
 channels, T latent steps, C profile channels, F identity features (2E).
 
-Open-set identity: the bundle keeps each enrolled person's mean identity feature and one shared
-per-feature spread; the score is the standardised distance of a window's identity feature to
-the nearest person's mean, and a window farther than ``calibration["identity"]["threshold"]``
-is reported as ``unknown``. The threshold accepts ``known_acceptance`` of the validation
-windows of enrolled people. The same statistics let enrollment re-fit the identity layer for a
-new person without the original training recordings (enrolled people are replayed as Gaussian
-samples around their means).
+Open-set identity (csi_cloud.model.openset): :func:`calibrate_identity` keeps each enrolled
+person's mean identity feature, one shared per-feature spread and the threshold that accepts
+``known_acceptance`` of the validation windows of enrolled people. The same statistics let
+enrollment re-fit the identity layer for a new person without the original training
+recordings (enrolled people are replayed as Gaussian samples around their means).
 """
 
 from __future__ import annotations
@@ -40,14 +38,14 @@ from .bundle import CLOUD_FILE, EDGE_FILE, write_cloud
 from .compression import CloudModel, classify_windows
 from .data import SegmentData, segment_windows, windows
 from .network import CSICodecNet, ModelConfig
+from .openset import UNKNOWN, feature_distance, open_set_decision
+from .window import Windows
 
 __all__ = ["UNKNOWN", "CodeData", "auroc", "calibrate_identity", "classify_codes",
-           "codes_from_segments", "codes_from_stored", "enroll_identity", "family_wire_ids",
-           "feature_distance",
-           "fit_classifier",
-           "identity_features", "open_set_decision", "save_derived", "window_batch"]
+           "code_windows", "codes_from_segments", "codes_from_stored", "enroll_identity",
+           "family_wire_ids", "feature_distance", "fit_classifier", "identity_features",
+           "open_set_decision", "save_derived", "window_batch"]
 
-UNKNOWN = "unknown"
 Part = Literal["heads", "classifier", "scratch"]
 
 
@@ -181,18 +179,28 @@ def codes_from_stored(model: CloudModel, ranges: Sequence[tuple[Sequence[Path], 
         names=names)
 
 
-def window_batch(codes: CodeData, rows: np.ndarray, variant: np.ndarray
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Window rows (W, N) -> z_q (W, N, D, T), profile (W, N, C), present (W, N), level (W,)."""
+def code_windows(codes: CodeData, rows: np.ndarray, variant: int | np.ndarray) -> Windows:
+    """Window rows (W, N) of ``codes`` (-1 missing) read from code variant ``variant`` (one
+    for all, or one per window (W,)); a window's level is its newest segment's (its variant's
+    row 0's for a window with none)."""
+    m = codes.z_q.shape[1]
     present = rows >= 0
-    safe = np.where(present, rows, 0)
-    v = variant[:, None].repeat(rows.shape[1], axis=1)
-    z = codes.z_q[v, safe] * present[..., None, None]
-    p = codes.profile[v, safe]
-    last = np.where(present.any(1), rows.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1), 0)
-    level = codes.level[variant, safe[np.arange(len(rows)), last]]
-    return (torch.from_numpy(z).float(), torch.from_numpy(p).float(),
-            torch.from_numpy(present), torch.from_numpy(level).long())
+    flat = np.where(present, np.asarray(variant).reshape(-1, 1) * m + rows, -1)
+    newest = rows.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
+    last = np.where(present.any(1), flat[np.arange(len(rows)), newest],
+                    np.asarray(variant) * m)
+    return Windows.gather(flat, codes.z_q.reshape(-1, *codes.z_q.shape[2:]),
+                          codes.profile.reshape(-1, codes.profile.shape[-1]),
+                          codes.level.reshape(-1)[last])
+
+
+def window_batch(codes: CodeData, rows: np.ndarray, variant: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`code_windows` as tensors: z_q (W, N, D, T), profile (W, N, C), present (W, N),
+    level (W,)."""
+    w = code_windows(codes, rows, variant)
+    return (torch.from_numpy(w.z_q), torch.from_numpy(w.profile), torch.from_numpy(w.present),
+            torch.from_numpy(w.level))
 
 
 def _drop(present: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -293,9 +301,7 @@ def classify_codes(net: CSICodecNet, codes: CodeData, recordings: np.ndarray, va
         rows, owners = windows(codes, recordings, n)  # type: ignore[arg-type]
     p_act, p_id, feats = [], [], []
     for i in range(0, len(rows), 256):
-        z, p, present, level = window_batch(codes, rows[i : i + 256],
-                                      np.full(len(rows[i : i + 256]), variant))
-        a, b, f = classify_windows(net, z.numpy(), p.numpy(), present.numpy(), level.numpy(),
+        a, b, f = classify_windows(net, code_windows(codes, rows[i : i + 256], variant),
                                    features=features)
         p_act.append(a)
         if b is not None:
@@ -336,15 +342,6 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
                  / (len(pos) * len(neg)))
 
 
-def feature_distance(features: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
-    """Root-mean-square standardised distance of each identity feature (W, F) to the nearest
-    enrolled person's mean (``stats``: ``feature_mean`` (I, F), ``feature_std`` (F,))."""
-    means = np.asarray(stats["feature_mean"], np.float32)
-    std = np.asarray(stats["feature_std"], np.float32)
-    d = (((features[:, None, :] - means[None]) / std) ** 2).mean(-1)
-    return np.sqrt(d.min(1))
-
-
 def calibrate_identity(net: CSICodecNet, train: CodeData, train_recs: np.ndarray,
                        val: CodeData, val_recs: np.ndarray,
                        known_acceptance: float = 0.95) -> dict[str, Any]:
@@ -372,22 +369,6 @@ def calibrate_identity(net: CSICodecNet, train: CodeData, train_recs: np.ndarray
         "validation_windows": len(score),
         **stats,
     }
-
-
-def open_set_decision(p_id: np.ndarray, calibration: dict[str, Any] | None,
-                      features: np.ndarray | None = None) -> np.ndarray:
-    """(W, I) identity probabilities and (W, F) identity features -> (W,) bool: the window
-    is an unknown person. ``score`` ``feature_distance``: farther than the threshold from
-    every enrolled person; ``max_probability``: highest probability below it."""
-    ident = (calibration or {}).get("identity") or {}
-    threshold = ident.get("threshold")
-    if threshold is None:
-        return np.zeros(len(p_id), dtype=bool)
-    if ident.get("score") == "feature_distance":
-        if features is None:
-            raise ValueError("the feature-distance open-set score needs the identity features")
-        return feature_distance(features, ident) > float(threshold)
-    return p_id.max(axis=1) < float(threshold)
 
 
 def enroll_identity(net: CSICodecNet, calibration: dict[str, Any], codes: CodeData,

@@ -32,6 +32,7 @@ from csi_edge.motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 
 from .compression import CloudModel
 from .data import SegmentData, segment_windows
+from .window import Windows
 
 __all__ = ["DEFAULT_BUDGET", "IDLE_PER_MESSAGE", "calibrate_idle", "evaluate_idle",
            "idle_mask", "motion_statistics"]
@@ -91,11 +92,12 @@ def _accuracy(model: CloudModel, data: SegmentData, recordings: np.ndarray,
     recordings' last segments (what ``evaluate_bundle`` reports)."""
     n = model.net.cfg.context_segments
     win, owners, last = segment_windows(data, recordings, n)
-    present = win >= 0
-    any_row = next(iter(z_q))
-    z = np.stack([[z_q[int(g)] if g >= 0 else z_q[any_row] for g in w] for w in win])
-    p = np.stack([[profile[int(g)] if g >= 0 else profile[any_row] for g in w] for w in win])
-    p_act, p_id = model.classify(z, p, present, np.full(len(win), level))
+    keys = list(z_q)
+    index = {row: i for i, row in enumerate(keys)}
+    rows = np.array([[index[int(g)] if g >= 0 else -1 for g in w] for w in win])
+    pred = model.classify(Windows.gather(rows, np.stack([z_q[k] for k in keys]),
+                                         np.stack([profile[k] for k in keys]), level))
+    p_act, p_id = pred.activity, pred.identity
     act_ok = p_act.argmax(1) == data.activity[owners]
     out: dict[str, float | None] = {
         "activity_accuracy_segments": round(float(act_ok.mean()), 4),

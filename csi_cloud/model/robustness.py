@@ -33,8 +33,9 @@ from csi_edge.bundle import EdgeEncoder, load_manifest
 
 from ..datasets import index_dataset
 from .compression import CloudModel
-from .data import SegmentData, context_window, load_segments
+from .data import SegmentData, load_segments, rows_by_slot
 from .evaluate import decode_level, encode_recordings
+from .window import slot_rows
 
 __all__ = ["arrived_windows", "check_rates", "evaluate_segment_loss", "load_folder",
            "lossy_windows", "parse_rates"]
@@ -83,11 +84,8 @@ def lossy_windows(data: SegmentData, recordings: np.ndarray, context: int,
         got = np.flatnonzero(arrived[start : start + count]) + start
         if got.size == 0:
             continue
-        lookup = np.full(int(data.slots[r]), -1)
-        lookup[data.slot[got]] = got
-        end = int(data.slot[got[-1]])
         which[k] = len(rows)
-        rows.append(context_window(lookup, end, context))
+        rows.append(slot_rows(rows_by_slot(data, r, got), int(data.slot[got[-1]]), context))
     win = np.stack(rows) if rows else np.zeros((0, context), dtype=np.int64)
     return win, which
 
@@ -101,10 +99,9 @@ def arrived_windows(data: SegmentData, recordings: np.ndarray, context: int,
     for r in recordings.tolist():
         start, count = int(data.start[r]), int(data.count[r])
         got = np.flatnonzero(arrived[start : start + count]) + start
-        lookup = np.full(int(data.slots[r]), -1)
-        lookup[data.slot[got]] = got
+        lookup = rows_by_slot(data, r, got)
         for end in data.slot[got].tolist():
-            rows.append(context_window(lookup, end, context))
+            rows.append(slot_rows(lookup, end, context))
             owners.append(r)
     win = np.stack(rows) if rows else np.zeros((0, context), dtype=np.int64)
     return win, np.array(owners, dtype=np.int64)
@@ -171,17 +168,15 @@ def evaluate_segment_loss(model: CloudModel, edge: EdgeEncoder | CloudModel, dat
             for lv in levels:
                 act_pred = id_pred = None
                 if len(win):
-                    z_q, prof, present = decoded[lv].contexts(win)
-                    p_act, p_id = model.classify(z_q, prof, present, np.full(len(win), lv))
-                    act_pred = p_act.argmax(1)
-                    id_pred = None if p_id is None else p_id.argmax(1)
+                    pred = model.classify(decoded[lv].windows(win))
+                    act_pred = pred.activity.argmax(1)
+                    id_pred = None if pred.identity is None else pred.identity.argmax(1)
                 else:  # nothing arrived at all: every recording unanswered
                     act_pred = np.zeros(0, np.int64)
                     id_pred = np.zeros(0, np.int64) if manifest.labels["identity"] else None
                 per_segment = None
                 if len(every):
-                    z_q, prof, present = decoded[lv].contexts(every)
-                    p_every, _ = model.classify(z_q, prof, present, np.full(len(every), lv))
+                    p_every = model.classify(decoded[lv].windows(every)).activity
                     per_segment = float((p_every.argmax(1) == data.activity[owners]).mean())
                 cell = acc[lv][j]
                 cell["activity_segments"].append(per_segment)

@@ -30,7 +30,7 @@ from csi_edge.bundle import EdgeEncoder, bundle_id
 
 from ..smoothing import filter_stream, fit_stay, fit_threshold
 from .compression import CloudModel
-from .data import SegmentData, context_window
+from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
 from .temperature import (
     apply_temperature,
@@ -38,6 +38,7 @@ from .temperature import (
     fit_temperature,
     mean_nll,
 )
+from .window import slot_rows
 
 __all__ = ["LiveStreams", "calibrate_folder", "fit_activity_calibration", "live_streams",
            "stream_layout"]
@@ -83,18 +84,17 @@ def stream_layout(data: SegmentData, recordings: np.ndarray, context: int, mode:
         groups = [order[i::streams] for i in range(streams)]
     wins, owners, stream_of, starts = [], [], [], []
     for s, group in enumerate(groups):
-        total = int(sum(int(data.slots[r]) for r in group))
-        lookup = np.full(total, -1)
+        lookup: dict[int, int] = {}
         ends: list[tuple[int, int]] = []
         offset = 0
         for r in group:
             start, count = int(data.start[r]), int(data.count[r])
             slots = data.slot[start : start + count] + offset
-            lookup[slots] = np.arange(start, start + count)
+            lookup.update(zip(slots.tolist(), range(start, start + count), strict=True))
             ends += [(int(slot), r) for slot in slots]
             offset += int(data.slots[r])
         for i, (end, r) in enumerate(ends):
-            wins.append(context_window(lookup, end, context))
+            wins.append(slot_rows(lookup, end, context))
             owners.append(r)
             stream_of.append(s)
             starts.append(i == 0)
@@ -120,9 +120,7 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     out = []
     for level in levels if levels is not None else range(len(model.manifest.levels)):
         decoded = decode_level(model, edge, data, encoded, level)
-        z_q, prof, present = decoded.contexts(win)
-        p_act, _ = model.classify(z_q, prof, present, np.full(len(win), level),
-                                  calibrated=False)
+        p_act = model.classify(decoded.windows(win), calibrated=False).activity
         out.append(LiveStreams(level, p_act.astype(np.float64), data.activity[owners], stream,
                                starts, owners))
     return out

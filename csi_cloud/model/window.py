@@ -1,0 +1,65 @@
+"""The context window: what the classifier reads for one prediction.
+
+A stream's segments sit on slots: a segment's start time on the stream's segment grid (within
+one epoch). The window of a segment is the ``N`` slots ending at its slot, oldest first; a
+slot without a segment (a gap, a lost or low-quality segment, a slot before the stream began,
+a segment another edge encoder coded, the start of a new epoch) is *missing*: ``present``
+False and zeros in its place, masked by the classifier, never filled in.
+
+Every caller builds windows here: the service (csi_cloud.ingest, per arriving segment), the
+offline evaluation, training, fitting and the benches (per recording's segments), so the
+service's prediction and the offline evaluation's are one computation on the same inputs.
+Two steps: :func:`slot_rows` picks the rows of a window from a stream's ``slot -> row`` map,
+:meth:`Windows.gather` stacks the rows' decoded codes.
+
+Shapes: W windows, N slots (``context_segments``), M segments, D latent channels, T latent
+steps, C profile channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Windows", "slot_rows", "take"]
+
+
+def slot_rows(rows_by_slot: Mapping[int, int], end: int, n: int) -> np.ndarray:
+    """The rows (N,) of the ``n`` slots ending at slot ``end``, oldest first; -1 where the
+    stream has no segment in that slot (``rows_by_slot`` maps a slot to its segment's row)."""
+    return np.array([rows_by_slot.get(s, -1) for s in range(end - n + 1, end + 1)],
+                    dtype=np.int64)
+
+
+def take(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-segment ``values`` (M, ...) at window rows (W, N) (-1 missing) -> (W, N, ...),
+    zeros in the missing slots."""
+    present = rows >= 0
+    out = np.zeros((*rows.shape, *values.shape[1:]), values.dtype)
+    out[present] = values[rows[present]]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """Classifier inputs of W windows."""
+
+    z_q: np.ndarray  # (W, N, D, T) float32 decoded latents, zeros where missing
+    profile: np.ndarray  # (W, N, C) float32 decoded profiles, zeros where missing
+    present: np.ndarray  # (W, N) bool
+    level: np.ndarray  # (W,) int64 rate level
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    @classmethod
+    def gather(cls, rows: np.ndarray, z_q: np.ndarray, profile: np.ndarray,
+               level: int | np.ndarray) -> Windows:
+        """Window rows (W, N) (-1 missing) into per-segment z_q (M, D, T) and profile (M, C);
+        ``level``: the rate level of every window, or of each window (W,)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        levels = np.broadcast_to(np.asarray(level, dtype=np.int64), (len(rows),)).copy()
+        return cls(take(rows, np.asarray(z_q, np.float32)),
+                   take(rows, np.asarray(profile, np.float32)), rows >= 0, levels)

@@ -1,0 +1,148 @@
+"""The context window (csi_cloud.model.window): one builder for the service and the offline
+paths, so the service's prediction of a segment is the offline evaluation's by construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from csi_cloud.ingest import Ingestor
+from csi_cloud.model.compression import CloudModel
+from csi_cloud.model.evaluate import decode_level, encode_recordings
+from csi_cloud.model.heads import CodeData, code_windows
+from csi_cloud.model.robustness import arrived_windows, load_folder
+from csi_cloud.model.window import Windows, slot_rows
+from csi_cloud.registry import ModelRegistry
+from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes
+from csi_edge.codec import Payload, SegmentRecord, encode_payload
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+FITION = MODELS / "fition"
+LEVEL = 1
+
+
+# -- the window builder ------------------------------------------------------------------------
+
+
+def test_a_window_at_the_start_of_a_stream_is_partial() -> None:
+    assert slot_rows({0: 5, 1: 6}, 1, 4).tolist() == [-1, -1, 5, 6]
+    assert slot_rows({0: 5}, 0, 3).tolist() == [-1, -1, 5]
+
+
+def test_gaps_are_missing_slots_never_filled() -> None:
+    by_slot = {0: 0, 1: 1, 4: 2, 5: 3}
+    assert slot_rows(by_slot, 5, 4).tolist() == [-1, -1, 2, 3]
+    assert slot_rows(by_slot, 4, 6).tolist() == [-1, 0, 1, -1, -1, 2]
+    assert slot_rows(by_slot, 3, 3).tolist() == [1, -1, -1]  # a window ending in a gap
+    assert slot_rows(by_slot, 20, 8).tolist() == [-1] * 8
+
+
+def test_gather_zeros_missing_slots() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    profile = rng.standard_normal((3, 5)).astype(np.float32)
+    rows = np.array([[-1, 0, 1], [2, -1, -1], [-1, -1, -1]])
+    w = Windows.gather(rows, z, profile, np.array([0, 2, 3]))
+    assert len(w) == 3 and w.present.tolist() == (rows >= 0).tolist()
+    assert w.z_q.shape == (3, 3, 2, 4) and w.z_q.dtype == np.float32
+    assert np.array_equal(w.z_q[0, 1:], z[:2]) and np.array_equal(w.z_q[1, 0], z[2])
+    assert np.array_equal(w.profile[0, 1:], profile[:2])
+    assert not w.z_q[~w.present].any() and not w.profile[~w.present].any()
+    assert w.level.tolist() == [0, 2, 3]
+    assert Windows.gather(rows, z, profile, 1).level.tolist() == [1, 1, 1]
+
+
+def test_code_windows_take_the_newest_segments_level() -> None:
+    codes = CodeData(z_q=np.zeros((2, 3, 1, 1), np.float32), profile=np.zeros((2, 3, 1)),
+                     level=np.array([[0, 1, 2], [3, 3, 3]]), recording=np.zeros(3, int),
+                     slot=np.arange(3), start=np.array([0]), count=np.array([3]),
+                     slots=np.array([3]), activity=np.array([0]), identity=np.array([-1]))
+    rows = np.array([[-1, 0, 1], [2, -1, -1], [-1, -1, -1]])
+    assert code_windows(codes, rows, 0).level.tolist() == [1, 2, 0]  # none present: row 0's
+    assert code_windows(codes, rows, np.array([1, 0, 1])).level.tolist() == [3, 2, 3]
+
+
+# -- the service's windows ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fition(samples: Path) -> tuple[Any, CloudModel, EdgeEncoder]:
+    data = load_folder(FITION, "fition", samples / "fition")
+    return data, CloudModel.load(FITION), EdgeEncoder(FITION)
+
+
+def _payloads(data: Any, model: CloudModel, edge: EdgeEncoder, rows: np.ndarray,
+              epoch: int = 1, slot_offset: int = 0) -> list[tuple[str, str, bytes, float]]:
+    """One message per segment ``rows`` of ``data``, on the segment grid of its slot."""
+    spec = model.manifest.level(LEVEL)
+    symbols, profile = edge.encode(data.x[rows])
+    out = []
+    for k, row in enumerate(rows.tolist()):
+        slot = int(data.slot[row]) + slot_offset
+        blob = encode_segment_codes(SegmentCodes(LEVEL, symbols[k, : spec.groups],
+                                                 profile[k, : spec.profile_components]),
+                                    edge.manifest, edge.tables)
+        out.append(("lab", "ap1", encode_payload(Payload(
+            LEVEL, edge.model_id, epoch, slot, slot * model.segment_ms,
+            (SegmentRecord(1.0, blob),))), 0.0))
+    return out
+
+
+def test_the_service_and_the_offline_evaluation_classify_the_same_windows(
+        fition: tuple[Any, CloudModel, EdgeEncoder], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's per-segment windows (csi_cloud.ingest) and the offline evaluation's
+    (``DecodedLevel.windows``, as ``csi evaluate`` builds them) reach the one classify call
+    with equal inputs, segments lost on the way included."""
+    data, model, edge = fition
+    rec = np.array([0])
+    start, count = int(data.start[0]), int(data.count[0])
+    arrived = np.zeros(len(data.x), bool)
+    arrived[start : start + count] = True
+    arrived[[start + 2, start + 3]] = False  # a gap of two lost segments
+    decoded = decode_level(model, edge, data, encode_recordings(edge, data, rec), LEVEL)
+    offline_rows, _ = arrived_windows(data, rec, model.net.cfg.context_segments, arrived)
+    offline = decoded.windows(offline_rows)
+    assert not offline.present.all() and offline.present[:, -1].all()
+
+    seen: list[Windows] = []
+    classify = CloudModel.classify
+
+    def spy(self: CloudModel, windows: Windows, **kw: Any) -> Any:
+        seen.append(windows)
+        return classify(self, windows, **kw)
+
+    monkeypatch.setattr(CloudModel, "classify", spy)
+    ingestor = Ingestor(ModelRegistry(MODELS))
+    messages = _payloads(data, model, edge, np.flatnonzero(arrived))
+    # Two batches: the context carries over from one to the next.
+    predictions = [*ingestor.process(messages[:3]).predictions,
+                   *ingestor.process(messages[3:]).predictions]
+    assert len(seen) == 2
+    for name in ("z_q", "profile", "present", "level"):
+        service = np.concatenate([getattr(w, name) for w in seen])
+        assert np.array_equal(service, getattr(offline, name)), name
+    expected = classify(model, offline)
+    labels = model.manifest.labels["activity"]
+    assert [p.activity for p in predictions] == [labels[a] for a in expected.activity.argmax(1)]
+    assert [p.context_present for p in predictions] == offline.present.sum(1).tolist()
+
+
+def test_the_service_window_starts_afresh_with_a_new_epoch_and_skips_gaps(
+        fition: tuple[Any, CloudModel, EdgeEncoder]) -> None:
+    data, model, edge = fition
+    start = int(data.start[0])
+    ingestor = Ingestor(ModelRegistry(MODELS))
+    rows = np.arange(start, start + 6)
+    assert data.slot[rows].tolist() == list(range(6))
+    first = ingestor.process(_payloads(data, model, edge, rows[[0, 1, 2, 5]]))
+    assert [p.context_present for p in first.predictions] == [1, 2, 3, 4]
+    # Slot 12: the window (slots 5..12) holds slot 5 and itself.
+    later = ingestor.process(_payloads(data, model, edge, rows[[5]], slot_offset=7))
+    assert [p.context_present for p in later.predictions] == [2]
+    # A new epoch (the edge restarted): nothing of the old one is in its windows.
+    again = ingestor.process(_payloads(data, model, edge, rows[:3], epoch=2, slot_offset=20))
+    assert [p.context_present for p in again.predictions] == [1, 2, 3]
+    assert ingestor.aps[("lab", "ap1")].counters["epoch_changes"] == 1
