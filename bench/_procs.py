@@ -12,9 +12,7 @@ import contextlib
 import json
 import os
 import resource
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +28,7 @@ import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 from _broker import Mosquitto, free_port  # noqa: E402
+from _tcpproxy import TcpProxy as _Proxy  # noqa: E402
 
 __all__ = ["MODEL", "PREFIX", "SAMPLES", "TOKEN", "Cloud", "Edge", "Monitor", "Mosquitto",
            "TcpProxy", "WaitTimeoutError", "fill", "free_port", "rss_kb", "tmpfs", "tree_rss_kb",
@@ -336,78 +335,26 @@ class Monitor:
             self.client.disconnect()
 
 
-class TcpProxy:
-    """127.0.0.1:port -> target, one thread per connection; ``cut()`` closes every connection
-    and refuses new ones (the listener goes away), ``restore()`` listens again."""
+class TcpProxy(_Proxy):
+    """The tests' cuttable TCP proxy (tests/_tcpproxy.py) on a free port, listening at once:
+    ``cut()`` closes every connection and refuses new ones, ``restore()`` listens again."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._closed = False
-        self.restore()
+        super().__init__(target, free_port())
+        self.start()
 
     @property
     def cut_now(self) -> bool:
         return self._listener is None
 
-    def restore(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-
-    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while True:
-                readable, _, _ = select.select([a, b], [], [], 1.0)
-                for src in readable:
-                    data = src.recv(65536)
-                    if not data:
-                        return
-                    (b if src is a else a).sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()
-
     def cut(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
+        self.stop()
+
+    def restore(self) -> None:
+        self.start()
 
     def close(self) -> None:
-        self.cut()
+        self.stop()
 
 
 @contextlib.contextmanager
