@@ -154,12 +154,14 @@ def calibrate_command(
     (calibration.activity in bundle.json; the bundle id changes)."""
     import numpy as np
 
+    from csi_edge.bundle import Bundle
+
     from .model.trust import calibrate_folder, split_recordings
 
     if recordings not in ("val", "folder"):
         raise fail(f"--recordings must be val or folder, not {recordings!r}")
-    bundle = resolve_model_option(model)
     try:
+        bundle = Bundle.load(resolve_model_option(model))  # read once, handed down
         if recordings == "val":
             segments, fitted_on = split_recordings(bundle, dataset, data, "val")
         else:

@@ -89,6 +89,8 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from csi_edge.bundle import Bundle
+
     from .model.adapt import adapt_bundle
     from .model.compression import CloudModel
     from .model.heads import codes_from_stored, enroll_identity, family_wire_ids, save_derived
@@ -104,7 +106,8 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
                               out, seed=int(spec["seed"]), epochs=int(spec["epochs"]),
                               name=out.name, log=lambda line: _emit("log", line=line))
         return {k: v for k, v in result.items() if k != "support_recordings"}
-    model = CloudModel.load(base)
+    bundle = Bundle.load(base)  # read once: the model and the derived bundle use it
+    model = CloudModel.load(bundle)
     recordings = Path(spec["recordings"])
     ranges = [(sorted((recordings / safe_name(r["site"]) / safe_name(r["ap"])).glob("*.h5")),
                float(r["start"]), float(r["end"])) for r in spec["ranges"]]
@@ -116,7 +119,7 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
                                  codes, np.arange(len(codes)), seed=int(spec["seed"]))
     identities = [*(model.manifest.labels.get("identity") or []), spec["identity"]]
     manifest = save_derived(
-        base, out, net, name=out.name,
+        bundle, out, net, name=out.name,
         labels={**model.manifest.labels, "identity": identities},
         calibration={**model.manifest.calibration, "identity": stats},
         training={"kind": "identity enrollment", "identity": spec["identity"],
@@ -132,6 +135,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("mode", "train") != "train":
         return run_derive_job(spec)
     import torch
+
+    from csi_edge.bundle import write_manifest
 
     from .datasets import index_dataset, random_split
     from .model.pipeline import train_bundle
@@ -167,13 +172,11 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     manifest, evaluation = train_bundle(spec["kind"], data_dir, out, opts, progress=progress,
                                         log=lambda line: _emit("log", line=str(line)))
     seconds = round(time.perf_counter() - started, 1)
-    # The training section is not part of the bundle id: record where the bundle came from.
-    path = out / "bundle.json"
-    doc = json.loads(path.read_text())
-    doc["training"] = {**doc.get("training", {}), "job": spec["id"],
-                       "base_model": spec.get("base_model"), "data_dir": Path(data_dir).name,
-                       **info}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    # The training section is not part of the bundle id: record where the bundle came from
+    # (``manifest`` is what ``train_bundle`` wrote to ``out``: it is not read back).
+    write_manifest(out, manifest.model_copy(update={"training": {
+        **manifest.training, "job": spec["id"], "base_model": spec.get("base_model"),
+        "data_dir": Path(data_dir).name, **info}}))
     summary = evaluation.summary
     training = manifest.training or {}
     levels = [{k: lv.get(k) for k in ("level", "payload_bytes_per_s", "activity_accuracy",

@@ -52,6 +52,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 
+from csi_edge.bundle import MANIFEST_FILE, write_manifest
+
 from .db import Database, TrainingJob
 from .job_runner import EVENT_PREFIX
 from .registry import ModelRegistry, UnknownModelError
@@ -495,7 +497,7 @@ class JobManager:
         from .model.compression import CloudModel
 
         model = CloudModel.load(staging, verify=True)
-        model_id = model.id
+        model_id, manifest = model.id, model.manifest
         del model
         if model_id in self.registry.ids():
             add_log(f"the new bundle is identical to the served {model_id[:12]}…")
@@ -507,11 +509,9 @@ class JobManager:
             raise FileExistsError(f"{dest} already exists")
         incoming = models / f".incoming-{name}"
         shutil.rmtree(incoming, ignore_errors=True)
-        shutil.copytree(staging, incoming, ignore=shutil.ignore_patterns("bundle.json"))
+        shutil.copytree(staging, incoming, ignore=shutil.ignore_patterns(MANIFEST_FILE))
         os.rename(incoming, dest)
-        tmp = dest / ".bundle.json.tmp"
-        shutil.copyfile(staging / "bundle.json", tmp)
-        os.replace(tmp, dest / "bundle.json")
+        write_manifest(dest, manifest)  # last: the registry skips a folder without one
         self.registry.refresh()
         if model_id not in self.registry.ids():
             problem = self.registry.problems.get(str(dest), "not loaded")

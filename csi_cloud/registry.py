@@ -16,7 +16,7 @@ import logging
 import threading
 from pathlib import Path
 
-from csi_edge.bundle import BundleError, BundleManifest, load_manifest
+from csi_edge.bundle import MANIFEST_FILE, Bundle, BundleError, BundleManifest
 
 from .model.compression import CloudModel
 
@@ -50,14 +50,15 @@ class ModelRegistry:
         added: list[str] = []
         if not self.folder.is_dir():
             return added
-        for folder in sorted(p for p in self.folder.iterdir() if (p / "bundle.json").is_file()):
+        for folder in sorted(p for p in self.folder.iterdir() if (p / MANIFEST_FILE).is_file()):
             if folder in self._folders.values():
                 continue
             try:
-                manifest = load_manifest(folder)
+                bundle = Bundle.load(folder)
+                manifest = bundle.manifest
                 if manifest.id in self._by_id:
                     continue
-                model = CloudModel.load(folder, verify=False)
+                model = CloudModel.load(bundle)
                 family = self._by_prefix.get(model.model_id, [])
                 clash = next((m for m in family
                               if m.manifest.wire_id != manifest.wire_id), None)

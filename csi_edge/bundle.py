@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from .entropy import EntropyTable
 from .preprocess import InputSpec
 
 __all__ = [
+    "MANIFEST_FILE",
+    "Bundle",
     "BundleError",
     "BundleManifest",
     "EdgeEncoder",
@@ -42,9 +45,11 @@ __all__ = [
     "decode_segment_codes",
     "encode_segment_codes",
     "load_manifest",
+    "write_manifest",
 ]
 
 SCHEMA_VERSION = 1
+MANIFEST_FILE = "bundle.json"
 
 
 class BundleError(CSIError):
@@ -157,7 +162,7 @@ def load_manifest(folder: str | Path, verify: bool = True,
     checks ``("edge",)`` because it never holds the cloud weights.
     """
     folder = Path(folder)
-    path = folder / "bundle.json"
+    path = folder / MANIFEST_FILE
     try:
         manifest = BundleManifest.model_validate_json(path.read_bytes())
     except OSError as exc:
@@ -184,6 +189,39 @@ def load_manifest(folder: str | Path, verify: bool = True,
                 raise BundleError(f"{file}: sha256 {actual[:12]}… does not match the manifest's "
                                   f"{entry.sha256[:12]}…")
     return manifest
+
+
+def write_manifest(folder: str | Path, manifest: BundleManifest) -> Bundle:
+    """The one writer of ``bundle.json``: set ``manifest.id`` from its content (fields the id
+    does not cover, such as metrics, leave it as it was) and replace the file atomically, so a
+    reader sees the old manifest or the new one, never part of one. Returns the bundle."""
+    folder = Path(folder)
+    manifest.id = bundle_id(manifest)
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST_FILE)
+    return Bundle(folder, manifest)
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A bundle folder with its manifest, read once and handed down (to :class:`EdgeEncoder`,
+    the cloud's ``CloudModel.load`` ...) instead of a path each callee reads again."""
+
+    folder: Path
+    manifest: BundleManifest
+
+    @classmethod
+    def load(cls, folder: str | Path | Bundle, verify: bool = True,
+             parts: tuple[str, ...] | None = None) -> Bundle:
+        """:func:`load_manifest` of ``folder``; a :class:`Bundle` is returned as it is."""
+        if isinstance(folder, Bundle):
+            return folder
+        return cls(Path(folder), load_manifest(folder, verify=verify, parts=parts))
+
+    def file(self, key: str) -> Path:
+        """The path of the manifest's ``key`` weights (``edge``, ``cloud``)."""
+        return self.folder / self.manifest.files[key].path
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,18 +265,20 @@ def decode_segment_codes(data: bytes, level: int, manifest: BundleManifest,
 class EdgeEncoder:
     """The int8 encoder of a bundle, run with ONNX Runtime on one thread."""
 
-    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+    def __init__(self, folder: str | Path | Bundle, verify: bool = True) -> None:
+        """``folder``: a bundle folder (its manifest is read and checked) or a loaded
+        :class:`Bundle` (used as it is: whoever loaded it checked it)."""
         import onnxruntime as ort
 
-        self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder, verify=verify, parts=("edge",))
+        bundle = Bundle.load(folder, verify=verify, parts=("edge",))
+        self.folder = bundle.folder
+        self.manifest = bundle.manifest
         self.tables = self.manifest.tables()
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(self.folder / self.manifest.files["edge"].path), options,
-            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(bundle.file("edge")), options,
+                                            providers=["CPUExecutionProvider"])
         self.half = int(self.manifest.quantizer["half"])
         self.model_id = model_id_prefix(self.manifest.wire_id)
 

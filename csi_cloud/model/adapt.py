@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from csi_edge.bundle import EdgeEncoder, load_manifest
+from csi_edge.bundle import Bundle, EdgeEncoder
 
 from ..datasets import Example, index_dataset, random_split
 from .compression import CloudModel
@@ -59,13 +59,14 @@ __all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head"
            "support_windows"]
 
 
-def load_codes(bundle: Path, dataset: str, data_dir: Path,
+def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
                examples: Sequence[Example] | None = None) -> tuple[CloudModel, CodeData]:
     """The codes of every labelled recording of a folder, as the bundle's edges send them.
 
     For the service's own ``recordings`` the codes stored with the recordings are used (exactly
     what the APs sent); other datasets are preprocessed and encoded with the int8 encoder.
     """
+    bundle = Bundle.load(bundle)
     model = CloudModel.load(bundle)
     manifest = model.manifest
     activities = manifest.labels["activity"] or []
@@ -83,7 +84,7 @@ def load_codes(bundle: Path, dataset: str, data_dir: Path,
                      e.end if e.end is not None else float("inf")) for e in examples],
             activity=[act[e.activity] for e in examples],
             identity=[ids.get(e.identity or "", -1) for e in examples],
-            wire_ids=family_wire_ids(Path(bundle).parent))
+            wire_ids=family_wire_ids(bundle.folder.parent))
     data: SegmentData = load_segments(examples, manifest.input_spec, activities, identities)
     return model, codes_from_segments(model, EdgeEncoder(bundle), data)
 
@@ -298,7 +299,7 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     return adapted
 
 
-def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Path, *,
+def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int, out: Path, *,
                  seed: int = 0, part: Part = "classifier", epochs: int = 60,
                  method: Method = "ridge", name: str | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -306,6 +307,7 @@ def adapt_bundle(bundle: Path, dataset: str, data_dir: Path, shots: int, out: Pa
     measure activity accuracy on the recordings left out, before and after."""
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
+    bundle = Bundle.load(bundle)  # read once: the codes and the derived bundle use it
     model, codes = load_codes(bundle, dataset, data_dir)
     labelled = np.flatnonzero(codes.activity >= 0)
     support, query = pick_support(codes, labelled, shots, seed)
@@ -435,11 +437,12 @@ def open_set_codes(net: CSICodecNet, codes: CodeData, identities: list[str],
                     "left-out person"}
 
 
-def open_set_folder(bundle: Path, dataset: str, data_dir: Path, *, seed: int = 0,
+def open_set_folder(bundle: Path | Bundle, dataset: str, data_dir: Path, *, seed: int = 0,
                     epochs: int = 40, level: int = 1,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``csi evaluate --open-set``: leave-one-user-out on a folder of a dataset."""
-    manifest = load_manifest(bundle)
+    bundle = Bundle.load(bundle)
+    manifest = bundle.manifest
     identities = manifest.labels["identity"] or []
     if len(identities) < 3:
         raise ValueError(f"bundle {manifest.name!r} knows {len(identities)} identities; "

@@ -9,7 +9,6 @@ derives the bundle id from them.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ import numpy as np
 import torch
 
 from csi_edge.bundle import (
+    Bundle,
     BundleManifest,
     FileEntry,
     RateLevel,
-    bundle_id,
-    load_manifest,
+    write_manifest,
 )
 from csi_edge.entropy import EntropyTable
 from csi_edge.preprocess import InputSpec
@@ -127,17 +126,17 @@ def save_bundle(folder: Path, *, name: str, net: CSICodecNet, spec: InputSpec,
         metrics=metrics or {},
         calibration=extra_calibration or {},
     )
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return manifest
+    return write_manifest(folder, manifest).manifest
 
 
-def load_network(folder: Path, verify: bool = True) -> tuple[BundleManifest, CSICodecNet]:
-    """The bundle's manifest and its torch network (weights from the .npz, no pickle)."""
-    manifest = load_manifest(folder, verify=verify)
+def load_network(folder: str | Path | Bundle,
+                 verify: bool = True) -> tuple[BundleManifest, CSICodecNet]:
+    """The bundle's manifest and its torch network (weights from the .npz, no pickle); a
+    loaded :class:`Bundle` is used as it is (its manifest is not read again)."""
+    bundle = Bundle.load(folder, verify=verify)
+    manifest = bundle.manifest
     net = CSICodecNet(ModelConfig.model_validate(manifest.model))
-    with np.load(folder / manifest.files["cloud"].path, allow_pickle=False) as arrays:
+    with np.load(bundle.file("cloud"), allow_pickle=False) as arrays:
         state, head = ContextHead.split_arrays({k: arrays[k] for k in arrays.files})
     net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     net.context_head = ContextHead.from_arrays(head)

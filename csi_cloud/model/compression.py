@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from csi_edge.bundle import (
+    Bundle,
     BundleManifest,
     SegmentCodes,
     decode_segment_codes,
@@ -105,8 +106,9 @@ class CloudModel:
         self._still_symbols: np.ndarray | None = None
 
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> CloudModel:
-        manifest, net = load_network(Path(folder), verify=verify)
+    def load(cls, folder: str | Path | Bundle, verify: bool = True) -> CloudModel:
+        """A bundle folder (its manifest read and checked) or a loaded :class:`Bundle`."""
+        manifest, net = load_network(folder, verify=verify)
         return cls(manifest, net)
 
     @property

@@ -7,7 +7,6 @@ protocols (:mod:`.protocols`), which both sit above it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from csi_edge.bundle import EdgeEncoder
+from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
 from .bundle import save_bundle, update
 from .compression import CloudModel
@@ -48,19 +47,19 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
                                     replace=False)]
     info = {**(training or {}), "seconds": round(result.seconds, 1),
             "best_epoch": result.best_epoch, "options": opts.model_dump()}
-    save_bundle(out, name=name, net=result.net, spec=spec, tables=tables,
-                activities=activities, identities=identities or None, calibration=calibration,
-                segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info)
+    # The bundle is handed down as written: nothing below reads its manifest back.
+    bundle = Bundle(out, save_bundle(
+        out, name=name, net=result.net, spec=spec, tables=tables, activities=activities,
+        identities=identities or None, calibration=calibration,
+        segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info))
     if cfg.head == "rocket":
         t0 = time.perf_counter()
-        result.net.context_head = fit_bundle_head(out, data, train_recs, val_recs,
-                                                  features=opts.head_features, seed=opts.seed)
+        result.net.context_head, bundle = _fit_head(bundle, data, train_recs, val_recs,
+                                                    features=opts.head_features, seed=opts.seed)
         info["head_seconds"] = round(time.perf_counter() - t0, 1)
     if not calibrate:
-        from csi_edge.bundle import load_manifest
-
-        return result, load_manifest(out)
-    return result, calibrate_bundle(out, data, train_recs, val_recs)
+        return result, bundle.manifest
+    return result, calibrate_bundle(bundle, data, train_recs, val_recs)
 
 
 def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int,
@@ -77,7 +76,7 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
     return rows[keep], owners[keep]
 
 
-def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
+def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
                     per_recording: int = 5) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
@@ -85,17 +84,24 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
     the last one included, at every rate level, and the unquantized path), choose the ridge
     penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
     recomputed). Returns the head."""
-    from csi_edge.bundle import bundle_id
+    return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
+                     per_recording=per_recording)[0]
 
+
+def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
+              val_recs: np.ndarray, *, features: int, seed: int,
+              per_recording: int = 5) -> tuple[Any, Bundle]:
+    """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
     from .heads import codes_from_segments
     from .rocket import WindowLayout
     from .window import take
 
-    model = CloudModel.load(folder)
+    bundle = Bundle.load(folder)
+    model = CloudModel.load(bundle)
     net, cfg = model.net, model.net.cfg
-    codes = codes_from_segments(model, EdgeEncoder(folder), data)
+    codes = codes_from_segments(model, EdgeEncoder(bundle), data)
     coeff = profile_coefficients(net, codes.profile)
     n = cfg.context_segments
     rng = np.random.default_rng(seed)
@@ -117,27 +123,23 @@ def fit_bundle_head(folder: Path, data: SegmentData, train_recs: np.ndarray,
                             seed=seed, val_labels=data.activity[own_va], identity=identity)
     net.context_head = head
     manifest = model.manifest
-    entry = write_cloud(net, folder / CLOUD_FILE)
+    entry = write_cloud(net, bundle.folder / CLOUD_FILE)
     manifest = manifest.model_copy(update={"files": {**manifest.files, "cloud": entry}})
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return head
+    return head, write_manifest(bundle.folder, manifest)
 
 
-def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
+def calibrate_bundle(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                      val_recs: np.ndarray) -> Any:
     """Add the calibrations that need the finished bundle (its int8 codes) to its manifest:
     the open-set identity threshold and feature statistics, the edge's idle threshold, and
     the live output's activity temperature, filter and abstention threshold.
     The calibration is part of the bundle id, which is recomputed."""
-    from csi_edge.bundle import bundle_id
-
     from .heads import calibrate_identity, codes_from_segments
     from .idle import calibrate_idle
 
-    model = CloudModel.load(folder)
-    edge = EdgeEncoder(folder)
+    bundle = Bundle.load(folder)
+    model = CloudModel.load(bundle)
+    edge = EdgeEncoder(bundle)
     calibration = dict(model.manifest.calibration)
     if model.net.cfg.identities:
         codes = codes_from_segments(model, edge, data)
@@ -157,7 +159,4 @@ def calibrate_bundle(folder: Path, data: SegmentData, train_recs: np.ndarray,
             model, edge, data, held_out,
             fitted_on=f"{len(held_out)} validation recordings of the training split")
     manifest = model.manifest.model_copy(update={"calibration": calibration})
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return manifest
+    return write_manifest(bundle.folder, manifest).manifest

@@ -20,7 +20,6 @@ recordings (enrolled people are replayed as Gaussian samples around their means)
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from csi_edge.bundle import BundleManifest, EdgeEncoder, SegmentCodes, bundle_id
+from csi_edge.bundle import Bundle, BundleManifest, EdgeEncoder, SegmentCodes, write_manifest
 
 from .bundle import CLOUD_FILE, EDGE_FILE, write_cloud
 from .compression import CloudModel, classify_windows
@@ -435,7 +434,7 @@ def enroll_identity(net: CSICodecNet, calibration: dict[str, Any], codes: CodeDa
     return derived, new_stats
 
 
-def save_derived(parent: Path, out: Path, net: CSICodecNet, *, name: str,
+def save_derived(parent: Path | Bundle, out: Path, net: CSICodecNet, *, name: str,
                  labels: dict[str, list[str] | None] | None = None,
                  calibration: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None,
@@ -444,11 +443,12 @@ def save_derived(parent: Path, out: Path, net: CSICodecNet, *, name: str,
     """Write a bundle derived from ``parent`` in the cloud: the parent's ``edge.onnx`` and
     edge-side manifest fields, new cloud weights; the id is recomputed. ``held_out``: whether
     its metrics come from recordings it was not fitted on (None: it has no such metrics)."""
-    base = BundleManifest.model_validate_json((parent / "bundle.json").read_bytes())
+    parent = Bundle.load(parent, verify=False)
+    base = parent.manifest
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shutil.copyfile(parent / base.files["edge"].path, staging / EDGE_FILE)
+    shutil.copyfile(parent.file("edge"), staging / EDGE_FILE)
     cloud = write_cloud(net, staging / CLOUD_FILE)
     manifest = base.model_copy(deep=True, update={
         "name": name,
@@ -464,9 +464,7 @@ def save_derived(parent: Path, out: Path, net: CSICodecNet, *, name: str,
         "parent": base.id,
         "held_out": held_out,
     })
-    manifest.id = bundle_id(manifest)
-    (staging / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    write_manifest(staging, manifest)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

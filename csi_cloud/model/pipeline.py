@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from csi_edge.bundle import EdgeEncoder
+from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
 from ..datasets import Example, index_dataset, random_split
 from .compression import CloudModel
@@ -73,7 +72,8 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         result, manifest = fit(data, spec, activities, identities, train_recs, val_recs, opts,
                                staging, name=out.name, model=model, training=training,
                                progress=progress, checkpoints=checkpoints)
-        evaluation = evaluate_bundle(CloudModel.load(staging), EdgeEncoder(staging), data,
+        bundle = Bundle(staging, manifest)  # as ``fit`` wrote it: not read back
+        evaluation = evaluate_bundle(CloudModel.load(bundle), EdgeEncoder(bundle), data,
                                      test_recs, dataset=dataset)
         training["seconds_bundle"] = round(time.perf_counter() - started, 1)
         protocol_results = (
@@ -86,8 +86,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         manifest.training = {**manifest.training, **training}
         manifest.held_out = held_out
         # Metrics are not part of the id (it covers weights and behaviour only).
-        (staging / "bundle.json").write_text(
-            json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        write_manifest(staging, manifest)
         notes = []
         if dataset == "fition":
             notes.append("On Fition each user was recorded in one room and one session, so "
@@ -108,6 +107,7 @@ def evaluate_folder(bundle: Path, dataset: str, data_dir: Path) -> Evaluation:
     """Evaluate a bundle on every recording of a dataset folder (seen or not)."""
     from .robustness import load_folder
 
-    data = load_folder(bundle, dataset, data_dir)
-    return evaluate_bundle(CloudModel.load(bundle), EdgeEncoder(bundle), data,
+    loaded = Bundle.load(bundle)
+    data = load_folder(loaded, dataset, data_dir)
+    return evaluate_bundle(CloudModel.load(loaded), EdgeEncoder(loaded), data,
                            np.arange(len(data)), dataset=dataset)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from csi_edge import SpecMismatchError
-from csi_edge.bundle import EdgeEncoder, load_manifest
+from csi_edge.bundle import Bundle, EdgeEncoder
 
 from ..datasets import index_dataset
 from .compression import CloudModel
@@ -220,7 +220,7 @@ def evaluate_segment_loss(model: CloudModel, edge: EdgeEncoder | CloudModel, dat
     }
 
 
-def load_folder(bundle: Path, dataset: str, data_dir: Path) -> SegmentData:
+def load_folder(bundle: Path | Bundle, dataset: str, data_dir: Path) -> SegmentData:
     """Every recording of a dataset folder, preprocessed with the bundle's input spec.
 
     Refuses (SpecMismatchError) a folder whose CSI or activities the bundle does not fit, with
@@ -228,7 +228,7 @@ def load_folder(bundle: Path, dataset: str, data_dir: Path) -> SegmentData:
     """
     from csi_edge import read_recording
 
-    manifest = load_manifest(bundle)
+    manifest = Bundle.load(bundle).manifest
     examples = list(index_dataset(dataset, data_dir))
     if not examples:
         raise ValueError(f"no recording of dataset {dataset!r} under {data_dir}")

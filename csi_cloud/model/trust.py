@@ -19,14 +19,13 @@ the filter's ``stay`` (best filtered accuracy on joined streams) and the abstent
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from csi_edge.bundle import EdgeEncoder, bundle_id
+from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
 from ..smoothing import filter_stream, fit_stay, fit_threshold
 from .compression import CloudModel
@@ -170,23 +169,22 @@ def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
     }
 
 
-def calibrate_folder(folder: Path, data: SegmentData, recordings: np.ndarray, *,
+def calibrate_folder(folder: Path | Bundle, data: SegmentData, recordings: np.ndarray, *,
                      fitted_on: str, target: float = DEFAULT_TARGET) -> dict[str, Any]:
     """Fit :func:`fit_activity_calibration` for the bundle in ``folder`` and write it into
     its manifest (the bundle id is recomputed: the calibration is part of it). Returns the
     activity calibration."""
-    model = CloudModel.load(folder)
-    activity = fit_activity_calibration(model, EdgeEncoder(folder), data, recordings,
+    bundle = Bundle.load(folder)
+    model = CloudModel.load(bundle)
+    activity = fit_activity_calibration(model, EdgeEncoder(bundle), data, recordings,
                                         fitted_on=fitted_on, target=target)
     manifest = model.manifest.model_copy(
         update={"calibration": {**model.manifest.calibration, "activity": activity}})
-    manifest.id = bundle_id(manifest)
-    (folder / "bundle.json").write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    write_manifest(bundle.folder, manifest)
     return activity
 
 
-def split_recordings(folder: Path, dataset: str, data_dir: Path,
+def split_recordings(folder: Path | Bundle, dataset: str, data_dir: Path,
                      part: Literal["train", "val", "test"]) -> tuple[SegmentData, str]:
     """The recordings of one part of the split a bundle was trained with (rebuilt from its
     manifest's ``training``: seed and fractions, checked against its counts), preprocessed
@@ -194,12 +192,10 @@ def split_recordings(folder: Path, dataset: str, data_dir: Path,
     bundle was not trained on a random split of ``dataset`` or the rebuilt split differs."""
     import re
 
-    from csi_edge.bundle import load_manifest
-
     from ..datasets import index_dataset, random_split
     from .data import load_segments
 
-    manifest = load_manifest(folder)
+    manifest = Bundle.load(folder).manifest
     training = manifest.training
     match = re.fullmatch(r"random by recording, stratified by activity, val ([0-9.]+), "
                          r"test ([0-9.]+)", str(training.get("split", "")))
