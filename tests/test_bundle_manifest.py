@@ -86,10 +86,10 @@ def _manifest_writes(source: str) -> list[tuple[str, int]]:
         for node in nodes:
             if isinstance(node, ast.Assign) and names_manifest(node.value, tainted):
                 tainted |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        for node in nodes:
-            target = _written_path(node) if isinstance(node, ast.Call) else None
+        for call in (n for n in nodes if isinstance(n, ast.Call)):
+            target = _written_path(call)
             if target is not None and names_manifest(target, tainted):
-                found.append((name, node.lineno))
+                found.append((name, call.lineno))
     return found
 
 
