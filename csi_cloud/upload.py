@@ -87,7 +87,7 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
 
     from csi_edge import CSIError, SpecMismatchError, read_recording
     from csi_edge.bundle import EdgeEncoder, encode_segment_codes
-    from csi_edge.codec import Payload, SegmentRecord, encode_payload
+    from csi_edge.codec import Payload, SegmentRecord, encode_payload, message_groups
     from csi_edge.limits import DeclaredSizeError
     from csi_edge.preprocess import Preprocessor
 
@@ -136,25 +136,11 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
                                               encoder.tables)
                          for s, p in zip(symbols, profile, strict=True))
         # Messages of consecutive segments, as many per message as the level says.
-        per_message = manifest.level(level).segments_per_message
-        payloads: list[bytes] = []
-        group: list[int] = []
-
-        def flush() -> None:
-            if group:
-                head = group[0]
-                payloads.append(encode_payload(Payload(
-                    level=level, model_id=encoder.model_id, epoch=epoch, first_seq=head % _U32,
-                    timestamp_ms=base_ms + int(index[head]) * segment_ms,
-                    segments=tuple(SegmentRecord(float(batch.quality[i]), blobs[i])
-                                   for i in group))))
-                group.clear()
-
-        for i in range(len(batch)):
-            if group and (len(group) >= per_message or index[i] != index[group[-1]] + 1):
-                flush()
-            group.append(i)
-        flush()
+        payloads = [encode_payload(Payload(
+            level=level, model_id=encoder.model_id, epoch=epoch, first_seq=group[0] % _U32,
+            timestamp_ms=base_ms + int(index[group[0]]) * segment_ms,
+            segments=tuple(SegmentRecord(float(batch.quality[i]), blobs[i]) for i in group)))
+            for group in message_groups(index.tolist(), manifest.level(level).segments_per_message)]
         return {"ok": True, "payloads": payloads, "segments": len(batch), "dropped": dropped,
                 "recording": recording}
     except DeclaredSizeError as exc:

@@ -92,6 +92,7 @@ __all__ = [
     "decode_payload",
     "encode_payload",
     "idle_payload_size",
+    "message_groups",
     "model_id_prefix",
     "motion_byte",
     "motion_from_byte",
@@ -291,6 +292,28 @@ def _quality_byte(q: Any, i: int) -> int:
     if not (math.isfinite(q) and 0.0 <= q <= 1.0):
         raise _field_error(f"segment {i}: quality {q!r} is outside [0, 1]")
     return round(float(q) * 255)
+
+
+def message_groups(seqs: Sequence[int], per_message: int, *,
+                   idle: Sequence[bool] | None = None,
+                   idle_per_message: int = 1) -> list[list[int]]:
+    """Positions of a stream's segments (in order, by sequence number) grouped into messages
+    as the edge sends them live: consecutive sequence numbers of one kind (coded or idle), at
+    most ``per_message`` coded (``idle_per_message`` idle) segments a message. The offline
+    paths (evaluation, idle, upload) use it; the agent's queue adds its own boundaries
+    (epoch, model, motion byte, backlog size: ``csi_edge.agent.group_messages``)."""
+    groups: list[list[int]] = []
+    for i, seq in enumerate(seqs):
+        kind = bool(idle[i]) if idle is not None else False
+        if groups:
+            group = groups[-1]
+            if (kind == (bool(idle[group[0]]) if idle is not None else False)
+                    and int(seq) == int(seqs[group[-1]]) + 1
+                    and len(group) < (idle_per_message if kind else per_message)):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:

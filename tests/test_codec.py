@@ -538,3 +538,14 @@ def test_motion_byte_cut_off_is_truncated() -> None:
     with pytest.raises(PayloadError, match="segment 1 of 2: motion byte at 21") as info:
         decode_payload(_with_crc(_header(byte0=0x2A, count=2) + b"\x80\x40\x00" + b"\x80"))
     assert info.value.reason == "truncated_segment"
+
+
+def test_message_groups_split_at_gaps_kinds_and_sizes() -> None:
+    from csi_edge.codec import message_groups
+
+    assert message_groups([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert message_groups([5, 6, 8, 9, 10], 4) == [[0, 1], [2, 3, 4]]  # a gap ends one
+    assert message_groups([], 3) == []
+    idle = [False, False, True, True, True, False]
+    assert message_groups(range(6), 4, idle=idle, idle_per_message=2) == [
+        [0, 1], [2, 3], [4], [5]]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from csi_edge.bundle import EdgeEncoder, SegmentCodes
-from csi_edge.codec import Payload, SegmentRecord, encode_payload
+from csi_edge.codec import Payload, SegmentRecord, encode_payload, message_groups
 
 from .compression import CloudModel, classify_windows
 from .data import SegmentData, segment_windows, windows
@@ -85,17 +85,6 @@ def _per_second(p_act: np.ndarray, p_id: np.ndarray | None, act_true: np.ndarray
     return out
 
 
-def _messages(slots: np.ndarray, per_message: int) -> list[np.ndarray]:
-    """Positions of consecutive slots grouped into messages of at most ``per_message``."""
-    groups: list[np.ndarray] = []
-    start = 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or slots[i] != slots[i - 1] + 1 or i - start == per_message:
-            groups.append(np.arange(start, i))
-            start = i
-    return groups
-
-
 @dataclass
 class EncodedSegments:
     """The edge encoder's codes for every segment of some recordings (one pass, all levels)."""
@@ -153,7 +142,7 @@ def decode_level(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     for r in encoded.recordings.tolist():
         start, count = int(data.start[r]), int(data.count[r])
         slots = data.slot[start : start + count]
-        for group in _messages(slots, spec.segments_per_message):
+        for group in message_groups(slots.tolist(), spec.segments_per_message):
             idx = [int(encoded.index[start + int(g)]) for g in group]
             payload = encode_payload(Payload(
                 spec.level, edge.model_id, 1, int(slots[group[0]]), 0,

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes
-from csi_edge.codec import Payload, SegmentRecord, encode_payload, idle_payload_size
+from csi_edge.codec import (
+    Payload,
+    SegmentRecord,
+    encode_payload,
+    idle_payload_size,
+    message_groups,
+)
 from csi_edge.motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 
 from .compression import CloudModel
@@ -241,8 +247,10 @@ def evaluate_idle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
             kind = "still" if data.activity[r] == still else "moving"
             start, count = int(data.start[r]), int(data.count[r])
             last: SegmentCodes | None = None
-            for group in _groups(data, start, count, idle_rows, spec.segments_per_message,
-                                 idle_per_message):
+            part = slice(start, start + count)
+            for group in ([start + i for i in g] for g in message_groups(
+                    data.slot[part].tolist(), spec.segments_per_message,
+                    idle=idle_rows[part].tolist(), idle_per_message=idle_per_message)):
                 is_idle = bool(idle_rows[group[0]])
                 records = tuple(
                     SegmentRecord(1.0, b"" if is_idle else encode_segment_codes(
@@ -285,18 +293,3 @@ def evaluate_idle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
     return out
 
 
-def _groups(data: SegmentData, start: int, count: int, idle: np.ndarray, per_message: int,
-            idle_per_message: int) -> list[list[int]]:
-    """Rows of one recording grouped into messages as the agent sends them live."""
-    groups: list[list[int]] = []
-    for row in range(start, start + count):
-        if groups:
-            group = groups[-1]
-            size = idle_per_message if idle[row] else per_message
-            if (bool(idle[row]) == bool(idle[group[0]])
-                    and int(data.slot[row]) == int(data.slot[group[-1]]) + 1
-                    and len(group) < size):
-                group.append(row)
-                continue
-        groups.append([row])
-    return groups
