@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from _broker import Mosquitto, free_port
+from _harness import Cloud as _Cloud
 from _mqtt_client import Collector
 from _tcpproxy import TcpProxy
 
@@ -347,31 +348,13 @@ def _psql(url: str, *statements: str) -> list[Any]:
     return out
 
 
-class Cloud:
-    """``csi cloud`` as a subprocess (tests/test_cloud_service.py's, with settings by env)."""
+class Cloud(_Cloud):
+    """``csi cloud`` as a subprocess (tests/_harness.py's), settings given as keywords."""
 
     def __init__(self, broker: Mosquitto, db: str, folder: Path, **env: str) -> None:
-        from test_cloud_service import Cloud as _Cloud
-
-        self._cloud = _Cloud(broker, db, folder, client_id=f"csi-cloud-{uuid.uuid4().hex[:6]}")
-        self._cloud.env.update({"CSI_CLOUD_RECORD": "false", "CSI_CLOUD_HOMEASSISTANT": "false",
-                                **{f"CSI_CLOUD_{k.upper()}": v for k, v in env.items()}})
-        self.url = self._cloud.url
-        self.log = self._cloud.log
-
-    def start(self) -> None:
-        self._cloud.start()
-
-    def stop(self) -> None:
-        self._cloud.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self._cloud.proc is not None
-        return self._cloud.proc.pid
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self._cloud.get(path, **params)
+        super().__init__(broker, db, folder, client_id=f"csi-cloud-{uuid.uuid4().hex[:6]}",
+                         env={"CSI_CLOUD_RECORD": "false", "CSI_CLOUD_HOMEASSISTANT": "false",
+                              **{f"CSI_CLOUD_{k.upper()}": v for k, v in env.items()}})
 
     def seqs(self, ap: str, site: str = "lab") -> list[int]:
         page = self.get("/predictions", site=site, ap=ap, limit=10_000)
