@@ -26,7 +26,7 @@ import numpy as np
 from _broker import Mosquitto, free_port
 
 __all__ = ["FOLDER", "IN_CI", "MODEL", "POSTGRES", "PREFIX", "ROOT", "SAMPLE", "TOKEN", "Cloud",
-           "Edge", "Mosquitto", "WaitTimeoutError", "free_port", "offline_predictions",
+           "Edge", "Mosquitto", "Segments", "WaitTimeoutError", "free_port", "offline_predictions",
            "postgres_database", "recorded", "run_edge", "stop_group", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +299,27 @@ def recorded(folder: Path) -> tuple[int, int]:
             _, n_labels, n = store_counts(f, path)
             segments, labels = segments + n, labels + n_labels
     return segments, labels
+
+
+class Segments:
+    """Valid payloads of the default bundle (all-zero CSI) with any epoch and sequence
+    number, ``n`` segments each."""
+
+    def __init__(self) -> None:
+        from csi_edge.bundle import EdgeEncoder
+
+        encoder = EdgeEncoder(MODEL)
+        self.model_id = encoder.model_id
+        self.segment_ms = round(encoder.spec.segment_s * 1000)
+        self.codes = encoder.compress_codes(np.zeros((1, 50, 1, 56), np.float32), 1)[0]
+        self.base_ms = int(time.time() * 1000)
+
+    def payload(self, seq: int, epoch: int = 7, n: int = 1) -> bytes:
+        from csi_edge.codec import Payload, SegmentRecord, encode_payload
+
+        return encode_payload(Payload(1, self.model_id, epoch, seq,
+                                      self.base_ms + (seq % 1_000_000) * self.segment_ms,
+                                      (SegmentRecord(1.0, self.codes),) * n))
 
 
 def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
