@@ -147,8 +147,9 @@ class Bench:
                 recordings = folder / "recordings-fs"
                 self.how_limited.append(
                     self.stack.enter_context(tmpfs(recordings, 4096)) + " for the recordings")
-            self.cloud = Cloud(self.broker, self.db_url, folder, env=cloud_env,
+            self.cloud = Cloud(self.broker, self.db_url, folder, "csi-cloud-1", env=cloud_env,
                                recordings=recordings, address_space_gib=address_space_gib)
+            self.cloud.log = folder / "cloud.log"
             self.stack.callback(self.cloud.stop)
             self.startup_s = self.cloud.start()
             files = sorted(SAMPLES.rglob("*.pcap"))
@@ -759,7 +760,7 @@ def run_case(name: str, scale: Scale, keep: Path | None = None) -> CaseResult:
             result.notes.append(f"counting failed: {type(exc).__name__}: {str(exc)[:300]}")
     finally:
         if bench is not None:
-            for log in (bench.cloud.log.name, "edge0.log", "edge1.log"):
+            for log in ("cloud.log", "edge0.log", "edge1.log"):
                 path = folder / log
                 if path.exists():
                     tail = path.read_text(errors="replace")[-4000:]
