@@ -1,9 +1,6 @@
-"""Real processes for the benches: the cloud service, edge agents, a monitor, a cuttable TCP
-proxy and a small tmpfs, each stoppable whatever happens.
-
-The broker is tests/_broker.py's :class:`Mosquitto` (the deployment's persistence and queue
-settings). Every process is started in its own session so that stopping it also stops what
-it started (the cloud's recorder and upload parser workers).
+"""What the benches add to the tests' harness (tests/_harness.py: the broker, the cloud and
+edge launchers, waiting on conditions): a monitor of the APs' topics, a cuttable TCP proxy, a
+small tmpfs, a disk filler and memory probes.
 """
 
 from __future__ import annotations
@@ -11,54 +8,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
-from _broker import Mosquitto, free_port  # noqa: E402
+from _harness import FOLDER as SAMPLES  # noqa: E402
+from _harness import (  # noqa: E402
+    MODEL,
+    PREFIX,
+    TOKEN,
+    Cloud,
+    Edge,
+    Mosquitto,
+    WaitTimeoutError,
+    free_port,
+    wait_until,
+)
 from _tcpproxy import TcpProxy as _Proxy  # noqa: E402
 
 __all__ = ["MODEL", "PREFIX", "SAMPLES", "TOKEN", "Cloud", "Edge", "Monitor", "Mosquitto",
            "TcpProxy", "WaitTimeoutError", "fill", "free_port", "rss_kb", "tmpfs", "tree_rss_kb",
-           "wait_for"]
-
-MODEL = ROOT / "models" / "fition"
-SAMPLES = ROOT / "datasets" / "samples" / "fition"
-PREFIX = "csi/v1"
-TOKEN = "faults-bench-token-0123456789"
-
-
-class WaitTimeoutError(AssertionError):
-    """A condition the bench waited for did not come in time."""
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str,
-             check: Callable[[], None] | None = None, every_s: float = 0.25) -> float:
-    """Wait until ``predicate()``; the monotonic time it held. ``check`` may raise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if check is not None:
-            check()
-        try:
-            if predicate():
-                return time.monotonic()
-        except (httpx.HTTPError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise WaitTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
+           "wait_until"]
 
 
 def rss_kb(pid: int | None) -> int | None:
@@ -84,167 +63,6 @@ def tree_rss_kb(pid: int | None) -> int | None:
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return total // 1024
-
-
-def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-                wait_s: float = 30.0) -> int | None:
-    """Stop ``proc`` with ``sig`` (SIGKILL after ``wait_s``), then whatever is left of its
-    process group (workers it started). Its exit code."""
-    if proc is None:
-        return None
-    code = proc.poll()
-    if code is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
-            proc.send_signal(sig)
-        try:
-            code = proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return code
-
-
-class Cloud:
-    """``csi cloud`` as a subprocess; its own session (process group)."""
-
-    def __init__(self, folder: Path, broker: Mosquitto, db: str, *, client_id: str = "csi-cloud-1",
-                 env: dict[str, str] | None = None, recordings: Path | None = None,
-                 address_space_gib: float | None = None) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client_id = client_id
-        self.command = [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models",
-                        str(ROOT / "models"), "--broker", broker.url, "--http",
-                        f"127.0.0.1:{self.port}", "--db", db, "--recordings",
-                        str(recordings or folder / "recordings"), "--client-id", client_id,
-                        "--log-level", "INFO"]
-        self.env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(folder / "jobs"),
-                        PYTHONUNBUFFERED="1", **(env or {}))
-        self.address_space_gib = address_space_gib
-        self.log = folder / "cloud.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def _limits(self) -> None:
-        if self.address_space_gib:
-            limit = int(self.address_space_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    def start(self, timeout_s: float = 120.0) -> float:
-        """Start and wait for ``/readyz``; the seconds it took."""
-        t0 = time.monotonic()
-        self.starts += 1
-        with self.log.open("ab") as log:
-            log.write(f"\n===== start {self.starts} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=ROOT, start_new_session=True,
-                                         preexec_fn=self._limits)
-        wait_for(self.ready, timeout_s, "the cloud's /readyz", self.check)
-        return time.monotonic() - t0
-
-    def ready(self) -> bool:
-        return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"cloud exited with {self.proc.returncode}: "
-                                 f"{self.log.read_text(errors='replace')[-1500:]}")
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def freeze(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> list[int]:
-        """SIGKILL the service process only, as a crash does; the pids of workers it left."""
-        if self.proc is None:
-            return []
-        pid = self.proc.pid
-        _stop_group_leader_only(self.proc)
-        left = [p.pid for p in psutil.process_iter(["pid"])
-                if _pgid(p.pid) == pid and p.pid != pid]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        self.proc = None
-        return left
-
-    def stop(self) -> int | None:
-        code = _stop_group(self.proc)
-        self.proc = None
-        return code
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _stop_group_leader_only(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
-class Edge:
-    """One ``csi edge`` process replaying the committed samples for some APs in real time."""
-
-    def __init__(self, folder: Path, broker: Mosquitto, streams: Sequence[tuple[str, Path]],
-                 *, spool: Path | None = None, name: str = "edge",
-                 broker_url: str | None = None) -> None:
-        self.folder = folder
-        self.names = [n for n, _ in streams]
-        self.spool = spool or folder / f"{name}-spool"
-        self.command = [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL),
-                        "--broker", broker_url or broker.url, "--spool-dir", str(self.spool),
-                        "--status-interval", "1", "--speed", "real", "--loop", "--level", "1",
-                        "--log-level", "WARNING",
-                        *[a for n, path in streams for a in ("--stream", f"{n}=file://{path}")]]
-        # Idle markers off: every segment is coded and gets its own prediction row.
-        self.env = dict(os.environ, CSI_EDGE_MODELS_DIR=str(folder / f"{name}-fetched"),
-                        CSI_EDGE_DRAIN_TIMEOUT_S="30", CSI_EDGE_IDLE="false",
-                        PYTHONUNBUFFERED="1")
-        self.log = folder / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exit_codes: list[int | None] = []
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=ROOT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        self.exit_codes.append(_stop_group(self.proc, signal.SIGKILL, 10))
-        self.proc = None
-
-    def stop(self) -> int | None:
-        """SIGTERM: the edge drains its spool (up to CSI_EDGE_DRAIN_TIMEOUT_S)."""
-        code = _stop_group(self.proc, signal.SIGTERM, 60)
-        if self.proc is not None:
-            self.exit_codes.append(code)
-        self.proc = None
-        return code
 
 
 class Monitor:

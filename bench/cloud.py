@@ -29,9 +29,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,20 +40,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from csi_edge import read_recording  # noqa: E402
 from csi_edge.bundle import EdgeEncoder, encode_segment_codes  # noqa: E402
 from csi_edge.codec import Payload, SegmentRecord, encode_payload  # noqa: E402
 from csi_edge.preprocess import Preprocessor  # noqa: E402
 
-TOKEN = "bench-token-0123456789abcdef"
 LEVEL = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def segment_codes() -> tuple[bytes, list[bytes]]:
@@ -128,41 +119,20 @@ RECORDING = {
 def run_load(aps: int, seconds: float, workdir: Path, record: str) -> dict[str, Any]:
     import httpx
     import websockets
+    from _harness import Cloud, Mosquitto
 
-    broker_port = free_port()
-    http_port = free_port()
-    while http_port == broker_port:
-        http_port = free_port()
-    conf = workdir / f"mosquitto-{aps}.conf"
-    conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_queued_messages 1000000\nmax_inflight_messages 1000\n")
-    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                                  str(conf)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    db = workdir / f"cloud-{record}-{aps}.db"  # a fresh database every run
-    env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(workdir / "jobs"),
-               **RECORDING[record])
-    cloud = subprocess.Popen(
-        [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(ROOT / "models"),
-         "--broker", f"mqtt://127.0.0.1:{broker_port}", "--http", f"127.0.0.1:{http_port}",
-         "--db", f"sqlite:///{db}", "--recordings", str(workdir / f"rec-{record}-{aps}"),
-         "--client-id", f"bench-cloud-{record}-{aps}", "--log-level", "WARNING"],
-        stdout=(workdir / f"cloud-{record}-{aps}.log").open("wb"), stderr=subprocess.STDOUT,
-        env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{http_port}"
+    # No queue limits: the bench measures the cloud, not the broker's back-pressure.
+    mosquitto = Mosquitto(workdir / f"broker-{record}-{aps}", extra="max_inflight_messages 1000",
+                          settings={"max_queued_messages": "1000000", "max_queued_bytes": None,
+                                    "autosave_interval": None})
+    mosquitto.start()
+    broker_port = mosquitto.port
+    cloud = Cloud(mosquitto, f"sqlite:///{workdir / f'cloud-{record}-{aps}.db'}", workdir,
+                  f"bench-cloud-{record}-{aps}", recordings=workdir / f"rec-{record}-{aps}",
+                  log_level="WARNING", env=RECORDING[record])
+    http_port, url = cloud.port, cloud.url
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or cloud.poll() is not None:
-                log = (workdir / f"cloud-{record}-{aps}.log").read_text(errors="replace")
-                raise RuntimeError(f"the cloud did not get ready: {log[-2000:]}")
-            time.sleep(0.2)
+        cloud.start(60)
         cpu0 = proc_cpu(cloud.pid)
         received: dict[tuple[int, int], float] = {}
         stop = threading.Event()
@@ -207,14 +177,8 @@ def run_load(aps: int, seconds: float, workdir: Path, record: str) -> dict[str, 
         recording_dropped = next((float(line.split()[-1]) for line in metrics.splitlines()
                                   if line.startswith("csi_recording_dropped_segments ")), 0.0)
     finally:
-        cloud.terminate()
-        try:
-            cloud.wait(60)
-        except subprocess.TimeoutExpired:
-            cloud.kill()
-            cloud.wait(10)
-        mosquitto.terminate()
-        mosquitto.wait(10)
+        cloud.stop(wait_s=60)
+        mosquitto.stop()
     latencies = np.array([received[(ap, seq)] - t for ap, seq, t in sent
                           if (ap, seq) in received]) * 1000
     lost = len(sent) - len(latencies)

@@ -66,7 +66,6 @@ import pstats
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -81,6 +80,9 @@ from pathlib import Path
 from typing import Any
 
 from wire_count import WireCounter, tcpip_header_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "fition"
@@ -101,12 +103,6 @@ TCP_LOW, TCP_HIGH = 40, 52
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # The CPUs this bench may use, read before it pins itself (children are pinned explicitly).
@@ -234,49 +230,18 @@ def mosquitto_binary() -> str:
     return found
 
 
-class Broker:
-    """Our own Mosquitto on a free port of 127.0.0.1, pinned to the broker CPU."""
+class Broker(Mosquitto):
+    """The harness's Mosquitto (tests/_broker.py) pinned to the broker CPU, queueing up to
+    100 000 messages per session, no byte limit."""
 
     def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                               "max_queued_messages 100000\n")
-        self.log = folder / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=pinner(BROKER_CPU))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit(f"mosquitto did not listen on {self.port}")
+        super().__init__(folder, settings={"max_queued_messages": "100000",
+                                           "max_queued_bytes": None, "autosave_interval": None},
+                         preexec=pinner(BROKER_CPU))
 
     def cpu_s(self) -> float:
         assert self.proc is not None
         return proc_cpu_s(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass

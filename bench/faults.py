@@ -147,8 +147,9 @@ class Bench:
                 recordings = folder / "recordings-fs"
                 self.how_limited.append(
                     self.stack.enter_context(tmpfs(recordings, 4096)) + " for the recordings")
-            self.cloud = Cloud(folder, self.broker, self.db_url, env=cloud_env,
+            self.cloud = Cloud(self.broker, self.db_url, folder, "csi-cloud-1", env=cloud_env,
                                recordings=recordings, address_space_gib=address_space_gib)
+            self.cloud.log = folder / "cloud.log"
             self.stack.callback(self.cloud.stop)
             self.startup_s = self.cloud.start()
             files = sorted(SAMPLES.rglob("*.pcap"))
@@ -166,7 +167,7 @@ class Bench:
                     self.edge_link = TcpProxy(("127.0.0.1", self.broker.port))
                     self.stack.callback(self.edge_link.close)
                     url = f"mqtt://127.0.0.1:{self.edge_link.port}"
-                edge = Edge(folder, self.broker,
+                edge = Edge(self.broker, folder,
                             [(n, files[self.names.index(n) % len(files)]) for n in chunk],
                             spool=spool, name=f"edge{e}", broker_url=url)
                 self.edges.append(edge)
@@ -178,9 +179,9 @@ class Bench:
 
     def warm(self) -> None:
         """Wait for a prediction for every AP."""
-        from _procs import wait_for
+        from _procs import wait_until
 
-        self.t_warm = wait_for(lambda: self.monitor.has_pred(self.names), 180,
+        self.t_warm = wait_until(lambda: self.monitor.has_pred(self.names), 180,
                                "a prediction for every AP", self.check)
 
     def _postgres(self) -> str:
@@ -282,11 +283,11 @@ def _recovery(b: Bench, result: CaseResult, cleared: float, names: list[str] | N
               wait_s: float = 60.0) -> None:
     """Seconds from ``cleared`` to the first live prediction for ``names`` (None: none came
     within ``wait_s``)."""
-    from _procs import WaitTimeoutError, wait_for
+    from _procs import WaitTimeoutError, wait_until
 
     names = names or b.names
     try:
-        wait_for(lambda: b.monitor.first_pred_after(cleared, names) is not None, wait_s,
+        wait_until(lambda: b.monitor.first_pred_after(cleared, names) is not None, wait_s,
                  "a prediction after the fault cleared", every_s=0.1)
     except WaitTimeoutError as exc:
         result.notes.append(str(exc))
@@ -295,7 +296,7 @@ def _recovery(b: Bench, result: CaseResult, cleared: float, names: list[str] | N
 
 
 def case_broker_kill(b: Bench, r: CaseResult) -> None:
-    from _procs import rss_kb, wait_for
+    from _procs import rss_kb, wait_until
 
     # The cloud's session must be in the broker's autosave before the crash.
     autosave = float(b.broker.settings.get("autosave_interval", 30))
@@ -315,7 +316,7 @@ def case_broker_kill(b: Bench, r: CaseResult) -> None:
                        and s["counters"]["segments_buffered"] <= 4
                        for s in b.monitor.statuses_since(n, up)) for n in b.names)
 
-    wait_for(flushed, 120, "the edges to reconnect and flush their spools")
+    wait_until(flushed, 120, "the edges to reconnect and flush their spools")
     r.details["edges_flushed_s"] = round(time.monotonic() - up, 1)
     time.sleep(2)
     cleared = time.monotonic()
@@ -558,7 +559,7 @@ def _publish(port: int, topic: str, payload: bytes, retain: bool = True) -> None
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+        client.publish(topic, payload, qos=1, retain=retain).wait_until_publish(10)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -669,7 +670,7 @@ def case_fuzz(b: Bench, r: CaseResult) -> None:
             infos = [client.publish(f"{PREFIX}/fuzz/ap{i % 16}/seg", payloads[i], qos=1)
                      for i in range(start, min(len(payloads), start + 1000))]
             for info in infos:
-                info.wait_for_publish(60)
+                info.wait_until_publish(60)
     finally:
         client.loop_stop()
         client.disconnect()

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["DEPLOY_CONF", "Mosquitto", "deploy_settings", "free_port", "mosquitto_binary"]
@@ -53,14 +54,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 class Mosquitto:
     """``mosquitto -c`` on 127.0.0.1:port with on-disk persistence (sessions survive restart).
 
-    ``extra`` lines go into the config file (ACLs, password files ...).
+    ``extra`` lines go into the config file (ACLs, password files ...); ``preexec`` runs in
+    the child before mosquitto starts (a bench pins it to a CPU).
     ``settings`` override the deployment's persistence and queue settings (None: Mosquitto's
     default). ``stop()`` is a clean stop (SIGTERM: the persistence file is written), ``kill()``
     a crash (SIGKILL: only the last autosave survives).
     """
 
     def __init__(self, folder: Path, port: int | None = None, extra: str = "",
-                 settings: dict[str, str | None] | None = None) -> None:
+                 settings: dict[str, str | None] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed")
@@ -85,6 +88,7 @@ class Mosquitto:
             + f"{extra}\n")
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec = preexec
 
     @property
     def url(self) -> str:
@@ -93,7 +97,7 @@ class Mosquitto:
     def start(self, timeout_s: float = 10.0) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -13,91 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import httpx
+from _harness import Cloud
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-0123456789abcdef"
 
 __all__ = ["Heartbeats", "Worker", "reference", "stored_predictions"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Worker:
-    """One cloud worker process on the cluster."""
+class Worker(Cloud):
+    """One cloud worker process on the cluster (tests/_harness.py's :class:`Cloud`)."""
 
     def __init__(self, name: str, bus: str, mqtt: str, db: str, folder: Path,
                  env: dict[str, str] | None = None, log_level: str = "INFO") -> None:
+        super().__init__(mqtt, db, folder, name, ("--bus", bus),
+                         env={"CSI_CLOUD_JOBS_DIR": str(folder / f"jobs-{name}"),
+                              "CSI_CLOUD_RECORD": "false", **(env or {})},
+                         recordings=folder / f"recordings-{name}", log_level=log_level)
         self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models",
-                        str(ROOT / "models"), "--broker", mqtt, "--bus", bus, "--http",
-                        f"127.0.0.1:{self.port}", "--db", db, "--recordings",
-                        str(folder / f"recordings-{name}"), "--client-id", name,
-                        "--log-level", log_level]
-        self.env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, PYTHONUNBUFFERED="1",
-                        CSI_CLOUD_JOBS_DIR=str(folder / f"jobs-{name}"),
-                        CSI_CLOUD_RECORD="false", **(env or {}))
         self.log = folder / f"worker-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait: bool = True, timeout_s: float = 90.0) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=ROOT)
-        if wait:
-            self.wait_ready(timeout_s)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"worker {self.name} not ready: {self.tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 40.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
 class Heartbeats:

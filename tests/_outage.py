@@ -22,10 +22,6 @@ for one (AP, epoch, sequence number).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,17 +31,14 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
-from _broker import Mosquitto, free_port
+from _broker import Mosquitto
+from _harness import FOLDER as SAMPLES
+from _harness import PREFIX, Cloud, Edge, wait_until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 __all__ = ["OutageResult", "run_outage"]
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fition"
-SAMPLES = ROOT / "datasets" / "samples" / "fition"
-PREFIX = "csi/v1"
-TOKEN = "outage-test-token-0123456789"
 
 
 @dataclass
@@ -189,16 +182,6 @@ def _rss_kb(pid: int | None) -> int | None:
     return None
 
 
-def _wait(predicate: Any, timeout_s: float, what: str, check: Any = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if check is not None:
-            check()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.25)
-
-
 def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s: float = 30.0,
                hold_s: float = 5.0, level: int = 1,
                broker_settings: dict[str, str | None] | None = None,
@@ -221,47 +204,22 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
     broker.start()
     probe = _Probe(broker.port)
     statuses = _Statuses(broker.port)
-    http_port = free_port()
-    base = f"http://127.0.0.1:{http_port}"
-    cloud_log = (folder / "cloud.log").open("wb")
-    cloud = subprocess.Popen(
-        [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models", str(ROOT / "models"),
-         "--broker", broker.url, "--http", f"127.0.0.1:{http_port}",
-         "--db", f"sqlite:///{folder / 'cloud.db'}", "--recordings", str(folder / "rec"),
-         "--client-id", "csi-cloud-outage", "--log-level", "WARNING"],
-        stdout=cloud_log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env=dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(folder / "jobs"),
-                 CSI_CLOUD_SHARED_SUBSCRIPTION="false", CSI_CLOUD_RECORD="false",
-                 PYTHONUNBUFFERED="1"))
-    edge: subprocess.Popen[bytes] | None = None
-    frozen = False
+    cloud = Cloud(broker, f"sqlite:///{folder / 'cloud.db'}", folder, "csi-cloud-outage",
+                  recordings=folder / "rec", log_level="WARNING",
+                  env={"CSI_CLOUD_SHARED_SUBSCRIPTION": "false", "CSI_CLOUD_RECORD": "false"})
+    names = [f"b{i % 4}/ap{i}" for i in range(aps)]
+    edge = Edge(broker, folder, [(n, files[i % len(files)]) for i, n in enumerate(names)],
+                spool=folder / "spool", level=level, status_interval_s=2, idle=True)
 
     def alive() -> None:
-        if cloud.poll() is not None:
-            raise AssertionError(f"cloud exited: {(folder / 'cloud.log').read_text()[-3000:]}")
-        if edge is not None and edge.poll() is not None:
-            raise AssertionError(f"edge exited: {(folder / 'edge.log').read_text()[-3000:]}")
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        cloud.check()
+        edge.check()
 
     try:
-        _wait(ready, 90, "the cloud", alive)
+        cloud.start(90)
         cloud_up = time.monotonic()
-        streams = [a for i in range(aps)
-                   for a in ("--stream", f"b{i % 4}/ap{i}=file://{files[i % len(files)]}")]
-        edge_log = (folder / "edge.log").open("wb")
-        edge = subprocess.Popen(
-            [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
-             broker.url, "--spool-dir", str(folder / "spool"), "--status-interval", "2",
-             "--speed", "real", "--loop", "--level", str(level), "--log-level", "WARNING",
-             *streams], stdout=edge_log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env=dict(os.environ, CSI_EDGE_MODELS_DIR=str(folder / "fetched"),
-                     CSI_EDGE_DRAIN_TIMEOUT_S="30", PYTHONUNBUFFERED="1"))
-        names = [f"b{i % 4}/ap{i}" for i in range(aps)]
+        edge.start()
+        base = cloud.url
 
         if crash_after_cloud_s is None:
             def predicted_everywhere() -> bool:
@@ -269,13 +227,12 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
                 have = {f"{r['site']}/{r['ap']}" for r in rows if r.get("prediction")}
                 return set(names) <= have
 
-            _wait(predicted_everywhere, 120, "predictions from every AP", alive)
+            wait_until(predicted_everywhere, 120, "predictions from every AP", alive)
             time.sleep(max(0.0, cloud_up + settle_s - time.monotonic()))
         else:
             time.sleep(max(0.0, cloud_up + crash_after_cloud_s - time.monotonic()))
         probe.leave()
-        cloud.send_signal(signal.SIGSTOP)
-        frozen = True
+        cloud.freeze()
         result.broker_rss_before_kb = _rss_kb(broker.pid)
         if kind == "crash":
             broker.kill()
@@ -291,17 +248,16 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
                            and s["counters"]["segments_buffered"] <= 4 for s in recent.get(n, []))
                        for n in names)
 
-        _wait(flushed, 120, "the edges to flush their spools", alive)
+        wait_until(flushed, 120, "the edges to flush their spools", alive)
         result.edges_flushed_before_cloud = True
         time.sleep(hold_s)
         result.broker_rss_queued_kb = _rss_kb(broker.pid)
         resumed = time.monotonic()
-        cloud.send_signal(signal.SIGCONT)
-        frozen = False
+        cloud.thaw()
         probe.come_back()
 
         # Who reconnected first: the broker's own log.
-        _wait(lambda: " as csi-cloud-outage (" in (
+        wait_until(lambda: " as csi-cloud-outage (" in (
             folder / "broker" / "broker-file.log").read_text(errors="replace").split(
             "mosquitto version")[-1], 60, "the cloud to reconnect", alive)
         after = (folder / "broker" / "broker-file.log").read_text(
@@ -310,13 +266,11 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
         edge_ats = [after.find(f" as csi-edge-{n.replace('/', '-')} (") for n in names]
         result.edges_reconnected_first = all(0 <= at < cloud_at for at in edge_ats)
 
-        time.sleep(3)
-        edge.send_signal(signal.SIGTERM)
-        result.edge_exit = edge.wait(90)
-        edge = None
+        time.sleep(3)  # live traffic once the cloud is back: part of the scenario
+        result.edge_exit = edge.stop(90)
         try:  # the final statuses may still be on their way to the listener
-            _wait(lambda: all(not statuses.last(n)["online"] for n in names), 15,
-                  "every AP's final status")
+            wait_until(lambda: all(not statuses.last(n)["online"] for n in names), 15,
+                       "every AP's final status")
         except AssertionError as exc:
             result.notes.append(str(exc))
         finals = {n: statuses.last(n) for n in names}
@@ -338,7 +292,7 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
                        for n in names)
 
         try:
-            _wait(caught_up, 120, "the cloud to predict every segment", alive)
+            wait_until(caught_up, 120, "the cloud to predict every segment", alive)
         except AssertionError as exc:
             result.notes.append(str(exc))
         result.recovery_s = round(time.monotonic() - resumed, 1)
@@ -355,17 +309,8 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
         result.probe_queued_payload_bytes = sum(len(p) for _, p in queued)
         return result
     finally:
-        if frozen:
-            cloud.send_signal(signal.SIGCONT)
-        for proc in (edge, cloud):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-        cloud_log.close()
+        edge.stop(30)
+        cloud.stop()
         probe.close()
         statuses.close()
         broker.stop()

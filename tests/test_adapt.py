@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from _broker import Mosquitto
-from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud, run_edge
+from _harness import FOLDER, MODEL, ROOT, TOKEN, Cloud, recorded, run_edge, wait_until
 
 from csi_cloud.model.adapt import (
     _accuracy,
@@ -213,7 +213,8 @@ def test_operator_adapts_a_deployed_model_from_api_labels(broker: Mosquitto,
             assert label.status_code == 201, label.text
             assert label.json()["recordings"] >= 1
             labelled += label.json()["recordings"]
-        time.sleep(1.5)  # the recorder commits the labels
+        wait_until(lambda: recorded(tmp_path / "recordings")[1] >= labelled, 30,
+                   f"{labelled} labels committed to the recordings")
         bad = httpx.post(f"{cloud.url}/api/v1/training-jobs", headers=headers, timeout=10,
                          json={"mode": "adapt", "dataset": "recordings"})
         assert bad.status_code == 422 and "shots" in bad.text

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from _broker import Mosquitto, free_port
+from _harness import Cloud as _Cloud
+from _harness import Segments
 from _mqtt_client import Collector
 from _tcpproxy import TcpProxy
 
@@ -35,8 +36,6 @@ from csi_cloud.ingest import Ingestor
 from csi_cloud.registry import ModelRegistry
 from csi_cloud.service import CloudService, is_transient
 from csi_cloud.settings import CloudSettings
-from csi_edge.bundle import EdgeEncoder
-from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
 torch.set_num_threads(1)
 
@@ -49,22 +48,6 @@ POSTGRES = os.environ.get("CSI_TEST_POSTGRES", "postgresql+psycopg://postgres@12
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BOMB = b"[" * 2000
 LONG_NAME = "a" * 70
-
-
-class Segments:
-    """Valid one-segment payloads of the default bundle with any sequence number."""
-
-    def __init__(self) -> None:
-        encoder = EdgeEncoder(MODEL)
-        self.model_id = encoder.model_id
-        self.segment_ms = round(encoder.spec.segment_s * 1000)
-        self.codes = encoder.compress_codes(np.zeros((1, 50, 1, 56), np.float32), 1)[0]
-        self.base_ms = int(time.time() * 1000)
-
-    def payload(self, seq: int, epoch: int = 7) -> bytes:
-        return encode_payload(Payload(1, self.model_id, epoch, seq,
-                                      self.base_ms + (seq % 1_000_000) * self.segment_ms,
-                                      (SegmentRecord(1.0, self.codes),)))
 
 
 @pytest.fixture(scope="module")
@@ -347,31 +330,13 @@ def _psql(url: str, *statements: str) -> list[Any]:
     return out
 
 
-class Cloud:
-    """``csi cloud`` as a subprocess (tests/test_cloud_service.py's, with settings by env)."""
+class Cloud(_Cloud):
+    """``csi cloud`` as a subprocess (tests/_harness.py's), settings given as keywords."""
 
     def __init__(self, broker: Mosquitto, db: str, folder: Path, **env: str) -> None:
-        from test_cloud_service import Cloud as _Cloud
-
-        self._cloud = _Cloud(broker, db, folder, client_id=f"csi-cloud-{uuid.uuid4().hex[:6]}")
-        self._cloud.env.update({"CSI_CLOUD_RECORD": "false", "CSI_CLOUD_HOMEASSISTANT": "false",
-                                **{f"CSI_CLOUD_{k.upper()}": v for k, v in env.items()}})
-        self.url = self._cloud.url
-        self.log = self._cloud.log
-
-    def start(self) -> None:
-        self._cloud.start()
-
-    def stop(self) -> None:
-        self._cloud.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self._cloud.proc is not None
-        return self._cloud.proc.pid
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self._cloud.get(path, **params)
+        super().__init__(broker, db, folder, client_id=f"csi-cloud-{uuid.uuid4().hex[:6]}",
+                         env={"CSI_CLOUD_RECORD": "false", "CSI_CLOUD_HOMEASSISTANT": "false",
+                              **{f"CSI_CLOUD_{k.upper()}": v for k, v in env.items()}})
 
     def seqs(self, ap: str, site: str = "lab") -> list[int]:
         page = self.get("/predictions", site=site, ap=ap, limit=10_000)

@@ -6,53 +6,29 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from _broker import Mosquitto, free_port
+from _harness import (
+    FOLDER,
+    MODEL,
+    PREFIX,
+    SAMPLE,
+    Cloud,
+    Mosquitto,
+    offline_predictions,
+    postgres_database,
+    run_edge,
+)
 from _mqtt_client import Collector
 
-from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder
 from csi_edge.codec import Payload, SegmentRecord, encode_payload
-from csi_edge.preprocess import Preprocessor
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fition"
-SAMPLE = ROOT / "datasets" / "samples" / "fition" / "walking_user1_rm1" / \
-    "walking_user1_rm1_10.pcap"
-FOLDER = ROOT / "datasets" / "samples" / "fition"
-PREFIX = "csi/v1"
-TOKEN = "test-token-0123456789abcdef"
-POSTGRES = os.environ.get("CSI_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _postgres_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"csi_test_{uuid.uuid4().hex[:10]}"
-    admin = POSTGRES.replace("postgresql+psycopg", "postgresql") + "/test"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as con:
-            con.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true but PostgreSQL is not reachable at {POSTGRES}: {exc}")
-        pytest.skip(f"needs PostgreSQL at {POSTGRES}: {exc}")
-    try:
-        yield f"{POSTGRES}/{name}"
-    finally:
-        with psycopg.connect(admin, autocommit=True) as con:
-            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -60,100 +36,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cloud.db'}"
     else:
-        yield from _postgres_database()
-
-
-class Cloud:
-    """``csi cloud`` as a subprocess."""
-
-    def __init__(self, broker: Mosquitto, db: str, folder: Path,
-                 client_id: str = "csi-cloud-test", extra: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "csi_cloud.cli", "cloud", "--models",
-                        str(ROOT / "models"), "--broker", broker.url, "--http",
-                        f"127.0.0.1:{self.port}", "--db", db, "--recordings",
-                        str(folder / "recordings"), "--client-id", client_id,
-                        "--log-level", "INFO", *extra]
-        self.env = dict(os.environ, CSI_CLOUD_TOKEN=TOKEN, CSI_CLOUD_JOBS_DIR=str(folder / "jobs"),
-                        PYTHONUNBUFFERED="1")
-        self.log = folder / f"cloud-{client_id}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"cloud not ready: {self.log.read_text()[-3000:]}")
-
-    def get(self, path: str, **params: object) -> object:
-        response = httpx.get(f"{self.url}/api/v1{path}", params=params, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def finished_job(self, job_id: object, timeout_s: float = 180) -> dict:
-        """The training job's state once it has succeeded or failed."""
-        deadline = time.monotonic() + timeout_s
-        while (state := self.get(f"/training-jobs/{job_id}"))["state"] not in ("succeeded",
-                                                                              "failed"):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.5)
-        return state
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(20)
-        self.proc = None
-
-
-def run_edge(broker: Mosquitto, spool: Path, *args: str,
-             idle: bool = True) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
-         broker.url, "--spool-dir", str(spool), "--status-interval", "1", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env=dict(os.environ, CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"),
-                 CSI_EDGE_IDLE=str(idle).lower()))
-
-
-def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
-    """Activity and identity per segment as ``csi evaluate`` computes them: the int8 edge
-    encoder, the real payloads, decompress, and the window of the last N segment slots."""
-    from csi_cloud.model.compression import CloudModel
-    from csi_cloud.model.openset import UNKNOWN
-    from csi_cloud.model.window import Windows, slot_rows
-
-    edge = EdgeEncoder(MODEL)
-    cloud = CloudModel.load(MODEL)
-    batch = Preprocessor(edge.spec).process(read_recording(path))
-    decoded = [cloud.decompress(edge.compress(batch.data[i : i + 1], level=level, first_seq=i,
-                                              epoch=1, timestamp_ms=0))[0]
-               for i in range(len(batch))]
-    n = cloud.net.cfg.context_segments
-    slots = (batch.index - batch.index[0]).tolist()
-    by_slot = {int(k): i for i, k in enumerate(slots)}
-    rows = np.stack([slot_rows(by_slot, int(k), n) for k in slots])
-    pred = cloud.classify(Windows.gather(rows, np.stack([d.z_q for d in decoded]),
-                                         np.stack([d.profile for d in decoded]), level))
-    labels = cloud.manifest.labels
-    out = []
-    for w in range(len(rows)):
-        identity = None
-        if pred.identity is not None:  # past the bundle's open-set threshold: "unknown"
-            identity = (UNKNOWN if pred.unknown[w]
-                        else labels["identity"][int(pred.identity[w].argmax())])
-        out.append((labels["activity"][int(pred.activity[w].argmax())], identity))
-    return out
+        yield from postgres_database()
 
 
 @pytest.mark.e2e
@@ -208,6 +91,7 @@ def test_live_websocket_and_sse_and_pred_topic(broker: Mosquitto, tmp_path: Path
     ws_events: list[dict] = []
     sse_events: list[dict] = []
     ready = threading.Event()
+    sse_ready = threading.Event()
 
     async def ws_client() -> None:
         async with websockets.connect(f"ws://127.0.0.1:{cloud.port}/api/v1/predictions/ws"
@@ -219,6 +103,7 @@ def test_live_websocket_and_sse_and_pred_topic(broker: Mosquitto, tmp_path: Path
     def sse_client() -> None:
         with httpx.stream("GET", f"{cloud.url}/api/v1/predictions/stream",
                           params={"ap": "ap1"}, timeout=30) as response:
+            sse_ready.set()
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     sse_events.append(json.loads(line[6:]))
@@ -230,8 +115,7 @@ def test_live_websocket_and_sse_and_pred_topic(broker: Mosquitto, tmp_path: Path
     ws_thread.start()
     sse_thread.start()
     try:
-        assert ready.wait(10)
-        time.sleep(0.5)
+        assert ready.wait(10) and sse_ready.wait(10)
         edge = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
                         "lab", "--ap", "ap1", "--speed", "10", "--level", "2")
         ws_thread.join(60)
@@ -263,7 +147,7 @@ def test_cloud_restart_loses_nothing(broker: Mosquitto, tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         cloud.stop(signal.SIGKILL)  # no goodbye: the broker keeps the session and queues
-        time.sleep(3)
+        time.sleep(3)  # segments queue at the broker meanwhile: the downtime is the point
         cloud.start()
         out, _ = edge.communicate(timeout=120)
         assert edge.returncode == 0, out
@@ -318,7 +202,6 @@ def test_bad_payloads_are_rejected_and_counted_while_good_traffic_flows(
         topic = f"{PREFIX}/lab/evil/seg"
         for payload in bad.values():
             publisher.publish(topic, payload)
-        time.sleep(1)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             metrics = httpx.get(f"{cloud.url}/metrics", timeout=5).text

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _harness import wait_until
 
 from csi_cloud.ingest import Ingestor
 from csi_cloud.recorder import RecorderProcess
@@ -280,7 +281,8 @@ def test_killed_writer_leaves_a_readable_file(tmp_path: Path, registry: ModelReg
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.7)  # killed somewhere inside a later append
+        # Killed somewhere inside a later append: the moment is the point, not a condition.
+        time.sleep(0.7)
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
@@ -331,13 +333,10 @@ def test_labels_api_reaches_the_recordings(tmp_path: Path, encoder: EdgeEncoder)
         assert isinstance(service.recorder, RecorderProcess)
         for site, ap, data, received in items:
             client.portal.call(service.submit, site, ap, data, received)  # type: ignore[union-attr]
-        deadline = time.monotonic() + 20
-        while client.get("/api/v1/aps/home/ap-1").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        while sum(f.segments for f in service.recorder.files("home", "ap-1")) < 9:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: client.get("/api/v1/aps/home/ap-1").status_code == 200, 20,
+                   "the AP in the API", every_s=0.05)
+        wait_until(lambda: sum(f.segments for f in service.recorder.files("home", "ap-1")) >= 9,
+                   20, "9 segments in the AP's recordings", every_s=0.05)
         body = {"site": "home", "ap": "ap-1", "start": t0, "end": t0 + 4, "activity": "walking",
                 "identity": "user1"}
         assert client.post("/api/v1/labels", json=body).status_code == 401

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 from _cluster import Heartbeats, Worker, reference, stored_predictions
+from _harness import MODEL, postgres_database
 from _nats import NatsCluster, nats_server_binary
-from test_cloud_service import MODEL, _postgres_database
 
 from csi_cloud.bus import assign, partition_of
 
@@ -50,7 +50,7 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def postgres() -> str:  # type: ignore[misc]
-    yield from _postgres_database()
+    yield from postgres_database()
 
 
 def _edge(cluster: NatsCluster, node: int, folder: Path, streams: list[str]) -> subprocess.Popen:

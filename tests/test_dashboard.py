@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 from _broker import Mosquitto
+from _harness import FOLDER, MODEL, TOKEN, Cloud
 from fastapi.testclient import TestClient
-from test_cloud_service import FOLDER, MODEL, TOKEN, Cloud
 
 from csi_cloud.api.app import create_app
 from csi_cloud.dashboard import ASSETS

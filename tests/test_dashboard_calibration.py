@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from _broker import Mosquitto
-from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud
+from _harness import FOLDER, MODEL, ROOT, TOKEN, Cloud
 from test_dashboard import _edge, _wait, stop_edge
 
 from csi_edge.bundle import load_manifest

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from _broker import Mosquitto
+from _harness import FOLDER, MODEL, PREFIX, ROOT, SAMPLE, Mosquitto, run_edge, wait_until
 from _mqtt_client import Collector
 
 from csi_edge import read_recording
@@ -31,27 +32,11 @@ from csi_edge.preprocess import Preprocessor
 from csi_edge.readers._pcap import read_udp_payloads
 from csi_edge.rollout import edge_archive
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fition"
-SAMPLE = ROOT / "datasets" / "samples" / "fition" / "walking_user1_rm1" / \
-    "walking_user1_rm1_10.pcap"
-FOLDER = ROOT / "datasets" / "samples" / "fition"
-PREFIX = "csi/v1"
 
-
-def edge_command(broker: Mosquitto, spool: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL),
-            "--broker", broker.url, "--spool-dir", str(spool), "--status-interval", "1",
-            *args]
-
-
-def start_edge(broker: Mosquitto, spool: Path, *args: str, idle: bool = True,
-               extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               CSI_EDGE_MODELS_DIR=str(spool.parent / "fetched"), CSI_EDGE_IDLE=str(idle).lower(),
-               **(extra_env or {}))
-    return subprocess.Popen(edge_command(broker, spool, *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+def _alive(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is not None:
+        raise AssertionError(f"edge exited with {proc.returncode}: "
+                             f"{proc.communicate()[0][-3000:]}")
 
 
 def finish(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
@@ -102,7 +87,7 @@ def test_replay_decodes_to_the_offline_codes(broker: Mosquitto, collector: Colle
     from csi_cloud.model.compression import CloudModel
 
     # Idle markers off: every segment coded (idle markers end to end: tests/test_idle.py).
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}",
                       "--site", "lab", "--ap", "ap1", "--speed", "max",
                       "--timestamps", "recorded", "--level", "1", idle=False)
     code, out = finish(proc)
@@ -141,12 +126,15 @@ def test_replay_decodes_to_the_offline_codes(broker: Mosquitto, collector: Colle
 @pytest.mark.e2e
 def test_broker_outage_loses_nothing_and_keeps_order(broker: Mosquitto, collector: Collector,
                                                      tmp_path: Path) -> None:
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}",
                       "--site", "lab", "--ap", "ap1", "--speed", "10", "--level", "2")
     collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 5, 30,
                        "first segments")
     broker.stop()
-    time.sleep(4)  # the edge keeps encoding into its spool meanwhile
+    # The edge keeps encoding into its spool meanwhile.
+    spool = tmp_path / "spool" / "lab" / "ap1.sqlite"
+    wait_until(lambda: _spooled(spool) >= 30, 30, "30 segments spooled during the outage",
+               lambda: _alive(proc))
     broker.start()
     code, out = finish(proc, 120)
     assert code == 0, out
@@ -165,7 +153,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(broker: Mosquitto, collecto
 def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     broker.stop()  # nothing reachable: everything stays in the spool
-    proc = start_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
+    proc = run_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
                       "--ap", "ap1", "--speed", "max", "--level", "2")
     db = spool / "lab" / "ap1.sqlite"
     deadline = time.monotonic() + 60
@@ -185,7 +173,7 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
     broker.start()
     collector = Collector(broker.port, [f"{PREFIX}/#"])
     try:
-        proc = start_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
+        proc = run_edge(broker, spool, "--source", f"file://{SAMPLE}", "--site", "lab",
                           "--ap", "ap1", "--speed", "max", "--level", "2")
         code, out = finish(proc)
         assert code == 0, out
@@ -203,7 +191,7 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
 @pytest.mark.e2e
 def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collector,
                                           tmp_path: Path) -> None:
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
                       "lab", "--ap", "ap1", "--speed", "5", "--level", "2")
     try:
         collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 2, 30,
@@ -252,7 +240,7 @@ def test_live_udp_with_bad_packets(broker: Mosquitto, collector: Collector, tmp_
     pcap = shared_fition / "walking_user1_rm1" / "walking_user1_rm1_12.pcap"
     payloads = read_udp_payloads(pcap)
     port = _free_udp_port()
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"nexmon-udp://127.0.0.1:{port}",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"nexmon-udp://127.0.0.1:{port}",
                       "--site", "lab", "--ap", "live", "--level", "2")
     try:
         collector.wait_for(lambda: any(json.loads(m.payload)["online"] for m in
@@ -301,16 +289,16 @@ def _free_udp_port() -> int:
 def test_model_that_cannot_take_the_source_refuses_to_start(broker: Mosquitto,
                                                             tmp_path: Path) -> None:
     wiar = next((ROOT / "datasets" / "samples" / "wiar").rglob("*.dat"))
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{wiar}", "--site", "lab",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{wiar}", "--site", "lab",
                       "--ap", "ap1")
     code, out = finish(proc, 30)
     assert code == 2
     assert "fition" in out and "intel5300" in out and "nexmon" in out
-    proc = start_edge(broker, tmp_path / "spool", "--source", "stdin", "--site", "lab",
+    proc = run_edge(broker, tmp_path / "spool", "--source", "stdin", "--site", "lab",
                       "--ap", "ap1")
     code, out = finish(proc, 30)
     assert code == 2 and "esp32" in out and "nexmon" in out
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
                       "a/b", "--ap", "ap1")
     code, out = finish(proc, 30)
     assert code == 2 and "'a/b'" in out
@@ -320,7 +308,7 @@ def test_many_aps_in_one_process(broker: Mosquitto, collector: Collector,
                                  tmp_path: Path) -> None:
     files = sorted(FOLDER.rglob("*.pcap"))[:4]
     streams = [arg for i, f in enumerate(files) for arg in ("--stream", f"lab/ap{i}=file://{f}")]
-    proc = start_edge(broker, tmp_path / "spool", "--speed", "max", *streams)
+    proc = run_edge(broker, tmp_path / "spool", "--speed", "max", *streams)
     code, out = finish(proc)
     assert code == 0, out
     for i in range(len(files)):
@@ -399,7 +387,7 @@ def test_model_switch_only_to_a_listed_bundle_that_runs(broker: Mosquitto, colle
         "/tampered": bytes(tampered)}
     server = _serve(_Files)
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
                       "lab", "--ap", "ap1", "--speed", "5", "--level", "2", "--cloud-url", base)
     old_id = EdgeEncoder(MODEL).model_id
     try:
@@ -479,7 +467,7 @@ def test_ctl_never_makes_the_edge_contact_another_address(broker: Mosquitto,
                    f"{base}/../../etc/passwd", "file:///etc/passwd",
                    f"http://127.0.0.1:{cloud.server_address[1]}@127.0.0.1:"
                    f"{other.server_address[1]}/x"]
-        proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
+        proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{FOLDER}", "--site",
                           "lab", "--ap", "ap1", "--speed", "5", "--cloud-url", base)
         try:
             collector.wait_for(lambda: len(segments_of(collector, "lab", "ap1")) >= 1, 30,
@@ -511,7 +499,7 @@ def test_a_source_that_dies_stops_the_process_with_the_reason(broker: Mosquitto,
     and doing nothing), the other stream of the process stops too, and the exit code is 1."""
     dying = tmp_path / "dying"
     shutil.copytree(FOLDER / "walking_user1_rm1", dying)
-    proc = start_edge(broker, tmp_path / "spool", "--speed", "10", "--loop", "--stream",
+    proc = run_edge(broker, tmp_path / "spool", "--speed", "10", "--loop", "--stream",
                       f"lab/dying=file://{dying}", "--stream", f"lab/fine=file://{FOLDER}")
     try:
         collector.wait_for(lambda: len(segments_of(collector, "lab", "dying")) >= 2
@@ -592,7 +580,7 @@ def test_a_udp_port_taken_fails_the_stream_with_the_reason(broker: Mosquitto,
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        proc = start_edge(broker, tmp_path / "spool", "--source",
+        proc = run_edge(broker, tmp_path / "spool", "--source",
                           f"nexmon-udp://127.0.0.1:{port}", "--site", "lab", "--ap", "live")
         code, out = finish(proc, 60)
     assert code == 1, out
@@ -602,11 +590,11 @@ def test_a_udp_port_taken_fails_the_stream_with_the_reason(broker: Mosquitto,
     assert "cannot listen" in final["error"] and str(port) in final["error"]
 
 
-def _oldest_queued(db: Path) -> int:
-    """Sequence number of the oldest segment in a spool (read-only, beside the writer)."""
+def _spooled(db: Path, what: str = "count(*)") -> int:
+    """``what`` over the segments in a spool (read-only, beside the writer; -1: none yet)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            row = con.execute("SELECT min(seq) FROM segment").fetchone()
+            row = con.execute(f"SELECT {what} FROM segment").fetchone()
     except sqlite3.Error:
         return -1
     return -1 if row is None or row[0] is None else int(row[0])
@@ -626,20 +614,23 @@ def test_a_full_disk_drops_the_oldest_segments_and_keeps_streaming(
         env = {"CSI_EDGE_SPOOL_MIN_FREE_BYTES": str((3 << 20) - (256 << 10)),
                "CSI_EDGE_SPOOL_WAL_LIMIT_BYTES": str(64 << 10),
                "CSI_EDGE_DRAIN_TIMEOUT_S": "20"}
-        proc = start_edge(broker, fs / "spool", "--source", f"file://{FOLDER}", "--site",
+        proc = run_edge(broker, fs / "spool", "--source", f"file://{FOLDER}", "--site",
                           "lab", "--ap", "ap1", "--speed", "max", "--loop", "--level", "3",
-                          extra_env=env)
+                          env=env)
         try:
             deadline = time.monotonic() + 90
             db = fs / "spool" / "lab" / "ap1.sqlite"
             while True:  # until the spool, full, has dropped its oldest segments
                 assert proc.poll() is None, proc.communicate()[0][-3000:]
                 assert time.monotonic() < deadline, "the spool never filled"
-                if db.exists() and _oldest_queued(db) > 100:
+                if db.exists() and _spooled(db, "min(seq)") > 100:
                     break
                 time.sleep(0.5)
-            time.sleep(3)
-            assert proc.poll() is None
+            # Still running, and still dropping the oldest to make room.
+            oldest = _spooled(db, "min(seq)")
+            wait_until(lambda: _spooled(db, "min(seq)") > oldest + 50, 30,
+                       "more of the oldest segments dropped while the disk stays full",
+                       lambda: _alive(proc))
             broker.start()
             collector.wait_for(lambda: collector.on(f"{PREFIX}/lab/ap1/status") and
                                last_status(collector, "lab", "ap1")["counters"]
@@ -676,16 +667,25 @@ def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         env = dict(os.environ, PYTHONUNBUFFERED="1", CSI_EDGE_DRAIN_TIMEOUT_S="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL), "--broker",
-             f"mqtt://127.0.0.1:{port}", "--spool-dir", str(tmp_path / "spool"), "--source",
-             f"file://{SAMPLE}", "--site", "lab", "--ap", "ap1", "--speed", "max"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        time.sleep(12)  # the backoff has grown past several seconds
+        log = tmp_path / "edge.log"
+        with log.open("w") as out_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(MODEL),
+                 "--broker", f"mqtt://127.0.0.1:{port}", "--spool-dir", str(tmp_path / "spool"),
+                 "--source", f"file://{SAMPLE}", "--site", "lab", "--ap", "ap1", "--speed",
+                 "max"], stdout=out_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+        def backoff_s() -> float:  # the newest reconnect backoff the edge logged
+            found = re.findall(r"retrying in ([0-9.]+) s", log.read_text())
+            return float(found[-1]) if found else 0.0
+
+        # Stopped just after a backoff longer than the allowed stop time began.
+        wait_until(lambda: backoff_s() >= 4, 60, "a reconnect backoff of 4 s or more")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, out = finish(proc, 30)
+        proc.wait(30)
         took = time.monotonic() - t0
+        out = log.read_text()
     assert took < 1.0 + 2.0, f"stop took {took:.1f} s:\n{out[-2000:]}"
     assert out.count("retrying") < 20, "no tight reconnect loop while stopping"
     with sqlite3.connect(tmp_path / "spool" / "lab" / "ap1.sqlite") as con:
@@ -696,9 +696,9 @@ def test_a_new_loop_pass_starts_a_new_epoch(broker: Mosquitto, collector: Collec
                                             tmp_path: Path) -> None:
     """With ``loop_new_epoch`` each pass of a looping replay is its own epoch from seq 0, so
     the cloud never classifies the start of a pass with the end of the last one."""
-    proc = start_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
+    proc = run_edge(broker, tmp_path / "spool", "--source", f"file://{SAMPLE}", "--site",
                       "lab", "--ap", "ap1", "--speed", "max", "--loop", "--level", "3",
-                      extra_env={"CSI_EDGE_LOOP_NEW_EPOCH": "true"})
+                      env={"CSI_EDGE_LOOP_NEW_EPOCH": "true"})
     try:
         collector.wait_for(lambda: len({e for e, _ in first_arrivals(
             segments_of(collector, "lab", "ap1"))}) >= 3, 60, "three passes")

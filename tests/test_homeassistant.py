@@ -12,8 +12,8 @@ from pathlib import Path
 import jinja2
 import pytest
 from _broker import Mosquitto
+from _harness import FOLDER, MODEL, Cloud, run_edge
 from _mqtt_client import Collector
-from test_cloud_service import FOLDER, MODEL, Cloud, run_edge
 
 from csi_cloud.homeassistant import discovery_configs
 from csi_edge.bundle import load_manifest

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _broker import Mosquitto
-from test_cloud_service import FOLDER, MODEL, ROOT, TOKEN, Cloud, run_edge
+from _harness import FOLDER, MODEL, ROOT, TOKEN, Cloud, recorded, run_edge, wait_until
 
 from csi_cloud.datasets import index_dataset
 from csi_cloud.model.compression import CloudModel
@@ -91,6 +91,21 @@ def _wait_predictions(cloud: Cloud, minimum: int, timeout: float = 60, **params:
         time.sleep(0.3)
 
 
+def _wait_recorded(cloud: Cloud, folder: Path, earlier: int) -> int:
+    """Wait until every segment the AP's finished edge run sent (after ``earlier`` recorded
+    before it) is committed to the recordings; the segments that run sent."""
+    def sent() -> int | None:
+        status = cloud.get("/aps/lab/ap1")["status"]
+        if not status or status["online"]:
+            return None
+        return status["counters"]["segments_sent"]
+
+    wait_until(lambda: (n := sent()) is not None
+               and recorded(folder / "recordings")[0] >= earlier + n, 30,
+               "the edge run's segments committed to the recordings")
+    return int(sent() or 0)
+
+
 @pytest.mark.e2e
 def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path: Path) -> None:
     models = tmp_path / "models"
@@ -113,7 +128,7 @@ def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path:
             assert r["missing_fraction"] == round(1 - r["context_present"] / r["context_size"], 4)
         assert max(r["missing_fraction"] for r in before) > 0.5
         assert min(r["missing_fraction"] for r in before) == 0.0
-        time.sleep(2)  # the recorder commits
+        first = _wait_recorded(cloud, tmp_path, 0)
         ranges = [{"site": "lab", "ap": "ap1", "start": started - 30, "end": time.time()}]
         # Refusals first: nothing is stored or queued for them.
         bad = httpx.post(f"{cloud.url}/api/v1/identities", headers=headers, timeout=10,
@@ -170,7 +185,7 @@ def test_enrollment_end_to_end_edges_keep_streaming(broker: Mosquitto, tmp_path:
 
         # Segments stored under the derived bundle belong to the parent's family too: a job on
         # the parent reads them (here, only the second stream, stored after the switch).
-        time.sleep(1.5)  # the recorder commits
+        _wait_recorded(cloud, tmp_path, first)
         second = [r["timestamp"] for r in rows]
         job = httpx.post(f"{cloud.url}/api/v1/identities", headers=headers, timeout=10,
                          json={"name": "bob", "base_model": base.id, "activate": False,

@@ -11,8 +11,8 @@ import jinja2
 import pytest
 from _broker import Mosquitto
 from _esp32 import channel, write_espectre
+from _harness import Cloud, run_edge
 from _mqtt_client import Collector
-from test_cloud_service import Cloud, run_edge
 
 RATE = 100.0
 

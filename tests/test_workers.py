@@ -26,8 +26,8 @@ import pytest
 import yaml
 from _broker import Mosquitto
 from _cluster import Heartbeats, Worker
+from _harness import Cloud, offline_predictions, postgres_database, run_edge
 from _nats import NatsCluster, nats_server_binary
-from test_cloud_service import Cloud, _postgres_database, offline_predictions, run_edge
 from test_compose import COMPOSE_FILE, REQUIRED, run_config
 
 from csi_cloud.bus import Membership, NatsBus, SegmentSubjects, assign, partition_of
@@ -302,7 +302,7 @@ async def _ready() -> bool:
 
 @pytest.fixture
 def postgres() -> str:  # type: ignore[misc]
-    yield from _postgres_database()
+    yield from postgres_database()
 
 
 @pytest.mark.e2e
