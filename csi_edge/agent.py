@@ -65,6 +65,7 @@ from .codec import (
     Payload,
     SegmentRecord,
     encode_payload,
+    message_groups,
     motion_byte,
     motion_from_byte,
 )
@@ -146,23 +147,14 @@ def group_messages(rows: Sequence[QueuedSegment], *, per_message: Callable[[byte
     ``max(per_message(model, level), limit)`` segments (``max(idle_per_message, limit)`` for
     idle ones).
     """
-    groups: list[list[QueuedSegment]] = []
-    for row in rows:
-        if groups:
-            group = groups[-1]
-            head, last = group[0], group[-1]
-            size = idle_per_message if row.idle else per_message(row.model_id, row.level)
-            if (row.epoch == head.epoch and row.level == head.level
-                    and row.model_id == head.model_id and row.idle == head.idle
-                    and (row.motion is None) == (head.motion is None)
-                    and row.seq == (last.seq + 1) % _U32
-                    and row.timestamp_ms == head.timestamp_ms + len(group)
-                    * segment_ms(row.model_id)
-                    and len(group) < max(size, limit)):
-                group.append(row)
-                continue
-        groups.append([row])
-    return groups
+    positions = message_groups(
+        [row.seq for row in rows],
+        [max(per_message(row.model_id, row.level), limit) for row in rows],
+        idle=[row.idle for row in rows], idle_per_message=max(idle_per_message, limit),
+        keys=[(row.epoch, row.level, row.model_id, row.motion is None) for row in rows],
+        timestamps_ms=[row.timestamp_ms for row in rows],
+        segment_ms=[segment_ms(row.model_id) for row in rows])
+    return [[rows[i] for i in group] for group in positions]
 
 
 class EncoderCache:

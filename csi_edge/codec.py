@@ -66,7 +66,7 @@ import binascii
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,7 @@ MAX_LEVEL = 3
 FLAG_IDLE = 0x1
 FLAG_MOTION = 0x2
 _KNOWN_FLAGS = FLAG_IDLE | FLAG_MOTION
+_U32 = 1 << 32  # sequence numbers are 32-bit and wrap
 MODEL_ID_BYTES = 3
 NO_MODEL_ID = bytes(MODEL_ID_BYTES)  # presence only: no bundle, motion scores only
 NO_MODEL_SEGMENT_MS = 1000
@@ -294,22 +295,35 @@ def _quality_byte(q: Any, i: int) -> int:
     return round(float(q) * 255)
 
 
-def message_groups(seqs: Sequence[int], per_message: int, *,
-                   idle: Sequence[bool] | None = None,
-                   idle_per_message: int = 1) -> list[list[int]]:
-    """Positions of a stream's segments (in order, by sequence number) grouped into messages
-    as the edge sends them live: consecutive sequence numbers of one kind (coded or idle), at
-    most ``per_message`` coded (``idle_per_message`` idle) segments a message. The offline
-    paths (evaluation, idle, upload) use it; the agent's queue adds its own boundaries
-    (epoch, model, motion byte, backlog size: ``csi_edge.agent.group_messages``)."""
+def message_groups(seqs: Sequence[int], per_message: int | Sequence[int], *,
+                   idle: Sequence[bool] | None = None, idle_per_message: int = 1,
+                   keys: Sequence[Hashable] | None = None,
+                   timestamps_ms: Sequence[int] | None = None,
+                   segment_ms: Sequence[int] | None = None) -> list[list[int]]:
+    """Positions of a stream's segments (in order) grouped into messages as the edge sends
+    them: the one rule the agent's queue and the offline paths (evaluation, idle, upload)
+    share.
+
+    A message holds consecutive sequence numbers (modulo 2**32) of one kind (coded or idle)
+    and one ``key`` (the agent's epoch, level, model and motion byte); given
+    ``timestamps_ms``, their start times follow each other by ``segment_ms``; it holds at
+    most ``per_message`` (per segment, or one number for all) coded or ``idle_per_message``
+    idle segments."""
     groups: list[list[int]] = []
     for i, seq in enumerate(seqs):
         kind = bool(idle[i]) if idle is not None else False
         if groups:
             group = groups[-1]
-            if (kind == (bool(idle[group[0]]) if idle is not None else False)
-                    and int(seq) == int(seqs[group[-1]]) + 1
-                    and len(group) < (idle_per_message if kind else per_message)):
+            head, last = group[0], group[-1]
+            size = idle_per_message if kind else (
+                per_message if isinstance(per_message, int) else per_message[i])
+            if (kind == (bool(idle[head]) if idle is not None else False)
+                    and (keys is None or keys[i] == keys[head])
+                    and int(seq) == (int(seqs[last]) + 1) % _U32
+                    and (timestamps_ms is None or segment_ms is None
+                         or timestamps_ms[i] == timestamps_ms[head]
+                         + len(group) * segment_ms[i])
+                    and len(group) < size):
                 group.append(i)
                 continue
         groups.append([i])
