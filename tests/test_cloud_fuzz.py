@@ -60,7 +60,7 @@ def test_no_server_errors(case: Any) -> None:
     from schemathesis.checks import not_a_server_error
 
     kwargs: dict[str, Any] = {}
-    if case.path == "/api/v1/predictions/stream":
+    if case.path.endswith("/stream"):
         kwargs["timeout"] = 0.1  # an event stream never ends; what came before is checked
     for headers in HEADERS:
         response = case.call(headers=headers, **kwargs)
