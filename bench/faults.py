@@ -460,7 +460,7 @@ def hdf5_bomb(path: Path, frames: int = 40_000_000) -> Path:
     import h5py
     from _procs import SAMPLES
 
-    from csi_edge.recording import convert
+    from csi_edge.convert import convert
 
     convert(sorted(SAMPLES.rglob("*.pcap"))[0], path, overwrite=True)
     with h5py.File(path, "r+") as f:
@@ -559,7 +559,7 @@ def _publish(port: int, topic: str, payload: bytes, retain: bool = True) -> None
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        client.publish(topic, payload, qos=1, retain=retain).wait_until_publish(10)
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -670,7 +670,7 @@ def case_fuzz(b: Bench, r: CaseResult) -> None:
             infos = [client.publish(f"{PREFIX}/fuzz/ap{i % 16}/seg", payloads[i], qos=1)
                      for i in range(start, min(len(payloads), start + 1000))]
             for info in infos:
-                info.wait_until_publish(60)
+                info.wait_for_publish(60)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -804,7 +804,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {c['sent']} | {c['predicted']} | {lost} | {c['duplicated']} "
                      f"| {_fmt(c['recovery_s'])} | {'pass' if c['passed'] else 'FAIL'} | "
                      f"{why} |")
-    lines += ["", "The cloud runs with its default settings (shared subscription on, SQLite; "
+    lines += ["", "The cloud runs with its default settings (SQLite; "
               "PostgreSQL behind a cuttable proxy for db_outage); two edge processes replay the "
               "committed Fition samples in real time, idle markers off. Details (HTTP codes, "
               "RSS, upload answers, notes, log lines) are in `faults.json`.", ""]
