@@ -71,7 +71,7 @@ class MqttLink:
         settings = self.settings
         broker = settings.broker_address()
         assert broker is not None
-        backoff = Backoff(0.5, 8.0)  # under 10 s: a broker back is used within seconds
+        backoff = Backoff(0.5, 5.0)  # well under 10 s: a broker back is used within seconds
         # Every site, or this worker's shard of sites (Mosquitto hands shared-subscription
         # messages out round robin, which would split an AP's context between workers).
         seg_filters = [f"{settings.prefix}/{site}/+/seg" for site in settings.sites] or \

@@ -233,7 +233,7 @@ class EdgeSettings(FileConfiguredSettings):
                                          "without a packet; the broker sends the Last Will "
                                          "after 1.5 times it without one")
     reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect backoff")
-    reconnect_max_s: float = Field(default=8.0, gt=0,
+    reconnect_max_s: float = Field(default=5.0, gt=0,
                                    description="backoff ceiling: a link that is back is used "
                                                "within this many seconds")
     drain_timeout_s: float = Field(default=5.0, ge=0,
