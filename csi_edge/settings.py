@@ -233,9 +233,9 @@ class EdgeSettings(FileConfiguredSettings):
                                          "without a packet; the broker sends the Last Will "
                                          "after 1.5 times it without one")
     reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect backoff")
-    reconnect_max_s: float = Field(default=5.0, gt=0,
-                                   description="backoff ceiling: a link that is back is used "
-                                               "within this many seconds")
+    reconnect_max_s: float = Field(default=30.0, gt=0,
+                                   description="backoff ceiling (full jitter: a broker back after "
+                                               "a restart does not see every AP at once)")
     drain_timeout_s: float = Field(default=5.0, ge=0,
                                    description="on stop, time to send what is queued")
     models_dir: Path = Field(default=Path("models/.fetched"),
