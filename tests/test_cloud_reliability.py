@@ -28,7 +28,7 @@ import pytest
 import torch
 from _broker import Mosquitto, free_port
 from _harness import Cloud as _Cloud
-from _harness import Segments
+from _harness import Segments, postgres_database
 from _mqtt_client import Collector
 from _tcpproxy import TcpProxy
 
@@ -294,28 +294,9 @@ def test_live_hub_counts_what_a_slow_subscriber_loses() -> None:
 # -- end to end: real Mosquitto, the real cloud process, real PostgreSQL ---------------------
 
 
-def _postgres(name: str) -> Iterator[str]:
-    """A throwaway database on the test server (dropped afterwards)."""
-    import psycopg
-
-    admin = POSTGRES.replace("postgresql+psycopg", "postgresql") + "/test"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as con:
-            con.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true but PostgreSQL is not reachable at {POSTGRES}: {exc}")
-        pytest.skip(f"needs PostgreSQL at {POSTGRES}: {exc}")
-    try:
-        yield f"{POSTGRES}/{name}"
-    finally:
-        with psycopg.connect(admin, autocommit=True) as con:
-            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    yield from _postgres(f"csi_rel_{uuid.uuid4().hex[:10]}")
+    yield from postgres_database()
 
 
 def _psql(url: str, *statements: str) -> list[Any]:
