@@ -36,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import put_section  # noqa: E402
+
 from csi_cloud.model.adapt import _accuracy, pick_support  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.context_head import (  # noqa: E402
@@ -218,13 +220,7 @@ def write_sections(report: dict[str, Any]) -> list[str]:
         path = ROOT / "models" / name / "report.md"
         if not path.is_file():
             continue
-        text = path.read_text()
-        section = f"{BEGIN}\n{render(report, name)}\n{END}"
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        put_section(path, BEGIN, END, render(report, name))
         written.append(str(path.relative_to(ROOT)))
     return written
 

@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 
+from _report import put_section  # noqa: E402
+
 from csi_cloud.model.anchors import ANCHORS  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
@@ -406,13 +408,7 @@ def write_sections(report: dict[str, Any]) -> list[str]:
         path = ROOT / "models" / name / "report.md"
         if not path.is_file():
             continue
-        text = path.read_text()
-        section = f"{BEGIN}\n{render(report, name)}\n{END}"
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        put_section(path, BEGIN, END, render(report, name))
         written.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     return written
 

@@ -51,6 +51,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import put_section  # noqa: E402
+
 from csi_cloud.datasets import index_dataset, random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import load_segments  # noqa: E402
@@ -271,13 +273,7 @@ def write_sections(report: dict[str, Any]) -> list[str]:
         path = ROOT / "models" / name / "report.md"
         if not path.is_file() or "levels" not in result:
             continue
-        text = path.read_text()
-        section = f"{BEGIN}\n{render(result)}\n{END}"
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        put_section(path, BEGIN, END, render(result))
         written.append(str(path.relative_to(ROOT)))
     return written
 
