@@ -28,11 +28,12 @@ predictions, applies one fault, and stops everything whatever happens. Cases:
 
 Counts: *sent* is what the edges' statuses report encoding (the highest ``next_seq`` per AP and
 epoch; segments encoded after an edge's last status before a SIGKILL are not seen); *predicted*
-the distinct (AP, epoch, seq) rows in the cloud's database; *lost* sent without a prediction;
-*duplicated* rows beyond the first per (AP, epoch, seq); *recovery* the seconds from the moment
-the fault clears to the first live prediction the cloud publishes for an affected AP. Targets
-(issue 16): 0 lost (for a full spool: every loss counted by the edge), 0 duplicated, recovery
-<= 10 s, cloud RSS after fuzz within 20 % of before.
+the distinct (AP, epoch, seq) that the prediction rows in the cloud's database stand for (a row
+of an idle run stands for each of its segments); *lost* sent without a prediction; *duplicated*
+rows beyond the first per (AP, epoch, seq) they stand for; *recovery* the seconds from the
+moment the fault clears to the first live prediction the cloud publishes for an affected AP.
+Targets (issue 16): 0 lost (for a full spool: every loss counted by the edge), 0 duplicated,
+recovery <= 10 s, cloud RSS after fuzz within 20 % of before.
 
     python bench/faults.py              # every case; bench/results/faults.json and faults.md
     python bench/faults.py --quick      # shorter outages, fewer APs, requests and payloads
@@ -218,13 +219,19 @@ class Bench:
                                      f"{edge.log.read_text(errors='replace')[-1500:]}")
 
     def rows(self) -> list[tuple[str, int, int]]:
+        """(AP, epoch, seq) per segment the stored predictions stand for: a row of an idle
+        run stands for each of its segments, so a resent run counts as duplicates too."""
         import sqlalchemy as sa
+
+        from csi_cloud.db import covered
 
         engine = sa.create_engine(self.direct_db_url())
         try:
             with engine.connect() as con:
-                return [(f"{site}/{ap}", int(epoch), int(seq)) for site, ap, epoch, seq in
-                        con.execute(sa.text("SELECT site, ap, epoch, seq FROM predictions"))]
+                return [(f"{site}/{ap}", int(epoch), q) for site, ap, epoch, seq, n in
+                        con.execute(sa.text("SELECT site, ap, epoch, seq, segments "
+                                            "FROM predictions"))
+                        for q in covered(int(seq), n)]
         finally:
             engine.dispose()
 

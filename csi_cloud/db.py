@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = ["AP", "Base", "Database", "DeadLetter", "Event", "Label", "Prediction", "Setting",
-           "TrainingJob"]
+           "TrainingJob", "covered"]
 
 
 class Base(DeclarativeBase):
@@ -59,7 +59,8 @@ class AP(Base):
 
 
 class Prediction(Base):
-    """One prediction: the context ending at one segment."""
+    """One prediction: the context ending at one segment, or one row for a run of idle
+    segments (``segments`` > 1, see csi_cloud.persistence.rows_of)."""
 
     __tablename__ = "predictions"
     __table_args__ = (Index("ix_predictions_ap_time", "site", "ap", "timestamp"),)
@@ -95,6 +96,14 @@ class Prediction(Base):
     smoothed_activity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     smoothed_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     uncertain: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # A run of consecutive idle segments of one message stored as one row: seq .. seq +
+    # segments - 1, captured from timestamp on, one segment length apart. Null: one segment.
+    segments: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+def covered(seq: int, segments: int | None) -> range:
+    """The sequence numbers one prediction row stands for (a run never wraps at 2**32)."""
+    return range(seq, seq + (segments or 1))
 
 
 class Event(Base):
@@ -218,8 +227,8 @@ class Database:
 
     def _add_missing_columns(self) -> None:
         """Idempotent migration: nullable columns added to a table since the database was
-        created (presence, smoothing) are added to it; ``create_all`` only creates missing
-        tables. A missing column that may not be null is an error naming it."""
+        created (presence, smoothing, idle runs) are added to it; ``create_all`` only creates
+        missing tables. A missing column that may not be null is an error naming it."""
         inspector = inspect(self.engine)
         existing = set(inspector.get_table_names())
         with self.engine.begin() as con:

@@ -77,7 +77,9 @@ class PredictionRecord:
     identity: str | None
     identity_confidence: float | None
     probabilities: dict[str, dict[str, float]]
-    idle: bool = False  # the segment came as an idle marker (nothing moved); not stored in the DB
+    # The segment came as an idle marker (nothing moved). Not a column: the store keeps an
+    # idle message's segments as runs (csi_cloud.persistence.rows_of).
+    idle: bool = False
     # csi_edge.presence: the edge's score (log2 ratio to the AP's quiet reference), motion at
     # the threshold, presence held after the last motion; None when the edge sent no score.
     motion_score: float | None = None

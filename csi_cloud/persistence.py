@@ -25,14 +25,21 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from csi_edge._errors import CSIError
 from csi_edge.bundle import decode_segment_codes
 
-from .db import AP, Database, DeadLetter, Prediction
+from .db import AP, Database, DeadLetter, Prediction, covered
 from .ingest import BatchResult, Ingestor
 from .records import DecodedRecord
 from .registry import ModelRegistry
 
-__all__ = ["Persistence", "codes_of", "is_transient"]
+__all__ = ["Persistence", "codes_of", "is_transient", "rows_of"]
 
 _MAX_DEAD_LETTERS = 100_000  # rows kept in dead_letters (the oldest go first)
+_COLUMNS = frozenset(c.name for c in Prediction.__table__.columns) - {"id"}
+# What the classifier and the filter said: a run of idle segments is one row only while these
+# are the same for each of its segments (they settle once the context holds idle copies only).
+_RUN_SAME = ("site", "ap", "epoch", "received", "model", "rate_level", "context_present",
+             "context_size", "activity", "activity_confidence", "identity",
+             "identity_confidence", "probabilities", "activity_confidence_raw",
+             "smoothed_activity", "smoothed_confidence", "uncertain")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -48,6 +55,38 @@ def codes_of(events: list[dict[str, Any]], result: BatchResult) -> list[bytes | 
     """The code bytes of each prediction's segment (stored with it, for restoring context)."""
     by_key = {(r.site, r.ap, r.epoch, r.seq): r.code_bytes for r in result.segments}
     return [by_key.get((e["site"], e["ap"], e["epoch"], e["seq"])) for e in events]
+
+
+def rows_of(events: list[dict[str, Any]], codes: list[bytes | None]) -> list[dict[str, Any]]:
+    """The prediction rows of a batch's predictions (in order): one per segment, except that
+    consecutive idle segments of one message (same arrival, consecutive sequence numbers, the
+    same repeated codes) are one row while the classifier and the filter say the same for each
+    (``_RUN_SAME``): ``segments`` counts them, ``seq`` and ``timestamp`` are the first's. What
+    the edge sends per segment is summarised over the run: ``quality`` its lowest,
+    ``motion_score`` its highest, ``motion`` and ``presence`` true if true for any segment.
+    So an idle message costs a row, not one per segment it stands for (up to 255), however
+    its per-segment bytes vary."""
+    rows: list[dict[str, Any]] = []
+    run: dict[str, Any] | None = None  # the idle run being extended (the last row)
+    for event, code in zip(events, codes, strict=True):
+        if (run is not None and event.get("idle") and code == run["codes"]
+                and event["seq"] == run["seq"] + run["segments"]
+                and all(event.get(k) == run.get(k) for k in _RUN_SAME)):
+            run["segments"] += 1
+            run["quality"] = min(run["quality"], event["quality"])
+            for key, pick in (("motion_score", max), ("motion", max), ("presence", max)):
+                values = [v for v in (run.get(key), event.get(key)) if v is not None]
+                run[key] = pick(values) if values else None
+            continue
+        row = {k: v for k, v in event.items() if k in _COLUMNS}
+        row["codes"] = code
+        row["segments"] = 1
+        rows.append(row)
+        run = row if event.get("idle") else None
+    for row in rows:
+        if row["segments"] == 1:
+            row["segments"] = None  # one segment: null, as in rows stored before runs
+    return rows
 
 
 class Persistence:
@@ -93,10 +132,14 @@ class Persistence:
             # What is stored, not the row's last_seq (written from the state, which may hold
             # the next batch, not yet stored), is what was seen; and the gaps are awaited: a
             # resent or late segment is not taken for a duplicate.
-            stored = s.scalars(select(Prediction.seq).where(
+            # (an idle run's row stands for several: each counts as seen)
+            runs = s.execute(select(Prediction.seq, Prediction.segments).where(
                 Prediction.site == row.site, Prediction.ap == row.ap,
-                Prediction.epoch == row.epoch, Prediction.seq > row.last_seq - 4096)).all()
-            self.ingestor.restore_seen(row.site, row.ap, list(stored))
+                Prediction.epoch == row.epoch,
+                Prediction.seq + func.coalesce(Prediction.segments, 1) > row.last_seq - 4096
+            )).all()
+            self.ingestor.restore_seen(row.site, row.ap,
+                                       [q for seq, n in runs for q in covered(seq, n)])
         return row.status if isinstance(row.status, dict) else None
 
     def _restore_context(self, s: Any, row: AP) -> None:
@@ -109,23 +152,27 @@ class Persistence:
             return
         n = model.net.cfg.context_segments
         rows = s.execute(select(Prediction.seq, Prediction.timestamp, Prediction.rate_level,
-                                Prediction.quality, Prediction.codes, Prediction.received)
+                                Prediction.quality, Prediction.codes, Prediction.received,
+                                Prediction.segments)
                          .where(Prediction.site == row.site, Prediction.ap == row.ap,
                                 Prediction.epoch == row.epoch, Prediction.model == model.id)
                          .order_by(Prediction.id.desc()).limit(n)).all()
-        records = []
-        for seq, timestamp, level, quality, codes, received in reversed(rows):
+        records: list[DecodedRecord] = []
+        for seq, timestamp, level, quality, codes, received, segments in reversed(rows):
             if codes is None:
                 continue
             try:
                 decoded = decode_segment_codes(codes, level, model.manifest, model.tables)
             except (CSIError, ValueError):
                 continue
-            records.append(DecodedRecord(row.site, row.ap, row.epoch, seq,
-                                         round(timestamp * 1000), level, quality, model,
-                                         decoded, codes, received))
+            # An idle run: each of its segments (the last n of them) repeats its codes.
+            start_ms = round(timestamp * 1000)
+            records.extend(DecodedRecord(row.site, row.ap, row.epoch, seq + i,
+                                         start_ms + i * model.segment_ms, level, quality, model,
+                                         decoded, codes, received)
+                           for i in range(max(0, (segments or 1) - n), segments or 1))
         if records:
-            self.ingestor.restore_context(records)
+            self.ingestor.restore_context(records[-n:])
 
     def known_aps(self) -> list[tuple[str, str]]:
         with self.db.session() as s:
@@ -160,9 +207,7 @@ class Persistence:
                      latest: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
         """Write; the AP rows known to exist once this commits."""
         if events:
-            s.execute(insert(Prediction),
-                      [{**{k: v for k, v in e.items() if k != "model_name"}, "codes": c}
-                       for e, c in zip(events, codes, strict=True)])
+            s.execute(insert(Prediction), rows_of(events, codes))
         unknown = touched - self._known
         if unknown:
             existing = {tuple(r) for r in s.execute(

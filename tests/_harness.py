@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -27,7 +27,7 @@ from _broker import Mosquitto, free_port
 
 __all__ = ["FOLDER", "IN_CI", "MODEL", "POSTGRES", "PREFIX", "ROOT", "SAMPLE", "TOKEN", "Cloud",
            "Edge", "Mosquitto", "Segments", "WaitTimeoutError", "free_port", "offline_predictions",
-           "postgres_database", "recorded", "run_edge", "stop_group", "wait_until"]
+           "postgres_database", "recorded", "run_edge", "stop_group", "stored_seqs", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fition"
@@ -303,7 +303,8 @@ def recorded(folder: Path) -> tuple[int, int]:
 
 class Segments:
     """Valid payloads of the default bundle (all-zero CSI) with any epoch and sequence
-    number, ``n`` segments each."""
+    number, ``n`` segments each; ``idle``: an IDLE message (the cloud stores its segments as
+    runs, :func:`stored_seqs`), ``motion``: each segment's motion score (flag MOTION)."""
 
     def __init__(self) -> None:
         from csi_edge.bundle import EdgeEncoder
@@ -314,12 +315,25 @@ class Segments:
         self.codes = encoder.compress_codes(np.zeros((1, 50, 1, 56), np.float32), 1)[0]
         self.base_ms = int(time.time() * 1000)
 
-    def payload(self, seq: int, epoch: int = 7, n: int = 1) -> bytes:
+    def payload(self, seq: int, epoch: int = 7, n: int = 1, idle: bool = False,
+                motion: Sequence[float | None] | None = None,
+                quality: Sequence[float] | None = None) -> bytes:
         from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
-        return encode_payload(Payload(1, self.model_id, epoch, seq,
-                                      self.base_ms + (seq % 1_000_000) * self.segment_ms,
-                                      (SegmentRecord(1.0, self.codes),) * n))
+        codes = b"" if idle else self.codes
+        return encode_payload(Payload(
+            1, self.model_id, epoch, seq, self.base_ms + (seq % 1_000_000) * self.segment_ms,
+            tuple(SegmentRecord(1.0 if quality is None else quality[i], codes,
+                                None if motion is None else motion[i]) for i in range(n)),
+            idle=idle, motion=motion is not None))
+
+
+def stored_seqs(rows: Iterable[tuple[int, int | None]]) -> list[int]:
+    """The sequence numbers that stored prediction rows ``(seq, segments)`` stand for, one
+    per segment (a row of an idle run stands for several), in order."""
+    from csi_cloud.db import covered
+
+    return [q for seq, n in rows for q in covered(seq, n)]
 
 
 def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:

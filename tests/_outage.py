@@ -33,7 +33,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from _broker import Mosquitto
 from _harness import FOLDER as SAMPLES
-from _harness import PREFIX, Cloud, Edge, wait_until
+from _harness import PREFIX, Cloud, Edge, stored_seqs, wait_until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -281,15 +281,17 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
         expected = {n: (finals[n]["epoch"], finals[n]["next_seq"]) for n in names}
         result.encoded = sum(seq for _, seq in expected.values())
 
-        def predictions(n: str) -> list[dict[str, Any]]:
+        def predictions(n: str) -> list[int]:
+            """The segments of the AP's epoch its stored predictions stand for (a row of an
+            idle run stands for several)."""
             site, ap = n.split("/")
             page = httpx.get(f"{base}/api/v1/predictions", timeout=20,
                              params={"site": site, "ap": ap, "limit": 10_000}).json()
-            return [r for r in page["data"] if r["epoch"] == expected[n][0]]
+            return stored_seqs((r["seq"], r["segments"]) for r in page["data"]
+                               if r["epoch"] == expected[n][0])
 
         def caught_up() -> bool:
-            return all(len({r["seq"] for r in predictions(n)}) >= expected[n][1]
-                       for n in names)
+            return all(len(set(predictions(n))) >= expected[n][1] for n in names)
 
         try:
             wait_until(caught_up, 120, "the cloud to predict every segment", alive)
@@ -297,7 +299,7 @@ def run_outage(folder: Path, *, kind: str = "graceful", aps: int = 24, outage_s:
             result.notes.append(str(exc))
         result.recovery_s = round(time.monotonic() - resumed, 1)
         for n in names:
-            counts = Counter(r["seq"] for r in predictions(n))
+            counts = Counter(predictions(n))
             missing = set(range(expected[n][1])) - set(counts)
             result.lost_by_ap[n] = len(missing)
             result.lost += len(missing)

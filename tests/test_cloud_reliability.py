@@ -28,7 +28,7 @@ import pytest
 import torch
 from _broker import Mosquitto, free_port
 from _harness import Cloud as _Cloud
-from _harness import Segments, postgres_database
+from _harness import Segments, postgres_database, stored_seqs
 from _mqtt_client import Collector
 from _tcpproxy import TcpProxy
 
@@ -141,8 +141,8 @@ async def _until(predicate: Any, timeout_s: float, what: str) -> None:
 
 def _stored(db: Path, ap: str) -> list[int]:
     with sqlite3.connect(db) as con:
-        return [r[0] for r in con.execute("SELECT seq FROM predictions WHERE ap = ? ORDER BY seq",
-                                          (ap,))]
+        return stored_seqs(con.execute("SELECT seq, segments FROM predictions WHERE ap = ? "
+                                       "ORDER BY seq", (ap,)))
 
 
 def test_status_bombs_and_bad_names_are_counted_and_skipped(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ class Cloud(_Cloud):
 
     def seqs(self, ap: str, site: str = "lab") -> list[int]:
         page = self.get("/predictions", site=site, ap=ap, limit=10_000)
-        return sorted(p["seq"] for p in page["data"])
+        return sorted(stored_seqs((p["seq"], p["segments"]) for p in page["data"]))
 
     def wait_seqs(self, ap: str, expected: list[int], timeout_s: float = 30) -> float:
         """Seconds until exactly ``expected`` are predicted for ``ap`` (no more, no fewer)."""
@@ -664,8 +664,9 @@ def test_recording_writes_that_fail_count_as_dropped(tmp_path: Path, registry: M
 
 
 def test_columns_added_since_a_database_was_created_are_added_on_start(tmp_path: Path) -> None:
-    """A database created before the presence and smoothing columns existed gets them (an
-    insert of today's prediction row would fail otherwise), and rows already there are kept."""
+    """A database created before the presence, smoothing and idle-run columns existed gets
+    them (an insert of today's prediction row would fail otherwise), and rows already there
+    are kept."""
     import sqlite3
 
     from csi_cloud.db import Database, Prediction
@@ -673,7 +674,8 @@ def test_columns_added_since_a_database_was_created_are_added_on_start(tmp_path:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     Database(url).engine.dispose()
     with sqlite3.connect(tmp_path / "old.db") as con:
-        for column in ("smoothed_activity", "uncertain", "motion_score", "presence"):
+        for column in ("smoothed_activity", "uncertain", "motion_score", "presence",
+                       "segments"):
             con.execute(f'ALTER TABLE predictions DROP COLUMN "{column}"')
         con.execute("INSERT INTO aps (site, ap, online, first_seen, counters) "
                     "VALUES ('lab', 'ap1', 0, 0, '{}')")
@@ -682,12 +684,12 @@ def test_columns_added_since_a_database_was_created_are_added_on_start(tmp_path:
         s.add(Prediction(site="lab", ap="ap1", epoch=1, seq=2**40, timestamp=1.0, received=1.0,
                          rate_level=0, quality=1.0, context_present=1, context_size=8,
                          probabilities={}, smoothed_activity="walking", uncertain=False,
-                         presence=True, motion_score=1.5))
+                         presence=True, motion_score=1.5, segments=255))
         s.commit()
     with db.session() as s:
         row = s.query(Prediction).one()
-        assert (row.smoothed_activity, row.uncertain, row.presence, row.seq) == (
-            "walking", False, True, 2**40)
+        assert (row.smoothed_activity, row.uncertain, row.presence, row.seq, row.segments) == (
+            "walking", False, True, 2**40, 255)
     with sqlite3.connect(tmp_path / "old.db") as con:
         assert con.execute("SELECT count(*) FROM aps").fetchone() == (1,)
     Database(url).engine.dispose()  # a second start finds nothing to add

@@ -10,17 +10,25 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from _broker import Mosquitto, free_port
+from _harness import Segments, postgres_database, stored_seqs
 from pydantic import ValidationError
+from sqlalchemy import select, text
 
+from csi_cloud.api.routes.predictions import list_predictions
+from csi_cloud.db import Database, Prediction
+from csi_cloud.events import LiveTrust
 from csi_cloud.ingest import Ingestor
 from csi_cloud.model.compression import CloudModel
+from csi_cloud.persistence import Persistence, codes_of, rows_of
 from csi_cloud.registry import ModelRegistry
 from csi_edge import read_recording
 from csi_edge.agent import group_messages
@@ -209,6 +217,121 @@ def test_ingestor_predicts_every_idle_segment(tmp_path: Path) -> None:
     assert ingestor.aps[("lab", "other")].counters["idle_without_reference"] == 4
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'idle.db'}"
+    else:
+        yield from postgres_database()
+
+
+def test_idle_messages_are_stored_as_runs_with_exact_accounting(db_url: str) -> None:
+    """N idle messages of K = 255 segments: about N prediction rows, not N * K, while every
+    segment is still received, awaited, accepted late or refused as a duplicate one by one,
+    across a restart too; the API lists the runs with their spans, each saying what the
+    classifier said for every segment it stands for. The database is one created before
+    runs were (the column is added on start)."""
+    registry = ModelRegistry(ROOT / "models")
+    seg = Segments()
+    old = Database(db_url)
+    with old.engine.begin() as con:
+        con.execute(text('ALTER TABLE predictions DROP COLUMN "segments"'))
+    old.close()
+    db = Database(db_url)
+    ingestor, trust, store = _worker(registry, db)
+    live: dict[int, dict[str, Any]] = {}
+
+    def send(*payloads: bytes) -> None:
+        result = ingestor.process([("lab", "ap", p, time.time()) for p in payloads])
+        events = [p.as_dict() for p in result.predictions]
+        trust.observe(events)
+        store.store(events, codes_of(events, result), {("lab", "ap")})
+        live.update((e["seq"], e) for e in events)
+
+    k, n = 255, 8
+    motion = [2.0 if i % 2 else None for i in range(k)]  # per-segment bytes vary: one row
+    quality = [0.5 + (i % 3) / 4 for i in range(k)]
+    idle = [seg.payload(2 + k * i, n=k, idle=True, motion=motion if i == 5 else None,
+                        quality=quality if i == 6 else None) for i in range(n)]
+    send(seg.payload(0, n=2))
+    send(*idle[:3])
+    send(idle[4])  # idle[3] skipped: k segments awaited
+    counters = ingestor.aps[("lab", "ap")].counters
+    assert (counters["gaps"], counters["missing_segments"]) == (1, k)
+    send(idle[3])  # late, accepted
+    assert (counters["late"], counters["missing_segments"]) == (k, 0)
+    send(idle[1], idle[4])  # resent: each segment a duplicate, no row
+    assert counters["duplicates"] == 2 * k
+    send(*idle[5:])
+    total = 2 + n * k
+    assert counters["segments"] == len(live) == total
+    assert counters["idle_segments"] == (n + 2) * k  # as received, the duplicates too
+
+    def rows() -> list[tuple[int, int | None]]:
+        with db.session() as s:
+            return [(r.seq, r.segments) for r in s.execute(
+                select(Prediction.seq, Prediction.segments).order_by(Prediction.seq))]
+
+    stored = rows()
+    assert sorted(stored_seqs(stored)) == list(range(total))  # each segment once
+    context = live[0]["context_size"]
+    # A row per coded segment and per idle message; the first idle messages after coded
+    # segments (and after the late one) split where the context still held coded segments.
+    assert len(stored) <= 2 + n + 2 * context, stored
+    assert len(stored) < total / 50
+    with db.api_session() as s:
+        page = list_predictions(s, site="lab", ap="ap", limit=10_000)
+        assert len(list_predictions(s, site="lab", ap="ap", limit=3).data) == 3
+    assert page.count == len(stored)
+    assert sorted(stored_seqs((p.seq, p.segments) for p in page.data)) == list(range(total))
+    for p in page.data:  # each run says what was said live for each of its segments
+        for seq in range(p.seq, p.seq + p.segments):
+            said = live[seq]
+            assert (p.activity, p.identity, p.smoothed_activity, p.uncertain) == (
+                said["activity"], said["identity"], said["smoothed_activity"],
+                said["uncertain"])
+            assert p.quality <= said["quality"]
+            if said["motion_score"] is not None:
+                assert p.motion_score is not None and p.motion_score >= said["motion_score"]
+    assert min(p.quality for p in page.data) == min(e["quality"] for e in live.values()) < 0.6
+    # A restarted worker: what the runs stand for is seen, resends are duplicates.
+    ingestor, trust, store = _worker(registry, db)
+    store.restore()
+    live.clear()
+    send(idle[n - 1], idle[2], seg.payload(2 + n * k))
+    counters = ingestor.aps[("lab", "ap")].counters
+    assert counters["duplicates"] == 2 * k + 2 * k and list(live) == [total]
+    assert len(rows()) == len(stored) + 1
+    db.close()
+
+
+def test_idle_runs_split_where_a_row_would_say_something_else() -> None:
+    """A run is consecutive idle segments with one arrival, the same codes and the same
+    classifier output; it never wraps at 2**32; a coded segment is always its own row."""
+    def event(seq: int, idle: bool = True, **changes: Any) -> dict[str, Any]:
+        return {"site": "lab", "ap": "ap", "epoch": 1, "seq": seq, "timestamp": seq * 2.0,
+                "received": 5.0, "model": "m", "rate_level": 1, "quality": 1.0,
+                "activity": "nm", "activity_confidence": 0.9, "motion_score": None,
+                "motion": None, "presence": None, "idle": idle, **changes}
+
+    events = [event(2**32 - 2), event(2**32 - 1, quality=0.25, motion_score=1.0, motion=True),
+              event(0), event(1), event(2, activity="walk"), event(3, activity="walk"),
+              event(4, idle=False, activity="walk"), event(5, activity="walk"),
+              event(6, activity="walk", received=6.0), event(7, activity="walk")]
+    codes = [b"x"] * 9 + [b"y"]
+    rows = rows_of(events, codes)
+    assert [(r["seq"], r["segments"]) for r in rows] == [
+        (2**32 - 2, 2), (0, 2), (2, 2), (4, None), (5, None), (6, None), (7, None)]
+    assert (rows[0]["quality"], rows[0]["motion_score"], rows[0]["motion"]) == (0.25, 1.0,
+                                                                                True)
+    assert "idle" not in rows[0] and rows[0]["codes"] == b"x"
+
+
+def _worker(registry: ModelRegistry, db: Database) -> tuple[Ingestor, LiveTrust, Persistence]:
+    ingestor = Ingestor(registry)
+    return ingestor, LiveTrust(registry, db, "csi/v1"), Persistence(db, ingestor, registry)
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -272,21 +395,26 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
         _edge(broker, tmp_path, models / "idle", "spool-high", f"lab/high=file://{MOVING}",
               CSI_EDGE_IDLE_THRESHOLD="0.2")
 
-        def predictions(ap: str, expected: int) -> list[dict[str, object]]:
+        def predictions(ap: str, expected: int) -> list[int]:
+            """The segments the AP's stored predictions stand for (an idle run: several)."""
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 page = httpx.get(f"{url}/api/v1/predictions", params={
                     "site": "lab", "ap": ap, "limit": 1000}, timeout=10).json()
-                if page["count"] >= expected:
+                seqs = sorted(stored_seqs((p["seq"], p["segments"]) for p in page["data"]))
+                if len(seqs) >= expected:
                     break
                 time.sleep(0.2)
-            return sorted(page["data"], key=lambda p: p["seq"])
+            rows[ap] = page["count"]
+            return seqs
 
+        rows: dict[str, int] = {}
         on, off = predictions("on", n_nm), predictions("off", n_nm)
         mixed = predictions("mixed", n_total)
-        # No lost prediction: every segment, idle or not, was predicted once.
-        assert [p["seq"] for p in on] == [p["seq"] for p in off] == list(range(n_nm))
-        assert [p["seq"] for p in mixed] == list(range(n_total))
+        # No lost prediction: every segment, idle or not, was predicted once; the idle ones
+        # in fewer rows than segments (one per idle message once the context holds idle only).
+        assert on == off == list(range(n_nm)) and mixed == list(range(n_total))
+        assert rows["off"] == n_nm and rows["on"] < n_nm
         aps = {a["ap"]: a for a in httpx.get(f"{url}/api/v1/aps", timeout=10).json()["data"]}
         c_on, c_off = aps["on"]["counters"], aps["off"]["counters"]
         assert c_on["idle_segments"] == n_nm - 1 and c_off.get("idle_segments", 0) == 0
@@ -302,8 +430,7 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
         assert aps["mixed"]["prediction"]["idle"] is False
         assert aps["mixed"]["prediction"]["seq"] == n_total - 1
         n_moving = len(segments(MOVING))
-        high = predictions("high", n_moving)
-        assert [p["seq"] for p in high] == list(range(n_moving))
+        assert predictions("high", n_moving) == list(range(n_moving))
         assert aps["high"]["status"]["idle"]["threshold"] == 0.2
         assert aps["high"]["status"]["counters"]["segments_idle"] == n_moving - 1
         metrics = httpx.get(f"{url}/metrics", timeout=10).text

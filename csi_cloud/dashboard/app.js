@@ -493,6 +493,9 @@ async function loadHistory(key) {
   }
 }
 
+// A stored run of idle segments (one row for several, segments > 1) shows its span.
+const seqText = (h) => (h.segments > 1 ? `#${h.seq}–${h.seq + h.segments - 1}` : `#${h.seq}`);
+
 function renderHistory() {
   const ap = state.aps.get(state.selected);
   const labels = state.models.get(ap?.model)?.labels?.activity;
@@ -502,7 +505,7 @@ function renderHistory() {
   const sure = (h) => (h.activity_confidence == null ? "" : percent(h.activity_confidence));
   strip.replaceChildren(...[...state.history].reverse().map((h) => el("span", {
     background: colourOf(what(h), labels),
-    title: `#${h.seq} ${clock(h.timestamp)}: ${what(h)}`,
+    title: `${seqText(h)} ${clock(h.timestamp)}: ${what(h)}`,
   })));
   $("#legend").replaceChildren(...(labels || []).map((label) => el("li", {},
     el("span", { class: "swatch", background: colourOf(label, labels) }),
@@ -511,7 +514,7 @@ function renderHistory() {
     el("time", { datetime: new Date(h.timestamp * 1000).toISOString(),
                  text: `${clock(h.timestamp)}` }),
     el("span", { class: "swatch", background: colourOf(what(h), labels) }),
-    el("span", { text: `#${h.seq} ${what(h)} ${sure(h)}` }),
+    el("span", { text: `${seqText(h)} ${what(h)} ${sure(h)}` }),
     el("span", { class: "conf",
                  text: h.identity ? `${h.identity} ${percent(h.identity_confidence)}` : "" }),
   )));

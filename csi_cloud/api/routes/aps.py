@@ -62,7 +62,8 @@ def get_ap(site: SiteName, ap: APName, session: DbSession, cloud: CloudDep) -> A
 
 
 @router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
-            summary="The AP's latest prediction (null before the first)")
+            summary="The AP's latest stored prediction (null before the first; an idle "
+                    "run with its segments)")
 def get_prediction(site: SiteName, ap: APName, session: DbSession) -> PredictionOut | None:
     _get_ap(session, site, ap)
     row = session.scalars(select(Prediction).where(Prediction.site == site, Prediction.ap == ap)

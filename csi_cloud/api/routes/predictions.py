@@ -17,7 +17,11 @@ router = APIRouter(tags=["predictions"])
 
 
 @router.get("/predictions", response_model=Page[PredictionOut],
-            summary="Predictions, newest first, filtered by AP and capture time")
+            summary="Predictions, newest first, filtered by AP and capture time",
+            description="One per segment, except a run of idle segments of one message, "
+                        "stored and listed as one prediction with its span (``segments``; "
+                        "``since``/``until`` match its first segment's capture time). A run is "
+                        "not expanded: a page of ``limit`` rows stays ``limit`` rows.")
 def list_predictions(
     session: DbSession,
     site: Annotated[str | None, Query(max_length=64)] = None,

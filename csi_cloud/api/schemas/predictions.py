@@ -1,8 +1,8 @@
-"""Predictions: one per classified segment."""
+"""Predictions: one per classified segment, or one for a stored run of idle segments."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, computed_field, field_validator
 
 __all__ = ["PredictionOut"]
 
@@ -33,7 +33,16 @@ class PredictionOut(BaseModel):
         default=None, description="true: the AP sent an idle marker for this segment (nothing "
                                   "moved) and the cloud repeated its last coded segment; set on "
                                   "live predictions (stream, pred topic, an AP's latest), null "
-                                  "on stored ones (the database does not keep it)")
+                                  "on stored ones (the database does not keep it; a stored row "
+                                  "with segments > 1 is an idle run)")
+    segments: int = Field(
+        default=1, ge=1, description="consecutive segments this prediction stands for: seq .. "
+                                     "seq + segments - 1, captured from timestamp on, one "
+                                     "segment length (the bundle's segment_s) apart. 1, except "
+                                     "for a stored run of idle segments of one message, for "
+                                     "which the classifier and its filter said the same; its "
+                                     "quality is the run's lowest, motion_score its highest, "
+                                     "motion and presence true if true for any segment of it")
     motion_score: float | None = Field(
         default=None, description="the edge's motion score: log2 of the segment's CSI "
                                   "variability over the AP's quiet reference (0: as still as "
@@ -62,6 +71,11 @@ class PredictionOut(BaseModel):
     uncertain: bool | None = Field(
         default=None, description="true: smoothed_confidence is below the bundle's calibrated "
                                   "abstention threshold; do not act on the activity")
+
+    @field_validator("segments", mode="before")
+    @classmethod
+    def _one_segment(cls, value: object) -> object:
+        return 1 if value is None else value  # a stored row of one segment has null
 
     # mypy does not type decorators over @property (mypy#1362); pydantic documents this ignore.
     @computed_field(description="fraction of the context window with no segment (lost, or "  # type: ignore[prop-decorator]
