@@ -28,7 +28,7 @@ import pytest
 import torch
 from _broker import Mosquitto, free_port
 from _harness import Cloud as _Cloud
-from _harness import Segments, postgres_database, stored_seqs
+from _harness import Segments, postgres_database, stored_seqs, wait_until
 from _mqtt_client import Collector
 from _tcpproxy import TcpProxy
 
@@ -359,6 +359,10 @@ def test_status_bomb_retained_and_bad_names_do_not_stop_ingest(
     cloud = Cloud(broker, f"sqlite:///{tmp_path / 'c.db'}", tmp_path)
     try:
         cloud.start()  # ready although the bomb is the first message it gets
+        # Ready comes before the subscriptions: the retained bomb counted says they are made,
+        # so the live one below cannot reach the broker before the cloud listens.
+        wait_until(lambda: cloud.metric('csi_status_rejected_total{reason="bad_json"}') >= 1,
+                   20, "the retained status bomb counted")
         pub.publish(f"{PREFIX}/lab/evil/status", BOMB)
         pub.publish(f"{PREFIX}/lab/{LONG_NAME}/status", b'{"online": true}')
         pub.publish(f"{PREFIX}/lab/{LONG_NAME}/seg", segments.payload(0))
