@@ -4,13 +4,15 @@ and the coverage-accuracy curve of abstention, for each shipped bundle.
     python bench/trust.py [--data ../shared/data] [--seeds 3] [--out FILE] [--no-report]
 
 Everything runs through the service's own code: the int8 edge encoder, the wire payloads
-decoded from their bytes (csi_cloud.model.evaluate), the bundle's classifier with its
-temperature (csi_cloud.model.temperature) and the HMM filter with the bundle's ``stay`` and
+decoded from their bytes (csi_cloud.model.evaluate), the bundle's classifier read at its
+context lengths with their temperatures (csi_cloud.model.lengths, the service's
+``CloudModel.classify_live``) and the HMM filter with the bundle's ``stay`` and
 abstention threshold (csi_cloud.smoothing), all read from ``models/NAME/bundle.json``.
 
 Recordings: the **test** part of the split each bundle was trained with (rebuilt from its
 manifest and checked against its counts): neither its weights nor its calibration saw them
-(``csi calibrate`` fitted the temperature, ``stay`` and threshold on the validation part).
+(``csi calibrate`` fitted the temperatures, context lengths, ``stay`` and threshold on the
+validation part).
 Two ways to stream them (csi_cloud.model.trust):
 
 - ``separate``: each recording its own stream, context and filter starting afresh (the model
@@ -21,11 +23,13 @@ Two ways to stream them (csi_cloud.model.trust):
   labelled by its recording.
 
 Per rate level: per-recording accuracy (the window ending at each recording's last segment,
-the model report's figure), per-second accuracy raw and smoothed, label changes per minute
+at the full context: the model report's figure; and by the live output), per-second accuracy
+raw (the full context alone, and the live output, which reads each window at the bundle's
+context lengths: csi_cloud.model.lengths) and smoothed, label changes per minute
 (raw, smoothed, true), NLL and expected calibration error before and after the temperature,
 the accuracy of the filter at each ``stay`` of a grid (to show the trade-off), and the
 coverage-accuracy curve of abstaining below a threshold on the smoothed confidence (the
-bundle's own threshold marked). Target (issue 18): live per-second accuracy after smoothing
+bundle's own threshold marked). Target: live per-second accuracy after smoothing
 >= per-recording accuracy - 0.05, judged per level, on ``joined``.
 
 The committed samples (``datasets/samples``) are scored too, in ``separate`` mode, with
@@ -56,8 +60,8 @@ from _report import put_section  # noqa: E402
 from csi_cloud.datasets import index_dataset, random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import load_segments  # noqa: E402
+from csi_cloud.model.lengths import ContextLengths  # noqa: E402
 from csi_cloud.model.temperature import (  # noqa: E402
-    apply_temperature,
     expected_calibration_error,
     mean_nll,
 )
@@ -80,9 +84,9 @@ def _changes_per_min(labels: np.ndarray, starts: np.ndarray, segment_s: float) -
     return float(changed.sum() / (len(labels) * segment_s / 60))
 
 
-def _score(ls: LiveStreams, temperature: float, params: TrustParams,
+def _score(ls: LiveStreams, lengths: ContextLengths, params: TrustParams,
            segment_s: float) -> dict[str, Any]:
-    p = apply_temperature(ls.p_raw, temperature)
+    p, p_uncal = ls.live(lengths), ls.live(lengths, calibrated=False)
     belief = filter_stream(p, params.stay, ls.starts)
     raw_pred, smooth_pred = p.argmax(1), belief.argmax(1)
     correct = smooth_pred == ls.labels
@@ -91,14 +95,15 @@ def _score(ls: LiveStreams, temperature: float, params: TrustParams,
     return {
         "seconds": len(ls.labels),
         "raw_accuracy": round(float((raw_pred == ls.labels).mean()), 4),
+        "full_context_raw_accuracy": round(float((ls.p_raw.argmax(1) == ls.labels).mean()), 4),
         "smoothed_accuracy": round(float(correct.mean()), 4),
         "changes_per_min": {
             "raw": round(_changes_per_min(raw_pred, ls.starts, segment_s), 2),
             "smoothed": round(_changes_per_min(smooth_pred, ls.starts, segment_s), 2),
             "true": round(_changes_per_min(ls.labels, ls.starts, segment_s), 2)},
-        "nll": {"raw": round(mean_nll(ls.p_raw, ls.labels), 4),
+        "nll": {"raw": round(mean_nll(p_uncal, ls.labels), 4),
                 "calibrated": round(mean_nll(p, ls.labels), 4)},
-        "ece": {"raw": round(expected_calibration_error(ls.p_raw, ls.labels), 4),
+        "ece": {"raw": round(expected_calibration_error(p_uncal, ls.labels), 4),
                 "calibrated": round(expected_calibration_error(p, ls.labels), 4)},
         "stay_sweep": {f"{s:g}": round(float((filter_stream(p, s, ls.starts).argmax(1)
                                               == ls.labels).mean()), 4) for s in STAY_GRID},
@@ -112,9 +117,9 @@ def _score(ls: LiveStreams, temperature: float, params: TrustParams,
     }
 
 
-def _per_recording(ls: LiveStreams, temperature: float) -> float:
-    """Accuracy of the window ending at each recording's last segment (separate streams)."""
-    p = apply_temperature(ls.p_raw, temperature)
+def _per_recording(ls: LiveStreams, p: np.ndarray) -> float:
+    """Accuracy of the window ending at each recording's last segment (separate streams) of
+    the probabilities ``p`` (one row a second)."""
     last = np.r_[ls.starts[1:], True]
     return round(float((p[last].argmax(1) == ls.labels[last]).mean()), 4)
 
@@ -135,9 +140,10 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int) -> dict[st
               for s in range(seeds)]
     levels = []
     for i, sep in enumerate(separate):
-        per_recording = _per_recording(sep, model.temperature)
-        live_runs = [_score(j[i], model.temperature, params, segment_s) for j in joined]
+        per_recording = _per_recording(sep, sep.p_raw)
+        live_runs = [_score(j[i], model.lengths, params, segment_s) for j in joined]
         live = {**live_runs[0], "raw_accuracy": _mean(live_runs, "raw_accuracy"),
+                "full_context_raw_accuracy": _mean(live_runs, "full_context_raw_accuracy"),
                 "smoothed_accuracy": _mean(live_runs, "smoothed_accuracy"),
                 "smoothed_accuracy_by_seed": [r["smoothed_accuracy"] for r in live_runs],
                 "stay_sweep": {k: round(float(np.mean([r["stay_sweep"][k]
@@ -147,22 +153,24 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int) -> dict[st
         levels.append({
             "level": sep.level,
             "per_recording_accuracy": per_recording,
-            "separate": _score(sep, model.temperature, params, segment_s),
+            "per_recording_accuracy_live": _per_recording(sep, sep.live(model.lengths)),
+            "separate": _score(sep, model.lengths, params, segment_s),
             "live": live,
             "target": {"live_smoothed_min": target,
                        "met": bool(live["smoothed_accuracy"] >= target),
                        "margin": round(live["smoothed_accuracy"] - target, 4)},
         })
-    # Diagnostic: how a shorter context follows the changes (live, level 1, first order,
+    # Diagnostic: how each length alone follows the changes (live, level 1, first order,
     # raw); scored on the test recordings, so it informs, it does not choose.
     n = model.net.cfg.context_segments
-    context_sweep = {str(k): round(float((apply_temperature(ls.p_raw, model.temperature)
-                                          .argmax(1) == ls.labels).mean()), 4)
-                     for k in sorted({2, 3, 4, n // 2, n})
-                     for ls in live_streams(model, edge, data, recordings, "joined",
-                                            levels=[1], context=k)}
+    sweep = live_streams(model, edge, data, recordings, "joined", levels=[1],
+                         lengths=range(1, n))[0]
+    context_sweep = {str(k): round(float(((sweep.readings[k] if k < n else sweep.p_raw)
+                                          .argmax(1) == sweep.labels).mean()), 4)
+                     for k in range(1, n + 1)}
     return {"bundle": model.id, "name": name, "recordings": described,
             "live_context_sweep_level1": context_sweep,
+            "contexts": model.lengths.as_calibration(),
             "test_recordings": len(recordings), "temperature": model.temperature,
             "stay": params.stay, "threshold": params.threshold,
             "calibration": {k: v for k, v in (model.manifest.calibration.get("activity")
@@ -188,15 +196,24 @@ def bench_samples(name: str, dataset: str, data_dir: Path | None) -> dict[str, A
                          list(labels["identity"] or []))
     sep = live_streams(model, edge, data, np.arange(len(data)), "separate",
                        levels=[1])[0]
-    scored = _score(sep, model.temperature, params, model.manifest.input_spec.segment_s)
+    scored = _score(sep, model.lengths, params, model.manifest.input_spec.segment_s)
     return {"recordings": len(data),
             "parts": {p: sum(1 for e in data.examples if part_of.get(e.recording_id) == p)
                       for p in ("train", "val", "test", "unknown")} if part_of else
             {"unknown": len(data)},
-            "level": 1, "per_recording_accuracy": _per_recording(sep, model.temperature),
+            "level": 1, "per_recording_accuracy": _per_recording(sep, sep.p_raw),
             "raw_accuracy": scored["raw_accuracy"],
             "smoothed_accuracy": scored["smoothed_accuracy"],
             "note": "mostly training recordings of the bundle: not a held-out figure"}
+
+
+def _lengths(result: dict[str, Any]) -> str:
+    return "{" + ", ".join(map(str, result["contexts"]["lengths"])) + "}"
+
+
+def _sets(cal: dict[str, Any]) -> str:
+    return ", ".join(f"{{{k}}} {v:.3f}" for k, v in (cal.get("contexts_accuracy") or {}).items()
+                     ) or "-"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -207,24 +224,32 @@ def render(result: dict[str, Any]) -> str:
         f"`python bench/trust.py` (results in `bench/results/trust.json`). Calibration "
         f"(`csi calibrate`) fitted on the {cal.get('fitted_on', '?')}: temperature "
         f"{result['temperature']:.3f} (NLL {cal.get('nll_before')} → {cal.get('nll_after')}, "
-        f"ECE {cal.get('ece_before')} → {cal.get('ece_after')} there), filter stay "
+        f"ECE {cal.get('ece_before')} → {cal.get('ece_after')} there), context lengths read "
+        f"{_lengths(result)} (each with its temperature, the most confident per second: "
+        f"csi_cloud.model.lengths; filtered per-second accuracy there of each candidate set: "
+        f"{_sets(cal)}), filter stay "
         f"{result['stay']:g}, abstention threshold {result['threshold']:g} (the lowest whose "
         f"answered seconds reach {cal.get('target_accuracy')} accuracy there). Scored on the "
         f"{result['recordings']}: **live** = the test recordings end to end on one AP in a "
         f"random order ({result['seeds']} orders), the model's context and the filter running "
         "across every change; **separate** = each recording its own stream (the per-second "
         "figure above). Target: live smoothed per-second accuracy ≥ per-recording - 0.05.", "",
-        "| level | per recording | separate raw | separate smoothed | live raw | live smoothed "
-        "| target | met (margin) | changes/min live raw / smoothed / true | live NLL raw → "
-        "calibrated | live ECE raw → calibrated |",
+        "Per recording: the window ending at each recording's last segment, read at the full "
+        "context (the model report's figure, the target's base) and by the live output. Live "
+        "raw: the full context alone, and the live output before the filter.", "",
+        "| level | per recording full / live | separate raw | separate smoothed | live raw "
+        "full / live | live smoothed | target | met (margin) | changes/min live raw / "
+        "smoothed / true | live NLL raw → calibrated | live ECE raw → calibrated |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
         live, sep, tgt = lv["live"], lv["separate"], lv["target"]
         ch = live["changes_per_min"]
         lines.append(
-            f"| {lv['level']} | {lv['per_recording_accuracy']:.3f} | "
+            f"| {lv['level']} | {lv['per_recording_accuracy']:.3f} / "
+            f"{lv['per_recording_accuracy_live']:.3f} | "
             f"{sep['raw_accuracy']:.3f} | {sep['smoothed_accuracy']:.3f} | "
-            f"{live['raw_accuracy']:.3f} | {live['smoothed_accuracy']:.3f} | "
+            f"{live['full_context_raw_accuracy']:.3f} / {live['raw_accuracy']:.3f} | "
+            f"{live['smoothed_accuracy']:.3f} | "
             f"{tgt['live_smoothed_min']:.3f} | {'met' if tgt['met'] else 'missed'} "
             f"({tgt['margin']:+.3f}) | {ch['raw']:.1f} / {ch['smoothed']:.1f} / "
             f"{ch['true']:.1f} | {live['nll']['raw']:.3f} → {live['nll']['calibrated']:.3f} | "
@@ -254,9 +279,9 @@ def render(result: dict[str, Any]) -> str:
     sweep = result.get("live_context_sweep_level1")
     if sweep:
         lines += ["", "Live raw accuracy at level 1 (first order) when the classifier reads only "
-                  "the last k segments of its context (a diagnostic on the test recordings, "
-                  "not a setting): " + ", ".join(f"k={k}: {v:.3f}" for k, v in sweep.items())
-                  + "."]
+                  "the last k segments of its context, each length alone (a diagnostic on the "
+                  "test recordings, not a setting): "
+                  + ", ".join(f"k={k}: {v:.3f}" for k, v in sweep.items()) + "."]
     samples = result.get("samples")
     if samples:
         lines += ["", f"Committed samples ({samples['recordings']} recordings; split parts "

@@ -150,7 +150,8 @@ def calibrate_command(
                                 "abstention threshold)")] = 0.8,
 ) -> None:
     """Fit the live-output calibration of a bundle on recordings it was not trained on: the
-    activity temperature, the smoothing filter's self-transition and the abstention threshold
+    activity temperature, the context lengths the live output reads (each with its
+    temperature), the smoothing filter's self-transition and the abstention threshold
     (calibration.activity in bundle.json; the bundle id changes)."""
     import numpy as np
 

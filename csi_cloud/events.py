@@ -120,6 +120,8 @@ class LiveTrust:
                 model.manifest.input_spec.segment_s)
 
     def _raw_confidence(self, prediction: dict[str, Any]) -> float | None:
+        if prediction.get("activity_confidence_raw") is not None:  # the service's own
+            return float(prediction["activity_confidence_raw"])
         probs = (prediction.get("probabilities") or {}).get("activity") or {}
         if not probs or not prediction.get("model"):
             return None

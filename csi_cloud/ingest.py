@@ -85,6 +85,9 @@ class PredictionRecord:
     motion_score: float | None = None
     motion: bool | None = None
     presence: bool | None = None
+    # activity_confidence before the temperature (of the context length read,
+    # csi_cloud.model.lengths); None: presence only
+    activity_confidence_raw: float | None = None
 
     @property
     def missing_fraction(self) -> float:
@@ -460,7 +463,7 @@ class Ingestor:
 
     def _predict(self, group: _Windows) -> list[PredictionRecord]:
         model, windows = group.model, group.windows()
-        prediction = model.classify(windows)
+        prediction = model.classify_live(windows)
         p_act, p_id, present = prediction.activity, prediction.identity, windows.present
         n = present.shape[1]
         labels = model.manifest.labels
@@ -487,6 +490,8 @@ class Ingestor:
                 model=model.id, model_name=model.manifest.name, rate_level=record.level,
                 quality=record.quality, context_present=int(present[w].sum()), context_size=n,
                 activity=activities[a], activity_confidence=float(p_act[w, a]),
+                activity_confidence_raw=(round(float(prediction.activity_raw[w, a]), 5)
+                                         if prediction.activity_raw is not None else None),
                 identity=identity, identity_confidence=identity_conf,
                 probabilities=probabilities, idle=record.idle, motion_score=record.motion,
                 motion=motion, presence=presence)

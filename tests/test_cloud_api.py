@@ -74,15 +74,16 @@ def offline_last(fition: tuple[EdgeEncoder, CloudModel, SegmentBatch],
                  level: int) -> tuple[str, str | None, np.ndarray]:
     """The last segment's activity, identity and activity probabilities as the offline path
     computes them: each segment through the int8 edge encoder and the wire format on its own,
-    decompressed, classified over the last N segment slots."""
+    decompressed, classified over the last N segment slots as the live output reads them (at
+    the bundle's context lengths, csi_cloud.model.lengths)."""
     edge, cloud, batch = fition
     decoded = [cloud.decompress(edge.compress(batch.data[i : i + 1], level=level, first_seq=i,
                                               epoch=1, timestamp_ms=0))[0]
                for i in range(len(batch))]
     rows = slot_rows({int(k): i for i, k in enumerate(batch.index)}, int(batch.index[-1]),
                      cloud.net.cfg.context_segments)
-    pred = cloud.classify(Windows.gather(rows[None], np.stack([d.z_q for d in decoded]),
-                                         np.stack([d.profile for d in decoded]), level))
+    pred = cloud.classify_live(Windows.gather(rows[None], np.stack([d.z_q for d in decoded]),
+                                              np.stack([d.profile for d in decoded]), level))
     p_act, p_id = pred.activity, pred.identity
     labels = cloud.manifest.labels
     identity = None

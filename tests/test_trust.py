@@ -17,6 +17,7 @@ from test_cloud_api import FITION, PCAP, settings
 
 from csi_cloud.api.app import create_app
 from csi_cloud.events import EventTracker
+from csi_cloud.model.lengths import ContextLengths, candidate_lengths, most_confident
 from csi_cloud.model.temperature import (
     TemperatureError,
     activity_temperature,
@@ -26,7 +27,7 @@ from csi_cloud.model.temperature import (
     mean_nll,
     uncalibrated,
 )
-from csi_cloud.model.trust import stream_layout
+from csi_cloud.model.trust import LiveStreams, fit_lengths, stream_layout
 from csi_cloud.smoothing import (
     HMMFilter,
     Smoother,
@@ -236,6 +237,71 @@ def test_joined_streams_lay_recordings_end_to_end() -> None:
     for w, o in zip(sep_win, sep_owner, strict=True):  # never across recordings
         rows = w[w >= 0]
         assert ((rows >= Layout.start[o]) & (rows < Layout.start[o] + Layout.count[o])).all()
+
+
+# -- context lengths --------------------------------------------------------------------------
+
+
+def test_the_live_output_gives_the_most_confident_length() -> None:
+    short = np.array([_p(0, 0.9), _p(1, 0.4)])
+    full = np.array([_p(1, 0.6), _p(2, 0.8)])
+    assert most_confident([short, full]).tolist() == [0, 1]
+    live, raw = ContextLengths((2, 8), (1.0, 1.0)).read([short, full])
+    assert live.argmax(1).tolist() == [0, 2] and np.array_equal(raw, live)
+    # Each length's own temperature first: a softened short reading loses to the full one.
+    live, raw = ContextLengths((2, 8), (5.0, 1.0)).read([short, full])
+    assert live.argmax(1).tolist() == [1, 2]
+    assert np.allclose(raw, full) and np.allclose(live, full, atol=1e-6)
+    # One length: its temperature alone (every bundle without a ``contexts`` entry).
+    only = ContextLengths.from_calibration({"activity": {"temperature": 2.0}}, 8, 2.0)
+    assert only.lengths == (8,)
+    assert np.allclose(only.read([full])[0], apply_temperature(full, 2.0))
+
+
+def test_context_lengths_from_the_manifest_and_bad_values() -> None:
+    cal = {"activity": {"contexts": {"lengths": [1, 2, 8], "temperatures": [0.9, 1.0, 1.5]}}}
+    assert ContextLengths.from_calibration(cal, 8, 1.5).as_calibration() == \
+        cal["activity"]["contexts"]
+    with pytest.raises(TemperatureError, match="must end at"):
+        ContextLengths.from_calibration(cal, 6, 1.5)
+    with pytest.raises(TemperatureError, match="ascending"):
+        ContextLengths((8, 2), (1.0, 1.0))
+    with pytest.raises(TemperatureError, match="one temperature per"):
+        ContextLengths((2, 8), (1.0,))
+    with pytest.raises(TemperatureError, match="positive"):
+        ContextLengths((2, 8), (0.0, 1.0))
+    assert candidate_lengths(8)[0] == (8,) and all(c[-1] == 8 for c in candidate_lengths(8))
+    assert candidate_lengths(2) == [(2,), (1, 2)]
+
+
+def _lagging_streams(seed: int, lag: int = 4) -> LiveStreams:
+    """Episodes of 10 s; the full window is sure but ``lag`` seconds behind each change, a
+    short reading follows at once but is right only 80 % of the time and less sure."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.permutation(np.arange(30) % 3), 10)
+    behind = np.r_[np.full(lag, labels[0]), labels[:-lag]]
+    full = np.stack([_p(int(c), 0.8) for c in behind])
+    short = np.stack([_p(int(c) if rng.uniform() < 0.8 else int(rng.integers(0, 3)), 0.6)
+                      for c in labels])
+    n = len(labels)
+    return LiveStreams(0, full, labels, np.zeros(n, int), np.r_[True, np.zeros(n - 1, bool)],
+                       np.zeros(n, int), {k: short for k in (1, 2, 3, 4, 6)})
+
+
+def test_reading_short_lengths_follows_changes_the_full_window_lags() -> None:
+    joined = [_lagging_streams(s) for s in range(3)]
+    lengths, stay, scores = fit_lengths(joined, 8)
+    assert lengths.lengths != (8,) and len(lengths.temperatures) == len(lengths.lengths)
+    assert scores[",".join(map(str, lengths.lengths))] > scores["8"] + 0.05
+    test = _lagging_streams(7)
+    full_acc = float((test.p_raw.argmax(1) == test.labels).mean())
+    live = filter_stream(test.live(lengths), stay, test.starts)
+    assert float((live.argmax(1) == test.labels).mean()) > full_acc + 0.05
+    # Right after each change the live output already has the new activity more often.
+    after = np.flatnonzero(np.r_[False, test.labels[1:] != test.labels[:-1]])
+    follows = np.concatenate([after + 1, after + 2])
+    assert (test.live(lengths).argmax(1)[follows] == test.labels[follows]).mean() > \
+        (test.p_raw.argmax(1)[follows] == test.labels[follows]).mean() + 0.3
 
 
 # -- events ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from csi_cloud.model.compression import CloudModel
 from csi_cloud.model.evaluate import decode_level, encode_recordings
 from csi_cloud.model.heads import CodeData, code_windows
 from csi_cloud.model.robustness import arrived_windows, load_folder
+from csi_cloud.model.temperature import apply_temperature
+from csi_cloud.model.trust import live_streams
 from csi_cloud.model.window import Windows, slot_rows
 from csi_cloud.registry import ModelRegistry
 from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes
@@ -53,6 +55,24 @@ def test_gather_zeros_missing_slots() -> None:
     assert not w.z_q[~w.present].any() and not w.profile[~w.present].any()
     assert w.level.tolist() == [0, 2, 3]
     assert Windows.gather(rows, z, profile, 1).level.tolist() == [1, 1, 1]
+
+
+def test_a_window_read_at_its_last_slots_masks_the_older_ones() -> None:
+    rows = np.array([[0, 1, 2, 3], [-1, -1, 4, 5]])
+    z_q = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3) + 1
+    windows = Windows.gather(rows, z_q, np.ones((6, 4), np.float32), 2)
+    short = windows.last(2)
+    assert short.present.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert not short.z_q[:, :2].any() and not short.profile[:, :2].any()
+    assert np.array_equal(short.z_q[:, 2:], windows.z_q[:, 2:])
+    assert short.level.tolist() == [2, 2] and windows.last(4) is windows
+    # The same as a window whose older slots never had a segment.
+    assert np.array_equal(windows.last(1).z_q,
+                          Windows.gather(np.array([[-1, -1, -1, 3], [-1, -1, -1, 5]]), z_q,
+                                         np.ones((6, 4), np.float32), 2).z_q)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"no last {bad}"):
+            windows.last(bad)
 
 
 def test_code_windows_take_the_newest_segments_level() -> None:
@@ -124,10 +144,38 @@ def test_the_service_and_the_offline_evaluation_classify_the_same_windows(
     for name in ("z_q", "profile", "present", "level"):
         service = np.concatenate([getattr(w, name) for w in seen])
         assert np.array_equal(service, getattr(offline, name)), name
-    expected = classify(model, offline)
+    # The service gives the live output: the windows read at the bundle's context lengths.
+    assert len(model.lengths.lengths) > 1
+    expected = model.classify_live(offline)
     labels = model.manifest.labels["activity"]
     assert [p.activity for p in predictions] == [labels[a] for a in expected.activity.argmax(1)]
+    assert np.allclose([p.activity_confidence for p in predictions],
+                       expected.activity.max(1), atol=1e-6)
     assert [p.context_present for p in predictions] == offline.present.sum(1).tolist()
+
+
+def test_the_service_and_the_offline_live_streams_give_the_same_live_output(
+        fition: tuple[Any, CloudModel, EdgeEncoder]) -> None:
+    """Segment by segment through the service's ingest, and offline as bench/trust.py and
+    ``csi calibrate`` score it (csi_cloud.model.trust): the same live probabilities, each
+    reading's temperature and the most confident length included."""
+    data, model, edge = fition
+    rec = np.array([1])
+    rows = np.arange(int(data.start[1]), int(data.start[1] + data.count[1]))
+    ingestor = Ingestor(ModelRegistry(MODELS))
+    predictions = ingestor.process(_payloads(data, model, edge, rows)).predictions
+    offline = live_streams(model, edge, data, rec, "separate", levels=[LEVEL])[0]
+    live, raw = model.lengths.read([*(offline.readings[k] for k in model.lengths.lengths[:-1]),
+                                    offline.p_raw])
+    labels = model.manifest.labels["activity"]
+    assert [p.activity for p in predictions] == [labels[a] for a in live.argmax(1)]
+    assert np.allclose([p.activity_confidence for p in predictions], live.max(1), atol=1e-6)
+    assert np.allclose([p.activity_confidence_raw for p in predictions],
+                       raw[np.arange(len(raw)), live.argmax(1)], atol=1e-5)
+    # Early in the stream the windows are short anyway; later a short reading is used where
+    # it is the surest: the live output is not the full window's alone.
+    full = apply_temperature(offline.p_raw, model.temperature)
+    assert not np.allclose(live, full)
 
 
 def test_the_service_window_starts_afresh_with_a_new_epoch_and_skips_gaps(

@@ -33,6 +33,7 @@ from csi_edge.codec import (
 
 from .bundle import load_network
 from .context_head import profile_coefficients
+from .lengths import ContextLengths
 from .network import CSICodecNet
 from .openset import needs_features, open_set_decision
 from .quantizers import FSQ
@@ -79,6 +80,9 @@ class Prediction:
     activity: np.ndarray  # (W, A) probabilities (temperature-scaled unless uncalibrated)
     identity: np.ndarray | None  # (W, I) probabilities; None: the bundle has no identities
     unknown: np.ndarray  # (W,) bool: past the bundle's open-set threshold (nobody enrolled)
+    # (W, A) the activity probabilities before their temperature (classify_live: of the
+    # reading given); None where classify already returns them uncalibrated
+    activity_raw: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,9 @@ class CloudModel:
         self.segment_ms = round(manifest.input_spec.segment_s * 1000)
         # Applied to the activity probabilities (csi_cloud.model.temperature); 1 without one.
         self.temperature = activity_temperature(manifest.calibration)
+        # The lengths the live output reads each window at (csi_cloud.model.lengths).
+        self.lengths = ContextLengths.from_calibration(
+            manifest.calibration, net.cfg.context_segments, self.temperature)
         self._still_symbols: np.ndarray | None = None
 
     @classmethod
@@ -248,7 +255,23 @@ class CloudModel:
         unknown = (open_set_decision(p_id, calibration, feats) if p_id is not None
                    else np.zeros(len(p_act), dtype=bool))
         return Prediction(apply_temperature(p_act, self.temperature) if calibrated else p_act,
-                          p_id, unknown)
+                          p_id, unknown, p_act if calibrated else None)
+
+    def readings(self, windows: Windows) -> list[np.ndarray]:
+        """Uncalibrated activity probabilities (W, A) of the windows read at each of the live
+        output's :attr:`lengths` but the full one (activity only: the identity and the
+        open-set decision read the full window, :meth:`classify`)."""
+        return [classify_windows(self.net, windows.last(k), features=False)[0]
+                for k in self.lengths.lengths[:-1]]
+
+    def classify_live(self, windows: Windows) -> Prediction:
+        """:meth:`classify`, with the activity the live output gives: the windows read at each
+        of :attr:`lengths`, each calibrated, the most confident per window
+        (csi_cloud.model.lengths); the same as :meth:`classify` for a bundle that reads the
+        full length only."""
+        full = self.classify(windows, calibrated=False)
+        activity, raw = self.lengths.read([*self.readings(windows), full.activity])
+        return Prediction(activity, full.identity, full.unknown, raw)
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""

@@ -11,15 +11,18 @@ codes packed into wire payloads and decoded from the bytes, csi_cloud.model.eval
   run across the changes, and every second is labelled by the recording it belongs to.
 
 :func:`fit_activity_calibration` fits, on recordings the bundle was not trained on, the
-temperature (NLL of the per-second windows of joined streams, every rate level pooled), then
-the filter's ``stay`` (best filtered accuracy on joined streams) and the abstention threshold
-(the lowest whose answered seconds reach ``target`` accuracy on those joined streams).
+temperatures of the window read at each candidate length (NLL of the per-second windows of
+joined streams, every rate level pooled), the lengths the live output reads
+(csi_cloud.model.lengths) together with the filter's ``stay`` (best filtered accuracy on
+joined streams), and the abstention threshold (the lowest whose answered seconds reach
+``target`` accuracy on those joined streams).
 :func:`calibrate_folder` writes the result into a bundle's manifest (the id is recomputed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +31,10 @@ import numpy as np
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
 from ..smoothing import filter_stream, fit_stay, fit_threshold
-from .compression import CloudModel
+from .compression import CloudModel, classify_windows
 from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
+from .lengths import ContextLengths, candidate_lengths
 from .temperature import (
     apply_temperature,
     expected_calibration_error,
@@ -39,7 +43,8 @@ from .temperature import (
 )
 from .window import slot_rows
 
-__all__ = ["LiveStreams", "calibrate_folder", "fit_activity_calibration", "live_streams",
+__all__ = ["LiveStreams", "calibrate_folder", "fit_activity_calibration", "fit_lengths",
+           "live_streams",
            "stream_layout"]
 
 Mode = Literal["separate", "joined"]
@@ -48,9 +53,11 @@ DEFAULT_TARGET = 0.8
 
 @dataclass
 class LiveStreams:
-    """Every second of some streams at one rate level: uncalibrated probabilities (N, K),
-    true activity (N,), the stream each second belongs to (N,), whether a new stream starts
-    at it (N,), and its recording (N,)."""
+    """Every second of some streams at one rate level: uncalibrated probabilities (N, K) of
+    the full context window, true activity (N,), the stream each second belongs to (N,),
+    whether a new stream starts at it (N,), its recording (N,), and the uncalibrated
+    probabilities of the same windows read at shorter lengths (``readings[k]``, the last
+    ``k`` slots; csi_cloud.model.lengths)."""
 
     level: int
     p_raw: np.ndarray
@@ -58,6 +65,14 @@ class LiveStreams:
     stream: np.ndarray
     starts: np.ndarray
     recording: np.ndarray
+    readings: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def live(self, lengths: ContextLengths, *, calibrated: bool = True) -> np.ndarray:
+        """The live output's probabilities (N, K) of a bundle reading ``lengths`` (the
+        service's :meth:`CloudModel.classify_live` on the same windows)."""
+        live, raw = lengths.read([*(self.readings[k] for k in lengths.lengths[:-1]),
+                                  self.p_raw])
+        return live if calibrated else raw
 
     def streams(self, p: np.ndarray | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -102,27 +117,51 @@ def stream_layout(data: SegmentData, recordings: np.ndarray, context: int, mode:
 
 def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
                  recordings: np.ndarray, mode: Mode, *, levels: list[int] | None = None,
-                 seed: int = 0, streams: int = 1, context: int | None = None
+                 seed: int = 0, streams: int = 1, lengths: Sequence[int] | None = None
                  ) -> list[LiveStreams]:
     """The per-second uncalibrated probabilities of ``recordings`` streamed ``mode``-wise, at
-    each rate level of ``levels`` (default all). ``context``: classify from the last
-    ``context`` segments only (the older slots of the window masked as missing), to measure
-    how a shorter context follows changes."""
+    each rate level of ``levels`` (default all), of the full window and of the window read at
+    each shorter length of ``lengths`` (default: the bundle's live lengths)."""
     n = model.net.cfg.context_segments
+    shorter = sorted({int(k) for k in (model.lengths.lengths if lengths is None else lengths)}
+                     - {n})
     encoded = encode_recordings(edge, data, recordings)
     win, owners, stream, starts = stream_layout(data, recordings, n, mode,
                                                 np.random.default_rng(seed), streams)
-    if context is not None:
-        if not 1 <= context <= n:
-            raise ValueError(f"context must be 1..{n} segments, got {context}")
-        win[:, : n - context] = -1
     out = []
     for level in levels if levels is not None else range(len(model.manifest.levels)):
-        decoded = decode_level(model, edge, data, encoded, level)
-        p_act = model.classify(decoded.windows(win), calibrated=False).activity
+        windows = decode_level(model, edge, data, encoded, level).windows(win)
+        p_act = model.classify(windows, calibrated=False).activity
+        readings = {k: classify_windows(model.net, windows.last(k), features=False)[0]
+                    .astype(np.float64) for k in shorter}
         out.append(LiveStreams(level, p_act.astype(np.float64), data.activity[owners], stream,
-                               starts, owners))
+                               starts, owners, readings))
     return out
+
+
+def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
+                ) -> tuple[ContextLengths, float, dict[str, float]]:
+    """The live lengths (csi_cloud.model.lengths) for ``joined`` streams (each holding the
+    readings of every candidate length): each length's temperature (NLL, levels pooled),
+    then the set of :func:`candidate_lengths` whose live output, filtered at its best
+    ``stay``, is the most accurate per second, a costlier set (one classification per length
+    per segment) only where it beats the cheaper ones by more than ``tolerance``. Returns it,
+    that ``stay``, and each set's accuracy."""
+    y = np.concatenate([s.labels for s in joined])
+    temperature = {k: fit_temperature(np.concatenate([s.readings[k] if k != n else s.p_raw
+                                                      for s in joined]), y)
+                   for k in sorted({k for c in candidate_lengths(n) for k in c})}
+    scores: dict[str, float] = {}
+    best: tuple[float, ContextLengths, float] | None = None
+    for candidate in candidate_lengths(n):
+        lengths = ContextLengths(candidate, tuple(temperature[k] for k in candidate))
+        stay, by_stay = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
+        score = by_stay[f"{stay:g}"]
+        scores[",".join(map(str, candidate))] = round(score, 4)
+        if best is None or score > best[0] + tolerance:
+            best = (score, lengths, stay)
+    assert best is not None
+    return best[1], best[2], scores
 
 
 def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
@@ -134,23 +173,26 @@ def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
     labelled = np.asarray(recordings)[data.activity[np.asarray(recordings)] >= 0]
     if len(labelled) == 0:
         raise ValueError("no labelled recording to calibrate on")
+    n = model.net.cfg.context_segments
     joined = live_streams(model, edge, data, labelled, "joined", seed=seed,
-                          streams=min(streams, len(labelled)))
+                          streams=min(streams, len(labelled)),
+                          lengths=[k for c in candidate_lengths(n) for k in c])
+    lengths, stay, length_scores = fit_lengths(joined, n)
     p = np.concatenate([s.p_raw for s in joined])
     y = np.concatenate([s.labels for s in joined])
-    temperature = fit_temperature(p, y)
-    calibrated = apply_temperature(p, temperature)
-    stay_streams = [st for s in joined for st in s.streams(apply_temperature(s.p_raw,
-                                                                            temperature))]
-    stay, stay_scores = fit_stay(stay_streams)
+    temperature = lengths.temperatures[-1]  # the full window's, as every caller reads it
+    live_raw = np.concatenate([s.live(lengths, calibrated=False) for s in joined])
+    live = np.concatenate([s.live(lengths) for s in joined])
+    _, stay_scores = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
     conf, correct = [], []
     for s in joined:
-        belief = filter_stream(apply_temperature(s.p_raw, temperature), stay, s.starts)
+        belief = filter_stream(s.live(lengths), stay, s.starts)
         conf.append(belief.max(1))
         correct.append(belief.argmax(1) == s.labels)
     threshold = fit_threshold(np.concatenate(conf), np.concatenate(correct), target)
     return {
         "temperature": round(temperature, 4),
+        "contexts": lengths.as_calibration(),
         "stay": stay,
         "threshold": threshold,
         "target_accuracy": target,
@@ -158,14 +200,22 @@ def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
         "recordings": len(labelled),
         "windows": len(p),
         "nll_before": round(mean_nll(p, y), 4),
-        "nll_after": round(mean_nll(calibrated, y), 4),
+        "nll_after": round(mean_nll(apply_temperature(p, temperature), y), 4),
         "ece_before": round(expected_calibration_error(p, y), 4),
-        "ece_after": round(expected_calibration_error(calibrated, y), 4),
+        "ece_after": round(expected_calibration_error(apply_temperature(p, temperature), y),
+                           4),
+        "live_nll": {"raw": round(mean_nll(live_raw, y), 4), "calibrated":
+                     round(mean_nll(live, y), 4)},
+        "live_ece": {"raw": round(expected_calibration_error(live_raw, y), 4), "calibrated":
+                     round(expected_calibration_error(live, y), 4)},
+        "contexts_accuracy": length_scores,
         "stay_accuracy": stay_scores,
-        "method": "temperature: NLL of every per-second window of joined streams, all rate "
-                  "levels pooled; stay: "
-                  "best filtered per-second accuracy on joined streams; threshold: lowest "
-                  f"whose answered seconds are >= {target} accurate on those streams",
+        "method": "temperatures: NLL of every per-second window of joined streams, all rate "
+                  "levels pooled, one per context length; lengths: the candidate set whose "
+                  "live output (most confident length) filtered at its best stay is the most "
+                  "accurate per second on joined streams; stay: best filtered per-second "
+                  "accuracy on joined streams; threshold: lowest whose answered seconds are "
+                  f">= {target} accurate on those streams",
     }
 
 

@@ -54,6 +54,20 @@ class Windows:
     def __len__(self) -> int:
         return len(self.present)
 
+    def last(self, k: int) -> Windows:
+        """The same windows reading only their last ``k`` slots: the older ones missing, as
+        in a window at the start of a stream (csi_cloud.model.lengths)."""
+        n = self.present.shape[1]
+        if not 1 <= k <= n:
+            raise ValueError(f"a window of {n} slots has no last {k!r} slots (1..{n})")
+        if k == n:
+            return self
+        present = self.present.copy()
+        present[:, : n - k] = False
+        return Windows(np.where(present[:, :, None, None], self.z_q, 0).astype(np.float32),
+                       np.where(present[:, :, None], self.profile, 0).astype(np.float32),
+                       present, self.level)
+
     @classmethod
     def gather(cls, rows: np.ndarray, z_q: np.ndarray, profile: np.ndarray,
                level: int | np.ndarray) -> Windows:
