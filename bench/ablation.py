@@ -61,7 +61,7 @@ DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
     d0, k0 = cfg.level_channels[0], cfg.profile_components[0]
     base = {"latent": d0, "profile": k0, "context": cfg.context_segments, "features": 4000,
-            "split": True, "diff": True, "seed": 0}
+            "split": True, "diff": True, "mean": True, "seed": 0}
     out = {"base": base}
     out |= {
         "profile only": {**base, "latent": 0},
@@ -77,6 +77,7 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
         "one transform for both": {**base, "split": False},
         "no difference channels": {**base, "diff": False},
         "1,000 features": {**base, "features": 1000},
+        "no window mean of the profile (the earlier head)": {**base, "mean": False},
     }
     out |= {f"base, head seed {s}": {**base, "seed": s} for s in range(1, seeds)}
     return out
@@ -94,7 +95,7 @@ def fit_variant(codes: Any, coeff: np.ndarray, train: np.ndarray, val: np.ndarra
     rng = np.random.default_rng(v["seed"])
     rows_tr, own_tr = _some_windows(codes, train, 8, 5, rng)
     rows_va, own_va = _some_windows(codes, val, 8, 5, rng)
-    layout = WindowLayout(v["latent"], v["profile"])
+    layout = WindowLayout(v["latent"], v["profile"], profile_mean=v["mean"])
     head = fit_context_head([(layout, _windows(codes, coeff, rows_tr, v),
                               _windows(codes, coeff, rows_va, v))],
                             codes.activity[own_tr], n_act, features=v["features"],

@@ -125,6 +125,34 @@ def test_series_lays_out_latent_and_profile_with_differences() -> None:
     assert np.allclose(out[1, 5:, 1:], np.diff(out[1, :5], axis=1))
 
 
+def test_series_adds_the_window_mean_of_the_profile_over_present_segments() -> None:
+    z = np.zeros((2, 3, 1, 4), np.float32)
+    coeff = np.array([[[1, 7], [3, 8], [5, 9]]] * 2, np.float32)  # (W, N, K)
+    present = np.array([[False, True, True], [True, True, True]])
+    out = series(z, coeff, present, WindowLayout(0, 2, 1.0, profile_mean=True))
+    assert out.shape == (2, 2 * 2 * 2, 3 * 4)
+    assert np.allclose(out[0, 2, 4:], 4.0) and np.allclose(out[0, 3, 4:], 8.5), \
+        "the mean of the present segments' coefficients, held over the window"
+    assert np.all(out[0, :4, :4] == 0), "a missing slot stays zeros"
+    assert np.allclose(out[1, 2, :], 3.0)
+    plain = series(z, coeff, present, WindowLayout(0, 2, 1.0))
+    assert np.array_equal(out[:, :2], plain[:, :2])
+
+
+def test_the_window_mean_recovers_what_rounding_takes() -> None:
+    """Rounded coefficients of a profile that moves by steps a segment: their window mean is
+    closer to the exact mean than the rounding error of one segment."""
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(500, 8, 1)).cumsum(axis=1) * 2 + rng.uniform(-9, 9, (500, 1, 1))
+    present = np.ones((500, 8), bool)
+    z = np.zeros((500, 8, 1, 1), np.float32)
+    layout = WindowLayout(0, 1, 1.0, profile_mean=True)
+    mean_exact = series(z, exact, present, layout)[:, 1, 0]
+    mean_rounded = series(z, np.round(exact), present, layout)[:, 1, 0]
+    one_segment = np.abs(np.round(exact) - exact).mean()
+    assert np.abs(mean_rounded - mean_exact).mean() < one_segment / 2
+
+
 def test_shrinking_towards_a_prior() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(60, 30)).astype(np.float32)
@@ -146,6 +174,12 @@ def test_the_shipped_bundle_carries_a_head_that_round_trips() -> None:
     arrays = head.arrays()
     again = ContextHead.from_arrays({k: np.array(v) for k, v in arrays.items()})
     assert again is not None
+    assert [p.layout for p in again.levels] == [p.layout for p in head.levels]
+    assert all(p.layout.profile_mean for p in head.levels), "heads read the window mean"
+    # A head stored before the window mean (three layout values) reads without it.
+    older = {k: (v[:3] if k.endswith(".layout") else v) for k, v in arrays.items()}
+    loaded = ContextHead.from_arrays(older)
+    assert loaded is not None and not any(p.layout.profile_mean for p in loaded.levels)
     rng = np.random.default_rng(3)
     cfg = net.cfg
     w, n, t = 4, cfg.context_segments, cfg.latent_steps()

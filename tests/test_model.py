@@ -206,6 +206,40 @@ def test_per_second_accuracy_counts_every_prediction_the_service_makes(
     assert 0 <= summary["unquantized"]["activity_accuracy_per_second"] <= 1
 
 
+def test_level_cost_is_paired_against_the_unquantized_path(trained: Path, samples: Path) -> None:
+    """Each level's cost is the unquantized accuracy minus the level's on the same windows,
+    per recording and per second, inside its own interval."""
+    from csi_cloud.model.evaluate import evaluate_bundle
+
+    data, *_ = prepare("fition", samples / "fition")
+    summary = evaluate_bundle(CloudModel.load(trained), EdgeEncoder(trained), data,
+                              np.arange(len(data))).summary
+    unq = summary["unquantized"]
+    for row in summary["levels"]:
+        for suffix in ("", "_per_second"):
+            points = row[f"activity_cost_points{suffix}"]
+            assert points == pytest.approx(100 * (unq[f"activity_accuracy{suffix}"]
+                                                  - row[f"activity_accuracy{suffix}"]), abs=0.01)
+            low, high = row[f"activity_cost{suffix}_ci95"]
+            assert low <= points <= high
+
+
+def test_paired_cost_resamples_recordings() -> None:
+    from csi_cloud.model.evaluate import paired_cost
+
+    owner = np.repeat(np.arange(4), [1, 1, 1, 9])
+    right = np.ones(12, bool)
+    assert paired_cost(right, right, owner) == (0.0, [0.0, 0.0])
+    # One recording of four, with 9 of the 12 windows, is wrong at the level: 75 points per
+    # window; the windows of a recording are drawn together, so a draw without it costs 0.
+    wrong = right.copy()
+    wrong[3:] = False
+    points, (low, high) = paired_cost(right, wrong, owner)
+    assert points == 75.0 and low == 0.0 and 75.0 < high <= 100.0
+    with pytest.raises(ValueError, match="3 owners"):
+        paired_cost(right, wrong, owner[:3])
+
+
 def test_int8_edge_codes_match_float_codes(trained: Path, samples: Path) -> None:
     data, *_ = prepare("fition", samples / "fition")
     edge, cloud = EdgeEncoder(trained), CloudModel.load(trained)

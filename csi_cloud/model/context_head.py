@@ -80,7 +80,7 @@ class LevelHead:
         out = []
         if self.layout.profile_components:
             out.append(WindowLayout(0, self.layout.profile_components,
-                                    self.layout.profile_scale))
+                                    self.layout.profile_scale, self.layout.profile_mean))
         if self.layout.latent_channels:
             out.append(WindowLayout(self.layout.latent_channels, 0, self.layout.profile_scale))
         return out
@@ -135,7 +135,8 @@ class ContextHead:
             p = f"{PREFIX}{i}."
             out[f"{p}layout"] = np.array([part.layout.latent_channels,
                                           part.layout.profile_components,
-                                          part.layout.profile_scale], np.float32)
+                                          part.layout.profile_scale,
+                                          float(part.layout.profile_mean)], np.float32)
             for j, tf in enumerate(part.transforms):
                 out.update(tf.arrays(f"{p}tf{j}."))
             out.update(part.activity.arrays(f"{p}activity."))
@@ -152,8 +153,8 @@ class ContextHead:
         levels = []
         for i in indices:
             p = f"{PREFIX}{i}."
-            d, k, scale = arrays[f"{p}layout"].tolist()
-            layout = WindowLayout(int(d), int(k), float(scale))
+            d, k, scale, *mean = arrays[f"{p}layout"].tolist()  # heads stored before the
+            layout = WindowLayout(int(d), int(k), float(scale), bool(mean and mean[0]))  # mean
             count = len({key.split(".")[2] for key in arrays
                          if key.startswith(p) and key.split(".")[2].startswith("tf")})
             transforms = [RocketTransform.from_arrays(arrays, f"{p}tf{j}.") for j in range(count)]

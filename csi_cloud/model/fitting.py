@@ -111,10 +111,13 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     def decoded(variant: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return take(rows, codes.z_q[variant]), take(rows, coeff[variant]), rows >= 0
 
+    # Every head, the unquantized path's too, also reads the window mean of the profile
+    # coefficients (rocket.WindowLayout.profile_mean).
     levels: list[Any] = [
-        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv]),
+        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv], profile_mean=True),
          decoded(lv, rows_tr), decoded(lv, rows_va)) for lv in range(cfg.levels)]
-    levels.append((WindowLayout(cfg.latent_channels, max(cfg.profile_components)),
+    levels.append((WindowLayout(cfg.latent_channels, max(cfg.profile_components),
+                                profile_mean=True),
                    unquantized_windows(net, data.x, rows_tr),
                    unquantized_windows(net, data.x, rows_va)))
     identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])

@@ -58,6 +58,11 @@ class WindowLayout:
     latent_channels: int  # D_l: the first D_l latent channels
     profile_components: int  # K_l: the first K_l profile PCA coefficients
     profile_scale: float = 5.0  # coefficients are in quantisation steps (+-R): to O(1)
+    # Also each coefficient's mean over the window's present segments, held over the window.
+    # A level sends coefficients rounded to whole steps; the static profile moves by a few
+    # steps a second, so the rounding errors of the segments are nearly independent and
+    # their mean over N segments recovers the sub-step value the rounding took away.
+    profile_mean: bool = False
 
 
 def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
@@ -65,11 +70,17 @@ def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
     """Windows -> one multichannel series each, with first differences.
 
     ``z_q`` (W, N, D, T), ``coeff`` (W, N, K) profile coefficients in steps, ``present``
-    (W, N). Returns (W, 2 * (D_l + K_l), N * T) float32; missing slots are zeros.
+    (W, N). Returns (W, 2 * (D_l + K_l), N * T) float32 (``2 * (D_l + 2 K_l)`` with
+    ``profile_mean``); missing slots are zeros.
     """
     w, n, _, t = z_q.shape
     lat = z_q[:, :, : layout.latent_channels]
-    prof = np.repeat(coeff[:, :, : layout.profile_components, None], t, axis=3)
+    coeff = coeff[:, :, : layout.profile_components]
+    if layout.profile_mean:
+        count = np.maximum(present.sum(axis=1), 1)[:, None]
+        mean = (coeff * present[:, :, None]).sum(axis=1) / count  # (W, K_l)
+        coeff = np.concatenate([coeff, np.broadcast_to(mean[:, None], coeff.shape)], axis=2)
+    prof = np.repeat(coeff[:, :, :, None], t, axis=3)
     x = np.concatenate([lat, prof / layout.profile_scale], axis=2)
     x = x * present[:, :, None, None]
     x = x.transpose(0, 2, 1, 3).reshape(w, x.shape[2], n * t)
