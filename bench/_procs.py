@@ -118,6 +118,13 @@ class Monitor:
         with self._lock:
             return next((at for at, n in self.preds if at > t and n in wanted), None)
 
+    def first_status_after(self, t: float, names: Sequence[str]) -> float | None:
+        """When the first status of ``names`` after ``t`` came (an edge publishes one at
+        each connect)."""
+        with self._lock:
+            return min((at for n in names for at, _ in self.status.get(n, []) if at > t),
+                       default=None)
+
     def preds_between(self, t0: float, t1: float, names: Sequence[str]) -> int:
         wanted = set(names)
         with self._lock:

@@ -174,6 +174,12 @@ class Ingestor:
         self.rejected: Counter[str] = Counter()
         self.lock = threading.Lock()
 
+    def warm(self) -> None:
+        """Run every bundle's classifier once (CloudModel.warm), on the thread that ingests:
+        before the first batch, not during it. Keeps no state."""
+        for model_id in self.registry.ids():
+            self.registry.get(model_id).warm()
+
     def state(self, site: str, ap: str) -> APState:
         key = (site, ap)
         if key not in self.aps:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import gc
 import logging
 import time
@@ -44,6 +46,8 @@ from .registry import ModelRegistry
 from .settings import CloudSettings
 
 __all__ = ["CloudService", "NotConnectedError", "is_transient"]
+
+_RELEASE_EVERY_S = 10  # freed heap memory goes back to the system at most this often
 
 log = logging.getLogger("csi_cloud.service")
 
@@ -99,6 +103,7 @@ class CloudService:
         self._announced: dict[tuple[str, str], bool] = {}
         self._switch_sent: dict[tuple[str, str], int] = {}  # the epoch told to switch
         self.batches = 0
+        self._released_at_batch = 0
         # Threads of their own: ingest (the per-AP state: one at a time), stores (in batch
         # order), status writes (in arrival order), other database reads, and /predict (so an
         # upload cannot hold up live ingest).
@@ -130,6 +135,9 @@ class CloudService:
                                                           _ACTIVE_MODEL)
         self.registry.serve(self.active_model)
         await loop.run_in_executor(self._db_pool, self._restore)
+        # Load what the first prediction needs before taking traffic (first-prediction
+        # latency; the memory is there from the start, not grown under the first load).
+        await loop.run_in_executor(self._ingest_pool, self.ingestor.warm)
         # Models and libraries are loaded: keep the collector from re-scanning them (full
         # collections of those objects were the worst latency spikes under load).
         gc.collect()
@@ -590,6 +598,9 @@ class CloudService:
                 for key in retry:
                     if key in self._ap_status:
                         self._queue_status(*key, self._ap_status[key])
+                if ticks % _RELEASE_EVERY_S == 0 and self.batches != self._released_at_batch:
+                    self._released_at_batch = self.batches
+                    await loop.run_in_executor(self._db_pool, release_memory)
                 if ticks % 5 == 0:
                     stored = await asyncio.wait_for(loop.run_in_executor(
                         self._db_pool, self.db.get_setting, _ACTIVE_MODEL),
@@ -643,3 +654,21 @@ class CloudService:
             out.append({"site": site, "ap": ap, "payload_bytes_per_s": state.bytes_per_s(now),
                         "online": bool(status.get("online"))})
         return out
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; nothing
+    elsewhere). A burst of large batches (their arrays and tensors are freed at the end of
+    each) leaves free memory in the allocator's arenas, which glibc keeps mapped otherwise:
+    the process's RSS would stay at its busiest moment."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -11,14 +11,18 @@ The source is never blocked, and the queue never stops the stream:
 
 - past ``max_segments`` the oldest rows are dropped and counted (``dropped``);
 - the disk is "full" once its free space falls under ``min_free_bytes`` (default 2 MiB): from
-  then on an append that the file's own free pages cannot take deletes as many of the oldest
-  unsent rows as it adds, in the same transaction, so the file stops growing (SQLite reuses
-  the freed pages) while the free space left over is what SQLite needs for its WAL and
-  checkpoints. Those are counted apart
-  (``dropped_disk_full``). Should the disk still fill up to the last byte (another writer),
-  ``SQLITE_FULL`` is handled the same way: the WAL is checkpointed, acknowledged rows are
-  deleted, then the oldest unsent rows in growing batches, and the append is tried again; if
-  even an empty queue has no room the new segments themselves are dropped and counted;
+  then on the file stops growing. It keeps the pages it has and an append that would need
+  more deletes the oldest unsent rows, in the same transaction, until the pages in use fit
+  again (SQLite reuses the freed pages; on files created here, ``auto_vacuum = INCREMENTAL``,
+  pages past the old size are handed back at once, so a checkpoint never has to grow the
+  file); the free space left over is what SQLite needs for its WAL and checkpoints. Only an
+  append that does not fit drops anything: on a healthy link the queue stays short, its
+  acknowledged rows free their pages, and the stream goes on untouched. Drops are counted
+  apart (``dropped_disk_full``). Should the disk fill up to the last byte (another writer),
+  ``SQLITE_FULL`` is handled in steps: the WAL is checkpointed (so it starts over in the
+  space it already has) and acknowledged rows are deleted, and the append is tried again;
+  only then are the oldest unsent rows deleted, in growing batches; if even an empty queue
+  has no room the new segments themselves are dropped and counted;
 - deleting acknowledged rows never raises: a delete that fails (full disk, I/O error) keeps the
   ids in memory, hidden from :meth:`SegmentSpool.peek` and ``len``, and retries them at the
   next write.
@@ -148,6 +152,7 @@ class SegmentSpool:
         self.max_segments = max_segments
         self.min_free_bytes = min_free_bytes
         self._full_reported = False
+        self._page_ceiling: int | None = None  # pages the file may use while low on disk
         self.dropped = 0  # oldest segments dropped at the bound by this process
         self.dropped_disk_full = 0  # segments dropped because the disk was full
         self.acknowledged_pending = 0  # acknowledged rows whose delete must be retried
@@ -244,14 +249,16 @@ class SegmentSpool:
     # -- internals ------------------------------------------------------------------------
 
     def _insert(self, rows: list[_Row]) -> None:
-        low = self._count > 0 and self._low_on_disk() and not self._free_pages_for(rows)
+        ceiling = self._low_disk_ceiling()
         with _Transaction(self._db):
-            # Low on disk and no free page inside the file: make room first, so the insert
-            # reuses the pages it frees instead of growing the file.
-            room = self._delete_oldest(len(rows)) if low else []
+            last = int(self._db.execute("SELECT coalesce(max(id), 0) FROM segment")
+                       .fetchone()[0])
             self._db.executemany(
                 "INSERT INTO segment(epoch, seq, level, model, timestamp_ms, quality, codes,"
                 " queued_ms, idle, motion) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            # Low on disk: the rows must fit in the pages the file may use; older rows make
+            # room (their pages are reused), never the ones just added.
+            room = [] if ceiling is None else self._fit_pages(ceiling, last, len(rows))
             excess = self._count - len(room) + len(rows) - self.max_segments
             bound = self._delete_oldest(excess) if excess > 0 else []
         self._count += len(rows)
@@ -261,11 +268,39 @@ class SegmentSpool:
                               "oldest segments")
         self.dropped += self._forget(bound)
 
-    def _free_pages_for(self, rows: list[_Row]) -> bool:
-        """Whether the file's own free pages can take ``rows`` without growing."""
-        size = sum(len(r[6]) + len(r[3]) + 64 for r in rows)
-        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
-        return free * self._page_size >= size + 2 * self._page_size
+    def _low_disk_ceiling(self) -> int | None:
+        """Pages the file may have while the disk is low (None: it is not): its size when
+        the episode began."""
+        if not self._low_on_disk():
+            self._page_ceiling = None
+        elif self._page_ceiling is None:
+            self._page_ceiling = self._pages()[0]
+        return self._page_ceiling
+
+    def _fit_pages(self, ceiling: int, up_to_id: int, batch: int) -> list[int]:
+        """Inside a transaction: delete the oldest rows with ids up to ``up_to_id``, in
+        growing batches, until the pages in use fit under ``ceiling``, and give the pages
+        past it back (a checkpoint must not have to grow the file on a full disk); the ids."""
+        gone: list[int] = []
+        pages, free = self._pages()
+        while pages - free > ceiling:
+            ids = self._delete_oldest(batch, up_to_id=up_to_id)
+            if not ids:
+                break
+            gone += ids
+            batch *= 2
+            pages, free = self._pages()
+        if pages > ceiling and free:
+            self._db.execute(f"PRAGMA incremental_vacuum({pages - ceiling})").fetchall()
+            pages, free = self._pages()
+        # The new rows alone need more: they stay, and later appends must not pay for it.
+        self._page_ceiling = max(ceiling, pages - free)
+        return gone
+
+    def _pages(self) -> tuple[int, int]:
+        """(pages in the file, free pages), as this connection sees them."""
+        pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        return pages, int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
 
     def _low_on_disk(self) -> bool:
         try:
@@ -278,15 +313,17 @@ class SegmentSpool:
             log.warning("spool %s: disk full: %s", self.path, what)
             self._full_reported = True
 
-    def _delete_oldest(self, n: int) -> list[int]:
-        """Delete the ``n`` oldest rows not being sent (inside a transaction); their ids.
+    def _delete_oldest(self, n: int, up_to_id: int | None = None) -> list[int]:
+        """Delete the ``n`` oldest rows not being sent (and with ids up to ``up_to_id``)
+        inside a transaction; their ids.
 
         Rows being sent (:meth:`hold`) stay: they may still be delivered, and a row counted
         as dropped must not arrive."""
         held = sorted(self._held)
         ids = [r[0] for r in self._db.execute(
-            "SELECT id FROM segment WHERE id NOT IN "
-            f"({','.join('?' * len(held))}) ORDER BY id LIMIT ?", (*held, n))]
+            "SELECT id FROM segment WHERE id <= ? AND id NOT IN "
+            f"({','.join('?' * len(held))}) ORDER BY id LIMIT ?",
+            (up_to_id if up_to_id is not None else 2**63 - 1, *held, n))]
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             self._db.execute(f"DELETE FROM segment WHERE id IN ({','.join('?' * len(chunk))})",
@@ -345,7 +382,7 @@ class SegmentSpool:
     def _with_room(self, write: Callable[[], _T], new_rows: int = 1) -> _T:
         """Run ``write``; on a full disk make room (oldest rows first) and try again."""
         batch = max(1, new_rows)
-        for _ in range(_FULL_ATTEMPTS):
+        for attempt in range(_FULL_ATTEMPTS):
             try:
                 return write()
             except sqlite3.Error as exc:
@@ -353,6 +390,8 @@ class SegmentSpool:
                     raise
             self._checkpoint()
             self._flush_acked()
+            if attempt == 0:
+                continue  # the WAL starting over in its own space is often room enough
             if self._count == 0:
                 try:
                     return write()

@@ -443,6 +443,48 @@ def test_full_disk_drops_the_oldest_and_keeps_going(tmp_path: Path) -> None:
             again.close()
 
 
+def test_a_full_disk_never_stops_a_healthy_link(tmp_path: Path) -> None:
+    """The disk full to the last byte, the link up: each live message (2 segments) is queued,
+    sent and acknowledged and nothing is dropped, whatever the queue held before. A queue that
+    dropped the oldest row for every new one would never complete a message: the stream
+    would stop, with nothing to say so but the drop counter."""
+    with small_filesystem(tmp_path, 3 * 1024) as fs:
+        spool = SegmentSpool(fs / "lab" / "ap1.sqlite")
+        try:
+            spool.next_epoch()
+            seq = 0
+
+            def live(messages: int) -> int:
+                nonlocal seq
+                sent = 0
+                for _ in range(messages):
+                    for _ in range(2):
+                        spool.put([seg(seq, codes=random.randbytes(40))])
+                        seq += 1
+                    rows = spool.peek(10)
+                    spool.remove([r.id for r in rows])
+                    sent += len(rows)
+                return sent
+
+            live(20)
+            filler = _fill(fs)
+            assert shutil.disk_usage(fs).free < 8192
+            assert live(200) == 400
+            # A link outage on the full disk: the queue keeps what fits, drops the oldest.
+            for _ in range(300):
+                spool.put([seg(seq, codes=random.randbytes(40))])
+                seq += 1
+            assert len(spool) > 0 and spool.dropped_disk_full == 300 - len(spool)
+            backlog = len(spool)
+            before = spool.dropped_disk_full
+            # The link back, the disk still full: the backlog goes, the stream goes on.
+            assert live(200) == 400 + backlog
+            assert spool.dropped_disk_full == before and len(spool) == 0
+            filler.unlink()
+        finally:
+            spool.close()
+
+
 def test_sqlite_full_drops_the_oldest_and_keeps_going(spool_path: Path) -> None:
     """SQLITE_FULL without a small file system: the database may not grow past
     max_page_count, as on a disk that is full to the last byte."""

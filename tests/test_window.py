@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from csi_cloud.ingest import Ingestor
+from csi_cloud.model import compression
 from csi_cloud.model.compression import CloudModel
 from csi_cloud.model.evaluate import decode_level, encode_recordings
 from csi_cloud.model.heads import CodeData, code_windows
@@ -176,6 +177,34 @@ def test_the_service_and_the_offline_live_streams_give_the_same_live_output(
     # it is the surest: the live output is not the full window's alone.
     full = apply_temperature(offline.p_raw, model.temperature)
     assert not np.allclose(live, full)
+
+
+def test_classify_runs_in_a_few_shapes_and_padding_changes_no_result(
+        fition: tuple[Any, CloudModel, EdgeEncoder], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any number of windows reaches the network in runs of 64 or a power of two (torch
+    keeps compiled kernels per shape), and each window's result is its own."""
+    data, model, edge = fition
+    decoded = decode_level(model, edge, data, encode_recordings(edge, data, np.array([0])),
+                           LEVEL)
+    rows, _ = arrived_windows(data, np.array([0]), model.net.cfg.context_segments,
+                              np.ones(len(data.x), bool))
+    rows = rows[np.arange(70) % len(rows)]  # a recording's windows, over and over
+    windows = decoded.windows(rows)
+    shapes: list[int] = []
+    run = compression.classify_windows
+
+    def spy(net: Any, w: Windows, **kw: Any) -> Any:
+        shapes.append(len(w))
+        return run(net, w, **kw)
+
+    monkeypatch.setattr(compression, "classify_windows", spy)
+    together = model.classify(windows)
+    assert shapes == [64, 8]
+    alone = [model.classify(decoded.windows(rows[i : i + 1])) for i in (0, 63, 64, 69)]
+    assert shapes[2:] == [1, 1, 1, 1]
+    assert together.activity.shape[0] == 70
+    for i, one in zip((0, 63, 64, 69), alone, strict=True):
+        assert np.allclose(together.activity[i], one.activity[0], atol=1e-5)
 
 
 def test_the_service_window_starts_afresh_with_a_new_epoch_and_skips_gaps(

@@ -73,6 +73,28 @@ def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = Tru
     return p_act, p_id, feats
 
 
+# Windows per classifier run. torch's CPU kernels (oneDNN) compile and keep a primitive per
+# layer and input shape, up to 1024: every distinct batch size ingest met stayed in memory
+# (measured: 120 sizes, +70 MB). Runs of this many, the last padded to a power of two, give
+# the classifier 7 shapes in all.
+_CLASSIFY_CHUNK = 64
+
+
+def _in_fixed_shapes(windows: Windows) -> list[Windows]:
+    """``windows`` in runs of ``_CLASSIFY_CHUNK``, the last one padded (repeating its last
+    window) to a power of two; each window is classified on its own, so padding changes no
+    result."""
+    out = []
+    for start in range(0, len(windows.present), _CLASSIFY_CHUNK):
+        part = [x[start:start + _CLASSIFY_CHUNK] for x in
+                (windows.z_q, windows.profile, windows.present, windows.level)]
+        pad = (1 << (len(part[0]) - 1).bit_length()) - len(part[0])
+        if pad:
+            part = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in part]
+        out.append(Windows(*part))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """What a bundle says about W windows."""
@@ -207,6 +229,21 @@ class CloudModel:
             profile[:k] = last.profile[:k]
         return SegmentCodes(level, latent, profile)
 
+    def warm(self) -> None:
+        """Classify still segments once at every rate level and in every run shape
+        (:func:`_in_fixed_shapes`), and forget them: what the first predictions would load
+        (torch's kernels, the numba JIT of a ROCKET head: about 130 MB) is loaded now, so no
+        live segment waits for it and the memory is the process's from the start."""
+        levels = [lv.level for lv in self.manifest.levels]
+        z_q, profile = self.decode_latent([self.idle_codes(level, None) for level in levels])
+        n = self.net.cfg.context_segments
+        size = 1
+        while size <= _CLASSIFY_CHUNK:
+            rows = np.full((size, n), -1, dtype=np.int64)
+            rows[:, -1] = np.arange(size) % len(levels)
+            self.classify(Windows.gather(rows, z_q, profile, np.array(levels)[rows[:, -1]]))
+            size *= 2
+
     @torch.no_grad()
     def decode_latent(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray]:
         """Codes -> what the classifier reads: z_q (B, D, T) and the profile (B, C)."""
@@ -250,8 +287,12 @@ class CloudModel:
         them (csi_cloud.model.openset). The activity probabilities are temperature-scaled
         (:attr:`temperature`) unless ``calibrated`` is False."""
         calibration = self.manifest.calibration
-        p_act, p_id, feats = classify_windows(self.net, windows,
-                                              features=needs_features(calibration))
+        n = len(windows.present)
+        parts = [classify_windows(self.net, part, features=needs_features(calibration))
+                 for part in _in_fixed_shapes(windows)]
+        p_act, p_id, feats = (None if parts[0][k] is None else
+                              np.concatenate([p[k] for p in parts])[:n] for k in range(3))
+        assert p_act is not None
         unknown = (open_set_decision(p_id, calibration, feats) if p_id is not None
                    else np.zeros(len(p_act), dtype=bool))
         return Prediction(apply_temperature(p_act, self.temperature) if calibrated else p_act,
