@@ -319,6 +319,8 @@ class RecordingParser:
         except BrokenProcessPool as exc:
             self.crashes += 1
             self._discard(pool)
+            for worker in workers:  # the pool may report the break before the child is reaped
+                worker.join(timeout=2)
             codes = [p.exitcode for p in workers if p.exitcode is not None]
             detail = f" (exit code {codes[0]})" if codes else ""
             log.warning("upload parser worker died%s", detail)
