@@ -16,12 +16,23 @@ anew for any receiver (Nexmon, Intel 5300, ESP32) and for the segment stream of 
    the frame drops out, so automatic gain control (the original ESP32 cannot lock its gain;
    Nexmon and Intel 5300 never do) does not read as motion. This is the role ESPectre gives
    its coefficient of variation.
-3. A moving average over ``smooth_s`` (0.2 s), causal: measurement noise above a few hertz
-   is removed, body movement (below ~5 Hz) stays.
-4. Per subcarrier, the standard deviation over the trailing ``window_s`` (2 s) ending at the
-   segment's end: the moving variance of the signal. The window never reaches back across a
-   gap in the stream longer than ``max_gap_s`` (1 s): the channel before it is another one.
-5. The median over the subcarriers, as log2: the **motion statistic**. The median is the
+3. A causal running median over ``despike_frames`` (5) frames: single-frame glitches (Nexmon
+   captures hold frames whose amplitudes jump for one packet, often every few tenths of a
+   second) are removed; body movement spans many frames and stays.
+4. A causal moving average over ``smooth_s`` (0.1 s), minus the signal's own trailing mean
+   over ``detrend_s`` (0.5 s): a band-pass of about 0.3 to 5 Hz. Measurement noise above a
+   few hertz goes, and so do slow drifts (temperature, a gain that settles), which a plain
+   variance counts as motion; body movement, whose energy against a quiet room is highest
+   between 0.5 and 3 Hz on the Fition links, stays. Unlike a difference over a fixed lag,
+   this filter has no blind frequencies in that band.
+5. Per subcarrier, the standard deviation of that signal over the trailing ``window_s`` (4 s)
+   ending at the segment's end: the moving variance of the signal. The window never reaches
+   back across a gap in the stream longer than ``max_gap_s`` (1 s): the channel before it is
+   another one.
+   4 s rather than 2: a segment scores motion of its last four seconds, so a still second
+   right after a movement still counts (the price: ``motion`` ends up to 4 s after the
+   movement does); onset is as fast (ESP32: the first moving segment is flagged).
+6. The median over the subcarriers, as log2: the **motion statistic**. The median is the
    stability selection: subcarriers that flicker on their own (a null, a spur, an invalid
    value) sit in the upper tail and do not move it. Keeping only the most stable subcarriers
    before the median, as ESPectre's NBVI does (``stable_fraction``), was measured and left
@@ -72,6 +83,7 @@ PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
+_FILTER_MARGIN_S = 0.5  # frames read before the window for the despiking median to settle
 
 
 def presence_spec(frames: CSIFrames) -> InputSpec:
@@ -85,8 +97,10 @@ def presence_spec(frames: CSIFrames) -> InputSpec:
 class MotionConfig:
     """Parameters of the motion statistic and its calibration (the module docstring)."""
 
-    smooth_s: float = 0.2
-    window_s: float = 2.0
+    despike_frames: int = 5
+    smooth_s: float = 0.1
+    detrend_s: float = 0.5
+    window_s: float = 4.0
     reference_quantile: float = 0.25
     horizon_segments: int = 900
     warmup_segments: int = 5
@@ -97,7 +111,7 @@ class MotionConfig:
     stable_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("smooth_s", "window_s", "max_gap_s"):
+        for name in ("smooth_s", "detrend_s", "window_s", "max_gap_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"motion {name} {value!r} is not a finite number >= 0")
@@ -109,6 +123,8 @@ class MotionConfig:
         if not 1 <= self.warmup_segments <= self.horizon_segments:
             raise ValueError(f"motion warmup_segments {self.warmup_segments!r} is not in "
                              f"[1, horizon_segments = {self.horizon_segments}]")
+        if self.despike_frames < 1:
+            raise ValueError(f"motion despike_frames {self.despike_frames!r} must be >= 1")
         if self.min_frames < 2:
             raise ValueError(f"motion min_frames {self.min_frames!r} must be >= 2")
         if not 0 < self.stable_fraction <= 1:
@@ -219,7 +235,8 @@ class MotionMeter:
         ``_MAX_KEEP_S``, should segments stop being scored)."""
         if not self._t.size:
             return
-        needed = self.config.window_s + self.config.smooth_s + 1.0
+        cfg = self.config
+        needed = cfg.window_s + cfg.detrend_s + cfg.smooth_s + _FILTER_MARGIN_S + 1.0
         newest = float(self._t[-1])
         oldest = max(newest - _MAX_KEEP_S, (self._scored_until if self._scored_until is not None
                                             else -math.inf) - needed)
@@ -240,23 +257,32 @@ class MotionMeter:
         return math.log2(level) if level > 0 else None
 
     def _spreads_of(self, start: float, end: float) -> np.ndarray | None:
-        """Per subcarrier, the spread of the smoothed signal over the trailing window (NaN
-        where too few values); None without enough frames."""
+        """Per subcarrier, the standard deviation over the trailing window of the despiked,
+        smoothed signal's deviation from its own trailing ``detrend_s`` mean (of the signal
+        itself when ``detrend_s`` is 0); NaN where too few values; None without enough
+        frames."""
         self._take_pending()
         cfg = self.config
         own = (self._t >= start) & (self._t < end)
         if int(own.sum()) < cfg.min_frames:
             return None
-        lead = (self._t >= end - cfg.window_s - cfg.smooth_s) & (self._t < end)
+        reach = cfg.window_s + cfg.detrend_s + cfg.smooth_s + _FILTER_MARGIN_S
+        lead = (self._t >= end - reach) & (self._t < end)
         t, x = self._t[lead], self._x[lead].astype(np.float64)
         steps = np.diff(t)
         gaps = np.flatnonzero(steps > cfg.max_gap_s)
         if gaps.size:  # what came before a gap is another stretch of the channel
             t, x, steps = t[gaps[-1] + 1:], x[gaps[-1] + 1:], steps[gaps[-1] + 1:]
         rate = 1.0 / float(np.median(steps)) if steps.size and np.median(steps) > 0 else 0.0
+        if cfg.despike_frames > 1 and len(x) >= cfg.despike_frames:
+            x = _running_median(x, cfg.despike_frames)
+            t = t[cfg.despike_frames - 1:]
         n = max(1, round(cfg.smooth_s * rate))
         if n > 1:
             x = _moving_average(x, n)
+        m = round(cfg.detrend_s * rate)
+        if m > 1:  # high-pass: slow drifts (temperature, a settling gain) fall out
+            x = x - _moving_average(x, m)
         window = x[t >= end - cfg.window_s]
         valid = np.isfinite(window)
         count = valid.sum(axis=0)
@@ -323,6 +349,13 @@ def _nan_median(x: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         median = (np.take_along_axis(ordered, low, -1) + np.take_along_axis(ordered, high, -1))
     return np.where(count > 0, median[..., 0] / 2, np.nan)
+
+
+def _running_median(x: np.ndarray, n: int) -> np.ndarray:
+    """Causal median of each ``n`` consecutive rows (``len(x) - n + 1`` rows out), missing
+    (NaN) values left out."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, n, axis=0)
+    return _nan_median(windows)
 
 
 def _moving_average(x: np.ndarray, n: int) -> np.ndarray:
