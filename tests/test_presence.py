@@ -107,6 +107,18 @@ def test_single_frame_glitches_and_slow_drifts_are_not_motion() -> None:
         assert max(ablated) > floor, ablated  # what the running median / detrending remove
 
 
+def test_the_despiking_median() -> None:
+    from csi_edge.presence import _hold_last, _running_median
+
+    x = np.random.default_rng(4).normal(size=(30, 6))
+    for n in (2, 3, 5):
+        expected = np.median(np.lib.stride_tricks.sliding_window_view(x, n, axis=0), axis=-1)
+        np.testing.assert_allclose(_running_median(x, n), expected)
+    gappy = np.array([[np.nan, 1.0], [2.0, np.nan], [np.nan, np.nan], [3.0, 4.0]])
+    np.testing.assert_array_equal(_hold_last(gappy),
+                                  [[np.nan, 1.0], [2.0, 1.0], [2.0, 1.0], [3.0, 4.0]])
+
+
 def test_stability_selection_keeps_the_quiet_subcarriers() -> None:
     csi = channel(2500, RATE, moving=(15.0, 22.0), seed=9)
     rng = np.random.default_rng(3)
