@@ -54,7 +54,9 @@ __all__ = ["BROKER_PERSISTENCE", "DemoError", "demo_broker_config", "log_tail", 
 
 _SUFFIXES = {".pcap", ".dat", ".csv", ".h5", ".hdf5", ".mat", ".npz"}
 _DEFAULT_DATA = {"nexmon": "fition", "intel5300": "wiar"}
-PRESENCE_DEMO_HOLD_S = 5.0
+# With the motion score's 4 s window, a movement stays "occupied" about 4 s + the hold: 7 s
+# leaves a 10 s quiet recording a few seconds of "empty".
+PRESENCE_DEMO_HOLD_S = 3.0
 DEFAULT_HTTP = "127.0.0.1:8000"
 LOG_TAIL_LINES = 20
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
