@@ -35,11 +35,24 @@ __all__ = ["Persistence", "codes_of", "is_transient", "rows_of"]
 _MAX_DEAD_LETTERS = 100_000  # rows kept in dead_letters (the oldest go first)
 _COLUMNS = frozenset(c.name for c in Prediction.__table__.columns) - {"id"}
 # What the classifier and the filter said: a run of idle segments is one row only while these
-# are the same for each of its segments (they settle once the context holds idle copies only).
+# are the same for each of its segments (the labels settle once the context holds idle copies).
 _RUN_SAME = ("site", "ap", "epoch", "received", "model", "rate_level", "context_present",
-             "context_size", "activity", "activity_confidence", "identity",
-             "identity_confidence", "probabilities", "activity_confidence_raw",
-             "smoothed_activity", "smoothed_confidence", "uncertain")
+             "context_size", "activity", "identity", "smoothed_activity", "uncertain")
+# Averaged over a run: confidences and probabilities. Equal floats are not what to wait for:
+# the filter approaches its fixed point geometrically, by its stay per segment, so at a stay of
+# 0.9 they would differ for hundreds of segments and a run would again be a row per segment.
+_RUN_MEAN = ("activity_confidence", "identity_confidence", "activity_confidence_raw",
+             "smoothed_confidence", "probabilities")
+
+
+def _running_mean(mean: Any, value: Any, n: int) -> Any:
+    """The mean of ``n`` values and one more: floats, or dicts of them (``probabilities``) key
+    by key; anything else (None, a missing key) stays the mean's."""
+    if isinstance(mean, float) and isinstance(value, float):
+        return (mean * n + value) / (n + 1)
+    if isinstance(mean, dict) and isinstance(value, dict):
+        return {k: _running_mean(v, value.get(k), n) for k, v in mean.items()}
+    return mean
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -60,8 +73,9 @@ def codes_of(events: list[dict[str, Any]], result: BatchResult) -> list[bytes | 
 def rows_of(events: list[dict[str, Any]], codes: list[bytes | None]) -> list[dict[str, Any]]:
     """The prediction rows of a batch's predictions (in order): one per segment, except that
     consecutive idle segments of one message (same arrival, consecutive sequence numbers, the
-    same repeated codes) are one row while the classifier and the filter say the same for each
-    (``_RUN_SAME``): ``segments`` counts them, ``seq`` and ``timestamp`` are the first's. What
+    same repeated codes) are one row while the classifier and the filter give the same labels
+    for each (``_RUN_SAME``): ``segments`` counts them, ``seq`` and ``timestamp`` are the
+    first's, confidences and probabilities their mean over the run (``_RUN_MEAN``). What
     the edge sends per segment is summarised over the run: ``quality`` its lowest,
     ``motion_score`` its highest, ``motion`` and ``presence`` true if true for any segment.
     So an idle message costs a row, not one per segment it stands for (up to 255), however
@@ -72,7 +86,10 @@ def rows_of(events: list[dict[str, Any]], codes: list[bytes | None]) -> list[dic
         if (run is not None and event.get("idle") and code == run["codes"]
                 and event["seq"] == run["seq"] + run["segments"]
                 and all(event.get(k) == run.get(k) for k in _RUN_SAME)):
-            run["segments"] += 1
+            n = run["segments"]
+            for key in _RUN_MEAN:
+                run[key] = _running_mean(run.get(key), event.get(key), n)
+            run["segments"] = n + 1
             run["quality"] = min(run["quality"], event["quality"])
             for key, pick in (("motion_score", max), ("motion", max), ("presence", max)):
                 values = [v for v in (run.get(key), event.get(key)) if v is not None]

@@ -443,3 +443,26 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
             cloud.wait(20)
         except subprocess.TimeoutExpired:
             cloud.kill()
+
+
+def test_an_idle_run_stores_the_mean_of_confidences_that_still_move() -> None:
+    """The filter approaches its fixed point geometrically: confidences and probabilities
+    still moving do not split a run; its row holds their mean, the labels stay exact."""
+    def event(seq: int, confidence: float, activity: str = "nm") -> dict[str, Any]:
+        return {"site": "lab", "ap": "ap", "epoch": 1, "seq": seq, "timestamp": seq * 1.0,
+                "received": 5.0, "model": "m", "rate_level": 1, "quality": 1.0,
+                "activity": activity, "activity_confidence": confidence,
+                "smoothed_confidence": confidence, "identity_confidence": None,
+                "probabilities": {"activity": {activity: confidence, "x": 1 - confidence}},
+                "motion_score": None, "motion": None, "presence": None, "idle": True}
+
+    events = [event(0, 0.5), event(1, 0.7), event(2, 0.75), event(3, 0.9, "walk")]
+    rows = rows_of(events, [b"x"] * 4)
+    assert [(r["seq"], r["segments"], r["activity"]) for r in rows] == [
+        (0, 3, "nm"), (3, None, "walk")]
+    assert rows[0]["activity_confidence"] == pytest.approx(0.65)
+    assert rows[0]["smoothed_confidence"] == pytest.approx(0.65)
+    assert rows[0]["identity_confidence"] is None
+    assert rows[0]["probabilities"] == {"activity": {"nm": pytest.approx(0.65),
+                                                     "x": pytest.approx(0.35)}}
+    assert events[0]["probabilities"]["activity"]["nm"] == 0.5  # what was said live is kept
