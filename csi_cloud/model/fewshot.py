@@ -137,8 +137,8 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
                     **{f"level{lv}_activity_accuracy_per_second": a for lv, a in
                        enumerate(_accuracy(net, codes, query, every=True, windows=windows))}}
                 if name == "ours_adapted":
-                    row.update({f"level{lv}_prior_weight": v["prior_weight"]
-                                for lv, v in shrinkage(net).items()})
+                    row.update({f"level{lv}_prior_weight": w for lv, v in
+                                shrinkage(net).items() if (w := v["prior_weight"]) is not None})
                 per.setdefault(name, []).append(row)
             if win is not None and rocket is not None:
                 for name, row in run_anchors(win, rocket, support, query, n_act, 0,
