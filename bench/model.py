@@ -291,7 +291,9 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                 "ours_support_only_level0": methods["ours_support_only"][
                     "level0_activity_accuracy"],
                 "best_baseline": best_name, "best_baseline_activity": best,
-                "at_least_best_baseline": ours >= best}
+                "at_least_best_baseline": ours >= best,
+                "at_least_support_only": ours >= methods["ours_support_only"][
+                    "level0_activity_accuracy"]}
             if setting == "cross-session":
                 entry[f"few-shot {setting}"]["target_0_70"] = ours >= 0.70
         out[name] = entry
@@ -402,6 +404,11 @@ def render(report: dict[str, Any], name: str) -> str:
             cells = [f"{mean[k][m][key]:.3f} / {mean[k][m][key + '_per_second']:.3f}"
                      if m in mean[k] else "-" for k in ks]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        weights = [f"K={k}: {mean[k]['ours_adapted']['level0_prior_weight']:.2f}" for k in ks
+                   if "level0_prior_weight" in mean[k].get("ours_adapted", {})]
+        if weights:
+            lines += ["", "Prior weight `csi adapt` chose at level 0 (mean; 0 = the support "
+                      "alone, 1 = shrunk towards the bundle's weights): " + ", ".join(weights)]
         lines.append("")
     lines += ["### Targets", "", "```json", json.dumps(report["targets"].get(name, {}),
                                                        indent=1), "```", ""]
