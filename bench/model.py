@@ -147,6 +147,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                               target, seed))
     results: dict[str, dict[str, list[Any]]] = {}
     rockets: dict[int, np.ndarray] = {}
+    if args.tasks:
+        tasks = [t for t in tasks if t[1] in args.tasks.split(",")]
     if args.max_tasks:
         counted: dict[str, int] = {}
         capped = []
@@ -459,6 +461,9 @@ def main() -> None:
     parser.add_argument("--max-tasks", type=int, default=0,
                         help="run at most this many tasks per protocol (0: all); the "
                              "results say how many ran")
+    parser.add_argument("--tasks", default="",
+                        help="run only these tasks (comma-separated names, e.g. "
+                             "user3->user4); the results list the tasks that ran")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true",
@@ -481,8 +486,11 @@ def main() -> None:
                 mine = report["datasets"].setdefault(name, ds)
                 if mine is not ds:
                     mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
-                    if "few_shot" in ds:
-                        mine["few_shot"] = {**mine.get("few_shot", {}), **ds["few_shot"]}
+                    for setting, few in ds.get("few_shot", {}).items():
+                        # Runs (directions, folds) of a setting measured apart add up.
+                        runs = {**mine.setdefault("few_shot", {}).get(setting, {}).get(
+                            "runs", {}), **few["runs"]}
+                        mine["few_shot"][setting] = {"runs": runs, "mean": _few_mean(runs)}
         report["targets"] = targets(report)
         report["plots"] = plot(report, args.out.parent)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
