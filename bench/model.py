@@ -113,6 +113,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     win = Windows(data, 8)
     n_act, n_id = len(acts), len(ids)
     shots = [int(s) for s in args.shots.split(",")]
+    source_shots = [int(s) for s in args.source_anchors_shots.split(",") if s] \
+        if args.source_anchors_shots != "all" else None
     report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
                               "max_tasks_per_protocol": args.max_tasks or None,
                               "activities": acts, "identities": ids, "protocols": {}}
@@ -197,7 +199,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
             if setting in settings:
                 few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
                     model, edge, data, te, shots, args.draws, win=win, rocket=rocket,
-                    source=source)
+                    source=source, source_shots=source_shots)
         if partial is not None:
             partial(_summarise(report, results, few))
         low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol in protocols \
@@ -444,6 +446,10 @@ def main() -> None:
     parser.add_argument("--segment-dropout", type=float, default=0.5)
     parser.add_argument("--shots", default="1,3,5")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--source-anchors-shots", default="all",
+                        help="few-shot: the K at which the anchors also train on the source "
+                             "data plus the support ('all', or e.g. '5'; '' for none: their "
+                             "boosting on every source window is the slow part)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--protocols", default="random,cross-session,few-shot",
                         help="few-shot alone runs only the few-shot settings (their bundles "

@@ -103,13 +103,15 @@ def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
 def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
              target: np.ndarray, shots: Sequence[int], draws: int, *,
              win: Windows | None = None, rocket: np.ndarray | None = None,
-             source: np.ndarray | None = None,
+             source: np.ndarray | None = None, source_shots: Sequence[int] | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One setting: K -> method -> mean and std over draws (see the module docstring).
 
     ``target``: the new setting's recordings in ``data``; ``source``: recordings of the
     source data in ``data`` (for the anchors trained with it); ``win``/``rocket``: the
-    anchors' windows and MiniRocket features (no anchors without them)."""
+    anchors' windows and MiniRocket features (no anchors without them); ``source_shots``: the
+    K at which the anchors also train on the source data (None: every K; fitting them on
+    every source window is what takes time)."""
     codes = codes_from_segments(model, edge, data)
     n_act = len(model.manifest.labels["activity"] or [])
     # Adaptation only swaps the head's activity layers: the head's features of every window
@@ -144,7 +146,8 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
                 for name, row in run_anchors(win, rocket, support, query, n_act, 0,
                                              identity=False, seed=draw).items():
                     per.setdefault(f"{name}_support_only", []).append(row)
-                if source is not None and len(source):
+                if source is not None and len(source) and (source_shots is None
+                                                           or k in source_shots):
                     for name, row in run_anchors(win, rocket, source, query, n_act, 0,
                                                  identity=False, seed=draw,
                                                  support=support).items():
