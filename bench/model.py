@@ -21,11 +21,16 @@ Protocols:
 - ``cross-session`` (Fition): train on one user, test on the other user of the same room;
 - ``few-shot``: K labelled recordings per activity from a new setting (the rest of it is the
   test set; ``--draws`` support draws): our bundle before adaptation, after ``csi adapt``
-  (ridge shrunk towards the parent), our head refitted on the support alone, and the anchors
-  on the support alone and (at the largest K) on the source data plus the support (the support
-  weighted as much as all source windows together). Settings: Fition cross-session (the
-  cross-session bundles, 4 directions) and cross-room (rm1/rm2 <-> rm3/rm4); WiAR 90 cm, a
-  learning curve on each random fold's test recordings (bundle trained on the other folds).
+  (ridge shrunk towards the parent as far as leave-one-recording-out on the support says),
+  always shrunk towards the parent, refitted on the support alone, and the anchors on the
+  support alone and on the source data plus the support (the support weighted as much as all
+  source windows together). Settings: Fition cross-session (the cross-session bundles, 4
+  directions) and cross-room (rm1/rm2 <-> rm3/rm4); WiAR 90 cm, a learning curve on each
+  random fold's test recordings (bundle trained on the other folds). ``--protocols few-shot``
+  runs the few-shot settings alone (``--few-shot-settings`` picks them), e.g.
+
+    python bench/model.py --datasets fition --protocols few-shot \
+        --few-shot-settings cross-session --out bench/results/model_few_shot.json
 
 Results: bench/results/model.json (means and stds over folds/directions, draws and seeds, the
 issue's targets checked) and bench/results/model_*.png. Anchor features are cached under
@@ -108,6 +113,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     win = Windows(data, 8)
     n_act, n_id = len(acts), len(ids)
     shots = [int(s) for s in args.shots.split(",")]
+    source_shots = [int(s) for s in args.source_anchors_shots.split(",") if s] \
+        if args.source_anchors_shots != "all" else None
     report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
                               "max_tasks_per_protocol": args.max_tasks or None,
                               "activities": acts, "identities": ids, "protocols": {}}
@@ -116,14 +123,19 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     protocols = [p for p in args.protocols.split(",") if p]
     few: dict[str, dict[str, Any]] = {}
     tasks: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, int]] = []
+    # The few-shot settings ride on the other protocols' bundles (WiAR: the random folds';
+    # Fition: the cross-session ones', and cross-room bundles of their own); with
+    # ``--protocols few-shot`` alone those bundles are trained (or reused) for it only.
+    settings = [s for s in args.few_shot_settings.split(",") if s] \
+        if "few-shot" in protocols else []
     for seed in range(args.seeds):
-        if "random" in protocols:
+        if "random" in protocols or (name == "wiar" and "wiar-learning-curve" in settings):
             tasks += [("random", t, tr, va, te, seed)
                       for t, tr, va, te in split_tasks(data, "random", args.folds, seed)]
-        if name == "fition" and "cross-session" in protocols:
+        if name == "fition" and ("cross-session" in protocols or "cross-session" in settings):
             tasks += [("cross-session", t, tr, va, te, seed)
                       for t, tr, va, te in split_tasks(data, "cross-session", args.folds, seed)]
-        if name == "fition" and "few-shot" in protocols:
+        if name == "fition" and "cross-room" in settings:
             rooms = {"rm1/rm2": ("user1", "user2"), "rm3/rm4": ("user3", "user4")}
             for src, dst in (("rm1/rm2", "rm3/rm4"), ("rm3/rm4", "rm1/rm2")):
                 train = np.array([i for i, e in enumerate(data.examples)
@@ -137,6 +149,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                               target, seed))
     results: dict[str, dict[str, list[Any]]] = {}
     rockets: dict[int, np.ndarray] = {}
+    if args.tasks:
+        tasks = [t for t in tasks if t[1] in args.tasks.split(",")]
     if args.max_tasks:
         counted: dict[str, int] = {}
         capped = []
@@ -174,7 +188,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                     shutil.rmtree(kept, ignore_errors=True)
                     shutil.copytree(folder, kept)
                     (kept / "split.json").write_text(json.dumps(split))
-            if protocol != "cross-room":
+            if protocol in protocols:
                 summary = evaluate_bundle(model, edge, data, te).summary
                 entry["ours"].append(_ours_row(summary))
                 entry["anchors"].append(run_anchors(win, rocket, source, te, n_act, n_id,
@@ -182,13 +196,13 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 entry["tasks"].append(task)
             setting = {"random": "wiar-learning-curve" if name == "wiar" else None,
                        "cross-session": "cross-session", "cross-room": "cross-room"}[protocol]
-            if "few-shot" in protocols and setting is not None:
+            if setting in settings:
                 few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
                     model, edge, data, te, shots, args.draws, win=win, rocket=rocket,
-                    source=source)
+                    source=source, source_shots=source_shots)
         if partial is not None:
             partial(_summarise(report, results, few))
-        low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol != "cross-room" \
+        low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol in protocols \
             else None
         log(f"{name} {protocol:13s} {task:14s} seed {seed}: ours level 0 "
             + (f"{low['activity_accuracy']:.3f} / {low['activity_accuracy_per_second']:.3f} "
@@ -288,7 +302,9 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                 "ours_support_only_level0": methods["ours_support_only"][
                     "level0_activity_accuracy"],
                 "best_baseline": best_name, "best_baseline_activity": best,
-                "at_least_best_baseline": ours >= best}
+                "at_least_best_baseline": ours >= best,
+                "at_least_support_only": ours >= methods["ours_support_only"][
+                    "level0_activity_accuracy"]}
             if setting == "cross-session":
                 entry[f"few-shot {setting}"]["target_0_70"] = ours >= 0.70
         out[name] = entry
@@ -399,6 +415,11 @@ def render(report: dict[str, Any], name: str) -> str:
             cells = [f"{mean[k][m][key]:.3f} / {mean[k][m][key + '_per_second']:.3f}"
                      if m in mean[k] else "-" for k in ks]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        weights = [f"K={k}: {mean[k]['ours_adapted']['level0_prior_weight']:.2f}" for k in ks
+                   if "level0_prior_weight" in mean[k].get("ours_adapted", {})]
+        if weights:
+            lines += ["", "Prior weight `csi adapt` chose at level 0 (mean; 0 = the support "
+                      "alone, 1 = shrunk towards the bundle's weights): " + ", ".join(weights)]
         lines.append("")
     lines += ["### Targets", "", "```json", json.dumps(report["targets"].get(name, {}),
                                                        indent=1), "```", ""]
@@ -432,8 +453,17 @@ def main() -> None:
     parser.add_argument("--segment-dropout", type=float, default=0.5)
     parser.add_argument("--shots", default="1,3,5")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--source-anchors-shots", default="all",
+                        help="few-shot: the K at which the anchors also train on the source "
+                             "data plus the support ('all', or e.g. '5'; '' for none: their "
+                             "boosting on every source window is the slow part)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--protocols", default="random,cross-session,few-shot")
+    parser.add_argument("--protocols", default="random,cross-session,few-shot",
+                        help="few-shot alone runs only the few-shot settings (their bundles "
+                             "trained or reused, no other protocol scored)")
+    parser.add_argument("--few-shot-settings",
+                        default="cross-session,cross-room,wiar-learning-curve",
+                        help="which few-shot settings run (with --protocols few-shot)")
     parser.add_argument("--methods", default="zstd")
     parser.add_argument("--keep-bundles", action=argparse.BooleanOptionalAction, default=True,
                         help="keep every trained bundle and its split under "
@@ -444,6 +474,9 @@ def main() -> None:
     parser.add_argument("--max-tasks", type=int, default=0,
                         help="run at most this many tasks per protocol (0: all); the "
                              "results say how many ran")
+    parser.add_argument("--tasks", default="",
+                        help="run only these tasks (comma-separated names, e.g. "
+                             "user3->user4); the results list the tasks that ran")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true",
@@ -466,8 +499,11 @@ def main() -> None:
                 mine = report["datasets"].setdefault(name, ds)
                 if mine is not ds:
                     mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
-                    if "few_shot" in ds:
-                        mine["few_shot"] = {**mine.get("few_shot", {}), **ds["few_shot"]}
+                    for setting, few in ds.get("few_shot", {}).items():
+                        # Runs (directions, folds) of a setting measured apart add up.
+                        runs = {**mine.setdefault("few_shot", {}).get(setting, {}).get(
+                            "runs", {}), **few["runs"]}
+                        mine["few_shot"][setting] = {"runs": runs, "mean": _few_mean(runs)}
         report["targets"] = targets(report)
         report["plots"] = plot(report, args.out.parent)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -632,6 +632,12 @@ def adapt_command(
     for level, (a, b) in enumerate(zip(result["activity_accuracy_before"],
                                        result["activity_accuracy_after"], strict=True)):
         typer.echo(f"level {level}: activity accuracy on {scored} {a:.3f} -> {b:.3f}")
+    weights = {lv: v["prior_weight"] for lv, v in result.get("shrinkage", {}).items()
+               if v["prior_weight"] is not None}
+    if weights:
+        typer.echo("weight of the parent's head chosen on the support (0: the support alone, "
+                   "1: shrunk towards the parent's): "
+                   + ", ".join(f"level {lv} {w:.2f}" for lv, w in weights.items()))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from csi_cloud.model.bundle import activation_refusal, load_network
 from csi_cloud.model.context_head import ContextHead
 from csi_cloud.model.heads import save_derived
 from csi_cloud.model.rocket import (
+    ALPHAS,
     KERNELS,
     RocketTransform,
     WindowLayout,
@@ -165,6 +166,54 @@ def test_shrinking_towards_a_prior() -> None:
     moved = ridge_to_prior(x, flipped, prior, alphas=np.array([1e-3]))
     assert (moved.scores(x).argmax(1) == flipped).mean() > 0.9
     assert kept.temperature == prior.temperature
+
+
+def _recordings(rng: np.random.Generator, centres: np.ndarray, per_class: int,
+                windows: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic support: ``per_class`` recordings per class, each ``windows`` correlated
+    windows around its own offset from the class centre. Returns features, labels, groups."""
+    feats, labels, groups = [], [], []
+    for c, centre in enumerate(centres):
+        for _ in range(per_class):
+            own = centre + 0.7 * rng.normal(size=centre.shape)
+            feats.append(own + rng.normal(size=(windows, len(centre))))
+            labels += [c] * windows
+            groups += [len(groups) // windows] * windows
+    return np.concatenate(feats).astype(np.float32), np.array(labels), np.array(groups)
+
+
+@pytest.mark.parametrize("per_class", [2, 5])
+def test_adaptation_shrinks_towards_a_prior_only_where_it_fits(per_class: int) -> None:
+    """The prior weight is chosen on the support (leave one recording out): about 1 where the
+    new setting follows the parent's classes, 0 where they are permuted (then the result is
+    the support-only fit)."""
+    rng = np.random.default_rng(0)
+    centres = 0.25 * rng.normal(size=(3, 200))
+    prior = fit_ridge(*_recordings(rng, centres, 30)[:2], 3, alpha=100.0)
+    for setting, shift, weight in (("same", [0, 1, 2], (0.9, 1.0)),
+                                   ("permuted", [1, 2, 0], (0.0, 0.1))):
+        x, y, g = _recordings(rng, centres[shift], per_class)
+        head = ridge_to_prior(x, y, prior, groups=g)
+        assert head.prior_weight is not None
+        assert weight[0] <= head.prior_weight <= weight[1], (setting, head.prior_weight)
+        query, truth, _ = _recordings(rng, centres[shift], 10)
+        alone = fit_ridge(x, y, 3, groups=g)
+        acc = {name: float((h.scores(query).argmax(1) == truth).mean())
+               for name, h in (("adapted", head), ("alone", alone), ("prior", prior))}
+        assert acc["adapted"] >= acc["alone"] - 0.02, (setting, acc)
+        if setting == "permuted":
+            assert head.prior_weight == 0.0 and np.allclose(head.coef, alone.coef, atol=1e-5)
+
+
+def test_leave_one_recording_out_does_not_reward_interpolation() -> None:
+    """With more features than windows and labels unrelated to the features, every small
+    penalty interpolates the support and predicts left-out recordings no better than the
+    mean: the choice must be a strong penalty, not the weakest."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 400)).astype(np.float32)
+    groups = np.repeat(np.arange(12), 5)
+    labels = rng.permutation(np.repeat([0, 1, 2], 4))[groups]
+    assert fit_ridge(x, labels, 3, groups=groups).alpha >= 100 * ALPHAS.min()
 
 
 def test_the_shipped_bundle_carries_a_head_that_round_trips() -> None:

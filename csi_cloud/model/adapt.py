@@ -56,7 +56,7 @@ from .network import CSICodecNet, ModelConfig
 
 __all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head",
            "head_windows", "load_codes", "open_set_codes", "pick_support", "set_prototypes",
-           "support_windows"]
+           "shrinkage", "support_windows"]
 
 
 def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
@@ -268,11 +268,16 @@ def support_windows(codes: CodeData, support: np.ndarray, n: int
 
 
 def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
-               prior: bool = True, windows: HeadWindows | None = None) -> CSICodecNet:
+               prior: bool = True, prior_weight: float | None = None,
+               windows: HeadWindows | None = None) -> CSICodecNet:
     """A copy of ``net`` whose context head's activity layers are refitted on the support
-    windows of each rate level they occur at (shrunk towards the parent's with ``prior``);
-    levels without support windows keep the parent's layer. ``windows``: the head's
-    features of (at least) the support recordings, if already computed."""
+    windows of each rate level they occur at; levels without support windows keep the
+    parent's layer. With ``prior``, each layer is shrunk towards ``lam`` times the parent's,
+    lam in [0, 1] chosen with the penalty by leave-one-recording-out on the support (0: the
+    support alone, when the parent does not fit the new setting), or fixed by
+    ``prior_weight``; the chosen values are on each layer (``RidgeHead.prior_weight``,
+    ``alpha``). ``windows``: the head's features of (at least) the support recordings, if
+    already computed."""
     from .rocket import fit_ridge, ridge_to_prior
 
     if net.context_head is None:
@@ -291,12 +296,23 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
         part = head.levels[head.level_index(lv)]
         y = labels[owners]
         if prior:
-            part.activity = ridge_to_prior(feats, y, part.activity, groups=owners)
+            part.activity = ridge_to_prior(feats, y, part.activity, groups=owners,
+                                           prior_weight=prior_weight)
         else:
             fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
             fitted.temperature = part.activity.temperature
             part.activity = fitted
     return adapted
+
+
+def shrinkage(net: CSICodecNet) -> dict[str, dict[str, float | None]]:
+    """Rate level -> the penalty and prior weight of the context head's activity layer (what
+    :func:`adapt_head` chose)."""
+    head = net.context_head
+    if head is None:
+        return {}
+    return {str(lv): {"alpha": part.activity.alpha, "prior_weight": part.activity.prior_weight}
+            for lv, part in enumerate(head.levels[:-1])}  # the last: the unquantized path
 
 
 def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int, out: Path, *,
@@ -341,6 +357,8 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
     for key, net in (("before", model.net), ("after", adapted)):
         result[f"activity_accuracy_per_second_{key}"] = _accuracy(net, codes, scored,
                                                                   every=True, windows=windows)
+    if windows is not None:
+        result["shrinkage"] = shrinkage(adapted)
     # The parent's activity calibration (csi_cloud.model.temperature) was fitted for its
     # head, not the adapted one: the derived bundle goes without (temperature 1, defaults).
     parent_calibration = {k: v for k, v in model.manifest.calibration.items()

@@ -5,11 +5,14 @@ the rest of the setting is the test set), it measures
 
 - ``ours_before``: the bundle as it is;
 - ``ours_adapted``: after ``csi adapt`` (the context head's activity layers refitted on the
-  support windows, shrunk towards the bundle's; :func:`csi_cloud.model.adapt.adapt_head`);
+  support windows, shrunk towards the bundle's as far as leave-one-recording-out on the
+  support says it helps; :func:`csi_cloud.model.adapt.adapt_head`), with the prior weight
+  it chose per level (``level<l>_prior_weight``: 0 the support alone, 1 the bundle's);
+- ``ours_parent_prior``: the same, always shrunk towards the bundle's weights (prior weight 1);
 - ``ours_support_only``: the same head refitted on the support alone (no prior);
 - the accuracy anchors (:mod:`.anchors`, uncompressed CSI) trained on the same support alone
-  (``<anchor>_support_only``) and, with source data and at the largest K, on the source
-  recordings plus the support, the support weighted like all source windows together
+  (``<anchor>_support_only``) and, with source data, on the source recordings plus the
+  support, the support weighted like all source windows together
   (``<anchor>_source_and_support``).
 
 Ours is scored through the real codes at every rate level, per recording (the window ending at
@@ -27,7 +30,7 @@ import numpy as np
 
 from csi_edge.bundle import EdgeEncoder
 
-from .adapt import _accuracy, adapt_head, pick_support
+from .adapt import _accuracy, adapt_head, head_windows, pick_support, shrinkage
 from .compression import CloudModel
 from .data import SegmentData, load_segments, segment_windows
 from .heads import codes_from_segments
@@ -100,15 +103,20 @@ def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
 def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentData,
              target: np.ndarray, shots: Sequence[int], draws: int, *,
              win: Windows | None = None, rocket: np.ndarray | None = None,
-             source: np.ndarray | None = None,
+             source: np.ndarray | None = None, source_shots: Sequence[int] | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One setting: K -> method -> mean and std over draws (see the module docstring).
 
     ``target``: the new setting's recordings in ``data``; ``source``: recordings of the
     source data in ``data`` (for the anchors trained with it); ``win``/``rocket``: the
-    anchors' windows and MiniRocket features (no anchors without them)."""
+    anchors' windows and MiniRocket features (no anchors without them); ``source_shots``: the
+    K at which the anchors also train on the source data (None: every K; fitting them on
+    every source window is what takes time)."""
     codes = codes_from_segments(model, edge, data)
     n_act = len(model.manifest.labels["activity"] or [])
+    # Adaptation only swaps the head's activity layers: the head's features of every window
+    # of the setting are computed once, for every fit and score below.
+    windows = head_windows(model.net, codes, target) if model.net.context_head else None
     out: dict[str, Any] = {}
     for k in shots:
         per: dict[str, list[dict[str, float]]] = {}
@@ -116,20 +124,30 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
             support, query = pick_support(codes, target, k, draw)
             if not len(query):
                 continue
-            nets = (("ours_before", model.net),
-                    ("ours_adapted", adapt_head(model.net, codes, support, prior=True)),
-                    ("ours_support_only", adapt_head(model.net, codes, support, prior=False)))
+            nets = [("ours_before", model.net)]
+            if windows is not None:
+                nets += [
+                    ("ours_adapted", adapt_head(model.net, codes, support, windows=windows)),
+                    ("ours_parent_prior", adapt_head(model.net, codes, support, prior_weight=1.0,
+                                                     windows=windows)),
+                    ("ours_support_only", adapt_head(model.net, codes, support, prior=False,
+                                                     windows=windows))]
             for name, net in nets:
-                per.setdefault(name, []).append({
+                row = {
                     **{f"level{lv}_activity_accuracy": a for lv, a in
-                       enumerate(_accuracy(net, codes, query))},
+                       enumerate(_accuracy(net, codes, query, windows=windows))},
                     **{f"level{lv}_activity_accuracy_per_second": a for lv, a in
-                       enumerate(_accuracy(net, codes, query, every=True))}})
+                       enumerate(_accuracy(net, codes, query, every=True, windows=windows))}}
+                if name == "ours_adapted":
+                    row.update({f"level{lv}_prior_weight": w for lv, v in
+                                shrinkage(net).items() if (w := v["prior_weight"]) is not None})
+                per.setdefault(name, []).append(row)
             if win is not None and rocket is not None:
                 for name, row in run_anchors(win, rocket, support, query, n_act, 0,
                                              identity=False, seed=draw).items():
                     per.setdefault(f"{name}_support_only", []).append(row)
-                if source is not None and len(source) and k == max(shots):
+                if source is not None and len(source) and (source_shots is None
+                                                           or k in source_shots):
                     for name, row in run_anchors(win, rocket, source, query, n_act, 0,
                                                  identity=False, seed=draw,
                                                  support=support).items():

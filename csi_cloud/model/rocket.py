@@ -291,6 +291,9 @@ class RidgeHead:
     intercept: np.ndarray  # (A,)
     temperature: float = 1.0  # softmax(scores / temperature)
     alpha: float = 1.0
+    # Adapted heads: how much of the parent's weights the fit was shrunk towards (0: none,
+    # the support alone; 1: the parent's); None without a parent. Reported, not stored.
+    prior_weight: float | None = None
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -325,73 +328,105 @@ def _targets(y: np.ndarray, classes: int) -> np.ndarray:
 
 
 def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
-           groups: np.ndarray | None) -> tuple[np.ndarray, float]:
-    """Weighted ridge ``min sum_i w_i |t_i - x_i W|^2 + alpha |W|^2`` with alpha chosen by
-    leave-one-group-out error over ``alphas`` (the groups are recordings: windows of one
-    recording overlap, so leaving single windows out would pick too little shrinkage).
-    ``x``, ``t`` centred by the weighted means. Returns (W (F, A), alpha)."""
+           groups: np.ndarray | None, offset: np.ndarray | None = None
+           ) -> tuple[np.ndarray, float, float]:
+    """Weighted ridge ``min sum_i w_i |t_i - x_i W|^2 + alpha |W - lam W_0|^2`` with alpha
+    (and, given ``offset`` W_0 (F, A), the prior weight lam in [0, 1]) chosen by
+    leave-one-group-out error (the groups are recordings: windows of one recording overlap,
+    so leaving single windows out would pick too little shrinkage). ``x``, ``t`` centred by
+    the weighted means. Returns (W (F, A), alpha, lam).
+
+    lam = 0 is the ridge on the new data alone, lam = 1 shrinks towards W_0 itself; in
+    between, towards a damped W_0. The fit is ``lam W_0`` plus a ridge on the residual targets
+    ``t - lam x W_0``, so a window's left-out residual is linear in lam (``e0 + lam e1``) and
+    the lam that minimises the summed squared left-out error has a closed form per alpha."""
     sw = np.sqrt(weight)[:, None]
     xs, ts = x * sw, t * sw
     # Dual form: windows are fewer than features.
     gram = xs @ xs.T
     evals, evecs = np.linalg.eigh(gram)
     evals = np.clip(evals, 0, None)
-    proj = evecs.T @ ts
-    best, best_alpha = np.inf, float(alphas[0])
+    # Targets of the two parts: the labels (lam = 0) and minus the prior's scores (per lam).
+    us = ts if offset is None else np.concatenate([ts, -(xs @ offset)], axis=1)
+    proj = evecs.T @ us
+    a = t.shape[1]
+    best, best_alpha, best_lam = np.inf, float(alphas[0]), 0.0 if offset is None else 1.0
     if groups is not None and len(np.unique(groups)) > 2 and len(alphas) > 1:
         members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+        # The intercept's part of the hat matrix (x and t are centred): without it, the
+        # left-out error of a nearly interpolating fit (small alpha; windows are fewer than
+        # features) comes out near zero, and the smallest alpha would always win.
+        mean_hat = sw @ sw.T / weight.sum()
         for alpha in alphas:
             shrink = evals / (evals + alpha)
-            resid = ts - evecs @ (proj * shrink[:, None])
-            err = 0.0
+            resid = us - evecs @ (proj * shrink[:, None])
+            # Leave each recording out: (I - H_gg)^-1 times its residuals, with the hat
+            # matrix H = G (G + alpha I)^-1 + the intercept's, restricted to its windows.
+            loo = np.empty_like(resid)
             for rows in members:
-                # Leave the recording out: (I - H_gg)^-1 times its residuals, with the hat
-                # matrix H = G (G + alpha I)^-1 restricted to its windows.
                 v = evecs[rows]
-                block = np.eye(len(rows)) - (v * shrink) @ v.T
-                err += float((np.linalg.solve(block, resid[rows]) ** 2).sum())
+                block = np.eye(len(rows)) - (v * shrink) @ v.T - mean_hat[np.ix_(rows, rows)]
+                loo[rows] = np.linalg.solve(block, resid[rows])
+            e0, e1 = loo[:, :a], loo[:, a:]
+            lam = 0.0
+            if offset is not None and (e1**2).sum() > 0:
+                lam = float(np.clip(-(e0 * e1).sum() / (e1**2).sum(), 0.0, 1.0))
+            err = float(((e0 + lam * e1) ** 2).sum()) if offset is not None else float(
+                (e0**2).sum())
             if err < best:
-                best, best_alpha = err, float(alpha)
+                best, best_alpha, best_lam = err, float(alpha), lam
     elif len(alphas) > 1:
         best_alpha = float(alphas[len(alphas) // 2])
-    dual = evecs @ (proj / (evals + best_alpha)[:, None])
-    return xs.T @ dual, best_alpha
+    target = proj[:, :a] + best_lam * proj[:, a:] if offset is not None else proj
+    dual = evecs @ (target / (evals + best_alpha)[:, None])
+    coef = xs.T @ dual
+    if offset is not None:
+        coef = coef + best_lam * offset
+    return coef, best_alpha, best_lam
 
 
 def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
               groups: np.ndarray | None = None, weight: np.ndarray | None = None,
               alphas: np.ndarray = ALPHAS, prior: RidgeHead | None = None,
-              alpha: float | None = None) -> RidgeHead:
+              alpha: float | None = None, prior_weight: float | None = None) -> RidgeHead:
     """Fit a ridge head in closed form on (W, F) features and (W,) labels.
 
     ``groups`` (W,): recording of each window, for choosing alpha by leave-one-recording-out
     (``alpha`` fixes it instead). ``weight`` (W,): per-window weights (e.g. to balance
-    classes). ``prior``: shrink towards this head's weights instead of towards zero (the
-    parent's head when adapting: ``|W - W_prior|^2``), reusing its standardisation.
+    classes). ``prior``: shrink towards ``lam`` times this head's weights instead of towards
+    zero (the parent's head when adapting: ``|W - lam W_prior|^2``), lam in [0, 1] chosen
+    with alpha by leave-one-recording-out (``prior_weight`` fixes it): lam = 0 is the fit
+    on the new data alone, so the choice includes ignoring a prior that does not fit. The
+    features are standardised by their own (weighted) spread either way; the prior's weights
+    are carried into that standardisation (same scores, up to the intercept, which is refitted).
     """
     labels = np.asarray(labels)
     weight = np.ones(len(labels)) if weight is None else np.asarray(weight, np.float64)
-    if prior is not None:
-        mean, scale = prior.mean, prior.scale
-    else:
-        mean = np.average(features, axis=0, weights=weight).astype(np.float32)
-        spread = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weight))
-        scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
+    mean = np.average(features, axis=0, weights=weight).astype(np.float32)
+    spread = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weight))
+    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
     x = ((features - mean) / scale).astype(np.float64)
     t = _targets(labels, classes)
+    offset = None
     if prior is not None:
-        t = t - x @ prior.coef.T.astype(np.float64)  # what the prior does not explain yet
+        # The prior scores (f - m_p) / s_p @ W_p.T: in this standardisation, W_p * s / s_p.
+        offset = (prior.coef.astype(np.float64) * (scale / prior.scale)).T
     xm = np.average(x, axis=0, weights=weight)
     tm = np.average(t, axis=0, weights=weight)
-    coef, chosen = _solve(x - xm, t - tm, weight,
-                          np.array([alpha]) if alpha is not None else alphas,
-                          None if alpha is not None else groups)
+    fixed = alpha is not None
+    chosen_alphas = np.array([alpha]) if fixed else alphas
+    if offset is not None and prior_weight is not None:
+        # A fixed prior weight: the ridge on the residual targets, towards zero.
+        coef, chosen, _ = _solve(x - xm, t - tm - prior_weight * ((x - xm) @ offset), weight,
+                                 chosen_alphas, None if fixed else groups)
+        coef, lam = coef + prior_weight * offset, float(prior_weight)
+    else:
+        coef, chosen, lam = _solve(x - xm, t - tm, weight, chosen_alphas,
+                                   None if fixed else groups, offset)
     coef = coef.T
-    if prior is not None:
-        coef = coef + prior.coef
-    intercept = tm - xm @ (coef.T - (prior.coef.T if prior is not None else 0))
+    intercept = tm - xm @ coef.T
     return RidgeHead(mean, scale, coef.astype(np.float32), intercept.astype(np.float32),
-                     1.0, chosen)
+                     1.0, chosen, lam if prior is not None else None)
 
 
 def ridge_path(features: np.ndarray, labels: np.ndarray, classes: int,
@@ -422,11 +457,14 @@ def ridge_path(features: np.ndarray, labels: np.ndarray, classes: int,
 
 def ridge_to_prior(features: np.ndarray, labels: np.ndarray, prior: RidgeHead, *,
                    groups: np.ndarray | None = None, weight: np.ndarray | None = None,
-                   alphas: np.ndarray = ALPHAS) -> RidgeHead:
+                   alphas: np.ndarray = ALPHAS, prior_weight: float | None = None
+                   ) -> RidgeHead:
     """Few-shot adaptation: a ridge head fitted on the support windows, shrunk towards the
-    parent's head (see :func:`fit_ridge`); keeps the parent's temperature."""
+    parent's head as far as leave-one-recording-out on the support says it helps (not at
+    all, when the parent does not fit the new setting; see :func:`fit_ridge`); keeps the
+    parent's temperature."""
     head = fit_ridge(features, labels, prior.coef.shape[0], groups=groups, weight=weight,
-                     alphas=alphas, prior=prior)
+                     alphas=alphas, prior=prior, prior_weight=prior_weight)
     head.temperature = prior.temperature
     return head
 
