@@ -44,20 +44,22 @@ __all__ = ["CloudModel", "DecodedSegment", "Prediction", "classify_windows"]
 
 
 @torch.no_grad()
-def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = True
+def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = True,
+                     identity: bool = True
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Windows -> activity probabilities (W, A), identity probabilities (W, I) (or None),
     identity features (W, 2E) (or None).
 
     With a context head, the network's context classifier runs only for what the head does
-    not give: identity (when the head has no identity part) and, with ``features``, the
-    identity features of the open-set score."""
+    not give: identity (when the head has no identity part, unless ``identity`` is False:
+    activity alone is asked) and, with ``features``, the identity features of the open-set
+    score."""
     head = net.context_head
     p_act = p_id = feats = None
     if head is not None:
         coeff = profile_coefficients(net, windows.profile)
         p_act, p_id = head.predict(windows.z_q, coeff, windows.present, windows.level)
-    need_identity = p_id is None and net.classifier.identity is not None
+    need_identity = identity and p_id is None and net.classifier.identity is not None
     if head is None or need_identity or (features and net.classifier.identity is not None):
         classifier = net.classifier
         pooled, f = classifier.features(
@@ -302,7 +304,10 @@ class CloudModel:
         """Uncalibrated activity probabilities (W, A) of the windows read at each of the live
         output's :attr:`lengths` but the full one (activity only: the identity and the
         open-set decision read the full window, :meth:`classify`)."""
-        return [classify_windows(self.net, windows.last(k), features=False)[0]
+        n = len(windows.present)
+        return [np.concatenate([classify_windows(self.net, part, features=False,
+                                                 identity=False)[0]
+                                for part in _in_fixed_shapes(windows.last(k))])[:n]
                 for k in self.lengths.lengths[:-1]]
 
     def classify_live(self, windows: Windows) -> Prediction:

@@ -132,7 +132,8 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     for level in levels if levels is not None else range(len(model.manifest.levels)):
         windows = decode_level(model, edge, data, encoded, level).windows(win)
         p_act = model.classify(windows, calibrated=False).activity
-        readings = {k: classify_windows(model.net, windows.last(k), features=False)[0]
+        readings = {k: classify_windows(model.net, windows.last(k), features=False,
+                                        identity=False)[0]
                     .astype(np.float64) for k in shorter}
         out.append(LiveStreams(level, p_act.astype(np.float64), data.activity[owners], stream,
                                starts, owners, readings))
