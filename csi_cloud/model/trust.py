@@ -146,8 +146,8 @@ def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
     readings of every candidate length): each length's temperature (NLL, levels pooled),
     then the set of :func:`candidate_lengths` whose live output, filtered at its best
     ``stay``, is the most accurate per second, a costlier set (one classification per length
-    per segment) only where it beats the cheaper ones by more than ``tolerance``. Returns it,
-    that ``stay``, and each set's accuracy."""
+    per segment) only where it beats the best cheaper one by more than ``tolerance`` for each
+    classification it adds. Returns it, that ``stay``, and each set's accuracy."""
     y = np.concatenate([s.labels for s in joined])
     temperature = {k: fit_temperature(np.concatenate([s.readings[k] if k != n else s.p_raw
                                                       for s in joined]), y)
@@ -159,7 +159,8 @@ def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
         stay, by_stay = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
         score = by_stay[f"{stay:g}"]
         scores[",".join(map(str, candidate))] = round(score, 4)
-        if best is None or score > best[0] + tolerance:
+        added = len(candidate) - (0 if best is None else len(best[1].lengths))
+        if best is None or score > best[0] + tolerance * added:
             best = (score, lengths, stay)
     assert best is not None
     return best[1], best[2], scores
