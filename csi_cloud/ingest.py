@@ -156,12 +156,16 @@ class BatchResult:
 class Ingestor:
     def __init__(self, registry: ModelRegistry, max_payload_bytes: int = 16_384,
                  reconstruct: bool = False, presence: PresenceConfig | None = None,
-                 max_aps: int = 10_000) -> None:
+                 max_aps: int = 10_000, live_lengths: bool = True) -> None:
         """``reconstruct``: also run the decoder (the classifier does not need it; recordings
         decode what they store themselves, off the latency path). ``presence``: the motion
         threshold, sensitivity and hold of every AP. ``max_aps``: APs tracked at most (memory
-        stays bounded whatever names arrive); messages of further ones are rejected."""
+        stays bounded whatever names arrive); messages of further ones are rejected.
+        ``live_lengths``: the activity reads the bundle's calibrated context lengths
+        (csi_cloud.model.lengths); False: the full window only, a quarter of the classifier's
+        CPU."""
         self.max_aps = max_aps
+        self.live_lengths = live_lengths
         self.registry = registry
         self.presence_config = presence or PresenceConfig()
         self.presence: dict[tuple[str, str], PresenceTracker] = {}
@@ -469,7 +473,8 @@ class Ingestor:
 
     def _predict(self, group: _Windows) -> list[PredictionRecord]:
         model, windows = group.model, group.windows()
-        prediction = model.classify_live(windows)
+        prediction = (model.classify_live(windows) if self.live_lengths
+                      else model.classify(windows))
         p_act, p_id, present = prediction.activity, prediction.identity, windows.present
         n = present.shape[1]
         labels = model.manifest.labels

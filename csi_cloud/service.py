@@ -70,7 +70,7 @@ class CloudService:
                                  presence=PresenceConfig(settings.presence_threshold,
                                                          settings.presence_sensitivity,
                                                          settings.presence_hold_s),
-                                 max_aps=settings.max_aps)
+                                 max_aps=settings.max_aps, live_lengths=settings.live_lengths)
         self.persistence = Persistence(self.db, self.ingestor, self.registry)
         self.metrics = Metrics()
         self.hub = LiveHub(on_drop=self.metrics.live_dropped.inc)

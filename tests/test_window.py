@@ -153,6 +153,14 @@ def test_the_service_and_the_offline_evaluation_classify_the_same_windows(
     assert np.allclose([p.activity_confidence for p in predictions],
                        expected.activity.max(1), atol=1e-6)
     assert [p.context_present for p in predictions] == offline.present.sum(1).tolist()
+    # live_lengths off (the cloud setting): the full window alone, as the model report reads it.
+    full = Ingestor(ModelRegistry(MODELS), live_lengths=False).process(messages).predictions
+    expected = model.classify(offline)
+    assert [p.activity for p in full] == [labels[a] for a in expected.activity.argmax(1)]
+    assert np.allclose([p.activity_confidence for p in full], expected.activity.max(1),
+                       atol=1e-6)
+    assert [p.activity for p in full] != [p.activity for p in predictions] or not np.allclose(
+        [p.activity_confidence for p in full], [p.activity_confidence for p in predictions])
 
 
 def test_the_service_and_the_offline_live_streams_give_the_same_live_output(
