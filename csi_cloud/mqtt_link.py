@@ -126,10 +126,9 @@ class _Window:
             self._loop.remove_reader(self._reader[0])
             self._paused = True
 
-    def release(self, n: int = 1) -> None:
-        """``n`` messages acknowledged, or dropped with their connection (the broker sends
-        them again)."""
-        self.held -= n
+    def release(self) -> None:
+        """A message acknowledged: the window opens again if it was full."""
+        self.held -= 1
         if self._paused and self.held < self.size and self._reader is not None and \
                 self._loop is not None:
             self._paused = False
