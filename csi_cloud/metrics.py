@@ -52,6 +52,8 @@ class Metrics:
         self.batch_size = Histogram("csi_batch_messages", "Messages per ingest batch",
                                     registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.queue = Gauge("csi_ingest_queue", "Messages waiting for a batch", registry=r)
+        self.unacked = Gauge("csi_mqtt_unacknowledged", "QoS 1 messages received and not yet "
+                             "acknowledged (at most mqtt_receive_maximum)", registry=r)
         self.recording_dropped = Gauge("csi_recording_dropped_segments",
                                        "Segments left out of the recordings: the recorder fell "
                                        "behind or writing them failed", registry=r)

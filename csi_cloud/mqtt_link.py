@@ -4,7 +4,9 @@ Segment messages come from a subscription to ``{prefix}/+/+/seg`` on a persisten
 (clean start off, session expiry; ``$share/{group}/...`` only when ``shared_subscription`` is
 set: Mosquitto does not restore shared subscriptions after a restart) and are handed to the
 service with an ``ack`` it calls once their batch is stored, so a worker that dies mid-batch
-gets them again from the broker. Status messages (retained) are parsed bounded
+gets them again from the broker. At most ``mqtt_receive_maximum`` QoS 1 messages are held
+received and not yet acknowledged (:class:`_Window`): however fast clients publish, the backlog
+stays in the broker, not in this process. Status messages (retained) are parsed bounded
 (csi_edge.messages) from validly named APs (csi_edge.names) and handed over as dicts. A
 handler error is logged once with the bad value, counted and skipped; the loop reconnects
 after any error.
@@ -19,6 +21,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+from paho.mqtt.enums import MQTTErrorCode
 
 from csi_edge._mqtt import Backoff
 from csi_edge.messages import BadMessageError, loads_bounded
@@ -48,6 +52,100 @@ class NotConnectedError(RuntimeError):
     """The worker has no MQTT connection right now."""
 
 
+class _Window:
+    """Receive-side flow control of one worker: at most ``size`` QoS 1 messages received and
+    not yet acknowledged. The broker is asked for it (MQTT 5 Receive Maximum), but Mosquitto
+    2.0.x does not keep to it: every acknowledgement that arrives in order moves up to the
+    in-flight maximum of queued messages into flight, so a fast publisher's whole backlog
+    would move into this process (measured: 59,000 messages held in the client's queue). So
+    the link enforces it too: while the window is full no packet is read from the socket, and
+    TCP backpressure leaves the rest in the broker's session, unacknowledged, nothing lost.
+
+    paho reads for aiomqtt through an event-loop reader; this window replaces that reader with
+    one it can take away and give back, and guards paho's packet read so that the read that
+    fills the window is the last one."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held = 0  # received, not yet acknowledged
+        self.peak = 0
+        self._reader: tuple[int, Callable[[], None]] | None = None  # the socket's, while paused
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused = False
+
+    def attach(self, client: Any) -> None:
+        """Install on a new aiomqtt client (before it connects)."""
+        paho = client._client
+        self._loop = loop = asyncio.get_running_loop()
+        self._reader = None
+        read_packet, deliver = paho._packet_read, paho.on_message
+        opened, closed = paho.on_socket_open, paho.on_socket_close
+
+        def packet_read() -> Any:
+            if self.held >= self.size:
+                self._pause()
+                return MQTTErrorCode.MQTT_ERR_AGAIN  # "nothing more to read now"
+            return read_packet()
+
+        def on_message(c: Any, userdata: Any, message: Any) -> None:
+            if message.qos > 0:
+                self.held += 1
+                self.peak = max(self.peak, self.held)
+            deliver(c, userdata, message)
+
+        def readable() -> None:  # what aiomqtt's reader does
+            try:
+                paho.loop_read()
+                while paho._sock is not None and getattr(paho._sock, "pending", None) and \
+                        paho._sock.pending() > 0 and self.held < self.size:
+                    paho.loop_read()
+            except Exception as exc:
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
+            opened(c, userdata, sock)  # aiomqtt's reader and housekeeping task ...
+            fd = sock.fileno()
+            self._reader = (fd, readable)
+            # ... replaced by ours once aiomqtt's is added (called from paho's connect thread)
+            loop.call_soon_threadsafe(loop.add_reader, fd, readable)
+            self._paused = False
+
+        def on_socket_close(c: Any, userdata: Any, sock: Any) -> None:
+            self._reader = None  # never given back to a closed (or reused) descriptor
+            self._paused = False
+            closed(c, userdata, sock)
+
+        paho._packet_read = packet_read
+        paho.on_message = on_message
+        paho.on_socket_open = on_socket_open
+        paho.on_socket_close = on_socket_close
+
+    def _pause(self) -> None:
+        if not self._paused and self._reader is not None and self._loop is not None:
+            self._loop.remove_reader(self._reader[0])
+            self._paused = True
+
+    def release(self) -> None:
+        """A message acknowledged: the window opens again if it was full."""
+        self.held -= 1
+        if self._paused and self.held < self.size and self._reader is not None and \
+                self._loop is not None:
+            self._paused = False
+            self._loop.add_reader(*self._reader)
+
+    def detach(self, client: Any) -> None:
+        """The connection is gone: what it left in aiomqtt's queue is dropped (unacknowledged,
+        the broker delivers it again) and no longer held."""
+        self._reader = None
+        self._paused = False
+        queue = client._queue
+        dropped = queue.qsize()
+        while not queue.empty():
+            queue.get_nowait()
+        self.held -= dropped
+
+
 class MqttLink:
     """One worker's connection to the broker. ``client`` is the connected aiomqtt client, or
     None while there is none. Segments go to ``on_segment(site, ap, payload, received, ack)``,
@@ -62,6 +160,8 @@ class MqttLink:
         self.on_segment = on_segment
         self.on_status = on_status
         self.client: Any = None
+        self.window = _Window(settings.mqtt_receive_maximum)
+        metrics.unacked.set_function(lambda: self.window.held)
 
     async def run(self) -> None:
         import aiomqtt
@@ -92,6 +192,7 @@ class MqttLink:
             if v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = settings.session_expiry_s
+                props.ReceiveMaximum = settings.mqtt_receive_maximum
                 session = {"clean_start": False}
             tls = None
             if broker.tls:
@@ -106,6 +207,7 @@ class MqttLink:
             # Acknowledge a segment only once its batch is stored (at-least-once end to end):
             # aiomqtt has no switch for it, paho does (its client is aiomqtt's ``_client``).
             client._client.manual_ack_set(True)
+            self.window.attach(client)
             try:
                 async with client:
                     self.client = client
@@ -132,12 +234,18 @@ class MqttLink:
                 await asyncio.sleep(delay)
             finally:
                 self.client = None
+                self.window.detach(client)
 
     def _on_message(self, client: Any, message: Any) -> None:
         """One message; whatever it holds, it is acknowledged or queued, and any error is
         logged once with the bad value, counted and skipped."""
+        acked = False
+
         def ack(mid: int = message.mid, qos: int = message.qos) -> None:
-            if qos > 0:
+            nonlocal acked
+            if qos > 0 and not acked:
+                acked = True
+                self.window.release()
                 with contextlib.suppress(Exception):  # a closed connection: broker resends
                     client._client.ack(mid, qos)  # manual acknowledgement is paho's (above)
 

@@ -50,6 +50,9 @@ class CloudSettings(FileConfiguredSettings):
                                                                "site); empty: every site")
     client_id: str = Field(default="csi-cloud-1", description="MQTT client id; a stable id keeps "
                                                               "the session across restarts")
+    mqtt_receive_maximum: int = Field(default=1024, ge=16, le=65_535, description="segment "
+                                      "messages received but not yet stored, per worker "
+                                      "(MQTT; the rest waits in the broker)")
     session_expiry_s: int = Field(default=86_400, ge=0, description="broker keeps the session "
                                                                     "(and queued QoS 1) this long")
     http: str = Field(default="127.0.0.1:8000", description="HOST:PORT to serve HTTP on")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -143,6 +144,61 @@ def _stored(db: Path, ap: str) -> list[int]:
     with sqlite3.connect(db) as con:
         return stored_seqs(con.execute("SELECT seq, segments FROM predictions WHERE ap = ? "
                                        "ORDER BY seq", (ap,)))
+
+
+def test_received_but_unstored_messages_stay_within_the_window(broker: Mosquitto,
+                                                                 tmp_path: Path) -> None:
+    """A publisher far faster than the store: the link never holds more than
+    ``mqtt_receive_maximum`` messages received and not yet acknowledged (Mosquitto 2.0 sends
+    past the Receive Maximum once acknowledgements arrive in order), and every message still
+    arrives, each once, as the store acknowledges."""
+    from csi_cloud.metrics import Metrics
+    from csi_cloud.mqtt_link import MqttLink
+
+    window, n = 32, 3000
+    settings = _settings(tmp_path, broker=broker.url, mqtt_receive_maximum=window,
+                         client_id=f"window-{uuid.uuid4().hex[:8]}")
+    held: list[Any] = []
+    got: list[bytes] = []
+    peak = 0
+
+    def on_segment(site: str, ap: str, payload: bytes, received: float, ack: Any) -> None:
+        nonlocal peak
+        got.append(payload)
+        held.append(ack)
+        peak = max(peak, len(held))
+
+    async def main() -> None:
+        link = MqttLink(settings, Metrics(), lambda *a, **k: None, on_segment,
+                        lambda *a: None)
+        task = asyncio.create_task(link.run())
+        try:
+            pub = _publisher(broker)
+            try:
+                while not got:  # subscribed once a probe comes through
+                    pub.client.publish(f"{PREFIX}/lab/probe/seg", b"-1", qos=1)
+                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(lambda: [pub.client.publish(
+                    f"{PREFIX}/lab/ap{i % 8}/seg", b"%d" % i, qos=1) for i in range(n)])
+                deadline = time.monotonic() + 60
+                while len([p for p in got if p != b"-1"]) < n and \
+                        time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)  # the store: a batch at a time, in order
+                    batch, held[:] = list(held), []
+                    for ack in batch:
+                        ack()
+            finally:
+                pub.close()
+            got[:] = [p for p in got if p != b"-1"]
+            assert sorted(got, key=int) == [b"%d" % i for i in range(n)]  # all, each once
+            assert peak <= window and link.window.peak <= window, (peak, link.window.peak)
+            assert link.window.held == 0
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
 
 
 def test_status_bombs_and_bad_names_are_counted_and_skipped(tmp_path: Path) -> None:
