@@ -3,8 +3,8 @@
 One launcher per deployable: the broker (tests/_broker.py's :class:`Mosquitto`), ``csi cloud``
 (:class:`Cloud`), ``csi edge`` (:func:`run_edge` for one replay, :class:`Edge` for APs streaming
 in real time), a throwaway PostgreSQL database (:func:`postgres_database`), and
-:func:`offline_predictions`, what ``csi evaluate`` computes for a recording. Waiting is on
-conditions (:func:`wait_until`), never on fixed sleeps. Every process is started in its own
+:func:`offline_predictions`, what the service says for a recording, computed offline. Waiting
+is on conditions (:func:`wait_until`), never on fixed sleeps. Every process is started in its own
 session, so stopping it also stops what it started (the cloud's recorder and parser workers).
 """
 
@@ -337,8 +337,9 @@ def stored_seqs(rows: Iterable[tuple[int, int | None]]) -> list[int]:
 
 
 def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
-    """Activity and identity per segment as ``csi evaluate`` computes them: the int8 edge
-    encoder, the real payloads, decompress, and the window of the last N segment slots."""
+    """Activity and identity per segment as the service gives them, computed offline: the int8
+    edge encoder, the real payloads, decompress, and the window of the last N segment slots
+    read at the bundle's live context lengths."""
     from csi_cloud.model.compression import CloudModel
     from csi_cloud.model.openset import UNKNOWN
     from csi_cloud.model.window import Windows, slot_rows
@@ -356,8 +357,9 @@ def offline_predictions(path: Path, level: int) -> list[tuple[str, str | None]]:
     slots = (batch.index - batch.index[0]).tolist()
     by_slot = {int(k): i for i, k in enumerate(slots)}
     rows = np.stack([slot_rows(by_slot, int(k), n) for k in slots])
-    pred = cloud.classify(Windows.gather(rows, np.stack([d.z_q for d in decoded]),
-                                         np.stack([d.profile for d in decoded]), level))
+    # The live output, as the service gives it (the bundle's calibrated context lengths).
+    pred = cloud.classify_live(Windows.gather(rows, np.stack([d.z_q for d in decoded]),
+                                              np.stack([d.profile for d in decoded]), level))
     labels = cloud.manifest.labels
     out = []
     for w in range(len(rows)):
