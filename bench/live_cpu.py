@@ -68,6 +68,7 @@ def child(root: Path, reps: int, out: Path) -> None:
     """Measure this process's checkout (``root`` first on sys.path)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from csi_cloud.model.context_head import profile_coefficients
     from csi_cloud.model.window import Windows
 
     result: dict[str, Any] = {}
@@ -89,11 +90,22 @@ def child(root: Path, reps: int, out: Path) -> None:
                     fn()
                 return (time.process_time() - start) / reps * 1000
 
+            head = cloud.net.context_head
+            coeff = profile_coefficients(cloud.net, w.profile)
             result[f"{name}/{kind}"] = {
                 "classify_live_ms": pool.submit(timed, lambda w=w, c=cloud: c.classify_live(w))
                 .result(),
+                # its parts: the full window (the network classifier where the bundle's
+                # open-set score reads its features, the ROCKET head, the ridge layers) ...
                 "full_window_only_ms": pool.submit(
                     timed, lambda w=w, c=cloud: c.classify(w, calibrated=False)).result(),
+                # ... of which the ROCKET head (its transforms and ridge layers) ...
+                "full_window_head_ms": pool.submit(
+                    timed, lambda w=w, h=head, q=coeff: h.predict(w.z_q, q, w.present, w.level)
+                ).result(),
+                # ... and the shorter readings (1, 2, 4 slots: activity only)
+                "shorter_readings_ms": pool.submit(
+                    timed, lambda w=w, c=cloud: c.readings(w)).result(),
             }
         pred = pool.submit(cloud.classify_live, every).result()
         saved[f"{name}.activity"] = pred.activity
