@@ -51,9 +51,10 @@ def _one_torch_thread() -> Iterator[None]:
 
     The context classifier's operators are small (a few hundred slot vectors of 64 values
     for a run of 64 windows): split over torch's threads, the threads spend more processor
-    time waiting for each other (spinning) than computing, and the more so the busier the
-    machine. Measured on the Fition bundle, 64 windows, 2 cores under load, on the service's
-    ingest thread: 37-172 ms of CPU on 2 threads, 4.7-5.0 ms on one, the same numbers."""
+    time waiting for each other (spinning) than computing, the more so the busier the
+    machine (the Fition bundle's full-window classification, which runs the network for its
+    open-set score, on 64 windows: 163 ms of CPU before, 19 ms with this;
+    bench/results/live_cpu.json). The numbers are the same."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

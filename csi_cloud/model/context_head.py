@@ -32,7 +32,6 @@ from .rocket import (
     RocketTransform,
     WindowLayout,
     fit_temperature,
-    one_blas_thread,
     ridge_path,
     series,
 )
@@ -116,9 +115,8 @@ class ContextHead:
             rows = np.flatnonzero(level == lv)
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
-            with one_blas_thread():
-                act = part.activity.probabilities(feats)
-                ident = None if part.identity is None else part.identity.probabilities(feats)
+            act = part.activity.probabilities(feats)
+            ident = None if part.identity is None else part.identity.probabilities(feats)
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
             p_act[rows] = act
@@ -158,12 +156,11 @@ class ContextHead:
                 np.concatenate([np.where(m[:, :, None, None], z_q[rows], 0) for m in masks]),
                 np.concatenate([np.where(m[:, :, None], coeff[rows], 0) for m in masks]),
                 np.concatenate(masks))
-            with one_blas_thread():
-                for i in range(len(lengths)):
-                    act = part.activity.probabilities(feats[i * len(rows):(i + 1) * len(rows)])
-                    if out[i] is None:
-                        out[i] = np.zeros((len(level), act.shape[1]), np.float32)
-                    out[i][rows] = act  # type: ignore[index]
+            for i in range(len(lengths)):
+                act = part.activity.probabilities(feats[i * len(rows):(i + 1) * len(rows)])
+                if out[i] is None:
+                    out[i] = np.zeros((len(level), act.shape[1]), np.float32)
+                out[i][rows] = act  # type: ignore[index]
         classes = self.levels[0].activity.coef.shape[0]
         return [p if p is not None else np.zeros((len(level), classes), np.float32)
                 for p in out]

@@ -290,14 +290,14 @@ def _blas_controller() -> Any:
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
-    """numpy's BLAS on one thread while in effect (about 20 us to enter).
+    """numpy's BLAS on one thread while in effect (some microseconds to enter).
 
-    The ridge layer's product, (W, F) features by (F, A) weights with A a few classes, is a
-    fraction of a millisecond on one thread; on several, OpenBLAS wakes its threads for it and
-    they spin waiting for work after it, which on a busy machine cost the classifier more
-    processor time than the product itself (measured on 64 windows of the Fition bundle, 2
-    cores: 4.5-8 ms of CPU threaded against 0.9 ms on one thread). Results agree to float32
-    rounding (threaded OpenBLAS splits the sums differently, so not bit for bit)."""
+    The ridge layer's product, (W, F) features by (F, A) weights with A a few classes, is
+    small: on several threads, OpenBLAS wakes them for it and they spin waiting for work
+    after it, which on a busy machine costs more processor time than the product (the WiAR
+    bundle's head on 64 windows: 16.4 ms of CPU before, 5.5 ms on one thread;
+    bench/results/live_cpu.json). Threaded OpenBLAS splits the sums differently, so results
+    agree with it to float32 rounding, not bit for bit."""
     return cast(contextlib.AbstractContextManager[Any],
                 _blas_controller().limit(limits=1, user_api="blas"))
 
@@ -317,7 +317,10 @@ class RidgeHead:
     prior_weight: float | None = None
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+        # On one BLAS thread wherever it is called (the service, csi adapt, the evaluation):
+        # cheaper for the service's runs (one_blas_thread), and the same rounding everywhere.
+        with one_blas_thread():
+            return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         s = self.scores(features) / self.temperature
