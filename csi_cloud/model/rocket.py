@@ -295,7 +295,7 @@ def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     The ridge layer's product, (W, F) features by (F, A) weights with A a few classes, is
     small: on several threads, OpenBLAS wakes them for it and they spin waiting for work
     after it, which on a busy machine costs more processor time than the product (the WiAR
-    bundle's head on 64 windows: 16.4 ms of CPU before, 5.5 ms on one thread;
+    bundle's head on 64 windows: 15.8 ms of CPU before, 5.4 ms on one thread;
     bench/results/live_cpu.json). Threaded OpenBLAS splits the sums differently, so results
     agree with it to float32 rounding, not bit for bit."""
     return cast(contextlib.AbstractContextManager[Any],
