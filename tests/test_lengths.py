@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_info
 
 from csi_cloud.model.compression import CloudModel
 from csi_cloud.model.context_head import profile_coefficients
+from csi_cloud.model.rocket import series
 from csi_cloud.model.window import Windows, slot_rows
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder
@@ -112,3 +113,23 @@ def test_classifying_leaves_the_thread_settings_as_they_were() -> None:
         torch.set_num_threads(threads)
     assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()
             if i["user_api"] == "blas"] == blas
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_the_compiled_transform_is_the_definition_on_the_readings_series(name: str) -> None:
+    """The shorter readings' series are zeros over their masked slots (a kernel's taps then
+    reach past the first present step into zeros): the compiled transform still gives the
+    torch definition's numbers bit for bit, at every level's transforms."""
+    cloud, windows = decoded(name)
+    head = cloud.net.context_head
+    assert head is not None
+    coeff = profile_coefficients(cloud.net, windows.profile)
+    for lv in range(4):
+        rows = windows.level == lv
+        part = head.levels[lv]
+        for k in (1, 2, 4, 8):
+            short = Windows(windows.z_q[rows], windows.profile[rows], windows.present[rows],
+                            windows.level[rows]).last(k)
+            for transform, layout in zip(part.transforms, part.parts(), strict=True):
+                x = series(short.z_q, coeff[rows], short.present, layout)
+                assert np.array_equal(transform(x), transform.reference(x)), (lv, k)
