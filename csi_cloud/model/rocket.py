@@ -235,8 +235,9 @@ def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
     The summed channels sit in a buffer with ``4 * max dilation`` zeros on either side, so
     every output takes all nine taps with no test of the series' ends (a tap past an end
     adds 2 * 0 or -1 * 0, which changes no sum: the reference's zero padding), and the
-    loop over the steps is straight-line code the compiler vectorises (about twice as fast
-    as testing each tap's position)."""
+    loop over the steps is straight-line code the compiler vectorises (the Fition bundle's
+    head on 64 windows: 12.2 ms of CPU testing each tap's position, 7.2 ms so;
+    bench/results/live_cpu.json)."""
     length = x.shape[2]
     pad = 4 * dilations.max()
     buf = np.zeros(length + 2 * pad, np.float32)
@@ -315,7 +316,7 @@ def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     The ridge layer's product, (W, F) features by (F, A) weights with A a few classes, is
     small: on several threads, OpenBLAS wakes them for it and they spin waiting for work
     after it, which on a busy machine costs more processor time than the product (the WiAR
-    bundle's head on 64 windows: 15.8 ms of CPU before, 5.4 ms on one thread;
+    bundle's head on 64 windows: 15.7 ms of CPU before, 3.8 ms with this and the kernel below;
     bench/results/live_cpu.json). Threaded OpenBLAS splits the sums differently, so results
     agree with it to float32 rounding, not bit for bit."""
     return cast(contextlib.AbstractContextManager[Any],
