@@ -104,8 +104,8 @@ class CloudSettings(FileConfiguredSettings):
                          "segments of further ones are rejected (too_many_aps)")
     live_lengths: bool = Field(default=True, description="the live activity reads the "
                                "context lengths its bundle was calibrated with (follows "
-                               "changes; about 4x the classifier's CPU per segment); off: the "
-                               "full window only")
+                               "changes; about 3-4x the classifier's CPU of the full window "
+                               "alone, bench/results/live_cpu.json); off: the full window only")
     max_payload_bytes: int = Field(default=16_384, ge=64, description="larger MQTT payloads "
                                                                       "are rejected")
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest recording "

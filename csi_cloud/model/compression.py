@@ -9,6 +9,8 @@ domain of the encoder (``(log1p|H| - mean) / scale``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,24 @@ from .window import Windows
 __all__ = ["CloudModel", "DecodedSegment", "Prediction", "classify_windows"]
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's operators on one thread on the calling thread while in effect.
+
+    The context classifier's operators are small (a few hundred slot vectors of 64 values
+    for a run of 64 windows): split over torch's threads, the threads spend more processor
+    time waiting for each other (spinning) than computing, the more so the busier the
+    machine (the Fition bundle's full-window classification, which runs the network for its
+    open-set score, on 64 windows: 142 ms of CPU before, 12 ms with this and the faster head;
+    bench/results/live_cpu.json). The numbers are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = True,
                      identity: bool = True
@@ -62,9 +82,10 @@ def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = Tru
     need_identity = identity and p_id is None and net.classifier.identity is not None
     if head is None or need_identity or (features and net.classifier.identity is not None):
         classifier = net.classifier
-        pooled, f = classifier.features(
-            torch.from_numpy(windows.z_q), torch.from_numpy(windows.profile),
-            torch.from_numpy(windows.present), torch.from_numpy(windows.level))
+        with _one_torch_thread():
+            pooled, f = classifier.features(
+                torch.from_numpy(windows.z_q), torch.from_numpy(windows.profile),
+                torch.from_numpy(windows.present), torch.from_numpy(windows.level))
         if p_act is None:
             p_act = torch.softmax(classifier.activity(pooled), dim=-1).numpy()
         if need_identity:
@@ -300,15 +321,41 @@ class CloudModel:
         return Prediction(apply_temperature(p_act, self.temperature) if calibrated else p_act,
                           p_id, unknown, p_act if calibrated else None)
 
-    def readings(self, windows: Windows) -> list[np.ndarray]:
-        """Uncalibrated activity probabilities (W, A) of the windows read at each of the live
-        output's :attr:`lengths` but the full one (activity only: the identity and the
-        open-set decision read the full window, :meth:`classify`)."""
+    def readings(self, windows: Windows,
+                 lengths: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Uncalibrated activity probabilities (W, A) of the windows read at each of
+        ``lengths`` (default: the live output's :attr:`lengths` but the full one); activity
+        only: the identity and the open-set decision read the full window, :meth:`classify`.
+
+        With a context head, all lengths in one pass of the head per run of windows
+        (ContextHead.predict_lengths); it gives what :meth:`readings_one_by_one` gives, to
+        float32 rounding, for a fraction of the processor time."""
+        lengths = list(self.lengths.lengths[:-1] if lengths is None else lengths)
+        head = self.net.context_head
+        if head is None or not lengths:
+            return self.readings_one_by_one(windows, lengths)
+        runs = []
+        for start in range(0, len(windows), _CLASSIFY_CHUNK):
+            # No padding to a fixed shape: the head runs no torch kernel (_in_fixed_shapes).
+            z_q, profile, present, level = (x[start:start + _CLASSIFY_CHUNK] for x in
+                                            (windows.z_q, windows.profile, windows.present,
+                                             windows.level))
+            runs.append(head.predict_lengths(z_q, profile_coefficients(self.net, profile),
+                                             present, level, lengths))
+        if not runs:
+            return [np.zeros((0, self.net.cfg.activities), np.float32) for _ in lengths]
+        return [np.concatenate([run[i] for run in runs]) for i in range(len(lengths))]
+
+    def readings_one_by_one(self, windows: Windows,
+                            lengths: Sequence[int] | None = None) -> list[np.ndarray]:
+        """:meth:`readings` by definition: each length's windows (Windows.last) classified
+        on their own, as :meth:`classify` classifies the full ones (the path of a bundle
+        without a context head; tests compare :meth:`readings` to it)."""
         n = len(windows.present)
         return [np.concatenate([classify_windows(self.net, part, features=False,
                                                  identity=False)[0]
                                 for part in _in_fixed_shapes(windows.last(k))])[:n]
-                for k in self.lengths.lengths[:-1]]
+                for k in (self.lengths.lengths[:-1] if lengths is None else lengths)]
 
     def classify_live(self, windows: Windows) -> Prediction:
         """:meth:`classify`, with the activity the live output gives: the windows read at each

@@ -116,16 +116,54 @@ class ContextHead:
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
             act = part.activity.probabilities(feats)
+            ident = None if part.identity is None else part.identity.probabilities(feats)
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
             p_act[rows] = act
-            if part.identity is not None:
-                ident = part.identity.probabilities(feats)
+            if ident is not None:
                 if p_id is None:
                     p_id = np.zeros((len(level), ident.shape[1]), np.float32)
                 p_id[rows] = ident
         assert p_act is not None
         return p_act, p_id
+
+    def predict_lengths(self, z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
+                        level: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+        """Activity probabilities (W, A) of the windows read at each of ``lengths``: their
+        last ``k`` slots, the older ones missing (csi_cloud.model.window.Windows.last, the
+        live output's readings, csi_cloud.model.lengths); per length what :meth:`predict`
+        gives on those windows, to float32 rounding (tests/test_lengths.py).
+
+        Cheaper than :meth:`predict` once per length: the readings of a level go through
+        each transform together (one call, one set of threads), the profile coefficients
+        are computed once (the full window's, zeroed in the masked slots), and the identity
+        part is not read."""
+        level = np.asarray(level)
+        n = present.shape[1]
+        for k in lengths:
+            if not 1 <= k <= n:
+                raise ValueError(f"a window of {n} slots has no last {k!r} slots (1..{n})")
+        out: list[np.ndarray | None] = [None] * len(lengths)
+        for lv in np.unique(level).tolist():
+            rows = np.flatnonzero(level == lv)
+            part = self.levels[self.level_index(lv)]
+            masks = []
+            for k in lengths:
+                mask = present[rows].copy()
+                mask[:, : n - k] = False
+                masks.append(mask)
+            feats = part.features(
+                np.concatenate([np.where(m[:, :, None, None], z_q[rows], 0) for m in masks]),
+                np.concatenate([np.where(m[:, :, None], coeff[rows], 0) for m in masks]),
+                np.concatenate(masks))
+            for i in range(len(lengths)):
+                act = part.activity.probabilities(feats[i * len(rows):(i + 1) * len(rows)])
+                if out[i] is None:
+                    out[i] = np.zeros((len(level), act.shape[1]), np.float32)
+                out[i][rows] = act  # type: ignore[index]
+        classes = self.levels[0].activity.coef.shape[0]
+        return [p if p is not None else np.zeros((len(level), classes), np.float32)
+                for p in out]
 
     # -- storage ---------------------------------------------------------------------------
 

@@ -31,19 +31,20 @@ channels, K profile components, F features, A classes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 __all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", "fit_ridge",
-           "fit_temperature", "ridge_path", "ridge_to_prior", "series"]
+           "fit_temperature", "one_blas_thread", "ridge_path", "ridge_to_prior", "series"]
 
 # The 84 MiniRocket kernels: length 9, weight 2 at three positions, -1 elsewhere.
 KERNELS = np.array([[2.0 if i in combo else -1.0 for i in range(9)]
@@ -229,9 +230,18 @@ _MIN_WINDOWS_PER_THREAD = 32  # below this, a thread costs more than it saves
 def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
                      sizes: np.ndarray, biases: np.ndarray, counts: np.ndarray,
                      table: np.ndarray, kernels: np.ndarray, out: np.ndarray) -> None:
-    """(W, channels, L) series -> PPV features into ``out`` (W, F); see the section above."""
+    """(W, channels, L) series -> PPV features into ``out`` (W, F); see the section above.
+
+    The summed channels sit in a buffer with ``4 * max dilation`` zeros on either side, so
+    every output takes all nine taps with no test of the series' ends (a tap past an end
+    adds 2 * 0 or -1 * 0, which changes no sum: the reference's zero padding), and the
+    loop over the steps is straight-line code the compiler vectorises (the Fition bundle's
+    head on 64 windows: 12.2 ms of CPU testing each tap's position, 7.2 ms so;
+    bench/results/live_cpu.json)."""
     length = x.shape[2]
-    summed = np.empty(length, np.float32)
+    pad = 4 * dilations.max()
+    buf = np.zeros(length + 2 * pad, np.float32)
+    summed = buf[pad : pad + length]
     conv = np.empty(length, np.float32)
     for w in range(x.shape[0]):
         col = 0
@@ -244,12 +254,24 @@ def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
                     ch = channels[i, k, m]
                     for t in range(length):
                         summed[t] += x[w, ch, t]
+                # Tap j reads the summed series shifted by (j - 4) * d, in ascending j.
+                k0, k1, k2 = kernels[k, 0], kernels[k, 1], kernels[k, 2]
+                k3, k4, k5 = kernels[k, 3], kernels[k, 4], kernels[k, 5]
+                k6, k7, k8 = kernels[k, 6], kernels[k, 7], kernels[k, 8]
+                s0, s1, s2 = buf[pad - 4 * d :], buf[pad - 3 * d :], buf[pad - 2 * d :]
+                s3, s4, s5 = buf[pad - d :], buf[pad:], buf[pad + d :]
+                s6, s7, s8 = buf[pad + 2 * d :], buf[pad + 3 * d :], buf[pad + 4 * d :]
                 for t in range(length):
                     acc = np.float32(0.0)
-                    for j in range(9):
-                        p = t + (j - 4) * d
-                        if 0 <= p < length:
-                            acc += kernels[k, j] * summed[p]
+                    acc += k0 * s0[t]
+                    acc += k1 * s1[t]
+                    acc += k2 * s2[t]
+                    acc += k3 * s3[t]
+                    acc += k4 * s4[t]
+                    acc += k5 * s5[t]
+                    acc += k6 * s6[t]
+                    acc += k7 * s7[t]
+                    acc += k8 * s8[t]
                     conv[t] = acc
                 for b in range(c):
                     bias = biases[i, k, b]
@@ -281,6 +303,26 @@ def _ppv_table(length: int) -> np.ndarray:
     return (torch.arange(length)[None, None, None, :] < count).float().mean(-1).reshape(-1).numpy()
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # inspects the loaded libraries once (milliseconds)
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """numpy's BLAS on one thread while in effect (some microseconds to enter).
+
+    The ridge layer's product, (W, F) features by (F, A) weights with A a few classes, is
+    small: on several threads, OpenBLAS wakes them for it and they spin waiting for work
+    after it, which on a busy machine costs more processor time than the product (the WiAR
+    bundle's head on 64 windows: 15.7 ms of CPU before, 3.8 ms with this and the kernel below;
+    bench/results/live_cpu.json). Threaded OpenBLAS splits the sums differently, so results
+    agree with it to float32 rounding, not bit for bit."""
+    return cast(contextlib.AbstractContextManager[Any],
+                _blas_controller().limit(limits=1, user_api="blas"))
+
+
 @dataclass(slots=True)
 class RidgeHead:
     """Standardised features -> class scores ``x_std @ coef.T + intercept`` -> softmax."""
@@ -296,7 +338,10 @@ class RidgeHead:
     prior_weight: float | None = None
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+        # On one BLAS thread wherever it is called (the service, csi adapt, the evaluation):
+        # cheaper for the service's runs (one_blas_thread), and the same rounding everywhere.
+        with one_blas_thread():
+            return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         s = self.scores(features) / self.temperature

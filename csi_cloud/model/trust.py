@@ -31,7 +31,7 @@ import numpy as np
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
 from ..smoothing import filter_stream, fit_stay, fit_threshold
-from .compression import CloudModel, classify_windows
+from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
 from .lengths import ContextLengths, candidate_lengths
@@ -132,9 +132,8 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     for level in levels if levels is not None else range(len(model.manifest.levels)):
         windows = decode_level(model, edge, data, encoded, level).windows(win)
         p_act = model.classify(windows, calibrated=False).activity
-        readings = {k: classify_windows(model.net, windows.last(k), features=False,
-                                        identity=False)[0]
-                    .astype(np.float64) for k in shorter}
+        readings = {k: p.astype(np.float64)
+                    for k, p in zip(shorter, model.readings(windows, shorter), strict=True)}
         out.append(LiveStreams(level, p_act.astype(np.float64), data.activity[owners], stream,
                                starts, owners, readings))
     return out
