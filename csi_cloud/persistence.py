@@ -61,23 +61,32 @@ _RUN_MEAN = ("activity_confidence", "identity_confidence", "activity_confidence_
              "smoothed_confidence", "probabilities")
 
 
-# A batch's (site, AP, epoch) sequence spans whose stored rows are looked up, one query per
-# batch (on the unique index's columns): the rows whose segments overlap a span. A row starts at
-# most MAX_SEGMENTS - 1 before the first segment it covers (rows_of caps runs at that).
-_STORED_SQL = {
-    "postgresql": text(
-        "SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM jsonb_to_recordset("
-        "CAST(:spans AS jsonb)) AS b(site text, ap text, epoch integer, lo bigint, hi bigint) "
-        "JOIN predictions p ON p.site = b.site AND p.ap = b.ap AND p.epoch = b.epoch "
-        "AND p.seq BETWEEN b.lo - :back AND b.hi "
-        "WHERE p.seq + coalesce(p.segments, 1) > b.lo"),
-    "sqlite": text(
-        "SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM json_each(:spans) AS b "
-        "JOIN predictions p ON p.site = json_extract(b.value, '$.site') "
-        "AND p.ap = json_extract(b.value, '$.ap') AND p.epoch = json_extract(b.value, '$.epoch') "
-        "AND p.seq BETWEEN json_extract(b.value, '$.lo') - :back AND json_extract(b.value, '$.hi') "
-        "WHERE p.seq + coalesce(p.segments, 1) > json_extract(b.value, '$.lo')"),
-}
+# The stored rows overlapping a batch's (site, AP, epoch) sequence spans ``b``, one query per
+# batch: those starting within a span, and the last one starting before it if it reaches into it
+# (stored rows do not overlap, so no earlier one can). Both are short reads of the unique
+# index, however long the AP's history; ``b`` is the dialect's (_SPANS).
+_STORED = (
+    " SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM b JOIN predictions p"
+    " ON p.site = b.site AND p.ap = b.ap AND p.epoch = b.epoch AND p.seq BETWEEN b.lo AND b.hi"
+    " UNION ALL"
+    " SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM b JOIN predictions p"
+    " ON p.id = (SELECT q.id FROM predictions q WHERE q.site = b.site AND q.ap = b.ap"
+    " AND q.epoch = b.epoch AND q.seq < b.lo ORDER BY q.seq DESC LIMIT 1)"
+    " WHERE p.seq + coalesce(p.segments, 1) > b.lo")
+# PostgreSQL: the spans as one JSON parameter (one statement text, prepared once); SQLite: as
+# VALUES (half the CPU of reading JSON there), built per batch.
+_STORED_PG = text(
+    "WITH b AS (SELECT * FROM jsonb_to_recordset(CAST(:spans AS jsonb))"
+    " AS s(site text, ap text, epoch integer, lo bigint, hi bigint))" + _STORED)
+
+
+def _stored_sqlite(spans: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    values = ", ".join(f"(:s{i}, :a{i}, :e{i}, :l{i}, :h{i})" for i in range(len(spans)))
+    params = {f"{k[0]}{i}": span[k] for i, span in enumerate(spans)
+              for k in ("site", "ap", "epoch", "lo", "hi")}
+    return text(f"WITH b(site, ap, epoch, lo, hi) AS (VALUES {values})" + _STORED), params
+
+
 # PostgreSQL: the transaction-scoped advisory locks of the APs a batch stores predictions of
 # (namespace, crc32 of site and AP), taken in the array's (sorted) order, so two writers of
 # the same APs wait for each other instead of deadlocking.
@@ -109,8 +118,8 @@ def _lock_key(site: str, ap: str) -> int:
 
 
 def _spans(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sequence spans of a batch's segments, per (site, AP, epoch): consecutive ones
-    (apart by less than a run) share a span, so a wrap at 2**32 or a jump is not one span
+    """The sequence spans of a batch's segments, per (site, AP, epoch): near ones (apart by
+    less than a message's segments) share a span, so a wrap at 2**32 or a jump is not one span
     over the AP's whole history."""
     by_key: dict[tuple[str, str, int], list[int]] = {}
     for e in events:
@@ -168,7 +177,6 @@ def rows_of(events: list[dict[str, Any]], codes: list[bytes | None]) -> list[dic
     for event, code in zip(events, codes, strict=True):
         if (run is not None and event.get("idle") and code == run["codes"]
                 and event["seq"] == run["seq"] + run["segments"]
-                and run["segments"] < MAX_SEGMENTS  # (the stored-row check relies on it)
                 and all(event.get(k) == run.get(k) for k in _RUN_SAME)):
             n = run["segments"]
             for key in _RUN_MEAN:
@@ -318,18 +326,19 @@ class Persistence:
         until the transaction ends (PostgreSQL: advisory locks; SQLite: the database's write
         lock, taken first), so a second writer of the same AP waits and then sees these rows."""
         dialect = s.get_bind().dialect.name
+        spans = _spans(events)
         if dialect == "postgresql":
             keys = sorted({_lock_key(e["site"], e["ap"]) for e in events})
             s.execute(_LOCK_SQL, {"namespace": _LOCK_NAMESPACE, "keys": keys})
+            query, params = _STORED_PG, {"spans": json.dumps(spans)}
         elif dialect == "sqlite":
             s.execute(text("BEGIN IMMEDIATE"))  # (the transaction's first statement)
-        query = _STORED_SQL.get(dialect)
-        if query is None:
+            query, params = _stored_sqlite(spans)
+        else:
             raise RuntimeError(f"database dialect {dialect!r} is not supported: use sqlite or "
                                "postgresql")
         stored: set[tuple[str, str, int, int]] = set()
-        for site, ap, epoch, seq, n in s.execute(query, {"spans": json.dumps(_spans(events)),
-                                                         "back": MAX_SEGMENTS - 1}):
+        for site, ap, epoch, seq, n in s.execute(query, params):
             stored.update((site, ap, epoch, q) for q in covered(seq, n))
         return [(e["site"], e["ap"], e["epoch"], e["seq"]) not in stored for e in events]
 
