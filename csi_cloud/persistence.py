@@ -80,6 +80,9 @@ _STORED_PG = text(
     " AS s(site text, ap text, epoch integer, lo bigint, hi bigint))" + _STORED)
 
 
+_SQLITE_SPANS = 6000  # 5 parameters each: within SQLite's 32,766 per statement
+
+
 def _stored_sqlite(spans: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
     values = ", ".join(f"(:s{i}, :a{i}, :e{i}, :l{i}, :h{i})" for i in range(len(spans)))
     params = {f"{k[0]}{i}": span[k] for i, span in enumerate(spans)
@@ -89,9 +92,12 @@ def _stored_sqlite(spans: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
 
 # PostgreSQL: the transaction-scoped advisory locks of the APs a batch stores predictions of
 # (namespace, crc32 of site and AP), taken in the array's (sorted) order, so two writers of
-# the same APs wait for each other instead of deadlocking.
+# the same APs wait for each other instead of deadlocking. And, for this transaction, plans
+# made for each execution: a prepared statement's generic plan, made while the table was small,
+# would keep scanning all of it for each span.
 _LOCK_NAMESPACE = 0x63736900  # "csi\0"
-_LOCK_SQL = text("SELECT count(pg_advisory_xact_lock(:namespace, k)) "
+_LOCK_SQL = text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true), "
+                 "count(pg_advisory_xact_lock(:namespace, k)) "
                  "FROM unnest(CAST(:keys AS integer[])) AS k")
 _U32 = 2**32
 
@@ -330,16 +336,19 @@ class Persistence:
         if dialect == "postgresql":
             keys = sorted({_lock_key(e["site"], e["ap"]) for e in events})
             s.execute(_LOCK_SQL, {"namespace": _LOCK_NAMESPACE, "keys": keys})
-            query, params = _STORED_PG, {"spans": json.dumps(spans)}
+            queries = [(_STORED_PG, {"spans": json.dumps(spans)})]
         elif dialect == "sqlite":
             s.execute(text("BEGIN IMMEDIATE"))  # (the transaction's first statement)
-            query, params = _stored_sqlite(spans)
+            # (one query unless a batch holds more spans than SQLite takes parameters)
+            queries = [_stored_sqlite(spans[i:i + _SQLITE_SPANS])
+                       for i in range(0, len(spans), _SQLITE_SPANS)]
         else:
             raise RuntimeError(f"database dialect {dialect!r} is not supported: use sqlite or "
                                "postgresql")
         stored: set[tuple[str, str, int, int]] = set()
-        for site, ap, epoch, seq, n in s.execute(query, params):
-            stored.update((site, ap, epoch, q) for q in covered(seq, n))
+        for query, params in queries:
+            for site, ap, epoch, seq, n in s.execute(query, params):
+                stored.update((site, ap, epoch, q) for q in covered(seq, n))
         return [(e["site"], e["ap"], e["epoch"], e["seq"]) not in stored for e in events]
 
     def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
