@@ -63,8 +63,8 @@ _RUN_MEAN = ("activity_confidence", "identity_confidence", "activity_confidence_
 
 # The stored rows overlapping a batch's (site, AP, epoch) sequence spans ``b``, one query per
 # batch: those starting within a span, and the last one starting before it if it reaches into it
-# (stored rows do not overlap, so no earlier one can). Both are short reads of the unique
-# index, however long the AP's history; ``b`` is the dialect's (_SPANS).
+# (the rows stored do not overlap, so no earlier one can). Both are short reads of the unique
+# index, however long the AP's history; ``b`` comes from _STORED_PG or _stored_sqlite.
 _STORED = (
     " SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM b JOIN predictions p"
     " ON p.site = b.site AND p.ap = b.ap AND p.epoch = b.epoch AND p.seq BETWEEN b.lo AND b.hi"
