@@ -6,6 +6,7 @@ loop (one transaction per ingest batch).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -18,14 +19,20 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     create_engine,
     event,
+    func,
     inspect,
+    select,
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AP", "Base", "Database", "DeadLetter", "Event", "Label", "Prediction", "Setting",
            "TrainingJob", "covered"]
@@ -63,7 +70,11 @@ class Prediction(Base):
     segments (``segments`` > 1, see csi_cloud.persistence.rows_of)."""
 
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_ap_time", "site", "ap", "timestamp"),)
+    # ux_predictions_ap_seq: a segment is stored once. It refuses a second row starting at the
+    # same segment (a backstop: csi_cloud.persistence refuses any overlap, runs included, and
+    # its check reads this index).
+    __table_args__ = (Index("ix_predictions_ap_time", "site", "ap", "timestamp"),
+                      Index("ux_predictions_ap_seq", "site", "ap", "epoch", "seq", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     site: Mapped[str] = mapped_column(String(64))
@@ -185,6 +196,9 @@ class Setting(Base):
 
 # 64-bit columns of tables created before they were: (table, column).
 _WIDENED = (("aps", "last_seq"), ("predictions", "seq"))
+# Where a database holds segments stored twice (before they were refused), the unique index
+# cannot be built: the same columns are indexed without it, for the duplicate check's reads.
+_UNIQUE_FALLBACK = {"ux_predictions_ap_seq": "ix_predictions_ap_seq"}
 
 
 class Database:
@@ -203,6 +217,7 @@ class Database:
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()
         self._widen_columns()
+        self._add_missing_indexes()
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self.api_engine: Engine = self._engine(url, busy_timeout_s, pool_size=api_pool_size,
                                                max_overflow=api_max_overflow,
@@ -259,6 +274,47 @@ class Database:
                 if not isinstance(kinds.get(column), BigInteger):
                     con.execute(text(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" '
                                      "TYPE BIGINT"))
+
+    def _add_missing_indexes(self) -> None:
+        """Idempotent migration: indexes added to a table since the database was created
+        (``create_all`` only indexes the tables it creates). A unique index that the stored rows
+        violate (segments stored twice before they were refused) does not stop the start: the
+        same columns are indexed without uniqueness, a warning says how many keys are stored
+        more than once, and the unique index is tried again on the next start."""
+        inspector = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            have = {str(i["name"]) for i in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                fallback = _UNIQUE_FALLBACK.get(str(index.name))
+                if index.name not in have:
+                    try:
+                        with self.engine.begin() as con:
+                            index.create(con)
+                    except IntegrityError:
+                        self._unique_violated(table, index, fallback, have)
+                        continue
+                if fallback in have:  # the duplicates are gone: the unique index replaces it
+                    with self.engine.begin() as con:
+                        con.execute(text(f'DROP INDEX "{fallback}"'))
+
+    def _unique_violated(self, table: Table, index: Index, fallback: str | None,
+                         have: set[str]) -> None:
+        keys = [table.c[c.name] for c in index.columns]
+        with self.engine.connect() as con:
+            twice = con.scalar(select(func.count()).select_from(
+                select(*keys).group_by(*keys).having(func.count() > 1).subquery()))
+        if fallback is None:
+            raise RuntimeError(f"database table {table.name!r}: unique index {index.name!r} "
+                               f"cannot be created, {twice} key(s) are stored more than once")
+        log.warning("database table %r holds %d key(s) of %s stored more than once (stored "
+                    "before duplicates were refused): unique index %r not created, %r instead; "
+                    "delete the extra rows (docs/cloud.md, Storage) and restart to create it",
+                    table.name, twice, ", ".join(c.name for c in index.columns), index.name,
+                    fallback)
+        if fallback not in have:  # (DDL text: an Index object would join the table's own)
+            columns = ", ".join(f'"{c.name}"' for c in index.columns)
+            with self.engine.begin() as con:
+                con.execute(text(f'CREATE INDEX "{fallback}" ON "{table.name}" ({columns})'))
 
     def get_setting(self, key: str) -> str | None:
         with self.session() as s:

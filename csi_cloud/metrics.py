@@ -68,6 +68,10 @@ class Metrics:
                                       "(retried)", registry=r)
         self.dead_letters = Counter("csi_dead_letters", "Messages that could not be stored "
                                     "and were kept in dead_letters", registry=r)
+        self.duplicates_refused = Counter(
+            "csi_duplicates_refused", "Segments predicted but not stored because they were "
+            "stored already, by another worker (its bus partition moved while it was behind)",
+            registry=r)
         self.stuck = Gauge("csi_ingest_stuck", "1 while storing a batch keeps failing",
                            registry=r)
 

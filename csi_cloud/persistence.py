@@ -8,11 +8,26 @@ it which errors are worth waiting out.
 
 from __future__ import annotations
 
+import json
 import time
+import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -24,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from csi_edge._errors import CSIError
 from csi_edge.bundle import decode_segment_codes
+from csi_edge.codec import MAX_SEGMENTS
 
 from .db import AP, Database, DeadLetter, Prediction, covered
 from .ingest import BatchResult, Ingestor
@@ -43,6 +59,88 @@ _RUN_SAME = ("site", "ap", "epoch", "received", "model", "rate_level", "context_
 # 0.9 they would differ for hundreds of segments and a run would again be a row per segment.
 _RUN_MEAN = ("activity_confidence", "identity_confidence", "activity_confidence_raw",
              "smoothed_confidence", "probabilities")
+
+
+# The stored rows overlapping a batch's (site, AP, epoch) sequence spans ``b``, one query per
+# batch: those starting within a span, and the last one starting before it if it reaches into it
+# (the rows stored do not overlap, so no earlier one can). Both are short reads of the unique
+# index, however long the AP's history; ``b`` comes from _STORED_PG or _stored_sqlite.
+_STORED = (
+    " SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM b JOIN predictions p"
+    " ON p.site = b.site AND p.ap = b.ap AND p.epoch = b.epoch AND p.seq BETWEEN b.lo AND b.hi"
+    " UNION ALL"
+    " SELECT p.site, p.ap, p.epoch, p.seq, p.segments FROM b JOIN predictions p"
+    " ON p.id = (SELECT q.id FROM predictions q WHERE q.site = b.site AND q.ap = b.ap"
+    " AND q.epoch = b.epoch AND q.seq < b.lo ORDER BY q.seq DESC LIMIT 1)"
+    " WHERE p.seq + coalesce(p.segments, 1) > b.lo")
+# PostgreSQL: the spans as one JSON parameter (one statement text, prepared once); SQLite: as
+# VALUES (half the CPU of reading JSON there), built per batch.
+_STORED_PG = text(
+    "WITH b AS (SELECT * FROM jsonb_to_recordset(CAST(:spans AS jsonb))"
+    " AS s(site text, ap text, epoch integer, lo bigint, hi bigint))" + _STORED)
+
+
+_SQLITE_SPANS = 6000  # 5 parameters each: within SQLite's 32,766 per statement
+
+
+def _stored_sqlite(spans: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    values = ", ".join(f"(:s{i}, :a{i}, :e{i}, :l{i}, :h{i})" for i in range(len(spans)))
+    params = {f"{k[0]}{i}": span[k] for i, span in enumerate(spans)
+              for k in ("site", "ap", "epoch", "lo", "hi")}
+    return text(f"WITH b(site, ap, epoch, lo, hi) AS (VALUES {values})" + _STORED), params
+
+
+# PostgreSQL: the transaction-scoped advisory locks of the APs a batch stores predictions of
+# (namespace, crc32 of site and AP), taken in the array's (sorted) order, so two writers of
+# the same APs wait for each other instead of deadlocking. And, for this transaction, plans
+# made for each execution: a prepared statement's generic plan, made while the table was small,
+# would keep scanning all of it for each span.
+_LOCK_NAMESPACE = 0x63736900  # "csi\0"
+_LOCK_SQL = text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true), "
+                 "count(pg_advisory_xact_lock(:namespace, k)) "
+                 "FROM unnest(CAST(:keys AS integer[])) AS k")
+_U32 = 2**32
+
+
+_APS = cast(Table, AP.__table__)
+# An AP row is written from a worker's state unless it is ahead of it: a later sequence number
+# of the same epoch (modulo 2**32, as the wire counts), or another epoch seen later. So a worker
+# that stores a batch late (its partition moved on meanwhile) never moves it backwards.
+_NOT_AHEAD = or_(
+    _APS.c.epoch.is_(None), _APS.c.last_seq.is_(None),
+    and_(_APS.c.epoch == bindparam("k_epoch"),
+         or_(_APS.c.last_seq == bindparam("k_last_seq"),
+             (_APS.c.last_seq - bindparam("k_last_seq") + literal(_U32)) % literal(_U32)
+             >= literal(_U32 // 2))),
+    and_(_APS.c.epoch != bindparam("k_epoch"),
+         func.coalesce(_APS.c.last_seen, 0.0) <= bindparam("k_last_seen")))
+_UPDATE_AP = update(_APS).where(_APS.c.site == bindparam("k_site"),
+                                _APS.c.ap == bindparam("k_ap"), _NOT_AHEAD)
+
+
+def _lock_key(site: str, ap: str) -> int:
+    """A stable 32-bit key of an AP (a signed int4; another AP sharing it only waits more)."""
+    return zlib.crc32(f"{site}\x00{ap}".encode()) - 2**31
+
+
+def _spans(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sequence spans of a batch's segments, per (site, AP, epoch): near ones (apart by
+    less than a message's segments) share a span, so a wrap at 2**32 or a jump is not one span
+    over the AP's whole history."""
+    by_key: dict[tuple[str, str, int], list[int]] = {}
+    for e in events:
+        by_key.setdefault((e["site"], e["ap"], e["epoch"]), []).append(e["seq"])
+    spans: list[dict[str, Any]] = []
+    for (site, ap, epoch), seqs in by_key.items():
+        seqs.sort()
+        lo = hi = seqs[0]
+        for seq in seqs[1:]:
+            if seq - hi >= MAX_SEGMENTS:
+                spans.append({"site": site, "ap": ap, "epoch": epoch, "lo": lo, "hi": hi})
+                lo = seq
+            hi = seq
+        spans.append({"site": site, "ap": ap, "epoch": epoch, "lo": lo, "hi": hi})
+    return spans
 
 
 def _running_mean(mean: Any, value: Any, n: int) -> Any:
@@ -198,49 +296,91 @@ class Persistence:
     # -- writes -----------------------------------------------------------------------------
 
     def store(self, events: list[dict[str, Any]], codes: list[bytes | None],
-              touched: set[tuple[str, str]]) -> None:
+              touched: set[tuple[str, str]]) -> list[dict[str, Any]]:
         """Predictions and AP state of one batch in one transaction, with bulk statements
-        (ORM objects per row cost more than the model itself at a thousand APs)."""
+        (ORM objects per row cost more than the model itself at a thousand APs). The events
+        not stored because their segments are stored already: another worker stored them
+        (a bus partition moved while this one was behind); each is counted in its AP's
+        ``duplicates_refused``."""
         if not touched:
-            return
+            return []
         latest: dict[tuple[str, str], dict[str, Any]] = {}
         for event in events:
             latest[(event["site"], event["ap"])] = event
         for attempt in (1, 2):
             try:
                 with self.db.session.begin() as s:
-                    created = self._write_batch(s, events, codes, touched, latest)
+                    created, refused = self._write_batch(s, events, codes, touched, latest)
                 self._known |= created  # only once committed
-                return
+                for event in refused:
+                    state = self.ingestor.aps.get((event["site"], event["ap"]))
+                    if state is not None:
+                        state.counters["duplicates_refused"] += 1
+                return refused
             except IntegrityError:
                 # Another writer (the status thread, another worker) created one of the new
-                # AP rows first: they exist now, so the second attempt updates them.
+                # AP rows first: they exist now, so the second attempt updates them. (Or a
+                # prediction row another writer stored without the lock: the second attempt
+                # finds it and refuses ours.)
                 self._known -= touched
                 if attempt == 2:
                     raise
+        raise AssertionError("unreachable")
+
+    def _unstored(self, s: Any, events: list[dict[str, Any]]) -> list[bool]:
+        """Per event: whether its segment is not stored yet. Taken under a lock per AP held
+        until the transaction ends (PostgreSQL: advisory locks; SQLite: the database's write
+        lock, taken first), so a second writer of the same AP waits and then sees these rows."""
+        dialect = s.get_bind().dialect.name
+        spans = _spans(events)
+        if dialect == "postgresql":
+            keys = sorted({_lock_key(e["site"], e["ap"]) for e in events})
+            s.execute(_LOCK_SQL, {"namespace": _LOCK_NAMESPACE, "keys": keys})
+            queries = [(_STORED_PG, {"spans": json.dumps(spans)})]
+        elif dialect == "sqlite":
+            s.execute(text("BEGIN IMMEDIATE"))  # (the transaction's first statement)
+            # (one query unless a batch holds more spans than SQLite takes parameters)
+            queries = [_stored_sqlite(spans[i:i + _SQLITE_SPANS])
+                       for i in range(0, len(spans), _SQLITE_SPANS)]
+        else:
+            raise RuntimeError(f"database dialect {dialect!r} is not supported: use sqlite or "
+                               "postgresql")
+        stored: set[tuple[str, str, int, int]] = set()
+        for query, params in queries:
+            for site, ap, epoch, seq, n in s.execute(query, params):
+                stored.update((site, ap, epoch, q) for q in covered(seq, n))
+        return [(e["site"], e["ap"], e["epoch"], e["seq"]) not in stored for e in events]
 
     def _write_batch(self, s: Any, events: list[dict[str, Any]], codes: list[bytes | None],
-                     touched: set[tuple[str, str]],
-                     latest: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
-        """Write; the AP rows known to exist once this commits."""
+                     touched: set[tuple[str, str]], latest: dict[tuple[str, str], dict[str, Any]]
+                     ) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
+        """Write; the AP rows known to exist once this commits, and the events refused."""
+        refused: list[dict[str, Any]] = []
         if events:
-            s.execute(insert(Prediction), rows_of(events, codes))
+            new = self._unstored(s, events)
+            if not all(new):
+                refused = [e for e, n in zip(events, new, strict=True) if not n]
+                events = [e for e, n in zip(events, new, strict=True) if n]
+                codes = [c for c, n in zip(codes, new, strict=True) if n]
+            if events:
+                s.execute(insert(Prediction), rows_of(events, codes))
         unknown = touched - self._known
         if unknown:
             existing = {tuple(r) for r in s.execute(
                 select(AP.site, AP.ap).where(tuple_(AP.site, AP.ap).in_(sorted(unknown))))}
-            new = unknown - existing
-            if new:
+            new_aps = unknown - existing
+            if new_aps:
                 now = time.time()
                 s.execute(insert(AP), [{"site": site, "ap": ap, "first_seen": now,
                                         "online": False, "counters": {}}
-                                       for site, ap in sorted(new)])
+                                       for site, ap in sorted(new_aps)])
         updates = []
-        for site, ap in touched:
+        for site, ap in sorted(touched):
             state = self.ingestor.aps[(site, ap)]
             row: dict[str, Any] = {
-                "site": site, "ap": ap, "last_seen": state.last_seen, "epoch": state.epoch,
-                "last_seq": state.last_seq,
+                "k_site": site, "k_ap": ap, "k_epoch": state.epoch,
+                "k_last_seq": state.last_seq, "k_last_seen": state.last_seen,
+                "last_seen": state.last_seen, "epoch": state.epoch, "last_seq": state.last_seq,
                 "counters": {**dict(state.counters), "rejected": dict(state.rejected)}}
             if state.model:
                 row["model"] = state.model
@@ -249,13 +389,14 @@ class Persistence:
             if (site, ap) in latest:
                 row["prediction"] = latest[(site, ap)]
             updates.append(row)
-        # Bulk UPDATE by primary key, grouped by the set of columns each row sets.
+        # Bulk UPDATE by primary key, grouped by the set of columns each row sets; a row that
+        # is ahead of this worker's state is left as it is (_NOT_AHEAD).
         by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for row in updates:
             by_keys.setdefault(tuple(sorted(row)), []).append(row)
         for rows in by_keys.values():
-            s.execute(update(AP), rows)
-        return unknown
+            s.execute(_UPDATE_AP, rows)
+        return unknown, refused
 
     def write_dead_letters(self, rows: list[dict[str, Any]]) -> None:
         with self.db.session.begin() as s:

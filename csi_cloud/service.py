@@ -123,6 +123,7 @@ class CloudService:
         self._waiting_since: float | None = None  # the queue has not been empty since
         self._processing = False  # the batch loop holds a batch
         self.dead_lettered = 0
+        self.duplicates_refused = 0  # segments another worker had stored (not stored again)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -409,7 +410,7 @@ class CloudService:
         except Exception:  # recordings are best effort; predictions still count
             log.exception("recording %d segment(s) failed", len(result.segments))
 
-    async def _retry_store(self, what: str, fn: Callable[[], None], attempts: int
+    async def _retry_store(self, what: str, fn: Callable[[], object], attempts: int
                            ) -> BaseException | None:
         """Run ``fn`` (a database write) on the store thread until it succeeds: for as long as
         the database is unreachable (backoff up to ``store_retry_max_s``, so ingest resumes
@@ -449,16 +450,23 @@ class CloudService:
     async def _store_or_dead_letter(self, batch: list[_Item], result: BatchResult,
                                     events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store the batch (retrying); if the database refuses it, store it AP by AP and
-        dead-letter the messages of the APs it still refuses. The events stored."""
+        dead-letter the messages of the APs it still refuses. The events stored: not those
+        whose segments were stored already, by another worker (counted, not published again)."""
         codes = codes_of(events, result)
         touched = {(p["site"], p["ap"]) for p in events}
         touched |= {(site, ap) for site, ap, *_ in result.rejected
                     if (site, ap) in self.ingestor.aps}
+        refused: list[dict[str, Any]] = []
+
+        def store(events: list[dict[str, Any]], codes: list[bytes | None],
+                  touched: set[tuple[str, str]]) -> None:
+            refused.extend(self.persistence.store(events, codes, touched))
+
         error = await self._retry_store(
             f"a batch of {len(batch)} message(s)",
-            lambda: self.persistence.store(events, codes, touched), self.settings.store_attempts)
+            lambda: store(events, codes, touched), self.settings.store_attempts)
         if error is None:
-            return events
+            return self._not_refused(events, refused)
         log.error("the database refuses a batch of %d message(s) (%s): storing it AP by AP",
                   len(batch), _shown(error)[:_SHOWN])
         stored: list[dict[str, Any]] = []
@@ -470,7 +478,7 @@ class CloudService:
             group_touched = {key} & touched
             error = await self._retry_store(
                 f"{key[0]}/{key[1]}'s segments",
-                partial(self.persistence.store, group_events, group_codes, group_touched), 1)
+                partial(store, group_events, group_codes, group_touched), 1)
             if error is None:
                 stored.extend(group_events)
                 continue
@@ -483,7 +491,20 @@ class CloudService:
                 await loop.run_in_executor(self._ingest_pool, self.ingestor.unsee, key[0],
                                            key[1], epoch, seqs)
         stored.sort(key=lambda e: (e["received"], e["seq"]))
-        return stored
+        return self._not_refused(stored, refused)
+
+    def _not_refused(self, events: list[dict[str, Any]], refused: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        if not refused:
+            return events
+        self.duplicates_refused += len(refused)
+        self.metrics.duplicates_refused.inc(len(refused))
+        self.log_once("duplicates_refused", "%d segment(s) of %s/%s were stored already, by "
+                      "another worker: not stored again (csi_duplicates_refused_total counts "
+                      "all)", len(refused), _shown(refused[0]["site"])[:90],
+                      _shown(refused[0]["ap"])[:90])
+        ids = {id(e) for e in refused}
+        return [e for e in events if id(e) not in ids]
 
     async def _dead_letter(self, messages: list[_Item], error: str) -> None:
         """Keep messages that cannot be stored, with the error (retried while the database is

@@ -26,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["Heartbeats", "Worker", "reference", "stored_predictions"]
 
 
-# The workers read the full window only (the cloud setting live_lengths): three NATS nodes,
-# three workers, PostgreSQL and 200 real-rate APs share this machine's 2 cores, and the live
-# context lengths' 4x classifier CPU leaves a worker behind for longer than its pin's time to
-# live; a worker that loses its pin while holding segments can then store them twice
-# (docs/scaling.md, known gap).
-LIVE_LENGTHS = False
-
-
 class Worker(Cloud):
     """One cloud worker process on the cluster (tests/_harness.py's :class:`Cloud`)."""
 
@@ -41,12 +33,20 @@ class Worker(Cloud):
                  env: dict[str, str] | None = None, log_level: str = "INFO") -> None:
         super().__init__(mqtt, db, folder, name, ("--bus", bus),
                          env={"CSI_CLOUD_JOBS_DIR": str(folder / f"jobs-{name}"),
-                              "CSI_CLOUD_RECORD": "false",
-                              "CSI_CLOUD_LIVE_LENGTHS": "true" if LIVE_LENGTHS else "false",
-                              **(env or {})},
+                              "CSI_CLOUD_RECORD": "false", **(env or {})},
                          recordings=folder / f"recordings-{name}", log_level=log_level)
         self.name = name
         self.log = folder / f"worker-{name}.log"
+
+    def refused(self) -> int:
+        """Segments this process predicted but did not store, another worker having stored
+        them (csi_duplicates_refused_total)."""
+        import httpx
+
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("csi_duplicates_refused_total "):
+                return int(float(line.split()[1]))
+        raise AssertionError("no csi_duplicates_refused_total in the worker's metrics")
 
 
 class Heartbeats:
@@ -116,7 +116,7 @@ def reference(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int, int], dic
     from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
     registry = ModelRegistry(ROOT / "models")
-    ingestor = Ingestor(registry, live_lengths=LIVE_LENGTHS)
+    ingestor = Ingestor(registry)
     by_ap: dict[tuple[str, str], dict[tuple[int, int], dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         by_ap[(row["site"], row["ap"])].setdefault((row["epoch"], row["seq"]), row)
