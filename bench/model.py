@@ -132,7 +132,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
                               "max_tasks_per_protocol": args.max_tasks or None,
                               "activities": acts, "identities": ids, "protocols": {}}
-    if name == "fition" and "zstd" in args.methods:
+    if name == "fition" and "zstd" in args.methods and not args.anchors_only:
         report["zstd"] = zstd_rates(data)
     protocols = [p for p in args.protocols.split(",") if p]
     few: dict[str, dict[str, Any]] = {}
@@ -421,11 +421,13 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
                                                           "fusion_support_only")))
                 for method, style in (("ours_adapted", "-o"), ("ours_support_only", "--o"),
                                       ("minirocket_support_only", ":s"),
-                                      ("fusion_support_only", ":^")):
+                                      ("fusion_support_only", ":^"),
+                                      ("fusion_source_and_support", "-.^")):
                     key = ("level0_activity_accuracy" if method.startswith("ours")
                            else "activity_accuracy")
-                    ax.plot(ks, [mean[str(k)][method][key] for k in ks], style,
-                            label=f"{setting}: {method}")
+                    if all(method in mean[str(k)] for k in ks):
+                        ax.plot(ks, [mean[str(k)][method][key] for k in ks], style,
+                                label=f"{setting}: {method}")
             ax.set_xlabel("labelled recordings per activity (K)")
             ax.set_ylabel("activity accuracy (level 0 for ours)")
             ax.set_title(f"{name}: few-shot in a new setting")
