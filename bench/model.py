@@ -32,6 +32,14 @@ Protocols:
     python bench/model.py --datasets fition --protocols few-shot \
         --few-shot-settings cross-session --out bench/results/model_few_shot.json
 
+  ``--anchors-only`` measures the anchors' rows of the few-shot settings without a bundle, on
+  the same support draws, to be merged with ours' rows of the same tasks:
+
+    python bench/model.py --datasets fition --protocols few-shot \
+        --few-shot-settings cross-session --anchors-only --threads 1 --tasks user1->user2 \
+        --out bench/results/model_fewshot_anchors_user1-user2.json
+    python bench/model.py --render-only --merge-from bench/results/model_fewshot_anchors_*.json
+
 Results: bench/results/model.json (means and stds over folds/directions, draws and seeds, the
 issue's targets checked) and bench/results/model_*.png. Anchor features are cached under
 .cache/bench/ (gitignored).
@@ -63,7 +71,13 @@ from csi_cloud.model.anchors import ANCHORS  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
-from csi_cloud.model.fewshot import Windows, few_shot, run_anchors  # noqa: E402
+from csi_cloud.model.fewshot import (  # noqa: E402
+    SUPPORT_SHARE,
+    Windows,
+    few_shot,
+    few_shot_anchors,
+    run_anchors,
+)
 from csi_cloud.model.fitting import fit  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate, split_tasks  # noqa: E402
@@ -118,7 +132,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     report: dict[str, Any] = {"recordings": len(data), "windows": len(win.rows),
                               "max_tasks_per_protocol": args.max_tasks or None,
                               "activities": acts, "identities": ids, "protocols": {}}
-    if name == "fition" and "zstd" in args.methods:
+    if name == "fition" and "zstd" in args.methods and not args.anchors_only:
         report["zstd"] = zstd_rates(data)
     protocols = [p for p in args.protocols.split(",") if p]
     few: dict[str, dict[str, Any]] = {}
@@ -128,6 +142,16 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     # ``--protocols few-shot`` alone those bundles are trained (or reused) for it only.
     settings = [s for s in args.few_shot_settings.split(",") if s] \
         if "few-shot" in protocols else []
+    if args.anchors_only and protocols != ["few-shot"]:
+        raise ValueError(f"--anchors-only runs only the few-shot anchors: give --protocols "
+                         f"few-shot, not {args.protocols!r}")
+    if settings and source_shots != []:
+        report["few_shot_source_and_support"] = {
+            "support_share": SUPPORT_SHARE,
+            "source_windows": "every window of the source recordings (the task's training "
+                              "and validation recordings), none subsampled",
+            "shots": "all" if source_shots is None else source_shots,
+            "boosting_threads": args.threads}
     for seed in range(args.seeds):
         if "random" in protocols or (name == "wiar" and "wiar-learning-curve" in settings):
             tasks += [("random", t, tr, va, te, seed)
@@ -159,6 +183,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
             if counted[t[0]] <= args.max_tasks:
                 capped.append(t)
         tasks = capped
+    setting_of = {"random": "wiar-learning-curve" if name == "wiar" else None,
+                  "cross-session": "cross-session", "cross-room": "cross-room"}
     for protocol, task, tr, va, te, seed in tasks:
         t0 = time.perf_counter()
         identity = protocol == "random" and n_id > 0
@@ -171,6 +197,24 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
         if seed not in rockets:
             rockets[seed] = win.rocket(np.arange(len(data)), seed, CACHE)
         rocket = rockets[seed]
+        if args.anchors_only:
+            # The anchors' rows of a few-shot setting without a bundle: the support draws
+            # are ours' (they depend only on activities and seeds), so the rows merge with
+            # ours' rows of the same task (--render-only --merge-from).
+            only = setting_of[protocol]
+            if only is not None and only in settings:
+                def task_log(line: str, prefix: str = f"{name} {task}: ") -> None:
+                    log(prefix + line)
+
+                few.setdefault(only, {})[f"{task}/seed{seed}"] = few_shot_anchors(
+                    win, rocket, te, n_act, shots, args.draws, source=source,
+                    source_shots=source_shots, threads=args.threads,
+                    log=task_log)
+                if partial is not None:
+                    partial(_summarise(report, results, few))
+            log(f"{name} {protocol:13s} {task:14s} seed {seed}: anchors only "
+                f"{time.perf_counter() - t0:.0f} s")
+            continue
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
         kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
         split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
@@ -192,14 +236,14 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 summary = evaluate_bundle(model, edge, data, te).summary
                 entry["ours"].append(_ours_row(summary))
                 entry["anchors"].append(run_anchors(win, rocket, source, te, n_act, n_id,
-                                                    identity=identity, seed=seed))
+                                                    identity=identity, seed=seed,
+                                                    threads=args.threads))
                 entry["tasks"].append(task)
-            setting = {"random": "wiar-learning-curve" if name == "wiar" else None,
-                       "cross-session": "cross-session", "cross-room": "cross-room"}[protocol]
+            setting = setting_of[protocol]
             if setting in settings:
                 few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
                     model, edge, data, te, shots, args.draws, win=win, rocket=rocket,
-                    source=source, source_shots=source_shots)
+                    source=source, source_shots=source_shots, threads=args.threads)
         if partial is not None:
             partial(_summarise(report, results, few))
         low = entry["ours"][-1]["levels"][0] if entry["ours"] and protocol in protocols \
@@ -233,6 +277,15 @@ def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
         report["few_shot"] = {s: {"runs": runs, "mean": _few_mean(runs)}
                               for s, runs in few.items()}
     return report
+
+
+def _merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Runs of a few-shot setting, ``new``'s methods added to (or replacing) ``old``'s."""
+    out = {run: {k: dict(methods) for k, methods in ks.items()} for run, ks in old.items()}
+    for run, ks in new.items():
+        for k, methods in ks.items():
+            out.setdefault(run, {}).setdefault(k, {}).update(methods)
+    return out
 
 
 def _few_mean(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -294,7 +347,23 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             ours = methods["ours_adapted"]["level0_activity_accuracy"]
             best_name, best = max(
                 ((m, v["activity_accuracy"]) for m, v in methods.items()
-                 if not m.startswith("ours")), key=lambda mv: mv[1])
+                 if not m.startswith("ours") and "activity_accuracy" in v),
+                key=lambda mv: mv[1])
+            # "In every setting": each direction/fold on its own (mean over its draws).
+            per_run = {}
+            for run, per_k in few["runs"].items():
+                if k not in per_k or "ours_adapted" not in per_k[k]:
+                    continue
+                run_best = _best({m: {"activity_accuracy": v["activity_accuracy"]["mean"]}
+                                  for m, v in per_k[k].items() if "activity_accuracy" in v
+                                  and not m.startswith("ours")}, "")
+                if run_best is None:
+                    continue
+                run_ours = per_k[k]["ours_adapted"]["level0_activity_accuracy"]["mean"]
+                per_run[run] = {"ours_adapted_level0": run_ours,
+                                "best_baseline": run_best[0],
+                                "best_baseline_activity": run_best[1],
+                                "at_least_best_baseline": run_ours >= run_best[1]}
             entry[f"few-shot {setting}"] = {
                 "shots": int(k), "ours_before_level0": methods["ours_before"][
                     "level0_activity_accuracy"],
@@ -303,8 +372,13 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                     "level0_activity_accuracy"],
                 "best_baseline": best_name, "best_baseline_activity": best,
                 "at_least_best_baseline": ours >= best,
+                "baselines_with_source": any(m.endswith("_source_and_support")
+                                             for m in methods),
                 "at_least_support_only": ours >= methods["ours_support_only"][
-                    "level0_activity_accuracy"]}
+                    "level0_activity_accuracy"],
+                "per_run": per_run,
+                "at_least_best_baseline_in_every_run": bool(per_run) and all(
+                    r["at_least_best_baseline"] for r in per_run.values())}
             if setting == "cross-session":
                 entry[f"few-shot {setting}"]["target_0_70"] = ours >= 0.70
         out[name] = entry
@@ -347,11 +421,13 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
                                                           "fusion_support_only")))
                 for method, style in (("ours_adapted", "-o"), ("ours_support_only", "--o"),
                                       ("minirocket_support_only", ":s"),
-                                      ("fusion_support_only", ":^")):
+                                      ("fusion_support_only", ":^"),
+                                      ("fusion_source_and_support", "-.^")):
                     key = ("level0_activity_accuracy" if method.startswith("ours")
                            else "activity_accuracy")
-                    ax.plot(ks, [mean[str(k)][method][key] for k in ks], style,
-                            label=f"{setting}: {method}")
+                    if all(method in mean[str(k)] for k in ks):
+                        ax.plot(ks, [mean[str(k)][method][key] for k in ks], style,
+                                label=f"{setting}: {method}")
             ax.set_xlabel("labelled recordings per activity (K)")
             ax.set_ylabel("activity accuracy (level 0 for ours)")
             ax.set_title(f"{name}: few-shot in a new setting")
@@ -368,6 +444,65 @@ def _f(v: Any) -> str:
     if isinstance(v, dict):
         return f"{v['mean']:.3f} ± {v['std']:.3f}" if "std" in v else f"{v['mean']:.3f}"
     return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _best(methods: dict[str, Any], suffix: str) -> tuple[str, float] | None:
+    """The anchor with the highest mean activity accuracy among ``*<suffix>`` methods."""
+    found = [(v["activity_accuracy"], m) for m, v in methods.items()
+             if m.endswith(suffix) and "activity_accuracy" in v]
+    return (max(found)[1], max(found)[0]) if found else None
+
+
+def _source_note(ds: dict[str, Any]) -> str:
+    meta = ds.get("few_shot_source_and_support")
+    if not meta:
+        return ""
+    return (f" Source + support: {meta['source_windows']}; the support's windows get "
+            f"{meta['support_share']:.0%} of the total training weight (fixed a priori).")
+
+
+def few_shot_table(few: dict[str, Any]) -> list[str]:
+    """One setting's few-shot summary (markdown lines): per K, ours before and after ``csi
+    adapt`` (level 0; with the mean prior weight it chose), every anchor on the support alone
+    and on the source plus the support, and the best of all those baselines; then, at the
+    largest K, the same per direction/fold (the target is "in every setting"). Activity
+    accuracy per recording."""
+    mean, runs = few["mean"], few["runs"]
+    ks = sorted(mean, key=int)
+    names = {"minirocket": "MiniRocket", "profile_knn": "kNN", "stats_boosting": "boosting",
+             "fusion": "fusion"}
+
+    def cells(methods: dict[str, Any]) -> list[str]:
+        row = [_f(methods.get(m, {}).get("level0_activity_accuracy"))
+               for m in ("ours_before", "ours_adapted")]
+        lam = methods.get("ours_adapted", {}).get("level0_prior_weight")
+        if lam is not None:
+            row[1] += f" (lam {lam:.2f})"
+        for suffix in ("_support_only", "_source_and_support"):
+            row.append(" / ".join(_f(methods.get(a + suffix, {}).get("activity_accuracy"))
+                                  for a in ANCHORS))
+        best = _best(methods, "")
+        ours = methods.get("ours_adapted", {}).get("level0_activity_accuracy")
+        row.append("-" if best is None else
+                   f"{best[1]:.3f} ({best[0].replace('_', ' ')})")
+        row.append("-" if best is None or ours is None else f"{100 * (ours - best[1]):+.1f}")
+        return row
+
+    anchors = " / ".join(names[a] for a in ANCHORS)
+    head = ["before", "adapted", f"support only: {anchors}", f"source + support: {anchors}",
+            "best baseline", "adapted - best (points)"]
+    lines = ["| K | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines += [f"| {k} | " + " | ".join(cells(mean[k])) + " |" for k in ks]
+    top = ks[-1] if ks else None
+    if top is not None and len(runs) > 1:
+        lines += ["", f"At K = {top}, per direction (mean over the support draws):", "",
+                  "| direction | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for run, per_k in sorted(runs.items()):
+            if top in per_k:
+                flat = {m: {key: v["mean"] for key, v in metrics.items()}
+                        for m, metrics in per_k[top].items()}
+                lines.append(f"| {run.split('/')[0]} | " + " | ".join(cells(flat)) + " |")
+    return lines
 
 
 def render(report: dict[str, Any], name: str) -> str:
@@ -403,11 +538,13 @@ def render(report: dict[str, Any], name: str) -> str:
         ks = sorted(mean, key=int)
         if not ks:
             continue
-        methods = sorted({m for k in ks for m in mean[k]})
+        methods = sorted({m for k in ks for m in mean[k]} - {"anchors_cpu_s"})
         lines += [f"### few-shot: {setting} ({len(few['runs'])} settings x {report['draws']} "
                   "support draws; mean)", "",
-                  "Activity accuracy on the rest of the new setting, per recording / per "
-                  "second; ours at level 0 (the lowest rate).", "",
+                  "Activity accuracy per recording on the rest of the new setting; ours at "
+                  "level 0 (the lowest rate); anchors on uncompressed CSI." + _source_note(ds),
+                  "", *few_shot_table(few), "",
+                  "Every method, per recording / per second:", "",
                   "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
                   "|---|" + "---|" * len(ks)]
         for m in methods:
@@ -429,9 +566,19 @@ def render(report: dict[str, Any], name: str) -> str:
 BEGIN, END = "<!-- bench-model:begin -->", "<!-- bench-model:end -->"
 
 
+FEW_BEGIN, FEW_END = "<!-- bench-model-few-shot:begin -->", "<!-- bench-model-few-shot:end -->"
+
+
 def write_sections(report: dict[str, Any]) -> list[str]:
-    """Put each dataset's section into models/<dataset>/report.md (between markers)."""
+    """Put each dataset's section into models/<dataset>/report.md (between markers), and the
+    Fition cross-session few-shot table into docs/model.md."""
     written = []
+    few = report["datasets"].get("fition", {}).get("few_shot", {}).get("cross-session")
+    docs = ROOT / "docs" / "model.md"
+    if few and docs.is_file():
+        put_section(docs, FEW_BEGIN, FEW_END, "\n".join(
+            [*few_shot_table(few), "", _source_note(report["datasets"]["fition"]).strip()]))
+        written.append(str(docs.relative_to(ROOT)))
     for name in report["datasets"]:
         path = ROOT / "models" / name / "report.md"
         if not path.is_file():
@@ -455,9 +602,13 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--source-anchors-shots", default="all",
                         help="few-shot: the K at which the anchors also train on the source "
-                             "data plus the support ('all', or e.g. '5'; '' for none: their "
-                             "boosting on every source window is the slow part)")
-    parser.add_argument("--threads", type=int, default=2)
+                             "data plus the support ('all', or e.g. '5'; '' for none)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads, and the OpenMP threads of the anchors' boosting")
+    parser.add_argument("--anchors-only", action="store_true",
+                        help="few-shot: only the anchors' rows (no bundle trained or loaded; "
+                             "the same support draws as ours), to merge with ours' rows "
+                             "(--render-only --merge-from)")
     parser.add_argument("--protocols", default="random,cross-session,few-shot",
                         help="few-shot alone runs only the few-shot settings (their bundles "
                              "trained or reused, no other protocol scored)")
@@ -500,10 +651,14 @@ def main() -> None:
                 if mine is not ds:
                     mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
                     for setting, few in ds.get("few_shot", {}).items():
-                        # Runs (directions, folds) of a setting measured apart add up.
-                        runs = {**mine.setdefault("few_shot", {}).get(setting, {}).get(
-                            "runs", {}), **few["runs"]}
+                        # Runs (directions, folds) of a setting measured apart add up, and
+                        # so do the methods of one run measured apart (the anchors of
+                        # --anchors-only next to ours); a method measured again replaces it.
+                        runs = _merge_runs(mine.setdefault("few_shot", {}).get(
+                            setting, {}).get("runs", {}), few["runs"])
                         mine["few_shot"][setting] = {"runs": runs, "mean": _few_mean(runs)}
+                    if "few_shot_source_and_support" in ds:
+                        mine["few_shot_source_and_support"] = ds["few_shot_source_and_support"]
         report["targets"] = targets(report)
         report["plots"] = plot(report, args.out.parent)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -536,7 +691,8 @@ def main() -> None:
                                  if k not in report["datasets"]}, **report["datasets"]}
     report["targets"] = targets(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report["plots"] = plot(report, args.out.parent)
+    # Anchor rows alone plot nothing (the plot needs ours), and must not replace the plot.
+    report["plots"] = plot(report, args.out.parent) if not args.anchors_only else []
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -55,8 +55,8 @@ from .heads import (
 from .network import CSICodecNet, ModelConfig
 
 __all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head",
-           "head_windows", "load_codes", "open_set_codes", "pick_support", "set_prototypes",
-           "shrinkage", "support_windows"]
+           "draw_support", "head_windows", "load_codes", "open_set_codes", "pick_support",
+           "set_prototypes", "shrinkage", "support_windows"]
 
 
 def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
@@ -92,10 +92,18 @@ def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
 def pick_support(codes: CodeData, recordings: np.ndarray, shots: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """K recordings per activity (seeded) for adaptation; the rest for testing."""
+    return draw_support(codes.activity, recordings, shots, seed)
+
+
+def draw_support(activity: np.ndarray, recordings: np.ndarray, shots: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pick_support` from the recordings' activity labels alone: the same draw, for
+    whatever needs the support without a bundle's codes (the anchors of the few-shot
+    protocol)."""
     rng = np.random.default_rng(seed)
     support: list[int] = []
-    for c in sorted(set(codes.activity[recordings].tolist())):
-        members = recordings[codes.activity[recordings] == c]
+    for c in sorted(set(activity[recordings].tolist())):
+        members = recordings[activity[recordings] == c]
         support += rng.permutation(members)[:shots].tolist()
     chosen = set(support)
     query = np.array([r for r in recordings.tolist() if r not in chosen], dtype=np.int64)

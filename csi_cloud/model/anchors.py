@@ -121,13 +121,14 @@ def _full(proba: np.ndarray, classes_seen: np.ndarray, n: int) -> np.ndarray:
 def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
                 test: np.ndarray, activity: np.ndarray, identity: np.ndarray | None,
                 n_act: int, n_id: int, *, weight: np.ndarray | None = None,
-                seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                seed: int = 0, threads: int | None = 1) -> dict[str, dict[str, np.ndarray]]:
     """Fit every anchor on windows ``train`` and predict windows ``test``.
 
     ``rocket``: MiniRocket features of every window; ``activity``/``identity``: labels of
     every window (identity -1 = unknown, None = no identity task); ``weight``: per training
-    window weights (the support's weight when training on source + support). Returns anchor
-    -> {"activity": (T, A) probabilities, "identity": (T, I) or absent}.
+    window weights (the support's weight when training on source + support); ``threads``:
+    OpenMP threads of the gradient boosting (None: scikit-learn's default, every core).
+    Returns anchor -> {"activity": (T, A) probabilities, "identity": (T, I) or absent}.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import RidgeClassifierCV
@@ -167,7 +168,16 @@ def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
                             knn.classes_, n)
     out["profile_knn"] = entry
 
-    # Hand-crafted statistics + gradient boosting.
+    # Hand-crafted statistics + gradient boosting. Its trees are small (a thousand windows,
+    # a few hundred features), so OpenMP's per-split synchronisation dominates: on a busy
+    # 2-core machine two threads took 85 s of CPU for one fit on a Fition source + support
+    # set and one thread 18 s, with the same trees (bench/model.py passes --threads). Equal
+    # weights are no weights: given any sample_weight, scikit-learn (1.6+) bins every feature
+    # with one weighted percentile call per bin edge in Python, 24 of the 27 s of CPU of
+    # one support-only fit of the anchors on Fition (336 features x 255 edges).
+    from threadpoolctl import threadpool_limits
+
+    hgb_weight = None if np.all(w == w[0]) else w
     entry = {}
     for name, y, n in (("activity", activity, n_act), ("identity", ids, n_id)):
         if y is None:
@@ -175,10 +185,11 @@ def fit_predict(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray,
         if len(np.unique(y[train])) < 2:
             entry[name] = _full(np.ones((len(test), 1)), np.unique(y[train]), n)
             continue
-        hgb = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.1,
-                                             random_state=seed)
-        hgb.fit(feats.stats[train], y[train], sample_weight=w)
-        entry[name] = _full(hgb.predict_proba(feats.stats[test]), hgb.classes_, n)
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            hgb = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.1,
+                                                 random_state=seed)
+            hgb.fit(feats.stats[train], y[train], sample_weight=hgb_weight)
+            entry[name] = _full(hgb.predict_proba(feats.stats[test]), hgb.classes_, n)
     out["stats_boosting"] = entry
 
     out["fusion"] = {name: np.mean([out[a][name] for a in ANCHORS[:3]], axis=0)

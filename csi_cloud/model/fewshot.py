@@ -11,9 +11,10 @@ the rest of the setting is the test set), it measures
 - ``ours_parent_prior``: the same, always shrunk towards the bundle's weights (prior weight 1);
 - ``ours_support_only``: the same head refitted on the support alone (no prior);
 - the accuracy anchors (:mod:`.anchors`, uncompressed CSI) trained on the same support alone
-  (``<anchor>_support_only``) and, with source data, on the source recordings plus the
-  support, the support weighted like all source windows together
-  (``<anchor>_source_and_support``).
+  (``<anchor>_support_only``) and, with source data, on every window of the source
+  recordings plus the support (``<anchor>_source_and_support``), the support's windows
+  weighted so that together they weigh as much as all source windows together
+  (:data:`SUPPORT_SHARE`).
 
 Ours is scored through the real codes at every rate level, per recording (the window ending at
 its last segment) and per second (every window the service would classify). Used by
@@ -22,6 +23,7 @@ its last segment) and per second (every window the service would classify). Used
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,23 @@ import numpy as np
 
 from csi_edge.bundle import EdgeEncoder
 
-from .adapt import _accuracy, adapt_head, head_windows, pick_support, shrinkage
+from .adapt import _accuracy, adapt_head, draw_support, head_windows, pick_support, shrinkage
 from .compression import CloudModel
 from .data import SegmentData, load_segments, segment_windows
 from .heads import codes_from_segments
 from .protocols import aggregate
 
-__all__ = ["Windows", "few_shot", "few_shot_folder", "run_anchors"]
+__all__ = ["SUPPORT_SHARE", "Windows", "few_shot", "few_shot_anchors", "few_shot_folder",
+           "run_anchors", "support_weights"]
+
+# The share of the total training weight the K support recordings get when an anchor trains
+# on the source data plus the support. Fixed a priori, never tuned on a setting's test
+# recordings: the source has 70-130 recordings of a setting the test does not share and the
+# support 6K of the one it does, so an unweighted fit would be the source's model (at K = 1,
+# the support is 5% of the windows); half of the weight is the even prior between "the new
+# setting is like the source" and "it is not". With a share s each support window weighs
+# s / (1 - s) * (source windows / support windows), a source window 1.
+SUPPORT_SHARE = 0.5
 
 
 class Windows:
@@ -70,24 +82,37 @@ def _acc(p: np.ndarray, y: np.ndarray) -> float:
     return float((p[known].argmax(1) == y[known]).mean()) if known.any() else float("nan")
 
 
+def support_weights(n_source: int, n_support: int,
+                    share: float = SUPPORT_SHARE) -> np.ndarray:
+    """Training weights of ``n_source`` source windows (1 each) followed by ``n_support``
+    support windows, the support's together ``share`` of the total."""
+    if not 0 < share < 1:
+        raise ValueError(f"the support's share of the weight must be in (0, 1), got {share}")
+    if n_support < 1:
+        raise ValueError(f"no support window to weight (n_support={n_support})")
+    each = share / (1 - share) * max(n_source, 1) / n_support
+    return np.concatenate([np.ones(n_source), np.full(n_support, each)])
+
+
 def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
                 test_recs: np.ndarray, n_act: int, n_id: int, *, identity: bool, seed: int,
-                support: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                support: np.ndarray | None = None, support_share: float = SUPPORT_SHARE,
+                threads: int | None = 1) -> dict[str, dict[str, float]]:
     """Anchors fitted on every window of ``train_recs`` (plus the ``support`` recordings,
-    weighted like all the training windows together), scored on ``test_recs`` per recording
-    and per second."""
+    whose windows get ``support_share`` of the total weight), scored on ``test_recs`` per
+    recording and per second."""
     from .anchors import fit_predict
 
     train = win.of(train_recs)
     weight = np.ones(len(train))
     if support is not None and len(support):
         sup = win.of(support)
-        weight = np.concatenate([weight, np.full(len(sup), max(len(train), 1) / len(sup))])
+        weight = support_weights(len(train), len(sup), support_share)
         train = np.concatenate([train, sup])
     test = win.of(test_recs)
     preds = fit_predict(rocket, win.features, train, test, win.activity,
                         win.identity if identity else None, n_act, n_id if identity else 0,
-                        weight=weight, seed=seed)
+                        weight=weight, seed=seed, threads=threads)
     last = win.last[test]
     out = {}
     for name, p in preds.items():
@@ -104,14 +129,15 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
              target: np.ndarray, shots: Sequence[int], draws: int, *,
              win: Windows | None = None, rocket: np.ndarray | None = None,
              source: np.ndarray | None = None, source_shots: Sequence[int] | None = None,
+             threads: int | None = 1,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One setting: K -> method -> mean and std over draws (see the module docstring).
 
     ``target``: the new setting's recordings in ``data``; ``source``: recordings of the
     source data in ``data`` (for the anchors trained with it); ``win``/``rocket``: the
     anchors' windows and MiniRocket features (no anchors without them); ``source_shots``: the
-    K at which the anchors also train on the source data (None: every K; fitting them on
-    every source window is what takes time)."""
+    K at which the anchors also train on the source data (None: every K); ``threads``: the
+    anchors' boosting threads."""
     codes = codes_from_segments(model, edge, data)
     n_act = len(model.manifest.labels["activity"] or [])
     # Adaptation only swaps the head's activity layers: the head's features of every window
@@ -143,20 +169,67 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
                                 shrinkage(net).items() if (w := v["prior_weight"]) is not None})
                 per.setdefault(name, []).append(row)
             if win is not None and rocket is not None:
-                for name, row in run_anchors(win, rocket, support, query, n_act, 0,
-                                             identity=False, seed=draw).items():
-                    per.setdefault(f"{name}_support_only", []).append(row)
-                if source is not None and len(source) and (source_shots is None
-                                                           or k in source_shots):
-                    for name, row in run_anchors(win, rocket, source, query, n_act, 0,
-                                                 identity=False, seed=draw,
-                                                 support=support).items():
-                        per.setdefault(f"{name}_source_and_support", []).append(row)
+                with_source = source is not None and len(source) > 0 and (
+                    source_shots is None or k in source_shots)
+                for name, row in _anchor_rows(win, rocket, support, query, n_act, draw,
+                                              source if with_source else None,
+                                              threads=threads).items():
+                    per.setdefault(name, []).append(row)
         out[str(k)] = {m: aggregate(rows) for m, rows in per.items()}
         if log and "ours_adapted" in out[str(k)]:
             before = out[str(k)]["ours_before"]["level0_activity_accuracy"]["mean"]
             after = out[str(k)]["ours_adapted"]["level0_activity_accuracy"]["mean"]
             log(f"K={k}: level-0 activity accuracy before {before:.3f}, adapted {after:.3f}")
+    return out
+
+
+def _anchor_rows(win: Windows, rocket: np.ndarray, support: np.ndarray, query: np.ndarray,
+                 n_act: int, draw: int, source: np.ndarray | None, *,
+                 threads: int | None) -> dict[str, dict[str, float]]:
+    """One support draw's anchor rows: on the support alone, and (``source`` given) on the
+    source plus the support."""
+    out = {f"{name}_support_only": row for name, row in run_anchors(
+        win, rocket, support, query, n_act, 0, identity=False, seed=draw,
+        threads=threads).items()}
+    if source is not None:
+        out.update({f"{name}_source_and_support": row for name, row in run_anchors(
+            win, rocket, source, query, n_act, 0, identity=False, seed=draw, support=support,
+            threads=threads).items()})
+    return out
+
+
+def few_shot_anchors(win: Windows, rocket: np.ndarray, target: np.ndarray, n_act: int,
+                     shots: Sequence[int], draws: int, *, source: np.ndarray | None = None,
+                     source_shots: Sequence[int] | None = None, threads: int | None = 1,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`few_shot`'s anchor rows alone, without a bundle: the same support draws (they
+    depend only on the recordings' activities and the draw's seed), so they can be measured
+    apart from ours and merged with its rows. Each K also gives the anchors' CPU seconds per
+    draw (``anchors_cpu_s``)."""
+    activity = np.full(int(win.owner.max()) + 1, -1)
+    activity[win.owner] = win.activity
+    out: dict[str, Any] = {}
+    for k in shots:
+        per: dict[str, list[dict[str, float]]] = {}
+        for draw in range(draws):
+            support, query = draw_support(activity, target, k, draw)
+            if not len(query):
+                continue
+            started = time.process_time()
+            with_source = source is not None and len(source) > 0 and (
+                source_shots is None or k in source_shots)
+            rows = _anchor_rows(win, rocket, support, query, n_act, draw,
+                                source if with_source else None, threads=threads)
+            for name, row in rows.items():
+                per.setdefault(name, []).append(row)
+            per.setdefault("anchors_cpu_s", []).append(
+                {"seconds": round(time.process_time() - started, 1)})
+        out[str(k)] = {m: aggregate(rows) for m, rows in per.items()}
+        if log:
+            best = max((v["activity_accuracy"]["mean"], m) for m, v in out[str(k)].items()
+                       if "activity_accuracy" in v)
+            log(f"K={k}: best anchor {best[1]} {best[0]:.3f}, "
+                f"{out[str(k)]['anchors_cpu_s']['seconds']['mean']:.0f} s CPU a draw")
     return out
 
 
