@@ -170,8 +170,13 @@ class NatsBus:
             if nc is not None and nc.is_connected:
                 await self._send_acks()
                 await self._heartbeat(leaving=True)
+                # Every held partition, also one with segments delivered but not stored: they
+                # are not acknowledged, so JetStream redelivers them to the next holder, which
+                # waits for them before newer ones (_await_older); one this process still
+                # stores late is refused by the store (csi_cloud.persistence). Keeping such a
+                # partition pinned would hold its APs for the pin's time to live instead.
                 for part in self.partitions:
-                    if part.state in ("held", "gaining", "releasing") and part.inflight == 0:
+                    if part.state in ("held", "gaining", "releasing"):
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(self._unpin(part),
                                                    max(0.1, deadline - time.monotonic()))
