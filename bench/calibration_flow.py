@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _procs import MODEL, SAMPLES, TOKEN, Cloud, Edge, Mosquitto
+from _procs import MODEL, SAMPLES, TOKEN, Cloud, Edge, Mosquitto, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -66,15 +66,9 @@ def _browser() -> Any:
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
-def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def _wait(check: Callable[[], Any], timeout: float, what: str) -> None:
+    """Wait for ``check()``, looking every 0.1 s (the phases are timed to that)."""
+    wait_until(check, timeout, what, every_s=0.1)
 
 
 def run(shots: int, seconds: int, ready: int, work: Path) -> dict[str, Any]:
