@@ -55,6 +55,9 @@ from scipy.special import log_softmax, softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/trust.py, also when loaded by path
+
+from trust import shared_data  # noqa: E402  (bench/trust.py, beside this script)
 
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.temperature import apply_temperature  # noqa: E402
@@ -374,10 +377,7 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, folds: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = next((p for p in (ROOT.parent / "shared" / "data",
-                                ROOT.parents[1] / "shared" / "data") if p.is_dir()),
-                   ROOT.parent / "shared" / "data")
-    parser.add_argument("--data", type=Path, default=default)
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--seeds", type=int, default=3, help="orders of the test streams")
     parser.add_argument("--folds", type=int, default=5, help="folds of the validation "
                                                              "recordings (cross-fitted score)")

@@ -303,12 +303,16 @@ def write_sections(report: dict[str, Any]) -> list[str]:
     return written
 
 
+def shared_data() -> Path:
+    """The shared recordings beside the checkout (or beside a worktree's parent folder)."""
+    return next((p for p in (ROOT.parent / "shared" / "data",
+                             ROOT.parents[1] / "shared" / "data") if p.is_dir()),
+                ROOT.parent / "shared" / "data")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = next((p for p in (ROOT.parent / "shared" / "data",
-                                ROOT.parents[1] / "shared" / "data") if p.is_dir()),
-                   ROOT.parent / "shared" / "data")
-    parser.add_argument("--data", type=Path, default=default)
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--seeds", type=int, default=3, help="orders of the live streams")
     parser.add_argument("--bundles", default="fition,wiar")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trust.json")

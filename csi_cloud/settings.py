@@ -104,7 +104,7 @@ class CloudSettings(FileConfiguredSettings):
                          "segments of further ones are rejected (too_many_aps)")
     live_lengths: bool = Field(default=True, description="the live activity reads the "
                                "context lengths its bundle was calibrated with (follows "
-                               "changes; about 3-4x the classifier's CPU of the full window "
+                               "changes; 2.7-4x the classifier's CPU of the full window "
                                "alone, bench/results/live_cpu.json); off: the full window only")
     max_payload_bytes: int = Field(default=16_384, ge=64, description="larger MQTT payloads "
                                                                       "are rejected")
