@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["Heartbeats", "Worker", "reference", "stored_predictions"]
 
 
-# The workers read the full window only (the cloud setting live_lengths). Three NATS nodes,
-# three workers, PostgreSQL and 200 real-rate APs share this machine's 2 cores; with the live
-# context lengths a worker falls further behind, and then a segment delivered before a consumer
-# leader change or a pin move can reach the worker after newer ones of its AP (its prediction
-# and theirs see less context): the "less context with nothing resent" check failed in 5 of 6
-# runs that way, while nothing was stored twice or lost (docs/scaling.md, "Stored once").
-LIVE_LENGTHS = False
-
-
 class Worker(Cloud):
     """One cloud worker process on the cluster (tests/_harness.py's :class:`Cloud`)."""
 
@@ -43,7 +34,6 @@ class Worker(Cloud):
         super().__init__(mqtt, db, folder, name, ("--bus", bus),
                          env={"CSI_CLOUD_JOBS_DIR": str(folder / f"jobs-{name}"),
                               "CSI_CLOUD_RECORD": "false",
-                              "CSI_CLOUD_LIVE_LENGTHS": "true" if LIVE_LENGTHS else "false",
                               **(env or {})},
                          recordings=folder / f"recordings-{name}", log_level=log_level)
         self.name = name
@@ -127,7 +117,7 @@ def reference(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int, int], dic
     from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
     registry = ModelRegistry(ROOT / "models")
-    ingestor = Ingestor(registry, live_lengths=LIVE_LENGTHS)
+    ingestor = Ingestor(registry)
     by_ap: dict[tuple[str, str], dict[tuple[int, int], dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         by_ap[(row["site"], row["ap"])].setdefault((row["epoch"], row["seq"]), row)

@@ -300,6 +300,121 @@ async def _ready() -> bool:
     return True
 
 
+class _InOrder:
+    """Stands in for the service: records each AP's sequence numbers in the order they are
+    handed over, and acknowledges each segment at once."""
+
+    def __init__(self) -> None:
+        self.order: dict[str, list[int]] = {}
+
+    def submit(self, site: str, ap: str, payload: bytes, received: float,
+               ack: Any = None) -> None:
+        from csi_edge.codec import decode_payload
+
+        self.order.setdefault(ap, []).append(decode_payload(payload).first_seq)
+        if ack is not None:
+            ack()
+
+    def reload_aps(self, keep: Any) -> int:
+        return 0
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_with_segments_outstanding_is_followed_in_order(
+        tmp_path: Path) -> None:
+    """A worker that took segments without storing them is killed; the worker that gets its
+    partitions hands each AP's segments over oldest first (the outstanding ones, redelivered,
+    before every newer one), none twice, none lost."""
+    _needs_nats()
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from _stalled_bus import ACK_WAIT_S, PIN_TTL_S
+
+    partitions = 4
+    with NatsCluster(tmp_path / "nats", nodes=1, partitions=partitions) as cluster:
+        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
+                            protocol=mqtt.MQTTv311)
+        first.connect("127.0.0.1", cluster.mqtt_ports[0])  # creates the MQTT streams
+        first.loop_start()
+        deadline = time.monotonic() + 30
+        while cluster.stream_leader() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        first.disconnect()
+        first.loop_stop()
+        sink = _InOrder()
+        loop = asyncio.new_event_loop()
+        bus = NatsBus(cluster.url.split(","), sink, name="follower",
+                      subjects=SegmentSubjects("csi/v1", partitions), pin_ttl_s=PIN_TTL_S,
+                      ack_wait_s=ACK_WAIT_S)
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        stalled = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "_stalled_bus.py"), cluster.url,
+             str(partitions), "stalled"], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        generator = None
+        try:
+            taken = [0]
+
+            def count_taken() -> None:
+                assert stalled.stdout is not None
+                for line in stalled.stdout:
+                    taken[0] = int(line.split()[1])
+
+            threading.Thread(target=count_taken, daemon=True).start()
+            asyncio.run_coroutine_threadsafe(bus.start(), loop).result(10)
+            sent = tmp_path / "sent.json"
+            generator = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "_loadgen.py"), "--aps", "24",
+                 "--seconds", "20", "--out", str(sent), "--connections", "2",
+                 "--broker", cluster.mqtt_url(0)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            with Heartbeats(cluster.url) as beats:
+                # (pins are given with a partition's first segment)
+                want = assign(partitions, ["follower", "stalled"])
+                _until(lambda: {w: set(p) for w, p in beats.held().items()} == {
+                    w: set(p) for w, p in want.items()}, 30, beats)
+                deadline = time.monotonic() + 30
+                while taken[0] < 60:  # the stalled worker holds 60 segments or more unstored
+                    assert stalled.poll() is None and time.monotonic() < deadline, taken
+                    time.sleep(0.1)
+                stalled.kill()
+                stalled.wait(10)
+                assert generator.wait(120) == 0
+            records = json.loads(sent.read_text())["sent"]
+            expected: dict[str, list[int]] = {}
+            for ap, seq, _, puback, _ in records:
+                assert puback, (ap, seq)
+                expected.setdefault(ap, []).append(seq)
+            moved = {ap for ap in expected
+                     if partition_of("load", ap, partitions) in want["stalled"]}
+            assert moved
+
+            def complete() -> bool:
+                got = dict(sink.order)
+                return all(sorted(set(got.get(ap, []))) == sorted(seqs)
+                           for ap, seqs in expected.items())
+
+            deadline = time.monotonic() + 60
+            while not complete():
+                assert time.monotonic() < deadline, "not every segment reached the follower"
+                time.sleep(0.3)
+            order = dict(sink.order)
+            for ap in moved:
+                assert order[ap] == sorted(expected[ap]), (ap, order[ap])
+            assert bus.stats.reordered > 0  # the hold was what kept them in order
+        finally:
+            if generator is not None and generator.poll() is None:
+                generator.kill()
+            if stalled.poll() is None:
+                stalled.kill()
+            asyncio.run_coroutine_threadsafe(bus.close(), loop).result(30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+
+
 @pytest.fixture
 def postgres() -> str:  # type: ignore[misc]
     yield from postgres_database()

@@ -84,12 +84,14 @@ class _Partition:
     delivered: int = 0
     gains: int = 0
     sub: Any = None
-    # After a gain: deliveries from before it (to a dead worker, or lost with a consumer
-    # leader) still outstanding, and the newer segments held back until they are redelivered.
+    # After a gain (_await_older): the deliveries outstanding at the pin change not yet
+    # received here, the stream sequences of those received, and every segment received
+    # meanwhile, held back (by stream sequence) until the outstanding ones are all here.
     awaiting: int = 0
     awaiting_until: float = 0.0
     snapshot_seq: int = 0
-    held_back: list[tuple[str, str, bytes, float, str]] = field(default_factory=list)
+    outstanding_seen: set[int] = field(default_factory=set)
+    held_back: dict[int, tuple[str, str, bytes, float, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -415,8 +417,7 @@ class NatsBus:
         if part.held_back:  # forced: not acknowledged, so redelivered to the next worker
             log.warning("partition %d: handing over with %d segment(s) still held back",
                         part.index, len(part.held_back))
-            part.held_back.clear()
-            part.awaiting = 0
+            self._drop_held_back(part)
         if part.inflight:
             log.warning("partition %d: %d segment(s) not stored after %.0f s; handing over "
                         "anyway (they are redelivered)", part.index, part.inflight,
@@ -489,13 +490,15 @@ class NatsBus:
         _, site, ap = parsed
         item = (site, ap, msg.data, time.time(), msg.reply)
         if part.awaiting > 0:
-            meta = msg.metadata
-            if meta.num_delivered > 1 or meta.sequence.stream <= part.snapshot_seq:
+            # Held back, whatever its delivery count says: the server may give a delivery made
+            # to a worker that died a count of 1 again, so only the stream sequence tells an
+            # older segment (at most the consumer's last delivered one at the pin change)
+            # from a newer one.
+            sequence = int(msg.metadata.sequence.stream)
+            if sequence <= part.snapshot_seq and sequence not in part.outstanding_seen:
+                part.outstanding_seen.add(sequence)
                 part.awaiting -= 1
-            if meta.num_delivered > 1:  # an older one, redelivered: it goes first
-                self._submit(part, item)
-            else:
-                part.held_back.append(item)
+            part.held_back[sequence] = item  # a second copy: the newer delivery's ack subject
             if part.awaiting <= 0:
                 self._release_held_back(part)
             return
@@ -508,12 +511,18 @@ class NatsBus:
         self.sink.submit(site, ap, data, received, self._acker_for(part, reply))
 
     def _release_held_back(self, part: _Partition) -> None:
-        items, part.held_back, part.awaiting = part.held_back, [], 0
+        """Hand the held segments over in stream order: each AP's oldest first."""
+        held = part.held_back
+        self._drop_held_back(part)
         if part.state not in ("held", "gaining", "releasing"):
             return  # no longer this worker's: not acknowledged, redelivered to the next one
-        self.stats.reordered += len(items)
-        for item in items:
-            self._submit(part, item)
+        self.stats.reordered += len(held)
+        for sequence in sorted(held):
+            self._submit(part, held[sequence])
+
+    @staticmethod
+    def _drop_held_back(part: _Partition) -> None:
+        part.held_back, part.outstanding_seen, part.awaiting = {}, set(), 0
 
     def _on_status(self, part: _Partition, subject: str, status: str,
                    headers: dict[str, str]) -> None:
@@ -533,8 +542,7 @@ class NatsBus:
             part.pin = None
             part.state = "bidding" if part.state in ("held", "gaining") else "idle"
             # Not handed over, not acknowledged: redelivered to the partition's new worker.
-            part.held_back.clear()
-            part.awaiting = 0
+            self._drop_held_back(part)
         elif status == "503":  # no responders: the consumer is electing a leader
             part.not_before = time.monotonic() + 0.5
         elif status == "409" and "Leadership" not in headers.get("Description", ""):
@@ -545,12 +553,13 @@ class NatsBus:
         """First segment under a new pin: this worker's own earlier deliveries of the
         partition are stored first, then its APs' state and context are read back."""
         part.state, part.pin = "gaining", pin
-        deadline = time.monotonic() + self.ack_wait_s
+        first = time.monotonic()  # when this pin's first segment came
+        deadline = first + self.ack_wait_s
         while part.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         t0 = time.monotonic()
         index, n = part.index, self.subjects.partitions
-        await self._await_older(part)
+        await self._await_older(part, first)
         try:
             count = await asyncio.to_thread(
                 self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
@@ -567,11 +576,22 @@ class NatsBus:
         log.info("partition %d: now on this worker; %d AP(s) reloaded in %.2f s", index, count,
                  time.monotonic() - t0)
 
-    async def _await_older(self, part: _Partition) -> None:
-        """Count the partition's deliveries made before this pin and not acknowledged (to a
-        worker that died, or lost with a consumer leader): JetStream redelivers them within
-        the ack wait, and the newer segments wait for them, so each AP's segments are handed
-        over in order."""
+    async def _await_older(self, part: _Partition, first: float) -> None:
+        """Hold the partition's segments until every delivery outstanding at the pin change
+        has reached this worker, then hand them over in stream order, so each AP's segments
+        reach ingest oldest first.
+
+        Outstanding now (``num_ack_pending``; this worker's own earlier deliveries are stored
+        and acknowledged by now): deliveries made to a worker that died, or lost with a
+        consumer leader, which JetStream redelivers here once their ack wait is over, and
+        those already made to this pin (the segment that revealed it, what is queued behind it,
+        what is still on the wire). All of them have a stream sequence of at most the
+        consumer's last delivered one; each counts once when it arrives (:meth:`_on_message`).
+        Neither the delivery count (a delivery to a worker that died may come again with a
+        count of 1) nor what is queued here (redeliveries queue too) tells the older segments
+        apart. The hold ends at the latest ``0.8 * ack_wait`` after the pin's first segment
+        came: past ``ack_wait`` the held segments themselves would be redelivered. The dead
+        worker's deliveries are due by the pin change (the pin outlives the ack wait)."""
         try:
             await self._send_acks()
             await self.nc.flush(timeout=2)
@@ -580,16 +600,15 @@ class NatsBus:
         except Exception as exc:  # no answer: go on without waiting
             log.debug("partition %d: consumer info: %r", part.index, exc)
             return
-        # Delivered to this worker under the new pin so far: this message and those queued.
-        mine = 1 + (part.sub.pending_msgs if part.sub is not None else 0)
-        older = int(info.get("num_ack_pending", 0)) - mine
-        if older > 0:
-            part.awaiting = older
-            part.awaiting_until = time.monotonic() + self.ack_wait_s + 1.0
+        outstanding = int(info.get("num_ack_pending", 0))
+        if outstanding > 0:
+            self._drop_held_back(part)
+            part.awaiting = outstanding
+            part.awaiting_until = first + 0.8 * self.ack_wait_s
             part.snapshot_seq = int((info.get("delivered") or {}).get("stream_seq", 0))
-            log.info("partition %d: %d older segment(s) outstanding; newer ones wait for "
-                     "their redelivery (at most %.0f s)", part.index, older,
-                     self.ack_wait_s + 1)
+            log.info("partition %d: %d segment(s) outstanding at the pin change; every segment "
+                     "waits for them (at most %.1f s more)", part.index, outstanding,
+                     max(0.0, part.awaiting_until - time.monotonic()))
 
     def _event(self, kind: str, part: _Partition, **extra: Any) -> None:
         self.stats.events.append({"t": time.time(), "event": kind, "partition": part.index,
