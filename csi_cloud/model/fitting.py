@@ -8,7 +8,7 @@ protocols (:mod:`.protocols`), which both sit above it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,9 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info))
     if cfg.head == "rocket":
         t0 = time.perf_counter()
-        result.net.context_head, bundle = _fit_head(bundle, data, train_recs, val_recs,
-                                                    features=opts.head_features, seed=opts.seed)
+        result.net.context_head, bundle = _fit_head(
+            bundle, data, train_recs, val_recs, features=opts.head_features, seed=opts.seed,
+            lengths=[k for k in opts.head_lengths if k < cfg.context_segments])
         info["head_seconds"] = round(time.perf_counter() - t0, 1)
     if not calibrate:
         return result, bundle.manifest
@@ -78,19 +79,21 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
 
 def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
-                    per_recording: int = 5) -> Any:
+                    per_recording: int = 5, lengths: Sequence[int] = ()) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
     training recordings (``per_recording`` of the windows the service would classify in each,
     the last one included, at every rate level, and the unquantized path), choose the ridge
     penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
-    recomputed). Returns the head."""
+    recomputed). ``lengths``: the live output's shorter readings a short-reading activity
+    layer is fitted on (csi_cloud.model.context_head.fit_level; none without them).
+    Returns the head."""
     return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
-                     per_recording=per_recording)[0]
+                     per_recording=per_recording, lengths=lengths)[0]
 
 
 def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
               val_recs: np.ndarray, *, features: int, seed: int,
-              per_recording: int = 5) -> tuple[Any, Bundle]:
+              per_recording: int = 5, lengths: Sequence[int] = ()) -> tuple[Any, Bundle]:
     """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
@@ -123,7 +126,8 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])
                 if cfg.identities else None)
     head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
-                            seed=seed, val_labels=data.activity[own_va], identity=identity)
+                            seed=seed, val_labels=data.activity[own_va], identity=identity,
+                            lengths=lengths)
     net.context_head = head
     manifest = model.manifest
     entry = write_cloud(net, bundle.folder / CLOUD_FILE)
