@@ -278,10 +278,10 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     (:attr:`LevelHead.short`), fitted on copies of the training windows truncated to each
     length (:func:`truncated`), its penalty and temperature chosen on the validation windows
     truncated alike. Why: the full-window layer has seen a window of a few present slots
-    only at the start of a recording, and reads the live output's short readings less well;
-    fitting the one layer on both kinds of window cost the full window several points on
-    WiAR (docs/trust.md). The transforms, the activity layer of full windows and the
-    identity layer are fitted as without ``lengths``.
+    only at the start of a recording, and reads the live output's short readings less well
+    (docs/trust.md); a separate layer leaves the full window's as it was. The transforms,
+    the activity layer of full windows and the identity layer are fitted as without
+    ``lengths``.
     """
     parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
     xs = [series(*windows, part) for part in parts]

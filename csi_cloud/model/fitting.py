@@ -131,7 +131,12 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     net.context_head = head
     manifest = model.manifest
     entry = write_cloud(net, bundle.folder / CLOUD_FILE)
-    manifest = manifest.model_copy(update={"files": {**manifest.files, "cloud": entry}})
+    update: dict[str, Any] = {"files": {**manifest.files, "cloud": entry}}
+    if isinstance(manifest.training.get("options"), dict):
+        # The manifest says what the head was fitted with (a refit of an older bundle too).
+        update["training"] = {**manifest.training, "options": {
+            **manifest.training["options"], "head_lengths": [int(k) for k in lengths]}}
+    manifest = manifest.model_copy(update=update)
     return head, write_manifest(bundle.folder, manifest)
 
 
