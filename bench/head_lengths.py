@@ -12,7 +12,8 @@ the network, edge encoder, quantizer and entropy tables are untouched, so every 
 byte is the same): once as it was (``refit``: shows the refit reproduces the committed
 head), once also on copies of each window truncated to each of ``--lengths``
 (``truncated``: a short-reading activity layer, csi_cloud.model.context_head.fit_level's
-``lengths``). Each copy is then
+``lengths``); ``--variants per_length`` adds a head with a layer for each length instead
+(fit_level's ``per_length``). Each copy is then
 recalibrated on the validation recordings exactly as ``csi calibrate`` does (temperatures,
 context lengths, ``stay``, threshold), and scored with bench/trust.py's code on the
 **validation** recordings (which chose the calibration: the figures the choice may use)
@@ -130,7 +131,8 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
     if "committed" in variants:
         scored("committed", folder)
     with tempfile.TemporaryDirectory() as tmp:
-        for variant, fit_lengths in (("refit", ()), ("truncated", lengths)):
+        for variant, fit_lengths in (("refit", ()), ("truncated", lengths),
+                                     ("per_length", lengths)):
             if variant not in variants:
                 continue
             copy = Path(tmp) / variant / name
@@ -138,7 +140,7 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
             t0 = time.perf_counter()
             fit_bundle_head(copy, data, parts["train"], parts["val"],
                             features=int(options["head_features"]), seed=int(options["seed"]),
-                            lengths=fit_lengths)
+                            lengths=fit_lengths, per_length=variant == "per_length")
             calibrate_folder(copy, data, parts["val"], fitted_on=calibration["fitted_on"],
                              target=float(calibration["target_accuracy"]))
             print(f"{name} {variant}: head fitted and calibrated in "
@@ -161,7 +163,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=ROOT / "bench" / "results" / "head_lengths.json")
     parser.add_argument("--variants", default="committed,refit,truncated",
-                        help="which of committed, refit, truncated to score")
+                        help="which of committed, refit, truncated, per_length to score "
+                             "(per_length: a layer for each length, fit_level's per_length)")
     parser.add_argument("--write", action="store_true",
                         help="copy the truncated head and its calibration into models/NAME")
     args = parser.parse_args()

@@ -291,7 +291,7 @@ def test_short_readings_are_right_only_with_a_layer_fitted_on_truncated_windows(
     assert accuracy[(1, 2, 4)][0] > 0.95 and min(accuracy[(1, 2, 4)]) > 0.95, accuracy
     full = [head.predict(*test, level)[0] for head in heads.values()]
     assert np.array_equal(full[0], full[1]), "the full window's layer is unchanged"
-    # predict(short=True) on masked windows is the short reading; it survives storage.
+    # predict(reading=1) on masked windows is the short reading; it survives storage.
     head = heads[(1, 2, 4)]
     again = ContextHead.from_arrays(head.arrays())
     assert again is not None and again.levels[0].short is not None
@@ -299,8 +299,21 @@ def test_short_readings_are_right_only_with_a_layer_fitted_on_truncated_windows(
     one = present.copy()
     one[:, :-1] = False
     masked = (np.where(one[:, :, None, None], z, 0), np.where(one[:, :, None], coeff, 0), one)
-    np.testing.assert_allclose(again.predict(*masked, level, short=True)[0],
+    np.testing.assert_allclose(again.predict(*masked, level, reading=1)[0],
                                head.predict_lengths(*test, level, [1])[0], atol=1e-5)
+    # A layer per length (bench/head_lengths.py's per_length): each length reads its own.
+    each = ContextHead([fit_level(train, y, layout, 2, features=840, seed=0, val=(val, y_val),
+                                  lengths=(1, 2), per_length=True)])
+    part = each.levels[0]
+    assert sorted(part.by_length) == [1, 2] and part.short is not None
+    assert part.reader(1) is part.by_length[1] and part.reader(4) is part.short
+    assert part.reader(None) is part.activity
+    stored = ContextHead.from_arrays(each.arrays())
+    assert stored is not None and sorted(stored.levels[0].by_length) == [1, 2]
+    for a, b in zip(each.predict_lengths(*test, level, [1, 2, 4, 8]),
+                    stored.predict_lengths(*test, level, [1, 2, 4, 8]), strict=True):
+        assert np.array_equal(a, b)
+    assert float((each.predict_lengths(*test, level, [1])[0].argmax(1) == y_test).mean()) > 0.95
 
 
 def _derived(tmp: Path, name: str, *, held_out: bool | None,

@@ -313,6 +313,7 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
         # The short-reading layer was fitted on the parent's windows: the adapted layer reads
         # the live output's shorter readings too, rather than a layer of the old setting.
         part.short = None
+        part.by_length = {}
     return adapted
 
 

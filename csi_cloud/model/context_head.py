@@ -79,10 +79,15 @@ class LevelHead:
     # older ones missing: csi_cloud.model.lengths), fitted on windows truncated that way
     # (fit_level's ``lengths``); None: the activity layer reads them too.
     short: RidgeHead | None = None
+    # Layers of single lengths (fit_level's ``per_length``), before ``short`` for those.
+    by_length: dict[int, RidgeHead] = field(default_factory=dict)
 
-    def reader(self, short: bool) -> RidgeHead:
-        """The activity layer of a full window, or of a shorter reading with ``short``."""
-        return self.short if short and self.short is not None else self.activity
+    def reader(self, reading: int | None) -> RidgeHead:
+        """The activity layer of a full window (``reading`` None) or of the live output's
+        reading of the last ``reading`` slots."""
+        if reading is None:
+            return self.activity
+        return self.by_length.get(reading) or self.short or self.activity
 
     def parts(self) -> list[WindowLayout]:
         out = []
@@ -113,12 +118,13 @@ class ContextHead:
         return self.levels[self.level_index(level)].features(z_q, coeff, present)
 
     def predict(self, z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
-                level: np.ndarray, *, short: bool = False
+                level: np.ndarray, *, reading: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Windows (W, N, D, T), (W, N, K), (W, N), level (W,) -> activity probabilities
         (W, A) and identity probabilities (W, I) where the head has an identity part.
-        ``short``: the windows are shorter readings of the live output (their older slots
-        masked), read by the short-reading layer where the head has one."""
+        ``reading``: the windows are the live output's shorter readings of their last
+        ``reading`` slots (the older ones masked), read by the short-reading layer where the
+        head has one."""
         level = np.asarray(level)
         p_act: np.ndarray | None = None
         p_id: np.ndarray | None = None
@@ -126,7 +132,7 @@ class ContextHead:
             rows = np.flatnonzero(level == lv)
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
-            act = part.reader(short).probabilities(feats)
+            act = part.reader(reading).probabilities(feats)
             ident = None if part.identity is None else part.identity.probabilities(feats)
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
@@ -169,7 +175,7 @@ class ContextHead:
                 np.concatenate([np.where(m[:, :, None], coeff[rows], 0) for m in masks]),
                 np.concatenate(masks))
             for i, k in enumerate(lengths):
-                act = part.reader(k < n).probabilities(
+                act = part.reader(k if k < n else None).probabilities(
                     feats[i * len(rows):(i + 1) * len(rows)])
                 if out[i] is None:
                     out[i] = np.zeros((len(level), act.shape[1]), np.float32)
@@ -195,6 +201,8 @@ class ContextHead:
                 out.update(part.identity.arrays(f"{p}identity."))
             if part.short is not None:
                 out.update(part.short.arrays(f"{p}short."))
+            for k, layer in part.by_length.items():
+                out.update(layer.arrays(f"{p}short{k}."))
         return out
 
     @classmethod
@@ -215,9 +223,13 @@ class ContextHead:
                         if f"{p}identity.coef" in arrays else None)
             short = (RidgeHead.from_arrays(arrays, f"{p}short.")
                      if f"{p}short.coef" in arrays else None)
+            by_length = {int(name[len("short"):]): RidgeHead.from_arrays(arrays, f"{p}{name}.")
+                         for name in sorted({key.split(".")[2] for key in arrays
+                                             if key.startswith(f"{p}short")})
+                         if name != "short"}
             levels.append(LevelHead(layout, transforms,
                                     RidgeHead.from_arrays(arrays, f"{p}activity."), identity,
-                                    short))
+                                    short, by_length))
         return cls(levels)
 
     @staticmethod
@@ -265,7 +277,7 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
               layout: WindowLayout, classes: int, *, features: int, seed: int,
               val: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
               identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
-              lengths: Sequence[int] = ()) -> LevelHead:
+              lengths: Sequence[int] = (), per_length: bool = False) -> LevelHead:
     """Fit one level's transforms (on the training windows) and ridge heads.
 
     ``windows``: z_q (W, N, D, T), coefficients (W, N, K), present (W, N); ``labels`` (W,).
@@ -281,7 +293,9 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     only at the start of a recording, and reads the live output's short readings less well
     (docs/trust.md); a separate layer leaves the full window's as it was. The transforms,
     the activity layer of full windows and the identity layer are fitted as without
-    ``lengths``.
+    ``lengths``. ``per_length``: a layer for each length instead, each fitted on the windows
+    truncated to it alone (:attr:`LevelHead.by_length`; measured against the one layer by
+    bench/head_lengths.py).
     """
     parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
     xs = [series(*windows, part) for part in parts]
@@ -313,6 +327,13 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
             windows_val, src_val = truncated(val[0], lengths)
             short_val = (head.features(*windows_val), val[1][src_val])
         head.short = choose(head.features(*short), labels[src], classes, short_val)
+    for k in lengths if per_length else ():
+        one, src = truncated(windows, [k])
+        one_val = None
+        if val is not None:
+            windows_val, src_val = truncated(val[0], [k])
+            one_val = (head.features(*windows_val), val[1][src_val])
+        head.by_length[int(k)] = choose(head.features(*one), labels[src], classes, one_val)
     if identity is not None:
         head.identity = choose(feats, identity[0], identity[1],
                                None if val_feats is None else (val_feats, identity[2]))
@@ -325,7 +346,7 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
                      labels: np.ndarray, classes: int, *, features: int = 4000, seed: int = 0,
                      val_labels: np.ndarray | None = None,
                      identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
-                     lengths: Sequence[int] = ()) -> ContextHead:
+                     lengths: Sequence[int] = (), per_length: bool = False) -> ContextHead:
     """A head per entry of ``levels``: (layout, training windows, validation windows);
     ``lengths``: the shorter readings a short-reading activity layer is fitted on
     (:func:`fit_level`; none without them)."""
@@ -334,7 +355,8 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
         val = ((val_windows, val_labels) if val_windows is not None and val_labels is not None
                else None)
         out.append(fit_level(train_windows, labels, layout, classes, features=features,
-                             seed=seed, val=val, identity=identity, lengths=lengths))
+                             seed=seed, val=val, identity=identity, lengths=lengths,
+                             per_length=per_length))
     return ContextHead(out)
 
 

@@ -79,7 +79,8 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
 
 def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
-                    per_recording: int = 5, lengths: Sequence[int] = ()) -> Any:
+                    per_recording: int = 5, lengths: Sequence[int] = (),
+                    per_length: bool = False) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
     training recordings (``per_recording`` of the windows the service would classify in each,
     the last one included, at every rate level, and the unquantized path), choose the ridge
@@ -88,12 +89,13 @@ def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.nda
     layer is fitted on (csi_cloud.model.context_head.fit_level; none without them).
     Returns the head."""
     return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
-                     per_recording=per_recording, lengths=lengths)[0]
+                     per_recording=per_recording, lengths=lengths, per_length=per_length)[0]
 
 
 def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
               val_recs: np.ndarray, *, features: int, seed: int,
-              per_recording: int = 5, lengths: Sequence[int] = ()) -> tuple[Any, Bundle]:
+              per_recording: int = 5, lengths: Sequence[int] = (),
+              per_length: bool = False) -> tuple[Any, Bundle]:
     """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
@@ -127,7 +129,7 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                 if cfg.identities else None)
     head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
                             seed=seed, val_labels=data.activity[own_va], identity=identity,
-                            lengths=lengths)
+                            lengths=lengths, per_length=per_length)
     net.context_head = head
     manifest = model.manifest
     entry = write_cloud(net, bundle.folder / CLOUD_FILE)
