@@ -102,7 +102,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
-          write: bool, variants: list[str]) -> dict[str, Any]:
+          write: bool, variants: list[str], short_per_recording: int | None = None
+          ) -> dict[str, Any]:
     dataset, sub = BUNDLES[name]
     folder = ROOT / "models" / name
     manifest = Bundle.load(folder).manifest
@@ -111,7 +112,8 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
     t0 = time.perf_counter()
     data, parts = load_split(folder, dataset, data_root / sub)
     out: dict[str, Any] = {"load_seconds": round(time.perf_counter() - t0, 1),
-                           "lengths": list(lengths), "variants": {}}
+                           "lengths": list(lengths), "short_per_recording": short_per_recording,
+                           "variants": {}}
     print(f"{name}: loaded {len(data)} recordings in {out['load_seconds']} s", flush=True)
 
     def scored(variant: str, copy: Path) -> None:
@@ -140,7 +142,8 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
             t0 = time.perf_counter()
             fit_bundle_head(copy, data, parts["train"], parts["val"],
                             features=int(options["head_features"]), seed=int(options["seed"]),
-                            lengths=fit_lengths, per_length=variant == "per_length")
+                            lengths=fit_lengths, per_length=variant == "per_length",
+                            short_per_recording=short_per_recording)
             calibrate_folder(copy, data, parts["val"], fitted_on=calibration["fitted_on"],
                              target=float(calibration["target_accuracy"]))
             print(f"{name} {variant}: head fitted and calibrated in "
@@ -165,6 +168,9 @@ def main() -> None:
     parser.add_argument("--variants", default="committed,refit,truncated",
                         help="which of committed, refit, truncated, per_length to score "
                              "(per_length: a layer for each length, fit_level's per_length)")
+    parser.add_argument("--short-per-recording", type=int, default=None,
+                        help="windows per training recording the short-reading layer "
+                             "truncates (default: the full window layer's 5)")
     parser.add_argument("--write", action="store_true",
                         help="copy the truncated head and its calibration into models/NAME")
     args = parser.parse_args()
@@ -177,7 +183,7 @@ def main() -> None:
     started = time.perf_counter()
     for name in [b for b in args.bundles.split(",") if b]:
         report["bundles"][name] = bench(name, args.data, lengths, args.seeds, args.write,
-                                       args.variants.split(","))
+                                       args.variants.split(","), args.short_per_recording)
         report["seconds"] = round(time.perf_counter() - started, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

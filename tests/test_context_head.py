@@ -314,6 +314,15 @@ def test_short_readings_are_right_only_with_a_layer_fitted_on_truncated_windows(
                     stored.predict_lengths(*test, level, [1, 2, 4, 8]), strict=True):
         assert np.array_equal(a, b)
     assert float((each.predict_lengths(*test, level, [1])[0].argmax(1) == y_test).mean()) > 0.95
+    # Other windows for the short-reading layer alone (bench/head_lengths.py's
+    # --short-per-recording): the full window's layer is the same, the short one is not.
+    more, y_more = _level_windows(rng, 300)
+    other = fit_level(train, y, layout, 2, features=840, seed=0, val=(val, y_val),
+                      lengths=(1, 2, 4), short_source=(more, y_more, val, y_val))
+    plain = head.levels[0]
+    assert np.array_equal(other.activity.coef, plain.activity.coef)
+    assert other.short is not None and plain.short is not None
+    assert not np.array_equal(other.short.coef, plain.short.coef)
 
 
 def _derived(tmp: Path, name: str, *, held_out: bool | None,

@@ -40,6 +40,8 @@ from .window import take
 __all__ = ["ContextHead", "LevelHead", "profile_coefficients", "truncated"]
 
 PREFIX = "head."
+# A set of windows: z_q (W, N, D, T), profile coefficients (W, N, K), present (W, N).
+Windows3 = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class CodecNet(Protocol):
@@ -149,8 +151,8 @@ class ContextHead:
         """Activity probabilities (W, A) of the windows read at each of ``lengths``: their
         last ``k`` slots, the older ones missing (csi_cloud.model.window.Windows.last, the
         live output's readings, csi_cloud.model.lengths); per length what :meth:`predict`
-        gives on those windows (``short`` for a length below ``N``: the short-reading layer
-        where the level has one), to float32 rounding (tests/test_lengths.py).
+        gives on those windows (``reading=k`` for a length below ``N``: the short-reading
+        layer where the level has one), to float32 rounding (tests/test_lengths.py).
 
         Cheaper than :meth:`predict` once per length: the readings of a level go through
         each transform together (one call, one set of threads), the profile coefficients
@@ -277,7 +279,9 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
               layout: WindowLayout, classes: int, *, features: int, seed: int,
               val: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
               identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
-              lengths: Sequence[int] = (), per_length: bool = False) -> LevelHead:
+              lengths: Sequence[int] = (), per_length: bool = False,
+              short_source: tuple[Windows3, np.ndarray, Windows3 | None,
+                                  np.ndarray | None] | None = None) -> LevelHead:
     """Fit one level's transforms (on the training windows) and ridge heads.
 
     ``windows``: z_q (W, N, D, T), coefficients (W, N, K), present (W, N); ``labels`` (W,).
@@ -295,7 +299,9 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     the activity layer of full windows and the identity layer are fitted as without
     ``lengths``. ``per_length``: a layer for each length instead, each fitted on the windows
     truncated to it alone (:attr:`LevelHead.by_length`; measured against the one layer by
-    bench/head_lengths.py).
+    bench/head_lengths.py). ``short_source``: the training windows, their labels, the
+    validation windows and theirs that the short-reading layers truncate (default: those of
+    the full window's layer; bench/head_lengths.py's ``--short-per-recording`` draws more).
     """
     parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
     xs = [series(*windows, part) for part in parts]
@@ -320,20 +326,21 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
 
     head.activity = choose(feats, labels, classes,
                            None if val_feats is None or val is None else (val_feats, val[1]))
-    if lengths:
-        short, src = truncated(windows, lengths)
+    s_train, s_labels, s_val, s_val_labels = short_source or (
+        windows, labels, None if val is None else val[0], None if val is None else val[1])
+
+    def short_layer(ks: Sequence[int]) -> RidgeHead:
+        short, src = truncated(s_train, ks)
         short_val = None
-        if val is not None:
-            windows_val, src_val = truncated(val[0], lengths)
-            short_val = (head.features(*windows_val), val[1][src_val])
-        head.short = choose(head.features(*short), labels[src], classes, short_val)
+        if s_val is not None and s_val_labels is not None:
+            windows_val, src_val = truncated(s_val, ks)
+            short_val = (head.features(*windows_val), s_val_labels[src_val])
+        return choose(head.features(*short), s_labels[src], classes, short_val)
+
+    if lengths:
+        head.short = short_layer(lengths)
     for k in lengths if per_length else ():
-        one, src = truncated(windows, [k])
-        one_val = None
-        if val is not None:
-            windows_val, src_val = truncated(val[0], [k])
-            one_val = (head.features(*windows_val), val[1][src_val])
-        head.by_length[int(k)] = choose(head.features(*one), labels[src], classes, one_val)
+        head.by_length[int(k)] = short_layer([k])
     if identity is not None:
         head.identity = choose(feats, identity[0], identity[1],
                                None if val_feats is None else (val_feats, identity[2]))
@@ -346,17 +353,24 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
                      labels: np.ndarray, classes: int, *, features: int = 4000, seed: int = 0,
                      val_labels: np.ndarray | None = None,
                      identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
-                     lengths: Sequence[int] = (), per_length: bool = False) -> ContextHead:
+                     lengths: Sequence[int] = (), per_length: bool = False,
+                     short_levels: Sequence[tuple[Windows3, Windows3 | None]] | None = None,
+                     short_labels: tuple[np.ndarray, np.ndarray | None] | None = None
+                     ) -> ContextHead:
     """A head per entry of ``levels``: (layout, training windows, validation windows);
     ``lengths``: the shorter readings a short-reading activity layer is fitted on
-    (:func:`fit_level`; none without them)."""
+    (:func:`fit_level`; none without them); ``short_levels`` (training and validation
+    windows per entry of ``levels``) and ``short_labels`` (theirs): the windows those layers
+    truncate, when not the same as the full window's layers."""
     out = []
-    for layout, train_windows, val_windows in levels:
+    for i, (layout, train_windows, val_windows) in enumerate(levels):
+        source = (None if short_levels is None or short_labels is None else
+                  (short_levels[i][0], short_labels[0], short_levels[i][1], short_labels[1]))
         val = ((val_windows, val_labels) if val_windows is not None and val_labels is not None
                else None)
         out.append(fit_level(train_windows, labels, layout, classes, features=features,
                              seed=seed, val=val, identity=identity, lengths=lengths,
-                             per_length=per_length))
+                             per_length=per_length, short_source=source))
     return ContextHead(out)
 
 
