@@ -48,7 +48,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -59,7 +59,7 @@ from _report import put_section  # noqa: E402
 
 from csi_cloud.datasets import index_dataset, random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
-from csi_cloud.model.data import load_segments  # noqa: E402
+from csi_cloud.model.data import SegmentData, load_segments  # noqa: E402
 from csi_cloud.model.lengths import ContextLengths  # noqa: E402
 from csi_cloud.model.temperature import (  # noqa: E402
     expected_calibration_error,
@@ -128,13 +128,23 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return round(float(np.mean([r[key] for r in rows])), 4)
 
 
-def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int) -> dict[str, Any]:
-    folder = ROOT / "models" / name
+def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, *,
+                 folder: Path | None = None,
+                 part: Literal["train", "val", "test"] = "test",
+                 loaded: tuple[SegmentData, np.ndarray, str] | None = None) -> dict[str, Any]:
+    """The live-output figures of the bundle ``folder`` (default ``models/NAME``) on one part
+    of its split (default the test recordings; bench/head_lengths.py also scores the
+    validation part, which chose its calibration), or on ``loaded`` (data, recordings,
+    description) when the caller has them."""
+    folder = ROOT / "models" / name if folder is None else folder
     model, edge = CloudModel.load(folder), EdgeEncoder(folder)
     params = TrustParams.from_calibration(model.manifest.calibration)
     segment_s = model.manifest.input_spec.segment_s
-    data, described = split_recordings(folder, dataset, data_dir, "test")
-    recordings = np.arange(len(data))
+    if loaded is None:
+        data, described = split_recordings(folder, dataset, data_dir, part)
+        recordings = np.arange(len(data))
+    else:
+        data, recordings, described = loaded
     separate = live_streams(model, edge, data, recordings, "separate")
     joined = [live_streams(model, edge, data, recordings, "joined", seed=s)
               for s in range(seeds)]

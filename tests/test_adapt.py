@@ -153,6 +153,10 @@ def test_adapting_on_shared_features_fits_what_the_support_windows_give(
         a, b = shared.context_head.levels[lv].activity, alone.context_head.levels[lv].activity
         assert np.array_equal(a.coef, b.coef) and np.array_equal(a.intercept, b.intercept)
         assert not np.array_equal(a.coef, head.levels[lv].activity.coef), "it was refitted"
+        # The short-reading layer was fitted on the parent's setting: the adapted head reads
+        # the live output's shorter readings with its refitted layer; the parent keeps its own.
+        assert head.levels[lv].short is not None
+        assert shared.context_head.levels[lv].short is None
 
 
 @pytest.mark.e2e

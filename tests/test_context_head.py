@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from torch.nn import functional as F
 
 from csi_cloud.model.bundle import activation_refusal, load_network
-from csi_cloud.model.context_head import ContextHead
+from csi_cloud.model.context_head import ContextHead, fit_level, truncated
 from csi_cloud.model.heads import save_derived
 from csi_cloud.model.rocket import (
     ALPHAS,
@@ -241,6 +241,88 @@ def test_the_shipped_bundle_carries_a_head_that_round_trips() -> None:
         b, _ = again.predict(z, coeff, present, lv)
         assert np.array_equal(a, b)
     assert ContextHead.from_arrays({"encoder.mean": np.zeros(3)}) is None
+
+
+def _level_windows(rng: np.random.Generator, w: int, n: int = 8, t: int = 4
+                   ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Windows of one profile coefficient held at 0 (class 0) or 1.5 (class 1), with noise:
+    the full window and any truncation of it show its class."""
+    y = rng.integers(0, 2, w)
+    coeff = (1.5 * y[:, None, None] + 0.3 * rng.normal(size=(w, n, 1))).astype(np.float32)
+    return (np.zeros((w, n, 1, t), np.float32), coeff, np.ones((w, n), bool)), y
+
+
+def test_truncated_copies_keep_the_last_slots_and_drop_empty_windows() -> None:
+    z = np.arange(3 * 4 * 1 * 2, dtype=np.float32).reshape(3, 4, 1, 2) + 1
+    coeff = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2) + 1
+    present = np.array([[True] * 4, [False, False, True, True], [True, True, True, False]])
+    (zs, cs, ps), src = truncated((z, coeff, present), [1, 2])
+    # Length 1: the third window's last slot is missing, so its copy has nothing left.
+    assert src.tolist() == [0, 1, 0, 1, 2]
+    assert ps.tolist() == [[False, False, False, True]] * 2 + [[False, False, True, True]] * 2 \
+        + [[False, False, True, False]]
+    assert np.all(zs[~ps] == 0) and np.all(cs[~ps] == 0), "masked slots are zeros"
+    assert np.array_equal(cs[ps], coeff[src][ps]) and np.array_equal(zs[ps], z[src][ps])
+    with pytest.raises(ValueError, match="no shorter reading"):
+        truncated((z, coeff, present), [4])
+
+
+def test_short_readings_are_right_only_with_a_layer_fitted_on_truncated_windows() -> None:
+    """Class 0 sits at zero, like a masked slot: a layer fitted on full windows alone calls
+    a one-segment reading of class 1 (seven zero slots, one at 1.5) class 0 about half the
+    time; the short-reading layer, fitted on truncated copies, reads it right. The full
+    window's layer, and so the full reading, stays as it was."""
+    rng = np.random.default_rng(0)
+    train, y = _level_windows(rng, 200)
+    val, y_val = _level_windows(rng, 100)
+    test, y_test = _level_windows(rng, 300)
+    layout = WindowLayout(0, 1, 1.0, profile_mean=True)
+    level = np.zeros(len(y_test), int)
+    accuracy = {}
+    heads = {}
+    for lengths in ((), (1, 2, 4)):
+        head = ContextHead([fit_level(train, y, layout, 2, features=840, seed=0,
+                                      val=(val, y_val), lengths=lengths)])
+        heads[lengths] = head
+        readings = head.predict_lengths(*test, level, [1, 2, 4, 8])
+        accuracy[lengths] = [float((p.argmax(1) == y_test).mean()) for p in readings]
+    assert heads[()].levels[0].short is None
+    assert accuracy[()][0] < 0.7, accuracy
+    assert accuracy[(1, 2, 4)][0] > 0.95 and min(accuracy[(1, 2, 4)]) > 0.95, accuracy
+    full = [head.predict(*test, level)[0] for head in heads.values()]
+    assert np.array_equal(full[0], full[1]), "the full window's layer is unchanged"
+    # predict(reading=1) on masked windows is the short reading; it survives storage.
+    head = heads[(1, 2, 4)]
+    again = ContextHead.from_arrays(head.arrays())
+    assert again is not None and again.levels[0].short is not None
+    z, coeff, present = test
+    one = present.copy()
+    one[:, :-1] = False
+    masked = (np.where(one[:, :, None, None], z, 0), np.where(one[:, :, None], coeff, 0), one)
+    np.testing.assert_allclose(again.predict(*masked, level, reading=1)[0],
+                               head.predict_lengths(*test, level, [1])[0], atol=1e-5)
+    # A layer per length (bench/head_lengths.py's per_length): each length reads its own.
+    each = ContextHead([fit_level(train, y, layout, 2, features=840, seed=0, val=(val, y_val),
+                                  lengths=(1, 2), per_length=True)])
+    part = each.levels[0]
+    assert sorted(part.by_length) == [1, 2] and part.short is not None
+    assert part.reader(1) is part.by_length[1] and part.reader(4) is part.short
+    assert part.reader(None) is part.activity
+    stored = ContextHead.from_arrays(each.arrays())
+    assert stored is not None and sorted(stored.levels[0].by_length) == [1, 2]
+    for a, b in zip(each.predict_lengths(*test, level, [1, 2, 4, 8]),
+                    stored.predict_lengths(*test, level, [1, 2, 4, 8]), strict=True):
+        assert np.array_equal(a, b)
+    assert float((each.predict_lengths(*test, level, [1])[0].argmax(1) == y_test).mean()) > 0.95
+    # Other windows for the short-reading layer alone (bench/head_lengths.py's
+    # --short-per-recording): the full window's layer is the same, the short one is not.
+    more, y_more = _level_windows(rng, 300)
+    other = fit_level(train, y, layout, 2, features=840, seed=0, val=(val, y_val),
+                      lengths=(1, 2, 4), short_source=(more, y_more, val, y_val))
+    plain = head.levels[0]
+    assert np.array_equal(other.activity.coef, plain.activity.coef)
+    assert other.short is not None and plain.short is not None
+    assert not np.array_equal(other.short.coef, plain.short.coef)
 
 
 def _derived(tmp: Path, name: str, *, held_out: bool | None,

@@ -310,6 +310,10 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
             fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
             fitted.temperature = part.activity.temperature
             part.activity = fitted
+        # The short-reading layer was fitted on the parent's windows: the adapted layer reads
+        # the live output's shorter readings too, rather than a layer of the old setting.
+        part.short = None
+        part.by_length = {}
     return adapted
 
 

@@ -65,7 +65,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 @torch.no_grad()
 def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = True,
-                     identity: bool = True
+                     identity: bool = True, reading: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Windows -> activity probabilities (W, A), identity probabilities (W, I) (or None),
     identity features (W, 2E) (or None).
@@ -73,12 +73,15 @@ def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = Tru
     With a context head, the network's context classifier runs only for what the head does
     not give: identity (when the head has no identity part, unless ``identity`` is False:
     activity alone is asked) and, with ``features``, the identity features of the open-set
-    score."""
+    score. ``reading``: the windows are the live output's readings of their last
+    ``reading`` slots (the head's short-reading layer reads their activity, where it has
+    one)."""
     head = net.context_head
     p_act = p_id = feats = None
     if head is not None:
         coeff = profile_coefficients(net, windows.profile)
-        p_act, p_id = head.predict(windows.z_q, coeff, windows.present, windows.level)
+        p_act, p_id = head.predict(windows.z_q, coeff, windows.present, windows.level,
+                                   reading=reading)
     need_identity = identity and p_id is None and net.classifier.identity is not None
     if head is None or need_identity or (features and net.classifier.identity is not None):
         classifier = net.classifier
@@ -352,8 +355,10 @@ class CloudModel:
         on their own, as :meth:`classify` classifies the full ones (the path of a bundle
         without a context head; tests compare :meth:`readings` to it)."""
         n = len(windows.present)
+        full = self.net.cfg.context_segments
         return [np.concatenate([classify_windows(self.net, part, features=False,
-                                                 identity=False)[0]
+                                                 identity=False,
+                                                 reading=k if k < full else None)[0]
                                 for part in _in_fixed_shapes(windows.last(k))])[:n]
                 for k in (self.lengths.lengths[:-1] if lengths is None else lengths)]
 

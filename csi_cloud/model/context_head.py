@@ -37,9 +37,11 @@ from .rocket import (
 )
 from .window import take
 
-__all__ = ["ContextHead", "LevelHead", "profile_coefficients"]
+__all__ = ["ContextHead", "LevelHead", "profile_coefficients", "truncated"]
 
 PREFIX = "head."
+# A set of windows: z_q (W, N, D, T), profile coefficients (W, N, K), present (W, N).
+Windows3 = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class CodecNet(Protocol):
@@ -75,6 +77,19 @@ class LevelHead:
     transforms: list[RocketTransform]  # profile part, then latent part (either may be absent)
     activity: RidgeHead
     identity: RidgeHead | None = None
+    # The activity layer of the live output's shorter readings (the last k < N slots, the
+    # older ones missing: csi_cloud.model.lengths), fitted on windows truncated that way
+    # (fit_level's ``lengths``); None: the activity layer reads them too.
+    short: RidgeHead | None = None
+    # Layers of single lengths (fit_level's ``per_length``), before ``short`` for those.
+    by_length: dict[int, RidgeHead] = field(default_factory=dict)
+
+    def reader(self, reading: int | None) -> RidgeHead:
+        """The activity layer of a full window (``reading`` None) or of the live output's
+        reading of the last ``reading`` slots."""
+        if reading is None:
+            return self.activity
+        return self.by_length.get(reading) or self.short or self.activity
 
     def parts(self) -> list[WindowLayout]:
         out = []
@@ -105,9 +120,13 @@ class ContextHead:
         return self.levels[self.level_index(level)].features(z_q, coeff, present)
 
     def predict(self, z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
-                level: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                level: np.ndarray, *, reading: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
         """Windows (W, N, D, T), (W, N, K), (W, N), level (W,) -> activity probabilities
-        (W, A) and identity probabilities (W, I) where the head has an identity part."""
+        (W, A) and identity probabilities (W, I) where the head has an identity part.
+        ``reading``: the windows are the live output's shorter readings of their last
+        ``reading`` slots (the older ones masked), read by the short-reading layer where the
+        head has one."""
         level = np.asarray(level)
         p_act: np.ndarray | None = None
         p_id: np.ndarray | None = None
@@ -115,7 +134,7 @@ class ContextHead:
             rows = np.flatnonzero(level == lv)
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
-            act = part.activity.probabilities(feats)
+            act = part.reader(reading).probabilities(feats)
             ident = None if part.identity is None else part.identity.probabilities(feats)
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
@@ -132,7 +151,8 @@ class ContextHead:
         """Activity probabilities (W, A) of the windows read at each of ``lengths``: their
         last ``k`` slots, the older ones missing (csi_cloud.model.window.Windows.last, the
         live output's readings, csi_cloud.model.lengths); per length what :meth:`predict`
-        gives on those windows, to float32 rounding (tests/test_lengths.py).
+        gives on those windows (``reading=k`` for a length below ``N``: the short-reading
+        layer where the level has one), to float32 rounding (tests/test_lengths.py).
 
         Cheaper than :meth:`predict` once per length: the readings of a level go through
         each transform together (one call, one set of threads), the profile coefficients
@@ -156,8 +176,9 @@ class ContextHead:
                 np.concatenate([np.where(m[:, :, None, None], z_q[rows], 0) for m in masks]),
                 np.concatenate([np.where(m[:, :, None], coeff[rows], 0) for m in masks]),
                 np.concatenate(masks))
-            for i in range(len(lengths)):
-                act = part.activity.probabilities(feats[i * len(rows):(i + 1) * len(rows)])
+            for i, k in enumerate(lengths):
+                act = part.reader(k if k < n else None).probabilities(
+                    feats[i * len(rows):(i + 1) * len(rows)])
                 if out[i] is None:
                     out[i] = np.zeros((len(level), act.shape[1]), np.float32)
                 out[i][rows] = act  # type: ignore[index]
@@ -180,6 +201,10 @@ class ContextHead:
             out.update(part.activity.arrays(f"{p}activity."))
             if part.identity is not None:
                 out.update(part.identity.arrays(f"{p}identity."))
+            if part.short is not None:
+                out.update(part.short.arrays(f"{p}short."))
+            for k, layer in part.by_length.items():
+                out.update(layer.arrays(f"{p}short{k}."))
         return out
 
     @classmethod
@@ -198,8 +223,15 @@ class ContextHead:
             transforms = [RocketTransform.from_arrays(arrays, f"{p}tf{j}.") for j in range(count)]
             identity = (RidgeHead.from_arrays(arrays, f"{p}identity.")
                         if f"{p}identity.coef" in arrays else None)
+            short = (RidgeHead.from_arrays(arrays, f"{p}short.")
+                     if f"{p}short.coef" in arrays else None)
+            by_length = {int(name[len("short"):]): RidgeHead.from_arrays(arrays, f"{p}{name}.")
+                         for name in sorted({key.split(".")[2] for key in arrays
+                                             if key.startswith(f"{p}short")})
+                         if name != "short"}
             levels.append(LevelHead(layout, transforms,
-                                    RidgeHead.from_arrays(arrays, f"{p}activity."), identity))
+                                    RidgeHead.from_arrays(arrays, f"{p}activity."), identity,
+                                    short, by_length))
         return cls(levels)
 
     @staticmethod
@@ -215,16 +247,61 @@ class ContextHead:
 ALPHAS = np.logspace(0, 5, 11)
 
 
+def truncated(windows: tuple[np.ndarray, np.ndarray, np.ndarray], lengths: Sequence[int]
+              ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Copies of ``windows`` read at each of ``lengths``: their last ``k`` slots, the older
+    ones missing (zeros, not present), as the live output reads them
+    (:meth:`ContextHead.predict_lengths`). Returns the copies, one length after another, and
+    for each the index of the window it was copied from; a copy with no present slot left is
+    dropped (the service never classifies an empty window)."""
+    z_q, coeff, present = windows
+    n = present.shape[1]
+    zs, cs, ps, src = [], [], [], []
+    for k in lengths:
+        if not 1 <= k < n:
+            raise ValueError(f"a window of {n} slots has no shorter reading of {k!r} slots "
+                             f"(1..{n - 1})")
+        mask = present.copy()
+        mask[:, : n - k] = False
+        keep = np.flatnonzero(mask.any(axis=1))
+        mask = mask[keep]
+        zs.append(np.where(mask[:, :, None, None], z_q[keep], 0).astype(z_q.dtype))
+        cs.append(np.where(mask[:, :, None], coeff[keep], 0).astype(coeff.dtype))
+        ps.append(mask)
+        src.append(keep)
+    if not src:
+        return (z_q[:0], coeff[:0], present[:0]), np.zeros(0, np.int64)
+    return ((np.concatenate(zs), np.concatenate(cs), np.concatenate(ps)),
+            np.concatenate(src))
+
+
 def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.ndarray,
               layout: WindowLayout, classes: int, *, features: int, seed: int,
               val: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
-              identity: tuple[np.ndarray, int, np.ndarray | None] | None = None) -> LevelHead:
+              identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
+              lengths: Sequence[int] = (), per_length: bool = False,
+              short_source: tuple[Windows3, np.ndarray, Windows3 | None,
+                                  np.ndarray | None] | None = None) -> LevelHead:
     """Fit one level's transforms (on the training windows) and ridge heads.
 
     ``windows``: z_q (W, N, D, T), coefficients (W, N, K), present (W, N); ``labels`` (W,).
     ``val``: validation windows and labels, to choose the ridge penalty and the softmax
     temperature (without them: the middle penalty, temperature 1). ``identity``: (labels
     (W,) with -1 unknown, classes, validation labels) for an identity head.
+
+    ``lengths``: shorter readings (each ``k`` < N) the live output takes of every window
+    (csi_cloud.model.lengths). With them the level gets a short-reading activity layer
+    (:attr:`LevelHead.short`), fitted on copies of the training windows truncated to each
+    length (:func:`truncated`), its penalty and temperature chosen on the validation windows
+    truncated alike. Why: the full-window layer has seen a window of a few present slots
+    only at the start of a recording, and reads the live output's short readings less well
+    (docs/trust.md); a separate layer leaves the full window's as it was. The transforms,
+    the activity layer of full windows and the identity layer are fitted as without
+    ``lengths``. ``per_length``: a layer for each length instead, each fitted on the windows
+    truncated to it alone (:attr:`LevelHead.by_length`; measured against the one layer by
+    bench/head_lengths.py). ``short_source``: the training windows, their labels, the
+    validation windows and theirs that the short-reading layers truncate (default: those of
+    the full window's layer; bench/head_lengths.py's ``--short-per-recording`` draws more).
     """
     parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
     xs = [series(*windows, part) for part in parts]
@@ -234,20 +311,39 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     head = LevelHead(layout, transforms, None)  # type: ignore[arg-type]
     val_feats = head.features(*val[0]) if val is not None else None
 
-    def choose(y: np.ndarray, n: int, val_y: np.ndarray | None) -> RidgeHead:
+    def choose(x: np.ndarray, y: np.ndarray, n: int,
+               validation: tuple[np.ndarray, np.ndarray | None] | None) -> RidgeHead:
         known = y >= 0
-        path = ridge_path(feats[known], y[known], n, ALPHAS)
-        if val_feats is None or val_y is None or not (val_y >= 0).any():
+        path = ridge_path(x[known], y[known], n, ALPHAS)
+        if validation is None or validation[1] is None or not (validation[1] >= 0).any():
             return path[len(path) // 2]
-        vk = val_y >= 0
-        scores = [float((h.scores(val_feats[vk]).argmax(1) == val_y[vk]).mean()) for h in path]
+        vk = validation[1] >= 0
+        vx, vy = validation[0][vk], validation[1][vk]
+        scores = [float((h.scores(vx).argmax(1) == vy).mean()) for h in path]
         best = path[int(np.argmax(scores))]  # first of the best: the least shrinkage
-        best.temperature = fit_temperature(best, val_feats[vk], val_y[vk])
+        best.temperature = fit_temperature(best, vx, vy)
         return best
 
-    head.activity = choose(labels, classes, val[1] if val is not None else None)
+    head.activity = choose(feats, labels, classes,
+                           None if val_feats is None or val is None else (val_feats, val[1]))
+    s_train, s_labels, s_val, s_val_labels = short_source or (
+        windows, labels, None if val is None else val[0], None if val is None else val[1])
+
+    def short_layer(ks: Sequence[int]) -> RidgeHead:
+        short, src = truncated(s_train, ks)
+        short_val = None
+        if s_val is not None and s_val_labels is not None:
+            windows_val, src_val = truncated(s_val, ks)
+            short_val = (head.features(*windows_val), s_val_labels[src_val])
+        return choose(head.features(*short), s_labels[src], classes, short_val)
+
+    if lengths:
+        head.short = short_layer(lengths)
+    for k in lengths if per_length else ():
+        head.by_length[int(k)] = short_layer([k])
     if identity is not None:
-        head.identity = choose(identity[0], identity[1], identity[2])
+        head.identity = choose(feats, identity[0], identity[1],
+                               None if val_feats is None else (val_feats, identity[2]))
     return head
 
 
@@ -256,15 +352,25 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
                                             tuple[np.ndarray, np.ndarray, np.ndarray] | None]],
                      labels: np.ndarray, classes: int, *, features: int = 4000, seed: int = 0,
                      val_labels: np.ndarray | None = None,
-                     identity: tuple[np.ndarray, int, np.ndarray | None] | None = None
+                     identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
+                     lengths: Sequence[int] = (), per_length: bool = False,
+                     short_levels: Sequence[tuple[Windows3, Windows3 | None]] | None = None,
+                     short_labels: tuple[np.ndarray, np.ndarray | None] | None = None
                      ) -> ContextHead:
-    """A head per entry of ``levels``: (layout, training windows, validation windows)."""
+    """A head per entry of ``levels``: (layout, training windows, validation windows);
+    ``lengths``: the shorter readings a short-reading activity layer is fitted on
+    (:func:`fit_level`; none without them); ``short_levels`` (training and validation
+    windows per entry of ``levels``) and ``short_labels`` (theirs): the windows those layers
+    truncate, when not the same as the full window's layers."""
     out = []
-    for layout, train_windows, val_windows in levels:
+    for i, (layout, train_windows, val_windows) in enumerate(levels):
+        source = (None if short_levels is None or short_labels is None else
+                  (short_levels[i][0], short_labels[0], short_levels[i][1], short_labels[1]))
         val = ((val_windows, val_labels) if val_windows is not None and val_labels is not None
                else None)
         out.append(fit_level(train_windows, labels, layout, classes, features=features,
-                             seed=seed, val=val, identity=identity))
+                             seed=seed, val=val, identity=identity, lengths=lengths,
+                             per_length=per_length, short_source=source))
     return ContextHead(out)
 
 

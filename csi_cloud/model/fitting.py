@@ -8,7 +8,7 @@ protocols (:mod:`.protocols`), which both sit above it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,9 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         segments_per_message=SEGMENTS_PER_MESSAGE[: cfg.levels], training=info))
     if cfg.head == "rocket":
         t0 = time.perf_counter()
-        result.net.context_head, bundle = _fit_head(bundle, data, train_recs, val_recs,
-                                                    features=opts.head_features, seed=opts.seed)
+        result.net.context_head, bundle = _fit_head(
+            bundle, data, train_recs, val_recs, features=opts.head_features, seed=opts.seed,
+            lengths=[k for k in opts.head_lengths if k < cfg.context_segments])
         info["head_seconds"] = round(time.perf_counter() - t0, 1)
     if not calibrate:
         return result, bundle.manifest
@@ -78,19 +79,25 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
 
 def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
-                    per_recording: int = 5) -> Any:
+                    per_recording: int = 5, lengths: Sequence[int] = (),
+                    per_length: bool = False, short_per_recording: int | None = None) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
     training recordings (``per_recording`` of the windows the service would classify in each,
     the last one included, at every rate level, and the unquantized path), choose the ridge
     penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
-    recomputed). Returns the head."""
+    recomputed). ``lengths``: the live output's shorter readings a short-reading activity
+    layer is fitted on (csi_cloud.model.context_head.fit_level; none without them).
+    Returns the head."""
     return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
-                     per_recording=per_recording)[0]
+                     per_recording=per_recording, lengths=lengths, per_length=per_length,
+                     short_per_recording=short_per_recording)[0]
 
 
 def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
               val_recs: np.ndarray, *, features: int, seed: int,
-              per_recording: int = 5) -> tuple[Any, Bundle]:
+              per_recording: int = 5, lengths: Sequence[int] = (),
+              per_length: bool = False, short_per_recording: int | None = None
+              ) -> tuple[Any, Bundle]:
     """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
@@ -122,12 +129,30 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                    unquantized_windows(net, data.x, rows_va)))
     identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])
                 if cfg.identities else None)
+    short: dict[str, Any] = {}
+    if lengths and short_per_recording:
+        # More windows for the short-reading layers alone, drawn with their own generator so
+        # the full window's layers see exactly the windows they see without it.
+        short_rng = np.random.default_rng([seed, 1])
+        srows_tr, sown_tr = _some_windows(codes, train_recs, n, short_per_recording, short_rng)
+        srows_va, sown_va = _some_windows(codes, val_recs, n, short_per_recording, short_rng)
+        short = {"short_levels": [(decoded(lv, srows_tr), decoded(lv, srows_va))
+                                  for lv in range(cfg.levels)]
+                 + [(unquantized_windows(net, data.x, srows_tr),
+                     unquantized_windows(net, data.x, srows_va))],
+                 "short_labels": (data.activity[sown_tr], data.activity[sown_va])}
     head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
-                            seed=seed, val_labels=data.activity[own_va], identity=identity)
+                            seed=seed, val_labels=data.activity[own_va], identity=identity,
+                            lengths=lengths, per_length=per_length, **short)
     net.context_head = head
     manifest = model.manifest
     entry = write_cloud(net, bundle.folder / CLOUD_FILE)
-    manifest = manifest.model_copy(update={"files": {**manifest.files, "cloud": entry}})
+    update: dict[str, Any] = {"files": {**manifest.files, "cloud": entry}}
+    if isinstance(manifest.training.get("options"), dict):
+        # The manifest says what the head was fitted with (a refit of an older bundle too).
+        update["training"] = {**manifest.training, "options": {
+            **manifest.training["options"], "head_lengths": [int(k) for k in lengths]}}
+    manifest = manifest.model_copy(update=update)
     return head, write_manifest(bundle.folder, manifest)
 
 

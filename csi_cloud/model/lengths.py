@@ -8,7 +8,9 @@ for each ``k`` of ``lengths``, the older slots masked as missing, as at the star
 calibrates each length's probabilities with its own temperature, and gives, per window, the
 reading of the length that is **most confident**: right after a change the short readings
 agree with the new activity and the long one is torn between the two; in a steady activity
-the long one is usually the surest.
+the long one is usually the surest. The shorter readings go through the context head's
+short-reading layer where it has one (fitted on windows truncated to such lengths:
+csi_cloud.model.context_head.fit_level).
 
 The lengths and their temperatures are fitted on recordings the bundle was not trained on
 (csi_cloud.model.trust, ``csi calibrate``) and kept in the manifest as

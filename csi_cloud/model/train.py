@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -52,6 +53,11 @@ class TrainOptions(BaseModel):
     segment_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Random-convolution features of the context head (ModelConfig.head == "rocket").
     head_features: int = Field(default=4000, ge=168)
+    # The live output's shorter readings (the last k context slots; csi_cloud.model.lengths)
+    # the context head gets a short-reading activity layer for, fitted on training windows
+    # truncated to each length (context_head.fit_level); () for none. A length not below the
+    # model's context_segments is left out.
+    head_lengths: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 4)
 
 
 @dataclass
