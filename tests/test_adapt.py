@@ -64,12 +64,18 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
     assert child.levels == parent.levels
     # Only the context head's activity layers moved (closed-form refit); the network, the
-    # head's features and its identity layer are the parent's.
+    # head's features and its identity layer are the parent's. The parent's short-reading
+    # layers (fitted on its own setting) are dropped: the refitted layer reads every length.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
-        assert set(pa.files) == set(ch.files)
-        changed = {k for k in pa.files if not np.array_equal(pa[k], ch[k])}
+        dropped = set(pa.files) - set(ch.files)
+        assert set(ch.files) <= set(pa.files)
+        assert dropped and all(k.startswith("head.") and ".short" in k for k in dropped), \
+            dropped
+        changed = {k for k in ch.files if not np.array_equal(pa[k], ch[k])}
+        refitted = {k.split(".")[1] for k in changed}
+        assert not any(k.startswith(f"head.{lv}.short") for lv in refitted for k in ch.files)
     assert changed and all(k.startswith("head.") and ".activity." in k for k in changed), changed
     assert result["method"] == "ridge" and result["held_out_accuracy"] is True
     assert result["support"] == 6 and result["held_out"] == 2  # 8 samples, 6 activities
