@@ -126,11 +126,12 @@ class LiveStreams:
 
 
 def run_generator(brokers: list[str], aps: int, seconds: float, work: Path,
-                  tag: str) -> subprocess.Popen[bytes]:
+                  tag: str, per_message: int = 1) -> subprocess.Popen[bytes]:
     out = work / f"sent-{tag}.json"
     return subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "_loadgen.py"), "--aps", str(aps), "--seconds",
-         str(seconds), "--out", str(out), *[a for b in brokers for a in ("--broker", b)]],
+         str(seconds), "--out", str(out), "--segments-per-message", str(per_message),
+         *[a for b in brokers for a in ("--broker", b)]],
         stdout=(work / f"loadgen-{tag}.log").open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -389,14 +390,15 @@ SEGMENT_PATHS = {
 }
 
 
-def run_segment_path(aps: int, seconds: float, work: Path,
-                     variant: str = "full") -> dict[str, Any]:
+def run_segment_path(aps: int, seconds: float, work: Path, variant: str = "full",
+                     per_message: int = 1) -> dict[str, Any]:
     """The cluster's CPU per segment for the segment path alone (no worker: no predictions or
     statuses published back); ``variant`` (:data:`SEGMENT_PATHS`) leaves parts out to show
-    where that CPU goes."""
+    where that CPU goes; ``per_message``: segments a message (rate level 2 segments grouped as
+    levels 0 and 1 group theirs)."""
     from csi_cloud.bus import NatsBus, SegmentSubjects
 
-    folder = work / f"segment-path-{variant}"
+    folder = work / f"segment-path-{variant}-{per_message}"
     folder.mkdir()
     cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS,
                           replicas=1 if variant == "one_replica" else 3)
@@ -421,7 +423,7 @@ def run_segment_path(aps: int, seconds: float, work: Path,
         pids = [p.pid for p in cluster.procs if p is not None]
         cpu0 = sum(cpu_s(p) for p in pids)
         gen = run_generator([cluster.mqtt_url(k) for k in range(3)], aps, seconds, folder,
-                            "sp")
+                            "sp", per_message)
         while gen.poll() is None:
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)
@@ -437,11 +439,29 @@ def run_segment_path(aps: int, seconds: float, work: Path,
         cluster.stop()
     sent = json.loads((folder / "sent-sp.json").read_text())["sent"]
     acked = sum(1 for *_, puback, _ in sent if puback)
-    segments = acked if variant == "publish_and_store" else sink.count
+    messages = acked if variant == "publish_and_store" else sink.count
+    segments = messages * per_message
+    what = SEGMENT_PATHS[variant] + (f"; {per_message} segments a message"
+                                     if per_message > 1 else "")
     return {"layout": f"nats cluster (3 nodes), segment path only (no worker): {variant}",
-            "variant": variant, "what": SEGMENT_PATHS[variant], "segments": segments,
+            "variant": variant, "what": what, "segments_per_message": per_message,
+            "messages": messages, "segments": segments,
             "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, segments), 3),
             "load_average": [round(x, 1) for x in os.getloadavg()[:2]]}
+
+
+# (variant, segments a message): where the cluster's CPU goes, and what grouping segments into
+# messages, as the lowest rate levels do, does to it.
+SEGMENT_PATH_RUNS = [("full", 1), ("publish_and_store", 1), ("one_replica", 1), ("full", 2),
+                     ("full", 4)]
+
+
+def segment_path_breakdown(aps: int, seconds: float, work: Path) -> list[dict[str, Any]]:
+    out = []
+    for variant, per_message in SEGMENT_PATH_RUNS:
+        out.append(run_segment_path(aps, seconds, work, variant, per_message))
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def projection(baseline: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -511,8 +531,10 @@ def render_doc_table(summary: dict[str, Any]) -> str:
               f"| a stream of its own on the core subject: PUBACKed segments it lacks | "
               f"{own.get('missing_of_pubacked', '-')} of {own.get('pubacked', '-')} |"]
     paths = summary.get("segment_path_breakdown") or [summary["segment_path_only"]]
+    rerun = summary.get("segment_path_command")
     lines += ["", "The segment path alone (no worker, so no predictions or statuses published "
-              "back), the cluster's CPU per segment:", "",
+              "back), the cluster's CPU per segment"
+              + (f" (rerun alone: `{rerun}`)" if rerun else "") + ":", "",
               "| segment path | cluster CPU ms/segment | segments | load average |",
               "|---|---|---|---|"]
     for path in paths:
@@ -547,7 +569,18 @@ def main() -> None:
     parser.add_argument("--aps", type=int, default=300, help="APs at 1 segment/s")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "workers.json")
+    parser.add_argument("--only-segment-path", action="store_true",
+                        help="rerun only the segment path breakdown and replace it in --out")
     args = parser.parse_args()
+    if args.only_segment_path:
+        summary = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory(prefix="csi-bench-workers-") as tmp:
+            paths = segment_path_breakdown(args.aps, args.seconds, Path(tmp))
+        summary["segment_path_only"] = paths[0]
+        summary["segment_path_breakdown"] = paths
+        summary["segment_path_command"] = " ".join(["python", *sys.argv])
+        _write(summary, args.out)
+        return
     with tempfile.TemporaryDirectory(prefix="csi-bench-workers-") as tmp:
         work = Path(tmp)
         baseline = run_mosquitto(args.aps, args.seconds, work)
@@ -558,10 +591,7 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         failures = run_nats(3, args.aps, args.seconds * 2, work, failures=True)
         print(json.dumps(failures), flush=True)
-        segment_paths = []
-        for variant in SEGMENT_PATHS:
-            segment_paths.append(run_segment_path(args.aps, args.seconds, work, variant))
-            print(json.dumps(segment_paths[-1]), flush=True)
+        segment_paths = segment_path_breakdown(args.aps, args.seconds, work)
     base_worker = baseline["worker_cpu_ms_per_segment"]
     overhead = []
     for r in runs:
@@ -599,10 +629,14 @@ def main() -> None:
         "bus_overhead": overhead,
         "projection": projection(baseline, runs),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if args.out == ROOT / "bench" / "results" / "workers.json":
+    _write(summary, args.out)
+
+
+def _write(summary: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    if out == ROOT / "bench" / "results" / "workers.json":
         write_doc(summary)
         print(f"updated {DOC}")
 

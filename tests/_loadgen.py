@@ -113,7 +113,11 @@ class _Connection:
 
 async def generate(brokers: list[str], aps: int, seconds: float, site: str = "load",
                    prefix: str = "csi/v1", epoch: int = 1, connections: int = 4,
-                   stop_file: Path | None = None) -> dict[str, object]:
+                   stop_file: Path | None = None,
+                   segments_per_message: int = 1) -> dict[str, object]:
+    """``segments_per_message`` k: each AP sends its segments k at a time, every k seconds,
+    as the edge does at its lowest rate levels (one message per k segments; a message is keyed
+    by its first segment's sequence number in ``sent``)."""
     from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
     model_id, blobs = segment_blobs()
@@ -143,10 +147,14 @@ async def generate(brokers: list[str], aps: int, seconds: float, site: str = "lo
             await asyncio.sleep(delay)
         if stop_file is not None and stop_file.exists():
             break
-        blob = blobs[(k * 7 + seq) % len(blobs)]
-        payload = encode_payload(Payload(LEVEL, model_id, epoch, seq, base_ms + 1000 * seq,
-                                         (SegmentRecord(1.0, blob),)))
-        conns[k % connections].pending.put_nowait((f"ap{k}", seq, payload))
+        if (seq + 1) % segments_per_message:
+            continue  # the message goes with its last segment
+        first = seq + 1 - segments_per_message
+        payload = encode_payload(Payload(
+            LEVEL, model_id, epoch, first, base_ms + 1000 * first,
+            tuple(SegmentRecord(1.0, blobs[(k * 7 + s) % len(blobs)])
+                  for s in range(first, seq + 1))))
+        conns[k % connections].pending.put_nowait((f"ap{k}", first, payload))
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
     sent = [[ap, seq, *record] for conn in conns for (ap, seq), record in conn.records.items()]
@@ -162,11 +170,16 @@ def main() -> None:
     parser.add_argument("--site", default="load")
     parser.add_argument("--epoch", type=int, default=1)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--segments-per-message", type=int, default=1,
+                        help="each AP sends this many segments a message (every so many s)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.segments_per_message < 1:
+        parser.error(f"--segments-per-message {args.segments_per_message}: at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     result = asyncio.run(generate(args.broker, args.aps, args.seconds, site=args.site,
-                                  epoch=args.epoch, connections=args.connections))
+                                  epoch=args.epoch, connections=args.connections,
+                                  segments_per_message=args.segments_per_message))
     args.out.write_text(json.dumps(result))
 
 
