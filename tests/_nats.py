@@ -158,6 +158,25 @@ class NatsCluster:
                         return int(detail["cluster"]["leader"][1:])
         return None
 
+    def create_mqtt_streams(self, timeout_s: float = 30.0) -> None:
+        """The server creates its MQTT streams when the first MQTT client connects: connect
+        one, wait until the message stream has a leader, disconnect."""
+        import paho.mqtt.client as mqtt
+
+        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
+                            protocol=mqtt.MQTTv311)
+        first.connect("127.0.0.1", self.mqtt_ports[0])
+        first.loop_start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while self.stream_leader() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no leader of $MQTT_msgs after {timeout_s} s")
+                time.sleep(0.2)
+        finally:
+            first.disconnect()
+            first.loop_stop()
+
     def __enter__(self) -> NatsCluster:
         self.start()
         return self

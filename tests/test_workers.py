@@ -246,19 +246,7 @@ def test_puback_means_stored_on_a_quorum_even_when_its_leader_is_killed(
         import threading
 
         thread = threading.Thread(target=lambda: loop.run_until_complete(consume(stop)))
-        # The MQTT streams exist once an MQTT client has connected.
-        import paho.mqtt.client as mqtt
-
-        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
-                            protocol=mqtt.MQTTv311)
-        first.connect("127.0.0.1", cluster.mqtt_ports[0])
-        first.loop_start()
-        deadline = time.monotonic() + 30
-        while cluster.stream_leader() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        first.disconnect()
-        first.loop_stop()
+        cluster.create_mqtt_streams()
         thread.start()
         try:
             deadline = time.monotonic() + 30
@@ -300,25 +288,6 @@ async def _ready() -> bool:
     return True
 
 
-class _InOrder:
-    """Stands in for the service: records each AP's sequence numbers in the order they are
-    handed over, and acknowledges each segment at once."""
-
-    def __init__(self) -> None:
-        self.order: dict[str, list[int]] = {}
-
-    def submit(self, site: str, ap: str, payload: bytes, received: float,
-               ack: Any = None) -> None:
-        from csi_edge.codec import decode_payload
-
-        self.order.setdefault(ap, []).append(decode_payload(payload).first_seq)
-        if ack is not None:
-            ack()
-
-    def reload_aps(self, keep: Any) -> int:
-        return 0
-
-
 @pytest.mark.e2e
 def test_a_worker_killed_with_segments_outstanding_is_followed_in_order(
         tmp_path: Path) -> None:
@@ -328,22 +297,12 @@ def test_a_worker_killed_with_segments_outstanding_is_followed_in_order(
     _needs_nats()
     import threading
 
-    import paho.mqtt.client as mqtt
     from _stalled_bus import ACK_WAIT_S, PIN_TTL_S
 
     partitions = 4
     with NatsCluster(tmp_path / "nats", nodes=1, partitions=partitions) as cluster:
-        first = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="first",
-                            protocol=mqtt.MQTTv311)
-        first.connect("127.0.0.1", cluster.mqtt_ports[0])  # creates the MQTT streams
-        first.loop_start()
-        deadline = time.monotonic() + 30
-        while cluster.stream_leader() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        first.disconnect()
-        first.loop_stop()
-        sink = _InOrder()
+        cluster.create_mqtt_streams()
+        sink = _Collect()
         loop = asyncio.new_event_loop()
         bus = NatsBus(cluster.url.split(","), sink, name="follower",
                       subjects=SegmentSubjects("csi/v1", partitions), pin_ttl_s=PIN_TTL_S,
@@ -392,16 +351,20 @@ def test_a_worker_killed_with_segments_outstanding_is_followed_in_order(
                      if partition_of("load", ap, partitions) in want["stalled"]}
             assert moved
 
-            def complete() -> bool:
-                got = dict(sink.order)
-                return all(sorted(set(got.get(ap, []))) == sorted(seqs)
-                           for ap, seqs in expected.items())
+            def handed_over() -> dict[str, list[int]]:  # each AP's segments, in that order
+                from csi_edge.codec import decode_payload
+
+                order: dict[str, list[int]] = {}
+                for _, ap, data in list(sink.got):
+                    order.setdefault(ap, []).append(decode_payload(data).first_seq)
+                return order
 
             deadline = time.monotonic() + 60
-            while not complete():
+            while any(sorted(set(handed_over().get(ap, []))) != sorted(seqs)
+                      for ap, seqs in expected.items()):
                 assert time.monotonic() < deadline, "not every segment reached the follower"
                 time.sleep(0.3)
-            order = dict(sink.order)
+            order = handed_over()
             for ap in moved:
                 assert order[ap] == sorted(expected[ap]), (ap, order[ap])
             assert bus.stats.reordered > 0  # the hold was what kept them in order
