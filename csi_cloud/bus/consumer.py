@@ -91,6 +91,9 @@ class _Partition:
     awaiting_until: float = 0.0
     snapshot_seq: int = 0
     outstanding_seen: set[int] = field(default_factory=set)
+    # The consumer sequence of the newest delivery under this pin: a jump means deliveries
+    # were lost on the way (a consumer leader that died, a connection that broke).
+    last_delivery: int | None = None
     held_back: dict[int, tuple[str, str, bytes, float, str]] = field(default_factory=dict)
 
 
@@ -102,7 +105,8 @@ class BusStats:
     losses: int = 0  # pins taken away (ttl, leader change) while held
     releases: int = 0
     reloaded_aps: int = 0
-    reordered: int = 0  # segments held back after a gain until older ones were redelivered
+    reordered: int = 0  # segments held back until older ones were redelivered
+    lost_deliveries: int = 0  # deliveries that never came (redelivered after the ack wait)
     bad_subjects: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -489,6 +493,7 @@ class NatsBus:
             return
         _, site, ap = parsed
         item = (site, ap, msg.data, time.time(), msg.reply)
+        self._check_lost(part, msg)
         if part.awaiting > 0:
             # Held back, whatever its delivery count says: the server may give a delivery made
             # to a worker that died a count of 1 again, so only the stream sequence tells an
@@ -503,6 +508,29 @@ class NatsBus:
                 self._release_held_back(part)
             return
         self._submit(part, item)
+
+    def _check_lost(self, part: _Partition, msg: Any) -> None:
+        """Under one pin the consumer numbers its deliveries 1, 2, 3, ...: a jump means
+        deliveries were lost on the way (sent by a consumer leader that then died, or into a
+        connection that broke) while the pin stayed. JetStream redelivers them after the ack
+        wait, after newer segments; so, as after a pin change, every segment from this one on
+        is held until they have come (each has a stream sequence below this one's) and handed
+        over in stream order."""
+        delivery = int(msg.metadata.sequence.consumer)
+        last, part.last_delivery = part.last_delivery, max(delivery, part.last_delivery or 0)
+        if last is None or delivery <= last + 1:
+            return
+        lost = delivery - last - 1
+        self.stats.lost_deliveries += lost
+        log.info("partition %d: %d delivery(ies) lost on the way; newer segments wait for "
+                 "their redelivery (at most %.1f s)", part.index, lost, 0.9 * self.ack_wait_s)
+        if part.awaiting <= 0:
+            self._drop_held_back(part)
+            part.snapshot_seq = 0
+            # They were sent before this one, so are due before it would be redelivered.
+            part.awaiting_until = time.monotonic() + 0.9 * self.ack_wait_s
+        part.awaiting += lost
+        part.snapshot_seq = max(part.snapshot_seq, int(msg.metadata.sequence.stream) - 1)
 
     def _submit(self, part: _Partition, item: tuple[str, str, bytes, float, str]) -> None:
         site, ap, data, received, reply = item
@@ -540,6 +568,7 @@ class NatsBus:
                 self._event("lost", part)
                 self.stats.losses += 1
             part.pin = None
+            part.last_delivery = None
             part.state = "bidding" if part.state in ("held", "gaining") else "idle"
             # Not handed over, not acknowledged: redelivered to the partition's new worker.
             self._drop_held_back(part)
@@ -553,6 +582,7 @@ class NatsBus:
         """First segment under a new pin: this worker's own earlier deliveries of the
         partition are stored first, then its APs' state and context are read back."""
         part.state, part.pin = "gaining", pin
+        part.last_delivery = None  # the deliveries before this pin went to another worker
         first = time.monotonic()  # when this pin's first segment came
         deadline = first + self.ack_wait_s
         while part.inflight > 0 and time.monotonic() < deadline:
