@@ -493,13 +493,14 @@ class NatsBus:
             return
         _, site, ap = parsed
         item = (site, ap, msg.data, time.time(), msg.reply)
-        self._check_lost(part, msg)
+        meta = msg.metadata  # parsed from the ack subject on each access: once here
+        sequence = int(meta.sequence.stream)
+        self._check_lost(part, int(meta.sequence.consumer), sequence)
         if part.awaiting > 0:
             # Held back, whatever its delivery count says: the server may give a delivery made
             # to a worker that died a count of 1 again, so only the stream sequence tells an
             # older segment (at most the consumer's last delivered one at the pin change)
             # from a newer one.
-            sequence = int(msg.metadata.sequence.stream)
             if sequence <= part.snapshot_seq and sequence not in part.outstanding_seen:
                 part.outstanding_seen.add(sequence)
                 part.awaiting -= 1
@@ -509,14 +510,13 @@ class NatsBus:
             return
         self._submit(part, item)
 
-    def _check_lost(self, part: _Partition, msg: Any) -> None:
+    def _check_lost(self, part: _Partition, delivery: int, sequence: int) -> None:
         """Under one pin the consumer numbers its deliveries 1, 2, 3, ...: a jump means
         deliveries were lost on the way (sent by a consumer leader that then died, or into a
         connection that broke) while the pin stayed. JetStream redelivers them after the ack
         wait, after newer segments; so, as after a pin change, every segment from this one on
         is held until they have come (each has a stream sequence below this one's) and handed
         over in stream order."""
-        delivery = int(msg.metadata.sequence.consumer)
         last, part.last_delivery = part.last_delivery, max(delivery, part.last_delivery or 0)
         if last is None or delivery <= last + 1:
             return
@@ -524,13 +524,20 @@ class NatsBus:
         self.stats.lost_deliveries += lost
         log.info("partition %d: %d delivery(ies) lost on the way; newer segments wait for "
                  "their redelivery (at most %.1f s)", part.index, lost, 0.9 * self.ack_wait_s)
+        # They were sent before this one, so are due before it would be redelivered.
+        self._hold(part, lost, sequence - 1, time.monotonic() + 0.9 * self.ack_wait_s)
+
+    def _hold(self, part: _Partition, count: int, older_than: int, until: float) -> None:
+        """Hold every segment of the partition until ``count`` more deliveries with a stream
+        sequence of at most ``older_than`` have come (each counted once), or until ``until``
+        (monotonic); then hand the held ones over in stream order (:meth:`_on_message`,
+        :meth:`_release_held_back`). A hold under way is extended."""
         if part.awaiting <= 0:
             self._drop_held_back(part)
-            part.snapshot_seq = 0
-            # They were sent before this one, so are due before it would be redelivered.
-            part.awaiting_until = time.monotonic() + 0.9 * self.ack_wait_s
-        part.awaiting += lost
-        part.snapshot_seq = max(part.snapshot_seq, int(msg.metadata.sequence.stream) - 1)
+            part.snapshot_seq = older_than
+            part.awaiting_until = until
+        part.awaiting += count
+        part.snapshot_seq = max(part.snapshot_seq, older_than)
 
     def _submit(self, part: _Partition, item: tuple[str, str, bytes, float, str]) -> None:
         site, ap, data, received, reply = item
@@ -632,10 +639,10 @@ class NatsBus:
             return
         outstanding = int(info.get("num_ack_pending", 0))
         if outstanding > 0:
-            self._drop_held_back(part)
-            part.awaiting = outstanding
-            part.awaiting_until = first + 0.8 * self.ack_wait_s
-            part.snapshot_seq = int((info.get("delivered") or {}).get("stream_seq", 0))
+            self._drop_held_back(part)  # a hold of the previous pin: not this one's segments
+            self._hold(part, outstanding,
+                       int((info.get("delivered") or {}).get("stream_seq", 0)),
+                       first + 0.8 * self.ack_wait_s)
             log.info("partition %d: %d segment(s) outstanding at the pin change; every segment "
                      "waits for them (at most %.1f s more)", part.index, outstanding,
                      max(0.0, part.awaiting_until - time.monotonic()))
