@@ -22,6 +22,7 @@ from csi_cloud.model.rocket import (
     RocketTransform,
     WindowLayout,
     fit_ridge,
+    lone_recording_classes,
     ridge_to_prior,
     series,
 )
@@ -203,6 +204,31 @@ def test_adaptation_shrinks_towards_a_prior_only_where_it_fits(per_class: int) -
         assert acc["adapted"] >= acc["alone"] - 0.02, (setting, acc)
         if setting == "permuted":
             assert head.prior_weight == 0.0 and np.allclose(head.coef, alone.coef, atol=1e-5)
+
+
+def test_one_recording_per_activity_still_learns_from_the_support() -> None:
+    """K = 1: leaving a recording out takes its activity's only example with it, so the
+    left-out error cannot judge the penalty and used to pick the strongest one (the support
+    then all but ignored). The penalty comes from leaving single windows out instead; the
+    prior weight is still chosen by leaving recordings out, which judges the parent."""
+    rng = np.random.default_rng(0)
+    centres = 0.25 * rng.normal(size=(3, 200))
+    prior = fit_ridge(*_recordings(rng, centres, 30)[:2], 3, alpha=100.0)
+    x, y, g = _recordings(rng, centres, 1)
+    assert lone_recording_classes(y, g) == [0, 1, 2]
+    alone = fit_ridge(x, y, 3, groups=g)
+    assert alone.alpha < ALPHAS.max() / 100, alone.alpha
+    windows = fit_ridge(x, y, 3, groups=np.arange(len(y)))
+    assert alone.alpha == windows.alpha and np.allclose(alone.coef, windows.coef)
+    for shift, weight in (([0, 1, 2], (0.9, 1.0)), ([1, 2, 0], (0.0, 0.1))):
+        x, y, g = _recordings(rng, centres[shift], 1)
+        head = ridge_to_prior(x, y, prior, groups=g)
+        assert head.alpha < ALPHAS.max() / 100, head.alpha
+        assert head.prior_weight is not None
+        assert weight[0] <= head.prior_weight <= weight[1], (shift, head.prior_weight)
+    # Two recordings of every activity: leave-one-recording-out as before.
+    x, y, g = _recordings(rng, centres, 2)
+    assert lone_recording_classes(y, g) == []
 
 
 def test_leave_one_recording_out_does_not_reward_interpolation() -> None:

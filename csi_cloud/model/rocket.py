@@ -44,7 +44,8 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", "fit_ridge",
-           "fit_temperature", "one_blas_thread", "ridge_path", "ridge_to_prior", "series"]
+           "fit_temperature", "lone_recording_classes", "one_blas_thread", "ridge_path",
+           "ridge_to_prior", "series"]
 
 # The 84 MiniRocket kernels: length 9, weight 2 at three positions, -1 elsewhere.
 KERNELS = np.array([[2.0 if i in combo else -1.0 for i in range(9)]
@@ -378,7 +379,9 @@ def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
     """Weighted ridge ``min sum_i w_i |t_i - x_i W|^2 + alpha |W - lam W_0|^2`` with alpha
     (and, given ``offset`` W_0 (F, A), the prior weight lam in [0, 1]) chosen by
     leave-one-group-out error (the groups are recordings: windows of one recording overlap,
-    so leaving single windows out would pick too little shrinkage). ``x``, ``t`` centred by
+    so leaving single windows out picks too little shrinkage where another recording of the
+    activity is there to test it; :func:`fit_ridge` does so only where none is). With
+    ``offset`` and a single alpha, lam alone is chosen. ``x``, ``t`` centred by
     the weighted means. Returns (W (F, A), alpha, lam).
 
     lam = 0 is the ridge on the new data alone, lam = 1 shrinks towards W_0 itself; in
@@ -396,7 +399,8 @@ def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
     proj = evecs.T @ us
     a = t.shape[1]
     best, best_alpha, best_lam = np.inf, float(alphas[0]), 0.0 if offset is None else 1.0
-    if groups is not None and len(np.unique(groups)) > 2 and len(alphas) > 1:
+    if groups is not None and len(np.unique(groups)) > 2 and (len(alphas) > 1
+                                                              or offset is not None):
         members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
         # The intercept's part of the hat matrix (x and t are centred): without it, the
         # left-out error of a nearly interpolating fit (small alpha; windows are fewer than
@@ -444,6 +448,9 @@ def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
     on the new data alone, so the choice includes ignoring a prior that does not fit. The
     features are standardised by their own (weighted) spread either way; the prior's weights
     are carried into that standardisation (same scores, up to the intercept, which is refitted).
+    Where some label has a single group (one support recording of an activity: K = 1), alpha
+    is chosen by leaving single windows out of the fit on the new data alone, and only lam by
+    leave-one-recording-out (:func:`lone_recording_classes`).
     """
     labels = np.asarray(labels)
     weight = np.ones(len(labels)) if weight is None else np.asarray(weight, np.float64)
@@ -460,6 +467,18 @@ def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
     tm = np.average(t, axis=0, weights=weight)
     fixed = alpha is not None
     chosen_alphas = np.array([alpha]) if fixed else alphas
+    if not fixed and groups is not None and lone_recording_classes(labels, groups):
+        # A held-out recording whose activity has no other recording in the support (K = 1)
+        # cannot be predicted by the support at any penalty, so leave-one-recording-out
+        # scores the penalty on nothing it can learn and picks the strongest one (the fit
+        # then ignores the support). The penalty of the support's own fit is chosen by
+        # leaving single windows out instead, and with a prior only the prior weight is
+        # chosen by leave-one-recording-out, at that penalty: the held-out recording tests
+        # the parent's weights, which are not fitted on it (docs/model.md, Adaptation).
+        windows = np.arange(len(labels))
+        chosen_alphas = np.array([_solve(x - xm, t - tm, weight, alphas, windows)[1]])
+        if offset is None:
+            groups = None
     if offset is not None and prior_weight is not None:
         # A fixed prior weight: the ridge on the residual targets, towards zero.
         coef, chosen, _ = _solve(x - xm, t - tm - prior_weight * ((x - xm) @ offset), weight,
@@ -472,6 +491,13 @@ def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
     intercept = tm - xm @ coef.T
     return RidgeHead(mean, scale, coef.astype(np.float32), intercept.astype(np.float32),
                      1.0, chosen, lam if prior is not None else None)
+
+
+def lone_recording_classes(labels: np.ndarray, groups: np.ndarray) -> list[int]:
+    """The labels (>= 0) whose windows all come from one group (recording)."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    return [int(c) for c in np.unique(labels[labels >= 0])
+            if len(np.unique(groups[labels == c])) < 2]
 
 
 def ridge_path(features: np.ndarray, labels: np.ndarray, classes: int,
