@@ -14,7 +14,7 @@ features, 8-segment context, differences on):
 - latent channels and profile coefficients at the lowest level (the nested codes of the
   top level give every combination without retraining);
 - context length: 2, 4 segments;
-- feature count: 1,000; no first-difference channels;
+- feature count: 1,000 and 10,000; no first-difference channels;
 - the network's own context classifier (the earlier head) at level 0;
 - head seeds (``--seeds`` random-kernel draws of the base).
 
@@ -77,6 +77,7 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
         "one transform for both": {**base, "split": False},
         "no difference channels": {**base, "diff": False},
         "1,000 features": {**base, "features": 1000},
+        "10,000 features": {**base, "features": 10000},
         "no window mean of the profile (the earlier head)": {**base, "mean": False},
     }
     out |= {f"base, head seed {s}": {**base, "seed": s} for s in range(1, seeds)}
