@@ -461,3 +461,43 @@ def test_evaluate_few_shot_protocol_on_the_samples(samples: Path) -> None:
          "--dataset", "fition", "--data", str(samples / "fition"), "--protocol", "few-shot",
          "--shots", "1,x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "'1,x'" in bad.stderr
+
+
+def test_a_shot_count_that_leaves_nothing_to_test_is_refused_by_name() -> None:
+    """K labelled recordings of an activity are the support and the rest the test: a K no
+    activity has more recordings than is an error naming K and the counts; an activity with
+    at most K recordings is listed as untested at that K."""
+    from csi_cloud.model.fewshot import untested_activities
+
+    activity = np.array([0, 0, 0, 1, 1, 2])  # sit: 3, walk: 2, fall: 1
+    names = ["sit", "walk", "fall"]
+    untested = untested_activities(activity, names, [1, 2], Path("room"))
+    assert untested == {"1": ["fall"], "2": ["fall", "walk"]}
+    with pytest.raises(ValueError, match=r"--shots 3 leaves no recording of room.*'sit': 3"):
+        untested_activities(activity, names, [1, 3], Path("room"))
+
+
+@pytest.mark.e2e
+def test_evaluate_few_shot_refuses_a_folder_with_one_recording_per_activity(
+        samples: Path, tmp_path: Path) -> None:
+    """The WiAR samples hold one recording per activity: --shots 1 would test nothing, and
+    says so in one line instead of printing an empty table."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "evaluate", "--model",
+         str(ROOT / "models" / "wiar"), "--dataset", "wiar", "--data",
+         str(samples / "wiar" / "height_90"), "--protocol", "few-shot", "--shots", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode != 0
+    assert "--shots 1 leaves no recording" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    # csi adapt takes what there is, and says how many activities had fewer than --shots.
+    adapt = subprocess.run(
+        [sys.executable, "-m", "csi_cloud.cli", "adapt", "--model",
+         str(ROOT / "models" / "wiar"), "--dataset", "wiar", "--data",
+         str(samples / "wiar" / "height_90"), "--shots", "5", "--out",
+         str(tmp_path / "adapted")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert adapt.returncode == 0, adapt.stderr
+    assert "16 activities have fewer here" in adapt.stdout + adapt.stderr

@@ -340,7 +340,12 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
     labelled = np.flatnonzero(codes.activity >= 0)
     support, query = pick_support(codes, labelled, shots, seed)
     if log:
-        log(f"{len(support)} support recordings ({shots} per activity), {len(query)} held out")
+        per = np.bincount(codes.activity[support])
+        fewer = int((per[per > 0] < shots).sum())
+        log(f"{len(support)} support recordings ({shots} per activity"
+            + (f"; {fewer} activit{'y has' if fewer == 1 else 'ies have'} fewer here, all "
+               "of whose recordings are in the support" if fewer else "")
+            + f"), {len(query)} held out")
     # Measured on recordings the adaptation never saw; with none left over, on the support
     # itself, and then the result and the bundle say so (held_out false).
     held_out = bool(len(query))

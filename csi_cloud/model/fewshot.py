@@ -39,7 +39,7 @@ from .heads import codes_from_segments
 from .protocols import aggregate
 
 __all__ = ["SUPPORT_SHARE", "Windows", "few_shot", "few_shot_anchors", "few_shot_folder",
-           "run_anchors", "support_weights"]
+           "run_anchors", "support_weights", "untested_activities"]
 
 # The share of the total training weight the K support recordings get when an anchor trains
 # on the source data plus the support. Fixed a priori, never tuned on a setting's test
@@ -233,6 +233,24 @@ def few_shot_anchors(win: Windows, rocket: np.ndarray, target: np.ndarray, n_act
     return out
 
 
+def untested_activities(activity: np.ndarray, names: Sequence[str], shots: Sequence[int],
+                        folder: Path) -> dict[str, list[str]]:
+    """K -> the activities of a setting's recordings ``activity`` (one label a recording) with
+    at most K recordings: all of them go to the support, none is tested. Raises ValueError for
+    a K that leaves no recording to test."""
+    values, counts = np.unique(activity[activity >= 0], return_counts=True)
+    per = {names[int(v)]: int(c) for v, c in zip(values, counts, strict=True)}
+    out: dict[str, list[str]] = {}
+    for k in shots:
+        if all(c <= k for c in per.values()):
+            raise ValueError(
+                f"--shots {k} leaves no recording of {folder} to test: K labelled recordings "
+                f"of an activity are the support and the rest the test, and no activity has "
+                f"more than {max(per.values(), default=0)} (recordings per activity: {per})")
+        out[str(k)] = sorted(a for a, c in per.items() if c <= k)
+    return out
+
+
 def few_shot_folder(bundle: Path, dataset: str, data_dir: Path, shots: Sequence[int],
                     draws: int, *, source_dir: Path | None = None, anchors: bool = True,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -254,6 +272,7 @@ def few_shot_folder(bundle: Path, dataset: str, data_dir: Path, shots: Sequence[
     is_source = np.array([id(e) in from_source for e in data.examples], dtype=bool)
     target = np.flatnonzero(~is_source)
     source = np.flatnonzero(is_source)
+    untested = untested_activities(data.activity[target], acts, shots, data_dir)
     win = rocket = None
     if anchors:
         from .anchors import require
@@ -267,5 +286,6 @@ def few_shot_folder(bundle: Path, dataset: str, data_dir: Path, shots: Sequence[
             "data": str(data_dir), "source": str(source_dir) if source_dir else None,
             "target_recordings": len(target), "source_recordings": len(source),
             "shots": list(shots), "draws": draws, "results": result,
+            "untested_activities": untested,
             "note": "anchors read uncompressed CSI; their MiniRocket transform is fitted "
                     "(unsupervised) on the source recordings when given, else on the folder"}
