@@ -55,13 +55,14 @@ from csi_cloud.model.window import take  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles"
+DEFAULT_OUT = ROOT / "bench" / "results" / "ablation.json"
 DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 
 
 def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
     d0, k0 = cfg.level_channels[0], cfg.profile_components[0]
     base = {"latent": d0, "profile": k0, "context": cfg.context_segments, "features": 4000,
-            "split": True, "diff": True, "mean": True, "seed": 0}
+            "split": True, "diff": True, "mean": True, "seed": 0, "per_recording": 5}
     out = {"base": base}
     out |= {
         "profile only": {**base, "latent": 0},
@@ -79,6 +80,10 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
         "1,000 features": {**base, "features": 1000},
         "10,000 features": {**base, "features": 10000},
         "no window mean of the profile (the earlier head)": {**base, "mean": False},
+        # The windows the activity layer is fitted on (and its penalty chosen on): each
+        # recording's last window alone, the one a per-recording score reads, instead of it
+        # and 4 other windows the service classifies.
+        "fitted on each recording's last window": {**base, "per_recording": 1},
     }
     out |= {f"base, head seed {s}": {**base, "seed": s} for s in range(1, seeds)}
     return out
@@ -94,8 +99,8 @@ def _windows(codes: Any, coeff: np.ndarray, rows: np.ndarray, v: dict[str, Any]
 def fit_variant(codes: Any, coeff: np.ndarray, train: np.ndarray, val: np.ndarray,
                 v: dict[str, Any], n_act: int) -> ContextHead:
     rng = np.random.default_rng(v["seed"])
-    rows_tr, own_tr = _some_windows(codes, train, 8, 5, rng)
-    rows_va, own_va = _some_windows(codes, val, 8, 5, rng)
+    rows_tr, own_tr = _some_windows(codes, train, 8, v["per_recording"], rng)
+    rows_va, own_va = _some_windows(codes, val, 8, v["per_recording"], rng)
     layout = WindowLayout(v["latent"], v["profile"], profile_mean=v["mean"])
     head = fit_context_head([(layout, _windows(codes, coeff, rows_tr, v),
                               _windows(codes, coeff, rows_va, v))],
@@ -233,12 +238,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ablation.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tasks", type=int, default=5, help="kept bundles per protocol")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--variants", default="",
+                        help="run only these variants ('|'-separated labels; the base always "
+                             "runs); the reports' sections are written only for a full run "
+                             "into the default --out")
     args = parser.parse_args()
+    only = {v for v in args.variants.split("|") if v}
     if args.render_only:
         print(write_sections(json.loads(args.out.read_text())))
         return
@@ -265,7 +275,13 @@ def main() -> None:
             coeff = profile_coefficients(model.net, codes.profile)
             train, val, test = (np.array(split[k]) for k in ("train", "val", "test"))
             n_act = model.net.cfg.activities
-            for label, v in variants(model.net.cfg, args.seeds).items():
+            every = variants(model.net.cfg, args.seeds)
+            if only - set(every):
+                raise SystemExit(f"unknown --variants {sorted(only - set(every))}; the "
+                                 f"variants: {sorted(every)}")
+            for label, v in every.items():
+                if only and label != "base" and label not in only:
+                    continue
                 t0 = time.perf_counter()
                 saved = model.net.context_head
                 head = None if v.get("network") else fit_variant(codes, coeff, train, val, v,
@@ -282,6 +298,9 @@ def main() -> None:
                 _write(args, report, started)
         report["datasets"][name] = _aggregate(results)
     _write(args, report, started)
+    if only or args.out != DEFAULT_OUT:
+        print(f"wrote {args.out}")
+        return
     print(f"wrote {args.out}; report sections: {write_sections(report)}")
 
 

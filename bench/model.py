@@ -15,6 +15,9 @@ Same recordings, same windows, same splits for every method:
 
 Accuracy per recording (the window ending at each recording's last segment, as ``csi
 evaluate``) and per second (every window the service classifies while a recording streams).
+The anchors' per-recording scores come from anchors fitted on each training recording's last
+window (the input the score reads), their per-second scores from anchors fitted on every
+window (``--anchor-fits``; on the support alone of a few-shot draw, every window for both).
 
 Protocols:
 - ``random``: k-fold by recording (stratified, seeded);
@@ -32,8 +35,9 @@ Protocols:
     python bench/model.py --datasets fition --protocols few-shot \
         --few-shot-settings cross-session --out bench/results/model_few_shot.json
 
-  ``--anchors-only`` measures the anchors' rows of the few-shot settings without a bundle, on
-  the same support draws, to be merged with ours' rows of the same tasks:
+  ``--anchors-only`` measures the anchors' rows without a bundle, on the same splits and
+  support draws, to be merged with ours' rows of the same tasks (``--anchor-fits last``: only
+  the per-recording scores, merged next to the per-second ones measured before):
 
     python bench/model.py --datasets fition --protocols few-shot \
         --few-shot-settings cross-session --anchors-only --threads 1 --tasks user1->user2 \
@@ -72,6 +76,7 @@ from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
 from csi_cloud.model.fewshot import (  # noqa: E402
+    ANCHOR_FITS,
     SUPPORT_SHARE,
     Windows,
     few_shot,
@@ -142,14 +147,14 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     # ``--protocols few-shot`` alone those bundles are trained (or reused) for it only.
     settings = [s for s in args.few_shot_settings.split(",") if s] \
         if "few-shot" in protocols else []
-    if args.anchors_only and protocols != ["few-shot"]:
-        raise ValueError(f"--anchors-only runs only the few-shot anchors: give --protocols "
-                         f"few-shot, not {args.protocols!r}")
+    fits = [f for f in args.anchor_fits.split(",") if f]
     if settings and source_shots != []:
         report["few_shot_source_and_support"] = {
             "support_share": SUPPORT_SHARE,
-            "source_windows": "every window of the source recordings (the task's training "
-                              "and validation recordings), none subsampled",
+            "source_windows": "the source recordings (the task's training and validation "
+                              "recordings, none left out) and the support: each one's last "
+                              "window for the per-recording score, every window for the "
+                              "per-second one",
             "shots": "all" if source_shots is None else source_shots,
             "boosting_threads": args.threads}
     for seed in range(args.seeds):
@@ -198,9 +203,15 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
             rockets[seed] = win.rocket(np.arange(len(data)), seed, CACHE)
         rocket = rockets[seed]
         if args.anchors_only:
-            # The anchors' rows of a few-shot setting without a bundle: the support draws
-            # are ours' (they depend only on activities and seeds), so the rows merge with
+            # The anchors' rows without a bundle: the splits and the support draws are
+            # ours' (they depend only on activities and seeds), so the rows merge with
             # ours' rows of the same task (--render-only --merge-from).
+            if protocol in protocols:
+                entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
+                entry["anchors"].append(run_anchors(
+                    win, rocket, source, te, n_act, n_id, identity=protocol == "random"
+                    and n_id > 0, seed=seed, threads=args.threads, fits=fits))
+                entry["tasks"].append(task)
             only = setting_of[protocol]
             if only is not None and only in settings:
                 def task_log(line: str, prefix: str = f"{name} {task}: ") -> None:
@@ -208,10 +219,10 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
 
                 few.setdefault(only, {})[f"{task}/seed{seed}"] = few_shot_anchors(
                     win, rocket, te, n_act, shots, args.draws, source=source,
-                    source_shots=source_shots, threads=args.threads,
+                    source_shots=source_shots, threads=args.threads, fits=fits,
                     log=task_log)
-                if partial is not None:
-                    partial(_summarise(report, results, few))
+            if partial is not None:
+                partial(_summarise(report, results, few))
             log(f"{name} {protocol:13s} {task:14s} seed {seed}: anchors only "
                 f"{time.perf_counter() - t0:.0f} s")
             continue
@@ -237,7 +248,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 entry["ours"].append(_ours_row(summary))
                 entry["anchors"].append(run_anchors(win, rocket, source, te, n_act, n_id,
                                                     identity=identity, seed=seed,
-                                                    threads=args.threads))
+                                                    threads=args.threads, fits=fits))
                 entry["tasks"].append(task)
             setting = setting_of[protocol]
             if setting in settings:
@@ -262,6 +273,15 @@ def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
     report = {**report, "protocols": {}}
     for protocol, entry in results.items():
         if not entry["ours"]:
+            if entry["anchors"]:  # --anchors-only: merged into ours' entry of the protocol
+                report["protocols"][protocol] = {
+                    "anchors_only": True, "tasks": len(entry["anchors"]),
+                    "task_names": list(entry["tasks"]),
+                    "anchors": {a: aggregate([r[a] for r in entry["anchors"]])
+                                for a in ANCHORS},
+                    "per_task": {t: {a: r[a]["activity_accuracy"] for a in ANCHORS}
+                                 for t, r in zip(entry["tasks"], entry["anchors"],
+                                                 strict=True)}}
             continue
         report["protocols"][protocol] = {
             "tasks": len(entry["ours"]),
@@ -280,12 +300,35 @@ def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
 
 
 def _merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Runs of a few-shot setting, ``new``'s methods added to (or replacing) ``old``'s."""
-    out = {run: {k: dict(methods) for k, methods in ks.items()} for run, ks in old.items()}
+    """Runs of a few-shot setting, ``new``'s methods added to ``old``'s; a method's scores
+    measured again replace its earlier ones, the others stay (e.g. per-recording scores of a
+    ``--anchor-fits last`` run next to the per-second scores measured before)."""
+    out = {run: {k: {m: dict(v) for m, v in methods.items()} for k, methods in ks.items()}
+           for run, ks in old.items()}
     for run, ks in new.items():
         for k, methods in ks.items():
-            out.setdefault(run, {}).setdefault(k, {}).update(methods)
+            for method, scores in methods.items():
+                out.setdefault(run, {}).setdefault(k, {}).setdefault(method, {}).update(scores)
     return out
+
+
+def _merge_protocol(protocols: dict[str, Any], protocol: str,
+                    section: dict[str, Any]) -> dict[str, Any]:
+    """A protocol's section added to ``protocols``; an ``--anchors-only`` section replaces the
+    anchors' scores of ours' section measured on the same tasks (its scores key by key)."""
+    mine = protocols.get(protocol)
+    if mine is not None and mine.get("anchors_only") and not section.get("anchors_only"):
+        mine, section = section, mine  # the anchors came first: ours' section takes them
+    elif not section.get("anchors_only") or mine is None or mine.get("anchors_only"):
+        return {**protocols, protocol: section}
+    if mine["task_names"] != section["task_names"]:
+        raise ValueError(f"{protocol}: the anchors ran on tasks {section['task_names']}, "
+                         f"ours on {mine['task_names']}")
+    merged = {**mine, "anchors": {a: {**mine["anchors"].get(a, {}), **scores}
+                                  for a, scores in section["anchors"].items()},
+              "per_task": {t: {**mine["per_task"][t], **section["per_task"][t]}
+                           for t in mine["per_task"]}}
+    return {**protocols, protocol: merged}
 
 
 def _few_mean(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -307,6 +350,8 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     for name, ds in report["datasets"].items():
         entry: dict[str, Any] = {}
         for protocol, section in ds["protocols"].items():
+            if section.get("anchors_only"):
+                continue
             low = section["ours"]["levels"][0]
             unq = section["ours"]["unquantized"]["activity_accuracy"]["mean"]
             row = {"lowest_level_payload_bytes_per_s": low["payload_bytes_per_s"]["mean"],
@@ -337,6 +382,9 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             if name == "fition" and protocol == "random":
                 row["target_activity_0_71"] = row["activity"] >= 0.71
                 row["target_identity_0_84"] = row.get("identity", 0) >= 0.84
+                # "At least the fusion baseline": 0.84 was its figure outside the project.
+                row["target_identity_at_least_fusion"] = row.get("identity", 0) >= row.get(
+                    "anchors_identity", {}).get("fusion", 1.0)
             entry[protocol] = row
         for setting, few in ds.get("few_shot", {}).items():
             mean = few["mean"]
@@ -501,7 +549,7 @@ def few_shot_table(few: dict[str, Any]) -> list[str]:
             if top in per_k:
                 flat = {m: {key: v["mean"] for key, v in metrics.items()}
                         for m, metrics in per_k[top].items()}
-                lines.append(f"| {run.split('/')[0]} | " + " | ".join(cells(flat)) + " |")
+                lines.append(f"| {run.rsplit('/seed', 1)[0]} | " + " | ".join(cells(flat)) + " |")
     return lines
 
 
@@ -538,7 +586,8 @@ def render(report: dict[str, Any], name: str) -> str:
         ks = sorted(mean, key=int)
         if not ks:
             continue
-        methods = sorted({m for k in ks for m in mean[k]} - {"anchors_cpu_s"})
+        methods = sorted({m for k in ks for m in mean[k]}
+                         - {"anchors_cpu_s", "anchors_last_fit_cpu_s"})
         lines += [f"### few-shot: {setting} ({len(few['runs'])} settings x {report['draws']} "
                   "support draws; mean)", "",
                   "Activity accuracy per recording on the rest of the new setting; ours at "
@@ -606,9 +655,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads, and the OpenMP threads of the anchors' boosting")
     parser.add_argument("--anchors-only", action="store_true",
-                        help="few-shot: only the anchors' rows (no bundle trained or loaded; "
-                             "the same support draws as ours), to merge with ours' rows "
+                        help="only the anchors' rows (no bundle trained or loaded; the same "
+                             "splits and support draws as ours), to merge with ours' rows "
                              "(--render-only --merge-from)")
+    parser.add_argument("--anchor-fits", default=",".join(ANCHOR_FITS),
+                        help="which anchor fits run: 'last' (per-recording scores, fitted on "
+                             "each training recording's last window) and/or 'every' "
+                             "(per-second scores, fitted on every window; the support-alone "
+                             "few-shot rows use it for both)")
     parser.add_argument("--protocols", default="random,cross-session,few-shot",
                         help="few-shot alone runs only the few-shot settings (their bundles "
                              "trained or reused, no other protocol scored)")
@@ -649,7 +703,9 @@ def main() -> None:
             for name, ds in other["datasets"].items():
                 mine = report["datasets"].setdefault(name, ds)
                 if mine is not ds:
-                    mine["protocols"] = {**mine.get("protocols", {}), **ds["protocols"]}
+                    for protocol, section in ds["protocols"].items():
+                        mine["protocols"] = _merge_protocol(mine.get("protocols", {}),
+                                                            protocol, section)
                     for setting, few in ds.get("few_shot", {}).items():
                         # Runs (directions, folds) of a setting measured apart add up, and
                         # so do the methods of one run measured apart (the anchors of

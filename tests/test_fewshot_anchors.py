@@ -131,3 +131,102 @@ def test_merged_runs_keep_ours_and_add_the_anchors_rows() -> None:
     row = next(line for line in table if line.startswith("| 5 |"))
     assert "0.850 (fusion source and support)" in row and "| -5.0 |" in row
     assert "0.800 (lam 0.40)" in row
+
+
+def test_per_recording_scores_come_from_anchors_fitted_on_last_windows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-recording score reads each recording's last window, so its anchors are fitted on
+    the training recordings' last windows (plus the support's, weighted); the per-second
+    score's anchors on every window. Each fit sees the windows it should and nothing else."""
+    from csi_cloud.model import anchors
+    from csi_cloud.model.fewshot import run_anchors
+
+    win, rocket = _windows(recordings=48)
+    seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    real = anchors.fit_predict
+
+    def spy(rocket: np.ndarray, feats: AnchorFeatures, train: np.ndarray, test: np.ndarray,
+            *args: object, **kwargs: object) -> dict[str, dict[str, np.ndarray]]:
+        weight = kwargs.get("weight")
+        assert isinstance(weight, np.ndarray)
+        seen.append((train, test, weight))
+        return real(rocket, feats, train, test, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(anchors, "fit_predict", spy)
+    source, support, test = np.arange(24), np.array([24, 25, 26]), np.arange(30, 48)
+    out = run_anchors(win, rocket, source, test, 3, 0, identity=False, seed=0,
+                      support=support)
+    (last_train, last_test, last_w), (every_train, every_test, _) = seen
+    assert win.last[last_train].all() and win.last[last_test].all()
+    assert set(win.owner[last_train]) == set(source) | set(support)
+    assert len(last_test) == len(test)  # one window a test recording
+    assert last_w[-3:].sum() == pytest.approx(last_w[:-3].sum())  # the support's share
+    assert len(every_train) == 4 * (len(source) + len(support))
+    assert len(every_test) == 4 * len(test)
+    row = out["minirocket"]
+    assert set(row) == {"activity_accuracy", "activity_accuracy_every_window_fit",
+                        "activity_accuracy_per_second"}
+    seen.clear()
+    only_last = run_anchors(win, rocket, source, test, 3, 0, identity=False, seed=0,
+                            fits=("last",))
+    assert len(seen) == 1 and set(only_last["fusion"]) == {"activity_accuracy"}
+    with pytest.raises(ValueError, match="'first'"):
+        run_anchors(win, rocket, source, test, 3, 0, identity=False, seed=0,
+                    fits=("first",))
+
+
+def test_support_alone_rows_fit_every_window_and_a_last_only_run_adds_scores() -> None:
+    """On the support alone K last windows an activity are too few to fit on: those rows
+    use every window, and a ``fits=("last",)`` run gives only the source + support rows'
+    per-recording scores, which the bench merges next to the per-second ones."""
+    win, rocket = _windows(recordings=72, shift=3.0)
+    source, target = np.arange(36), np.arange(36, 72)
+    both = few_shot_anchors(win, rocket, target, 3, [3], 1, source=source)
+    assert "activity_accuracy_per_second" in both["3"]["minirocket_support_only"]
+    assert "activity_accuracy_every_window_fit" not in both["3"]["minirocket_support_only"]
+    last = few_shot_anchors(win, rocket, target, 3, [3], 1, source=source, fits=("last",))
+    assert not any(m.endswith("_support_only") for m in last["3"])
+    assert set(last["3"]["fusion_source_and_support"]) == {"activity_accuracy"}
+    bench = _bench_model()
+    earlier = {"fold0/seed0": {"3": {"fusion_source_and_support": {
+        "activity_accuracy": {"mean": 0.1, "std": 0.0},
+        "activity_accuracy_per_second": {"mean": 0.6, "std": 0.0}}}}}
+    merged = bench._merge_runs(earlier, {"fold0/seed0": {"3": last["3"]}})
+    row = merged["fold0/seed0"]["3"]["fusion_source_and_support"]
+    assert row["activity_accuracy_per_second"]["mean"] == 0.6
+    assert row["activity_accuracy"] == last["3"]["fusion_source_and_support"]["activity_accuracy"]
+
+
+def test_an_anchors_only_protocol_section_replaces_the_anchor_scores_of_ours() -> None:
+    bench = _bench_model()
+    acc = {"mean": 0.5, "std": 0.0}
+    ours = {"tasks": 2, "task_names": ["fold0", "fold1"], "ours": {"levels": []},
+            "anchors": {"minirocket": {"activity_accuracy": acc,
+                                       "activity_accuracy_per_second": acc}},
+            "per_task": {"fold0": {"ours_level0": 0.9, "minirocket": 0.5},
+                         "fold1": {"ours_level0": 0.8, "minirocket": 0.5}}}
+    new = {"mean": 0.95, "std": 0.01}
+    anchors = {"anchors_only": True, "tasks": 2, "task_names": ["fold0", "fold1"],
+               "anchors": {"minirocket": {"activity_accuracy": new}},
+               "per_task": {"fold0": {"minirocket": 0.96}, "fold1": {"minirocket": 0.94}}}
+    for first, second in ((ours, anchors), (anchors, ours)):
+        merged = bench._merge_protocol({"random": first}, "random", second)["random"]
+        assert "anchors_only" not in merged and merged["ours"] == {"levels": []}
+        assert merged["anchors"]["minirocket"] == {"activity_accuracy": new,
+                                                  "activity_accuracy_per_second": acc}
+        assert merged["per_task"]["fold0"] == {"ours_level0": 0.9, "minirocket": 0.96}
+    with pytest.raises(ValueError, match="fold0"):
+        bench._merge_protocol({"random": ours}, "random",
+                              {**anchors, "task_names": ["fold0"]})
+
+
+def test_a_cross_room_direction_keeps_its_whole_name_in_the_table() -> None:
+    bench = _bench_model()
+    row = {"ours_before": {"level0_activity_accuracy": {"mean": 0.2, "std": 0.0}},
+           "ours_adapted": {"level0_activity_accuracy": {"mean": 0.7, "std": 0.0},
+                            "level0_prior_weight": {"mean": 0.1, "std": 0.0}},
+           "fusion_support_only": {"activity_accuracy": {"mean": 0.6, "std": 0.0}}}
+    runs = {"rm1/rm2->rm3/rm4/seed0": {"5": row}, "rm3/rm4->rm1/rm2/seed0": {"5": row}}
+    table = bench.few_shot_table({"runs": runs, "mean": bench._few_mean(runs)})
+    assert any(line.startswith("| rm1/rm2->rm3/rm4 |") for line in table), table
+    assert any(line.startswith("| rm3/rm4->rm1/rm2 |") for line in table), table
