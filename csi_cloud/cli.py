@@ -340,10 +340,6 @@ def _evaluate_open_set(bundle: Path, dataset: str, data: Path, seed: int, epochs
     for user, row in [*result["per_user"].items(), ("mean", result["mean"])]:
         table.add_row(user, *(f"{row[k]:.3f}" for k in keys))
     Console().print(table)
-    for k, names in result["untested_activities"].items():
-        if names:
-            typer.echo(f"K={k}: {', '.join(names)} have at most {k} recording(s) here: all "
-                       "in the support, none tested")
     typer.echo(result["note"])
 
 

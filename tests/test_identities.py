@@ -217,6 +217,12 @@ def test_evaluate_open_set_leaves_each_user_out() -> None:
         assert 0 <= row["auroc"] <= 1 and 0 <= row["closed_set_identity_accuracy"] <= 1
         assert row["windows_unknown"] > 0 and row["windows_known"] > 0
     assert result["split"]["holdout"] is False  # 8 samples: no held-out recording
+    table = subprocess.run(  # the table a person reads, not only the JSON
+        [sys.executable, "-m", "csi_cloud.cli", "evaluate", "--model", str(MODEL), "--dataset",
+         "fition", "--data", str(FOLDER), "--open-set", "--epochs", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert all(user in table.stdout for user in users), table.stdout
     both = subprocess.run(
         [sys.executable, "-m", "csi_cloud.cli", "evaluate", "--model", str(MODEL), "--dataset",
          "fition", "--data", str(FOLDER), "--open-set", "--segment-loss", "0.1"],
