@@ -122,7 +122,7 @@ def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
     if unknown or not fits:
         raise ValueError(f"anchor fits must be among {ANCHOR_FITS}, got {list(fits)}")
     test = win.of(test_recs)
-    last = win.last[test].astype(bool)
+    last = win.last[test]
     sup_all = win.of(support) if support is not None and len(support) else \
         np.array([], dtype=np.int64)
     out: dict[str, dict[str, float]] = {}
@@ -130,8 +130,8 @@ def run_anchors(win: Windows, rocket: np.ndarray, train_recs: np.ndarray,
     for fit in fits:
         train, sup, scored = win.of(train_recs), sup_all, test
         if fit == "last":
-            train, sup, scored = (train[win.last[train].astype(bool)],
-                                  sup[win.last[sup].astype(bool)], test[last])
+            train, sup, scored = (train[win.last[train]],
+                                  sup[win.last[sup]], test[last])
         weight = np.ones(len(train))
         if len(sup):
             weight = support_weights(len(train), len(sup), support_share)
