@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -223,6 +224,20 @@ def _run_job(worker: Callable[..., dict[str, Any]], cpu_s: float | None,
 # -- in the service -----------------------------------------------------------------------
 
 
+def _exit_codes(processes: list[Any], timeout_s: float) -> list[int]:
+    """The exit codes of ``processes`` once they are reaped, waiting up to ``timeout_s``.
+
+    The pool's own manager thread reaps a dead worker too. When its ``waitpid`` wins,
+    ours fails with ECHILD and ``join`` returns with ``exitcode`` still ``None`` until that
+    thread has stored the code on the shared ``Popen``: so join again until it shows.
+    """
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        while process.exitcode is None and time.monotonic() < deadline:
+            process.join(timeout=0.05)
+    return [process.exitcode for process in processes if process.exitcode is not None]
+
+
 class ParserCrashedError(RuntimeError):
     """The worker process died while parsing (e.g. a segfault in a native parser)."""
 
@@ -319,9 +334,7 @@ class RecordingParser:
         except BrokenProcessPool as exc:
             self.crashes += 1
             self._discard(pool)
-            for worker in workers:  # the pool may report the break before the child is reaped
-                worker.join(timeout=2)
-            codes = [p.exitcode for p in workers if p.exitcode is not None]
+            codes = await asyncio.to_thread(_exit_codes, workers, 2.0)
             detail = f" (exit code {codes[0]})" if codes else ""
             log.warning("upload parser worker died%s", detail)
             raise ParserCrashedError(f"the parser process died on this file{detail}") from exc

@@ -198,3 +198,26 @@ def test_the_parser_worker_and_resource_tracker_die_with_the_service(
 def _post_quietly(url: str) -> None:
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(url, files={"file": (PCAP.name, PCAP.read_bytes())}, timeout=60)
+
+
+class _ReapedElsewhere:
+    """A dead worker whose exit code another thread has reaped: ``join`` returns before the
+    code shows (our ``waitpid`` got ECHILD), and it appears a few joins later."""
+
+    def __init__(self, code: int, after_joins: int) -> None:
+        self._code, self._left, self.joins = code, after_joins, 0
+        self.exitcode: int | None = None
+
+    def join(self, timeout: float | None = None) -> None:
+        self.joins += 1
+        self._left -= 1
+        if self._left <= 0:
+            self.exitcode = self._code
+
+
+def test_a_crash_reports_its_exit_code_when_the_pool_reaped_the_worker_first() -> None:
+    from csi_cloud.upload import _exit_codes
+    late, never = _ReapedElsewhere(-11, after_joins=3), _ReapedElsewhere(-9, after_joins=10**6)
+    assert _exit_codes([late], 2.0) == [-11]
+    assert late.joins == 3
+    assert _exit_codes([never], 0.2) == []  # gives up at its deadline, says nothing false
