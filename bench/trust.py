@@ -77,11 +77,27 @@ from csi_edge.bundle import EdgeEncoder  # noqa: E402
 BUNDLES = {"fition": ("fition", "fition"), "wiar": ("wiar", "wiar/height_90")}
 BEGIN, END = "<!-- trust:begin -->", "<!-- trust:end -->"
 MARGIN = 0.05
+POSITIONS = 9  # seconds into a recording reported one by one (0-7), then 8 and later pooled
 
 
 def _changes_per_min(labels: np.ndarray, starts: np.ndarray, segment_s: float) -> float:
     changed = (labels[1:] != labels[:-1]) & ~starts[1:]
     return float(changed.sum() / (len(labels) * segment_s / 60))
+
+
+def _by_position(position: np.ndarray, raw: np.ndarray, smoothed: np.ndarray
+                 ) -> dict[str, dict[str, float]]:
+    """Raw and smoothed accuracy and share of the seconds, by how many seconds into its
+    recording each second is (the last bucket pools every later second)."""
+    out = {}
+    for k in range(POSITIONS):
+        rows = position == k if k < POSITIONS - 1 else position >= k
+        if rows.any():
+            out[str(k) if k < POSITIONS - 1 else f"{k}+"] = {
+                "share": round(float(rows.mean()), 4),
+                "raw": round(float(raw[rows].mean()), 4),
+                "smoothed": round(float(smoothed[rows].mean()), 4)}
+    return out
 
 
 def _score(ls: LiveStreams, lengths: ContextLengths, params: TrustParams,
@@ -111,6 +127,7 @@ def _score(ls: LiveStreams, lengths: ContextLengths, params: TrustParams,
                        "coverage": round(float(answered.mean()), 4),
                        "accuracy_answered": (round(float(correct[answered].mean()), 4)
                                              if answered.any() else None)},
+        "by_position": _by_position(ls.position(), raw_pred == ls.labels, correct),
         "coverage_curve": [{k: (round(v, 4) if isinstance(v, float) else v)
                             for k, v in row.items()}
                            for row in coverage_curve(confidence, correct)],
@@ -158,7 +175,11 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, *,
                 "smoothed_accuracy_by_seed": [r["smoothed_accuracy"] for r in live_runs],
                 "stay_sweep": {k: round(float(np.mean([r["stay_sweep"][k]
                                                        for r in live_runs])), 4)
-                               for k in live_runs[0]["stay_sweep"]}}
+                               for k in live_runs[0]["stay_sweep"]},
+                "by_position": {k: {m: round(float(np.mean([r["by_position"][k][m]
+                                                            for r in live_runs])), 4)
+                                    for m in row}
+                                for k, row in live_runs[0]["by_position"].items()}}
         target = round(per_recording - MARGIN, 4)
         levels.append({
             "level": sep.level,
@@ -271,6 +292,17 @@ def render(result: dict[str, Any]) -> str:
     for lv in result["levels"]:
         lines.append(f"| {lv['level']} | " + " | ".join(
             f"{v:.3f}" for v in lv["live"]["stay_sweep"].values()) + " |")
+    lines += ["", "Live accuracy by seconds into the recording (mean over orders; second 0 "
+              "is the first after the change of recording, so of activity; the share of the "
+              "seconds each column holds in brackets), raw / smoothed:", "",
+              "| level | " + " | ".join(
+                  f"{k} s ({row['share']:.0%})" for k, row in
+                  result["levels"][0]["live"]["by_position"].items()) + " |",
+              "|---|" + "---|" * len(result["levels"][0]["live"]["by_position"])]
+    for lv in result["levels"]:
+        lines.append(f"| {lv['level']} | " + " | ".join(
+            f"{row['raw']:.2f} / {row['smoothed']:.2f}"
+            for row in lv["live"]["by_position"].values()) + " |")
     lines += ["", "Abstention, live (first order): answered share and accuracy on the answered "
               "seconds when `uncertain` is shown below each threshold of the smoothed "
               "confidence:", "",

@@ -239,6 +239,15 @@ def test_joined_streams_lay_recordings_end_to_end() -> None:
         assert ((rows >= Layout.start[o]) & (rows < Layout.start[o] + Layout.count[o])).all()
 
 
+def test_position_counts_seconds_into_each_recording_of_each_stream() -> None:
+    recording = np.array([4, 4, 4, 7, 7, 2, 2, 2, 2])
+    stream = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1])  # recording 2 runs on into a new stream
+    n = len(recording)
+    ls = LiveStreams(0, np.full((n, 2), 0.5), np.zeros(n, int), stream,
+                     np.r_[True, stream[1:] != stream[:-1]], recording)
+    assert ls.position().tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1]
+
+
 # -- context lengths --------------------------------------------------------------------------
 
 

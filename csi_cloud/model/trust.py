@@ -74,6 +74,15 @@ class LiveStreams:
                                   self.p_raw])
         return live if calibrated else raw
 
+    def position(self) -> np.ndarray:
+        """Per second (N,), how many of its recording's segments came before it in its
+        stream (0 at the recording's first): in ``joined`` streams, the seconds since the
+        activity may have changed."""
+        first = np.r_[True, (self.recording[1:] != self.recording[:-1])
+                      | (self.stream[1:] != self.stream[:-1])]
+        index = np.arange(len(first))
+        return index - np.maximum.accumulate(np.where(first, index, 0))
+
     def streams(self, p: np.ndarray | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Per stream: (probabilities, labels, None) for csi_cloud.smoothing.fit_stay."""
