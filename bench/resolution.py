@@ -1,30 +1,34 @@
-"""What the time resolution of the codes allows: MiniRocket + ridge on the uncompressed CSI of
-each window reduced to ``r`` profiles a second and ``k`` principal components, quantized as
-the codes quantize the profile, next to the bytes a second such profiles would cost.
+"""What the time resolution of the codes allows: the uncompressed CSI of each window reduced
+to ``r`` profiles a second and ``k`` principal components, quantized as the codes quantize
+the profile, classified by the MiniRocket anchor and by our head's own transform and ridge,
+next to the bytes a second such profiles would cost.
 
     python bench/resolution.py [--data ../shared/data] [--datasets wiar,fition]
-                               [--rates 1,2,3,5] [--components 6,12] [--threads 1]
+                               [--rates 1,2,3,5] [--components 4,6,12] [--threads 1]
 
 Why: the level-0 codes carry the segment's profile (its mean over the second) once a second
 and one latent channel; the head reads them with random convolutions (docs/model.md), as the
 MiniRocket anchor reads the full-rate CSI. This bench asks how much of the anchor's lead is
-the profile's time resolution, on the anchor's own terms (same classifier, same windows,
-same 5 folds by recording as ``bench/model.py``'s random protocol, each training recording's
-last window fitted, each test recording's last window scored), with nothing but the input
-changed:
+the profile's time resolution, with nothing but the input changed (same windows, same 5
+folds by recording as ``bench/model.py``'s random protocol, each training recording's last
+window fitted, each test recording's last window scored). The inputs:
 
-- ``full``: the anchor's input (the window's log amplitude minus its mean, every frame,
-  every antenna x subcarrier, and the frame-to-frame difference). Taking the window's mean
-  off leaves the static profile out of every variant, though the head of the codes reads it
-  (on Fition it recognises the recording session): this bench measures time resolution on
-  WiAR, where the anchor reaches 0.985; Fition's rows say how much of its anchor's figure is
-  motion within the second;
-- ``r/s, all channels``: the same with each second cut into ``r`` equal blocks and every
-  frame replaced by its block's mean (``1/s`` is the per-second profile, what the codes send);
+- ``full``: every frame, every antenna x subcarrier;
+- ``r/s, all channels``: each second cut into ``r`` equal blocks and every frame replaced by
+  its block's mean (``1/s`` is the per-second profile, what the codes send);
 - ``r/s, k components, quantized``: the block means projected onto the first ``k`` principal
   components of the training blocks and rounded as the codes round the profile (steps of
-  3 sigma / 15 per component, clipped to +-15 steps: ``csi_cloud.model.train``), then the
-  window's mean taken off, as above.
+  3 sigma / 15 per component, clipped to +-15 steps: ``csi_cloud.model.train``).
+
+Two classifiers read each input:
+
+- the **anchor** (aeon MiniRocket, 10,000 kernels, + scikit-learn ridge) on its own layout:
+  each channel minus its mean over the window, and the frame-to-frame difference. The
+  window's mean (the static profile) is in none of its inputs;
+- **our head** (csi_cloud.model.rocket: 4,000 random-convolution features, closed-form ridge,
+  penalty by leave-one-recording-out) on the head's layout: the values held on the frame
+  grid, each channel's mean over the window beside them, and the differences (the static
+  profile is in it, as in the codes' head); no latent channel.
 
 Bytes: for each quantized variant, the empirical entropy of each component's symbols over the
 training blocks (bits per symbol; what a static-table entropy coder such as the bundle's ANS
@@ -65,9 +69,10 @@ DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 BEGIN, END = "<!-- resolution:begin -->", "<!-- resolution:end -->"
 CONTEXT = 8
 PROFILE_RANGE = 15  # the codes' clip, in steps (ModelConfig.profile_range)
-INPUT_NOTE = ("the anchor's: each channel minus its mean over the window, so the window's "
-              "static profile, which the head of the codes also reads, is in none of these "
-              "inputs (on Fition it recognises the recording session)")
+INPUT_NOTE = ("the anchor reads each channel minus its mean over the window (the window's "
+              "static profile is in none of its inputs), our head the values with the "
+              "window's mean beside them (on Fition the static profile recognises the "
+              "recording session)")
 
 
 def shared_data() -> Path:
@@ -110,14 +115,15 @@ def entropy_bits(symbols: np.ndarray) -> float:
 
 
 def quantized_components(w: np.ndarray, segments: np.ndarray, train: np.ndarray, k: int,
-                         rate: int) -> tuple[np.ndarray, float, float]:
+                         rate: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Block-mean frames (R, N * L, C) of windows with ``segments`` (R, N) present -> their
     first ``k`` principal components (fitted on the ``train`` windows' present blocks),
     rounded to steps of 3 sigma / 15 and clipped as the codes are, back in component units
-    (R, N * L, k); and two estimates of the code bits a second (summed over the components,
-    from the training blocks' symbols): each symbol coded alone (entropy of the symbols), and
-    each block after a segment's first coded as its difference to the block before it (the
-    first one's entropy plus ``rate - 1`` times the differences')."""
+    (R, N * L, k); each component's step (k,); and two estimates of the code bits a second
+    (summed over the components, from the training blocks' symbols): each symbol coded alone
+    (entropy of the symbols), and each block after a segment's first coded as its difference
+    to the block before it (the first one's entropy plus ``rate - 1`` times the
+    differences')."""
     r, n = segments.shape
     frames = w.shape[1] // n
     blocks = w.reshape(r, n, rate, frames // rate, -1)[:, :, :, 0]  # (R, N, r, C)
@@ -138,7 +144,37 @@ def quantized_components(w: np.ndarray, segments: np.ndarray, train: np.ndarray,
     if rate > 1:
         steps = np.diff(sym, axis=1)
         delta += (rate - 1) * sum(entropy_bits(steps[:, :, j]) for j in range(k))
-    return symbols(w) * step, alone, delta
+    return symbols(w) * step, step, alone, delta
+
+
+def head_series(coeff: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Component values (R, N * L, k), held per block, in quantisation steps -> the head's
+    series (csi_cloud.model.rocket.series): the values held on the frame grid (as the head
+    holds a segment's profile over its latent steps; every variant the same length, so the
+    random convolutions' dilations are the same), the window's mean of each component over
+    its present frames held beside them, missing slots zero, and the first differences."""
+    present = np.repeat(segments, coeff.shape[1] // segments.shape[1], axis=1)[..., None]
+    mean = (coeff * present).sum(axis=1) / present.sum(axis=1).clip(1)
+    x = np.concatenate([coeff, np.broadcast_to(mean[:, None], coeff.shape)], axis=2)
+    x = (x * present).transpose(0, 2, 1)
+    diff = np.diff(x, axis=2, prepend=x[:, :, :1])
+    return np.concatenate([x, diff], axis=1).astype(np.float32)
+
+
+def score_head(x: list[np.ndarray], y: np.ndarray, groups: np.ndarray, classes: int,
+               tasks: list[tuple[np.ndarray, np.ndarray]], seed: int) -> list[float]:
+    """Our head's own transform and ridge (csi_cloud.model.rocket: 4,000 random-convolution
+    features, closed-form ridge with the penalty chosen by leave-one-recording-out) on the
+    head's series: accuracy per task."""
+    from csi_cloud.model.rocket import RocketTransform, fit_ridge
+
+    out = []
+    for xi, (train, test) in zip(x, tasks, strict=True):
+        transform = RocketTransform.fit(xi[train], features=4000, seed=seed)
+        feats = transform(xi)
+        head = fit_ridge(feats[train], y[train], classes, groups=groups[train])
+        out.append(float((head.scores(feats[test]).argmax(axis=1) == y[test]).mean()))
+    return out
 
 
 def score(x: list[np.ndarray], y: np.ndarray, tasks: list[tuple[np.ndarray, np.ndarray]],
@@ -178,14 +214,19 @@ def run_dataset(name: str, data_dir: Path, rates: list[int], components: list[in
     variants: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
 
+    def summary(accs: list[float]) -> dict[str, Any]:
+        return {"mean": round(float(np.mean(accs)), 4), "std": round(float(np.std(accs)), 4),
+                "folds": [round(a, 4) for a in accs]}
+
     def add(label: str, rate: int | None, k: int | None, x: list[np.ndarray],
-            bits: list[tuple[float, float]] | None, started: float) -> None:
-        accs = score(x, y, tasks, seed)
+            bits: list[tuple[float, float]] | None, started: float,
+            head: list[np.ndarray] | None = None) -> None:
         row: dict[str, Any] = {
             "variant": label, "profiles_per_s": rate, "components": k,
-            "activity_accuracy": {"mean": round(float(np.mean(accs)), 4),
-                                  "std": round(float(np.std(accs)), 4),
-                                  "folds": [round(a, 4) for a in accs]}}
+            "activity_accuracy": summary(score(x, y, tasks, seed))}
+        if head is not None:
+            row["head_activity_accuracy"] = summary(
+                score_head(head, y, owner, len(activities), tasks, seed))
         if bits:
             row["estimated_code_bytes_per_s"] = {
                 "symbols_alone": round(float(np.mean([b[0] for b in bits])) / 8, 2),
@@ -194,12 +235,15 @@ def run_dataset(name: str, data_dir: Path, rates: list[int], components: list[in
         variants.append(row)
         est = row.get("estimated_code_bytes_per_s")
         log(f"{name} {label}: {row['activity_accuracy']['mean']:.4f}"
+            + (f", our head {row['head_activity_accuracy']['mean']:.4f}"
+               if head is not None else "")
             + (f", about {est['symbols_alone']} / {est['block_differences']} code B/s"
                if est else "") + f" ({row['seconds']} s)")
 
     t0 = time.perf_counter()
-    full = series(block_means(data, rows, None), present)
-    add("full", None, None, [full] * len(tasks), None, t0)
+    w = block_means(data, rows, None)
+    add("full", None, None, [series(w, present)] * len(tasks), None, t0,
+        head=[head_series(w, segments)] * len(tasks))
     for rate in rates:
         if frames % rate:
             skipped[f"{rate}/s"] = f"{frames} frames a segment do not split into {rate} blocks"
@@ -207,7 +251,7 @@ def run_dataset(name: str, data_dir: Path, rates: list[int], components: list[in
         t0 = time.perf_counter()
         w = block_means(data, rows, rate)
         add(f"{rate}/s, all channels", rate, None, [series(w, present)] * len(tasks), None,
-            t0)
+            t0, head=[head_series(w, segments)] * len(tasks))
         for k in components:
             t0 = time.perf_counter()
             # Components and steps fitted per fold on its training windows, as a bundle's
@@ -215,8 +259,9 @@ def run_dataset(name: str, data_dir: Path, rates: list[int], components: list[in
             fitted = [quantized_components(w, segments, train, k, rate)
                       for train, _test in tasks]
             add(f"{rate}/s, {k} components, quantized", rate, k,
-                [series(c, present) for c, _a, _d in fitted],
-                [(a, d) for _c, a, d in fitted], t0)
+                [series(c, present) for c, _s, _a, _d in fitted],
+                [(a, d) for _c, _s, a, d in fitted], t0,
+                head=[head_series(c / step, segments) for c, step, _a, _d in fitted])
     return {"recordings": len(data), "windows": len(last), "frames_per_segment": frames,
             "input": INPUT_NOTE,
             "channels": int(np.prod(data.x.shape[2:])), "activities": activities,
@@ -227,21 +272,30 @@ def render(name: str, result: dict[str, Any]) -> str:
     """The section of one bundle's report.md, from the results file's entry."""
     lines = [
         "## What the codes' time resolution allows (bench/resolution.py)", "",
-        "MiniRocket + ridge (the anchor) on each recording's last window, 5 folds by "
-        "recording, with only its input changed: each second cut into r blocks, every frame "
+        "The MiniRocket anchor (aeon, + ridge) and our head, each fitted on the training "
+        "recordings' last windows and scored on the test recordings' last windows, 5 folds by "
+        "recording, with only the input changed: each second cut into r blocks, every frame "
         "replaced by its block's mean, optionally projected onto k principal components and "
         "rounded as the codes round the profile. Estimated code bytes a second: empirical "
         "entropy of the training blocks' symbols, coded alone / each block after a segment's "
         "first as its difference to the one before (not a wire measurement; the level-0 "
         f"framing comes on top). Input: {result.get('input', '-')}. Results: "
         "`bench/results/resolution.json`.", "",
-        "| input | activity accuracy | estimated code B/s |", "|---|---|---|"]
+        "Our head: the head's own transform and ridge (csi_cloud.model.rocket, 4,000 "
+        "features, penalty by leave-one-recording-out) on the same values laid out as the "
+        "head lays out the profile (held on the frame grid, the window's mean beside it: "
+        "the static profile is in this input), no latent channel, fitted on the same last "
+        "windows.", "",
+        "| input | anchor: activity accuracy | our head | estimated code B/s |",
+        "|---|---|---|---|"]
     for v in result["variants"]:
         acc = v["activity_accuracy"]
         est = v.get("estimated_code_bytes_per_s")
-        label = "every frame, every channel (the anchor)" if v["variant"] == "full" \
+        label = "every frame, every channel" if v["variant"] == "full" \
             else v["variant"]
+        head = v.get("head_activity_accuracy")
         lines.append(f"| {label} | {acc['mean']:.3f} ± {acc['std']:.3f} | "
+                     + (f"{head['mean']:.3f} ± {head['std']:.3f}" if head else "-") + " | "
                      + (f"{est['symbols_alone']:.1f} / {est['block_differences']:.1f}"
                         if est else "-") + " |")
     return "\n".join(lines)

@@ -57,13 +57,16 @@ def test_components_are_rounded_like_the_codes_and_differences_cost_less_when_sm
     slow = np.cumsum(rng.normal(size=(400, n * rate)), axis=1)  # blocks that drift slowly
     w = np.repeat(slow, frames // rate, axis=1)[:, :, None] * np.array([1.0, -2.0, 0.5])
     segments = np.ones((400, n), bool)
-    values, alone, delta = resolution.quantized_components(w, segments, np.arange(300), 1,
-                                                           rate)
-    assert values.shape == (400, n * frames, 1)
-    step = np.diff(np.unique(values)).min()
+    values, step, alone, delta = resolution.quantized_components(w, segments, np.arange(300),
+                                                                 1, rate)
+    assert values.shape == (400, n * frames, 1) and step.shape == (1,)
     assert np.allclose(values / step, np.round(values / step))  # whole steps
     assert len(np.unique(values)) <= 2 * resolution.PROFILE_RANGE + 1  # clipped
     assert 0 < delta < alone <= rate * np.log2(2 * resolution.PROFILE_RANGE + 1)
+    head = resolution.head_series(values / step, segments)
+    assert head.shape == (400, 4, n * frames)  # the component and its window mean, + differences
+    assert np.allclose(head[:, 0], (values / step)[..., 0])
+    assert np.allclose(head[:, 1], head[:, 1, :1])  # the window mean, held
     assert resolution.entropy_bits(np.zeros(10)) == 0.0
     assert resolution.entropy_bits(np.array([0, 1, 2, 3])) == pytest.approx(2.0)
 
