@@ -75,12 +75,6 @@ INPUT_NOTE = ("the anchor reads each channel minus its mean over the window (the
               "recording session)")
 
 
-def shared_data() -> Path:
-    return next((p for p in (ROOT.parent / "shared" / "data",
-                             ROOT.parents[1] / "shared" / "data") if p.is_dir()),
-                ROOT.parent / "shared" / "data")
-
-
 def block_means(data: SegmentData, rows: np.ndarray, rate: int | None) -> np.ndarray:
     """Window rows (R, N) -> (R, N * L, C) log amplitude, every frame replaced by the mean of
     its block of ``L / rate`` frames (``None``: every frame as it is)."""
@@ -314,7 +308,7 @@ def write_sections(report: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=shared_data())
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--datasets", default="wiar,fition")
     parser.add_argument("--rates", default="1,2,3,5")
     parser.add_argument("--components", default="6,12")
