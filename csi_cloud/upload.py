@@ -235,6 +235,8 @@ def _exit_codes(processes: list[Any], timeout_s: float) -> list[int]:
     for process in processes:
         while process.exitcode is None and time.monotonic() < deadline:
             process.join(timeout=0.05)
+            if process.exitcode is None:  # reaped elsewhere: join returns at once, so pause
+                time.sleep(0.01)
     return [process.exitcode for process in processes if process.exitcode is not None]
 
 
