@@ -49,6 +49,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _report import put_section  # noqa: E402
+from _report import put_bundle_sections, save_results  # noqa: E402
 
 from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.fewshot import Windows  # noqa: E402
@@ -262,7 +263,7 @@ def run_dataset(name: str, data_dir: Path, rates: list[int], components: list[in
             "skipped": skipped, "variants": variants}
 
 
-def render(name: str, result: dict[str, Any]) -> str:
+def render(name: str, result: Mapping[str, Any]) -> str:
     """The section of one bundle's report.md, from the results file's entry."""
     lines = [
         "## What the codes' time resolution allows (bench/resolution.py)", "",
@@ -296,14 +297,7 @@ def render(name: str, result: dict[str, Any]) -> str:
 
 
 def write_sections(report: dict[str, Any]) -> list[str]:
-    written = []
-    for name, result in report["datasets"].items():
-        path = ROOT / "models" / name / "report.md"
-        if not path.is_file() or "variants" not in result:
-            continue
-        put_section(path, BEGIN, END, render(name, result))
-        written.append(str(path.relative_to(ROOT)))
-    return written
+    return put_bundle_sections(report["datasets"], BEGIN, END, render, "variants")
 
 
 def main() -> None:
@@ -348,12 +342,7 @@ def main() -> None:
             [int(k) for k in args.components.split(",") if k], args.folds, args.seed,
             lambda line: print(line, flush=True))
     report["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if not args.no_report:
-        for path in write_sections(report):
-            print(f"wrote {path}")
+    save_results(report, args.out, None if args.no_report else write_sections)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ Results: ``bench/results/trust.json``; the tables are rendered into each bundle'
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -55,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _report import put_section  # noqa: E402
+from _report import put_bundle_sections, save_results  # noqa: E402
 
 from csi_cloud.datasets import index_dataset, random_split  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
@@ -335,14 +334,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def write_sections(report: dict[str, Any]) -> list[str]:
-    written = []
-    for name, result in report["bundles"].items():
-        path = ROOT / "models" / name / "report.md"
-        if not path.is_file() or "levels" not in result:
-            continue
-        put_section(path, BEGIN, END, render(result))
-        written.append(str(path.relative_to(ROOT)))
-    return written
+    return put_bundle_sections(report["bundles"], BEGIN, END,
+                               lambda _name, result: render(dict(result)), "levels")
 
 
 def shared_data() -> Path:
@@ -387,12 +380,7 @@ def main() -> None:
                   f"{lv['separate']['raw_accuracy']:.3f} smoothed "
                   f"{lv['separate']['smoothed_accuracy']:.3f}", flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if not args.no_report:
-        for path in write_sections(report):
-            print(f"wrote {path}")
+    save_results(report, args.out, None if args.no_report else write_sections)
 
 
 if __name__ == "__main__":
