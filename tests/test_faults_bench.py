@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import socket
 import sys
@@ -13,24 +12,15 @@ from types import ModuleType
 
 import pytest
 import scipy.io
+from _bench import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def faults() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_faults", ROOT / "bench" /
-                                                      "faults.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_faults"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
+    with bench_module("faults") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_faults", None)
-        sys.path.remove(str(ROOT / "bench"))
 
 
 def test_arguments(faults: ModuleType) -> None:

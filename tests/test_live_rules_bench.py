@@ -4,14 +4,13 @@ generalises from one that only fits its own recordings."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from _bench import bench_module
 
 from csi_cloud.smoothing import STAY_GRID, filter_stream
 
@@ -20,16 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def rules() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_live_rules",
-                                                  ROOT / "bench" / "live_rules.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_live_rules"] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("live_rules") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_live_rules", None)
 
 
 def _p(winner: int, strength: float, k: int = 3) -> np.ndarray:

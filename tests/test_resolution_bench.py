@@ -3,32 +3,21 @@ the two estimates of their bits."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from _bench import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def resolution() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_resolution",
-                                                  ROOT / "bench" / "resolution.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_resolution"] = module
-    sys.path.insert(0, str(ROOT / "bench"))  # where the bench's own helpers live
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("resolution") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_resolution", None)
-        sys.path.remove(str(ROOT / "bench"))
 
 
 class _Segments:
