@@ -12,7 +12,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /build
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 [open(f'requirements-{x}.txt', 'w').write('\n'.join(p['dependencies'] + \
 p['optional-dependencies'][x]) + '\n') for x in ('edge', 'cloud')]"

@@ -381,8 +381,8 @@ class _AckAtOnce:
 
 
 SEGMENT_PATHS = {
-    "full": "MQTT QoS 1 publish, the store on 3 nodes, the 16 partition consumers (3 replicas "
-            "each), their acknowledgements",
+    "full": "MQTT QoS 1 publish, the store on 3 nodes, the {partitions} partition consumers (3 "
+            "replicas each), their acknowledgements",
     "publish_and_store": "MQTT QoS 1 publish and the store on 3 nodes only (no consumer: "
                          "nothing is delivered or acknowledged)",
     "one_replica": "the full path with the streams and consumers on one node each (gives up "
@@ -391,16 +391,17 @@ SEGMENT_PATHS = {
 
 
 def run_segment_path(aps: int, seconds: float, work: Path, variant: str = "full",
-                     per_message: int = 1) -> dict[str, Any]:
+                     per_message: int = 1, partitions: int = PARTITIONS) -> dict[str, Any]:
     """The cluster's CPU per segment for the segment path alone (no worker: no predictions or
     statuses published back); ``variant`` (:data:`SEGMENT_PATHS`) leaves parts out to show
     where that CPU goes; ``per_message``: segments a message (rate level 2 segments grouped as
-    levels 0 and 1 group theirs)."""
+    levels 0 and 1 group theirs); ``partitions``: the stream's partition count (one consumer
+    each)."""
     from csi_cloud.bus import NatsBus, SegmentSubjects
 
-    folder = work / f"segment-path-{variant}-{per_message}"
+    folder = work / f"segment-path-{variant}-{per_message}-{partitions}"
     folder.mkdir()
-    cluster = NatsCluster(folder / "nats", nodes=3, partitions=PARTITIONS,
+    cluster = NatsCluster(folder / "nats", nodes=3, partitions=partitions,
                           replicas=1 if variant == "one_replica" else 3)
     cluster.start()
     sink = _AckAtOnce()
@@ -415,7 +416,7 @@ def run_segment_path(aps: int, seconds: float, work: Path, variant: str = "full"
         bus = None
         if variant != "publish_and_store":
             bus = NatsBus(cluster.url.split(","), sink, name="acker",
-                          subjects=SegmentSubjects("csi/v1", PARTITIONS))
+                          subjects=SegmentSubjects("csi/v1", partitions))
             await bus.start()
             while not bus.ready:
                 await asyncio.sleep(0.2)
@@ -441,11 +442,12 @@ def run_segment_path(aps: int, seconds: float, work: Path, variant: str = "full"
     acked = sum(1 for *_, puback, _ in sent if puback)
     messages = acked if variant == "publish_and_store" else sink.count
     segments = messages * per_message
-    what = SEGMENT_PATHS[variant] + (f"; {per_message} segments a message"
-                                     if per_message > 1 else "")
+    what = SEGMENT_PATHS[variant].format(partitions=partitions) + (
+        f"; {per_message} segments a message" if per_message > 1 else "")
     return {"layout": f"nats cluster (3 nodes), segment path only (no worker): {variant}",
             "variant": variant, "what": what, "segments_per_message": per_message,
-            "messages": messages, "segments": segments,
+            "partitions": partitions, "published": acked, "messages": messages,
+            "segments": segments,
             "broker_cpu_ms_per_segment": round(1000 * cpu / max(1, segments), 3),
             "load_average": [round(x, 1) for x in os.getloadavg()[:2]]}
 
@@ -461,6 +463,42 @@ def segment_path_breakdown(aps: int, seconds: float, work: Path) -> list[dict[st
     for variant, per_message in SEGMENT_PATH_RUNS:
         out.append(run_segment_path(aps, seconds, work, variant, per_message))
         print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def partition_sweep(counts: list[int], rounds: int, aps: int, seconds: float,
+                    work: Path) -> dict[str, Any]:
+    """The full segment path at each partition count, the counts alternated over ``rounds``
+    (this machine's CPU figures drift between runs, so each count gets runs early and late).
+    Whether fewer partitions, so more messages a consumer and a better chance for the
+    server to combine Raft proposals, lower the cluster's CPU per segment."""
+    runs = []
+    for r in range(rounds):
+        for n in counts:
+            folder = work / f"round{r}"
+            folder.mkdir(exist_ok=True)
+            runs.append(run_segment_path(aps, seconds, folder, "full", 1, n))
+            print(json.dumps(runs[-1]), flush=True)
+    return {"benchmark": "segment path of the NATS cluster at several partition counts",
+            "command": " ".join(["python", *sys.argv]),
+            "load": {"aps": aps, "segment_per_s_per_ap": 1, "seconds": seconds,
+                     "segments_per_message": 1},
+            "note": "delivered: messages the consumers handed over and acknowledged by the "
+                    "time the generator had stopped for 2 s; published: PUBACKed messages",
+            "by_partitions": by_partitions(runs), "runs": runs}
+
+
+def by_partitions(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Segment-path runs grouped by partition count, in the order the counts first ran: each
+    run's cluster CPU per delivered segment, their median, and delivered of published."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in dict.fromkeys(r["partitions"] for r in runs):
+        mine = [r for r in runs if r["partitions"] == n]
+        cpu = [r["broker_cpu_ms_per_segment"] for r in mine]
+        out[str(n)] = {"cpu_ms_per_segment": cpu,
+                       "median_cpu_ms_per_segment": round(float(np.median(cpu)), 3),
+                       "delivered_of_published": [[r["messages"], r["published"]]
+                                                  for r in mine]}
     return out
 
 
@@ -571,7 +609,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "workers.json")
     parser.add_argument("--only-segment-path", action="store_true",
                         help="rerun only the segment path breakdown and replace it in --out")
+    parser.add_argument("--partition-sweep", default="",
+                        help="e.g. 16,4,1: only the full segment path at these partition "
+                             "counts, alternated over --rounds, into "
+                             "bench/results/workers_partitions.json")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.partition_sweep:
+        counts = [int(n) for n in args.partition_sweep.split(",")]
+        with tempfile.TemporaryDirectory(prefix="csi-bench-workers-") as tmp:
+            sweep = partition_sweep(counts, args.rounds, args.aps, args.seconds, Path(tmp))
+        out = ROOT / "bench" / "results" / "workers_partitions.json"
+        out.write_text(json.dumps(sweep, indent=2) + "\n")
+        print(json.dumps(sweep["by_partitions"], indent=1))
+        print(f"wrote {out}")
+        return
     if args.only_segment_path:
         summary = json.loads(args.out.read_text())
         with tempfile.TemporaryDirectory(prefix="csi-bench-workers-") as tmp:

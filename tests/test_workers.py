@@ -575,3 +575,19 @@ def test_killing_a_worker_mid_stream_loses_no_segment(broker: Mosquitto, postgre
             edge.kill()
         north.stop()
         south.stop()
+
+
+def test_the_partition_sweep_groups_runs_by_count_in_the_order_they_ran() -> None:
+    from _bench import bench_module
+
+    runs = [{"partitions": 16, "broker_cpu_ms_per_segment": 4.0, "messages": 90, "published": 90},
+            {"partitions": 1, "broker_cpu_ms_per_segment": 2.0, "messages": 60, "published": 90},
+            {"partitions": 16, "broker_cpu_ms_per_segment": 3.0, "messages": 90, "published": 90},
+            {"partitions": 1, "broker_cpu_ms_per_segment": 2.5, "messages": 61, "published": 90}]
+    with bench_module("workers") as workers:
+        grouped = workers.by_partitions(runs)
+    assert list(grouped) == ["16", "1"]
+    assert grouped["16"] == {"cpu_ms_per_segment": [4.0, 3.0], "median_cpu_ms_per_segment": 3.5,
+                             "delivered_of_published": [[90, 90], [90, 90]]}
+    assert grouped["1"]["median_cpu_ms_per_segment"] == 2.25
+    assert grouped["1"]["delivered_of_published"] == [[60, 90], [61, 90]]
