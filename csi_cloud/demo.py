@@ -391,8 +391,12 @@ def run_demo(*, http: str | None = None, data: Path | None = None, aps: int = 3,
                 names = [link.name.split("-", 2)[2] for link in sorted(session.iterdir())]
                 say(f"  demo/ap{k + 1} alternates: {' then '.join(names)}")
         else:
-            say(f"{aps} AP(s) replaying {len(files)} recording(s) from {data} with model "
-                f"{manifest.name} ({manifest.id[:12]}); logs in {work}")
+            say(f"{aps} AP(s), each looping one of the {len(files)} recording(s) in {data}, "
+                f"with model {manifest.name} ({manifest.id[:12]}); logs in {work}")
+            for k, source in enumerate(sources):
+                say(f"  demo/ap{k + 1} loops {source.parent.name}/{source.name}")
+            if aps < len(files):
+                say(f"  ({len(files) - aps} not replayed: --aps {len(files)} replays every one)")
         if truth is not None and truth.truths:
             say(f"{len(truth.truths)} AP(s) replay labelled recordings: the truth is posted as "
                 "labels (the dashboard shows it beside each prediction) and each line ends with "
