@@ -12,11 +12,14 @@ features, 8-segment context, differences on):
 
 - what the head reads: profile only, latent only, both in one transform;
 - latent channels and profile coefficients at the lowest level (the nested codes of the
-  top level give every combination without retraining);
+  top level give every combination without retraining), level 1's layout among them;
 - context length: 2, 4 segments;
 - feature count: 1,000 and 10,000; no first-difference channels;
 - the network's own context classifier (the earlier head) at level 0;
-- head seeds (``--seeds`` random-kernel draws of the base).
+- head seeds (``--seeds`` random-kernel draws of the base), or every variant under
+  ``--variant-seeds`` head seeds (its row then aggregates tasks x seeds).
+
+``--protocols`` keeps the kept bundles of some protocols only (e.g. ``cross-session``).
 
 Results: bench/results/ablation.json.
 """
@@ -52,7 +55,8 @@ from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate  # noqa: E402
 from csi_cloud.model.rocket import WindowLayout, series  # noqa: E402
 from csi_cloud.model.window import take  # noqa: E402
-from csi_edge.bundle import EdgeEncoder  # noqa: E402
+from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes  # noqa: E402
+from csi_edge.codec import payload_size  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles"
 DEFAULT_OUT = ROOT / "bench" / "results" / "ablation.json"
@@ -74,6 +78,8 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
         "context 4 segments": {**base, "context": 4},
         "0 latent + 16 profile": {**base, "latent": 0, "profile": 16},
         "1 latent + 16 profile": {**base, "profile": 16},
+        "2 latent + 12 profile": {**base, "latent": 2, "profile": 12},
+        "4 latent + 16 profile (level 1's codes)": {**base, "latent": 4, "profile": 16},
         "latent only, level 0": {**base, "profile": 0},
         "one transform for both": {**base, "split": False},
         "no difference channels": {**base, "diff": False},
@@ -187,6 +193,30 @@ def adapted(model: CloudModel, head: Any, codes: Any, coeff: np.ndarray, target:
     return float(np.mean(accs))
 
 
+def layout_bytes(edge: EdgeEncoder, data: Any, recordings: np.ndarray, latent: int,
+                 profile: int) -> dict[str, float]:
+    """What a lowest level sending ``latent`` channels and ``profile`` coefficients would
+    put on the wire for these recordings: the int8 edge codes entropy-coded with the
+    bundle's own tables (its level-0 entry with that layout), and the payload a second at the
+    level's segments a message, motion byte included (csi_edge.codec.payload_size) -- real
+    bytes, not an estimate. The tables hold one row per latent channel and per profile
+    coefficient whatever a level sends, so these are the bytes the same network would send
+    with that layout at level 0."""
+    manifest = edge.manifest
+    per_message = manifest.level(0).segments_per_message
+    rows = np.flatnonzero(np.isin(data.recording, recordings))
+    symbols, coeff = edge.encode(data.x[rows])
+    lengths = [len(encode_segment_codes(SegmentCodes(0, s[:latent], c[:profile]), manifest,
+                                        edge.tables))
+               for s, c in zip(symbols, coeff, strict=True)]
+    messages = [lengths[i : i + per_message] for i in range(0, len(lengths), per_message)]
+    messages = [m for m in messages if len(m) == per_message]
+    seconds = per_message * manifest.input_spec.segment_s
+    return {"code_bytes_per_segment": round(float(np.mean(lengths)), 2),
+            "payload_bytes_per_s": round(float(np.mean(
+                [payload_size(m, motion=True) for m in messages])) / seconds, 2)}
+
+
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
@@ -210,12 +240,14 @@ def render(report: dict[str, Any], name: str) -> str:
         keys = ["activity_accuracy", "activity_accuracy_per_second"]
         if any("adapted_k5_activity_accuracy" in v for v in by_label.values()):
             keys.append("adapted_k5_activity_accuracy")
+        if any("payload_bytes_per_s" in v for v in by_label.values()):
+            keys.append("payload_bytes_per_s")
         lines += [f"### {protocol}", "",
                   "| variant | tasks | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
         for label, row in by_label.items():
-            cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-"
-                     for k in keys]
+            cells = [("-" if k not in row else f"{row[k]['mean']:.1f}" if k.endswith("_per_s")
+                      else f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}") for k in keys]
             lines.append(f"| {label} | {row.get('tasks', '-')} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -243,6 +275,11 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other datasets' results already in --out")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--protocols", default="",
+                        help="only the kept bundles of these protocols (comma-separated)")
+    parser.add_argument("--variant-seeds", type=int, default=1,
+                        help="fit every variant under this many head seeds (rows over tasks x "
+                             "seeds)")
     parser.add_argument("--variants", default="",
                         help="run only these variants ('|'-separated labels; the base always "
                              "runs); the reports' sections are written only for a full run "
@@ -267,11 +304,14 @@ def main() -> None:
             folder = manifest_path.parent
             split = json.loads((folder / "split.json").read_text())
             protocol = split["protocol"]
+            if args.protocols and protocol not in args.protocols.split(","):
+                continue
             seen[protocol] = seen.get(protocol, 0) + 1
             if seen[protocol] > args.tasks:
                 continue
             model = CloudModel.load(folder)
-            codes = codes_from_segments(model, EdgeEncoder(folder), data)
+            edge = EdgeEncoder(folder)
+            codes = codes_from_segments(model, edge, data)
             coeff = profile_coefficients(model.net, codes.profile)
             train, val, test = (np.array(split[k]) for k in ("train", "val", "test"))
             n_act = model.net.cfg.activities
@@ -279,9 +319,11 @@ def main() -> None:
             if only - set(every):
                 raise SystemExit(f"unknown --variants {sorted(only - set(every))}; the "
                                  f"variants: {sorted(every)}")
-            for label, v in every.items():
-                if only and label != "base" and label not in only:
-                    continue
+            runs = [(label, {**v, "seed": v["seed"] + s}) for label, v in every.items()
+                    for s in range(args.variant_seeds)
+                    if not (only and label != "base" and label not in only)]
+            wire: dict[tuple[int, int], dict[str, float]] = {}
+            for label, v in runs:
                 t0 = time.perf_counter()
                 saved = model.net.context_head
                 head = None if v.get("network") else fit_variant(codes, coeff, train, val, v,
@@ -291,6 +333,11 @@ def main() -> None:
                 if protocol in ("cross-session", "cross-room"):
                     row["adapted_k5_activity_accuracy"] = adapted(model, head, codes, coeff,
                                                                   test, v)
+                layout = (v["latent"], v["profile"])
+                if not v.get("network"):
+                    if layout not in wire:
+                        wire[layout] = layout_bytes(edge, data, test, *layout)
+                    row.update(wire[layout])
                 results.setdefault(protocol, {}).setdefault(label, []).append(row)
                 print(f"{name} {folder.name} {label}: {row} "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -453,8 +453,10 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
             x = np.arange(len(rows))
             for off, key, label in ((-0.2, "activity_accuracy", "per recording"),
                                     (0.2, "activity_accuracy_per_second", "per second")):
-                ax.bar(x + off, [r[key]["mean"] for r in rows], 0.4,
-                       yerr=[r[key]["std"] for r in rows], label=label)
+                # A score a run did not measure (the anchors' per-second scores of an
+                # --anchor-fits last run) is no bar, not an error after hours of work.
+                ax.bar(x + off, [r.get(key, {}).get("mean", np.nan) for r in rows], 0.4,
+                       yerr=[r.get(key, {}).get("std", np.nan) for r in rows], label=label)
             ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
             ax.set_ylim(0, 1)
             ax.set_title(f"{name} {protocol}: activity")

@@ -1,0 +1,26 @@
+"""bench/model.py's plots from a results file, without running the bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _bench import bench_module
+
+from csi_cloud.model.anchors import ANCHORS
+
+
+def _score(mean: float) -> dict[str, float]:
+    return {"mean": mean, "std": 0.01}
+
+
+def test_a_run_without_the_anchors_per_second_scores_still_plots(tmp_path: Path) -> None:
+    # --anchor-fits last measures the anchors per recording only.
+    ours = {"activity_accuracy": _score(0.9), "activity_accuracy_per_second": _score(0.85)}
+    report = {"datasets": {"wiar": {"protocols": {"random": {
+        "ours": {"levels": [{"level": 0, "payload_bytes_per_s": _score(18.5), **ours}],
+                 "unquantized": ours},
+        "anchors": {a: {"activity_accuracy": _score(0.95)} for a in ANCHORS}}}}}}
+    with bench_module("model") as model:
+        written = model.plot(report, tmp_path)
+    assert [Path(p).name for p in written] == ["model_wiar.png"]
+    assert (tmp_path / "model_wiar.png").stat().st_size > 0
