@@ -103,15 +103,19 @@ def _windows(codes: Any, coeff: np.ndarray, rows: np.ndarray, v: dict[str, Any]
 
 
 def fit_variant(codes: Any, coeff: np.ndarray, train: np.ndarray, val: np.ndarray,
-                v: dict[str, Any], n_act: int) -> ContextHead:
+                v: dict[str, Any], n_act: int, n_id: int = 0) -> ContextHead:
+    """The variant's head on the training recordings' windows; with ``n_id`` identities an
+    identity layer too, as the bundle's head has (split and custom variants: activity only)."""
     rng = np.random.default_rng(v["seed"])
     rows_tr, own_tr = _some_windows(codes, train, 8, v["per_recording"], rng)
     rows_va, own_va = _some_windows(codes, val, 8, v["per_recording"], rng)
     layout = WindowLayout(v["latent"], v["profile"], profile_mean=v["mean"])
+    identity = ((codes.identity[own_tr], n_id, codes.identity[own_va]) if n_id else None)
     head = fit_context_head([(layout, _windows(codes, coeff, rows_tr, v),
                               _windows(codes, coeff, rows_va, v))],
                             codes.activity[own_tr], n_act, features=v["features"],
-                            seed=v["seed"], val_labels=codes.activity[own_va])
+                            seed=v["seed"], val_labels=codes.activity[own_va],
+                            identity=identity)
     part = head.levels[0]
     if not v["split"] or not v["diff"]:
         # Refit with one transform over both parts, or without the difference channels.
@@ -168,7 +172,12 @@ def score(model: CloudModel, head: Any, codes: Any, coeff: np.ndarray, test: np.
         if isinstance(head, _Custom):
             pred = head.predict(win).argmax(1)
         else:
-            pred = head.predict(*win, np.zeros(len(rows), int))[0].argmax(1)
+            p_act, p_id = head.predict(*win, np.zeros(len(rows), int))
+            pred = p_act.argmax(1)
+            if p_id is not None:
+                known = codes.identity[owners] >= 0
+                out[key.replace("activity", "identity")] = float(
+                    (p_id.argmax(1)[known] == codes.identity[owners][known]).mean())
         out[key] = float((pred == codes.activity[owners]).mean())
     return out
 
@@ -238,6 +247,8 @@ def render(report: dict[str, Any], name: str) -> str:
              "finished).", ""]
     for protocol, by_label in ds.items():
         keys = ["activity_accuracy", "activity_accuracy_per_second"]
+        if any("identity_accuracy" in v for v in by_label.values()):
+            keys += ["identity_accuracy", "identity_accuracy_per_second"]
         if any("adapted_k5_activity_accuracy" in v for v in by_label.values()):
             keys.append("adapted_k5_activity_accuracy")
         if any("payload_bytes_per_s" in v for v in by_label.values()):
@@ -326,8 +337,9 @@ def main() -> None:
             for label, v in runs:
                 t0 = time.perf_counter()
                 saved = model.net.context_head
-                head = None if v.get("network") else fit_variant(codes, coeff, train, val, v,
-                                                                 n_act)
+                head = None if v.get("network") else fit_variant(
+                    codes, coeff, train, val, v, n_act,
+                    model.net.cfg.identities if protocol == "random" else 0)
                 row = score(model, head, codes, coeff, test, v)
                 model.net.context_head = saved
                 if protocol in ("cross-session", "cross-room"):
@@ -338,7 +350,8 @@ def main() -> None:
                     if layout not in wire:
                         wire[layout] = layout_bytes(edge, data, test, *layout)
                     row.update(wire[layout])
-                results.setdefault(protocol, {}).setdefault(label, []).append(row)
+                results.setdefault(protocol, {}).setdefault(label, []).append(
+                    {**row, "task": split["task"]})
                 print(f"{name} {folder.name} {label}: {row} "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
                 report["datasets"][name] = _aggregate(results)
@@ -351,8 +364,16 @@ def main() -> None:
     print(f"wrote {args.out}; report sections: {write_sections(report)}")
 
 
-def _aggregate(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
-    return {protocol: {label: {**aggregate(rows), "tasks": len(rows)}
+def _aggregate(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per protocol and variant: mean and std over its rows (tasks, and head seeds), their
+    count, and each task's means over its seeds (``per_task``)."""
+    def per_task(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        tasks = dict.fromkeys(r["task"] for r in rows)
+        return {t: {k: v["mean"] for k, v in aggregate([r for r in rows if r["task"] == t]).items()}
+                for t in tasks}
+
+    return {protocol: {label: {**aggregate(rows), "tasks": len(rows),
+                               "per_task": per_task(rows)}
                        for label, rows in by_label.items()}
             for protocol, by_label in results.items()}
 

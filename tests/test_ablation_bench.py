@@ -41,3 +41,13 @@ def test_layout_bytes_of_the_bundles_own_level_0_are_its_payloads() -> None:
     seconds = k * edge.spec.segment_s
     assert wire["payload_bytes_per_s"] == round(float(np.mean(sizes)) / seconds, 2)
     assert more["payload_bytes_per_s"] > wire["payload_bytes_per_s"]
+
+
+def test_rows_aggregate_over_tasks_and_seeds_and_keep_each_tasks_mean() -> None:
+    rows = [{"task": "a", "activity_accuracy": 0.8}, {"task": "a", "activity_accuracy": 0.6},
+            {"task": "b", "activity_accuracy": 1.0}]
+    with bench_module("ablation") as ablation:
+        out = ablation._aggregate({"cross-session": {"base": rows}})["cross-session"]["base"]
+    assert out["tasks"] == 3
+    assert out["activity_accuracy"]["mean"] == 0.8
+    assert out["per_task"] == {"a": {"activity_accuracy": 0.7}, "b": {"activity_accuracy": 1.0}}

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -21,6 +22,9 @@ from csi_edge.bundle import (
     Bundle,
     BundleError,
     EdgeEncoder,
+    SegmentCodes,
+    decode_segment_codes,
+    encode_segment_codes,
     load_manifest,
     write_manifest,
 )
@@ -207,3 +211,23 @@ def test_csi_adapt_reads_the_parent_manifest_once(tmp_path: Path,
     child = load_manifest(out)
     assert json.loads(done.output)["bundle"] == child.id
     assert child.parent == load_manifest(MODELS / "fition").id
+
+
+def test_a_level_without_latent_channels_codes_its_profile_alone() -> None:
+    # The measured next layout of level 0 (docs/model.md): no latent channel, 16 profile
+    # coefficients. Its codes are the profile's group alone and round-trip exactly.
+    edge = EdgeEncoder(MODELS / "fition")
+    manifest = edge.manifest
+    levels = [lv.model_copy(update={"groups": 0, "profile_components": 16}) if lv.level == 0
+              else lv for lv in manifest.levels]
+    profile_only = manifest.model_copy(update={"levels": levels})
+    steps = int(manifest.quantizer["latent_steps"])
+    profile = (np.arange(16) % 7 - 3).astype(np.int64)
+    codes = SegmentCodes(0, np.zeros((0, steps), np.int64), profile)
+    blob = encode_segment_codes(codes, profile_only, edge.tables)
+    back = decode_segment_codes(blob, 0, profile_only, edge.tables)
+    assert back.latent.shape == (0, steps)
+    assert back.profile.tolist() == profile.tolist()
+    with_latent = encode_segment_codes(
+        SegmentCodes(0, np.full((1, steps), 2, np.int64), profile), profile_only, edge.tables)
+    assert len(blob) < len(with_latent)
