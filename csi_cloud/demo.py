@@ -5,7 +5,13 @@ It starts, as child processes:
      (:mod:`csi_cloud.embedded_broker`, MQTT 3.1.1, so every client falls back to 3.1.1);
   2. the cloud service with the chosen bundle, an SQLite database and recordings in a work
      folder, and a random API token (printed, for the dashboard's rate control);
-  3. one edge agent running N AP streams, each replaying a recording at its real rate, looping.
+  3. one edge agent running N AP streams, each replaying recordings at their real rate,
+     looping. Where the recordings' names say who was recorded and someone has several
+     (Fition's samples: two per person, each person in a room of their own), AP k plays the
+     k-th person's recordings in turn: an AP stays in one room while the activity changes.
+     Otherwise AP k loops the k-th recording. Each recording played is a new epoch, so the
+     cloud's context never mixes two (and the truth shown beside each prediction is its
+     recording's).
 Then it prints the dashboard URL and a line per AP as predictions arrive, until Ctrl-C (or
 SIGTERM, SIGHUP, or a reader of its output that goes away: ``csi demo | head``), which stops
 every child (edges first, so they can flush, then the cloud, then the broker) with whatever
@@ -230,6 +236,49 @@ def _presence_sessions(folder: Path, aps: int, work: Path) -> list[Path] | None:
     return sessions
 
 
+@dataclass(frozen=True)
+class _Room:
+    """One AP of a labelled replay: the person (so, in these datasets, the room) its
+    recordings show, the folder it replays and the recordings in it, in play order."""
+
+    who: str
+    folder: Path
+    plays: list[Path]
+
+
+def _rooms(data: Path, files: list[Path], labels: dict[str, list[str] | None], aps: int,
+           work: Path) -> tuple[list[_Room], int] | None:
+    """Per AP, a folder of links to recordings of one person, played in turn: an AP stays in
+    one room while the activities change, as a real one does. Each person's first recording
+    of each activity (a whole dataset folder would give an AP hundreds), people in order of
+    their first recording; AP k gets the k-th (again from the first when there are more
+    APs). Also the number of people left out. None when nobody has two activities (or the
+    names say nothing): then each AP loops one recording. Reads names only, no recording."""
+    from .demo_truth import label_of
+
+    groups: dict[str, dict[str, Path]] = {}
+    for path in files:
+        label = label_of(path, data, labels)
+        if label is not None and label[1] is not None:
+            groups.setdefault(label[1], {}).setdefault(label[0], path)
+    if not any(len(g) > 1 for g in groups.values()):
+        return None
+    people = list(groups)
+    rooms = []
+    for k in range(aps):
+        who = people[k % len(people)]
+        target = work / "rooms" / f"ap{k + 1}"
+        target.mkdir(parents=True, exist_ok=True)
+        plays = []
+        for i, source in enumerate(groups[who].values()):
+            link = target / f"{i:02d}-{source.name}"  # the edge plays a folder in name order
+            if not link.exists():
+                link.symlink_to(source.resolve())  # a link: the recordings stay where they are
+            plays.append(link)
+        rooms.append(_Room(who, target, plays))
+    return rooms, max(0, len(people) - aps)
+
+
 def _get(url: str, timeout: float = 2.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -364,18 +413,23 @@ def run_demo(*, http: str | None = None, data: Path | None = None, aps: int = 3,
 
         # 3. Edges: one process, one stream per AP.
         sessions = _presence_sessions(data, aps, work) if presence_only else None
-        sources = sessions or [files[k % len(files)].resolve() for k in range(aps)]
+        found = None if presence_only else _rooms(data, files, manifest.labels, aps, work)
+        rooms, left_out = found if found is not None else ([], 0)
+        sources = sessions or [r.folder for r in rooms] or \
+            [files[k % len(files)].resolve() for k in range(aps)]
         streams = []
         for k, source in enumerate(sources):
             streams += ["--stream", f"demo/ap{k + 1}=file://{source}"]
         mode = ["--presence-only"] if presence_only else []
-        truth = None if presence_only else _truth_keeper(base, token, manifest, data, sources)
+        plays = [r.plays for r in rooms] or [[source] for source in sources]
+        truth = None if presence_only else _truth_keeper(base, token, manifest, data, plays)
         children.start("edge", [
             sys.executable, "-m", "csi_edge.cli", "edge", "--model", str(bundle), *mode,
             "--broker", broker_url, "--speed", "real", "--loop", "--spool-dir",
             str(work / "spool"), "--status-interval", "2", "--cloud-url", base, "--log-level",
             "WARNING", *streams], {**env, **protocol, "CSI_EDGE_MODELS_DIR": str(work / "fetched"),
-                                   # each pass of a loop a new epoch: a fresh context (and truth)
+                                   # each recording played a new epoch: a fresh context
+                                   # (and truth) for each
                                    "CSI_EDGE_LOOP_NEW_EPOCH": "true"},
             work / "edge.log")
 
@@ -390,6 +444,17 @@ def run_demo(*, http: str | None = None, data: Path | None = None, aps: int = 3,
             for k, session in enumerate(sessions or []):
                 names = [link.name.split("-", 2)[2] for link in sorted(session.iterdir())]
                 say(f"  demo/ap{k + 1} alternates: {' then '.join(names)}")
+        elif rooms:
+            say(f"{aps} AP(s), one per person of the recordings in {data}, each playing "
+                f"that person's recordings in turn, with model {manifest.name} "
+                f"({manifest.id[:12]}); logs in {work}")
+            for k, room in enumerate(rooms):
+                names = [link.name.split("-", 1)[1] for link in room.plays]
+                say(f"  demo/ap{k + 1} ({room.who}) alternates: {' then '.join(names)}")
+            if left_out:
+                people = "person" if left_out == 1 else "people"
+                say(f"  ({left_out} more {people} in the recordings: --aps {aps + left_out} "
+                    "replays every one)")
         else:
             say(f"{aps} AP(s), each looping one of the {len(files)} recording(s) in {data}, "
                 f"with model {manifest.name} ({manifest.id[:12]}); logs in {work}")
@@ -460,15 +525,17 @@ def _wait_ready(url: str, children: _Children, timeout_s: float) -> None:
 
 
 def _truth_keeper(base: str, token: str, manifest: Any, data: Path,
-                  sources: list[Path]) -> Any:
-    """What each AP's recording shows, where its name says (see :mod:`.demo_truth`)."""
+                  plays: list[list[Path]]) -> Any:
+    """What each recording an AP plays shows, where the names say (see :mod:`.demo_truth`);
+    an AP with a recording whose name says nothing gets no truth."""
     from .demo_truth import TruthKeeper, truth_of
 
     truths = {}
-    for k, source in enumerate(sources):
-        found = truth_of(source, data, manifest.labels) if source.is_file() else None
-        if found is not None:
-            truths[f"demo/ap{k + 1}"] = found
+    for k, recordings in enumerate(plays):
+        found = [truth_of(path, data, manifest.labels) if path.is_file() else None
+                 for path in recordings]
+        if found and all(t is not None for t in found):
+            truths[f"demo/ap{k + 1}"] = [t for t in found if t is not None]
     return TruthKeeper(base, token, manifest.input_spec.segment_s, truths)
 
 

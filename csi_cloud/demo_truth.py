@@ -1,11 +1,13 @@
-"""The truth of a labelled replay, for ``csi demo``: what each AP's recording shows (from the
-dataset's file names, e.g. ``walking_user1_rm1_10.pcap``), posted as a label over each pass of
-the replay (``POST /api/v1/labels``) so the dashboard shows it beside the predictions, and a
-running per-second accuracy for the demo's own lines.
+"""The truth of a labelled replay, for ``csi demo``: what each recording an AP replays shows
+(from the dataset's file names, e.g. ``walking_user1_rm1_10.pcap``), posted as a label over
+each play of it (``POST /api/v1/labels``) so the dashboard shows it beside the predictions,
+and a running per-second accuracy for the demo's own lines.
 
-Each pass of a looping replay is its own epoch (the demo runs the edge with
-``loop_new_epoch``), starting at seq 0, so a pass's range on the AP's clock is known from any
-of its predictions: it starts ``seq`` segments before that one and lasts the recording.
+Each recording played is its own epoch (the demo runs the edge with ``loop_new_epoch``: the
+next file of the AP's folder, or the first again when the loop starts over), starting at seq
+0. So an AP's epochs follow its recordings in order, from the first epoch it sends, and a
+play's range on the AP's clock is known from any of its predictions: it starts ``seq``
+segments before that one and lasts the recording.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Truth", "TruthKeeper", "truth_of"]
+__all__ = ["Truth", "TruthKeeper", "label_of", "truth_of"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,11 @@ class Truth:
     duration_s: float  # one pass of the recording, as the edge replays it
 
 
-def truth_of(path: Path, root: Path, labels: dict[str, list[str] | None]) -> Truth | None:
-    """The activity and person a recording shows by its dataset's naming, or None when no
-    registered dataset layout names it (or names an activity the model does not know)."""
-    from csi_edge.readers import read_recording
-
+def label_of(path: Path, root: Path, labels: dict[str, list[str] | None]
+             ) -> tuple[str, str | None] | None:
+    """The activity and person (None: not one the model knows) a recording's name says, by
+    its dataset's naming, without reading it; None when no registered dataset layout names
+    it (or names an activity the model does not know)."""
     from .datasets import DATASETS
 
     root = root if root.is_dir() else root.parent
@@ -50,14 +52,25 @@ def truth_of(path: Path, root: Path, labels: dict[str, list[str] | None]) -> Tru
             continue
         if isinstance(parsed, str) or parsed.activity not in activities:
             continue
-        try:
-            t = read_recording(path).timestamp
-        except Exception:
-            return None
-        step = float(np.median(np.diff(t))) if t.size > 1 else 0.02
-        identity = parsed.identity if parsed.identity in identities else None
-        return Truth(parsed.activity, identity, float(t[-1] - t[0]) + step)
+        return parsed.activity, parsed.identity if parsed.identity in identities else None
     return None
+
+
+def truth_of(path: Path, root: Path, labels: dict[str, list[str] | None]) -> Truth | None:
+    """The activity and person a recording shows by its dataset's naming (:func:`label_of`)
+    and how long one play of it lasts, or None where the name says nothing (or the recording
+    cannot be read)."""
+    from csi_edge.readers import read_recording
+
+    label = label_of(path, root, labels)
+    if label is None:
+        return None
+    try:
+        t = read_recording(path).timestamp
+    except Exception:
+        return None
+    step = float(np.median(np.diff(t))) if t.size > 1 else 0.02
+    return Truth(label[0], label[1], float(t[-1] - t[0]) + step)
 
 
 @dataclass
@@ -67,17 +80,32 @@ class _Score:
     total: int = 0
 
 
+_EPOCHS = 1 << 16  # the wire's epoch is a u16
+
+
 class TruthKeeper:
-    """Posts each pass's truth as a label and keeps the per-second accuracy of each AP."""
+    """Posts the truth of each play of a recording as a label and keeps the per-second
+    accuracy of each AP. ``truths``: per AP, the truth of each recording it replays, in the
+    order it plays them."""
 
     def __init__(self, base: str, token: str, segment_s: float,
-                 truths: dict[str, Truth]) -> None:
+                 truths: dict[str, list[Truth]]) -> None:
         self.base = base
         self.token = token
         self.segment_s = segment_s
-        self.truths = truths
+        self.truths = {name: plays for name, plays in truths.items() if plays}
         self.labelled: set[tuple[str, int]] = set()
-        self.scores: dict[str, _Score] = {name: _Score() for name in truths}
+        self.scores: dict[str, _Score] = {name: _Score() for name in self.truths}
+        self.first_epoch: dict[str, int] = {}  # per AP: the epoch of its first recording
+
+    def truth(self, name: str, epoch: int) -> Truth | None:
+        """The truth of the recording an AP's epoch plays (its first epoch plays the first
+        recording; the demo's spool is new, so the first epoch seen is the first sent)."""
+        plays = self.truths.get(name)
+        if not plays:
+            return None
+        first = self.first_epoch.setdefault(name, epoch)
+        return plays[((epoch - first) % _EPOCHS) % len(plays)]
 
     def _post(self, body: dict[str, Any]) -> bool:
         request = urllib.request.Request(
@@ -91,8 +119,8 @@ class TruthKeeper:
             return False  # tried again with the next prediction of this pass
 
     def observe(self, name: str, prediction: dict[str, Any]) -> None:
-        """Label the pass ``prediction`` belongs to, once."""
-        truth = self.truths.get(name)
+        """Label the play ``prediction`` belongs to, once."""
+        truth = self.truth(name, prediction["epoch"])
         if truth is None or (name, prediction["epoch"]) in self.labelled:
             return
         start = prediction["timestamp"] - prediction["seq"] * self.segment_s
@@ -106,12 +134,13 @@ class TruthKeeper:
 
     def count(self, name: str, predictions: list[dict[str, Any]]) -> None:
         """Add every prediction not counted yet to the AP's per-second accuracy."""
-        truth, score = self.truths.get(name), self.scores.get(name)
-        if truth is None or score is None:
+        score = self.scores.get(name)
+        if score is None:
             return
         for p in predictions:
             key = (p["epoch"], p["seq"])
-            if key in score.seen or p.get("activity") is None:
+            truth = self.truth(name, p["epoch"])
+            if key in score.seen or p.get("activity") is None or truth is None:
                 continue
             score.seen.add(key)
             score.total += 1
@@ -119,7 +148,8 @@ class TruthKeeper:
 
     def text(self, name: str, prediction: dict[str, Any]) -> str:
         """`` truth walking ✓  right 63% of 120 s`` for the AP's demo line, or ''."""
-        truth, score = self.truths.get(name), self.scores.get(name)
+        score = self.scores.get(name)
+        truth = self.truth(name, prediction["epoch"])
         if truth is None or score is None:
             return ""
         mark = "✓" if prediction.get("activity") == truth.activity else "✗"

@@ -233,7 +233,7 @@ class StreamAgent:
         self.motion: MotionMeter | None = MotionMeter() \
             if settings.motion or self.encoder is None else None
         self._last_index: int | None = None
-        self._pass = 0  # the replay pass (FileSource.passes) the segments are of
+        self._play = 0  # the recording of a replay (FileSource.plays) the segments are of
         self._base_ms: int | None = None
         self._pending_encoder: EdgeEncoder | None = None
         self._last_info: tuple[Any, int] | None = None
@@ -351,9 +351,9 @@ class StreamAgent:
     def _take(self, frames: CSIFrames) -> None:
         self.counters.frames_in += len(frames)
         if self.settings.loop_new_epoch:
-            passes = getattr(self.source, "passes", 0)
-            if passes != self._pass:
-                self._new_pass(passes)
+            plays = getattr(self.source, "plays", 0)
+            if plays != self._play:
+                self._new_play(plays)
         if self._pending_encoder is not None:
             self._switch(self._pending_encoder)
         if self.motion is not None:
@@ -380,11 +380,12 @@ class StreamAgent:
         if segments:
             self._encode(segments)
 
-    def _new_pass(self, passes: int) -> None:
-        """A looping replay starts over: a new epoch, so the cloud starts a fresh context
-        instead of classifying the first seconds of this pass with the end of the last one
-        (the recording's end and start are not one continuous scene)."""
-        self._pass = passes
+    def _new_play(self, plays: int) -> None:
+        """A replay starts its next recording (the next file, or the first again when a loop
+        starts over): a new epoch, so the cloud starts a fresh context instead of classifying
+        its first seconds with the end of the last one (two recordings, or a recording's end
+        and start, are not one continuous scene)."""
+        self._play = plays
         assert self.spool is not None
         self.epoch = self.spool.next_epoch()
         self.seq = 0

@@ -195,9 +195,11 @@ class EdgeSettings(FileConfiguredSettings):
     speed: str = Field(default="real", description="file replay: real, max, or a factor (2.5)")
     loop: bool = Field(default=False, description="file replay: start again at the end")
     loop_new_epoch: bool = Field(
-        default=False, description="file replay with loop: each pass starts a new epoch, so the "
-                                   "cloud starts a fresh context instead of classifying the "
-                                   "start of a pass with the end of the last (the demo sets it)")
+        default=False, description="file replay: each recording played (the next file of a "
+                                   "folder, or the first again when a loop starts over) starts "
+                                   "a new epoch, so the cloud starts a fresh context instead of "
+                                   "classifying its start with the end of the last (the demo "
+                                   "sets it)")
     timestamps: Literal["now", "recorded"] = Field(
         default="now", description="file replay: shift the capture times to now, or keep them")
     spool_dir: Path = Field(default=Path("spool"), description="on-disk queue: SITE/AP.sqlite "

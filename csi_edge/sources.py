@@ -165,6 +165,9 @@ class FileSource:
         self.first: CSIFrames | None = None
         self._first_index = 0
         self.passes = 0
+        # Recordings started after the first one, over every pass: a new value is a new
+        # recording (the agent's ``loop_new_epoch`` starts an epoch on it).
+        self.plays = 0
 
     def _list_files(self) -> list[Path]:
         if self.path.is_file():
@@ -212,6 +215,7 @@ class FileSource:
         start_wall = time.monotonic()
         origin: float | None = None  # stream time that plays at start_wall
         next_start: float | None = None  # where the next file's first frame goes
+        started = False  # a recording has started playing
         while True:
             start = self._first_index if self.passes == 0 else 0
             played = False
@@ -235,6 +239,9 @@ class FileSource:
                     origin = float(t[0])
                 frames = replace(frames, timestamp=t, dropped=DropCounter())
                 played = True
+                if started:
+                    self.plays += 1
+                started = True
                 async for chunk in self._paced(frames, start_wall, origin):
                     yield chunk
             if not played:

@@ -239,6 +239,35 @@ def test_loop_repeats_with_continuous_timestamps(samples: Path) -> None:
         passes_begun)
 
 
+def test_plays_counts_each_recording_started_after_the_first(samples: Path) -> None:
+    # The agent's loop_new_epoch starts an epoch where this count changes: at each file of a
+    # folder, and where a loop starts over.
+    folder = samples / "wiar"
+    source = FileSource(f"file://{folder}", folder, speed=None, loop=True)
+    lengths = [len(read_recording(p)) for p in source.files]
+    seen: list[tuple[int, int]] = []  # (plays while the chunk was handed on, its frames)
+
+    async def run() -> None:
+        frames = source.frames()
+        try:
+            async for chunk in frames:
+                seen.append((source.plays, len(chunk)))
+                if sum(n for _, n in seen) >= sum(lengths) + lengths[0]:
+                    break
+        finally:
+            await frames.aclose()
+
+    asyncio.run(run())
+    # Each file's frames under one value, one more than the file before; the second pass's
+    # first file under one more again.
+    expected: list[int] = []
+    for play, n in enumerate([*lengths, lengths[0]]):
+        expected += [play] * n
+    got = [play for play, n in seen for _ in range(n)]
+    assert got == expected[: len(got)]
+    assert got[-1] == len(lengths)
+
+
 def test_loop_over_a_folder(samples: Path) -> None:
     folder = samples / "wiar"
     source = FileSource(f"file://{folder}", folder, speed=None, loop=True)
