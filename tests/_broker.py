@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from csi_edge.lifetime import preexec_die_with
+
 __all__ = ["DEPLOY_CONF", "Mosquitto", "deploy_settings", "free_port", "mosquitto_binary"]
 
 DEPLOY_CONF = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -96,8 +98,11 @@ class Mosquitto:
 
     def start(self, timeout_s: float = 10.0) -> None:
         with self.log.open("ab") as log:
+            # A broker of the tests stops with the run, however the run ends (the ``preexec``
+            # of a test replaces it).
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=self.preexec)
+                                         stderr=subprocess.STDOUT,
+                                         preexec_fn=self.preexec or preexec_die_with(os.getpid()))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

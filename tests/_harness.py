@@ -25,6 +25,8 @@ import httpx
 import numpy as np
 from _broker import Mosquitto, free_port
 
+from csi_edge.lifetime import preexec_die_with
+
 __all__ = ["FOLDER", "IN_CI", "MODEL", "POSTGRES", "PREFIX", "ROOT", "SAMPLE", "TOKEN", "Cloud",
            "Edge", "Mosquitto", "Segments", "WaitTimeoutError", "free_port", "offline_predictions",
            "postgres_database", "recorded", "run_edge", "stop_group", "stored_seqs", "wait_until"]
@@ -127,8 +129,12 @@ class Cloud:
         self.log = folder / f"cloud-{client_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # The service stops with the test run, however the run ends (a run killed outright
+        # leaves no fixture teardown to stop it).
+        self._die_with_run = preexec_die_with(os.getpid())
 
     def _limits(self) -> None:
+        self._die_with_run()
         if self.address_space_gib:
             limit = int(self.address_space_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -238,7 +244,8 @@ def run_edge(broker: Mosquitto, spool: Path, *args: str, idle: bool = True,
     more settings."""
     return subprocess.Popen(_edge_command(broker.url, spool, "--status-interval", "1", *args),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env=_edge_env(spool.parent / "fetched", idle, **(env or {})))
+                            cwd=ROOT, env=_edge_env(spool.parent / "fetched", idle, **(env or {})),
+                            preexec_fn=preexec_die_with(os.getpid()))
 
 
 class Edge:
@@ -263,7 +270,8 @@ class Edge:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, cwd=ROOT, start_new_session=True)
+                                         env=self.env, cwd=ROOT, start_new_session=True,
+                                         preexec_fn=preexec_die_with(os.getpid()))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

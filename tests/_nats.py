@@ -21,6 +21,7 @@ from pathlib import Path
 
 from csi_cloud.bus.natsconf import NodeConfig
 from csi_cloud.bus.subjects import SegmentSubjects
+from csi_edge.lifetime import preexec_die_with
 
 __all__ = ["NatsCluster", "nats_server_binary"]
 
@@ -90,7 +91,8 @@ class NatsCluster:
         for i in nodes:
             with (self.folder / f"n{i}.log").open("ab") as log:
                 self.procs[i] = subprocess.Popen([self.binary, "-c", str(self.configs[i])],
-                                                 stdout=log, stderr=subprocess.STDOUT)
+                                                 stdout=log, stderr=subprocess.STDOUT,
+                                                 preexec_fn=preexec_die_with(os.getpid()))
         self.wait_healthy(timeout_s)
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
