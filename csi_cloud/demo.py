@@ -213,6 +213,20 @@ def _device_of(files: list[Path]) -> str:
     raise DemoError(f"no readable recording among {len(files)} file(s): {'; '.join(problems)}")
 
 
+def _link_folder(target: Path, recordings: list[tuple[str, Path]]) -> list[Path]:
+    """``target`` holding a link ``NN-name`` to each (name, recording), in this order (the
+    edge plays a folder in name order); the links, in that order. Links, so the recordings
+    stay where they are."""
+    target.mkdir(parents=True, exist_ok=True)
+    links = []
+    for i, (name, source) in enumerate(recordings):
+        link = target / f"{i:02d}-{name}"
+        if not link.exists():
+            link.symlink_to(source.resolve())
+        links.append(link)
+    return links
+
+
 def _presence_sessions(folder: Path, aps: int, work: Path) -> list[Path] | None:
     """Per AP, a folder of links to the k-th recording of each labelled sub-folder of
     ``folder`` (in sub-folder order); None when ``folder`` has no such sub-folders."""
@@ -226,12 +240,8 @@ def _presence_sessions(folder: Path, aps: int, work: Path) -> list[Path] | None:
     sessions = []
     for k in range(aps):
         target = work / "sessions" / f"ap{k + 1}"
-        target.mkdir(parents=True, exist_ok=True)
-        for i, group in enumerate(groups):
-            source = group[k % len(group)]
-            link = target / f"{i:02d}-{source.parent.name}-{source.name}"
-            if not link.exists():
-                link.symlink_to(source.resolve())  # a link: the recordings stay where they are
+        picked = [g[k % len(g)] for g in groups]
+        _link_folder(target, [(f"{p.parent.name}-{p.name}", p) for p in picked])
         sessions.append(target)
     return sessions
 
@@ -268,13 +278,7 @@ def _rooms(data: Path, files: list[Path], labels: dict[str, list[str] | None], a
     for k in range(aps):
         who = people[k % len(people)]
         target = work / "rooms" / f"ap{k + 1}"
-        target.mkdir(parents=True, exist_ok=True)
-        plays = []
-        for i, source in enumerate(groups[who].values()):
-            link = target / f"{i:02d}-{source.name}"  # the edge plays a folder in name order
-            if not link.exists():
-                link.symlink_to(source.resolve())  # a link: the recordings stay where they are
-            plays.append(link)
+        plays = _link_folder(target, [(p.name, p) for p in groups[who].values()])
         rooms.append(_Room(who, target, plays))
     return rooms, max(0, len(people) - aps)
 
@@ -534,8 +538,9 @@ def _truth_keeper(base: str, token: str, manifest: Any, data: Path,
     for k, recordings in enumerate(plays):
         found = [truth_of(path, data, manifest.labels) if path.is_file() else None
                  for path in recordings]
-        if found and all(t is not None for t in found):
-            truths[f"demo/ap{k + 1}"] = [t for t in found if t is not None]
+        known = [t for t in found if t is not None]
+        if known and len(known) == len(found):
+            truths[f"demo/ap{k + 1}"] = known
     return TruthKeeper(base, token, manifest.input_spec.segment_s, truths)
 
 
