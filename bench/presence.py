@@ -38,6 +38,11 @@ recording.
     ``models/fition``, with and without the motion byte, through the real encoder and codec;
     and of a presence-only stream at 1, 5 and 10 segments per message.
 (e) Edge CPU: the motion score's processor time per segment on each kind of hardware.
+(f) A room that is rarely quiet: the automatic reference against one measured on the empty
+    room (``MotionCalibration.measure_empty``, the dashboard's "Room is empty: measure"):
+    ESP32 movement recordings alone, and a chip's next session against a reference measured
+    in its first; Fition sessions with half their ``nm`` recordings measured first and the
+    rest among the moving ones (``--seeds`` orders).
 Ablations: each design choice of the detector undone in turn, on (a) and (b).
 """
 
@@ -123,10 +128,23 @@ def join(recordings: Sequence[tuple[CSIFrames, int]]) -> Iterator[tuple[CSIFrame
 
 def run_stream(recordings: Sequence[tuple[CSIFrames, int]],
                presence: PresenceConfig | None = None,
-               motion_config: MotionConfig | None = None) -> list[Second]:
-    """Replay recordings as one presence-only stream; one :class:`Second` per segment."""
+               motion_config: MotionConfig | None = None,
+               empty: Sequence[tuple[CSIFrames, int]] = ()) -> list[Second]:
+    """Replay recordings as one presence-only stream; one :class:`Second` per segment.
+
+    ``empty``: recordings of the empty room played first and measured as the operator's
+    "the room is empty" does (``MotionCalibration.measure_empty`` over every statistic they
+    give, counted on a replay of them alone); their seconds are in the output too."""
     meter = MotionMeter(motion_config)
-    tracker = PresenceTracker(presence or PresenceConfig())
+    if empty:
+        probe = MotionMeter(motion_config)
+        _replay(empty, probe, PresenceTracker(presence or PresenceConfig()))
+        meter.calibration.measure_empty(len(probe.calibration.history))
+    return _replay([*empty, *recordings], meter, PresenceTracker(presence or PresenceConfig()))
+
+
+def _replay(recordings: Sequence[tuple[CSIFrames, int]], meter: MotionMeter,
+            tracker: PresenceTracker) -> list[Second]:
     pre: Preprocessor | None = None
     spans: list[tuple[float, float, int, str]] = []  # (start, end, label, source) per file
     out: list[Second] = []
@@ -414,6 +432,111 @@ def _by_position(seconds: list[Second], position: dict[int, float]) -> dict[str,
     return out
 
 
+# -- (f) a room that is rarely quiet: the automatic reference against one measured empty ----------
+
+
+def bench_rarely_quiet(data: Path, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Where a room is quiet less than a quarter of the time the automatic reference lands on
+    movement. Against it: the reference measured on the empty room (the dashboard's "Room is
+    empty: measure", ``ctl`` ``calibrate_presence``), on recordings the scores are not
+    computed on."""
+    return {"esp32": _rarely_quiet_esp32(espectre_sessions(data / "esp32-espectre"), log),
+            "fition": _rarely_quiet_fition(fition_sessions(data / "fition"), seeds, log)}
+
+
+def _rarely_quiet_esp32(pairs: list[tuple[CSIFrames, CSIFrames]],
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    only_moving: list[Second] = []
+    measured_first: list[Second] = []
+    for base, move in pairs:
+        only_moving += run_stream([(move, 1)])
+        measured_first += [s for s in run_stream([(move, 1)], empty=[(base, 0)])
+                           if s.source == move.source]
+    # A reference measured in one session, used in the chip's next one (another day for the
+    # ESP32: 2026-02-14 and 2026-03-10): its empty room and its movement.
+    by_chip: dict[str, list[tuple[CSIFrames, CSIFrames]]] = {}
+    for pair in pairs:
+        by_chip.setdefault(str(pair[0].info.chip), []).append(pair)
+    later: dict[str, list[Second]] = {"automatic": [], "measured": []}
+    chips = []
+    for chip, sessions in sorted(by_chip.items()):
+        if len(sessions) < 2:
+            continue
+        (b1, _), (b2, m2) = sorted(sessions, key=lambda p: float(p[0].timestamp[0]))[:2]
+        chips.append(chip)
+        later["automatic"] += run_stream([(b2, 0), (m2, 1)])
+        later["measured"] += [s for s in run_stream([(b2, 0), (m2, 1)], empty=[(b1, 0)])
+                              if s.source != b1.source]
+    out = {
+        "protocol": "per chip session, its movement recording alone: the automatic reference "
+                    "(warmed up on the movement itself) against the reference measured on the "
+                    "session's baseline recording played first (every statistic it gives); "
+                    "the movement's seconds scored (motion recall). Then, for the chips "
+                    "recorded in two sessions, the second session (baseline then movement) "
+                    "scored against a reference measured on the first session's baseline, "
+                    "against the automatic one",
+        "movement_only": {"automatic": rates(*_scored(only_moving, "motion")),
+                          "measured_empty": rates(*_scored(measured_first, "motion"))},
+        "next_session": {"chips": chips,
+                         "automatic": rates(*_scored(later["automatic"], "motion")),
+                         "measured_empty": rates(*_scored(later["measured"], "motion"))},
+    }
+    log(f"  ESP32 movement only: motion recall automatic "
+        f"{out['movement_only']['automatic']['recall']}, measured empty "
+        f"{out['movement_only']['measured_empty']['recall']}; next session F1 / FPR automatic "
+        f"{out['next_session']['automatic']['f1']} / "
+        f"{out['next_session']['automatic']['false_positive_rate']}, measured "
+        f"{out['next_session']['measured_empty']['f1']} / "
+        f"{out['next_session']['measured_empty']['false_positive_rate']}")
+    return out
+
+
+def _rarely_quiet_fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    per_seed = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        automatic: list[Second] = []
+        measured: list[Second] = []
+        quiet_share = []
+        for _, recordings in sorted(sessions.items()):
+            nm = [recordings[i] for i in rng.permutation(len(recordings))
+                  if recordings[i][1] == 0]
+            moving = [r for r in recordings if r[1] == 1]
+            empty, kept = nm[:len(nm) // 2], nm[len(nm) // 2:]
+            stream = [(kept + moving)[i] for i in rng.permutation(len(kept) + len(moving))]
+            quiet_share.append(len(kept) / len(stream))
+            automatic += run_stream(stream)
+            sources = {r[0].source for r in empty}
+            measured += [s for s in run_stream(stream, empty=empty) if s.source not in sources]
+        row = {"seed": seed, "automatic": rates(*_scored(automatic, "motion")),
+               "measured_empty": rates(*_scored(measured, "motion")),
+               "quiet_share": _round(float(np.mean(quiet_share)), 3)}
+        per_seed.append(row)
+        log(f"  Fition seed {seed}: motion F1 / recall / FPR automatic "
+            f"{row['automatic']['f1']} / {row['automatic']['recall']} / "
+            f"{row['automatic']['false_positive_rate']}, measured empty "
+            f"{row['measured_empty']['f1']} / {row['measured_empty']['recall']} / "
+            f"{row['measured_empty']['false_positive_rate']}")
+
+    def mean(which: str, key: str) -> float | None:
+        values = [r[which][key] for r in per_seed if r[which][key] is not None]
+        return _round(float(np.mean(values))) if values else None
+
+    return {
+        "protocol": "per recording session: half of its nm recordings (a random half) are the "
+                    "empty-room measurement, played first; the other half and every moving "
+                    "recording in a random order are the stream scored (nm about a tenth of "
+                    "its recordings: a room quiet less than a quarter of the time); the same "
+                    "stream with the automatic reference alone; nm seconds negative; "
+                    f"{seeds} orders",
+        "per_seed": per_seed,
+        "mean": {which: {k: mean(which, k) for k in ("precision", "recall", "f1",
+                                                    "false_positive_rate")}
+                 for which in ("automatic", "measured_empty")},
+    }
+
+
 # -- ablations -------------------------------------------------------------------------------------
 
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -616,6 +739,26 @@ def render_table(result: dict[str, Any]) -> str:
                     f"{k} s: {v['auc']} ({v['median_score_nm']} / {v['median_score_moving']})"
                     for k, v in by_position.items()) + " | |")
     rows.append(f"| WiAR (Intel 5300) | not measurable: {result['wiar']['reason']} | |")
+    quiet = result.get("rarely_quiet")
+    if quiet:
+        alone, later = quiet["esp32"]["movement_only"], quiet["esp32"]["next_session"]
+        rows.append(f"| a room rarely quiet, ESP32 movement recordings alone: `motion` recall, "
+                    f"automatic / measured on the empty room | {alone['automatic']['recall']} / "
+                    f"{alone['measured_empty']['recall']} | |")
+        rows.append(f"| ESP32 {', '.join(later['chips'])}, next session against a reference "
+                    f"measured in the first: `motion` F1 / FPR, automatic; measured | "
+                    f"{later['automatic']['f1']} / {later['automatic']['false_positive_rate']}; "
+                    f"{later['measured_empty']['f1']} / "
+                    f"{later['measured_empty']['false_positive_rate']} | |")
+        fm = quiet["fition"]["mean"]
+        rows.append(f"| Fition, half the nm recordings measured empty, the rest among the moving "
+                    f"ones: `motion` precision / recall / F1 / FPR, automatic; measured (mean of "
+                    f"{len(quiet['fition']['per_seed'])} orders) | "
+                    f"{fm['automatic']['precision']} / {fm['automatic']['recall']} / "
+                    f"{fm['automatic']['f1']} / {fm['automatic']['false_positive_rate']}; "
+                    f"{fm['measured_empty']['precision']} / {fm['measured_empty']['recall']} / "
+                    f"{fm['measured_empty']['f1']} / "
+                    f"{fm['measured_empty']['false_positive_rate']} | |")
     for level in result["bytes"]["levels"]:
         rows.append(f"| wire, level {level['level']} (Fition samples): payload B/s without / "
                     f"with the motion byte | {level['payload_bytes_per_s']} / "
@@ -671,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     fition = bench_fition(args.data / "fition", args.seeds, log)
     log("(c) WiAR")
     wiar = bench_wiar(args.data / "wiar" / "height_90", log)
+    log("(f) a room that is rarely quiet: automatic against measured empty")
+    rarely_quiet = bench_rarely_quiet(args.data, args.seeds, log)
     log("ablations")
     ablations = bench_ablations(args.data, log)
     log("(d) bytes")
@@ -695,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         "esp32_espectre": esp32,
         "fition": fition,
         "wiar": wiar,
+        "rarely_quiet": rarely_quiet,
         "ablations": ablations,
         "bytes": wire,
         "cpu": cost,

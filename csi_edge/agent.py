@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +74,13 @@ from .frames import CSIFrames, DropCounter
 from .messages import loads_bounded
 from .motion import STATISTICS, IdleConfig, IdleGate, motion_statistic
 from .preprocess import InputSpec, Preprocessor, Segment
-from .presence import MotionMeter, presence_spec
+from .presence import (
+    EMPTY_ROOM_DELAY_S,
+    EMPTY_ROOM_S,
+    PRESENCE_SEGMENT_S,
+    MotionMeter,
+    presence_spec,
+)
 from .rollout import (
     RolloutError,
     check_runs,
@@ -84,7 +91,7 @@ from .rollout import (
 )
 from .settings import BrokerAddress, EdgeSettings, StreamSettings
 from .sources import FrameSource, ProblemLog, open_source
-from .spool import QueuedSegment, SegmentSpool, spool_path
+from .spool import QueuedSegment, SegmentSpool, SpoolError, spool_path
 
 __all__ = ["BrokerSession", "EdgeAgent", "EncoderCache", "StreamAgent", "StreamCounters",
            "bounded_text", "group_messages", "run_edge"]
@@ -94,6 +101,10 @@ log = logging.getLogger("csi_edge.agent")
 _U32 = 1 << 32
 _STOP_MARGIN_S = 5.0  # after the drain time: offline status and disconnect
 ERROR_TEXT_MAX = 300  # characters of an error copied into the retained status
+# A presence reference measured on the empty room and the layout it was measured on, kept in
+# the spool across restarts.
+PINNED_REFERENCE_KEY = "presence_reference"
+PINNED_LAYOUT_KEY = "presence_reference_layout"
 
 
 def bounded_text(text: str, limit: int = ERROR_TEXT_MAX) -> str:
@@ -232,6 +243,8 @@ class StreamAgent:
         self._gate = None if self.encoder is None else self._idle_gate(self.encoder)
         self.motion: MotionMeter | None = MotionMeter() \
             if settings.motion or self.encoder is None else None
+        self._pinned_kept: float | None = None  # the pinned reference the spool holds
+        self._measure_deadline = 0.0  # monotonic time an empty-room measurement gives up
         self._last_index: int | None = None
         self._play = 0  # the recording of a replay (FileSource.plays) the segments are of
         self._base_ms: int | None = None
@@ -288,6 +301,13 @@ class StreamAgent:
         if len(self.spool):
             log.info("%s: %d segment(s) from an earlier run wait in the spool", self.name,
                      len(self.spool))
+        pinned = self.spool.setting(PINNED_REFERENCE_KEY)
+        layout = self.spool.setting(PINNED_LAYOUT_KEY)
+        if pinned is not None and self.motion is not None:
+            self.motion.calibration.pin(pinned, None if layout is None else int(layout))
+            log.info("%s: presence measured on the empty room earlier (reference %.3f)",
+                     self.name, pinned)
+        self._pinned_kept = pinned
 
     # -- the producer -------------------------------------------------------------------------
 
@@ -438,8 +458,41 @@ class StreamAgent:
         """Each segment's motion byte (0: no score yet); None each without a meter."""
         if self.motion is None:
             return [None] * len(segments)
-        return [motion_byte(self.motion.score(s.start_time, s.start_time + segment_s))
-                for s in segments]
+        meter = self.motion
+        out: list[int | None] = [motion_byte(meter.score(s.start_time, s.start_time + segment_s))
+                                 for s in segments]
+        self._keep_pinned()
+        return out
+
+    def _keep_pinned(self) -> None:
+        """Store a reference measured on the empty room (or its release) in the spool, so a
+        restarted edge keeps it; a spool that cannot store it is reported, not fatal. Also
+        give up a measurement that did not complete in time, and report a pin dropped for
+        another stream layout."""
+        if self.motion is None:
+            return
+        calibration = self.motion.calibration
+        if calibration.mode == "measuring" and time.monotonic() > self._measure_deadline:
+            calibration.cancel_measurement()
+            self.problems.report("presence_measurement_expired",
+                                 "the empty-room measurement got too few segments in time (a "
+                                 "stalled source?); the reference stays what it was")
+        if calibration.released_because is not None:
+            self.problems.report("presence_calibration_dropped", calibration.released_because)
+            calibration.released_because = None
+        pinned = calibration.pinned
+        if pinned == self._pinned_kept or self.spool is None:
+            return
+        try:
+            self.spool.set_setting(PINNED_LAYOUT_KEY, calibration.pinned_layout)
+            self.spool.set_setting(PINNED_REFERENCE_KEY, pinned)
+        except SpoolError as exc:
+            self.problems.report("presence_calibration_not_kept", str(exc))
+            return
+        self._pinned_kept = pinned
+        if pinned is not None:
+            log.info("%s: presence measured on the empty room (reference %.3f)", self.name,
+                     pinned)
 
     def _encode(self, segments: list[Segment]) -> None:
         encoder = self.encoder
@@ -697,6 +750,9 @@ class StreamAgent:
                 self.level, self.epoch, self.error, tuple(sorted(problems)),
                 None if gate is None else (gate.config.threshold, gate.config.statistic,
                                            gate.config.enter_after),
+                None if self.motion is None else (self.motion.calibration.mode,
+                                                  self.motion.calibration.pinned,
+                                                  self.motion.calibration.measuring_left),
                 self.stream.source)
 
     async def _status_loop(self, client: Any) -> None:
@@ -708,6 +764,7 @@ class StreamAgent:
                                        max(0.0, min(settings.status_check_s, left)))
             asked = self._status_due.is_set()
             self._status_due.clear()
+            self._keep_pinned()  # also where no segment comes: a stalled measurement ends
             if asked or self.status_due(time.monotonic()) is not None:
                 await self._publish_status(client)
 
@@ -767,8 +824,9 @@ class StreamAgent:
     # -- control ------------------------------------------------------------------------------
 
     async def _control(self, raw: Any) -> None:
-        """Apply one ``ctl`` message: ``{"action": "set_rate", "level": N}`` or
-        ``{"action": "switch_model", "model_id": ID[, "url": URL]}``."""
+        """Apply one ``ctl`` message: ``{"action": "set_rate", "level": N}``,
+        ``{"action": "switch_model", "model_id": ID[, "url": URL]}`` or
+        ``{"action": "calibrate_presence", "empty_s": S}`` / ``..., "auto": true}``."""
         if not isinstance(raw, bytes | bytearray | str):
             raise ValueError(f"payload of type {type(raw).__name__} is not JSON")
         command = loads_bounded(raw)  # size and depth checked before parsing
@@ -786,8 +844,49 @@ class StreamAgent:
             log.info("%s: rate level %d from the next segment", self.name, self.level)
         elif action == "switch_model":
             await self._switch_model(command)
+        elif action == "calibrate_presence":
+            self._calibrate_presence(command)
         else:
-            raise ValueError(f"unknown action {action!r} (set_rate, switch_model)")
+            raise ValueError(f"unknown action {action!r} (set_rate, switch_model, "
+                             "calibrate_presence)")
+
+    def _calibrate_presence(self, command: dict[str, Any]) -> None:
+        """``{"empty_s": S[, "delay_s": D]}``: after D seconds (0), the next S seconds are
+        the empty room's (presence pinned to them); ``{"auto": true}``: back to the
+        automatic reference (a measurement under way is dropped)."""
+        if self.motion is None:
+            raise ValueError("calibrate_presence: this stream has no motion meter (motion off)")
+        calibration = self.motion.calibration
+        if command.get("auto") is True:
+            calibration.release()
+            self._keep_pinned()
+            log.info("%s: presence back to the automatic reference", self.name)
+            return
+        seconds = {}
+        for key, (low, high), default in (("empty_s", EMPTY_ROOM_S, None),
+                                          ("delay_s", EMPTY_ROOM_DELAY_S, 0.0)):
+            value = command.get(key, default)
+            if not isinstance(value, int | float) or isinstance(value, bool) \
+                    or not low <= value <= high:
+                raise ValueError(f"calibrate_presence {key} {value!r:.40} is not a number of "
+                                 f"seconds in [{low:g}, {high:g}] (or send auto: true)")
+            seconds[key] = float(value)
+        segment_s = PRESENCE_SEGMENT_S if self.encoder is None else self.encoder.spec.segment_s
+        config = calibration.config
+        # A segment's statistic looks back this far: those still reaching back before the
+        # command (or into the delay) are passed over.
+        lookback_s = config.window_s + config.detrend_s + config.smooth_s
+        segments = max(1, math.ceil(seconds["empty_s"] / segment_s - 1e-9))
+        skip = math.ceil((seconds["delay_s"] + lookback_s) / segment_s - 1e-9)
+        if segments > config.horizon_segments or skip > config.horizon_segments:
+            raise ValueError(f"calibrate_presence empty_s {seconds['empty_s']:g}: more than "
+                             f"the {config.horizon_segments} segments of {segment_s:g} s the "
+                             "motion reference keeps")
+        calibration.measure_empty(segments, skip)
+        # Twice the time it needs, and a minute: a source that stalls does not leave it open.
+        self._measure_deadline = time.monotonic() + 2 * (skip + segments) * segment_s + 60
+        log.info("%s: measuring the empty room for %g s after %g s", self.name,
+                 seconds["empty_s"], seconds["delay_s"] + lookback_s)
 
     async def _switch_model(self, command: dict[str, Any]) -> None:
         """Switch only to a bundle the cloud at ``cloud_url`` lists under the commanded id,

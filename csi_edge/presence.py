@@ -45,6 +45,16 @@ the quiet reference is the ``reference_quantile`` (25 %) of the statistics of th
 seen. A room that is quiet at least a quarter of the time is measured against its quiet
 state, whatever the hardware, gain or noise floor; no label, no training.
 
+**Calibration on an empty room** (:meth:`MotionCalibration.measure_empty`): where a room is
+rarely quiet (an office, a shop, a room someone is always moving in) the quantile above lands
+on movement and presence reads empty while people move. An operator who knows the room is
+empty measures it: after a wait (the statistics that still look back at the time before,
+and the operator leaving), the next ``segments`` statistics are the quiet state, and their
+``reference_quantile`` becomes a **pinned** reference, kept until measured again or released
+(:meth:`~MotionCalibration.release`, back to the automatic one), and dropped on another
+stream layout. The edge keeps it in its spool across restarts (``ctl`` action
+``calibrate_presence``; docs/presence.md).
+
 **The motion score** of a segment is ``statistic - reference`` (log2 of the ratio of the
 segment's variability to the quiet one): ~0 in a quiet room, 1 = twice the quiet variability.
 It travels on the wire as one byte (csi_edge.codec); ``None`` while calibrating.
@@ -57,8 +67,10 @@ variability, at sensitivity 1); ``presence`` (occupied) from the first motion se
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,6 +83,8 @@ from .frames import CSIFrames
 from .preprocess import InputSpec
 
 __all__ = [
+    "EMPTY_ROOM_DELAY_S",
+    "EMPTY_ROOM_S",
     "MotionCalibration",
     "MotionConfig",
     "MotionMeter",
@@ -80,6 +94,10 @@ __all__ = [
 ]
 
 PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL_SEGMENT_MS)
+# An empty-room measurement: long enough to hold a quiet quarter, short of the 15 min horizon;
+# and the wait before it (the operator leaving the room).
+EMPTY_ROOM_S = (5.0, 600.0)
+EMPTY_ROOM_DELAY_S = (0.0, 120.0)
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
@@ -131,21 +149,81 @@ class MotionConfig:
 
 
 class MotionCalibration:
-    """The quiet reference of one AP: a low quantile of its recent motion statistics."""
+    """The quiet reference of one AP: a low quantile of its recent motion statistics
+    (``mode`` "auto"), or one measured on the empty room and pinned ("pinned"; "measuring"
+    while its statistics are being collected, the previous reference meanwhile).
+
+    A pinned reference belongs to the stream layout it was measured on (``layout``, set by
+    the meter): on another layout (other hardware, band or antennas) it is released."""
 
     def __init__(self, config: MotionConfig | None = None) -> None:
         self.config = config or MotionConfig()
         self.history: deque[float] = deque(maxlen=self.config.horizon_segments)
         self._reference: float | None = None
+        self.pinned: float | None = None  # the reference measured on the empty room
+        self.pinned_layout: int | None = None  # the layout it was measured on (None: unknown)
+        self.layout: int | None = None  # the stream layout now (MotionMeter.push)
+        self.released_because: str | None = None  # why a pin was last dropped, unasked
+        self._empty: list[float] = []  # statistics of the measurement under way
+        self._empty_wanted = 0  # statistics the measurement still needs (0: none under way)
+        self._empty_skip = 0  # statistics to pass over before it starts
+
+    @property
+    def mode(self) -> str:
+        return "measuring" if self._empty_wanted else "pinned" if self.pinned is not None \
+            else "auto"
+
+    @property
+    def measuring_left(self) -> int:
+        """Segments until the measurement under way is complete (0: none under way)."""
+        return self._empty_skip + self._empty_wanted - len(self._empty) if self._empty_wanted \
+            else 0
 
     @property
     def calibrated(self) -> bool:
-        return len(self.history) >= self.config.warmup_segments
+        return self.pinned is not None or len(self.history) >= self.config.warmup_segments
 
     @property
     def reference(self) -> float | None:
         """The quiet reference (log2 of a statistic), None while warming up."""
+        if self.pinned is not None:
+            return self.pinned
         return self._reference if self.calibrated else None
+
+    def measure_empty(self, segments: int, skip: int = 0) -> None:
+        """Pass over the next ``skip`` statistics (they look back at the time before; the
+        operator leaving), take the ``segments`` after them as the empty room's and pin the
+        reference to their ``reference_quantile``. The current reference serves meanwhile."""
+        for name, value, low in (("segments", segments, 1), ("skip", skip, 0)):
+            if isinstance(value, bool) or not (isinstance(value, int)
+                                               and low <= value <= self.config.horizon_segments):
+                raise ValueError(f"empty-room measurement {name} {value!r} is not in "
+                                 f"[{low}, {self.config.horizon_segments}]")
+        self._empty, self._empty_wanted, self._empty_skip = [], segments, skip
+
+    def cancel_measurement(self) -> None:
+        """Drop a measurement under way; the reference stays what it was."""
+        self._empty, self._empty_wanted, self._empty_skip = [], 0, 0
+
+    def pin(self, reference: float, layout: int | None = None) -> None:
+        """Use ``reference`` (one measured earlier on ``layout``, kept across a restart)."""
+        if not math.isfinite(reference):
+            raise ValueError(f"pinned motion reference {reference!r} is not a finite number")
+        self.pinned, self.pinned_layout = float(reference), layout
+        self.check_layout()
+
+    def release(self) -> None:
+        """Back to the automatic reference (a measurement under way is dropped)."""
+        self.pinned = self.pinned_layout = None
+        self.cancel_measurement()
+
+    def check_layout(self) -> None:
+        """Release a pin measured on another layout than the stream's now."""
+        if (self.pinned is not None and None not in (self.pinned_layout, self.layout)
+                and self.pinned_layout != self.layout):
+            self.release()
+            self.released_because = ("the stream's layout (hardware, band or antennas) is not "
+                                     "the one the empty room was measured on")
 
     def update(self, statistic: float) -> float | None:
         """Add one segment's statistic; its score against the reference (None while warming
@@ -153,21 +231,39 @@ class MotionCalibration:
         if not math.isfinite(statistic):
             return None
         self.history.append(statistic)
+        if self._empty_wanted:
+            if self._empty_skip:
+                self._empty_skip -= 1
+            else:
+                self._empty.append(statistic)
+            if len(self._empty) >= self._empty_wanted:
+                self.pinned = float(np.quantile(self._empty, self.config.reference_quantile))
+                self.pinned_layout = self.layout
+                self.cancel_measurement()
         if not self.calibrated:
             return None
-        self._reference = float(np.quantile(np.fromiter(self.history, float),
-                                             self.config.reference_quantile))
-        return statistic - self._reference
+        if len(self.history) >= self.config.warmup_segments:
+            self._reference = float(np.quantile(np.fromiter(self.history, float),
+                                                 self.config.reference_quantile))
+        reference = self.reference
+        assert reference is not None
+        return statistic - reference
 
     def reset(self) -> None:
+        """Forget the automatic reference's history (a pinned reference stays)."""
         self.history.clear()
         self._reference = None
 
     def as_dict(self) -> dict[str, Any]:
-        """For a status message: whether calibrated, the reference, the segments it rests on."""
+        """For a status message: whether calibrated, how, the reference, the segments the
+        automatic one rests on, and those an empty-room measurement still needs."""
         ref = self.reference
-        return {"calibrated": self.calibrated, "segments": len(self.history),
-                "reference": None if ref is None else round(ref, 3)}
+        out: dict[str, Any] = {"calibrated": self.calibrated, "mode": self.mode,
+                               "segments": len(self.history),
+                               "reference": None if ref is None else round(ref, 3)}
+        if self._empty_wanted:
+            out["measuring_left"] = self.measuring_left
+        return out
 
 
 class MotionMeter:
@@ -209,6 +305,12 @@ class MotionMeter:
                 self._spreads.clear()
             self._tail_t = None  # the running median starts afresh on the new layout
             self._layout = layout
+            # A fingerprint of the layout, stable across processes (kept with a pinned
+            # reference in the edge's spool).
+            self.calibration.layout = zlib.crc32(json.dumps(
+                [str(frames.info.device), [int(c) for c in frames.info.subcarriers],
+                 int(frames.antennas)]).encode())
+            self.calibration.check_layout()
         assert self._columns is not None
         # Kept raw until a segment is scored: the work is then done once per second, not
         # once per chunk of a tenth of one (numpy's per-call cost dominated).

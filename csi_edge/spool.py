@@ -197,6 +197,30 @@ class SegmentSpool:
             raise SpoolError(f"spool {str(self.path)!r}: cannot store the epoch: {exc}") from exc
         return epoch
 
+    def setting(self, key: str) -> float | None:
+        """A number the stream keeps across restarts (``meta``), None where not set; raises
+        SpoolError when the spool cannot be read."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return None if row is None else float(row[0])
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            raise SpoolError(f"spool {str(self.path)!r}: cannot read {key}: {exc}") from exc
+
+    def set_setting(self, key: str, value: float | None) -> None:
+        """Keep ``value`` under ``key`` (None: forget it); raises SpoolError when the spool
+        cannot store it. Unlike segments, a setting never makes room by dropping queued
+        segments: on a full disk it is refused."""
+        if key == "epoch":
+            raise ValueError("the epoch is kept by next_epoch()")
+        try:  # one statement, autocommitted (the connection has no open transaction)
+            if value is None:
+                self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:  # a REAL in the INTEGER column (an integral one is stored as INTEGER)
+                self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                 (key, float(value)))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {str(self.path)!r}: cannot store {key}: {exc}") from exc
+
     def put(self, segments: Sequence[QueuedSegment]) -> int:
         """Append segments in one transaction; return how many were dropped to make room
         (oldest first: at the bound, or because the disk is full)."""

@@ -351,7 +351,8 @@ def test_predict_touches_no_live_state(client: TestClient) -> None:
 
 # -- auth ----------------------------------------------------------------------------------------
 
-WRITES = [("/api/v1/aps/lab/ap1/rate", {"level": 2}), ("/api/v1/models/fition/activate", None)]
+WRITES = [("/api/v1/aps/lab/ap1/rate", {"level": 2}), ("/api/v1/models/fition/activate", None),
+          ("/api/v1/aps/lab/ap1/presence/calibration", {"empty_s": 30})]
 
 
 @pytest.mark.parametrize(("path", "body"), WRITES)
@@ -371,6 +372,22 @@ def test_failed_activation_changes_nothing(client: TestClient) -> None:
     before = [m["active"] for m in client.get("/api/v1/models").json()["data"]]
     assert client.post("/api/v1/models/wiar/activate", headers=AUTH).status_code == 503
     assert [m["active"] for m in client.get("/api/v1/models").json()["data"]] == before
+
+
+def test_releasing_the_presence_calibration_needs_the_token(client: TestClient) -> None:
+    path = "/api/v1/aps/lab/ap1/presence/calibration"
+    assert client.delete(path).status_code == 401
+    r = client.delete(path, headers=AUTH)
+    assert r.status_code == 503 and "MQTT" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("empty_s", [4, 601, "long", None])
+def test_an_empty_room_measurement_of_a_bad_length_is_a_422(client: TestClient,
+                                                           empty_s: object) -> None:
+    r = client.post("/api/v1/aps/lab/ap1/presence/calibration", json={"empty_s": empty_s},
+                    headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert "empty_s" in r.text
 
 
 def test_rate_body_is_validated_after_auth(client: TestClient) -> None:

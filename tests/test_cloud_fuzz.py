@@ -28,6 +28,8 @@ HEADERS: list[dict[str, str] | None] = [None, {"Authorization": "Bearer wrong-01
                                         {"Authorization": f"Bearer {TOKEN}"}]
 # A write that needs the broker says so with a 503; nothing else may be a 5xx.
 NEEDS_BROKER = {("POST", "/api/v1/aps/{site}/{ap}/rate"),
+                ("POST", "/api/v1/aps/{site}/{ap}/presence/calibration"),
+                ("DELETE", "/api/v1/aps/{site}/{ap}/presence/calibration"),
                 ("POST", "/api/v1/models/{model_id}/activate")}
 
 

@@ -235,6 +235,71 @@ def test_rate_change_over_ctl_and_bad_ctl(broker: Mosquitto, collector: Collecto
 
 
 @pytest.mark.e2e
+def test_presence_measured_on_the_empty_room_is_kept_across_a_restart(
+        broker: Mosquitto, collector: Collector, tmp_path: Path) -> None:
+    """``calibrate_presence`` over ``ctl``: bad values refused with the value named, the next
+    seconds measured and pinned, the pin kept in the spool for the next run, released."""
+    spool = tmp_path / "spool"
+    ctl = f"{PREFIX}/lab/ap1/ctl"
+
+    topic = f"{PREFIX}/lab/ap1/status"
+    since = 0  # status messages of earlier runs are not read
+
+    def motion() -> dict:
+        statuses = [json.loads(m.payload) for m in collector.on(topic)[since:]]
+        online = [s for s in statuses if s["online"]]
+        return (online[-1].get("motion") or {}) if online else {}
+
+    def run() -> subprocess.Popen[str]:
+        return run_edge(broker, spool, "--source", f"file://{FOLDER}", "--site", "lab", "--ap",
+                        "ap1", "--speed", "5", "--level", "2")
+
+    proc = run()
+    try:
+        collector.wait_for(lambda: motion().get("calibrated") is True, 30, "auto calibration")
+        assert motion()["mode"] == "auto"
+        for bad in (2, 601, "30", True, None):
+            collector.publish(ctl, json.dumps({"action": "calibrate_presence", "empty_s": bad}))
+        collector.publish(ctl, json.dumps({"action": "calibrate_presence", "empty_s": 5,
+                                           "delay_s": 121}))
+        collector.publish(ctl, json.dumps({"action": "calibrate_presence", "empty_s": 5}))
+        collector.wait_for(lambda: motion().get("mode") == "measuring", 30, "measuring")
+        assert motion()["measuring_left"] >= 5  # the seconds looking back, then 5
+        collector.wait_for(lambda: motion().get("mode") == "pinned", 30, "a pinned reference")
+        pinned = motion()["reference"]
+        assert isinstance(pinned, float)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code, out = finish(proc, 15)
+    assert code == 0, out
+    status = last_status(collector, "lab", "ap1")
+    assert status["counters"]["ctl_rejected"] == 6
+    errors = {json.loads(m.payload)["error"] for m in collector.on(f"{PREFIX}/lab/ap1/status")}
+    assert any("empty_s 601" in str(e) for e in errors), errors
+    assert any("empty_s '30'" in str(e) for e in errors), errors
+    assert any("delay_s 121" in str(e) for e in errors), errors
+    with sqlite3.connect(spool / "lab" / "ap1.sqlite") as db:
+        kept = dict(db.execute("SELECT key, value FROM meta WHERE key LIKE 'presence%'"))
+    assert kept["presence_reference"] == pytest.approx(pinned, abs=1e-3)
+    assert isinstance(kept["presence_reference_layout"], int | float)
+
+    # The next run starts pinned (no warm-up), then goes back to automatic on request.
+    since = len(collector.on(topic))
+    proc = run()
+    try:
+        collector.wait_for(lambda: motion().get("mode") == "pinned", 30, "the pin restored")
+        assert motion()["reference"] == pinned and motion()["calibrated"] is True
+        collector.publish(ctl, json.dumps({"action": "calibrate_presence", "auto": True}))
+        collector.wait_for(lambda: motion().get("mode") == "auto", 30, "back to automatic")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code, out = finish(proc, 15)
+    assert code == 0, out
+    with sqlite3.connect(spool / "lab" / "ap1.sqlite") as db:
+        assert db.execute("SELECT value FROM meta WHERE key LIKE 'presence%'").fetchall() == []
+
+
+@pytest.mark.e2e
 def test_live_udp_with_bad_packets(broker: Mosquitto, collector: Collector, tmp_path: Path,
                                    shared_fition: Path) -> None:
     pcap = shared_fition / "walking_user1_rm1" / "walking_user1_rm1_12.pcap"

@@ -227,6 +227,26 @@ def test_epoch_wraps_at_u16(spool_path: Path) -> None:
         spool.close()
 
 
+def test_a_setting_survives_reopen_and_leaves_the_epoch_alone(spool_path: Path) -> None:
+    spool = SegmentSpool(spool_path)
+    epoch = spool.next_epoch()
+    assert spool.setting("presence_reference") is None
+    spool.set_setting("presence_reference", -5.8125)
+    spool.set_setting("presence_reference", -6.25)  # replaced, not added
+    with pytest.raises(ValueError, match="epoch"):
+        spool.set_setting("epoch", 3.0)
+    spool.close()
+    reopened = SegmentSpool(spool_path)
+    try:
+        assert reopened.setting("presence_reference") == -6.25
+        assert reopened.next_epoch() == (epoch + 1) % 65536
+        reopened.set_setting("presence_reference", None)
+        assert reopened.setting("presence_reference") is None
+        reopened.set_setting("presence_reference", None)  # forgetting twice is fine
+    finally:
+        reopened.close()
+
+
 def test_synchronous_full_is_applied(spool_path: Path) -> None:
     spool = SegmentSpool(spool_path, synchronous="full")
     try:

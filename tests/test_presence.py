@@ -7,6 +7,7 @@ import asyncio
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,6 +216,91 @@ def test_calibration_is_a_low_quantile_of_what_was_seen() -> None:
     assert cal.reference is None
 
 
+def test_a_room_always_moving_reads_empty_until_measured_empty() -> None:
+    """The automatic reference of a room that moves all the time is its movement; measured
+    on the empty room, the reference is pinned to that room's quiet state."""
+    rng = np.random.default_rng(1)
+    cal = MotionCalibration()
+    moving = rng.normal(-3.0, 0.2, 300)
+    scores = [cal.update(float(v)) for v in moving]
+    assert cal.mode == "auto" and abs(float(np.median(scores[10:]))) < 0.3  # movement reads quiet
+    cal.measure_empty(30, skip=3)
+    assert cal.mode == "measuring" and cal.as_dict()["measuring_left"] == 33
+    before = cal.reference
+    for v in rng.normal(-3.0, 0.2, 3):  # passed over: they look back at the movement
+        cal.update(float(v))
+    assert cal.measuring_left == 30
+    quiet = rng.normal(-6.0, 0.1, 30)
+    for v in quiet[:29]:
+        cal.update(float(v))
+    # Until the measurement is complete the previous reference serves.
+    assert cal.mode == "measuring" and cal.as_dict()["measuring_left"] == 1
+    assert cal.reference == pytest.approx(before, abs=0.3)
+    cal.update(float(quiet[29]))
+    assert cal.mode == "pinned" and "measuring_left" not in cal.as_dict()
+    assert cal.pinned == pytest.approx(float(np.quantile(quiet, 0.25)))
+    # Movement now scores about 3 (8 times the quiet variability), whatever the history says.
+    later = [cal.update(float(v)) for v in rng.normal(-3.0, 0.2, 900)]
+    assert cal.reference == cal.pinned
+    assert min(s for s in later if s is not None) > 2.0
+    assert cal.as_dict()["mode"] == "pinned" and cal.as_dict()["reference"] == round(cal.pinned, 3)
+    # Released: the automatic reference (the history kept meanwhile) at once.
+    cal.release()
+    assert cal.mode == "auto" and cal.pinned is None
+    assert cal.reference == pytest.approx(-3.0, abs=0.3)
+    # A pinned reference needs no warm-up (one kept across a restart).
+    fresh = MotionCalibration()
+    fresh.pin(-6.0)
+    assert fresh.calibrated and fresh.update(-5.0) == pytest.approx(1.0)
+    fresh.reset()
+    assert fresh.reference == -6.0
+    # A measurement can be cancelled: the reference stays what it was.
+    fresh.measure_empty(10)
+    fresh.cancel_measurement()
+    assert fresh.mode == "pinned" and fresh.reference == -6.0 and fresh.measuring_left == 0
+
+
+def test_a_pinned_reference_is_dropped_on_another_stream_layout() -> None:
+    """A reference measured on one layout (hardware, band, antennas) does not score another:
+    on the first frames of another layout the meter releases it and says why."""
+    meter = MotionMeter()
+    meter.push(frames_of(channel(200, RATE, seed=3)))
+    measured_on = meter.calibration.layout
+    assert measured_on is not None
+    meter.calibration.pin(-6.0, measured_on)
+    meter.push(frames_of(channel(200, RATE, seed=3), t0=1_700_000_010.0))  # the same layout
+    assert meter.calibration.mode == "pinned" and meter.calibration.released_because is None
+    # Restored after a restart, before any frame: kept until the first frames say otherwise.
+    restarted = MotionMeter()
+    restarted.calibration.pin(-6.0, measured_on + 1)
+    assert restarted.calibration.mode == "pinned"
+    restarted.push(frames_of(channel(200, RATE, seed=3)))
+    assert restarted.calibration.mode == "auto" and restarted.calibration.pinned is None
+    assert "layout" in str(restarted.calibration.released_because)
+    # Another antenna count is another layout.
+    two = frames_of(np.stack([channel(200, RATE, seed=3)] * 2, axis=1))
+    meter.push(two)
+    assert meter.calibration.mode == "auto"
+
+
+@pytest.mark.parametrize("segments", [0, -1, 901, 2.5, True])
+def test_an_empty_room_measurement_of_a_bad_length_is_refused(segments: Any) -> None:
+    with pytest.raises(ValueError, match=f"segments {segments!r}"):
+        MotionCalibration().measure_empty(segments)
+
+
+@pytest.mark.parametrize("skip", [-1, 901, 1.5, False])
+def test_an_empty_room_measurement_with_a_bad_wait_is_refused(skip: Any) -> None:
+    with pytest.raises(ValueError, match=f"skip {skip!r}"):
+        MotionCalibration().measure_empty(10, skip)
+
+
+@pytest.mark.parametrize("reference", [float("nan"), float("inf")])
+def test_a_pinned_reference_must_be_finite(reference: float) -> None:
+    with pytest.raises(ValueError, match="not a finite number"):
+        MotionCalibration().pin(reference)
+
+
 @pytest.mark.parametrize(("config", "match"), [
     ({"window_s": 0}, "window_s 0 must be > 0"),
     ({"smooth_s": -1}, "smooth_s -1"),
@@ -324,10 +410,8 @@ def test_presence_only_refuses_rate_changes(tmp_path: Path) -> None:
         asyncio.run(agent._control(b'{"action": "set_rate", "level": 1}'))
 
 
-def test_the_docs_table_is_the_committed_results() -> None:
-    """docs/presence.md quotes bench/results/presence.json, nothing typed by hand."""
+def _presence_bench() -> Any:
     import importlib.util
-    import json
     import sys
 
     spec = importlib.util.spec_from_file_location("bench_presence", ROOT / "bench" /
@@ -339,6 +423,30 @@ def test_the_docs_table_is_the_committed_results() -> None:
         spec.loader.exec_module(bench)
     finally:
         del sys.modules["bench_presence"]
+    return bench
+
+
+def test_the_bench_measures_the_empty_room_before_the_stream() -> None:
+    """bench/presence.py (f): a stream that moves throughout reads still against its
+    automatic reference and moving against one measured on the empty room played first."""
+    bench = _presence_bench()
+    empty = replace(frames_of(channel(1000, RATE, seed=5)), source="empty.npz")
+    moving = replace(frames_of(channel(2000, RATE, moving=(0.0, 20.0), seed=5),
+                               t0=1_700_000_100.0), source="moving.npz")
+    alone = [s for s in bench.run_stream([(moving, 1)]) if s.motion is not None]
+    measured = bench.run_stream([(moving, 1)], empty=[(empty, 0)])
+    after = [s for s in measured if s.source == moving.source and s.motion is not None]
+    assert len(alone) >= 10 and sum(s.motion for s in alone) <= 0.2 * len(alone)
+    assert len(after) >= 15 and all(s.motion for s in after)
+    # The empty recording measured is the quiet state: none of its seconds reads as motion.
+    assert all(not s.motion for s in measured if s.source == empty.source)
+
+
+def test_the_docs_table_is_the_committed_results() -> None:
+    """docs/presence.md quotes bench/results/presence.json, nothing typed by hand."""
+    import json
+
+    bench = _presence_bench()
     result = json.loads((ROOT / "bench" / "results" / "presence.json").read_text())
     doc = (ROOT / "docs" / "presence.md").read_text()
     table = doc.split(bench.DOC_BEGIN, 1)[1].split(bench.DOC_END, 1)[0].strip()

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
 from _broker import Mosquitto
 from _esp32 import channel, write_espectre
-from _harness import Cloud, run_edge
+from _harness import TOKEN, Cloud, run_edge
 from _mqtt_client import Collector
 
 RATE = 100.0
@@ -155,3 +157,91 @@ def test_demo_on_esp32_recordings_shows_presence(tmp_path: Path) -> None:
         states = [line.split()[3] for line in lines]
         assert "occupied" in states and "empty" in states, lines
         assert "calibrating" in states[:3], lines
+
+
+@pytest.mark.e2e
+def test_presence_measured_on_the_empty_room_from_the_dashboard(broker: Mosquitto,
+                                                                 tmp_path: Path,
+                                                                 browser: Any) -> None:
+    """The room card's "Measure the empty room" in Chromium: the API's ctl, the edge waits
+    (10 s to leave, the ~5 s its statistic looks back), measures 30 s and pins its reference
+    (the AP's status says so, the card too); the movement after it scores against the empty
+    room; "Back to automatic" releases it."""
+    from selenium.webdriver.common.by import By
+
+    data = tmp_path / "esp32"
+    # One room (one seed: the same static paths): empty for 150 s, then someone moving; the
+    # replay loops (a slow machine must not run out of stream).
+    write_espectre(data / "1_baseline.npz", channel(15000, RATE, seed=31), chip="esp32",
+                   rate_hz=RATE, label="baseline")
+    write_espectre(data / "2_movement.npz", channel(6000, RATE, moving=(0.0, 60.0), seed=31),
+                   chip="esp32", rate_hz=RATE, label="movement")
+    cloud = Cloud(broker, f"sqlite:///{tmp_path / 'cloud.db'}", tmp_path)
+    cloud.env["CSI_CLOUD_PRESENCE_HOLD_S"] = "3"
+    cloud.start()
+    edge = run_edge(broker, tmp_path / "spool", "--presence-only", "--source",
+                    f"file://{data}", "--site", "home", "--ap", "hall", "--speed", "3", "--loop")
+    card = 'article.room[data-ap="home/hall"]'
+
+    def text(selector: str) -> str:
+        return str(browser.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.textContent : ''",
+            selector))
+
+    def motion() -> dict[str, Any]:
+        ap = cloud.get("/aps/home/hall")
+        return ((ap.get("status") or {}).get("motion") or {}) if isinstance(ap, dict) else {}
+
+    def wait(check: Any, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := check()):
+            if time.monotonic() > deadline or edge.poll() is not None:
+                raise AssertionError(f"{what}: page {text('main')[:800]!r}, status {motion()}, "
+                                     f"edge {edge.poll()}")
+            time.sleep(0.2)
+        return value
+
+    try:
+        browser.get(f"{cloud.url}/")
+        wait(lambda: "calibrating itself" in text(f"{card} .presence-calibration summary"), 60,
+             "the card with automatic presence")
+        browser.find_element(By.CSS_SELECTOR, f"{card} .presence-calibration summary").click()
+        browser.find_element(By.CSS_SELECTOR, f"{card} button.measure-empty").click()
+        wait(lambda: "token" in text(f"{card} output.calibration-result"), 5, "the token hint")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        browser.find_element(By.CSS_SELECTOR, f"{card} button.measure-empty").click()
+        wait(lambda: "leave the room" in text(f"{card} output.calibration-result"), 10,
+             "the measurement sent")
+        assert "measuring" in text(f"{card} .presence-calibration summary")
+        assert browser.find_element(By.CSS_SELECTOR, f"{card} button.measure-empty") \
+            .get_attribute("disabled") is not None
+        wait(lambda: motion().get("mode") == "pinned", 60, "the edge's pinned reference")
+        wait(lambda: "calibrated on the empty room" in text(
+            f"{card} .presence-calibration summary"), 40, "the card saying so")
+        pinned = motion()["reference"]
+
+        # The movement after it: motion against the empty room's reference.
+        def moving() -> list[dict[str, Any]]:
+            page = cloud.get("/predictions", site="home", ap="hall", limit=200)
+            assert isinstance(page, dict)
+            return [p for p in page["data"] if p["motion"]]
+
+        wait(lambda: len(moving()) >= 5, 60, "motion during the movement")
+        assert motion()["reference"] == pinned  # the movement does not move the reference
+
+        browser.find_element(By.CSS_SELECTOR, f"{card} button.release-empty").click()
+        wait(lambda: motion().get("mode") == "auto", 30, "back to automatic")
+        wait(lambda: "calibrating itself" in text(f"{card} .presence-calibration summary"), 30,
+             "the card back to automatic")
+        problems = [e for e in browser.get_log("browser")
+                    if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+        assert not problems, problems
+    finally:
+        edge.terminate()
+        try:
+            edge.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            edge.kill()
+            edge.communicate()
+        cloud.stop()

@@ -15,7 +15,14 @@ const PEOPLE = {
   open: new Map(),       // "site/ap/kind" -> the open derived event
   serverEvents: null,    // null: unknown yet; false: the service has no /events; else the list
   eventsAt: 0,
+  measuring: new Map(),  // "site/ap" -> { sent, until (ms), seen }: an empty-room measurement
 };
+// The room card's empty-room measurement: time to leave the room, then 30 s of it (the edge
+// also passes over the ~5 s its motion statistic looks back).
+const EMPTY_ROOM_S = 30;
+const LEAVE_S = 10;
+const LOOKBACK_S = 5;
+const STARTS_WITHIN_MS = 15000;  // the AP's status says "measuring" within this, or it did not
 const STRIP = 40;
 const EVENTS_SHOWN = 50;
 const LABELS_EVERY_MS = 5000;
@@ -124,13 +131,23 @@ function makeCard(key) {
     strip: el("div", { class: "room-strip", role: "img",
                        "aria-label": "activity of the last seconds, oldest left" }),
     seen: el("p", { class: "seen" }),
+    calibration: el("summary", {}),
+    calibrationText: el("p", { class: "calibration-text" }),
+    measure: el("button", { type: "button", class: "measure-empty" }),
+    release: el("button", { type: "button", class: "release-empty" }),
+    calibrationResult: el("output", { class: "calibration-result" }),
   };
+  parts.measure.addEventListener("click", () => calibratePresence(key, "measure"));
+  parts.release.addEventListener("click", () => calibratePresence(key, "release"));
+  parts.details = el("details", { class: "presence-calibration" }, parts.calibration,
+    parts.calibrationText, el("p", { class: "calibration-actions" }, parts.measure, parts.release),
+    parts.calibrationResult);
   const card = el("article", { class: "room", "data-ap": key },
     el("header", {}, parts.name, parts.site, parts.state),
     parts.presence,
     el("p", { class: "what" }, parts.activity, parts.confidence),
     el("div", { class: "meter", "aria-hidden": "true" }, parts.meter),
-    parts.who, parts.truth, parts.accuracy, parts.strip, parts.seen);
+    parts.who, parts.truth, parts.accuracy, parts.strip, parts.seen, parts.details);
   parts.card = card;
   PEOPLE.cards.set(key, parts);
   return parts;
@@ -144,6 +161,7 @@ function renderCard(key) {
   parts.state.textContent = ap.online ? "online" : "offline";
   parts.state.className = `state ${ap.online ? "online" : "offline"}`;
   parts.seen.textContent = ago(ap.last_seen);
+  renderCalibration(key, ap, parts);
 
   if (!p) {
     parts.presence.textContent = "waiting for the first seconds of CSI";
@@ -214,6 +232,85 @@ function renderCard(key) {
       background: colourOf(what, labels), title: `${clock(recent[i].timestamp)}: ${what}` })));
   }
   return parts.card;
+}
+
+// -- presence measured on the empty room (csi_edge.presence: a pinned reference) -------------------
+
+function renderCalibration(key, ap, parts) {
+  const motion = ap.status?.motion;
+  parts.details.hidden = !motion;
+  if (!motion) return;
+  const sent = PEOPLE.measuring.get(key);
+  const estimate = sent ? Math.ceil((sent.until - Date.now()) / 1000) : 0;
+  if (sent) {
+    if (motion.mode === "measuring") sent.seen = true;
+    // Done, or never started (the AP offline, or it refused: its status says why).
+    else if (sent.seen || estimate <= 0 || Date.now() - sent.sent > STARTS_WITHIN_MS) {
+      PEOPLE.measuring.delete(key);
+    }
+  }
+  const measuring = motion.mode === "measuring" || PEOPLE.measuring.has(key);
+  // The edge's own count while it measures (segments of about a second), else the estimate.
+  const left = motion.mode === "measuring" && motion.measuring_left != null
+    ? motion.measuring_left : estimate;
+  parts.calibration.textContent = measuring ? "Presence: measuring the empty room…"
+    : motion.mode === "pinned" ? "Presence: calibrated on the empty room"
+    : "Presence: calibrating itself";
+  parts.calibrationText.textContent = measuring
+    ? `Keep the room empty${left > 0 ? ` for about ${left} s more` : " a little longer"}: ` +
+      "its quiet state is being measured."
+    : motion.mode === "pinned"
+      ? "Motion is measured against this room when it was empty. Measure again after " +
+        "moving furniture or the AP."
+      : "Motion is measured against the quietest quarter of the last 15 minutes. In a room " +
+        `that is rarely quiet, measure it once empty: press, leave within ${LEAVE_S} s, and ` +
+        `keep it empty for about ${LEAVE_S + LOOKBACK_S + EMPTY_ROOM_S} s.`;
+  parts.measure.textContent = motion.mode === "pinned" ? "Measure again"
+                                                       : "Measure the empty room";
+  parts.measure.disabled = measuring;
+  parts.release.hidden = motion.mode !== "pinned" && !measuring;
+  parts.release.textContent = measuring ? "Cancel (automatic)" : "Back to automatic";
+}
+
+async function calibratePresence(key, what) {
+  const parts = PEOPLE.cards.get(key);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const show = (text, error = false) => {
+    parts.calibrationResult.textContent = text;
+    parts.calibrationResult.classList.toggle("error", error);
+  };
+  if (!token) {
+    show("enter the API token at the top first", true);
+    return;
+  }
+  const measure = what === "measure";
+  try {
+    const response = await fetch(apiUrl(`/aps/${apPath(key)}/presence/calibration`), {
+      method: measure ? "POST" : "DELETE",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: measure ? JSON.stringify({ empty_s: EMPTY_ROOM_S, delay_s: LEAVE_S }) : undefined,
+    });
+    if (response.status === 202) {
+      if (measure) {
+        const now = Date.now();
+        PEOPLE.measuring.set(key, { sent: now, seen: false,
+                                    until: now + (LEAVE_S + LOOKBACK_S + EMPTY_ROOM_S) * 1000 });
+      } else {
+        PEOPLE.measuring.delete(key);
+      }
+      show(measure ? `sent: leave the room now; it is measured from ${LEAVE_S} s on`
+                   : "sent: back to automatic");
+    } else if (response.status === 401) {
+      show("token refused (401)", true);
+    } else {
+      const body = await response.json().catch(() => ({}));
+      show(`${response.status}: ${typeof body.detail === "string" ? body.detail : "failed"}`,
+           true);
+    }
+  } catch (error) {
+    show(`failed: ${error.message}`, true);
+  }
+  renderCard(key);
 }
 
 function activityLabels(ap) {

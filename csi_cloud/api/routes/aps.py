@@ -1,4 +1,4 @@
-"""Access points: state, latest prediction, rate control."""
+"""Access points: state, latest prediction, rate control, presence calibration."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from csi_edge.names import check_name
 from ...db import AP, Prediction
 from ...service import NotConnectedError
 from ..deps import CloudDep, DbSession, WriteAccess
-from ..schemas import APOut, CSIOut, CtlAccepted, Page, PredictionOut, RateIn
+from ..schemas import APOut, CSIOut, CtlAccepted, EmptyRoomIn, Page, PredictionOut, RateIn
 
 router = APIRouter(prefix="/aps", tags=["aps"])
 
@@ -109,7 +109,31 @@ def get_csi(site: SiteName, ap: APName, cloud: CloudDep,
              status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
              summary="Change the AP's rate level (published on its ctl topic)")
 async def set_rate(site: SiteName, ap: APName, body: RateIn, cloud: CloudDep) -> CtlAccepted:
-    command = {"action": "set_rate", "level": body.level}
+    return await _send(cloud, site, ap, {"action": "set_rate", "level": body.level})
+
+
+@router.post("/{site}/{ap}/presence/calibration", response_model=CtlAccepted,
+             status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
+             summary="Measure the empty room: presence pinned to empty_s seconds of it")
+async def measure_empty_room(site: SiteName, ap: APName, body: EmptyRoomIn,
+                             cloud: CloudDep) -> CtlAccepted:
+    """The room must be empty from ``delay_s`` seconds from now for about ``empty_s`` + 5
+    seconds (the edge passes over the seconds its statistic looks back). The AP's status
+    shows ``motion.mode`` "measuring" with ``measuring_left`` segments, then "pinned" with
+    the new ``reference``; the edge keeps it across restarts."""
+    return await _send(cloud, site, ap, {"action": "calibrate_presence",
+                                         "empty_s": body.empty_s, "delay_s": body.delay_s})
+
+
+@router.delete("/{site}/{ap}/presence/calibration", response_model=CtlAccepted,
+               status_code=status.HTTP_202_ACCEPTED, dependencies=[WriteAccess],
+               summary="Back to the automatic presence reference")
+async def release_empty_room(site: SiteName, ap: APName, cloud: CloudDep) -> CtlAccepted:
+    return await _send(cloud, site, ap, {"action": "calibrate_presence", "auto": True})
+
+
+async def _send(cloud: CloudDep, site: str, ap: str, command: dict[str, object]) -> CtlAccepted:
+    """Publish ``command`` on the AP's ``ctl`` topic; 503 without a broker."""
     try:
         topic = await cloud.send_ctl(site, ap, command)
     except NotConnectedError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .aps import APOut, CSIOut, CtlAccepted, RateIn
+from .aps import APOut, CSIOut, CtlAccepted, EmptyRoomIn, RateIn
 from .common import Page
 from .dead_letters import DeadLetterOut
 from .events import EventOut
@@ -22,7 +22,7 @@ from .predictions import PredictionOut
 from .training import JobRequest, JobState, StreamRange, TrainingJobOut
 
 __all__ = ["MAX_PAYLOADS", "APOut", "Activated", "CSIOut", "CtlAccepted", "DeadLetterOut",
-           "EnrollIn", "EventOut", "Health", "IdentitiesOut", "JobRequest", "JobState", "LabelIn",
-           "LabelOut", "ModelOut", "Page", "PayloadsIn", "PredictOut", "PredictionOut", "RateIn",
-           "RecordingInfo", "RejectedPayload", "StreamRange", "TrainingJobOut",
-           "upload_form_schema"]
+           "EmptyRoomIn", "EnrollIn", "EventOut", "Health", "IdentitiesOut", "JobRequest",
+           "JobState", "LabelIn", "LabelOut", "ModelOut", "Page", "PayloadsIn", "PredictOut",
+           "PredictionOut", "RateIn", "RecordingInfo", "RejectedPayload", "StreamRange",
+           "TrainingJobOut", "upload_form_schema"]

@@ -6,9 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from csi_edge.presence import EMPTY_ROOM_DELAY_S, EMPTY_ROOM_S
+
 from .predictions import PredictionOut
 
-__all__ = ["APOut", "CSIOut", "CtlAccepted", "RateIn"]
+__all__ = ["APOut", "CSIOut", "CtlAccepted", "EmptyRoomIn", "RateIn"]
 
 
 class APOut(BaseModel):
@@ -53,6 +55,15 @@ class CSIOut(BaseModel):
 
 class RateIn(BaseModel):
     level: int = Field(ge=0, le=3, description="rate level 0 (fewest bytes) .. 3")
+
+
+class EmptyRoomIn(BaseModel):
+    empty_s: float = Field(default=30, ge=EMPTY_ROOM_S[0], le=EMPTY_ROOM_S[1], description=(
+        "seconds during which the room is empty: the presence reference is measured on them "
+        "and pinned (csi_edge.presence)"))
+    delay_s: float = Field(default=0, ge=EMPTY_ROOM_DELAY_S[0], le=EMPTY_ROOM_DELAY_S[1],
+                           description="seconds to wait first (leaving the room); the edge "
+                                       "also passes over the ~5 s its statistic looks back")
 
 
 class CtlAccepted(BaseModel):
