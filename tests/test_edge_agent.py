@@ -553,7 +553,8 @@ def test_ctl_never_makes_the_edge_contact_another_address(broker: Mosquitto,
     refusals = [e for e in errors if e and "not under the cloud base URL" in e]
     assert len(set(refusals)) == len(targets), errors
     for e in refusals:  # no trace of what is at the other address
-        assert not any(w in e.lower() for w in ("refused", "timed out", "404", "errno")), e
+        # (404 as a word: the ports in the quoted URLs are random and may hold "404")
+        assert not re.search(r"refused|timed out|\b404\b|errno", e.lower()), e
 
 
 @pytest.mark.e2e
