@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from _broker import Mosquitto
+from _browser import page_errors
 from _harness import FOLDER, MODEL, TOKEN, Cloud
 from fastapi.testclient import TestClient
 
@@ -269,8 +270,7 @@ def test_dashboard_in_chromium(broker: Mosquitto, tmp_path: Path, browser: Any) 
                             limit=1)["data"][0]["rate_level"] == 0,
               30, "predictions at level 0", logs)
 
-        problems = [e for e in browser.get_log("browser")
-                    if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+        problems = page_errors(browser)
         assert not problems, problems
         ARTIFACTS.mkdir(exist_ok=True)
         time.sleep(1.5)  # one more poll and heatmap refresh for the picture

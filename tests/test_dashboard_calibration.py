@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from _broker import Mosquitto
+from _browser import page_errors
 from _harness import FOLDER, MODEL, ROOT, TOKEN, Cloud
 from test_dashboard import _edge, _wait, stop_edge
 
@@ -162,8 +163,7 @@ def test_calibration_flow_in_chromium(broker: Mosquitto, tmp_path: Path, browser
         assert cloud.get(f"/models/{unheld['bundle']}")["active"]  # type: ignore[index]
         assert not browser.find_element(By.ID, "cal-force").is_displayed()
 
-        errors = [e for e in browser.get_log("browser")
-                  if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+        errors = page_errors(browser)
         assert not errors, errors
         browser.save_screenshot(str(tmp_path / "calibration.png"))
     finally:

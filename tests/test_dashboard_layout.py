@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from _broker import Mosquitto
+from _browser import page_errors
 from _harness import FOLDER, MODEL, TOKEN, Cloud
 from test_dashboard import _edge, _wait, stop_edge
 
@@ -136,8 +137,7 @@ def test_views_fit_every_width(broker: Mosquitto, tmp_path: Path, browser: Any) 
                 if found:
                     problems[f"{view} at {width} px"] = found[:10]
         assert not problems, problems
-        errors = [e for e in browser.get_log("browser")
-                  if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+        errors = page_errors(browser)
         assert not errors, errors
     finally:
         stop_edge(edge)

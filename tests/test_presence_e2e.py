@@ -12,11 +12,21 @@ from typing import Any
 import jinja2
 import pytest
 from _broker import Mosquitto
+from _browser import page_errors
 from _esp32 import channel, write_espectre
 from _harness import TOKEN, Cloud, run_edge
 from _mqtt_client import Collector
 
 RATE = 100.0
+
+
+def _stop(edge: subprocess.Popen[str]) -> None:
+    edge.terminate()
+    try:
+        edge.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        edge.kill()
+        edge.communicate()
 
 
 def render(template: str, payload: bytes) -> str:
@@ -115,12 +125,7 @@ def test_presence_only_edge_rejects_a_rate_change(broker: Mosquitto, tmp_path: P
                                 for m in ha.on("csi/v1/home/den/status")), 30,
                     "the rejection in the status")
     finally:
-        edge.terminate()
-        try:
-            edge.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            edge.kill()
-            edge.communicate()
+        _stop(edge)
         ha.close()
 
 
@@ -234,14 +239,8 @@ def test_presence_measured_on_the_empty_room_from_the_dashboard(broker: Mosquitt
         wait(lambda: motion().get("mode") == "auto", 30, "back to automatic")
         wait(lambda: "calibrating itself" in text(f"{card} .presence-calibration summary"), 30,
              "the card back to automatic")
-        problems = [e for e in browser.get_log("browser")
-                    if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+        problems = page_errors(browser)
         assert not problems, problems
     finally:
-        edge.terminate()
-        try:
-            edge.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            edge.kill()
-            edge.communicate()
+        _stop(edge)
         cloud.stop()

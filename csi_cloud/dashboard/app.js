@@ -319,38 +319,47 @@ async function refresh() {
   }
 }
 
-// -- rate control ----------------------------------------------------------------------------------
+// -- commands to an AP (rate, presence calibration) -------------------------------------------
 
-async function setRate(key, level) {
-  const parts = state.rows.get(key);
+// Send one write request with the saved API token; `output` shows what happened. True when
+// the service accepted it (202: the command is on the AP's ctl topic).
+async function sendCommand(path, method, body, output) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const show = (text, error = false) => {
-    parts.result.textContent = text;
-    parts.result.classList.toggle("error", error);
+    output.textContent = text;
+    output.classList.toggle("error", error);
   };
   if (!token) {
     show("enter the API token at the top first", true);
-    return;
+    return false;
   }
-  show(`sending level ${level}…`);
   try {
-    const response = await fetch(apiUrl(`/aps/${apPath(key)}/rate`), {
-      method: "POST",
+    const response = await fetch(apiUrl(path), {
+      method,
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
-      body: JSON.stringify({ level }),
+      body: body === undefined ? undefined : JSON.stringify(body),
     });
-    if (response.status === 202) {
-      parts.requested = level;
-      show(`level ${level} sent; waiting for the AP`);
-    } else if (response.status === 401) {
+    if (response.status === 202) return true;
+    if (response.status === 401) {
       show("token refused (401)", true);
     } else {
-      const body = await response.json().catch(() => ({}));
-      show(`${response.status}: ${typeof body.detail === "string" ? body.detail : "failed"}`,
+      const detail = await response.json().catch(() => ({}));
+      show(`${response.status}: ${typeof detail.detail === "string" ? detail.detail : "failed"}`,
            true);
     }
   } catch (error) {
     show(`failed: ${error.message}`, true);
+  }
+  return false;
+}
+
+async function setRate(key, level) {
+  const parts = state.rows.get(key);
+  parts.result.textContent = `sending level ${level}…`;
+  parts.result.classList.remove("error");
+  if (await sendCommand(`/aps/${apPath(key)}/rate`, "POST", { level }, parts.result)) {
+    parts.requested = level;
+    parts.result.textContent = `level ${level} sent; waiting for the AP`;
   }
 }
 

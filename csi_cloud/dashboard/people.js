@@ -274,41 +274,22 @@ function renderCalibration(key, ap, parts) {
 
 async function calibratePresence(key, what) {
   const parts = PEOPLE.cards.get(key);
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  const show = (text, error = false) => {
-    parts.calibrationResult.textContent = text;
-    parts.calibrationResult.classList.toggle("error", error);
-  };
-  if (!token) {
-    show("enter the API token at the top first", true);
-    return;
-  }
   const measure = what === "measure";
-  try {
-    const response = await fetch(apiUrl(`/aps/${apPath(key)}/presence/calibration`), {
-      method: measure ? "POST" : "DELETE",
-      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
-      body: measure ? JSON.stringify({ empty_s: EMPTY_ROOM_S, delay_s: LEAVE_S }) : undefined,
-    });
-    if (response.status === 202) {
-      if (measure) {
-        const now = Date.now();
-        PEOPLE.measuring.set(key, { sent: now, seen: false,
-                                    until: now + (LEAVE_S + LOOKBACK_S + EMPTY_ROOM_S) * 1000 });
-      } else {
-        PEOPLE.measuring.delete(key);
-      }
-      show(measure ? `sent: leave the room now; it is measured from ${LEAVE_S} s on`
-                   : "sent: back to automatic");
-    } else if (response.status === 401) {
-      show("token refused (401)", true);
+  const sent = await sendCommand(
+    `/aps/${apPath(key)}/presence/calibration`, measure ? "POST" : "DELETE",
+    measure ? { empty_s: EMPTY_ROOM_S, delay_s: LEAVE_S } : undefined, parts.calibrationResult);
+  if (sent) {
+    if (measure) {
+      const now = Date.now();
+      PEOPLE.measuring.set(key, { sent: now, seen: false,
+                                  until: now + (LEAVE_S + LOOKBACK_S + EMPTY_ROOM_S) * 1000 });
     } else {
-      const body = await response.json().catch(() => ({}));
-      show(`${response.status}: ${typeof body.detail === "string" ? body.detail : "failed"}`,
-           true);
+      PEOPLE.measuring.delete(key);
     }
-  } catch (error) {
-    show(`failed: ${error.message}`, true);
+    parts.calibrationResult.classList.remove("error");
+    parts.calibrationResult.textContent = measure
+      ? `sent: leave the room now; it is measured from ${LEAVE_S} s on`
+      : "sent: back to automatic";
   }
   renderCard(key);
 }
