@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 
-from _report import put_section  # noqa: E402
+from _report import environment, put_section  # noqa: E402
 
 from csi_cloud.model.anchors import ANCHORS  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
@@ -84,6 +84,7 @@ from csi_cloud.model.fewshot import (  # noqa: E402
     run_anchors,
 )
 from csi_cloud.model.fitting import fit  # noqa: E402
+from csi_cloud.model.network import ModelConfig  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate, split_tasks  # noqa: E402
 from csi_cloud.model.train import TrainOptions  # noqa: E402
@@ -93,11 +94,23 @@ CACHE = ROOT / ".cache" / "bench"
 DATA = {"fition": "fition", "wiar": "wiar/height_90"}
 
 
+def level0_layout(text: str) -> dict[str, tuple[int, ...]]:
+    """``--level0 LATENT,PROFILE``: the model config whose level 0 sends LATENT latent
+    channels and PROFILE profile coefficients, the other levels as by default ({} for '')."""
+    if not text:
+        return {}
+    latent, profile = (int(v) for v in text.split(","))
+    default = ModelConfig.model_fields
+    return {"level_channels": (latent, *default["level_channels"].default[1:]),
+            "profile_components": (profile, *default["profile_components"].default[1:])}
+
+
 def train_ours(data: SegmentData, spec: Any, acts: list[str], ids: list[str],
                tr: np.ndarray, va: np.ndarray, opts: TrainOptions, folder: Path,
-               identity: bool) -> tuple[CloudModel, EdgeEncoder]:
+               identity: bool, model: dict[str, Any] | None = None
+               ) -> tuple[CloudModel, EdgeEncoder]:
     fit(data, spec, acts, ids if identity else [], tr, va, opts, folder, name="bench",
-        calibrate=False)
+        model=model, calibrate=False)
     return CloudModel.load(folder), EdgeEncoder(folder)
 
 
@@ -227,10 +240,11 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 f"{time.perf_counter() - t0:.0f} s")
             continue
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
-        kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}"
+        layout = f"-l0-{args.level0.replace(',', '-')}" if args.level0 else ""
+        kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}{layout}"
         split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
                  "val": va.tolist(), "test": te.tolist(), "epochs": args.epochs,
-                 "segment_dropout": args.segment_dropout}
+                 "segment_dropout": args.segment_dropout, "level0": args.level0}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "b"
             if args.reuse and (kept / "split.json").is_file() and json.loads(
@@ -238,7 +252,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 # The same task trained earlier with the same options (an interrupted run).
                 model, edge = CloudModel.load(kept), EdgeEncoder(kept)
             else:
-                model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity)
+                model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity,
+                                         level0_layout(args.level0))
                 if args.keep_bundles:
                     shutil.rmtree(kept, ignore_errors=True)
                     shutil.copytree(folder, kept)
@@ -671,6 +686,9 @@ def main() -> None:
     parser.add_argument("--few-shot-settings",
                         default="cross-session,cross-room,wiar-learning-curve",
                         help="which few-shot settings run (with --protocols few-shot)")
+    parser.add_argument("--level0", default="",
+                        help="LATENT,PROFILE: train ours with level 0 sending this many latent "
+                             "channels and profile coefficients (default: ModelConfig's)")
     parser.add_argument("--methods", default="zstd")
     parser.add_argument("--keep-bundles", action=argparse.BooleanOptionalAction, default=True,
                         help="keep every trained bundle and its split under "
@@ -727,8 +745,9 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "model", "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs,
         "segment_dropout": args.segment_dropout, "shots": args.shots, "draws": args.draws,
+        "level0": level0_layout(args.level0) or "default",
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": args.threads}, "datasets": {}}
+                    "threads": args.threads}, "environment": environment(), "datasets": {}}
     def save(name: str, section: dict[str, Any]) -> None:
         """Write what has run so far (a long run leaves its finished tasks behind)."""
         section = {**section, "seconds": round(time.perf_counter() - started, 1)}

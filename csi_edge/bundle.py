@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import entropy
 from ._errors import CSIError, SpecMismatchError
@@ -62,10 +62,18 @@ class RateLevel(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     level: int = Field(ge=0, le=3)
-    groups: int = Field(ge=1, description="latent symbol groups transmitted")
+    groups: int = Field(ge=0, description="latent symbol groups transmitted (0: the profile "
+                                          "alone)")
     profile_components: int = Field(ge=0, description="profile PCA coefficients transmitted")
     segments_per_message: int = Field(default=1, ge=1, le=255,
                                       description="segments batched into one MQTT message")
+
+    @model_validator(mode="after")
+    def _carries_something(self) -> RateLevel:
+        if self.groups == 0 and self.profile_components == 0:
+            raise ValueError(f"rate level {self.level} transmits neither latent groups nor "
+                             "profile coefficients")
+        return self
 
 
 class FileEntry(BaseModel):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from csi_cloud.cli import app
@@ -22,6 +23,7 @@ from csi_edge.bundle import (
     Bundle,
     BundleError,
     EdgeEncoder,
+    RateLevel,
     SegmentCodes,
     decode_segment_codes,
     encode_segment_codes,
@@ -211,6 +213,13 @@ def test_csi_adapt_reads_the_parent_manifest_once(tmp_path: Path,
     child = load_manifest(out)
     assert json.loads(done.output)["bundle"] == child.id
     assert child.parent == load_manifest(MODELS / "fition").id
+
+
+def test_a_rate_level_must_carry_latent_groups_or_profile_coefficients() -> None:
+    assert RateLevel(level=0, groups=0, profile_components=16).groups == 0
+    assert RateLevel(level=1, groups=4, profile_components=0).profile_components == 0
+    with pytest.raises(ValidationError, match="rate level 2 transmits neither"):
+        RateLevel(level=2, groups=0, profile_components=0)
 
 
 def test_a_level_without_latent_channels_codes_its_profile_alone() -> None:

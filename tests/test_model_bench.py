@@ -24,3 +24,15 @@ def test_a_run_without_the_anchors_per_second_scores_still_plots(tmp_path: Path)
         written = model.plot(report, tmp_path)
     assert [Path(p).name for p in written] == ["model_wiar.png"]
     assert (tmp_path / "model_wiar.png").stat().st_size > 0
+
+
+def test_level0_layout_changes_level_0_alone() -> None:
+    from csi_cloud.model.network import ModelConfig
+
+    with bench_module("model") as model:
+        layout = model.level0_layout("0,16")
+        assert model.level0_layout("") == {}
+    default = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=6)
+    changed = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=6, **layout)
+    assert changed.level_channels == (0, *default.level_channels[1:])
+    assert changed.profile_components == (16, *default.profile_components[1:])
