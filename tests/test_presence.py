@@ -4,6 +4,7 @@ with known motion, and on the committed Nexmon and Intel 5300 samples."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -353,6 +354,70 @@ def test_runs_on_nexmon_and_intel5300_samples() -> None:
     assert all(s is None or math.isfinite(s) for s in out)
 
 
+def test_the_edge_keeps_gives_up_and_drops_an_empty_room_measurement(tmp_path: Path) -> None:
+    """The agent's side of ``calibrate_presence``: the pin kept in the spool and restored by
+    the next run, a measurement that cannot complete given up after its deadline, a pin of
+    another layout dropped and reported."""
+    folder = tmp_path / "esp32"
+    write_espectre(folder / "a_baseline.npz", channel(1500, RATE, seed=8), chip="c6",
+                   rate_hz=RATE, label="baseline")
+    settings = EdgeSettings(source=f"file://{folder}?speed=max", site="home", ap="hall",
+                            presence_only=True, spool_dir=tmp_path / "spool",
+                            model=tmp_path / "no-bundle-needed")
+
+    def run() -> StreamAgent:
+        agent = StreamAgent(settings.all_streams()[0], settings, EncoderCache())
+        agent.check()
+        agent.open_spool()
+        return agent
+
+    agent = run()
+    asyncio.run(agent._control(json.dumps({"action": "calibrate_presence", "empty_s": 5})))
+    assert agent.motion is not None and agent.motion.calibration.mode == "measuring"
+    # 5 s measured after the ~5 s (4.6 s rounded up) its statistics look back.
+    assert agent.motion.calibration.measuring_left == 10
+    asyncio.run(agent.produce())
+    calibration = agent.motion.calibration
+    assert calibration.mode == "pinned" and calibration.pinned_layout == calibration.layout
+    assert agent.spool is not None
+    assert agent.spool.setting("presence_reference") == pytest.approx(calibration.pinned)
+    assert agent._status()["motion"]["mode"] == "pinned"
+    pinned = calibration.pinned
+    agent.spool.close()
+
+    # The next run starts pinned; a measurement that cannot complete is given up in time.
+    agent = run()
+    assert agent.motion is not None and agent.motion.calibration.pinned == pinned
+    asyncio.run(agent._control(json.dumps({"action": "calibrate_presence", "empty_s": 30,
+                                           "delay_s": 10})))
+    assert agent.motion.calibration.mode == "measuring"
+    agent._keep_pinned()
+    assert agent.motion.calibration.mode == "measuring"  # not yet due
+    agent._measure_deadline = 0.0  # as if the source had stalled past it
+    agent._keep_pinned()
+    assert agent.motion.calibration.mode == "pinned"
+    assert agent.motion.calibration.pinned == pinned  # the reference stays what it was
+    assert "presence_measurement_expired" in agent.problems.first
+    # A pin of another layout (another source behind the same AP name) is dropped, said and
+    # forgotten by the spool.
+    assert agent.spool is not None
+    agent.spool.set_setting("presence_reference_layout", 12345.0)
+    agent.spool.close()
+    agent = run()
+    assert agent.motion is not None and agent.motion.calibration.mode == "pinned"
+    asyncio.run(agent.produce())
+    assert agent.motion.calibration.mode == "auto"
+    assert "layout" in agent.problems.first["presence_calibration_dropped"]
+    assert agent.spool is not None and agent.spool.setting("presence_reference") is None
+    # A bad value names itself; auto releases.
+    with pytest.raises(ValueError, match="empty_s 4"):
+        asyncio.run(agent._control(json.dumps({"action": "calibrate_presence",
+                                               "empty_s": 4})))
+    asyncio.run(agent._control(json.dumps({"action": "calibrate_presence", "auto": True})))
+    assert agent.motion.calibration.mode == "auto"
+    agent.spool.close()
+
+
 def test_presence_only_stream_queues_motion_without_codes(tmp_path: Path) -> None:
     """The edge without a bundle: 1 s segments, model id 00 00 00, a motion byte each."""
     folder = tmp_path / "esp32"
@@ -444,8 +509,6 @@ def test_the_bench_measures_the_empty_room_before_the_stream() -> None:
 
 def test_the_docs_table_is_the_committed_results() -> None:
     """docs/presence.md quotes bench/results/presence.json, nothing typed by hand."""
-    import json
-
     bench = _presence_bench()
     result = json.loads((ROOT / "bench" / "results" / "presence.json").read_text())
     doc = (ROOT / "docs" / "presence.md").read_text()
