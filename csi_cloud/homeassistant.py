@@ -1,9 +1,11 @@
 """Home Assistant MQTT discovery: each AP appears as a device with an occupancy and a motion
-binary sensor and a motion-score sensor (csi_edge.presence, any hardware, with or without a
-model), plus, when the AP runs a bundle, sensors of the smoothed activity ("uncertain" while
-the service abstains) with its confidence and of the identity, fed by the retained ``pred``
-topic, and an event entity fed by the ``event`` topic (csi_cloud.events: each activity or
-presence change); all available while the AP's ``status`` says online.
+binary sensor, a motion-score sensor and a diagnostic sensor of how presence is calibrated
+(``auto``, ``measuring`` or ``pinned`` on the empty room, from the AP's ``status``), on any
+hardware, with or without a model (csi_edge.presence); plus, when the AP runs a bundle,
+sensors of the smoothed activity ("uncertain" while the service abstains) with its
+confidence and of the identity, fed by the retained ``pred`` topic, and an event entity fed
+by the ``event`` topic (csi_cloud.events: each activity or presence change); all available
+while the AP's ``status`` says online.
 
 Configs are published retained under ``{discovery_prefix}/{component}/{node}/{object}/config``
 (Home Assistant's documented discovery topic layout), with full (not abbreviated) keys. A
@@ -77,6 +79,14 @@ def discovery_configs(prefix: str, site: str, ap: str, *, model_name: str | None
             "state_class": "measurement", "icon": "mdi:motion-sensor",
             "value_template": f"{{{{ '{_UNKNOWN}' if value_json.motion_score is none else "
                               "value_json.motion_score }}"},
+        # How the edge calibrates presence (docs/presence.md, "Measuring the empty room"):
+        # read from the AP's retained status, which says it at once when it changes.
+        f"{discovery_prefix}/sensor/{node}/presence_calibration/config": {
+            **common, "name": "Presence calibration", "unique_id": f"{node}_presence_calibration",
+            "state_topic": f"{base}/status", "json_attributes_topic": f"{base}/status",
+            "entity_category": "diagnostic", "icon": "mdi:tune-variant",
+            "value_template": "{{ value_json.motion.mode if value_json.motion else '"
+                              + _UNKNOWN + "' }}"},
     }
     # Each activity or presence change (presence changes exist without a model too).
     configs[f"{discovery_prefix}/event/{node}/change/config"] = {

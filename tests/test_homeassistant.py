@@ -24,7 +24,7 @@ TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor|event)/([a-zA-Z0-9_-]+
 # ones every entity here must carry.
 ALLOWED = {"name", "unique_id", "state_topic", "value_template", "json_attributes_topic",
            "availability", "availability_mode", "device", "icon", "device_class", "payload_on",
-           "payload_off", "state_class", "unit_of_measurement", "event_types"}
+           "payload_off", "state_class", "unit_of_measurement", "event_types", "entity_category"}
 REQUIRED = {"name", "unique_id", "state_topic", "availability", "availability_mode", "device"}
 # Home Assistant's MQTT entities read this rendered payload as "unknown".
 UNKNOWN = "None"
@@ -64,7 +64,7 @@ def _pred(**fields: object) -> bytes:
 def test_configs_follow_the_documented_schema() -> None:
     configs = discovery_configs("csi/v1", "lab", "ap 1/x", model_name="fition")
     entities = {t: c for t, c in configs.items() if c is not None}
-    assert len(entities) == 7
+    assert len(entities) == 8
     uids = set()
     classes = {}
     for topic, config in entities.items():
@@ -77,10 +77,11 @@ def test_configs_follow_the_documented_schema() -> None:
         assert config["device"]["identifiers"] == [match.group(2)]
         uids.add(config["unique_id"])
         classes[match.group(3)] = (match.group(1), config.get("device_class"))
-    assert len(uids) == 7
+    assert len(uids) == 8
     assert classes == {"occupancy": ("binary_sensor", "occupancy"),
                        "motion": ("binary_sensor", "motion"),
                        "motion_score": ("sensor", None), "activity": ("sensor", None),
+                       "presence_calibration": ("sensor", None),
                        "activity_confidence": ("sensor", None), "identity": ("sensor", None),
                        "change": ("event", None)}
     assert entities["homeassistant/event/csi_lab_ap_1_x/change/config"]["state_topic"] == \
@@ -114,6 +115,12 @@ def test_templates_render_on_off_and_unknown() -> None:
     assert render(activity["value_template"], _pred(activity="walking",
                                                     smoothed_activity="sitdown",
                                                     uncertain=True)) == "uncertain"
+    calibration = configs["homeassistant/sensor/csi_lab_ap1/presence_calibration/config"]
+    assert calibration is not None
+    for motion, state in (({"mode": "pinned"}, "pinned"), ({"mode": "measuring"}, "measuring"),
+                          (None, UNKNOWN)):
+        assert render(calibration["value_template"],
+                      json.dumps({"online": True, "motion": motion}).encode()) == state
     confidence = configs["homeassistant/sensor/csi_lab_ap1/activity_confidence/config"]
     assert confidence is not None
     assert render(confidence["value_template"], _pred(smoothed_confidence=0.91234)) == "91.2"
@@ -126,6 +133,7 @@ def test_an_ap_without_a_model_has_presence_entities_only() -> None:
     assert entities == {"homeassistant/binary_sensor/csi_home_hall/occupancy/config",
                         "homeassistant/binary_sensor/csi_home_hall/motion/config",
                         "homeassistant/sensor/csi_home_hall/motion_score/config",
+                        "homeassistant/sensor/csi_home_hall/presence_calibration/config",
                         "homeassistant/event/csi_home_hall/change/config"}
     # Activity and identity (an AP that ran a model before) are removed.
     assert configs["homeassistant/sensor/csi_home_hall/activity/config"] is None
@@ -146,7 +154,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     labels = load_manifest(MODEL).labels
     try:
         ha.wait_for(lambda: len([m for m in ha.messages if m.topic.startswith(
-            "homeassistant/") and m.payload]) >= 7, 30, "seven discovery configs")
+            "homeassistant/") and m.payload]) >= 8, 30, "eight discovery configs")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/pred"), 30, "a prediction")
         ha.wait_for(lambda: cloud_says(ha) == b"online", 30, "the cloud's online verdict")
         ha.wait_for(lambda: ha.on("csi/v1/home/living/event"), 30, "an activity event")
@@ -163,6 +171,11 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
                     event = json.loads(message.payload)
                     assert event["event_type"] in config["event_types"]
                     assert not message.retain
+                continue
+            if config["unique_id"].endswith("presence_calibration"):
+                assert config["state_topic"] == "csi/v1/home/living/status"
+                assert config["entity_category"] == "diagnostic"
+                assert render(config["value_template"], status) == "auto"
                 continue
             assert config["state_topic"] == "csi/v1/home/living/pred"
             state = render(config["value_template"], pred)
@@ -192,7 +205,7 @@ def test_discovery_with_a_live_ap(broker: Mosquitto, tmp_path: Path) -> None:
     # A Home Assistant starting later gets the configs: they are retained.
     late = Collector(broker.port, ["homeassistant/#"], client_id="ha-late", persistent=False)
     try:
-        late.wait_for(lambda: len(late.messages) >= 7, 10, "retained configs")
+        late.wait_for(lambda: len(late.messages) >= 8, 10, "retained configs")
         assert all(m.retain for m in late.messages)
         assert not any(m.topic.endswith("/presence/config") for m in late.messages)
     finally:
