@@ -873,9 +873,9 @@ class StreamAgent:
             seconds[key] = float(value)
         segment_s = PRESENCE_SEGMENT_S if self.encoder is None else self.encoder.spec.segment_s
         config = calibration.config
-        # A segment's statistic looks back this far: those still reaching back before the
-        # command (or into the delay) are passed over.
-        lookback_s = config.window_s + config.detrend_s + config.smooth_s
+        # Segments whose statistic still reads frames from before the command (or from the
+        # delay) are passed over.
+        lookback_s = config.lookback_s
         segments = max(1, math.ceil(seconds["empty_s"] / segment_s - 1e-9))
         skip = math.ceil((seconds["delay_s"] + lookback_s) / segment_s - 1e-9)
         if segments > config.horizon_segments or skip > config.horizon_segments:

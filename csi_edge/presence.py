@@ -127,6 +127,12 @@ class MotionConfig:
     # lowest ``reference_quantile`` of their own spread), enter the median (NBVI-like).
     stable_fraction: float = 1.0
 
+    @property
+    def lookback_s(self) -> float:
+        """How far back before a segment's end its statistic reads frames (the window, the
+        detrending and the smoothing before it)."""
+        return self.window_s + self.detrend_s + self.smooth_s
+
     def __post_init__(self) -> None:
         for name in ("smooth_s", "detrend_s", "window_s", "max_gap_s"):
             value = getattr(self, name)
@@ -362,7 +368,7 @@ class MotionMeter:
         if not self._t.size:
             return
         cfg = self.config
-        needed = cfg.window_s + cfg.detrend_s + cfg.smooth_s + 1.0
+        needed = cfg.lookback_s + 1.0
         newest = float(self._t[-1])
         oldest = max(newest - _MAX_KEEP_S, (self._scored_until if self._scored_until is not None
                                             else -math.inf) - needed)
@@ -392,7 +398,7 @@ class MotionMeter:
         own = (self._t >= start) & (self._t < end)
         if int(own.sum()) < cfg.min_frames:
             return None
-        reach = cfg.window_s + cfg.detrend_s + cfg.smooth_s
+        reach = cfg.lookback_s
         lead = (self._t >= end - reach) & (self._t < end)
         t, x = self._t[lead], self._x[lead].astype(np.float64)
         steps = np.diff(t)
