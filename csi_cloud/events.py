@@ -2,8 +2,11 @@
 
 Built on the live predictions, after the smoothing (csi_cloud.smoothing):
 
-- **activity**: the filtered label, or ``uncertain`` while the filter abstains; predictions
-  without one (presence only, a late segment) leave the episode as it is;
+- **activity**: the settled label (the filter's belief about a second given ``settle_s``
+  seconds after it: csi_cloud.smoothing, "Settled labels"), or ``uncertain`` while it
+  abstains; so an activity event is published ``settle_s`` after its start, and starts where
+  the activity changed. Predictions without a label (presence only, a late segment) leave the
+  episode as it is;
 - **presence**: ``occupied`` or ``empty`` (csi_edge.presence); null presence (the edge still
   calibrating) leaves it as it is.
 
@@ -35,7 +38,7 @@ from .db import Database, Event
 from .live import LiveHub
 from .model.temperature import uncalibrated
 from .registry import ModelRegistry
-from .smoothing import Smoother, TrustParams
+from .smoothing import DEFAULT_SETTLE_S, Settled, Smoother, TrustParams
 
 __all__ = ["EventTracker", "LiveTrust", "event_payload"]
 
@@ -89,6 +92,13 @@ class EventTracker:
         return changes
 
 
+def _settled_prediction(settled: Settled) -> dict[str, Any]:
+    """What the tracker reads of one settled second (its activity only)."""
+    return {"site": settled.site, "ap": settled.ap, "model": settled.model,
+            "timestamp": settled.timestamp, "smoothed_activity": settled.activity,
+            "smoothed_confidence": settled.confidence, "uncertain": settled.uncertain}
+
+
 def event_payload(change: dict[str, Any], event_id: int | None) -> dict[str, Any]:
     """What the live streams and MQTT carry for one change (``event_type``: Home Assistant's
     MQTT event entity reads it)."""
@@ -100,12 +110,13 @@ def event_payload(change: dict[str, Any], event_id: int | None) -> dict[str, Any
 class LiveTrust:
     """Smoothing, abstention and events for the service (see the module docstring)."""
 
-    def __init__(self, registry: ModelRegistry, db: Database, prefix: str) -> None:
+    def __init__(self, registry: ModelRegistry, db: Database, prefix: str,
+                 settle_s: float = DEFAULT_SETTLE_S) -> None:
         self.registry = registry
         self.db = db
         self.prefix = prefix
         self.hub = LiveHub()
-        self.smoother = Smoother(self._params_of)
+        self.smoother = Smoother(self._params_of, settle_s)
         self.tracker = EventTracker()
         self.pending: list[dict[str, Any]] = []
         self._pending_lock = threading.Lock()  # observe runs in a worker thread, flush not
@@ -140,7 +151,10 @@ class LiveTrust:
         for prediction in predictions:
             prediction["activity_confidence_raw"] = self._raw_confidence(prediction)
             prediction.update(self.smoother.update(prediction))
-            changes = self.tracker.update(prediction)
+            changes = [c for settled in self.smoother.drain()
+                       for c in self.tracker.update(_settled_prediction(settled))]
+            changes += self.tracker.update({k: v for k, v in prediction.items()
+                                            if k != "smoothed_activity"})  # presence
             if changes:
                 with self._pending_lock:
                     self.pending.extend(changes)

@@ -74,7 +74,8 @@ class CloudService:
         self.persistence = Persistence(self.db, self.ingestor, self.registry)
         self.metrics = Metrics()
         self.hub = LiveHub(on_drop=self.metrics.live_dropped.inc)
-        self.trust = LiveTrust(self.registry, self.db, settings.prefix)  # smoothing, events
+        self.trust = LiveTrust(self.registry, self.db, settings.prefix,
+                               settings.events_settle_s)  # smoothing, events
         self.metrics.track_aps(self.ap_rates)
         # -- recordings and training jobs (csi_cloud.storage, csi_cloud.jobs) --
         if recorder is None and settings.record:

@@ -13,6 +13,8 @@ from pydantic_settings import (
 
 from csi_edge.settings import BrokerAddress, FileConfiguredSettings, topic_name
 
+from .smoothing import DEFAULT_SETTLE_S
+
 __all__ = ["PLACEHOLDER_TOKEN", "CloudSettings", "load_settings"]
 
 PLACEHOLDER_TOKEN = "change-me"
@@ -126,6 +128,10 @@ class CloudSettings(FileConfiguredSettings):
     presence_hold_s: float = Field(
         default=30.0, ge=0, allow_inf_nan=False,
         description="an AP stays occupied this long after its last motion segment")
+    events_settle_s: float = Field(
+        default=DEFAULT_SETTLE_S, ge=0, le=60, allow_inf_nan=False,
+        description="activity events are given this late, each second's label settled on the "
+                    "seconds after it (docs/trust.md); 0: as the live label, at once")
     jobs_dir: Path = Field(default=Path("jobs"), description="training job work folders")
     datasets: dict[str, Path] = Field(default_factory=dict,
                                       description="registered dataset folders by name")

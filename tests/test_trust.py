@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_cloud_api import FITION, PCAP, settings
+from test_cloud_api import FITION, PCAP, ROOT, settings
 
 from csi_cloud.api.app import create_app
 from csi_cloud.events import EventTracker
@@ -37,12 +37,14 @@ from csi_cloud.smoothing import (
     filter_stream,
     fit_stay,
     fit_threshold,
+    fixed_lag,
 )
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder
 from csi_edge.preprocess import Preprocessor
 
 LABELS = ["sit", "walk", "fall"]
+SAMPLES = ROOT / "datasets" / "samples" / "fition"
 
 
 def _p(winner: int, strength: float = 0.7, k: int = 3) -> np.ndarray:
@@ -177,6 +179,65 @@ def test_smoother_resets_on_epoch_change_and_gaps() -> None:
     # Presence only, or an unknown bundle: nothing to smooth.
     assert s.update({**_pred(76.0, 0, epoch=2), "model": None})["uncertain"] is None
     assert s.update({**_pred(76.0, 0, epoch=2), "model": "gone"})["uncertain"] is None
+
+
+def _noisy_changes(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Episodes of 6-14 s; each second's evidence points at the truth 70 % of the time."""
+    rng = np.random.default_rng(seed)
+    labels: list[int] = []
+    while len(labels) < n:
+        labels += [int(rng.integers(3))] * int(rng.integers(6, 15))
+    truth = np.array(labels[:n])
+    said = np.where(rng.uniform(size=n) < 0.7, truth, rng.integers(3, size=n))
+    return np.stack([_p(int(c), 0.6) for c in said]), truth
+
+
+def test_fixed_lag_follows_changes_sooner_than_the_filter() -> None:
+    p, truth = _noisy_changes()
+    np.testing.assert_allclose(fixed_lag(p, 0.8, 0), filter_stream(p, 0.8))
+    filtered = (filter_stream(p, 0.8).argmax(1) == truth).mean()
+    settled = (fixed_lag(p, 0.8, 2).argmax(1) == truth).mean()
+    assert settled > filtered + 0.03
+    # Never across a start: the stream after it says nothing of the one before.
+    starts = np.zeros(len(p), bool)
+    starts[60] = True
+    cut = fixed_lag(p, 0.8, 3, starts)
+    np.testing.assert_allclose(cut[:60], fixed_lag(p[:60], 0.8, 3))
+    np.testing.assert_allclose(cut[59], filter_stream(p[:60], 0.8)[59])  # nothing after it
+    np.testing.assert_allclose(cut[60:], fixed_lag(p[60:], 0.8, 3))
+    with pytest.raises(SmoothingError, match="-1"):
+        fixed_lag(p, 0.8, -1)
+
+
+def test_the_smoother_settles_each_second_as_the_bench_does() -> None:
+    """Online, second by second, with a new epoch halfway: the settled labels are the
+    offline fixed-lag ones, each given once, at its own capture time."""
+    p, _ = _noisy_changes(1, 60)
+    s = Smoother(lambda model: (TrustParams(stay=0.8), 1.0), settle_s=2.0)
+    settled = []
+    for t in range(60):
+        probs = dict(zip(LABELS, p[t].tolist(), strict=True))
+        s.update({"site": "home", "ap": "hall", "epoch": 1 if t < 30 else 2,
+                  "timestamp": float(t), "model": "m", "probabilities": {"activity": probs}})
+        got = s.drain()
+        assert all(x.timestamp <= t - 2 for x in got) or t == 30  # 2 s late, or the old epoch
+        settled += got
+    assert len(settled) == 58  # the last two wait for more seconds or the stream's end
+    s.forget("home", "hall")
+    settled += s.drain()
+    assert [x.timestamp for x in settled] == [float(t) for t in range(60)]
+    starts = np.zeros(60, bool)
+    starts[30] = True
+    expected = fixed_lag(p, 0.8, 2, starts)
+    assert [x.activity for x in settled] == [LABELS[i] for i in expected.argmax(1)]
+    np.testing.assert_allclose([x.confidence for x in settled], expected.max(1), atol=1e-5)
+    # settle 0: each second settles on arrival, as the filter read it.
+    now = Smoother(lambda model: (TrustParams(stay=0.8), 1.0))
+    out = now.update(_pred(0.0, 1))
+    assert [(x.activity, x.confidence) for x in now.drain()] == [
+        (out["smoothed_activity"], out["smoothed_confidence"])]
+    with pytest.raises(SmoothingError, match="-1"):
+        Smoother(lambda model: None, settle_s=-1)
 
 
 def test_abstention_below_the_threshold() -> None:
@@ -358,18 +419,34 @@ def test_events_api_from_live_ingest(client: TestClient) -> None:
     smoothed fields, the activity episode is stored, listed and streamed."""
     service = client.app.state.service  # type: ignore[attr-defined]
     edge = EdgeEncoder(FITION)
-    batch = Preprocessor(edge.spec).process(read_recording(PCAP))
+    # Three recordings back to back on one AP: walking, sitting down, nobody.
+    segments = np.concatenate([Preprocessor(edge.spec).process(read_recording(path)).data
+                               for path in (PCAP, *(SAMPLES / f for f in (
+                                   "sitdown_user3_rm3/sitdown_user3_rm3_20.pcap",
+                                   "nm_user2_rm2/nm_user2_rm2_10.pcap")))])
+    def send(i: int) -> None:
+        payload = edge.compress(segments[i : i + 1], level=1, first_seq=i, epoch=7,
+                                timestamp_ms=1_000_000 + i * 1000)
+        service.submit("lab", "ap1", payload, time.time())
+
+    def stored() -> int:
+        return int(client.get("/api/v1/predictions?site=lab&limit=1000").json()["count"])
+
+    for i in range(2):
+        send(i)
+    _wait(lambda: stored() == 2, what="two predictions stored")
+    # The first two seconds wait for two more before their label settles: no episode yet.
+    assert client.get("/api/v1/events", params={"site": "lab", "kind": "activity"}
+                      ).json()["count"] == 0
     with client.websocket_connect("/api/v1/events/ws?site=lab") as ws:
-        for i in range(len(batch)):
-            payload = edge.compress(batch.data[i : i + 1], level=1, first_seq=i, epoch=7,
-                                    timestamp_ms=1_000_000 + i * 1000)
-            service.submit("lab", "ap1", payload, time.time())
+        for i in range(2, len(segments)):
+            send(i)
         first = ws.receive_json()  # the first prediction opens an activity episode
     assert first["site"] == "lab" and first["kind"] == "activity"
     assert first["event_type"] == "activity" and first["end"] is None
     assert first["start"] == pytest.approx(1000.0)
     preds = _wait(lambda: (r := client.get("/api/v1/predictions?site=lab&limit=1000").json())
-                  ["count"] == len(batch) and r, what="every prediction stored")
+                  ["count"] == len(segments) and r, what="every prediction stored")
     for p in preds["data"]:
         assert p["smoothed_activity"] in p["probabilities"]["activity"]
         assert 0 < p["smoothed_confidence"] <= 1 and isinstance(p["uncertain"], bool)
@@ -381,6 +458,20 @@ def test_events_api_from_live_ingest(client: TestClient) -> None:
     for before, after in itertools.pairwise(rows):
         assert before["end"] == after["start"]  # each episode ends where the next begins
         assert before["value"] != after["value"]
+    # The activity episodes are the settled labels' runs: the filter over the stored
+    # probabilities read 2 s late (the last 2 s of the stream wait for more seconds).
+    acts = [e for e in rows if e["kind"] == "activity"]
+    stream = sorted(preds["data"], key=lambda p: p["timestamp"])
+    labels = list(stream[0]["probabilities"]["activity"])
+    p = np.array([[r["probabilities"]["activity"][k] for k in labels] for r in stream])
+    stay = TrustParams.from_calibration(service.registry.get(stream[0]["model"])
+                                        .manifest.calibration).stay
+    settled = [labels[i] for i in fixed_lag(p, stay, 2).argmax(1)[:-2]]
+    runs = [(stream[i]["timestamp"], v) for i, v in enumerate(settled)
+            if i == 0 or v != settled[i - 1]]
+    assert len(runs) >= 3  # the recordings' changes, at least
+    assert [e["value"] for e in acts] == [v for _, v in runs]
+    assert [e["start"] for e in acts] == pytest.approx([t for t, _ in runs])
     # The AP's latest prediction (the state HA and the dashboard read) has them too.
     ap = client.get("/api/v1/aps/lab/ap1").json()
     assert ap["prediction"]["smoothed_activity"] is not None
