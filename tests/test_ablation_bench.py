@@ -35,8 +35,8 @@ def test_layout_bytes_of_the_bundles_own_level_0_are_its_payloads() -> None:
     with bench_module("ablation") as ablation:
         wire = ablation.layout_bytes(edge, data, np.array([0]), level.groups,
                                      level.profile_components)
-        more = ablation.layout_bytes(edge, data, np.array([0]), level.groups,
-                                     level.profile_components + 4)
+        more = ablation.layout_bytes(edge, data, np.array([0]), level.groups + 1,
+                                     level.profile_components)  # one more latent channel
     assert wire["code_bytes_per_segment"] == round(float(np.mean(codes)), 2)
     seconds = k * edge.spec.segment_s
     assert wire["payload_bytes_per_s"] == round(float(np.mean(sizes)) / seconds, 2)

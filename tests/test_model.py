@@ -102,7 +102,7 @@ def test_task_losses_reach_the_encoder() -> None:
 def test_levels_mask_latent_channels() -> None:
     net = CSICodecNet(small_config())
     mask = net.channel_mask(torch.tensor([0, 1, 2, 3, 4]))[..., 0]
-    assert mask.sum(dim=1).tolist() == [1, 4, 8, 16, 16]  # level 4 = unquantized: all
+    assert mask.sum(dim=1).tolist() == [0, 4, 8, 16, 16]  # level 4 = unquantized: all
 
 
 def test_encoder_is_small() -> None:
