@@ -46,6 +46,7 @@ Results: ``bench/results/trust.json``; the tables are rendered into each bundle'
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -84,6 +85,11 @@ MARGIN = 0.05
 # Seconds the smoothed label may be given late (bench only: how much a latency would buy).
 LAGS = (0, 1, 2, 3)
 POSITIONS = 9  # seconds into a recording reported one by one (0-7), then 8 and later pooled
+
+
+def settle_lag(segment_s: float) -> int:
+    """The segments the service's event timeline waits for (csi_cloud.smoothing.Smoother)."""
+    return math.ceil(DEFAULT_SETTLE_S / segment_s - 1e-9)
 
 
 def _changes_per_min(labels: np.ndarray, starts: np.ndarray, segment_s: float) -> float:
@@ -131,7 +137,7 @@ def _score(ls: LiveStreams, lengths: ContextLengths, params: TrustParams,
                                               == ls.labels).mean()), 4) for s in STAY_GRID},
         "lag_sweep": {str(lag): round(float((fixed_lag(p, params.stay, lag, ls.starts)
                                              .argmax(1) == ls.labels).mean()), 4)
-                      for lag in LAGS},
+                      for lag in sorted({*LAGS, settle_lag(segment_s)})},
         "abstention": {"threshold": params.threshold,
                        "coverage": round(float(answered.mean()), 4),
                        "accuracy_answered": (round(float(correct[answered].mean()), 4)
@@ -192,7 +198,7 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, *,
                                     for m in row}
                                 for k, row in live_runs[0]["by_position"].items()}}
         target = round(per_recording - MARGIN, 4)
-        settled = live["lag_sweep"][str(round(DEFAULT_SETTLE_S / segment_s))]
+        settled = live["lag_sweep"][str(settle_lag(segment_s))]
         levels.append({
             "level": sep.level,
             "per_recording_accuracy": per_recording,

@@ -117,6 +117,7 @@ class LiveTrust:
         self.prefix = prefix
         self.hub = LiveHub()
         self.smoother = Smoother(self._params_of, settle_s)
+        self._smooth_lock = threading.Lock()  # observe (ingest thread) vs release (the loop)
         self.tracker = EventTracker()
         self.pending: list[dict[str, Any]] = []
         self._pending_lock = threading.Lock()  # observe runs in a worker thread, flush not
@@ -150,14 +151,39 @@ class LiveTrust:
         and ``uncertain`` to each prediction dict (in place, in order) and note the events."""
         for prediction in predictions:
             prediction["activity_confidence_raw"] = self._raw_confidence(prediction)
-            prediction.update(self.smoother.update(prediction))
-            changes = [c for settled in self.smoother.drain()
-                       for c in self.tracker.update(_settled_prediction(settled))]
-            changes += self.tracker.update({k: v for k, v in prediction.items()
-                                            if k != "smoothed_activity"})  # presence
+            with self._smooth_lock:
+                prediction.update(self.smoother.update(prediction))
+                changes = self._settled_changes()
+                changes += self.tracker.update({k: v for k, v in prediction.items()
+                                                if k != "smoothed_activity"})  # presence
             if changes:
                 with self._pending_lock:
                     self.pending.extend(changes)
+
+    def _settled_changes(self) -> list[dict[str, Any]]:
+        return [c for settled in self.smoother.drain()
+                for c in self.tracker.update(_settled_prediction(settled))]
+
+    def release(self, *, everything: bool = False) -> int:
+        """Settle the seconds of the streams that ended without a next prediction (silent
+        for their ``max_gap_s``; ``everything``: all of them, the service stops) and note
+        their changes for :meth:`flush`. Returns how many changes."""
+        with self._smooth_lock:
+            if everything:
+                self.smoother.release_all()
+            else:
+                self.smoother.release_quiet()
+            changes = self._settled_changes()
+        if changes:
+            with self._pending_lock:
+                self.pending.extend(changes)
+        return len(changes)
+
+    def drop(self, site: str, ap: str) -> None:
+        """Discard what waits to settle for one AP (its partition moved to this worker:
+        another one told the seconds since)."""
+        with self._smooth_lock:
+            self.smoother.drop(site, ap)
 
     async def flush(self, mqtt: Any = None) -> list[dict[str, Any]]:
         """Store the changes noted so far, then publish them (live streams, MQTT ``event``,

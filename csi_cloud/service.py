@@ -170,6 +170,10 @@ class CloudService:
             await asyncio.sleep(0.02)
         if self._storing is not None:
             await asyncio.wait({self._storing}, timeout=10)
+        with contextlib.suppress(Exception):  # derived; never in the way of stopping
+            # The last seconds of each AP's activity timeline, settled with what came after.
+            if self.trust.release(everything=True):
+                await asyncio.wait_for(self.trust.flush(self.mqtt), 5)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -238,6 +242,8 @@ class CloudService:
         at once)."""
         restored = self.persistence.restore(keep)
         for key, status in restored:
+            if keep is not None:
+                self.trust.drop(*key)
             if status is not None:
                 self._ap_status[key] = status
                 self._status_seen[key] = (time.monotonic(), self._due(status))
@@ -616,6 +622,8 @@ class CloudService:
             ticks += 1
             try:
                 self._mark_offline()
+                if await loop.run_in_executor(self._ingest_pool, self.trust.release):
+                    await self.trust.flush(self.mqtt)  # an AP went silent: its last seconds
                 retry, self._status_retry = self._status_retry, set()
                 for key in retry:
                     if key in self._ap_status:

@@ -33,6 +33,8 @@ recordings (:func:`fit_stay`, :func:`fit_threshold`) and kept in its manifest un
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,13 +154,13 @@ def fixed_lag(p: np.ndarray, stay: float, lag: int,
     if lag < 0:
         raise SmoothingError(f"lag must be >= 0 seconds, got {lag!r}")
     alpha = filter_stream(p, stay, starts)
-    if lag == 0:
-        return alpha
     n = len(p)
+    if lag == 0 or n == 0:
+        return alpha
     evidence = np.clip(np.asarray(p, np.float64), _FLOOR, None)
     fresh = np.zeros(n, bool) if starts is None else np.asarray(starts, bool).copy()
     fresh[0] = True
-    # The first row of the stream each row belongs to ends where the next one starts.
+    # end[i]: the first start after row i (or n): row i's stream stops before it.
     end = np.empty(n, np.int64)
     nxt = n
     for i in range(n - 1, -1, -1):
@@ -261,7 +263,9 @@ class _Stream:
     filter: HMMFilter
     labels: list[str]
     threshold: float
-    lag: int  # seconds of evidence a settled second waits for
+    lag: int  # segments of evidence a settled second waits for
+    max_gap_s: float
+    arrived: float  # time.monotonic() of the last prediction
     waiting: deque[_Second] = field(default_factory=deque)
 
 
@@ -270,10 +274,14 @@ class Smoother:
 
     ``params_of(model_id)`` gives a bundle's :class:`TrustParams` and ``segment_s`` its
     segment length (None: an unknown bundle, whose predictions are left unsmoothed).
-    ``settle_s``: how late the settled labels are given (rounded to segments; 0: each
-    second settles on arrival, as filtered). :meth:`drain` hands them out: a second settles
-    once ``settle_s`` of later seconds have arrived, or when its stream ends (a new epoch or
-    bundle, a gap, :meth:`forget`) with what came after it.
+    ``settle_s``: how late the settled labels are given (whole segments, rounded up; 0:
+    each second settles on arrival, as filtered). :meth:`drain` hands them out: a second
+    settles once ``settle_s`` of later seconds have arrived, or when its stream ends with what
+    came after it: a new epoch or bundle, a prediction without activity (presence only, an
+    unknown bundle), no prediction for ``max_gap_s`` of wall time (:meth:`release_quiet`),
+    :meth:`forget`. :meth:`drop` discards an AP's waiting seconds unsettled.
+
+    Not thread-safe: one caller at a time (csi_cloud.events.LiveTrust holds a lock).
     """
 
     def __init__(self, params_of: Callable[[str], tuple[TrustParams, float] | None],
@@ -309,15 +317,14 @@ class Smoother:
         ``smoothed_confidence`` and ``uncertain``, all None where there is nothing to smooth
         (presence only, an unknown bundle, a late segment older than the stream's newest)."""
         none = {"smoothed_activity": None, "smoothed_confidence": None, "uncertain": None}
+        key = (prediction["site"], prediction["ap"])
         model = prediction.get("model")
         probs = (prediction.get("probabilities") or {}).get("activity") or {}
-        if not model or not probs:
-            return none
-        found = self.params_of(model)
-        if found is None:
+        found = self.params_of(model) if model and probs else None
+        if not model or found is None:  # no activity: the AP's activity stream, if any, ended
+            self.forget(*key)
             return none
         params, segment_s = found
-        key = (prediction["site"], prediction["ap"])
         labels = list(probs)
         t = float(prediction["timestamp"])
         epoch = int(prediction["epoch"])
@@ -330,26 +337,47 @@ class Smoother:
                 self._release(key, stream, 0)  # the stream before ends here
             stream = self.streams[key] = _Stream(
                 epoch, model, t, HMMFilter(len(labels), params.stay), labels,
-                params.threshold, max(0, round(self.settle_s / segment_s)))
+                params.threshold, math.ceil(self.settle_s / segment_s - 1e-9),
+                params.max_gap_s, time.monotonic())
         elif t <= stream.timestamp and stream.filter.belief is not None:
             return none  # a late segment: the filter does not go back in time
         else:
             steps = max(1, round((t - stream.timestamp) / segment_s))
         stream.timestamp = t
+        stream.arrived = time.monotonic()
         fresh = stream.filter.belief is None
         evidence = np.clip(np.array([probs[k] for k in labels], np.float64), _FLOOR, None)
         belief = stream.filter.update(evidence, steps)
         stream.waiting.append(_Second(t, evidence, belief.copy(),
-                                      1.0 if fresh else params.stay ** steps))
+                                      1.0 if fresh else stream.filter.stay ** steps))
         self._release(key, stream, stream.lag)
         best = int(belief.argmax())
         confidence = float(belief[best])
         return {"smoothed_activity": labels[best],
                 "smoothed_confidence": round(confidence, 5),
-                "uncertain": confidence < params.threshold}
+                "uncertain": confidence < stream.threshold}
 
     def forget(self, site: str, ap: str) -> None:
         """End the AP's stream: its waiting seconds settle with what came after them."""
         stream = self.streams.pop((site, ap), None)
         if stream is not None:
             self._release((site, ap), stream, 0)
+
+    def drop(self, site: str, ap: str) -> None:
+        """Forget the AP's stream without settling what waits (another worker took it over
+        meanwhile: those seconds are its to tell)."""
+        self.streams.pop((site, ap), None)
+
+    def release_quiet(self, now: float | None = None) -> None:
+        """End the streams with no prediction for their ``max_gap_s`` (``time.monotonic()``
+        seconds; the next prediction would start a new stream anyway): an AP that went silent
+        still gets the last seconds of its timeline."""
+        now = time.monotonic() if now is None else now
+        for key, stream in list(self.streams.items()):
+            if now - stream.arrived > stream.max_gap_s:
+                self.forget(*key)
+
+    def release_all(self) -> None:
+        """End every stream (the service stops)."""
+        for key in list(self.streams):
+            self.forget(*key)

@@ -220,9 +220,10 @@ def test_the_smoother_settles_each_second_as_the_bench_does() -> None:
         s.update({"site": "home", "ap": "hall", "epoch": 1 if t < 30 else 2,
                   "timestamp": float(t), "model": "m", "probabilities": {"activity": probs}})
         got = s.drain()
-        assert all(x.timestamp <= t - 2 for x in got) or t == 30  # 2 s late, or the old epoch
+        # 2 s late; the new epoch at 30 ends the old stream: its last two seconds settle.
+        assert [x.timestamp for x in got] == (
+            [28.0, 29.0] if t == 30 else [] if t in (0, 1, 31) else [t - 2.0])
         settled += got
-    assert len(settled) == 58  # the last two wait for more seconds or the stream's end
     s.forget("home", "hall")
     settled += s.drain()
     assert [x.timestamp for x in settled] == [float(t) for t in range(60)]
@@ -238,6 +239,53 @@ def test_the_smoother_settles_each_second_as_the_bench_does() -> None:
         (out["smoothed_activity"], out["smoothed_confidence"])]
     with pytest.raises(SmoothingError, match="-1"):
         Smoother(lambda model: None, settle_s=-1)
+
+
+def test_settling_across_missing_seconds_uses_the_transition_over_the_gap() -> None:
+    """Seconds 0, 1, 4, 5: the settled belief of second 1 is the exact forward-backward
+    posterior with the 3-step transition T**3 into second 4."""
+    stay, k = 0.8, 3
+    evidence = [_p(0), _p(0), _p(1, 0.9), _p(1, 0.9)]
+    s = Smoother(lambda model: (TrustParams(stay=stay), 1.0), settle_s=2.0)
+    for t, e in zip((0.0, 1.0, 4.0, 5.0), evidence, strict=True):
+        s.update({"site": "a", "ap": "b", "epoch": 1, "timestamp": t, "model": "m",
+                  "probabilities": {"activity": dict(zip(LABELS, e.tolist(), strict=True))}})
+    second = next(x for x in s.drain() if x.timestamp == 1.0)
+
+    def trans(steps: int) -> np.ndarray:
+        keep = stay ** steps
+        return keep * np.eye(k) + (1 - keep) / k
+
+    alpha = evidence[0] / evidence[0].sum()
+    alpha = evidence[1] * (trans(1) @ alpha)
+    beta = trans(1) @ (evidence[3] * np.ones(k))  # second 5 into second 4
+    beta = trans(3) @ (evidence[2] * beta)  # second 4 into second 1, across the gap
+    post = alpha * beta / (alpha * beta).sum()
+    assert second.activity == LABELS[int(post.argmax())]
+    assert second.confidence == pytest.approx(float(post.max()), abs=1e-5)
+
+
+def test_streams_that_end_without_a_next_prediction_still_settle() -> None:
+    params = (TrustParams(stay=0.8, max_gap_s=10.0), 1.0)
+    s = Smoother(lambda model: params if model == "m" else None, settle_s=2.0)
+    for t in range(5):
+        s.update(_pred(float(t), 1, ap="quiet"))
+        s.update(_pred(float(t), 1, ap="switched"))
+        s.update(_pred(float(t), 1, ap="moved"))
+    assert [x.timestamp for x in s.drain()] == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
+    # An AP that turns presence-only (no bundle) ends its activity stream at once.
+    s.update({**_pred(5.0, 1, ap="switched"), "model": None})
+    assert [(x.ap, x.timestamp) for x in s.drain()] == [("switched", 3.0), ("switched", 4.0)]
+    # A silent AP's stream ends once it has been quiet for max_gap_s of wall time.
+    s.release_quiet(now=time.monotonic())
+    assert s.drain() == []
+    s.drop("home", "moved")  # another worker tells its seconds now: never settled here
+    s.release_quiet(now=time.monotonic() + 11.0)
+    assert [(x.ap, x.timestamp) for x in s.drain()] == [("quiet", 3.0), ("quiet", 4.0)]
+    assert s.streams == {}
+    s.update(_pred(10.0, 1, ap="x"))
+    s.release_all()
+    assert [x.timestamp for x in s.drain()] == [10.0]
 
 
 def test_abstention_below_the_threshold() -> None:
@@ -460,21 +508,51 @@ def test_events_api_from_live_ingest(client: TestClient) -> None:
         assert before["value"] != after["value"]
     # The activity episodes are the settled labels' runs: the filter over the stored
     # probabilities read 2 s late (the last 2 s of the stream wait for more seconds).
-    acts = [e for e in rows if e["kind"] == "activity"]
     stream = sorted(preds["data"], key=lambda p: p["timestamp"])
     labels = list(stream[0]["probabilities"]["activity"])
     p = np.array([[r["probabilities"]["activity"][k] for k in labels] for r in stream])
-    stay = TrustParams.from_calibration(service.registry.get(stream[0]["model"])
-                                        .manifest.calibration).stay
-    settled = [labels[i] for i in fixed_lag(p, stay, 2).argmax(1)[:-2]]
+    params = TrustParams.from_calibration(service.registry.get(stream[0]["model"])
+                                          .manifest.calibration)
+    belief = fixed_lag(p, params.stay, 2)[:-2]
+    settled = [labels[i] if c >= params.threshold else "uncertain"
+               for i, c in zip(belief.argmax(1), belief.max(1), strict=True)]
     runs = [(stream[i]["timestamp"], v) for i, v in enumerate(settled)
             if i == 0 or v != settled[i - 1]]
     assert len(runs) >= 3  # the recordings' changes, at least
+
+    def activity_events() -> list[dict[str, Any]]:
+        rows = client.get("/api/v1/events", params={"site": "lab", "kind": "activity"}
+                          ).json()["data"]
+        return sorted(rows, key=lambda e: e["start"])
+
+    # The events of the last batch are stored just after its predictions: wait for them.
+    acts = _wait(lambda: a if len(a := activity_events()) >= len(runs) else None,
+                 what=f"{len(runs)} activity episodes")
     assert [e["value"] for e in acts] == [v for _, v in runs]
     assert [e["start"] for e in acts] == pytest.approx([t for t, _ in runs])
     # The AP's latest prediction (the state HA and the dashboard read) has them too.
     ap = client.get("/api/v1/aps/lab/ap1").json()
     assert ap["prediction"]["smoothed_activity"] is not None
+
+
+def test_stopping_settles_what_waits(tmp_path: Path) -> None:
+    """Two seconds streamed, then the service stops: their labels still settle (with
+    nothing after them) and their activity episode is stored before the database closes."""
+    edge = EdgeEncoder(FITION)
+    segments = Preprocessor(edge.spec).process(read_recording(PCAP)).data[:2]
+    with TestClient(create_app(settings(tmp_path))) as first:
+        service = first.app.state.service  # type: ignore[attr-defined]
+        for i in range(2):
+            service.submit("lab", "ap1", edge.compress(
+                segments[i : i + 1], level=1, first_seq=i, epoch=3,
+                timestamp_ms=2_000_000 + i * 1000), time.time())
+        _wait(lambda: first.get("/api/v1/predictions?site=lab").json()["count"] == 2,
+              what="two predictions stored")
+        assert first.get("/api/v1/events", params={"kind": "activity"}).json()["count"] == 0
+    assert service.trust.smoother.streams == {}
+    with TestClient(create_app(settings(tmp_path))) as again:
+        events = again.get("/api/v1/events", params={"kind": "activity"}).json()["data"]
+    assert [e["start"] for e in events][-1:] == [2000.0] and len(events) in (1, 2)
 
 
 def test_events_api_filters_and_closes_open_episodes(client: TestClient) -> None:
