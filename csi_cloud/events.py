@@ -71,10 +71,14 @@ class EventTracker:
             values["presence"] = ("occupied" if prediction["presence"] else "empty", None)
         return values
 
-    def update(self, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+    def update(self, prediction: dict[str, Any], kinds: tuple[str, ...] = KINDS
+               ) -> list[dict[str, Any]]:
+        """The changes one prediction makes to the episodes of ``kinds``."""
         site, ap, t = prediction["site"], prediction["ap"], float(prediction["timestamp"])
         changes = []
         for kind, (value, confidence) in self._values(prediction).items():
+            if kind not in kinds:
+                continue
             key = (site, ap, kind)
             episode = self.current.get(key)
             if episode is not None and (episode.value == value or t < episode.start):
@@ -154,8 +158,8 @@ class LiveTrust:
             with self._smooth_lock:
                 prediction.update(self.smoother.update(prediction))
                 changes = self._settled_changes()
-                changes += self.tracker.update({k: v for k, v in prediction.items()
-                                                if k != "smoothed_activity"})  # presence
+                # Activity comes settled (above); presence from the prediction, at once.
+                changes += self.tracker.update(prediction, kinds=("presence",))
             if changes:
                 with self._pending_lock:
                     self.pending.extend(changes)
