@@ -11,8 +11,8 @@ abstention threshold (csi_cloud.smoothing), all read from ``models/NAME/bundle.j
 
 Recordings: the **test** part of the split each bundle was trained with (rebuilt from its
 manifest and checked against its counts): neither its weights nor its calibration saw them
-(``csi calibrate`` fitted the temperatures, context lengths, ``stay`` and threshold on the
-validation part).
+(``csi train``, or ``csi calibrate`` later, fitted the temperatures, context lengths,
+``stay`` and threshold on the validation part).
 Two ways to stream them (csi_cloud.model.trust):
 
 - ``separate``: each recording its own stream, context and filter starting afresh (the model
@@ -276,7 +276,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "## Live output: calibration, smoothing, abstention (bench/trust.py)", "",
         f"`python bench/trust.py` (results in `bench/results/trust.json`). Calibration "
-        f"(`csi calibrate`) fitted on the {cal.get('fitted_on', '?')}: temperature "
+        f"(`csi train` or `csi calibrate`) fitted on the {cal.get('fitted_on', '?')}: "
+        f"temperature "
         f"{result['temperature']:.3f} (NLL {cal.get('nll_before')} → {cal.get('nll_after')}, "
         f"ECE {cal.get('ece_before')} → {cal.get('ece_after')} there), context lengths read "
         f"{_lengths(result)} (each with its temperature, the most confident per second: "
