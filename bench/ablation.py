@@ -323,7 +323,7 @@ def main() -> None:
             model = CloudModel.load(folder)
             edge = EdgeEncoder(folder)
             codes = codes_from_segments(model, edge, data)
-            coeff = profile_coefficients(model.net, codes.profile)
+            coeff = profile_coefficients(model.net, codes.profile, transmitted=True)
             train, val, test = (np.array(split[k]) for k in ("train", "val", "test"))
             n_act = model.net.cfg.activities
             every = variants(model.net.cfg, args.seeds)

@@ -91,7 +91,8 @@ def child(root: Path, reps: int, out: Path) -> None:
                 return (time.process_time() - start) / reps * 1000
 
             head = cloud.net.context_head
-            coeff = profile_coefficients(cloud.net, w.profile)
+            coeff = profile_coefficients(cloud.net, w.profile,
+                                         transmitted=w.level < cloud.net.cfg.levels)
             result[f"{name}/{kind}"] = {
                 "classify_live_ms": pool.submit(timed, lambda w=w, c=cloud: c.classify_live(w))
                 .result(),

@@ -155,7 +155,7 @@ def test_adapting_on_shared_features_fits_what_the_support_windows_give(
         feats, got = head_windows(model.net, codes, support).select(lv, support)
         assert np.array_equal(got, owners)
         assert np.array_equal(feats, head.levels[lv].features(
-            z, profile_coefficients(model.net, p), present))
+            z, profile_coefficients(model.net, p, transmitted=True), present))
         a, b = shared.context_head.levels[lv].activity, alone.context_head.levels[lv].activity
         assert np.array_equal(a.coef, b.coef) and np.array_equal(a.intercept, b.intercept)
         assert not np.array_equal(a.coef, head.levels[lv].activity.coef), "it was refitted"

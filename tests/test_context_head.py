@@ -19,6 +19,7 @@ from csi_cloud.model.heads import save_derived
 from csi_cloud.model.rocket import (
     ALPHAS,
     KERNELS,
+    TIE_TOLERANCE,
     RocketTransform,
     WindowLayout,
     fit_ridge,
@@ -75,16 +76,18 @@ def test_features_are_proportions_and_separate_two_kinds_of_series() -> None:
     assert np.allclose(p.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize(("windows", "channels", "length"),
                          [(5, 3, 40), (100, 24, 56), (70, 7, 13), (0, 4, 56)])
 def test_the_compiled_transform_is_the_torch_definition_bit_for_bit(
-        windows: int, channels: int, length: int) -> None:
+        windows: int, channels: int, length: int, ties: bool) -> None:
     """Features feed ridge layers fitted on the reference's numbers: the compiled kernel must
     give the same float32 values (same summation order), on continuous values where any other
-    order rounds differently, and alike on one thread and several (100 windows split)."""
+    order rounds differently, and alike on one thread and several (100 windows split); with
+    ties counted half (new heads) and strictly above (heads stored before)."""
     rng = np.random.default_rng(channels)
     fit_on = (rng.normal(size=(30, channels, length)) / 3).astype(np.float32)
-    transform = RocketTransform.fit(fit_on, 1000, seed=1)
+    transform = RocketTransform.fit(fit_on, 1000, seed=1, ties=ties)
     x = (rng.normal(size=(windows, channels, length)) / 3).astype(np.float32)
     # Ties with the biases (quantiles of the very outputs) are where rounding would show.
     tied = min(windows // 2, len(fit_on))
@@ -98,6 +101,36 @@ def test_the_compiled_transform_is_the_torch_definition_bit_for_bit(
             assert np.array_equal(fast, transform.reference(x))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_outputs_on_a_bias_count_half_and_decide_nothing_by_float_noise() -> None:
+    """The transform's option the shipped heads do not use (bench/exact_inputs.py measures
+    it): series of whole steps over 5 (what the decoded codes give) hit their biases
+    exactly, an output on a bias counts half, so the features are the same whichever way
+    float noise tips those ties, and each is the mean of the strict reading and of the
+    reading that counts ties in full."""
+    rng = np.random.default_rng(7)
+    steps = (rng.integers(-4, 5, size=(40, 6, 48)) / 5).astype(np.float32)
+    transform = RocketTransform.fit(steps, 840, seed=3, ties=True)
+    assert transform.ties and not RocketTransform.fit(steps, 84, seed=3).ties
+
+    def strictly_above(biases: np.ndarray) -> RocketTransform:
+        return RocketTransform(transform.dilations, transform.channel_mask, biases,
+                               transform.counts, ties=False)
+
+    above = strictly_above(transform.biases + TIE_TOLERANCE)
+    at_least = strictly_above(transform.biases - TIE_TOLERANCE)
+    half = transform(steps)
+    assert np.allclose(half, (above(steps) + at_least(steps)) / 2, atol=1e-6)
+    assert not np.array_equal(above(steps), at_least(steps)), "the series must hit biases"
+    noise = (1 + 1e-6 * rng.standard_normal(steps.shape)).astype(np.float32)
+    assert np.array_equal(transform(steps * noise), half)
+    strict = strictly_above(transform.biases)  # how heads read before
+    assert not np.array_equal(strict(steps * noise), strict(steps))
+    again = RocketTransform.from_arrays(transform.arrays("t."), "t.")
+    assert again.ties and np.array_equal(again(steps), half)
+    old = {k: v for k, v in transform.arrays("t.").items() if k != "t.ties"}
+    assert not RocketTransform.from_arrays(old, "t.").ties  # stored before: strictly above
 
 
 def test_the_compiled_transform_reads_only_its_channels() -> None:

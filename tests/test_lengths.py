@@ -92,7 +92,8 @@ def test_predict_lengths_refuses_lengths_the_window_does_not_have() -> None:
     cloud, windows = decoded("wiar")
     head = cloud.net.context_head
     assert head is not None
-    coeff = profile_coefficients(cloud.net, windows.profile)
+    coeff = profile_coefficients(cloud.net, windows.profile,
+                                 transmitted=windows.level < cloud.net.cfg.levels)
     for bad in (0, 9):
         with pytest.raises(ValueError, match=f"no last {bad} slots"):
             head.predict_lengths(windows.z_q, coeff, windows.present, windows.level, [bad])
@@ -123,7 +124,8 @@ def test_the_compiled_transform_is_the_definition_on_the_readings_series(name: s
     cloud, windows = decoded(name)
     head = cloud.net.context_head
     assert head is not None
-    coeff = profile_coefficients(cloud.net, windows.profile)
+    coeff = profile_coefficients(cloud.net, windows.profile,
+                                 transmitted=windows.level < cloud.net.cfg.levels)
     for lv in range(4):
         rows = windows.level == lv
         part = head.levels[lv]
@@ -133,3 +135,36 @@ def test_the_compiled_transform_is_the_definition_on_the_readings_series(name: s
             for transform, layout in zip(part.transforms, part.parts(), strict=True):
                 x = series(short.z_q, coeff[rows], short.present, layout)
                 assert np.array_equal(transform(x), transform.reference(x)), (lv, k)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_float_noise_on_decoded_profiles_changes_no_output(name: str) -> None:
+    """The head reads the transmitted profile coefficients as the whole steps that were sent:
+    decoded profiles that differ in their last float digits (as another machine's kernels
+    give them) are classified bit for bit alike. Read as floats, noise of this size moved
+    the head's threshold features (docs/model.md, "Exact inputs")."""
+    cloud, windows = decoded(name)
+    rng = np.random.default_rng(0)
+    noise = (1 + 1e-6 * rng.standard_normal(windows.profile.shape)).astype(np.float32)
+    noisy = Windows(windows.z_q, (windows.profile * noise).astype(np.float32),
+                    windows.present, windows.level)
+    assert not np.array_equal(noisy.profile, windows.profile)
+    levels = cloud.net.cfg.levels
+    exact = profile_coefficients(cloud.net, windows.profile, transmitted=True)
+    assert np.array_equal(exact, np.rint(exact))  # whole steps
+    assert np.array_equal(exact, profile_coefficients(cloud.net, noisy.profile,
+                                                      transmitted=True))
+    floats = profile_coefficients(cloud.net, windows.profile)
+    assert 0 < np.abs(floats - exact).max() < 0.01  # what rounding takes away: float noise
+    for a, b in zip(cloud.readings(windows), cloud.readings(noisy), strict=True):
+        assert np.array_equal(a, b)
+    full, again = cloud.classify(windows), cloud.classify(noisy)
+    assert np.array_equal(full.activity, again.activity)
+    if full.identity is not None:
+        assert again.identity is not None and np.array_equal(full.identity, again.identity)
+    # The unquantized path's exact profiles (a row at level ``levels``) are projected as
+    # they are.
+    unquantized = np.where(np.arange(len(windows)) % 2 == 0, windows.level, levels)
+    mixed = profile_coefficients(cloud.net, windows.profile,
+                                 transmitted=unquantized < levels)
+    assert np.array_equal(mixed[::2], exact[::2]) and np.array_equal(mixed[1::2], floats[1::2])

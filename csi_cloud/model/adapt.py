@@ -165,7 +165,7 @@ def head_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> H
     for v in range(codes.z_q.shape[0]):
         z, p, present, level = (t.numpy() for t in window_batch(codes, rows,
                                                                 np.full(len(rows), v)))
-        coeff = profile_coefficients(net, p)
+        coeff = profile_coefficients(net, p, transmitted=level < net.cfg.levels)
         for lv in np.unique(level).tolist():
             pick = np.flatnonzero(level == lv)
             groups.append((v, int(lv), owners[pick], last[pick],

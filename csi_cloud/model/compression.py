@@ -79,7 +79,8 @@ def classify_windows(net: CSICodecNet, windows: Windows, *, features: bool = Tru
     head = net.context_head
     p_act = p_id = feats = None
     if head is not None:
-        coeff = profile_coefficients(net, windows.profile)
+        coeff = profile_coefficients(net, windows.profile,
+                                     transmitted=windows.level < net.cfg.levels)
         p_act, p_id = head.predict(windows.z_q, coeff, windows.present, windows.level,
                                    reading=reading)
     need_identity = identity and p_id is None and net.classifier.identity is not None
@@ -343,8 +344,9 @@ class CloudModel:
             z_q, profile, present, level = (x[start:start + _CLASSIFY_CHUNK] for x in
                                             (windows.z_q, windows.profile, windows.present,
                                              windows.level))
-            runs.append(head.predict_lengths(z_q, profile_coefficients(self.net, profile),
-                                             present, level, lengths))
+            coeff = profile_coefficients(self.net, profile,
+                                         transmitted=level < self.net.cfg.levels)
+            runs.append(head.predict_lengths(z_q, coeff, present, level, lengths))
         if not runs:
             return [np.zeros((0, self.net.cfg.activities), np.float32) for _ in lengths]
         return [np.concatenate([run[i] for run in runs]) for i in range(len(lengths))]

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .neighbours import ProfileNeighbours, fit_neighbours
 from .rocket import (
     RidgeHead,
     RocketTransform,
@@ -58,15 +59,30 @@ class CodecNet(Protocol):
     def eval(self) -> Any: ...
 
 
-def profile_coefficients(net: CodecNet, profile: np.ndarray) -> np.ndarray:
-    """Decoded profiles (..., C) -> their PCA coefficients in quantisation steps (..., Kmax).
+def profile_coefficients(net: CodecNet, profile: np.ndarray, *,
+                         transmitted: bool | np.ndarray = False) -> np.ndarray:
+    """Profiles (..., C) -> their PCA coefficients in quantisation steps (..., Kmax).
 
-    The decoded profile is ``mean + sum_k c_k step_k basis_k`` with orthonormal ``basis``, so
-    this recovers the transmitted coefficients exactly (zeros beyond a level's K)."""
+    A decoded profile is ``mean + sum_k c_k step_k basis_k`` with orthonormal ``basis`` and
+    whole steps ``c_k`` (zeros beyond a level's K), so the projection recovers the
+    transmitted coefficients, up to float32 noise (up to 1e-3 steps on the shipped bundles)
+    whose last digits depend on the machine's matrix kernels. ``transmitted`` (True, or a
+    mask over the leading axes, e.g. a window's rows (W,) with ``level < levels``): those
+    profiles were decoded from codes, and their coefficients are rounded to the whole steps
+    that were sent. Why: the head's features count how often a convolution of the series
+    exceeds a bias, and the series of whole steps hit their biases exactly; noise of 1e-7
+    decided such ties differently from one machine to another and moved a recording or two
+    in 62 (docs/model.md, "Exact inputs"). The unquantized path's exact profiles (False)
+    are projected as they are."""
     mean = net.profile_mean.numpy()
     basis = net.profile_basis.numpy()
     step = net.profile_step.numpy()
-    return ((profile - mean) @ basis.T / step).astype(np.float32)
+    coeff = ((profile - mean) @ basis.T / step).astype(np.float32)
+    mask = np.asarray(transmitted, dtype=bool)
+    if not mask.any():
+        return coeff
+    mask = mask.reshape(mask.shape + (1,) * (coeff.ndim - mask.ndim))
+    return np.where(mask, np.rint(coeff), coeff).astype(np.float32)
 
 
 @dataclass(slots=True)
@@ -83,6 +99,18 @@ class LevelHead:
     short: RidgeHead | None = None
     # Layers of single lengths (fit_level's ``per_length``), before ``short`` for those.
     by_length: dict[int, RidgeHead] = field(default_factory=dict)
+    # The nearest training windows by window-mean profile, mixed into the identity layer's
+    # probabilities (csi_cloud.model.neighbours); None: the identity layer alone.
+    neighbours: ProfileNeighbours | None = None
+
+    def identity_probabilities(self, feats: np.ndarray, coeff: np.ndarray,
+                               present: np.ndarray) -> np.ndarray | None:
+        """Identity probabilities (W, I) of windows with features ``feats`` (their
+        coefficients (W, N, K) and present slots (W, N) for the neighbours)."""
+        if self.identity is None:
+            return None
+        p = self.identity.probabilities(feats)
+        return p if self.neighbours is None else self.neighbours.mix(p, coeff, present)
 
     def reader(self, reading: int | None) -> RidgeHead:
         """The activity layer of a full window (``reading`` None) or of the live output's
@@ -135,7 +163,7 @@ class ContextHead:
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
             act = part.reader(reading).probabilities(feats)
-            ident = None if part.identity is None else part.identity.probabilities(feats)
+            ident = part.identity_probabilities(feats, coeff[rows], present[rows])
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
             p_act[rows] = act
@@ -205,6 +233,8 @@ class ContextHead:
                 out.update(part.short.arrays(f"{p}short."))
             for k, layer in part.by_length.items():
                 out.update(layer.arrays(f"{p}short{k}."))
+            if part.neighbours is not None:
+                out.update(part.neighbours.arrays(f"{p}nn."))
         return out
 
     @classmethod
@@ -229,9 +259,11 @@ class ContextHead:
                          for name in sorted({key.split(".")[2] for key in arrays
                                              if key.startswith(f"{p}short")})
                          if name != "short"}
+            neighbours = (ProfileNeighbours.from_arrays(arrays, f"{p}nn.")
+                          if f"{p}nn.points" in arrays else None)
             levels.append(LevelHead(layout, transforms,
                                     RidgeHead.from_arrays(arrays, f"{p}activity."), identity,
-                                    short, by_length))
+                                    short, by_length, neighbours))
         return cls(levels)
 
     @staticmethod
@@ -344,6 +376,11 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     if identity is not None:
         head.identity = choose(feats, identity[0], identity[1],
                                None if val_feats is None else (val_feats, identity[2]))
+        if val is not None and val_feats is not None and identity[2] is not None:
+            head.neighbours = fit_neighbours(
+                windows[1], windows[2], identity[0], identity[1], layout.profile_components,
+                ridge_val=head.identity.probabilities(val_feats), val_coeff=val[0][1],
+                val_present=val[0][2], val_labels=identity[2])
     return head
 
 

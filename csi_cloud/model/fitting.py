@@ -109,7 +109,7 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     model = CloudModel.load(bundle)
     net, cfg = model.net, model.net.cfg
     codes = codes_from_segments(model, EdgeEncoder(bundle), data)
-    coeff = profile_coefficients(net, codes.profile)
+    coeff = profile_coefficients(net, codes.profile, transmitted=True)
     n = cfg.context_segments
     rng = np.random.default_rng(seed)
     rows_tr, own_tr = _some_windows(codes, train_recs, n, per_recording, rng)

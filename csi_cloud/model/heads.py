@@ -408,6 +408,7 @@ def enroll_identity(net: CSICodecNet, calibration: dict[str, Any], codes: CodeDa
         derived.context_head = copy.deepcopy(net.context_head)
         for part in derived.context_head.levels:
             part.identity = None
+            part.neighbours = None
     layer = derived.classifier.identity
     assert layer is not None and net.classifier.identity is not None
     with torch.no_grad():

@@ -22,7 +22,7 @@ from .fitting import fit
 from .report import write_report
 from .train import EpochLog, TrainOptions
 
-__all__ = ["evaluate_folder", "prepare", "train_bundle"]
+__all__ = ["evaluate_folder", "prepare", "report_notes", "train_bundle"]
 
 
 def prepare(dataset: str, data_dir: Path, **spec_options: Any) -> tuple[SegmentData, Any,
@@ -73,8 +73,9 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
                                staging, name=out.name, model=model, training=training,
                                progress=progress, checkpoints=checkpoints)
         bundle = Bundle(staging, manifest)  # as ``fit`` wrote it: not read back
-        evaluation = evaluate_bundle(CloudModel.load(bundle), EdgeEncoder(bundle), data,
-                                     test_recs, dataset=dataset)
+        cloud = CloudModel.load(bundle)
+        evaluation = evaluate_bundle(cloud, EdgeEncoder(bundle), data, test_recs,
+                                     dataset=dataset)
         training["seconds_bundle"] = round(time.perf_counter() - started, 1)
         protocol_results = (
             run_protocols(data, spec, activities, identities, protocols, opts,
@@ -87,12 +88,7 @@ def train_bundle(dataset: str, data_dir: Path, out: Path, opts: TrainOptions, *,
         manifest.held_out = held_out
         # Metrics are not part of the id (it covers weights and behaviour only).
         write_manifest(staging, manifest)
-        notes = []
-        if dataset == "fition":
-            notes.append("On Fition each user was recorded in one room and one session, so "
-                         "identity accuracy measures recognising the session and room as much as "
-                         "the person; a random split by recording also rewards recognising the "
-                         "session. Cross-session activity accuracy is the honest number.")
+        notes = report_notes(dataset, cloud)
         write_report(staging, manifest=manifest.model_dump(mode="json"),
                      history=[asdict(h) for h in result.history], evaluation=evaluation,
                      protocols=protocol_results, notes=notes)
@@ -111,3 +107,25 @@ def evaluate_folder(bundle: Path, dataset: str, data_dir: Path) -> Evaluation:
     data = load_folder(loaded, dataset, data_dir)
     return evaluate_bundle(CloudModel.load(loaded), EdgeEncoder(loaded), data,
                            np.arange(len(data)), dataset=dataset)
+
+
+def report_notes(dataset: str, cloud: CloudModel) -> list[str]:
+    """The notes of a bundle's report: what its figures mean on ``dataset``, and how its head
+    reads identity."""
+    notes = []
+    if dataset == "fition":
+        notes.append("On Fition each user was recorded in one room and one session, so "
+                     "identity accuracy measures recognising the session and room as much as "
+                     "the person; a random split by recording also rewards recognising the "
+                     "session. Cross-session activity accuracy is the honest number.")
+    head = cloud.net.context_head
+    mixed = [] if head is None else [(i, part.neighbours) for i, part in enumerate(head.levels)
+                                     if part.neighbours is not None]
+    if head is not None and mixed:
+        where = ", ".join(
+            f"{'unquantized' if i == len(head.levels) - 1 else f'level {i}'}: "
+            f"{nn.k} neighbours, weight {nn.weight:g}" for i, nn in mixed if nn is not None)
+        notes.append("Identity mixes the head's ridge layer with the nearest training windows "
+                     "by window-mean profile, where the validation windows chose it "
+                     f"(docs/model.md, \"Identity neighbours\"): {where}.")
+    return notes

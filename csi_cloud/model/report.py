@@ -119,13 +119,16 @@ METRIC_KEYS = ["level", "payload_bytes_per_s", "payload_bytes_per_segment", "com
                "nmse_db", "encoder_ms_per_segment"]
 
 
-def write_report(folder: Path, *, manifest: dict[str, Any], history: list[dict[str, Any]],
-                 evaluation: Any, protocols: dict[str, Any] | None, notes: list[str]) -> Path:
-    """Write report.md and plots into the bundle folder."""
+def write_report(folder: Path, *, manifest: dict[str, Any],
+                 history: list[dict[str, Any]] | None, evaluation: Any,
+                 protocols: dict[str, Any] | None, notes: list[str]) -> Path:
+    """Write report.md and plots into the bundle folder. ``history`` None: the training
+    curves are not redrawn (a head refitted on a trained network: the bundle's plot stays)."""
     summary = evaluation.summary
     preds = evaluation.predictions
     labels = manifest["labels"]
-    _curves(history, folder / "training_curves.png")
+    if history is not None:
+        _curves(history, folder / "training_curves.png")
     low = 0
     _confusion(preds[low]["activity_true"], preds[low]["activity"], labels["activity"],
                f"activity, level {low} (held-out test recordings)",

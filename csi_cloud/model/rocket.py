@@ -51,6 +51,11 @@ __all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", 
 KERNELS = np.array([[2.0 if i in combo else -1.0 for i in range(9)]
                     for combo in itertools.combinations(range(9), 3)], dtype=np.float32)
 _PHI = (np.sqrt(5.0) - 1) / 2  # low-discrepancy quantile positions, as MiniRocket draws them
+# A convolution output within this of a bias is a tie (see RocketTransform.ties). The decoded
+# series are whole quantisation steps over 5 (and window means of them), so distinct outputs
+# lie at least ~3e-3 apart, and sums of the same values in another order (the biases were
+# drawn from torch's convolution, the features come from the compiled kernel) within ~2e-5.
+TIE_TOLERANCE = np.float32(1e-4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +99,18 @@ class RocketTransform:
     """MiniRocket-style features of (W, channels, length) series (see the module docstring)."""
 
     def __init__(self, dilations: np.ndarray, channel_mask: np.ndarray,
-                 biases: np.ndarray, counts: np.ndarray) -> None:
+                 biases: np.ndarray, counts: np.ndarray, ties: bool = False) -> None:
         self.dilations = np.asarray(dilations, np.int64)  # (G,)
         self.channel_mask = np.asarray(channel_mask, np.float32)  # (G, 84, channels)
         self.biases = np.asarray(biases, np.float32)  # (G, 84, Fmax), padded with +inf
         self.counts = np.asarray(counts, np.int64)  # (G,) features per kernel at dilation g
+        # Ties count half: the feature is (outputs above the bias + half the outputs within
+        # TIE_TOLERANCE of it) / length, instead of the outputs above it: what float noise
+        # gave on average to whole-step series, which land exactly on biases drawn from
+        # them. Measured and not used (bench/exact_inputs.py: 1.6 to 2.5 points per second
+        # below counting strictly on whole steps, docs/model.md "Exact inputs"); heads count
+        # strictly above, on whole steps.
+        self.ties = bool(ties)
         self._channels: tuple[np.ndarray, np.ndarray] | None = None  # see _channel_lists
 
     @property
@@ -107,7 +119,7 @@ class RocketTransform:
 
     @classmethod
     def fit(cls, x: np.ndarray, features: int = 5000, max_dilations: int = 32,
-            seed: int = 0) -> RocketTransform:
+            seed: int = 0, ties: bool = False) -> RocketTransform:
         """Dilations from the series length, random channel subsets, biases from quantiles of
         the convolution outputs of random training series ``x`` (W, channels, length)."""
         rng = np.random.default_rng(seed)
@@ -138,8 +150,13 @@ class RocketTransform:
             out = F.conv1d(summed[None], torch.from_numpy(KERNELS)[:, None, :],
                            dilation=int(d), padding=4 * int(d), groups=84)[0].numpy()
             c = int(counts[i])
-            biases[i, :, :c] = np.quantile(out, quantiles[:c], axis=1).T
-        return cls(dilations, mask, biases, counts)
+            # With ties counted half, each bias is one of the outputs (the lower one, not an
+            # interpolation between two): on whole-step series it then sits on an output value
+            # up to float noise, never a hair's breadth off one, where noise would decide
+            # whether that output ties.
+            biases[i, :, :c] = np.quantile(out, quantiles[:c], axis=1,
+                                           method="lower" if ties else "linear").T
+        return cls(dilations, mask, biases, counts, ties)
 
     @staticmethod
     def _conv(x: torch.Tensor, dilation: int, mask: torch.Tensor) -> torch.Tensor:
@@ -159,8 +176,9 @@ class RocketTransform:
         if not len(x):
             return out
         kernel = _compiled_kernel()
+        table = _half_table(x.shape[2]) if self.ties else _ppv_table(x.shape[2])
         args = (self.dilations, *self._channel_lists(), self.biases, self.counts,
-                _ppv_table(x.shape[2]), KERNELS)
+                table, KERNELS, self.ties, TIE_TOLERANCE)
         # Windows are independent: split them over threads (the kernel releases the GIL).
         # Small batches (the live service: a few windows a message) run on the caller's.
         threads = min(torch.get_num_threads(), len(x) // _MIN_WINDOWS_PER_THREAD)
@@ -197,20 +215,33 @@ class RocketTransform:
             for i, d in enumerate(self.dilations.tolist()):
                 conv = self._conv(chunk, int(d), torch.from_numpy(self.channel_mask[i]))
                 c = int(self.counts[i])
-                bias = torch.from_numpy(self.biases[i, :, :c])  # (84, c)
-                ppv = (conv[:, :, None, :] > bias[None, :, :, None]).float().mean(-1)
+                bias = torch.from_numpy(self.biases[i, :, :c])[None, :, :, None]  # (84, c)
+                if self.ties:
+                    tol = torch.tensor(TIE_TOLERANCE)
+                    high, low = bias + tol, bias - tol
+                    out4 = conv[:, :, None, :]
+                    n = (2 * (out4 > high).sum(-1)
+                         + ((out4 >= low) & (out4 <= high)).sum(-1))
+                    ppv = torch.from_numpy(_half_table(conv.shape[-1]))[n]
+                else:
+                    ppv = (conv[:, :, None, :] > bias).float().mean(-1)
                 feats.append(ppv.reshape(len(chunk), -1))
             out.append(torch.cat(feats, dim=1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.features), np.float32)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}dilations": self.dilations, f"{prefix}channel_mask": self.channel_mask,
-                f"{prefix}biases": self.biases, f"{prefix}counts": self.counts}
+        out: dict[str, np.ndarray] = {
+            f"{prefix}dilations": self.dilations, f"{prefix}channel_mask": self.channel_mask,
+            f"{prefix}biases": self.biases, f"{prefix}counts": self.counts}
+        if self.ties:  # absent: a head stored before ties counted half
+            out[f"{prefix}ties"] = np.array(1, np.int64)
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> RocketTransform:
         return cls(arrays[f"{prefix}dilations"], arrays[f"{prefix}channel_mask"],
-                   arrays[f"{prefix}biases"], arrays[f"{prefix}counts"])
+                   arrays[f"{prefix}biases"], arrays[f"{prefix}counts"],
+                   bool(arrays[f"{prefix}ties"]) if f"{prefix}ties" in arrays else False)
 
 
 # -- the compiled transform ----------------------------------------------------------------
@@ -230,7 +261,8 @@ _MIN_WINDOWS_PER_THREAD = 32  # below this, a thread costs more than it saves
 
 def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
                      sizes: np.ndarray, biases: np.ndarray, counts: np.ndarray,
-                     table: np.ndarray, kernels: np.ndarray, out: np.ndarray) -> None:
+                     table: np.ndarray, kernels: np.ndarray, ties: bool, tolerance: Any,
+                     out: np.ndarray) -> None:
     """(W, channels, L) series -> PPV features into ``out`` (W, F); see the section above.
 
     The summed channels sit in a buffer with ``4 * max dilation`` zeros on either side, so
@@ -277,9 +309,18 @@ def _features_kernel(x: np.ndarray, dilations: np.ndarray, channels: np.ndarray,
                 for b in range(c):
                     bias = biases[i, k, b]
                     n = 0
-                    for t in range(length):
-                        if conv[t] > bias:
-                            n += 1
+                    if ties:  # twice the outputs above, plus the ties (RocketTransform.ties)
+                        high = bias + tolerance
+                        low = bias - tolerance
+                        for t in range(length):
+                            if conv[t] > high:
+                                n += 2
+                            elif conv[t] >= low:
+                                n += 1
+                    else:
+                        for t in range(length):
+                            if conv[t] > bias:
+                                n += 1
                     out[w, col + k * c + b] = table[n]
             col += 84 * c
 
@@ -302,6 +343,13 @@ def _ppv_table(length: int) -> np.ndarray:
     reference's ``(conv > bias).float().mean(-1)`` rounds it: (length + 1,) float32."""
     count = torch.arange(length + 1)[:, None, None, None]
     return (torch.arange(length)[None, None, None, :] < count).float().mean(-1).reshape(-1).numpy()
+
+
+@functools.cache
+def _half_table(length: int) -> np.ndarray:
+    """The feature of a series of ``length`` steps by twice its count above the bias plus its
+    ties (RocketTransform.ties): (2 * length + 1,) float32, ``n / (2 * length)``."""
+    return (np.arange(2 * length + 1, dtype=np.float64) / (2 * length)).astype(np.float32)
 
 
 @functools.cache
