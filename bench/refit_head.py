@@ -52,11 +52,14 @@ REFIT_NOTE = "The test-split figures above were measured by `python bench/refit_
 
 
 def hand_notes(text: str, generated: list[str]) -> list[str]:
-    """The bullets of a report's Notes section that no code writes (added by hand)."""
-    if "## Notes" not in text:
-        return []
-    body = text.split("## Notes", 1)[1].split("\n<!-- ", 1)[0]
-    bullets = [b.strip().replace("\n", " ") for b in re.split(r"^- ", body, flags=re.M)[1:]]
+    """The bullets of a report's Notes section that no code writes (added by hand; a report
+    without notes of its own may hold such bullets after its plots, with no heading)."""
+    head = text.split("\n<!-- ", 1)[0]
+    if "## Notes" in head:
+        body = head.split("## Notes", 1)[1]
+    else:
+        body = head.rsplit("\n![", 1)[-1].split("\n", 1)[-1]
+    bullets = [" ".join(b.split()) for b in re.split(r"^- ", body, flags=re.M)[1:]]
     return [b for b in bullets if not any(b[:40] == g[:40] for g in generated)
             and not b.startswith(("Identity mixes", REFIT_NOTE))]
 
@@ -94,7 +97,7 @@ def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
                                  dataset=dataset)
     after = evaluation.summary
     machine = environment()
-    info = {"command": "python bench/refit_head.py",
+    info: dict[str, Any] = {"command": "python bench/refit_head.py",
             "machine": f"{machine['cpu']}, {', '.join(machine['isa'])}",
             "level0_as_trained": level0(as_trained), "level0_after": level0(after)}
     bundle = write_manifest(folder, bundle.manifest.model_copy(update={
