@@ -2,10 +2,11 @@
 context head on them (bench/identity_neighbours.py, bench/exact_inputs.py).
 
     python bench/model.py --datasets fition --protocols random --anchor-fits last \\
-        --threads 2 --level0 0,16 --out bench/results/model_identity_neighbours.json
+        --threads 2 --level0 0,16 --no-reuse --out bench/results/model_identity_neighbours.json
 
-keeps the 5 bundles of Fition's random protocol under ``.cache/bench/bundles/fition``, each
-with its ``split.json`` (training, validation and test recordings).
+(``--no-reuse``: bundles kept by an earlier version are trained again) keeps the 5 bundles of
+Fition's random protocol under ``.cache/bench/bundles/fition``, each with its ``split.json``
+(training, validation and test recordings).
 """
 
 from __future__ import annotations

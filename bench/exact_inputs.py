@@ -1,7 +1,8 @@
 """What reading the transmitted profile coefficients as whole steps costs the head.
 
     python bench/model.py --datasets fition --protocols random --anchor-fits last \\
-        --threads 2 --level0 0,16 --out bench/results/model_identity_neighbours.json
+        --threads 2 --level0 0,16 --no-reuse \\
+        --out bench/results/model_identity_neighbours.json
     python bench/exact_inputs.py [--data ../shared/data] [--out FILE]
 
 The first command keeps the 5 fold bundles of Fition's random protocol

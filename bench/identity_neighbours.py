@@ -1,7 +1,8 @@
 """What the identity neighbours add: the same bundles scored with and without them.
 
     python bench/model.py --datasets fition --protocols random --anchor-fits last \\
-        --threads 2 --level0 0,16 --out bench/results/model_identity_neighbours.json
+        --threads 2 --level0 0,16 --no-reuse \\
+        --out bench/results/model_identity_neighbours.json
     python bench/identity_neighbours.py [--data ../shared/data] [--out FILE]
 
 The first command trains ours on Fition's 5 folds (split by recording) with the anchors beside
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{folder} has no context head")
         chosen = [None if lv.neighbours is None else
                   {"k": lv.neighbours.k, "weight": lv.neighbours.weight} for lv in head.levels]
+        if head.levels[0].identity is None:
+            raise SystemExit(f"{folder} has no identity layer: run bench/model.py as this "
+                             "script's help says (--no-reuse)")
         with_nn = _identity(evaluate_bundle(model, edge, data, test).summary)
         for lv in head.levels:
             lv.neighbours = None

@@ -85,7 +85,10 @@ def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
     manifest = Bundle.load(folder).manifest
     options = manifest.training["options"]
     n = int(manifest.model["context_segments"])
-    as_trained = manifest.metrics["test_split"]
+    earlier = manifest.training.get("head_refit")
+    # A bundle refitted before keeps the figures it had as trained.
+    as_trained_level0 = (earlier["level0_as_trained"] if isinstance(earlier, dict)
+                         else level0(manifest.metrics["test_split"]))
     fit_bundle_head(folder, data, parts["train"], parts["val"],
                     features=int(options["head_features"]), seed=int(options["seed"]),
                     lengths=[k for k in options.get("head_lengths", []) if k < n])
@@ -99,7 +102,7 @@ def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
     machine = environment()
     info: dict[str, Any] = {"command": "python bench/refit_head.py",
             "machine": f"{machine['cpu']}, {', '.join(machine['isa'])}",
-            "level0_as_trained": level0(as_trained), "level0_after": level0(after)}
+            "level0_as_trained": as_trained_level0, "level0_after": level0(after)}
     bundle = write_manifest(folder, bundle.manifest.model_copy(update={
         "metrics": {**bundle.manifest.metrics, "test_split": after},
         "training": {**bundle.manifest.training, "head_refit": info}}))

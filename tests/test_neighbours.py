@@ -64,9 +64,9 @@ def test_no_neighbours_where_the_ridge_layer_is_already_right_or_nothing_is_know
 
 
 def test_a_level_head_mixes_its_neighbours_and_stores_them() -> None:
-    """Two people whose windows differ only by a static offset that the ridge layer cannot
-    read from 8 training windows of noise features: the level keeps neighbours, its
-    identity probabilities are the mix, and the head's arrays round trip them."""
+    """A level fitted with identities: its identity probabilities are the ridge layer's mixed
+    with its neighbours' where validation kept them (the ridge layer's alone where it did
+    not), and the head's arrays round trip either (the next test forces a mix)."""
     rng = np.random.default_rng(2)
     labels = np.repeat(np.arange(4), 12)
     z, coeff, present = _windows(labels, rng, n=8, k=4, spread=1.0)

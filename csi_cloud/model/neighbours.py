@@ -51,11 +51,16 @@ class ProfileNeighbours:
         """Windows' coefficients (W, N, K') and present slots (W, N) -> (W, I); only the
         first K coefficients are read (the level's)."""
         q = (window_mean(coeff[:, :, : len(self.mean)], present) - self.mean) / self.scale
-        # Squared distances without the (W, P, K) difference tensor.
-        d = ((q**2).sum(1)[:, None] - 2 * q @ self.points.T
-             + (self.points**2).sum(1)[None, :])
+        # Squared distances summed component by component in float64, and the nearest taken
+        # by a stable sort (equal distances: the earlier training window): the same
+        # neighbours on every machine. A matrix product would sum in the order of the
+        # machine's kernels, and a partition breaks ties as it likes; training windows of
+        # one recording often have equal means.
+        d = np.zeros((len(q), len(self.points)))
+        for j in range(q.shape[1]):
+            d += (q[:, j, None].astype(np.float64) - self.points[None, :, j]) ** 2
         k = min(self.k, len(self.points))
-        near = np.argpartition(d, k - 1, axis=1)[:, :k]
+        near = np.argsort(d, axis=1, kind="stable")[:, :k]
         votes = np.zeros((len(q), self.classes), np.float32)
         np.add.at(votes, (np.repeat(np.arange(len(q)), k), self.labels[near].ravel()), 1.0)
         return votes / k
@@ -88,8 +93,8 @@ def fit_neighbours(coeff: np.ndarray, present: np.ndarray, labels: np.ndarray, c
     """The neighbours of the training windows (coefficients (W, N, K'), present (W, N),
     identities (W,), -1 unknown) over their first ``components`` coefficients, with the
     number of neighbours and the mixing weight that identify the validation windows best
-    (``ridge_val``: the ridge layer's probabilities of them; ties go to the smaller weight,
-    then the fewer neighbours). None without training windows of known identity, or without
+    (``ridge_val``: the ridge layer's probabilities of them; ties go to the fewer neighbours,
+    then the smaller weight). None without training windows of known identity, or without
     validation windows to choose on."""
     known = labels >= 0
     val_known = val_labels >= 0

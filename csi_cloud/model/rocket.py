@@ -107,7 +107,7 @@ class RocketTransform:
         # Ties count half: the feature is (outputs above the bias + half the outputs within
         # TIE_TOLERANCE of it) / length, instead of the outputs above it: what float noise
         # gave on average to whole-step series, which land exactly on biases drawn from
-        # them. Measured and not used (bench/exact_inputs.py: 1.6 to 2.5 points per second
+        # them. Measured and not used (bench/exact_inputs.py: 0.5 to 2.2 points per second
         # below counting strictly on whole steps, docs/model.md "Exact inputs"); heads count
         # strictly above, on whole steps.
         self.ties = bool(ties)
