@@ -156,6 +156,11 @@ def test_float_noise_on_decoded_profiles_changes_no_output(name: str) -> None:
                                                       transmitted=True))
     floats = profile_coefficients(cloud.net, windows.profile)
     assert 0 < np.abs(floats - exact).max() < 0.01  # what rounding takes away: float noise
+    head = cloud.net.context_head
+    assert head is not None
+    as_floats = [head.predict(windows.z_q, c, windows.present, windows.level)[0]
+                 for c in (floats, profile_coefficients(cloud.net, noisy.profile))]
+    assert not np.array_equal(*as_floats), "read as floats, the noise moves the outputs"
     for a, b in zip(cloud.readings(windows), cloud.readings(noisy), strict=True):
         assert np.array_equal(a, b)
     full, again = cloud.classify(windows), cloud.classify(noisy)

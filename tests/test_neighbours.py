@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from csi_cloud.model.context_head import ContextHead, LevelHead, fit_level
-from csi_cloud.model.neighbours import ProfileNeighbours, fit_neighbours, window_mean
+from csi_cloud.model.neighbours import ProfileNeighbours, fit_neighbours
 from csi_cloud.model.rocket import WindowLayout
+from csi_cloud.model.window import window_mean
 
 
 def _windows(labels: np.ndarray, rng: np.random.Generator, *, n: int = 6, k: int = 4,

@@ -22,16 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ProfileNeighbours", "fit_neighbours", "window_mean"]
+from .window import window_mean
+
+__all__ = ["ProfileNeighbours", "fit_neighbours"]
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 NEIGHBOURS = (3, 5, 9)
 
 
-def window_mean(coeff: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Coefficients (W, N, K) and present slots (W, N) -> the mean over present slots (W, K)."""
-    count = np.maximum(present.sum(axis=1), 1)[:, None]
-    return ((coeff * present[:, :, None]).sum(axis=1) / count).astype(np.float32)
+def _mean(coeff: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The windows' mean coefficients (W, K), float32 (the stored points' precision)."""
+    return window_mean(coeff, present).astype(np.float32)
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class ProfileNeighbours:
     def probabilities(self, coeff: np.ndarray, present: np.ndarray) -> np.ndarray:
         """Windows' coefficients (W, N, K') and present slots (W, N) -> (W, I); only the
         first K coefficients are read (the level's)."""
-        q = (window_mean(coeff[:, :, : len(self.mean)], present) - self.mean) / self.scale
+        q = (_mean(coeff[:, :, : len(self.mean)], present) - self.mean) / self.scale
         # Squared distances summed component by component in float64, and the nearest taken
         # by a stable sort (equal distances: the earlier training window): the same
         # neighbours on every machine. A matrix product would sum in the order of the
@@ -100,7 +101,7 @@ def fit_neighbours(coeff: np.ndarray, present: np.ndarray, labels: np.ndarray, c
     val_known = val_labels >= 0
     if components < 1 or not known.any() or not val_known.any():
         return None
-    means = window_mean(coeff[known][:, :, :components], present[known])
+    means = _mean(coeff[known][:, :, :components], present[known])
     mean = means.mean(axis=0)
     scale = means.std(axis=0) + 1e-6
     points = ((means - mean) / scale).astype(np.float32)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .window import window_mean
+
 __all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", "fit_ridge",
            "fit_temperature", "lone_recording_classes", "one_blas_thread", "ridge_path",
            "ridge_to_prior", "series"]
@@ -84,8 +86,7 @@ def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
     lat = z_q[:, :, : layout.latent_channels]
     coeff = coeff[:, :, : layout.profile_components]
     if layout.profile_mean:
-        count = np.maximum(present.sum(axis=1), 1)[:, None]
-        mean = (coeff * present[:, :, None]).sum(axis=1) / count  # (W, K_l)
+        mean = window_mean(coeff, present)  # (W, K_l)
         coeff = np.concatenate([coeff, np.broadcast_to(mean[:, None], coeff.shape)], axis=2)
     prof = np.repeat(coeff[:, :, :, None], t, axis=3)
     x = np.concatenate([lat, prof / layout.profile_scale], axis=2)

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Windows", "slot_rows", "take"]
+__all__ = ["Windows", "slot_rows", "take", "window_mean"]
+
+
+def window_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per-slot values (W, N, K) and present slots (W, N) -> each window's mean over its
+    present slots (W, K); zeros for a window with none. (What the head holds beside the
+    profile coefficients, csi_cloud.model.rocket.series, and what the identity neighbours
+    compare, csi_cloud.model.neighbours.)"""
+    count = np.maximum(present.sum(axis=1), 1)[:, None]
+    return (values * present[:, :, None]).sum(axis=1) / count
 
 
 def slot_rows(rows_by_slot: Mapping[int, int], end: int, n: int) -> np.ndarray:
