@@ -43,6 +43,13 @@ recording.
     ESP32 movement recordings alone, and a chip's next session against a reference measured
     in its first; Fition sessions with half their ``nm`` recordings measured first and the
     rest among the moving ones (``--seeds`` orders).
+(g) A room's own motion threshold, fitted on labelled seconds
+    (:func:`~csi_edge.presence.fit_motion_threshold`, the API's ``presence/threshold/fit``):
+    each Fition session streamed as in (b) with the automatic reference; half of its
+    recordings (a random half per order) are the labelled ones the threshold is fitted on
+    (``nm`` still, the others moving; no still second flagged), the other half is scored:
+    ``motion`` per second at the site's threshold (1.5) and at the fitted one
+    (``--seeds`` orders, per session and pooled).
 Ablations: each design choice of the detector undone in turn, on (a) and (b).
 """
 
@@ -84,6 +91,7 @@ from csi_edge.presence import (  # noqa: E402
     MotionMeter,
     PresenceConfig,
     PresenceTracker,
+    fit_motion_threshold,
     presence_spec,
 )
 from csi_edge.readers import read_recording  # noqa: E402
@@ -537,6 +545,80 @@ def _rarely_quiet_fition(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds
     }
 
 
+# -- (g) a threshold fitted on labelled seconds ----------------------------------------------------
+
+
+def bench_fitted_threshold(folder: Path, seeds: int, log: Callable[[str], None]
+                           ) -> dict[str, Any]:
+    return _fitted_threshold(fition_sessions(folder), seeds, log)
+
+
+def _fitted_threshold(sessions: dict[str, list[tuple[CSIFrames, int]]], seeds: int,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    site = PresenceConfig().motion_threshold
+    per_seed = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        default_scored: list[tuple[int, bool]] = []
+        fitted_scored: list[tuple[int, bool]] = []
+        per_session: dict[str, dict[str, Any]] = {}
+        for name, recordings in sorted(sessions.items()):
+            stream = [recordings[i] for i in rng.permutation(len(recordings))]
+            seconds = [s for s in run_stream(stream) if s.score is not None]
+            files = sorted({s.source for s in seconds})
+            labelled = {files[i] for i in rng.permutation(len(files))[:len(files) // 2]}
+            fit = fit_motion_threshold(
+                [s.score for s in seconds if s.source in labelled and s.label == 0],
+                [s.score for s in seconds if s.source in labelled and s.label == 1])
+            scored = [s for s in seconds if s.source not in labelled]
+            truth = np.array([s.label == 1 for s in scored])
+            scores = np.array([s.score for s in scored], dtype=np.float64)
+            per_session[name] = {"threshold": fit.threshold,
+                                 "fit": fit.as_dict(),
+                                 "site": rates(truth, scores >= site),
+                                 "fitted": rates(truth, scores >= fit.threshold)}
+            default_scored += [(int(t), bool(v >= site)) for t, v in zip(truth, scores,
+                                                                         strict=True)]
+            fitted_scored += [(int(t), bool(v >= fit.threshold)) for t, v in zip(
+                truth, scores, strict=True)]
+        row: dict[str, Any] = {"seed": seed, "sessions": per_session,
+                               "site": rates(np.array([t for t, _ in default_scored], dtype=bool),
+                                             np.array([f for _, f in default_scored],
+                                                      dtype=bool)),
+                               "fitted": rates(np.array([t for t, _ in fitted_scored],
+                                                        dtype=bool),
+                                               np.array([f for _, f in fitted_scored],
+                                                        dtype=bool))}
+        per_seed.append(row)
+        log(f"  seed {seed}: motion F1 / recall / FPR at the site's threshold "
+            f"{row['site']['f1']} / {row['site']['recall']} / "
+            f"{row['site']['false_positive_rate']}, fitted {row['fitted']['f1']} / "
+            f"{row['fitted']['recall']} / {row['fitted']['false_positive_rate']} (thresholds "
+            + ", ".join(f"{k} {v['threshold']}" for k, v in per_session.items()) + ")")
+
+    def mean(which: str, key: str, session: str | None = None) -> float | None:
+        rows = [r[which] if session is None else r["sessions"][session][which]
+                for r in per_seed]
+        values = [v[key] for v in rows if v[key] is not None]
+        return _round(float(np.mean(values))) if values else None
+
+    keys = ("precision", "recall", "f1", "false_positive_rate")
+    return {
+        "protocol": "per recording session, all its recordings in a random order as one "
+                    "stream with the automatic reference (as (b)); a random half of its "
+                    "recordings labelled (nm still, the others moving) and the threshold "
+                    "fitted on their seconds (fit_motion_threshold, no still second flagged); "
+                    "motion scored on the other half's seconds at the site's threshold "
+                    f"({site}) and at the fitted one; {seeds} orders",
+        "per_seed": per_seed,
+        "mean": {which: {k: mean(which, k) for k in keys} for which in ("site", "fitted")},
+        "by_session": {name: {
+            "thresholds": [r["sessions"][name]["threshold"] for r in per_seed],
+            **{which: {k: mean(which, k, name) for k in keys} for which in ("site", "fitted")}}
+            for name in sorted(sessions)},
+    }
+
+
 # -- ablations -------------------------------------------------------------------------------------
 
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -763,6 +845,22 @@ def render_table(result: dict[str, Any]) -> str:
                     f"{fm['measured_empty']['precision']} / {fm['measured_empty']['recall']} / "
                     f"{fm['measured_empty']['f1']} / "
                     f"{fm['measured_empty']['false_positive_rate']} | |")
+    fitted = result.get("fitted_threshold")
+    if fitted:
+        fm = fitted["mean"]
+        rows.append(f"| Fition, each room's own threshold fitted on half its recordings "
+                    f"(labelled), the other half scored: `motion` precision / recall / F1 / "
+                    f"FPR, the site's 1.5; fitted (mean of {len(fitted['per_seed'])} orders) | "
+                    f"{fm['site']['precision']} / {fm['site']['recall']} / {fm['site']['f1']} "
+                    f"/ {fm['site']['false_positive_rate']}; {fm['fitted']['precision']} / "
+                    f"{fm['fitted']['recall']} / {fm['fitted']['f1']} / "
+                    f"{fm['fitted']['false_positive_rate']} | |")
+        for name, row in fitted["by_session"].items():
+            rows.append(f"| the same, {name}: thresholds fitted "
+                        f"{' / '.join(f'{t:g}' for t in row['thresholds'])}; `motion` recall / "
+                        f"FPR, the site's; fitted | {row['site']['recall']} / "
+                        f"{row['site']['false_positive_rate']}; {row['fitted']['recall']} / "
+                        f"{row['fitted']['false_positive_rate']} | |")
     for level in result["bytes"]["levels"]:
         rows.append(f"| wire, level {level['level']} (Fition samples): payload B/s without / "
                     f"with the motion byte | {level['payload_bytes_per_s']} / "
@@ -824,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     wiar = bench_wiar(args.data / "wiar" / "height_90", log)
     log("(f) a room that is rarely quiet: automatic against measured empty")
     rarely_quiet = bench_rarely_quiet(args.data, args.seeds, log)
+    log("(g) a room's own threshold, fitted on labelled seconds")
+    fitted = bench_fitted_threshold(args.data / "fition", args.seeds, log)
     log("ablations")
     ablations = bench_ablations(args.data, log)
     log("(d) bytes")
@@ -849,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         "fition": fition,
         "wiar": wiar,
         "rarely_quiet": rarely_quiet,
+        "fitted_threshold": fitted,
         "ablations": ablations,
         "bytes": wire,
         "cpu": cost,

@@ -34,8 +34,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AP", "Base", "Database", "DeadLetter", "Event", "Label", "Prediction", "Setting",
-           "TrainingJob", "covered"]
+__all__ = ["AP", "APPresence", "Base", "Database", "DeadLetter", "Event", "Label", "Prediction",
+           "Setting", "TrainingJob", "covered"]
 
 
 class Base(DeclarativeBase):
@@ -167,6 +167,21 @@ class Label(Base):
     activity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class APPresence(Base):
+    """An AP's own motion threshold (csi_edge.presence), in place of the site's
+    ``presence_threshold / presence_sensitivity``: set by hand or fitted on labelled seconds."""
+
+    __tablename__ = "ap_presence"
+
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ap: Mapped[str] = mapped_column(String(64), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float)
+    how: Mapped[str] = mapped_column(String(16), doc="'set' or 'fitted'")
+    fit: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True, doc="what the fit saw (csi_edge.presence.MotionThresholdFit)")
+    updated: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class TrainingJob(Base):
@@ -324,6 +339,11 @@ class Database:
     def set_setting(self, key: str, value: str) -> None:
         with self.session.begin() as s:
             s.merge(Setting(key=key, value=value))
+
+    def motion_thresholds(self) -> dict[tuple[str, str], float]:
+        """Every AP's own motion threshold."""
+        with self.session() as s:
+            return {(r.site, r.ap): r.threshold for r in s.scalars(select(APPresence))}
 
     def ping(self) -> bool:
         with self.api_engine.connect() as con:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,8 @@ class Ingestor:
         self.registry = registry
         self.presence_config = presence or PresenceConfig()
         self.presence: dict[tuple[str, str], PresenceTracker] = {}
+        # APs with a motion threshold of their own (the API's, stored in the database).
+        self.motion_thresholds: dict[tuple[str, str], float] = {}
         self.reconstruct = reconstruct
         self.max_payload_bytes = max_payload_bytes
         self.aps: dict[tuple[str, str], APState] = {}
@@ -352,8 +354,20 @@ class Ingestor:
         """``(motion, presence)`` of one AP's segment, from its tracker."""
         tracker = self.presence.get((site, ap))
         if tracker is None:
-            tracker = self.presence[(site, ap)] = PresenceTracker(self.presence_config)
+            tracker = self.presence[(site, ap)] = PresenceTracker(self._presence_config(site, ap))
         return tracker.update(start_ms / 1000, (start_ms + segment_ms) / 1000, score)
+
+    def _presence_config(self, site: str, ap: str) -> PresenceConfig:
+        own = self.motion_thresholds.get((site, ap))
+        return self.presence_config if own is None else \
+            replace(self.presence_config, threshold=own, sensitivity=1.0)
+
+    def set_motion_thresholds(self, thresholds: dict[tuple[str, str], float]) -> None:
+        """The APs' own motion thresholds (every other AP: the site's); applied from each
+        AP's next segment on, its presence hold kept."""
+        self.motion_thresholds = dict(thresholds)
+        for key, tracker in list(self.presence.items()):
+            tracker.config = self._presence_config(*key)
 
     def _presence_prediction(self, record: PresenceRecord) -> PredictionRecord:
         """A presence-only segment's prediction: presence and motion, nothing a model says."""

@@ -137,6 +137,7 @@ class CloudService:
                                                           _ACTIVE_MODEL)
         self.registry.serve(self.active_model)
         await loop.run_in_executor(self._db_pool, self._restore)
+        await loop.run_in_executor(self._db_pool, self.refresh_motion_thresholds)
         # Load what the first prediction needs before taking traffic (first-prediction
         # latency; the memory is there from the start, not grown under the first load).
         await loop.run_in_executor(self._ingest_pool, self.ingestor.warm)
@@ -235,6 +236,11 @@ class CloudService:
         while len(self._logged) > _LOGGED_MAX:
             self._logged.popitem(last=False)
         log.warning(message + " (logged once)", *args, exc_info=exc)
+
+    def refresh_motion_thresholds(self) -> None:
+        """The APs' own motion thresholds from the database into the ingestor (at start,
+        every 5 s, and at once after this worker's API changed one)."""
+        self.ingestor.set_motion_thresholds(self.db.motion_thresholds())
 
     def _restore(self, keep: Callable[[str, str], bool] | None = None) -> int:
         """Per-AP state and context from the database (persistence.restore), and each AP's
@@ -637,6 +643,10 @@ class CloudService:
                         self.settings.status_timeout_s)
                     if stored is not None:
                         self._active_setting = stored
+                    # Another worker's API may have set an AP's threshold.
+                    await asyncio.wait_for(loop.run_in_executor(
+                        self._db_pool, self.refresh_motion_thresholds),
+                        self.settings.status_timeout_s)
             except Exception as exc:
                 self.metrics.handler_errors.labels("housekeeping").inc()
                 self.log_once(f"housekeeping:{type(exc).__name__}", "housekeeping failed: %s",

@@ -63,6 +63,12 @@ It travels on the wire as one byte (csi_edge.codec); ``None`` while calibrating.
 ``motion`` when the score reaches ``threshold / sensitivity`` (1.5, i.e. 2.8 times the quiet
 variability, at sensitivity 1); ``presence`` (occupied) from the first motion segment until
 ``hold_s`` (30 s) pass without one.
+
+**A threshold fitted to the room** (:func:`fit_motion_threshold`): where walking moves the
+channel little (a link the person crosses at its edge), the default threshold flags few of
+the moving seconds even against a measured empty room. Given the scores of seconds labelled
+still and moving in that room, the AP gets the lowest threshold that flags no more of the
+still seconds than asked for (none by default).
 """
 
 from __future__ import annotations
@@ -85,11 +91,15 @@ from .preprocess import InputSpec
 __all__ = [
     "EMPTY_ROOM_DELAY_S",
     "EMPTY_ROOM_S",
+    "MOTION_THRESHOLD_RANGE",
     "MotionCalibration",
     "MotionConfig",
     "MotionMeter",
+    "MotionThresholdFit",
     "PresenceConfig",
     "PresenceTracker",
+    "ThresholdFitError",
+    "fit_motion_threshold",
     "presence_spec",
 ]
 
@@ -98,6 +108,13 @@ PRESENCE_SEGMENT_S = 1.0  # segment length without a bundle (the wire's NO_MODEL
 # and the wait before it (the operator leaving the room).
 EMPTY_ROOM_S = (5.0, 600.0)
 EMPTY_ROOM_DELAY_S = (0.0, 120.0)
+# A motion threshold of an AP (log2 ratio to the quiet reference): from 1.19 to 256 times the
+# quiet variability. Below the range the noise of a quiet room itself is motion.
+MOTION_THRESHOLD_RANGE = (0.25, 8.0)
+# Labelled seconds a fit needs of each kind (still and moving).
+MIN_FIT_SECONDS = 10
+# The thresholds a fit tries: the wire's steps of the score (csi_edge.codec, 1/16).
+_FIT_STEP = 1 / 16
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
@@ -568,3 +585,63 @@ class PresenceTracker:
     def reset(self) -> None:
         self.last_motion = None
         self.scored = False
+
+
+class ThresholdFitError(ValueError):
+    """Labelled seconds that cannot fit a threshold (too few of a kind, a bad rate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MotionThresholdFit:
+    """A motion threshold fitted on labelled seconds, with what it does on them."""
+
+    threshold: float
+    still_seconds: int
+    moving_seconds: int
+    false_positive_rate: float  # share of the still seconds at or above the threshold
+    recall: float  # share of the moving seconds at or above it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "still_seconds": self.still_seconds,
+                "moving_seconds": self.moving_seconds,
+                "false_positive_rate": round(self.false_positive_rate, 4),
+                "recall": round(self.recall, 4)}
+
+
+def fit_motion_threshold(still: Any, moving: Any, max_false_positive_rate: float = 0.0,
+                         min_seconds: int = MIN_FIT_SECONDS) -> MotionThresholdFit:
+    """The lowest threshold, on the wire's steps of 1/16 within :data:`MOTION_THRESHOLD_RANGE`,
+    that flags at most ``max_false_positive_rate`` of the ``still`` scores: as many of the
+    ``moving`` seconds as the still ones allow.
+
+    ``still`` and ``moving``: motion scores (log2, as received) of seconds labelled still (the
+    room empty, or nobody moving) and moving, in the same room and reference mode. Missing
+    scores (None, NaN) are left out. Raises :class:`ThresholdFitError` with fewer than
+    ``min_seconds`` of either kind or a rate outside [0, 0.5]."""
+    if not (isinstance(max_false_positive_rate, int | float)
+            and 0 <= max_false_positive_rate <= 0.5):
+        raise ThresholdFitError(f"max_false_positive_rate {max_false_positive_rate!r} is not "
+                                "in [0, 0.5]")
+    quiet, busy = _finite_scores(still), _finite_scores(moving)
+    if quiet.size < min_seconds or busy.size < min_seconds:
+        raise ThresholdFitError(
+            f"{quiet.size} still and {busy.size} moving labelled second(s) with a motion "
+            f"score: a fit needs {min_seconds} of each")
+    low, high = MOTION_THRESHOLD_RANGE
+    grid = np.arange(round(low / _FIT_STEP), round(high / _FIT_STEP) + 1) * _FIT_STEP
+    # Fraction of the still scores at or above each threshold; the first one within the rate
+    # (the last threshold of the range when none is).
+    flagged = (quiet[None, :] >= grid[:, None] - 1e-9).mean(axis=1)
+    within = np.flatnonzero(flagged <= max_false_positive_rate + 1e-12)
+    at = int(within[0]) if within.size else grid.size - 1
+    threshold = float(grid[at])
+    return MotionThresholdFit(
+        threshold=threshold, still_seconds=int(quiet.size), moving_seconds=int(busy.size),
+        false_positive_rate=float(flagged[at]),
+        recall=float((busy >= threshold - 1e-9).mean()))
+
+
+def _finite_scores(values: Any) -> np.ndarray:
+    out = np.array([np.nan if v is None else v for v in values], dtype=np.float64).ravel()
+    finite: np.ndarray = out[np.isfinite(out)]
+    return finite

@@ -19,11 +19,14 @@ from csi_edge.codec import NO_MODEL_ID, motion_byte
 from csi_edge.frames import CSIFrames, RadioInfo
 from csi_edge.preprocess import Preprocessor
 from csi_edge.presence import (
+    MOTION_THRESHOLD_RANGE,
     MotionCalibration,
     MotionConfig,
     MotionMeter,
     PresenceConfig,
     PresenceTracker,
+    ThresholdFitError,
+    fit_motion_threshold,
     presence_spec,
 )
 from csi_edge.readers import read_recording
@@ -335,6 +338,38 @@ def test_presence_hysteresis_and_sensitivity() -> None:
                        ({"hold_s": math.inf}, "hold_s inf")):
         with pytest.raises(ValueError, match=match):
             PresenceConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_fitted_threshold_flags_no_still_second_and_as_many_moving_ones_as_it_can() -> None:
+    still = [-0.5, 0.0, 0.25, 0.5, 0.1, None, math.nan, -1.0, 0.3, 0.2, 0.4, 0.0]
+    moving = [0.5, 0.75, 1.0, 1.25, 2.0, 3.0, 0.55, 0.6, 0.9, 1.1]
+    fit = fit_motion_threshold(still, moving)
+    # The first step of 1/16 above the highest still score (0.5): the one at 0.5 is flagged.
+    assert fit.threshold == 0.5625
+    assert fit.still_seconds == 10 and fit.moving_seconds == 10  # None and NaN left out
+    assert fit.false_positive_rate == 0.0 and fit.recall == 0.8  # 0.5 and 0.55 are missed
+    # Letting a tenth of the still seconds through: the first step above the second highest
+    # (0.4); only the highest (0.5) is flagged.
+    loose = fit_motion_threshold(still, moving, max_false_positive_rate=0.1)
+    assert loose.threshold == 0.4375 and loose.false_positive_rate == 0.1 and loose.recall == 1.0
+    # Never below the range: a quiet room's own noise is no motion.
+    assert fit_motion_threshold([-3.0] * 10, [0.0] * 10).threshold == MOTION_THRESHOLD_RANGE[0]
+    # Still seconds above the range: its top, with the rate it leaves.
+    top = fit_motion_threshold([9.0] * 10, [9.5] * 10)
+    assert top.threshold == MOTION_THRESHOLD_RANGE[1] and top.false_positive_rate == 1.0
+    assert top.as_dict()["recall"] == 1.0
+
+
+@pytest.mark.parametrize(("still", "moving", "rate", "match"), [
+    ([0.0] * 9, [1.0] * 20, 0.0, "9 still and 20 moving"),
+    ([0.0] * 20, [1.0] * 3 + [None] * 10, 0.0, "20 still and 3 moving"),
+    ([0.0] * 20, [1.0] * 20, 0.6, "max_false_positive_rate 0.6"),
+    ([0.0] * 20, [1.0] * 20, -0.1, "max_false_positive_rate -0.1"),
+])
+def test_a_threshold_fit_names_what_it_lacks(still: list[float | None], moving: list[float | None],
+                                            rate: float, match: str) -> None:
+    with pytest.raises(ThresholdFitError, match=match):
+        fit_motion_threshold(still, moving, rate)
 
 
 def test_runs_on_nexmon_and_intel5300_samples() -> None:

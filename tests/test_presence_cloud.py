@@ -153,3 +153,80 @@ def test_presence_over_the_api(tmp_path: Path) -> None:
         assert one["seq"] == 6 and one["presence"] is False
         schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictionOut"]
         assert {"motion_score", "motion", "presence"} <= set(schema["properties"])
+
+
+def test_an_aps_motion_threshold_fitted_on_its_labels(tmp_path: Path) -> None:
+    """Walking that moves the channel little (scores 0.75-1.4, under the site's 1.5) becomes
+    motion once the AP's threshold is fitted on labelled still and moving seconds; the
+    threshold is kept in the database across a restart, and can be set or cleared."""
+    settings = CloudSettings(broker=None, dev=True, token=SecretStr(TOKEN),
+                             db=f"sqlite:///{tmp_path}/db.sqlite", models=MODELS,
+                             recordings=tmp_path / "rec", jobs_dir=tmp_path / "jobs",
+                             presence_hold_s=2.0)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    still = [(-0.5 + 0.05 * i) for i in range(20)]  # -0.5 .. 0.45
+    moving = [0.75 + 0.03 * i for i in range(20)]  # 0.75 .. 1.32
+    t0 = T0 / 1000
+    fit_path = "/api/v1/aps/home/hall/presence/threshold/fit"
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        messages = [("home", "hall", presence_message(i, [s]), time.time(), None)
+                    for i, s in enumerate(still + moving)]
+        client.portal.call(service._process, messages)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while len(client.get("/api/v1/predictions", params={"site": "home", "limit": 100})
+                  .json()["data"]) < 40:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        stored = client.get("/api/v1/predictions", params={"site": "home", "limit": 100})
+        assert not any(p["motion"] for p in stored.json()["data"])  # the site's 1.5
+        assert client.post(fit_path, json={}).status_code == 401
+        r = client.post(fit_path, json={}, headers=auth)
+        assert r.status_code == 409 and "0 still and 0 moving" in r.json()["detail"], r.text
+        for start, end, activity in ((t0, t0 + 20, "nm"), (t0 + 20, t0 + 40, "walking")):
+            assert client.post("/api/v1/labels", headers=auth, json={
+                "site": "home", "ap": "hall", "start": start, "end": end,
+                "activity": activity}).status_code == 201
+        r = client.post(fit_path, json={"max_false_positive_rate": 0.7}, headers=auth)
+        assert r.status_code == 422 and "max_false_positive_rate" in r.text
+        r = client.post(fit_path, json={"still": ["sitting"]}, headers=auth)
+        assert r.status_code == 409 and "walking 20 s" in r.json()["detail"], r.text
+        r = client.post(fit_path, json={}, headers=auth)
+        assert r.status_code == 200, r.text
+        fitted = r.json()
+        assert fitted["threshold"] == 0.5 and fitted["how"] == "fitted"  # above 0.45
+        assert fitted["fit"]["still_seconds"] == 20 and fitted["fit"]["moving_seconds"] == 20
+        assert fitted["fit"]["recall"] == 1.0 and fitted["fit"]["false_positive_rate"] == 0.0
+        assert fitted["fit"]["labelled"] == {"nm": 20, "walking": 20}
+        ap = client.get("/api/v1/aps/home/hall").json()
+        assert ap["motion_threshold"]["threshold"] == 0.5
+        # The next segments are judged against it; the AP keeps its presence hold.
+        client.portal.call(service._process, [  # type: ignore[union-attr]
+            ("home", "hall", presence_message(40 + i, [s]), time.time(), None)
+            for i, s in enumerate([0.8, 0.25])])
+        live = client.get("/api/v1/predictions", params={"site": "home", "limit": 2})
+        while len(live.json()["data"]) < 2 or live.json()["data"][0]["seq"] != 41:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            live = client.get("/api/v1/predictions", params={"site": "home", "limit": 2})
+        newest = {p["seq"]: p for p in live.json()["data"]}
+        assert newest[40]["motion"] is True and newest[41]["motion"] is False
+        assert newest[41]["presence"] is True  # held 2 s after the motion at 40
+        assert client.get("/api/v1/aps").json()["data"][0]["motion_threshold"]["how"] == "fitted"
+    with TestClient(create_app(settings)) as client:  # a restart keeps it
+        service = client.app.state.service  # type: ignore[attr-defined]
+        assert service.ingestor.motion_thresholds == {("home", "hall"): 0.5}
+        path = "/api/v1/aps/home/hall/presence/threshold"
+        for bad in (0.1, 9, "high", None):
+            r = client.put(path, json={"threshold": bad}, headers=auth)
+            assert r.status_code == 422 and "threshold" in r.text, bad
+        assert client.put(path, json={"threshold": 2.0}).status_code == 401
+        r = client.put(path, json={"threshold": 2.0}, headers=auth)
+        assert r.status_code == 200 and r.json()["how"] == "set" and r.json()["fit"] is None
+        assert service.ingestor.motion_thresholds == {("home", "hall"): 2.0}
+        assert client.put("/api/v1/aps/home/nowhere/presence/threshold", json={
+            "threshold": 2.0}, headers=auth).status_code == 404
+        assert client.delete(path).status_code == 401
+        assert client.delete(path, headers=auth).status_code == 204
+        assert service.ingestor.motion_thresholds == {}
+        assert client.get("/api/v1/aps/home/hall").json()["motion_threshold"] is None

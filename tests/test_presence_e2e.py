@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jinja2
 import pytest
 from _broker import Mosquitto
@@ -239,6 +240,33 @@ def test_presence_measured_on_the_empty_room_from_the_dashboard(broker: Mosquitt
         wait(lambda: motion().get("mode") == "auto", 30, "back to automatic")
         wait(lambda: "calibrating itself" in text(f"{card} .presence-calibration summary"), 30,
              "the card back to automatic")
+
+        # The room's own motion threshold, fitted on labelled seconds from the card: a still
+        # stretch of the empty room and a moving one, labelled through the API.
+        assert "the site's" in text(f"{card} .threshold-text")
+        page = cloud.get("/predictions", site="home", ap="hall", limit=1000)
+        assert isinstance(page, dict)
+        scored = sorted(p["timestamp"] for p in page["data"] if p["motion_score"] is not None)
+        moved = min(p["timestamp"] for p in page["data"] if p["motion"])
+        for start, end, activity in ((scored[0], scored[0] + 20, "nm"),
+                                     (moved, moved + 20, "walking")):
+            r = httpx.post(f"{cloud.url}/api/v1/labels", headers={
+                "Authorization": f"Bearer {TOKEN}"}, json={
+                "site": "home", "ap": "hall", "start": start, "end": end,
+                "activity": activity}, timeout=10)
+            assert r.status_code == 201, r.text
+        browser.find_element(By.CSS_SELECTOR, f"{card} button.fit-threshold").click()
+        wait(lambda: "fitted: motion from a score of" in text(
+            f"{card} output.calibration-result"), 20, "the fitted threshold")
+        wait(lambda: "this room's" in text(f"{card} .threshold-text"), 20, "the card saying so")
+        own = cloud.get("/aps/home/hall")
+        assert isinstance(own, dict) and own["motion_threshold"]["how"] == "fitted"
+        assert f"{own['motion_threshold']['threshold']}" in text(f"{card} .threshold-text")
+        browser.find_element(By.CSS_SELECTOR, f"{card} button.site-threshold").click()
+        wait(lambda: "the site's" in text(f"{card} .threshold-text"), 20,
+             "back to the site's threshold")
+        back = cloud.get("/aps/home/hall")
+        assert isinstance(back, dict) and back["motion_threshold"] is None
         problems = page_errors(browser)
         assert not problems, problems
     finally:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import generate_latest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csi_edge.bundle import BundleManifest
 
+from ..db import Label, Prediction
 from ..ingest import BatchResult, Ingestor
 from ..jobs import JobManager
 from ..live import LiveHub
@@ -83,6 +85,37 @@ class Cloud:
         except Exception:  # the database row stands; recordings are best effort
             log.exception("labelling the recordings of %s/%s failed", site, ap)
             return None
+
+    def refresh_motion_thresholds(self) -> None:
+        """Apply the APs' own motion thresholds from the database now (this worker; the
+        others within 5 s)."""
+        self._service.refresh_motion_thresholds()
+
+    @staticmethod
+    def labelled_motion_scores(session: Session, site: str, ap: str, still: set[str],
+                               since: float | None = None
+                               ) -> tuple[list[float], list[float], dict[str, int]]:
+        """The motion scores of the AP's stored segments that start within its activity
+        labels: (still ones, moving ones, seconds per labelled activity). A stored run of
+        idle segments counts once, with the run's highest score."""
+        query = select(Label).where(Label.site == site, Label.ap == ap,
+                                    Label.activity.is_not(None))
+        if since is not None:
+            query = query.where(Label.end > since)
+        quiet: list[float] = []
+        moving: list[float] = []
+        seen: dict[str, int] = {}
+        for label in session.scalars(query.order_by(Label.start)):
+            scores = session.scalars(
+                select(Prediction.motion_score).where(
+                    Prediction.site == site, Prediction.ap == ap,
+                    Prediction.timestamp >= label.start, Prediction.timestamp < label.end,
+                    Prediction.motion_score.is_not(None))).all()
+            activity = str(label.activity)
+            seen[activity] = seen.get(activity, 0) + len(scores)
+            (quiet if activity in still else moving).extend(float(v) for v in scores
+                                                               if v is not None)
+        return quiet, moving, seen
 
     # -- models -----------------------------------------------------------------------------
 

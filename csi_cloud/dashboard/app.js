@@ -339,7 +339,9 @@ async function sendCommand(path, method, body, output) {
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    if (response.status === 202) return true;
+    // 202: a command published; 204: done; 200: done, with the result.
+    if (response.status === 202 || response.status === 204) return true;
+    if (response.ok) return await response.json().catch(() => true);
     if (response.status === 401) {
       show("token refused (401)", true);
     } else {

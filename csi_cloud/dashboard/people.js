@@ -136,11 +136,20 @@ function makeCard(key) {
     measure: el("button", { type: "button", class: "measure-empty" }),
     release: el("button", { type: "button", class: "release-empty" }),
     calibrationResult: el("output", { class: "calibration-result" }),
+    thresholdText: el("p", { class: "threshold-text" }),
+    fitThreshold: el("button", { type: "button", class: "fit-threshold",
+                                 text: "Fit to the labelled seconds" }),
+    siteThreshold: el("button", { type: "button", class: "site-threshold",
+                                  text: "Back to the site's threshold" }),
   };
   parts.measure.addEventListener("click", () => calibratePresence(key, "measure"));
   parts.release.addEventListener("click", () => calibratePresence(key, "release"));
+  parts.fitThreshold.addEventListener("click", () => motionThreshold(key, "fit"));
+  parts.siteThreshold.addEventListener("click", () => motionThreshold(key, "site"));
   parts.details = el("details", { class: "presence-calibration" }, parts.calibration,
     parts.calibrationText, el("p", { class: "calibration-actions" }, parts.measure, parts.release),
+    parts.thresholdText,
+    el("p", { class: "calibration-actions" }, parts.fitThreshold, parts.siteThreshold),
     parts.calibrationResult);
   const card = el("article", { class: "room", "data-ap": key },
     el("header", {}, parts.name, parts.site, parts.state),
@@ -270,6 +279,36 @@ function renderCalibration(key, ap, parts) {
   parts.measure.disabled = measuring;
   parts.release.hidden = motion.mode !== "pinned" && !measuring;
   parts.release.textContent = measuring ? "Cancel (automatic)" : "Back to automatic";
+  const own = ap.motion_threshold;
+  const fit = own?.fit;
+  parts.thresholdText.textContent = !own
+    ? "Motion threshold: the site's. Where walking reads as still, label a still and a " +
+      "moving stretch here (calibration below, or the API) and fit this room's."
+    : fit
+      ? `Motion threshold: this room's, ${own.threshold} (fitted on ${fit.still_seconds} ` +
+        `still and ${fit.moving_seconds} moving labelled s: flags ` +
+        `${Math.round(100 * fit.recall)}% of the moving ones, ` +
+        `${Math.round(100 * fit.false_positive_rate)}% of the still ones).`
+      : `Motion threshold: this room's, ${own.threshold} (set by hand).`;
+  parts.fitThreshold.textContent = own ? "Fit again" : "Fit to the labelled seconds";
+  parts.siteThreshold.hidden = !own;
+}
+
+async function motionThreshold(key, what) {
+  const parts = PEOPLE.cards.get(key);
+  const fit = what === "fit";
+  const done = await sendCommand(
+    `/aps/${apPath(key)}/presence/threshold${fit ? "/fit" : ""}`, fit ? "POST" : "DELETE",
+    fit ? {} : undefined, parts.calibrationResult);
+  if (done) {
+    const ap = state.aps.get(key);
+    if (ap) ap.motion_threshold = fit ? done : null;
+    parts.calibrationResult.classList.remove("error");
+    parts.calibrationResult.textContent = fit
+      ? `fitted: motion from a score of ${done.threshold} on`
+      : "back to the site's threshold";
+  }
+  renderCard(key);
 }
 
 async function calibratePresence(key, what) {

@@ -1,7 +1,9 @@
-"""Access points: state, latest prediction, rate control, presence calibration."""
+"""Access points: state, latest prediction, rate control, presence calibration, the AP's own
+motion threshold."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import numpy as np
@@ -11,11 +13,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csi_edge.names import check_name
+from csi_edge.presence import ThresholdFitError, fit_motion_threshold
 
-from ...db import AP, Prediction
+from ...db import AP, APPresence, Prediction
 from ...service import NotConnectedError
 from ..deps import CloudDep, DbSession, WriteAccess
-from ..schemas import APOut, CSIOut, CtlAccepted, EmptyRoomIn, Page, PredictionOut, RateIn
+from ..schemas import (
+    APOut,
+    CSIOut,
+    CtlAccepted,
+    EmptyRoomIn,
+    MotionThresholdFitIn,
+    MotionThresholdIn,
+    MotionThresholdOut,
+    Page,
+    PredictionOut,
+    RateIn,
+)
 
 router = APIRouter(prefix="/aps", tags=["aps"])
 
@@ -28,7 +42,7 @@ APName = Annotated[str, Path(description="access point name (csi_edge.names)"),
                    AfterValidator(lambda value: check_name(value, "ap"))]
 
 
-def ap_out(row: AP, cloud: CloudDep) -> APOut:
+def ap_out(row: AP, cloud: CloudDep, own: APPresence | None = None) -> APOut:
     counters = dict(row.counters or {})
     bytes_per_s = cloud.payload_rate(row.site, row.ap)
     rate = {"payload_bytes_per_s": round(bytes_per_s, 2)} if bytes_per_s is not None else {}
@@ -39,13 +53,20 @@ def ap_out(row: AP, cloud: CloudDep) -> APOut:
         missing_segments=int(counters.get("missing_segments", 0)),
         counters={**counters, **rate},
         status=row.status,
-        prediction=PredictionOut.model_validate(row.prediction) if row.prediction else None)
+        prediction=PredictionOut.model_validate(row.prediction) if row.prediction else None,
+        motion_threshold=_threshold_out(own) if own is not None else None)
+
+
+def _threshold_out(row: APPresence) -> MotionThresholdOut:
+    return MotionThresholdOut(site=row.site, ap=row.ap, threshold=row.threshold, how=row.how,
+                              fit=row.fit, updated=row.updated)
 
 
 @router.get("", response_model=Page[APOut], summary="Every access point the service knows")
 def list_aps(session: DbSession, cloud: CloudDep) -> Page[APOut]:
     rows = session.scalars(select(AP).order_by(AP.site, AP.ap)).all()
-    data = [ap_out(r, cloud) for r in rows]
+    own = {(r.site, r.ap): r for r in session.scalars(select(APPresence))}
+    data = [ap_out(r, cloud, own.get((r.site, r.ap))) for r in rows]
     return Page[APOut](data=data, count=len(data))
 
 
@@ -58,7 +79,7 @@ def _get_ap(session: Session, site: str, ap: str) -> AP:
 
 @router.get("/{site}/{ap}", response_model=APOut, summary="One access point")
 def get_ap(site: SiteName, ap: APName, session: DbSession, cloud: CloudDep) -> APOut:
-    return ap_out(_get_ap(session, site, ap), cloud)
+    return ap_out(_get_ap(session, site, ap), cloud, session.get(APPresence, (site, ap)))
 
 
 @router.get("/{site}/{ap}/prediction", response_model=PredictionOut | None,
@@ -130,6 +151,64 @@ async def measure_empty_room(site: SiteName, ap: APName, body: EmptyRoomIn,
                summary="Back to the automatic presence reference")
 async def release_empty_room(site: SiteName, ap: APName, cloud: CloudDep) -> CtlAccepted:
     return await _send(cloud, site, ap, {"action": "calibrate_presence", "auto": True})
+
+
+@router.put("/{site}/{ap}/presence/threshold", response_model=MotionThresholdOut,
+            dependencies=[WriteAccess],
+            summary="Give the AP a motion threshold of its own (in place of the site's)")
+def set_motion_threshold(site: SiteName, ap: APName, body: MotionThresholdIn,
+                         session: DbSession, cloud: CloudDep) -> MotionThresholdOut:
+    _get_ap(session, site, ap)
+    return _keep_threshold(session, cloud, site, ap, body.threshold, "set", None)
+
+
+@router.post("/{site}/{ap}/presence/threshold/fit", response_model=MotionThresholdOut,
+             dependencies=[WriteAccess],
+             summary="Fit the AP's motion threshold on its labelled seconds",
+             responses={409: {"description": "too few labelled seconds with a motion score"}})
+def fit_threshold(site: SiteName, ap: APName, body: MotionThresholdFitIn, session: DbSession,
+                  cloud: CloudDep) -> MotionThresholdOut:
+    """The lowest threshold (steps of 1/16) that flags at most ``max_false_positive_rate``
+    of the seconds labelled with a ``still`` activity, from the motion scores stored for the
+    AP's labelled ranges (csi_edge.presence.fit_motion_threshold). Label at least 10 s still
+    and 10 s of movement first (``POST /labels``; the dashboard's calibration records them);
+    where the room reads empty while people move, measure the empty room before."""
+    _get_ap(session, site, ap)
+    still = set(body.still)
+    quiet, moving, seen = cloud.labelled_motion_scores(session, site, ap, still, body.since)
+    try:
+        fitted = fit_motion_threshold(quiet, moving, body.max_false_positive_rate)
+    except ThresholdFitError as exc:
+        labelled = ", ".join(f"{k} {v} s" for k, v in sorted(seen.items())) or "none"
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"{site}/{ap}: {exc} (still activities {sorted(still)}; labelled "
+                            f"seconds with a motion score: {labelled})") from exc
+    fit = {**fitted.as_dict(), "still": sorted(still), "labelled": seen,
+           "max_false_positive_rate": body.max_false_positive_rate}
+    return _keep_threshold(session, cloud, site, ap, fitted.threshold, "fitted", fit)
+
+
+@router.delete("/{site}/{ap}/presence/threshold", status_code=status.HTTP_204_NO_CONTENT,
+               dependencies=[WriteAccess],
+               summary="Back to the site's motion threshold")
+def clear_motion_threshold(site: SiteName, ap: APName, session: DbSession,
+                           cloud: CloudDep) -> None:
+    _get_ap(session, site, ap)
+    row = session.get(APPresence, (site, ap))
+    if row is not None:
+        session.delete(row)
+        session.commit()
+    cloud.refresh_motion_thresholds()
+
+
+def _keep_threshold(session: Session, cloud: CloudDep, site: str, ap: str, threshold: float,
+                    how: str, fit: dict[str, object] | None) -> MotionThresholdOut:
+    """Store the AP's threshold and apply it from its next segment on."""
+    row = session.merge(APPresence(site=site, ap=ap, threshold=threshold, how=how, fit=fit,
+                                   updated=time.time()))
+    session.commit()
+    cloud.refresh_motion_thresholds()
+    return _threshold_out(row)
 
 
 async def _send(cloud: CloudDep, site: str, ap: str, command: dict[str, object]) -> CtlAccepted:

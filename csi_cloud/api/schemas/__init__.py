@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .aps import APOut, CSIOut, CtlAccepted, EmptyRoomIn, RateIn
+from .aps import (
+    APOut,
+    CSIOut,
+    CtlAccepted,
+    EmptyRoomIn,
+    MotionThresholdFitIn,
+    MotionThresholdIn,
+    MotionThresholdOut,
+    RateIn,
+)
 from .common import Page
 from .dead_letters import DeadLetterOut
 from .events import EventOut
@@ -23,6 +32,7 @@ from .training import JobRequest, JobState, StreamRange, TrainingJobOut
 
 __all__ = ["MAX_PAYLOADS", "APOut", "Activated", "CSIOut", "CtlAccepted", "DeadLetterOut",
            "EmptyRoomIn", "EnrollIn", "EventOut", "Health", "IdentitiesOut", "JobRequest",
-           "JobState", "LabelIn", "LabelOut", "ModelOut", "Page", "PayloadsIn", "PredictOut",
+           "JobState", "LabelIn", "LabelOut", "ModelOut", "MotionThresholdFitIn",
+           "MotionThresholdIn", "MotionThresholdOut", "Page", "PayloadsIn", "PredictOut",
            "PredictionOut", "RateIn", "RecordingInfo", "RejectedPayload", "StreamRange",
            "TrainingJobOut", "upload_form_schema"]

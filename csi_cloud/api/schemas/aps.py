@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-from csi_edge.presence import EMPTY_ROOM_DELAY_S, EMPTY_ROOM_S
+from csi_edge.presence import EMPTY_ROOM_DELAY_S, EMPTY_ROOM_S, MOTION_THRESHOLD_RANGE
 
 from .predictions import PredictionOut
 
-__all__ = ["APOut", "CSIOut", "CtlAccepted", "EmptyRoomIn", "RateIn"]
+__all__ = ["APOut", "CSIOut", "CtlAccepted", "EmptyRoomIn", "MotionThresholdFitIn",
+           "MotionThresholdIn", "MotionThresholdOut", "RateIn"]
+
+# The activities that mean "nobody moves" in the shipped bundles' label maps (Fition's
+# "nm", no movement) and in a user's own labels.
+STILL_ACTIVITIES = ("nm", "empty")
+
+
+class MotionThresholdOut(BaseModel):
+    site: str
+    ap: str
+    threshold: float = Field(description="motion score (log2) at and above which a segment "
+                                         "is motion, in place of the site's")
+    how: str = Field(description="'set' (by hand) or 'fitted' (on labelled seconds)")
+    fit: dict[str, Any] | None = Field(
+        description="what the fit saw: still and moving seconds, still activities, the "
+                    "false-positive rate and recall on those seconds at this threshold")
+    updated: float
 
 
 class APOut(BaseModel):
@@ -29,6 +46,9 @@ class APOut(BaseModel):
     counters: dict[str, Any]
     status: dict[str, Any] | None = Field(description="the AP's last status message")
     prediction: PredictionOut | None
+    motion_threshold: MotionThresholdOut | None = Field(
+        default=None, description="the AP's own motion threshold (null: the site's, "
+                                  "presence_threshold / presence_sensitivity)")
 
 
 class CSIOut(BaseModel):
@@ -64,6 +84,26 @@ class EmptyRoomIn(BaseModel):
     delay_s: float = Field(default=0, ge=EMPTY_ROOM_DELAY_S[0], le=EMPTY_ROOM_DELAY_S[1],
                            description="seconds to wait first (leaving the room); the edge "
                                        "also passes over the ~5 s its statistic looks back")
+
+
+class MotionThresholdIn(BaseModel):
+    threshold: float = Field(ge=MOTION_THRESHOLD_RANGE[0], le=MOTION_THRESHOLD_RANGE[1],
+                             description="motion score (log2 ratio to the AP's quiet "
+                                         "reference) at and above which a segment is motion")
+
+
+class MotionThresholdFitIn(BaseModel):
+    still: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default=list(STILL_ACTIVITIES), min_length=1, max_length=16,
+        description="labelled activities that mean nobody moves; every other labelled "
+                    "activity is movement")
+    max_false_positive_rate: float = Field(
+        default=0.0, ge=0.0, le=0.5,
+        description="share of the still seconds the threshold may flag as motion (0: none; "
+                    "presence holds 30 s after each motion, so a few false seconds keep an "
+                    "empty room occupied)")
+    since: float | None = Field(default=None, ge=0,
+                                description="only labels that end after this time (Unix s)")
 
 
 class CtlAccepted(BaseModel):
