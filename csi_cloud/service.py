@@ -23,6 +23,7 @@ import ctypes
 import functools
 import gc
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,9 +31,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from csi_edge.presence import PresenceConfig
 
-from .db import Database
+from .db import APPresence, Database
 from .events import LiveTrust
 from .ingest import BatchResult, Ingestor
 from .live import LiveHub
@@ -121,6 +125,7 @@ class CloudService:
         self._stuck: str | None = None  # why stores fail right now
         self._status_failing: str | None = None
         self._status_retry: set[tuple[str, str]] = set()  # status writes to try again
+        self._thresholds_lock = threading.Lock()  # refresh_motion_thresholds, one at a time
         self._waiting_since: float | None = None  # the queue has not been empty since
         self._processing = False  # the batch loop holds a batch
         self.dead_lettered = 0
@@ -237,10 +242,18 @@ class CloudService:
             self._logged.popitem(last=False)
         log.warning(message + " (logged once)", *args, exc_info=exc)
 
-    def refresh_motion_thresholds(self) -> None:
-        """The APs' own motion thresholds from the database into the ingestor (at start,
-        every 5 s, and at once after this worker's API changed one)."""
-        self.ingestor.set_motion_thresholds(self.db.motion_thresholds())
+    def refresh_motion_thresholds(self, session: Session | None = None) -> None:
+        """The APs' own motion thresholds from the database into the ingestor: at start and
+        every 5 s (ingest's connections), and at once after this worker's API changed one
+        (read on the API's ``session``). One refresh at a time: a read that began before the
+        API's write cannot be applied after the API's own read."""
+        with self._thresholds_lock:
+            if session is None:
+                thresholds = self.db.motion_thresholds()
+            else:
+                thresholds = {(r.site, r.ap): r.threshold
+                              for r in session.scalars(select(APPresence))}
+            self.ingestor.set_motion_thresholds(thresholds)
 
     def _restore(self, keep: Callable[[str, str], bool] | None = None) -> int:
         """Per-AP state and context from the database (persistence.restore), and each AP's

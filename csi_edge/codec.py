@@ -83,6 +83,7 @@ __all__ = [
     "MAX_SEGMENTS",
     "MIN_PAYLOAD_BYTES",
     "MOTION_NONE",
+    "MOTION_STEPS",
     "NO_MODEL_ID",
     "NO_MODEL_SEGMENT_MS",
     "Payload",
@@ -114,7 +115,7 @@ NO_MODEL_ID = bytes(MODEL_ID_BYTES)  # presence only: no bundle, motion scores o
 NO_MODEL_SEGMENT_MS = 1000
 MOTION_NONE = 0  # the motion byte of a segment without a score
 _MOTION_OFFSET = 64
-_MOTION_STEPS = 16  # per unit of log2 ratio
+MOTION_STEPS = 16  # per unit of log2 ratio
 # A message holds at least one record of quality byte + 1-byte varint.
 MIN_PAYLOAD_BYTES = HEADER_BYTES + 2 + CRC_BYTES
 MAX_PAYLOAD_BYTES = 65536
@@ -219,14 +220,14 @@ def motion_byte(score: float | None) -> int:
     score = float(score)  # numpy scalars
     if not math.isfinite(score):
         raise ValueError(f"motion score {score!r} is not finite")
-    return min(255, max(1, round(score * _MOTION_STEPS) + _MOTION_OFFSET))
+    return min(255, max(1, round(score * MOTION_STEPS) + _MOTION_OFFSET))
 
 
 def motion_from_byte(value: int) -> float | None:
     """The motion score a wire byte stands for (None for 0)."""
     if not 0 <= value <= 255:
         raise ValueError(f"motion byte {value!r} is outside [0, 255]")
-    return None if value == MOTION_NONE else (value - _MOTION_OFFSET) / _MOTION_STEPS
+    return None if value == MOTION_NONE else (value - _MOTION_OFFSET) / MOTION_STEPS
 
 
 def _varint(n: int) -> bytes:

@@ -75,16 +75,18 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .band import frames_band
+from .codec import MOTION_STEPS
 from .frames import CSIFrames
 from .preprocess import InputSpec
 
@@ -113,8 +115,8 @@ EMPTY_ROOM_DELAY_S = (0.0, 120.0)
 MOTION_THRESHOLD_RANGE = (0.25, 8.0)
 # Labelled seconds a fit needs of each kind (still and moving).
 MIN_FIT_SECONDS = 10
-# The thresholds a fit tries: the wire's steps of the score (csi_edge.codec, 1/16).
-_FIT_STEP = 1 / 16
+# The thresholds a fit tries: the wire's steps of the score.
+_FIT_STEP = 1 / MOTION_STEPS
 
 
 _MAX_KEEP_S = 60.0  # frames kept at most, scored or not
@@ -608,7 +610,8 @@ class MotionThresholdFit:
                 "recall": round(self.recall, 4)}
 
 
-def fit_motion_threshold(still: Any, moving: Any, max_false_positive_rate: float = 0.0,
+def fit_motion_threshold(still: Iterable[float | None], moving: Iterable[float | None],
+                         max_false_positive_rate: float = 0.0,
                          min_seconds: int = MIN_FIT_SECONDS) -> MotionThresholdFit:
     """The lowest threshold, on the wire's steps of 1/16 within :data:`MOTION_THRESHOLD_RANGE`,
     that flags at most ``max_false_positive_rate`` of the ``still`` scores: as many of the
@@ -617,8 +620,9 @@ def fit_motion_threshold(still: Any, moving: Any, max_false_positive_rate: float
     ``still`` and ``moving``: motion scores (log2, as received) of seconds labelled still (the
     room empty, or nobody moving) and moving, in the same room and reference mode. Missing
     scores (None, NaN) are left out. Raises :class:`ThresholdFitError` with fewer than
-    ``min_seconds`` of either kind or a rate outside [0, 0.5]."""
-    if not (isinstance(max_false_positive_rate, int | float)
+    ``min_seconds`` of either kind, a rate outside [0, 0.5], or still scores that no
+    threshold of the range keeps within the rate."""
+    if not (isinstance(max_false_positive_rate, numbers.Real)
             and 0 <= max_false_positive_rate <= 0.5):
         raise ThresholdFitError(f"max_false_positive_rate {max_false_positive_rate!r} is not "
                                 "in [0, 0.5]")
@@ -629,11 +633,15 @@ def fit_motion_threshold(still: Any, moving: Any, max_false_positive_rate: float
             f"score: a fit needs {min_seconds} of each")
     low, high = MOTION_THRESHOLD_RANGE
     grid = np.arange(round(low / _FIT_STEP), round(high / _FIT_STEP) + 1) * _FIT_STEP
-    # Fraction of the still scores at or above each threshold; the first one within the rate
-    # (the last threshold of the range when none is).
+    # Fraction of the still scores at or above each threshold; the first one within the rate.
     flagged = (quiet[None, :] >= grid[:, None] - 1e-9).mean(axis=1)
     within = np.flatnonzero(flagged <= max_false_positive_rate + 1e-12)
-    at = int(within[0]) if within.size else grid.size - 1
+    if not within.size:
+        raise ThresholdFitError(
+            f"even the highest threshold ({high}) flags {flagged[-1]:.0%} of the still seconds "
+            f"(the highest scores {float(quiet.max()):g}), more than "
+            f"max_false_positive_rate {max_false_positive_rate!r}: are they still?")
+    at = int(within[0])
     threshold = float(grid[at])
     return MotionThresholdFit(
         threshold=threshold, still_seconds=int(quiet.size), moving_seconds=int(busy.size),
@@ -641,7 +649,7 @@ def fit_motion_threshold(still: Any, moving: Any, max_false_positive_rate: float
         recall=float((busy >= threshold - 1e-9).mean()))
 
 
-def _finite_scores(values: Any) -> np.ndarray:
+def _finite_scores(values: Iterable[float | None]) -> np.ndarray:
     out = np.array([np.nan if v is None else v for v in values], dtype=np.float64).ravel()
     finite: np.ndarray = out[np.isfinite(out)]
     return finite

@@ -354,10 +354,8 @@ def test_a_fitted_threshold_flags_no_still_second_and_as_many_moving_ones_as_it_
     assert loose.threshold == 0.4375 and loose.false_positive_rate == 0.1 and loose.recall == 1.0
     # Never below the range: a quiet room's own noise is no motion.
     assert fit_motion_threshold([-3.0] * 10, [0.0] * 10).threshold == MOTION_THRESHOLD_RANGE[0]
-    # Still seconds above the range: its top, with the rate it leaves.
-    top = fit_motion_threshold([9.0] * 10, [9.5] * 10)
-    assert top.threshold == MOTION_THRESHOLD_RANGE[1] and top.false_positive_rate == 1.0
-    assert top.as_dict()["recall"] == 1.0
+    assert fit.as_dict() == {"threshold": 0.5625, "still_seconds": 10, "moving_seconds": 10,
+                             "false_positive_rate": 0.0, "recall": 0.8}
 
 
 @pytest.mark.parametrize(("still", "moving", "rate", "match"), [
@@ -365,6 +363,8 @@ def test_a_fitted_threshold_flags_no_still_second_and_as_many_moving_ones_as_it_
     ([0.0] * 20, [1.0] * 3 + [None] * 10, 0.0, "20 still and 3 moving"),
     ([0.0] * 20, [1.0] * 20, 0.6, "max_false_positive_rate 0.6"),
     ([0.0] * 20, [1.0] * 20, -0.1, "max_false_positive_rate -0.1"),
+    # Still seconds above the whole range: no threshold keeps them still.
+    ([0.0] * 8 + [9.0] * 2, [9.5] * 10, 0.1, r"flags 20% of the still seconds .* 9"),
 ])
 def test_a_threshold_fit_names_what_it_lacks(still: list[float | None], moving: list[float | None],
                                             rate: float, match: str) -> None:

@@ -191,6 +191,9 @@ def test_an_aps_motion_threshold_fitted_on_its_labels(tmp_path: Path) -> None:
         assert r.status_code == 422 and "max_false_positive_rate" in r.text
         r = client.post(fit_path, json={"still": ["sitting"]}, headers=auth)
         assert r.status_code == 409 and "walking 20 s" in r.json()["detail"], r.text
+        # A movement just before the fit: the AP's presence hold must outlive the new threshold.
+        client.portal.call(service._process, [  # type: ignore[union-attr]
+            ("home", "hall", presence_message(40, [3.0]), time.time(), None)])
         r = client.post(fit_path, json={}, headers=auth)
         assert r.status_code == 200, r.text
         fitted = r.json()
@@ -202,16 +205,17 @@ def test_an_aps_motion_threshold_fitted_on_its_labels(tmp_path: Path) -> None:
         assert ap["motion_threshold"]["threshold"] == 0.5
         # The next segments are judged against it; the AP keeps its presence hold.
         client.portal.call(service._process, [  # type: ignore[union-attr]
-            ("home", "hall", presence_message(40 + i, [s]), time.time(), None)
-            for i, s in enumerate([0.8, 0.25])])
-        live = client.get("/api/v1/predictions", params={"site": "home", "limit": 2})
-        while len(live.json()["data"]) < 2 or live.json()["data"][0]["seq"] != 41:
+            ("home", "hall", presence_message(41 + i, [s]), time.time(), None)
+            for i, s in enumerate([0.25, 0.8])])
+        live = client.get("/api/v1/predictions", params={"site": "home", "limit": 3})
+        while len(live.json()["data"]) < 3 or live.json()["data"][0]["seq"] != 42:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-            live = client.get("/api/v1/predictions", params={"site": "home", "limit": 2})
+            live = client.get("/api/v1/predictions", params={"site": "home", "limit": 3})
         newest = {p["seq"]: p for p in live.json()["data"]}
-        assert newest[40]["motion"] is True and newest[41]["motion"] is False
-        assert newest[41]["presence"] is True  # held 2 s after the motion at 40
+        assert newest[41]["motion"] is False  # under the fitted 0.5 too
+        assert newest[41]["presence"] is True  # held 2 s after the motion at 40, before the fit
+        assert newest[42]["motion"] is True  # 0.8: still under the site's 1.5
         assert client.get("/api/v1/aps").json()["data"][0]["motion_threshold"]["how"] == "fitted"
     with TestClient(create_app(settings)) as client:  # a restart keeps it
         service = client.app.state.service  # type: ignore[attr-defined]
@@ -230,3 +234,46 @@ def test_an_aps_motion_threshold_fitted_on_its_labels(tmp_path: Path) -> None:
         assert client.delete(path, headers=auth).status_code == 204
         assert service.ingestor.motion_thresholds == {}
         assert client.get("/api/v1/aps/home/hall").json()["motion_threshold"] is None
+
+
+def test_a_threshold_fit_counts_each_labelled_segment_once(tmp_path: Path) -> None:
+    """Stored idle runs count once per segment inside a label (at the run's score), a segment
+    under two labels once, and ``since`` leaves out what was scored before it."""
+    from csi_cloud.api.facade import Cloud
+    from csi_cloud.db import Label, Prediction
+
+    settings = CloudSettings(broker=None, dev=True, token=SecretStr(TOKEN),
+                             db=f"sqlite:///{tmp_path}/db.sqlite", models=MODELS,
+                             recordings=tmp_path / "rec", jobs_dir=tmp_path / "jobs")
+    t0 = 1_700_000_000.0
+
+    def row(seq: int, score: float, segments: int | None = None) -> Prediction:
+        return Prediction(site="home", ap="hall", epoch=1, seq=seq, timestamp=t0 + seq,
+                          received=t0 + seq, model=None, rate_level=0, quality=1.0,
+                          context_present=0, context_size=0, probabilities={},
+                          motion_score=score, segments=segments)
+
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        cloud = Cloud(service)
+        with service.db.session.begin() as s:
+            s.add_all([row(0, 0.3, segments=15), row(15, 0.1),  # still: a run of 15, then 1
+                       *(row(20 + i, 1.0 + 0.01 * i) for i in range(12))])  # moving
+            s.add_all([Label(site="home", ap="hall", start=t0 + 5, end=t0 + 16, activity="nm"),
+                       Label(site="home", ap="hall", start=t0 + 10, end=t0 + 12,
+                             activity="nm"),  # the same seconds again
+                       Label(site="home", ap="hall", start=t0 + 20, end=t0 + 40,
+                             activity="walking"),
+                       Label(site="home", ap="hall", start=t0 + 20, end=t0 + 30,
+                             identity="user1")])  # no activity: not a still or moving one
+        with service.db.session() as s:
+            quiet, moving, seen = cloud.labelled_motion_scores(s, "home", "hall", {"nm"})
+            # The run's segments 5..14 (10, at its score 0.3) and the single row at 15.
+            assert sorted(quiet) == [0.1] + [0.3] * 10
+            assert len(moving) == 12 and seen == {"nm": 11, "walking": 12}
+            quiet, _, seen = cloud.labelled_motion_scores(s, "home", "hall", {"nm"},
+                                                          since=t0 + 8)
+            assert sorted(quiet) == [0.1] + [0.3] * 7 and seen["nm"] == 8
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.post("/api/v1/aps/home/hall/presence/threshold/fit", json={},
+                           headers=auth).status_code == 404  # the AP was never seen

@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prometheus_client import generate_latest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csi_edge.bundle import BundleManifest
+from csi_edge.codec import NO_MODEL_SEGMENT_MS
 
 from ..db import Label, Prediction
 from ..ingest import BatchResult, Ingestor
@@ -26,6 +27,7 @@ from ..jobs import JobManager
 from ..live import LiveHub
 from ..model.compression import CloudModel
 from ..records import DecodedRecord
+from ..registry import UnknownModelError
 from ..service import CloudService, NotConnectedError
 from ..settings import CloudSettings
 from .schemas import Health
@@ -35,6 +37,9 @@ __all__ = ["UPLOAD_AP", "UPLOAD_SITE", "Cloud"]
 log = logging.getLogger("csi_cloud.api")
 
 UPLOAD_SITE = UPLOAD_AP = "upload"  # the pseudo AP of /predict's segments
+# How far before a label a stored idle run can start and still reach into it: a run is one
+# message's segments, at most 255 (the wire's count) of a few seconds each.
+_LONGEST_RUN_S = 1200.0
 
 IngestorT = TypeVar("IngestorT", bound=Ingestor)
 
@@ -86,18 +91,23 @@ class Cloud:
             log.exception("labelling the recordings of %s/%s failed", site, ap)
             return None
 
-    def refresh_motion_thresholds(self) -> None:
-        """Apply the APs' own motion thresholds from the database now (this worker; the
-        others within 5 s)."""
-        self._service.refresh_motion_thresholds()
+    def refresh_motion_thresholds(self, session: Session) -> None:
+        """Apply the APs' own motion thresholds, read on the API's ``session``, now (this
+        worker; the others within 5 s). Best effort: what was stored stands, and this
+        worker's housekeeping applies it within 5 s if this fails (logged)."""
+        try:
+            self._service.refresh_motion_thresholds(session)
+        except Exception:
+            log.exception("applying the stored motion thresholds failed (housekeeping retries)")
 
-    @staticmethod
-    def labelled_motion_scores(session: Session, site: str, ap: str, still: set[str],
+    def labelled_motion_scores(self, session: Session, site: str, ap: str, still: set[str],
                                since: float | None = None
                                ) -> tuple[list[float], list[float], dict[str, int]]:
         """The motion scores of the AP's stored segments that start within its activity
-        labels: (still ones, moving ones, seconds per labelled activity). A stored run of
-        idle segments counts once, with the run's highest score."""
+        labels (and not before ``since``): (still ones, moving ones, segments per labelled
+        activity). Each segment of a stored idle run inside a label counts, with the run's
+        score (its highest: the run keeps no other); a segment under two labels counts once,
+        for the earlier label."""
         query = select(Label).where(Label.site == site, Label.ap == ap,
                                     Label.activity.is_not(None))
         if since is not None:
@@ -105,17 +115,38 @@ class Cloud:
         quiet: list[float] = []
         moving: list[float] = []
         seen: dict[str, int] = {}
-        for label in session.scalars(query.order_by(Label.start)):
-            scores = session.scalars(
-                select(Prediction.motion_score).where(
+        counted: set[tuple[int, int]] = set()  # (row id, segment of its run)
+        lengths: dict[str | None, float] = {}
+        for label in session.scalars(query.order_by(Label.start, Label.id)).all():
+            start = label.start if since is None else max(label.start, since)
+            rows = session.execute(
+                select(Prediction.id, Prediction.timestamp, Prediction.segments,
+                       Prediction.model, Prediction.motion_score).where(
                     Prediction.site == site, Prediction.ap == ap,
-                    Prediction.timestamp >= label.start, Prediction.timestamp < label.end,
-                    Prediction.motion_score.is_not(None))).all()
+                    Prediction.motion_score.is_not(None),
+                    Prediction.timestamp < label.end,
+                    Prediction.timestamp >= start - _LONGEST_RUN_S)).all()
             activity = str(label.activity)
-            seen[activity] = seen.get(activity, 0) + len(scores)
-            (quiet if activity in still else moving).extend(float(v) for v in scores
-                                                               if v is not None)
+            into = quiet if activity in still else moving
+            for row_id, timestamp, segments, model_id, score in rows:
+                if model_id not in lengths:
+                    lengths[model_id] = self._segment_s(model_id)
+                for k in range(segments or 1):
+                    if (start <= timestamp + k * lengths[model_id] < label.end
+                            and (row_id, k) not in counted):
+                        counted.add((row_id, k))
+                        into.append(float(cast(float, score)))  # not null: the query
+                        seen[activity] = seen.get(activity, 0) + 1
         return quiet, moving, seen
+
+    def _segment_s(self, model_id: str | None) -> float:
+        """Segment length of an AP's predictions: its bundle's, 1 s without one."""
+        if model_id is None:
+            return NO_MODEL_SEGMENT_MS / 1000
+        try:
+            return float(self.model(model_id).manifest.input_spec.segment_s)
+        except UnknownModelError:
+            return NO_MODEL_SEGMENT_MS / 1000
 
     # -- models -----------------------------------------------------------------------------
 

@@ -322,7 +322,8 @@ async function refresh() {
 // -- commands to an AP (rate, presence calibration) -------------------------------------------
 
 // Send one write request with the saved API token; `output` shows what happened. True when
-// the service accepted it (202: the command is on the AP's ctl topic).
+// the service accepted it (202: the command is on the AP's ctl topic; 204: done), the answer's
+// JSON for a 200 (done, with a result), false (and why in `output`) otherwise.
 async function sendCommand(path, method, body, output) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const show = (text, error = false) => {
@@ -339,9 +340,8 @@ async function sendCommand(path, method, body, output) {
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    // 202: a command published; 204: done; 200: done, with the result.
     if (response.status === 202 || response.status === 204) return true;
-    if (response.ok) return await response.json().catch(() => true);
+    if (response.ok) return (await response.json().catch(() => null)) ?? true;
     if (response.status === 401) {
       show("token refused (401)", true);
     } else {

@@ -245,6 +245,9 @@ function renderCard(key) {
 
 // -- presence measured on the empty room (csi_edge.presence: a pinned reference) -------------------
 
+// The activities the threshold fit counts as still by default (MotionThresholdFitIn.still).
+const STILL_ACTIVITIES = ["nm", "empty"];
+
 function renderCalibration(key, ap, parts) {
   const motion = ap.status?.motion;
   parts.details.hidden = !motion;
@@ -281,9 +284,15 @@ function renderCalibration(key, ap, parts) {
   parts.release.textContent = measuring ? "Cancel (automatic)" : "Back to automatic";
   const own = ap.motion_threshold;
   const fit = own?.fit;
+  // The calibration below labels the model's activities: it can label a still stretch only
+  // where the model has a still activity; otherwise the labels come through the API.
+  const still = (activityLabels(ap) || []).filter((a) => STILL_ACTIVITIES.includes(a));
   parts.thresholdText.textContent = !own
-    ? "Motion threshold: the site's. Where walking reads as still, label a still and a " +
-      "moving stretch here (calibration below, or the API) and fit this room's."
+    ? "Motion threshold: the site's. Where walking reads as still, label a still stretch " +
+      "and a moving one of at least 10 s each " +
+      (still.length ? `(calibration below: "${still[0]}" and a movement) `
+                    : "(POST /api/v1/labels, activity nm or empty, and a movement) ") +
+      "and fit this room's."
     : fit
       ? `Motion threshold: this room's, ${own.threshold} (fitted on ${fit.still_seconds} ` +
         `still and ${fit.moving_seconds} moving labelled s: flags ` +
@@ -304,9 +313,9 @@ async function motionThreshold(key, what) {
     const ap = state.aps.get(key);
     if (ap) ap.motion_threshold = fit ? done : null;
     parts.calibrationResult.classList.remove("error");
-    parts.calibrationResult.textContent = fit
-      ? `fitted: motion from a score of ${done.threshold} on`
-      : "back to the site's threshold";
+    parts.calibrationResult.textContent = !fit ? "back to the site's threshold"
+      : done.threshold != null ? `fitted: motion from a score of ${done.threshold} on`
+      : "fitted";
   }
   renderCard(key);
 }

@@ -165,14 +165,18 @@ def set_motion_threshold(site: SiteName, ap: APName, body: MotionThresholdIn,
 @router.post("/{site}/{ap}/presence/threshold/fit", response_model=MotionThresholdOut,
              dependencies=[WriteAccess],
              summary="Fit the AP's motion threshold on its labelled seconds",
-             responses={409: {"description": "too few labelled seconds with a motion score"}})
+             responses={404: {"description": "unknown AP"},
+                        409: {"description": "too few labelled seconds with a motion score, "
+                                             "or still ones no threshold keeps within the "
+                                             "rate"}})
 def fit_threshold(site: SiteName, ap: APName, body: MotionThresholdFitIn, session: DbSession,
                   cloud: CloudDep) -> MotionThresholdOut:
     """The lowest threshold (steps of 1/16) that flags at most ``max_false_positive_rate``
     of the seconds labelled with a ``still`` activity, from the motion scores stored for the
-    AP's labelled ranges (csi_edge.presence.fit_motion_threshold). Label at least 10 s still
-    and 10 s of movement first (``POST /labels``; the dashboard's calibration records them);
-    where the room reads empty while people move, measure the empty room before."""
+    AP's labelled ranges that start from ``since`` on (csi_edge.presence.fit_motion_threshold).
+    Label at least ``MIN_FIT_SECONDS`` (10) s still and as many of movement first (``POST
+    /labels``; the dashboard's calibration records them); where the room reads empty while
+    people move, measure the empty room before and fit with ``since`` after it."""
     _get_ap(session, site, ap)
     still = set(body.still)
     quiet, moving, seen = cloud.labelled_motion_scores(session, site, ap, still, body.since)
@@ -198,7 +202,7 @@ def clear_motion_threshold(site: SiteName, ap: APName, session: DbSession,
     if row is not None:
         session.delete(row)
         session.commit()
-    cloud.refresh_motion_thresholds()
+    cloud.refresh_motion_thresholds(session)
 
 
 def _keep_threshold(session: Session, cloud: CloudDep, site: str, ap: str, threshold: float,
@@ -207,7 +211,7 @@ def _keep_threshold(session: Session, cloud: CloudDep, site: str, ap: str, thres
     row = session.merge(APPresence(site=site, ap=ap, threshold=threshold, how=how, fit=fit,
                                    updated=time.time()))
     session.commit()
-    cloud.refresh_motion_thresholds()
+    cloud.refresh_motion_thresholds(session)
     return _threshold_out(row)
 
 

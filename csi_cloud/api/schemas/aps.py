@@ -103,7 +103,8 @@ class MotionThresholdFitIn(BaseModel):
                     "presence holds 30 s after each motion, so a few false seconds keep an "
                     "empty room occupied)")
     since: float | None = Field(default=None, ge=0,
-                                description="only labels that end after this time (Unix s)")
+                                description="only segments captured from this time on (Unix s;"
+                                            " e.g. since the empty room was last measured)")
 
 
 class CtlAccepted(BaseModel):

@@ -50,7 +50,8 @@ class PredictionOut(BaseModel):
                                   "calibrated on the AP from its own quiet periods; null while "
                                   "the edge calibrates or when it sends none (docs/presence.md)")
     motion: bool | None = Field(
-        default=None, description="motion_score reached the motion threshold (the cloud's "
+        default=None, description="motion_score reached the motion threshold (the AP's own "
+                                  "where one was set or fitted, else the cloud's "
                                   "presence_threshold / presence_sensitivity); null without a "
                                   "score")
     presence: bool | None = Field(
