@@ -100,9 +100,7 @@ def level0_layout(text: str) -> dict[str, tuple[int, ...]]:
     if not text:
         return {}
     latent, profile = (int(v) for v in text.split(","))
-    default = ModelConfig.model_fields
-    return {"level_channels": (latent, *default["level_channels"].default[1:]),
-            "profile_components": (profile, *default["profile_components"].default[1:])}
+    return ModelConfig.level0(latent, profile)
 
 
 def train_ours(data: SegmentData, spec: Any, acts: list[str], ids: list[str],

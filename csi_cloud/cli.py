@@ -99,6 +99,11 @@ def train_command(
              "cross-session (Fition); comma-separated, empty for none")] = "",
     folds: Annotated[int, typer.Option(help="folds of the random protocol")] = 5,
     protocol_seeds: Annotated[int, typer.Option(help="seeds per protocol")] = 1,
+    level0: Annotated[str, typer.Option(
+        metavar="LATENT,PROFILE",
+        help="what rate level 0 sends: latent channels and profile coefficients, e.g. 1,12 "
+             "(the other levels as by default; stored in the bundle's model config) "
+             "[the design's: 0,16]")] = "",
 ) -> None:
     """Train a bundle: split by recording, train with early stopping, freeze the entropy
     tables, export the int8 edge encoder, evaluate the held-out recordings, write report.md."""
@@ -115,6 +120,14 @@ def train_command(
                         threads=threads, segment_dropout=segment_dropout)
     if quantizer not in ("fsq", "vq"):
         raise fail(f"--quantizer must be fsq or vq, not {quantizer!r}")
+    from .model.network import ModelConfig
+
+    try:
+        latent, profile = (int(v) for v in level0.split(",")) if level0 else (-1, -1)
+        layout = ModelConfig.level0(latent, profile) if level0 else {}
+    except ValueError as exc:
+        raise fail(f"--level0 {level0!r}: {exc}" if "level 0" in str(exc) else
+                   f"--level0 {level0!r} is not LATENT,PROFILE (two whole numbers)") from exc
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn()) as bar:
         task = bar.add_task("", total=epochs)
@@ -125,7 +138,8 @@ def train_command(
 
         try:
             manifest, evaluation = train_bundle(
-                dataset, data, out, opts, model={"quantizer": quantizer}, progress=progress,
+                dataset, data, out, opts, model={"quantizer": quantizer, **layout},
+                progress=progress,
                 protocols=[p for p in protocols.split(",") if p] or None,
                 protocol_folds=folds, protocol_seeds=protocol_seeds,
                 log=lambda line: bar.console.print(line))

@@ -95,6 +95,23 @@ def test_convert_to_an_unwritable_path_is_one_line(out: str, message: str) -> No
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(("level0", "message"), [
+    ("x", "--level0 'x' is not LATENT,PROFILE"),
+    ("1,2,3", "--level0 '1,2,3' is not LATENT,PROFILE"),
+    ("5,16", "level 0 latent channels 5 not in [0, 4]"),
+    ("1,17", "level 0 profile coefficients 17 not in [0, 16]"),
+    ("0,0", "level 0 must send latent channels, profile coefficients or both"),
+])
+def test_train_names_a_bad_level0_layout_before_training(tmp_path: Path, level0: str,
+                                                         message: str) -> None:
+    result = runner.invoke(app, ["train", "--dataset", "fition", "--data",
+                                 str(samples_dir() / "fition"), "--out", str(tmp_path / "b"),
+                                 "--level0", level0])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()  # nothing trained
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as holder:

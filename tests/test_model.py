@@ -259,8 +259,10 @@ def csi(*args: str) -> subprocess.CompletedProcess[str]:
 def test_train_and_evaluate_commands(samples: Path, tmp_path: Path) -> None:
     out = tmp_path / "models" / "tiny"
     run = csi("train", "--dataset", "fition", "--data", str(samples / "fition"), "--out",
-              str(out), "--epochs", "2", "--threads", "1")
+              str(out), "--epochs", "2", "--threads", "1", "--level0", "1,12")
     assert run.returncode == 0, run.stderr
+    level0 = load_manifest(out).levels[0]  # the layout asked for, kept in the bundle
+    assert (level0.groups, level0.profile_components) == (1, 12)
     assert (out / "report.md").is_file() and (out / "rate_accuracy.png").is_file()
     # 8 recordings leave no test split: the bundle is scored on what it was trained on, and
     # says so in bundle.json and in the report's title.

@@ -77,6 +77,24 @@ class ModelConfig(BaseModel):
     def channels(self) -> int:
         return self.antennas * self.subcarriers
 
+    @classmethod
+    def level0(cls, latent: int, profile: int) -> dict[str, tuple[int, ...]]:
+        """The fields of a config whose level 0 sends ``latent`` latent channels and
+        ``profile`` profile coefficients, the other levels as by default (a per-bundle
+        choice: ``csi train --level0``). ValueError naming a value out of range."""
+        channels = cls.model_fields["level_channels"].default
+        profiles = cls.model_fields["profile_components"].default
+        if not 0 <= latent <= channels[1]:
+            raise ValueError(f"level 0 latent channels {latent} not in [0, {channels[1]}] "
+                             "(at most level 1's)")
+        if not 0 <= profile <= max(profiles):
+            raise ValueError(f"level 0 profile coefficients {profile} not in "
+                             f"[0, {max(profiles)}]")
+        if latent == 0 and profile == 0:
+            raise ValueError("level 0 must send latent channels, profile coefficients or both")
+        return {"level_channels": (latent, *channels[1:]),
+                "profile_components": (profile, *profiles[1:])}
+
     @property
     def levels(self) -> int:
         return len(self.level_channels)
