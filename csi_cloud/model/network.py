@@ -57,7 +57,9 @@ class ModelConfig(BaseModel):
     # (docs/model.md, ablation), so every level sends all 16 (99.99 % of the profile's
     # variance); level 0 sends no latent channel: with the network retrained for it, it
     # learned new sessions and rooms better than 1 latent + 12 profile at the same bytes
-    # (docs/model.md, "The same layout with the network retrained").
+    # (docs/model.md, "The same layout with the network retrained"). A bundle may choose
+    # otherwise (csi train --level0; the WiAR bundle keeps 1 latent + 12 profile: docs/model.md,
+    # "Level 0 per bundle").
     level_channels: tuple[int, ...] = (0, 4, 8, 16)
     profile_components: tuple[int, ...] = (16, 16, 16, 16)
     profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
