@@ -248,8 +248,17 @@ def test_presence_measured_on_the_empty_room_from_the_dashboard(broker: Mosquitt
         assert isinstance(page, dict)
         scored = sorted(p["timestamp"] for p in page["data"] if p["motion_score"] is not None)
         moved = min(p["timestamp"] for p in page["data"] if p["motion"])
+
+        def moving_scored() -> list[float]:
+            page = cloud.get("/predictions", site="home", ap="hall", limit=1000)
+            assert isinstance(page, dict)
+            return sorted(p["timestamp"] for p in page["data"]
+                          if p["motion_score"] is not None and p["timestamp"] >= moved)
+
+        # A fit needs 10 scored seconds of each kind: label a moving stretch already stored.
+        stored = wait(lambda: (ts := moving_scored())[11:] and ts, 60, "12 s of movement stored")
         for start, end, activity in ((scored[0], scored[0] + 20, "nm"),
-                                     (moved, moved + 20, "walking")):
+                                     (moved, stored[11] + 0.5, "walking")):
             r = httpx.post(f"{cloud.url}/api/v1/labels", headers={
                 "Authorization": f"Bearer {TOKEN}"}, json={
                 "site": "home", "ap": "hall", "start": start, "end": end,

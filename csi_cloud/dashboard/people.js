@@ -213,7 +213,9 @@ function renderCard(key) {
   if (truth) {
     const bits = [];
     if (truth.activity != null) {
-      bits.push(`${truth.activity} ${r.activity === truth.activity ? "✓" : "✗"}`);
+      // Nothing to mark where no model names an activity (presence only).
+      bits.push(r.activity == null ? truth.activity
+                                   : `${truth.activity} ${r.activity === truth.activity ? "✓" : "✗"}`);
     }
     if (truth.identity != null && p.identity != null) {
       bits.push(`${truth.identity} ${p.identity === truth.identity ? "✓" : "✗"}`);
