@@ -80,7 +80,7 @@ def train_command(
     data: Annotated[Path, typer.Option(help="folder holding the dataset", exists=True,
                                        file_okay=False)],
     out: Annotated[Path, typer.Option(help="bundle folder to write, e.g. models/NAME")],
-    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 60,
+    epochs: Annotated[int, typer.Option(min=1, help="maximum epochs")] = 60,
     seed: Annotated[int, typer.Option(help="seed of the split and the training")] = 0,
     batch: Annotated[int, typer.Option(help="context windows per batch")] = 32,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,

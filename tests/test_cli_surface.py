@@ -112,6 +112,15 @@ def test_train_names_a_bad_level0_layout_before_training(tmp_path: Path, level0:
     assert not (tmp_path / "b").exists()  # nothing trained
 
 
+def test_train_refuses_zero_epochs_before_training(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--dataset", "fition", "--data",
+                                 str(samples_dir() / "fition"), "--out", str(tmp_path / "b"),
+                                 "--epochs", "0"])
+    assert result.exit_code == 2, result.output
+    assert "--epochs" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as holder:
