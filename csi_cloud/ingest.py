@@ -364,7 +364,10 @@ class Ingestor:
 
     def set_motion_thresholds(self, thresholds: dict[tuple[str, str], float]) -> None:
         """The APs' own motion thresholds (every other AP: the site's); applied from each
-        AP's next segment on, its presence hold kept."""
+        AP's next segment on, its presence hold kept. The same thresholds again (housekeeping
+        reads them every 5 s) touch no tracker."""
+        if thresholds == self.motion_thresholds:
+            return
         self.motion_thresholds = dict(thresholds)
         for key, tracker in list(self.presence.items()):
             tracker.config = self._presence_config(*key)

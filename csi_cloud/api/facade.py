@@ -144,7 +144,7 @@ class Cloud:
         if model_id is None:
             return NO_MODEL_SEGMENT_MS / 1000
         try:
-            return float(self.model(model_id).manifest.input_spec.segment_s)
+            return self.model(model_id).segment_ms / 1000
         except UnknownModelError:
             return NO_MODEL_SEGMENT_MS / 1000
 
