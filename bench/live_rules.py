@@ -2,12 +2,13 @@
 fitted on the validation recordings and scored on the test recordings.
 
     python bench/live_rules.py [--data ../shared/data] [--seeds 3] [--folds 5] [--repeats 3]
+                               [--lengths 1,2,4,8]
 
-The live output (csi_cloud.model.lengths) reads each window at the bundle's context lengths,
-calibrates each reading with its own temperature and gives the **most confident** reading.
-This bench asks whether another use of the same readings (nothing more is classified) is
-better. Candidates, each a function of the calibrated readings ``rd`` (windows, lengths,
-activities):
+The live output (csi_cloud.model.lengths) reads each window at a few context lengths and
+calibrates each reading with its own temperature (fitted here on the validation recordings,
+as ``csi calibrate`` fits it). This bench asks which use of the same readings (nothing more
+is classified) is best. Candidates, each a function of the calibrated readings ``rd``
+(windows, lengths, activities):
 
 - parameter-free: most confident (the bundle's rule), largest margin (top minus second
   probability), lowest entropy, majority vote of the lengths (ties and the output
@@ -17,7 +18,11 @@ activities):
   probabilities (simplex weights by NLL), most confident after a per-length offset on the
   confidence (coordinate search on filtered accuracy), a confidence-gated mixture (weight of
   length l ∝ exp(beta * its top probability + b_l), by NLL), and a multinomial stacking model
-  over the K x L log-probabilities (L2 towards the geometric mean, ``STACK_PENALTIES``).
+  over the K x L log-probabilities (L2 towards the geometric mean, ``STACK_PENALTIES``);
+- fitted with the filter: the weighted geometric pool whose weights and ``stay`` are fitted
+  together, by the NLL of the filtered belief (csi_cloud.model.trust.fit_pool_weights, the
+  calibration's pooled option). The other rules are fitted on each second alone and get the
+  grid's best ``stay`` afterwards; this one keeps its own ``stay``.
 
 Recordings: the **validation** part of each bundle's split streamed as ``csi calibrate``
 streams it (joined, seed 0, up to 3 streams; csi_cloud.model.trust) fits the rules and the
@@ -60,8 +65,14 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/trust.py, also when loaded by p
 from trust import shared_data  # noqa: E402  (bench/trust.py, beside this script)
 
 from csi_cloud.model.compression import CloudModel  # noqa: E402
-from csi_cloud.model.temperature import apply_temperature  # noqa: E402
-from csi_cloud.model.trust import LiveStreams, live_streams, split_recordings  # noqa: E402
+from csi_cloud.model.lengths import pool  # noqa: E402
+from csi_cloud.model.temperature import apply_temperature, fit_temperature  # noqa: E402
+from csi_cloud.model.trust import (  # noqa: E402
+    LiveStreams,
+    fit_pool_weights,
+    live_streams,
+    split_recordings,
+)
 from csi_cloud.smoothing import STAY_GRID, filter_stream  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
@@ -95,20 +106,28 @@ def filtered_predictions(p: np.ndarray, starts: np.ndarray,
     return out
 
 
+def stays_of(rule: Rule) -> tuple[float, ...]:
+    """The stays a rule is filtered at: its own where it was fitted with one, else the grid."""
+    own = getattr(rule, "stay", None)
+    return STAY_GRID if own is None else (float(own),)
+
+
 def best_stay(streams: list[Stream], rule: Rule, mask: list[np.ndarray] | None = None
               ) -> tuple[float, float]:
-    """(accuracy, stay): the grid's best filtered per-second accuracy of ``rule`` over the
-    ``mask``ed seconds of ``streams`` (ties to the smaller stay, as fit_stay)."""
-    correct = np.zeros(len(STAY_GRID))
+    """(accuracy, stay): the best filtered per-second accuracy of ``rule`` over the
+    ``mask``ed seconds of ``streams`` of its :func:`stays_of` (ties to the smaller stay, as
+    fit_stay)."""
+    grid = stays_of(rule)
+    correct = np.zeros(len(grid))
     total = 0
     for i, (rd, y, starts, _) in enumerate(streams):
         m = np.ones(len(y), bool) if mask is None else mask[i]
-        pred = filtered_predictions(rule(rd), starts)
+        pred = filtered_predictions(rule(rd), starts, grid)
         correct += (pred[:, m] == y[m]).sum(1)
         total += int(m.sum())
     acc = correct / max(total, 1)
     j = int(np.argmax(np.round(acc, 9)))  # first maximum: the smallest stay
-    return float(acc[j]), float(STAY_GRID[j])
+    return float(acc[j]), float(grid[j])
 
 
 # -- the rules -------------------------------------------------------------------------------
@@ -238,6 +257,30 @@ def fit_stacking(penalty: float) -> Callable[[list[Stream], list[np.ndarray] | N
     return fit
 
 
+class _WithStay:
+    """A rule fitted together with the filter's stay."""
+
+    def __init__(self, rule: Rule, stay: float) -> None:
+        self.rule, self.stay = rule, stay
+
+    def __call__(self, rd: np.ndarray) -> np.ndarray:
+        return self.rule(rd)
+
+
+def fit_filtered_pool(streams: list[Stream], mask: list[np.ndarray] | None) -> Rule:
+    """The calibration's pooled option: weights and stay by the filtered belief's NLL over
+    the ``mask``ed seconds (the filter runs through the others, unscored)."""
+    pieces = []
+    for i, (rd, y, _starts, _) in enumerate(streams):
+        labels = y.copy()
+        if mask is not None:
+            labels[~mask[i]] = -1
+        # as_streams makes each stream start once, at its first second
+        pieces.append((np.log(np.clip(rd, FLOOR, None)).transpose(0, 2, 1), labels))
+    weights, stay = fit_pool_weights(pieces)
+    return _WithStay(lambda q: pool(list(q.transpose(1, 0, 2)), weights.tolist()), stay)
+
+
 def _fixed(rule: Rule) -> Callable[[list[Stream], list[np.ndarray] | None], Rule]:
     return lambda streams, mask: rule
 
@@ -255,10 +298,12 @@ CANDIDATES: dict[str, Callable[[list[Stream], list[np.ndarray] | None], Rule]] =
     "most confident + offsets": fit_offsets,
     "confidence-gated mixture": fit_gated_mixture,
     **{f"stacking (penalty {lam:g})": fit_stacking(lam) for lam in STACK_PENALTIES},
+    "pool fitted with the filter": fit_filtered_pool,
 }
 FITTED = {"weighted log-probabilities", "weighted probabilities", "most confident + offsets",
           "confidence-gated mixture", *(f"stacking (penalty {lam:g})"
-                                        for lam in STACK_PENALTIES)}
+                                        for lam in STACK_PENALTIES),
+          "pool fitted with the filter"}
 
 
 # -- the streams -----------------------------------------------------------------------------
@@ -302,9 +347,8 @@ def cross_fitted(streams: list[Stream], fit: Callable[[list[Stream], list[np.nda
             train = [~m for m in held]
             rule = fit(streams, train)
             _, stay = best_stay(streams, rule, train)
-            j = STAY_GRID.index(stay)
             for (rd, y, starts, _), m in zip(streams, held, strict=True):
-                pred = filtered_predictions(rule(rd), starts)[j]
+                pred = filtered_predictions(rule(rd), starts, (stay,))[0]
                 correct += int((pred[m] == y[m]).sum())
                 total += int(m.sum())
         scores.append(correct / max(total, 1))
@@ -312,18 +356,23 @@ def cross_fitted(streams: list[Stream], fit: Callable[[list[Stream], list[np.nda
 
 
 def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, folds: int,
-                 repeats: int) -> dict[str, Any]:
+                 repeats: int, lengths: tuple[int, ...]) -> dict[str, Any]:
     folder = ROOT / "models" / name
     model, edge = CloudModel.load(folder), EdgeEncoder(folder)
-    lengths, temperatures = model.lengths.lengths, model.lengths.temperatures
+    n = model.net.cfg.context_segments
+    lengths = tuple(sorted({*(k for k in lengths if k < n), n}))
     val, val_described = split_recordings(folder, dataset, data_dir, "val")
     labelled = np.arange(len(val))[val.activity >= 0]
-    val_streams = [s for ls in live_streams(model, edge, val, labelled, "joined", seed=0,
-                                            streams=min(3, len(labelled)))
-                   for s in as_streams(ls, lengths, temperatures)]
+    val_live = live_streams(model, edge, val, labelled, "joined", seed=0,
+                            streams=min(3, len(labelled)), lengths=lengths)
+    # Each length's temperature as csi calibrate fits it (NLL, rate levels pooled).
+    y = np.concatenate([ls.labels for ls in val_live])
+    temperatures = tuple(fit_temperature(np.concatenate(
+        [ls.readings[k] if k != n else ls.p_raw for ls in val_live]), y) for k in lengths)
+    val_streams = [s for ls in val_live for s in as_streams(ls, lengths, temperatures)]
     test, test_described = split_recordings(folder, dataset, data_dir, "test")
     recordings = np.arange(len(test))
-    joined = [live_streams(model, edge, test, recordings, "joined", seed=s)
+    joined = [live_streams(model, edge, test, recordings, "joined", seed=s, lengths=lengths)
               for s in range(seeds)]
     # The all-stays filter is the service's filter.
     rd, _, starts, _ = val_streams[0]
@@ -339,7 +388,6 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, folds: int
                                  "validation_in_sample": round(in_sample, 4)}
         entry["validation_cross_fitted"] = round(cross_fitted(val_streams, fit, folds,
                                                               repeats), 4)
-        j = STAY_GRID.index(stay)
         levels = []
         for level in range(len(joined[0])):
             raw, smoothed = [], []
@@ -347,7 +395,7 @@ def bench_bundle(name: str, dataset: str, data_dir: Path, seeds: int, folds: int
                 ls = order[level]
                 p = rule(calibrated_readings(ls, lengths, temperatures))
                 raw.append(float((p.argmax(1) == ls.labels).mean()))
-                smoothed.append(float((filtered_predictions(p, ls.starts)[j]
+                smoothed.append(float((filtered_predictions(p, ls.starts, (stay,))[0]
                                        == ls.labels).mean()))
             levels.append({"level": level, "raw": round(float(np.mean(raw)), 4),
                            "smoothed": round(float(np.mean(smoothed)), 4)})
@@ -383,6 +431,8 @@ def main() -> None:
                                                              "recordings (cross-fitted score)")
     parser.add_argument("--repeats", type=int, default=3, help="random fold assignments")
     parser.add_argument("--bundles", default="fition,wiar")
+    parser.add_argument("--lengths", default="1,2,4,8",
+                        help="the context lengths read (the full one is always added)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "bench" / "results" / "live_rules.json")
     args = parser.parse_args()
@@ -398,8 +448,9 @@ def main() -> None:
         if not data_dir.is_dir():
             report["bundles"][name] = {"skipped": f"{data_dir} is not there"}
             continue
-        report["bundles"][name] = bench_bundle(name, dataset, data_dir, args.seeds,
-                                               args.folds, args.repeats)
+        report["bundles"][name] = bench_bundle(
+            name, dataset, data_dir, args.seeds, args.folds, args.repeats,
+            tuple(int(k) for k in args.lengths.split(",") if k))
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,7 +27,9 @@ timeline (csi_cloud.events) is built from the settled labels, ``settle_s`` late,
 episodes start where the activity changed rather than where the filter noticed it.
 
 ``stay`` and ``threshold`` are fitted with the temperature on the bundle's validation
-recordings (:func:`fit_stay`, :func:`fit_threshold`) and kept in its manifest under
+recordings (:func:`fit_stay`, :func:`fit_threshold`; where the live output pools its
+readings, ``stay`` is fitted with the pool's weights: csi_cloud.model.trust.fit_pool) and
+kept in its manifest under
 ``calibration["activity"]``; without them the defaults below apply.
 """
 

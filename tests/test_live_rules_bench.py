@@ -108,3 +108,24 @@ def test_validation_tells_a_rule_that_generalises_from_one_that_overfits(
     held_out = rules.cross_fitted(noise, fit, 2, 1)
     assert in_sample > held_out + 0.03
     assert held_out < 0.42  # chance is 1/3
+
+
+def test_the_pool_fitted_with_the_filter_keeps_its_own_stay(rules: ModuleType) -> None:
+    streams = [_lagging(s) for s in range(3)]
+    fit = rules.CANDIDATES["pool fitted with the filter"]
+    rule = fit(streams, None)
+    # Its stay is its own (fitted with the weights), not a grid value chosen afterwards.
+    assert rules.stays_of(rule) == (rule.stay,) and 0.0 <= rule.stay <= 0.99
+    _, stay = rules.best_stay(streams, rule)
+    assert stay == rule.stay
+    rd, labels, _, _ = streams[0]
+    p = rule(rd)
+    assert p.shape == (len(labels), 3) and np.allclose(p.sum(1), 1.0)
+    # The short reading follows each change: pooled and filtered it beats keeping the most
+    # confident (mostly the lagging full) reading, on folds it was not fitted on too.
+    mc = rules.cross_fitted(streams, rules.CANDIDATES["most confident"], 2, 1)
+    assert rules.cross_fitted(streams, fit, 2, 1) > mc + 0.05
+    # Only the masked seconds count: fitted on each stream's first 10 s (one episode, no
+    # change in it) the filter should hold on, unlike the fit on every second.
+    first = [np.arange(len(s[1])) < 10 for s in streams]
+    assert fit(streams, first).stay > rule.stay + 0.05

@@ -17,7 +17,7 @@ from test_cloud_api import FITION, PCAP, ROOT, settings
 
 from csi_cloud.api.app import create_app
 from csi_cloud.events import EventTracker
-from csi_cloud.model.lengths import ContextLengths, candidate_lengths, most_confident
+from csi_cloud.model.lengths import ContextLengths, candidate_lengths, most_confident, pool
 from csi_cloud.model.temperature import (
     TemperatureError,
     activity_temperature,
@@ -27,8 +27,9 @@ from csi_cloud.model.temperature import (
     mean_nll,
     uncalibrated,
 )
-from csi_cloud.model.trust import LiveStreams, fit_lengths, stream_layout
+from csi_cloud.model.trust import LiveStreams, fit_lengths, fit_pool, stream_layout
 from csi_cloud.smoothing import (
+    STAY_GRID,
     HMMFilter,
     Smoother,
     SmoothingError,
@@ -420,6 +421,73 @@ def test_reading_short_lengths_follows_changes_the_full_window_lags() -> None:
     follows = np.concatenate([after + 1, after + 2])
     assert (test.live(lengths).argmax(1)[follows] == test.labels[follows]).mean() > \
         (test.p_raw.argmax(1)[follows] == test.labels[follows]).mean() + 0.3
+
+
+def test_the_pool_is_the_weighted_geometric_mean_of_the_readings() -> None:
+    short = np.array([_p(0, 0.9), _p(1, 0.4)])
+    full = np.array([_p(1, 0.6), _p(2, 0.8)])
+    assert np.allclose(pool([short, full], [1.0, 0.0]), short)
+    both = pool([short, full], [0.5, 0.5])
+    expected = np.sqrt(short * full)
+    assert np.allclose(both, expected / expected.sum(1, keepdims=True))
+    # Through ContextLengths: each reading's temperature first, then the pool.
+    lengths = ContextLengths((2, 8), (2.0, 1.0), (1.0, 1.0))
+    live, raw = lengths.read([short, full])
+    assert np.allclose(live, pool([apply_temperature(short, 2.0), full], [1.0, 1.0]))
+    assert np.allclose(raw, pool([short, full], [1.0, 1.0]))
+
+
+def test_pooled_lengths_in_the_manifest_and_bad_weights() -> None:
+    cal = {"activity": {"contexts": {"lengths": [1, 2, 8], "temperatures": [0.9, 1.0, 1.5],
+                                     "weights": [0.7, 0.2, 0.0]}}}
+    lengths = ContextLengths.from_calibration(cal, 8, 1.5)
+    assert lengths.weights == (0.7, 0.2, 0.0)
+    assert lengths.as_calibration() == cal["activity"]["contexts"]
+    with pytest.raises(TemperatureError, match=r"one weight per context length.*\[0.5\]"):
+        ContextLengths((2, 8), (1.0, 1.0), (0.5,))
+    with pytest.raises(TemperatureError, match=r"-0\.1"):
+        ContextLengths((2, 8), (1.0, 1.0), (-0.1, 1.0))
+    with pytest.raises(TemperatureError, match="all 0"):
+        ContextLengths((2, 8), (1.0, 1.0), (0.0, 0.0))
+    with pytest.raises(TemperatureError, match="nan"):
+        ContextLengths((2, 8), (1.0, 1.0), (float("nan"), 1.0))
+
+
+def _fresh_evidence_streams(seed: int) -> LiveStreams:
+    """Episodes of 10 s; the full window is sure but 4 s behind each change; the one-second
+    reading is fresh evidence each second, right 65 % of the time and never sure (0.5)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.permutation(np.arange(30) % 3), 10)
+    behind = np.r_[np.full(4, labels[0]), labels[:-4]]
+    full = np.stack([_p(int(c), 0.8) for c in behind])
+    one = np.stack([_p(int(c) if rng.uniform() < 0.65 else int(rng.integers(0, 3)), 0.5)
+                    for c in labels])
+    n = len(labels)
+    return LiveStreams(0, full, labels, np.zeros(n, int), np.r_[True, np.zeros(n - 1, bool)],
+                       np.zeros(n, int), {1: one, 2: full, 3: full, 4: full, 6: full})
+
+
+def test_pooling_fresh_evidence_beats_the_most_confident_reading() -> None:
+    joined = [_fresh_evidence_streams(s) for s in range(3)]
+    # The most confident reading is always the lagging full window: it never follows a
+    # change before it catches up. Pooled and filtered, the one-second reading's evidence
+    # adds up over the seconds after a change.
+    confident = ContextLengths((1, 8), (1.0, 1.0))
+    pooled, stay = fit_pool(joined, confident)
+    assert pooled.weights is not None and pooled.lengths[0] == 1
+    assert pooled.weights[0] > 0.5 and 0.0 < stay < 0.99
+    lengths, chosen_stay, scores = fit_lengths(joined, 8)
+    assert lengths.weights is not None, scores
+    assert scores[",".join(map(str, lengths.lengths)) + " pooled"] > scores["1,2,4,8"] + 0.05
+    test = _fresh_evidence_streams(11)
+
+    def accuracy(p: np.ndarray, stay: float) -> float:
+        return float((filter_stream(p, stay, test.starts).argmax(1) == test.labels).mean())
+
+    best_confident = max(accuracy(test.live(confident), s) for s in STAY_GRID)
+    assert accuracy(test.live(lengths), chosen_stay) > best_confident + 0.05
+    # A shorter length the fit weighs at 0 is not read at all (the full one always is).
+    assert all(w > 0 for w in lengths.weights[:-1])
 
 
 # -- events ---------------------------------------------------------------------------------

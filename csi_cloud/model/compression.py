@@ -366,8 +366,8 @@ class CloudModel:
 
     def classify_live(self, windows: Windows) -> Prediction:
         """:meth:`classify`, with the activity the live output gives: the windows read at each
-        of :attr:`lengths`, each calibrated, the most confident per window
-        (csi_cloud.model.lengths); the same as :meth:`classify` for a bundle that reads the
+        of :attr:`lengths`, each calibrated, then the most confident per window or their
+        pool (csi_cloud.model.lengths); the same as :meth:`classify` for a bundle that reads the
         full length only."""
         full = self.classify(windows, calibrated=False)
         activity, raw = self.lengths.read([*self.readings(windows), full.activity])

@@ -12,21 +12,24 @@ codes packed into wire payloads and decoded from the bytes, csi_cloud.model.eval
 
 :func:`fit_activity_calibration` fits, on recordings the bundle was not trained on, the
 temperatures of the window read at each candidate length (NLL of the per-second windows of
-joined streams, every rate level pooled), the lengths the live output reads
-(csi_cloud.model.lengths) together with the filter's ``stay`` (best filtered accuracy on
-joined streams), and the abstention threshold (the lowest whose answered seconds reach
-``target`` accuracy on those joined streams).
+joined streams, every rate level pooled), the lengths the live output reads and how it
+combines them (csi_cloud.model.lengths: the most confident reading, or a weighted pool whose
+weights are fitted with the filter's ``stay``, :func:`fit_pool`) together with the filter's
+``stay`` (best filtered accuracy on joined streams), and the abstention threshold (the lowest
+whose answered seconds reach ``target`` accuracy on those joined streams).
 :func:`calibrate_folder` writes the result into a bundle's manifest (the id is recomputed).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy.optimize import minimize
 
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
@@ -44,7 +47,7 @@ from .temperature import (
 from .window import slot_rows
 
 __all__ = ["LiveStreams", "calibrate_folder", "fit_activity_calibration", "fit_lengths",
-           "live_streams",
+           "fit_pool", "fit_pool_weights", "live_streams",
            "stream_layout"]
 
 Mode = Literal["separate", "joined"]
@@ -148,26 +151,114 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     return out
 
 
+MAX_WEIGHT = 4.0
+_UNUSED = 1e-3  # a pooled reading weighed below this is dropped (not read at all)
+
+
+def _filter_nll(theta: np.ndarray, logs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL of the true activity under the filtered belief (csi_cloud.smoothing's
+    recursion) of the pool ``theta[:-1]`` of the log readings ``logs`` (B, T, K, L) of B
+    streams padded to T seconds (``labels`` (B, T), -1 on padding), ``stay = theta[-1]``."""
+    weights, stay = theta[:-1], theta[-1]
+    evidence = logs @ weights  # (B, T, K)
+    k = evidence.shape[-1]
+    rows = np.arange(len(labels))
+    belief: np.ndarray | None = None
+    total = 0.0
+    for t in range(evidence.shape[1]):
+        score = evidence[:, t]
+        if belief is not None:
+            score = score + np.log(stay * belief + (1.0 - stay) / k)
+        score = score - score.max(axis=1, keepdims=True)
+        log_belief = score - np.log(np.exp(score).sum(axis=1, keepdims=True))
+        belief = np.exp(log_belief)
+        seen = labels[:, t] >= 0
+        total -= float(log_belief[rows[seen], labels[seen, t]].sum())
+    return total / max(int((labels >= 0).sum()), 1)
+
+
+def fit_pool_weights(pieces: Sequence[tuple[np.ndarray, np.ndarray]]
+                     ) -> tuple[np.ndarray, float]:
+    """The pool weights (L,) and the filter's ``stay`` with the lowest NLL of the true
+    activity under the filtered belief, over ``pieces``: each one stream's calibrated log
+    readings (N, K, L) and true activities (N,), -1 where a second is not scored (the filter
+    still runs through it). L-BFGS-B, weights in [0, 4], stay in [0, 0.99]."""
+    longest = max(len(y) for _, y in pieces)
+    x = np.zeros((len(pieces), longest, *pieces[0][0].shape[1:]))
+    y = np.full((len(pieces), longest), -1, np.int64)
+    for i, (logs, labels) in enumerate(pieces):
+        x[i, : len(labels)], y[i, : len(labels)] = logs, labels
+    m = x.shape[-1]
+    fit = minimize(_filter_nll, np.r_[np.full(m, 1.0 / m), 0.5], args=(x, y),
+                   method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * m + [(0.0, 0.99)])
+    return np.asarray(fit.x[:-1]), float(fit.x[-1])
+
+
+def fit_pool(joined: Sequence[LiveStreams], lengths: ContextLengths
+             ) -> tuple[ContextLengths, float]:
+    """The pool weights of ``lengths``' readings (csi_cloud.model.lengths.pool) and the
+    filter's ``stay``, fitted together over every second of ``joined``
+    (:func:`fit_pool_weights`). Shorter lengths whose weight comes out below 0.001 are
+    dropped. Returns the pooled lengths and the stay."""
+    n = lengths.lengths[-1]
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    for s in joined:
+        logs = np.log(np.clip(np.stack(
+            [apply_temperature(s.readings[k] if k != n else s.p_raw, t)
+             for k, t in zip(lengths.lengths, lengths.temperatures, strict=True)], axis=-1),
+            1e-6, None))
+        edges = [*np.flatnonzero(s.starts).tolist(), len(s.labels)]
+        if edges[0] != 0:
+            edges.insert(0, 0)
+        pieces += [(logs[a:b], s.labels[a:b]) for a, b in itertools.pairwise(edges)
+                   if b > a]
+    fitted, stay = fit_pool_weights(pieces)
+    m = len(lengths.lengths)
+    weights = [round(float(w), 4) if w >= _UNUSED else 0.0 for w in fitted]
+    if not any(weights):  # nothing to pool: the full window alone
+        weights[-1] = 1.0
+    keep = [i for i, w in enumerate(weights) if w or i == m - 1]
+    pooled = ContextLengths(tuple(lengths.lengths[i] for i in keep),
+                            tuple(lengths.temperatures[i] for i in keep),
+                            tuple(weights[i] for i in keep))
+    return pooled, round(stay, 3)
+
+
+def _label(lengths: ContextLengths) -> str:
+    return ",".join(map(str, lengths.lengths)) + (" pooled" if lengths.weights else "")
+
+
 def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
                 ) -> tuple[ContextLengths, float, dict[str, float]]:
     """The live lengths (csi_cloud.model.lengths) for ``joined`` streams (each holding the
     readings of every candidate length): each length's temperature (NLL, levels pooled),
-    then the set of :func:`candidate_lengths` whose live output, filtered at its best
-    ``stay``, is the most accurate per second, a costlier set (one classification per length
-    per segment) only where it beats the best cheaper one by more than ``tolerance`` for each
-    classification it adds. Returns it, that ``stay``, and each set's accuracy."""
+    then, of every set of :func:`candidate_lengths` read the most confident way (filtered at
+    its best ``stay``) or pooled (weights and ``stay`` from :func:`fit_pool`), the one whose
+    filtered live output is the most accurate per second, a costlier one (one
+    classification per length per segment) only where it beats the best cheaper one by more
+    than ``tolerance`` for each classification it adds. Returns it, its ``stay``, and each
+    option's accuracy."""
     y = np.concatenate([s.labels for s in joined])
     temperature = {k: fit_temperature(np.concatenate([s.readings[k] if k != n else s.p_raw
                                                       for s in joined]), y)
                    for k in sorted({k for c in candidate_lengths(n) for k in c})}
-    scores: dict[str, float] = {}
-    best: tuple[float, ContextLengths, float] | None = None
+    options: list[tuple[ContextLengths, float, float]] = []
     for candidate in candidate_lengths(n):
         lengths = ContextLengths(candidate, tuple(temperature[k] for k in candidate))
         stay, by_stay = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
-        score = by_stay[f"{stay:g}"]
-        scores[",".join(map(str, candidate))] = round(score, 4)
-        added = len(candidate) - (0 if best is None else len(best[1].lengths))
+        options.append((lengths, stay, by_stay[f"{stay:g}"]))
+        if len(candidate) > 1:
+            pooled, stay = fit_pool(joined, lengths)
+            _, at_stay = fit_stay([st for s in joined for st in s.streams(s.live(pooled))],
+                                  grid=(stay,))
+            options.append((pooled, stay, at_stay[f"{stay:g}"]))
+    # Cheapest first; at the same cost the most confident reading before the pool.
+    options.sort(key=lambda o: len(o[0].lengths))
+    scores: dict[str, float] = {}
+    best: tuple[float, ContextLengths, float] | None = None
+    for lengths, stay, score in options:
+        scores.setdefault(_label(lengths), round(score, 4))
+        added = len(lengths.lengths) - (0 if best is None else len(best[1].lengths))
         if best is None or score > best[0] + tolerance * added:
             best = (score, lengths, stay)
     assert best is not None
@@ -221,10 +312,11 @@ def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
         "contexts_accuracy": length_scores,
         "stay_accuracy": stay_scores,
         "method": "temperatures: NLL of every per-second window of joined streams, all rate "
-                  "levels pooled, one per context length; lengths: the candidate set whose "
-                  "live output (most confident length) filtered at its best stay is the most "
-                  "accurate per second on joined streams; stay: best filtered per-second "
-                  "accuracy on joined streams; threshold: lowest whose answered seconds are "
+                  "levels pooled, one per context length; lengths: the candidate set, read "
+                  "the most confident way (stay: its best filtered per-second accuracy) or "
+                  "pooled (weights and stay: lowest NLL under the filtered belief), whose "
+                  "filtered live output is the most accurate per second on joined streams; "
+                  "threshold: lowest whose answered seconds are "
                   f">= {target} accurate on those streams",
     }
 
