@@ -290,3 +290,42 @@ def test_a_child_dies_with_a_killed_parent(mode: str) -> None:
     finally:
         parent.kill()
         parent.wait(10)
+
+
+def test_calibrate_rewrites_the_calibration_the_id_and_the_report_header(
+        tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "wiar"
+    shutil.copytree(models_dir() / "wiar", folder)
+    before = json.loads((folder / "bundle.json").read_text())
+    result = runner.invoke(app, ["calibrate", "--model", str(folder), "--dataset", "wiar",
+                                 "--data", str(samples_dir() / "wiar" / "height_90"),
+                                 "--recordings", "folder"])
+    assert result.exit_code == 0, result.output
+    activity = json.loads(result.output)
+    after = json.loads((folder / "bundle.json").read_text())
+    assert after["calibration"]["activity"] == activity
+    assert activity["fitted_on"].startswith("every recording of height_90")
+    contexts = activity["contexts"]
+    assert contexts["lengths"][-1] == 8
+    assert "weights" not in contexts or len(contexts["weights"]) == len(contexts["lengths"])
+    # Other recordings, another calibration: another id; the weights and the test-split
+    # figures are the ones measured before, and the report says under which id.
+    assert after["id"] != before["id"] and after["files"] == before["files"]
+    assert after["metrics"] == before["metrics"]
+    header = next(line for line in (folder / "report.md").read_text().splitlines()
+                  if line.startswith("Bundle id"))
+    assert f"`{after['id']}`" in header
+    assert f"measured under id `{before['metrics']['test_split']['model']}`" in header
+
+
+def test_the_report_header_names_a_second_id_only_where_the_figures_had_one() -> None:
+    from csi_cloud.model.report import header_line
+
+    same = {"id": "a1", "created": "today", "metrics": {"test_split": {"model": "a1"}}}
+    assert header_line(same) == "Bundle id `a1`, created today."
+    assert header_line({**same, "metrics": {}}) == "Bundle id `a1`, created today."
+    other = {**same, "metrics": {"test_split": {"model": "b2"}}}
+    assert "measured under id `b2`" in header_line(other)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_report"]
+__all__ = ["header_line", "refresh_header", "write_report"]
 
 
 def _plt():  # type: ignore[no-untyped-def]
@@ -119,6 +119,32 @@ METRIC_KEYS = ["level", "payload_bytes_per_s", "payload_bytes_per_segment", "com
                "nmse_db", "encoder_ms_per_segment"]
 
 
+def header_line(manifest: dict[str, Any]) -> str:
+    """The report's line naming the bundle; where the test-split figures were measured under
+    another id (the same weights, the calibration refitted since), it names that id too."""
+    line = f"Bundle id `{manifest['id']}`, created {manifest['created']}."
+    measured = ((manifest.get("metrics") or {}).get("test_split") or {}).get("model")
+    if measured and measured != manifest["id"]:
+        line += (f" The test-split figures were measured under id `{measured}`: the same "
+                 f"weights, before its calibration was refitted (`csi calibrate`).")
+    return line
+
+
+def refresh_header(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Point an existing report.md at the bundle's current id (:func:`header_line`), after
+    something rewrote the manifest without rewriting the report. Returns whether it did."""
+    path = folder / "report.md"
+    if not path.is_file():
+        return False
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("Bundle id `"):
+            lines[i] = header_line(manifest) + "\n"
+            path.write_text("".join(lines))
+            return True
+    return False
+
+
 def write_report(folder: Path, *, manifest: dict[str, Any],
                  history: list[dict[str, Any]] | None, evaluation: Any,
                  protocols: dict[str, Any] | None, notes: list[str]) -> Path:
@@ -152,7 +178,7 @@ def write_report(folder: Path, *, manifest: dict[str, Any],
         f"# {manifest['name']}: model report"
         + ("" if held_out else " (NOT held out: tested on its training recordings)"),
         "",
-        f"Bundle id `{manifest['id']}`, created {manifest['created']}.",
+        header_line(manifest),
         "",
         "## Input and data",
         f"- source `{spec['source_kind']}`, {len(spec['subcarriers'])} subcarriers "

@@ -38,6 +38,7 @@ from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
 from .lengths import ContextLengths, candidate_lengths
+from .report import refresh_header
 from .temperature import (
     apply_temperature,
     expected_calibration_error,
@@ -332,7 +333,8 @@ def calibrate_folder(folder: Path | Bundle, data: SegmentData, recordings: np.nd
                                         fitted_on=fitted_on, target=target)
     manifest = model.manifest.model_copy(
         update={"calibration": {**model.manifest.calibration, "activity": activity}})
-    write_manifest(bundle.folder, manifest)
+    written = write_manifest(bundle.folder, manifest)
+    refresh_header(bundle.folder, written.manifest.model_dump(mode="json"))
     return activity
 
 
