@@ -63,20 +63,24 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert (out / "edge.onnx").read_bytes() == (MODEL / "edge.onnx").read_bytes()
     assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
     assert child.levels == parent.levels
-    # Only the context head's activity layers moved (closed-form refit); the network, the
-    # head's features and its identity layer are the parent's. The parent's short-reading
-    # layers (fitted on its own setting) are dropped: the refitted layer reads every length.
+    # Only the context head's activity layers moved (closed-form refit): the full window's
+    # and the short-reading one (on the support's shorter readings, at the lengths the parent
+    # fitted its own on); the network, the head's features and its identity layer are the
+    # parent's.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
-        dropped = set(pa.files) - set(ch.files)
-        assert set(ch.files) <= set(pa.files)
-        assert dropped and all(k.startswith("head.") and ".short" in k for k in dropped), \
-            dropped
+        assert set(ch.files) == set(pa.files)
         changed = {k for k in ch.files if not np.array_equal(pa[k], ch[k])}
-        refitted = {k.split(".")[1] for k in changed}
-        assert not any(k.startswith(f"head.{lv}.short") for lv in refitted for k in ch.files)
-    assert changed and all(k.startswith("head.") and ".activity." in k for k in changed), changed
+    assert changed and all(k.startswith("head.") and (".activity." in k or ".short." in k)
+                           for k in changed), changed
+    refitted = {k.split(".")[1] for k in changed}
+    assert all(any(f"head.{lv}.short." in k for k in changed) for lv in refitted), changed
+    # The live output keeps the parent's settings (lengths, pool, filter), saying so.
+    assert child.calibration["activity"]["contexts"] == parent.calibration["activity"]["contexts"]
+    assert child.calibration["activity"]["stay"] == parent.calibration["activity"]["stay"]
+    assert child.calibration["activity"]["fitted_on"].startswith("carried over from the parent")
+    assert child.training["options"]["head_lengths"] == [1, 2, 4]
     assert result["method"] == "ridge" and result["held_out_accuracy"] is True
     assert result["support"] == 6 and result["held_out"] == 2  # 8 samples, 6 activities
     assert len(result["activity_accuracy_after"]) == len(parent.levels)  # type: ignore[arg-type]
@@ -159,10 +163,55 @@ def test_adapting_on_shared_features_fits_what_the_support_windows_give(
         a, b = shared.context_head.levels[lv].activity, alone.context_head.levels[lv].activity
         assert np.array_equal(a.coef, b.coef) and np.array_equal(a.intercept, b.intercept)
         assert not np.array_equal(a.coef, head.levels[lv].activity.coef), "it was refitted"
-        # The short-reading layer was fitted on the parent's setting: the adapted head reads
-        # the live output's shorter readings with its refitted layer; the parent keeps its own.
+        # The short-reading layer was fitted on the parent's setting: without the lengths it
+        # was fitted on, the adapted head reads the live output's shorter readings with its
+        # refitted full-window layer; the parent keeps its own.
         assert head.levels[lv].short is not None
         assert shared.context_head.levels[lv].short is None
+
+
+def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readings(
+        sample_codes: tuple[CloudModel, CodeData]) -> None:
+    from csi_cloud.model.context_head import truncated
+    from csi_cloud.model.rocket import ridge_to_prior
+
+    model, codes = sample_codes
+    support, _ = pick_support(codes, np.arange(len(codes)), 1, 0)
+    adapted = adapt_head(model.net, codes, support, short_lengths=(1, 2, 4))
+    head, new = model.net.context_head, adapted.context_head
+    assert head is not None and new is not None
+    for lv, ((z, p, present), owners) in support_windows(
+            codes, support, model.net.cfg.context_segments).items():
+        parent, refit = head.levels[lv].short, new.levels[lv].short
+        assert parent is not None and refit is not None
+        # The same closed-form refit as the full window's layer, on the support's windows
+        # read at 1, 2 and 4 slots, shrunk towards the parent's short-reading layer.
+        coeff = profile_coefficients(model.net, p, transmitted=True)
+        short, src = truncated((z, coeff, present), (1, 2, 4))
+        expected = ridge_to_prior(head.levels[lv].features(*short),
+                                  codes.activity[owners[src]], parent,
+                                  groups=owners[src])
+        assert np.allclose(refit.coef, expected.coef) and not np.allclose(refit.coef,
+                                                                          parent.coef)
+        assert refit.temperature == parent.temperature
+
+
+def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:
+    from csi_cloud.model.adapt import adapted_calibration
+
+    parent = {"identity": {"threshold": 0.3},
+              "activity": {"contexts": {"lengths": [1, 8], "temperatures": [1.0, 2.0],
+                                        "weights": [0.7, 0.1]},
+                           "stay": 0.6, "fitted_on": "its 80 validation recordings"}}
+    kept = adapted_calibration(parent, head=True)
+    assert kept["identity"] == parent["identity"]
+    assert {k: v for k, v in kept["activity"].items() if k != "fitted_on"} == \
+        {k: v for k, v in parent["activity"].items() if k != "fitted_on"}
+    assert kept["activity"]["fitted_on"] == ("carried over from the parent bundle by csi "
+                                             "adapt (fitted there on its 80 validation "
+                                             "recordings)")
+    assert adapted_calibration(parent, head=False) == {"identity": {"threshold": 0.3}}
+    assert adapted_calibration({"identity": {}}, head=True) == {"identity": {}}
 
 
 @pytest.mark.e2e

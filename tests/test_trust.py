@@ -27,7 +27,14 @@ from csi_cloud.model.temperature import (
     mean_nll,
     uncalibrated,
 )
-from csi_cloud.model.trust import LiveStreams, fit_lengths, fit_pool, stream_layout
+from csi_cloud.model.trust import (
+    LiveStreams,
+    _filter_nll,
+    fit_lengths,
+    fit_pool,
+    fit_pool_weights,
+    stream_layout,
+)
 from csi_cloud.smoothing import (
     STAY_GRID,
     HMMFilter,
@@ -451,6 +458,41 @@ def test_pooled_lengths_in_the_manifest_and_bad_weights() -> None:
         ContextLengths((2, 8), (1.0, 1.0), (0.0, 0.0))
     with pytest.raises(TemperatureError, match="nan"):
         ContextLengths((2, 8), (1.0, 1.0), (float("nan"), 1.0))
+    with pytest.raises(TemperatureError, match=r"lengths \[2\] have weight 0"):
+        ContextLengths((1, 2, 8), (1.0, 1.0, 1.0), (0.5, 0.0, 1.0))
+    assert ContextLengths((1, 8), (1.0, 1.0), (0.5, 0.0)).weights == (0.5, 0.0)
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.2), (2.0, 1.5), (4.0, 0.0)])
+def test_the_fitted_objective_is_the_filter_s_own_nll(weights: tuple[float, float]) -> None:
+    """What fit_pool_weights minimises is the NLL of csi_cloud.smoothing's filter run on the
+    pool, floor included (heavy weights make sharp evidence the floor clips)."""
+    rng = np.random.default_rng(5)
+    readings = [rng.dirichlet(np.full(4, 0.3), size=60) for _ in weights]
+    labels = rng.integers(0, 4, 60)
+    labels[[7, 30]] = -1  # not scored, the filter still runs through them
+    stay = 0.8
+    belief = filter_stream(pool(readings, list(weights)), stay)
+    scored = labels >= 0
+    expected = -np.log(belief[scored, labels[scored]]).mean()
+    logs = np.log(np.clip(np.stack(readings, axis=-1), 1e-6, None))[None]  # (1, T, K, L)
+    assert _filter_nll(np.r_[weights, stay], logs, labels[None]) == pytest.approx(expected,
+                                                                                 rel=1e-9)
+
+
+def test_the_fitted_stay_follows_how_long_activities_last() -> None:
+    """Fresh evidence each second: long episodes want a filter that holds on, an activity
+    drawn anew each second wants none."""
+    rng = np.random.default_rng(2)
+
+    def pieces(labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        p = np.stack([_p(int(c) if rng.uniform() < 0.6 else int(rng.integers(0, 3)), 0.5)
+                      for c in labels])
+        return [(np.log(p)[:, :, None], labels)]
+
+    _, long_stay = fit_pool_weights(pieces(np.repeat(rng.integers(0, 3, 30), 20)))
+    _, no_stay = fit_pool_weights(pieces(rng.integers(0, 3, 600)))
+    assert long_stay > 0.8 and no_stay < 0.2
 
 
 def _fresh_evidence_streams(seed: int) -> LiveStreams:
@@ -486,8 +528,9 @@ def test_pooling_fresh_evidence_beats_the_most_confident_reading() -> None:
 
     best_confident = max(accuracy(test.live(confident), s) for s in STAY_GRID)
     assert accuracy(test.live(lengths), chosen_stay) > best_confident + 0.05
-    # A shorter length the fit weighs at 0 is not read at all (the full one always is).
-    assert all(w > 0 for w in lengths.weights[:-1])
+    # Every candidate set was tried both ways, each under its own name.
+    assert {"1,2,4,8", "1,2,4,8 pooled"} <= {k.split(" (")[0] for k in scores}
+    assert len(scores) == 2 * len(candidate_lengths(8)) - 1
 
 
 # -- events ---------------------------------------------------------------------------------

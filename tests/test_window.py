@@ -167,7 +167,7 @@ def test_the_service_and_the_offline_live_streams_give_the_same_live_output(
         fition: tuple[Any, CloudModel, EdgeEncoder]) -> None:
     """Segment by segment through the service's ingest, and offline as bench/trust.py and
     ``csi calibrate`` score it (csi_cloud.model.trust): the same live probabilities, each
-    reading's temperature and the most confident length included."""
+    reading's temperature and the bundle's combination of the lengths included."""
     data, model, edge = fition
     rec = np.array([1])
     rows = np.arange(int(data.start[1]), int(data.start[1] + data.count[1]))

@@ -17,10 +17,11 @@ of two ways:
   The one-second reading is the only one whose windows do not overlap from one second to the
   next, so it is the only one that is new evidence each second. The full window repeats
   seven of its eight seconds and counts them again each second. On both shipped bundles'
-  validation streams the fitted weights put most of the mass on the one- and two-second
-  readings. The weights and the filter's ``stay`` are fitted together
-  (csi_cloud.model.trust.fit_pool); a length whose weight is 0 is not read at all, except
-  the full one, which the classifier reads anyway.
+  validation streams the fitted weights put most of the mass on the one-second reading (about
+  0.7, then 0.2-0.3 on one longer reading). The weights and the filter's ``stay`` are
+  fitted together (csi_cloud.model.trust.fit_pool). A shorter length the fit weighs 0 is
+  left out, so it is not read at all (a manifest may not list one with weight 0); the full
+  length may weigh 0, since the classifier reads it anyway.
 
 The shorter readings go through the context head's short-reading layer where it has one
 (fitted on windows truncated to such lengths: csi_cloud.model.context_head.fit_level).
@@ -110,6 +111,10 @@ class ContextLengths:
             if not any(self.weights):
                 raise TemperatureError(f"context weights {list(self.weights)} are all 0: "
                                        f"the pool would read nothing")
+            idle = [k for k, w in zip(self.lengths[:-1], self.weights, strict=False) if not w]
+            if idle:
+                raise TemperatureError(f"shorter context lengths {idle} have weight 0: "
+                                       f"they would be read for nothing (leave them out)")
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, Any], n: int,

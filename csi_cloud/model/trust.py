@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
-from ..smoothing import filter_stream, fit_stay, fit_threshold
+from ..smoothing import STAY_GRID, filter_stream, fit_stay, fit_threshold
 from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
@@ -153,6 +153,7 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
 
 
 MAX_WEIGHT = 4.0
+EVIDENCE_FLOOR = 1e-6  # csi_cloud.smoothing's floor on each second's evidence
 _UNUSED = 1e-3  # a pooled reading weighed below this is dropped (not read at all)
 
 
@@ -161,7 +162,11 @@ def _filter_nll(theta: np.ndarray, logs: np.ndarray, labels: np.ndarray) -> floa
     recursion) of the pool ``theta[:-1]`` of the log readings ``logs`` (B, T, K, L) of B
     streams padded to T seconds (``labels`` (B, T), -1 on padding), ``stay = theta[-1]``."""
     weights, stay = theta[:-1], theta[-1]
-    evidence = logs @ weights  # (B, T, K)
+    # The pool normalised, then floored as the filter floors each second's evidence.
+    pooled = logs @ weights  # (B, T, K)
+    pooled = pooled - pooled.max(axis=-1, keepdims=True)
+    pooled = pooled - np.log(np.exp(pooled).sum(axis=-1, keepdims=True))
+    evidence = np.maximum(pooled, np.log(EVIDENCE_FLOOR))
     k = evidence.shape[-1]
     rows = np.arange(len(labels))
     belief: np.ndarray | None = None
@@ -225,8 +230,14 @@ def fit_pool(joined: Sequence[LiveStreams], lengths: ContextLengths
     return pooled, round(stay, 3)
 
 
-def _label(lengths: ContextLengths) -> str:
-    return ",".join(map(str, lengths.lengths)) + (" pooled" if lengths.weights else "")
+def _label(candidate: Sequence[int], lengths: ContextLengths) -> str:
+    """An option's name in ``contexts_accuracy``: the candidate set, and how it is read
+    (a pooled option names the lengths it kept when it dropped some)."""
+    name = ",".join(map(str, candidate))
+    if lengths.weights is None:
+        return name
+    kept = ",".join(map(str, lengths.lengths))
+    return f"{name} pooled" + ("" if kept == name else f" (reads {kept})")
 
 
 def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
@@ -243,22 +254,22 @@ def fit_lengths(joined: list[LiveStreams], n: int, tolerance: float = 0.005
     temperature = {k: fit_temperature(np.concatenate([s.readings[k] if k != n else s.p_raw
                                                       for s in joined]), y)
                    for k in sorted({k for c in candidate_lengths(n) for k in c})}
-    options: list[tuple[ContextLengths, float, float]] = []
+    options: list[tuple[ContextLengths, float, float, str]] = []
     for candidate in candidate_lengths(n):
         lengths = ContextLengths(candidate, tuple(temperature[k] for k in candidate))
         stay, by_stay = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
-        options.append((lengths, stay, by_stay[f"{stay:g}"]))
+        options.append((lengths, stay, by_stay[f"{stay:g}"], _label(candidate, lengths)))
         if len(candidate) > 1:
             pooled, stay = fit_pool(joined, lengths)
             _, at_stay = fit_stay([st for s in joined for st in s.streams(s.live(pooled))],
                                   grid=(stay,))
-            options.append((pooled, stay, at_stay[f"{stay:g}"]))
+            options.append((pooled, stay, at_stay[f"{stay:g}"], _label(candidate, pooled)))
     # Cheapest first; at the same cost the most confident reading before the pool.
     options.sort(key=lambda o: len(o[0].lengths))
     scores: dict[str, float] = {}
     best: tuple[float, ContextLengths, float] | None = None
-    for lengths, stay, score in options:
-        scores.setdefault(_label(lengths), round(score, 4))
+    for lengths, stay, score, label in options:
+        scores[label] = round(score, 4)
         added = len(lengths.lengths) - (0 if best is None else len(best[1].lengths))
         if best is None or score > best[0] + tolerance * added:
             best = (score, lengths, stay)
@@ -285,7 +296,8 @@ def fit_activity_calibration(model: CloudModel, edge: EdgeEncoder | CloudModel,
     temperature = lengths.temperatures[-1]  # the full window's, as every caller reads it
     live_raw = np.concatenate([s.live(lengths, calibrated=False) for s in joined])
     live = np.concatenate([s.live(lengths) for s in joined])
-    _, stay_scores = fit_stay([st for s in joined for st in s.streams(s.live(lengths))])
+    _, stay_scores = fit_stay([st for s in joined for st in s.streams(s.live(lengths))],
+                              grid=sorted({*STAY_GRID, stay}))  # the chosen stay among them
     conf, correct = [], []
     for s in joined:
         belief = filter_stream(s.live(lengths), stay, s.starts)

@@ -62,7 +62,10 @@ class PredictionOut(BaseModel):
     activity_confidence_raw: float | None = Field(
         default=None, description="activity_confidence before the bundle's temperature "
                                   "scaling (the same where the bundle has none); "
-                                  "activity_confidence is the calibrated one")
+                                  "activity_confidence is the calibrated one, except where "
+                                  "the bundle pools its context readings (docs/trust.md): its "
+                                  "pool is fitted for the smoothing filter, and "
+                                  "smoothed_confidence is the calibrated figure")
     smoothed_activity: str | None = Field(
         default=None, description="the activity after the AP's HMM filter over its per-second "
                                   "probabilities (docs/trust.md); null for a presence-only AP "
