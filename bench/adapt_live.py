@@ -29,7 +29,7 @@ streams them): **live** smoothed per-second accuracy (the held-out recordings en
 one AP, ``--orders`` random orders, the context and the filter running across every change),
 **separate** smoothed per-second accuracy (each recording its own stream) and
 **per recording** (the full window ending at each recording's last segment, the few-shot
-protocol's figure). Results: ``bench/results/adapt_live.json`` (about 8 minutes for the six
+protocol's figure). Results: ``bench/results/adapt_live.json`` (about 3 minutes for the six
 tasks).
 """
 

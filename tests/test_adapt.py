@@ -22,6 +22,7 @@ from csi_cloud.model.adapt import (
     head_windows,
     load_codes,
     pick_support,
+    shrinkage,
     support_windows,
 )
 from csi_cloud.model.compression import CloudModel
@@ -193,7 +194,20 @@ def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readin
                                   groups=owners[src])
         assert np.allclose(refit.coef, expected.coef) and not np.allclose(refit.coef,
                                                                           parent.coef)
+        assert np.allclose(refit.intercept, expected.intercept)
         assert refit.temperature == parent.temperature
+        assert new.levels[lv].by_length == {}
+        # The chosen shrinkage of both layers is reported.
+        chosen = shrinkage(adapted)[str(lv)]
+        assert chosen["short_alpha"] == refit.alpha
+        assert chosen["short_prior_weight"] == refit.prior_weight
+    # ridge-alone: the support alone, no parent prior, for the short layer too.
+    alone = adapt_head(model.net, codes, support, prior=False, short_lengths=(1, 2, 4))
+    assert alone.context_head is not None
+    for lv in support_windows(codes, support, model.net.cfg.context_segments):
+        layer = alone.context_head.levels[lv].short
+        assert layer is not None and layer.prior_weight in (None, 0.0)
+        assert not np.allclose(layer.coef, new.levels[lv].short.coef)  # type: ignore[union-attr]
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:
@@ -203,13 +217,16 @@ def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_
               "activity": {"contexts": {"lengths": [1, 8], "temperatures": [1.0, 2.0],
                                         "weights": [0.7, 0.1]},
                            "stay": 0.6, "fitted_on": "its 80 validation recordings"}}
+    parent["activity"].update(nll_before=1.2, contexts_accuracy={"8": 0.6})  # diagnostics
     kept = adapted_calibration(parent, head=True)
     assert kept["identity"] == parent["identity"]
-    assert {k: v for k, v in kept["activity"].items() if k != "fitted_on"} == \
-        {k: v for k, v in parent["activity"].items() if k != "fitted_on"}
-    assert kept["activity"]["fitted_on"] == ("carried over from the parent bundle by csi "
-                                             "adapt (fitted there on its 80 validation "
-                                             "recordings)")
+    assert kept["activity"] == {
+        "contexts": parent["activity"]["contexts"], "stay": 0.6,
+        "fitted_on": "carried over from the parent bundle by csi adapt",
+        "parent_fitted_on": "its 80 validation recordings"}
+    # Adapted again: still the first parent's recordings, not a nested sentence.
+    again = adapted_calibration(kept, head=True)
+    assert again["activity"]["parent_fitted_on"] == "its 80 validation recordings"
     assert adapted_calibration(parent, head=False) == {"identity": {"threshold": 0.3}}
     assert adapted_calibration({"identity": {}}, head=True) == {"identity": {}}
 

@@ -370,13 +370,19 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
 
 
 def shrinkage(net: CSICodecNet) -> dict[str, dict[str, float | None]]:
-    """Rate level -> the penalty and prior weight of the context head's activity layer (what
-    :func:`adapt_head` chose)."""
+    """Rate level -> the penalty and prior weight of the context head's activity layer, and
+    of its short-reading layer where it has one (what :func:`adapt_head` chose)."""
     head = net.context_head
     if head is None:
         return {}
-    return {str(lv): {"alpha": part.activity.alpha, "prior_weight": part.activity.prior_weight}
-            for lv, part in enumerate(head.levels[:-1])}  # the last: the unquantized path
+    out: dict[str, dict[str, float | None]] = {}
+    for lv, part in enumerate(head.levels[:-1]):  # the last: the unquantized path
+        out[str(lv)] = {"alpha": part.activity.alpha,
+                        "prior_weight": part.activity.prior_weight}
+        if part.short is not None:
+            out[str(lv)].update(short_alpha=part.short.alpha,
+                                short_prior_weight=part.short.prior_weight)
+    return out
 
 
 def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int, out: Path, *,
@@ -433,7 +439,7 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
     manifest = save_derived(
         bundle, out, adapted, name=name or out.name, held_out=held_out,
         calibration=adapted_calibration(model.manifest.calibration,
-                                        head=windows is not None),
+                                        head=model.net.context_head is not None),
         training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
                                                     if not k.startswith("activity")},
                   # what a later adaptation of this bundle refits its short layer on
@@ -446,10 +452,15 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
     return result
 
 
+# The live-output settings of calibration["activity"] an adapted bundle keeps.
+LIVE_SETTINGS = ("temperature", "contexts", "stay", "threshold", "target_accuracy")
+
+
 def adapted_calibration(parent: dict[str, Any], *, head: bool) -> dict[str, Any]:
     """The calibration of a bundle adapted from one calibrated as ``parent``.
 
-    ``head``: the adaptation refitted the context head's layers (the ridge methods). The live
+    ``head``: the bundle's activity output is its context head's, which the ridge methods
+    refit (the short-reading layer included) and the others leave as it is. The live
     output's settings then carry over: the lengths read, their temperatures and pool
     weights, the filter's stay and the abstention threshold. The setting's few labelled
     recordings are too few to fit them again, and without them the live output would read
@@ -457,14 +468,18 @@ def adapted_calibration(parent: dict[str, Any], *, head: bool) -> dict[str, Any]
     cross-session adaptations, live smoothed per-second accuracy at level 0 is 0.867 with the
     parent's settings and the short-reading layer refitted (:func:`adapt_head`), against
     0.569 without them (bench/adapt_live.py). ``fitted_on`` says where they came from. A
-    network fine-tuned by the other methods goes without (temperature 1, defaults): those
-    settings were fitted for another classifier."""
+    bundle without a context head goes without (temperature 1, defaults): its fine-tuned
+    network is another classifier than the one they were fitted for."""
     out = {k: v for k, v in parent.items() if k != "activity"}
     activity = parent.get("activity")
     if head and activity:
-        out["activity"] = {**activity, "fitted_on": (
-            f"carried over from the parent bundle by csi adapt (fitted there on "
-            f"{activity.get('fitted_on', 'its validation recordings')})")}
+        # The settings only: the parent's diagnostics (NLL, ECE, the scores of each option)
+        # describe its own head, not this one.
+        out["activity"] = {
+            **{k: activity[k] for k in LIVE_SETTINGS if k in activity},
+            "fitted_on": "carried over from the parent bundle by csi adapt",
+            "parent_fitted_on": activity.get("parent_fitted_on",
+                                             activity.get("fitted_on", "unknown"))}
     return out
 
 
