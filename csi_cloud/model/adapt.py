@@ -23,7 +23,7 @@ as unknown.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -151,26 +151,35 @@ class HeadWindows:
         return [round(correct[v] / total[v], 4) for v in sorted(total)]
 
 
-def head_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> HeadWindows:
-    """The context head's features of every window of the recordings (see
-    :class:`HeadWindows`); valid for every head with the same transforms (the parent's and
-    the ones :func:`adapt_head` derives from it)."""
+def _level_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray
+                   ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray,
+                                       tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Every window the service would classify in ``recordings``, per code variant and rate
+    level: (variant, level, owner recording (W,), whether it ends its recording (W,), and
+    the context head's inputs (z_q, profile coefficients, present))."""
     from .context_head import profile_coefficients
 
-    head = net.context_head
-    if head is None:
-        raise ValueError("this bundle has no context head")
-    recordings = np.asarray(recordings, dtype=np.int64)
-    rows, owners, last = segment_windows(codes, recordings, net.cfg.context_segments)
-    groups = []
+    rows, owners, last = segment_windows(codes, np.asarray(recordings, np.int64),
+                                         net.cfg.context_segments)
     for v in range(codes.z_q.shape[0]):
         z, p, present, level = (t.numpy() for t in window_batch(codes, rows,
                                                                 np.full(len(rows), v)))
         coeff = profile_coefficients(net, p, transmitted=level < net.cfg.levels)
         for lv in np.unique(level).tolist():
             pick = np.flatnonzero(level == lv)
-            groups.append((v, int(lv), owners[pick], last[pick],
-                           head.features(lv, z[pick], coeff[pick], present[pick])))
+            yield v, int(lv), owners[pick], last[pick], (z[pick], coeff[pick], present[pick])
+
+
+def head_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> HeadWindows:
+    """The context head's features of every window of the recordings (see
+    :class:`HeadWindows`); valid for every head with the same transforms (the parent's and
+    the ones :func:`adapt_head` derives from it)."""
+    head = net.context_head
+    if head is None:
+        raise ValueError("this bundle has no context head")
+    recordings = np.asarray(recordings, dtype=np.int64)
+    groups = [(v, lv, owners, last, head.features(lv, *inputs))
+              for v, lv, owners, last, inputs in _level_windows(net, codes, recordings)]
     return HeadWindows(recordings, groups)
 
 
@@ -281,23 +290,15 @@ def _short_windows(net: CSICodecNet, codes: CodeData, support: np.ndarray,
     """Rate level -> the context head's features (W, F) of the support's windows read at
     each of ``lengths`` (the live output's shorter readings: the last k slots) and each copy's
     owner recording (W,)."""
-    from .context_head import profile_coefficients, truncated
+    from .context_head import truncated
 
     head = net.context_head
     assert head is not None
-    rows, owners, _ = segment_windows(codes, np.asarray(support, np.int64),
-                                      net.cfg.context_segments)
     out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for v in range(codes.z_q.shape[0]):
-        z, p, present, level = (t.numpy() for t in window_batch(codes, rows,
-                                                                np.full(len(rows), v)))
-        coeff = profile_coefficients(net, p, transmitted=level < net.cfg.levels)
-        for lv in np.unique(level).tolist():
-            pick = np.flatnonzero(level == lv)
-            short, src = truncated((z[pick], coeff[pick], present[pick]), lengths)
-            if len(src):
-                out.setdefault(int(lv), []).append(
-                    (head.features(int(lv), *short), owners[pick][src]))
+    for _, lv, owners, _, inputs in _level_windows(net, codes, support):
+        short, src = truncated(inputs, lengths)
+        if len(src):
+            out.setdefault(lv, []).append((head.features(lv, *short), owners[src]))
     return {lv: (np.concatenate([f for f, _ in parts]), np.concatenate([o for _, o in parts]))
             for lv, parts in out.items()}
 
