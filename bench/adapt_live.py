@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _report import save_results  # noqa: E402
 from trust import shared_data  # noqa: E402  (bench/trust.py, beside this script)
 
 from csi_cloud.model.adapt import adapt_head, adapted_calibration, pick_support  # noqa: E402
@@ -162,9 +163,7 @@ def main() -> None:
         axis=0)] for key in ("live_smoothed", "separate_smoothed", "per_recording")}
         for v in VARIANTS} for setting in {t["setting"] for t in report["tasks"].values()}}
     report["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save_results(report, args.out, None)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_SETTLE_S",
     "DEFAULT_STAY",
     "DEFAULT_THRESHOLD",
+    "EVIDENCE_FLOOR",
     "HMMFilter",
     "Settled",
     "Smoother",
@@ -68,7 +69,7 @@ DEFAULT_MAX_GAP_S = 10.0
 # (bench/trust.py, ``lag_sweep``); each second of it is a second of latency on every event.
 DEFAULT_SETTLE_S = 2.0
 STAY_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
-_FLOOR = 1e-6  # no second's evidence rules an activity out for good
+EVIDENCE_FLOOR = 1e-6  # no second's evidence rules an activity out for good
 
 
 class SmoothingError(ValueError):
@@ -117,7 +118,7 @@ class HMMFilter:
     def update(self, p: np.ndarray, steps: int = 1) -> np.ndarray:
         """Take one second's probabilities ``p`` (K,), ``steps`` seconds after the last one
         (``steps - 1`` missing); return the filtered belief (K,)."""
-        p = np.clip(np.asarray(p, np.float64), _FLOOR, None)
+        p = np.clip(np.asarray(p, np.float64), EVIDENCE_FLOOR, None)
         if p.shape != (self.classes,):
             raise SmoothingError(f"expected {self.classes} probabilities, got shape {p.shape}")
         if self.belief is None:
@@ -159,7 +160,7 @@ def fixed_lag(p: np.ndarray, stay: float, lag: int,
     n = len(p)
     if lag == 0 or n == 0:
         return alpha
-    evidence = np.clip(np.asarray(p, np.float64), _FLOOR, None)
+    evidence = np.clip(np.asarray(p, np.float64), EVIDENCE_FLOOR, None)
     fresh = np.zeros(n, bool) if starts is None else np.asarray(starts, bool).copy()
     fresh[0] = True
     # end[i]: the first start after row i (or n): row i's stream stops before it.
@@ -348,7 +349,7 @@ class Smoother:
         stream.timestamp = t
         stream.arrived = time.monotonic()
         fresh = stream.filter.belief is None
-        evidence = np.clip(np.array([probs[k] for k in labels], np.float64), _FLOOR, None)
+        evidence = np.clip(np.array([probs[k] for k in labels], np.float64), EVIDENCE_FLOOR, None)
         belief = stream.filter.update(evidence, steps)
         stream.waiting.append(_Second(t, evidence, belief.copy(),
                                       1.0 if fresh else stream.filter.stay ** steps))

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from ..smoothing import EVIDENCE_FLOOR  # no reading rules an activity out for good
 from .temperature import TemperatureError, apply_temperature
 
 __all__ = ["ContextLengths", "candidate_lengths", "most_confident", "pool"]
 
-_FLOOR = 1e-6  # as csi_cloud.smoothing: no reading rules an activity out for good
 
 
 def most_confident(p: Sequence[np.ndarray]) -> np.ndarray:
@@ -60,7 +60,7 @@ def most_confident(p: Sequence[np.ndarray]) -> np.ndarray:
 def pool(p: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """The weighted geometric pool of readings ``p`` ((W, K) each): per row,
     ``prod_k p_k ** w_k``, normalised (W, K)."""
-    logits = sum((w * np.log(np.clip(np.asarray(x, np.float64), _FLOOR, None))
+    logits = sum((w * np.log(np.clip(np.asarray(x, np.float64), EVIDENCE_FLOOR, None))
                   for x, w in zip(p, weights, strict=True) if w), np.zeros(np.shape(p[0])))
     logits -= logits.max(axis=-1, keepdims=True)
     e = np.exp(logits)

@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest
 
-from ..smoothing import STAY_GRID, filter_stream, fit_stay, fit_threshold
+from ..smoothing import EVIDENCE_FLOOR, STAY_GRID, filter_stream, fit_stay, fit_threshold
 from .compression import CloudModel
 from .data import SegmentData
 from .evaluate import decode_level, encode_recordings
@@ -153,7 +153,6 @@ def live_streams(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
 
 
 MAX_WEIGHT = 4.0
-EVIDENCE_FLOOR = 1e-6  # csi_cloud.smoothing's floor on each second's evidence
 _UNUSED = 1e-3  # a pooled reading weighed below this is dropped (not read at all)
 
 
@@ -212,7 +211,7 @@ def fit_pool(joined: Sequence[LiveStreams], lengths: ContextLengths
         logs = np.log(np.clip(np.stack(
             [apply_temperature(s.readings[k] if k != n else s.p_raw, t)
              for k, t in zip(lengths.lengths, lengths.temperatures, strict=True)], axis=-1),
-            1e-6, None))
+            EVIDENCE_FLOOR, None))
         edges = [*np.flatnonzero(s.starts).tolist(), len(s.labels)]
         if edges[0] != 0:
             edges.insert(0, 0)
