@@ -167,7 +167,8 @@ class CloudService:
         """Drain what was received, then stop every part; each step is bounded so a stuck
         part cannot keep the process from exiting (what is not acknowledged is resent)."""
         if self.bus is not None:
-            self.bus.pause()  # nothing new; what was delivered is stored and acknowledged
+            # Nothing new; what was delivered is stored and acknowledged; the others take over.
+            await self.bus.pause()
         # Until the batch loop has taken every queued message AND finished the batch it holds
         # (cancelled mid-batch, that batch and the one being stored would be left
         # unacknowledged: resent, but the bus could not hand their partitions over at once).

@@ -159,12 +159,11 @@ def test_killed_edge_delivers_its_spool_on_restart(broker: Mosquitto, tmp_path: 
     deadline = time.monotonic() + 60
     queued = -1
     while time.monotonic() < deadline:
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                count = con.execute("SELECT count(*) FROM segment").fetchone()[0]
-            if count == queued and count > 0:
-                break
-            queued = count
+        # The spool's file exists a moment before its table: -1 until both do.
+        count = _spooled(db)
+        if count == queued and count > 0:
+            break
+        queued = count
         time.sleep(0.5)
     assert queued >= 8
     proc.send_signal(signal.SIGKILL)

@@ -162,9 +162,17 @@ class NatsBus:
         """Connect and consume in the background (retrying until the cluster is there)."""
         self._tasks.append(asyncio.create_task(self._run(), name="nats bus"))
 
-    def pause(self) -> None:
-        """Stop pulling: what was delivered is still stored and acknowledged."""
+    async def pause(self) -> None:
+        """Stop pulling and tell the others this worker is leaving: what was delivered is
+        still stored and acknowledged, and each held partition is unpinned as soon as its
+        segments are (the control loop's "releasing"). Announced now, not at :meth:`close`:
+        the others bid at once, so their waiting pull requests are pinned the moment a
+        partition is unpinned, instead of after the whole service has stopped (a clean stop
+        would otherwise hand over later than a crash, which the pin's time to live bounds)."""
         self._paused = True
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._heartbeat()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send the outstanding acknowledgements, hand every held partition over (unpin, and
@@ -175,7 +183,7 @@ class NatsBus:
         try:
             if nc is not None and nc.is_connected:
                 await self._send_acks()
-                await self._heartbeat(leaving=True)
+                await self._heartbeat()
                 # Every held partition, also one with segments delivered but not stored: they
                 # are not acknowledged, so JetStream redelivers them to the next holder, which
                 # waits for them before newer ones (_await_older); one this process still
@@ -347,9 +355,10 @@ class NatsBus:
 
     # -- membership and placement ----------------------------------------------------------
 
-    async def _heartbeat(self, leaving: bool = False) -> None:
+    async def _heartbeat(self) -> None:
+        # A stopping worker says so in every heartbeat: one without it would count it in again.
         body = {"name": self.name, "nonce": self.membership.nonce, "held": self.held(),
-                "leaving": leaving}
+                "leaving": self._paused}
         await self.nc.publish(self.subjects.heartbeats, json.dumps(body).encode())
 
     async def _on_heartbeat(self, msg: Any) -> None:
