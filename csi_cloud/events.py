@@ -142,9 +142,14 @@ class LiveTrust:
         if not probs or not prediction.get("model"):
             return None
         try:
-            temperature = self.registry.get(prediction["model"]).temperature
+            model = self.registry.get(prediction["model"])
         except KeyError:
             return None
+        if len(model.lengths.lengths) > 1:
+            # Its live output combines several readings (csi_cloud.model.lengths): no one
+            # temperature undoes that, and only the service knew the full window's own figure.
+            return None
+        temperature = model.temperature
         if temperature == 1.0:
             return prediction.get("activity_confidence")
         raw = uncalibrated(np.array([list(probs.values())]), temperature)[0]

@@ -63,7 +63,7 @@ class Heartbeats:
 
     def __enter__(self) -> Heartbeats:
         self._thread.start()
-        self._ready.wait(15)
+        assert self._ready.wait(15), "not subscribed to the heartbeats within 15 s"
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,6 +7,7 @@ package is not used. Each node gets its own folder, config (csi_cloud.bus.natsco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,10 +29,14 @@ __all__ = ["NatsCluster", "nats_server_binary"]
 MIN_VERSION = (2, 11)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket held until all are chosen, so the kernel
+    cannot hand the same one out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def nats_server_binary() -> str | None:
@@ -60,10 +65,9 @@ class NatsCluster:
         folder.mkdir(parents=True, exist_ok=True)
         self.subjects = SegmentSubjects(prefix, partitions)
         n = nodes
-        self.client_ports = [_free_port() for _ in range(n)]
-        self.mqtt_ports = [_free_port() for _ in range(n)]
-        self.http_ports = [_free_port() for _ in range(n)]
-        route_ports = [_free_port() for _ in range(n)]
+        ports = _free_ports(4 * n)
+        self.client_ports, self.mqtt_ports = ports[:n], ports[n:2 * n]
+        self.http_ports, route_ports = ports[2 * n:3 * n], ports[3 * n:]
         self.configs = []
         for i in range(n):
             config = NodeConfig(

@@ -91,15 +91,24 @@ def _offline_session(port: int, client_id: str) -> None:
     client.loop_stop()
 
 
-def _queued_for(port: int, client_id: str, quiet_s: float = 1.5) -> int:
+def _queued_for(port: int, client_id: str, quiet_s: float = 3.0) -> int:
+    """How many messages the broker kept for the session: every one delivered once it has
+    connected, until none came for ``quiet_s`` (counted from the first, which may take a busy
+    machine a while)."""
     got: list[bytes] = []
+    connected = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
+    client.on_connect = lambda *a: connected.set()
     client.on_message = lambda c, u, m: got.append(m.payload)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
     client.connect("127.0.0.1", port, clean_start=False, properties=props)
     client.loop_start()
+    assert connected.wait(30), "no CONNACK"
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
     last, since = -1, time.monotonic()
     while time.monotonic() - since < quiet_s:
         if len(got) != last:

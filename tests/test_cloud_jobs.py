@@ -90,7 +90,7 @@ def test_training_job_produces_a_served_bundle(env: dict[str, Any]) -> None:
         running = client.get(JOBS, params={"state": "running"}).json()
         assert running["count"] <= 1
         seen_running |= {j["id"] for j in running["data"]}
-        assert time.monotonic() - started < 120
+        assert time.monotonic() - started < 300  # (a busy machine's bound, as the others')
         time.sleep(0.2)
     took = time.monotonic() - started
     assert job["state"] == "succeeded", job["error"] or job["log"]

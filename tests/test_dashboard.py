@@ -250,10 +250,10 @@ def test_dashboard_in_chromium(broker: Mosquitto, tmp_path: Path, browser: Any) 
         Select(browser.find_element(By.CSS_SELECTOR, f"{row} select.rate-select")) \
             .select_by_value("0")
         browser.find_element(By.CSS_SELECTOR, f"{row} button.rate-set").click()
-        _wait(lambda: "token" in text(f"{row} output.rate-result"), 5, "the token hint", logs)
+        _wait(lambda: "token" in text(f"{row} output.rate-result"), 20, "the token hint", logs)
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
-        _wait(lambda: "saved" in text("#token-state"), 5, "the token saved", logs)
+        _wait(lambda: "saved" in text("#token-state"), 20, "the token saved", logs)
         assert browser.execute_script("return sessionStorage.getItem('csi-token')") == TOKEN
         browser.find_element(By.CSS_SELECTOR, f"{row} button.rate-set").click()
 

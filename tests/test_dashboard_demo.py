@@ -91,11 +91,15 @@ def test_demo_shows_the_truth_and_a_new_epoch_per_recording(tmp_path: Path,
     assert found is not None
     plays = {f"ap{k + 1}": [truth_of(p, SAMPLES, labels) for p in room.plays]
              for k, room in enumerate(found[0])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_cloud.cli", "demo", "--http", f"127.0.0.1:{port}",
-         "--workdir", str(work), "--aps", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # Into a file, not a pipe: a pipe nobody reads while the test waits would block the
+    # demo's printing once full.
+    log = tmp_path / "demo.out"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "csi_cloud.cli", "demo", "--http", f"127.0.0.1:{port}",
+             "--workdir", str(work), "--aps", "2"],
+            stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def get(path: str) -> Any:
         with urllib.request.urlopen(f"{base}/api/v1{path}", timeout=5) as response:
@@ -117,7 +121,7 @@ def test_demo_shows_the_truth_and_a_new_epoch_per_recording(tmp_path: Path,
     try:
         deadline = time.monotonic() + 150
         while not plays_labelled():  # two ~10 s recordings an AP, then the first again
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no third recording labelled within 150 s"
             time.sleep(0.5)
         browser.get(f"{base}/")
@@ -152,7 +156,8 @@ def test_demo_shows_the_truth_and_a_new_epoch_per_recording(tmp_path: Path,
             assert len(set(epochs)) == len(epochs)  # a new epoch for every recording played
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "labelled recordings: the truth is posted as labels" in out
     assert "demo/ap1 (user1) alternates: falling_user1_rm1_1.pcap then walking_user1_rm1_10.pcap" \

@@ -28,16 +28,20 @@ def _run_demo(tmp_path: Path, *args: str, browser: Any = None
               ) -> tuple[list[dict], float, str, Path]:
     port = free_port()
     work = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_cloud.cli", "demo", "--http", f"127.0.0.1:{port}",
-         "--workdir", str(work), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # Into a file, not a pipe: a pipe nobody reads while the test waits would block the
+    # demo's printing once full.
+    log = tmp_path / "demo.out"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "csi_cloud.cli", "demo", "--http", f"127.0.0.1:{port}",
+             "--workdir", str(work), *args],
+            stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     started = time.monotonic()
     aps: list[dict] = []
     try:
         while time.monotonic() - started < 60:
-            assert proc.poll() is None, proc.communicate()[0]
+            assert proc.poll() is None, log.read_text()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/aps",
                                             timeout=2) as r:
@@ -58,10 +62,16 @@ def _run_demo(tmp_path: Path, *args: str, browser: Any = None
     finally:
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         stop_s = time.monotonic() - t0
+        out = log.read_text()
     assert proc.returncode == 0, out
-    assert stop_s <= 10, f"Ctrl-C took {stop_s:.1f} s"
+    # Bounded by the demo's own stop limits (3 s edges, 5 s cloud, 5 s broker, then killed)
+    # plus a busy machine's slack; a child signalled last may take a moment to be gone.
+    assert stop_s <= 20, f"Ctrl-C took {stop_s:.1f} s"
+    deadline = time.monotonic() + 10
+    while _pids_with(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not _pids_with(str(work)), "a child outlived the demo"
     return aps, ready_s, out, work
 

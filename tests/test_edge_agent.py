@@ -262,8 +262,14 @@ def test_presence_measured_on_the_empty_room_is_kept_across_a_restart(
         collector.publish(ctl, json.dumps({"action": "calibrate_presence", "empty_s": 5,
                                            "delay_s": 121}))
         collector.publish(ctl, json.dumps({"action": "calibrate_presence", "empty_s": 5}))
-        collector.wait_for(lambda: motion().get("mode") == "measuring", 30, "measuring")
-        assert motion()["measuring_left"] >= 5  # the seconds looking back, then 5
+        def measuring() -> list[dict]:  # every status that says so, in order
+            statuses = [json.loads(m.payload) for m in collector.on(topic)[since:]]
+            return [m for s in statuses if s["online"] and (m := s.get("motion") or {})
+                    .get("mode") == "measuring"]
+
+        collector.wait_for(lambda: bool(measuring()), 30, "measuring")
+        # The first one (later ones count down): the seconds looking back, then 5.
+        assert measuring()[0]["measuring_left"] >= 5
         collector.wait_for(lambda: motion().get("mode") == "pinned", 30, "a pinned reference")
         pinned = motion()["reference"]
         assert isinstance(pinned, float)
@@ -744,14 +750,15 @@ def test_stop_is_prompt_while_the_broker_is_unreachable(tmp_path: Path) -> None:
             found = re.findall(r"retrying in ([0-9.]+) s", log.read_text())
             return float(found[-1]) if found else 0.0
 
-        # Stopped just after a backoff longer than the allowed stop time began.
-        wait_until(lambda: backoff_s() >= 4, 60, "a reconnect backoff of 4 s or more")
+        # Stopped just after a backoff much longer than the allowed stop time began (16 s,
+        # against the 1 s drain: a busy machine's slow exit cannot pass for waiting it out).
+        wait_until(lambda: backoff_s() >= 15, 90, "a reconnect backoff of 15 s or more")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         took = time.monotonic() - t0
         out = log.read_text()
-    assert took < 1.0 + 2.0, f"stop took {took:.1f} s:\n{out[-2000:]}"
+    assert took < 10, f"stop took {took:.1f} s:\n{out[-2000:]}"
     assert out.count("retrying") < 20, "no tight reconnect loop while stopping"
     with sqlite3.connect(tmp_path / "spool" / "lab" / "ap1.sqlite") as con:
         assert con.execute("SELECT count(*) FROM segment").fetchone()[0] >= 8

