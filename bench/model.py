@@ -222,7 +222,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 entry["anchors"].append(run_anchors(
                     win, rocket, source, te, n_act, n_id, identity=protocol == "random"
                     and n_id > 0, seed=seed, threads=args.threads, fits=fits))
-                entry["tasks"].append(task)
+                entry["tasks"].append(run_name(task, seed, args.seeds))
             only = setting_of[protocol]
             if only is not None and only in settings:
                 def task_log(line: str, prefix: str = f"{name} {task}: ") -> None:
@@ -262,7 +262,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                 entry["anchors"].append(run_anchors(win, rocket, source, te, n_act, n_id,
                                                     identity=identity, seed=seed,
                                                     threads=args.threads, fits=fits))
-                entry["tasks"].append(task)
+                entry["tasks"].append(run_name(task, seed, args.seeds))
             setting = setting_of[protocol]
             if setting in settings:
                 few.setdefault(setting, {})[f"{task}/seed{seed}"] = few_shot(
@@ -280,6 +280,18 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
     return _summarise(report, results, few)
 
 
+def run_name(task: str, seed: int, seeds: int) -> str:
+    """A task's name in the results: with several seeds, each seed's run of it apart (the
+    per-task scores are keyed by it)."""
+    return task if seeds == 1 else f"{task}/seed{seed}"
+
+
+def seeds_of(task_names: list[str]) -> int:
+    """How many seeds a protocol's runs span (names from :func:`run_name`)."""
+    return len({name.rpartition("/seed")[2] if "/seed" in name else "0"
+                for name in task_names})
+
+
 def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
                few: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The dataset's section from the tasks run so far."""
@@ -289,6 +301,7 @@ def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
             if entry["anchors"]:  # --anchors-only: merged into ours' entry of the protocol
                 report["protocols"][protocol] = {
                     "anchors_only": True, "tasks": len(entry["anchors"]),
+                    "seeds": seeds_of(entry["tasks"]),
                     "task_names": list(entry["tasks"]),
                     "anchors": {a: aggregate([r[a] for r in entry["anchors"]])
                                 for a in ANCHORS},
@@ -298,6 +311,7 @@ def _summarise(report: dict[str, Any], results: dict[str, dict[str, list[Any]]],
             continue
         report["protocols"][protocol] = {
             "tasks": len(entry["ours"]),
+            "seeds": seeds_of(entry["tasks"]),
             "task_names": list(entry["tasks"]),
             "ours": _aggregate_ours(entry["ours"]),
             "anchors": {a: aggregate([r[a] for r in entry["anchors"]]) for a in ANCHORS},
@@ -574,7 +588,7 @@ def render(report: dict[str, Any], name: str) -> str:
     lines = ["## Against the anchors, every protocol (bench/model.py)", "",
              f"`python bench/model.py` (results in `bench/results/model.json`, plot "
              f"`bench/results/model_{name}.png`): {report['folds']}-fold by recording, "
-             f"{report['seeds']} seed(s), {report['epochs']} epochs; anchors read uncompressed "
+             f"{report['epochs']} epochs; anchors read uncompressed "
              "CSI. Accuracy per recording (window ending at its last segment) / per second "
              "(every prediction the service makes while it streams). Mean ± std over tasks.",
              ""]
@@ -583,7 +597,9 @@ def render(report: dict[str, Any], name: str) -> str:
         head = ["method", "payload B/s", "activity", "activity per second"]
         if has_id:
             head += ["identity", "identity per second"]
-        lines += [f"### {protocol} ({sec['tasks']} tasks)", "",
+        seeds = sec.get("seeds", report["seeds"])
+        lines += [f"### {protocol} ({sec['tasks']} tasks, {seeds} seed{'s' * (seeds > 1)})",
+                  "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows = [(f"ours, level {lv['level']}", lv) for lv in sec["ours"]["levels"]]
         rows += [("ours, uncompressed path", sec["ours"]["unquantized"])]

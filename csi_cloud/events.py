@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, or_, select, update
 
 from .db import Database, Event
 from .live import LiveHub
@@ -147,7 +147,7 @@ class LiveTrust:
             return None
         if len(model.lengths.lengths) > 1:
             # Its live output combines several readings (csi_cloud.model.lengths): no one
-            # temperature undoes that, and only the service knew the full window's own figure.
+            # temperature undoes that; only the service that read them knew the raw figure.
             return None
         temperature = model.temperature
         if temperature == 1.0:
@@ -222,12 +222,22 @@ class LiveTrust:
                 closing: dict[str, Any] = {"end": c["start"]}
                 if c["previous"] is not None and c["previous"]["confidence"] is not None:
                     closing["confidence"] = c["previous"]["confidence"]
+                same = (Event.site == c["site"], Event.ap == c["ap"], Event.kind == c["kind"])
+                # The episode it ends: the open one, or, for a change that arrives late
+                # (below), the one that was closed after it began.
                 s.execute(update(Event).where(
-                    Event.site == c["site"], Event.ap == c["ap"], Event.kind == c["kind"],
-                    Event.end.is_(None), Event.start <= c["start"]).values(**closing))
+                    *same, Event.start <= c["start"],
+                    or_(Event.end.is_(None), Event.end > c["start"])).values(**closing))
+                # A change that arrives after a later one of the same AP (the worker that
+                # held the AP before a hand-over settles its last seconds while the next one
+                # already writes): it ended where that later one began, not still open.
+                later = s.execute(select(func.min(Event.start)).where(
+                    *same, Event.start > c["start"])).scalar()
+                if later is not None:
+                    c["end"] = later  # (what is published says so too)
                 row = s.execute(insert(Event).values(
                     site=c["site"], ap=c["ap"], kind=c["kind"], value=c["value"],
-                    start=c["start"], end=None, confidence=c["confidence"],
+                    start=c["start"], end=later, confidence=c["confidence"],
                     model=c["model"]).returning(Event.id)).scalar_one()
                 ids.append(int(row))
         return ids

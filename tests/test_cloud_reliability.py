@@ -385,7 +385,10 @@ class Cloud(_Cloud):
         while True:
             try:
                 got = self.seqs(ap)
-            except httpx.HTTPError:  # the API reads the database too: it may be coming back
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                # The API reads the database too: a 503 while it comes back, nothing worse.
+                if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code != 503:
+                    raise
                 got = None
             if got == sorted(expected):
                 break

@@ -108,8 +108,9 @@ def test_cluster_survives_a_node_and_a_worker_killed_mid_stream(
             cluster.start(victim_node)
             events["node_restarted"] = time.time()
             at(26)  # the node's failure has settled: what follows is the worker's alone
-            # (a heartbeat older than 3 s does not count: waited for on a busy machine)
-            _wait(lambda: beats.held().get("w1"), 15,
+            # (a heartbeat older than 3 s does not count: waited for a little on a busy
+            # machine, not so long that the restart below would follow the kill at once)
+            _wait(lambda: beats.held().get("w1"), 6,
                   lambda: f"w1 held nothing before the kill: {beats.held()}")
             held_before = beats.held().get("w1", [])
             assert held_before, f"w1 held nothing before the kill: {beats.held()}"

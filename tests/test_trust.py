@@ -729,3 +729,36 @@ def test_a_pooled_bundles_raw_confidence_is_not_guessed_from_its_probabilities(
                "probabilities": {"activity": probs}}
     assert live._raw_confidence(without) is None
     assert live._raw_confidence({**without, "activity_confidence_raw": 0.61}) == 0.61
+
+
+def test_a_change_stored_after_a_later_one_is_closed_where_that_one_began(
+        tmp_path: Path) -> None:
+    """Two workers and one AP around a hand-over: the one that held it settles its last
+    seconds (a change at t = 100) after the next one stored a change at t = 110. The late
+    episode ends at 110, and only the newest stays open."""
+    from sqlalchemy import select
+
+    from csi_cloud.db import Database, Event
+    from csi_cloud.events import LiveTrust
+    from csi_cloud.registry import ModelRegistry
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    live = LiveTrust(ModelRegistry(ROOT / "models"), db, "csi/v1")
+
+    def change(start: float, value: str, previous: str | None) -> dict[str, Any]:
+        return {"site": "lab", "ap": "ap1", "kind": "activity", "value": value,
+                "start": start, "end": None, "confidence": 0.8, "model": "m",
+                "previous": None if previous is None else {
+                    "value": previous, "start": start - 10, "end": start,
+                    "confidence": 0.7}}
+
+    live._store([change(90.0, "sitting", None)])
+    live._store([change(110.0, "walking", "sitting")])  # the next worker
+    late = change(100.0, "standing", "sitting")  # the worker that handed over, settling
+    live._store([late])
+    with db.session() as s:
+        rows = [(e.value, e.start, e.end) for e in s.execute(
+            select(Event).order_by(Event.start)).scalars()]
+    assert rows == [("sitting", 90.0, 100.0), ("standing", 100.0, 110.0),
+                    ("walking", 110.0, None)]
+    assert late["end"] == 110.0  # and what is published says so
