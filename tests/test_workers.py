@@ -224,6 +224,46 @@ def test_a_jump_in_the_delivery_numbers_holds_newer_segments_until_the_lost_ones
     assert handed[3:6] == [("a", 2), ("a", 3), ("b", 1)]  # stream order
     assert part.awaiting == 0 and not part.held_back
 
+
+def test_a_stopping_worker_leaves_held_back_segments_to_the_next_one() -> None:
+    """A paused (stopping) worker pulls no more, so the older segments a held-back newer one
+    waits for will not come to it: the newer one is dropped at once, not handed over ahead
+    of them (it is not acknowledged: the next worker gets it again, after them). A running
+    worker waits for them until they are overdue."""
+
+    subjects = SegmentSubjects("csi/v1", 1)
+    handed: list[int] = []
+
+    class Sink:
+        def submit(self, site: str, ap: str, payload: bytes, received: float,
+                   ack: Any = None) -> None:
+            handed.append(int(payload))
+
+        def reload_aps(self, keep: Any) -> int:
+            return 0
+
+    def holding() -> tuple[NatsBus, Any]:
+        bus = NatsBus(["nats://127.0.0.1:1"], Sink(), name="w", subjects=subjects)
+        part = bus.partitions[0]
+        part.state, part.pin = "releasing", "pin-1"
+        part.awaiting, part.awaiting_until = 1, 100.0
+        part.held_back = {20: ("lab", "a", b"7", 0.0, "ack.20")}
+        return bus, part
+
+    bus, part = holding()
+    bus._settle_awaiting(part, now=50.0)  # running, not overdue: still held
+    assert part.held_back and handed == []
+    bus._settle_awaiting(part, now=101.0)  # overdue: handed over
+    assert handed == [7] and part.awaiting == 0
+
+    handed.clear()
+    bus, part = holding()
+    bus._paused = True
+    bus._settle_awaiting(part, now=50.0)
+    assert handed == [] and part.awaiting == 0 and not part.held_back
+    assert bus.inflight == 0  # nothing to wait for before the partition is unpinned
+
+
 def _needs_nats() -> None:
     if nats_server_binary() is None:
         if IN_CI:

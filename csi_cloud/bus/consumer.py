@@ -407,10 +407,7 @@ class NatsBus:
                     log.debug("partition %d: bidding", part.index)
                 elif part.state == "bidding" and not wanted:
                     part.state = "idle"
-                if part.awaiting > 0 and now > part.awaiting_until:
-                    log.info("partition %d: %d older segment(s) not redelivered in time; going "
-                             "on", part.index, part.awaiting)
-                    self._release_held_back(part)
+                self._settle_awaiting(part, now)
                 if part.state == "releasing":
                     await self._maybe_release(part, now)
                 # (a partition being handed over is still pulled while older segments are
@@ -419,6 +416,23 @@ class NatsBus:
                         part.state == "releasing" and part.awaiting > 0)) and not self._paused:
                     await self._pull(part, now)
             await asyncio.sleep(_TICK_S)
+
+    def _settle_awaiting(self, part: _Partition, now: float) -> None:
+        """Segments held back for older ones being redelivered: handed over in stream order
+        once the older ones are overdue. A stopping worker no longer pulls, so the older ones
+        will not come to it: it drops what it holds back at once, unacknowledged, and the
+        next worker gets the lot again, in order (handing it over here would put the newer
+        ones ahead of the older)."""
+        if part.awaiting <= 0:
+            return
+        if self._paused:
+            log.info("partition %d: stopping; %d segment(s) held back for older ones left to "
+                     "the next worker", part.index, len(part.held_back))
+            self._drop_held_back(part)
+        elif now > part.awaiting_until:
+            log.info("partition %d: %d older segment(s) not redelivered in time; going "
+                     "on", part.index, part.awaiting)
+            self._release_held_back(part)
 
     async def _maybe_release(self, part: _Partition, now: float) -> None:
         pulling = part.request is not None and now < part.deadline
