@@ -36,3 +36,16 @@ def test_level0_layout_changes_level_0_alone() -> None:
     changed = ModelConfig(antennas=1, subcarriers=56, segment_frames=50, activities=6, **layout)
     assert changed.level_channels == (0, *default.level_channels[1:])
     assert changed.profile_components == (16, *default.profile_components[1:])
+
+
+def test_each_seeds_run_of_a_task_keeps_its_own_name_and_the_section_its_seed_count() -> None:
+    """With several seeds the per-task scores are keyed by task and seed (one seed's run
+    would otherwise overwrite another's), and the report says how many seeds a protocol's
+    means are over."""
+    with bench_module("model") as model:
+        names = [model.run_name(f"fold{f}", s, 3) for s in range(3) for f in range(5)]
+        assert len(set(names)) == 15 and names[5] == "fold0/seed1"
+        assert model.seeds_of(names) == 3
+        assert model.run_name("fold0", 0, 1) == "fold0"
+        assert model.seeds_of(["fold0", "fold1"]) == 1
+        assert model.seeds_of(["rm1/rm2->rm3/rm4"]) == 1
