@@ -264,10 +264,19 @@ def evaluate_command(
 
     table = Table(title=f"{summary['name']} on {summary['dataset']}: "
                         f"{summary['examples']} recordings")
-    keys = ["level", "payload_bytes_per_s", "compression_ratio", "activity_accuracy",
-            "activity_macro_f1", "identity_accuracy", "nmse_db", "encoder_ms_per_segment"]
+    # Per recording, then per second as the service shows it: the full window, the live
+    # reading (a prediction's `activity`) and the smoothed label (dashboard and events).
+    columns = {"level": "level", "payload_bytes_per_s": "payload bytes per s",
+               "compression_ratio": "compression ratio",
+               "activity_accuracy": "activity per recording",
+               "activity_accuracy_per_second": "per second, full window",
+               "activity_accuracy_live_per_second": "per second, live",
+               "activity_accuracy_smoothed_per_second": "per second, smoothed",
+               "activity_macro_f1": "activity macro f1", "identity_accuracy": "identity",
+               "nmse_db": "nmse db", "encoder_ms_per_segment": "encoder ms per segment"}
+    keys = list(columns)
     for key in keys:
-        table.add_column(key.replace("_", " "), justify="right")
+        table.add_column(columns[key], justify="right")
     for row in [{**summary["unquantized"], "level": "unquantized"}, *summary["levels"]]:
         table.add_row(*("-" if row.get(k) is None else
                         f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])

@@ -206,6 +206,40 @@ def test_per_second_accuracy_counts_every_prediction_the_service_makes(
     assert 0 <= summary["unquantized"]["activity_accuracy_per_second"] <= 1
 
 
+def test_per_second_accuracy_of_the_live_reading_and_the_smoothed_label(samples: Path) -> None:
+    """The report's live and smoothed per-second figures are what the service shows: the
+    shipped bundle's live reading (classify_live, its pooled context lengths, the full window
+    among them) and its filter run second by second over each recording from a fresh start
+    (recomputed here)."""
+    from csi_cloud.model.data import segment_windows
+    from csi_cloud.model.evaluate import decode_level, encode_recordings, evaluate_bundle
+    from csi_cloud.smoothing import HMMFilter, TrustParams
+
+    bundle = ROOT / "models" / "wiar"
+    data, *_ = prepare("wiar", samples / "wiar" / "height_90")
+    edge, cloud = EdgeEncoder(bundle), CloudModel.load(bundle)
+    weights = cloud.lengths.weights
+    assert len(cloud.lengths.lengths) > 1 and weights is not None and weights[-1] > 0, \
+        "the shipped bundle pools several lengths, the full window's among them"
+    recs = np.arange(len(data))
+    summary = evaluate_bundle(cloud, edge, data, recs).summary
+    every, owner, _ = segment_windows(data, recs, cloud.net.cfg.context_segments)
+    stay = TrustParams.from_calibration(cloud.manifest.calibration).stay
+    for level in (0, 2):
+        decoded = decode_level(cloud, edge, data, encode_recordings(edge, data, recs), level)
+        live = cloud.classify_live(decoded.windows(every)).activity
+        truth = data.activity[owner]
+        smoothed = []
+        for r in recs.tolist():
+            f = HMMFilter(live.shape[1], stay)
+            smoothed += [int(f.update(p).argmax()) for p in live[owner == r]]
+        row = summary["levels"][level]
+        assert row["activity_accuracy_live_per_second"] == pytest.approx(
+            float((live.argmax(1) == truth).mean()))
+        assert row["activity_accuracy_smoothed_per_second"] == pytest.approx(
+            float((np.array(smoothed) == truth).mean()))
+
+
 def test_level_cost_is_paired_against_the_unquantized_path(trained: Path, samples: Path) -> None:
     """Each level's cost is the unquantized accuracy minus the level's on the same windows,
     per recording and per second, inside its own interval."""

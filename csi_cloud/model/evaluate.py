@@ -7,7 +7,14 @@ the cloud model from those bytes alone and classified over the last ``N`` decode
 Two accuracies: per recording (one window ending at each recording's last segment, ``*_accuracy``)
 and per second (``*_accuracy_per_second``: every prediction the service makes while the
 recording streams, one per segment, windows that start mid-recording included, so the first
-seconds are classified from a partial context exactly as the service does).
+seconds are classified from a partial context exactly as the service does). Per second the
+activity is scored three ways: the full context window alone (``activity_accuracy_per_second``),
+the live reading a prediction's ``activity`` gives (``activity_accuracy_live_per_second``: the
+window read at the bundle's context lengths, :meth:`CloudModel.classify_live`) and the
+smoothed label the dashboard and the events show (``activity_accuracy_smoothed_per_second``:
+the bundle's filter over the live readings, each recording streamed alone from a fresh start;
+csi_cloud.smoothing). Recordings laid end to end, the way a person changes activity in
+front of an AP, are scored by ``bench/trust.py``.
 Payload bytes are ``len(payload)`` of those messages: header, codes and CRC.
 
 Each level's cost against the unquantized path, in accuracy points with a 95% interval
@@ -32,6 +39,7 @@ import torch
 from csi_edge.bundle import EdgeEncoder, SegmentCodes
 from csi_edge.codec import Payload, SegmentRecord, encode_payload, message_groups
 
+from ..smoothing import TrustParams, filter_stream
 from .compression import CloudModel, classify_windows
 from .data import SegmentData, segment_windows, windows
 from .window import Windows
@@ -88,6 +96,22 @@ def _per_second(p_act: np.ndarray, p_id: np.ndarray | None, act_true: np.ndarray
         out["identity_accuracy_per_second"] = float(
             (p_id[known].argmax(1) == id_true[known]).mean())
     return out
+
+
+def _live_per_second(model: CloudModel, wins: Windows, full: np.ndarray, owner: np.ndarray,
+                     truth: np.ndarray) -> dict[str, float]:
+    """Accuracy of the live reading and of the smoothed label over every window of recordings
+    streamed one by one (``owner`` (W,): each window's recording, in streaming order; ``full``
+    (W, A): the full windows' uncalibrated activity probabilities). One filter step a
+    window: a segment lost inside a recording is a step, not the service's ``stay ** gap``
+    (csi_cloud.smoothing.Smoother), as in the calibration's own fit (csi_cloud.model.trust)."""
+    live, _ = model.lengths.read([*model.readings(wins), full])
+    starts = np.r_[True, owner[1:] != owner[:-1]]
+    smoothed = filter_stream(live, TrustParams.from_calibration(model.manifest.calibration)
+                             .stay, starts)
+    return {"activity_accuracy_live_per_second": float((live.argmax(1) == truth).mean()),
+            "activity_accuracy_smoothed_per_second": float(
+                (smoothed.argmax(1) == truth).mean())}
 
 
 @dataclass
@@ -208,9 +232,14 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Seg
         cls = _classification(p_act, p_id, data.activity[owners], data.identity[owners],
                               n_act, n_id)
         every, every_owner, _ = segment_windows(data, recordings, n_ctx)
-        each = model.classify(decoded.windows(every))
+        wins = decoded.windows(every)
+        # Uncalibrated: the temperature does not move the argmax, and the live reading
+        # calibrates each length itself.
+        each = model.classify(wins, calibrated=False)
         cls.update(_per_second(each.activity, each.identity, data.activity[every_owner],
                                data.identity[every_owner]))
+        cls.update(_live_per_second(model, wins, each.activity, every_owner,
+                                    data.activity[every_owner]))
         err = float(np.sum((recon - standardised) ** 2))
         energy = float(np.sum(standardised**2))
         bytes_per_s = total_bytes / (len(rows) * segment_s)

@@ -114,7 +114,9 @@ def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 METRIC_KEYS = ["level", "payload_bytes_per_s", "payload_bytes_per_segment", "compression_ratio",
-               "activity_accuracy", "activity_accuracy_per_second", "activity_macro_f1",
+               "activity_accuracy", "activity_accuracy_per_second",
+               "activity_accuracy_live_per_second", "activity_accuracy_smoothed_per_second",
+               "activity_macro_f1",
                "identity_accuracy", "identity_accuracy_per_second", "identity_macro_f1",
                "nmse_db", "encoder_ms_per_segment"]
 
@@ -126,7 +128,8 @@ def header_line(manifest: dict[str, Any]) -> str:
     measured = ((manifest.get("metrics") or {}).get("test_split") or {}).get("model")
     if measured and measured != manifest["id"]:
         line += (f" The test-split figures were measured under id `{measured}`: the same "
-                 f"weights, before its calibration was refitted (`csi calibrate`).")
+                 f"weights, before its calibration was refitted (`csi calibrate`); the "
+                 f"live and smoothed per-second figures depend on that calibration.")
     return line
 
 
@@ -199,7 +202,11 @@ def write_report(folder: Path, *, manifest: dict[str, Any],
         "`10 log10(sum (x - x_hat)^2 / sum x^2)` on the standardised log amplitude. "
         "Accuracy per recording: the window ending at each recording's last segment; "
         "per second: every prediction the service makes while the recording streams (one "
-        "per segment, windows that start mid-recording included).",
+        "per segment, windows that start mid-recording included), read from the full "
+        "context window (`activity_accuracy_per_second`), as a prediction's live `activity` "
+        "(`..._live_per_second`: the window read at the bundle's context lengths) and as the "
+        "smoothed label the dashboard and the events show (`..._smoothed_per_second`: the "
+        "bundle's filter, each recording streamed alone from a fresh start).",
         "",
         _table([{**summary["unquantized"], "level": "unquantized"}, *summary["levels"]],
                METRIC_KEYS),
