@@ -274,13 +274,12 @@ def evaluate_command(
                "activity_accuracy_smoothed_per_second": "per second, smoothed",
                "activity_macro_f1": "activity macro f1", "identity_accuracy": "identity",
                "nmse_db": "nmse db", "encoder_ms_per_segment": "encoder ms per segment"}
-    keys = list(columns)
-    for key in keys:
-        table.add_column(columns[key], justify="right")
+    for title in columns.values():
+        table.add_column(title, justify="right")
     for row in [{**summary["unquantized"], "level": "unquantized"}, *summary["levels"]]:
         table.add_row(*("-" if row.get(k) is None else
                         f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
-                        for k in keys))
+                        for k in columns))
     Console().print(table)
 
 

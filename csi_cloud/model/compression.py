@@ -370,8 +370,15 @@ class CloudModel:
         pool (csi_cloud.model.lengths); the same as :meth:`classify` for a bundle that reads the
         full length only."""
         full = self.classify(windows, calibrated=False)
-        activity, raw = self.lengths.read([*self.readings(windows), full.activity])
+        activity, raw = self.live_activity(windows, full.activity)
         return Prediction(activity, full.identity, full.unknown, raw)
+
+    def live_activity(self, windows: Windows, full: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """The live output's activity probabilities (W, A), calibrated and not, from the
+        full windows' uncalibrated ones ``full`` (W, A) (:meth:`classify_live` without the
+        full-window pass, for a caller that has it already)."""
+        return self.lengths.read([*self.readings(windows), full])
 
     def standardise(self, segments: np.ndarray) -> np.ndarray:
         """Preprocessed segments (B, L, A, S) -> the standardised domain of reconstructions."""

@@ -105,7 +105,7 @@ def _live_per_second(model: CloudModel, wins: Windows, full: np.ndarray, owner: 
     (W, A): the full windows' uncalibrated activity probabilities). One filter step a
     window: a segment lost inside a recording is a step, not the service's ``stay ** gap``
     (csi_cloud.smoothing.Smoother), as in the calibration's own fit (csi_cloud.model.trust)."""
-    live, _ = model.lengths.read([*model.readings(wins), full])
+    live, _ = model.live_activity(wins, full)
     starts = np.r_[True, owner[1:] != owner[:-1]]
     smoothed = filter_stream(live, TrustParams.from_calibration(model.manifest.calibration)
                              .stay, starts)
