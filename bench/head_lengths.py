@@ -13,7 +13,10 @@ byte is the same): once as it was (``refit``: shows the refit reproduces the com
 head), once also on copies of each window truncated to each of ``--lengths``
 (``truncated``: a short-reading activity layer, csi_cloud.model.context_head.fit_level's
 ``lengths``); ``--variants per_length`` adds a head with a layer for each length instead
-(fit_level's ``per_length``). Each copy is then
+(fit_level's ``per_length``), ``--variants joined`` one whose layer truncates windows of the
+training recordings streamed end to end, so that a window in a recording's first seconds
+holds the end of the previous one, as in a live stream (fit_bundle_head's
+``short_joined``). Each copy is then
 recalibrated on the validation recordings exactly as ``csi calibrate`` does (temperatures,
 context lengths, ``stay``, threshold), and scored with bench/trust.py's code on the
 **validation** recordings (which chose the calibration: the figures the choice may use)
@@ -134,7 +137,7 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
         scored("committed", folder)
     with tempfile.TemporaryDirectory() as tmp:
         for variant, fit_lengths in (("refit", ()), ("truncated", lengths),
-                                     ("per_length", lengths)):
+                                     ("per_length", lengths), ("joined", lengths)):
             if variant not in variants:
                 continue
             copy = Path(tmp) / variant / name
@@ -143,7 +146,8 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
             fit_bundle_head(copy, data, parts["train"], parts["val"],
                             features=int(options["head_features"]), seed=int(options["seed"]),
                             lengths=fit_lengths, per_length=variant == "per_length",
-                            short_per_recording=short_per_recording)
+                            short_per_recording=short_per_recording,
+                            short_joined=variant == "joined")
             calibrate_folder(copy, data, parts["val"], fitted_on=calibration["fitted_on"],
                              target=float(calibration["target_accuracy"]))
             print(f"{name} {variant}: head fitted and calibrated in "
@@ -166,8 +170,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=ROOT / "bench" / "results" / "head_lengths.json")
     parser.add_argument("--variants", default="committed,refit,truncated",
-                        help="which of committed, refit, truncated, per_length to score "
-                             "(per_length: a layer for each length, fit_level's per_length)")
+                        help="which of committed, refit, truncated, per_length, joined to "
+                             "score (per_length: a layer for each length, fit_level's "
+                             "per_length; joined: the layer fitted on windows of the "
+                             "recordings streamed end to end)")
     parser.add_argument("--short-per-recording", type=int, default=None,
                         help="windows per training recording the short-reading layer "
                              "truncates (default: the full window layer's 5)")

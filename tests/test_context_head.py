@@ -326,6 +326,36 @@ def test_truncated_copies_keep_the_last_slots_and_drop_empty_windows() -> None:
         truncated((z, coeff, present), [4])
 
 
+def test_joined_windows_reach_into_the_previous_recording() -> None:
+    """The short-reading layer's ``short_joined`` windows: the recordings streamed end to
+    end, each window owned by the recording of its last slot, each recording's last window
+    kept and at most ``per_recording`` in all; early windows hold the previous recording."""
+    from types import SimpleNamespace
+
+    from csi_cloud.model.fitting import _joined_windows
+
+    counts = [5, 3, 4]  # rows of each recording, slots 0..count-1
+    codes = SimpleNamespace(start=np.array([0, 5, 8]), count=np.array(counts),
+                            slot=np.concatenate([np.arange(c) for c in counts]),
+                            slots=np.array(counts))
+    owner_of_row = np.repeat([0, 1, 2], counts)
+    rows, owners = _joined_windows(codes, np.arange(3), 4, 2, np.random.default_rng(0))
+    assert rows.shape[1] == 4
+    assert sorted(owners.tolist()) == [0, 0, 1, 1, 2, 2]
+    for window, owner in zip(rows, owners, strict=True):
+        assert owner_of_row[window[-1]] == owner, "the last slot is the owner's"
+    last_rows = {int(codes.start[r] + counts[r] - 1) for r in range(3)}
+    assert last_rows <= {int(w[-1]) for w in rows}, "each recording's last window is kept"
+    # Streamed end to end, only the stream's first recording has missing slots; a window in
+    # a later recording's first seconds holds another recording's rows.
+    mixed = [w for w, o in zip(rows, owners, strict=True)
+             if (w >= 0).all() and len({int(owner_of_row[i]) for i in w}) > 1]
+    firsts = {int(o) for o in owners if (rows[owners == o] < 0).any()}
+    assert len(firsts) <= 1 and mixed
+    for r in range(3):
+        assert (owners == r).sum() <= 2
+
+
 def test_short_readings_are_right_only_with_a_layer_fitted_on_truncated_windows() -> None:
     """Class 0 sits at zero, like a masked slot: a layer fitted on full windows alone calls
     a one-segment reading of class 1 (seven zero slots, one at 1.5) class 0 about half the

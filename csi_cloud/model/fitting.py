@@ -77,27 +77,47 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
     return rows[keep], owners[keep]
 
 
+def _joined_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of ``recordings`` streamed end to end in a random order, as a person changing
+    activity streams them (csi_cloud.model.trust.stream_layout, ``joined``): a window in a
+    recording's first ``n - 1`` seconds holds the end of the previous one. Each recording's
+    last window and up to ``per_recording - 1`` others, drawn at random; each window's
+    owner is the recording its last slot belongs to."""
+    from .trust import stream_layout
+
+    rows, owners, _, _ = stream_layout(codes, recordings, n, "joined", rng)
+    last = np.r_[owners[1:] != owners[:-1], True]
+    keep = last.copy()
+    for r in np.unique(owners).tolist():
+        others = np.flatnonzero((owners == r) & ~last)
+        keep[rng.permutation(others)[: per_recording - 1]] = True
+    return rows[keep], owners[keep]
+
+
 def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
                     per_recording: int = 5, lengths: Sequence[int] = (),
-                    per_length: bool = False, short_per_recording: int | None = None) -> Any:
+                    per_length: bool = False, short_per_recording: int | None = None,
+                    short_joined: bool = False) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
     training recordings (``per_recording`` of the windows the service would classify in each,
     the last one included, at every rate level, and the unquantized path), choose the ridge
     penalties on the validation recordings, and write it into ``cloud.npz`` (the bundle id is
     recomputed). ``lengths``: the live output's shorter readings a short-reading activity
     layer is fitted on (csi_cloud.model.context_head.fit_level; none without them).
-    Returns the head."""
+    ``short_joined``: that layer truncates windows of the recordings streamed end to end
+    (:func:`_joined_windows`) rather than of each recording alone. Returns the head."""
     return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
                      per_recording=per_recording, lengths=lengths, per_length=per_length,
-                     short_per_recording=short_per_recording)[0]
+                     short_per_recording=short_per_recording, short_joined=short_joined)[0]
 
 
 def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
               val_recs: np.ndarray, *, features: int, seed: int,
               per_recording: int = 5, lengths: Sequence[int] = (),
-              per_length: bool = False, short_per_recording: int | None = None
-              ) -> tuple[Any, Bundle]:
+              per_length: bool = False, short_per_recording: int | None = None,
+              short_joined: bool = False) -> tuple[Any, Bundle]:
     """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
@@ -130,12 +150,14 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])
                 if cfg.identities else None)
     short: dict[str, Any] = {}
-    if lengths and short_per_recording:
-        # More windows for the short-reading layers alone, drawn with their own generator so
+    if lengths and (short_per_recording or short_joined):
+        # Other windows for the short-reading layers alone, drawn with their own generator so
         # the full window's layers see exactly the windows they see without it.
         short_rng = np.random.default_rng([seed, 1])
-        srows_tr, sown_tr = _some_windows(codes, train_recs, n, short_per_recording, short_rng)
-        srows_va, sown_va = _some_windows(codes, val_recs, n, short_per_recording, short_rng)
+        draw = _joined_windows if short_joined else _some_windows
+        count = short_per_recording or per_recording
+        srows_tr, sown_tr = draw(codes, train_recs, n, count, short_rng)
+        srows_va, sown_va = draw(codes, val_recs, n, count, short_rng)
         short = {"short_levels": [(decoded(lv, srows_tr), decoded(lv, srows_va))
                                   for lv in range(cfg.levels)]
                  + [(unquantized_windows(net, data.x, srows_tr),
