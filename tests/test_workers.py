@@ -264,6 +264,84 @@ def test_a_stopping_worker_leaves_held_back_segments_to_the_next_one() -> None:
     assert bus.inflight == 0  # nothing to wait for before the partition is unpinned
 
 
+def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> None:
+    """A partition gained while the previous worker still had segments unacknowledged: the new
+    worker reads its APs back at the gain and holds every segment for the older ones. Where
+    they do not come (that worker stored them late, after the first read), it reads the APs
+    back once more before handing the held segments over, so their contexts hold what was
+    stored meanwhile; segments arriving during that read wait for it. A hold that ends with
+    every older segment come here does not read again."""
+    import threading
+    from types import SimpleNamespace
+
+    subjects = SegmentSubjects("csi/v1", 1)
+    events: list[tuple[str, Any]] = []
+    started, gate = threading.Event(), threading.Event()
+
+    class Sink:
+        def submit(self, site: str, ap: str, payload: bytes, received: float,
+                   ack: Any = None) -> None:
+            events.append(("submit", int(payload)))
+
+        def reload_aps(self, keep: Any) -> int:
+            events.append(("reload", keep("lab", "a")))
+            started.set()
+            assert gate.wait(5), "the test never opened the gate"
+            return 1
+
+    def delivery(consumer: int, stream: int, seq: int) -> Any:
+        return SimpleNamespace(
+            headers={"Nats-Pin-Id": "pin-1"}, subject=subjects.filter(0)[:-3] + "lab.a",
+            data=str(seq).encode(), reply=f"ack.{stream}",
+            metadata=SimpleNamespace(sequence=SimpleNamespace(consumer=consumer, stream=stream),
+                                     num_delivered=1))
+
+    def gained() -> tuple[NatsBus, Any]:
+        bus = NatsBus(["nats://127.0.0.1:1"], Sink(), name="w", subjects=subjects)
+
+        async def older(part: Any, first: float) -> None:  # one delivery outstanding
+            bus._hold(part, 1, 10, first + 4.0)
+
+        bus._await_older = older  # type: ignore[method-assign]
+        return bus, bus.partitions[0]
+
+    async def timed_out() -> None:
+        bus, part = gained()
+        gate.set()
+        await bus._on_message(part, delivery(1, 20, 7))  # the gain: read once, then held
+        assert events == [("reload", True)] and part.reload_after_hold
+        assert part.state == "held" and list(part.held_back) == [20]
+        events.clear()
+        gate.clear()
+        bus._settle_awaiting(part, now=time.monotonic())  # not overdue yet
+        assert not part.reloading and events == []
+        bus._settle_awaiting(part, now=part.awaiting_until + 1)  # overdue: read again
+        assert part.reloading
+        assert await asyncio.to_thread(started.wait, 5)
+        await bus._on_message(part, delivery(2, 21, 8))  # during the read: waits for it
+        assert events == [("reload", True)]
+        gate.set()
+        await asyncio.gather(*bus._tasks)
+        assert events == [("reload", True), ("submit", 7), ("submit", 8)]
+        assert not part.reloading and part.awaiting == 0 and not part.held_back
+        assert not part.reload_after_hold
+
+    async def completed() -> None:
+        bus, part = gained()
+        gate.set()
+        await bus._on_message(part, delivery(1, 20, 7))
+        await bus._on_message(part, delivery(2, 9, 6))  # the older one, redelivered here
+        assert events == [("reload", True), ("submit", 6), ("submit", 7)]
+        assert part.awaiting == 0 and not part.reload_after_hold
+        bus._settle_awaiting(part, now=time.monotonic() + 100)
+        assert not bus._tasks and events[-1] == ("submit", 7)
+
+    asyncio.run(timed_out())
+    events.clear()
+    started.clear()
+    asyncio.run(completed())
+
+
 def _needs_nats() -> None:
     if nats_server_binary() is None:
         if IN_CI:

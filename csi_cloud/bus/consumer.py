@@ -19,7 +19,10 @@ How a worker gets its partitions:
 - when a worker receives the first segment of a partition under a new pin, it first waits for
   its own earlier deliveries of that partition to be stored, then reloads the state and context
   of the partition's APs from the database (another worker may have handled them meanwhile),
-  and only then hands the segments over.
+  and only then hands the segments over. Where segments the previous worker had received were
+  still unacknowledged at the pin change and do not come here (that worker stored them late),
+  it reads the APs back once more when it stops waiting for them, so that their contexts hold
+  what was stored meanwhile.
 
 The acknowledgement wait (``ack_wait_s``) is shorter than the pin's time to live, so when a
 worker dies, the segments it had received but not stored are due for redelivery by the time
@@ -91,6 +94,12 @@ class _Partition:
     awaiting_until: float = 0.0
     snapshot_seq: int = 0
     outstanding_seen: set[int] = field(default_factory=set)
+    # A gain's hold (not a jump's): if it ends without every outstanding delivery come here,
+    # the partition's APs are read back from the database again before the held segments
+    # are handed over (another worker stored the missing ones meanwhile, or will resend
+    # them). ``reloading``: that read is under way; every segment waits for it.
+    reload_after_hold: bool = False
+    reloading: bool = False
     # The consumer sequence of the newest delivery under this pin: a jump means deliveries
     # were lost on the way (a consumer leader that died, a connection that broke).
     last_delivery: int | None = None
@@ -422,8 +431,15 @@ class NatsBus:
         once the older ones are overdue. A stopping worker no longer pulls, so the older ones
         will not come to it: it drops what it holds back at once, unacknowledged, and the
         next worker gets the lot again, in order (handing it over here would put the newer
-        ones ahead of the older)."""
-        if part.awaiting <= 0:
+        ones ahead of the older).
+
+        After a gain, older segments that did not come were most likely stored by the
+        previous worker after this one read the partition's APs back (a hand-over forced
+        while that worker was behind): their contexts are read back once more first, while
+        every segment of the partition is still held, so the next predictions see them. The
+        read runs as a task of its own: the control loop goes on pulling meanwhile (a pull
+        request is what keeps every pin)."""
+        if part.awaiting <= 0 or part.reloading:
             return
         if self._paused:
             log.info("partition %d: stopping; %d segment(s) held back for older ones left to "
@@ -432,13 +448,41 @@ class NatsBus:
         elif now > part.awaiting_until:
             log.info("partition %d: %d older segment(s) not redelivered in time; going "
                      "on", part.index, part.awaiting)
+            if part.reload_after_hold:
+                part.reload_after_hold, part.reloading = False, True  # every segment waits
+                self._tasks = [t for t in self._tasks if not t.done()]
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._reload_then_release(part), name=f"reload partition {part.index}"))
+                return
             self._release_held_back(part)
+
+    async def _reload_then_release(self, part: _Partition) -> None:
+        overdue = part.awaiting_until
+        await self._reload(part, "after the hold")
+        if part.awaiting > 0 and part.awaiting_until != overdue:
+            return  # a jump's hold began meanwhile (:meth:`_hold`): the control loop settles it
+        self._release_held_back(part)
+
+    async def _reload(self, part: _Partition, when: str) -> int:
+        """Read the partition's APs back from the database (in a thread); its segments are
+        held meanwhile (:attr:`_Partition.reloading`). Returns how many APs."""
+        index, n = part.index, self.subjects.partitions
+        part.reloading = True
+        try:
+            return await asyncio.to_thread(
+                self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
+        except Exception:
+            log.exception("partition %d: reloading its APs %s failed; going on with what "
+                          "this worker holds", index, when)
+            return 0
+        finally:
+            part.reloading = False
 
     async def _maybe_release(self, part: _Partition, now: float) -> None:
         pulling = part.request is not None and now < part.deadline
         # Segments held back for older ones being redelivered are this pin's too: they are
         # handed to ingest (and stored) before the partition is handed over.
-        if (pulling or part.inflight > 0 or part.awaiting > 0) and \
+        if (pulling or part.inflight > 0 or part.awaiting > 0 or part.reloading) and \
                 now < part.release_deadline:
             return
         if part.held_back:  # forced: not acknowledged, so redelivered to the next worker
@@ -519,16 +563,17 @@ class NatsBus:
         meta = msg.metadata  # parsed from the ack subject on each access: once here
         sequence = int(meta.sequence.stream)
         self._check_lost(part, int(meta.sequence.consumer), sequence)
-        if part.awaiting > 0:
+        if part.awaiting > 0 or part.reloading:
             # Held back, whatever its delivery count says: the server may give a delivery made
             # to a worker that died a count of 1 again, so only the stream sequence tells an
             # older segment (at most the consumer's last delivered one at the pin change)
             # from a newer one.
-            if sequence <= part.snapshot_seq and sequence not in part.outstanding_seen:
+            if part.awaiting > 0 and sequence <= part.snapshot_seq and \
+                    sequence not in part.outstanding_seen:
                 part.outstanding_seen.add(sequence)
                 part.awaiting -= 1
             part.held_back[sequence] = item  # a second copy: the newer delivery's ack subject
-            if part.awaiting <= 0:
+            if part.awaiting <= 0 and not part.reloading:
                 self._release_held_back(part)
             return
         self._submit(part, item)
@@ -556,7 +601,8 @@ class NatsBus:
         (monotonic); then hand the held ones over in stream order (:meth:`_on_message`,
         :meth:`_release_held_back`). A hold under way is extended."""
         if part.awaiting <= 0:
-            self._drop_held_back(part)
+            if not part.reloading:  # what waits for a read under way is this pin's: kept
+                self._drop_held_back(part)
             part.snapshot_seq = older_than
             part.awaiting_until = until
         part.awaiting += count
@@ -581,6 +627,7 @@ class NatsBus:
     @staticmethod
     def _drop_held_back(part: _Partition) -> None:
         part.held_back, part.outstanding_seen, part.awaiting = {}, set(), 0
+        part.reload_after_hold = False
 
     def _on_status(self, part: _Partition, subject: str, status: str,
                    headers: dict[str, str]) -> None:
@@ -618,15 +665,10 @@ class NatsBus:
         while part.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         t0 = time.monotonic()
-        index, n = part.index, self.subjects.partitions
         await self._await_older(part, first)
-        try:
-            count = await asyncio.to_thread(
-                self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
-        except Exception:
-            log.exception("partition %d: reloading its APs failed; going on with what this "
-                          "worker holds", index)
-            count = 0
+        part.reload_after_hold = part.awaiting > 0
+        count = await self._reload(part, "at the gain")
+        index = part.index
         if part.pin == pin and part.state == "gaining":
             part.state = "held"
         part.gains += 1
