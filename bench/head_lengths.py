@@ -15,8 +15,8 @@ head), once also on copies of each window truncated to each of ``--lengths``
 ``lengths``); ``--variants per_length`` adds a head with a layer for each length instead
 (fit_level's ``per_length``), ``--variants joined`` one whose layer truncates windows of the
 training recordings streamed end to end, so that a window in a recording's first seconds
-holds the end of the previous one, as in a live stream (fit_bundle_head's
-``short_joined``). Each copy is then
+holds the end of the previous one, as in the joined streams the live figures are scored
+on (fit_bundle_head's ``short_joined``). Each copy is then
 recalibrated on the validation recordings exactly as ``csi calibrate`` does (temperatures,
 context lengths, ``stay``, threshold), and scored with bench/trust.py's code on the
 **validation** recordings (which chose the calibration: the figures the choice may use)

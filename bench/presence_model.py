@@ -22,11 +22,12 @@ Recordings: the **test** part of the bundle's split, one stream per session (use
 ``--seeds`` orders. Those sessions are the ones the bundle was trained on (other recordings
 of them): on Fition a random split mostly measures the session (FIELD-NOTES), so the model's
 figures here are its best case; in a room it was not trained in, no model reads activities
-above chance (docs/model.md). Each second of a recording is paired with the other side's
-second of the same recording by their order (the two segmentings may differ by a second at a
-recording's end; the pairs stop at the shorter).
+far above chance (docs/model.md). Each second of a recording is paired with the other side's
+second of the same slot of that recording (seconds since its start: the model side's may
+lack a few, where the recording's packets have gaps, and the score side has one more at the
+end); seconds the score does not rate yet (the stream's first, calibrating) are left out.
 
-Two measures:
+Two measures (pooled over the sessions, and per session):
 
 - ``moving``: per-second precision, recall, F1 and false-positive rate of "someone moves"
   (truth: the recording's activity is not ``nm``) for the score's ``motion``, the model's
@@ -35,6 +36,9 @@ Two measures:
   case an ``occupied`` that never ends comes from): the share of their seconds that
   ``presence`` (the 30 s hold after each motion second) reads occupied, from the score alone
   and from the score or the model's moving label.
+
+Each order streams the same recordings: ``seconds`` sums the orders, ``seconds_per_order``
+is their mean.
 
 Results: ``bench/results/presence_model.json``; docs/presence.md ("Why presence does not read
 the activity model") quotes it.
@@ -58,8 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from presence import rates, run_stream  # noqa: E402
+from presence import Second, rates, run_stream  # noqa: E402
 
+from csi_cloud.api.schemas.aps import STILL_ACTIVITIES  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.trust import live_streams, split_recordings  # noqa: E402
@@ -68,7 +73,6 @@ from csi_edge.bundle import EdgeEncoder  # noqa: E402
 from csi_edge.presence import PresenceConfig  # noqa: E402
 from csi_edge.readers import read_recording  # noqa: E402
 
-STILL = ("nm", "empty")  # the activities the API's threshold fit counts as still by default
 LEVEL = 0
 
 
@@ -85,15 +89,24 @@ def held(flags: Sequence[bool], starts: Sequence[float], segment_s: float,
     return np.array(out, bool)
 
 
-def pair(model_rows: dict[int, np.ndarray], score_rows: dict[int, list[Any]],
-         order: Sequence[int]) -> list[tuple[int, int, Any]]:
-    """(recording, model row, scored second) for each second of each recording in ``order``,
-    paired by their order within the recording, up to the shorter side."""
+def pair(model_rows: dict[int, dict[int, int]], score_rows: dict[int, dict[int, Second]],
+         order: Sequence[int]) -> list[tuple[int, int, Second]]:
+    """(recording, model row, scored second) for each slot (seconds since the recording's
+    start) both sides have, recording by recording in ``order``, slots ascending."""
     out = []
     for r in order:
-        rows, seconds = model_rows.get(r, np.zeros(0, np.int64)), score_rows.get(r, [])
-        out += [(r, int(row), second) for row, second in zip(rows, seconds, strict=False)]
+        rows, seconds = model_rows.get(r, {}), score_rows.get(r, {})
+        out += [(r, rows[k], seconds[k]) for k in sorted(rows.keys() & seconds.keys())]
     return out
+
+
+def score_slots(seconds: Sequence[Second]) -> dict[int, Second]:
+    """One recording's scored seconds by slot: whole seconds since its first (the replay
+    starts each recording on the segment grid: bench/presence.py's ``join``)."""
+    if not seconds:
+        return {}
+    first = min(s.start for s in seconds)
+    return {round(s.start - first): s for s in seconds if s.motion is not None}
 
 
 def _stream(model: CloudModel, edge: EdgeEncoder, data: SegmentData, recordings: list[int],
@@ -108,11 +121,14 @@ def _stream(model: CloudModel, edge: EdgeEncoder, data: SegmentData, recordings:
     scored = run_stream([(read_recording(data.examples[r].path),
                           int(int(data.activity[r]) not in still)) for r in order])
     source = {str(data.examples[r].path): r for r in order}
-    score_rows: dict[int, list[Any]] = {}
+    by_recording: dict[int, list[Second]] = {}
     for second in scored:
-        score_rows.setdefault(source[second.source], []).append(second)
-    model_rows = {r: np.flatnonzero(ls.recording == r) for r in order}
-    pairs = pair(model_rows, score_rows, order)
+        by_recording.setdefault(source[second.source], []).append(second)
+    # The live stream's windows of a recording follow its data rows, whose slots are its own.
+    model_rows = {r: dict(zip(data.slot[data.start[r]:data.start[r] + data.count[r]].tolist(),
+                              np.flatnonzero(ls.recording == r).tolist(), strict=True))
+                  for r in order}
+    pairs = pair(model_rows, {r: score_slots(v) for r, v in by_recording.items()}, order)
     return {
         "truth": np.array([int(data.activity[r]) not in still for r, _, _ in pairs]),
         "score": np.array([bool(s.motion) for _, _, s in pairs]),
@@ -127,14 +143,16 @@ def bench(data_dir: Path, seeds: int, folder: Path) -> dict[str, Any]:
     segment_s = model.manifest.input_spec.segment_s
     hold_s = PresenceConfig().hold_s
     activities = list(model.manifest.labels["activity"] or [])
-    still = {activities.index(a) for a in STILL if a in activities}
+    still = {activities.index(a) for a in STILL_ACTIVITIES if a in activities}
     if not still:
-        raise SystemExit(f"{folder}: no still activity ({', '.join(STILL)}) to measure against")
+        raise SystemExit(f"{folder}: no still activity ({', '.join(STILL_ACTIVITIES)}) to "
+                         "measure against")
     data, described = split_recordings(folder, "fition", data_dir, "test")
     sessions: dict[str, list[int]] = {}
     for i, example in enumerate(data.examples):
         sessions.setdefault(f"{example.identity}_{example.room}", []).append(i)
     moving: dict[str, list[dict[str, Any]]] = {"score": [], "model": [], "either": []}
+    moving_by_session: dict[str, dict[str, list[dict[str, Any]]]] = {}
     still_share: dict[str, list[float]] = {"score": [], "either": []}
     by_session: dict[str, dict[str, float]] = {}
     still_seconds = 0
@@ -144,6 +162,8 @@ def bench(data_dir: Path, seeds: int, folder: Path) -> dict[str, Any]:
             for name, flags in (("score", s["score"]), ("model", s["model"]),
                                 ("either", s["score"] | s["model"])):
                 moving[name].append(rates(s["truth"], flags))
+                moving_by_session.setdefault(session, {}).setdefault(name, []).append(
+                    rates(s["truth"], flags))
             quiet = [r for r in recordings if int(data.activity[r]) in still]
             if not quiet:
                 continue
@@ -160,7 +180,9 @@ def bench(data_dir: Path, seeds: int, folder: Path) -> dict[str, Any]:
 
     def pooled(rows: list[dict[str, Any]]) -> dict[str, Any]:
         tp, fp, fn, tn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn"))
-        return {"seconds": tp + fp + fn + tn, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        seconds = tp + fp + fn + tn
+        return {"seconds": seconds, "seconds_per_order": round(seconds / seeds),
+                "tp": tp, "fp": fp, "fn": fn, "tn": tn,
                 "precision": round(tp / (tp + fp), 4) if tp + fp else None,
                 "recall": round(tp / (tp + fn), 4) if tp + fn else None,
                 "f1": round(2 * tp / (2 * tp + fp + fn), 4) if tp else 0.0,
@@ -172,11 +194,15 @@ def bench(data_dir: Path, seeds: int, folder: Path) -> dict[str, Any]:
         "still_activities": sorted(activities[i] for i in still),
         "stay": params.stay, "threshold": params.threshold, "hold_s": hold_s,
         "moving": {name: pooled(rows) for name, rows in moving.items()},
+        "moving_by_session": {session: {name: pooled(rows) for name, rows in by_name.items()}
+                              for session, by_name in moving_by_session.items()},
         "still_streams": {"seconds": still_seconds,
+                          "seconds_per_order": round(still_seconds / seeds),
                           "occupied_share": {name: round(sum(v) / max(still_seconds, 1), 4)
                                              for name, v in still_share.items()},
                           "by_session": {
                               k: {"seconds": v["seconds"],
+                                  "seconds_per_order": round(v["seconds"] / seeds),
                                   "model_moving_share": round(v["model_moving"] / v["seconds"], 4),
                                   "occupied_share": {n: round(v[n] / v["seconds"], 4)
                                                      for n in ("score", "either")}}

@@ -35,9 +35,22 @@ def test_held_presence_is_the_trackers(bench: ModuleType) -> None:
     assert got.any() and not got.all()
 
 
-def test_seconds_pair_by_their_order_in_each_recording(bench: ModuleType) -> None:
-    model_rows = {7: np.array([0, 1, 2]), 3: np.array([3, 4])}
-    score_rows = {7: ["a", "b"], 3: ["c", "d", "e"]}
+def test_seconds_pair_by_their_slot_in_each_recording(bench: ModuleType) -> None:
+    """Slots both sides have, recording by recording: a slot the model side lacks (a gap in
+    the recording's packets) shifts nothing after it."""
+    model_rows = {7: {0: 10, 1: 11, 3: 12}, 3: {0: 20, 1: 21}}
+    score_rows = {7: {0: "a", 1: "b", 2: "c", 3: "d"}, 3: {1: "e", 2: "f"}}
     assert bench.pair(model_rows, score_rows, [7, 3]) == [
-        (7, 0, "a"), (7, 1, "b"), (3, 3, "c"), (3, 4, "d")]
+        (7, 10, "a"), (7, 11, "b"), (7, 12, "d"), (3, 21, "e")]
     assert bench.pair(model_rows, {}, [7]) == []
+
+
+def test_scored_seconds_are_slotted_from_the_recordings_first(bench: ModuleType) -> None:
+    def second(start: float, motion: bool | None) -> object:
+        return bench.Second(start, 1, "r", None if motion is None else 2.0, motion, None, None)
+
+    seconds = [second(40.0, None), second(41.0, True), second(43.0, False)]
+    slots = bench.score_slots(seconds)
+    assert sorted(slots) == [1, 3], "the unscored first second is left out"
+    assert slots[1] is seconds[1] and slots[3] is seconds[2]
+    assert bench.score_slots([]) == {}

@@ -269,29 +269,41 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
     worker reads its APs back at the gain and holds every segment for the older ones. Where
     they do not come (that worker stored them late, after the first read), it reads the APs
     back once more before handing the held segments over, so their contexts hold what was
-    stored meanwhile; segments arriving during that read wait for it. A hold that ends with
-    every older segment come here does not read again."""
+    stored meanwhile. No segment reaches ingest while a read runs: neither one arriving
+    during it (an older one included), nor after a jump in the delivery numbers during it
+    (those wait for the lost deliveries), nor after the pin is lost and won back during it
+    (the gain's read waits for it). A hold that ends with every older segment come here does
+    not read again."""
     import threading
     from types import SimpleNamespace
 
-    subjects = SegmentSubjects("csi/v1", 1)
-    events: list[tuple[str, Any]] = []
+    from csi_cloud.bus.subjects import partition_of
+
+    subjects = SegmentSubjects("csi/v1", 2)
+    index = partition_of("lab", "a", 2)
+    events: list[tuple[str, int]] = []
+    active = [0]  # reads running now
+    keeps: list[Any] = []
     started, gate = threading.Event(), threading.Event()
 
     class Sink:
         def submit(self, site: str, ap: str, payload: bytes, received: float,
                    ack: Any = None) -> None:
             events.append(("submit", int(payload)))
+            assert active[0] == 0, f"segment {int(payload)} handed over during a read"
 
         def reload_aps(self, keep: Any) -> int:
-            events.append(("reload", keep("lab", "a")))
+            active[0] += 1
+            keeps.append(keep)
+            events.append(("read", 0))
             started.set()
-            assert gate.wait(5), "the test never opened the gate"
+            gate.wait(5)
+            active[0] -= 1
             return 1
 
-    def delivery(consumer: int, stream: int, seq: int) -> Any:
+    def delivery(consumer: int, stream: int, seq: int, pin: str = "pin-1") -> Any:
         return SimpleNamespace(
-            headers={"Nats-Pin-Id": "pin-1"}, subject=subjects.filter(0)[:-3] + "lab.a",
+            headers={"Nats-Pin-Id": pin}, subject=subjects.filter(index)[:-3] + "lab.a",
             data=str(seq).encode(), reply=f"ack.{stream}",
             metadata=SimpleNamespace(sequence=SimpleNamespace(consumer=consumer, stream=stream),
                                      num_delivered=1))
@@ -300,46 +312,94 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         bus = NatsBus(["nats://127.0.0.1:1"], Sink(), name="w", subjects=subjects)
 
         async def older(part: Any, first: float) -> None:  # one delivery outstanding
+            part.held_back = {}
             bus._hold(part, 1, 10, first + 4.0)
 
         bus._await_older = older  # type: ignore[method-assign]
-        return bus, bus.partitions[0]
+        return bus, bus.partitions[index]
 
-    async def timed_out() -> None:
-        bus, part = gained()
+    async def first_read(bus: NatsBus, part: Any) -> None:
+        """The gain (read once, the segment held), then the hold overdue: the second read
+        starts and blocks on the gate."""
+        started.clear()
         gate.set()
-        await bus._on_message(part, delivery(1, 20, 7))  # the gain: read once, then held
-        assert events == [("reload", True)] and part.reload_after_hold
+        await bus._on_message(part, delivery(1, 20, 7))
+        assert events == [("read", 0)] and part.reload_after_hold
         assert part.state == "held" and list(part.held_back) == [20]
         events.clear()
         gate.clear()
+        started.clear()
         bus._settle_awaiting(part, now=time.monotonic())  # not overdue yet
-        assert not part.reloading and events == []
-        bus._settle_awaiting(part, now=part.awaiting_until + 1)  # overdue: read again
-        assert part.reloading
+        assert not part.reads and events == []
+        # Overdue, the gain's read having ended before the deadline (the time it took is
+        # the test's, not a busy machine's: set as the control loop would find it).
+        part.read_done, part.awaiting_until = time.monotonic() - 1.0, time.monotonic() - 0.1
+        bus._settle_awaiting(part, now=time.monotonic())
+        assert part.reads == 1
         assert await asyncio.to_thread(started.wait, 5)
-        await bus._on_message(part, delivery(2, 21, 8))  # during the read: waits for it
-        assert events == [("reload", True)]
+
+    async def timed_out() -> None:
+        bus, part = gained()
+        await first_read(bus, part)
+        await bus._on_message(part, delivery(2, 21, 8))  # during the read: waits
+        await bus._on_message(part, delivery(3, 9, 6))  # the older one, late: waits too
+        assert events == [("read", 0)]
         gate.set()
         await asyncio.gather(*bus._tasks)
-        assert events == [("reload", True), ("submit", 7), ("submit", 8)]
-        assert not part.reloading and part.awaiting == 0 and not part.held_back
+        assert events == [("read", 0), ("submit", 6), ("submit", 7), ("submit", 8)]
+        assert not part.reads and part.awaiting == 0 and not part.held_back
         assert not part.reload_after_hold
+        names = [("lab", "a"), ("lab", "b"), ("lab", "c"), ("x", "y"), ("home", "hall")]
+        for keep in keeps:  # each read is of this partition's APs only
+            assert [keep(*n) for n in names] == [partition_of(*n, 2) == index for n in names]
+
+    async def jump_during_the_read() -> None:
+        bus, part = gained()
+        await first_read(bus, part)
+        await bus._on_message(part, delivery(3, 22, 9))  # delivery 2 (stream 21) lost
+        gate.set()
+        await asyncio.gather(*bus._tasks)
+        assert events == [("read", 0)], "handed over before the lost delivery came"
+        await bus._on_message(part, delivery(4, 21, 8))  # the lost one, redelivered
+        assert events == [("read", 0), ("submit", 7), ("submit", 8), ("submit", 9)]
+
+    async def pin_lost_and_won_back() -> None:
+        bus, part = gained()
+        await first_read(bus, part)
+        bus._on_status(part, "inbox", "423", {})  # the pin is gone during the read
+        assert part.state == "bidding" and not part.held_back
+        regain = asyncio.create_task(bus._on_message(part, delivery(1, 30, 11, pin="pin-2")))
+        await asyncio.sleep(0.05)
+        assert events == [("read", 0)], "the gain read beside the read under way"
+        gate.set()
+        await asyncio.gather(regain, *bus._tasks)
+        assert events == [("read", 0), ("read", 0)]  # one after the other; 11 still held
+        assert part.pin == "pin-2" and list(part.held_back) == [30]
 
     async def completed() -> None:
         bus, part = gained()
         gate.set()
         await bus._on_message(part, delivery(1, 20, 7))
         await bus._on_message(part, delivery(2, 9, 6))  # the older one, redelivered here
-        assert events == [("reload", True), ("submit", 6), ("submit", 7)]
+        assert events == [("read", 0), ("submit", 6), ("submit", 7)]
         assert part.awaiting == 0 and not part.reload_after_hold
         bus._settle_awaiting(part, now=time.monotonic() + 100)
         assert not bus._tasks and events[-1] == ("submit", 7)
 
-    asyncio.run(timed_out())
-    events.clear()
-    started.clear()
-    asyncio.run(completed())
+    async def gain_read_ended_late() -> None:
+        bus, part = gained()
+        gate.set()
+        await bus._on_message(part, delivery(1, 20, 7))
+        # The gain's read ended after the hold's deadline: it saw what was stored by then.
+        part.awaiting_until = part.read_done - 0.1
+        bus._settle_awaiting(part, now=time.monotonic())
+        assert events == [("read", 0), ("submit", 7)] and not bus._tasks
+
+    for case in (timed_out, jump_during_the_read, pin_lost_and_won_back, completed,
+                 gain_read_ended_late):
+        events.clear()
+        keeps.clear()
+        asyncio.run(case())
 
 
 def _needs_nats() -> None:

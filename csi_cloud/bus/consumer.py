@@ -53,6 +53,13 @@ __all__ = ["BusConfigError", "NatsBus", "SegmentSink"]
 
 log = logging.getLogger("csi_cloud.bus")
 
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Done callback of a background task: its exception is logged, not left unread."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed", task.get_name(), exc_info=exc)
+
+
 _HEARTBEAT_S = 1.0
 _TICK_S = 0.2
 _PULL_EXPIRES_S = 1.0
@@ -97,9 +104,13 @@ class _Partition:
     # A gain's hold (not a jump's): if it ends without every outstanding delivery come here,
     # the partition's APs are read back from the database again before the held segments
     # are handed over (another worker stored the missing ones meanwhile, or will resend
-    # them). ``reloading``: that read is under way; every segment waits for it.
+    # them). ``reads``: reads of the APs under way or waiting for ``read_lock`` (one at a
+    # time); while there is one, every segment waits. ``read_done``: when the last ended
+    # (monotonic).
     reload_after_hold: bool = False
-    reloading: bool = False
+    reads: int = 0
+    read_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    read_done: float = 0.0
     # The consumer sequence of the newest delivery under this pin: a jump means deliveries
     # were lost on the way (a consumer leader that died, a connection that broke).
     last_delivery: int | None = None
@@ -439,7 +450,7 @@ class NatsBus:
         every segment of the partition is still held, so the next predictions see them. The
         read runs as a task of its own: the control loop goes on pulling meanwhile (a pull
         request is what keeps every pin)."""
-        if part.awaiting <= 0 or part.reloading:
+        if part.awaiting <= 0 or part.reads:
             return
         if self._paused:
             log.info("partition %d: stopping; %d segment(s) held back for older ones left to "
@@ -448,41 +459,64 @@ class NatsBus:
         elif now > part.awaiting_until:
             log.info("partition %d: %d older segment(s) not redelivered in time; going "
                      "on", part.index, part.awaiting)
-            if part.reload_after_hold:
-                part.reload_after_hold, part.reloading = False, True  # every segment waits
-                self._tasks = [t for t in self._tasks if not t.done()]
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._reload_then_release(part), name=f"reload partition {part.index}"))
+            # (a gain's read that ended after the deadline already saw what was stored)
+            if part.reload_after_hold and part.read_done < part.awaiting_until:
+                # Given up on as for any hold; every segment waits for the read instead (a
+                # jump during it starts a hold of its own).
+                part.reload_after_hold, part.awaiting, part.outstanding_seen = False, 0, set()
+                part.reads += 1  # counted now: every segment waits from here on
+                task = asyncio.get_running_loop().create_task(
+                    self._reload_then_release(part, part.pin),
+                    name=f"reload partition {part.index}")
+                task.add_done_callback(_log_failure)
+                self._tasks = [t for t in self._tasks if not t.done()] + [task]
                 return
             self._release_held_back(part)
 
-    async def _reload_then_release(self, part: _Partition) -> None:
-        overdue = part.awaiting_until
-        await self._reload(part, "after the hold")
-        if part.awaiting > 0 and part.awaiting_until != overdue:
-            return  # a jump's hold began meanwhile (:meth:`_hold`): the control loop settles it
+    async def _reload_then_release(self, part: _Partition, pin: str | None) -> None:
+        """The read after a gain's hold (its count taken by the caller), then the held
+        segments handed over; unless the pin changed meanwhile (its next gain reads and
+        hands over) or a jump's hold began during the read (:meth:`_hold`: the control loop
+        settles it)."""
+        # The held segments wait for the read past the hold: ask JetStream not to redeliver
+        # them meanwhile (each reply subject's ack wait starts again).
+        await self._in_progress(part)
+        await self._reload(part, "after the hold", counted=True)
+        if part.pin != pin or part.reads or part.awaiting > 0:
+            return
         self._release_held_back(part)
 
-    async def _reload(self, part: _Partition, when: str) -> int:
-        """Read the partition's APs back from the database (in a thread); its segments are
-        held meanwhile (:attr:`_Partition.reloading`). Returns how many APs."""
+    async def _in_progress(self, part: _Partition) -> None:
+        for _, _, _, _, reply in list(part.held_back.values()):
+            try:
+                await self.nc.publish(reply, b"+WPI")
+            except Exception as exc:  # redelivered, then recognised as already seen
+                log.debug("in progress: %r", exc)
+
+    async def _reload(self, part: _Partition, when: str, *, counted: bool = False) -> int:
+        """Read the partition's APs back from the database (in a thread), one read of a
+        partition at a time: its segments are held meanwhile (:attr:`_Partition.reads`).
+        ``counted``: the caller has already counted this read. Returns how many APs."""
         index, n = part.index, self.subjects.partitions
-        part.reloading = True
+        if not counted:
+            part.reads += 1
         try:
-            return await asyncio.to_thread(
-                self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
+            async with part.read_lock:
+                return await asyncio.to_thread(
+                    self.sink.reload_aps, lambda site, ap: partition_of(site, ap, n) == index)
         except Exception:
             log.exception("partition %d: reloading its APs %s failed; going on with what "
                           "this worker holds", index, when)
             return 0
         finally:
-            part.reloading = False
+            part.reads -= 1
+            part.read_done = time.monotonic()
 
     async def _maybe_release(self, part: _Partition, now: float) -> None:
         pulling = part.request is not None and now < part.deadline
         # Segments held back for older ones being redelivered are this pin's too: they are
         # handed to ingest (and stored) before the partition is handed over.
-        if (pulling or part.inflight > 0 or part.awaiting > 0 or part.reloading) and \
+        if (pulling or part.inflight > 0 or part.awaiting > 0 or part.reads) and \
                 now < part.release_deadline:
             return
         if part.held_back:  # forced: not acknowledged, so redelivered to the next worker
@@ -563,7 +597,7 @@ class NatsBus:
         meta = msg.metadata  # parsed from the ack subject on each access: once here
         sequence = int(meta.sequence.stream)
         self._check_lost(part, int(meta.sequence.consumer), sequence)
-        if part.awaiting > 0 or part.reloading:
+        if part.awaiting > 0 or part.reads:
             # Held back, whatever its delivery count says: the server may give a delivery made
             # to a worker that died a count of 1 again, so only the stream sequence tells an
             # older segment (at most the consumer's last delivered one at the pin change)
@@ -573,7 +607,7 @@ class NatsBus:
                 part.outstanding_seen.add(sequence)
                 part.awaiting -= 1
             part.held_back[sequence] = item  # a second copy: the newer delivery's ack subject
-            if part.awaiting <= 0 and not part.reloading:
+            if part.awaiting <= 0 and not part.reads:
                 self._release_held_back(part)
             return
         self._submit(part, item)
@@ -601,7 +635,7 @@ class NatsBus:
         (monotonic); then hand the held ones over in stream order (:meth:`_on_message`,
         :meth:`_release_held_back`). A hold under way is extended."""
         if part.awaiting <= 0:
-            if not part.reloading:  # what waits for a read under way is this pin's: kept
+            if not part.reads:  # what waits for a read under way is this pin's: kept
                 self._drop_held_back(part)
             part.snapshot_seq = older_than
             part.awaiting_until = until
