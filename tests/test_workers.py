@@ -283,6 +283,7 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
     index = partition_of("lab", "a", 2)
     events: list[tuple[str, int]] = []
     active = [0]  # reads running now
+    overlaps: list[int] = []  # reads that began while another ran (the bus swallows errors)
     keeps: list[Any] = []
     started, gate = threading.Event(), threading.Event()
 
@@ -293,6 +294,8 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
             assert active[0] == 0, f"segment {int(payload)} handed over during a read"
 
         def reload_aps(self, keep: Any) -> int:
+            if active[0]:
+                overlaps.append(active[0])
             active[0] += 1
             keeps.append(keep)
             events.append(("read", 0))
@@ -343,6 +346,7 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         await first_read(bus, part)
         await bus._on_message(part, delivery(2, 21, 8))  # during the read: waits
         await bus._on_message(part, delivery(3, 9, 6))  # the older one, late: waits too
+        bus._settle_awaiting(part, now=time.monotonic() + 100)  # the control loop: waits
         assert events == [("read", 0)]
         gate.set()
         await asyncio.gather(*bus._tasks)
@@ -357,10 +361,14 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         bus, part = gained()
         await first_read(bus, part)
         await bus._on_message(part, delivery(3, 22, 9))  # delivery 2 (stream 21) lost
+        assert bus._wants_pull(part)
         gate.set()
         await asyncio.gather(*bus._tasks)
         assert events == [("read", 0)], "handed over before the lost delivery came"
-        await bus._on_message(part, delivery(4, 21, 8))  # the lost one, redelivered
+        # A held segment redelivered (its ack wait over) is not the lost one.
+        await bus._on_message(part, delivery(4, 20, 7))
+        assert events == [("read", 0)] and part.awaiting == 1
+        await bus._on_message(part, delivery(5, 21, 8))  # the lost one, redelivered
         assert events == [("read", 0), ("submit", 7), ("submit", 8), ("submit", 9)]
 
     async def pin_lost_and_won_back() -> None:
@@ -386,6 +394,23 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         bus._settle_awaiting(part, now=time.monotonic() + 100)
         assert not bus._tasks and events[-1] == ("submit", 7)
 
+    async def handing_over() -> None:
+        bus, part = gained()
+        await first_read(bus, part)
+        part.state = "releasing"  # the assignment moved the partition on during the read
+        assert bus._wants_pull(part), "a pull request is what keeps the pin"
+        gate.set()
+        await asyncio.gather(*bus._tasks)
+        assert events == [("read", 0), ("submit", 7)] and not bus._wants_pull(part)
+
+    async def stranded() -> None:
+        bus, part = gained()
+        gate.set()
+        await bus._on_message(part, delivery(1, 20, 7))
+        part.awaiting, part.outstanding_seen = 0, set()  # as if the hold had been settled
+        bus._settle_awaiting(part, now=time.monotonic())
+        assert events == [("read", 0), ("submit", 7)] and not part.held_back
+
     async def gain_read_ended_late() -> None:
         bus, part = gained()
         gate.set()
@@ -395,11 +420,12 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         bus._settle_awaiting(part, now=time.monotonic())
         assert events == [("read", 0), ("submit", 7)] and not bus._tasks
 
-    for case in (timed_out, jump_during_the_read, pin_lost_and_won_back, completed,
-                 gain_read_ended_late):
+    for case in (timed_out, jump_during_the_read, pin_lost_and_won_back, handing_over,
+                 completed, stranded, gain_read_ended_late):
         events.clear()
         keeps.clear()
         asyncio.run(case())
+        assert not overlaps, f"{case.__name__}: a read began while another ran"
 
 
 def _needs_nats() -> None:

@@ -430,12 +430,19 @@ class NatsBus:
                 self._settle_awaiting(part, now)
                 if part.state == "releasing":
                     await self._maybe_release(part, now)
-                # (a partition being handed over is still pulled while older segments are
-                # awaited: they are redelivered to this pin)
-                if (part.state in ("bidding", "held", "gaining") or (
-                        part.state == "releasing" and part.awaiting > 0)) and not self._paused:
+                if self._wants_pull(part):
                     await self._pull(part, now)
             await asyncio.sleep(_TICK_S)
+
+    def _wants_pull(self, part: _Partition) -> bool:
+        """Whether the control loop sends the partition pull requests: while bidding or
+        holding it, and while handing it over as long as older segments are awaited (they
+        are redelivered to this pin) or its APs are being read (a pull request is what keeps
+        the pin until the held segments are handed to ingest)."""
+        if self._paused:
+            return False
+        return part.state in ("bidding", "held", "gaining") or (
+            part.state == "releasing" and (part.awaiting > 0 or part.reads > 0))
 
     def _settle_awaiting(self, part: _Partition, now: float) -> None:
         """Segments held back for older ones being redelivered: handed over in stream order
@@ -449,8 +456,13 @@ class NatsBus:
         while that worker was behind): their contexts are read back once more first, while
         every segment of the partition is still held, so the next predictions see them. The
         read runs as a task of its own: the control loop goes on pulling meanwhile (a pull
-        request is what keeps every pin)."""
-        if part.awaiting <= 0 or part.reads:
+        request is what keeps every pin). Segments still held once no hold and no read is
+        left (the task that read last was not the one to hand them over) go on now."""
+        if part.reads:
+            return
+        if part.awaiting <= 0:
+            if part.held_back:
+                self._release_held_back(part)
             return
         if self._paused:
             log.info("partition %d: stopping; %d segment(s) held back for older ones left to "
@@ -466,32 +478,25 @@ class NatsBus:
                 part.reload_after_hold, part.awaiting, part.outstanding_seen = False, 0, set()
                 part.reads += 1  # counted now: every segment waits from here on
                 task = asyncio.get_running_loop().create_task(
-                    self._reload_then_release(part, part.pin),
-                    name=f"reload partition {part.index}")
+                    self._reload_then_release(part), name=f"reload partition {part.index}")
                 task.add_done_callback(_log_failure)
                 self._tasks = [t for t in self._tasks if not t.done()] + [task]
                 return
             self._release_held_back(part)
 
-    async def _reload_then_release(self, part: _Partition, pin: str | None) -> None:
+    async def _reload_then_release(self, part: _Partition) -> None:
         """The read after a gain's hold (its count taken by the caller), then the held
-        segments handed over; unless the pin changed meanwhile (its next gain reads and
-        hands over) or a jump's hold began during the read (:meth:`_hold`: the control loop
-        settles it)."""
-        # The held segments wait for the read past the hold: ask JetStream not to redeliver
-        # them meanwhile (each reply subject's ack wait starts again).
-        await self._in_progress(part)
+        segments handed over; unless another read is pending (a gain's, after the pin was
+        lost and won back: its first segment then hands them over) or a jump's hold began
+        during the read (:meth:`_hold`: the control loop settles it). Only the current
+        pin's segments are ever held (a lost pin or a gain drops the rest), and
+        :meth:`_release_held_back` hands nothing over on a partition no longer held. A
+        held segment redelivered during a long read replaces its held copy (same stream
+        sequence); one redelivered after the hand-over is recognised as seen."""
         await self._reload(part, "after the hold", counted=True)
-        if part.pin != pin or part.reads or part.awaiting > 0:
+        if part.reads or part.awaiting > 0:
             return
         self._release_held_back(part)
-
-    async def _in_progress(self, part: _Partition) -> None:
-        for _, _, _, _, reply in list(part.held_back.values()):
-            try:
-                await self.nc.publish(reply, b"+WPI")
-            except Exception as exc:  # redelivered, then recognised as already seen
-                log.debug("in progress: %r", exc)
 
     async def _reload(self, part: _Partition, when: str, *, counted: bool = False) -> int:
         """Read the partition's APs back from the database (in a thread), one read of a
@@ -602,8 +607,10 @@ class NatsBus:
             # to a worker that died a count of 1 again, so only the stream sequence tells an
             # older segment (at most the consumer's last delivered one at the pin change)
             # from a newer one.
+            # (a held segment redelivered is not an older one come: a hold begun while others
+            # were held, during a read, counts only what is not here yet)
             if part.awaiting > 0 and sequence <= part.snapshot_seq and \
-                    sequence not in part.outstanding_seen:
+                    sequence not in part.outstanding_seen and sequence not in part.held_back:
                 part.outstanding_seen.add(sequence)
                 part.awaiting -= 1
             part.held_back[sequence] = item  # a second copy: the newer delivery's ack subject
