@@ -399,6 +399,9 @@ def test_a_gains_hold_that_times_out_reads_the_aps_back_before_going_on() -> Non
         await first_read(bus, part)
         part.state = "releasing"  # the assignment moved the partition on during the read
         assert bus._wants_pull(part), "a pull request is what keeps the pin"
+        part.release_deadline = time.monotonic() + 10
+        await bus._maybe_release(part, time.monotonic())
+        assert part.state == "releasing", "unpinned with the read under way"
         gate.set()
         await asyncio.gather(*bus._tasks)
         assert events == [("read", 0), ("submit", 7)] and not bus._wants_pull(part)
