@@ -70,6 +70,13 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
     from .data import segment_windows
 
     rows, owners, last = segment_windows(codes, recordings, n)
+    return _draw(rows, owners, last, per_recording, rng)
+
+
+def _draw(rows: np.ndarray, owners: np.ndarray, last: np.ndarray, per_recording: int,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Of windows ``rows`` (W, n) owned by ``owners`` (W,): each recording's last one
+    (``last`` (W,)) and up to ``per_recording - 1`` others, drawn at random."""
     keep = last.copy()
     for r in np.unique(owners).tolist():
         others = np.flatnonzero((owners == r) & ~last)
@@ -87,12 +94,7 @@ def _joined_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: i
     from .trust import stream_layout
 
     rows, owners, _, _ = stream_layout(codes, recordings, n, "joined", rng)
-    last = np.r_[owners[1:] != owners[:-1], True]
-    keep = last.copy()
-    for r in np.unique(owners).tolist():
-        others = np.flatnonzero((owners == r) & ~last)
-        keep[rng.permutation(others)[: per_recording - 1]] = True
-    return rows[keep], owners[keep]
+    return _draw(rows, owners, np.r_[owners[1:] != owners[:-1], True], per_recording, rng)
 
 
 def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
