@@ -275,10 +275,12 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
             continue
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
         layout = f"-l0-{args.level0.replace(',', '-')}" if args.level0 else ""
+        layout += f"-pb{args.profile_blocks}" if args.profile_blocks > 1 else ""
         kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}{layout}"
         split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
                  "val": va.tolist(), "test": te.tolist(), "epochs": args.epochs,
-                 "segment_dropout": args.segment_dropout, "level0": args.level0}
+                 "segment_dropout": args.segment_dropout, "level0": args.level0,
+                 **({"profile_blocks": args.profile_blocks} if args.profile_blocks > 1 else {})}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "b"
             if args.reuse and (kept / "split.json").is_file() and json.loads(
@@ -289,7 +291,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
             else:
                 bundle_dir = folder
                 model, edge = train_ours(data, spec, acts, ids, tr, va, opts, folder, identity,
-                                         level0_layout(args.level0))
+                                         {**level0_layout(args.level0),
+                                          "profile_blocks": args.profile_blocks})
                 if args.keep_bundles:
                     shutil.rmtree(kept, ignore_errors=True)
                     shutil.copytree(folder, kept)
@@ -802,6 +805,9 @@ def main() -> None:
     parser.add_argument("--level0", default="",
                         help="LATENT,PROFILE: train ours with level 0 sending this many latent "
                              "channels and profile coefficients (default: ModelConfig's)")
+    parser.add_argument("--profile-blocks", type=int, default=1,
+                        help="train ours with this many profiles a segment (ModelConfig."
+                             "profile_blocks; default 1, the segment's mean)")
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                         help="k-fold: also score what the service shows each second (the "
                              "bundle calibrated on the task's validation recordings, the test "

@@ -104,6 +104,10 @@ def train_command(
         help="what rate level 0 sends: latent channels and profile coefficients, e.g. 1,12 "
              "(the other levels as by default; stored in the bundle's model config) "
              "[the design's: 0,16]")] = "",
+    profile_blocks: Annotated[int, typer.Option(
+        min=1, help="profiles each segment sends: its frames cut into this many equal blocks, "
+                    "each block's mean coded (must divide the segment's frames; stored in the "
+                    "bundle's model config)")] = 1,
 ) -> None:
     """Train a bundle: split by recording, train with early stopping, freeze the entropy
     tables, export the int8 edge encoder, evaluate the held-out recordings, write report.md."""
@@ -138,7 +142,9 @@ def train_command(
 
         try:
             manifest, evaluation = train_bundle(
-                dataset, data, out, opts, model={"quantizer": quantizer, **layout},
+                dataset, data, out, opts,
+                model={"quantizer": quantizer, **layout,
+                       **({"profile_blocks": profile_blocks} if profile_blocks > 1 else {})},
                 progress=progress,
                 protocols=[p for p in protocols.split(",") if p] or None,
                 protocol_folds=folds, protocol_seeds=protocol_seeds,

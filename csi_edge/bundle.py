@@ -11,6 +11,13 @@ Codes of one segment at rate level ``l`` (entropy coded as ONE stream, see csi_e
      latent step, then group 1, ...), each coded with its group's row of the ``latent`` table;
   2. the first ``profile_components`` profile coefficients, each offset by ``profile_range``
      to be non-negative, coded with their rows of the ``profile`` table.
+A bundle whose model cuts each segment into ``profile_blocks`` > 1 equal blocks (the model
+config's ``profile_blocks``; a profile a block, e.g. 5 a second) sends the first
+``profile_components`` coefficients of every block instead, block-major: block 0's as in 2.
+above, then each later block's as its difference to the block before it (component by
+component, offset by ``2 * profile_range``), coded with their rows of the ``profile_delta``
+table. A block's profile is close to the one before it, and the differences cost fewer bits
+than the values (docs/model.md, "Sub-second profiles").
 The wire payload around the codes is csi_edge.codec.
 """
 
@@ -142,9 +149,26 @@ class BundleManifest(BaseModel):
             )
         return self.levels[level]
 
-    def tables(self) -> tuple[EntropyTable, EntropyTable]:
-        return (entropy.EntropyTable.from_dict(self.entropy["latent"]),
-                entropy.EntropyTable.from_dict(self.entropy["profile"]))
+    @property
+    def profile_blocks(self) -> int:
+        """Profiles a segment carries: the segment cut into this many equal blocks of frames,
+        each block's mean coded (1: the segment's mean, every bundle before blocks)."""
+        return int(self.model.get("profile_blocks", 1))
+
+    def level_profile(self, profile: np.ndarray, level: int) -> np.ndarray:
+        """A segment's profile codes of every component, (blocks * Kmax,) block-major ->
+        those rate level ``level`` sends, (blocks * K_l,) block-major."""
+        blocks = self.profile_blocks
+        k = self.level(level).profile_components
+        return np.asarray(profile).reshape(blocks, -1)[:, :k].reshape(-1)
+
+    def tables(self) -> tuple[EntropyTable, ...]:
+        """The entropy tables: latent, profile, and with profile blocks, profile_delta."""
+        names = ("latent", "profile", "profile_delta")[: 3 if self.profile_blocks > 1 else 2]
+        missing = [n for n in names if n not in self.entropy]
+        if missing:
+            raise BundleError(f"bundle {self.name!r} has no entropy table {missing[0]!r}")
+        return tuple(entropy.EntropyTable.from_dict(self.entropy[n]) for n in names)
 
 
 def bundle_id(manifest: BundleManifest, folder: Path | None = None) -> str:
@@ -238,34 +262,51 @@ class SegmentCodes:
 
     level: int
     latent: np.ndarray  # (groups, T) int, symbols in [0, alphabet)
-    profile: np.ndarray  # (K,) int, coefficients in [-R, R]
+    profile: np.ndarray  # (B * K,) int, coefficients in [-R, R], B profile blocks, block-major
 
 
 def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
-                         tables: tuple[entropy.EntropyTable, entropy.EntropyTable]) -> bytes:
-    latent_table, profile_table = tables
+                         tables: tuple[entropy.EntropyTable, ...]) -> bytes:
+    latent_table, profile_table = tables[:2]
     g, t = codes.latent.shape
     groups = [(codes.latent.reshape(-1).astype(np.int32), np.repeat(np.arange(g), t),
                latent_table)]
-    k = codes.profile.shape[0]
+    r, blocks = manifest.profile_range, manifest.profile_blocks
+    if codes.profile.shape[0] % blocks:
+        raise ValueError(f"{codes.profile.shape[0]} profile codes are not {blocks} blocks")
+    profile = codes.profile.reshape(blocks, -1).astype(np.int32)
+    k = profile.shape[1]
     if k:
-        groups.append(((codes.profile + manifest.profile_range).astype(np.int32), np.arange(k),
-                       profile_table))
+        groups.append((profile[0] + r, np.arange(k), profile_table))
+    if k and blocks > 1:
+        delta = np.diff(profile, axis=0) + 2 * r
+        groups.append((delta.reshape(-1), np.tile(np.arange(k), blocks - 1), tables[2]))
     return entropy.encode(groups)
 
 
 def decode_segment_codes(data: bytes, level: int, manifest: BundleManifest,
-                         tables: tuple[entropy.EntropyTable, entropy.EntropyTable]
-                         ) -> SegmentCodes:
-    latent_table, profile_table = tables
+                         tables: tuple[entropy.EntropyTable, ...]) -> SegmentCodes:
+    latent_table, profile_table = tables[:2]
     spec = manifest.level(level)
     t = int(manifest.quantizer["latent_steps"])
+    r, blocks, k = manifest.profile_range, manifest.profile_blocks, spec.profile_components
     groups = [(np.repeat(np.arange(spec.groups), t), latent_table)]
-    if spec.profile_components:
-        groups.append((np.arange(spec.profile_components), profile_table))
+    if k:
+        groups.append((np.arange(k), profile_table))
+    if k and blocks > 1:
+        groups.append((np.tile(np.arange(k), blocks - 1), tables[2]))
     decoded = entropy.decode(data, groups)
-    profile = (decoded[1] - manifest.profile_range if spec.profile_components
-               else np.zeros(0, dtype=np.int64))
+    profile = np.zeros(0, dtype=np.int64)
+    if k:
+        steps = [decoded[1][None].astype(np.int64) - r]
+        if blocks > 1:
+            steps.append(decoded[2].reshape(blocks - 1, k).astype(np.int64) - 2 * r)
+        profile = np.cumsum(np.concatenate(steps), axis=0).reshape(-1)
+        worst = int(np.abs(profile).max())
+        if worst > r:
+            raise entropy.EntropyDecodeError(
+                "decode_failed", f"profile block differences add up to {worst} steps, beyond "
+                f"the range {r}")
     return SegmentCodes(level, decoded[0].reshape(spec.groups, t).astype(np.int64),
                         profile.astype(np.int64))
 
@@ -295,7 +336,8 @@ class EdgeEncoder:
         return self.manifest.input_spec
 
     def encode(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, L, A, S) preprocessed segments -> latent symbols (B, G, T), profile (B, K)."""
+        """(B, L, A, S) preprocessed segments -> latent symbols (B, G, T), profile codes
+        (B, P * K) of every component (P profile blocks, block-major)."""
         latent, coeff = self.session.run(None, {"segment": segments.astype(np.float32)})
         # FSQ: the bounded latent, rounded and shifted to 0..alphabet-1; VQ: code indices.
         top = int(self.manifest.quantizer["alphabet"]) - 1 - self.half
@@ -305,9 +347,10 @@ class EdgeEncoder:
         return symbols, profile
 
     def codes(self, symbols: np.ndarray, profile: np.ndarray, level: int) -> SegmentCodes:
-        """One segment's codes at a level (symbols (G, T), profile (K,))."""
+        """One segment's codes at a level (symbols (G, T), profile (P * K,))."""
         spec = self.manifest.level(level)
-        return SegmentCodes(level, symbols[: spec.groups], profile[: spec.profile_components])
+        return SegmentCodes(level, symbols[: spec.groups],
+                            self.manifest.level_profile(profile, level))
 
     def compress_codes(self, segments: np.ndarray, level: int) -> list[bytes]:
         """Entropy-coded codes of each segment (no wire header)."""

@@ -42,7 +42,8 @@ CLOUD_FILE = "cloud.npz"
 @torch.no_grad()
 def training_codes(net: CSICodecNet, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray,
                                                                               np.ndarray]:
-    """Latent symbols (M, G, T) and full profile codes (M, Kmax) of segments (M, L, A, S)."""
+    """Latent symbols (M, G, T) and full profile codes (M, P * Kmax) of segments
+    (M, L, A, S)."""
     net.eval()
     symbols, profiles = [], []
     top = net.cfg.levels - 1
@@ -60,11 +61,19 @@ def update(net: CSICodecNet, data: SegmentData, recordings: np.ndarray) -> dict[
     m, g, t = symbols.shape
     latent = EntropyTable.fit("latent", symbols.reshape(-1), np.tile(np.repeat(np.arange(g), t), m),
                               g, net.code_quantizer.alphabet)
-    k = profile.shape[1]
+    p = net.cfg.profile_blocks
+    blocks = profile.reshape(m, p, -1)  # (M, P, K)
+    k = blocks.shape[2]
     r = net.cfg.profile_range
-    profile_table = EntropyTable.fit("profile", (profile + r).reshape(-1),
-                                     np.tile(np.arange(k), m), k, 2 * r + 1)
-    return {"latent": latent, "profile": profile_table}
+    profile_table = EntropyTable.fit("profile", (blocks + r).reshape(-1),
+                                     np.tile(np.arange(k), m * p), k, 2 * r + 1)
+    tables = {"latent": latent, "profile": profile_table}
+    if p > 1:  # later blocks go as differences to the block before (csi_edge.bundle)
+        delta = np.diff(blocks, axis=1) + 2 * r
+        tables["profile_delta"] = EntropyTable.fit(
+            "profile_delta", delta.reshape(-1), np.tile(np.arange(k), m * (p - 1)), k,
+            4 * r + 1)
+    return tables
 
 
 def cloud_arrays(net: CSICodecNet) -> dict[str, np.ndarray]:

@@ -141,7 +141,7 @@ class DecodedSegment:
     quality: float
     codes: SegmentCodes
     z_q: np.ndarray  # (D, T) what the classifier sees (zeros beyond the level's channels)
-    profile: np.ndarray  # (C,) decoded standardised profile
+    profile: np.ndarray  # (P * C,) decoded standardised profile (P profile blocks)
     reconstruction: np.ndarray  # (L, A, S) standardised log amplitude
 
 
@@ -173,7 +173,8 @@ class CloudModel:
 
     @torch.no_grad()
     def encode(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Float reference encoder: (B, L, A, S) -> symbols (B, G, T), profile codes (B, Kmax)."""
+        """Float reference encoder: (B, L, A, S) -> symbols (B, G, T), profile codes
+        (B, P * Kmax)."""
         z, profile = self.net.encoder(torch.from_numpy(segments.astype(np.float32)))
         symbols = self.net.quantize(z).symbols.numpy()
         return symbols, self.net.profile_codes(profile, self.net.cfg.levels - 1).numpy()
@@ -184,7 +185,7 @@ class CloudModel:
         spec = self.manifest.level(level)
         blobs = [
             encode_segment_codes(
-                SegmentCodes(level, s[: spec.groups], p[: spec.profile_components]),
+                SegmentCodes(level, s[: spec.groups], self.manifest.level_profile(p, level)),
                 self.manifest, self.tables)
             for s, p in zip(symbols, profile, strict=True)
         ]
@@ -248,13 +249,15 @@ class CloudModel:
         """
         spec = self.manifest.level(level)
         latent = self.still_symbols()[: spec.groups].copy()
-        profile = np.zeros(spec.profile_components, dtype=np.int64)
+        blocks = self.manifest.profile_blocks
+        profile = np.zeros((blocks, spec.profile_components), dtype=np.int64)
         if last is not None:
             g = min(spec.groups, last.latent.shape[0])
             latent[:g] = last.latent[:g]
-            k = min(spec.profile_components, last.profile.shape[0])
-            profile[:k] = last.profile[:k]
-        return SegmentCodes(level, latent, profile)
+            sent = last.profile.reshape(blocks, -1)
+            k = min(spec.profile_components, sent.shape[1])
+            profile[:, :k] = sent[:, :k]
+        return SegmentCodes(level, latent, profile.reshape(-1))
 
     def warm(self) -> None:
         """Classify still segments once at every rate level and in every run shape
@@ -300,7 +303,7 @@ class CloudModel:
         cfg = self.net.cfg
         z_q, profile = self._latent(codes)
         dynamics = self.net.decoder(z_q)
-        recon = (dynamics + profile.unsqueeze(-1)).transpose(1, 2)
+        recon = (dynamics + self.net.profile_frames(profile)).transpose(1, 2)
         shape = (len(codes), cfg.segment_frames, cfg.antennas, cfg.subcarriers)
         return z_q.numpy(), profile.numpy(), recon.reshape(shape).numpy()
 

@@ -52,7 +52,7 @@ class CodecNet(Protocol):
     profile_mean: torch.Tensor  # (C,)
     profile_basis: torch.Tensor  # (Kmax, C), orthonormal rows
     profile_step: torch.Tensor  # (Kmax,)
-    encoder: Any  # segments (M, L, A, S) -> (latent (M, D, T), profile (M, C))
+    encoder: Any  # segments (M, L, A, S) -> (latent (M, D, T), profile (M, P * C))
 
     def bypass(self, z: torch.Tensor) -> torch.Tensor: ...
 
@@ -61,7 +61,8 @@ class CodecNet(Protocol):
 
 def profile_coefficients(net: CodecNet, profile: np.ndarray, *,
                          transmitted: bool | np.ndarray = False) -> np.ndarray:
-    """Profiles (..., C) -> their PCA coefficients in quantisation steps (..., Kmax).
+    """Profiles (..., P * C) -> their PCA coefficients in quantisation steps (..., P * Kmax),
+    each of the P profile blocks' (block-major; P = 1 for most bundles).
 
     A decoded profile is ``mean + sum_k c_k step_k basis_k`` with orthonormal ``basis`` and
     whole steps ``c_k`` (zeros beyond a level's K), so the projection recovers the
@@ -77,7 +78,12 @@ def profile_coefficients(net: CodecNet, profile: np.ndarray, *,
     mean = net.profile_mean.numpy()
     basis = net.profile_basis.numpy()
     step = net.profile_step.numpy()
-    coeff = ((profile - mean) @ basis.T / step).astype(np.float32)
+    if profile.shape[-1] == mean.shape[0]:
+        coeff = ((profile - mean) @ basis.T / step).astype(np.float32)
+    else:  # P > 1 profile blocks
+        blocks = profile.reshape(*profile.shape[:-1], -1, mean.shape[0])
+        coeff = ((blocks - mean) @ basis.T / step).astype(np.float32)
+        coeff = coeff.reshape(*profile.shape[:-1], -1)
     mask = np.asarray(transmitted, dtype=bool)
     if not mask.any():
         return coeff
@@ -110,7 +116,9 @@ class LevelHead:
         if self.identity is None:
             return None
         p = self.identity.probabilities(feats)
-        return p if self.neighbours is None else self.neighbours.mix(p, coeff, present)
+        if self.neighbours is None:
+            return p
+        return self.neighbours.mix(p, self.layout.segment_coefficients(coeff), present)
 
     def reader(self, reading: int | None) -> RidgeHead:
         """The activity layer of a full window (``reading`` None) or of the live output's
@@ -123,7 +131,8 @@ class LevelHead:
         out = []
         if self.layout.profile_components:
             out.append(WindowLayout(0, self.layout.profile_components,
-                                    self.layout.profile_scale, self.layout.profile_mean))
+                                    self.layout.profile_scale, self.layout.profile_mean,
+                                    self.layout.profile_blocks))
         if self.layout.latent_channels:
             out.append(WindowLayout(self.layout.latent_channels, 0, self.layout.profile_scale))
         return out
@@ -223,7 +232,8 @@ class ContextHead:
             out[f"{p}layout"] = np.array([part.layout.latent_channels,
                                           part.layout.profile_components,
                                           part.layout.profile_scale,
-                                          float(part.layout.profile_mean)], np.float32)
+                                          float(part.layout.profile_mean),
+                                          float(part.layout.profile_blocks)], np.float32)
             for j, tf in enumerate(part.transforms):
                 out.update(tf.arrays(f"{p}tf{j}."))
             out.update(part.activity.arrays(f"{p}activity."))
@@ -246,8 +256,10 @@ class ContextHead:
         levels = []
         for i in indices:
             p = f"{PREFIX}{i}."
-            d, k, scale, *mean = arrays[f"{p}layout"].tolist()  # heads stored before the
-            layout = WindowLayout(int(d), int(k), float(scale), bool(mean and mean[0]))  # mean
+            # Heads stored before the window mean or the profile blocks have fewer values.
+            d, k, scale, *rest = arrays[f"{p}layout"].tolist()
+            layout = WindowLayout(int(d), int(k), float(scale), bool(rest and rest[0]),
+                                  int(rest[1]) if len(rest) > 1 else 0)
             count = len({key.split(".")[2] for key in arrays
                          if key.startswith(p) and key.split(".")[2].startswith("tf")})
             transforms = [RocketTransform.from_arrays(arrays, f"{p}tf{j}.") for j in range(count)]
@@ -378,9 +390,10 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
                                None if val_feats is None else (val_feats, identity[2]))
         if val is not None and val_feats is not None and identity[2] is not None:
             head.neighbours = fit_neighbours(
-                windows[1], windows[2], identity[0], identity[1], layout.profile_components,
-                ridge_val=head.identity.probabilities(val_feats), val_coeff=val[0][1],
-                val_present=val[0][2], val_labels=identity[2])
+                layout.segment_coefficients(windows[1]), windows[2], identity[0], identity[1],
+                layout.profile_components, ridge_val=head.identity.probabilities(val_feats),
+                val_coeff=layout.segment_coefficients(val[0][1]), val_present=val[0][2],
+                val_labels=identity[2])
     return head
 
 

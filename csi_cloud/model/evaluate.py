@@ -162,7 +162,7 @@ def decode_level(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
     n = len(encoded.rows)
     t_lat = int(model.manifest.quantizer["latent_steps"])
     z_q = np.zeros((n, cfg.latent_channels, t_lat), np.float32)
-    prof = np.zeros((n, cfg.channels), np.float32)
+    prof = np.zeros((n, cfg.profile_width), np.float32)
     recon = np.zeros((n, *data.x.shape[1:]), np.float32)
     total_bytes = 0
     symbols, profile = encoded.symbols, encoded.profile
@@ -287,7 +287,7 @@ def _blob(edge: EdgeEncoder | CloudModel, symbols: np.ndarray, profile: np.ndarr
 
     spec = edge.manifest.level(level)
     return encode_segment_codes(
-        SegmentCodes(level, symbols[: spec.groups], profile[: spec.profile_components]),
+        SegmentCodes(level, symbols[: spec.groups], edge.manifest.level_profile(profile, level)),
         edge.manifest, edge.tables)
 
 
@@ -343,8 +343,8 @@ def _unquantized(model: CloudModel, data: SegmentData, recordings: np.ndarray, n
     z, profile = net.encoder(x)
     z_c = net.bypass(z)
     dynamics, _ = net.encoder.standardise(x)
-    full = dynamics + profile.unsqueeze(-1)
-    full_hat = net.decoder(z_c) + profile.unsqueeze(-1)
+    full = dynamics + net.profile_frames(profile)
+    full_hat = net.decoder(z_c) + net.profile_frames(profile)
     nmse = 10 * np.log10(float(((full_hat - full) ** 2).sum() / (full**2).sum()))
     latent, prof = z_c.numpy(), profile.numpy()
 

@@ -2,8 +2,8 @@
 
 The exported graph maps a preprocessed segment (B, L, A, S) to
   - ``latent``: the FSQ-bounded latent (B, D, T) in [-half, half], rounded on the edge;
-  - ``profile``: the profile's PCA coefficients in quantization steps (B, K), rounded and
-    clipped on the edge.
+  - ``profile``: the profile's PCA coefficients in quantization steps (B, P * K), each of
+    the P profile blocks' (block-major), rounded and clipped on the edge.
 The convolution stack is quantized statically: int8 weights (per channel) and 16-bit
 activations (W8A16, QDQ with ONNX Runtime's contrib QuantizeLinear), calibrated (MinMax) on
 real training segments. 16-bit activations are a measured choice: FSQ rounds the bounded
@@ -48,6 +48,8 @@ class EdgeGraph(nn.Module):
         self.register_buffer("profile_mean", net.profile_mean.clone())
         self.register_buffer("profile_basis", net.profile_basis.clone())
         self.register_buffer("profile_step", net.profile_step.clone())
+        self.blocks = net.cfg.profile_blocks
+        self.channels = net.cfg.channels
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, profile = self.encoder(x)
@@ -60,8 +62,12 @@ class EdgeGraph(nn.Module):
             book = vq.codebook.unsqueeze(0).unsqueeze(2)  # (1, G, 1, size, dim)
             distance = ((vectors.unsqueeze(3) - book) ** 2).sum(dim=-1)  # (B, G, T, size)
             latent = distance.argmin(dim=-1).float()
-        coeff = (profile - self.profile_mean) @ self.profile_basis.T / self.profile_step
-        return latent, coeff
+        if self.blocks == 1:
+            coeff = (profile - self.profile_mean) @ self.profile_basis.T / self.profile_step
+            return latent, coeff
+        blocks = profile.reshape(-1, self.blocks, self.channels)
+        coeff = (blocks - self.profile_mean) @ self.profile_basis.T / self.profile_step
+        return latent, coeff.reshape(-1, self.blocks * self.profile_basis.shape[0])
 
 
 class _Calibration:

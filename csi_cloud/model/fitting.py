@@ -141,12 +141,14 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
         return take(rows, codes.z_q[variant]), take(rows, coeff[variant]), rows >= 0
 
     # Every head, the unquantized path's too, also reads the window mean of the profile
-    # coefficients (rocket.WindowLayout.profile_mean).
+    # coefficients (rocket.WindowLayout.profile_mean); profile blocks one step each.
+    blocks = cfg.profile_blocks if cfg.profile_blocks > 1 else 0
     levels: list[Any] = [
-        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv], profile_mean=True),
+        (WindowLayout(cfg.level_channels[lv], cfg.profile_components[lv], profile_mean=True,
+                      profile_blocks=blocks),
          decoded(lv, rows_tr), decoded(lv, rows_va)) for lv in range(cfg.levels)]
     levels.append((WindowLayout(cfg.latent_channels, max(cfg.profile_components),
-                                profile_mean=True),
+                                profile_mean=True, profile_blocks=blocks),
                    unquantized_windows(net, data.x, rows_tr),
                    unquantized_windows(net, data.x, rows_va)))
     identity = ((data.identity[own_tr], cfg.identities, data.identity[own_va])

@@ -71,7 +71,7 @@ class CodeData:
 def _decode_all(model: CloudModel, symbols: np.ndarray, profile: np.ndarray,
                 level: int) -> tuple[np.ndarray, np.ndarray]:
     spec = model.manifest.level(level)
-    codes = [SegmentCodes(level, s[: spec.groups], p[: spec.profile_components])
+    codes = [SegmentCodes(level, s[: spec.groups], model.manifest.level_profile(p, level))
              for s, p in zip(symbols, profile, strict=True)]
     return model.decode_latent(codes)
 

@@ -154,7 +154,7 @@ def calibrate_idle(data: SegmentData, train_recs: np.ndarray, val_recs: np.ndarr
         codes: list[SegmentCodes | None] = [None] * len(data.x)
         for i, row in enumerate(val_rows.tolist()):
             codes[row] = SegmentCodes(spec.level, symbols[i, : spec.groups],
-                                      profile[i, : spec.profile_components])
+                                      model.manifest.level_profile(profile[i], spec.level))
         sent[spec.level] = codes
         z, p = _latents(model, val_rows, codes)
         baseline[spec.level] = float(_accuracy(model, data, val_recs, z, p, spec.level)

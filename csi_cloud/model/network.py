@@ -8,8 +8,10 @@ T latent steps, N context segments, G symbol groups):
 - :class:`Encoder`: standardises with the training statistics (per-channel mean, one global
   scale), splits the segment into its static *profile* ``p`` (B, C) (the time mean, which is
   mostly the room and session) and its *dynamics* ``x - p`` (B, C, L), and encodes only the
-  dynamics into ``z`` (B, D, T). The classifier therefore never sees the session fingerprint
-  through the codes.
+  dynamics into ``z`` (B, D, T). With ``profile_blocks`` P > 1 the segment is cut into P
+  equal blocks of frames and ``p`` is each block's mean, (B, P * C) block-major (the
+  dynamics are each frame minus its block's mean); P = 1 is the segment's mean (B, C).
+  The classifier therefore never sees the session fingerprint through the codes.
 - quantizer: ``z`` -> ``z_q`` (B, D, T), ``symbols`` (B, G, T);
 - rate levels: level ``l`` transmits the first ``level_channels[l]`` latent channels (their
   symbol groups; the rest of ``z_q`` is zero at the decoder) and ``profile_components[l]``
@@ -27,7 +29,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -63,6 +65,11 @@ class ModelConfig(BaseModel):
     level_channels: tuple[int, ...] = (0, 4, 8, 16)
     profile_components: tuple[int, ...] = (16, 16, 16, 16)
     profile_range: int = 15  # profile coefficients are clipped to [-R, R] steps
+    # Profiles a segment carries: its frames cut into this many equal blocks, each block's
+    # mean projected and coded (1: the segment's mean). Measured on WiAR within level 0's
+    # 20 B/s: level per recording, worse per second and live, so the shipped bundles send one
+    # (docs/model.md, "Sub-second profiles").
+    profile_blocks: int = Field(default=1, ge=1)
     embed: int = 64
     # Feed the encoder the frame-to-frame difference of the dynamics next to the dynamics:
     # motion shows as change, and it carried across sessions (cross-session activity 0.45
@@ -75,9 +82,21 @@ class ModelConfig(BaseModel):
     # form after training, csi_cloud.model.context_head; see docs/model.md).
     head: Literal["context", "rocket"] = "rocket"
 
+    @model_validator(mode="after")
+    def _blocks_divide_the_segment(self) -> ModelConfig:
+        if self.segment_frames % self.profile_blocks:
+            raise ValueError(f"profile_blocks {self.profile_blocks} does not divide a segment "
+                             f"of {self.segment_frames} frames")
+        return self
+
     @property
     def channels(self) -> int:
         return self.antennas * self.subcarriers
+
+    @property
+    def profile_width(self) -> int:
+        """Values of a segment's decoded profile: P blocks x C channels."""
+        return self.profile_blocks * self.channels
 
     @classmethod
     def level0(cls, latent: int, profile: int) -> dict[str, tuple[int, ...]]:
@@ -109,7 +128,7 @@ class ModelConfig(BaseModel):
 
 
 class Encoder(nn.Module):
-    """(B, L, A, S) log amplitude -> latent (B, D, T) and profile (B, C)."""
+    """(B, L, A, S) log amplitude -> latent (B, D, T) and profile (B, P * C)."""
 
     STAGES = ((3, 2, 1), (5, 2, 2), (3, 2, 1))  # (kernel, stride, padding) of the conv stack
     mean: Tensor  # buffers, registered in __init__
@@ -121,6 +140,7 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.zeros(c))
         self.register_buffer("scale", torch.ones(()))
         self.input_diff = cfg.input_diff
+        self.blocks = cfg.profile_blocks
         layers: list[nn.Module] = []
         width = 2 * c if cfg.input_diff else c
         for kernel, stride, pad in self.STAGES:
@@ -130,12 +150,19 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def standardise(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L, A, S) -> dynamics (B, C, L) and profile (B, C), standardised."""
+        """(B, L, A, S) -> dynamics (B, C, L) and profile (B, P * C), standardised."""
         b, length = x.shape[:2]
         xs = (x.reshape(b, length, -1) - self.mean) / self.scale
         xs = xs.transpose(1, 2)
-        profile = xs.mean(dim=-1)
-        return xs - profile.unsqueeze(-1), profile
+        if self.blocks == 1:
+            profile = xs.mean(dim=-1)
+            return xs - profile.unsqueeze(-1), profile
+        c = xs.shape[1]
+        # -1 for the batch: the edge graph is exported with a dynamic batch axis.
+        blocks = xs.reshape(-1, c, self.blocks, length // self.blocks)
+        means = blocks.mean(dim=-1, keepdim=True)  # (B, C, P, 1)
+        dynamics = (blocks - means).reshape(-1, c, length)
+        return dynamics, means[..., 0].transpose(1, 2).reshape(-1, self.blocks * c)
 
     def features(self, dynamics: Tensor) -> Tensor:
         """Dynamics (B, C, L) -> conv input (B, 2C, L): dynamics and their time difference."""
@@ -186,7 +213,8 @@ class ContextClassifier(nn.Module):
                                                 batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(e)
         self.activity = nn.Linear(e, cfg.activities)
-        self.profile = nn.Sequential(nn.Linear(cfg.channels, e), nn.GELU(), nn.Linear(e, e))
+        self.profile = nn.Sequential(nn.Linear(cfg.profile_width, e), nn.GELU(),
+                                     nn.Linear(e, e))
         self.identity = nn.Linear(2 * e, cfg.identities) if cfg.identities else None
         self.dropout = nn.Dropout(0.2)
 
@@ -199,7 +227,7 @@ class ContextClassifier(nn.Module):
 
     def forward(self, z_q: Tensor, profile: Tensor, present: Tensor,
                 level: Tensor) -> tuple[Tensor, Tensor | None]:
-        """z_q (B,N,D,T); profile (B,N,C); present (B,N) bool; level (B,) int -> logits."""
+        """z_q (B,N,D,T); profile (B,N,P*C); present (B,N) bool; level (B,) int -> logits."""
         pooled, identity_features = self.features(z_q, profile, present, level)
         identity = None if self.identity is None else self.identity(identity_features)
         return self.activity(pooled), identity
@@ -284,20 +312,31 @@ class CSICodecNet(nn.Module):
         return z if self.quantizer is not None else torch.tanh(z)
 
     def profile_codes(self, profile: Tensor, level: int) -> Tensor:
-        """(B, C) standardised profile -> (B, K) integer PCA coefficients for a level."""
+        """(B, P * C) standardised profile -> (B, P * K) integer PCA coefficients for a level
+        (each block's, block-major)."""
         k = self.cfg.profile_components[level]
-        coeff = (profile - self.profile_mean) @ self.profile_basis[:k].T / self.profile_step[:k]
+        blocks = profile.reshape(profile.shape[0], self.cfg.profile_blocks, -1)
+        coeff = (blocks - self.profile_mean) @ self.profile_basis[:k].T / self.profile_step[:k]
         r = self.cfg.profile_range
-        return torch.round(coeff).clamp(-r, r).long()
+        return torch.round(coeff).clamp(-r, r).long().reshape(profile.shape[0], -1)
 
     def profile_decode(self, codes: Tensor) -> Tensor:
-        """(B, K) codes -> (B, C) profile (the training mean when K = 0)."""
-        k = codes.shape[1]
-        recon = (codes.float() * self.profile_step[:k]) @ self.profile_basis[:k]
-        return self.profile_mean + recon
+        """(B, P * K) codes -> (B, P * C) profile (the training mean when K = 0)."""
+        p = self.cfg.profile_blocks
+        blocks = codes.reshape(codes.shape[0], p, -1)
+        k = blocks.shape[2]
+        recon = (blocks.float() * self.profile_step[:k]) @ self.profile_basis[:k]
+        return (self.profile_mean + recon).reshape(codes.shape[0], -1)
+
+    def profile_frames(self, profile: Tensor) -> Tensor:
+        """(B, P * C) profile -> (B, C, L): each frame its block's profile (what the
+        reconstruction adds to the dynamics)."""
+        b, p, length = profile.shape[0], self.cfg.profile_blocks, self.cfg.segment_frames
+        blocks = profile.reshape(b, p, -1).transpose(1, 2)  # (B, C, P)
+        return blocks.repeat_interleave(length // p, dim=2)
 
     def profile_quantized(self, profile: Tensor, level: Tensor) -> Tensor:
-        """(B, C) profile -> what the decoder gets back at each segment's level (B, C)."""
+        """(B, P * C) profile -> what the decoder gets back at each segment's level."""
         out = profile.clone()  # unquantized (level >= levels): the exact profile
         for lv in level.unique().tolist():
             if lv < self.cfg.levels:

@@ -72,6 +72,19 @@ class WindowLayout:
     # steps a second, so the rounding errors of the segments are nearly independent and
     # their mean over N segments recovers the sub-step value the rounding took away.
     profile_mean: bool = False
+    # 0: one profile a slot, its coefficients held over the slot's T latent steps (every
+    # bundle without profile blocks). P >= 1: the coefficients are P profile blocks a slot
+    # (ModelConfig.profile_blocks), one step each, a series of N * P steps; such a layout
+    # reads the profile alone (the latent part has its own layout and length).
+    profile_blocks: int = 0
+
+    def segment_coefficients(self, coeff: np.ndarray) -> np.ndarray:
+        """Coefficients (W, N, P * K) -> each slot's mean over its blocks (W, N, K): one
+        profile a segment, what the identity neighbours read (as is without blocks)."""
+        if self.profile_blocks <= 1:
+            return coeff
+        w, n = coeff.shape[:2]
+        return coeff.reshape(w, n, self.profile_blocks, -1).mean(axis=2)
 
 
 def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
@@ -80,9 +93,12 @@ def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
 
     ``z_q`` (W, N, D, T), ``coeff`` (W, N, K) profile coefficients in steps, ``present``
     (W, N). Returns (W, 2 * (D_l + K_l), N * T) float32 (``2 * (D_l + 2 K_l)`` with
-    ``profile_mean``); missing slots are zeros.
+    ``profile_mean``); missing slots are zeros. With ``layout.profile_blocks`` P >= 1,
+    ``coeff`` is (W, N, P * K) and the series (W, 2 * K_l (or 4 K_l), N * P).
     """
     w, n, _, t = z_q.shape
+    if layout.profile_blocks:
+        return _block_series(coeff, present, layout)
     lat = z_q[:, :, : layout.latent_channels]
     coeff = coeff[:, :, : layout.profile_components]
     if layout.profile_mean:
@@ -92,6 +108,24 @@ def series(z_q: np.ndarray, coeff: np.ndarray, present: np.ndarray,
     x = np.concatenate([lat, prof / layout.profile_scale], axis=2)
     x = x * present[:, :, None, None]
     x = x.transpose(0, 2, 1, 3).reshape(w, x.shape[2], n * t)
+    diff = np.diff(x, axis=2, prepend=x[:, :, :1])
+    return np.concatenate([x, diff], axis=1).astype(np.float32)
+
+
+def _block_series(coeff: np.ndarray, present: np.ndarray, layout: WindowLayout) -> np.ndarray:
+    """:func:`series` of a layout with profile blocks: each block one step."""
+    if layout.latent_channels:
+        raise ValueError(f"a layout with profile blocks reads the profile alone, not "
+                         f"{layout.latent_channels} latent channels")
+    w, n = present.shape
+    p = layout.profile_blocks
+    blocks = coeff.reshape(w, n, p, -1)[..., : layout.profile_components]  # (W, N, P, K_l)
+    if layout.profile_mean:
+        mean = window_mean(blocks.mean(axis=2), present)  # (W, K_l)
+        blocks = np.concatenate([blocks, np.broadcast_to(mean[:, None, None], blocks.shape)],
+                                axis=3)
+    x = blocks / layout.profile_scale * present[:, :, None, None]
+    x = x.transpose(0, 3, 1, 2).reshape(w, x.shape[3], n * p)
     diff = np.diff(x, axis=2, prepend=x[:, :, :1])
     return np.concatenate([x, diff], axis=1).astype(np.float32)
 

@@ -91,7 +91,9 @@ def fit_standardisation(net: CSICodecNet, data: SegmentData, recordings: np.ndar
     net.encoder.mean.copy_(mean)
     scale = dynamics.std().clamp_min(1e-3)
     net.encoder.scale.copy_(scale)
-    fit_profile_basis(net, ((x - mean) / scale).mean(dim=1))
+    p = net.cfg.profile_blocks  # each block's mean is a profile (ModelConfig.profile_blocks)
+    blocks = ((x - mean) / scale).reshape(x.shape[0], p, x.shape[1] // p, x.shape[2])
+    fit_profile_basis(net, blocks.mean(dim=2).reshape(-1, x.shape[2]))
 
 
 def fit_profile_basis(net: CSICodecNet, profiles: torch.Tensor) -> None:
@@ -210,8 +212,8 @@ def evaluate_windows(net: CSICodecNet, data: SegmentData, recordings: np.ndarray
         if out["identity"] is not None:
             id_logits.append(out["identity"])
         m = present.reshape(-1)
-        full = out["dynamics"] + out["profile"].unsqueeze(-1)
-        full_hat = out["dynamics_hat"] + out["profile_hat"].unsqueeze(-1)
+        full = out["dynamics"] + net.profile_frames(out["profile"])
+        full_hat = out["dynamics_hat"] + net.profile_frames(out["profile_hat"])
         err.append(((out["dynamics_hat"] - out["dynamics"]) ** 2)[m].sum().item())
         energy.append((out["dynamics"] ** 2)[m].sum().item())
         full_err.append(((full_hat - full) ** 2)[m].sum().item())

@@ -56,7 +56,8 @@ class Windows:
     """Classifier inputs of W windows."""
 
     z_q: np.ndarray  # (W, N, D, T) float32 decoded latents, zeros where missing
-    profile: np.ndarray  # (W, N, C) float32 decoded profiles, zeros where missing
+    profile: np.ndarray  # (W, N, P * C) float32 decoded profiles (P profile blocks), zeros
+    # where missing
     present: np.ndarray  # (W, N) bool
     level: np.ndarray  # (W,) int64 rate level
 

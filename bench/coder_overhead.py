@@ -1,0 +1,133 @@
+"""What the entropy coder costs on top of the information it codes, per rate level.
+
+    python bench/coder_overhead.py [--data datasets/samples] [--out FILE]
+
+Each segment's codes go on the wire as their own ANS stream (csi_edge.entropy: 32-bit words,
+trailing zero bytes dropped) after a length varint (csi_edge.codec). An ANS stream ends with
+the coder's state, so every stream carries some bytes beyond the information of its symbols.
+This bench measures how many, on real segments: the committed samples of each shipped
+bundle's dataset, encoded by the bundle's int8 edge encoder, at every rate level:
+
+- ``bytes``: the mean length of a segment's coded stream, as the wire carries it;
+- ``information``: the mean of ``-log2 p`` of the segment's symbols under the bundle's frozen
+  tables, in bytes (what an ideal coder with those tables would need);
+- ``overhead``: their difference, per segment;
+- ``one_stream_per_message``: the mean bytes a segment would take if the segments of one
+  message (the level's ``segments_per_message``, consecutive) were coded as one stream, with
+  no length varint (the decoder knows how many symbols each segment has), and what that would
+  save per second at one segment a second. A wire-format change measured here, not built.
+
+Results: ``bench/results/coder_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from csi_cloud.model.pipeline import prepare  # noqa: E402
+from csi_edge import entropy  # noqa: E402
+from csi_edge.bundle import BundleManifest, EdgeEncoder  # noqa: E402
+
+BUNDLES = {"fition": "fition", "wiar": "wiar"}
+
+
+def varint_bytes(n: int) -> int:
+    """Length of the minimal LEB128 varint of ``n`` (csi_edge.codec's record length)."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def symbol_groups(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
+                  symbols: np.ndarray, profile: np.ndarray, level: int
+                  ) -> list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]:
+    """One segment's symbol groups at ``level``, as csi_edge.bundle.encode_segment_codes
+    lays them out (bundles with one profile a segment)."""
+    spec = manifest.level(level)
+    t = symbols.shape[1]
+    groups = [(symbols[: spec.groups].reshape(-1).astype(np.int32),
+               np.repeat(np.arange(spec.groups), t), tables[0])]
+    k = spec.profile_components
+    if k:
+        groups.append(((profile[:k] + manifest.profile_range).astype(np.int32), np.arange(k),
+                       tables[1]))
+    return groups
+
+
+def information_bits(groups: list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]
+                     ) -> float:
+    return float(sum(-np.log2(table.probabilities()[rows, sym]).sum()
+                     for sym, rows, table in groups if len(sym)))
+
+
+def measure(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
+            symbols: np.ndarray, profile: np.ndarray) -> list[dict[str, Any]]:
+    """Per level: the measured stream bytes of each segment against its information, and
+    the same segments coded one stream per message."""
+    if manifest.profile_blocks != 1:
+        raise ValueError(f"bundle {manifest.name!r} has profile blocks: not measured here")
+    out = []
+    for spec in manifest.levels:
+        per_segment = [symbol_groups(manifest, tables, s, p, spec.level)
+                       for s, p in zip(symbols, profile, strict=True)]
+        streams = [entropy.encode(g) for g in per_segment]
+        framed = [varint_bytes(len(s)) + len(s) for s in streams]
+        k = spec.segments_per_message
+        joint = [len(entropy.encode([grp for g in per_segment[i:i + k] for grp in g]))
+                 for i in range(0, len(per_segment) - k + 1, k)]
+        bytes_ = float(np.mean([len(s) for s in streams]))
+        information = float(np.mean([information_bits(g) for g in per_segment])) / 8
+        joint_per_segment = float(np.mean(joint)) / k
+        out.append({
+            "level": spec.level, "segments": len(streams), "segments_per_message": k,
+            "bytes": round(bytes_, 2), "information": round(information, 2),
+            "overhead": round(bytes_ - information, 2),
+            "with_length_varint": round(float(np.mean(framed)), 2),
+            "one_stream_per_message": round(joint_per_segment, 2),
+            "saved_bytes_per_s": round(float(np.mean(framed)) - joint_per_segment, 2),
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "datasets" / "samples")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "bench" / "results" / "coder_overhead.json")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "coder_overhead",
+        "command": "python bench/coder_overhead.py" + (" " + " ".join(argv) if argv else ""),
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "bundles": {}}
+    for dataset, bundle in BUNDLES.items():
+        edge = EdgeEncoder(ROOT / "models" / bundle)
+        data, *_ = prepare(dataset, args.data / dataset)
+        symbols, profile = edge.encode(data.x)
+        result["bundles"][bundle] = {"bundle_id": edge.manifest.id,
+                                     "data": str(args.data / dataset),
+                                     "levels": measure(edge.manifest, edge.tables, symbols,
+                                                       profile)}
+        for row in result["bundles"][bundle]["levels"]:
+            print(f"{bundle} level {row['level']}: {row['bytes']} B a segment, information "
+                  f"{row['information']}, overhead {row['overhead']}; one stream per message "
+                  f"{row['one_stream_per_message']} (saves {row['saved_bytes_per_s']} B/s)")
+    result["runtime_s"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
