@@ -321,6 +321,8 @@ def main() -> None:
             if seen[protocol] > args.tasks:
                 continue
             model = CloudModel.load(folder)
+            if model.net.cfg.profile_blocks != 1:  # its variants read one profile a slot
+                raise SystemExit(f"{folder}: a bundle with profile blocks is not ablated here")
             edge = EdgeEncoder(folder)
             codes = codes_from_segments(model, edge, data)
             coeff = profile_coefficients(model.net, codes.profile, transmitted=True)

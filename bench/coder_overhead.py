@@ -13,9 +13,14 @@ bundle's dataset, encoded by the bundle's int8 edge encoder, at every rate level
   tables, in bytes (what an ideal coder with those tables would need);
 - ``overhead``: their difference, per segment;
 - ``one_stream_per_message``: the mean bytes a segment would take if the segments of one
-  message (the level's ``segments_per_message``, consecutive) were coded as one stream, with
-  no length varint (the decoder knows how many symbols each segment has), and what that would
-  save per second at one segment a second. A wire-format change measured here, not built.
+  message (the level's ``segments_per_message``, consecutive, of one recording) were coded
+  as one stream, with no length varint (the decoder knows how many symbols each segment
+  has), and what that would save per second at one segment a second. A wire-format change
+  measured here, not built. Idle segments (no codes) are not counted: on a stream with idle
+  seconds the saving is smaller.
+
+The overhead is everything the coder adds: the state its stream ends with, and the rounding
+of the tables' probabilities to its fixed point.
 
 Results: ``bench/results/coder_overhead.json``.
 """
@@ -65,16 +70,29 @@ def symbol_groups(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, 
 
 def information_bits(groups: list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]
                      ) -> float:
-    return float(sum(-np.log2(table.probabilities()[rows, sym]).sum()
-                     for sym, rows, table in groups if len(sym)))
+    return sum(table.entropy_bits(sym, rows) for sym, rows, table in groups)
+
+
+def messages(recording: np.ndarray, k: int) -> list[np.ndarray]:
+    """Segment indices cut into messages of ``k`` consecutive segments of one recording (a
+    recording's last message may be shorter, as a stream's last one is)."""
+    out = []
+    for r in np.unique(recording):
+        rows = np.flatnonzero(recording == r)
+        out.extend(rows[i:i + k] for i in range(0, len(rows), k))
+    return out
 
 
 def measure(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
-            symbols: np.ndarray, profile: np.ndarray) -> list[dict[str, Any]]:
+            symbols: np.ndarray, profile: np.ndarray,
+            recording: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per level: the measured stream bytes of each segment against its information, and
-    the same segments coded one stream per message."""
+    the same segments coded one stream per message (messages within a recording: segments
+    (M,) ``recording``; default one recording). One-second segments: bytes a segment are
+    bytes a second."""
     if manifest.profile_blocks != 1:
         raise ValueError(f"bundle {manifest.name!r} has profile blocks: not measured here")
+    recording = np.zeros(len(symbols), np.int64) if recording is None else recording
     out = []
     for spec in manifest.levels:
         per_segment = [symbol_groups(manifest, tables, s, p, spec.level)
@@ -82,11 +100,11 @@ def measure(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
         streams = [entropy.encode(g) for g in per_segment]
         framed = [varint_bytes(len(s)) + len(s) for s in streams]
         k = spec.segments_per_message
-        joint = [len(entropy.encode([grp for g in per_segment[i:i + k] for grp in g]))
-                 for i in range(0, len(per_segment) - k + 1, k)]
+        joint = sum(len(entropy.encode([grp for i in rows for grp in per_segment[i]]))
+                    for rows in messages(recording, k))
         bytes_ = float(np.mean([len(s) for s in streams]))
         information = float(np.mean([information_bits(g) for g in per_segment])) / 8
-        joint_per_segment = float(np.mean(joint)) / k
+        joint_per_segment = joint / len(streams)
         out.append({
             "level": spec.level, "segments": len(streams), "segments_per_message": k,
             "bytes": round(bytes_, 2), "information": round(information, 2),
@@ -114,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         edge = EdgeEncoder(ROOT / "models" / bundle)
         data, *_ = prepare(dataset, args.data / dataset)
         symbols, profile = edge.encode(data.x)
-        result["bundles"][bundle] = {"bundle_id": edge.manifest.id,
-                                     "data": str(args.data / dataset),
-                                     "levels": measure(edge.manifest, edge.tables, symbols,
-                                                       profile)}
+        if edge.manifest.input_spec.segment_s != 1.0:
+            raise SystemExit(f"{bundle}: segments of {edge.manifest.input_spec.segment_s} s, "
+                             "not 1 s: bytes a segment are not bytes a second")
+        shown = args.data / dataset
+        result["bundles"][bundle] = {
+            "bundle_id": edge.manifest.id,
+            "data": str(shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown),
+            "levels": measure(edge.manifest, edge.tables, symbols, profile, data.recording)}
         for row in result["bundles"][bundle]["levels"]:
             print(f"{bundle} level {row['level']}: {row['bytes']} B a segment, information "
                   f"{row['information']}, overhead {row['overhead']}; one stream per message "

@@ -33,7 +33,7 @@ class DecodedRecord:
     code_bytes: bytes
     received: float
     z_q: np.ndarray | None = None  # (D, T)
-    profile: np.ndarray | None = None  # (C,)
+    profile: np.ndarray | None = None  # (P * C,), P profile blocks
     reconstruction: np.ndarray | None = None  # (L, A, S) standardised log amplitude
     # An idle segment (IDLE message): ``codes``/``code_bytes`` are the codes it stands for, a
     # copy of the stream's last coded segment (CloudModel.idle_codes), so storage and a

@@ -153,7 +153,11 @@ class BundleManifest(BaseModel):
     def profile_blocks(self) -> int:
         """Profiles a segment carries: the segment cut into this many equal blocks of frames,
         each block's mean coded (1: the segment's mean, every bundle before blocks)."""
-        return int(self.model.get("profile_blocks", 1))
+        blocks = self.model.get("profile_blocks", 1)
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise BundleError(f"bundle {self.name!r}: profile_blocks {blocks!r} is not a whole "
+                              "number >= 1")
+        return blocks
 
     def level_profile(self, profile: np.ndarray, level: int) -> np.ndarray:
         """A segment's profile codes of every component, (blocks * Kmax,) block-major ->
@@ -168,7 +172,16 @@ class BundleManifest(BaseModel):
         missing = [n for n in names if n not in self.entropy]
         if missing:
             raise BundleError(f"bundle {self.name!r} has no entropy table {missing[0]!r}")
-        return tuple(entropy.EntropyTable.from_dict(self.entropy[n]) for n in names)
+        tables = tuple(entropy.EntropyTable.from_dict(self.entropy[n]) for n in names)
+        if len(tables) == 3:  # the differences of profile_blocks: alphabet 4R + 1
+            components = max(lv.profile_components for lv in self.levels)
+            delta = tables[2]
+            if delta.alphabet != 4 * self.profile_range + 1 or delta.rows < components:
+                raise BundleError(
+                    f"bundle {self.name!r}: profile_delta table of {delta.rows} rows x "
+                    f"{delta.alphabet} symbols, not >= {components} x "
+                    f"{4 * self.profile_range + 1}")
+        return tables
 
 
 def bundle_id(manifest: BundleManifest, folder: Path | None = None) -> str:
@@ -274,6 +287,9 @@ def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
     r, blocks = manifest.profile_range, manifest.profile_blocks
     if codes.profile.shape[0] % blocks:
         raise ValueError(f"{codes.profile.shape[0]} profile codes are not {blocks} blocks")
+    if codes.profile.size and int(np.abs(codes.profile).max()) > r:
+        raise ValueError(f"profile code {int(np.abs(codes.profile).max())} is beyond the "
+                         f"range {r}")
     profile = codes.profile.reshape(blocks, -1).astype(np.int32)
     k = profile.shape[1]
     if k:

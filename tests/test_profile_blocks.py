@@ -43,7 +43,9 @@ def _blocked(blocks: int, components: int = 4) -> tuple[BundleManifest,
     values[:, R - 3 : R + 4] = [2, 4, 8, 10, 8, 4, 2]
     counts = np.ones((16, 4 * R + 1), np.int64)
     counts[:, 2 * R - 2 : 2 * R + 3] = [5, 20, 60, 20, 5]  # small differences are common
-    tables = {"profile": entropy.EntropyTable("profile", values).to_dict(),
+    latent = np.array([[3, 5, 9, 5, 3]] * 16, np.int64)
+    tables = {"latent": entropy.EntropyTable("latent", latent).to_dict(),
+              "profile": entropy.EntropyTable("profile", values).to_dict(),
               "profile_delta": entropy.EntropyTable("profile_delta", counts).to_dict()}
     blocked = manifest.model_copy(update={
         "levels": levels, "model": {**manifest.model, "profile_blocks": blocks},
@@ -69,6 +71,51 @@ def test_block_codes_go_as_differences_and_round_trip() -> None:
 
 
 GOLDEN_BLOCKS_HEX = "ec4eca998a1b54"
+
+
+def test_one_profile_a_segment_codes_as_before_blocks() -> None:
+    """Golden bytes of a segment of a bundle without blocks (the layout every bundle had
+    before them): latent groups, then the coefficients with the profile table, no delta."""
+    manifest, tables = _blocked(1, components=4)
+    codes = SegmentCodes(1, np.array([[0, 1, 2, 3]] * 4, np.int64),
+                         np.array([3, -2, 0, 15] + [1] * 12, np.int64))
+    blob = encode_segment_codes(codes, manifest, tables)
+    assert blob.hex() == GOLDEN_ONE_BLOCK_HEX
+    back = decode_segment_codes(blob, 1, manifest, tables)
+    assert back.profile.tolist() == codes.profile.tolist()
+    assert back.latent.tolist() == codes.latent.tolist()
+
+
+GOLDEN_ONE_BLOCK_HEX = "bbcffe8bd891932b88471ef1393f"  # what the encoder before blocks gave
+
+
+def test_codes_beyond_the_range_are_refused_when_encoding() -> None:
+    manifest, tables = _blocked(2, components=1)
+    codes = SegmentCodes(0, np.zeros((0, 4), np.int64), np.array([15, 16], np.int64))
+    with pytest.raises(ValueError, match="profile code 16 is beyond the range 15"):
+        encode_segment_codes(codes, manifest, tables)
+
+
+def test_a_manifest_with_bad_blocks_or_delta_table_is_refused() -> None:
+    manifest, _ = _blocked(3)
+    for bad in (0, -2, 1.5, "3"):
+        broken = manifest.model_copy(update={"model": {**manifest.model,
+                                                       "profile_blocks": bad}})
+        with pytest.raises(BundleError, match=f"profile_blocks {bad!r} is not"):
+            broken.tables()
+    small = entropy.EntropyTable("profile_delta", np.ones((16, 2 * R + 1), np.int64))
+    broken = manifest.model_copy(update={"entropy": {**manifest.entropy,
+                                                     "profile_delta": small.to_dict()}})
+    with pytest.raises(BundleError, match="profile_delta table of 16 rows x 31 symbols"):
+        broken.tables()
+
+
+def test_a_config_without_blocks_is_stored_as_before_them() -> None:
+    cfg = ModelConfig(antennas=1, subcarriers=8, segment_frames=50, activities=2)
+    assert "profile_blocks" not in cfg.stored()
+    assert ModelConfig.model_validate(cfg.stored()) == cfg
+    blocked = cfg.model_copy(update={"profile_blocks": 5})
+    assert blocked.stored()["profile_blocks"] == 5
 
 
 def test_block_differences_that_add_up_beyond_the_range_are_rejected() -> None:
@@ -118,6 +165,16 @@ def test_the_encoder_splits_each_block_into_its_mean_and_dynamics() -> None:
     assert torch.equal(codes.view(5, 4, 6)[:, 2],
                        torch.round(profile.view(5, 4, 6)[:, 2]).clamp(-15, 15).long())
     assert torch.allclose(net.profile_decode(codes), torch.round(profile).clamp(-15, 15))
+    # A level sending fewer components than the top one sends each block's first ones.
+    few = ModelConfig(antennas=2, subcarriers=3, segment_frames=12, activities=2,
+                      profile_blocks=4, profile_components=(2, 6, 6, 6))
+    net_few = CSICodecNet(few).eval()
+    net_few.load_state_dict(net.state_dict())
+    low = net_few.profile_codes(profile, 0)
+    assert low.shape == (5, 4 * 2)
+    assert torch.equal(low.view(5, 4, 2), codes.view(5, 4, 6)[:, :, :2])
+    decoded = net_few.profile_decode(low).view(5, 4, 6)
+    assert torch.equal(decoded[..., 2:], torch.zeros(5, 4, 4))  # the training mean (0 here)
 
 
 def test_the_head_reads_each_block_as_one_step() -> None:
@@ -191,6 +248,8 @@ def test_heads_stored_before_profile_blocks_read_one_profile_a_slot() -> None:
     head = CloudModel.load(ROOT / "models" / "wiar").net.context_head
     assert head is not None
     arrays = head.arrays()
+    with np.load(ROOT / "models" / "wiar" / "cloud.npz") as stored:  # stored as before
+        assert all(np.array_equal(arrays[k], stored[k]) for k in arrays if k.endswith(".layout"))
     legacy = {k: (v[:4] if k.endswith(".layout") else v) for k, v in arrays.items()}
     again = ContextHead.from_arrays(legacy)
     assert again is not None

@@ -276,7 +276,7 @@ class CloudModel:
 
     @torch.no_grad()
     def decode_latent(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray]:
-        """Codes -> what the classifier reads: z_q (B, D, T) and the profile (B, C)."""
+        """Codes -> what the classifier reads: z_q (B, D, T) and the profile (B, P * C)."""
         z_q, profile = self._latent(codes)
         return z_q.numpy(), profile.numpy()
 
@@ -299,7 +299,7 @@ class CloudModel:
     @torch.no_grad()
     def reconstruct(self, codes: list[SegmentCodes]) -> tuple[np.ndarray, np.ndarray,
                                                               np.ndarray]:
-        """Codes -> z_q (B, D, T), profile (B, C), reconstruction (B, L, A, S)."""
+        """Codes -> z_q (B, D, T), profile (B, P * C), reconstruction (B, L, A, S)."""
         cfg = self.net.cfg
         z_q, profile = self._latent(codes)
         dynamics = self.net.decoder(z_q)

@@ -229,11 +229,13 @@ class ContextHead:
         out: dict[str, np.ndarray] = {}
         for i, part in enumerate(self.levels):
             p = f"{PREFIX}{i}."
+            # The blocks value only where there are blocks: a head without them is stored
+            # exactly as before the field existed (same arrays, same bundle id).
+            blocks = [float(part.layout.profile_blocks)] if part.layout.profile_blocks else []
             out[f"{p}layout"] = np.array([part.layout.latent_channels,
                                           part.layout.profile_components,
                                           part.layout.profile_scale,
-                                          float(part.layout.profile_mean),
-                                          float(part.layout.profile_blocks)], np.float32)
+                                          float(part.layout.profile_mean), *blocks], np.float32)
             for j, tf in enumerate(part.transforms):
                 out.update(tf.arrays(f"{p}tf{j}."))
             out.update(part.activity.arrays(f"{p}activity."))

@@ -121,7 +121,7 @@ class EncodedSegments:
     recordings: np.ndarray  # (R,) recording numbers, in the order given
     rows: np.ndarray  # (M,) rows of ``data.x`` (data order)
     symbols: np.ndarray  # (M, G, T) latent symbols
-    profile: np.ndarray  # (M, Kmax) profile codes
+    profile: np.ndarray  # (M, P * Kmax) profile codes
     index: np.ndarray  # (len(data.x),) row of data.x -> position in ``rows``, -1 if absent
 
 
@@ -131,7 +131,7 @@ class DecodedLevel:
 
     level: int
     z_q: np.ndarray  # (M, D, T)
-    profile: np.ndarray  # (M, C)
+    profile: np.ndarray  # (M, P * C)
     reconstruction: np.ndarray  # (M, L, A, S) standardised log amplitude
     payload_bytes: int  # every payload's length: header, codes and CRC
     index: np.ndarray  # as EncodedSegments.index

@@ -53,7 +53,7 @@ class CodeData:
     """Decoded codes of labelled recordings, laid out like :class:`SegmentData`."""
 
     z_q: np.ndarray  # (V, M, D, T) what the classifier reads
-    profile: np.ndarray  # (V, M, C) decoded profiles
+    profile: np.ndarray  # (V, M, P * C) decoded profiles
     level: np.ndarray  # (V, M) rate level of each segment's codes
     recording: np.ndarray  # (M,)
     slot: np.ndarray  # (M,) segment index within its recording
@@ -195,7 +195,7 @@ def code_windows(codes: CodeData, rows: np.ndarray, variant: int | np.ndarray) -
 
 def window_batch(codes: CodeData, rows: np.ndarray, variant: np.ndarray
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`code_windows` as tensors: z_q (W, N, D, T), profile (W, N, C), present (W, N),
+    """:func:`code_windows` as tensors: z_q (W, N, D, T), profile (W, N, P * C), present (W, N),
     level (W,)."""
     w = code_windows(codes, rows, variant)
     return (torch.from_numpy(w.z_q), torch.from_numpy(w.profile), torch.from_numpy(w.present),
@@ -454,7 +454,7 @@ def save_derived(parent: Path | Bundle, out: Path, net: CSICodecNet, *, name: st
     manifest = base.model_copy(deep=True, update={
         "name": name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": net.cfg.model_dump(mode="json"),
+        "model": net.cfg.stored(),
         "labels": labels if labels is not None else base.labels,
         "calibration": calibration if calibration is not None else base.calibration,
         "files": {**base.files, "cloud": base.files["cloud"].model_copy(update={

@@ -26,7 +26,7 @@ T latent steps, N context segments, G symbol groups):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,6 +88,14 @@ class ModelConfig(BaseModel):
             raise ValueError(f"profile_blocks {self.profile_blocks} does not divide a segment "
                              f"of {self.segment_frames} frames")
         return self
+
+    def stored(self) -> dict[str, Any]:
+        """The config as a bundle stores it: ``profile_blocks`` only where it is not 1, so a
+        bundle without blocks has the manifest (and id) it had before the field existed."""
+        out = self.model_dump(mode="json")
+        if self.profile_blocks == 1:
+            del out["profile_blocks"]
+        return out
 
     @property
     def channels(self) -> int:

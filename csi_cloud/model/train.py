@@ -142,7 +142,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Scale each segment's dynamics around its profile and add a little noise (log domain).
 
     People move with different strength and distance in each session; the profile (room,
-    session) is removed by the encoder anyway.
+    session) is removed by the encoder anyway. With profile blocks (ModelConfig.
+    profile_blocks) the scaling is still around the segment's mean, so each block's mean
+    moves with it: the block profiles are augmented as the dynamics are (what the measured
+    bundles with blocks were trained with, docs/model.md).
     """
     profile = x.mean(dim=1, keepdim=True)
     scale = torch.empty(x.shape[0], 1, 1, 1).uniform_(0.6, 1.6, generator=gen)

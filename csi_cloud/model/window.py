@@ -81,7 +81,7 @@ class Windows:
     @classmethod
     def gather(cls, rows: np.ndarray, z_q: np.ndarray, profile: np.ndarray,
                level: int | np.ndarray) -> Windows:
-        """Window rows (W, N) (-1 missing) into per-segment z_q (M, D, T) and profile (M, C);
+        """Window rows (W, N) (-1 missing) into per-segment z_q (M, D, T) and profile (M, P * C);
         ``level``: the rate level of every window, or of each window (W,)."""
         rows = np.asarray(rows, dtype=np.int64)
         levels = np.broadcast_to(np.asarray(level, dtype=np.int64), (len(rows),)).copy()
