@@ -206,3 +206,46 @@ def test_a_database_with_segments_stored_twice_still_starts(
     db.close()
     have = indexes()
     assert "ux_predictions_ap_seq" in have and "ix_predictions_ap_seq" not in have
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+def test_a_reload_reads_an_aps_context_and_its_stored_segments_in_one_snapshot(
+        postgres_url: str, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker gaining a partition reads each AP's context, then the segments stored for it.
+    Another worker that commits a batch of the AP between the two reads (it was behind when
+    the partition moved) must not leave segments counted as seen but missing from the
+    context: redelivered to this worker (the other one was past its ack wait), they would be
+    dropped as duplicates, and the next predictions would read fewer segments. On PostgreSQL
+    (the database workers share) both reads see one snapshot: the late batch is neither in
+    the context nor seen, and is accepted when it comes."""
+    seg = Segments()
+    a, b = Writer(registry, postgres_url), Writer(registry, postgres_url)
+    a.send(*[("snap", seg.payload(q)) for q in range(6)])
+    read_context = Persistence._restore_context
+
+    def racing(self: Persistence, s: Any, row: AP) -> None:
+        read_context(self, s, row)
+        if self is b.store:  # the other worker commits 6..8 between the two reads
+            a.send(*[("snap", seg.payload(q)) for q in range(6, 9)])
+
+    monkeypatch.setattr(Persistence, "_restore_context", racing)
+    b.store.restore(lambda site, ap: ap == "snap")
+    state = b.ingestor.aps[("lab", "snap")]
+    assert sorted(r.seq for r in state.context.values()) == list(range(6))
+    assert state.last_seq == 5  # not 8: 6..8 are not counted as seen
+    # Redelivered to this worker (the other one was past its ack wait): accepted, predicted
+    # and refused at the store (stored already), and in the context of what comes next.
+    b.send(*[("snap", seg.payload(q)) for q in range(6, 10)])
+    assert sorted(b.refused) == [("snap", q) for q in range(6, 9)]
+    assert stored_seqs(_rows(a.db, "snap")) == list(range(10))
+    with a.db.session() as s:
+        present = s.scalar(select(Prediction.context_present).where(
+            Prediction.ap == "snap", Prediction.seq == 9))
+    assert present == 8
+    a.db.close()
+    b.db.close()
+
