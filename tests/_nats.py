@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,14 +30,35 @@ __all__ = ["NatsCluster", "nats_server_binary"]
 MIN_VERSION = (2, 11)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections and to ``bind(0)``."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: every socket held until all are chosen, so the kernel
-    cannot hand the same one out twice."""
+    """``n`` distinct free ports below the kernel's ephemeral range, every socket held until
+    all are chosen. Why not ``bind(0)``: a node killed and started again must listen on its
+    ports again, and a port of the ephemeral range may meanwhile be the local end of some
+    outgoing connection (a restarted node once failed with "address already in use" on its
+    route port)."""
+    low = min(_ephemeral_range()[0], 65536)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
+        chosen: list[int] = []
+        for port in rng.sample(range(10000, low), min(4000, low - 10000)):
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == n:
+                return chosen
+    raise RuntimeError(f"no {n} free ports between 10000 and {low}")
 
 
 def nats_server_binary() -> str | None:
