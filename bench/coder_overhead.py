@@ -42,7 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_edge import entropy  # noqa: E402
-from csi_edge.bundle import BundleManifest, EdgeEncoder  # noqa: E402
+from csi_edge.bundle import (  # noqa: E402
+    BundleManifest,
+    EdgeEncoder,
+    SegmentCodes,
+    segment_symbol_groups,
+)
 
 BUNDLES = {"fition": "fition", "wiar": "wiar"}
 
@@ -50,22 +55,6 @@ BUNDLES = {"fition": "fition", "wiar": "wiar"}
 def varint_bytes(n: int) -> int:
     """Length of the minimal LEB128 varint of ``n`` (csi_edge.codec's record length)."""
     return max(1, (n.bit_length() + 6) // 7)
-
-
-def symbol_groups(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
-                  symbols: np.ndarray, profile: np.ndarray, level: int
-                  ) -> list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]:
-    """One segment's symbol groups at ``level``, as csi_edge.bundle.encode_segment_codes
-    lays them out (bundles with one profile a segment)."""
-    spec = manifest.level(level)
-    t = symbols.shape[1]
-    groups = [(symbols[: spec.groups].reshape(-1).astype(np.int32),
-               np.repeat(np.arange(spec.groups), t), tables[0])]
-    k = spec.profile_components
-    if k:
-        groups.append(((profile[:k] + manifest.profile_range).astype(np.int32), np.arange(k),
-                       tables[1]))
-    return groups
 
 
 def information_bits(groups: list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]
@@ -90,13 +79,12 @@ def measure(manifest: BundleManifest, tables: tuple[entropy.EntropyTable, ...],
     the same segments coded one stream per message (messages within a recording: segments
     (M,) ``recording``; default one recording). One-second segments: bytes a segment are
     bytes a second."""
-    if manifest.profile_blocks != 1:
-        raise ValueError(f"bundle {manifest.name!r} has profile blocks: not measured here")
     recording = np.zeros(len(symbols), np.int64) if recording is None else recording
     out = []
     for spec in manifest.levels:
-        per_segment = [symbol_groups(manifest, tables, s, p, spec.level)
-                       for s, p in zip(symbols, profile, strict=True)]
+        per_segment = [segment_symbol_groups(SegmentCodes(
+                           spec.level, s[: spec.groups], manifest.level_profile(p, spec.level)),
+                           manifest, tables) for s, p in zip(symbols, profile, strict=True)]
         streams = [entropy.encode(g) for g in per_segment]
         framed = [varint_bytes(len(s)) + len(s) for s in streams]
         k = spec.segments_per_message

@@ -52,6 +52,7 @@ __all__ = [
     "decode_segment_codes",
     "encode_segment_codes",
     "load_manifest",
+    "segment_symbol_groups",
     "write_manifest",
 ]
 
@@ -280,6 +281,14 @@ class SegmentCodes:
 
 def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
                          tables: tuple[entropy.EntropyTable, ...]) -> bytes:
+    return entropy.encode(segment_symbol_groups(codes, manifest, tables))
+
+
+def segment_symbol_groups(codes: SegmentCodes, manifest: BundleManifest,
+                          tables: tuple[entropy.EntropyTable, ...]
+                          ) -> list[tuple[np.ndarray, np.ndarray, entropy.EntropyTable]]:
+    """One segment's symbol groups (symbols, table rows, table) in the order they are coded
+    (the module docstring's layout); :func:`encode_segment_codes` codes them as one stream."""
     latent_table, profile_table = tables[:2]
     g, t = codes.latent.shape
     groups = [(codes.latent.reshape(-1).astype(np.int32), np.repeat(np.arange(g), t),
@@ -297,7 +306,7 @@ def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
     if k and blocks > 1:
         delta = np.diff(profile, axis=0) + 2 * r
         groups.append((delta.reshape(-1), np.tile(np.arange(k), blocks - 1), tables[2]))
-    return entropy.encode(groups)
+    return groups
 
 
 def decode_segment_codes(data: bytes, level: int, manifest: BundleManifest,

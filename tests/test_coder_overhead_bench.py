@@ -13,7 +13,7 @@ from _bench import bench_module
 
 from csi_cloud.model.pipeline import prepare
 from csi_edge import entropy
-from csi_edge.bundle import EdgeEncoder, encode_segment_codes
+from csi_edge.bundle import EdgeEncoder, encode_segment_codes, segment_symbol_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_one_stream_per_message_decodes_back(bench: ModuleType, samples: Path) -
     data, *_ = prepare("fition", samples / "fition")
     symbols, profile = edge.encode(data.x[:4])
     groups = [grp for s, p in zip(symbols, profile, strict=True)
-              for grp in bench.symbol_groups(edge.manifest, edge.tables, s, p, 0)]
+              for grp in segment_symbol_groups(edge.codes(s, p, 0), edge.manifest, edge.tables)]
     decoded = entropy.decode(entropy.encode(groups), [(rows, table) for _, rows, table in groups])
     assert all(np.array_equal(d, sym) for d, (sym, _, _) in zip(decoded, groups, strict=True))
     assert bench.varint_bytes(0) == 1 and bench.varint_bytes(127) == 1
