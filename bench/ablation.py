@@ -55,7 +55,7 @@ from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate  # noqa: E402
 from csi_cloud.model.rocket import WindowLayout, series  # noqa: E402
 from csi_cloud.model.window import take  # noqa: E402
-from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes  # noqa: E402
+from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_message_codes  # noqa: E402
 from csi_edge.codec import payload_size  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles"
@@ -215,15 +215,14 @@ def layout_bytes(edge: EdgeEncoder, data: Any, recordings: np.ndarray, latent: i
     per_message = manifest.level(0).segments_per_message
     rows = np.flatnonzero(np.isin(data.recording, recordings))
     symbols, coeff = edge.encode(data.x[rows])
-    lengths = [len(encode_segment_codes(SegmentCodes(0, s[:latent], c[:profile]), manifest,
-                                        edge.tables))
-               for s, c in zip(symbols, coeff, strict=True)]
-    messages = [lengths[i : i + per_message] for i in range(0, len(lengths), per_message)]
-    messages = [m for m in messages if len(m) == per_message]
+    codes = [SegmentCodes(0, s[:latent], c[:profile]) for s, c in zip(symbols, coeff, strict=True)]
+    # Whole messages of consecutive rows, each one coder stream (wire version 2).
+    streams = [len(encode_message_codes(codes[i : i + per_message], manifest, edge.tables))
+               for i in range(0, len(codes) - per_message + 1, per_message)]
     seconds = per_message * manifest.input_spec.segment_s
-    return {"code_bytes_per_segment": round(float(np.mean(lengths)), 2),
+    return {"code_bytes_per_segment": round(float(np.mean(streams)) / per_message, 2),
             "payload_bytes_per_s": round(float(np.mean(
-                [payload_size(m, motion=True) for m in messages])) / seconds, 2)}
+                [payload_size(per_message, n, motion=True) for n in streams])) / seconds, 2)}
 
 
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"

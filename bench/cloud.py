@@ -86,7 +86,8 @@ def generator(port: int, aps: int, seconds: float, epoch: int, out: Any) -> None
         if delay > 0:
             time.sleep(delay)
         payload = encode_payload(Payload(LEVEL, model_id, epoch, seq, base_ms + 1000 * seq,
-                                         (SegmentRecord(1.0, blobs[k % len(blobs)]),)))
+                                         (SegmentRecord(1.0),),
+                                         codes=blobs[k % len(blobs)]))
         now = time.time()
         infos.append(client.publish(f"csi/v1/bench/ap{ap}/seg", payload, qos=1))
         sent.append((ap, seq, now))

@@ -2,8 +2,9 @@
 
     python bench/coder_overhead.py [--data datasets/samples] [--out FILE]
 
-Each segment's codes go on the wire as their own ANS stream (csi_edge.entropy: 32-bit words,
-trailing zero bytes dropped) after a length varint (csi_edge.codec). An ANS stream ends with
+In wire format version 1 each segment's codes went on the wire as their own ANS stream
+(csi_edge.entropy: 32-bit words, trailing zero bytes dropped) after a length varint
+(csi_edge.codec); the edge's queue still keeps each segment's stream so. An ANS stream ends with
 the coder's state, so every stream carries some bytes beyond the information of its symbols.
 This bench measures how many, on real segments: the committed samples of each shipped
 bundle's dataset, encoded by the bundle's int8 edge encoder, at every rate level:
@@ -15,9 +16,9 @@ bundle's dataset, encoded by the bundle's int8 edge encoder, at every rate level
 - ``one_stream_per_message``: the mean bytes a segment would take if the segments of one
   message (the level's ``segments_per_message``, consecutive, of one recording) were coded
   as one stream, with no length varint (the decoder knows how many symbols each segment
-  has), and what that would save per second at one segment a second. A wire-format change
-  measured here, not built. Idle segments (no codes) are not counted: on a stream with idle
-  seconds the saving is smaller.
+  has), and what that saves per second at one segment a second: what wire format version 2
+  does (``bench/wire_version.py`` measures it on the real payloads). Idle segments (no codes)
+  are not counted: on a stream with idle seconds the saving is smaller.
 
 The overhead is everything the coder adds: the state its stream ends with, and the rounding
 of the tables' probabilities to its fixed point.

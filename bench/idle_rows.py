@@ -62,7 +62,8 @@ def run_case(case: str, messages: int, folder: Path) -> dict[str, Any]:
         trust.observe(events)
         store.store(events, codes_of(events, result), {("bench", "ap")})
 
-    send([encode_payload(Payload(1, encoder.model_id, 1, 0, base, (SegmentRecord(1.0, codes),)))])
+    send([encode_payload(Payload(1, encoder.model_id, 1, 0, base, (SegmentRecord(1.0),),
+                                 codes=codes))])
     rng = np.random.default_rng(0)
     idle_bytes, t0 = 0, time.perf_counter()
     batch: list[bytes] = []

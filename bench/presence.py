@@ -688,7 +688,7 @@ def bench_wiar(folder: Path, log: Callable[[str], None], files: int = 40) -> dic
 
 def bench_bytes(model: Path, samples: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Payload bytes per second of the samples at each level, without and with motion."""
-    from csi_edge.bundle import EdgeEncoder
+    from csi_edge.bundle import EdgeEncoder, encode_message_codes
 
     encoder = EdgeEncoder(model)
     manifest = encoder.manifest
@@ -701,14 +701,18 @@ def bench_bytes(model: Path, samples: Path, log: Callable[[str], None]) -> dict[
     for spec in manifest.levels:
         sizes = {False: 0, True: 0}
         for batch in segments:
-            blobs = encoder.compress_codes(batch.data, spec.level)
+            symbols, profile = encoder.encode(batch.data)
+            codes = [encoder.codes(s, p, spec.level)
+                     for s, p in zip(symbols, profile, strict=True)]
             k = spec.segments_per_message
-            for i in range(0, len(blobs), k):
+            for i in range(0, len(codes), k):
+                stream = encode_message_codes(codes[i:i + k], manifest, encoder.tables)
                 for motion in (False, True):
-                    group = tuple(SegmentRecord(1.0, b, 0.5 if motion else None)
-                                  for b in blobs[i:i + k])
+                    group = tuple(SegmentRecord(1.0, motion=0.5 if motion else None)
+                                  for _ in codes[i:i + k])
                     sizes[motion] += len(encode_payload(Payload(
-                        spec.level, encoder.model_id, 0, i, 0, group, motion=motion)))
+                        spec.level, encoder.model_id, 0, i, 0, group, motion=motion,
+                        codes=stream)))
         row = {"level": spec.level, "segments_per_message": spec.segments_per_message,
                "payload_bytes_per_s": round(sizes[False] / seconds, 2),
                "payload_bytes_per_s_with_motion": round(sizes[True] / seconds, 2),

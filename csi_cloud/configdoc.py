@@ -57,7 +57,7 @@ def render_wire() -> str:
         "",
         "Generated from `csi_edge/codec.py` and `csi_edge/bundle.py` by "
         "`python -m csi_cloud.configdoc wire`; do not edit. Golden-bytes tests in "
-        "`tests/test_codec.py` pin it.",
+        "`tests/test_codec_v2.py` (version 2) and `tests/test_codec.py` (version 1) pin it.",
         "",
         "## The MQTT payload",
         "",
@@ -65,7 +65,7 @@ def render_wire() -> str:
         (codec.__doc__ or "").strip(),
         "```",
         "",
-        "## Codes of one segment",
+        "## Codes of a segment and of a message",
         "",
         "```",
         (bundle.__doc__ or "").strip(),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from csi_edge._errors import CSIError
-from csi_edge.bundle import SegmentCodes, decode_segment_codes, encode_segment_codes
+from csi_edge.bundle import SegmentCodes, encode_segment_codes, payload_codes
 from csi_edge.codec import NO_MODEL_SEGMENT_MS, Payload, PayloadError, decode_payload
 from csi_edge.names import InvalidNameError, check_name
 from csi_edge.presence import PresenceConfig, PresenceTracker
@@ -257,18 +257,23 @@ class Ingestor:
             return []
         if payload.idle:
             return [*self._idle_records(site, ap, payload, model, received)]
+        try:
+            decoded = payload_codes(payload, model.manifest, model.tables)
+        except (CSIError, ValueError) as exc:
+            self._reject(result, site, ap, "bad_codes",
+                         f"{len(payload.segments)} segment(s), wire version "
+                         f"{payload.version}: {exc}")
+            return []
         records: list[DecodedRecord] = []
-        for i, segment in enumerate(payload.segments):
-            try:
-                codes = decode_segment_codes(segment.codes, payload.level, model.manifest,
-                                             model.tables)
-            except (CSIError, ValueError) as exc:
-                self._reject(result, site, ap, "bad_codes", f"segment {i}: {exc}")
-                return []
+        for i, (segment, codes) in enumerate(zip(payload.segments, decoded, strict=True)):
+            # What is stored is each segment's own stream: version 1 sent it, version 2's
+            # message stream is cut back into one a segment.
+            blob = segment.codes if payload.version == 1 else encode_segment_codes(
+                codes, model.manifest, model.tables)
             records.append(DecodedRecord(
                 site, ap, payload.epoch, payload.seq(i),
                 payload.start_ms(i, model.segment_ms), payload.level, segment.quality, model,
-                codes, segment.codes, received, motion=segment.motion))
+                codes, blob, received, motion=segment.motion))
         self._last_codes[(site, ap)] = (model.model_id, records[-1].codes)
         return [*records]
 

@@ -87,7 +87,7 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
     import numpy as np
 
     from csi_edge import CSIError, SpecMismatchError, read_recording
-    from csi_edge.bundle import EdgeEncoder, encode_segment_codes
+    from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_message_codes
     from csi_edge.codec import Payload, SegmentRecord, encode_payload, message_groups
     from csi_edge.limits import DeclaredSizeError
     from csi_edge.preprocess import Preprocessor
@@ -130,17 +130,17 @@ def encode_recording(path: str, model_folder: str, model_id: str, level: int,
         base_ms = round(float(batch.start_time[0]) * 1000) - int(index[0]) * segment_ms
         if base_ms < 0 or base_ms + int(index[-1]) * segment_ms >= _U48:
             base_ms = 0  # a clock the wire format cannot carry: count from 0 instead
-        blobs: list[bytes] = []
+        codes: list[SegmentCodes] = []
         for start in range(0, len(batch), _ENCODE_CHUNK):
             symbols, profile = encoder.encode(batch.data[start : start + _ENCODE_CHUNK])
-            blobs.extend(encode_segment_codes(encoder.codes(s, p, level), manifest,
-                                              encoder.tables)
+            codes.extend(encoder.codes(s, p, level)
                          for s, p in zip(symbols, profile, strict=True))
         # Messages of consecutive segments, as many per message as the level says.
         payloads = [encode_payload(Payload(
             level=level, model_id=encoder.model_id, epoch=epoch, first_seq=group[0] % _U32,
             timestamp_ms=base_ms + int(index[group[0]]) * segment_ms,
-            segments=tuple(SegmentRecord(float(batch.quality[i]), blobs[i]) for i in group)))
+            segments=tuple(SegmentRecord(float(batch.quality[i])) for i in group),
+            codes=encode_message_codes([codes[i] for i in group], manifest, encoder.tables)))
             for group in message_groups(index.tolist(), manifest.level(level).segments_per_message)]
         return {"ok": True, "payloads": payloads, "segments": len(batch), "dropped": dropped,
                 "recording": recording}

@@ -18,7 +18,10 @@ above, then each later block's as its difference to the block before it (compone
 component, offset by ``2 * profile_range``), coded with their rows of the ``profile_delta``
 table. A block's profile is close to the one before it, and the differences cost fewer bits
 than the values (docs/model.md, "Sub-second profiles").
-The wire payload around the codes is csi_edge.codec.
+A message (wire version 2) codes its K segments' symbol groups, segment 0's first, as ONE
+stream (``encode_message_codes``); the edge's queue keeps each segment's own stream
+(``encode_segment_codes``, also a wire-version-1 record). The wire payload around the codes is
+csi_edge.codec.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +53,12 @@ __all__ = [
     "RateLevel",
     "SegmentCodes",
     "bundle_id",
+    "decode_message_codes",
     "decode_segment_codes",
+    "encode_message_codes",
     "encode_segment_codes",
     "load_manifest",
+    "payload_codes",
     "segment_symbol_groups",
     "write_manifest",
 ]
@@ -281,7 +288,21 @@ class SegmentCodes:
 
 def encode_segment_codes(codes: SegmentCodes, manifest: BundleManifest,
                          tables: tuple[entropy.EntropyTable, ...]) -> bytes:
+    """One segment's codes as its own stream (a wire-version-1 record; what the edge's queue
+    keeps per segment)."""
     return entropy.encode(segment_symbol_groups(codes, manifest, tables))
+
+
+def encode_message_codes(codes: Sequence[SegmentCodes], manifest: BundleManifest,
+                         tables: tuple[entropy.EntropyTable, ...]) -> bytes:
+    """The codes of a message's segments (one level) as ONE stream, segment 0's symbol groups
+    first (wire version 2: the coder's final state is paid once a message, not once a
+    segment)."""
+    levels = {c.level for c in codes}
+    if len(levels) > 1:
+        raise ValueError(f"one message holds one rate level, got levels {sorted(levels)}")
+    return entropy.encode([group for c in codes
+                           for group in segment_symbol_groups(c, manifest, tables)])
 
 
 def segment_symbol_groups(codes: SegmentCodes, manifest: BundleManifest,
@@ -311,29 +332,52 @@ def segment_symbol_groups(codes: SegmentCodes, manifest: BundleManifest,
 
 def decode_segment_codes(data: bytes, level: int, manifest: BundleManifest,
                          tables: tuple[entropy.EntropyTable, ...]) -> SegmentCodes:
+    """What :func:`encode_segment_codes` made (:class:`entropy.EntropyDecodeError` if not)."""
+    return decode_message_codes(data, 1, level, manifest, tables)[0]
+
+
+def decode_message_codes(data: bytes, count: int, level: int, manifest: BundleManifest,
+                         tables: tuple[entropy.EntropyTable, ...]) -> list[SegmentCodes]:
+    """What :func:`encode_message_codes` made of ``count`` segments at ``level``
+    (:class:`entropy.EntropyDecodeError` if the stream does not hold exactly that)."""
     latent_table, profile_table = tables[:2]
     spec = manifest.level(level)
     t = int(manifest.quantizer["latent_steps"])
     r, blocks, k = manifest.profile_range, manifest.profile_blocks, spec.profile_components
-    groups = [(np.repeat(np.arange(spec.groups), t), latent_table)]
+    layout = [(np.repeat(np.arange(spec.groups), t), latent_table)]
     if k:
-        groups.append((np.arange(k), profile_table))
+        layout.append((np.arange(k), profile_table))
     if k and blocks > 1:
-        groups.append((np.tile(np.arange(k), blocks - 1), tables[2]))
-    decoded = entropy.decode(data, groups)
-    profile = np.zeros(0, dtype=np.int64)
-    if k:
-        steps = [decoded[1][None].astype(np.int64) - r]
-        if blocks > 1:
-            steps.append(decoded[2].reshape(blocks - 1, k).astype(np.int64) - 2 * r)
-        profile = np.cumsum(np.concatenate(steps), axis=0).reshape(-1)
-        worst = int(np.abs(profile).max())
-        if worst > r:
-            raise entropy.EntropyDecodeError(
-                "decode_failed", f"profile block differences add up to {worst} steps, beyond "
-                f"the range {r}")
-    return SegmentCodes(level, decoded[0].reshape(spec.groups, t).astype(np.int64),
-                        profile.astype(np.int64))
+        layout.append((np.tile(np.arange(k), blocks - 1), tables[2]))
+    decoded = entropy.decode(data, layout * count)
+    out = []
+    for i in range(count):
+        part = decoded[i * len(layout) : (i + 1) * len(layout)]
+        profile = np.zeros(0, dtype=np.int64)
+        if k:
+            steps = [part[1][None].astype(np.int64) - r]
+            if blocks > 1:
+                steps.append(part[2].reshape(blocks - 1, k).astype(np.int64) - 2 * r)
+            profile = np.cumsum(np.concatenate(steps), axis=0).reshape(-1)
+            worst = int(np.abs(profile).max())
+            if worst > r:
+                raise entropy.EntropyDecodeError(
+                    "decode_failed", f"segment {i}: profile block differences add up to "
+                    f"{worst} steps, beyond the range {r}")
+        out.append(SegmentCodes(level, part[0].reshape(spec.groups, t).astype(np.int64),
+                                profile.astype(np.int64)))
+    return out
+
+
+def payload_codes(payload: Payload, manifest: BundleManifest,
+                  tables: tuple[entropy.EntropyTable, ...]) -> list[SegmentCodes]:
+    """The codes of every segment of a coded (not idle, not presence-only) message of either
+    wire version: version 2's one stream, version 1's stream per record."""
+    if payload.version == 1:
+        return [decode_segment_codes(s.codes, payload.level, manifest, tables)
+                for s in payload.segments]
+    return decode_message_codes(payload.codes, len(payload.segments), payload.level, manifest,
+                                tables)
 
 
 class EdgeEncoder:
@@ -386,10 +430,12 @@ class EdgeEncoder:
     def compress(self, segments: np.ndarray, *, level: int, first_seq: int, epoch: int,
                  timestamp_ms: int, quality: list[float] | None = None) -> bytes:
         """The model contract on the edge: consecutive segments -> one wire payload."""
-        blobs = self.compress_codes(segments, level)
-        quality = quality or [1.0] * len(blobs)
+        symbols, profile = self.encode(segments)
+        codes = [self.codes(s, p, level) for s, p in zip(symbols, profile, strict=True)]
+        quality = quality or [1.0] * len(codes)
         return encode_payload(Payload(
             level=level, model_id=self.model_id, epoch=epoch, first_seq=first_seq,
             timestamp_ms=timestamp_ms,
-            segments=tuple(SegmentRecord(q, b) for q, b in zip(quality, blobs, strict=True)),
+            segments=tuple(SegmentRecord(q) for q in quality),
+            codes=encode_message_codes(codes, self.manifest, self.tables),
         ))

@@ -1,11 +1,11 @@
-"""Wire format of one MQTT message (``{prefix}/{site}/{ap}/seg`` payload), version 1.
+"""Wire format of one MQTT message (``{prefix}/{site}/{ap}/seg`` payload), version 2.
 
 One message carries K consecutive segments of one stream. AP and site come from the topic;
 everything else the cloud needs to reconstruct is in these bytes. All integers big-endian.
 
   offset  size  field          encoding
   ------  ----  -------------  -------------------------------------------------------------
-  0       1     version/level  bits 7..5: format version, 1
+  0       1     version/level  bits 7..5: format version, 2 (1: the earlier format, below)
                 /flags         bits 4..3: rate level, 0..3
                                bit 0: IDLE, bit 1: MOTION (see below); bit 2: reserved, 0
                                (non-zero is rejected)
@@ -18,16 +18,26 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   16      1     K              number of segments, 1..255; segment i has sequence number
                                (first seq + i) mod 2**32 and starts at timestamp
                                + i * segment duration (the duration is in the bundle)
-  17      ...   K records      each: 1 byte quality (round(q * 255), q in [0, 1]),
-                               with MOTION: 1 byte motion score (below),
-                               LEB128 unsigned varint n (minimal form, 1..3 bytes),
-                               n bytes of entropy-coded codes (``csi_edge.entropy``; may be 0)
+  17      K*r   K records      each (r = 1 + m bytes): 1 byte quality (round(q * 255),
+                               q in [0, 1]), with MOTION: 1 byte motion score (below)
+  17+K*r  n     codes          ONE entropy-coded stream (``csi_edge.entropy``) of the codes of
+                               all K segments, segment 0's first (csi_edge.bundle,
+                               ``encode_message_codes``); it runs up to the CRC, so n is
+                               L - 2 - (17 + K*r) and may be 0
   L-2     2     CRC            CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection,
                                xorout 0) of bytes 0..L-3, i.e. ``binascii.crc_hqx(.., 0xFFFF)``
 
-Size: 17 + 2 + sum over segments of (1 + m + len(varint(n)) + n) bytes, m = 1 with MOTION
-and 0 without; every one of them counts toward the reported bitrate. Decoded quality is
-``byte / 255`` (exactly what was sent).
+Size: 17 + K * (1 + m) + n + 2 bytes, m = 1 with MOTION and 0 without; every one of them
+counts toward the reported bitrate. Decoded quality is ``byte / 255`` (exactly what was sent).
+How many symbols each segment holds follows from the bundle and the level, so the stream
+needs no lengths: the bundle's decoder reads K segments' symbols and then checks that nothing
+is left (``csi_edge.entropy``, ``leftover_data``).
+
+Why one stream a message (version 2): an ANS stream ends by flushing its coder state, about
+2.8 bytes beyond the information it holds whatever its length, and version 1 paid that and a
+length byte on every segment. One stream a message pays it once: 2.9-3.0 B/s less at level 0
+(4 segments a message) on the shipped bundles' test recordings, 1 B/s at the levels of one
+segment a message (docs/model.md, "Bits"; ``bench/wire_version.py``).
 
 MOTION (flag bit 1): each record carries the segment's motion score (``csi_edge.presence``:
 log2 of the ratio of the segment's CSI variability to the AP's quiet reference) as one byte
@@ -36,28 +46,35 @@ score = (b - 64) / 16, i.e. b = clip(round(16 * score) + 64, 1, 255): steps of 1
 in ratio) from -3.9375 to +11.9375, scores beyond saturate. It costs one byte per segment,
 1 B/s at one segment a second, at every rate level and in idle messages.
 
-IDLE (flag bit 0): every record of the message has n = 0 (an empty code block) and stands for
-a segment whose motion statistic stayed below the bundle's idle threshold (``csi_edge.motion``):
-nothing changed since the stream's last coded segment, and the cloud predicts it from a copy of
-that segment's codes. The level field is the edge's configured level. An idle message of K
-segments costs 17 + 2 + 2 K bytes. A cloud that predates the flag rejects it as ``bad_flags``
-(it cannot predict those segments, but it never mistakes them for coded ones), which is why the
-flag lives in the bits that version 1 reserved and the version stays 1.
+IDLE (flag bit 0): the message has no codes (n = 0); each segment stands for one whose motion
+statistic stayed below the bundle's idle threshold (``csi_edge.motion``): nothing changed since
+the stream's last coded segment, and the cloud predicts it from a copy of that segment's codes.
+The level field is the edge's configured level. An idle message of K segments costs
+17 + 2 + K bytes (17 + 2 + 2 K with MOTION).
 
 No model (model id 00 00 00, presence only): the edge runs without a bundle
 (``csi edge --presence-only``) and sends motion scores only. Such a message must set MOTION,
-not IDLE, level 0, and every record has n = 0; segments are 1 s long (``NO_MODEL_SEGMENT_MS``).
-A K-segment message costs 17 + 2 + 3 K bytes. A cloud that predates MOTION rejects every
-message carrying it as ``bad_flags``, never mistaking the extra byte for a length.
+not IDLE, level 0, and has no codes; segments are 1 s long (``NO_MODEL_SEGMENT_MS``).
+A K-segment message costs 17 + 2 + 2 K bytes.
+
+Version 1 (still decoded, and sent by an edge told ``wire_version = 1`` for a cloud that
+predates version 2, or for queued segments of a bundle the edge no longer holds): each record
+is quality, [motion], a LEB128 unsigned varint n (minimal form, 1..3 bytes) and n bytes of that
+segment's own entropy-coded stream (``csi_edge.bundle.encode_segment_codes``); an IDLE or
+no-model message has n = 0 in every record. Size 17 + 2 + sum over segments of
+(1 + m + len(varint(n)) + n). A cloud that predates version 2 rejects a version-2 message as
+``bad_version``: it never mistakes one for the other.
 
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
-``too_short`` (under 21 bytes, the smallest valid message), ``crc_mismatch``, then the fields
-only once the CRC holds: ``bad_version``, ``bad_flags`` (a reserved flag bit set), ``bad_count``
-(K = 0), ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal),
-``truncated_segment`` (n larger than what is left), ``trailing_bytes`` (bytes after the K-th
-record), ``bad_idle`` (IDLE set and a record with n > 0), ``bad_no_model`` (model id 00 00 00
-without MOTION, with IDLE, a level above 0 or a record with n > 0). Every accepted message
-re-encodes to exactly the same bytes.
+``too_short`` (under 20 bytes, the smallest valid message), ``crc_mismatch``, then the fields
+only once the CRC holds: ``bad_version`` (neither 1 nor 2), ``too_short`` (version 1 under 21
+bytes, its smallest), ``bad_flags`` (a reserved flag bit
+set), ``bad_count`` (K = 0), ``truncated_segment`` (the records run past the body; version 1:
+n larger than what is left), ``bad_idle`` (IDLE set and codes present), ``bad_no_model``
+(model id 00 00 00 without MOTION, with IDLE, a level above 0 or codes present); version 1
+only: ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal) and
+``trailing_bytes`` (bytes after the K-th record). Every accepted message re-encodes to
+exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -78,6 +95,7 @@ __all__ = [
     "FLAG_IDLE",
     "FLAG_MOTION",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MAX_SEGMENTS",
@@ -101,7 +119,8 @@ __all__ = [
     "payload_size",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what encode_payload writes unless told otherwise
+FORMAT_VERSIONS = frozenset({1, 2})  # what decode_payload reads
 HEADER_BYTES = 17
 CRC_BYTES = 2
 MAX_SEGMENTS = 255
@@ -116,8 +135,9 @@ NO_MODEL_SEGMENT_MS = 1000
 MOTION_NONE = 0  # the motion byte of a segment without a score
 _MOTION_OFFSET = 64
 MOTION_STEPS = 16  # per unit of log2 ratio
-# A message holds at least one record of quality byte + 1-byte varint.
-MIN_PAYLOAD_BYTES = HEADER_BYTES + 2 + CRC_BYTES
+# A message holds at least one record: its quality byte (version 1: and a 1-byte varint).
+MIN_PAYLOAD_BYTES = HEADER_BYTES + 1 + CRC_BYTES
+_MIN_V1_BYTES = MIN_PAYLOAD_BYTES + 1
 MAX_PAYLOAD_BYTES = 65536
 # 3 varint bytes carry 21 bits, enough for any code block inside MAX_PAYLOAD_BYTES; a decoder
 # with a larger max_bytes still accepts only what fits in 3 bytes.
@@ -149,11 +169,12 @@ class PayloadError(MalformedPacketError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SegmentRecord:
-    """One segment: quality in [0, 1] (sent as one byte), its entropy-coded codes, and its
-    motion score (sent as one byte when the message has MOTION; None: no score)."""
+    """One segment: quality in [0, 1] (sent as one byte), its motion score (sent as one byte
+    when the message has MOTION; None: no score) and, in a version-1 message only, its own
+    entropy-coded codes (version 2 codes the message's segments together: ``Payload.codes``)."""
 
     quality: float
-    codes: bytes
+    codes: bytes = b""
     motion: float | None = None
 
 
@@ -161,8 +182,10 @@ class SegmentRecord:
 class Payload:
     """One message. Fields are checked by :func:`encode_payload`, not on construction.
 
-    ``idle``: the IDLE flag; every segment then has empty codes (a still segment).
+    ``idle``: the IDLE flag; the message then has no codes (still segments).
     ``motion``: the MOTION flag; every record carries a motion byte (its score, or none).
+    ``codes``: version 2, the one entropy-coded stream of every segment's codes
+    (csi_edge.bundle.encode_message_codes); version 1 keeps each segment's in its record.
     A ``model_id`` of :data:`NO_MODEL_ID` is a presence-only message.
     """
 
@@ -174,6 +197,8 @@ class Payload:
     segments: tuple[SegmentRecord, ...]
     idle: bool = False
     motion: bool = False
+    codes: bytes = b""
+    version: int = FORMAT_VERSION
 
     @property
     def presence_only(self) -> bool:
@@ -246,26 +271,44 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def payload_size(code_lengths: Sequence[int], *, motion: bool = False) -> int:
-    """Total bytes of a message whose segments carry code blocks of these lengths (and a
-    motion byte each with ``motion``)."""
-    return sum(code_lengths) + payload_overhead(len(code_lengths), code_lengths, motion=motion)
+def payload_size(k: int, code_bytes: int | Sequence[int], *, motion: bool = False,
+                 version: int = FORMAT_VERSION) -> int:
+    """Total bytes of a version-2 message of ``k`` segments whose codes take ``code_bytes``
+    (and a motion byte each with ``motion``). For version 1 pass ``code_bytes`` as the list
+    of each segment's code length."""
+    return payload_overhead(k, code_bytes, motion=motion, version=version) + (
+        code_bytes if isinstance(code_bytes, int) else sum(code_bytes))
 
 
-def payload_overhead(k: int, code_lengths: Sequence[int], *, motion: bool = False) -> int:
-    """Bytes of a K-segment message that are not code bytes: header, records, CRC."""
-    if k != len(code_lengths):
-        raise ValueError(f"k = {k} but {len(code_lengths)} code lengths given")
-    if any(n < 0 for n in code_lengths):
-        raise ValueError(f"code lengths must be >= 0, got {list(code_lengths)}")
+def payload_overhead(k: int, code_bytes: int | Sequence[int] = 0, *, motion: bool = False,
+                     version: int = FORMAT_VERSION) -> int:
+    """Bytes of a K-segment message that are not code bytes: header, records, CRC (version 1:
+    ``code_bytes`` is each segment's code length, whose varints count here)."""
+    if not 1 <= k <= MAX_SEGMENTS:
+        raise ValueError(f"a message holds 1..{MAX_SEGMENTS} segments, got k = {k}")
     per_record = 2 if motion else 1
-    return HEADER_BYTES + CRC_BYTES + sum(per_record + _varint_len(n) for n in code_lengths)
+    if version == 2:
+        if not isinstance(code_bytes, int) or code_bytes < 0:
+            raise ValueError(f"version 2: code_bytes must be one count >= 0, got {code_bytes!r}")
+        return HEADER_BYTES + CRC_BYTES + k * per_record
+    if version != 1:
+        raise ValueError(f"version must be one of {sorted(FORMAT_VERSIONS)}, got {version!r}")
+    if isinstance(code_bytes, int):
+        raise ValueError(f"version 1: code_bytes must be each segment's code length, got "
+                         f"{code_bytes!r}")
+    lengths = list(code_bytes)
+    if k != len(lengths):
+        raise ValueError(f"k = {k} but {len(lengths)} code lengths given")
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"code lengths must be >= 0, got {lengths}")
+    return HEADER_BYTES + CRC_BYTES + sum(per_record + _varint_len(n) for n in lengths)
 
 
-def idle_payload_size(k: int, *, motion: bool = False) -> int:
-    """Bytes of an idle message of ``k`` segments (header, K records of 2 bytes, 3 with a
-    motion byte, CRC); also the size of a presence-only message (``motion=True``)."""
-    return payload_size([0] * k, motion=motion)
+def idle_payload_size(k: int, *, motion: bool = False, version: int = FORMAT_VERSION) -> int:
+    """Bytes of an idle message of ``k`` segments (header, K records of 1 byte, 2 with a
+    motion byte, CRC; version 1: one byte more a record); also the size of a presence-only
+    message (``motion=True``)."""
+    return payload_overhead(k, 0 if version == 2 else [0] * k, motion=motion, version=version)
 
 
 def _field_error(detail: str) -> PayloadError:
@@ -352,13 +395,26 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
     motion = payload.motion
     if not isinstance(motion, bool):
         raise _field_error(f"motion must be a bool, got {motion!r}")
+    version = payload.version
+    if isinstance(version, bool) or version not in FORMAT_VERSIONS:
+        raise _field_error(f"version must be one of {sorted(FORMAT_VERSIONS)}, got {version!r}")
     no_model = bytes(model_id) == NO_MODEL_ID
     if no_model and (idle or not motion or level):
         raise _field_error(f"a presence-only message (model id {NO_MODEL_ID.hex()}) needs "
                            f"motion, no idle and level 0; got motion={motion}, idle={idle}, "
                            f"level={level}")
+    stream = payload.codes
+    if not isinstance(stream, bytes | bytearray | memoryview):
+        raise _field_error(f"codes must be bytes, got {type(stream).__name__}")
+    stream = bytes(stream)
+    if version == 1 and stream:
+        raise _field_error(f"a version-1 message keeps each segment's codes in its record, "
+                           f"got {len(stream)} message code bytes")
+    if (idle or no_model) and stream:
+        raise _field_error(f"an {'idle' if idle else 'presence-only'} message carries no "
+                           f"codes, got {len(stream)} code bytes")
     out = bytearray()
-    out.append((FORMAT_VERSION << 5) | (level << 3) | (FLAG_IDLE if idle else 0)
+    out.append((version << 5) | (level << 3) | (FLAG_IDLE if idle else 0)
                | (FLAG_MOTION if motion else 0))
     out += bytes(model_id)
     out += epoch.to_bytes(2, "big")
@@ -372,6 +428,9 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         if not isinstance(codes, bytes | bytearray | memoryview):
             raise _field_error(f"segment {i}: codes must be bytes, got {type(codes).__name__}")
         codes = bytes(codes)
+        if version == 2 and codes:
+            raise _field_error(f"segment {i}: a version-2 message codes its segments together "
+                               f"(Payload.codes), got {len(codes)} code bytes in the record")
         if len(codes) > _MAX_CODE_BYTES:
             raise _field_error(f"segment {i}: {len(codes)} code bytes exceed {_MAX_CODE_BYTES}")
         if (idle or no_model) and codes:
@@ -386,8 +445,10 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         elif seg.motion is not None:
             raise _field_error(f"segment {i} has motion score {seg.motion!r} but the "
                                "message has no MOTION flag")
-        out += _varint(len(codes))
-        out += codes
+        if version == 1:
+            out += _varint(len(codes))
+            out += codes
+    out += stream
     out += crc16(bytes(out)).to_bytes(CRC_BYTES, "big")
     if len(out) > max_bytes:
         raise _field_error(f"payload of {len(out)} bytes exceeds max_bytes = {max_bytes}")
@@ -395,7 +456,7 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
 
 
 def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
-    """Parse one message; PayloadError(reason, detail) if it is not a valid version-1 payload."""
+    """Parse one message (version 1 or 2); PayloadError(reason, detail) if it is not valid."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"payload must be bytes-like, got {type(data).__name__}")
     data = bytes(data)
@@ -412,8 +473,10 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         )
     head = body[0]
     version, level, flags = head >> 5, (head >> 3) & 0x3, head & 0x7
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise PayloadError("bad_version", f"version {version} (byte 0 = 0x{head:02x})")
+    if version == 1 and size < _MIN_V1_BYTES:
+        raise PayloadError("too_short", f"{size} bytes < {_MIN_V1_BYTES} (version 1)")
     if flags & ~_KNOWN_FLAGS:
         raise PayloadError("bad_flags", f"reserved flags 0b{flags:03b} (byte 0 = 0x{head:02x})")
     idle = bool(flags & FLAG_IDLE)
@@ -445,6 +508,9 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
                     "the body")
             score = motion_from_byte(body[pos])
             pos += 1
+        if version == 2:
+            segments.append(SegmentRecord(quality / 255, b"", score))
+            continue
         n, pos = _read_varint(body, pos, i)
         if n > len(body) - pos:
             raise PayloadError(
@@ -461,7 +527,17 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
                 "bytes (must be 0)")
         segments.append(SegmentRecord(quality / 255, body[pos : pos + n], score))
         pos += n
-    if pos != len(body):
+    stream = b""
+    if version == 2:
+        stream = body[pos:]
+        if idle and stream:
+            raise PayloadError(
+                "bad_idle", f"an idle message carries {len(stream)} code bytes (must be 0)")
+        if no_model and stream:
+            raise PayloadError(
+                "bad_no_model", f"a presence-only message carries {len(stream)} code bytes "
+                "(must be 0)")
+    elif pos != len(body):
         raise PayloadError(
             "trailing_bytes", f"{len(body) - pos} bytes after the {count} segment(s)"
         )
@@ -474,6 +550,8 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         segments=tuple(segments),
         idle=idle,
         motion=motion,
+        codes=stream,
+        version=version,
     )
 
 

@@ -185,7 +185,7 @@ class EdgeSettings(FileConfiguredSettings):
                                                    "segment; the cloud derives presence and "
                                                    "motion from it")
     presence_only: bool = Field(default=False, description="run without a bundle: segments of "
-                                                           "1 s carry motion scores only (3 "
+                                                           "1 s carry motion scores only (2 "
                                                            "bytes each), for hardware no bundle "
                                                            "fits; the cloud predicts presence "
                                                            "and motion, no activity")
@@ -227,6 +227,10 @@ class EdgeSettings(FileConfiguredSettings):
     status_check_s: float = Field(default=1.0, gt=0, le=60,
                                   description="how often a stream's status is compared with "
                                               "the last one published")
+    wire_version: Literal[1, 2] = Field(
+        default=2, description="wire format of the segment messages (csi_edge.codec): 2 codes "
+                               "a message's segments as one stream (fewer bytes); 1 for a "
+                               "cloud that predates version 2")
     topic_aliases: bool = Field(default=True, description="MQTT 5 topic aliases, up to the "
                                                           "broker's Topic Alias Maximum (saves "
                                                           "the topic on every message)")

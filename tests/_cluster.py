@@ -128,7 +128,7 @@ def reference(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int, int], dic
             model = registry.get(row["model"])
             payload = encode_payload(Payload(
                 row["rate_level"], model.model_id, epoch, seq, round(row["timestamp"] * 1000),
-                (SegmentRecord(row["quality"], bytes(row["codes"])),)))
+                (SegmentRecord(row["quality"]),), codes=bytes(row["codes"])))
             batch.append((site, ap, payload, row["received"]))
         for p in ingestor.process(batch).predictions:
             out[(site, ap, p.epoch, p.seq)] = {

@@ -320,20 +320,25 @@ class Segments:
         encoder = EdgeEncoder(MODEL)
         self.model_id = encoder.model_id
         self.segment_ms = round(encoder.spec.segment_s * 1000)
-        self.codes = encoder.compress_codes(np.zeros((1, 50, 1, 56), np.float32), 1)[0]
+        symbols, profile = encoder.encode(np.zeros((1, 50, 1, 56), np.float32))
+        self.codes = encoder.codes(symbols[0], profile[0], 1)
+        self.manifest, self.tables = encoder.manifest, encoder.tables
         self.base_ms = int(time.time() * 1000)
 
     def payload(self, seq: int, epoch: int = 7, n: int = 1, idle: bool = False,
                 motion: Sequence[float | None] | None = None,
                 quality: Sequence[float] | None = None) -> bytes:
+        from csi_edge.bundle import encode_message_codes
         from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
-        codes = b"" if idle else self.codes
+        stream = b"" if idle else encode_message_codes([self.codes] * n, self.manifest,
+                                                       self.tables)
         return encode_payload(Payload(
             1, self.model_id, epoch, seq, self.base_ms + (seq % 1_000_000) * self.segment_ms,
-            tuple(SegmentRecord(1.0 if quality is None else quality[i], codes,
-                                None if motion is None else motion[i]) for i in range(n)),
-            idle=idle, motion=motion is not None))
+            tuple(SegmentRecord(1.0 if quality is None else quality[i],
+                                motion=None if motion is None else motion[i])
+                  for i in range(n)),
+            idle=idle, motion=motion is not None, codes=stream))
 
 
 def stored_seqs(rows: Iterable[tuple[int, int | None]]) -> list[int]:

@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,21 +32,25 @@ sys.path.insert(0, str(ROOT))
 LEVEL = 2
 
 
-def segment_blobs() -> tuple[bytes, list[bytes]]:
-    """The model id prefix and the entropy-coded segments of every committed Fition sample."""
+def segment_codes() -> tuple[bytes, Callable[[list[int]], bytes]]:
+    """The model id prefix, and the one coder stream (wire version 2) of a message of the
+    committed Fition samples' segments at the given positions (taken round-robin)."""
     from csi_edge import read_recording
-    from csi_edge.bundle import EdgeEncoder, encode_segment_codes
+    from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_message_codes
     from csi_edge.preprocess import Preprocessor
 
     encoder = EdgeEncoder(ROOT / "models" / "fition")
-    blobs: list[bytes] = []
+    codes: list[SegmentCodes] = []
     for path in sorted((ROOT / "datasets" / "samples" / "fition").rglob("*.pcap")):
         batch = Preprocessor(encoder.spec).process(read_recording(path))
         symbols, profile = encoder.encode(batch.data)
-        blobs += [encode_segment_codes(encoder.codes(s, p, LEVEL), encoder.manifest,
-                                       encoder.tables)
-                  for s, p in zip(symbols, profile, strict=True)]
-    return encoder.model_id, blobs
+        codes += [encoder.codes(s, p, LEVEL) for s, p in zip(symbols, profile, strict=True)]
+
+    def stream(positions: list[int]) -> bytes:
+        return encode_message_codes([codes[i % len(codes)] for i in positions],
+                                    encoder.manifest, encoder.tables)
+
+    return encoder.model_id, stream
 
 
 class _Connection:
@@ -120,7 +125,7 @@ async def generate(brokers: list[str], aps: int, seconds: float, site: str = "lo
     by its first segment's sequence number in ``sent``)."""
     from csi_edge.codec import Payload, SegmentRecord, encode_payload
 
-    model_id, blobs = segment_blobs()
+    model_id, stream = segment_codes()
     addresses = []
     for url in brokers:
         parts = urlsplit(url)
@@ -152,8 +157,8 @@ async def generate(brokers: list[str], aps: int, seconds: float, site: str = "lo
         first = seq + 1 - segments_per_message
         payload = encode_payload(Payload(
             LEVEL, model_id, epoch, first, base_ms + 1000 * first,
-            tuple(SegmentRecord(1.0, blobs[(k * 7 + s) % len(blobs)])
-                  for s in range(first, seq + 1))))
+            tuple(SegmentRecord(1.0) for _ in range(first, seq + 1)),
+            codes=stream([k * 7 + s for s in range(first, seq + 1)])))
         conns[k % connections].pending.put_nowait((f"ap{k}", first, payload))
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)

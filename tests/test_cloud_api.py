@@ -276,7 +276,7 @@ def test_payloads_are_classified_and_rejects_reported_by_index(
     unknown = encode_payload(replace(decode_payload(sample), model_id=b"\xff\xee\xdd"))
     wrong_crc = sample[:-1] + bytes([sample[-1] ^ 0xFF])
     bad_version = bytearray(sample)
-    bad_version[0] = (bad_version[0] & 0x1F) | (2 << 5)
+    bad_version[0] = (bad_version[0] & 0x1F) | (3 << 5)
     from csi_edge.codec import crc16
     body = bytes(bad_version[:-2])
     bad_version = body + crc16(body).to_bytes(2, "big")

@@ -174,7 +174,7 @@ def test_cloud_restart_loses_nothing(broker: Mosquitto, tmp_path: Path) -> None:
 
 def _payload(model_id: bytes, seq: int, codes: bytes) -> bytes:
     return encode_payload(Payload(1, model_id, 7, seq, int(time.time() * 1000),
-                                  (SegmentRecord(1.0, codes),)))
+                                  (SegmentRecord(1.0),), codes=codes))
 
 
 @pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""Wire format (csi_edge.codec): golden bytes, every rejection reason, and a mutation fuzz."""
+"""Wire format version 1 (csi_edge.codec), which the cloud still decodes: golden bytes, every
+rejection reason, and a mutation fuzz (version 2: tests/test_codec_v2.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ BUNDLE_ID = "a1b2c3" + "0" * 58
 
 # 1 segment, level 1. Qualities are k/255 so the decoded dataclass equals the original.
 GOLDEN_1 = Payload(
+    version=1,
     level=1,
     model_id=model_id_prefix(BUNDLE_ID),
     epoch=0x1234,
@@ -56,6 +58,7 @@ GOLDEN_1_HEX = (
 
 # 4 segments, one 200-byte block (varint c8 01), one empty block.
 GOLDEN_2 = Payload(
+    version=1,
     level=2,
     model_id=bytes.fromhex("00ff10"),
     epoch=65535,
@@ -84,6 +87,7 @@ GOLDEN_2_HEX = (
 
 # Level 3, qualities 0 and 1, the sequence number wraps, the largest u48 timestamp.
 GOLDEN_3 = Payload(
+    version=1,
     level=3,
     model_id=bytes.fromhex("deadbe"),
     epoch=0,
@@ -100,6 +104,7 @@ GOLDEN_3_HEX = (
 
 # IDLE (flag bit 0): 3 still segments at level 1, every code block empty: 17 + 3 * 2 + 2 bytes.
 GOLDEN_IDLE = Payload(
+    version=1,
     level=1,
     model_id=model_id_prefix(BUNDLE_ID),
     epoch=0x1234,
@@ -124,6 +129,7 @@ GOLDEN_IDLE_HEX = (
 # MOTION (flag bit 1): a motion byte after each quality byte, (b - 64) / 16 = the score;
 # 0 = no score. Two coded segments at level 1: 17 + (1 + 1 + 1 + 3) + (1 + 1 + 1 + 1) + 2.
 GOLDEN_MOTION = Payload(
+    version=1,
     level=1,
     model_id=model_id_prefix(BUNDLE_ID),
     epoch=0x1234,
@@ -142,6 +148,7 @@ GOLDEN_MOTION_HEX = (
 
 # IDLE and MOTION at level 2: still segments keep telling how still: 17 + 2 * 3 + 2 bytes.
 GOLDEN_IDLE_MOTION = Payload(
+    version=1,
     level=2,
     model_id=model_id_prefix(BUNDLE_ID),
     epoch=0x1234,
@@ -161,6 +168,7 @@ GOLDEN_IDLE_MOTION_HEX = (
 
 # Presence only: model id 00 00 00, level 0, MOTION, no codes: 17 + 3 * 3 + 2 bytes.
 GOLDEN_PRESENCE = Payload(
+    version=1,
     level=0,
     model_id=NO_MODEL_ID,
     epoch=0x0102,
@@ -210,8 +218,9 @@ def test_golden_bytes(payload: Payload, hex_bytes: str) -> None:
     data = encode_payload(payload)
     assert data.hex() == hex_bytes
     assert decode_payload(data) == payload
-    assert len(data) == payload_size([len(s.codes) for s in payload.segments],
-                                     motion=payload.motion)
+    assert len(data) == payload_size(len(payload.segments),
+                                     [len(s.codes) for s in payload.segments],
+                                     motion=payload.motion, version=1)
     assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
 
 
@@ -253,11 +262,11 @@ def test_model_id_prefix() -> None:
 
 def test_overhead_and_size() -> None:
     assert HEADER_BYTES == 17 and CRC_BYTES == 2
-    assert payload_overhead(1, [3]) == 17 + 2 + 1 + 1
-    assert payload_overhead(2, [127, 128]) == 17 + 2 + 2 + 1 + 2
-    assert payload_size([127, 128]) == 17 + 2 + 2 + 3 + 255
+    assert payload_overhead(1, [3], version=1) == 17 + 2 + 1 + 1
+    assert payload_overhead(2, [127, 128], version=1) == 17 + 2 + 2 + 1 + 2
+    assert payload_size(2, [127, 128], version=1) == 17 + 2 + 2 + 3 + 255
     with pytest.raises(ValueError, match="k = 3"):
-        payload_overhead(3, [1])
+        payload_overhead(3, [1], version=1)
 
 
 @pytest.mark.parametrize(
@@ -302,7 +311,7 @@ def _crafted() -> dict[str, bytes]:
         "too_short": encode_payload(GOLDEN_1)[: MIN_PAYLOAD_BYTES - 1],
         "too_large": _with_crc(_header() + b"\x80\x80\x80\x04" + bytes(65536)),
         "crc_mismatch": encode_payload(GOLDEN_1)[:-1] + b"\x00",
-        "bad_version": _with_crc(_header(byte0=0x48) + one),  # version 2
+        "bad_version": _with_crc(_header(byte0=0x68) + one),  # version 3
         "bad_flags": _with_crc(_header(byte0=0x2C) + one),  # flag bit 2 (reserved)
         "bad_count": _with_crc(_header(count=0) + one),
         "bad_varint": _with_crc(_header() + b"\x80\x80\x00" + b"\x05"),  # non-minimal 0
@@ -419,6 +428,7 @@ def test_random_payloads_round_trip() -> None:
     for _ in range(300):
         k = rng.randint(1, 12)
         payload = Payload(
+            version=1,
             level=rng.randrange(4),
             model_id=bytes(rng.randrange(256) for _ in range(3)),
             epoch=rng.randrange(2**16),
@@ -434,7 +444,8 @@ def test_random_payloads_round_trip() -> None:
         )
         data = encode_payload(payload)
         assert decode_payload(data) == payload
-        assert len(data) == payload_size([len(s.codes) for s in payload.segments])
+        assert len(data) == payload_size(
+            len(payload.segments), [len(s.codes) for s in payload.segments], version=1)
         # The same message with a motion byte per record: exactly K bytes more.
         scored = dataclasses.replace(payload, motion=True, segments=tuple(
             dataclasses.replace(seg, motion=rng.choice([None, rng.randrange(-63, 192) / 16]))
@@ -442,17 +453,17 @@ def test_random_payloads_round_trip() -> None:
         data_m = encode_payload(scored)
         assert decode_payload(data_m) == scored
         assert len(data_m) == len(data) + k == payload_size(
-            [len(s.codes) for s in payload.segments], motion=True)
+            k, [len(s.codes) for s in payload.segments], motion=True, version=1)
 
 
 def test_idle_message_size_and_flag() -> None:
     data = encode_payload(GOLDEN_IDLE)
-    assert len(data) == idle_payload_size(3) == HEADER_BYTES + 3 * 2 + CRC_BYTES
+    assert len(data) == idle_payload_size(3, version=1) == HEADER_BYTES + 3 * 2 + CRC_BYTES
     assert data[0] & FLAG_IDLE and decode_payload(data).idle
     # The same segments without the flag are an ordinary message (empty code blocks).
     plain = dataclasses.replace(GOLDEN_IDLE, idle=False)
     assert encode_payload(plain)[0] == 0x28 and not decode_payload(encode_payload(plain)).idle
-    assert idle_payload_size(10) == 39
+    assert idle_payload_size(10, version=1) == 39
 
 
 @pytest.mark.parametrize("flags", [0b100, 0b101, 0b110, 0b111])
@@ -498,7 +509,8 @@ def test_motion_costs_one_byte_per_segment() -> None:
     assert len(encode_payload(GOLDEN_MOTION)) == len(encode_payload(plain)) + 2
     assert encode_payload(GOLDEN_MOTION)[0] & FLAG_MOTION
     assert not encode_payload(plain)[0] & FLAG_MOTION
-    assert idle_payload_size(10, motion=True) == 17 + 30 + 2 == idle_payload_size(10) + 10
+    assert idle_payload_size(10, motion=True, version=1) == 17 + 30 + 2 \
+        == idle_payload_size(10, version=1) + 10
     assert decode_payload(encode_payload(GOLDEN_PRESENCE)).presence_only
     assert not GOLDEN_MOTION.presence_only
     # A score without the flag, or a bad score, is refused on encoding, naming the segment.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -17,6 +18,7 @@ from _mqtt_client import Collector
 
 from csi_edge._mqtt import AliasingClient, TopicAliases, publish_packet_bytes
 from csi_edge.agent import EncoderCache, StreamAgent
+from csi_edge.bundle import encode_segment_codes, payload_codes
 from csi_edge.codec import decode_payload
 from csi_edge.settings import EdgeSettings
 
@@ -207,3 +209,72 @@ def test_aliased_segments_arrive_and_status_goes_out_on_change_or_heartbeat(
         collector.close()
         counter.stop()
         broker.stop()
+
+
+# -- wire version 2: one coder stream a message -------------------------------------------------
+
+
+def _queued(stream: StreamAgent, n: int) -> tuple[list, list]:
+    """``n`` queued rows of the sample at level 1, as the agent spools them, and their codes."""
+    from csi_edge.preprocess import Preprocessor
+    from csi_edge.readers import read_recording
+    from csi_edge.spool import QueuedSegment
+
+    encoder = stream.encoder
+    assert encoder is not None
+    symbols, profile = encoder.encode(
+        Preprocessor(encoder.spec).process(read_recording(SAMPLE)).data[:n])
+    codes = [encoder.codes(s, p, 1) for s, p in zip(symbols, profile, strict=True)]
+    rows = [QueuedSegment(epoch=1, seq=i, level=1, model_id=encoder.model_id,
+                          timestamp_ms=1_000 * i, quality=1.0, motion=64 + i,
+                          codes=encode_segment_codes(c, encoder.manifest, encoder.tables))
+            for i, c in enumerate(codes)]
+    return rows, codes
+
+
+def test_a_message_codes_its_queued_segments_as_one_stream(stream: StreamAgent) -> None:
+    encoder = stream.encoder
+    assert encoder is not None
+    rows, codes = _queued(stream, 4)
+    data = stream._payload(rows)
+    payload = decode_payload(data)
+    assert payload.version == 2 and all(s.codes == b"" for s in payload.segments)
+    assert [s.motion for s in payload.segments] == [0.0, 1 / 16, 2 / 16, 3 / 16]
+    for a, b in zip(codes, payload_codes(payload, encoder.manifest, encoder.tables),
+                    strict=True):
+        assert a.latent.tolist() == b.latent.tolist()
+        assert a.profile.tolist() == b.profile.tolist()
+    # Version 1 of the same rows: each segment's own stream and its length byte.
+    stream.settings = stream.settings.model_copy(update={"wire_version": 1})
+    old = stream._payload(rows)
+    assert decode_payload(old).version == 1
+    assert [s.codes for s in decode_payload(old).segments] == [r.codes for r in rows]
+    assert len(data) < len(old)
+
+
+def test_queued_segments_it_cannot_recode_go_out_as_version_1(stream: StreamAgent) -> None:
+    rows, _ = _queued(stream, 2)
+    # Segments of a bundle this process no longer holds (an earlier run's backlog).
+    foreign = [dataclasses.replace(r, model_id=b"\x01\x02\x03") for r in rows]
+    payload = decode_payload(stream._payload(foreign))
+    assert payload.version == 1 and [s.codes for s in payload.segments] == [r.codes for r in rows]
+    # A row that does not decode (a damaged spool file) does not block the queue either.
+    damaged = [rows[0], dataclasses.replace(rows[1], codes=rows[1].codes + b"\x00")]
+    payload = decode_payload(stream._payload(damaged))
+    assert payload.version == 1 and payload.segments[1].codes == damaged[1].codes
+
+
+def test_idle_messages_are_version_2_and_never_decoded(stream: StreamAgent,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle message carries no codes: nothing to decode (a bundle with profile blocks could
+    not decode an empty stream), version 2 with one byte a record less."""
+    import csi_edge.agent as agent
+
+    rows, _ = _queued(stream, 2)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(agent, "decode_segment_codes", refuse)
+    idle = [dataclasses.replace(r, idle=True, codes=b"") for r in rows]
+    assert decode_payload(stream._payload(idle)).version == 2

@@ -95,7 +95,7 @@ def test_model_payloads_carry_motion_into_predictions(registry: ModelRegistry) -
     scores = [None, 0.0, 0.5, 4.0, 1.0, 0.25, 0.0, 2.5, 0.0, 0.0][:len(blobs)]
     messages = [("home", "lab", encode_payload(Payload(
         level=1, model_id=edge.model_id, epoch=1, first_seq=i, timestamp_ms=T0 + i * 1000,
-        segments=(SegmentRecord(1.0, blobs[i], s),), motion=True)), float(i))
+        segments=(SegmentRecord(1.0, motion=s),), motion=True, codes=blobs[i])), float(i))
         for i, s in enumerate(scores)]
     ingestor = Ingestor(registry, presence=PresenceConfig(hold_s=30.0))
     result = ingestor.process(messages)
@@ -109,7 +109,7 @@ def test_model_payloads_carry_motion_into_predictions(registry: ModelRegistry) -
     # Without the flag (an older edge): no score, no presence.
     plain = encode_payload(Payload(level=1, model_id=edge.model_id, epoch=1,
                                    first_seq=len(scores), timestamp_ms=T0 + 20_000,
-                                   segments=(SegmentRecord(1.0, blobs[0]),)))
+                                   segments=(SegmentRecord(1.0),), codes=blobs[0]))
     p = ingestor.process([("home", "lab2", plain, 1.0)]).predictions[0]
     assert (p.motion_score, p.motion, p.presence) == (None, None, None)
 

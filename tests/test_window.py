@@ -108,7 +108,7 @@ def _payloads(data: Any, model: CloudModel, edge: EdgeEncoder, rows: np.ndarray,
                                     edge.manifest, edge.tables)
         out.append(("lab", "ap1", encode_payload(Payload(
             LEVEL, edge.model_id, epoch, slot, slot * model.segment_ms,
-            (SegmentRecord(1.0, blob),))), 0.0))
+            (SegmentRecord(1.0),), codes=blob)), 0.0))
     return out
 
 

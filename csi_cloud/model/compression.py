@@ -21,8 +21,8 @@ from csi_edge.bundle import (
     Bundle,
     BundleManifest,
     SegmentCodes,
-    decode_segment_codes,
-    encode_segment_codes,
+    encode_message_codes,
+    payload_codes,
 )
 from csi_edge.codec import (
     Payload,
@@ -183,16 +183,13 @@ class CloudModel:
                  timestamp_ms: int = 0, quality: list[float] | None = None) -> bytes:
         symbols, profile = self.encode(segments)
         spec = self.manifest.level(level)
-        blobs = [
-            encode_segment_codes(
-                SegmentCodes(level, s[: spec.groups], self.manifest.level_profile(p, level)),
-                self.manifest, self.tables)
-            for s, p in zip(symbols, profile, strict=True)
-        ]
-        quality = quality or [1.0] * len(blobs)
+        codes = [SegmentCodes(level, s[: spec.groups], self.manifest.level_profile(p, level))
+                 for s, p in zip(symbols, profile, strict=True)]
+        quality = quality or [1.0] * len(codes)
         return encode_payload(Payload(level, self.model_id, epoch, first_seq, timestamp_ms,
-                                      tuple(SegmentRecord(q, b)
-                                            for q, b in zip(quality, blobs, strict=True))))
+                                      tuple(SegmentRecord(q) for q in quality),
+                                      codes=encode_message_codes(codes, self.manifest,
+                                                                 self.tables)))
 
     def decompress(self, data: bytes, last: SegmentCodes | None = None) -> list[DecodedSegment]:
         """A wire payload -> its segments' codes and reconstructions.
@@ -219,8 +216,7 @@ class CloudModel:
                                f"{self.model_id.hex()} ({self.manifest.name})")
         if payload.idle:
             return payload, [self.idle_codes(payload.level, last)] * len(payload.segments)
-        return payload, [decode_segment_codes(s.codes, payload.level, self.manifest,
-                                              self.tables) for s in payload.segments]
+        return payload, payload_codes(payload, self.manifest, self.tables)
 
     @torch.no_grad()
     def still_symbols(self) -> np.ndarray:

@@ -175,8 +175,8 @@ def decode_level(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
             idx = [int(encoded.index[start + int(g)]) for g in group]
             payload = encode_payload(Payload(
                 spec.level, edge.model_id, 1, int(slots[group[0]]), 0,
-                tuple(SegmentRecord(1.0, edge_codes) for edge_codes in (
-                    _blob(edge, symbols[i], profile[i], spec.level) for i in idx)),
+                tuple(SegmentRecord(1.0) for _ in idx),
+                codes=_message_codes(edge, [(symbols[i], profile[i]) for i in idx], spec.level),
             ))
             total_bytes += len(payload)
             _, codes = model.decode_codes(payload)  # from the bytes alone, as the cloud does
@@ -281,14 +281,15 @@ def evaluate_bundle(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Seg
     return Evaluation(summary, predictions)
 
 
-def _blob(edge: EdgeEncoder | CloudModel, symbols: np.ndarray, profile: np.ndarray,
-          level: int) -> bytes:
-    from csi_edge.bundle import encode_segment_codes
+def _message_codes(edge: EdgeEncoder | CloudModel, segments: list[tuple[np.ndarray, np.ndarray]],
+                   level: int) -> bytes:
+    """One message's stream of these segments' (symbols, profile codes) at ``level``."""
+    from csi_edge.bundle import encode_message_codes
 
     spec = edge.manifest.level(level)
-    return encode_segment_codes(
-        SegmentCodes(level, symbols[: spec.groups], edge.manifest.level_profile(profile, level)),
-        edge.manifest, edge.tables)
+    return encode_message_codes(
+        [SegmentCodes(level, symbols[: spec.groups], edge.manifest.level_profile(profile, level))
+         for symbols, profile in segments], edge.manifest, edge.tables)
 
 
 def paired_cost(base: np.ndarray, other: np.ndarray, owner: np.ndarray, *, draws: int = 2000,

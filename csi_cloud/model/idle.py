@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_segment_codes
+from csi_edge.bundle import EdgeEncoder, SegmentCodes, encode_message_codes
 from csi_edge.codec import (
     Payload,
     SegmentRecord,
@@ -252,14 +252,13 @@ def evaluate_idle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
                     data.slot[part].tolist(), spec.segments_per_message,
                     idle=idle_rows[part].tolist(), idle_per_message=idle_per_message)):
                 is_idle = bool(idle_rows[group[0]])
-                records = tuple(
-                    SegmentRecord(1.0, b"" if is_idle else encode_segment_codes(
-                        edge.codes(symbols[position[g]], profile[position[g]], level),
-                        edge.manifest, edge.tables))
-                    for g in group)
+                stream = b"" if is_idle else encode_message_codes(
+                    [edge.codes(symbols[position[g]], profile[position[g]], level)
+                     for g in group], edge.manifest, edge.tables)
                 payload = encode_payload(Payload(level, edge.model_id, 1,
-                                                 int(data.slot[group[0]]), 0, records,
-                                                 idle=is_idle))
+                                                 int(data.slot[group[0]]), 0,
+                                                 tuple(SegmentRecord(1.0) for _ in group),
+                                                 idle=is_idle, codes=stream))
                 nbytes[kind] += len(payload)
                 nsegs[kind] += len(group)
                 for g, seg in zip(group, model.decompress(payload, last=last), strict=True):
