@@ -207,7 +207,8 @@ def layout_bytes(edge: EdgeEncoder, data: Any, recordings: np.ndarray, latent: i
     """What a lowest level sending ``latent`` channels and ``profile`` coefficients would
     put on the wire for these recordings: the int8 edge codes entropy-coded with the
     bundle's own tables (its level-0 entry with that layout), and the payload a second at the
-    level's segments a message, motion byte included (csi_edge.codec.payload_size) -- real
+    level's segments a message, motion byte included, whole segments (no quality bytes:
+    csi_edge.codec.payload_size) -- real
     bytes, not an estimate. The tables hold one row per latent channel and per profile
     coefficient whatever a level sends, so these are the bytes the same network would send
     with that layout at level 0."""
@@ -222,7 +223,8 @@ def layout_bytes(edge: EdgeEncoder, data: Any, recordings: np.ndarray, latent: i
     seconds = per_message * manifest.input_spec.segment_s
     return {"code_bytes_per_segment": round(float(np.mean(streams)) / per_message, 2),
             "payload_bytes_per_s": round(float(np.mean(
-                [payload_size(per_message, n, motion=True) for n in streams])) / seconds, 2)}
+                [payload_size(per_message, n, motion=True, full_quality=True)
+                 for n in streams])) / seconds, 2)}
 
 
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"

@@ -3,12 +3,15 @@
     python bench/wire_version.py [--bundles fition,wiar] [--data ../shared/data] [--update]
 
 Version 2 (csi_edge.codec) codes a message's segments as one coder stream instead of one
-stream and one length byte a segment. Nothing else changes: the same int8 codes, the same
-predictions. For each bundle this scores its test split again through real payloads
-(csi_cloud.model.evaluate.evaluate_bundle, as ``csi train`` scored it, now in version 2),
-checks that every accuracy figure is the one the bundle recorded (the codes are the same, so
-they must be), and puts each level's payload bytes a second in version 2 beside the recorded
-version-1 figure. Results: bench/results/wire_version.json.
+stream and one length byte a segment, and drops the quality bytes of a message whose segments
+are all whole (FULL_QUALITY). Nothing else changes: the same int8 codes, the same predictions.
+For each bundle and level this packs the test split's int8 codes and each segment's quality
+into messages as the edge does (``segments_per_message``, a gap starts a new message) three
+ways, real payloads each: version 1; version 2 with one stream a message but every quality
+byte; version 2 as sent (FULL_QUALITY where it applies). It then scores the test split again
+through real payloads (csi_cloud.model.evaluate.evaluate_bundle, as ``csi train`` scored it)
+and checks that every accuracy figure is the one the bundle recorded (the codes are the same,
+so they must be). Results: bench/results/wire_version.json.
 
 ``--update`` writes the new figures into the bundles' ``metrics.test_split`` and report.md
 (the bundle id does not cover metrics, so it stays), keeping the report's other sections and
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -34,11 +39,24 @@ from refit_head import REFIT_NOTE, SECTION, hand_notes  # noqa: E402
 from trust import BUNDLES, shared_data  # noqa: E402
 
 from csi_cloud.model.compression import CloudModel  # noqa: E402
+from csi_cloud.model.data import SegmentData  # noqa: E402
 from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
 from csi_cloud.model.pipeline import report_notes  # noqa: E402
 from csi_cloud.model.report import write_report  # noqa: E402
-from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest  # noqa: E402
-from csi_edge.codec import FORMAT_VERSION  # noqa: E402
+from csi_edge.bundle import (  # noqa: E402
+    Bundle,
+    EdgeEncoder,
+    encode_message_codes,
+    encode_segment_codes,
+    write_manifest,
+)
+from csi_edge.codec import (  # noqa: E402
+    FORMAT_VERSION,
+    Payload,
+    SegmentRecord,
+    encode_payload,
+    message_groups,
+)
 
 OUT = ROOT / "bench" / "results" / "wire_version.json"
 BYTE_KEYS = ("payload_bytes_per_s", "payload_bytes_per_segment", "compression_ratio")
@@ -65,24 +83,57 @@ def _moved(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
+def level_bytes(edge: EdgeEncoder, data: SegmentData, recordings: np.ndarray,
+                level: int) -> dict[str, Any]:
+    """Payload bytes a second of ``recordings`` at ``level``, three ways (module docstring)."""
+    spec = edge.manifest.level(level)
+    total = {"version_1": 0, "one_stream_only": 0, "version_2": 0}
+    segments = flagged = 0
+    for r in recordings.tolist():
+        start, count = int(data.start[r]), int(data.count[r])
+        slots = data.slot[start : start + count]
+        symbols, profile = edge.encode(data.x[start : start + count])
+        codes = [edge.codes(s, p, level) for s, p in zip(symbols, profile, strict=True)]
+        quality = (np.ones(count) if data.quality is None
+                   else data.quality[start : start + count])
+        for group in message_groups(slots.tolist(), spec.segments_per_message):
+            first = int(slots[group[0]])
+            v1 = encode_payload(Payload(
+                level, edge.model_id, 1, first, 0,
+                tuple(SegmentRecord(float(quality[g]), encode_segment_codes(
+                    codes[g], edge.manifest, edge.tables)) for g in group), version=1))
+            v2 = encode_payload(Payload(
+                level, edge.model_id, 1, first, 0,
+                tuple(SegmentRecord(float(quality[g])) for g in group),
+                codes=encode_message_codes([codes[g] for g in group], edge.manifest,
+                                           edge.tables)))
+            whole = all(round(float(quality[g]) * 255) == 255 for g in group)
+            total["version_1"] += len(v1)
+            total["version_2"] += len(v2)
+            total["one_stream_only"] += len(v2) + (len(group) if whole else 0)
+            segments += len(group)
+            flagged += len(group) if whole else 0
+    seconds = segments * edge.spec.segment_s
+    return {"level": level, "segments_per_message": spec.segments_per_message,
+            **{f"{k}_bytes_per_s": round(v / seconds, 2) for k, v in total.items()},
+            "whole_segments_share": round(flagged / segments, 4)}
+
+
 def rescore(folder: Path, dataset: str, data_dir: Path, update: bool) -> dict[str, Any]:
     data, parts = load_split(folder, dataset, data_dir)
     bundle = Bundle.load(folder)
     cloud = CloudModel.load(bundle)
     before = bundle.manifest.metrics["test_split"]
     t0 = time.perf_counter()
-    evaluation = evaluate_bundle(cloud, EdgeEncoder(bundle), data, parts["test"],
-                                 dataset=dataset)
+    edge = EdgeEncoder(bundle)
+    levels = [level_bytes(edge, data, parts["test"], spec.level)
+              for spec in bundle.manifest.levels]
+    evaluation = evaluate_bundle(cloud, edge, data, parts["test"], dataset=dataset)
     after = evaluation.summary
     moved = _moved(before, after)
-    levels = [{"level": b["level"],
-               "segments_per_message": bundle.manifest.level(b["level"]).segments_per_message,
-               "version_1_bytes_per_s": b["payload_bytes_per_s"],
-               "version_2_bytes_per_s": a["payload_bytes_per_s"],
-               "saved_bytes_per_s": round(b["payload_bytes_per_s"] - a["payload_bytes_per_s"], 2),
-               "version_1_bytes_per_segment": b["payload_bytes_per_segment"],
-               "version_2_bytes_per_segment": a["payload_bytes_per_segment"]}
-              for b, a in zip(before["levels"], after["levels"], strict=True)]
+    for row, scored in zip(levels, after["levels"], strict=True):
+        # evaluate_bundle's own count of the same payloads: the two must agree.
+        row["evaluation_bytes_per_s"] = scored["payload_bytes_per_s"]
     result: dict[str, Any] = {"bundle": bundle.manifest.id, "test_recordings": len(parts["test"]),
                               "segments": after["segments"], "levels": levels,
                               "figures_moved": moved, "seconds": round(time.perf_counter() - t0)}

@@ -7,8 +7,7 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   ------  ----  -------------  -------------------------------------------------------------
   0       1     version/level  bits 7..5: format version, 2 (1: the earlier format, below)
                 /flags         bits 4..3: rate level, 0..3
-                               bit 0: IDLE, bit 1: MOTION (see below); bit 2: reserved, 0
-                               (non-zero is rejected)
+                               bit 0: IDLE, bit 1: MOTION, bit 2: FULL_QUALITY (see below)
   1       3     model id       first 3 bytes of the bundle id (``bytes.fromhex(id)[:3]``);
                                00 00 00: no model (presence only, below)
   4       2     stream epoch   u16; changes when the edge restarts
@@ -18,8 +17,9 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   16      1     K              number of segments, 1..255; segment i has sequence number
                                (first seq + i) mod 2**32 and starts at timestamp
                                + i * segment duration (the duration is in the bundle)
-  17      K*r   K records      each (r = 1 + m bytes): 1 byte quality (round(q * 255),
-                               q in [0, 1]), with MOTION: 1 byte motion score (below)
+  17      K*r   K records      each (r = f + m bytes): without FULL_QUALITY 1 byte quality
+                               (round(q * 255), q in [0, 1]), with MOTION 1 byte motion
+                               score (below)
   17+K*r  n     codes          ONE entropy-coded stream (``csi_edge.entropy``) of the codes of
                                all K segments, segment 0's first (csi_edge.bundle,
                                ``encode_message_codes``); it runs up to the CRC, so n is
@@ -27,8 +27,16 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
   L-2     2     CRC            CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection,
                                xorout 0) of bytes 0..L-3, i.e. ``binascii.crc_hqx(.., 0xFFFF)``
 
-Size: 17 + K * (1 + m) + n + 2 bytes, m = 1 with MOTION and 0 without; every one of them
-counts toward the reported bitrate. Decoded quality is ``byte / 255`` (exactly what was sent).
+Size: 17 + K * (f + m) + n + 2 bytes, f = 0 with FULL_QUALITY and 1 without, m = 1 with
+MOTION and 0 without; every one of them counts toward the reported bitrate. Decoded quality is
+``byte / 255`` (exactly what was sent).
+
+FULL_QUALITY (flag bit 2): every segment of the message has quality 1 (byte 255: no frame of
+it was filled in by the resampler), so the records carry no quality byte. Nearly every
+segment is whole (97 % of the committed Fition samples' segments, all of WiAR's), so this
+saves about one byte a segment. The flag is set exactly when every quality byte would be 255:
+a message whose quality bytes are all 255 without it is rejected (``bad_flags``), so each
+message has one spelling.
 How many symbols each segment holds follows from the bundle and the level, so the stream
 needs no lengths: the bundle's decoder reads K segments' symbols and then checks that nothing
 is left (``csi_edge.entropy``, ``leftover_data``).
@@ -37,7 +45,8 @@ Why one stream a message (version 2): an ANS stream ends by flushing its coder s
 2.8 bytes beyond the information it holds whatever its length, and version 1 paid that and a
 length byte on every segment. One stream a message pays it once: 2.9-3.0 B/s less at level 0
 (4 segments a message) on the shipped bundles' test recordings, 1 B/s at the levels of one
-segment a message (docs/model.md, "Bits"; ``bench/wire_version.py``).
+segment a message; FULL_QUALITY saves 1 B/s more at every level (docs/model.md, "Bits";
+``bench/wire_version.py``).
 
 MOTION (flag bit 1): each record carries the segment's motion score (``csi_edge.presence``:
 log2 of the ratio of the segment's CSI variability to the AP's quiet reference) as one byte
@@ -49,28 +58,29 @@ in ratio) from -3.9375 to +11.9375, scores beyond saturate. It costs one byte pe
 IDLE (flag bit 0): the message has no codes (n = 0); each segment stands for one whose motion
 statistic stayed below the bundle's idle threshold (``csi_edge.motion``): nothing changed since
 the stream's last coded segment, and the cloud predicts it from a copy of that segment's codes.
-The level field is the edge's configured level. An idle message of K segments costs
-17 + 2 + K bytes (17 + 2 + 2 K with MOTION).
+The level field is the edge's configured level. An idle message of K whole segments costs
+17 + 2 bytes, and K more with MOTION (one more a segment that is not whole).
 
 No model (model id 00 00 00, presence only): the edge runs without a bundle
 (``csi edge --presence-only``) and sends motion scores only. Such a message must set MOTION,
 not IDLE, level 0, and has no codes; segments are 1 s long (``NO_MODEL_SEGMENT_MS``).
-A K-segment message costs 17 + 2 + 2 K bytes.
+A message of K whole segments costs 17 + 2 + K bytes.
 
 Version 1 (still decoded, and sent by an edge told ``wire_version = 1`` for a cloud that
 predates version 2, or for queued segments of a bundle the edge no longer holds): each record
 is quality, [motion], a LEB128 unsigned varint n (minimal form, 1..3 bytes) and n bytes of that
 segment's own entropy-coded stream (``csi_edge.bundle.encode_segment_codes``); an IDLE or
-no-model message has n = 0 in every record. Size 17 + 2 + sum over segments of
-(1 + m + len(varint(n)) + n). A cloud that predates version 2 rejects a version-2 message as
-``bad_version``: it never mistakes one for the other.
+no-model message has n = 0 in every record; flag bit 2 is reserved (non-zero is rejected).
+Size 17 + 2 + sum over segments of (1 + m + len(varint(n)) + n). A cloud that predates
+version 2 rejects a version-2 message as ``bad_version``: it never mistakes one for the other.
 
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
-``too_short`` (under 20 bytes, the smallest valid message), ``crc_mismatch``, then the fields
+``too_short`` (under 19 bytes, the smallest valid message), ``crc_mismatch``, then the fields
 only once the CRC holds: ``bad_version`` (neither 1 nor 2), ``too_short`` (version 1 under 21
-bytes, its smallest), ``bad_flags`` (a reserved flag bit
-set), ``bad_count`` (K = 0), ``truncated_segment`` (the records run past the body; version 1:
-n larger than what is left), ``bad_idle`` (IDLE set and codes present), ``bad_no_model``
+bytes, its smallest), ``bad_flags`` (a reserved flag bit set; version 2: every quality byte 255
+without FULL_QUALITY), ``bad_count`` (K = 0), ``truncated_segment`` (the records run past the
+body; version 1: n larger than what is left), ``bad_idle`` (IDLE set and codes present),
+``bad_no_model``
 (model id 00 00 00 without MOTION, with IDLE, a level above 0 or codes present); version 1
 only: ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal) and
 ``trailing_bytes`` (bytes after the K-th record). Every accepted message re-encodes to
@@ -92,6 +102,7 @@ from ._errors import MalformedPacketError
 __all__ = [
     "CRC_BYTES",
     "DECODE_REASONS",
+    "FLAG_FULL_QUALITY",
     "FLAG_IDLE",
     "FLAG_MOTION",
     "FORMAT_VERSION",
@@ -127,6 +138,7 @@ MAX_SEGMENTS = 255
 MAX_LEVEL = 3
 FLAG_IDLE = 0x1
 FLAG_MOTION = 0x2
+FLAG_FULL_QUALITY = 0x4  # version 2: every segment's quality is 1, no quality bytes
 _KNOWN_FLAGS = FLAG_IDLE | FLAG_MOTION
 _U32 = 1 << 32  # sequence numbers are 32-bit and wrap
 MODEL_ID_BYTES = 3
@@ -135,9 +147,10 @@ NO_MODEL_SEGMENT_MS = 1000
 MOTION_NONE = 0  # the motion byte of a segment without a score
 _MOTION_OFFSET = 64
 MOTION_STEPS = 16  # per unit of log2 ratio
-# A message holds at least one record: its quality byte (version 1: and a 1-byte varint).
-MIN_PAYLOAD_BYTES = HEADER_BYTES + 1 + CRC_BYTES
-_MIN_V1_BYTES = MIN_PAYLOAD_BYTES + 1
+# Version 2 with FULL_QUALITY and no motion: a record takes no byte. Version 1: every record
+# takes at least its quality byte and a 1-byte varint.
+MIN_PAYLOAD_BYTES = HEADER_BYTES + CRC_BYTES
+_MIN_V1_BYTES = HEADER_BYTES + 2 + CRC_BYTES
 MAX_PAYLOAD_BYTES = 65536
 # 3 varint bytes carry 21 bits, enough for any code block inside MAX_PAYLOAD_BYTES; a decoder
 # with a larger max_bytes still accepts only what fits in 3 bytes.
@@ -272,16 +285,18 @@ def _varint_len(n: int) -> int:
 
 
 def payload_size(k: int, code_bytes: int | Sequence[int], *, motion: bool = False,
-                 version: int = FORMAT_VERSION) -> int:
+                 full_quality: bool = False, version: int = FORMAT_VERSION) -> int:
     """Total bytes of a version-2 message of ``k`` segments whose codes take ``code_bytes``
-    (and a motion byte each with ``motion``). For version 1 pass ``code_bytes`` as the list
-    of each segment's code length."""
-    return payload_overhead(k, code_bytes, motion=motion, version=version) + (
+    (and a motion byte each with ``motion``; no quality bytes with ``full_quality``, every
+    segment whole). For version 1 pass ``code_bytes`` as the list of each segment's code
+    length."""
+    return payload_overhead(k, code_bytes, motion=motion, full_quality=full_quality,
+                            version=version) + (
         code_bytes if isinstance(code_bytes, int) else sum(code_bytes))
 
 
 def payload_overhead(k: int, code_bytes: int | Sequence[int] = 0, *, motion: bool = False,
-                     version: int = FORMAT_VERSION) -> int:
+                     full_quality: bool = False, version: int = FORMAT_VERSION) -> int:
     """Bytes of a K-segment message that are not code bytes: header, records, CRC (version 1:
     ``code_bytes`` is each segment's code length, whose varints count here)."""
     if not 1 <= k <= MAX_SEGMENTS:
@@ -290,12 +305,14 @@ def payload_overhead(k: int, code_bytes: int | Sequence[int] = 0, *, motion: boo
     if version == 2:
         if not isinstance(code_bytes, int) or code_bytes < 0:
             raise ValueError(f"version 2: code_bytes must be one count >= 0, got {code_bytes!r}")
-        return HEADER_BYTES + CRC_BYTES + k * per_record
+        return HEADER_BYTES + CRC_BYTES + k * (per_record - (1 if full_quality else 0))
     if version != 1:
         raise ValueError(f"version must be one of {sorted(FORMAT_VERSIONS)}, got {version!r}")
     if isinstance(code_bytes, int):
         raise ValueError(f"version 1: code_bytes must be each segment's code length, got "
                          f"{code_bytes!r}")
+    if full_quality:
+        raise ValueError("version 1 has no FULL_QUALITY: every record has its quality byte")
     lengths = list(code_bytes)
     if k != len(lengths):
         raise ValueError(f"k = {k} but {len(lengths)} code lengths given")
@@ -304,11 +321,15 @@ def payload_overhead(k: int, code_bytes: int | Sequence[int] = 0, *, motion: boo
     return HEADER_BYTES + CRC_BYTES + sum(per_record + _varint_len(n) for n in lengths)
 
 
-def idle_payload_size(k: int, *, motion: bool = False, version: int = FORMAT_VERSION) -> int:
+def idle_payload_size(k: int, *, motion: bool = False, full_quality: bool = False,
+                      version: int = FORMAT_VERSION) -> int:
     """Bytes of an idle message of ``k`` segments (header, K records of 1 byte, 2 with a
-    motion byte, CRC; version 1: one byte more a record); also the size of a presence-only
-    message (``motion=True``)."""
-    return payload_overhead(k, 0 if version == 2 else [0] * k, motion=motion, version=version)
+    motion byte, one less each with ``full_quality``, CRC; version 1: one byte more a record,
+    always with its quality byte); also the size of a presence-only message
+    (``motion=True``)."""
+    if version == 1:
+        return payload_overhead(k, [0] * k, motion=motion, version=1)
+    return payload_overhead(k, 0, motion=motion, full_quality=full_quality, version=version)
 
 
 def _field_error(detail: str) -> PayloadError:
@@ -413,17 +434,20 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
     if (idle or no_model) and stream:
         raise _field_error(f"an {'idle' if idle else 'presence-only'} message carries no "
                            f"codes, got {len(stream)} code bytes")
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, SegmentRecord):
+            raise _field_error(f"segment {i} is a {type(seg).__name__}, not a SegmentRecord")
+    qualities = [_quality_byte(seg.quality, i) for i, seg in enumerate(segments)]
+    full = version == 2 and all(q == 255 for q in qualities)
     out = bytearray()
     out.append((version << 5) | (level << 3) | (FLAG_IDLE if idle else 0)
-               | (FLAG_MOTION if motion else 0))
+               | (FLAG_MOTION if motion else 0) | (FLAG_FULL_QUALITY if full else 0))
     out += bytes(model_id)
     out += epoch.to_bytes(2, "big")
     out += first_seq.to_bytes(4, "big")
     out += timestamp.to_bytes(6, "big")
     out.append(len(segments))
     for i, seg in enumerate(segments):
-        if not isinstance(seg, SegmentRecord):
-            raise _field_error(f"segment {i} is a {type(seg).__name__}, not a SegmentRecord")
         codes = seg.codes
         if not isinstance(codes, bytes | bytearray | memoryview):
             raise _field_error(f"segment {i}: codes must be bytes, got {type(codes).__name__}")
@@ -436,7 +460,8 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         if (idle or no_model) and codes:
             raise _field_error(f"segment {i}: an {'idle' if idle else 'presence-only'} "
                                f"message carries no codes, got {len(codes)} code bytes")
-        out.append(_quality_byte(seg.quality, i))
+        if not full:
+            out.append(qualities[i])
         if motion:
             try:
                 out.append(motion_byte(seg.motion))
@@ -477,8 +502,10 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         raise PayloadError("bad_version", f"version {version} (byte 0 = 0x{head:02x})")
     if version == 1 and size < _MIN_V1_BYTES:
         raise PayloadError("too_short", f"{size} bytes < {_MIN_V1_BYTES} (version 1)")
-    if flags & ~_KNOWN_FLAGS:
+    known = _KNOWN_FLAGS | (FLAG_FULL_QUALITY if version == 2 else 0)
+    if flags & ~known:
         raise PayloadError("bad_flags", f"reserved flags 0b{flags:03b} (byte 0 = 0x{head:02x})")
+    full = bool(flags & FLAG_FULL_QUALITY)
     idle = bool(flags & FLAG_IDLE)
     motion = bool(flags & FLAG_MOTION)
     model_id = body[1:4]
@@ -492,14 +519,18 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         raise PayloadError("bad_count", "segment count 0")
     pos = HEADER_BYTES
     segments = []
+    qualities = []
     for i in range(count):
-        if pos >= len(body):
-            # The record's quality byte itself is missing.
-            raise PayloadError(
-                "truncated_segment", f"segment {i} of {count} starts at {pos}, past the body"
-            )
-        quality = body[pos]
-        pos += 1
+        quality = 255
+        if not full:
+            if pos >= len(body):
+                # The record's quality byte itself is missing.
+                raise PayloadError(
+                    "truncated_segment", f"segment {i} of {count} starts at {pos}, past the "
+                    "body")
+            quality = body[pos]
+            pos += 1
+        qualities.append(quality)
         score = None
         if motion:
             if pos >= len(body):
@@ -529,6 +560,11 @@ def decode_payload(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payloa
         pos += n
     stream = b""
     if version == 2:
+        if not full and all(q == 255 for q in qualities):
+            # One spelling per message: whole segments only ever go with the flag.
+            raise PayloadError(
+                "bad_flags", f"every one of the {count} quality bytes is 255 but FULL_QUALITY "
+                f"(bit 2) is not set (byte 0 = 0x{head:02x})")
         stream = body[pos:]
         if idle and stream:
             raise PayloadError(

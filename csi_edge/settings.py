@@ -185,7 +185,7 @@ class EdgeSettings(FileConfiguredSettings):
                                                    "segment; the cloud derives presence and "
                                                    "motion from it")
     presence_only: bool = Field(default=False, description="run without a bundle: segments of "
-                                                           "1 s carry motion scores only (2 "
+                                                           "1 s carry motion scores only (1-2 "
                                                            "bytes each), for hardware no bundle "
                                                            "fits; the cloud predicts presence "
                                                            "and motion, no activity")

@@ -26,6 +26,7 @@ from csi_edge.bundle import (
 )
 from csi_edge.codec import (
     CRC_BYTES,
+    FLAG_FULL_QUALITY,
     FORMAT_VERSION,
     MIN_PAYLOAD_BYTES,
     NO_MODEL_ID,
@@ -89,14 +90,36 @@ GOLDEN_V2_PRESENCE = Payload(
 )
 GOLDEN_V2_PRESENCE_HEX = "420000000102000000000" "18bcfe5680003ff00ff4480ff" "eb6f"
 
-# A coded message whose stream is empty (every symbol 0 costs nothing: csi_edge.entropy).
+# A coded message of one whole segment whose stream is empty (every symbol 0 costs nothing:
+# csi_edge.entropy): FULL_QUALITY, no record bytes at all, the smallest message (19 bytes).
 GOLDEN_V2_EMPTY = Payload(level=0, model_id=bytes.fromhex("deadbe"), epoch=0,
                           first_seq=2**32 - 1, timestamp_ms=2**48 - 1,
                           segments=(SegmentRecord(1.0),))
-GOLDEN_V2_EMPTY_HEX = "40deadbe0000ffffffffffffffffffff01ff" "3f3e"
+GOLDEN_V2_EMPTY_HEX = "44deadbe0000ffffffffffffffffffff01" "4d48"
+
+# Four whole segments at level 0 with motion bytes: FULL_QUALITY, so a record is its motion
+# byte alone.
+GOLDEN_V2_FULL = Payload(
+    level=0,
+    model_id=model_id_prefix(BUNDLE_ID),
+    epoch=0x1234,
+    first_seq=7,
+    timestamp_ms=1_700_000_000_123,
+    segments=tuple(SegmentRecord(1.0, motion=m) for m in (0.0, None, -0.5, 2.5)),
+    motion=True,
+    codes=b"\xab\xcd",
+)
+GOLDEN_V2_FULL_HEX = (
+    "46"  # version 2, level 0, flags 0b110 (FULL_QUALITY, MOTION)
+    "a1b2c3" "1234" "00000007" "018bcfe5687b" "04"
+    "40" "00" "38" "68"  # motion bytes only: scores 0, none, -0.5, 2.5
+    "abcd"  # the stream
+    "fc62"  # CRC
+)
 
 GOLDEN = [(GOLDEN_V2, GOLDEN_V2_HEX), (GOLDEN_V2_IDLE, GOLDEN_V2_IDLE_HEX),
-          (GOLDEN_V2_PRESENCE, GOLDEN_V2_PRESENCE_HEX), (GOLDEN_V2_EMPTY, GOLDEN_V2_EMPTY_HEX)]
+          (GOLDEN_V2_PRESENCE, GOLDEN_V2_PRESENCE_HEX), (GOLDEN_V2_EMPTY, GOLDEN_V2_EMPTY_HEX),
+          (GOLDEN_V2_FULL, GOLDEN_V2_FULL_HEX)]
 
 
 def _crc16_bitwise(data: bytes) -> int:
@@ -125,17 +148,23 @@ def test_golden_bytes(payload: Payload, hex_bytes: str) -> None:
     assert data.hex() == hex_bytes
     assert decode_payload(data) == payload
     assert payload.version == FORMAT_VERSION == 2
+    full = all(s.quality == 1.0 for s in payload.segments)
+    assert bool(data[0] & FLAG_FULL_QUALITY) == full
     assert len(data) == payload_size(len(payload.segments), len(payload.codes),
-                                     motion=payload.motion)
+                                     motion=payload.motion, full_quality=full)
     assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
 
 
 def test_sizes_against_version_1() -> None:
     """Version 2 drops each record's length byte: idle and presence-only messages save one
     byte a segment, and a coded one its varints and all streams but one."""
-    assert MIN_PAYLOAD_BYTES == 20
+    assert MIN_PAYLOAD_BYTES == 19
     assert payload_overhead(4) == 17 + 4 + 2
     assert payload_overhead(4, motion=True) == 17 + 8 + 2
+    assert payload_overhead(4, motion=True, full_quality=True) == 17 + 4 + 2
+    assert idle_payload_size(10, motion=True, full_quality=True) == 29
+    with pytest.raises(ValueError, match="no FULL_QUALITY"):
+        payload_overhead(1, [0], full_quality=True, version=1)
     assert idle_payload_size(10) == 29 == idle_payload_size(10, version=1) - 10
     assert idle_payload_size(10, motion=True) == 39 == idle_payload_size(
         10, motion=True, version=1) - 10
@@ -152,8 +181,8 @@ def test_sizes_against_version_1() -> None:
     ("data", "reason", "match"),
     [
         # IDLE (0x49) or presence only with code bytes after the records.
-        (_with_crc(_header(0x49, 1) + b"\xff" + b"\x05"), "bad_idle", "1 code bytes"),
-        (_with_crc(_header(0x42, 1, "000000") + b"\xff\x00" + b"\x05"), "bad_no_model",
+        (_with_crc(_header(0x49, 1) + b"\x80" + b"\x05"), "bad_idle", "1 code bytes"),
+        (_with_crc(_header(0x46, 1, "000000") + b"\x00" + b"\x05"), "bad_no_model",
          "1 code bytes"),
         # Three records announced, two present (the motion byte of the second missing).
         (_with_crc(_header(0x4a, 3) + b"\xff\x40\xff"), "truncated_segment", "segment 1 of 3"),
@@ -162,6 +191,11 @@ def test_sizes_against_version_1() -> None:
         (_with_crc(_header(0x60, 1) + b"\xff"), "bad_version", "version 3"),
         # 20 bytes are a whole version-2 message but too short for version 1.
         (_with_crc(_header(0x28, 1) + b"\xff"), "too_short", "20 bytes < 21"),
+        # Every quality byte 255 without FULL_QUALITY: a second spelling, refused.
+        (_with_crc(_header(0x42, 2) + b"\xff\x40\xff\x40"), "bad_flags",
+         "2 quality bytes is 255"),
+        # FULL_QUALITY is version 2's: version 1 still reserves the bit.
+        (_with_crc(_header(0x2C, 1) + b"\x01\x05"), "bad_flags", "reserved flags 0b100"),
     ],
 )
 def test_rejections(data: bytes, reason: str, match: str) -> None:

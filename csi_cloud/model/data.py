@@ -67,6 +67,9 @@ class SegmentData:
     native_bytes_per_s: np.ndarray  # (R,) the raw CSI stream the AP would otherwise send
     dropped: DropCounter = field(default_factory=DropCounter)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it was left out
+    # (M,) each segment's quality as the edge sends it (the share of its frames that were
+    # measured, not filled in); None: every segment whole
+    quality: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -89,6 +92,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
                   identities: list[str]) -> SegmentData:
     """Preprocess every recording; recordings that cannot be read are skipped and reported."""
     xs: list[np.ndarray] = []
+    qualities: list[np.ndarray] = []
     rec: list[np.ndarray] = []
     slot: list[np.ndarray] = []
     kept: list[Example] = []
@@ -122,6 +126,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
             continue
         native.append(native_bytes_per_packet(frames) * frames.rate_hz)
         xs.append(batch.data[good])
+        qualities.append(batch.quality[good])
         slot.append(batch.index[good])
         rec.append(np.full(int(good.sum()), len(kept)))
         kept.append(example)
@@ -141,6 +146,7 @@ def load_segments(examples: list[Example], spec: InputSpec, activities: list[str
         native_bytes_per_s=np.array(native),
         dropped=dropped,
         skipped=skipped,
+        quality=np.concatenate(qualities).astype(np.float64),
     )
 
 

@@ -175,7 +175,9 @@ def decode_level(model: CloudModel, edge: EdgeEncoder | CloudModel, data: Segmen
             idx = [int(encoded.index[start + int(g)]) for g in group]
             payload = encode_payload(Payload(
                 spec.level, edge.model_id, 1, int(slots[group[0]]), 0,
-                tuple(SegmentRecord(1.0) for _ in idx),
+                # Each segment's own quality, as the edge sends it (whole segments: no byte).
+                tuple(SegmentRecord(1.0 if data.quality is None
+                                    else float(data.quality[start + int(g)])) for g in group),
                 codes=_message_codes(edge, [(symbols[i], profile[i]) for i in idx], spec.level),
             ))
             total_bytes += len(payload)
