@@ -318,6 +318,10 @@ class Ingestor:
                 continue
             state = self.state(site, ap)
             state.counters["messages"] += 1
+            if data[0] >> 5 == 1:
+                # Accepted, so byte 0's top bits are the wire version: an edge that still sends
+                # version 1 (older, or told wire_version = 1) shows here.
+                state.counters["wire_v1_messages"] += 1
             state.counters["payload_bytes"] += len(data)
             state.bytes_window.append((received, len(data)))
             state.last_seen = received

@@ -177,3 +177,27 @@ def test_accounting_is_per_ap(registry: ModelRegistry, segments: Segments) -> No
         ("a", 0): 1, ("a", 1): 1, ("b", 0): 1, ("b", 1): 1}
     assert ingestor.aps[("a", "x")].counters["duplicates"] == 1
     assert ingestor.aps[("b", "x")].counters["duplicates"] == 0
+
+
+def test_both_wire_versions_give_the_same_predictions_and_version_1_is_counted(
+        registry: ModelRegistry, segments: Segments) -> None:
+    """An edge on wire version 1 (older, or told so) is served as before, and shows in its
+    AP's counters; version 2 carries the same codes in fewer bytes."""
+    from csi_edge.bundle import encode_segment_codes
+    from csi_edge.codec import Payload, SegmentRecord, decode_payload, encode_payload
+
+    new = segments.payload(0, n=3)
+    p = decode_payload(new)
+    blob = encode_segment_codes(segments.codes, segments.manifest, segments.tables)
+    old = encode_payload(Payload(p.level, p.model_id, p.epoch, p.first_seq, p.timestamp_ms,
+                                 tuple(SegmentRecord(1.0, blob) for _ in range(3)), version=1))
+    assert len(new) < len(old)
+    seen = []
+    for data in (new, old):
+        ingestor = Ingestor(registry)
+        result = ingestor.process([("lab", "ap", data, 1.0)])
+        assert not result.rejected
+        seen.append([(r.seq, r.codes.latent.tolist(), r.codes.profile.tolist(), r.code_bytes)
+                     for r in result.segments])
+        assert ingestor.aps[("lab", "ap")].counters["wire_v1_messages"] == (data is old)
+    assert seen[0] == seen[1]
