@@ -50,6 +50,7 @@ import logging
 import math
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ from ._mqtt import PUBACK_BYTES, AliasingClient, Backoff, TopicAliases, publish_
 from .bundle import (
     BundleError,
     EdgeEncoder,
+    SegmentCodes,
     decode_segment_codes,
     encode_message_codes,
     encode_segment_codes,
@@ -107,6 +109,7 @@ log = logging.getLogger("csi_edge.agent")
 
 _U32 = 1 << 32
 _STOP_MARGIN_S = 5.0  # after the drain time: offline status and disconnect
+_RECENT_CODES = 1024  # segments whose codes are kept for their message (StreamAgent._payload)
 ERROR_TEXT_MAX = 300  # characters of an error copied into the retained status
 # A presence reference measured on the empty room and the layout it was measured on, kept in
 # the spool across restarts.
@@ -256,6 +259,12 @@ class StreamAgent:
         self._play = 0  # the recording of a replay (FileSource.plays) the segments are of
         self._base_ms: int | None = None
         self._pending_encoder: EdgeEncoder | None = None
+        # The codes of the segments this run encoded, by (epoch, seq, level, model id), for
+        # the message that sends them to code them as one stream without decoding their
+        # queued streams again; only the newest few messages' worth (a backlog from an
+        # earlier run, or one longer than this, is decoded from the queue instead).
+        self._recent_codes: OrderedDict[tuple[int, int, int, bytes], SegmentCodes] = \
+            OrderedDict()
         self._last_info: tuple[Any, int] | None = None
         self._wake = asyncio.Event()
         self._source_done = False
@@ -515,22 +524,28 @@ class StreamAgent:
         idle = self._still(segments)
         coded = [s for s, i in zip(segments, idle, strict=True) if not i]
         blobs: list[bytes] = []
+        codes: list[SegmentCodes] = []
         if coded:
             symbols, profile = encoder.encode(np.stack([s.data for s in coded]))
-            blobs = [encode_segment_codes(encoder.codes(sym, prof, self.level),
-                                          encoder.manifest, encoder.tables)
+            codes = [encoder.codes(sym, prof, self.level)
                      for sym, prof in zip(symbols, profile, strict=True)]
+            blobs = [encode_segment_codes(c, encoder.manifest, encoder.tables) for c in codes]
             self.counters.encoder_calls += 1
         self.counters.encoder_s += time.perf_counter() - t0
-        coded_blobs = iter(blobs)
+        coded_blobs, coded_codes = iter(blobs), iter(codes)
         rows = []
         for segment, is_idle, score in zip(segments, idle, motion, strict=True):
+            if not is_idle:
+                self._recent_codes[(self.epoch, self.seq, self.level, encoder.model_id)] = \
+                    next(coded_codes)
             rows.append(QueuedSegment(
                 epoch=self.epoch, seq=self.seq, level=self.level, model_id=encoder.model_id,
                 timestamp_ms=self._base_ms + segment.index * segment_ms,
                 quality=round(segment.quality * 255) / 255,
                 codes=b"" if is_idle else next(coded_blobs), idle=is_idle, motion=score))
             self.seq = (self.seq + 1) % _U32
+        while len(self._recent_codes) > _RECENT_CODES:
+            self._recent_codes.popitem(last=False)
         self.counters.segments_idle += sum(idle)
         self._queue(rows)
 
@@ -701,8 +716,7 @@ class StreamAgent:
         if version == 2 and encoder is not None:
             t0 = time.perf_counter()
             try:
-                codes = [decode_segment_codes(r.codes, head.level, encoder.manifest,
-                                              encoder.tables) for r in group]
+                codes = [self._codes_of(r, encoder) for r in group]
                 stream = encode_message_codes(codes, encoder.manifest, encoder.tables)
             except (EntropyDecodeError, ValueError) as exc:
                 # A queued row that does not decode (a damaged spool file) must not block the
@@ -718,6 +732,14 @@ class StreamAgent:
             segments=tuple(SegmentRecord(r.quality, r.codes if version == 1 else b"", score)
                            for r, score in zip(group, scores, strict=True)),
             idle=head.idle, motion=motion, codes=stream, version=version))
+
+    def _codes_of(self, row: QueuedSegment, encoder: EdgeEncoder) -> SegmentCodes:
+        """A queued segment's codes: kept from when this run encoded it, else decoded from
+        its queued stream."""
+        kept = self._recent_codes.get((row.epoch, row.seq, row.level, row.model_id))
+        if kept is not None:
+            return kept
+        return decode_segment_codes(row.codes, row.level, encoder.manifest, encoder.tables)
 
     async def _publish_group(self, client: Any, group: list[QueuedSegment]) -> None:
         head = group[0]

@@ -278,3 +278,21 @@ def test_idle_messages_are_version_2_and_never_decoded(stream: StreamAgent,
     monkeypatch.setattr(agent, "decode_segment_codes", refuse)
     idle = [dataclasses.replace(r, idle=True, codes=b"") for r in rows]
     assert decode_payload(stream._payload(idle)).version == 2
+
+
+def test_codes_this_run_encoded_are_coded_again_without_decoding(
+        stream: StreamAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csi_edge.agent as agent
+
+    rows, codes = _queued(stream, 4)
+    for row, c in zip(rows, codes, strict=True):
+        stream._recent_codes[(row.epoch, row.seq, row.level, row.model_id)] = c
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(agent, "decode_segment_codes", refuse)
+    kept = stream._payload(rows)
+    monkeypatch.undo()
+    stream._recent_codes.clear()
+    assert kept == stream._payload(rows)  # the same bytes as decoding the queued streams
