@@ -13,6 +13,10 @@ through real payloads (csi_cloud.model.evaluate.evaluate_bundle, as ``csi train`
 and checks that every accuracy figure is the one the bundle recorded (the codes are the same,
 so they must be). Results: bench/results/wire_version.json.
 
+``--level0-layouts 4,16;2,12`` also counts what level 0 would send with other layouts (latent
+groups, profile coefficients) at its segments a message, the same recordings and encoder
+(the bundle's tables cover every group and coefficient): ``level0_layouts`` in the results.
+
 ``--update`` writes the new figures into the bundles' ``metrics.test_split`` and report.md
 (the bundle id does not cover metrics, so it stays), keeping the report's other sections and
 notes; it refuses when an accuracy figure moved.
@@ -120,7 +124,8 @@ def level_bytes(edge: EdgeEncoder, data: SegmentData, recordings: np.ndarray,
             "whole_segments_share": round(flagged / segments, 4)}
 
 
-def rescore(folder: Path, dataset: str, data_dir: Path, update: bool) -> dict[str, Any]:
+def rescore(folder: Path, dataset: str, data_dir: Path, update: bool,
+            layouts: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     data, parts = load_split(folder, dataset, data_dir)
     bundle = Bundle.load(folder)
     cloud = CloudModel.load(bundle)
@@ -129,6 +134,17 @@ def rescore(folder: Path, dataset: str, data_dir: Path, update: bool) -> dict[st
     edge = EdgeEncoder(bundle)
     levels = [level_bytes(edge, data, parts["test"], spec.level)
               for spec in bundle.manifest.levels]
+    tried = []
+    for groups, components in layouts or []:
+        manifest = edge.manifest
+        edge.manifest = manifest.model_copy(update={"levels": [
+            lv.model_copy(update={"groups": groups, "profile_components": components})
+            if lv.level == 0 else lv for lv in manifest.levels]})
+        try:
+            tried.append({"groups": groups, "profile_components": components,
+                          **level_bytes(edge, data, parts["test"], 0)})
+        finally:
+            edge.manifest = manifest
     evaluation = evaluate_bundle(cloud, edge, data, parts["test"], dataset=dataset)
     after = evaluation.summary
     moved = _moved(before, after)
@@ -137,6 +153,7 @@ def rescore(folder: Path, dataset: str, data_dir: Path, update: bool) -> dict[st
         row["evaluation_bytes_per_s"] = scored["payload_bytes_per_s"]
     result: dict[str, Any] = {"bundle": bundle.manifest.id, "test_recordings": len(parts["test"]),
                               "segments": after["segments"], "levels": levels,
+                              "level0_layouts": tried,
                               "figures_moved": moved, "seconds": round(time.perf_counter() - t0)}
     if update and not moved:
         bundle = write_manifest(folder, bundle.manifest.model_copy(update={
@@ -170,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the shared datasets (default: ../shared/data)")
     parser.add_argument("--update", action="store_true",
                         help="write the version-2 byte figures into the bundles")
+    parser.add_argument("--level0-layouts", default="",
+                        help="other level-0 layouts to count, GROUPS,COEFFICIENTS;... (e.g. "
+                             "4,16 for level 1's codes)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     data = args.data or shared_data()
@@ -178,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         if name not in BUNDLES:
             parser.error(f"no dataset known for bundle {name!r} ({', '.join(BUNDLES)})")
         dataset, sub = BUNDLES[name]
-        results[name] = rescore(ROOT / "models" / name, dataset, data / sub, args.update)
+        layouts = [(int(g), int(c)) for g, c in (
+            item.split(",") for item in args.level0_layouts.split(";") if item)]
+        results[name] = rescore(ROOT / "models" / name, dataset, data / sub, args.update,
+                                layouts)
         print(json.dumps({name: results[name]}), flush=True)
     args.out.write_text(json.dumps({
         "benchmark": "wire format version 2 against version 1, shipped bundles' test splits",
-        "command": "python bench/wire_version.py" + (" --update" if args.update else ""),
+        "command": "python bench/wire_version.py" + (" --update" if args.update else "")
+        + (f" --level0-layouts '{args.level0_layouts}'" if args.level0_layouts else ""),
         "environment": environment(), "bundles": results}, indent=2) + "\n")
     return 1 if any(r["figures_moved"] for r in results.values()) else 0
 

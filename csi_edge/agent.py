@@ -263,8 +263,8 @@ class StreamAgent:
         # the message that sends them to code them as one stream without decoding their
         # queued streams again; only the newest few messages' worth (a backlog from an
         # earlier run, or one longer than this, is decoded from the queue instead).
-        self._recent_codes: OrderedDict[tuple[int, int, int, bytes], SegmentCodes] = \
-            OrderedDict()
+        self._recent_codes: OrderedDict[tuple[int, int, int, bytes],
+                                        tuple[bytes, SegmentCodes]] = OrderedDict()
         self._last_info: tuple[Any, int] | None = None
         self._wake = asyncio.Event()
         self._source_done = False
@@ -535,14 +535,15 @@ class StreamAgent:
         coded_blobs, coded_codes = iter(blobs), iter(codes)
         rows = []
         for segment, is_idle, score in zip(segments, idle, motion, strict=True):
+            blob = b"" if is_idle else next(coded_blobs)
             if not is_idle:
-                self._recent_codes[(self.epoch, self.seq, self.level, encoder.model_id)] = \
-                    next(coded_codes)
+                self._recent_codes[(self.epoch, self.seq, self.level, encoder.model_id)] = (
+                    blob, next(coded_codes))
             rows.append(QueuedSegment(
                 epoch=self.epoch, seq=self.seq, level=self.level, model_id=encoder.model_id,
                 timestamp_ms=self._base_ms + segment.index * segment_ms,
                 quality=round(segment.quality * 255) / 255,
-                codes=b"" if is_idle else next(coded_blobs), idle=is_idle, motion=score))
+                codes=blob, idle=is_idle, motion=score))
             self.seq = (self.seq + 1) % _U32
         while len(self._recent_codes) > _RECENT_CODES:
             self._recent_codes.popitem(last=False)
@@ -699,9 +700,11 @@ class StreamAgent:
 
     def _payload(self, group: list[QueuedSegment]) -> bytes:
         """The message of a group of queued segments. Wire version 2 codes the group's
-        segments as one stream: the queue keeps each segment's own stream, which is decoded
-        and coded again with the group here. Segments of a bundle this process no longer
-        holds (an earlier run's backlog) go out as version 1, each with its own stream."""
+        segments as one stream: the queue keeps each segment's own stream, and the group is
+        coded again from the codes kept when this run encoded them (:meth:`_codes_of`; rows
+        of an earlier run are decoded from their queued streams). Segments of a bundle this
+        process no longer holds (an earlier run's backlog) go out as version 1, each with its
+        own stream."""
         head = group[0]
         motion = head.motion is not None
         scores = [motion_from_byte(r.motion) if r.motion is not None else None for r in group]
@@ -734,11 +737,12 @@ class StreamAgent:
             idle=head.idle, motion=motion, codes=stream, version=version))
 
     def _codes_of(self, row: QueuedSegment, encoder: EdgeEncoder) -> SegmentCodes:
-        """A queued segment's codes: kept from when this run encoded it, else decoded from
-        its queued stream."""
+        """A queued segment's codes: kept from when this run encoded it (the same queued
+        stream: a row left from long ago under a reused epoch is not mistaken for it), else
+        decoded from its queued stream."""
         kept = self._recent_codes.get((row.epoch, row.seq, row.level, row.model_id))
-        if kept is not None:
-            return kept
+        if kept is not None and kept[0] == row.codes:
+            return kept[1]
         return decode_segment_codes(row.codes, row.level, encoder.manifest, encoder.tables)
 
     async def _publish_group(self, client: Any, group: list[QueuedSegment]) -> None:

@@ -59,7 +59,7 @@ IDLE (flag bit 0): the message has no codes (n = 0); each segment stands for one
 statistic stayed below the bundle's idle threshold (``csi_edge.motion``): nothing changed since
 the stream's last coded segment, and the cloud predicts it from a copy of that segment's codes.
 The level field is the edge's configured level. An idle message of K whole segments costs
-17 + 2 bytes, and K more with MOTION (one more a segment that is not whole).
+17 + 2 bytes, and K more with MOTION (K more again when any segment is not whole).
 
 No model (model id 00 00 00, presence only): the edge runs without a bundle
 (``csi edge --presence-only``) and sends motion scores only. Such a message must set MOTION,
@@ -77,14 +77,14 @@ version 2 rejects a version-2 message as ``bad_version``: it never mistakes one 
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
 ``too_short`` (under 19 bytes, the smallest valid message), ``crc_mismatch``, then the fields
 only once the CRC holds: ``bad_version`` (neither 1 nor 2), ``too_short`` (version 1 under 21
-bytes, its smallest), ``bad_flags`` (a reserved flag bit set; version 2: every quality byte 255
-without FULL_QUALITY), ``bad_count`` (K = 0), ``truncated_segment`` (the records run past the
-body; version 1: n larger than what is left), ``bad_idle`` (IDLE set and codes present),
-``bad_no_model``
-(model id 00 00 00 without MOTION, with IDLE, a level above 0 or codes present); version 1
-only: ``bad_varint`` (runs past the body, longer than 3 bytes or not minimal) and
-``trailing_bytes`` (bytes after the K-th record). Every accepted message re-encodes to
-exactly the same bytes.
+bytes, its smallest), ``bad_flags`` (a reserved flag bit set), ``bad_no_model`` (model id
+00 00 00 without MOTION, with IDLE or a level above 0), ``bad_count`` (K = 0), then record by
+record ``truncated_segment`` (a record runs past the body); version 1 also ``bad_varint`` (runs
+past the body, longer than 3 bytes or not minimal), ``truncated_segment`` (n larger than what
+is left), ``bad_idle`` / ``bad_no_model`` (n > 0 in an idle or presence-only message) and, after
+the last record, ``trailing_bytes``; version 2, after the records, ``bad_flags`` (every quality
+byte 255 without FULL_QUALITY) and ``bad_idle`` / ``bad_no_model`` (codes in an idle or
+presence-only message). Every accepted message re-encodes to exactly the same bytes.
 """
 
 from __future__ import annotations

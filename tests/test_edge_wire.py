@@ -286,7 +286,7 @@ def test_codes_this_run_encoded_are_coded_again_without_decoding(
 
     rows, codes = _queued(stream, 4)
     for row, c in zip(rows, codes, strict=True):
-        stream._recent_codes[(row.epoch, row.seq, row.level, row.model_id)] = c
+        stream._recent_codes[(row.epoch, row.seq, row.level, row.model_id)] = (row.codes, c)
 
     def refuse(*args: object) -> None:
         raise AssertionError("decoded")
@@ -294,5 +294,10 @@ def test_codes_this_run_encoded_are_coded_again_without_decoding(
     monkeypatch.setattr(agent, "decode_segment_codes", refuse)
     kept = stream._payload(rows)
     monkeypatch.undo()
+    # A row of long ago under the same key (a reused epoch) is decoded, not taken for it.
+    other = dataclasses.replace(rows[1], codes=rows[2].codes)
+    mixed = decode_payload(stream._payload([rows[0], other]))
+    assert payload_codes(mixed, stream.encoder.manifest, stream.encoder.tables)[1] \
+        .profile.tolist() == codes[2].profile.tolist()
     stream._recent_codes.clear()
     assert kept == stream._payload(rows)  # the same bytes as decoding the queued streams

@@ -1,7 +1,8 @@
 """Idle rooms cost less: calibrating the edge's idle threshold and measuring what it saves.
 
-While nothing moves, the edge sends idle markers (csi_edge.codec flag IDLE, 2 bytes a segment
-in messages of up to 10) instead of codes; the cloud predicts each idle segment from a copy of
+While nothing moves, the edge sends idle markers (csi_edge.codec flag IDLE: no codes, at most
+a quality byte a segment, none when every segment of the message is whole, in messages of up
+to 10) instead of codes; the cloud predicts each idle segment from a copy of
 the stream's last coded segment (:meth:`CloudModel.idle_codes`). What that costs in accuracy
 depends on how still "below the threshold" really is, so the threshold is chosen on data:
 
@@ -257,7 +258,10 @@ def evaluate_idle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
                      for g in group], edge.manifest, edge.tables)
                 payload = encode_payload(Payload(level, edge.model_id, 1,
                                                  int(data.slot[group[0]]), 0,
-                                                 tuple(SegmentRecord(1.0) for _ in group),
+                                                 tuple(SegmentRecord(
+                                                     1.0 if data.quality is None
+                                                     else float(data.quality[g]))
+                                                     for g in group),
                                                  idle=is_idle, codes=stream))
                 nbytes[kind] += len(payload)
                 nsegs[kind] += len(group)
@@ -287,7 +291,9 @@ def evaluate_idle(model: CloudModel, edge: EdgeEncoder, data: SegmentData,
         off["activity_accuracy_segments"] - on["activity_accuracy_segments"], 4)
     out["activity_accuracy_loss_recordings"] = round(
         off["activity_accuracy_recordings"] - on["activity_accuracy_recordings"], 4)
-    out["idle_steady_bytes_per_s"] = round(idle_payload_size(idle_per_message)
+    # A long still period of whole segments (no motion byte: the edge's own setting).
+    out["idle_steady_bytes_per_s"] = round(idle_payload_size(idle_per_message,
+                                                             full_quality=True)
                                            / (idle_per_message * segment_s), 2)
     return out
 
