@@ -349,6 +349,13 @@ def _uint(value: Any, name: str, bits: int, low: int = 0) -> int:
     return v
 
 
+def _code_bytes(value: Any, name: str) -> bytes:
+    """``value`` as bytes; anything but a bytes-like object is refused, naming its type."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise _field_error(f"{name} must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 def _quality_byte(q: Any, i: int) -> int:
     if isinstance(q, bool) or not isinstance(q, int | float):
         try:
@@ -424,10 +431,7 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
         raise _field_error(f"a presence-only message (model id {NO_MODEL_ID.hex()}) needs "
                            f"motion, no idle and level 0; got motion={motion}, idle={idle}, "
                            f"level={level}")
-    stream = payload.codes
-    if not isinstance(stream, bytes | bytearray | memoryview):
-        raise _field_error(f"codes must be bytes, got {type(stream).__name__}")
-    stream = bytes(stream)
+    stream = _code_bytes(payload.codes, "codes")
     if version == 1 and stream:
         raise _field_error(f"a version-1 message keeps each segment's codes in its record, "
                            f"got {len(stream)} message code bytes")
@@ -448,10 +452,7 @@ def encode_payload(payload: Payload, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> b
     out += timestamp.to_bytes(6, "big")
     out.append(len(segments))
     for i, seg in enumerate(segments):
-        codes = seg.codes
-        if not isinstance(codes, bytes | bytearray | memoryview):
-            raise _field_error(f"segment {i}: codes must be bytes, got {type(codes).__name__}")
-        codes = bytes(codes)
+        codes = _code_bytes(seg.codes, f"segment {i}: codes")
         if version == 2 and codes:
             raise _field_error(f"segment {i}: a version-2 message codes its segments together "
                                f"(Payload.codes), got {len(codes)} code bytes in the record")

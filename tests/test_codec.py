@@ -7,6 +7,7 @@ import dataclasses
 import random
 
 import pytest
+from _crc import crc16_bitwise, with_crc
 
 from csi_edge._errors import CSIError, MalformedPacketError
 from csi_edge.codec import (
@@ -192,21 +193,6 @@ GOLDEN = [(GOLDEN_1, GOLDEN_1_HEX), (GOLDEN_2, GOLDEN_2_HEX), (GOLDEN_3, GOLDEN_
           (GOLDEN_IDLE_MOTION, GOLDEN_IDLE_MOTION_HEX), (GOLDEN_PRESENCE, GOLDEN_PRESENCE_HEX)]
 
 
-def _crc16_bitwise(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE the long way, independent of binascii."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
-
-
-def _with_crc(body: bytes) -> bytes:
-    return body + _crc16_bitwise(body).to_bytes(2, "big")
-
-
 def _header(byte0: int = 0x28, count: int = 1) -> bytes:
     # Same fields as GOLDEN_1: model id, epoch, first seq, timestamp.
     fields = bytes.fromhex("a1b2c3" + "1234" + "00000007" + "018bcfe5687b")
@@ -221,14 +207,14 @@ def test_golden_bytes(payload: Payload, hex_bytes: str) -> None:
     assert len(data) == payload_size(len(payload.segments),
                                      [len(s.codes) for s in payload.segments],
                                      motion=payload.motion, version=1)
-    assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
+    assert crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
 
 
 def test_crc_standard_check_value_and_golden_crc_by_hand() -> None:
     # "123456789" -> 0x29B1 is the catalogued check value of CRC-16/CCITT-FALSE.
-    assert _crc16_bitwise(b"123456789") == 0x29B1 == crc16(b"123456789")
+    assert crc16_bitwise(b"123456789") == 0x29B1 == crc16(b"123456789")
     data = bytes.fromhex(GOLDEN_2_HEX)
-    assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big") == 0xEDC4
+    assert crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big") == 0xEDC4
 
 
 def test_golden_3_sequence_wraps_and_start_times() -> None:
@@ -309,17 +295,17 @@ def _crafted() -> dict[str, bytes]:
     one = b"\x80\x01\x05"  # quality 128, 1 code byte
     return {
         "too_short": encode_payload(GOLDEN_1)[: MIN_PAYLOAD_BYTES - 1],
-        "too_large": _with_crc(_header() + b"\x80\x80\x80\x04" + bytes(65536)),
+        "too_large": with_crc(_header() + b"\x80\x80\x80\x04" + bytes(65536)),
         "crc_mismatch": encode_payload(GOLDEN_1)[:-1] + b"\x00",
-        "bad_version": _with_crc(_header(byte0=0x68) + one),  # version 3
-        "bad_flags": _with_crc(_header(byte0=0x2C) + one),  # flag bit 2 (reserved)
-        "bad_count": _with_crc(_header(count=0) + one),
-        "bad_varint": _with_crc(_header() + b"\x80\x80\x00" + b"\x05"),  # non-minimal 0
-        "truncated_segment": _with_crc(_header() + b"\x80\x05\x01\x02"),
-        "trailing_bytes": _with_crc(_header() + one + b"\x00"),
-        "bad_idle": _with_crc(_header(byte0=0x29) + one),  # IDLE with a 1-byte code block
+        "bad_version": with_crc(_header(byte0=0x68) + one),  # version 3
+        "bad_flags": with_crc(_header(byte0=0x2C) + one),  # flag bit 2 (reserved)
+        "bad_count": with_crc(_header(count=0) + one),
+        "bad_varint": with_crc(_header() + b"\x80\x80\x00" + b"\x05"),  # non-minimal 0
+        "truncated_segment": with_crc(_header() + b"\x80\x05\x01\x02"),
+        "trailing_bytes": with_crc(_header() + one + b"\x00"),
+        "bad_idle": with_crc(_header(byte0=0x29) + one),  # IDLE with a 1-byte code block
         # No model (presence only) without the MOTION flag.
-        "bad_no_model": _with_crc(bytes([0x20]) + NO_MODEL_ID + _header()[4:] + b"\x80\x00"),
+        "bad_no_model": with_crc(bytes([0x20]) + NO_MODEL_ID + _header()[4:] + b"\x80\x00"),
     }
 
 
@@ -343,7 +329,7 @@ def test_every_decode_reason(reason: str) -> None:
 )
 def test_more_malformed_records(count: int, tail: bytes, reason: str, match: str) -> None:
     with pytest.raises(PayloadError, match=match) as info:
-        decode_payload(_with_crc(_header(count=count) + tail))
+        decode_payload(with_crc(_header(count=count) + tail))
     assert info.value.reason == reason
 
 
@@ -470,7 +456,7 @@ def test_idle_message_size_and_flag() -> None:
 def test_reserved_flags_are_rejected_even_with_idle(flags: int) -> None:
     body = _header(byte0=0x28 | flags) + b"\x80\x00"
     with pytest.raises(PayloadError, match="reserved flags") as info:
-        decode_payload(_with_crc(body))
+        decode_payload(with_crc(body))
     assert info.value.reason == "bad_flags"
 
 
@@ -481,7 +467,7 @@ def test_idle_with_codes_is_a_clear_error_both_ways() -> None:
         encode_payload(bad)
     body = _header(byte0=0x29, count=2) + b"\xff\x00" + b"\xff\x02\x01\x02"
     with pytest.raises(PayloadError, match="segment 1 of an idle message declares 2") as info:
-        decode_payload(_with_crc(body))
+        decode_payload(with_crc(body))
     assert info.value.reason == "bad_idle"
     with pytest.raises(PayloadError, match="idle must be a bool"):
         encode_payload(dataclasses.replace(GOLDEN_IDLE, idle=1))
@@ -538,7 +524,7 @@ def test_presence_only_rules_both_ways(change: dict) -> None:
                   | (FLAG_MOTION if bad.motion else 0)])
     records = b"".join(bytes([255]) + (b"\x40" if bad.motion else b"")
                        + bytes([len(s.codes)]) + s.codes for s in bad.segments)
-    data = _with_crc(head + NO_MODEL_ID + bytes.fromhex("0102" "00000000" "018bcfe56800")
+    data = with_crc(head + NO_MODEL_ID + bytes.fromhex("0102" "00000000" "018bcfe56800")
                      + bytes([len(bad.segments)]) + records)
     with pytest.raises(PayloadError) as info:
         decode_payload(data)
@@ -548,7 +534,7 @@ def test_presence_only_rules_both_ways(change: dict) -> None:
 def test_motion_byte_cut_off_is_truncated() -> None:
     # MOTION set, two records announced, the body ends right after the second quality byte.
     with pytest.raises(PayloadError, match="segment 1 of 2: motion byte at 21") as info:
-        decode_payload(_with_crc(_header(byte0=0x2A, count=2) + b"\x80\x40\x00" + b"\x80"))
+        decode_payload(with_crc(_header(byte0=0x2A, count=2) + b"\x80\x40\x00" + b"\x80"))
     assert info.value.reason == "truncated_segment"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _crc import crc16_bitwise, with_crc
 
 from csi_edge import entropy
 from csi_edge.bundle import (
@@ -122,21 +123,6 @@ GOLDEN = [(GOLDEN_V2, GOLDEN_V2_HEX), (GOLDEN_V2_IDLE, GOLDEN_V2_IDLE_HEX),
           (GOLDEN_V2_FULL, GOLDEN_V2_FULL_HEX)]
 
 
-def _crc16_bitwise(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE the long way, independent of binascii."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
-
-
-def _with_crc(body: bytes) -> bytes:
-    return body + _crc16_bitwise(body).to_bytes(2, "big")
-
-
 def _header(byte0: int, count: int, model: str = "a1b2c3") -> bytes:
     return bytes([byte0]) + bytes.fromhex(model + "1234" + "00000007" + "018bcfe5687b") \
         + bytes([count])
@@ -152,7 +138,7 @@ def test_golden_bytes(payload: Payload, hex_bytes: str) -> None:
     assert bool(data[0] & FLAG_FULL_QUALITY) == full
     assert len(data) == payload_size(len(payload.segments), len(payload.codes),
                                      motion=payload.motion, full_quality=full)
-    assert _crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
+    assert crc16_bitwise(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "big")
 
 
 def test_sizes_against_version_1() -> None:
@@ -181,21 +167,21 @@ def test_sizes_against_version_1() -> None:
     ("data", "reason", "match"),
     [
         # IDLE (0x49) or presence only with code bytes after the records.
-        (_with_crc(_header(0x49, 1) + b"\x80" + b"\x05"), "bad_idle", "1 code bytes"),
-        (_with_crc(_header(0x46, 1, "000000") + b"\x00" + b"\x05"), "bad_no_model",
+        (with_crc(_header(0x49, 1) + b"\x80" + b"\x05"), "bad_idle", "1 code bytes"),
+        (with_crc(_header(0x46, 1, "000000") + b"\x00" + b"\x05"), "bad_no_model",
          "1 code bytes"),
         # Three records announced, two present (the motion byte of the second missing).
-        (_with_crc(_header(0x4a, 3) + b"\xff\x40\xff"), "truncated_segment", "segment 1 of 3"),
-        (_with_crc(_header(0x40, 4) + b"\xff\xff"), "truncated_segment", "segment 2 of 4"),
-        (_with_crc(_header(0x40, 0) + b"\xff\xff"), "bad_count", "segment count 0"),
-        (_with_crc(_header(0x60, 1) + b"\xff"), "bad_version", "version 3"),
+        (with_crc(_header(0x4a, 3) + b"\xff\x40\xff"), "truncated_segment", "segment 1 of 3"),
+        (with_crc(_header(0x40, 4) + b"\xff\xff"), "truncated_segment", "segment 2 of 4"),
+        (with_crc(_header(0x40, 0) + b"\xff\xff"), "bad_count", "segment count 0"),
+        (with_crc(_header(0x60, 1) + b"\xff"), "bad_version", "version 3"),
         # 20 bytes are a whole version-2 message but too short for version 1.
-        (_with_crc(_header(0x28, 1) + b"\xff"), "too_short", "20 bytes < 21"),
+        (with_crc(_header(0x28, 1) + b"\xff"), "too_short", "20 bytes < 21"),
         # Every quality byte 255 without FULL_QUALITY: a second spelling, refused.
-        (_with_crc(_header(0x42, 2) + b"\xff\x40\xff\x40"), "bad_flags",
+        (with_crc(_header(0x42, 2) + b"\xff\x40\xff\x40"), "bad_flags",
          "2 quality bytes is 255"),
         # FULL_QUALITY is version 2's: version 1 still reserves the bit.
-        (_with_crc(_header(0x2C, 1) + b"\x01\x05"), "bad_flags", "reserved flags 0b100"),
+        (with_crc(_header(0x2C, 1) + b"\x01\x05"), "bad_flags", "reserved flags 0b100"),
     ],
 )
 def test_rejections(data: bytes, reason: str, match: str) -> None:
@@ -234,7 +220,7 @@ def test_fuzzed_messages_only_raise_payload_errors_and_round_trip() -> None:
                 del data[rng.randrange(len(data))]
         # Fix the CRC half of the time, so the field checks behind it are reached.
         if rng.random() < 0.5 and len(data) > CRC_BYTES:
-            data[-CRC_BYTES:] = _crc16_bitwise(bytes(data[:-CRC_BYTES])).to_bytes(2, "big")
+            data[-CRC_BYTES:] = crc16_bitwise(bytes(data[:-CRC_BYTES])).to_bytes(2, "big")
         try:
             payload = decode_payload(bytes(data))
         except PayloadError:
