@@ -10,8 +10,9 @@ into messages as the edge does (``segments_per_message``, a gap starts a new mes
 ways, real payloads each: version 1; version 2 with one stream a message but every quality
 byte; version 2 as sent (FULL_QUALITY where it applies). It then scores the test split again
 through real payloads (csi_cloud.model.evaluate.evaluate_bundle, as ``csi train`` scored it)
-and checks that every accuracy figure is the one the bundle recorded (the codes are the same,
-so they must be). Results: bench/results/wire_version.json.
+and checks that every accuracy figure the bundle recorded is unchanged (the codes are the
+same, so they must be; a figure the evaluation added since is new and only written). Results:
+bench/results/wire_version.json.
 
 ``--level0-layouts 4,16;2,12`` also counts what level 0 would send with other layouts (latent
 groups, profile coefficients) at its segments a message, the same recordings and encoder
@@ -169,8 +170,10 @@ def rescore(folder: Path, dataset: str, data_dir: Path, update: bool,
         note = (f"{NOTE} {FORMAT_VERSION} (one coder stream a message, no quality bytes for "
                 "a message of whole segments), measured by `python bench/wire_version.py "
                 "--update` on the same test recordings, each segment with its own quality; "
-                "every accuracy figure is the one the bundle was scored with in version 1 "
-                "(`bench/results/wire_version.json` has the byte counts of both versions).")
+                "every accuracy figure the bundle had recorded in version 1 came out the "
+                "same (the live and smoothed per-second columns are the evaluation's since, "
+                "new here; `bench/results/wire_version.json` has the byte counts of both "
+                "versions).")
         write_report(folder, manifest=bundle.manifest.model_dump(mode="json"), history=None,
                      evaluation=evaluation, protocols=bundle.manifest.metrics.get("protocols"),
                      notes=[*notes, *refit_notes, *kept, note])

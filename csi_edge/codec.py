@@ -72,7 +72,9 @@ is quality, [motion], a LEB128 unsigned varint n (minimal form, 1..3 bytes) and 
 segment's own entropy-coded stream (``csi_edge.bundle.encode_segment_codes``); an IDLE or
 no-model message has n = 0 in every record; flag bit 2 is reserved (non-zero is rejected).
 Size 17 + 2 + sum over segments of (1 + m + len(varint(n)) + n). A cloud that predates
-version 2 rejects a version-2 message as ``bad_version``: it never mistakes one for the other.
+version 2 rejects a version-2 message as ``bad_version``, or as ``too_short`` when it is under
+21 bytes (an idle or presence-only message of one whole segment): it never mistakes one for
+the other.
 
 Decoding checks, in this order (``PayloadError.reason``): ``too_large`` (over ``max_bytes``),
 ``too_short`` (under 19 bytes, the smallest valid message), ``crc_mismatch``, then the fields
