@@ -709,11 +709,9 @@ class StreamAgent:
         motion = head.motion is not None
         scores = [motion_from_byte(r.motion) if r.motion is not None else None for r in group]
         coded = not head.idle and head.model_id != NO_MODEL_ID
-        encoder = None
-        if coded:  # idle and presence-only messages carry no codes to code again
-            encoder = self.encoder if self.encoder is not None and \
-                self.encoder.model_id == head.model_id else \
-                self.encoders.by_model_id(head.model_id)
+        # Idle and presence-only messages carry no codes to code again. Every encoder this
+        # process runs, the current one included, comes from the shared cache.
+        encoder = self.encoders.by_model_id(head.model_id) if coded else None
         version = self.settings.wire_version if encoder is not None or not coded else 1
         stream = b""
         if version == 2 and encoder is not None:

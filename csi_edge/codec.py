@@ -29,17 +29,16 @@ everything else the cloud needs to reconstruct is in these bytes. All integers b
 
 Size: 17 + K * (f + m) + n + 2 bytes, f = 0 with FULL_QUALITY and 1 without, m = 1 with
 MOTION and 0 without; every one of them counts toward the reported bitrate. Decoded quality is
-``byte / 255`` (exactly what was sent).
+``byte / 255`` (exactly what was sent). How many symbols each segment holds follows from the
+bundle and the level, so the stream needs no lengths: the bundle's decoder reads K segments'
+symbols and then checks that nothing is left (``csi_edge.entropy``, ``leftover_data``).
 
 FULL_QUALITY (flag bit 2): every segment of the message has quality 1 (byte 255: no frame of
 it was filled in by the resampler), so the records carry no quality byte. Nearly every
-segment is whole (97 % of the committed Fition samples' segments, all of WiAR's), so this
-saves about one byte a segment. The flag is set exactly when every quality byte would be 255:
-a message whose quality bytes are all 255 without it is rejected (``bad_flags``), so each
-message has one spelling.
-How many symbols each segment holds follows from the bundle and the level, so the stream
-needs no lengths: the bundle's decoder reads K segments' symbols and then checks that nothing
-is left (``csi_edge.entropy``, ``leftover_data``).
+segment is whole (98-99 % of the Fition test recordings' segments, all of WiAR's:
+``bench/wire_version.py``), so this saves about one byte a segment. The flag is set exactly
+when every quality byte would be 255: a message whose quality bytes are all 255 without it is
+rejected (``bad_flags``), so each message has one spelling.
 
 Why one stream a message (version 2): an ANS stream ends by flushing its coder state, about
 2.8 bytes beyond the information it holds whatever its length, and version 1 paid that and a
