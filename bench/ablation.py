@@ -16,6 +16,8 @@ features, 8-segment context, differences on):
 - context length: 2, 4 segments;
 - feature count: 1,000 and 10,000; no first-difference channels;
 - the network's own context classifier (the earlier head) at level 0;
+- a complete-window activity layer beside the base's (fitted on the windows whose every slot
+  is present; it reads those);
 - head seeds (``--seeds`` random-kernel draws of the base), or every variant under
   ``--variant-seeds`` head seeds (its row then aggregates tasks x seeds).
 
@@ -49,7 +51,7 @@ from csi_cloud.model.context_head import (  # noqa: E402
     profile_coefficients,
 )
 from csi_cloud.model.data import segment_windows  # noqa: E402
-from csi_cloud.model.fitting import _some_windows  # noqa: E402
+from csi_cloud.model.fitting import _complete_windows, _some_windows  # noqa: E402
 from csi_cloud.model.heads import codes_from_segments  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
 from csi_cloud.model.protocols import aggregate  # noqa: E402
@@ -90,6 +92,9 @@ def variants(cfg: Any, seeds: int) -> dict[str, dict[str, Any]]:
         # recording's last window alone, the one a per-recording score reads, instead of it
         # and 4 other windows the service classifies.
         "fitted on each recording's last window": {**base, "per_recording": 1},
+        # Beside the base's activity layer, a layer of its own for the windows whose every
+        # slot is present, fitted on every such training window (TrainOptions.head_complete).
+        "a complete-window layer beside": {**base, "complete": True},
     }
     out |= {f"base, head seed {s}": {**base, "seed": s} for s in range(1, seeds)}
     return out
@@ -111,11 +116,18 @@ def fit_variant(codes: Any, coeff: np.ndarray, train: np.ndarray, val: np.ndarra
     rows_va, own_va = _some_windows(codes, val, 8, v["per_recording"], rng)
     layout = WindowLayout(v["latent"], v["profile"], profile_mean=v["mean"])
     identity = ((codes.identity[own_tr], n_id, codes.identity[own_va]) if n_id else None)
+    complete: dict[str, Any] = {}
+    if v.get("complete"):
+        crows_tr, cown_tr = _complete_windows(codes, train, 8)
+        crows_va, cown_va = _complete_windows(codes, val, 8)
+        complete = {"complete_levels": [(_windows(codes, coeff, crows_tr, v),
+                                         _windows(codes, coeff, crows_va, v))],
+                    "complete_labels": (codes.activity[cown_tr], codes.activity[cown_va])}
     head = fit_context_head([(layout, _windows(codes, coeff, rows_tr, v),
                               _windows(codes, coeff, rows_va, v))],
                             codes.activity[own_tr], n_act, features=v["features"],
                             seed=v["seed"], val_labels=codes.activity[own_va],
-                            identity=identity)
+                            identity=identity, **complete)
     part = head.levels[0]
     if not v["split"] or not v["diff"]:
         # Refit with one transform over both parts, or without the difference channels.
@@ -194,11 +206,20 @@ def adapted(model: CloudModel, head: Any, codes: Any, coeff: np.ndarray, target:
         support, query = pick_support(codes, target, 5, draw)
         rows, owners, _ = segment_windows(codes, support, 8)
         part = head.levels[0]
-        prior = part.activity
-        feats = part.features(*_windows(codes, coeff, rows, v))
-        part.activity = ridge_to_prior(feats, codes.activity[owners], prior, groups=owners)
+        prior, prior_complete = part.activity, part.complete
+        windows = _windows(codes, coeff, rows, v)
+        feats = part.features(*windows)
+        y = codes.activity[owners]
+        part.activity = ridge_to_prior(feats, y, prior, groups=owners)
+        if prior_complete is not None:
+            # As csi adapt refits it: on the support's complete windows, dropped where they
+            # miss an activity of the support.
+            whole = windows[2].all(axis=1)
+            part.complete = (None if set(y.tolist()) - set(y[whole].tolist()) else
+                             ridge_to_prior(feats[whole], y[whole], prior_complete,
+                                            groups=owners[whole]))
         accs.append(score(model, head, codes, coeff, query, v)["activity_accuracy"])
-        part.activity = prior
+        part.activity, part.complete = prior, prior_complete
     return float(np.mean(accs))
 
 

@@ -115,7 +115,8 @@ def _refits(folder: Path, dataset: str, data_dir: Path, seeds: list[int]) -> lis
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / folder.name
             shutil.copytree(folder, copy)
-            fit_bundle_head(copy, data, train, val, seed=seed)
+            fit_bundle_head(copy, data, train, val, seed=seed,
+                            complete=bool(training.get("options", {}).get("head_complete")))
             bundle = Bundle.load(copy)
             row = _row(evaluate_bundle(CloudModel.load(bundle), EdgeEncoder(bundle), data,
                                        test).summary)

@@ -147,7 +147,8 @@ def bench(name: str, data_root: Path, lengths: tuple[int, ...], seeds: int,
                             features=int(options["head_features"]), seed=int(options["seed"]),
                             lengths=fit_lengths, per_length=variant == "per_length",
                             short_per_recording=short_per_recording,
-                            short_joined=variant == "joined")
+                            short_joined=variant == "joined",
+                            complete=bool(options.get("head_complete")))
             calibrate_folder(copy, data, parts["val"], fitted_on=calibration["fitted_on"],
                              target=float(calibration["target_accuracy"]))
             print(f"{name} {variant}: head fitted and calibrated in "

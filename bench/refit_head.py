@@ -18,8 +18,9 @@ writes report.md anew, keeping the sections the benches wrote and the notes adde
 and after the refit.
 
 What this version's head changes (docs/model.md): the transmitted profile coefficients are
-read as the whole steps that were sent ("Exact inputs"), and identity mixes in the nearest
-training windows ("Identity neighbours", bundles with identities).
+read as the whole steps that were sent ("Exact inputs"), identity mixes in the nearest
+training windows ("Identity neighbours", bundles with identities), and a complete-window
+activity layer reads the windows whose every context slot is present ("Complete windows").
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
 from csi_cloud.model.fitting import fit_bundle_head  # noqa: E402
 from csi_cloud.model.pipeline import report_notes  # noqa: E402
 from csi_cloud.model.report import write_report  # noqa: E402
+from csi_cloud.model.train import TrainOptions  # noqa: E402
 from csi_cloud.model.trust import calibrate_folder  # noqa: E402
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest  # noqa: E402
 
@@ -91,7 +93,8 @@ def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
                          else level0(manifest.metrics["test_split"]))
     fit_bundle_head(folder, data, parts["train"], parts["val"],
                     features=int(options["head_features"]), seed=int(options["seed"]),
-                    lengths=[k for k in options.get("head_lengths", []) if k < n])
+                    lengths=[k for k in options.get("head_lengths", []) if k < n],
+                    complete=TrainOptions().head_complete)
     calibrate_folder(folder, data, parts["val"],
                      fitted_on=f"{len(parts['val'])} validation recordings of the training split")
     bundle = Bundle.load(folder)

@@ -3,6 +3,7 @@ operator's path through the API (labels on a live AP's recordings, then an adapt
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -124,15 +125,17 @@ def test_shared_window_features_score_as_the_service_classifies(
     assert [(v, lv) for v, lv, *_ in windows.groups] == [(v, v) for v in range(4)]
     head = model.net.context_head
     assert head is not None
-    for v, lv, owners, last, feats in windows.groups:
+    for v, lv, owners, last, whole, feats in windows.groups:
         p_act, _, _, expected_owners = classify_codes(model.net, codes, recordings, v,
                                                       all_windows=True, features=False)
         assert np.array_equal(owners, expected_owners)
-        assert np.array_equal(head.levels[lv].activity.probabilities(feats), p_act)
+        part = head.levels[lv]
+        assert np.array_equal(part.activity_probabilities(feats, whole), p_act)
         end, _, _, end_owners = classify_codes(model.net, codes, recordings, v,
                                                features=False)
         assert np.array_equal(owners[last], end_owners)
-        assert np.array_equal(head.levels[lv].activity.probabilities(feats[last]), end)
+        assert np.array_equal(part.activity_probabilities(feats[last], whole[last]), end)
+        assert whole.any() and not whole.all(), "both kinds of window are scored"
     for every in (False, True):
         shared = _accuracy(model.net, codes, recordings[2:], every=every, windows=windows)
         assert shared == _accuracy(model.net, codes, recordings[2:], every=every)
@@ -208,6 +211,40 @@ def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readin
         layer = alone.context_head.levels[lv].short
         assert layer is not None and layer.prior_weight in (None, 0.0)
         assert not np.allclose(layer.coef, new.levels[lv].short.coef)  # type: ignore[union-attr]
+
+
+def test_adapting_refits_the_complete_window_layer_on_the_support_s_complete_windows(
+        sample_codes: tuple[CloudModel, CodeData]) -> None:
+    from csi_cloud.model.rocket import ridge_to_prior
+
+    model, codes = sample_codes
+    net = copy.deepcopy(model.net)
+    head = net.context_head
+    assert head is not None
+    for part in head.levels:  # a parent with a complete-window layer
+        if part.complete is None:
+            part.complete = copy.deepcopy(part.activity)
+    support, _ = pick_support(codes, np.arange(len(codes)), 1, 0)
+    adapted = adapt_head(net, codes, support)
+    new = adapted.context_head
+    assert new is not None
+    for lv, ((z, p, present), owners) in support_windows(
+            codes, support, net.cfg.context_segments).items():
+        whole = present.all(axis=1)
+        coeff = profile_coefficients(net, p, transmitted=True)
+        feats = head.levels[lv].features(z[whole], coeff[whole], present[whole])
+        parent, refit = head.levels[lv].complete, new.levels[lv].complete
+        assert parent is not None
+        if set(codes.activity[owners].tolist()) - set(codes.activity[owners[whole]].tolist()):
+            assert refit is None, "dropped where its windows miss an activity"
+            continue
+        assert refit is not None
+        expected = ridge_to_prior(feats, codes.activity[owners[whole]], parent,
+                                  groups=owners[whole])
+        assert np.allclose(refit.coef, expected.coef)
+        assert not np.allclose(refit.coef, parent.coef)
+        assert shrinkage(adapted)[str(lv)]["complete_alpha"] == refit.alpha
+    assert any(part.complete is not None for part in new.levels)
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:

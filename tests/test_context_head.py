@@ -562,3 +562,78 @@ def test_evaluate_few_shot_refuses_a_folder_with_one_recording_per_activity(
          str(tmp_path / "adapted")], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert adapt.returncode == 0, adapt.stderr
     assert "16 activities have fewer here" in adapt.stdout + adapt.stderr
+
+
+def _mixed_windows(rng: np.random.Generator, w: int, n: int = 8
+                   ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Windows of one profile coefficient, a third of them complete (every slot present), the
+    others missing their first 1..n-1 slots. In a partial window class 1 sits at 1.5 and
+    class 0 at 0; in a complete window the other way round."""
+    y = rng.integers(0, 2, w)
+    complete = np.arange(w) % 3 == 0
+    level = np.where(complete, 1.5 * (1 - y), 1.5 * y)
+    coeff = (level[:, None, None] + 0.3 * rng.normal(size=(w, n, 1))).astype(np.float32)
+    present = np.ones((w, n), bool)
+    for i in np.flatnonzero(~complete):
+        present[i, : rng.integers(1, n)] = False
+    coeff[~present] = 0
+    return (np.zeros((w, n, 1, 4), np.float32), coeff, present), y
+
+
+def _only(windows: tuple[np.ndarray, ...], rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(a[rows] for a in windows)
+
+
+def test_complete_windows_are_read_by_a_layer_fitted_on_them() -> None:
+    """The complete-window layer reads the windows whose every slot is present, fitted on
+    those alone; every other window (and every shorter reading) is read as without it, bit
+    for bit, and the layer survives storage."""
+    rng = np.random.default_rng(1)
+    train, y = _mixed_windows(rng, 600)
+    val, y_val = _mixed_windows(rng, 300)
+    test, y_test = _mixed_windows(rng, 600)
+    layout = WindowLayout(0, 1, 1.0, profile_mean=True)
+
+    def whole(windows: tuple[np.ndarray, ...], labels: np.ndarray
+              ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        rows = np.flatnonzero(windows[2].all(axis=1))
+        return _only(windows, rows), labels[rows]
+
+    c_train, c_y = whole(train, y)
+    c_val, c_y_val = whole(val, y_val)
+    plain = ContextHead([fit_level(train, y, layout, 2, features=840, seed=0,
+                                   val=(val, y_val), lengths=(1, 4))])
+    head = ContextHead([fit_level(train, y, layout, 2, features=840, seed=0, val=(val, y_val),
+                                  lengths=(1, 4), complete=(c_train, c_y, c_val, c_y_val))])
+    assert plain.levels[0].complete is None and head.levels[0].complete is not None
+    level = np.zeros(len(y_test), int)
+    full = test[2].all(axis=1)
+    p_plain, _ = plain.predict(*test, level)
+    p_head, _ = head.predict(*test, level)
+    assert np.array_equal(p_plain[~full], p_head[~full]), "partial windows read as before"
+    part = head.levels[0]
+    feats = part.features(*_only(test, np.flatnonzero(full)))
+    assert part.complete is not None
+    np.testing.assert_array_equal(p_head[full], part.complete.probabilities(feats))
+    assert not np.allclose(p_head[full], part.activity.probabilities(feats), atol=1e-3)
+    assert float((p_head[full].argmax(1) == y_test[full]).mean()) > 0.95
+    # The readings: the full one routes its complete windows alike, shorter ones never.
+    readings = head.predict_lengths(*test, level, [1, 4, 8])
+    np.testing.assert_allclose(readings[2], p_head, atol=1e-5)
+    for got, want in zip(readings[:2], plain.predict_lengths(*test, level, [1, 4])[:2],
+                         strict=True):
+        assert np.array_equal(got, want)
+    stored = ContextHead.from_arrays(head.arrays())
+    assert stored is not None and stored.levels[0].complete is not None
+    assert np.array_equal(stored.predict(*test, level)[0], p_head)
+    assert "head.0.complete.coef" not in plain.arrays(), "a head without it is stored as before"
+
+
+def test_no_complete_layer_where_complete_windows_miss_an_activity() -> None:
+    rng = np.random.default_rng(2)
+    train, y = _mixed_windows(rng, 300)
+    val, y_val = _mixed_windows(rng, 100)
+    rows = np.flatnonzero(train[2].all(axis=1) & (y == 0))  # class 1 never complete
+    part = fit_level(train, y, WindowLayout(0, 1, 1.0, profile_mean=True), 2, features=840,
+                     seed=0, val=(val, y_val), complete=(_only(train, rows), y[rows], None, None))
+    assert part.complete is None

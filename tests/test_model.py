@@ -128,6 +128,9 @@ def test_bundle_files_and_id(trained: Path) -> None:
     assert len(manifest.levels) == 4 and manifest.labels["identity"]
     with np.load(trained / "cloud.npz", allow_pickle=False) as arrays:  # no pickle anywhere
         assert "encoder.mean" in arrays.files
+        # Every level's head (and the unquantized path's) has its complete-window layer.
+        assert {f"head.{i}.complete.coef" for i in range(5)} <= set(arrays.files)
+    assert manifest.training["options"]["head_complete"] is True
 
 
 def test_tampered_bundle_is_refused(trained: Path, tmp_path: Path) -> None:

@@ -118,19 +118,21 @@ class HeadWindows:
     the head's activity layers (the support fit, the scores before and after).
 
     ``groups``: (variant, rate level, owner recording (W,), whether the window ends at its
-    recording's last segment (W,), features (W, F)), in the order of
-    :func:`~.data.segment_windows` within each variant."""
+    recording's last segment (W,), whether its every slot is present (W,), features (W, F)),
+    in the order of :func:`~.data.segment_windows` within each variant."""
 
     recordings: np.ndarray
-    groups: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]
+    groups: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
-    def select(self, level: int, recordings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level,
-        in the order :func:`support_windows` gives them."""
+    def select(self, level: int, recordings: np.ndarray, *, complete: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level
+        (``complete``: those whose every slot is present alone), in the order
+        :func:`support_windows` gives them."""
         feats, owners = [], []
-        for _, lv, own, _, f in self.groups:
+        for _, lv, own, _, whole, f in self.groups:
             if lv == level:
-                pick = np.isin(own, recordings)
+                pick = np.isin(own, recordings) & (whole if complete else True)
                 feats.append(f[pick])
                 owners.append(own[pick])
         return np.concatenate(feats), np.concatenate(owners)
@@ -143,9 +145,10 @@ class HeadWindows:
             raise ValueError(f"recordings {missing.tolist()} have no precomputed windows")
         correct: dict[int, int] = {}
         total: dict[int, int] = {}
-        for v, lv, own, last, f in self.groups:
+        for v, lv, own, last, whole, f in self.groups:
             pick = np.isin(own, recordings) & (True if every else last)
-            p_act = head.levels[head.level_index(lv)].activity.probabilities(f[pick])
+            p_act = head.levels[head.level_index(lv)].activity_probabilities(f[pick],
+                                                                             whole[pick])
             correct[v] = correct.get(v, 0) + int((p_act.argmax(1) == labels[own[pick]]).sum())
             total[v] = total.get(v, 0) + int(pick.sum())
         return [round(correct[v] / total[v], 4) for v in sorted(total)]
@@ -178,7 +181,8 @@ def head_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray) -> H
     if head is None:
         raise ValueError("this bundle has no context head")
     recordings = np.asarray(recordings, dtype=np.int64)
-    groups = [(v, lv, owners, last, head.features(lv, *inputs))
+    groups = [(v, lv, owners, last, np.asarray(inputs[2].all(axis=1)),
+               head.features(lv, *inputs))
               for v, lv, owners, last, inputs in _level_windows(net, codes, recordings)]
     return HeadWindows(recordings, groups)
 
@@ -316,6 +320,9 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     ``alpha``). ``windows``: the head's features of (at least) the support recordings, if
     already computed.
 
+    The complete-window layer, where the parent has one, is refitted the same way on the
+    support's complete windows (every slot present).
+
     ``short_lengths``: the lengths the parent's short-reading layer was fitted on
     (``training.options.head_lengths``). Where given and the parent has that layer, it is
     refitted the same way on the support's windows read at those lengths, so the live
@@ -338,7 +345,7 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     head = adapted.context_head
     assert head is not None
     labels = codes.activity
-    for lv in dict.fromkeys(lv for _, lv, _, _, _ in windows.groups):
+    for lv in dict.fromkeys(group[1] for group in windows.groups):
         feats, owners = windows.select(lv, support)
         if not len(owners):
             continue
@@ -351,6 +358,21 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
             fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
             fitted.temperature = part.activity.temperature
             part.activity = fitted
+        # The complete-window layer likewise, on the support's complete windows; dropped
+        # (the adapted activity layer then reads them) where they miss an activity the
+        # support has, as csi_cloud.model.context_head.fit_level leaves it out.
+        if part.complete is not None:
+            c_feats, c_owners = windows.select(lv, support, complete=True)
+            if not len(c_owners) or set(y.tolist()) - set(labels[c_owners].tolist()):
+                part.complete = None
+            elif prior:
+                part.complete = ridge_to_prior(c_feats, labels[c_owners], part.complete,
+                                               groups=c_owners, prior_weight=prior_weight)
+            else:
+                whole = fit_ridge(c_feats, labels[c_owners], part.complete.coef.shape[0],
+                                  groups=c_owners)
+                whole.temperature = part.complete.temperature
+                part.complete = whole
         # The short-reading layer was fitted on the parent's windows: refitted on the
         # support's shorter readings where their lengths are known, else dropped (the adapted
         # full-window layer then reads them), never left a layer of the old setting.
@@ -372,7 +394,8 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
 
 def shrinkage(net: CSICodecNet) -> dict[str, dict[str, float | None]]:
     """Rate level -> the penalty and prior weight of the context head's activity layer, and
-    of its short-reading layer where it has one (what :func:`adapt_head` chose)."""
+    of its short-reading and complete-window layers where it has them (what
+    :func:`adapt_head` chose)."""
     head = net.context_head
     if head is None:
         return {}
@@ -383,6 +406,9 @@ def shrinkage(net: CSICodecNet) -> dict[str, dict[str, float | None]]:
         if part.short is not None:
             out[str(lv)].update(short_alpha=part.short.alpha,
                                 short_prior_weight=part.short.prior_weight)
+        if part.complete is not None:
+            out[str(lv)].update(complete_alpha=part.complete.alpha,
+                                complete_prior_weight=part.complete.prior_weight)
     return out
 
 

@@ -108,6 +108,9 @@ class LevelHead:
     # The nearest training windows by window-mean profile, mixed into the identity layer's
     # probabilities (csi_cloud.model.neighbours); None: the identity layer alone.
     neighbours: ProfileNeighbours | None = None
+    # The activity layer of complete windows (every slot present), fitted on the training
+    # windows that are (fit_level's ``complete``); None: the activity layer reads them too.
+    complete: RidgeHead | None = None
 
     def identity_probabilities(self, feats: np.ndarray, coeff: np.ndarray,
                                present: np.ndarray) -> np.ndarray | None:
@@ -126,6 +129,20 @@ class LevelHead:
         if reading is None:
             return self.activity
         return self.by_length.get(reading) or self.short or self.activity
+
+    def activity_probabilities(self, feats: np.ndarray, complete: np.ndarray, *,
+                               reading: int | None = None) -> np.ndarray:
+        """Activity probabilities (W, A) of windows with features ``feats``; ``complete``
+        (W,): whether each window's every slot is present. A full window (``reading`` None)
+        that is complete is read by the complete-window layer where the level has one, any
+        other by :meth:`reader`."""
+        p = self.reader(reading).probabilities(feats)
+        if reading is not None or self.complete is None:
+            return p
+        rows = np.flatnonzero(complete)
+        if len(rows):
+            p[rows] = self.complete.probabilities(feats[rows])
+        return p
 
     def parts(self) -> list[WindowLayout]:
         out = []
@@ -171,7 +188,8 @@ class ContextHead:
             rows = np.flatnonzero(level == lv)
             part = self.levels[self.level_index(lv)]
             feats = part.features(z_q[rows], coeff[rows], present[rows])
-            act = part.reader(reading).probabilities(feats)
+            act = part.activity_probabilities(feats, np.asarray(present[rows].all(axis=1)),
+                                              reading=reading)
             ident = part.identity_probabilities(feats, coeff[rows], present[rows])
             if p_act is None:
                 p_act = np.zeros((len(level), act.shape[1]), np.float32)
@@ -214,8 +232,9 @@ class ContextHead:
                 np.concatenate([np.where(m[:, :, None], coeff[rows], 0) for m in masks]),
                 np.concatenate(masks))
             for i, k in enumerate(lengths):
-                act = part.reader(k if k < n else None).probabilities(
-                    feats[i * len(rows):(i + 1) * len(rows)])
+                act = part.activity_probabilities(
+                    feats[i * len(rows):(i + 1) * len(rows)], np.all(masks[i], axis=1),
+                    reading=k if k < n else None)
                 if out[i] is None:
                     out[i] = np.zeros((len(level), act.shape[1]), np.float32)
                 out[i][rows] = act  # type: ignore[index]
@@ -247,6 +266,8 @@ class ContextHead:
                 out.update(layer.arrays(f"{p}short{k}."))
             if part.neighbours is not None:
                 out.update(part.neighbours.arrays(f"{p}nn."))
+            if part.complete is not None:
+                out.update(part.complete.arrays(f"{p}complete."))
         return out
 
     @classmethod
@@ -275,9 +296,11 @@ class ContextHead:
                          if name != "short"}
             neighbours = (ProfileNeighbours.from_arrays(arrays, f"{p}nn.")
                           if f"{p}nn.points" in arrays else None)
+            complete = (RidgeHead.from_arrays(arrays, f"{p}complete.")
+                        if f"{p}complete.coef" in arrays else None)
             levels.append(LevelHead(layout, transforms,
                                     RidgeHead.from_arrays(arrays, f"{p}activity."), identity,
-                                    short, by_length, neighbours))
+                                    short, by_length, neighbours, complete))
         return cls(levels)
 
     @staticmethod
@@ -327,7 +350,9 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
               identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
               lengths: Sequence[int] = (), per_length: bool = False,
               short_source: tuple[Windows3, np.ndarray, Windows3 | None,
-                                  np.ndarray | None] | None = None) -> LevelHead:
+                                  np.ndarray | None] | None = None,
+              complete: tuple[Windows3, np.ndarray, Windows3 | None,
+                              np.ndarray | None] | None = None) -> LevelHead:
     """Fit one level's transforms (on the training windows) and ridge heads.
 
     ``windows``: z_q (W, N, D, T), coefficients (W, N, K), present (W, N); ``labels`` (W,).
@@ -348,6 +373,16 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     bench/head_lengths.py). ``short_source``: the training windows, their labels, the
     validation windows and theirs that the short-reading layers truncate (default: those of
     the full window's layer; bench/head_lengths.py's ``--short-per-recording`` draws more).
+
+    ``complete``: the training windows whose every slot is present, their labels, and the
+    validation windows and labels alike. With them the level gets a complete-window activity
+    layer (:attr:`LevelHead.complete`) fitted on those windows alone, its penalty and
+    temperature chosen on the validation ones; the activity layer keeps reading every other
+    window. Why: the activity layer is fitted on windows the service classifies, most of
+    them (on recordings of about the context's length) missing their first slots, and reads
+    a complete window less well than a layer fitted on complete windows does (docs/model.md,
+    "Complete windows"). None where the complete training windows miss an activity the
+    others have (the layer could never answer it).
     """
     parts = LevelHead(layout, [], None).parts()  # type: ignore[arg-type]
     xs = [series(*windows, part) for part in parts]
@@ -383,6 +418,14 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
             short_val = (head.features(*windows_val), s_val_labels[src_val])
         return choose(head.features(*short), s_labels[src], classes, short_val)
 
+    if complete is not None:
+        c_train, c_labels, c_val, c_val_labels = complete
+        seen = set(labels[labels >= 0].tolist())
+        if seen and seen <= set(c_labels[c_labels >= 0].tolist()):
+            c_validation = (None if c_val is None or c_val_labels is None
+                            or not len(c_val_labels)
+                            else (head.features(*c_val), c_val_labels))
+            head.complete = choose(head.features(*c_train), c_labels, classes, c_validation)
     if lengths:
         head.short = short_layer(lengths)
     for k in lengths if per_length else ():
@@ -407,22 +450,30 @@ def fit_context_head(levels: Sequence[tuple[WindowLayout,
                      identity: tuple[np.ndarray, int, np.ndarray | None] | None = None,
                      lengths: Sequence[int] = (), per_length: bool = False,
                      short_levels: Sequence[tuple[Windows3, Windows3 | None]] | None = None,
-                     short_labels: tuple[np.ndarray, np.ndarray | None] | None = None
+                     short_labels: tuple[np.ndarray, np.ndarray | None] | None = None,
+                     complete_levels: Sequence[tuple[Windows3, Windows3 | None]] | None = None,
+                     complete_labels: tuple[np.ndarray, np.ndarray | None] | None = None
                      ) -> ContextHead:
     """A head per entry of ``levels``: (layout, training windows, validation windows);
     ``lengths``: the shorter readings a short-reading activity layer is fitted on
     (:func:`fit_level`; none without them); ``short_levels`` (training and validation
     windows per entry of ``levels``) and ``short_labels`` (theirs): the windows those layers
-    truncate, when not the same as the full window's layers."""
+    truncate, when not the same as the full window's layers; ``complete_levels`` and
+    ``complete_labels``: the complete windows (every slot present) a complete-window
+    activity layer is fitted on, alike (:func:`fit_level`'s ``complete``; none without
+    them)."""
     out = []
     for i, (layout, train_windows, val_windows) in enumerate(levels):
         source = (None if short_levels is None or short_labels is None else
                   (short_levels[i][0], short_labels[0], short_levels[i][1], short_labels[1]))
+        whole = (None if complete_levels is None or complete_labels is None else
+                 (complete_levels[i][0], complete_labels[0], complete_levels[i][1],
+                  complete_labels[1]))
         val = ((val_windows, val_labels) if val_windows is not None and val_labels is not None
                else None)
         out.append(fit_level(train_windows, labels, layout, classes, features=features,
                              seed=seed, val=val, identity=identity, lengths=lengths,
-                             per_length=per_length, short_source=source))
+                             per_length=per_length, short_source=source, complete=whole))
     return ContextHead(out)
 
 

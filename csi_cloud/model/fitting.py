@@ -56,7 +56,8 @@ def fit(data: SegmentData, spec: Any, activities: list[str], identities: list[st
         t0 = time.perf_counter()
         result.net.context_head, bundle = _fit_head(
             bundle, data, train_recs, val_recs, features=opts.head_features, seed=opts.seed,
-            lengths=[k for k in opts.head_lengths if k < cfg.context_segments])
+            lengths=[k for k in opts.head_lengths if k < cfg.context_segments],
+            complete=opts.head_complete)
         info["head_seconds"] = round(time.perf_counter() - t0, 1)
     if not calibrate:
         return result, bundle.manifest
@@ -71,6 +72,17 @@ def _some_windows(codes: Any, recordings: np.ndarray, n: int, per_recording: int
 
     rows, owners, last = segment_windows(codes, recordings, n)
     return _draw(rows, owners, last, per_recording, rng)
+
+
+def _complete_windows(codes: Any, recordings: np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Every window of ``recordings`` whose ``n`` slots are all present (rows (W, n), owners
+    (W,)): those a complete-window layer is fitted on (context_head.fit_level)."""
+    from .data import segment_windows
+
+    rows, owners, _ = segment_windows(codes, recordings, n)
+    keep = (rows >= 0).all(axis=1)
+    return rows[keep], owners[keep]
 
 
 def _draw(rows: np.ndarray, owners: np.ndarray, last: np.ndarray, per_recording: int,
@@ -101,7 +113,7 @@ def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.nda
                     val_recs: np.ndarray, *, features: int = 4000, seed: int = 0,
                     per_recording: int = 5, lengths: Sequence[int] = (),
                     per_length: bool = False, short_per_recording: int | None = None,
-                    short_joined: bool = False) -> Any:
+                    short_joined: bool = False, complete: bool = False) -> Any:
     """Fit the bundle's context head on the codes its int8 edge encoder produces for the
     training recordings (``per_recording`` of the windows the service would classify in each,
     the last one included, at every rate level, and the unquantized path), choose the ridge
@@ -109,17 +121,20 @@ def fit_bundle_head(folder: Path | Bundle, data: SegmentData, train_recs: np.nda
     recomputed). ``lengths``: the live output's shorter readings a short-reading activity
     layer is fitted on (csi_cloud.model.context_head.fit_level; none without them).
     ``short_joined``: that layer truncates windows of the recordings streamed end to end
-    (:func:`_joined_windows`) rather than of each recording alone. Returns the head."""
+    (:func:`_joined_windows`) rather than of each recording alone. ``complete``: a
+    complete-window activity layer too, fitted on every training window whose context is
+    whole (csi_cloud.model.context_head.fit_level). Returns the head."""
     return _fit_head(folder, data, train_recs, val_recs, features=features, seed=seed,
                      per_recording=per_recording, lengths=lengths, per_length=per_length,
-                     short_per_recording=short_per_recording, short_joined=short_joined)[0]
+                     short_per_recording=short_per_recording, short_joined=short_joined,
+                     complete=complete)[0]
 
 
 def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
               val_recs: np.ndarray, *, features: int, seed: int,
               per_recording: int = 5, lengths: Sequence[int] = (),
               per_length: bool = False, short_per_recording: int | None = None,
-              short_joined: bool = False) -> tuple[Any, Bundle]:
+              short_joined: bool = False, complete: bool = False) -> tuple[Any, Bundle]:
     """:func:`fit_bundle_head`; also returns the bundle as rewritten."""
     from .bundle import CLOUD_FILE, write_cloud
     from .context_head import fit_context_head, profile_coefficients, unquantized_windows
@@ -167,6 +182,16 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
                  + [(unquantized_windows(net, data.x, srows_tr),
                      unquantized_windows(net, data.x, srows_va))],
                  "short_labels": (data.activity[sown_tr], data.activity[sown_va])}
+    if complete:
+        # Every complete window, not a draw: it takes no generator, so the other layers see
+        # exactly the windows they see without it.
+        crows_tr, cown_tr = _complete_windows(codes, train_recs, n)
+        crows_va, cown_va = _complete_windows(codes, val_recs, n)
+        short |= {"complete_levels": [(decoded(lv, crows_tr), decoded(lv, crows_va))
+                                      for lv in range(cfg.levels)]
+                  + [(unquantized_windows(net, data.x, crows_tr),
+                      unquantized_windows(net, data.x, crows_va))],
+                  "complete_labels": (data.activity[cown_tr], data.activity[cown_va])}
     head = fit_context_head(levels, data.activity[own_tr], cfg.activities, features=features,
                             seed=seed, val_labels=data.activity[own_va], identity=identity,
                             lengths=lengths, per_length=per_length, **short)
@@ -177,7 +202,8 @@ def _fit_head(folder: Path | Bundle, data: SegmentData, train_recs: np.ndarray,
     if isinstance(manifest.training.get("options"), dict):
         # The manifest says what the head was fitted with (a refit of an older bundle too).
         update["training"] = {**manifest.training, "options": {
-            **manifest.training["options"], "head_lengths": [int(k) for k in lengths]}}
+            **manifest.training["options"], "head_lengths": [int(k) for k in lengths],
+            "head_complete": bool(complete)}}
     manifest = manifest.model_copy(update=update)
     return head, write_manifest(bundle.folder, manifest)
 

@@ -58,6 +58,9 @@ class TrainOptions(BaseModel):
     # truncated to each length (context_head.fit_level); () for none. A length not below the
     # model's context_segments is left out.
     head_lengths: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 4)
+    # A complete-window activity layer beside the activity layer: fitted on the training
+    # windows whose every context slot is present, it reads those (context_head.fit_level).
+    head_complete: bool = True
 
 
 @dataclass
