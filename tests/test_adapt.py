@@ -65,16 +65,20 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert (out / "edge.onnx").read_bytes() == (MODEL / "edge.onnx").read_bytes()
     assert child.input_spec == parent.input_spec and child.entropy == parent.entropy
     assert child.levels == parent.levels
-    # Only the context head's activity layers moved (closed-form refit): the full window's
-    # and the short-reading one (on the support's shorter readings, at the lengths the parent
-    # fitted its own on); the network, the head's features and its identity layer are the
-    # parent's.
+    # Only the context head's activity layers moved (closed-form refit): the full window's,
+    # the short-reading one (on the support's shorter readings, at the lengths the parent
+    # fitted its own on) and the complete-window one (refitted on the support's complete
+    # windows, or dropped where they miss an activity); the network, the head's features
+    # and its identity layer are the parent's.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
-        assert set(ch.files) == set(pa.files)
+        dropped = set(pa.files) - set(ch.files)
+        assert set(ch.files) <= set(pa.files)
+        assert all(".complete." in k for k in dropped), dropped
         changed = {k for k in ch.files if not np.array_equal(pa[k], ch[k])}
-    assert changed and all(k.startswith("head.") and (".activity." in k or ".short." in k)
+    layers = (".activity.", ".short.", ".complete.")
+    assert changed and all(k.startswith("head.") and any(m in k for m in layers)
                            for k in changed), changed
     refitted = {k.split(".")[1] for k in changed}
     assert all(any(f"head.{lv}.short." in k for k in changed) for lv in refitted), changed

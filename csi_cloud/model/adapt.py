@@ -321,7 +321,8 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     already computed.
 
     The complete-window layer, where the parent has one, is refitted the same way on the
-    support's complete windows (every slot present).
+    support's complete windows (every slot present); where those miss an activity of the
+    support (or there are none) it is dropped, and the adapted activity layer reads them.
 
     ``short_lengths``: the lengths the parent's short-reading layer was fitted on
     (``training.options.head_lengths``). Where given and the parent has that layer, it is
@@ -469,8 +470,11 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
                                         head=model.net.context_head is not None),
         training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
                                                     if not k.startswith("activity")},
-                  # what a later adaptation of this bundle refits its short layer on
-                  "options": {"head_lengths": short_lengths}},
+                  # what a later adaptation of this bundle refits its short layer on, and
+                  # whether its head kept a complete-window layer
+                  "options": {"head_lengths": short_lengths, "head_complete": any(
+                      part.complete is not None for part in adapted.context_head.levels)
+                      if adapted.context_head is not None else False}},
         metrics={"adaptation": {k: v for k, v in result.items()
                                 if k.startswith("activity")
                                 or k in ("shots", "held_out", "held_out_accuracy")}})

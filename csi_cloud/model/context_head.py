@@ -377,8 +377,9 @@ def fit_level(windows: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.nda
     ``complete``: the training windows whose every slot is present, their labels, and the
     validation windows and labels alike. With them the level gets a complete-window activity
     layer (:attr:`LevelHead.complete`) fitted on those windows alone, its penalty and
-    temperature chosen on the validation ones; the activity layer keeps reading every other
-    window. Why: the activity layer is fitted on windows the service classifies, most of
+    temperature chosen on the validation ones (without any: the middle penalty, temperature
+    1, as for the other layers); the activity layer keeps reading every other window. Why:
+    the activity layer is fitted on windows the service classifies, most of
     them (on recordings of about the context's length) missing their first slots, and reads
     a complete window less well than a layer fitted on complete windows does (docs/model.md,
     "Complete windows"). None where the complete training windows miss an activity the
