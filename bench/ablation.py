@@ -212,12 +212,8 @@ def adapted(model: CloudModel, head: Any, codes: Any, coeff: np.ndarray, target:
         y = codes.activity[owners]
         part.activity = ridge_to_prior(feats, y, prior, groups=owners)
         if prior_complete is not None:
-            # As csi adapt refits it: on the support's complete windows, dropped where they
-            # miss an activity of the support.
-            whole = windows[2].all(axis=1)
-            part.complete = (None if set(y.tolist()) - set(y[whole].tolist()) else
-                             ridge_to_prior(feats[whole], y[whole], prior_complete,
-                                            groups=owners[whole]))
+            # As csi adapt refits it: on the same windows, towards the parent's own.
+            part.complete = ridge_to_prior(feats, y, prior_complete, groups=owners)
         accs.append(score(model, head, codes, coeff, query, v)["activity_accuracy"])
         part.activity, part.complete = prior, prior_complete
     return float(np.mean(accs))

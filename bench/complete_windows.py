@@ -85,7 +85,8 @@ def _few_shot_figures(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def measure(folder: Path, data: Any, dataset: str) -> dict[str, Any]:
+def measure(folder: Path, data: Any, dataset: str, *, evaluate: bool = True
+            ) -> dict[str, Any]:
     split = json.loads((folder / "split.json").read_text())
     train, val, test = (np.array(split[k]) for k in ("train", "val", "test"))
     options = Bundle.load(folder).manifest.training["options"]
@@ -112,7 +113,7 @@ def measure(folder: Path, data: Any, dataset: str) -> dict[str, Any]:
             edge = EdgeEncoder(bundle)
             figures = (_figures(evaluate_bundle(model, edge, data, test,
                                                 dataset=dataset).summary)
-                       if protocol == "random" else {})
+                       if protocol == "random" and evaluate else {})
             if protocol != "random" or dataset == "wiar":
                 figures |= _few_shot_figures(few_shot(model, edge, data, test, [5], 3))
         row[arm] = {"figures": figures, "head_seconds": round(seconds, 1),
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="wiar,fition")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--few-shot-only", action="store_true",
+                        help="only the few-shot figures (no k-fold evaluation)")
+    parser.add_argument("--protocols", default="random,cross-session,cross-room",
+                        help="the kept bundles of these protocols (comma-separated)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "bench" / "results" / "complete_windows.json")
     args = parser.parse_args(argv)
@@ -153,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets.split(","):
         kept = [m.parent for m in sorted((BUNDLES / name).glob("*/bundle.json"))
                 if json.loads((m.parent / "split.json").read_text())["protocol"]
-                in ("random", "cross-session", "cross-room")]
+                in args.protocols.split(",")]
         if not kept:
             raise SystemExit(f"no kept bundles in {BUNDLES / name}: run bench/model.py "
                              f"--datasets {name} first")
         data, *_ = prepare(name, args.data / DATA[name])
         rows = []
         for folder in kept:
-            rows.append(measure(folder, data, name))
+            rows.append(measure(folder, data, name, evaluate=not args.few_shot_only))
             print(name, rows[-1]["task"], json.dumps(
                 {a: {k: v for k, v in rows[-1][a]["figures"].items() if k.startswith("0.")}
                  for a in ARMS}), flush=True)

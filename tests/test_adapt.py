@@ -217,38 +217,40 @@ def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readin
         assert not np.allclose(layer.coef, new.levels[lv].short.coef)  # type: ignore[union-attr]
 
 
-def test_adapting_refits_the_complete_window_layer_on_the_support_s_complete_windows(
+def test_adapting_refits_the_complete_window_layer_towards_the_parent_s_own(
         sample_codes: tuple[CloudModel, CodeData]) -> None:
+    """The complete-window layer is refitted on the same support windows as the activity
+    layer, shrunk towards the parent's complete-window layer; on the support alone
+    (``prior`` False) it is dropped, the adapted activity layer reading every window."""
     from csi_cloud.model.rocket import ridge_to_prior
 
     model, codes = sample_codes
     net = copy.deepcopy(model.net)
     head = net.context_head
     assert head is not None
-    for part in head.levels:  # a parent with a complete-window layer
-        if part.complete is None:
-            part.complete = copy.deepcopy(part.activity)
+    for part in head.levels:  # a parent whose complete-window layer differs from its own
+        part.complete = copy.deepcopy(part.activity)
+        part.complete.coef = part.complete.coef[::-1].copy()
     support, _ = pick_support(codes, np.arange(len(codes)), 1, 0)
     adapted = adapt_head(net, codes, support)
     new = adapted.context_head
     assert new is not None
     for lv, ((z, p, present), owners) in support_windows(
             codes, support, net.cfg.context_segments).items():
-        whole = present.all(axis=1)
         coeff = profile_coefficients(net, p, transmitted=True)
-        feats = head.levels[lv].features(z[whole], coeff[whole], present[whole])
+        feats = head.levels[lv].features(z, coeff, present)
         parent, refit = head.levels[lv].complete, new.levels[lv].complete
-        assert parent is not None
-        if set(codes.activity[owners].tolist()) - set(codes.activity[owners[whole]].tolist()):
-            assert refit is None, "dropped where its windows miss an activity"
-            continue
-        assert refit is not None
-        expected = ridge_to_prior(feats, codes.activity[owners[whole]], parent,
-                                  groups=owners[whole])
+        assert parent is not None and refit is not None
+        expected = ridge_to_prior(feats, codes.activity[owners], parent, groups=owners)
         assert np.allclose(refit.coef, expected.coef)
+        assert np.allclose(refit.intercept, expected.intercept)
         assert not np.allclose(refit.coef, parent.coef)
+        assert not np.allclose(refit.coef, new.levels[lv].activity.coef), "its own prior"
         assert shrinkage(adapted)[str(lv)]["complete_alpha"] == refit.alpha
-    assert any(part.complete is not None for part in new.levels)
+    alone = adapt_head(net, codes, support, prior=False)
+    assert alone.context_head is not None
+    for lv in support_windows(codes, support, net.cfg.context_segments):
+        assert alone.context_head.levels[lv].complete is None
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:

@@ -124,15 +124,13 @@ class HeadWindows:
     recordings: np.ndarray
     groups: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
-    def select(self, level: int, recordings: np.ndarray, *, complete: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level
-        (``complete``: those whose every slot is present alone), in the order
-        :func:`support_windows` gives them."""
+    def select(self, level: int, recordings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level,
+        in the order :func:`support_windows` gives them."""
         feats, owners = [], []
-        for _, lv, own, _, whole, f in self.groups:
+        for _, lv, own, _, _, f in self.groups:
             if lv == level:
-                pick = np.isin(own, recordings) & (whole if complete else True)
+                pick = np.isin(own, recordings)
                 feats.append(f[pick])
                 owners.append(own[pick])
         return np.concatenate(feats), np.concatenate(owners)
@@ -320,9 +318,10 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     ``alpha``). ``windows``: the head's features of (at least) the support recordings, if
     already computed.
 
-    The complete-window layer, where the parent has one, is refitted the same way on the
-    support's complete windows (every slot present); where those miss an activity of the
-    support (or there are none) it is dropped, and the adapted activity layer reads them.
+    The complete-window layer, where the parent has one, is refitted on the same support
+    windows, shrunk towards the parent's complete-window layer (without ``prior`` it would
+    be the activity layer's fit, and is dropped: the adapted activity layer reads every
+    window).
 
     ``short_lengths``: the lengths the parent's short-reading layer was fitted on
     (``training.options.head_lengths``). Where given and the parent has that layer, it is
@@ -359,21 +358,18 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
             fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
             fitted.temperature = part.activity.temperature
             part.activity = fitted
-        # The complete-window layer likewise, on the support's complete windows; dropped
-        # (the adapted activity layer then reads them) where they miss an activity the
-        # support has, as csi_cloud.model.context_head.fit_level leaves it out.
+        # The complete-window layer on the same windows, shrunk towards the parent's own:
+        # a setting's few complete windows are too few to fit it on alone (on Fition's new
+        # sessions and rooms a layer fitted on them read 2.5 to 4.7 points worse after
+        # adaptation, bench/results/complete_windows.json). Where the parent fits the
+        # setting (lam near 1) it keeps reading complete windows as the parent's did; where
+        # it does not (lam near 0) it comes out as the activity layer's fit.
         if part.complete is not None:
-            c_feats, c_owners = windows.select(lv, support, complete=True)
-            if not len(c_owners) or set(y.tolist()) - set(labels[c_owners].tolist()):
-                part.complete = None
-            elif prior:
-                part.complete = ridge_to_prior(c_feats, labels[c_owners], part.complete,
-                                               groups=c_owners, prior_weight=prior_weight)
+            if prior:
+                part.complete = ridge_to_prior(feats, y, part.complete, groups=owners,
+                                               prior_weight=prior_weight)
             else:
-                whole = fit_ridge(c_feats, labels[c_owners], part.complete.coef.shape[0],
-                                  groups=c_owners)
-                whole.temperature = part.complete.temperature
-                part.complete = whole
+                part.complete = None  # the support alone: the activity layer's fit
         # The short-reading layer was fitted on the parent's windows: refitted on the
         # support's shorter readings where their lengths are known, else dropped (the adapted
         # full-window layer then reads them), never left a layer of the old setting.
