@@ -211,9 +211,8 @@ def test_per_second_accuracy_counts_every_prediction_the_service_makes(
 
 def test_per_second_accuracy_of_the_live_reading_and_the_smoothed_label(samples: Path) -> None:
     """The report's live and smoothed per-second figures are what the service shows: the
-    shipped bundle's live reading (classify_live, its pooled context lengths, the full window
-    among them) and its filter run second by second over each recording from a fresh start
-    (recomputed here)."""
+    shipped bundle's live reading (classify_live, its pooled context lengths) and its filter
+    run second by second over each recording from a fresh start (recomputed here)."""
     from csi_cloud.model.data import segment_windows
     from csi_cloud.model.evaluate import decode_level, encode_recordings, evaluate_bundle
     from csi_cloud.smoothing import HMMFilter, TrustParams
@@ -222,8 +221,8 @@ def test_per_second_accuracy_of_the_live_reading_and_the_smoothed_label(samples:
     data, *_ = prepare("wiar", samples / "wiar" / "height_90")
     edge, cloud = EdgeEncoder(bundle), CloudModel.load(bundle)
     weights = cloud.lengths.weights
-    assert len(cloud.lengths.lengths) > 1 and weights is not None and weights[-1] > 0, \
-        "the shipped bundle pools several lengths, the full window's among them"
+    assert weights is not None and sum(w > 0 for w in weights) > 1, \
+        "the shipped bundle pools several lengths"
     recs = np.arange(len(data))
     summary = evaluate_bundle(cloud, edge, data, recs).summary
     every, owner, _ = segment_windows(data, recs, cloud.net.cfg.context_segments)
