@@ -211,9 +211,7 @@ def adapted(model: CloudModel, head: Any, codes: Any, coeff: np.ndarray, target:
         feats = part.features(*windows)
         y = codes.activity[owners]
         part.activity = ridge_to_prior(feats, y, prior, groups=owners)
-        if prior_complete is not None:
-            # As csi adapt refits it: on the same windows, towards the parent's own.
-            part.complete = ridge_to_prior(feats, y, prior_complete, groups=owners)
+        part.complete = None  # csi adapt drops it: the adapted activity layer reads all
         accs.append(score(model, head, codes, coeff, query, v)["activity_accuracy"])
         part.activity, part.complete = prior, prior_complete
     return float(np.mean(accs))

@@ -217,40 +217,42 @@ def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readin
         assert not np.allclose(layer.coef, new.levels[lv].short.coef)  # type: ignore[union-attr]
 
 
-def test_adapting_refits_the_complete_window_layer_towards_the_parent_s_own(
+def test_adapting_drops_the_complete_window_layer_and_changes_nothing_else(
         sample_codes: tuple[CloudModel, CodeData]) -> None:
-    """The complete-window layer is refitted on the same support windows as the activity
-    layer, shrunk towards the parent's complete-window layer; on the support alone
-    (``prior`` False) it is dropped, the adapted activity layer reading every window."""
-    from csi_cloud.model.rocket import ridge_to_prior
-
+    """Where the support reaches a level, the adapted head has no complete-window layer there
+    and every other layer is exactly what adapting the same parent without one gives (so
+    the adapted bundle reads a new setting as it did before the layer existed); a level the
+    support does not reach keeps the parent's layers, that one included."""
     model, codes = sample_codes
-    net = copy.deepcopy(model.net)
-    head = net.context_head
-    assert head is not None
-    for part in head.levels:  # a parent whose complete-window layer differs from its own
+    with_layer = copy.deepcopy(model.net)
+    without = copy.deepcopy(model.net)
+    assert with_layer.context_head is not None and without.context_head is not None
+    for part in with_layer.context_head.levels:
         part.complete = copy.deepcopy(part.activity)
         part.complete.coef = part.complete.coef[::-1].copy()
+    for part in without.context_head.levels:
+        part.complete = None
     support, _ = pick_support(codes, np.arange(len(codes)), 1, 0)
-    adapted = adapt_head(net, codes, support)
-    new = adapted.context_head
-    assert new is not None
-    for lv, ((z, p, present), owners) in support_windows(
-            codes, support, net.cfg.context_segments).items():
-        coeff = profile_coefficients(net, p, transmitted=True)
-        feats = head.levels[lv].features(z, coeff, present)
-        parent, refit = head.levels[lv].complete, new.levels[lv].complete
-        assert parent is not None and refit is not None
-        expected = ridge_to_prior(feats, codes.activity[owners], parent, groups=owners)
-        assert np.allclose(refit.coef, expected.coef)
-        assert np.allclose(refit.intercept, expected.intercept)
-        assert not np.allclose(refit.coef, parent.coef)
-        assert not np.allclose(refit.coef, new.levels[lv].activity.coef), "its own prior"
-        assert shrinkage(adapted)[str(lv)]["complete_alpha"] == refit.alpha
-    alone = adapt_head(net, codes, support, prior=False)
-    assert alone.context_head is not None
-    for lv in support_windows(codes, support, net.cfg.context_segments):
-        assert alone.context_head.levels[lv].complete is None
+    reached = set(support_windows(codes, support, model.net.cfg.context_segments))
+    for prior in (True, False):
+        a = adapt_head(with_layer, codes, support, prior=prior, short_lengths=(1, 2, 4))
+        b = adapt_head(without, codes, support, prior=prior, short_lengths=(1, 2, 4))
+        assert a.context_head is not None and b.context_head is not None
+        for lv, (pa, pb) in enumerate(zip(a.context_head.levels, b.context_head.levels,
+                                          strict=True)):
+            if lv in reached:
+                assert pa.complete is None
+            else:
+                assert pa.complete is with_layer.context_head.levels[lv].complete or (
+                    pa.complete is not None and np.array_equal(
+                        pa.complete.coef, with_layer.context_head.levels[lv].complete.coef))
+            for layer in ("activity", "short"):
+                la, lb = getattr(pa, layer), getattr(pb, layer)
+                assert (la is None) == (lb is None)
+                if la is not None:
+                    assert np.array_equal(la.coef, lb.coef)
+                    assert np.array_equal(la.intercept, lb.intercept)
+    assert reached and len(reached) < len(with_layer.context_head.levels)
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:
