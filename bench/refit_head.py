@@ -1,6 +1,6 @@
 """Fit a shipped bundle's context head again with this version's code, its network untouched.
 
-    python bench/refit_head.py [--bundles fition,wiar] [--data ../shared/data]
+    python bench/refit_head.py [--bundles fition,wiar] [--data ../shared/data] [--complete]
 
 ``csi train`` fits the context head in closed form after the network (docs/model.md). Training
 the network again on another machine gives another network (docs/trust.md, "Between
@@ -45,7 +45,6 @@ from csi_cloud.model.evaluate import evaluate_bundle  # noqa: E402
 from csi_cloud.model.fitting import fit_bundle_head  # noqa: E402
 from csi_cloud.model.pipeline import report_notes  # noqa: E402
 from csi_cloud.model.report import write_report  # noqa: E402
-from csi_cloud.model.train import TrainOptions  # noqa: E402
 from csi_cloud.model.trust import calibrate_folder  # noqa: E402
 from csi_edge.bundle import Bundle, EdgeEncoder, write_manifest  # noqa: E402
 
@@ -82,7 +81,8 @@ def _figures(values: dict[str, float | None]) -> str:
     return text
 
 
-def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
+def refit(folder: Path, dataset: str, data_dir: Path, complete: bool | None = None
+          ) -> dict[str, Any]:
     data, parts = load_split(folder, dataset, data_dir)
     manifest = Bundle.load(folder).manifest
     options = manifest.training["options"]
@@ -94,7 +94,10 @@ def refit(folder: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
     fit_bundle_head(folder, data, parts["train"], parts["val"],
                     features=int(options["head_features"]), seed=int(options["seed"]),
                     lengths=[k for k in options.get("head_lengths", []) if k < n],
-                    complete=TrainOptions().head_complete)
+                    # The bundle's own choice (a bundle fitted before the option has none:
+                    # without the layer) unless told.
+                    complete=bool(options.get("head_complete", False)) if complete is None
+                    else complete)
     calibrate_folder(folder, data, parts["val"],
                      fitted_on=f"{len(parts['val'])} validation recordings of the training split")
     bundle = Bundle.load(folder)
@@ -132,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles", default="fition,wiar")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of the shared datasets (default: ../shared/data)")
+    parser.add_argument("--complete", action=argparse.BooleanOptionalAction, default=None,
+                        help="fit the complete-window layer (default: as the bundle's "
+                             "training.options.head_complete says; docs/model.md, \"Complete "
+                             "windows\")")
     args = parser.parse_args(argv)
     data = args.data or shared_data()
     for name in args.bundles.split(","):
         if name not in BUNDLES:
             parser.error(f"no dataset known for bundle {name!r} ({', '.join(BUNDLES)})")
         dataset, sub = BUNDLES[name]
-        result = refit(ROOT / "models" / name, dataset, data / sub)
+        result = refit(ROOT / "models" / name, dataset, data / sub, args.complete)
         print(json.dumps({name: result}), flush=True)
     return 0
 

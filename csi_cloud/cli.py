@@ -108,6 +108,10 @@ def train_command(
         min=1, help="profiles each segment sends: its frames cut into this many equal blocks, "
                     "each block's mean coded (must divide the segment's frames; stored in the "
                     "bundle's model config)")] = 1,
+    head_complete: Annotated[bool, typer.Option(
+        "--head-complete", help="give each level's classifier a layer of its own for windows "
+                                "whose whole context is present (docs/model.md, \"Complete "
+                                "windows\": it helps WiAR, not Fition)")] = False,
 ) -> None:
     """Train a bundle: split by recording, train with early stopping, freeze the entropy
     tables, export the int8 edge encoder, evaluate the held-out recordings, write report.md."""
@@ -121,7 +125,8 @@ def train_command(
     opts = TrainOptions(epochs=epochs, seed=seed, batch=batch, lr=lr, patience=patience,
                         recon_weight=recon_weight, activity_weight=activity_weight,
                         identity_weight=identity_weight, quantizer_weight=quantizer_weight,
-                        threads=threads, segment_dropout=segment_dropout)
+                        threads=threads, segment_dropout=segment_dropout,
+                        head_complete=head_complete)
     if quantizer not in ("fsq", "vq"):
         raise fail(f"--quantizer must be fsq or vq, not {quantizer!r}")
     from .model.network import ModelConfig

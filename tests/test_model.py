@@ -116,8 +116,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Path:
     data, spec, activities, identities = prepare("fition", samples / "fition")
     recs = np.arange(len(data))
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    fit(data, spec, activities, identities, recs, recs, TrainOptions(epochs=2, threads=1), out,
-        name="tiny")
+    fit(data, spec, activities, identities, recs, recs,
+        TrainOptions(epochs=2, threads=1, head_complete=True), out, name="tiny")
     return out
 
 
