@@ -93,7 +93,8 @@ def measure(folder: Path, data: Any, dataset: str, *, evaluate: bool = True
     n = int(Bundle.load(folder).manifest.model["context_segments"])
     protocol = split["protocol"]
     # Bundles of another level-0 layout or profile blocks are measured apart.
-    layout = "".join(f" {k} {split[k]}" for k in ("level0", "profile_blocks") if split.get(k))
+    layout = "".join(f" {k} {split[k]}" for k in ("level0", "profile_blocks", "head_complete")
+                     if split.get(k))
     row: dict[str, Any] = {"protocol": protocol + layout, "task": split["task"],
                            "seed": split["seed"], "test_recordings": len(test)}
     for arm in ARMS:

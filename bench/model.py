@@ -241,7 +241,8 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
         t0 = time.perf_counter()
         identity = protocol == "random" and n_id > 0
         opts = TrainOptions(epochs=args.epochs, seed=seed, threads=args.threads,
-                            segment_dropout=args.segment_dropout)
+                            segment_dropout=args.segment_dropout,
+                            head_complete=args.head_complete)
         source = np.concatenate([tr, va])
         # The anchors' MiniRocket biases are fitted once per dataset and seed, without labels,
         # on windows of every recording (test ones included): one transform of every window
@@ -276,11 +277,13 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
         entry = results.setdefault(protocol, {"ours": [], "anchors": [], "tasks": []})
         layout = f"-l0-{args.level0.replace(',', '-')}" if args.level0 else ""
         layout += f"-pb{args.profile_blocks}" if args.profile_blocks > 1 else ""
+        layout += "-hc" if args.head_complete else ""
         kept = CACHE / "bundles" / name / f"{protocol}-{task.replace('/', '')}-{seed}{layout}"
         split = {"protocol": protocol, "task": task, "seed": seed, "train": tr.tolist(),
                  "val": va.tolist(), "test": te.tolist(), "epochs": args.epochs,
                  "segment_dropout": args.segment_dropout, "level0": args.level0,
-                 **({"profile_blocks": args.profile_blocks} if args.profile_blocks > 1 else {})}
+                 **({"profile_blocks": args.profile_blocks} if args.profile_blocks > 1 else {}),
+                 **({"head_complete": True} if args.head_complete else {})}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "b"
             if args.reuse and (kept / "split.json").is_file() and json.loads(
@@ -808,6 +811,10 @@ def main() -> None:
     parser.add_argument("--profile-blocks", type=int, default=1,
                         help="train ours with this many profiles a segment (ModelConfig."
                              "profile_blocks; default 1, the segment's mean)")
+    parser.add_argument("--head-complete", action="store_true",
+                        help="train ours with the complete-window activity layer "
+                             "(TrainOptions.head_complete; the WiAR bundle's choice, "
+                             "docs/model.md \"Complete windows\")")
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                         help="k-fold: also score what the service shows each second (the "
                              "bundle calibrated on the task's validation recordings, the test "
@@ -871,6 +878,7 @@ def main() -> None:
         "benchmark": "model", "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs,
         "segment_dropout": args.segment_dropout, "shots": args.shots, "draws": args.draws,
         "level0": level0_layout(args.level0) or "default",
+        "head_complete": args.head_complete,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads}, "environment": environment(), "datasets": {}}
     def save(name: str, section: dict[str, Any]) -> None:
