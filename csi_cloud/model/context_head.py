@@ -136,6 +136,9 @@ class LevelHead:
         (W,): whether each window's every slot is present. A full window (``reading`` None)
         that is complete is read by the complete-window layer where the level has one, any
         other by :meth:`reader`."""
+        # The activity layer scores every row, the complete ones too (then replaced): scored
+        # on a subset, BLAS rounds the other rows' last bits differently, and a head with the
+        # layer would no longer read partial windows exactly as a head without it does.
         p = self.reader(reading).probabilities(feats)
         if reading is not None or self.complete is None:
             return p
