@@ -17,10 +17,8 @@ both arms, so the difference is the layer's alone.
 
 Few-shot, in both arms (csi_cloud.model.fewshot.few_shot, as bench/model.py scores ours): 5
 labelled recordings per activity of the bundle's test recordings as the support, the rest as
-the query, 3 draws; before adaptation, after ``csi adapt``'s refit towards the parent (with
-the layer: kept as it is at the levels where the support says it reads the setting better,
-csi_cloud.model.adapt.keep_complete_layer, dropped elsewhere; ``complete_kept``, the share of
-draws that kept it), and refitted on the support alone. On WiAR's folds that is the learning curve's K = 5; on the
+the query, 3 draws; before adaptation, after ``csi adapt``'s refit towards the parent, and
+refitted on the support alone. On WiAR's folds that is the learning curve's K = 5; on the
 kept bundles of Fition's cross-session and cross-room settings (bench/model.py
 ``--protocols few-shot``), the new session or room (their bundles are scored for few-shot
 alone: before adaptation they read another setting).
@@ -81,7 +79,7 @@ def _few_shot_figures(result: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for method in ("ours_before", "ours_adapted", "ours_support_only"):
         for key, value in result["5"].get(method, {}).items():
-            if key.startswith("level") and ("accuracy" in key or "complete_kept" in key):
+            if key.startswith("level") and "accuracy" in key:
                 level, figure = key[len("level"):].split("_", 1)
                 out[f"few_shot.{method}.{level}.{figure}"] = float(value["mean"])
     return out

@@ -675,12 +675,6 @@ def adapt_command(
         typer.echo("weight of the parent's head chosen on the support (0: the support alone, "
                    "1: shrunk towards the parent's): "
                    + ", ".join(f"level {lv} {w:.2f}" for lv, w in weights.items()))
-    checks = result.get("complete_windows") or {}
-    if checks:
-        typer.echo("the parent's complete-window layer (its reading of the support's complete "
-                   "windows against the refit's, each recording left out): " + ", ".join(
-                       f"level {lv} {c['parent']:.2f} vs {c['adapted_left_out']:.2f}, "
-                       + ("kept" if c["kept"] else "dropped") for lv, c in checks.items()))
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from csi_cloud.model.adapt import (
 )
 from csi_cloud.model.compression import CloudModel
 from csi_cloud.model.context_head import profile_coefficients
-from csi_cloud.model.heads import CodeData, classify_codes, codes_from_segments
+from csi_cloud.model.heads import CodeData, classify_codes
 from csi_cloud.registry import ModelRegistry
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder, load_manifest
@@ -67,9 +67,9 @@ def test_adapt_writes_a_derived_bundle_on_the_same_edge_part(
     assert child.levels == parent.levels
     # Only the context head's activity layers moved (closed-form refit): the full window's,
     # the short-reading one (on the support's shorter readings, at the lengths the parent
-    # fitted its own on) and the complete-window one where the parent has it (kept as it is
-    # where the support says it reads the setting better, else dropped); the network, the
-    # head's features and its identity layer are the parent's.
+    # fitted its own on) and the complete-window one (refitted on the support's complete
+    # windows, or dropped where they miss an activity); the network, the head's features
+    # and its identity layer are the parent's.
     a, b = CloudModel.load(MODEL).net.state_dict(), CloudModel.load(out).net.state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with np.load(MODEL / "cloud.npz") as pa, np.load(out / "cloud.npz") as ch:
@@ -164,7 +164,7 @@ def test_adapting_on_shared_features_fits_what_the_support_windows_give(
     assert alone.context_head is not None
     for lv, ((z, p, present), owners) in support_windows(
             codes, support, model.net.cfg.context_segments).items():
-        feats, got, _ = head_windows(model.net, codes, support).select(lv, support)
+        feats, got = head_windows(model.net, codes, support).select(lv, support)
         assert np.array_equal(got, owners)
         assert np.array_equal(feats, head.levels[lv].features(
             z, profile_coefficients(model.net, p, transmitted=True), present))
@@ -217,14 +217,12 @@ def test_adapting_refits_the_short_reading_layer_on_the_support_s_shorter_readin
         assert not np.allclose(layer.coef, new.levels[lv].short.coef)  # type: ignore[union-attr]
 
 
-def test_a_support_that_cannot_vouch_for_the_complete_window_layer_drops_it(
+def test_adapting_drops_the_complete_window_layer_and_changes_nothing_else(
         sample_codes: tuple[CloudModel, CodeData]) -> None:
-    """Where the support reaches a level and cannot say the parent's complete-window layer
-    reads the setting better (here K = 1: csi_cloud.model.adapt.keep_complete_layer, tested
-    in test_context_head), the adapted head has no such layer there and every other layer is
-    exactly what adapting the same parent without one gives (so the adapted bundle reads a
-    new setting as it did before the layer existed); a level the support does not reach
-    keeps the parent's layers, that one included."""
+    """Where the support reaches a level, the adapted head has no complete-window layer there
+    and every other layer is exactly what adapting the same parent without one gives (so
+    the adapted bundle reads a new setting as it did before the layer existed); a level the
+    support does not reach keeps the parent's layers, that one included."""
     model, codes = sample_codes
     with_layer = copy.deepcopy(model.net)
     without = copy.deepcopy(model.net)
@@ -255,67 +253,6 @@ def test_a_support_that_cannot_vouch_for_the_complete_window_layer_drops_it(
                     assert np.array_equal(la.coef, lb.coef)
                     assert np.array_equal(la.intercept, lb.intercept)
     assert reached and len(reached) < len(with_layer.context_head.levels)
-
-
-@pytest.mark.shared_data
-@pytest.mark.e2e
-def test_the_wiar_bundle_keeps_its_complete_window_layer_where_its_own_setting_vouches(
-        shared_wiar: Path, tmp_path: Path) -> None:
-    """The shipped WiAR bundle adapted on recordings of its own setting it was not fitted on
-    (its test split, K = 3): every rate level gets a check (keep_complete_layer's figures),
-    a level keeps the parent's layer exactly where the check says so, as it is (the same
-    arrays), and the rest drop it; here, the parent's own setting, most levels keep it."""
-    from csi_cloud.model.trust import split_recordings
-
-    wiar = ROOT / "models" / "wiar"
-    model = CloudModel.load(wiar)
-    data, _ = split_recordings(wiar, "wiar", shared_wiar, "test")
-    codes = codes_from_segments(model, EdgeEncoder(wiar), data)
-    everything = np.arange(len(data.activity))
-    support, query = pick_support(codes, everything, 3, 0)
-    windows = head_windows(model.net, codes, everything)
-    checks: dict[str, dict[str, object]] = {}
-    adapted = adapt_head(model.net, codes, support, windows=windows, checks=checks,
-                         short_lengths=(1, 2, 4))
-    parent, head = model.net.context_head, adapted.context_head
-    assert parent is not None and head is not None
-    levels = len(model.manifest.levels)
-    assert sorted(checks) == [str(lv) for lv in range(levels)], checks
-    for lv in range(levels):
-        check, layer = checks[str(lv)], head.levels[lv].complete
-        figures = {k: float(v) for k, v in check.items() if k != "kept"}  # type: ignore[arg-type]
-        assert check["kept"] is (figures["prior_weight"] >= 0.5
-                                 and figures["parent"] > figures["adapted_left_out"])
-        if check["kept"]:
-            own = parent.levels[lv].complete
-            assert layer is not None and own is not None
-            assert np.array_equal(layer.coef, own.coef)
-            assert np.array_equal(layer.intercept, own.intercept)
-            assert shrinkage(adapted)[str(lv)]["complete_alpha"] == own.alpha
-        else:
-            assert layer is None and "complete_alpha" not in shrinkage(adapted)[str(lv)]
-    assert sum(bool(c["kept"]) for c in checks.values()) >= levels // 2, checks
-    before = _accuracy(model.net, codes, query, windows=windows)
-    after = _accuracy(adapted, codes, query, windows=windows)
-    assert np.mean(after) >= np.mean(before) - 0.02, (before, after)
-    # `csi adapt` on a folder of those recordings says what it kept, and the derived bundle
-    # records the checks.
-    from csi_cloud.datasets import index_dataset, random_split
-
-    split = random_split(list(index_dataset("wiar", shared_wiar)), seed=0)
-    folder = tmp_path / "room"
-    folder.mkdir()
-    for example in split.test:
-        (folder / example.path.name).symlink_to(example.path)
-    done = _csi("adapt", "--model", str(wiar), "--dataset", "wiar", "--data", str(folder),
-                "--shots", "3", "--out", str(tmp_path / "adapted"))
-    assert done.returncode == 0, done.stderr
-    line = next(x for x in done.stdout.splitlines() if "complete-window layer" in x)
-    recorded = load_manifest(tmp_path / "adapted").training["complete_windows"]
-    assert sorted(recorded) == [str(lv) for lv in range(levels)]
-    for lv, check in recorded.items():
-        assert (f"level {lv} {check['parent']:.2f} vs {check['adapted_left_out']:.2f}, "
-                + ("kept" if check["kept"] else "dropped")) in line
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:

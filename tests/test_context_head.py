@@ -20,11 +20,9 @@ from csi_cloud.model.rocket import (
     ALPHAS,
     KERNELS,
     TIE_TOLERANCE,
-    RidgeHead,
     RocketTransform,
     WindowLayout,
     fit_ridge,
-    left_out_scores,
     lone_recording_classes,
     ridge_to_prior,
     series,
@@ -264,41 +262,6 @@ def test_one_recording_per_activity_still_learns_from_the_support() -> None:
     # Two recordings of every activity: leave-one-recording-out as before.
     x, y, g = _recordings(rng, centres, 2)
     assert lone_recording_classes(y, g) == []
-
-
-@pytest.mark.parametrize("lam", [None, 0.0, 0.6, 1.0])
-def test_left_out_scores_are_refits_without_each_recording(lam: float | None) -> None:
-    """The closed form equals fitting the ridge (intercept unpenalised, towards lam times
-    the prior's weights) again without each recording and scoring that recording's windows,
-    in the standardisation of all the windows."""
-    rng = np.random.default_rng(5)
-    centres = 0.25 * rng.normal(size=(3, 40))
-    prior = fit_ridge(*_recordings(rng, centres, 10, windows=4)[:2], 3, alpha=30.0)
-    x, y, g = _recordings(rng, centres, 3, windows=5)
-    alpha = 10.0
-    got = left_out_scores(x, y, 3, groups=g, alpha=alpha,
-                          prior=None if lam is None else prior, prior_weight=lam or 0.0)
-    scale = np.where(x.std(0) > 1e-6, x.std(0), 1.0).astype(np.float32)
-    xs = ((x - x.mean(0).astype(np.float32)) / scale).astype(np.float64)
-    t = -np.ones((len(y), 3))
-    t[np.arange(len(y)), y] = 1.0
-    offset = (np.zeros((x.shape[1], 3)) if lam is None
-              else (prior.coef.astype(np.float64) * (scale / prior.scale)).T * lam)
-    want = np.empty_like(t)
-    for rec in np.unique(g):
-        out, fit = g == rec, g != rec
-        r = t[fit] - xs[fit] @ offset  # the residual targets of the shrunk fit
-        xm, rm = xs[fit].mean(0), r.mean(0)
-        v = np.linalg.solve((xs[fit] - xm).T @ (xs[fit] - xm) + alpha * np.eye(x.shape[1]),
-                            (xs[fit] - xm).T @ (r - rm))
-        want[out] = xs[out] @ offset + rm + (xs[out] - xm) @ v
-    assert np.allclose(got, want, atol=1e-6)
-    # It is what fit_ridge's choice reads: with every recording in, the fit scores them
-    # better than left out.
-    assert (got.argmax(1) == y).mean() <= (fit_ridge(
-        x, y, 3, alpha=alpha).scores(x).argmax(1) == y).mean()
-    with pytest.raises(ValueError, match="at least 3 recordings, got 2"):
-        left_out_scores(x[g < 2], y[g < 2], 3, groups=g[g < 2], alpha=alpha)
 
 
 def test_leave_one_recording_out_does_not_reward_interpolation() -> None:
@@ -674,55 +637,3 @@ def test_no_complete_layer_where_complete_windows_miss_an_activity() -> None:
     part = fit_level(train, y, WindowLayout(0, 1, 1.0, profile_mean=True), 2, features=840,
                      seed=0, val=(val, y_val), complete=(_only(train, rows), y[rows], None, None))
     assert part.complete is None
-
-
-def _complete_layer_check(spread: float, shift: list[int], per_class: int
-                          ) -> tuple[dict[str, object] | None, RidgeHead, tuple[np.ndarray, ...]]:
-    """keep_complete_layer on a synthetic support (4 classes, ``per_class`` recordings of 8
-    windows, the last 3 complete) of a setting whose class centres are the parent's permuted
-    by ``shift``, adapted towards the parent's layer (fitted on 60 recordings a class)."""
-    from csi_cloud.model.adapt import keep_complete_layer
-
-    rng = np.random.default_rng(4)
-    centres = spread * rng.normal(size=(4, 200))
-    parent = fit_ridge(*_recordings(rng, centres, 60)[:2], 4, alpha=100.0)
-    x, y, g = _recordings(rng, centres[shift], per_class)
-    complete = np.tile(np.arange(8) >= 5, len(y) // 8)
-    adapted = ridge_to_prior(x, y, parent, groups=g)
-    check = keep_complete_layer(parent, adapted, x, y, g, complete, prior=parent)
-    return check, parent, (x, y, g, complete, adapted)
-
-
-def test_an_adapted_level_keeps_the_parent_s_complete_layer_only_where_the_support_says_so(
-        ) -> None:
-    """keep_complete_layer compares, on the support's complete windows, the parent's layer as
-    it is with the adapted layer's reading of each window with its recording left out: in
-    the parent's own setting (few support recordings of a hard task) the parent reads them
-    better and is kept; in a setting whose activities it confuses it is not, even where it
-    reads them better than the left-out refit by chance (both near chance: the prior weight
-    says the parent does not carry over); with one recording of an activity, no complete
-    window or no prior, the support cannot say."""
-    from csi_cloud.model.adapt import keep_complete_layer
-
-    same, parent, (x, y, g, complete, adapted) = _complete_layer_check(0.2, [0, 1, 2, 3], 3)
-    assert same is not None and same["kept"] is True, same
-    assert same["windows"] == int(complete.sum()) == 36
-    left_out = left_out_scores(x, y, 4, groups=g, alpha=adapted.alpha, prior=parent,
-                               prior_weight=adapted.prior_weight or 0.0)
-    assert same["adapted_left_out"] == round(float(
-        (left_out[complete].argmax(1) == y[complete]).mean()), 4)
-    assert same["parent"] == round(float(
-        (parent.scores(x[complete]).argmax(1) == y[complete]).mean()), 4)
-    assert same["parent"] > same["adapted_left_out"] and same["prior_weight"] >= 0.5
-    assert keep_complete_layer(parent, adapted, x, y, g, complete, prior=None) is None
-    assert keep_complete_layer(parent, adapted, x, y, g, np.zeros(len(y), bool),
-                               prior=parent) is None
-    confused, *_ = _complete_layer_check(0.2, [1, 2, 3, 0], 3)
-    assert confused is not None and confused["kept"] is False, confused
-    assert confused["parent"] < confused["adapted_left_out"]
-    by_chance, *_ = _complete_layer_check(0.1, [2, 3, 0, 1], 2)
-    assert by_chance is not None and by_chance["kept"] is False, by_chance
-    assert by_chance["parent"] > by_chance["adapted_left_out"]  # both below chance (0.25)
-    assert by_chance["prior_weight"] < 0.5
-    one, *_ = _complete_layer_check(0.2, [0, 1, 2, 3], 1)  # K = 1
-    assert one is None

@@ -53,12 +53,11 @@ from .heads import (
     window_batch,
 )
 from .network import CSICodecNet, ModelConfig
-from .rocket import RidgeHead, left_out_scores, lone_recording_classes
 
 __all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head",
-           "adapted_calibration", "draw_support", "head_windows", "keep_complete_layer",
-           "load_codes", "open_set_codes", "pick_support", "set_prototypes", "shrinkage",
-           "support_windows"]
+           "adapted_calibration",
+           "draw_support", "head_windows", "load_codes", "open_set_codes", "pick_support",
+           "set_prototypes", "shrinkage", "support_windows"]
 
 
 def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
@@ -125,19 +124,16 @@ class HeadWindows:
     recordings: np.ndarray
     groups: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
-    def select(self, level: int, recordings: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features (W, F), owners (W,) and whether each window's every slot is present (W,)
-        of the windows of ``recordings`` at a rate level, in the order
-        :func:`support_windows` gives them."""
-        feats, owners, complete = [], [], []
-        for _, lv, own, _, whole, f in self.groups:
+    def select(self, level: int, recordings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features (W, F) and owners (W,) of the windows of ``recordings`` at a rate level,
+        in the order :func:`support_windows` gives them."""
+        feats, owners = [], []
+        for _, lv, own, _, _, f in self.groups:
             if lv == level:
                 pick = np.isin(own, recordings)
                 feats.append(f[pick])
                 owners.append(own[pick])
-                complete.append(whole[pick])
-        return np.concatenate(feats), np.concatenate(owners), np.concatenate(complete)
+        return np.concatenate(feats), np.concatenate(owners)
 
     def accuracy(self, head: ContextHead, labels: np.ndarray, recordings: np.ndarray, *,
                  every: bool = False) -> list[float]:
@@ -209,9 +205,6 @@ Method = Literal["ridge", "ridge-alone", "finetune", "prototypes", "prototypes+f
 METHODS: tuple[str, ...] = ("ridge", "ridge-alone", "finetune", "prototypes",
                             "prototypes+finetune")
 PROTOTYPE_SCALE = 10.0  # logit scale of the prototype head (softmax temperature 1/10)
-# The least prior weight at which an adapted level may keep the parent's complete-window
-# layer: the support must say the parent's weights carry over at least half-way.
-KEEP_PRIOR_WEIGHT = 0.5
 
 
 @torch.no_grad()
@@ -312,43 +305,10 @@ def _short_windows(net: CSICodecNet, codes: CodeData, support: np.ndarray,
             for lv, parts in out.items()}
 
 
-def keep_complete_layer(parent: RidgeHead, adapted: RidgeHead, feats: np.ndarray,
-                        labels: np.ndarray, owners: np.ndarray, complete: np.ndarray, *,
-                        prior: RidgeHead | None) -> dict[str, Any] | None:
-    """Whether an adapted level keeps the parent's complete-window layer ``parent`` as it is.
-
-    ``adapted``: the level's activity layer refitted on the support's windows ``feats``
-    (W, F) (their ``labels`` and ``owners``) towards ``prior`` (the parent's activity
-    layer). It is kept where the parent's weights carry over (the adaptation's prior weight,
-    chosen by leaving recordings out, is at least :data:`KEEP_PRIOR_WEIGHT`) and the layer
-    reads the support's ``complete`` windows better than the adapted layer does with each
-    window's own recording left out of its fit (the same penalty and prior weight). Returns
-    both accuracies, the windows, the prior weight and the verdict (``kept``), or None where
-    the support cannot say: no prior (the support alone), no complete window, fewer than 3
-    recordings, or an activity with a single recording (K = 1: leaving it out leaves the
-    adapted layer nothing of that activity)."""
-    if (prior is None or not complete.any() or len(np.unique(owners)) < 3
-            or lone_recording_classes(labels, owners)):
-        return None
-    lam = adapted.prior_weight or 0.0
-    scores = left_out_scores(feats, labels, adapted.coef.shape[0], groups=owners,
-                             alpha=adapted.alpha, prior=prior, prior_weight=lam)
-    y = labels[complete]
-    as_parent = float((parent.scores(feats[complete]).argmax(1) == y).mean())
-    left_out = float((scores[complete].argmax(1) == y).mean())
-    # Ties go to the adapted layer. The prior weight guards the comparison where both read a
-    # setting near chance: a new setting whose activities the parent confuses (weight near
-    # 0) is one it must not read, however the two near-chance figures fall.
-    return {"windows": int(complete.sum()), "prior_weight": round(lam, 4),
-            "parent": round(as_parent, 4), "adapted_left_out": round(left_out, 4),
-            "kept": lam >= KEEP_PRIOR_WEIGHT and as_parent > left_out}
-
-
 def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
                prior: bool = True, prior_weight: float | None = None,
                windows: HeadWindows | None = None,
-               short_lengths: Sequence[int] = (),
-               checks: dict[str, dict[str, Any]] | None = None) -> CSICodecNet:
+               short_lengths: Sequence[int] = ()) -> CSICodecNet:
     """A copy of ``net`` whose context head's activity layers are refitted on the support
     windows of each rate level they occur at; levels without support windows keep the
     parent's layer. With ``prior``, each layer is shrunk towards ``lam`` times the parent's,
@@ -358,14 +318,10 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     ``alpha``). ``windows``: the head's features of (at least) the support recordings, if
     already computed.
 
-    The complete-window layer, where the parent has one, is kept as it is at a level only
-    where it reads the support's complete windows better than the adapted activity layer
-    does with each window's recording left out (:func:`keep_complete_layer`: the parent's
-    own setting, where it was fitted); elsewhere it is dropped and the adapted activity
-    layer reads every window (a layer refitted on a new setting's few complete windows, or
-    shrunk towards the parent's, read new sessions and rooms worse; docs/model.md,
-    "Complete windows"). ``checks``, where given, gets each such level's figures
-    (``str(level)`` -> :func:`keep_complete_layer`'s dict).
+    The complete-window layer, where the parent has one, is dropped at every level the
+    support reaches: the adapted activity layer reads every window there (a layer fitted
+    on a new setting's few complete windows, or shrunk towards the parent's, read new
+    sessions and rooms worse; docs/model.md, "Complete windows").
 
     ``short_lengths``: the lengths the parent's short-reading layer was fitted on
     (``training.options.head_lengths``). Where given and the parent has that layer, it is
@@ -390,32 +346,25 @@ def adapt_head(net: CSICodecNet, codes: CodeData, support: np.ndarray, *,
     assert head is not None
     labels = codes.activity
     for lv in dict.fromkeys(group[1] for group in windows.groups):
-        feats, owners, whole = windows.select(lv, support)
+        feats, owners = windows.select(lv, support)
         if not len(owners):
             continue
         part = head.levels[head.level_index(lv)]
         y = labels[owners]
-        parent = part.activity
         if prior:
-            part.activity = ridge_to_prior(feats, y, parent, groups=owners,
+            part.activity = ridge_to_prior(feats, y, part.activity, groups=owners,
                                            prior_weight=prior_weight)
         else:
-            fitted = fit_ridge(feats, y, parent.coef.shape[0], groups=owners)
-            fitted.temperature = parent.temperature
+            fitted = fit_ridge(feats, y, part.activity.coef.shape[0], groups=owners)
+            fitted.temperature = part.activity.temperature
             part.activity = fitted
-        # The complete-window layer is kept, as it is, only where the support shows it
-        # reads the setting's complete windows better than the adapted layer: refitted on
-        # the support's complete windows it read Fition's new sessions and rooms 2.5 and 4.7
-        # points worse after adaptation, and refitted on every support window towards the
-        # parent's own still 1.5 and 0.1 worse (bench/results/complete_windows.json), while
-        # within the parent's own setting (WiAR's learning curve) dropping it cost 3 points.
-        if part.complete is not None:
-            check = keep_complete_layer(part.complete, part.activity, feats, y, owners,
-                                        whole, prior=parent if prior else None)
-            if check is not None and checks is not None:
-                checks[str(lv)] = check
-            if check is None or not check["kept"]:
-                part.complete = None
+        # The complete-window layer is dropped: the adapted activity layer reads every
+        # window. Refitted on the support's complete windows alone it read Fition's new
+        # sessions and rooms 2.5 and 4.7 points worse after adaptation, and refitted on every
+        # support window towards the parent's own still 1.5 and 0.1 worse
+        # (bench/results/complete_windows.json), for a gain within the parent's own setting
+        # (WiAR's learning curve) that a new room does not have.
+        part.complete = None
         # The short-reading layer was fitted on the parent's windows: refitted on the
         # support's shorter readings where their lengths are known, else dropped (the adapted
         # full-window layer then reads them), never left a layer of the old setting.
@@ -485,10 +434,9 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
                else None)
     short_lengths = [int(k) for k in
                      (model.manifest.training.get("options") or {}).get("head_lengths") or ()]
-    checks: dict[str, dict[str, Any]] = {}
     if windows is not None:
         adapted = adapt_head(model.net, codes, support, prior=method == "ridge",
-                             windows=windows, short_lengths=short_lengths, checks=checks)
+                             windows=windows, short_lengths=short_lengths)
     else:
         adapted = adapt_codes(model.net, codes, support, part=part, epochs=epochs, seed=seed,
                               method=method)
@@ -507,8 +455,6 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
                                                                   every=True, windows=windows)
     if windows is not None:
         result["shrinkage"] = shrinkage(adapted)
-    if checks:
-        result["complete_windows"] = checks
     manifest = save_derived(
         bundle, out, adapted, name=name or out.name, held_out=held_out,
         calibration=adapted_calibration(model.manifest.calibration,

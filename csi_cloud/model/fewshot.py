@@ -172,8 +172,6 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
     # Adaptation only swaps the head's activity layers: the head's features of every window
     # of the setting are computed once, for every fit and score below.
     windows = head_windows(model.net, codes, target) if model.net.context_head else None
-    parent_complete = {str(lv): part.complete is not None for lv, part in enumerate(
-        model.net.context_head.levels[:-1])} if model.net.context_head else {}
     out: dict[str, Any] = {}
     for k in shots:
         per: dict[str, list[dict[str, float]]] = {}
@@ -196,13 +194,8 @@ def few_shot(model: CloudModel, edge: EdgeEncoder | CloudModel, data: SegmentDat
                     **{f"level{lv}_activity_accuracy_per_second": a for lv, a in
                        enumerate(_accuracy(net, codes, query, every=True, windows=windows))}}
                 if name == "ours_adapted":
-                    chosen = shrinkage(net)
                     row.update({f"level{lv}_prior_weight": w for lv, v in
-                                chosen.items() if (w := v["prior_weight"]) is not None})
-                    # Where the parent has a complete-window layer: 1 where the adapted
-                    # level kept it (csi_cloud.model.adapt.keep_complete_layer), 0 if not.
-                    row.update({f"level{lv}_complete_kept": float("complete_alpha" in v)
-                                for lv, v in chosen.items() if parent_complete.get(lv)})
+                                shrinkage(net).items() if (w := v["prior_weight"]) is not None})
                 per.setdefault(name, []).append(row)
             if win is not None and rocket is not None:
                 with_source = source is not None and len(source) > 0 and (

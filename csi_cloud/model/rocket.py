@@ -46,8 +46,8 @@ from torch.nn import functional as F
 from .window import window_mean
 
 __all__ = ["ALPHAS", "KERNELS", "RidgeHead", "RocketTransform", "WindowLayout", "fit_ridge",
-           "fit_temperature", "left_out_scores", "lone_recording_classes", "one_blas_thread",
-           "ridge_path", "ridge_to_prior", "series"]
+           "fit_temperature", "lone_recording_classes", "one_blas_thread", "ridge_path",
+           "ridge_to_prior", "series"]
 
 # The 84 MiniRocket kernels: length 9, weight 2 at three positions, -1 elsewhere.
 KERNELS = np.array([[2.0 if i in combo else -1.0 for i in range(9)]
@@ -456,20 +456,6 @@ def _targets(y: np.ndarray, classes: int) -> np.ndarray:
     return t
 
 
-def _left_out(evecs: np.ndarray, shrink: np.ndarray, resid: np.ndarray,
-              members: list[np.ndarray], mean_hat: np.ndarray) -> np.ndarray:
-    """Each window's residual (W, T) with its own group (recording) left out of the dual
-    ridge fit whose in-sample residuals are ``resid``: (I - H_gg)^-1 times the group's
-    residuals, with the hat matrix H = G (G + alpha I)^-1 + the intercept's (``mean_hat``),
-    restricted to the group's windows (``shrink`` = evals / (evals + alpha))."""
-    loo = np.empty_like(resid)
-    for rows in members:
-        v = evecs[rows]
-        block = np.eye(len(rows)) - (v * shrink) @ v.T - mean_hat[np.ix_(rows, rows)]
-        loo[rows] = np.linalg.solve(block, resid[rows])
-    return loo
-
-
 def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
            groups: np.ndarray | None, offset: np.ndarray | None = None
            ) -> tuple[np.ndarray, float, float]:
@@ -506,7 +492,13 @@ def _solve(x: np.ndarray, t: np.ndarray, weight: np.ndarray, alphas: np.ndarray,
         for alpha in alphas:
             shrink = evals / (evals + alpha)
             resid = us - evecs @ (proj * shrink[:, None])
-            loo = _left_out(evecs, shrink, resid, members, mean_hat)
+            # Leave each recording out: (I - H_gg)^-1 times its residuals, with the hat
+            # matrix H = G (G + alpha I)^-1 + the intercept's, restricted to its windows.
+            loo = np.empty_like(resid)
+            for rows in members:
+                v = evecs[rows]
+                block = np.eye(len(rows)) - (v * shrink) @ v.T - mean_hat[np.ix_(rows, rows)]
+                loo[rows] = np.linalg.solve(block, resid[rows])
             e0, e1 = loo[:, :a], loo[:, a:]
             lam = 0.0
             if offset is not None and (e1**2).sum() > 0:
@@ -582,42 +574,6 @@ def fit_ridge(features: np.ndarray, labels: np.ndarray, classes: int, *,
     intercept = tm - xm @ coef.T
     return RidgeHead(mean, scale, coef.astype(np.float32), intercept.astype(np.float32),
                      1.0, chosen, lam if prior is not None else None)
-
-
-def left_out_scores(features: np.ndarray, labels: np.ndarray, classes: int, *,
-                    groups: np.ndarray, alpha: float, prior: RidgeHead | None = None,
-                    prior_weight: float = 0.0) -> np.ndarray:
-    """The scores (W, classes) each window gets from the ridge head :func:`fit_ridge` fits
-    on ``features`` (W, F) and ``labels`` (W,) at penalty ``alpha`` (towards
-    ``prior_weight`` times ``prior``'s weights, given a prior) with the window's own group
-    (recording, ``groups`` (W,)) left out of the fit: the closed form :func:`fit_ridge`
-    chooses the penalty and prior weight by, one fit, no refit per group. Needs at least 3
-    groups."""
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    if len(np.unique(groups)) < 3:
-        raise ValueError(f"leaving one recording out needs at least 3 recordings, got "
-                         f"{len(np.unique(groups))}")
-    mean = features.mean(axis=0).astype(np.float32)
-    spread = features.std(axis=0)
-    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
-    x = ((features - mean) / scale).astype(np.float64)
-    t = _targets(labels, classes)
-    xc = x - x.mean(axis=0)
-    tc = t - t.mean(axis=0)
-    evals, evecs = np.linalg.eigh(xc @ xc.T)
-    evals = np.clip(evals, 0, None)
-    us = tc
-    if prior is not None:
-        # As in fit_ridge: the prior's weights in this standardisation.
-        offset = (prior.coef.astype(np.float64) * (scale / prior.scale)).T
-        us = np.concatenate([tc, -(xc @ offset)], axis=1)
-    shrink = evals / (evals + alpha)
-    resid = us - evecs @ ((evecs.T @ us) * shrink[:, None])
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    mean_hat = np.full((len(labels), len(labels)), 1.0 / len(labels))
-    loo = _left_out(evecs, shrink, resid, members, mean_hat)
-    error = loo[:, :classes] + (prior_weight * loo[:, classes:] if prior is not None else 0.0)
-    return np.asarray(t - error)
 
 
 def lone_recording_classes(labels: np.ndarray, groups: np.ndarray) -> list[int]:
