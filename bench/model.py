@@ -204,7 +204,7 @@ def run_dataset(name: str, args: argparse.Namespace, log: Any,
                               "per-second one",
             "shots": "all" if source_shots is None else source_shots,
             "boosting_threads": args.threads}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         if "random" in protocols or (name == "wiar" and "wiar-learning-curve" in settings):
             tasks += [("random", t, tr, va, te, seed)
                       for t, tr, va, te in split_tasks(data, "random", args.folds, seed)]
@@ -778,6 +778,9 @@ def main() -> None:
     parser.add_argument("--datasets", default="wiar,fition")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds FIRST_SEED..SEEDS-1 only (named as in a --seeds "
+                             "SEEDS run), to add seeds to an earlier run with --merge-from")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=12,
                         help="network training epochs per task (the context head, which "
@@ -841,6 +844,9 @@ def main() -> None:
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
                         help="with --render-only: add these results files' protocols")
     args = parser.parse_args()
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(f"--first-seed {args.first_seed} must be in 0..{args.seeds - 1} "
+                     f"(--seeds {args.seeds})")
     if args.render_only:
         report = (json.loads(args.out.read_text()) if args.out.is_file() else
                   {"benchmark": "model", "seeds": args.seeds, "folds": args.folds,
