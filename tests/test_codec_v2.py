@@ -229,8 +229,12 @@ def test_fuzzed_messages_only_raise_payload_errors_and_round_trip() -> None:
 
 
 def _manifest() -> tuple[BundleManifest, tuple[entropy.EntropyTable, ...]]:
-    """The shipped WiAR manifest with fixed tables, so the stream's bytes are pinned."""
+    """The shipped WiAR manifest with fixed tables and level 0 fixed at 1 latent channel + 12
+    profile coefficients, so the stream's bytes are pinned whatever the bundle sends."""
     manifest = load_manifest(ROOT / "models" / "wiar")
+    manifest = manifest.model_copy(update={"levels": [
+        lv.model_copy(update={"groups": 1, "profile_components": 12}) if lv.level == 0 else lv
+        for lv in manifest.levels]})
     values = np.ones((16, 2 * R + 1), np.int64)
     values[:, R - 3 : R + 4] = [2, 4, 8, 10, 8, 4, 2]
     latent = np.array([[3, 5, 9, 5, 3]] * 16, np.int64)
