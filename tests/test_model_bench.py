@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from _bench import bench_module
 
 from csi_cloud.model.anchors import ANCHORS
@@ -50,6 +52,19 @@ def test_each_seeds_run_of_a_task_keeps_its_own_name_and_the_section_its_seed_co
         assert model.run_name("fold0", 0, 1) == "fold0"
         assert model.seeds_of(["fold0", "fold1"]) == 1
         assert model.seeds_of(["rm1/rm2->rm3/rm4"]) == 1
+
+
+def test_first_seed_outside_the_seeds_is_refused_with_its_value(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--first-seed adds seeds to an earlier run; a first seed past the last one would run
+    nothing and write an empty results file, so it is refused before anything runs."""
+    with bench_module("model") as model:
+        for argv in (["--seeds", "2", "--first-seed", "2"], ["--first-seed", "-1"]):
+            monkeypatch.setattr(sys, "argv", ["model.py", *argv])
+            with pytest.raises(SystemExit) as info:
+                model.main()
+            assert info.value.code == 2
+            assert f"--first-seed {argv[-1]} must be in" in capsys.readouterr().err
 
 
 def test_the_live_figures_come_from_a_copy_calibrated_on_the_validation_recordings(
