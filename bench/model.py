@@ -884,6 +884,8 @@ def main() -> None:
         "benchmark": "model", "seeds": args.seeds, "folds": args.folds, "epochs": args.epochs,
         "segment_dropout": args.segment_dropout, "shots": args.shots, "draws": args.draws,
         "level0": level0_layout(args.level0) or "default",
+        # A run that adds seeds to an earlier one says which of them it ran.
+        **({"first_seed": args.first_seed} if args.first_seed else {}),
         "head_complete": args.head_complete,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads}, "environment": environment(), "datasets": {}}
