@@ -428,15 +428,21 @@ def _merge_protocol(protocols: dict[str, Any], protocol: str,
 
 
 def _few_mean(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Mean over the setting's directions/folds of each K's method means."""
+    """Mean over the setting's directions/folds of each K's method means. A score measured on
+    some of a method's runs only (the anchors' per-second scores, where the runs of later
+    seeds fitted the last windows alone) gets no mean: one over fewer runs would stand next
+    to the others' as if it were theirs."""
     out: dict[str, Any] = {}
+    counts: dict[tuple[str, str], int] = {}
     for run in runs.values():
         for k, methods in run.items():
             for method, metrics in methods.items():
+                counts[k, method] = counts.get((k, method), 0) + 1
                 for key, value in metrics.items():
                     out.setdefault(k, {}).setdefault(method, {}).setdefault(key, []).append(
                         value["mean"])
-    return {k: {m: {key: round(float(np.mean(v)), 4) for key, v in metrics.items()}
+    return {k: {m: {key: round(float(np.mean(v)), 4) for key, v in metrics.items()
+                    if len(v) == counts[k, m]}
                 for m, metrics in methods.items()} for k, methods in out.items()}
 
 
@@ -664,14 +670,19 @@ def few_shot_table(few: dict[str, Any]) -> list[str]:
     lines = ["| K | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     lines += [f"| {k} | " + " | ".join(cells(mean[k])) + " |" for k in ks]
     top = ks[-1] if ks else None
-    if top is not None and len(runs) > 1:
-        lines += ["", f"At K = {top}, per direction (mean over the support draws):", "",
+    # A direction's runs of every seed, averaged (a run is "<direction>/seed<N>").
+    directions: dict[str, dict[str, Any]] = {}
+    for run, per_k in runs.items():
+        directions.setdefault(run.rsplit("/seed", 1)[0], {})[run] = per_k
+    if top is not None and len(directions) > 1:
+        seeds = max(len(of) for of in directions.values())
+        over = f"the {seeds} seeds and " if seeds > 1 else ""
+        lines += ["", f"At K = {top}, per direction (mean over {over}the support draws):", "",
                   "| direction | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        for run, per_k in sorted(runs.items()):
-            if top in per_k:
-                flat = {m: {key: v["mean"] for key, v in metrics.items()}
-                        for m, metrics in per_k[top].items()}
-                lines.append(f"| {run.rsplit('/seed', 1)[0]} | " + " | ".join(cells(flat)) + " |")
+        for direction, of in sorted(directions.items()):
+            flat = _few_mean({r: per_k for r, per_k in of.items() if top in per_k}).get(top)
+            if flat:
+                lines.append(f"| {direction} | " + " | ".join(cells(flat)) + " |")
     return lines
 
 
@@ -734,8 +745,10 @@ def render(report: dict[str, Any], name: str) -> str:
                   "|---|" + "---|" * len(ks)]
         for m in methods:
             key = "level0_activity_accuracy" if m.startswith("ours") else "activity_accuracy"
-            cells = [f"{mean[k][m][key]:.3f} / {mean[k][m][key + '_per_second']:.3f}"
-                     if m in mean[k] else "-" for k in ks]
+            cells = [f"{mean[k][m][key]:.3f} / "
+                     + (f"{mean[k][m][key + '_per_second']:.3f}"
+                        if key + "_per_second" in mean[k][m] else "-")
+                     if m in mean[k] and key in mean[k][m] else "-" for k in ks]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         weights = [f"K={k}: {mean[k]['ours_adapted']['level0_prior_weight']:.2f}" for k in ks
                    if "level0_prior_weight" in mean[k].get("ours_adapted", {})]

@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,6 +132,37 @@ def test_merged_runs_keep_ours_and_add_the_anchors_rows() -> None:
     row = next(line for line in table if line.startswith("| 5 |"))
     assert "0.850 (fusion source and support)" in row and "| -5.0 |" in row
     assert "0.800 (lam 0.40)" in row
+
+
+def test_a_score_measured_on_some_runs_only_gets_no_mean() -> None:
+    """Seeds whose anchors fitted the last windows alone have per-recording scores and no
+    per-second ones: the per-second mean would be the other seeds' alone, so there is none,
+    and the table says '-' for it."""
+    bench = _bench_model()
+
+    def row(acc: float, per_second: float | None) -> dict[str, Any]:
+        scores = {"activity_accuracy": {"mean": acc, "std": 0.0}}
+        if per_second is not None:
+            scores["activity_accuracy_per_second"] = {"mean": per_second, "std": 0.0}
+        return {"5": {"fusion_source_and_support": scores,
+                      "ours_adapted": {"level0_activity_accuracy": {"mean": 0.8, "std": 0.0},
+                                       "level0_activity_accuracy_per_second":
+                                           {"mean": 0.7, "std": 0.0}}}}
+
+    runs = {"fold0/seed0": row(0.9, 0.6), "fold0/seed1": row(0.7, None)}
+    mean = bench._few_mean(runs)["5"]
+    assert mean["fusion_source_and_support"] == {"activity_accuracy": 0.8}
+    assert mean["ours_adapted"]["level0_activity_accuracy_per_second"] == 0.7
+    few = {"runs": runs, "mean": {"5": mean}}
+    report = {"draws": 3, "folds": 5, "epochs": 12, "targets": {},
+              "datasets": {"wiar": {"protocols": {}, "few_shot": {"wiar-learning-curve": few}}}}
+    assert "| fusion_source_and_support | 0.800 / - |" in bench.render(report, "wiar")
+    # Per direction, a direction's seeds are one row: their mean.
+    runs["fold1/seed0"] = row(0.5, 0.5)
+    table = bench.few_shot_table({"runs": runs, "mean": bench._few_mean(runs)})
+    assert "per direction (mean over the 2 seeds and the support draws)" in "\n".join(table)
+    fold0 = [line for line in table if line.startswith("| fold0 |")]
+    assert len(fold0) == 1 and "0.800 (fusion source and support)" in fold0[0]
 
 
 def test_per_recording_scores_come_from_anchors_fitted_on_last_windows(
