@@ -1,0 +1,200 @@
+"""Self-training on unlabelled recordings of the new setting: measured, not shipped.
+
+    python bench/self_training.py [--data ../shared/data] [--shots 5] [--draws 3]
+
+`csi adapt` learns a new session or room from K labelled recordings per activity. A user's
+room also gives unlabelled recordings (the live stream between calibrations). This bench asks
+whether one round of self-training on them helps: fit the head on the support as
+``csi adapt`` does (:func:`csi_cloud.model.adapt.adapt_head`), label each unlabelled
+recording with the activity of highest mean log-probability over its windows (every rate
+level's), add those recordings' windows with their pseudo-labels to the support, and fit
+again from the parent.
+
+For every kept bundle of bench/model.py's Fition few-shot settings (``.cache/bench/bundles``:
+run ``python bench/model.py --datasets fition --protocols few-shot --few-shot-settings
+cross-session,cross-room`` first), K = 5 labelled recordings per activity of the new setting
+as the support (the draws of ``csi adapt``), the other recordings split at random (seeded per
+draw) into an unlabelled pool and a test half. Both arms are scored on the same test half, at
+level 0, per recording and per second: ``adapted`` (``csi adapt`` as shipped) and
+``self_trained`` (one round on every pool recording); ``self_trained_confident`` keeps the
+more confident half of the pool only. ``pseudo_label_accuracy``: how many pool recordings got
+their true activity.
+
+Results: bench/results/self_training.json (per bundle and draw, and the means per setting
+and direction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _report import environment  # noqa: E402
+
+from csi_cloud.model.adapt import (  # noqa: E402
+    HeadWindows,
+    _accuracy,
+    adapt_head,
+    head_windows,
+    pick_support,
+)
+from csi_cloud.model.compression import CloudModel  # noqa: E402
+from csi_cloud.model.heads import CodeData, codes_from_segments  # noqa: E402
+from csi_cloud.model.network import CSICodecNet  # noqa: E402
+from csi_cloud.model.pipeline import prepare  # noqa: E402
+from csi_cloud.model.rocket import ridge_to_prior  # noqa: E402
+from csi_edge.bundle import EdgeEncoder  # noqa: E402
+
+BUNDLES = ROOT / ".cache" / "bench" / "bundles" / "fition"
+ARMS = ("adapted", "self_trained", "self_trained_confident")
+
+
+def refit(net: CSICodecNet, codes: CodeData, support: np.ndarray, windows: HeadWindows,
+          pseudo: dict[int, int]) -> CSICodecNet:
+    """``csi adapt``'s refit of each level's activity layer towards the parent's, on the
+    support's windows plus the windows of the ``pseudo``-labelled recordings (recording ->
+    activity). The short-reading and complete-window layers are dropped (Fition's bundles
+    have no complete-window layer; the scores read full windows only)."""
+    adapted = copy.deepcopy(net)
+    head = adapted.context_head
+    assert head is not None
+    extra = np.array(sorted(pseudo), dtype=np.int64)
+    for lv in dict.fromkeys(group[1] for group in windows.groups):
+        feats, owners = windows.select(lv, support)
+        if not len(owners):
+            continue
+        labels = codes.activity[owners]
+        if len(extra):
+            more, more_owners = windows.select(lv, extra)
+            feats = np.concatenate([feats, more])
+            labels = np.concatenate([labels, [pseudo[int(o)] for o in more_owners]])
+            owners = np.concatenate([owners, more_owners])
+        part = head.levels[head.level_index(lv)]
+        part.activity = ridge_to_prior(feats, labels, part.activity, groups=owners)
+        part.complete, part.short, part.by_length = None, None, {}
+    return adapted
+
+
+def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each recording's activity of highest mean log-probability over its windows at every
+    rate level: (recordings, labels, that mean log-probability)."""
+    head = net.context_head
+    assert head is not None
+    logp: dict[int, list[np.ndarray]] = {}
+    for _, lv, owners, _, whole, feats in windows.groups:
+        pick = np.isin(owners, recordings)
+        if not pick.any():
+            continue
+        probs = head.levels[head.level_index(lv)].activity_probabilities(feats[pick],
+                                                                         whole[pick])
+        for owner, p in zip(owners[pick].tolist(), np.log(np.clip(probs, 1e-6, 1.0)),
+                            strict=True):
+            logp.setdefault(owner, []).append(p)
+    recs = np.array(sorted(logp), dtype=np.int64)
+    mean = np.stack([np.mean(logp[int(r)], axis=0) for r in recs])
+    return recs, mean.argmax(1), mean.max(1)
+
+
+def measure(folder: Path, data: Any, shots: int, draws: int) -> dict[str, Any]:
+    split = json.loads((folder / "split.json").read_text())
+    model, edge = CloudModel.load(folder), EdgeEncoder(folder)
+    codes = codes_from_segments(model, edge, data)
+    target = np.asarray(split["test"], dtype=np.int64)
+    windows = head_windows(model.net, codes, target)
+    rows = []
+    for draw in range(draws):
+        support, query = pick_support(codes, target, shots, draw)
+        order = np.random.default_rng(100 + draw).permutation(query)
+        pool, test = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+        adapted = adapt_head(model.net, codes, support, windows=windows)
+        recs, labels, confidence = pseudo_labels(adapted, windows, pool)
+        confident = confidence >= np.median(confidence)
+        nets = {"adapted": adapted,
+                "self_trained": refit(model.net, codes, support, windows,
+                                      dict(zip(recs.tolist(), labels.tolist(), strict=True))),
+                "self_trained_confident": refit(
+                    model.net, codes, support, windows,
+                    dict(zip(recs[confident].tolist(), labels[confident].tolist(),
+                             strict=True)))}
+        row: dict[str, Any] = {
+            "draw": draw, "support": len(support), "pool": len(pool), "test": len(test),
+            "pseudo_label_accuracy": round(float((labels == codes.activity[recs]).mean()), 4),
+            "pseudo_label_accuracy_confident": round(float(
+                (labels[confident] == codes.activity[recs[confident]]).mean()), 4)}
+        for arm, net in nets.items():
+            row[arm] = {"activity_accuracy": _accuracy(net, codes, test, windows=windows)[0],
+                        "activity_accuracy_per_second": _accuracy(
+                            net, codes, test, every=True, windows=windows)[0]}
+        rows.append(row)
+    return {"bundle": folder.name, "protocol": split["protocol"], "task": split["task"],
+            "seed": split["seed"], "draws": rows}
+
+
+def _means(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    draws = [d for t in tasks for d in t["draws"]]
+    out: dict[str, Any] = {"runs": len(tasks), "draws": len(draws),
+                           "pseudo_label_accuracy": round(float(np.mean(
+                               [d["pseudo_label_accuracy"] for d in draws])), 4)}
+    for arm in ARMS:
+        out[arm] = {key: round(float(np.mean([d[arm][key] for d in draws])), 4)
+                    for key in ("activity_accuracy", "activity_accuracy_per_second")}
+    out["self_trained_gain_points"] = round(100 * (out["self_trained"]["activity_accuracy"]
+                                                   - out["adapted"]["activity_accuracy"]), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "bench" / "results" / "self_training.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kept = [m.parent for m in sorted(BUNDLES.glob("*/bundle.json"))
+            if json.loads((m.parent / "split.json").read_text())["protocol"]
+            in ("cross-session", "cross-room")]
+    if not kept:
+        raise SystemExit(f"no kept few-shot bundles in {BUNDLES}: run bench/model.py "
+                         "--datasets fition --protocols few-shot first")
+    started = time.perf_counter()
+    data, *_ = prepare("fition", args.data / "fition")
+    report: dict[str, Any] = {"benchmark": "self_training",
+                              "command": "python bench/self_training.py "
+                                         + " ".join(sys.argv[1:] if argv is None else argv),
+                              "environment": environment(), "shots": args.shots,
+                              "draws": args.draws, "tasks": []}
+    for folder in kept:
+        report["tasks"].append(measure(folder, data, args.shots, args.draws))
+        tasks = report["tasks"]
+        report["means"] = {
+            "directions": {name: _means([t for t in tasks if t["task"] == name])
+                           for name in dict.fromkeys(t["task"] for t in tasks)},
+            "settings": {name: _means([t for t in tasks if t["protocol"] == name])
+                         for name in dict.fromkeys(t["protocol"] for t in tasks)}}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        last = report["means"]["directions"][tasks[-1]["task"]]
+        print(folder.name, json.dumps({a: last[a]["activity_accuracy"] for a in ARMS}),
+              flush=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
