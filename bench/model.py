@@ -428,22 +428,28 @@ def _merge_protocol(protocols: dict[str, Any], protocol: str,
 
 
 def _few_mean(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Mean over the setting's directions/folds of each K's method means. A score measured on
-    some of a method's runs only (the anchors' per-second scores, where the runs of later
-    seeds fitted the last windows alone) gets no mean: one over fewer runs would stand next
-    to the others' as if it were theirs."""
+    """Mean over the setting's directions/folds (and seeds) of each K's method means. A score
+    measured on some of the K's runs only (the anchors' per-second scores where the runs of
+    later seeds fitted the last windows alone; a method run on some seeds only) gets no
+    mean: one over fewer runs would stand next to the others' as if it were theirs. The
+    anchors' CPU timings (``*_cpu_s``) are the mean of the runs that timed them."""
     out: dict[str, Any] = {}
-    counts: dict[tuple[str, str], int] = {}
+    at_k: dict[str, int] = {}
     for run in runs.values():
         for k, methods in run.items():
+            at_k[k] = at_k.get(k, 0) + 1
             for method, metrics in methods.items():
-                counts[k, method] = counts.get((k, method), 0) + 1
                 for key, value in metrics.items():
                     out.setdefault(k, {}).setdefault(method, {}).setdefault(key, []).append(
                         value["mean"])
-    return {k: {m: {key: round(float(np.mean(v)), 4) for key, v in metrics.items()
-                    if len(v) == counts[k, m]}
-                for m, metrics in methods.items()} for k, methods in out.items()}
+    means: dict[str, Any] = {}
+    for k, methods in out.items():
+        for m, metrics in methods.items():
+            kept = {key: round(float(np.mean(v)), 4) for key, v in metrics.items()
+                    if len(v) == at_k[k] or m.endswith("_cpu_s")}
+            if kept:
+                means.setdefault(k, {})[m] = kept
+    return means
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:

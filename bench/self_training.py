@@ -1,6 +1,6 @@
 """Self-training on unlabelled recordings of the new setting: measured, not shipped.
 
-    python bench/self_training.py [--data ../shared/data] [--shots 5] [--draws 3]
+    python bench/self_training.py [--data ../shared/data] [--shots 5] [--draws 3] [--threads 1]
 
 `csi adapt` learns a new session or room from K labelled recordings per activity. A user's
 room also gives unlabelled recordings (the live stream between calibrations). This bench asks
@@ -12,13 +12,14 @@ again from the parent.
 
 For every kept bundle of bench/model.py's Fition few-shot settings (``.cache/bench/bundles``:
 run ``python bench/model.py --datasets fition --protocols few-shot --few-shot-settings
-cross-session,cross-room`` first), K = 5 labelled recordings per activity of the new setting
-as the support (the draws of ``csi adapt``), the other recordings split at random (seeded per
-draw) into an unlabelled pool and a test half. Both arms are scored on the same test half, at
-level 0, per recording and per second: ``adapted`` (``csi adapt`` as shipped) and
-``self_trained`` (one round on every pool recording); ``self_trained_confident`` keeps the
-more confident half of the pool only. ``pseudo_label_accuracy``: how many pool recordings got
-their true activity.
+cross-session,cross-room --seeds 3 --source-anchors-shots "" --threads 1`` first: the 18
+bundles behind bench/results/self_training.json), K = 5 labelled recordings per activity of
+the new setting as the support (the draws of ``csi adapt``), the other recordings split at
+random (seeded per draw) into an unlabelled pool and a test half. Both arms are scored on
+the same test half, at level 0, per recording and per second: ``adapted`` (``csi adapt``
+as shipped) and ``self_trained`` (one round on every pool recording);
+``self_trained_confident`` keeps the more confident half of the pool only.
+``pseudo_label_accuracy``: how many pool recordings got their true activity.
 
 Results: bench/results/self_training.json (per bundle and draw, and the means per setting
 and direction).

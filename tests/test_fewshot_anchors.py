@@ -153,6 +153,16 @@ def test_a_score_measured_on_some_runs_only_gets_no_mean() -> None:
     mean = bench._few_mean(runs)["5"]
     assert mean["fusion_source_and_support"] == {"activity_accuracy": 0.8}
     assert mean["ours_adapted"]["level0_activity_accuracy_per_second"] == 0.7
+    # A method run on some seeds only gets no mean at all; CPU timings are the runs' that
+    # timed them.
+    partial = {"fold0/seed0": {"5": {**row(0.9, 0.6)["5"],
+                                     "anchors_cpu_s": {"seconds": {"mean": 20.0, "std": 0}},
+                                     "minirocket_support_only": {
+                                         "activity_accuracy": {"mean": 0.5, "std": 0}}}},
+               "fold0/seed1": row(0.7, None)}
+    partial_mean = bench._few_mean(partial)["5"]
+    assert "minirocket_support_only" not in partial_mean
+    assert partial_mean["anchors_cpu_s"] == {"seconds": 20.0}
     few = {"runs": runs, "mean": {"5": mean}}
     report = {"draws": 3, "folds": 5, "epochs": 12, "targets": {},
               "datasets": {"wiar": {"protocols": {}, "few_shot": {"wiar-learning-curve": few}}}}
