@@ -751,10 +751,8 @@ def render(report: dict[str, Any], name: str) -> str:
                   "|---|" + "---|" * len(ks)]
         for m in methods:
             key = "level0_activity_accuracy" if m.startswith("ours") else "activity_accuracy"
-            cells = [f"{mean[k][m][key]:.3f} / "
-                     + (f"{mean[k][m][key + '_per_second']:.3f}"
-                        if key + "_per_second" in mean[k][m] else "-")
-                     if m in mean[k] and key in mean[k][m] else "-" for k in ks]
+            cells = [f"{_f(row[key])} / {_f(row.get(key + '_per_second'))}"
+                     if key in (row := mean[k].get(m, {})) else "-" for k in ks]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         weights = [f"K={k}: {mean[k]['ours_adapted']['level0_prior_weight']:.2f}" for k in ks
                    if "level0_prior_weight" in mean[k].get("ours_adapted", {})]
