@@ -28,10 +28,10 @@ and direction).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.heads import CodeData, codes_from_segments  # noqa: E402
 from csi_cloud.model.network import CSICodecNet  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
-from csi_cloud.model.rocket import ridge_to_prior  # noqa: E402
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles" / "fition"
@@ -63,28 +62,14 @@ ARMS = ("adapted", "self_trained", "self_trained_confident")
 
 def refit(net: CSICodecNet, codes: CodeData, support: np.ndarray, windows: HeadWindows,
           pseudo: dict[int, int]) -> CSICodecNet:
-    """``csi adapt``'s refit of each level's activity layer towards the parent's, on the
-    support's windows plus the windows of the ``pseudo``-labelled recordings (recording ->
-    activity). The short-reading and complete-window layers are dropped (Fition's bundles
-    have no complete-window layer; the scores read full windows only)."""
-    adapted = copy.deepcopy(net)
-    head = adapted.context_head
-    assert head is not None
-    extra = np.array(sorted(pseudo), dtype=np.int64)
-    for lv in dict.fromkeys(group[1] for group in windows.groups):
-        feats, owners = windows.select(lv, support)
-        if not len(owners):
-            continue
-        labels = codes.activity[owners]
-        if len(extra):
-            more, more_owners = windows.select(lv, extra)
-            feats = np.concatenate([feats, more])
-            labels = np.concatenate([labels, [pseudo[int(o)] for o in more_owners]])
-            owners = np.concatenate([owners, more_owners])
-        part = head.levels[head.level_index(lv)]
-        part.activity = ridge_to_prior(feats, labels, part.activity, groups=owners)
-        part.complete, part.short, part.by_length = None, None, {}
-    return adapted
+    """``csi adapt``'s refit (:func:`adapt_head`, towards the parent's layers) on the support
+    plus the ``pseudo``-labelled recordings (recording -> activity), whose windows read as
+    their pseudo-labels."""
+    recordings = np.array(sorted(pseudo), dtype=np.int64)
+    labels = codes.activity.copy()
+    labels[recordings] = [pseudo[int(r)] for r in recordings]
+    return adapt_head(net, replace(codes, activity=labels), np.union1d(support, recordings),
+                      windows=windows)
 
 
 def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
