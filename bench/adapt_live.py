@@ -22,7 +22,7 @@ recordings are streamed through each variant:
   (the adapted full-window layer reads the shorter readings);
 - ``adapted (csi adapt)``: what ``csi adapt`` does now: the short-reading layer refitted on
   the support's shorter readings too, and the parent's live settings carried over
-  (csi_cloud.model.adapt.adapted_calibration).
+  (csi_cloud.model.adapt_job.adapted_calibration).
 
 Scores, per rate level of ``--levels`` (every byte through the real codes, as bench/trust.py
 streams them): **live** smoothed per-second accuracy (the held-out recordings end to end on
@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _report import save_results  # noqa: E402
 from trust import shared_data  # noqa: E402  (bench/trust.py, beside this script)
 
-from csi_cloud.model.adapt import adapt_head, adapted_calibration, pick_support  # noqa: E402
+from csi_cloud.model.adapt import adapt_head, pick_support  # noqa: E402
+from csi_cloud.model.adapt_job import adapted_calibration  # noqa: E402
 from csi_cloud.model.compression import CloudModel  # noqa: E402
 from csi_cloud.model.heads import codes_from_segments, save_derived  # noqa: E402
 from csi_cloud.model.trust import calibrate_folder, live_streams  # noqa: E402

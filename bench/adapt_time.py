@@ -115,7 +115,7 @@ STAGES = {
     "ridge_refit": ("csi_cloud/model/adapt.py", "adapt_head"),
     "scoring": ("csi_cloud/model/adapt.py", "_accuracy"),
     "write_bundle": ("csi_cloud/model/heads.py", "save_derived"),
-    "adapt_bundle": ("csi_cloud/model/adapt.py", "adapt_bundle"),
+    "adapt_bundle": ("csi_cloud/model/adapt_job.py", "adapt_bundle"),
 }
 
 

@@ -182,7 +182,9 @@ def run(shots: int, seconds: int, ready: int, work: Path) -> dict[str, Any]:
         "forced": forced,
         "job": {"shots": job["request"]["shots"], "held_out": metrics.get("held_out"),
                 "activity_accuracy_before": mean(metrics["activity_accuracy_before"]),
-                "activity_accuracy_after": mean(metrics["activity_accuracy_after"])},
+                "activity_accuracy_after": mean(metrics["activity_accuracy_after"]),
+                "self_train": job["request"].get("self_train"),
+                "self_training": metrics.get("self_training")},
     }
 
 

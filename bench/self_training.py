@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,53 +43,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _report import environment  # noqa: E402
 
 from csi_cloud.model.adapt import (  # noqa: E402
-    HeadWindows,
     _accuracy,
     adapt_head,
     head_windows,
     pick_support,
 )
 from csi_cloud.model.compression import CloudModel  # noqa: E402
-from csi_cloud.model.heads import CodeData, codes_from_segments  # noqa: E402
-from csi_cloud.model.network import CSICodecNet  # noqa: E402
+from csi_cloud.model.heads import codes_from_segments  # noqa: E402
 from csi_cloud.model.pipeline import prepare  # noqa: E402
+from csi_cloud.model.self_training import (  # noqa: E402
+    PseudoLabels,
+    pseudo_labels,
+    refit_with_pseudo_labels,
+    self_train,
+)
 from csi_edge.bundle import EdgeEncoder  # noqa: E402
 
 BUNDLES = ROOT / ".cache" / "bench" / "bundles" / "fition"
-ARMS = ("adapted", "self_trained", "self_trained_confident")
-
-
-def refit(net: CSICodecNet, codes: CodeData, support: np.ndarray, windows: HeadWindows,
-          pseudo: dict[int, int]) -> CSICodecNet:
-    """``csi adapt``'s refit (:func:`adapt_head`, towards the parent's layers) on the support
-    plus the ``pseudo``-labelled recordings (recording -> activity), whose windows read as
-    their pseudo-labels."""
-    recordings = np.array(sorted(pseudo), dtype=np.int64)
-    labels = codes.activity.copy()
-    labels[recordings] = [pseudo[int(r)] for r in recordings]
-    return adapt_head(net, replace(codes, activity=labels), np.union1d(support, recordings),
-                      windows=windows)
-
-
-def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each recording's activity of highest mean log-probability over its windows at every
-    rate level: (recordings, labels, that mean log-probability)."""
-    head = net.context_head
-    assert head is not None
-    logp: dict[int, list[np.ndarray]] = {}
-    for _, lv, owners, _, whole, feats in windows.groups:
-        pick = np.isin(owners, recordings)
-        if not pick.any():
-            continue
-        probs = head.levels[head.level_index(lv)].activity_probabilities(feats[pick],
-                                                                         whole[pick])
-        for owner, p in zip(owners[pick].tolist(), np.log(np.clip(probs, 1e-6, 1.0)),
-                            strict=True):
-            logp.setdefault(owner, []).append(p)
-    recs = np.array(sorted(logp), dtype=np.int64)
-    mean = np.stack([np.mean(logp[int(r)], axis=0) for r in recs])
-    return recs, mean.argmax(1), mean.max(1)
+ARMS = ("adapted", "self_trained", "self_trained_confident", "self_trained_guarded")
 
 
 def measure(folder: Path, data: Any, shots: int, draws: int) -> dict[str, Any]:
@@ -105,20 +75,25 @@ def measure(folder: Path, data: Any, shots: int, draws: int) -> dict[str, Any]:
         order = np.random.default_rng(100 + draw).permutation(query)
         pool, test = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
         adapted = adapt_head(model.net, codes, support, windows=windows)
-        recs, labels, confidence = pseudo_labels(adapted, windows, pool)
-        confident = confidence >= np.median(confidence)
+        pseudo = pseudo_labels(adapted, windows, pool)
+        recs, labels = pseudo.recordings, pseudo.labels
+        confident = pseudo.confidence >= np.median(pseudo.confidence)
+        guarded = self_train(model.net, adapted, codes, support, pool, windows=windows,
+                             seed=draw)
         nets = {"adapted": adapted,
-                "self_trained": refit(model.net, codes, support, windows,
-                                      dict(zip(recs.tolist(), labels.tolist(), strict=True))),
-                "self_trained_confident": refit(
-                    model.net, codes, support, windows,
-                    dict(zip(recs[confident].tolist(), labels[confident].tolist(),
-                             strict=True)))}
+                "self_trained": refit_with_pseudo_labels(model.net, codes, support, pseudo,
+                                                         windows=windows),
+                "self_trained_confident": refit_with_pseudo_labels(
+                    model.net, codes, support,
+                    PseudoLabels(recs[confident], labels[confident],
+                                 pseudo.confidence[confident]), windows=windows),
+                "self_trained_guarded": guarded.net}
         row: dict[str, Any] = {
             "draw": draw, "support": len(support), "pool": len(pool), "test": len(test),
             "pseudo_label_accuracy": round(float((labels == codes.activity[recs]).mean()), 4),
             "pseudo_label_accuracy_confident": round(float(
-                (labels[confident] == codes.activity[recs[confident]]).mean()), 4)}
+                (labels[confident] == codes.activity[recs[confident]]).mean()), 4),
+            "guard": guarded.as_dict()}
         for arm, net in nets.items():
             row[arm] = {"activity_accuracy": _accuracy(net, codes, test, windows=windows)[0],
                         "activity_accuracy_per_second": _accuracy(
@@ -136,8 +111,10 @@ def _means(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     for arm in ARMS:
         out[arm] = {key: round(float(np.mean([d[arm][key] for d in draws])), 4)
                     for key in ("activity_accuracy", "activity_accuracy_per_second")}
-    out["self_trained_gain_points"] = round(100 * (out["self_trained"]["activity_accuracy"]
-                                                   - out["adapted"]["activity_accuracy"]), 1)
+    for arm in ARMS[1:]:
+        out[f"{arm}_gain_points"] = round(100 * (out[arm]["activity_accuracy"]
+                                                 - out["adapted"]["activity_accuracy"]), 1)
+    out["guard_kept"] = sum(bool(d["guard"]["kept"]) for d in draws)
     return out
 
 
@@ -147,15 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bundles", type=Path, default=BUNDLES,
+                        help="the kept Fition bundles of bench/model.py [%(default)s]")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "bench" / "results" / "self_training.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = [m.parent for m in sorted(BUNDLES.glob("*/bundle.json"))
+    kept = [m.parent for m in sorted(args.bundles.glob("*/bundle.json"))
             if json.loads((m.parent / "split.json").read_text())["protocol"]
             in ("cross-session", "cross-room")]
     if not kept:
-        raise SystemExit(f"no kept few-shot bundles in {BUNDLES}: run bench/model.py "
+        raise SystemExit(f"no kept few-shot bundles in {args.bundles}: run bench/model.py "
                          "--datasets fition --protocols few-shot first")
     started = time.perf_counter()
     data, *_ = prepare("fition", args.data / "fition")

@@ -636,13 +636,22 @@ def adapt_command(
              "prototypes+finetune")] = "ridge",
     epochs: Annotated[int, typer.Option(min=1, max=1000)] = 60,
     seed: Annotated[int, typer.Option(help="support selection and training seed")] = 0,
+    self_train: Annotated[bool, typer.Option(
+        "--self-train", help="then one round of self-training on the setting's unlabelled "
+                             "recordings, kept only where a cross-validation on the support "
+                             "says it helps (ridge methods; docs/model.md)")] = False,
+    unlabelled: Annotated[Path | None, typer.Option(
+        help="unlabelled recordings of the new setting for --self-train (their labels are "
+             "not read); with --dataset recordings the stream outside the labelled ranges "
+             "is used as well", exists=True, file_okay=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Refit a bundle's cloud-side classifier on K labelled recordings per activity from a new
     session or room. The edge part is unchanged: APs keep streaming without a switch."""
     import torch
 
-    from .model.adapt import METHODS, adapt_bundle
+    from .model.adapt import METHODS
+    from .model.adapt_job import adapt_bundle
 
     if part not in ("classifier", "heads"):
         raise fail(f"--part must be classifier or heads, not {part!r}")
@@ -655,6 +664,7 @@ def adapt_command(
         result = adapt_bundle(bundle, dataset, data, shots, target, seed=seed,
                               part=part, epochs=epochs,  # type: ignore[arg-type]
                               method=method,  # type: ignore[arg-type]
+                              self_training=self_train, unlabelled_dir=unlabelled,
                               log=None if as_json else typer.echo)
     except (CSIError, KeyError, ValueError) as exc:
         raise fail(str(exc)) from exc
@@ -669,6 +679,10 @@ def adapt_command(
     for level, (a, b) in enumerate(zip(result["activity_accuracy_before"],
                                        result["activity_accuracy_after"], strict=True)):
         typer.echo(f"level {level}: activity accuracy on {scored} {a:.3f} -> {b:.3f}")
+    trained = result.get("self_training") or {}
+    if trained.get("kept"):
+        typer.echo("self-training kept; adapted without it: " + ", ".join(
+            f"level {lv} {a:.3f}" for lv, a in enumerate(trained["activity_accuracy_without"])))
     weights = {lv: v["prior_weight"] for lv, v in result.get("shrinkage", {}).items()
                if v["prior_weight"] is not None}
     if weights:

@@ -13,7 +13,7 @@ on the training recordings, and the job's metrics say ``holdout: false``.
 Modes ``adapt`` and ``enroll`` derive a bundle from the base model instead
 (:mod:`csi_cloud.model.heads`): only the cloud-side classifier changes, the edge part and wire
 id stay the base model's, so activating the result switches no AP. ``adapt`` fine-tunes on
-``shots`` labelled recordings per activity (:func:`csi_cloud.model.adapt.adapt_bundle`);
+``shots`` labelled recordings per activity (:func:`csi_cloud.model.adapt_job.adapt_bundle`);
 ``enroll`` adds ``identity`` from the codes stored for ``ranges`` of recorded AP streams
 (``POST /identities`` queues it).
 """
@@ -91,7 +91,7 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     from csi_edge.bundle import Bundle
 
-    from .model.adapt import adapt_bundle
+    from .model.adapt_job import adapt_bundle
     from .model.compression import CloudModel
     from .model.heads import codes_from_stored, enroll_identity, family_wire_ids, save_derived
     from .storage import safe_name
@@ -104,7 +104,8 @@ def run_derive_job(spec: dict[str, Any]) -> dict[str, Any]:
                           f"from {spec['kind']} at {spec['data_dir']}", progress=0.05)
         result = adapt_bundle(base, spec["kind"], Path(spec["data_dir"]), int(spec["shots"]),
                               out, seed=int(spec["seed"]), epochs=int(spec["epochs"]),
-                              name=out.name, log=lambda line: _emit("log", line=line))
+                              name=out.name, self_training=bool(spec.get("self_train")),
+                              log=lambda line: _emit("log", line=line))
         return {k: v for k, v in result.items() if k != "support_recordings"}
     bundle = Bundle.load(base)  # read once: the model and the derived bundle use it
     model = CloudModel.load(bundle)

@@ -103,6 +103,12 @@ class JobRequest(BaseModel):
     mode: Literal["train", "adapt", "enroll"] = Field(default="train")
     shots: int | None = Field(default=None, ge=1, le=1000,
                               description="adapt: labelled recordings per activity")
+    self_train: bool = Field(default=False,
+                             description="adapt, dataset recordings: then one round of "
+                                         "self-training on the recorded stream outside the "
+                                         "labelled ranges, kept only where a "
+                                         "cross-validation on the labelled examples says it "
+                                         "helps (needs 2 per activity)")
     identity: str | None = Field(default=None, min_length=1, max_length=64,
                                  pattern=r"^[^\x00-\x1f\x7f]+$",
                                  description="enroll: the new person's name")
@@ -238,6 +244,8 @@ class JobManager:
             except UnknownModelError:
                 raise JobRequestError(f"no served model {base!r}") from None
         extra: dict[str, Any] = {}
+        if request.self_train and request.mode != "adapt":
+            raise JobRequestError(f"self_train is for mode 'adapt', not {request.mode!r}")
         if request.mode != "train":
             extra = self._derive_checks(request, base_id, kind)
         return {**request.model_dump(), "base_model": base_id, "kind": kind,
@@ -255,6 +263,10 @@ class JobManager:
             if request.shots is None:
                 raise JobRequestError("mode 'adapt' needs shots (labelled recordings per "
                                       "activity)")
+            if request.self_train and kind != RECORDINGS:
+                raise JobRequestError(f"self_train reads the recorded stream outside the "
+                                      f"labelled ranges: it needs dataset 'recordings', not "
+                                      f"{request.dataset!r}")
             return extra
         identities = manifest.labels.get("identity") or []
         if not identities:
@@ -385,6 +397,7 @@ class JobManager:
                 "threads": self.threads, "parent_pid": os.getpid(),
                 "base_model": request.get("base_model"), "mode": mode,
                 "base_folder": request.get("_base_folder"), "shots": request.get("shots"),
+                "self_train": bool(request.get("self_train")),
                 "identity": request.get("identity"), "ranges": request.get("ranges"),
                 "recordings": str(Path(os.path.abspath(self.settings.recordings)))}
         (work / "job.json").write_text(json.dumps(spec, indent=2))

@@ -256,7 +256,7 @@ def test_adapting_drops_the_complete_window_layer_and_changes_nothing_else(
 
 
 def test_an_adapted_bundle_keeps_its_parent_s_live_settings_only_for_a_refitted_head() -> None:
-    from csi_cloud.model.adapt import adapted_calibration
+    from csi_cloud.model.adapt_job import adapted_calibration
 
     parent = {"identity": {"threshold": 0.3},
               "activity": {"contexts": {"lengths": [1, 8], "temperatures": [1.0, 2.0],
@@ -289,6 +289,68 @@ def test_adapt_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
                 "--shots", "1", "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "error:" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_self_training_needs_a_head_and_unlabelled_recordings(tmp_path: Path) -> None:
+    done = _csi("adapt", "--model", str(MODEL), "--data", str(FOLDER), "--shots", "1",
+                "--self-train", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "needs a folder of its unlabelled recordings" in done.stderr
+    done = _csi("adapt", "--model", str(MODEL), "--data", str(FOLDER), "--shots", "1",
+                "--self-train", "--method", "finetune", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "method 'finetune' has none" in done.stderr
+    assert not (tmp_path / "x").exists()
+    # A folder of another dataset's layout: its recordings, less those already labelled.
+    from csi_cloud.datasets import index_dataset
+    from csi_cloud.model.adapt_job import unlabelled_examples
+
+    examples = list(index_dataset("fition", FOLDER))
+    pool = unlabelled_examples("fition", FOLDER, examples[:3], FOLDER, chunk_s=8.0)
+    assert [e.path for e in pool] == [e.path for e in examples[3:]]
+
+
+def test_adapt_self_trains_on_the_recorded_stream_outside_the_labels(tmp_path: Path) -> None:
+    """``csi adapt --dataset recordings --self-train``: the labelled ranges of the service's
+    recordings are the support and the held-out set; the stream nobody labelled (three
+    APs here) is the unlabelled pool, in pieces of one context window (8 s)."""
+    from test_cloud_storage import decoded, payloads
+
+    from csi_cloud.storage import RecordingStore
+
+    registry = ModelRegistry(ROOT / "models")
+    encoder = EdgeEncoder(MODEL)
+    store = RecordingStore(tmp_path / "rec", max_bytes=2**30, max_s=1e9)
+    labelled = {"walking": [WALK, FOLDER / "walking_user2_rm2" / "walking_user2_rm2_11.pcap"],
+                "nm": [NM, FOLDER / "nm_user4_rm4" / "nm_user4_rm4_11.pcap"]}
+    for activity, paths in labelled.items():
+        for i, path in enumerate(paths):
+            records = decoded(registry, payloads(encoder, path, "home", f"{activity}{i}"))
+            store.append(records)
+            t0 = records[0].timestamp_ms / 1000
+            for lo in (t0, t0 + 3):  # two labelled ranges of 3 s a file, 3 s left over
+                store.label_range("home", f"{activity}{i}", lo, lo + 3, activity)
+    for i, path in enumerate(sorted(FOLDER.glob("[fs]*/**/*.pcap"))):  # fall, sit, stand
+        store.append(decoded(registry, payloads(encoder, path, "home", f"other{i}")))
+    store.close()
+    models = tmp_path / "models"
+    shutil.copytree(MODEL, models / "fition")
+    out = models / "fition-self-trained"
+    done = _csi("adapt", "--model", str(models / "fition"), "--dataset", "recordings",
+                "--data", str(tmp_path / "rec"), "--shots", "2", "--self-train",
+                "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["support"] == 4 and result["held_out"] == 4
+    trained = result["self_training"]
+    # Five unlabelled pieces: the first 8 s of each unlabelled AP's stream, and the 4 s left
+    # after the labelled ranges of the two 10 s files; the 3 s left of the 9 s ones, and the
+    # 1 or 2 s after an 8 s piece, are under half a piece.
+    assert trained["unlabelled"] == 5 and sum(trained["pseudo_labels"].values()) == 5
+    assert set(trained["pseudo_labels"]) <= set(load_manifest(MODEL).labels["activity"] or [])
+    guard = trained["guard"]
+    assert guard["folds"] == 2 and guard["windows"] > 0
+    assert trained["kept"] == (guard["accuracy_self_trained"] >= guard["accuracy_adapted"])
+    assert ("activity_accuracy_without" in trained) == trained["kept"]
+    assert load_manifest(out).training["self_training"] == trained
 
 
 def _epoch_range(cloud: Cloud, seen: set[int]) -> tuple[float, float, int]:

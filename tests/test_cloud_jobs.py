@@ -169,6 +169,8 @@ def test_write_access_is_required(env: dict[str, Any]) -> None:
     {"dataset": "fition", "max_recordings": 1},
     {"dataset": "fition", "unknown_option": 1},
     {"dataset": "../fition"},
+    {"dataset": "fition", "self_train": True},  # self-training is for adapt jobs
+    {"dataset": "fition", "mode": "adapt", "shots": 2, "self_train": True},  # recordings only
 ])
 def test_bad_requests_are_422(env: dict[str, Any], body: dict[str, Any]) -> None:
     client: TestClient = env["client"]
@@ -178,6 +180,16 @@ def test_bad_requests_are_422(env: dict[str, Any], body: dict[str, Any]) -> None
     r = client.post(JOBS, headers=AUTH, json=body)
     assert r.status_code == 422, r.text
     assert client.get(JOBS).json()["count"] == count
+
+
+def test_self_training_requests_say_what_they_need(env: dict[str, Any]) -> None:
+    client: TestClient = env["client"]
+    r = client.post(JOBS, headers=AUTH, json={"dataset": "fition", "self_train": True})
+    assert r.status_code == 422 and "self_train is for mode 'adapt', not 'train'" in r.text
+    r = client.post(JOBS, headers=AUTH, json={"dataset": "fition", "mode": "adapt",
+                                              "shots": 2, "self_train": True})
+    assert r.status_code == 422, r.text
+    assert "needs dataset 'recordings', not 'fition'" in r.text
 
 
 @pytest.mark.e2e

@@ -21,7 +21,13 @@ from csi_cloud.ingest import Ingestor
 from csi_cloud.recorder import RecorderProcess
 from csi_cloud.records import DecodedRecord
 from csi_cloud.registry import ModelRegistry
-from csi_cloud.storage import RecordingStore, decode_stored, read_segments, recover
+from csi_cloud.storage import (
+    RecordingStore,
+    decode_stored,
+    read_segments,
+    recover,
+    unlabelled_ranges,
+)
 from csi_edge import read_recording
 from csi_edge.bundle import EdgeEncoder
 from csi_edge.preprocess import Preprocessor, SegmentBatch
@@ -215,6 +221,34 @@ def test_labels_on_closed_open_and_future_files(tmp_path: Path, registry: ModelR
     # The recordings dataset (what retraining reads) sees them.
     examples = index_dataset("recordings", tmp_path).examples
     assert sorted(e.activity for e in examples) == ["sitdown"] * 3 + ["walking"] * 2
+
+
+def test_unlabelled_ranges_are_the_stream_outside_every_label(
+        tmp_path: Path, registry: ModelRegistry, encoder: EdgeEncoder) -> None:
+    records = decoded(registry, payloads(encoder, WALK, "s", "a"))  # 9 segments, 1 s apart
+    t0 = records[0].timestamp_ms / 1000
+    store = RecordingStore(tmp_path, max_bytes=2**30, max_s=1e9)
+    store.append(records[:7])
+    store.append(records[8:])  # the segment at t0 + 7 never arrived: a gap of 2 s
+    store.label_range("s", "a", t0 + 2, t0 + 4, "walking")
+    store.close()
+    (info,) = store.files("s", "a")
+    path = info.path
+    # Unlabelled: t0, t0+1 | t0+4, t0+5, t0+6 | (gap) t0+8. In pieces of 2 s, each at least
+    # 1 s long; a run's remainder starts a piece of its own.
+    assert unlabelled_ranges([path], 2.0, 100) == [
+        (path, t0, t0 + 2), (path, t0 + 4, t0 + 6), (path, t0 + 6, t0 + 7),
+        (path, t0 + 8, t0 + 9)]
+    assert unlabelled_ranges([path], 3.0, 100) == [
+        (path, t0, t0 + 2), (path, t0 + 4, t0 + 7)]  # the 1 s at t0+8 is under half of 3 s
+    assert unlabelled_ranges([path], 2.0, 2) == [(path, t0 + 6, t0 + 7), (path, t0 + 8, t0 + 9)]
+    # A file that is no recording is passed over; a bad argument is refused by name.
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    assert unlabelled_ranges([junk, path], 3.0, 100) == [(path, t0, t0 + 2),
+                                                          (path, t0 + 4, t0 + 7)]
+    with pytest.raises(ValueError, match="chunk_s must be > 0"):
+        unlabelled_ranges([path], 0.0, 10)
 
 
 def test_a_file_without_a_commit_record_counts_its_datasets(

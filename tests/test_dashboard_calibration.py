@@ -135,6 +135,15 @@ def test_calibration_flow_in_chromium(broker: Mosquitto, tmp_path: Path, browser
         after = sum(metrics["activity_accuracy_after"]) / len(metrics["activity_accuracy_after"])
         assert f"{round(before * 100)}% before → {round(after * 100)}% after" in shown, shown
         assert f"on {metrics['held_out']} held-out examples it never saw" in shown, shown
+        # Self-training on the stream between the examples was asked for (the checkbox is on
+        # by default); with one example per activity in the fit, its guard cannot hold one
+        # out, so the adapted model stays as fitted, and the page says why.
+        assert job["request"]["self_train"] is True
+        trained = metrics["self_training"]
+        assert trained["unlabelled"] >= 1 and not trained["kept"], trained
+        assert "at least 2 labelled recordings of every activity" in trained["reason"]
+        assert (f"Self-training on {trained['unlabelled']} unlabelled piece" in shown
+                and "not kept: the guard needs" in shown), shown
         assert not cloud.get(f"/models/{job['bundle']}")["active"]  # type: ignore[index]
 
         # Activate: the service refuses one not shown better (409): the page says why and

@@ -241,7 +241,10 @@ async function adapt() {
   const model = modelOf(key);
   // One example per activity fewer than recorded goes into the fit, so every activity keeps
   // at least one example the adapted model never saw to measure it on.
-  const body = { mode: "adapt", dataset: "recordings", shots: k - 1 };
+  // The stream recorded between the examples is unlabelled: the job self-trains on it and
+  // keeps the result only where it reads the held-out examples at least as well.
+  const body = { mode: "adapt", dataset: "recordings", shots: k - 1,
+                 self_train: $("#cal-self-train").checked };
   if (model) body.base_model = model.id;
   $("#cal-adapt").disabled = true;
   $("#cal-result").hidden = true;
@@ -313,7 +316,8 @@ function showResult(job) {
     el("strong", { class: "before", text: pct(before) }),
     el("span", { text: " before → " }),
     el("strong", { class: "after", text: pct(after) }),
-    el("span", { text: ` after, ${where}; per second ${pct(beforeS)} → ${pct(afterS)}.` }));
+    el("span", { text: ` after, ${where}; per second ${pct(beforeS)} → ${pct(afterS)}.` }),
+    el("span", { class: "self-training", text: selfTrainingLine(m.self_training) }));
   node.dataset.before = String(before);
   node.dataset.after = String(after);
   calShow("#cal-adapt-status", `adapted model ready: ${(job.bundle || "").slice(0, 12)}`, "ok");
@@ -321,6 +325,14 @@ function showResult(job) {
   $("#cal-result").hidden = false;
   $("#cal-force").hidden = true;
   $("#cal-activate").disabled = !job.bundle;
+}
+
+// What self-training on the unlabelled stream did, in a sentence ("" when not asked for).
+function selfTrainingLine(trained) {
+  if (!trained) return "";
+  const n = `${trained.unlabelled} unlabelled piece${trained.unlabelled === 1 ? "" : "s"}`;
+  if (trained.kept) return ` Self-trained on ${n} of the stream.`;
+  return ` Self-training on ${n} of the stream not kept: ${trained.reason}.`;
 }
 
 async function activate(force) {

@@ -49,20 +49,21 @@ from .heads import (
     feature_distance,
     fit_classifier,
     open_set_decision,
-    save_derived,
     window_batch,
 )
 from .network import CSICodecNet, ModelConfig
 
-__all__ = ["METHODS", "HeadWindows", "adapt_bundle", "adapt_codes", "adapt_head",
-           "adapted_calibration",
+__all__ = ["METHODS", "HeadWindows", "adapt_codes", "adapt_head",
            "draw_support", "head_windows", "load_codes", "open_set_codes", "pick_support",
            "set_prototypes", "shrinkage", "support_windows"]
 
 
 def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
-               examples: Sequence[Example] | None = None) -> tuple[CloudModel, CodeData]:
-    """The codes of every labelled recording of a folder, as the bundle's edges send them.
+               examples: Sequence[Example] | None = None,
+               unlabelled: Sequence[Example] = ()) -> tuple[CloudModel, CodeData]:
+    """The codes of every labelled recording of a folder, as the bundle's edges send them,
+    followed by those of the ``unlabelled`` recordings (activity and identity -1 whatever
+    their examples say; recordings without a usable segment are left out).
 
     For the service's own ``recordings`` the codes stored with the recordings are used (exactly
     what the APs sent); other datasets are preprocessed and encoded with the int8 encoder.
@@ -80,14 +81,24 @@ def load_codes(bundle: Path | Bundle, dataset: str, data_dir: Path,
     if dataset == "recordings":
         act = {a: i for i, a in enumerate(activities)}
         ids = {a: i for i, a in enumerate(identities)}
+        every = [*examples, *unlabelled]
         return model, codes_from_stored(
             model, [([e.path], e.start if e.start is not None else 0.0,
-                     e.end if e.end is not None else float("inf")) for e in examples],
-            activity=[act[e.activity] for e in examples],
-            identity=[ids.get(e.identity or "", -1) for e in examples],
+                     e.end if e.end is not None else float("inf")) for e in every],
+            activity=[act[e.activity] for e in examples] + [-1] * len(unlabelled),
+            identity=[ids.get(e.identity or "", -1) for e in examples] + [-1] * len(unlabelled),
             wire_ids=family_wire_ids(bundle.folder.parent))
-    data: SegmentData = load_segments(examples, manifest.input_spec, activities, identities)
-    return model, codes_from_segments(model, EdgeEncoder(bundle), data)
+    # An unlabelled example's own labels are not read: any known activity stands in for
+    # them while the recordings are read, and the codes then say -1.
+    stand_in = [replace(e, activity=activities[0], identity=None) for e in unlabelled]
+    data: SegmentData = load_segments([*examples, *stand_in], manifest.input_spec,
+                                      activities, identities)
+    codes = codes_from_segments(model, EdgeEncoder(bundle), data)
+    pool = {(str(e.path), e.start, e.end) for e in stand_in}
+    mark = np.array([(str(e.path), e.start, e.end) in pool for e in data.examples], dtype=bool)
+    codes.activity[mark] = -1
+    codes.identity[mark] = -1
+    return model, codes
 
 
 def pick_support(codes: CodeData, recordings: np.ndarray, shots: int,
@@ -401,107 +412,6 @@ def shrinkage(net: CSICodecNet) -> dict[str, dict[str, float | None]]:
         if part.complete is not None:
             out[str(lv)].update(complete_alpha=part.complete.alpha,
                                 complete_prior_weight=part.complete.prior_weight)
-    return out
-
-
-def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int, out: Path, *,
-                 seed: int = 0, part: Part = "classifier", epochs: int = 60,
-                 method: Method = "ridge", name: str | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The ``csi adapt`` command: pick the support, fine-tune, write the derived bundle, and
-    measure activity accuracy on the recordings left out, before and after."""
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
-    bundle = Bundle.load(bundle)  # read once: the codes and the derived bundle use it
-    model, codes = load_codes(bundle, dataset, data_dir)
-    labelled = np.flatnonzero(codes.activity >= 0)
-    support, query = pick_support(codes, labelled, shots, seed)
-    if log:
-        per = np.bincount(codes.activity[support])
-        fewer = int((per[per > 0] < shots).sum())
-        log(f"{len(support)} support recordings ({shots} per activity"
-            + (f"; {fewer} activit{'y has' if fewer == 1 else 'ies have'} fewer here, all "
-               "of whose recordings are in the support" if fewer else "")
-            + f"), {len(query)} held out")
-    # Measured on recordings the adaptation never saw; with none left over, on the support
-    # itself, and then the result and the bundle say so (held_out false).
-    held_out = bool(len(query))
-    scored = query if held_out else support
-    # The ridge methods only swap the head's activity layers: the features of every window
-    # are computed once, for the fit and for every score before and after.
-    windows = (head_windows(model.net, codes, np.union1d(support, scored))
-               if method in ("ridge", "ridge-alone") and model.net.context_head is not None
-               else None)
-    short_lengths = [int(k) for k in
-                     (model.manifest.training.get("options") or {}).get("head_lengths") or ()]
-    if windows is not None:
-        adapted = adapt_head(model.net, codes, support, prior=method == "ridge",
-                             windows=windows, short_lengths=short_lengths)
-    else:
-        adapted = adapt_codes(model.net, codes, support, part=part, epochs=epochs, seed=seed,
-                              method=method)
-    result: dict[str, Any] = {
-        "base": model.id, "dataset": dataset, "data": str(data_dir), "shots": shots,
-        "seed": seed, "method": method, "part": part, "epochs": epochs,
-        "support": len(support),
-        "held_out": len(query),
-        "support_recordings": [codes.names[i] for i in support.tolist()],
-    }
-    result["held_out_accuracy"] = held_out
-    for key, net in (("before", model.net), ("after", adapted)):
-        result[f"activity_accuracy_{key}"] = _accuracy(net, codes, scored, windows=windows)
-    for key, net in (("before", model.net), ("after", adapted)):
-        result[f"activity_accuracy_per_second_{key}"] = _accuracy(net, codes, scored,
-                                                                  every=True, windows=windows)
-    if windows is not None:
-        result["shrinkage"] = shrinkage(adapted)
-    manifest = save_derived(
-        bundle, out, adapted, name=name or out.name, held_out=held_out,
-        calibration=adapted_calibration(model.manifest.calibration,
-                                        head=model.net.context_head is not None),
-        training={"kind": "few-shot adaptation", **{k: v for k, v in result.items()
-                                                    if not k.startswith("activity")},
-                  # what a later adaptation of this bundle refits its short layer on, and
-                  # whether its head kept a complete-window layer
-                  "options": {"head_lengths": short_lengths, "head_complete": any(
-                      part.complete is not None for part in adapted.context_head.levels)
-                      if adapted.context_head is not None else False}},
-        metrics={"adaptation": {k: v for k, v in result.items()
-                                if k.startswith("activity")
-                                or k in ("shots", "held_out", "held_out_accuracy")}})
-    result["bundle"] = manifest.id
-    result["out"] = str(out)
-    return result
-
-
-# The live-output settings of calibration["activity"] an adapted bundle keeps.
-LIVE_SETTINGS = ("temperature", "contexts", "stay", "threshold", "target_accuracy")
-
-
-def adapted_calibration(parent: dict[str, Any], *, head: bool) -> dict[str, Any]:
-    """The calibration of a bundle adapted from one calibrated as ``parent``.
-
-    ``head``: the bundle's activity output is its context head's, which the ridge methods
-    refit (the short-reading layer included) and the others leave as it is. The live
-    output's settings then carry over: the lengths read, their temperatures and pool
-    weights, the filter's stay and the abstention threshold. The setting's few labelled
-    recordings are too few to fit them again, and without them the live output would read
-    the full window alone and lag every change by the context length. On Fition's
-    cross-session adaptations, live smoothed per-second accuracy at level 0 is 0.867 with the
-    parent's settings and the short-reading layer refitted (:func:`adapt_head`), against
-    0.569 without them (bench/adapt_live.py). ``fitted_on`` says where they came from. A
-    bundle without a context head goes without (temperature 1, defaults): its fine-tuned
-    network is another classifier than the one they were fitted for."""
-    out = {k: v for k, v in parent.items() if k != "activity"}
-    activity = parent.get("activity")
-    if head and activity:
-        # The settings only: the parent's diagnostics (NLL, ECE, the scores of each option)
-        # describe its own head, not this one.
-        out["activity"] = {
-            **{k: activity[k] for k in LIVE_SETTINGS if k in activity},
-            "fitted_on": "carried over from the parent bundle by csi adapt",
-            "parent_fitted_on": activity.get("parent_fitted_on",
-                                             activity.get("fitted_on", "unknown"))}
     return out
 
 

@@ -122,7 +122,7 @@ def codes_from_stored(model: CloudModel, ranges: Sequence[tuple[Sequence[Path], 
     from csi_edge import CSIError
     from csi_edge.bundle import decode_segment_codes
 
-    from ..storage import read_segments
+    from ..storage import StoredSegments, read_segments
 
     wire = model.manifest.wire_id
     family = {model.id: wire, wire: wire, **(wire_ids or {})}
@@ -132,10 +132,13 @@ def codes_from_stored(model: CloudModel, ranges: Sequence[tuple[Sequence[Path], 
     slot_counts: list[int] = []
     kept: list[int] = []
     segment_ms = model.segment_ms
+    read: dict[str, StoredSegments] = {}  # each file read once: many ranges share one
     for r, (files, lo, hi) in enumerate(ranges):
         items: dict[int, SegmentCodes] = {}
         for path in files:
-            stored = read_segments(path)
+            if str(path) not in read:
+                read[str(path)] = read_segments(path)
+            stored = read[str(path)]
             for i, data in enumerate(stored.codes):
                 t = int(stored.timestamp_ms[i])
                 if not lo * 1000 <= t < hi * 1000 or not data:

@@ -65,9 +65,16 @@ what a file holds), :mod:`.labels` (labels on closed files, recovering a dead wr
 """
 
 from .labels import LabelResult, recover
-from .reader import RecordingFile, StoredSegments, decode_stored, read_segments
+from .reader import (
+    RecordingFile,
+    StoredSegments,
+    decode_stored,
+    read_segments,
+    unlabelled_ranges,
+)
 from .store import RecordingStore, safe_name
 from .writer import SEGMENT_DTYPE, STORE_LAYOUT
 
 __all__ = ["SEGMENT_DTYPE", "STORE_LAYOUT", "LabelResult", "RecordingFile", "RecordingStore",
-           "StoredSegments", "decode_stored", "read_segments", "recover", "safe_name"]
+           "StoredSegments", "decode_stored", "read_segments", "recover", "safe_name",
+           "unlabelled_ranges"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from csi_edge import CSIError
 from csi_edge import recording as layout
 from csi_edge.bundle import SegmentCodes, decode_segment_codes
 
 from ..model.compression import CloudModel
 
 __all__ = ["RecordingFile", "StoredSegments", "decode_stored", "file_info", "read_segments",
-           "store_counts"]
+           "store_counts", "unlabelled_ranges"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +101,43 @@ def file_info(path: Path) -> RecordingFile:
             seg_ms = int(f.attrs.get("segment_ms", 0))
             start, end = float(ts.min()) / 1000, float(ts.max() + seg_ms) / 1000
     return RecordingFile(path, start, end, n, frames, labels, path.stat().st_size, False)
+
+
+def unlabelled_ranges(paths: Sequence[Path], chunk_s: float, limit: int
+                      ) -> list[tuple[Path, float, float]]:
+    """Stretches of stored stream outside every labelled range, cut into pieces of
+    ``chunk_s`` seconds: (file, start, end) in Unix s, the newest ``limit`` of them, in time
+    order. A piece runs over consecutive segments (a gap of more than two segments ends it)
+    and is kept when it covers at least half of ``chunk_s``. Files that cannot be read are
+    left out: what is unlabelled is optional, what is labelled is read elsewhere."""
+    if chunk_s <= 0 or limit < 1:
+        raise ValueError(f"chunk_s must be > 0 and limit >= 1, got {chunk_s} and {limit}")
+    out: list[tuple[Path, float, float]] = []
+    for path in paths:
+        try:
+            with layout.open_recording(path) as f:
+                seg_ms = int(f.attrs.get("segment_ms", 0))
+            stored = read_segments(path)
+            labels = layout.read_labels(path)
+        except (CSIError, OSError, KeyError, ValueError):
+            continue
+        if seg_ms <= 0 or not len(stored):
+            continue
+        t = np.unique(np.asarray(stored.timestamp_ms, dtype=np.int64)[
+            np.array([bool(c) for c in stored.codes])]) / 1000
+        for label in labels:
+            t = t[(t < label.start) | (t >= label.end)]
+        if not len(t):
+            continue
+        seg_s = seg_ms / 1000
+        # Runs of consecutive segments, each cut into pieces of chunk_s.
+        breaks = np.flatnonzero(np.diff(t) > 2 * seg_s) + 1
+        for run in np.split(t, breaks):
+            start = float(run[0])
+            while start <= run[-1]:
+                inside = run[(run >= start) & (run < start + chunk_s)]
+                if len(inside) and inside[-1] + seg_s - inside[0] >= chunk_s / 2:
+                    out.append((Path(path), float(inside[0]), float(inside[-1]) + seg_s))
+                start += chunk_s
+    out.sort(key=lambda r: (r[1], str(r[0])))
+    return out[-limit:]
