@@ -1,6 +1,7 @@
-"""Self-training on unlabelled recordings of the new setting: measured, not shipped.
+"""Self-training on unlabelled recordings of the new setting, with and without its guard.
 
     python bench/self_training.py [--data ../shared/data] [--shots 5] [--draws 3] [--threads 1]
+                                  [--bundles .cache/bench/bundles/fition]
 
 `csi adapt` learns a new session or room from K labelled recordings per activity. A user's
 room also gives unlabelled recordings (the live stream between calibrations). This bench asks
@@ -8,17 +9,21 @@ whether one round of self-training on them helps: fit the head on the support as
 ``csi adapt`` does (:func:`csi_cloud.model.adapt.adapt_head`), label each unlabelled
 recording with the activity of highest mean log-probability over its windows (every rate
 level's), add those recordings' windows with their pseudo-labels to the support, and fit
-again from the parent.
+again from the parent (:mod:`csi_cloud.model.self_training`, what ``csi adapt --self-train``
+and the service's adapt jobs run).
 
 For every kept bundle of bench/model.py's Fition few-shot settings (``.cache/bench/bundles``:
 run ``python bench/model.py --datasets fition --protocols few-shot --few-shot-settings
 cross-session,cross-room --seeds 3 --source-anchors-shots "" --threads 1`` first: the 18
 bundles behind bench/results/self_training.json), K = 5 labelled recordings per activity of
 the new setting as the support (the draws of ``csi adapt``), the other recordings split at
-random (seeded per draw) into an unlabelled pool and a test half. Both arms are scored on
+random (seeded per draw) into an unlabelled pool and a test half. Every arm is scored on
 the same test half, at level 0, per recording and per second: ``adapted`` (``csi adapt``
-as shipped) and ``self_trained`` (one round on every pool recording);
-``self_trained_confident`` keeps the more confident half of the pool only.
+without self-training) and ``self_trained`` (one round on every pool recording, always
+kept); ``self_trained_confident`` keeps the more confident half of the pool only;
+``self_trained_guarded`` is ``csi adapt --self-train``: the round kept only where its guard
+(a cross-validation on the support) reads the held-out support at least as well
+(``guard``: what it measured, and whether it kept it).
 ``pseudo_label_accuracy``: how many pool recordings got their true activity.
 
 Results: bench/results/self_training.json (per bundle and draw, and the means per setting

@@ -40,17 +40,20 @@ def unlabelled_examples(dataset: str, data_dir: Path, labelled: list[Example],
                         unlabelled_dir: Path | None, *, chunk_s: float,
                         limit: int = UNLABELLED_LIMIT) -> list[Example]:
     """The unlabelled recordings self-training reads. For the service's own ``recordings``:
-    the stored stream outside every labelled range of the files under ``data_dir`` (and
-    ``unlabelled_dir``), in pieces of ``chunk_s`` seconds, the newest ``limit``. For other
-    datasets: every recording of ``unlabelled_dir`` (its labels are not read), except files
-    that are among the labelled ones."""
+    the stored stream outside every labelled range, in pieces of ``chunk_s`` seconds, the
+    newest ``limit``, from the APs whose recordings are labelled (the folders of the
+    labelled files: the rooms being taught, not every AP of the building), and from every
+    file under ``unlabelled_dir``. For other datasets: every recording of ``unlabelled_dir``
+    (its labels are not read), except files that are among the labelled ones."""
     if dataset == "recordings":
         from ..storage import unlabelled_ranges
 
-        folders = [data_dir, *([unlabelled_dir] if unlabelled_dir is not None else [])]
-        files = sorted({p for folder in folders for p in Path(folder).rglob("*.h5")})
+        folders = {e.path.parent for e in labelled}
+        files = {p for folder in folders for p in folder.glob("*.h5")}
+        if unlabelled_dir is not None:
+            files |= set(Path(unlabelled_dir).rglob("*.h5"))
         return [Example(path, "", None, None, path.stem, "", "hdf5", dataset, lo, hi)
-                for path, lo, hi in unlabelled_ranges(files, chunk_s, limit)]
+                for path, lo, hi in unlabelled_ranges(sorted(files), chunk_s, limit)]
     if unlabelled_dir is None:
         raise ValueError(f"self-training on dataset {dataset!r} needs a folder of its "
                          "unlabelled recordings (--unlabelled); the service's own "

@@ -107,13 +107,24 @@ def unlabelled_ranges(paths: Sequence[Path], chunk_s: float, limit: int
                       ) -> list[tuple[Path, float, float]]:
     """Stretches of stored stream outside every labelled range, cut into pieces of
     ``chunk_s`` seconds: (file, start, end) in Unix s, the newest ``limit`` of them, in time
-    order. A piece runs over consecutive segments (a gap of more than two segments ends it)
-    and is kept when it covers at least half of ``chunk_s``. Files that cannot be read are
-    left out: what is unlabelled is optional, what is labelled is read elsewhere."""
+    order (files are read newest first, until they give ``limit``). A piece runs over
+    consecutive segments (a gap of more than two segments ends it) and is kept when it
+    covers at least half of ``chunk_s``. Files that cannot be read are left out: what is
+    unlabelled is optional, what is labelled is read elsewhere."""
     if chunk_s <= 0 or limit < 1:
         raise ValueError(f"chunk_s must be > 0 and limit >= 1, got {chunk_s} and {limit}")
     out: list[tuple[Path, float, float]] = []
-    for path in paths:
+    # Newest files first (the store names and rotates them by time), and no older file once
+    # ``limit`` pieces are found in newer ones: a long-lived store is not read whole.
+    def modified(path: Path) -> float:
+        try:
+            return Path(path).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for path in sorted(paths, key=modified, reverse=True):
+        if len(out) >= limit:
+            break
         try:
             with layout.open_recording(path) as f:
                 seg_ms = int(f.attrs.get("segment_ms", 0))
