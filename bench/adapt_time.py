@@ -1,6 +1,7 @@
 """How long ``csi adapt`` takes for K = 5 labelled recordings per activity, one command.
 
     python bench/adapt_time.py [--data ../shared/data/fition] [--user user3] [--shots 5]
+    python bench/adapt_time.py --self-train   # -> bench/results/adapt_time_self_train.json
 
 Runs the real command (``csi adapt --model models/fition --shots 5``) on one Fition session
 (a folder of links to that user's recordings: a new session for the adaptation) and records
@@ -13,6 +14,11 @@ The timed run starts with an empty numba cache (NUMBA_CACHE_DIR in a fresh folde
 pays for compiling the context head's transform as a first run after installing does. Then,
 unless ``--no-profile``, the same command runs again under cProfile (not timed: profiling
 slows it) for the share of each stage, recorded under ``profile``.
+
+``--self-train``: every other recording of each of the session's activity folders is given to
+the command as unlabelled (``--self-train --unlabelled``; its names' labels are not read), the
+rest as the labelled folder; the time includes the pseudo-labelling, the guard's
+cross-validation and the refit.
 """
 
 from __future__ import annotations
@@ -37,27 +43,36 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "fition")
     parser.add_argument("--user", default="user3")
     parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "bench" / "results" / "adapt_time.json")
+    parser.add_argument("--self-train", action="store_true",
+                        help="time csi adapt --self-train, half the session unlabelled")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="[bench/results/adapt_time.json, or adapt_time_self_train.json]")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the profiled second run")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / (
+            "adapt_time_self_train.json" if args.self_train else "adapt_time.json")
     with tempfile.TemporaryDirectory() as tmp:
         session = Path(tmp) / "session"
+        unlabelled = Path(tmp) / "unlabelled"
         session.mkdir()
         for folder in sorted(args.data.iterdir()):
             if f"_{args.user}_" in folder.name:
                 # Real folders of links to the files (the dataset index does not descend
                 # into linked folders).
-                for file in folder.rglob("*"):
-                    if file.is_file():
-                        target = session / folder.name / file.relative_to(folder)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.symlink_to(file.resolve())
+                files = sorted(f for f in folder.rglob("*") if f.is_file())
+                for i, file in enumerate(files):
+                    root = unlabelled if args.self_train and i % 2 else session
+                    target = root / folder.name / file.relative_to(folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.symlink_to(file.resolve())
+
         def command(out: str) -> list[str]:
             return ["-m", "csi_cloud.cli", "adapt", "--model", str(args.model), "--data",
                     str(session), "--shots", str(args.shots), "--out", str(Path(tmp) / out),
-                    "--json"]
+                    "--json", *(["--self-train", "--unlabelled", str(unlabelled)]
+                                if args.self_train else [])]
 
         env = {**os.environ, "NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache")}
         load_before = os.getloadavg()
@@ -78,7 +93,12 @@ def main() -> None:
                    if args.profile else None)
     report = {
         "benchmark": "adapt_time", "command": f"csi adapt --model {args.model.name} "
-                                              f"--shots {args.shots} (one Fition session)",
+                                              f"--shots {args.shots}"
+                                              + (" --self-train --unlabelled (every other "
+                                                 "recording of the session)"
+                                                 if args.self_train else "")
+                                              + " (one Fition session)",
+        "self_training": result.get("self_training"),
         "user": args.user, "shots": args.shots, "support": result["support"],
         "held_out": result["held_out"], "method": result["method"],
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
@@ -115,6 +135,9 @@ STAGES = {
     "ridge_refit": ("csi_cloud/model/adapt.py", "adapt_head"),
     "scoring": ("csi_cloud/model/adapt.py", "_accuracy"),
     "write_bundle": ("csi_cloud/model/heads.py", "save_derived"),
+    # with --self-train: pseudo-labels, the guard's refits and the last one (its ridge refits
+    # are in ridge_refit too)
+    "self_training": ("csi_cloud/model/self_training.py", "self_train"),
     "adapt_bundle": ("csi_cloud/model/adapt_job.py", "adapt_bundle"),
 }
 

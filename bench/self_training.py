@@ -21,8 +21,8 @@ random (seeded per draw) into an unlabelled pool and a test half. Every arm is s
 the same test half, at level 0, per recording and per second: ``adapted`` (``csi adapt``
 without self-training) and ``self_trained`` (one round on every pool recording, always
 kept); ``self_trained_confident`` keeps the more confident half of the pool only;
-``self_trained_guarded`` is ``csi adapt --self-train``: the round kept only where its guard
-(a cross-validation on the support) reads the held-out support at least as well
+``self_trained_guarded`` is ``csi adapt --self-train``: the round dropped where its guard
+(a cross-validation on the support) reads the held-out support worse beyond chance
 (``guard``: what it measured, and whether it kept it).
 ``pseudo_label_accuracy``: how many pool recordings got their true activity.
 

@@ -638,8 +638,8 @@ def adapt_command(
     seed: Annotated[int, typer.Option(help="support selection and training seed")] = 0,
     self_train: Annotated[bool, typer.Option(
         "--self-train", help="then one round of self-training on the setting's unlabelled "
-                             "recordings, kept only where a cross-validation on the support "
-                             "says it helps (ridge methods; docs/model.md)")] = False,
+                             "recordings, dropped where a cross-validation on the support "
+                             "says it does harm (method ridge; docs/model.md)")] = False,
     unlabelled: Annotated[Path | None, typer.Option(
         help="unlabelled recordings of the new setting for --self-train (their labels are "
              "not read); with --dataset recordings the stream outside the labelled ranges "

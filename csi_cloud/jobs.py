@@ -106,9 +106,9 @@ class JobRequest(BaseModel):
     self_train: bool = Field(default=False,
                              description="adapt, dataset recordings: then one round of "
                                          "self-training on the recorded stream outside the "
-                                         "labelled ranges, kept only where a "
-                                         "cross-validation on the labelled examples says it "
-                                         "helps (needs 2 per activity)")
+                                         "labelled ranges of the labelled APs, dropped "
+                                         "where a cross-validation on the labelled examples "
+                                         "says it does harm (needs 2 per activity)")
     identity: str | None = Field(default=None, min_length=1, max_length=64,
                                  pattern=r"^[^\x00-\x1f\x7f]+$",
                                  description="enroll: the new person's name")

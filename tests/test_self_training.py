@@ -1,5 +1,5 @@
 """Self-training after ``csi adapt``: pseudo-labels, the refit on them, and the guard that keeps
-it only where the held-out support reads at least as well. On the committed Fition bundle and
+it unless the held-out support reads it worse beyond chance. On the committed Fition bundle and
 the sample recordings, each cut into thirds so that every activity has several."""
 
 from __future__ import annotations
@@ -73,12 +73,22 @@ def test_guard_folds_hold_about_one_recording_of_every_activity() -> None:
     assert guard_folds(np.array([0, 1]), np.arange(0)) == []
 
 
-def test_the_guard_keeps_only_what_reads_the_held_out_support_at_least_as_well() -> None:
-    assert GuardResult(2, 10, 6, 6).keeps and GuardResult(2, 10, 6, 7).keeps
-    assert not GuardResult(2, 10, 6, 5).keeps
+def test_the_guard_drops_self_training_only_where_recordings_read_it_worse_beyond_chance(
+        ) -> None:
+    # No held-out recording reads differently: kept, whatever the window counts say.
+    assert GuardResult(2, 10, 6, 5).keeps
+    # One-sided sign test over the recordings that differ: P(at least `worse` of n).
+    assert GuardResult(2, 50, 30, 25, better=0, worse=4).p_worse == 1 / 16
+    assert GuardResult(2, 50, 30, 25, better=0, worse=4).keeps  # 0.0625
+    assert not GuardResult(2, 50, 30, 25, better=0, worse=5).keeps  # 1/32
+    assert GuardResult(2, 50, 30, 25, better=2, worse=8).p_worse == (45 + 10 + 1) / 1024
+    assert GuardResult(2, 50, 30, 25, better=2, worse=8).keeps
+    assert not GuardResult(2, 50, 30, 25, better=1, worse=9).keeps  # 11 / 1024
+    assert GuardResult(2, 50, 30, 25, better=9, worse=1).p_worse > 0.99
     assert not GuardResult(2, 0, 0, 0).keeps
-    assert GuardResult(2, 8, 4, 6).as_dict() == {
-        "folds": 2, "windows": 8, "accuracy_adapted": 0.5, "accuracy_self_trained": 0.75}
+    assert GuardResult(2, 8, 4, 6, better=3, worse=1).as_dict() == {
+        "folds": 2, "windows": 8, "accuracy_adapted": 0.5, "accuracy_self_trained": 0.75,
+        "recordings_better": 3, "recordings_worse": 1, "p_worse": 0.9375, "kept": True}
 
 
 def test_pseudo_labels_are_the_activity_a_head_reads_over_each_recording(
@@ -136,6 +146,9 @@ def test_the_guard_cross_validates_one_round_on_the_support(
     assert guard.windows == sum(int(np.isin(g[2], support).sum()) for g in windows.groups)
     assert 0 <= guard.correct_adapted <= guard.windows
     assert 0 <= guard.correct_self_trained <= guard.windows
+    assert guard.better + guard.worse <= len(support)
+    if guard.better == guard.worse == 0:
+        assert guard.correct_adapted == guard.correct_self_trained
     assert trained.kept == guard.keeps
     assert (trained.net is adapted) == (not trained.kept)
     assert trained.as_dict()["guard"] == guard.as_dict()

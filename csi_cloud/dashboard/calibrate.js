@@ -242,7 +242,7 @@ async function adapt() {
   // One example per activity fewer than recorded goes into the fit, so every activity keeps
   // at least one example the adapted model never saw to measure it on.
   // The stream recorded between the examples is unlabelled: the job self-trains on it and
-  // keeps the result only where it reads the held-out examples at least as well.
+  // drops the result where examples held out from the fit read it worse.
   const body = { mode: "adapt", dataset: "recordings", shots: k - 1,
                  self_train: $("#cal-self-train").checked };
   if (model) body.base_model = model.id;
@@ -331,7 +331,11 @@ function showResult(job) {
 function selfTrainingLine(trained) {
   if (!trained) return "";
   const n = `${trained.unlabelled} unlabelled piece${trained.unlabelled === 1 ? "" : "s"}`;
-  if (trained.kept) return ` Self-trained on ${n} of the stream.`;
+  if (trained.kept) {
+    const without = mean(trained.activity_accuracy_without);
+    return ` Self-trained on ${n} of the stream` +
+      (without == null ? "." : ` (${Math.round(without * 100)}% without it).`);
+  }
   return ` Self-training on ${n} of the stream not kept: ${trained.reason}.`;
 }
 

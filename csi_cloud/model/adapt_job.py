@@ -73,13 +73,13 @@ def adapt_bundle(bundle: Path | Bundle, dataset: str, data_dir: Path, shots: int
 
     ``self_training``: then one round of self-training on the setting's unlabelled
     recordings (:func:`unlabelled_examples`), kept where its guard says it helps
-    (:func:`~.self_training.self_train`; ridge methods only); ``result["self_training"]``
+    (:func:`~.self_training.self_train`; method ridge only); ``result["self_training"]``
     says what it did."""
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
-    if self_training and method not in ("ridge", "ridge-alone"):
-        raise ValueError(f"self-training refits the context head: method {method!r} has "
-                         "none (use ridge or ridge-alone)")
+    if self_training and method != "ridge":
+        raise ValueError(f"self-training refits the context head towards the parent's: "
+                         f"method {method!r} does not (use ridge)")
     bundle = Bundle.load(bundle)  # read once: the codes and the derived bundle use it
     examples = list(index_dataset(dataset, data_dir))
     pool_examples: list[Example] = []
