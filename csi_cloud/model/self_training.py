@@ -27,7 +27,7 @@ Shapes: recordings are indices into a :class:`~.heads.CodeData` (its recordings 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -115,23 +115,29 @@ class SelfTraining:
                 "reason": self.reason}
 
 
+def _window_probabilities(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per rate level group of ``windows``: the owner recording (W,) and ``net``'s context-head
+    activity probabilities (W, A) of the windows of ``recordings``."""
+    head = net.context_head
+    assert head is not None
+    for _, lv, owners, _, whole, feats in windows.groups:
+        pick = np.isin(owners, recordings)
+        if pick.any():
+            yield owners[pick], head.levels[head.level_index(lv)].activity_probabilities(
+                feats[pick], whole[pick])
+
+
 def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
                   ) -> PseudoLabels:
     """Each recording's activity of highest mean log-probability over its windows at every
     rate level, as ``net``'s context head reads them (``windows``: the head's features of at
     least these recordings). Recordings without a window are left out."""
-    head = net.context_head
-    if head is None:
+    if net.context_head is None:
         raise ValueError("self-training needs a bundle with a context head")
     logp: dict[int, list[np.ndarray]] = {}
-    for _, lv, owners, _, whole, feats in windows.groups:
-        pick = np.isin(owners, recordings)
-        if not pick.any():
-            continue
-        probs = head.levels[head.level_index(lv)].activity_probabilities(feats[pick],
-                                                                         whole[pick])
-        for owner, p in zip(owners[pick].tolist(), np.log(np.clip(probs, 1e-6, 1.0)),
-                            strict=True):
+    for owners, probs in _window_probabilities(net, windows, recordings):
+        for owner, p in zip(owners.tolist(), np.log(np.clip(probs, 1e-6, 1.0)), strict=True):
             logp.setdefault(owner, []).append(p)
     recs = np.array(sorted(logp), dtype=np.int64)
     if not len(recs):
@@ -176,18 +182,11 @@ def _correct(net: CSICodecNet, windows: HeadWindows, labels: np.ndarray,
              recordings: np.ndarray) -> dict[int, tuple[int, int]]:
     """Recording -> (its windows that ``net``'s head reads right, its windows): every window
     the service would classify, at every rate level."""
-    head = net.context_head
-    assert head is not None
     out: dict[int, tuple[int, int]] = {}
-    for _, lv, owners, _, whole, feats in windows.groups:
-        pick = np.isin(owners, recordings)
-        if not pick.any():
-            continue
-        probs = head.levels[head.level_index(lv)].activity_probabilities(feats[pick],
-                                                                         whole[pick])
-        right = probs.argmax(1) == labels[owners[pick]]
-        for r in np.unique(owners[pick]).tolist():
-            mine = owners[pick] == r
+    for owners, probs in _window_probabilities(net, windows, recordings):
+        right = probs.argmax(1) == labels[owners]
+        for r in np.unique(owners).tolist():
+            mine = owners == r
             have = out.get(r, (0, 0))
             out[r] = (have[0] + int(right[mine].sum()), have[1] + int(mine.sum()))
     return out
