@@ -9,7 +9,8 @@ activity (the samples hold one recording of each of Fition's six activities, fro
 the "room" is those six APs. The scripted user does what the page asks, with no pause of its
 own: for each activity, ``--shots`` examples (the page's "examples per activity", default 3:
 ``shots - 1`` of them adapt the model, the last one per activity is held out), each a
-get-ready countdown and a recording of the page's default length; then "Adapt", then
+get-ready countdown and a recording of the page's default length; then "Adapt" (with the
+page's default of self-training on the unlabelled stream between the examples), then
 "Activate" (and "Activate anyway" if the service refuses a model that held-out examples do
 not show better, recorded as ``forced``).
 
