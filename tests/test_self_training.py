@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from _harness import FOLDER, MODEL
 
-from csi_cloud.model.adapt import adapt_head, head_windows, load_codes
+from csi_cloud.model.adapt import HeadWindows, adapt_head, head_windows, load_codes
 from csi_cloud.model.compression import CloudModel
 from csi_cloud.model.heads import CodeData
+from csi_cloud.model.network import CSICodecNet
 from csi_cloud.model.self_training import (
     GuardResult,
     PseudoLabels,
@@ -45,15 +46,23 @@ def _cut(codes: CodeData, parts: int) -> CodeData:
         names=[f"{codes.names[r]}#{i}" for i, r in enumerate(owner)])
 
 
+Thirds = tuple[CloudModel, CodeData, np.ndarray, np.ndarray, HeadWindows, CSICodecNet]
+
+
 @pytest.fixture(scope="module")
-def thirds() -> tuple[CloudModel, CodeData, np.ndarray, np.ndarray]:
+def thirds() -> Thirds:
     """The model, the sample recordings in thirds, a support of two thirds of each recording
-    (so two or more per activity) and the last thirds as the unlabelled pool."""
+    (so two or more per activity), the last thirds as the unlabelled pool, the head's
+    features of every window, and the model adapted on the support (never changed by a
+    test: every function here returns new networks)."""
     model, codes = load_codes(MODEL, "fition", FOLDER)
     cut = _cut(codes, 3)
     index = np.arange(len(cut))
     pool = index[2::3]
-    return model, cut, np.setdiff1d(index, pool), pool
+    support = np.setdiff1d(index, pool)
+    windows = head_windows(model.net, cut, index)
+    return (model, cut, support, pool, windows,
+            adapt_head(model.net, cut, support, windows=windows))
 
 
 def test_guard_folds_hold_about_one_recording_of_every_activity() -> None:
@@ -92,10 +101,8 @@ def test_the_guard_drops_self_training_only_where_recordings_read_it_worse_beyon
 
 
 def test_pseudo_labels_are_the_activity_a_head_reads_over_each_recording(
-        thirds: tuple[CloudModel, CodeData, np.ndarray, np.ndarray]) -> None:
-    model, codes, support, pool = thirds
-    windows = head_windows(model.net, codes, np.arange(len(codes)))
-    adapted = adapt_head(model.net, codes, support, windows=windows)
+        thirds: Thirds) -> None:
+    _, codes, support, pool, windows, adapted = thirds
     pseudo = pseudo_labels(adapted, windows, pool)
     assert np.array_equal(pseudo.recordings, pool)
     assert pseudo.labels.shape == pseudo.confidence.shape == pool.shape
@@ -108,10 +115,8 @@ def test_pseudo_labels_are_the_activity_a_head_reads_over_each_recording(
 
 
 def test_self_training_refits_from_the_parent_on_the_support_and_the_pseudo_labels(
-        thirds: tuple[CloudModel, CodeData, np.ndarray, np.ndarray]) -> None:
-    model, codes, support, pool = thirds
-    windows = head_windows(model.net, codes, np.arange(len(codes)))
-    adapted = adapt_head(model.net, codes, support, windows=windows)
+        thirds: Thirds) -> None:
+    model, codes, support, pool, windows, adapted = thirds
     pseudo = pseudo_labels(adapted, windows, pool)
     trained = self_train(model.net, adapted, codes, support, pool, windows=windows,
                          guarded=False)
@@ -135,10 +140,8 @@ def test_self_training_refits_from_the_parent_on_the_support_and_the_pseudo_labe
 
 
 def test_the_guard_cross_validates_one_round_on_the_support(
-        thirds: tuple[CloudModel, CodeData, np.ndarray, np.ndarray]) -> None:
-    model, codes, support, pool = thirds
-    windows = head_windows(model.net, codes, np.arange(len(codes)))
-    adapted = adapt_head(model.net, codes, support, windows=windows)
+        thirds: Thirds) -> None:
+    model, codes, support, pool, windows, adapted = thirds
     trained = self_train(model.net, adapted, codes, support, pool, windows=windows, seed=1)
     guard = trained.guard
     assert guard is not None and guard.folds == 2
@@ -155,10 +158,8 @@ def test_the_guard_cross_validates_one_round_on_the_support(
 
 
 def test_without_unlabelled_recordings_or_enough_labelled_ones_the_adapted_head_stays(
-        thirds: tuple[CloudModel, CodeData, np.ndarray, np.ndarray]) -> None:
-    model, codes, support, pool = thirds
-    windows = head_windows(model.net, codes, np.arange(len(codes)))
-    adapted = adapt_head(model.net, codes, support, windows=windows)
+        thirds: Thirds) -> None:
+    model, codes, support, pool, windows, adapted = thirds
     none = self_train(model.net, adapted, codes, support, np.array([], dtype=np.int64),
                       windows=windows)
     assert not none.kept and none.net is adapted and none.reason == "no unlabelled recordings"

@@ -154,13 +154,23 @@ class HeadWindows:
             raise ValueError(f"recordings {missing.tolist()} have no precomputed windows")
         correct: dict[int, int] = {}
         total: dict[int, int] = {}
-        for v, lv, own, last, whole, f in self.groups:
-            pick = np.isin(own, recordings) & (True if every else last)
-            p_act = head.levels[head.level_index(lv)].activity_probabilities(f[pick],
-                                                                             whole[pick])
-            correct[v] = correct.get(v, 0) + int((p_act.argmax(1) == labels[own[pick]]).sum())
-            total[v] = total.get(v, 0) + int(pick.sum())
+        for v, owners, p_act in self.probabilities(head, recordings, last_only=not every):
+            correct[v] = correct.get(v, 0) + int((p_act.argmax(1) == labels[owners]).sum())
+            total[v] = total.get(v, 0) + len(owners)
         return [round(correct[v] / total[v], 4) for v in sorted(total)]
+
+    def probabilities(self, head: ContextHead, recordings: np.ndarray, *,
+                      last_only: bool = False
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per group: (code variant, owner recording (W,), ``head``'s activity probabilities
+        (W, A)) of the windows of ``recordings`` (with ``last_only``, of those ending their
+        recording); groups without such a window are skipped. The head scores exactly those
+        rows (BLAS rounds a row's last bits by the rows scored with it)."""
+        for v, lv, own, last, whole, f in self.groups:
+            pick = np.isin(own, recordings) & (last if last_only else True)
+            if pick.any():
+                yield v, own[pick], head.levels[head.level_index(lv)].activity_probabilities(
+                    f[pick], whole[pick])
 
 
 def _level_windows(net: CSICodecNet, codes: CodeData, recordings: np.ndarray

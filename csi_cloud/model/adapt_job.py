@@ -26,6 +26,7 @@ from .adapt import (
     shrinkage,
 )
 from .heads import Part, save_derived
+from .network import ModelConfig
 from .self_training import self_train
 
 __all__ = ["LIVE_SETTINGS", "UNLABELLED_LIMIT", "adapt_bundle", "adapted_calibration",
@@ -170,8 +171,8 @@ def _chunk_s(bundle: Bundle, labelled: list[Example]) -> float:
     """How long each unlabelled piece of stream is: as long as the labelled ranges are
     (their median; a piece should hold one activity, as a labelled recording does), at least
     one context window and at most a minute."""
-    context_s = bundle.manifest.input_spec.segment_s * int(
-        bundle.manifest.model.get("context_segments", 8))
+    context_s = (bundle.manifest.input_spec.segment_s
+                 * ModelConfig.model_validate(bundle.manifest.model).context_segments)
     spans = [e.end - e.start for e in labelled if e.start is not None and e.end is not None]
     return float(np.clip(np.median(spans) if spans else context_s, context_s, 60.0))
 

@@ -27,7 +27,7 @@ Shapes: recordings are indices into a :class:`~.heads.CodeData` (its recordings 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -115,19 +115,6 @@ class SelfTraining:
                 "reason": self.reason}
 
 
-def _window_probabilities(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
-                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Per rate level group of ``windows``: the owner recording (W,) and ``net``'s context-head
-    activity probabilities (W, A) of the windows of ``recordings``."""
-    head = net.context_head
-    assert head is not None
-    for _, lv, owners, _, whole, feats in windows.groups:
-        pick = np.isin(owners, recordings)
-        if pick.any():
-            yield owners[pick], head.levels[head.level_index(lv)].activity_probabilities(
-                feats[pick], whole[pick])
-
-
 def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
                   ) -> PseudoLabels:
     """Each recording's activity of highest mean log-probability over its windows at every
@@ -136,7 +123,7 @@ def pseudo_labels(net: CSICodecNet, windows: HeadWindows, recordings: np.ndarray
     if net.context_head is None:
         raise ValueError("self-training needs a bundle with a context head")
     logp: dict[int, list[np.ndarray]] = {}
-    for owners, probs in _window_probabilities(net, windows, recordings):
+    for _, owners, probs in windows.probabilities(net.context_head, recordings):
         for owner, p in zip(owners.tolist(), np.log(np.clip(probs, 1e-6, 1.0)), strict=True):
             logp.setdefault(owner, []).append(p)
     recs = np.array(sorted(logp), dtype=np.int64)
@@ -182,8 +169,9 @@ def _correct(net: CSICodecNet, windows: HeadWindows, labels: np.ndarray,
              recordings: np.ndarray) -> dict[int, tuple[int, int]]:
     """Recording -> (its windows that ``net``'s head reads right, its windows): every window
     the service would classify, at every rate level."""
+    assert net.context_head is not None
     out: dict[int, tuple[int, int]] = {}
-    for owners, probs in _window_probabilities(net, windows, recordings):
+    for _, owners, probs in windows.probabilities(net.context_head, recordings):
         right = probs.argmax(1) == labels[owners]
         for r in np.unique(owners).tolist():
             mine = owners == r
